@@ -1,0 +1,422 @@
+//! Connection: one actor per websocket, plus the listener that accepts them.
+//!
+//! Who sends to it: its websocket (frames), its own heartbeat timer. Whom it calls: the
+//! planner (as a task on this actor's thread), PubSub (subscribe, publish). Replies and
+//! notifications go through one [`Outbox`] drained by a single writer task, so a reply
+//! queued after a notification is also sent after it.
+//!
+//! Invariants: every frame gets an answer (bad input included); at most
+//! `max_in_flight` requests run at once (beyond that: 1006); requests run concurrently and
+//! are answered by `u`, not in arrival order.
+//!
+//! Connections are transient: a crashed one is not restarted (its client reconnects). A
+//! restart of anything else loses no connection.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, StreamHandler, WrapFuture};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::monitor::Metrics;
+use crate::planner::{execute, LevelObserver, LevelReport, Plan, ReportOptions};
+use crate::protocol::{
+    decode_inbound, encode, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage, PublishRequest, RpcError,
+    RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
+};
+use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, PubSub};
+use crate::registry::TableHandle;
+use crate::supervisor::Slot;
+
+/// Per-connection limits and node identity, from the node's settings.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// Node name (publisher of callback-topic messages).
+    pub node: String,
+    /// This node's cluster (for `target_cluster`).
+    pub cluster_id: String,
+    /// Whole-request timeout unless the request sets its own.
+    pub request_timeout: Duration,
+    /// Requests in flight per connection before 1006.
+    pub max_in_flight: usize,
+    /// Largest frame answered normally; up to twice this is read and refused with 1002,
+    /// beyond that the connection is closed (1009) because the frame cannot be skipped.
+    pub max_frame_bytes: usize,
+    /// Frames queued for the writer before notifications are dropped.
+    pub outbox_capacity: usize,
+    /// How often the server pings an idle client.
+    pub heartbeat_interval: Duration,
+    /// A client silent for this long is disconnected.
+    pub client_timeout: Duration,
+}
+
+/// What every connection shares.
+pub struct NodeShared {
+    /// Limits and identity.
+    pub config: ConnectionConfig,
+    /// The published function table.
+    pub table: TableHandle,
+    /// PubSub's current address.
+    pub pubsub: Slot<PubSub>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+static NEXT_MESSAGE: AtomicU64 = AtomicU64::new(1);
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The websocket server: accepts on `listener` (already bound, so port 0 works) with
+/// `workers` threads. Any path is accepted; a non-websocket request gets a 400.
+pub fn serve(listener: TcpListener, shared: Arc<NodeShared>, workers: usize) -> std::io::Result<actix_web::dev::Server> {
+    let hard_limit = shared.config.max_frame_bytes.saturating_mul(2);
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::from(shared.clone()))
+            .app_data(web::PayloadConfig::new(hard_limit))
+            .default_service(web::to(websocket_entry))
+    })
+    .workers(workers.max(1))
+    .disable_signals()
+    .shutdown_timeout(2)
+    .listen(listener)?
+    .run())
+}
+
+async fn websocket_entry(
+    req: HttpRequest,
+    body: web::Payload,
+    shared: web::Data<NodeShared>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let hard_limit = shared.config.max_frame_bytes.saturating_mul(2);
+    let stream = stream.max_frame_size(hard_limit).aggregate_continuations().max_continuation_size(hard_limit);
+    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let shared = shared.into_inner();
+    Connection::create(move |ctx| {
+        ctx.add_stream(stream);
+        Connection::new(shared, session, peer)
+    });
+    Ok(response)
+}
+
+/// One client (or peer) websocket.
+pub struct Connection {
+    id: ConnectionId,
+    peer: String,
+    shared: Arc<NodeShared>,
+    outbox: Outbox,
+    session: Session,
+    close: Option<oneshot::Sender<Option<CloseReason>>>,
+    in_flight: usize,
+    last_seen: Instant,
+}
+
+impl Connection {
+    fn new(shared: Arc<NodeShared>, session: Session, peer: String) -> Self {
+        let (outbox, frames) = mpsc::channel(shared.config.outbox_capacity.max(1));
+        let (close, closed) = oneshot::channel();
+        actix_rt::spawn(write_frames(frames, closed, session.clone()));
+        Connection {
+            id: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+            peer,
+            shared,
+            outbox,
+            session,
+            close: Some(close),
+            in_flight: 0,
+            last_seen: Instant::now(),
+        }
+    }
+
+    fn close_with(&mut self, code: CloseCode, description: &str, ctx: &mut Context<Self>) {
+        if let Some(close) = self.close.take() {
+            let _ = close.send(Some(CloseReason { code, description: Some(description.to_owned()) }));
+        }
+        ctx.stop();
+    }
+
+    /// Queues a reply from the actor itself (never blocks: a full outbox means the
+    /// client is not reading, and the reply is sent from a task instead).
+    fn reply(&self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
+        let outbox = self.outbox.clone();
+        if let Err(mpsc::error::TrySendError::Full(frame)) = outbox.try_send(OutFrame { bytes: Bytes::from(bytes), kind }) {
+            ctx.spawn(async move { drop(outbox.send(frame).await) }.into_actor(self));
+        }
+    }
+
+    fn on_frame(&mut self, bytes: Bytes, kind: FrameKind, ctx: &mut Context<Self>) {
+        let limit = self.shared.config.max_frame_bytes;
+        if bytes.len() > limit {
+            let error = RpcError::invalid(format!("frame too large: {} bytes (max_frame_bytes is {limit})", bytes.len()));
+            self.reject(InboundError { u: None, role: None, error }, kind, ctx);
+            return;
+        }
+        match decode_inbound(&bytes) {
+            Ok(Inbound::Rpc(request)) => self.on_rpc(request, kind, ctx),
+            Ok(Inbound::Subscribe(request)) => self.on_subscribe(request, kind, ctx),
+            Ok(Inbound::Publish(request)) => self.on_publish(request, kind, ctx),
+            Ok(Inbound::Unsubscribe(request)) => self.on_unsubscribe(request, kind, ctx),
+            Err(rejected) => self.reject(rejected, kind, ctx),
+        }
+    }
+
+    fn reject(&mut self, rejected: InboundError, kind: FrameKind, ctx: &mut Context<Self>) {
+        debug!(conn = self.id, error = %rejected.error, "frame rejected");
+        self.shared.metrics.record_outcome(rejected.error.kind());
+        let bytes = match rejected.role.as_deref() {
+            Some(role) if role.starts_with("pubsub-") => {
+                encode(&PubSubAck::new(rejected.u.as_deref().unwrap_or(""), Some(rejected.error.to_string())))
+            }
+            _ => encode(&RpcResponse::failure(rejected.u, rejected.error)),
+        };
+        self.reply(bytes, kind, ctx);
+    }
+
+    fn on_rpc(&mut self, request: RpcRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let limit = self.shared.config.max_in_flight;
+        if self.in_flight >= limit {
+            let error = RpcError::overloaded(limit);
+            self.shared.metrics.record_outcome(error.kind());
+            self.reply(encode(&RpcResponse::failure(Some(request.u), error)), kind, ctx);
+            return;
+        }
+        self.in_flight += 1;
+        let shared = self.shared.clone();
+        let outbox = self.outbox.clone();
+        let span = tracing::info_span!("rpc", u = %request.u, conn = self.id);
+        let task = async move {
+            let response = run_rpc(&shared, request, &outbox).await;
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&response)), kind }).await;
+        }
+        .instrument(span);
+        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+    }
+
+    fn on_subscribe(&mut self, request: SubscribeRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let (pubsub, outbox, conn) = (self.shared.pubsub.clone(), self.outbox.clone(), self.id);
+        let task = async move {
+            let SubscribeRequest { u, subscription } = request;
+            let subscribe = |subscription| pubsub::Subscribe { conn, subscription, outbox: outbox.clone(), kind };
+            let result = send_with_retry(&pubsub, || subscribe(subscription.clone())).await;
+            let subscription_id = subscription.subscription_id;
+            let (ack, backlog) = match result {
+                Ok(backlog) => (PubSubAck::new(&u, None), backlog),
+                Err(e) => (PubSubAck::new(&u, Some(e)), Vec::new()),
+            };
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await;
+            for message in backlog {
+                let _ = outbox.send(notification_frame(message, &subscription_id, kind)).await;
+            }
+        };
+        ctx.spawn(task.into_actor(self));
+    }
+
+    fn on_publish(&mut self, request: PublishRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let (pubsub, outbox) = (self.shared.pubsub.clone(), self.outbox.clone());
+        let task = async move {
+            let PublishRequest { u, message } = request;
+            let result = send_with_retry(&pubsub, || pubsub::Publish { message: message.clone() }).await;
+            let ack = PubSubAck::new(&u, result.err());
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await;
+        };
+        ctx.spawn(task.into_actor(self));
+    }
+
+    fn on_unsubscribe(&mut self, request: UnsubscribeRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let (pubsub, outbox, conn) = (self.shared.pubsub.clone(), self.outbox.clone(), self.id);
+        let task = async move {
+            let UnsubscribeRequest { u, subscription_id } = request;
+            let unsubscribe = || pubsub::Unsubscribe { conn, subscription_id: subscription_id.clone() };
+            let error = match send_with_retry(&pubsub, unsubscribe).await {
+                Ok(true) => None,
+                Ok(false) => Some(format!("unknown subscription_id: {subscription_id}")),
+                Err(e) => Some(e),
+            };
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&PubSubAck::new(&u, error))), kind }).await;
+        };
+        ctx.spawn(task.into_actor(self));
+    }
+}
+
+/// Sends to PubSub's current address, retrying once if it was just restarted.
+async fn send_with_retry<M, F>(slot: &Slot<PubSub>, make: F) -> Result<M::Result, String>
+where
+    M: actix::Message + Send + 'static,
+    M::Result: Send,
+    PubSub: actix::Handler<M>,
+    F: Fn() -> M,
+{
+    let mut last = "pubsub unavailable".to_owned();
+    for _ in 0..2 {
+        if let Some(addr) = slot.get() {
+            match addr.send(make()).await {
+                Ok(result) => return Ok(result),
+                Err(e) => last = format!("pubsub unavailable: {e}"),
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    Err(last)
+}
+
+/// Publishes each completed level on the request's callback topic.
+struct CallbackPublisher<'a> {
+    shared: &'a NodeShared,
+    topic: Option<String>,
+}
+
+impl LevelObserver for CallbackPublisher<'_> {
+    async fn level_completed(&mut self, report: &LevelReport) {
+        let Some(topic) = &self.topic else { return };
+        let message = PubSubMessage {
+            topic: topic.clone(),
+            payload: report.clone(),
+            timestamp: unix_now(),
+            message_id: format!("{}-{}", self.shared.config.node, NEXT_MESSAGE.fetch_add(1, Ordering::Relaxed)),
+            publisher: self.shared.config.node.clone(),
+            headers: Default::default(),
+            routing_path: None,
+            current_hop: None,
+        };
+        if let Err(e) = send_with_retry(&self.shared.pubsub, || pubsub::Publish { message: message.clone() }).await {
+            warn!(topic = %topic, cause = %e, "intermediate result not published");
+        }
+    }
+}
+
+/// Plans and runs one request under its timeout; always returns a response.
+async fn run_rpc(shared: &NodeShared, request: RpcRequest, _outbox: &Outbox) -> RpcResponse {
+    let started = Instant::now();
+    shared.metrics.request_started();
+    let u = request.u.clone();
+    let response = match plan_and_run(shared, request).await {
+        Ok(response) => response,
+        Err(error) => RpcResponse::failure(Some(u), error),
+    };
+    shared.metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
+    response
+}
+
+async fn plan_and_run(shared: &NodeShared, request: RpcRequest) -> Result<RpcResponse, RpcError> {
+    let timeout = match request.timeout {
+        None => shared.config.request_timeout,
+        Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+        Some(s) => return Err(RpcError::invalid(format!("timeout must be a positive number of seconds, got {s}"))),
+    };
+    let options = ReportOptions {
+        intermediate_results: request.return_intermediate_results,
+        observe_levels: request.intermediate_result_callback_topic.is_some(),
+        execution_summary: request.include_execution_summary,
+    };
+    let mut observer = CallbackPublisher { shared, topic: request.intermediate_result_callback_topic.clone() };
+    let u = request.u.clone();
+    let table = shared.table.current();
+    let plan = Plan::build(request, &table, &shared.config.cluster_id)?;
+    let outcome = tokio::time::timeout(timeout, execute(plan, options, &mut observer))
+        .await
+        .map_err(|_| RpcError::timeout(timeout.as_secs_f64()))??;
+    let mut response = RpcResponse::success(u, outcome.r);
+    response.intermediate_results = outcome.intermediate_results;
+    response.execution_summary = outcome.execution_summary;
+    Ok(response)
+}
+
+/// Drains the outbox into the websocket, in order, until the connection closes.
+async fn write_frames(mut frames: mpsc::Receiver<OutFrame>, mut closed: oneshot::Receiver<Option<CloseReason>>, mut session: Session) {
+    loop {
+        tokio::select! {
+            biased;
+            frame = frames.recv() => {
+                let Some(frame) = frame else { break };
+                let sent = match frame.kind {
+                    FrameKind::Binary => session.binary(frame.bytes).await,
+                    FrameKind::Text => match String::from_utf8(frame.bytes.to_vec()) {
+                        Ok(text) => session.text(text).await,
+                        Err(_) => session.binary(frame.bytes).await,
+                    },
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            reason = &mut closed => {
+                let _ = session.close(reason.unwrap_or(None)).await;
+                return;
+            }
+        }
+    }
+    let _ = session.close(None).await;
+}
+
+impl Actor for Connection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.shared.metrics.connections_changed(1);
+        debug!(conn = self.id, peer = %self.peer, "connection opened");
+        ctx.run_interval(self.shared.config.heartbeat_interval, |act, ctx| {
+            if act.last_seen.elapsed() > act.shared.config.client_timeout {
+                info!(conn = act.id, peer = %act.peer, "client silent past client_timeout; closing");
+                act.close_with(CloseCode::Away, "idle timeout", ctx);
+                return;
+            }
+            let mut session = act.session.clone();
+            ctx.spawn(async move { drop(session.ping(b"mpreg").await) }.into_actor(act));
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.shared.metrics.connections_changed(-1);
+        if let Some(pubsub) = self.shared.pubsub.get() {
+            pubsub.do_send(pubsub::ConnectionClosed { conn: self.id });
+        }
+        if let Some(close) = self.close.take() {
+            let _ = close.send(None);
+        }
+        debug!(conn = self.id, "connection closed");
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
+    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+        self.last_seen = Instant::now();
+        match item {
+            Ok(AggregatedMessage::Text(text)) => self.on_frame(text.into_bytes(), FrameKind::Text, ctx),
+            Ok(AggregatedMessage::Binary(bytes)) => self.on_frame(bytes, FrameKind::Binary, ctx),
+            Ok(AggregatedMessage::Ping(payload)) => {
+                let mut session = self.session.clone();
+                ctx.spawn(async move { drop(session.pong(&payload).await) }.into_actor(self));
+            }
+            Ok(AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Close(_)) => ctx.stop(),
+            Err(ProtocolError::Io(e)) => {
+                // The peer went away mid-frame (or without a close frame): nothing to answer.
+                debug!(conn = self.id, peer = %self.peer, cause = %e, "connection dropped");
+                ctx.stop();
+            }
+            Err(e) => {
+                // The codec cannot resynchronise after a bad frame: answer, then close.
+                warn!(conn = self.id, peer = %self.peer, cause = %e, "websocket protocol error; closing");
+                let code = if matches!(e, ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
+                let error = RpcError::invalid(format!("websocket protocol error: {e}"));
+                self.shared.metrics.record_outcome(error.kind());
+                self.reply(encode(&RpcResponse::failure(None, error)), FrameKind::Binary, ctx);
+                self.close_with(code, "protocol error", ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,21 @@
+//! The inside of an MPREG node: one actor per file, each a thin actix shell around a
+//! plain core that unit tests drive directly.
+//!
+//! - [`protocol`] — wire types and codec.
+//! - [`supervisor`] — restarts crashed children, escalates, logs every lifecycle event.
+//! - [`connection`] — one actor per websocket; runs each request as a task on its thread.
+//! - [`registry`] — the function table, published as a lock-free snapshot.
+//! - [`planner`] — request -> DAG -> dispatch -> response.
+//! - [`pubsub`] — AMQP-style topics with backlog replay.
+//! - [`monitor`] — `/health`, `/metrics`, `/actors`.
+//! - [`function`], [`version`] — what a registered function is, and version matching.
+
+pub mod connection;
+pub mod function;
+pub mod monitor;
+pub mod planner;
+pub mod protocol;
+pub mod pubsub;
+pub mod registry;
+pub mod supervisor;
+pub mod version;

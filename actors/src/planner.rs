@@ -1,0 +1,424 @@
+//! Planner: request -> dependency DAG -> dispatch -> response (DESIGN.md §6).
+//!
+//! [`Plan::build`] is pure: it validates the request, finds references, computes the DAG
+//! and its levels, rejects duplicates and cycles, and resolves every command to a function
+//! before anything runs (so an unknown function fails the request at once). [`execute`]
+//! then runs the plan: a command starts as soon as its own dependencies are done, ready
+//! commands start in the order they were listed, inline functions complete in place and
+//! everything else runs concurrently. The first failure ends the request; commands still
+//! running are cancelled.
+//!
+//! Planning runs as a task on the connection's own thread (DESIGN.md §4), so there is no
+//! Planner mailbox on the hot path; what would be its state (the function table) is a
+//! snapshot read without locking.
+//!
+//! References: a string anywhere in `args` or `kwargs` (recursively through arrays and
+//! object VALUES, never keys) equal to a command name references it; `name.a.b` references
+//! `name` and follows object keys `a`, `b` when substituted. A path that cannot be followed
+//! is passed through as the literal string.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde_json::{json, Map, Value};
+
+use crate::function::{type_name, CallArgs, FunctionError, FunctionResult, FunctionSpec};
+use crate::protocol::{RpcCommand, RpcError, RpcRequest};
+use crate::registry::FunctionTable;
+use crate::version::VersionConstraint;
+
+/// A validated request, ready to run.
+#[derive(Debug)]
+pub struct Plan {
+    request_id: String,
+    cmds: Vec<RpcCommand>,
+    functions: Vec<FunctionSpec>,
+    index: HashMap<String, usize>,
+    dependants: Vec<Vec<usize>>,
+    dep_count: Vec<usize>,
+    levels: Vec<usize>,
+    level_count: usize,
+    sinks: Vec<usize>,
+}
+
+impl Plan {
+    /// Validates `request` and resolves each command against `table`.
+    pub fn build(request: RpcRequest, table: &FunctionTable, cluster_id: &str) -> Result<Plan, RpcError> {
+        let RpcRequest { u, cmds, .. } = request;
+        let mut index = HashMap::with_capacity(cmds.len());
+        for (i, cmd) in cmds.iter().enumerate() {
+            if index.insert(cmd.name.clone(), i).is_some() {
+                return Err(RpcError::invalid(format!("duplicate command name: {}", cmd.name)));
+            }
+        }
+        let deps: Vec<Vec<usize>> = cmds.iter().map(|cmd| references(cmd, &index)).collect();
+        let levels = levels(&cmds, &deps)?;
+        let mut dependants = vec![Vec::new(); cmds.len()];
+        for (i, ds) in deps.iter().enumerate() {
+            for &d in ds {
+                dependants[d].push(i);
+            }
+        }
+        let sinks = (0..cmds.len()).filter(|&i| dependants[i].is_empty()).collect();
+        let mut functions = Vec::with_capacity(cmds.len());
+        for cmd in &cmds {
+            let constraint = match &cmd.version_constraint {
+                Some(text) => Some(text.parse::<VersionConstraint>().map_err(|e| RpcError::invalid(e.to_string()))?),
+                None => None,
+            };
+            functions.push(table.resolve(cmd, constraint.as_ref(), cluster_id)?.clone());
+        }
+        Ok(Plan {
+            request_id: u,
+            dep_count: deps.iter().map(Vec::len).collect(),
+            level_count: levels.iter().map(|l| l + 1).max().unwrap_or(0),
+            cmds,
+            functions,
+            index,
+            dependants,
+            levels,
+            sinks,
+        })
+    }
+
+    /// How many levels (longest dependency chain) the plan has.
+    pub fn level_count(&self) -> usize {
+        self.level_count
+    }
+
+    /// The level of each command: 0 for no dependencies, else 1 + the deepest dependency.
+    pub fn levels(&self) -> &[usize] {
+        &self.levels
+    }
+
+    /// Commands no other command references: their results form `r`.
+    pub fn sinks(&self) -> impl Iterator<Item = &str> {
+        self.sinks.iter().map(|&i| self.cmds[i].name.as_str())
+    }
+}
+
+/// Indices of the commands that `cmd` references, sorted and unique.
+fn references(cmd: &RpcCommand, index: &HashMap<String, usize>) -> Vec<usize> {
+    let mut found = HashSet::new();
+    let mut stack: Vec<&Value> = cmd.args.iter().chain(cmd.kwargs.values()).collect();
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::String(s) => {
+                if let Some(&i) = index.get(s) {
+                    found.insert(i);
+                }
+                if let Some(&i) = s.split_once('.').and_then(|(base, _)| index.get(base)) {
+                    found.insert(i);
+                }
+            }
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    let mut found: Vec<usize> = found.into_iter().collect();
+    found.sort_unstable();
+    found
+}
+
+/// Longest-path level of every command (Kahn's algorithm); a cycle is a request error.
+fn levels(cmds: &[RpcCommand], deps: &[Vec<usize>]) -> Result<Vec<usize>, RpcError> {
+    let n = cmds.len();
+    let mut remaining: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut dependants = vec![Vec::new(); n];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds {
+            dependants[d].push(i);
+        }
+    }
+    let mut level = vec![0; n];
+    let mut queue: VecDeque<usize> = (0..n).filter(|&i| remaining[i] == 0).collect();
+    let mut done = 0;
+    while let Some(i) = queue.pop_front() {
+        done += 1;
+        for &j in &dependants[i] {
+            level[j] = level[j].max(level[i] + 1);
+            remaining[j] -= 1;
+            if remaining[j] == 0 {
+                queue.push_back(j);
+            }
+        }
+    }
+    if done == n {
+        return Ok(level);
+    }
+    Err(RpcError::invalid(format!("dependency cycle: {}", describe_cycle(cmds, deps, &remaining))))
+}
+
+/// Walks dependencies among the commands left in a cycle until one repeats.
+fn describe_cycle(cmds: &[RpcCommand], deps: &[Vec<usize>], remaining: &[usize]) -> String {
+    let Some(start) = (0..cmds.len()).find(|&i| remaining[i] > 0) else {
+        return String::new();
+    };
+    let mut path = vec![start];
+    let mut seen = HashMap::from([(start, 0)]);
+    let mut at = start;
+    loop {
+        // Every command left over waits on another left-over command.
+        let Some(&next) = deps[at].iter().find(|&&d| remaining[d] > 0) else {
+            break;
+        };
+        if let Some(&pos) = seen.get(&next) {
+            let mut cycle: Vec<&str> = path[pos..].iter().map(|&i| cmds[i].name.as_str()).collect();
+            cycle.push(&cmds[next].name);
+            // Report in the order the data flows: a -> b means b uses a.
+            cycle.reverse();
+            return cycle.join(" -> ");
+        }
+        seen.insert(next, path.len());
+        path.push(next);
+        at = next;
+    }
+    cmds[start].name.clone()
+}
+
+/// Replaces references in `value` by results of completed commands.
+fn substitute(value: &Value, results: &[Option<Value>], index: &HashMap<String, usize>) -> Value {
+    match value {
+        Value::String(s) => resolve_reference(s, results, index).unwrap_or_else(|| value.clone()),
+        Value::Array(items) => Value::Array(items.iter().map(|v| substitute(v, results, index)).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), substitute(v, results, index))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+fn resolve_reference(s: &str, results: &[Option<Value>], index: &HashMap<String, usize>) -> Option<Value> {
+    // A string containing a dot is always read as base.path (the reference's rule).
+    let Some((base, path)) = s.split_once('.') else {
+        return index.get(s).and_then(|&i| results[i].clone());
+    };
+    let mut at = results[*index.get(base)?].as_ref()?;
+    for key in path.split('.') {
+        at = at.as_object()?.get(key)?;
+    }
+    Some(at.clone())
+}
+
+/// One completed level, in the reference's shape.
+pub type LevelReport = Value;
+
+/// Receives each level's report the moment the level completes.
+pub trait LevelObserver {
+    /// Called once per level, in level order.
+    fn level_completed(&mut self, report: &LevelReport) -> impl std::future::Future<Output = ()>;
+}
+
+/// Observes nothing.
+pub struct NoObserver;
+
+impl LevelObserver for NoObserver {
+    async fn level_completed(&mut self, _: &LevelReport) {}
+}
+
+/// The result of a successful run.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Sink results by command name.
+    pub r: Value,
+    /// Per-level reports (when asked for).
+    pub intermediate_results: Vec<Value>,
+    /// Timing summary (when asked for).
+    pub execution_summary: Option<Value>,
+}
+
+/// What the caller wants back besides `r`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReportOptions {
+    /// Keep per-level reports in the response.
+    pub intermediate_results: bool,
+    /// Build level reports even if not returned (for a callback topic).
+    pub observe_levels: bool,
+    /// Add the timing summary.
+    pub execution_summary: bool,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+struct LevelTracker {
+    remaining: Vec<usize>,
+    next: usize,
+    started: Instant,
+    last_completed: Instant,
+    times_ms: Vec<f64>,
+}
+
+/// Runs `plan`; the first failing command fails the whole request.
+pub async fn execute(plan: Plan, options: ReportOptions, observer: &mut impl LevelObserver) -> Result<Outcome, RpcError> {
+    let n = plan.cmds.len();
+    let mut results: Vec<Option<Value>> = vec![None; n];
+    let mut dep_count = plan.dep_count.clone();
+    let mut ready: VecDeque<usize> = (0..n).filter(|&i| dep_count[i] == 0).collect();
+    let mut running = FuturesUnordered::new();
+    let mut completed = 0;
+    let track_levels = options.intermediate_results || options.observe_levels || options.execution_summary;
+    let now = Instant::now();
+    let mut tracker = LevelTracker {
+        remaining: plan.levels.iter().fold(vec![0; plan.level_count], |mut acc, &l| {
+            acc[l] += 1;
+            acc
+        }),
+        next: 0,
+        started: now,
+        last_completed: now,
+        times_ms: Vec::new(),
+    };
+    let mut reports = Vec::new();
+
+    while completed < n {
+        while let Some(i) = ready.pop_front() {
+            let call = CallArgs {
+                args: plan.cmds[i].args.iter().map(|v| substitute(v, &results, &plan.index)).collect(),
+                kwargs: plan.cmds[i].kwargs.iter().map(|(k, v)| (k.clone(), substitute(v, &results, &plan.index))).collect(),
+            };
+            let types: Vec<&'static str> = call.args.iter().map(type_name).collect();
+            let function = &plan.functions[i];
+            match function.invoke_inline(call.clone()) {
+                Some(result) => {
+                    let value = command_result(&plan, i, &types, result)?;
+                    completed += 1;
+                    tracker.remaining[plan.levels[i]] -= 1;
+                    finish(&plan, i, value, &mut results, &mut dep_count, &mut ready);
+                }
+                None => {
+                    let function = function.clone();
+                    running.push(async move { (i, types, function.invoke(call).await) });
+                }
+            }
+            if track_levels {
+                // Inline completions may close levels before anything else runs.
+                drain_levels(&plan, &results, &mut tracker, &mut reports, options, observer).await;
+            }
+        }
+        if completed == n {
+            break;
+        }
+        let Some((i, types, result)) = running.next().await else {
+            // Nothing running and nothing ready: impossible for an acyclic plan.
+            return Err(RpcError::invalid("plan stalled: unresolved dependencies"));
+        };
+        let value = command_result(&plan, i, &types, result)?;
+        completed += 1;
+        tracker.remaining[plan.levels[i]] -= 1;
+        finish(&plan, i, value, &mut results, &mut dep_count, &mut ready);
+        if track_levels {
+            drain_levels(&plan, &results, &mut tracker, &mut reports, options, observer).await;
+        }
+    }
+
+    let r: Map<String, Value> =
+        plan.sinks.iter().map(|&i| (plan.cmds[i].name.clone(), results[i].take().unwrap_or(Value::Null))).collect();
+    let execution_summary = options.execution_summary.then(|| summary(&plan, &tracker));
+    Ok(Outcome {
+        r: Value::Object(r),
+        intermediate_results: if options.intermediate_results { reports } else { Vec::new() },
+        execution_summary,
+    })
+}
+
+fn command_result(plan: &Plan, i: usize, types: &[&str], result: FunctionResult) -> Result<Value, RpcError> {
+    result.map_err(|e: FunctionError| {
+        RpcError::execution_failed(format!(
+            "Function execution failed: command={} fun={} error={} args_types=[{}]",
+            plan.cmds[i].name,
+            plan.cmds[i].fun,
+            e,
+            types.join(",")
+        ))
+    })
+}
+
+fn finish(
+    plan: &Plan,
+    i: usize,
+    value: Value,
+    results: &mut [Option<Value>],
+    dep_count: &mut [usize],
+    ready: &mut VecDeque<usize>,
+) {
+    results[i] = Some(value);
+    for &j in &plan.dependants[i] {
+        dep_count[j] -= 1;
+        if dep_count[j] == 0 {
+            ready.push_back(j);
+        }
+    }
+}
+
+async fn drain_levels(
+    plan: &Plan,
+    results: &[Option<Value>],
+    tracker: &mut LevelTracker,
+    reports: &mut Vec<Value>,
+    options: ReportOptions,
+    observer: &mut impl LevelObserver,
+) {
+    while tracker.next < plan.level_count && tracker.remaining[tracker.next] == 0 {
+        let level = tracker.next;
+        let now = Instant::now();
+        let took = now.duration_since(tracker.last_completed).as_secs_f64() * 1000.0;
+        tracker.last_completed = now;
+        tracker.times_ms.push(took);
+        tracker.next += 1;
+        if !(options.intermediate_results || options.observe_levels) {
+            continue;
+        }
+        let mut level_results = Map::new();
+        let mut accumulated = Map::new();
+        for (i, cmd) in plan.cmds.iter().enumerate() {
+            if plan.levels[i] <= level {
+                let value = results[i].clone().unwrap_or(Value::Null);
+                if plan.levels[i] == level {
+                    level_results.insert(cmd.name.clone(), value.clone());
+                }
+                accumulated.insert(cmd.name.clone(), value);
+            }
+        }
+        let report = json!({
+            "request_id": plan.request_id,
+            "level_index": level,
+            "level_results": level_results,
+            "accumulated_results": accumulated,
+            "total_levels": plan.level_count,
+            "completed_levels": level + 1,
+            "timestamp": unix_now(),
+            "execution_time_ms": took,
+        });
+        observer.level_completed(&report).await;
+        reports.push(report);
+    }
+}
+
+fn summary(plan: &Plan, tracker: &LevelTracker) -> Value {
+    let total = tracker.started.elapsed().as_secs_f64() * 1000.0;
+    let bottleneck = tracker
+        .times_ms
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let average = if tracker.times_ms.is_empty() { 0.0 } else { tracker.times_ms.iter().sum::<f64>() / tracker.times_ms.len() as f64 };
+    json!({
+        "request_id": plan.request_id,
+        "total_execution_time_ms": total,
+        "total_levels": plan.level_count,
+        "level_execution_times": tracker.times_ms,
+        "bottleneck_level_index": bottleneck,
+        "average_level_time_ms": average,
+        "parallel_commands_executed": plan.cmds.len(),
+        "cross_cluster_hops": 0,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,236 @@
+//! Registry: the functions this node serves, and the snapshot the request path reads.
+//!
+//! Who sends to it: the node handle (`RegisterFunction` after start), the supervisor
+//! (fault injection). Whom it calls: nobody. Invariants: one function_id per name and one
+//! name per function_id; an identity (name, id, version) is registered once.
+//!
+//! The request path never sends it a message: the actor owns MUTATION and publishes an
+//! immutable [`FunctionTable`] through a shared [`TableHandle`] (an `Arc` swapped on
+//! change), which connections read lock-free (DESIGN.md §4).
+//!
+//! What a restart loses: nothing. The table lives in the shared handle, outside the actor,
+//! and a new Registry starts from the last published table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::{Actor, Context, Handler, Message};
+use arc_swap::ArcSwap;
+
+use crate::function::{FunctionIdentity, FunctionSpec};
+use crate::protocol::{RpcCommand, RpcError};
+use crate::supervisor::ChildGuard;
+use crate::version::VersionConstraint;
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The same name, id and version are already registered.
+    #[error("function {name} (id {function_id}, version {version}) is already registered")]
+    Duplicate {
+        /// Function name.
+        name: String,
+        /// Function id.
+        function_id: String,
+        /// Version.
+        version: String,
+    },
+    /// The name is registered under another id, or the id under another name.
+    #[error("identity conflict: {0}")]
+    Conflict(String),
+    /// The registry actor is not running (restarting or stopped).
+    #[error("registry unavailable")]
+    Unavailable,
+}
+
+/// Every local function, by name. Immutable once published.
+#[derive(Debug, Clone, Default)]
+pub struct FunctionTable {
+    by_name: HashMap<String, Vec<FunctionSpec>>,
+}
+
+impl FunctionTable {
+    /// Adds a function, enforcing the identity rules.
+    pub fn register(&mut self, spec: FunctionSpec) -> Result<(), RegistryError> {
+        let id = spec.identity().clone();
+        if let Some(existing) = self.by_name.get(&id.name).and_then(|v| v.first()) {
+            if existing.identity().function_id != id.function_id {
+                return Err(RegistryError::Conflict(format!(
+                    "name {} is registered with function_id {}, not {}",
+                    id.name,
+                    existing.identity().function_id,
+                    id.function_id
+                )));
+            }
+        }
+        if let Some(other) = self
+            .by_name
+            .values()
+            .flatten()
+            .find(|s| s.identity().function_id == id.function_id && s.identity().name != id.name)
+        {
+            return Err(RegistryError::Conflict(format!(
+                "function_id {} is registered for name {}, not {}",
+                id.function_id,
+                other.identity().name,
+                id.name
+            )));
+        }
+        let versions = self.by_name.entry(id.name.clone()).or_default();
+        if versions.iter().any(|s| s.identity().version == id.version) {
+            return Err(RegistryError::Duplicate {
+                name: id.name,
+                function_id: id.function_id,
+                version: id.version.to_string(),
+            });
+        }
+        versions.push(spec);
+        Ok(())
+    }
+
+    /// The function a command should call (DESIGN.md §7): name, function_id, version
+    /// constraint, `locs` ⊆ resources, `target_cluster`; the highest matching version wins.
+    pub fn resolve(
+        &self,
+        cmd: &RpcCommand,
+        constraint: Option<&VersionConstraint>,
+        cluster_id: &str,
+    ) -> Result<&FunctionSpec, RpcError> {
+        let not_found = || RpcError::not_found(&cmd.fun);
+        if cmd.target_cluster.as_deref().is_some_and(|c| c != cluster_id) {
+            return Err(not_found());
+        }
+        self.by_name
+            .get(&cmd.fun)
+            .into_iter()
+            .flatten()
+            .filter(|spec| matches(spec.identity(), cmd, constraint))
+            .max_by_key(|spec| spec.identity().version)
+            .ok_or_else(not_found)
+    }
+
+    /// Every registered identity, sorted.
+    pub fn identities(&self) -> Vec<FunctionIdentity> {
+        let mut all: Vec<_> = self.by_name.values().flatten().map(|s| s.identity().clone()).collect();
+        all.sort();
+        all
+    }
+}
+
+fn matches(identity: &FunctionIdentity, cmd: &RpcCommand, constraint: Option<&VersionConstraint>) -> bool {
+    cmd.function_id.as_ref().is_none_or(|id| *id == identity.function_id)
+        && constraint.is_none_or(|c| c.matches(&identity.version))
+        && cmd.locs.iter().all(|loc| identity.resources.contains(loc))
+}
+
+/// The published table, shared by the Registry (writer) and every connection (readers).
+#[derive(Clone, Default)]
+pub struct TableHandle(Arc<ArcSwap<FunctionTable>>);
+
+impl TableHandle {
+    /// A handle publishing `table`.
+    pub fn new(table: FunctionTable) -> Self {
+        TableHandle(Arc::new(ArcSwap::from_pointee(table)))
+    }
+
+    /// The current table; cheap (an `Arc` clone).
+    pub fn current(&self) -> Arc<FunctionTable> {
+        self.0.load_full()
+    }
+
+    fn publish(&self, table: FunctionTable) {
+        self.0.store(Arc::new(table));
+    }
+}
+
+/// Register a function on the running node.
+#[derive(Message)]
+#[rtype(result = "Result<(), RegistryError>")]
+pub struct RegisterFunction {
+    /// The function.
+    pub spec: FunctionSpec,
+}
+
+/// The Registry actor.
+pub struct Registry {
+    table: TableHandle,
+    _guard: ChildGuard,
+}
+
+impl Registry {
+    /// A registry publishing through `table`.
+    pub fn new(table: TableHandle, guard: ChildGuard) -> Self {
+        Registry { table, _guard: guard }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+impl Handler<RegisterFunction> for Registry {
+    type Result = Result<(), RegistryError>;
+
+    fn handle(&mut self, msg: RegisterFunction, _: &mut Context<Self>) -> Self::Result {
+        let mut next = FunctionTable::clone(&self.table.current());
+        next.register(msg.spec)?;
+        self.table.publish(next);
+        Ok(())
+    }
+}
+
+crate::supervised_child!(Registry, "registry");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::Version;
+
+    fn ver(v: &str) -> FunctionSpec {
+        FunctionSpec::sync("ver", move || v.to_owned()).function_id("demo.ver").version(v.parse().unwrap())
+    }
+
+    fn cmd(fun: &str) -> RpcCommand {
+        RpcCommand::new("x", fun, vec![])
+    }
+
+    #[test]
+    fn highest_matching_version_wins() {
+        let mut table = FunctionTable::default();
+        for v in ["1.0.0", "2.0.0", "1.5.0"] {
+            table.register(ver(v)).unwrap();
+        }
+        let pick = |c: Option<&str>| {
+            let c = c.map(|c| c.parse::<VersionConstraint>().unwrap());
+            table.resolve(&cmd("ver"), c.as_ref(), "c").map(|s| s.identity().version)
+        };
+        assert_eq!(pick(None), Ok(Version::new(2, 0, 0)));
+        assert_eq!(pick(Some("<2")), Ok(Version::new(1, 5, 0)));
+        assert_eq!(pick(Some(">=3")).unwrap_err().code, 1001);
+    }
+
+    #[test]
+    fn identity_conflicts_are_refused() {
+        let mut table = FunctionTable::default();
+        table.register(ver("1.0.0")).unwrap();
+        assert!(matches!(table.register(ver("1.0.0")), Err(RegistryError::Duplicate { .. })));
+        let other_id = FunctionSpec::sync("ver", || 1).function_id("other").version(Version::new(3, 0, 0));
+        assert!(matches!(table.register(other_id), Err(RegistryError::Conflict(_))));
+        let stolen_id = FunctionSpec::sync("thief", || 1).function_id("demo.ver");
+        assert!(matches!(table.register(stolen_id), Err(RegistryError::Conflict(_))));
+    }
+
+    #[test]
+    fn locs_must_be_a_subset_and_cluster_must_match() {
+        let mut table = FunctionTable::default();
+        table.register(FunctionSpec::sync("add", |a: i64, b: i64| a + b).resources(["cpu", "math"])).unwrap();
+        let mut c = cmd("add");
+        c.locs = vec!["cpu".into()];
+        assert!(table.resolve(&c, None, "local").is_ok());
+        c.locs.push("gpu".into());
+        assert!(table.resolve(&c, None, "local").is_err());
+        c.locs.clear();
+        c.target_cluster = Some("elsewhere".into());
+        assert!(table.resolve(&c, None, "local").is_err());
+    }
+}

@@ -1,0 +1,108 @@
+//! `mpreg client call|request|health`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use mpreg_actors::protocol::RpcCommand;
+use serde_json::Value;
+
+use super::ClientCommand;
+use crate::client::{CallOptions, Client};
+
+pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
+    match command {
+        ClientCommand::Health { url } => health(&url),
+        ClientCommand::Call { fun, args, locs, function_id, version, timeout, url } => {
+            let args = parse_args(&args)?;
+            let options = CallOptions {
+                locs,
+                function_id,
+                version_constraint: version,
+                timeout: timeout.map(Duration::from_secs_f64),
+                ..CallOptions::default()
+            };
+            block_on(async move {
+                let client = Client::connect(&url).await?;
+                let result = client.call_with(&fun, args, options).await;
+                client.close().await;
+                let result = result?;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+                Ok(0)
+            })
+        }
+        ClientCommand::Request { file, url } => {
+            let cmds = read_commands(&file)?;
+            block_on(async move {
+                let client = Client::connect(&url).await?;
+                let r = client.request(cmds).await;
+                client.close().await;
+                let r = r?;
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                Ok(0)
+            })
+        }
+    }
+}
+
+fn block_on(fut: impl std::future::Future<Output = anyhow::Result<i32>>) -> anyhow::Result<i32> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(fut)
+}
+
+/// A JSON array is the argument list; any other JSON value is the single argument.
+fn parse_args(text: &str) -> anyhow::Result<Vec<Value>> {
+    match serde_json::from_str(text).with_context(|| format!("ARGS must be JSON, got {text:?}"))? {
+        Value::Array(items) => Ok(items),
+        single => Ok(vec![single]),
+    }
+}
+
+fn read_commands(file: &Path) -> anyhow::Result<Vec<RpcCommand>> {
+    let text = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let value: Value = serde_json::from_str(&text).context("the request file must be JSON")?;
+    let cmds = match value {
+        Value::Object(mut map) if map.contains_key("cmds") => map.remove("cmds").unwrap_or_default(),
+        other => other,
+    };
+    serde_json::from_value(cmds).context("expected a list of commands ({name, fun, args, ...})")
+}
+
+/// A minimal HTTP/1.1 GET: the health check must not need more than the binary itself.
+fn health(url: &str) -> anyhow::Result<i32> {
+    let Some(rest) = url.strip_prefix("http://") else { bail!("only http:// URLs are supported: {url}") };
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?.next().context("address did not resolve")?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).unwrap_or("");
+    if status == "200" {
+        println!("healthy");
+        Ok(0)
+    } else {
+        eprintln!("unhealthy: status {status:?}");
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_accept_a_list_or_one_value() {
+        assert_eq!(parse_args("[1,2]").unwrap().len(), 2);
+        assert_eq!(parse_args("\"x\"").unwrap(), vec![Value::from("x")]);
+        assert!(parse_args("{nope").is_err());
+    }
+}

@@ -1,0 +1,151 @@
+//! The `mpreg` command line: `server`, `client`, `bench`.
+//!
+//! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
+
+mod bench;
+mod client;
+mod server;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LogFormat;
+
+/// Exit code when the supervisor escalated (too many restarts).
+pub const EXIT_ESCALATED: i32 = 70;
+
+/// MPREG: dependency-resolving RPC over websockets, on supervised actors.
+#[derive(Debug, Parser)]
+#[command(name = "mpreg", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Talk to a node.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Measure.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `mpreg server ...`
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Start a node from flags (defaults for everything else).
+    Start(StartArgs),
+    /// Start a node from a TOML file with an `[mpreg]` table.
+    StartConfig {
+        /// The settings file.
+        file: PathBuf,
+        /// Log format (overrides the file's `log_format`).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+}
+
+/// Flags of `mpreg server start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Interface to listen on.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Websocket port (0: any free port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Node name (default host:port).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Cluster id.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// A resource of this node (repeatable).
+    #[arg(long = "resource")]
+    pub resources: Vec<String>,
+    /// Function packs or names, comma-separated (`demo`, `tpu_square`).
+    #[arg(long, value_delimiter = ',')]
+    pub functions: Vec<String>,
+    /// Monitoring HTTP port (0: any free port).
+    #[arg(long)]
+    pub monitoring_port: Option<u16>,
+    /// Data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Whole-request timeout in seconds.
+    #[arg(long)]
+    pub request_timeout: Option<f64>,
+    /// Serve `POST /actors/{name}/panic` (chaos drills and tests only).
+    #[arg(long)]
+    pub fault_injection: bool,
+}
+
+/// `mpreg client ...`
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Call one function: `mpreg client call add '[1,2]' --locs cpu --url ws://...`.
+    Call {
+        /// Function name.
+        fun: String,
+        /// Positional arguments as a JSON array (a single non-array value is one argument).
+        #[arg(default_value = "[]")]
+        args: String,
+        /// Required resources, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        locs: Vec<String>,
+        /// Function id to match.
+        #[arg(long)]
+        function_id: Option<String>,
+        /// Version constraint (`>=1.0,<2`).
+        #[arg(long)]
+        version: Option<String>,
+        /// Whole-request timeout in seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Node URL.
+        #[arg(long, env = "MPREG_URL")]
+        url: String,
+    },
+    /// Run a DAG from a JSON file: a list of commands, or an object with `cmds`.
+    Request {
+        /// The file (`-` for stdin).
+        file: PathBuf,
+        /// Node URL.
+        #[arg(long, env = "MPREG_URL")]
+        url: String,
+    },
+    /// Exit 0 when `GET URL` answers 200 (container health checks).
+    Health {
+        /// e.g. `http://127.0.0.1:9100/health`.
+        #[arg(long)]
+        url: String,
+    },
+}
+
+/// `mpreg bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// RPC throughput and latency against a raw websocket floor.
+    Rpc(bench::RpcBenchArgs),
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Server(ServerCommand::Start(args)) => server::start(args),
+        Command::Server(ServerCommand::StartConfig { file, log_format }) => server::start_config(&file, log_format),
+        Command::Client(command) => client::run(command),
+        Command::Bench(BenchCommand::Rpc(args)) => bench::rpc(args),
+    }
+}

@@ -1,0 +1,89 @@
+//! `mpreg server start` and `start-config`.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use mpreg_actors::supervisor::NodeExit;
+use tracing::{error, info};
+
+use super::{StartArgs, EXIT_ESCALATED};
+use crate::config::{LogFormat, Settings};
+use crate::node::NodeBuilder;
+
+/// Installs the log subscriber: `RUST_LOG` filters (default `info`), stderr, text or JSON.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+pub fn start(args: StartArgs) -> anyhow::Result<i32> {
+    let mut settings = Settings::default();
+    let StartArgs {
+        host,
+        port,
+        name,
+        cluster_id,
+        resources,
+        functions,
+        monitoring_port,
+        data_dir,
+        log_format,
+        request_timeout,
+        fault_injection,
+    } = args;
+    settings.host = host.unwrap_or(settings.host);
+    settings.port = port.unwrap_or(settings.port);
+    settings.name = name.unwrap_or(settings.name);
+    settings.cluster_id = cluster_id.unwrap_or(settings.cluster_id);
+    settings.resources.extend(resources);
+    settings.functions.extend(functions);
+    settings.monitoring_port = monitoring_port.unwrap_or(settings.monitoring_port);
+    settings.data_dir = data_dir.or(settings.data_dir);
+    settings.log_format = log_format.unwrap_or(settings.log_format);
+    settings.request_timeout_s = request_timeout.unwrap_or(settings.request_timeout_s);
+    settings.fault_injection |= fault_injection;
+    serve(settings)
+}
+
+pub fn start_config(file: &Path, log_format: Option<LogFormat>) -> anyhow::Result<i32> {
+    let mut settings = Settings::from_toml_file(file)?;
+    settings.log_format = log_format.unwrap_or(settings.log_format);
+    serve(settings)
+}
+
+fn serve(settings: Settings) -> anyhow::Result<i32> {
+    init_logging(settings.log_format);
+    actix_rt::System::new().block_on(async move {
+        let node = NodeBuilder::new(settings).start().await.context("node failed to start")?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "MPREG_URL={}", node.url())?;
+            if let Some(monitoring) = node.monitoring_url() {
+                writeln!(out, "MPREG_MONITORING_URL={monitoring}")?;
+            }
+            out.flush()?;
+        }
+        info!(node = node.name(), url = node.url(), "node ready");
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let code = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("interrupt: shutting down"); node.shutdown().await; 0 }
+            _ = terminate.recv() => { info!("SIGTERM: shutting down"); node.shutdown().await; 0 }
+            exit = node.wait() => match exit {
+                NodeExit::Escalated { actor } => {
+                    error!(actor = %actor, "supervisor escalated: node stopping");
+                    node.stop_listener().await;
+                    EXIT_ESCALATED
+                }
+                _ => 0,
+            }
+        };
+        info!(node = node.name(), code, "node stopped");
+        Ok(code)
+    })
+}

@@ -1,0 +1,217 @@
+//! Settings: defaults, a TOML file (`[mpreg]` table), CLI overrides, validation.
+//!
+//! Every key is listed in `config/node.toml` with a comment. Unknown keys are errors that
+//! name the key, never silently dropped: a typo in a production config must not start a
+//! node with the default it meant to override.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything a node can be configured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Node name; empty means `host:port` once bound.
+    pub name: String,
+    /// Interface to listen on.
+    pub host: String,
+    /// Websocket port; 0 lets the OS choose (the bound URL is printed).
+    pub port: u16,
+    /// Cluster this node belongs to.
+    pub cluster_id: String,
+    /// Resources of this node (metadata; matching uses each function's own resources).
+    pub resources: Vec<String>,
+    /// Function packs or single functions to register: `demo`, `tpu_square`, ...
+    pub functions: Vec<String>,
+    /// Serve `/health`, `/metrics`, `/actors`.
+    pub monitoring_enabled: bool,
+    /// Monitoring port; 0 lets the OS choose.
+    pub monitoring_port: u16,
+    /// Where durable state lives; created at start and checked for writability.
+    pub data_dir: Option<PathBuf>,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// Whole-request timeout (seconds) unless a request sets `timeout`.
+    pub request_timeout_s: f64,
+    /// Requests in flight per connection before 1006.
+    pub max_in_flight_per_connection: usize,
+    /// Largest frame served normally (bytes).
+    pub max_frame_bytes: usize,
+    /// Frames queued per connection writer.
+    pub outbox_capacity: usize,
+    /// Websocket worker threads.
+    pub workers: usize,
+    /// Server ping interval (seconds).
+    pub heartbeat_interval_s: f64,
+    /// Close a client silent for this long (seconds).
+    pub client_timeout_s: f64,
+    /// Pub/sub backlog retention (seconds).
+    pub pubsub_backlog_seconds: f64,
+    /// Pub/sub backlog size (messages).
+    pub pubsub_backlog_max: usize,
+    /// Supervisor: restarts allowed per window before the node stops.
+    pub max_restarts: usize,
+    /// Supervisor: the window (seconds).
+    pub restart_window_s: f64,
+    /// Serve `POST /actors/{name}/panic` (chaos drills and tests only).
+    pub fault_injection: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            name: String::new(),
+            host: "127.0.0.1".to_owned(),
+            port: 6666,
+            cluster_id: "default-cluster".to_owned(),
+            resources: Vec::new(),
+            functions: Vec::new(),
+            monitoring_enabled: true,
+            monitoring_port: 0,
+            data_dir: None,
+            log_format: LogFormat::Text,
+            request_timeout_s: 30.0,
+            max_in_flight_per_connection: 1024,
+            max_frame_bytes: 16 * 1024 * 1024,
+            outbox_capacity: 4096,
+            workers: 2,
+            heartbeat_interval_s: 20.0,
+            client_timeout_s: 60.0,
+            pubsub_backlog_seconds: 300.0,
+            pubsub_backlog_max: 10_000,
+            max_restarts: 5,
+            restart_window_s: 60.0,
+            fault_injection: false,
+        }
+    }
+}
+
+/// A settings file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or has the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsFile {
+    mpreg: Settings,
+}
+
+impl Settings {
+    /// Reads a TOML file with an `[mpreg]` table.
+    pub fn from_toml_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Settings::from_toml_str(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+    }
+
+    /// Parses TOML text with an `[mpreg]` table.
+    pub fn from_toml_str(text: &str) -> Result<Settings, String> {
+        toml::from_str::<SettingsFile>(text).map(|f| f.mpreg).map_err(|e| e.message().to_owned())
+    }
+
+    /// Checks ranges; run after all overrides are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |key: &'static str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid { key, message: format!("must be a positive number of seconds, got {value}") })
+            }
+        };
+        positive("request_timeout_s", self.request_timeout_s)?;
+        positive("heartbeat_interval_s", self.heartbeat_interval_s)?;
+        positive("client_timeout_s", self.client_timeout_s)?;
+        positive("restart_window_s", self.restart_window_s)?;
+        if !(self.pubsub_backlog_seconds.is_finite() && self.pubsub_backlog_seconds >= 0.0) {
+            return Err(ConfigError::Invalid { key: "pubsub_backlog_seconds", message: "must be >= 0".into() });
+        }
+        let at_least_one = [
+            ("max_in_flight_per_connection", self.max_in_flight_per_connection),
+            ("max_frame_bytes", self.max_frame_bytes),
+            ("outbox_capacity", self.outbox_capacity),
+            ("workers", self.workers),
+        ];
+        for (key, value) in at_least_one {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
+        }
+        if self.cluster_id.is_empty() {
+            return Err(ConfigError::Invalid { key: "cluster_id", message: "must not be empty".into() });
+        }
+        Ok(())
+    }
+
+    /// Seconds as a `Duration` (validated values only).
+    pub fn seconds(value: f64) -> Duration {
+        Duration::from_secs_f64(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Settings::from_toml_str("[mpreg]\nport = 1\nprot = 2\n").unwrap_err();
+        assert!(err.contains("unknown field `prot`"), "{err}");
+        let err = Settings::from_toml_str("[mpreg]\n[other]\n").unwrap_err();
+        assert!(err.contains("unknown field `other`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Settings::from_toml_str("[mpreg]\nport = \"x\"\n").unwrap_err();
+        assert!(err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/node.toml");
+        let settings = Settings::from_toml_file(&path).unwrap();
+        settings.validate().unwrap();
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let settings = Settings { request_timeout_s: 0.0, ..Settings::default() };
+        assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: "request_timeout_s", .. })));
+    }
+}

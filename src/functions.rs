@@ -1,0 +1,212 @@
+//! Built-in functions (`echo`, `echos`) and the demo pack used by the examples, the
+//! conformance cases and the benchmarks.
+//!
+//! | function | resources | behaviour |
+//! |---|---|---|
+//! | `echo(x)` | — | returns `x` (built in) |
+//! | `echos(*args)` | — | returns its arguments as a list (built in) |
+//! | `add(a, b)` | cpu, math | `a + b` |
+//! | `multiply(x, factor)` | cpu, math | `x * factor` |
+//! | `model_score(x)` | gpu | `{"score": x/100, "model": "demo", "nested": {"deep": [1,2,3]}}` |
+//! | `boom(x)` | — | always fails: `ValueError: boom on x` |
+//! | `slow(sec)` | — | sleeps `sec` seconds (async, no thread held), returns `sec` |
+//! | `ver()` ×3 | — | id `demo.ver`, versions 1.0.0 / 1.5.0 / 2.0.0, returns `"v<version>"` |
+//! | `kw(a, b=0, *, c=None)` | — | `{"a": a, "b": b, "c": c}` |
+//! | `ident(*args, **kwargs)` | — | `{"args": [...], "kwargs": {...}}` |
+//! | `tpu_square(x)` | tpu | `x * x` — not in the `demo` pack, named on its own (routing tests) |
+
+use std::time::Duration;
+
+use mpreg_actors::function::{CallArgs, FunctionError, FunctionResult, FunctionSpec, IntoFunctionResult};
+use mpreg_actors::version::Version;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// A JSON number kept as an integer when it is one, so `add(20, 22)` is `42`, not `42.0`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Num {
+    /// An integer.
+    Int(i64),
+    /// Anything else.
+    Float(f64),
+}
+
+impl Num {
+    fn as_f64(self) -> f64 {
+        match self {
+            Num::Int(i) => i as f64,
+            Num::Float(f) => f,
+        }
+    }
+
+    fn combine(self, other: Num, int: fn(i64, i64) -> Option<i64>, float: fn(f64, f64) -> f64) -> Num {
+        match (self, other) {
+            (Num::Int(a), Num::Int(b)) => int(a, b).map_or_else(|| Num::Float(float(a as f64, b as f64)), Num::Int),
+            (a, b) => Num::Float(float(a.as_f64(), b.as_f64())),
+        }
+    }
+}
+
+impl IntoFunctionResult for Num {
+    fn into_function_result(self) -> FunctionResult {
+        Ok(match self {
+            Num::Int(i) => json!(i),
+            Num::Float(f) => json!(f),
+        })
+    }
+}
+
+/// The functions every node has.
+pub fn builtins() -> Vec<FunctionSpec> {
+    vec![
+        FunctionSpec::sync("echo", |value: Value| value).inline(),
+        FunctionSpec::raw("echos", |call: CallArgs| {
+            no_kwargs("echos", &call)?;
+            Ok(Value::Array(call.args))
+        })
+        .inline(),
+    ]
+}
+
+fn no_kwargs(fname: &str, call: &CallArgs) -> Result<(), FunctionError> {
+    match call.kwargs.keys().next() {
+        Some(key) => Err(FunctionError::type_error(format!("{fname}() got an unexpected keyword argument '{key}'"))),
+        None => Ok(()),
+    }
+}
+
+/// Python's `repr` for the values `boom` reports.
+fn repr(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("'{s}'"),
+        Value::Null => "None".to_owned(),
+        Value::Bool(true) => "True".to_owned(),
+        Value::Bool(false) => "False".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn kw(call: CallArgs) -> FunctionResult {
+    let CallArgs { args, mut kwargs } = call;
+    if args.len() > 2 {
+        return Err(FunctionError::type_error(format!("kw() takes from 1 to 2 positional arguments but {} were given", args.len())));
+    }
+    let mut positional = args.into_iter();
+    let mut take = |name: &str, default: Option<Value>| -> Result<Value, FunctionError> {
+        match (positional.next(), kwargs.remove(name)) {
+            (Some(_), Some(_)) => Err(FunctionError::type_error(format!("kw() got multiple values for argument '{name}'"))),
+            (Some(v), None) | (None, Some(v)) => Ok(v),
+            (None, None) => default.ok_or_else(|| {
+                FunctionError::type_error(format!("kw() missing 1 required positional argument: '{name}'"))
+            }),
+        }
+    };
+    let a = take("a", None)?;
+    let b = take("b", Some(json!(0)))?;
+    let c = kwargs.remove("c").unwrap_or(Value::Null);
+    if let Some(key) = kwargs.keys().next() {
+        return Err(FunctionError::type_error(format!("kw() got an unexpected keyword argument '{key}'")));
+    }
+    Ok(json!({"a": a, "b": b, "c": c}))
+}
+
+fn ver(version: Version) -> FunctionSpec {
+    let text = format!("v{version}");
+    FunctionSpec::sync("ver", move || text.clone()).inline().function_id("demo.ver").version(version)
+}
+
+/// `tpu_square(x)`, on `tpu`.
+pub fn tpu_square() -> FunctionSpec {
+    FunctionSpec::sync("tpu_square", |x: Num| x.combine(x, i64::checked_mul, |a, b| a * b)).inline().resources(["tpu"])
+}
+
+/// The `demo` pack.
+pub fn demo_pack() -> Vec<FunctionSpec> {
+    vec![
+        FunctionSpec::sync("add", |a: Num, b: Num| a.combine(b, i64::checked_add, |a, b| a + b))
+            .inline()
+            .resources(["cpu", "math"]),
+        FunctionSpec::sync("multiply", |x: Num, factor: Num| x.combine(factor, i64::checked_mul, |a, b| a * b))
+            .inline()
+            .resources(["cpu", "math"]),
+        FunctionSpec::sync("model_score", |x: Num| {
+            json!({"score": x.as_f64() / 100.0, "model": "demo", "nested": {"deep": [1, 2, 3]}})
+        })
+        .inline()
+        .resources(["gpu"]),
+        FunctionSpec::sync("boom", |x: Value| -> Result<Value, FunctionError> {
+            Err(FunctionError::value_error(format!("boom on {}", repr(&x))))
+        })
+        .inline(),
+        FunctionSpec::asynchronous("slow", |sec: Num| async move {
+            let wait = sec.as_f64();
+            if !(wait.is_finite() && wait >= 0.0) {
+                return Err(FunctionError::value_error(format!("sleep length must be non-negative, got {wait}")));
+            }
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            Ok::<_, FunctionError>(sec)
+        }),
+        ver(Version::new(1, 0, 0)),
+        ver(Version::new(1, 5, 0)),
+        ver(Version::new(2, 0, 0)),
+        FunctionSpec::raw("kw", kw).inline(),
+        FunctionSpec::raw("ident", |call: CallArgs| Ok(json!({"args": call.args, "kwargs": call.kwargs}))).inline(),
+    ]
+}
+
+/// Resolves `--functions` names: packs (`demo`) or single functions (`tpu_square`, or one
+/// of the demo pack's by name).
+pub fn by_names(names: &[String]) -> Result<Vec<FunctionSpec>, String> {
+    let mut out = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        match name {
+            "demo" => out.extend(demo_pack()),
+            "tpu_square" => out.push(tpu_square()),
+            other => {
+                let found: Vec<_> = demo_pack().into_iter().filter(|f| f.identity().name == other).collect();
+                if found.is_empty() {
+                    return Err(format!(
+                        "unknown function or pack `{other}` (known: demo, tpu_square, add, multiply, model_score, boom, slow, ver, kw, ident)"
+                    ));
+                }
+                out.extend(found);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    fn call(args: Value) -> CallArgs {
+        CallArgs { args: args.as_array().cloned().unwrap_or_default(), kwargs: Map::new() }
+    }
+
+    #[tokio::test]
+    async fn arithmetic_keeps_integers() {
+        let pack = demo_pack();
+        let add = pack.iter().find(|f| f.identity().name == "add").unwrap();
+        assert_eq!(add.invoke(call(json!([20, 22]))).await, Ok(json!(42)));
+        let mul = pack.iter().find(|f| f.identity().name == "multiply").unwrap();
+        assert_eq!(mul.invoke(call(json!([1.5, 1e308]))).await, Ok(json!(1.5e308)));
+        assert_eq!(mul.invoke(call(json!([i64::MAX, 2]))).await, Ok(json!(i64::MAX as f64 * 2.0)));
+    }
+
+    #[test]
+    fn kw_binds_like_python() {
+        let mut kwargs = Map::new();
+        kwargs.insert("c".into(), json!(3));
+        assert_eq!(kw(CallArgs { args: vec![json!(1)], kwargs }), Ok(json!({"a": 1, "b": 0, "c": 3})));
+        assert!(kw(CallArgs::default()).is_err());
+    }
+
+    #[test]
+    fn unknown_names_are_refused() {
+        assert!(by_names(&["demo".into(), "tpu_square".into()]).is_ok());
+        assert!(by_names(&["nope".into()]).unwrap_err().contains("nope"));
+    }
+}

@@ -1,0 +1,280 @@
+//! NodeBuilder: settings + functions -> a running supervision tree.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), mpreg::node::NodeError> {
+//! use mpreg::{FunctionSpec, NodeBuilder, Settings};
+//! let node = NodeBuilder::new(Settings { port: 0, ..Settings::default() })
+//!     .function(FunctionSpec::sync("add", |a: i64, b: i64| a + b).inline().resources(["cpu"]))
+//!     .start()
+//!     .await?;
+//! println!("listening on {}", node.url());
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! `start` must run inside an actix `System` (`#[actix_rt::main]`, `#[actix_rt::test]`).
+//! Both listeners are bound before anything else starts, so port 0 works and the URLs
+//! reported are the real ones.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
+use mpreg_actors::function::FunctionSpec;
+use mpreg_actors::monitor::{Metrics, Monitor, MonitorState};
+use mpreg_actors::pubsub::PubSub;
+use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
+use mpreg_actors::supervisor::{
+    ChildHandles, ChildSpec, CrashChild, NodeExit, NodeSupervisor, RestartPolicy, Shutdown, Slot,
+};
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::config::Settings;
+use crate::functions;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Settings out of range.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The data directory is unusable.
+    #[error("data_dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Two functions with conflicting identities.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// `--functions` named something unknown.
+    #[error("{0}")]
+    Functions(String),
+}
+
+/// Collects settings and functions, then starts a node.
+pub struct NodeBuilder {
+    settings: Settings,
+    functions: Vec<FunctionSpec>,
+}
+
+impl NodeBuilder {
+    /// A builder with `settings`; the built-in `echo` and `echos` are always registered.
+    pub fn new(settings: Settings) -> Self {
+        NodeBuilder { settings, functions: functions::builtins() }
+    }
+
+    /// Adds a function.
+    pub fn function(mut self, spec: FunctionSpec) -> Self {
+        self.functions.push(spec);
+        self
+    }
+
+    /// Binds the listeners, starts the supervision tree and the websocket server.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        let NodeBuilder { settings, mut functions } = self;
+        settings.validate()?;
+        functions.extend(functions::by_names(&settings.functions).map_err(NodeError::Functions)?);
+        let mut table = FunctionTable::default();
+        for spec in functions {
+            table.register(spec)?;
+        }
+        if let Some(dir) = &settings.data_dir {
+            prepare_data_dir(dir)?;
+        }
+        let ws_listener = bind(&settings.host, settings.port)?;
+        let ws_addr = ws_listener.local_addr().map_err(|source| NodeError::Bind { addr: settings.host.clone(), source })?;
+        let url = format!("ws://{}", display_addr(&settings.host, ws_addr));
+        let name = if settings.name.is_empty() { display_addr(&settings.host, ws_addr) } else { settings.name.clone() };
+        let monitor_listener = if settings.monitoring_enabled { Some(bind(&settings.host, settings.monitoring_port)?) } else { None };
+        let monitoring_url = match &monitor_listener {
+            Some(l) => {
+                let addr = l.local_addr().map_err(|source| NodeError::Bind { addr: settings.host.clone(), source })?;
+                Some(format!("http://{}", display_addr(&settings.host, addr)))
+            }
+            None => None,
+        };
+
+        let metrics = Arc::new(Metrics::default());
+        let table = TableHandle::new(table);
+        let registry: Slot<Registry> = Slot::default();
+        let pubsub: Slot<PubSub> = Slot::default();
+        let supervisor_slot: Slot<NodeSupervisor> = Slot::default();
+        let mut children = vec![
+            ChildSpec::new("registry", {
+                let (table, registry) = (table.clone(), registry.clone());
+                move |guard| {
+                    let addr = Registry::new(table.clone(), guard).start();
+                    registry.set(addr.clone());
+                    ChildHandles::of(&addr)
+                }
+            }),
+            ChildSpec::new("pubsub", {
+                let (pubsub, metrics) = (pubsub.clone(), metrics.clone());
+                let (seconds, max) = (settings.pubsub_backlog_seconds, settings.pubsub_backlog_max);
+                move |guard| {
+                    let addr = PubSub::new(seconds, max, metrics.clone(), guard).start();
+                    pubsub.set(addr.clone());
+                    ChildHandles::of(&addr)
+                }
+            }),
+        ];
+        if let Some(listener) = monitor_listener.map(Arc::new) {
+            let state = MonitorState {
+                node: name.clone(),
+                cluster_id: settings.cluster_id.clone(),
+                url: url.clone(),
+                metrics: metrics.clone(),
+                supervisor: supervisor_slot.clone(),
+                fault_injection: settings.fault_injection,
+            };
+            children.push(ChildSpec::new("monitor", move |guard| {
+                ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())
+            }));
+        }
+        let (exit_tx, exit_rx) = watch::channel(NodeExit::Running);
+        let policy = RestartPolicy {
+            max_restarts: settings.max_restarts,
+            window: Settings::seconds(settings.restart_window_s),
+            ..RestartPolicy::default()
+        };
+        let supervisor = NodeSupervisor::new(name.clone(), policy, children, exit_tx, metrics.clone()).start();
+        supervisor_slot.set(supervisor.clone());
+
+        let shared = Arc::new(NodeShared {
+            config: ConnectionConfig {
+                node: name.clone(),
+                cluster_id: settings.cluster_id.clone(),
+                request_timeout: Settings::seconds(settings.request_timeout_s),
+                max_in_flight: settings.max_in_flight_per_connection,
+                max_frame_bytes: settings.max_frame_bytes,
+                outbox_capacity: settings.outbox_capacity,
+                heartbeat_interval: Settings::seconds(settings.heartbeat_interval_s),
+                client_timeout: Settings::seconds(settings.client_timeout_s),
+            },
+            table: table.clone(),
+            pubsub,
+            metrics: metrics.clone(),
+        });
+        let server = connection::serve(ws_listener, shared, settings.workers)
+            .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
+        let server_handle = server.handle();
+        actix_rt::spawn(server);
+        info!(target: "mpreg::supervision", actor = "listener", reason = "boot", restarts = 0, node = %name,
+            url = %url, "actor started");
+        Ok(Node { name, url, monitoring_url, supervisor, registry, exit: exit_rx, server: server_handle, metrics })
+    }
+}
+
+fn bind(host: &str, port: u16) -> Result<TcpListener, NodeError> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr).map_err(|source| NodeError::Bind { addr, source })
+}
+
+/// `host:port` with the configured host (so `0.0.0.0` stays as given) and the real port.
+fn display_addr(host: &str, bound: SocketAddr) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{}", bound.port())
+    } else {
+        format!("{host}:{}", bound.port())
+    }
+}
+
+fn prepare_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
+    let fail = |source| NodeError::DataDir { path: dir.display().to_string(), source };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(".mpreg-write-check");
+    std::fs::write(&probe, b"ok").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
+}
+
+/// A running node.
+pub struct Node {
+    name: String,
+    url: String,
+    monitoring_url: Option<String>,
+    supervisor: Addr<NodeSupervisor>,
+    registry: Slot<Registry>,
+    exit: watch::Receiver<NodeExit>,
+    server: actix_web::dev::ServerHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl Node {
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ws://host:port`, with the port really bound.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `http://host:port` of the monitoring endpoints, when enabled.
+    pub fn monitoring_url(&self) -> Option<&str> {
+        self.monitoring_url.as_deref()
+    }
+
+    /// Node-wide counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Registers a function on the running node.
+    pub async fn register(&self, spec: FunctionSpec) -> Result<(), RegistryError> {
+        for _ in 0..2 {
+            if let Some(addr) = self.registry.get() {
+                if let Ok(result) = addr.send(RegisterFunction { spec: spec.clone() }).await {
+                    return result;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        Err(RegistryError::Unavailable)
+    }
+
+    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `monitor`); whether
+    /// such an actor was running.
+    pub async fn crash_actor(&self, name: &str) -> bool {
+        self.supervisor.send(CrashChild { name: name.to_owned() }).await.unwrap_or(false)
+    }
+
+    /// Resolves when the node ends, with the reason.
+    pub async fn wait(&self) -> NodeExit {
+        let mut exit = self.exit.clone();
+        loop {
+            let current = exit.borrow_and_update().clone();
+            if current != NodeExit::Running {
+                return current;
+            }
+            if exit.changed().await.is_err() {
+                // The supervisor is gone without saying why: it crashed.
+                return NodeExit::Escalated { actor: "supervisor".to_owned() };
+            }
+        }
+    }
+
+    /// Stops accepting, stops the supervision tree, and waits for the listener to close.
+    pub async fn shutdown(&self) {
+        self.server.stop(true).await;
+        let _ = self.supervisor.send(Shutdown).await;
+    }
+
+    /// Stops the listener after the supervision tree ended on its own (escalation).
+    pub async fn stop_listener(&self) {
+        self.server.stop(false).await;
+    }
+}
