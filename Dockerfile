@@ -16,7 +16,7 @@ ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
 
 # Non-root runtime user with a fixed uid, so bind-mounted /data can be chowned on the
 # host predictably. minbase includes `passwd` (Priority: required), hence useradd.
-# /data holds the node's sled database (DESIGN.md section 10).
+# /data is the node's data_dir: durable state (DESIGN.md section 10).
 RUN useradd --uid 10001 --user-group --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin mpreg \
  && install -d -o mpreg -g mpreg -m 0750 /data

@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use mpreg_actors::protocol::{
-    ErrorCode, PubSubAck, PubSubMessage, PubSubNotification, RpcCommand, RpcError, RpcRequest, RpcResponse, Subscription,
-    TopicPatternSpec,
+    ErrorCode, PubSubAck, PubSubMessage, PubSubNotification, RpcCommand, RpcError, RpcRequest, RpcResponse,
+    Subscription, TopicPatternSpec,
 };
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -223,7 +223,8 @@ impl Client {
         if request.u.is_empty() {
             request.u = self.next_u();
         }
-        let deadline = request.timeout.map_or(self.inner.deadline, |s| Duration::from_secs_f64(s) + Duration::from_secs(5));
+        let deadline =
+            request.timeout.map_or(self.inner.deadline, |s| Duration::from_secs_f64(s) + Duration::from_secs(5));
         let mut frame = serde_json::to_value(&request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         frame["role"] = json!("rpc");
         let reply = self.roundtrip(request.u, frame, deadline).await?;
@@ -236,7 +237,11 @@ impl Client {
     }
 
     /// Like [`Client::request`], with a whole-request timeout.
-    pub async fn request_with_timeout(&self, cmds: Vec<RpcCommand>, timeout: Option<Duration>) -> Result<Value, ClientError> {
+    pub async fn request_with_timeout(
+        &self,
+        cmds: Vec<RpcCommand>,
+        timeout: Option<Duration>,
+    ) -> Result<Value, ClientError> {
         let request = RpcRequest {
             u: String::new(),
             cmds,
@@ -285,13 +290,20 @@ impl Client {
 
     /// Subscribes to topic patterns (`*` one word, `#` any); with `backlog_seconds`, also
     /// receives the matching messages retained from that many seconds back.
-    pub async fn subscribe(&self, patterns: &[&str], backlog_seconds: Option<f64>) -> Result<SubscriptionStream, ClientError> {
+    pub async fn subscribe(
+        &self,
+        patterns: &[&str],
+        backlog_seconds: Option<f64>,
+    ) -> Result<SubscriptionStream, ClientError> {
         let id = format!("sub-{}", self.next_u());
         let (tx, rx) = mpsc::unbounded_channel();
         self.inner.subscribers.lock().map_err(|_| ClientError::Disconnected)?.insert(id.clone(), tx);
         let subscription = Subscription {
             subscription_id: id.clone(),
-            patterns: patterns.iter().map(|p| TopicPatternSpec { pattern: (*p).to_owned(), exact_match: false }).collect(),
+            patterns: patterns
+                .iter()
+                .map(|p| TopicPatternSpec { pattern: (*p).to_owned(), exact_match: false })
+                .collect(),
             subscriber: self.inner.prefix.clone(),
             created_at: Some(unix_now()),
             get_backlog: backlog_seconds.is_some(),

@@ -136,7 +136,8 @@ struct SettingsFile {
 impl Settings {
     /// Reads a TOML file with an `[mpreg]` table.
     pub fn from_toml_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Settings::from_toml_str(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
     }
 

@@ -90,12 +90,17 @@ fn repr(value: &Value) -> String {
 fn kw(call: CallArgs) -> FunctionResult {
     let CallArgs { args, mut kwargs } = call;
     if args.len() > 2 {
-        return Err(FunctionError::type_error(format!("kw() takes from 1 to 2 positional arguments but {} were given", args.len())));
+        return Err(FunctionError::type_error(format!(
+            "kw() takes from 1 to 2 positional arguments but {} were given",
+            args.len()
+        )));
     }
     let mut positional = args.into_iter();
     let mut take = |name: &str, default: Option<Value>| -> Result<Value, FunctionError> {
         match (positional.next(), kwargs.remove(name)) {
-            (Some(_), Some(_)) => Err(FunctionError::type_error(format!("kw() got multiple values for argument '{name}'"))),
+            (Some(_), Some(_)) => {
+                Err(FunctionError::type_error(format!("kw() got multiple values for argument '{name}'")))
+            }
             (Some(v), None) | (None, Some(v)) => Ok(v),
             (None, None) => default.ok_or_else(|| {
                 FunctionError::type_error(format!("kw() missing 1 required positional argument: '{name}'"))
@@ -130,9 +135,10 @@ pub fn demo_pack() -> Vec<FunctionSpec> {
         FunctionSpec::sync("multiply", |x: Num, factor: Num| x.combine(factor, i64::checked_mul, |a, b| a * b))
             .inline()
             .resources(["cpu", "math"]),
-        FunctionSpec::sync("model_score", |x: Num| {
-            json!({"score": x.as_f64() / 100.0, "model": "demo", "nested": {"deep": [1, 2, 3]}})
-        })
+        FunctionSpec::sync(
+            "model_score",
+            |x: Num| json!({"score": x.as_f64() / 100.0, "model": "demo", "nested": {"deep": [1, 2, 3]}}),
+        )
         .inline()
         .resources(["gpu"]),
         FunctionSpec::sync("boom", |x: Value| -> Result<Value, FunctionError> {

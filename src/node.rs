@@ -95,10 +95,12 @@ impl NodeBuilder {
             prepare_data_dir(dir)?;
         }
         let ws_listener = bind(&settings.host, settings.port)?;
-        let ws_addr = ws_listener.local_addr().map_err(|source| NodeError::Bind { addr: settings.host.clone(), source })?;
+        let ws_addr =
+            ws_listener.local_addr().map_err(|source| NodeError::Bind { addr: settings.host.clone(), source })?;
         let url = format!("ws://{}", display_addr(&settings.host, ws_addr));
         let name = if settings.name.is_empty() { display_addr(&settings.host, ws_addr) } else { settings.name.clone() };
-        let monitor_listener = if settings.monitoring_enabled { Some(bind(&settings.host, settings.monitoring_port)?) } else { None };
+        let monitor_listener =
+            if settings.monitoring_enabled { Some(bind(&settings.host, settings.monitoring_port)?) } else { None };
         let monitoring_url = match &monitor_listener {
             Some(l) => {
                 let addr = l.local_addr().map_err(|source| NodeError::Bind { addr: settings.host.clone(), source })?;

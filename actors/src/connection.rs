@@ -77,7 +77,11 @@ fn unix_now() -> f64 {
 
 /// The websocket server: accepts on `listener` (already bound, so port 0 works) with
 /// `workers` threads. Any path is accepted; a non-websocket request gets a 400.
-pub fn serve(listener: TcpListener, shared: Arc<NodeShared>, workers: usize) -> std::io::Result<actix_web::dev::Server> {
+pub fn serve(
+    listener: TcpListener,
+    shared: Arc<NodeShared>,
+    workers: usize,
+) -> std::io::Result<actix_web::dev::Server> {
     let hard_limit = shared.config.max_frame_bytes.saturating_mul(2);
     Ok(HttpServer::new(move || {
         App::new()
@@ -149,7 +153,9 @@ impl Connection {
     /// client is not reading, and the reply is sent from a task instead).
     fn reply(&self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
         let outbox = self.outbox.clone();
-        if let Err(mpsc::error::TrySendError::Full(frame)) = outbox.try_send(OutFrame { bytes: Bytes::from(bytes), kind }) {
+        if let Err(mpsc::error::TrySendError::Full(frame)) =
+            outbox.try_send(OutFrame { bytes: Bytes::from(bytes), kind })
+        {
             ctx.spawn(async move { drop(outbox.send(frame).await) }.into_actor(self));
         }
     }
@@ -157,7 +163,8 @@ impl Connection {
     fn on_frame(&mut self, bytes: Bytes, kind: FrameKind, ctx: &mut Context<Self>) {
         let limit = self.shared.config.max_frame_bytes;
         if bytes.len() > limit {
-            let error = RpcError::invalid(format!("frame too large: {} bytes (max_frame_bytes is {limit})", bytes.len()));
+            let error =
+                RpcError::invalid(format!("frame too large: {} bytes (max_frame_bytes is {limit})", bytes.len()));
             self.reject(InboundError { u: None, role: None, error }, kind, ctx);
             return;
         }
@@ -332,7 +339,11 @@ async fn plan_and_run(shared: &NodeShared, request: RpcRequest) -> Result<RpcRes
 }
 
 /// Drains the outbox into the websocket, in order, until the connection closes.
-async fn write_frames(mut frames: mpsc::Receiver<OutFrame>, mut closed: oneshot::Receiver<Option<CloseReason>>, mut session: Session) {
+async fn write_frames(
+    mut frames: mpsc::Receiver<OutFrame>,
+    mut closed: oneshot::Receiver<Option<CloseReason>>,
+    mut session: Session,
+) {
     loop {
         tokio::select! {
             biased;

@@ -276,9 +276,7 @@ macro_rules! plain_results {
         }
     )*};
 }
-plain_results!(
-    (), bool, i8, i16, i32, i64, u8, u16, u32, u64, usize, f32, f64, String, &'static str, Value
-);
+plain_results!((), bool, i8, i16, i32, i64, u8, u16, u32, u64, usize, f32, f64, String, &'static str, Value);
 
 impl<T: Serialize> IntoFunctionResult for Vec<T> {
     fn into_function_result(self) -> FunctionResult {

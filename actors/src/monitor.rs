@@ -104,11 +104,16 @@ impl Metrics {
         let mut cumulative = 0;
         for (i, bound) in LATENCY_BUCKETS_S.iter().enumerate() {
             cumulative += load(&self.latency_buckets[i]);
-            let _ = writeln!(out, "mpreg_request_duration_seconds_bucket{{node=\"{node}\",le=\"{bound}\"}} {cumulative}");
+            let _ =
+                writeln!(out, "mpreg_request_duration_seconds_bucket{{node=\"{node}\",le=\"{bound}\"}} {cumulative}");
         }
         let count = load(&self.requests_ok) + self.requests_failed.iter().map(load).sum::<u64>();
         let _ = writeln!(out, "mpreg_request_duration_seconds_bucket{{node=\"{node}\",le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "mpreg_request_duration_seconds_sum{{node=\"{node}\"}} {}", load(&self.latency_sum_us) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "mpreg_request_duration_seconds_sum{{node=\"{node}\"}} {}",
+            load(&self.latency_sum_us) as f64 / 1e6
+        );
         let _ = writeln!(out, "mpreg_request_duration_seconds_count{{node=\"{node}\"}} {count}");
         let gauges = [
             ("mpreg_requests_in_flight", "Requests being executed.", self.in_flight.load(Ordering::Relaxed)),
@@ -119,8 +124,16 @@ impl Metrics {
         }
         let counters = [
             ("mpreg_actor_restarts_total", "Supervised actor restarts.", load(&self.actor_restarts)),
-            ("mpreg_pubsub_notifications_total", "Notifications queued to subscribers.", load(&self.notifications_delivered)),
-            ("mpreg_pubsub_notifications_dropped_total", "Notifications dropped: subscriber outbox full.", load(&self.notifications_dropped)),
+            (
+                "mpreg_pubsub_notifications_total",
+                "Notifications queued to subscribers.",
+                load(&self.notifications_delivered),
+            ),
+            (
+                "mpreg_pubsub_notifications_dropped_total",
+                "Notifications dropped: subscriber outbox full.",
+                load(&self.notifications_dropped),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node}\"}} {value}");

@@ -159,11 +159,8 @@ fn describe_cycle(cmds: &[RpcCommand], deps: &[Vec<usize>], remaining: &[usize])
     let mut path = vec![start];
     let mut seen = HashMap::from([(start, 0)]);
     let mut at = start;
-    loop {
-        // Every command left over waits on another left-over command.
-        let Some(&next) = deps[at].iter().find(|&&d| remaining[d] > 0) else {
-            break;
-        };
+    // Every command left over waits on another left-over command.
+    while let Some(&next) = deps[at].iter().find(|&&d| remaining[d] > 0) {
         if let Some(&pos) = seen.get(&next) {
             let mut cycle: Vec<&str> = path[pos..].iter().map(|&i| cmds[i].name.as_str()).collect();
             cycle.push(&cmds[next].name);
@@ -253,7 +250,11 @@ struct LevelTracker {
 }
 
 /// Runs `plan`; the first failing command fails the whole request.
-pub async fn execute(plan: Plan, options: ReportOptions, observer: &mut impl LevelObserver) -> Result<Outcome, RpcError> {
+pub async fn execute(
+    plan: Plan,
+    options: ReportOptions,
+    observer: &mut impl LevelObserver,
+) -> Result<Outcome, RpcError> {
     let n = plan.cmds.len();
     let mut results: Vec<Option<Value>> = vec![None; n];
     let mut dep_count = plan.dep_count.clone();
@@ -278,7 +279,11 @@ pub async fn execute(plan: Plan, options: ReportOptions, observer: &mut impl Lev
         while let Some(i) = ready.pop_front() {
             let call = CallArgs {
                 args: plan.cmds[i].args.iter().map(|v| substitute(v, &results, &plan.index)).collect(),
-                kwargs: plan.cmds[i].kwargs.iter().map(|(k, v)| (k.clone(), substitute(v, &results, &plan.index))).collect(),
+                kwargs: plan.cmds[i]
+                    .kwargs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), substitute(v, &results, &plan.index)))
+                    .collect(),
             };
             let types: Vec<&'static str> = call.args.iter().map(type_name).collect();
             let function = &plan.functions[i];
@@ -400,14 +405,12 @@ async fn drain_levels(
 
 fn summary(plan: &Plan, tracker: &LevelTracker) -> Value {
     let total = tracker.started.elapsed().as_secs_f64() * 1000.0;
-    let bottleneck = tracker
-        .times_ms
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .unwrap_or(0);
-    let average = if tracker.times_ms.is_empty() { 0.0 } else { tracker.times_ms.iter().sum::<f64>() / tracker.times_ms.len() as f64 };
+    let bottleneck = tracker.times_ms.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+    let average = if tracker.times_ms.is_empty() {
+        0.0
+    } else {
+        tracker.times_ms.iter().sum::<f64>() / tracker.times_ms.len() as f64
+    };
     json!({
         "request_id": plan.request_id,
         "total_execution_time_ms": total,

@@ -150,7 +150,14 @@ impl PubSubCore {
     }
 
     /// Adds (or replaces) a subscription; returns the backlog it asked for.
-    pub fn subscribe(&mut self, conn: ConnectionId, subscription: Subscription, outbox: Outbox, kind: FrameKind, now: f64) -> Vec<PubSubMessage> {
+    pub fn subscribe(
+        &mut self,
+        conn: ConnectionId,
+        subscription: Subscription,
+        outbox: Outbox,
+        kind: FrameKind,
+        now: f64,
+    ) -> Vec<PubSubMessage> {
         let key = (conn, subscription.subscription_id.clone());
         self.unsubscribe(&key);
         for p in &subscription.patterns {
@@ -241,10 +248,13 @@ impl PubSubCore {
 }
 
 fn matches_any(subscription: &Subscription, topic: &str) -> bool {
-    subscription
-        .patterns
-        .iter()
-        .any(|p| if p.exact_match { p.pattern == topic } else { TopicPattern::new(&p.pattern).matches(topic) })
+    subscription.patterns.iter().any(|p| {
+        if p.exact_match {
+            p.pattern == topic
+        } else {
+            TopicPattern::new(&p.pattern).matches(topic)
+        }
+    })
 }
 
 /// Encodes the notification of `message` for one subscription.

@@ -186,7 +186,7 @@ mod tests {
     use super::*;
     use crate::version::Version;
 
-    fn ver(v: &str) -> FunctionSpec {
+    fn ver(v: &'static str) -> FunctionSpec {
         FunctionSpec::sync("ver", move || v.to_owned()).function_id("demo.ver").version(v.parse().unwrap())
     }
 

@@ -117,10 +117,11 @@ impl FromStr for VersionConstraint {
         let mut clauses = Vec::new();
         for clause in text.split(',') {
             let clause = clause.trim();
-            let (op, rest) = [(">=", Op::Ge), ("<=", Op::Le), ("==", Op::Eq), ("!=", Op::Ne), (">", Op::Gt), ("<", Op::Lt)]
-                .into_iter()
-                .find_map(|(prefix, op)| clause.strip_prefix(prefix).map(|rest| (op, rest)))
-                .unwrap_or((Op::Eq, clause));
+            let (op, rest) =
+                [(">=", Op::Ge), ("<=", Op::Le), ("==", Op::Eq), ("!=", Op::Ne), (">", Op::Gt), ("<", Op::Lt)]
+                    .into_iter()
+                    .find_map(|(prefix, op)| clause.strip_prefix(prefix).map(|rest| (op, rest)))
+                    .unwrap_or((Op::Eq, clause));
             clauses.push((op, rest.trim().parse::<Version>().map_err(|_| bad())?));
         }
         Ok(VersionConstraint { clauses })

@@ -63,11 +63,7 @@ pub struct RpcError {
 
 impl RpcError {
     fn with(code: ErrorCode, message: impl Into<String>, details: impl Into<String>) -> Self {
-        RpcError {
-            code: code.as_u16(),
-            message: message.into(),
-            details: Some(Value::String(details.into())),
-        }
+        RpcError { code: code.as_u16(), message: message.into(), details: Some(Value::String(details.into())) }
     }
 
     /// 1001 for the function `fun` (the reference names the function, not the command).

@@ -125,24 +125,12 @@ pub struct RpcResponse {
 impl RpcResponse {
     /// A successful response.
     pub fn success(u: RequestId, r: Value) -> Self {
-        RpcResponse {
-            r: Some(r),
-            error: None,
-            u: Some(u),
-            intermediate_results: Vec::new(),
-            execution_summary: None,
-        }
+        RpcResponse { r: Some(r), error: None, u: Some(u), intermediate_results: Vec::new(), execution_summary: None }
     }
 
     /// A failed response.
     pub fn failure(u: Option<RequestId>, error: RpcError) -> Self {
-        RpcResponse {
-            r: None,
-            error: Some(error),
-            u,
-            intermediate_results: Vec::new(),
-            execution_summary: None,
-        }
+        RpcResponse { r: None, error: Some(error), u, intermediate_results: Vec::new(), execution_summary: None }
     }
 }
 
