@@ -289,18 +289,22 @@ impl NodeSupervisor {
                 child.state = "escalated";
             }
         }
-        self.stop_children();
+        self.stop_children("escalation");
         let _ = self.exit.send(NodeExit::Escalated { actor: name.to_owned() });
         ctx.stop();
     }
 
-    fn stop_children(&mut self) {
+    /// Stops every child; each stop is logged here, because the supervisor itself stops
+    /// right after and will not read the children's death notices.
+    fn stop_children(&mut self, reason: &'static str) {
         self.stopping = true;
         for child in &mut self.children {
             if let Some(handles) = child.handles.take() {
                 handles.stop.do_send(StopChild);
+                info!(target: "mpreg::supervision", actor = child.spec.name, reason, restarts = child.restarts,
+                    node = %self.node, "actor stopped");
             }
-            if child.state == "running" {
+            if child.state == "running" || child.state == "restarting" {
                 child.state = "stopped";
             }
         }
@@ -333,9 +337,7 @@ impl Handler<ChildDied> for NodeSupervisor {
         child.handles = None;
         let reason = if msg.panicked { "panicked" } else { "stopped" };
         if self.stopping {
-            info!(target: "mpreg::supervision", actor = msg.name, reason = "shutdown",
-                restarts = child.restarts, node = %self.node, "actor stopped");
-            return;
+            return; // logged by `stop_children`
         }
         warn!(target: "mpreg::supervision", actor = msg.name, reason, restarts = child.restarts,
             node = %self.node, "actor stopped");
@@ -411,7 +413,7 @@ impl Handler<Shutdown> for NodeSupervisor {
     fn handle(&mut self, _: Shutdown, ctx: &mut Context<Self>) {
         info!(target: "mpreg::supervision", actor = "node", reason = "shutdown requested", node = %self.node,
             "actor stopped");
-        self.stop_children();
+        self.stop_children("shutdown");
         let _ = self.exit.send(NodeExit::Requested);
         ctx.stop();
     }

@@ -193,10 +193,8 @@ async fn every_independent_command_is_a_sink() {
 #[tokio::test]
 async fn references_inside_arrays_and_object_values_are_substituted_but_keys_are_not() {
     let f = fixture();
-    let cmds = vec![
-        cmd("p", "point", json!([])),
-        cmd("n", "echo", json!([[["p", {"k": ["p.a.b"]}], {"p": "literal"}]])),
-    ];
+    let cmds =
+        vec![cmd("p", "point", json!([])), cmd("n", "echo", json!([[["p", {"k": ["p.a.b"]}], {"p": "literal"}]]))];
     let plan = f.build(cmds.clone()).unwrap();
     assert_eq!(plan.levels(), [0, 1]);
     let outcome = f.run(cmds).await.unwrap();
@@ -218,9 +216,9 @@ async fn an_object_key_naming_a_command_is_no_reference() {
 async fn dotted_paths_follow_object_keys_and_unresolvable_ones_pass_through_literally() {
     let f = fixture();
     let probes = json!([
-        "p.a.b",   // followed: 7
-        "p.a",     // followed: {"b": 7}
-        "p",       // the whole result
+        "p.a.b", // followed: 7
+        "p.a",   // followed: {"b": 7}
+        "p",     // the whole result
         "p.missing",
         "p.c.0",   // arrays are not indexed
         "p.a.b.c", // 7 has no keys
@@ -236,6 +234,17 @@ async fn dotted_paths_follow_object_keys_and_unresolvable_ones_pass_through_lite
         outcome.r["n"],
         json!([7, {"b": 7}, {"a": {"b": 7}, "c": [1, 2]}, "p.missing", "p.c.0", "p.a.b.c", "q.x", "3.14", "p."])
     );
+}
+
+/// Reference captures `e10` and `e11`: a reference may name a later-listed command; a
+/// command name containing a dot is read as `base.path`, so it is passed literally.
+#[tokio::test]
+async fn reference_cases_later_listed_and_dotted_names() {
+    let f = fixture();
+    let later = vec![cmd("b", "echo", json!(["a"])), cmd("a", "echo", json!(["A"]))];
+    assert_eq!(f.run(later).await.unwrap().r, json!({"b": "A"}));
+    let dotted = vec![cmd("x.y", "echo", json!([1])), cmd("b", "echo", json!(["x.y"]))];
+    assert_eq!(f.run(dotted).await.unwrap().r, json!({"b": "x.y"}));
 }
 
 #[tokio::test]
@@ -391,7 +400,10 @@ async fn argument_types_are_reported_after_substitution() {
     let err = f.run(vec![cmd("t", "text", json!([])), cmd("b", "add", json!(["t", 1]))]).await.unwrap_err();
     assert_eq!(err.code, 1003);
     let details = err.details_text();
-    assert!(details.starts_with("Function execution failed: command=b fun=add error=TypeError: add() argument 1"), "{details}");
+    assert!(
+        details.starts_with("Function execution failed: command=b fun=add error=TypeError: add() argument 1"),
+        "{details}"
+    );
     assert!(details.ends_with(" args_types=[str,int]"), "{details}");
 }
 
@@ -514,7 +526,8 @@ async fn execution_summary_times_each_level() {
     assert_eq!(summary["total_levels"], 3);
     assert_eq!(summary["parallel_commands_executed"], 4);
     assert_eq!(summary["cross_cluster_hops"], 0);
-    let times: Vec<f64> = summary["level_execution_times"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+    let times: Vec<f64> =
+        summary["level_execution_times"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
     assert_eq!(times.len(), 3);
     // Level 1 holds the 30 ms sleep; the others are inline echoes.
     assert_eq!(summary["bottleneck_level_index"], 1);

@@ -1,0 +1,533 @@
+//! Membership and catalog: who is in the cluster, alive or suspected, and which functions
+//! each node serves. Plain state, no actix, no I/O; time (seconds, monotonic) is passed in.
+//!
+//! Liveness is gossip-based: every node increments its own heartbeat counter each gossip
+//! round and sends its whole view to its direct peers; a receiver keeps the highest
+//! counter per node and the local time it last went up. A node whose counter has not
+//! risen for `suspect_after` is suspected (routing avoids it), for `remove_after` removed
+//! with its catalog entries. Losing the direct link to a node suspects it at once; if it
+//! is alive, its counter keeps rising through other peers and it recovers.
+//!
+//! Removed and replaced instances leave a tombstone, so gossip still carrying an old
+//! counter cannot resurrect them; a GOODBYE also forbids redialling the instance for
+//! `departed_grace`, while a restarted node (new instance) is accepted at once.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use super::wire::{CatalogDelta, ClusterId, InstanceId, MemberDigest, NodeId, NodeInfo};
+use crate::function::FunctionIdentity;
+
+/// Timing of failure detection and catalog freshness (seconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MembershipTiming {
+    /// A member silent this long is suspected.
+    pub suspect_after: f64,
+    /// ... and removed after this long.
+    pub remove_after: f64,
+    /// A departed instance is not redialled (nor accepted) for this long.
+    pub departed_grace: f64,
+    /// Catalog entries expire this long after their last refresh.
+    pub catalog_ttl: f64,
+}
+
+impl Default for MembershipTiming {
+    fn default() -> Self {
+        MembershipTiming { suspect_after: 2.0, remove_after: 6.0, departed_grace: 5.0, catalog_ttl: 60.0 }
+    }
+}
+
+/// Liveness as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Heard from recently.
+    Alive,
+    /// Silent, or its direct link dropped: not routed to.
+    Suspect,
+}
+
+/// One known node.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// Identity and URL.
+    pub info: NodeInfo,
+    /// Highest heartbeat seen.
+    pub heartbeat: u64,
+    /// When the heartbeat last rose (local clock).
+    pub heard_at: f64,
+    /// Alive or suspected.
+    pub state: MemberState,
+    /// Its direct links, as it reported them.
+    pub neighbours: Vec<NodeId>,
+    /// Version of its catalog it advertised.
+    pub catalog_version: u64,
+}
+
+/// Something that changed, for logging and for the routing snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipEvent {
+    /// A node (instance) became known.
+    Joined(NodeId, String),
+    /// A node went silent or lost its link.
+    Suspected(NodeId),
+    /// A suspected node was heard from again.
+    Recovered(NodeId),
+    /// A node was dropped after `remove_after` of silence.
+    Removed(NodeId),
+    /// A node said GOODBYE.
+    Departed(NodeId),
+}
+
+/// Why a peer's STATUS was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// It belongs to another cluster (strict isolation).
+    OtherCluster(ClusterId),
+    /// That instance said GOODBYE moments ago.
+    Departed,
+    /// It claims to be us.
+    SelfLink,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::OtherCluster(c) => write!(f, "peer belongs to cluster {c}; this cluster admits no other"),
+            Refusal::Departed => write!(f, "peer instance departed (GOODBYE) and is within its grace period"),
+            Refusal::SelfLink => write!(f, "peer is this node"),
+        }
+    }
+}
+
+struct StoredCatalog {
+    delta: CatalogDelta,
+    received_at: f64,
+}
+
+/// The membership and catalog state machine.
+pub struct MembershipCore {
+    me: NodeInfo,
+    timing: MembershipTiming,
+    heartbeat: u64,
+    catalog_version: u64,
+    functions: Vec<FunctionIdentity>,
+    members: HashMap<NodeId, Member>,
+    catalogs: HashMap<NodeId, StoredCatalog>,
+    /// (node, instance) -> (highest heartbeat seen, until).
+    tombstones: HashMap<(NodeId, InstanceId), (u64, f64)>,
+    departed: HashMap<(NodeId, InstanceId), f64>,
+    neighbours: Vec<NodeId>,
+}
+
+impl MembershipCore {
+    /// The state of a node that knows only itself.
+    pub fn new(me: NodeInfo, timing: MembershipTiming, functions: Vec<FunctionIdentity>) -> Self {
+        MembershipCore {
+            me,
+            timing,
+            heartbeat: 0,
+            catalog_version: 1,
+            functions,
+            members: HashMap::new(),
+            catalogs: HashMap::new(),
+            tombstones: HashMap::new(),
+            departed: HashMap::new(),
+            neighbours: Vec::new(),
+        }
+    }
+
+    /// This node.
+    pub fn me(&self) -> &NodeInfo {
+        &self.me
+    }
+
+    /// Our function entries and their version.
+    pub fn local_catalog(&self, now_unix: f64) -> CatalogDelta {
+        CatalogDelta {
+            node: self.me.node.clone(),
+            instance_id: self.me.instance_id.clone(),
+            cluster_id: self.me.cluster_id.clone(),
+            version: self.catalog_version,
+            advertised_at: now_unix,
+            ttl_s: self.timing.catalog_ttl,
+            functions: self.functions.clone(),
+        }
+    }
+
+    /// Our functions changed: a new version to flood.
+    pub fn set_local_functions(&mut self, functions: Vec<FunctionIdentity>, now_unix: f64) -> CatalogDelta {
+        self.functions = functions;
+        self.catalog_version += 1;
+        self.local_catalog(now_unix)
+    }
+
+    /// Owners refresh at ttl/2: bump the version so every node renews the entries.
+    pub fn refresh_local(&mut self, now_unix: f64) -> CatalogDelta {
+        self.catalog_version += 1;
+        self.local_catalog(now_unix)
+    }
+
+    /// Records which nodes we have live links to (reported in our digest).
+    pub fn set_neighbours(&mut self, neighbours: Vec<NodeId>) {
+        self.neighbours = neighbours;
+    }
+
+    /// Checks a peer's STATUS and learns it; `Err` means refuse the link.
+    pub fn admit(&mut self, info: &NodeInfo, now: f64) -> Result<Vec<MembershipEvent>, Refusal> {
+        if info.cluster_id != self.me.cluster_id {
+            return Err(Refusal::OtherCluster(info.cluster_id.clone()));
+        }
+        if info.node == self.me.node {
+            return Err(Refusal::SelfLink);
+        }
+        if self.is_departed(&info.node, &info.instance_id, now) {
+            return Err(Refusal::Departed);
+        }
+        let digest = MemberDigest { info: info.clone(), heartbeat: 0, catalog_version: 0, neighbours: Vec::new() };
+        let mut events = Vec::new();
+        self.observe(&digest, now, true, &mut events);
+        Ok(events)
+    }
+
+    fn is_departed(&self, node: &str, instance: &str, now: f64) -> bool {
+        self.departed.get(&(node.to_owned(), instance.to_owned())).is_some_and(|until| *until > now)
+    }
+
+    fn observe(&mut self, d: &MemberDigest, now: f64, direct: bool, events: &mut Vec<MembershipEvent>) {
+        let node = &d.info.node;
+        if *node == self.me.node || d.info.cluster_id != self.me.cluster_id {
+            return;
+        }
+        let key = (node.clone(), d.info.instance_id.clone());
+        if self.is_departed(node, &d.info.instance_id, now) {
+            return;
+        }
+        if let Some((hb, until)) = self.tombstones.get(&key) {
+            if *until > now && d.heartbeat <= *hb && !direct {
+                return;
+            }
+        }
+        match self.members.get_mut(node) {
+            Some(m) if m.info.instance_id == d.info.instance_id => {
+                if d.heartbeat > m.heartbeat || direct {
+                    m.heartbeat = m.heartbeat.max(d.heartbeat);
+                    m.heard_at = now;
+                    if m.state == MemberState::Suspect {
+                        m.state = MemberState::Alive;
+                        events.push(MembershipEvent::Recovered(node.clone()));
+                    }
+                }
+                if !d.neighbours.is_empty() || d.heartbeat > 0 {
+                    m.neighbours = d.neighbours.clone();
+                }
+                m.catalog_version = m.catalog_version.max(d.catalog_version);
+                m.info.url = d.info.url.clone();
+            }
+            existing => {
+                if let Some(old) = existing {
+                    // A new instance replaces the old one; the old one must not come back.
+                    let old_key = (node.clone(), old.info.instance_id.clone());
+                    self.tombstones.insert(old_key, (old.heartbeat, now + self.timing.remove_after * 2.0));
+                    self.catalogs.remove(node);
+                }
+                self.members.insert(
+                    node.clone(),
+                    Member {
+                        info: d.info.clone(),
+                        heartbeat: d.heartbeat,
+                        heard_at: now,
+                        state: MemberState::Alive,
+                        neighbours: d.neighbours.clone(),
+                        catalog_version: d.catalog_version,
+                    },
+                );
+                events.push(MembershipEvent::Joined(node.clone(), d.info.instance_id.clone()));
+            }
+        }
+    }
+
+    /// Applies a peer's membership digest; returns events and the nodes whose catalog we
+    /// lack or hold at an older version (to request from that peer).
+    pub fn apply_digest(&mut self, digests: &[MemberDigest], now: f64) -> (Vec<MembershipEvent>, Vec<NodeId>) {
+        let mut events = Vec::new();
+        let mut wanted = Vec::new();
+        for d in digests {
+            self.observe(d, now, false, &mut events);
+            let Some(member) = self.members.get(&d.info.node) else { continue };
+            if member.info.instance_id != d.info.instance_id || d.catalog_version == 0 {
+                continue;
+            }
+            let have = self.catalogs.get(&d.info.node).map(|c| c.delta.version);
+            if have.is_none_or(|v| v < d.catalog_version) {
+                wanted.push(d.info.node.clone());
+            }
+        }
+        (events, wanted)
+    }
+
+    /// Applies an entry set; whether it was news (and should be flooded on).
+    pub fn apply_catalog(&mut self, delta: &CatalogDelta, now: f64) -> bool {
+        if delta.node == self.me.node || delta.cluster_id != self.me.cluster_id {
+            return false;
+        }
+        if self.is_departed(&delta.node, &delta.instance_id, now) {
+            return false;
+        }
+        if self.members.get(&delta.node).is_some_and(|m| m.info.instance_id != delta.instance_id) {
+            return false; // an older (or not yet known newer) instance: wait for membership
+        }
+        match self.catalogs.get_mut(&delta.node) {
+            Some(stored) if stored.delta.instance_id == delta.instance_id && stored.delta.version >= delta.version => {
+                false
+            }
+            _ => {
+                self.catalogs.insert(delta.node.clone(), StoredCatalog { delta: delta.clone(), received_at: now });
+                true
+            }
+        }
+    }
+
+    /// The entry sets of `nodes` that we hold (answering a catalog request).
+    pub fn catalogs_of(&self, nodes: &[NodeId], now_unix: f64) -> Vec<CatalogDelta> {
+        nodes
+            .iter()
+            .filter_map(|n| {
+                if *n == self.me.node {
+                    Some(self.local_catalog(now_unix))
+                } else {
+                    self.catalogs.get(n).map(|c| c.delta.clone())
+                }
+            })
+            .collect()
+    }
+
+    /// Every entry set we hold, ours included (the snapshot sent when a link opens).
+    pub fn all_catalogs(&self, now_unix: f64) -> Vec<CatalogDelta> {
+        std::iter::once(self.local_catalog(now_unix)).chain(self.catalogs.values().map(|c| c.delta.clone())).collect()
+    }
+
+    /// A node said GOODBYE (directly or relayed); whether it was news.
+    pub fn depart(&mut self, node: &str, instance: &str, now: f64) -> bool {
+        let key = (node.to_owned(), instance.to_owned());
+        let news = !self.is_departed(node, instance, now);
+        self.departed.insert(key, now + self.timing.departed_grace);
+        if self.members.get(node).is_some_and(|m| m.info.instance_id == instance) {
+            self.members.remove(node);
+            self.catalogs.remove(node);
+        }
+        news
+    }
+
+    /// The direct link to `node` dropped: suspect it until it is heard from again.
+    pub fn link_lost(&mut self, node: &str) -> Option<MembershipEvent> {
+        let m = self.members.get_mut(node)?;
+        if m.state == MemberState::Alive {
+            m.state = MemberState::Suspect;
+            // Only a newer heartbeat (through another peer) clears the suspicion.
+            return Some(MembershipEvent::Suspected(node.to_owned()));
+        }
+        None
+    }
+
+    /// One gossip round: our heartbeat rises; silent members are suspected or removed;
+    /// expired catalogs and tombstones are dropped.
+    pub fn tick(&mut self, now: f64) -> Vec<MembershipEvent> {
+        self.heartbeat += 1;
+        let mut events = Vec::new();
+        let mut removed = Vec::new();
+        for (node, m) in &mut self.members {
+            let silent = now - m.heard_at;
+            if silent > self.timing.remove_after {
+                removed.push(node.clone());
+            } else if silent > self.timing.suspect_after && m.state == MemberState::Alive {
+                m.state = MemberState::Suspect;
+                events.push(MembershipEvent::Suspected(node.clone()));
+            }
+        }
+        for node in removed {
+            if let Some(m) = self.members.remove(&node) {
+                let key = (node.clone(), m.info.instance_id.clone());
+                self.tombstones.insert(key, (m.heartbeat, now + self.timing.remove_after * 2.0));
+            }
+            self.catalogs.remove(&node);
+            events.push(MembershipEvent::Removed(node));
+        }
+        let ttl = self.timing.catalog_ttl;
+        self.catalogs.retain(|_, c| now - c.received_at <= ttl.max(c.delta.ttl_s.min(ttl)));
+        self.tombstones.retain(|_, (_, until)| *until > now);
+        self.departed.retain(|_, until| *until > now);
+        events
+    }
+
+    /// Our view, to gossip: ourselves and every member.
+    pub fn digest(&self) -> Vec<MemberDigest> {
+        let me = MemberDigest {
+            info: self.me.clone(),
+            heartbeat: self.heartbeat,
+            catalog_version: self.catalog_version,
+            neighbours: self.neighbours.clone(),
+        };
+        std::iter::once(me)
+            .chain(self.members.values().map(|m| MemberDigest {
+                info: m.info.clone(),
+                heartbeat: m.heartbeat,
+                catalog_version: m.catalog_version,
+                neighbours: m.neighbours.clone(),
+            }))
+            .collect()
+    }
+
+    /// Every member.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    /// Alive members' function entries: (node, cluster, identity).
+    pub fn routable_functions(&self) -> Vec<(NodeId, ClusterId, FunctionIdentity)> {
+        let mut out = Vec::new();
+        for (node, stored) in &self.catalogs {
+            let Some(m) = self.members.get(node) else { continue };
+            if m.state != MemberState::Alive || m.info.instance_id != stored.delta.instance_id {
+                continue;
+            }
+            out.extend(stored.delta.functions.iter().map(|f| (node.clone(), stored.delta.cluster_id.clone(), f.clone())));
+        }
+        out
+    }
+
+    /// Every catalog entry with its owner, for `/catalog`.
+    pub fn catalog_entries(&self) -> Vec<(CatalogDelta, f64)> {
+        self.catalogs.values().map(|c| (c.delta.clone(), c.received_at)).collect()
+    }
+
+    /// Whether `node` (this instance) may be dialled now.
+    pub fn may_dial(&self, node: &str, instance: &str, now: f64) -> bool {
+        node != self.me.node && !self.is_departed(node, instance, now)
+    }
+
+    /// The next hop towards `target`: the first node of a shortest path over the reported
+    /// neighbour graph that starts at one of our `direct` links. Suspected nodes are not
+    /// used as intermediates.
+    pub fn next_hop(&self, target: &str, direct: &HashSet<NodeId>) -> Option<NodeId> {
+        if direct.contains(target) {
+            return Some(target.to_owned());
+        }
+        let mut first_hop: HashMap<NodeId, NodeId> = HashMap::new();
+        let mut queue = VecDeque::new();
+        let mut starts: Vec<&NodeId> = direct.iter().collect();
+        starts.sort(); // deterministic tie-break
+        for n in starts {
+            if self.members.get(n).is_some_and(|m| m.state == MemberState::Alive) {
+                first_hop.insert(n.clone(), n.clone());
+                queue.push_back(n.clone());
+            }
+        }
+        while let Some(at) = queue.pop_front() {
+            let hop = first_hop[&at].clone();
+            let Some(m) = self.members.get(&at) else { continue };
+            let mut next: Vec<&NodeId> = m.neighbours.iter().collect();
+            next.sort();
+            for n in next {
+                if *n == self.me.node || first_hop.contains_key(n) {
+                    continue;
+                }
+                if n == target {
+                    return Some(hop);
+                }
+                if self.members.get(n).is_some_and(|m| m.state == MemberState::Alive) {
+                    first_hop.insert(n.clone(), hop.clone());
+                    queue.push_back(n.clone());
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(node: &str, instance: &str) -> NodeInfo {
+        NodeInfo { node: node.into(), instance_id: instance.into(), cluster_id: "c".into(), url: format!("ws://{node}") }
+    }
+
+    fn digest(node: &str, instance: &str, heartbeat: u64, neighbours: &[&str]) -> MemberDigest {
+        MemberDigest {
+            info: info(node, instance),
+            heartbeat,
+            catalog_version: 1,
+            neighbours: neighbours.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn core() -> MembershipCore {
+        MembershipCore::new(info("a", "a1"), MembershipTiming::default(), Vec::new())
+    }
+
+    #[test]
+    fn other_clusters_and_departed_instances_are_refused() {
+        let mut m = core();
+        let mut foreign = info("b", "b1");
+        foreign.cluster_id = "other".into();
+        assert_eq!(m.admit(&foreign, 0.0), Err(Refusal::OtherCluster("other".into())));
+        assert!(m.admit(&info("b", "b1"), 0.0).is_ok());
+        assert!(m.depart("b", "b1", 1.0));
+        assert_eq!(m.admit(&info("b", "b1"), 2.0), Err(Refusal::Departed));
+        // A restarted node is a new instance: welcome at once.
+        assert!(m.admit(&info("b", "b2"), 2.0).is_ok());
+        // After the grace period, the old instance could come back too.
+        assert!(!m.is_departed("b", "b1", 100.0));
+    }
+
+    #[test]
+    fn silence_suspects_then_removes_and_tombstones_block_resurrection() {
+        let mut m = core();
+        m.apply_digest(&[digest("b", "b1", 5, &[])], 0.0);
+        assert!(m.tick(1.0).is_empty());
+        assert_eq!(m.tick(3.0), vec![MembershipEvent::Suspected("b".into())]);
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 6, &[])], 3.5);
+        assert_eq!(events, vec![MembershipEvent::Recovered("b".into())]);
+        assert_eq!(m.tick(10.0), vec![MembershipEvent::Removed("b".into())]);
+        // Stale gossip with the same heartbeat cannot bring it back...
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 6, &[])], 10.5);
+        assert!(events.is_empty());
+        // ...but a higher heartbeat (it really is alive) does.
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 7, &[])], 11.0);
+        assert_eq!(events, vec![MembershipEvent::Joined("b".into(), "b1".into())]);
+    }
+
+    #[test]
+    fn catalog_versions_and_requests() {
+        let mut m = core();
+        let (_, wanted) = m.apply_digest(&[digest("b", "b1", 1, &[])], 0.0);
+        assert_eq!(wanted, vec!["b".to_owned()]);
+        let delta = CatalogDelta {
+            node: "b".into(),
+            instance_id: "b1".into(),
+            cluster_id: "c".into(),
+            version: 1,
+            advertised_at: 0.0,
+            ttl_s: 60.0,
+            functions: vec![],
+        };
+        assert!(m.apply_catalog(&delta, 0.0));
+        assert!(!m.apply_catalog(&delta, 0.1), "the same version twice is not news");
+        let (_, wanted) = m.apply_digest(&[digest("b", "b1", 2, &[])], 0.2);
+        assert!(wanted.is_empty());
+    }
+
+    #[test]
+    fn next_hop_follows_the_neighbour_graph() {
+        let mut m = core();
+        // a - b - c - d, a links only to b.
+        m.apply_digest(
+            &[digest("b", "b1", 1, &["a", "c"]), digest("c", "c1", 1, &["b", "d"]), digest("d", "d1", 1, &["c"])],
+            0.0,
+        );
+        let direct: HashSet<NodeId> = ["b".to_owned()].into();
+        assert_eq!(m.next_hop("d", &direct).as_deref(), Some("b"));
+        assert_eq!(m.next_hop("b", &direct).as_deref(), Some("b"));
+        assert_eq!(m.next_hop("zzz", &direct), None);
+    }
+}

@@ -1,0 +1,243 @@
+//! Inter-node frames: `server` (STATUS, GOODBYE), `fabric-gossip`, `fabric-message`.
+//!
+//! These are ours (the reference's shapes are a guide, not a contract). Every frame is one
+//! JSON object in a binary websocket frame, dispatched on `role` like client frames, with
+//! `kind` selecting the variant. All three travel on the same websocket as client traffic,
+//! so a node needs one port.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::function::{FunctionError, FunctionIdentity};
+use crate::protocol::PubSubMessage;
+
+/// A node's configured name (default `host:port`).
+pub type NodeId = String;
+/// A random id chosen per process start; a restarted node has a new one.
+pub type InstanceId = String;
+/// A cluster's id.
+pub type ClusterId = String;
+
+/// Who a node is, as told in STATUS and in membership gossip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node name.
+    pub node: NodeId,
+    /// This process's instance.
+    pub instance_id: InstanceId,
+    /// Its cluster.
+    pub cluster_id: ClusterId,
+    /// The URL other nodes dial (the port really bound, for port 0).
+    pub url: String,
+}
+
+/// `role: "server"` — link lifecycle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum ServerFrame {
+    /// The handshake: the dialer sends it first, the acceptor answers with its own.
+    Status {
+        /// Who is speaking.
+        info: NodeInfo,
+        /// Its function catalog entries (so the peer can route at once).
+        functions: Vec<FunctionIdentity>,
+        /// Version of that entry set.
+        catalog_version: u64,
+    },
+    /// A refusal (other cluster, departed instance); the sender closes the link after it.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Clean shutdown: remove me now, do not redial this instance for a grace period.
+    Goodbye {
+        /// The departing node.
+        node: NodeId,
+        /// Its instance.
+        instance_id: InstanceId,
+    },
+}
+
+/// One node as seen in membership gossip.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberDigest {
+    /// Identity and URL.
+    pub info: NodeInfo,
+    /// The node's own heartbeat counter; a higher value means it was alive more recently.
+    pub heartbeat: u64,
+    /// The version of its function entries.
+    pub catalog_version: u64,
+    /// Nodes it has a live link to (for multi-hop next-hop choice).
+    pub neighbours: Vec<NodeId>,
+}
+
+/// The function entries of one node at one version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogDelta {
+    /// The owning node.
+    pub node: NodeId,
+    /// Its instance (entries of an older instance are dropped).
+    pub instance_id: InstanceId,
+    /// Its cluster.
+    pub cluster_id: ClusterId,
+    /// Monotonic per instance; a receiver keeps only the highest.
+    pub version: u64,
+    /// Owner's clock when advertised (informational; expiry uses the receiver's clock).
+    pub advertised_at: f64,
+    /// Seconds the entries stay valid without a refresh.
+    pub ttl_s: f64,
+    /// The complete entry set (a full replacement, so applying twice is harmless).
+    pub functions: Vec<FunctionIdentity>,
+}
+
+/// `role: "fabric-gossip"` — membership and catalog dissemination between direct peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum GossipFrame {
+    /// Periodic: the sender's view of every live member (anti-entropy digest).
+    Members {
+        /// Sender.
+        from: NodeId,
+        /// Its view.
+        members: Vec<MemberDigest>,
+    },
+    /// Entry sets, pushed on change (flooded with de-duplication) or on request.
+    Catalog {
+        /// Sender.
+        from: NodeId,
+        /// One delta per node.
+        deltas: Vec<CatalogDelta>,
+    },
+    /// "Send me the entry sets of these nodes": the digest showed I am behind.
+    CatalogRequest {
+        /// Sender.
+        from: NodeId,
+        /// Nodes whose entries are wanted.
+        nodes: Vec<NodeId>,
+    },
+    /// A node left cleanly (relayed GOODBYE).
+    Departed {
+        /// Sender.
+        from: NodeId,
+        /// Who left.
+        node: NodeId,
+        /// Which instance.
+        instance_id: InstanceId,
+    },
+}
+
+/// A routed message: travels hop by hop from `source` to `target`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FabricMessage {
+    /// Unique per source; replies carry the call's id.
+    pub id: String,
+    /// Originating node.
+    pub source: NodeId,
+    /// Destination node.
+    pub target: NodeId,
+    /// Nodes passed so far, source first; a node already on it refuses (loop).
+    pub path: Vec<NodeId>,
+    /// Forwards left; 0 means the next forward is refused.
+    pub hops_left: u32,
+    /// What it carries.
+    pub body: FabricBody,
+}
+
+/// What a `fabric-message` carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum FabricBody {
+    /// Run a function with exactly this identity on the target.
+    Call {
+        /// The command's name (for error details).
+        command: String,
+        /// Which function.
+        identity: FunctionIdentity,
+        /// Positional arguments (references already substituted).
+        args: Vec<Value>,
+        /// Keyword arguments.
+        kwargs: Map<String, Value>,
+    },
+    /// The answer to a call.
+    Reply {
+        /// How it went.
+        outcome: CallOutcome,
+    },
+    /// A pub/sub message flooding the cluster (de-duplicated by `message_id`).
+    Publish {
+        /// The message.
+        message: PubSubMessage,
+    },
+}
+
+/// The result of a remote call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum CallOutcome {
+    /// The function returned.
+    Ok {
+        /// Its result.
+        value: Value,
+    },
+    /// The function ran and failed.
+    Failed {
+        /// Its error.
+        error: FunctionError,
+        /// The node it ran on.
+        node: NodeId,
+    },
+    /// The function is not (or no longer) there.
+    NotFound {
+        /// The node that looked.
+        node: NodeId,
+    },
+    /// The message could not be delivered (loop, hop budget, no route).
+    Unreachable {
+        /// Why, naming the node that gave up.
+        reason: String,
+    },
+}
+
+/// Any inter-node frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "kebab-case")]
+pub enum PeerFrame {
+    /// `server`
+    Server(ServerFrame),
+    /// `fabric-gossip`
+    FabricGossip(GossipFrame),
+    /// `fabric-message`
+    FabricMessage(FabricMessage),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_carry_role_and_kind() {
+        let frame = PeerFrame::Server(ServerFrame::Goodbye { node: "a".into(), instance_id: "i".into() });
+        let json = serde_json::to_value(&frame).unwrap();
+        assert_eq!(json["role"], "server");
+        assert_eq!(json["kind"], "goodbye");
+        assert_eq!(serde_json::from_value::<PeerFrame>(json).unwrap(), frame);
+    }
+
+    proptest! {
+        #[test]
+        fn fabric_messages_round_trip(id in "[a-z0-9]{1,8}", hops in 0u32..10, path in proptest::collection::vec("[a-z]{1,4}", 0..5), n in any::<i64>()) {
+            let frame = PeerFrame::FabricMessage(FabricMessage {
+                id, source: "s".into(), target: "t".into(), path, hops_left: hops,
+                body: FabricBody::Reply { outcome: CallOutcome::Ok { value: Value::from(n) } },
+            });
+            let bytes = serde_json::to_vec(&frame).unwrap();
+            prop_assert_eq!(serde_json::from_slice::<PeerFrame>(&bytes).unwrap(), frame);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let _ = serde_json::from_slice::<PeerFrame>(&bytes);
+        }
+    }
+}
