@@ -67,6 +67,25 @@ pub struct Settings {
     pub restart_window_s: f64,
     /// Serve `POST /actors/{name}/panic` (chaos drills and tests only).
     pub fault_injection: bool,
+    /// Peers to dial at start and keep dialling (`ws://host:port`).
+    pub peers: Vec<String>,
+    /// The URL other nodes should dial to reach this one; default `ws://host:port` with
+    /// the port really bound (set it when `host` is `0.0.0.0` or behind NAT).
+    pub advertise_url: Option<String>,
+    /// Links to nodes learned through gossip, beyond `peers` (0: only `peers`).
+    pub peer_fanout: usize,
+    /// Gossip round: heartbeat, membership digest, dial attempts (seconds).
+    pub gossip_interval_s: f64,
+    /// A peer silent this long is suspected and not routed to (seconds).
+    pub suspect_after_s: f64,
+    /// ... and removed with its functions after this long (seconds).
+    pub remove_after_s: f64,
+    /// A node that said GOODBYE is not redialled for this long (seconds).
+    pub departed_grace_s: f64,
+    /// Catalog entries expire this long after their last refresh; owners refresh at half.
+    pub catalog_ttl_s: f64,
+    /// Forwards a routed message may take before it is refused.
+    pub hop_budget: u32,
 }
 
 impl Default for Settings {
@@ -94,6 +113,15 @@ impl Default for Settings {
             max_restarts: 5,
             restart_window_s: 60.0,
             fault_injection: false,
+            peers: Vec::new(),
+            advertise_url: None,
+            peer_fanout: 32,
+            gossip_interval_s: 0.25,
+            suspect_after_s: 2.0,
+            remove_after_s: 6.0,
+            departed_grace_s: 5.0,
+            catalog_ttl_s: 60.0,
+            hop_budget: 5,
         }
     }
 }
@@ -159,6 +187,28 @@ impl Settings {
         positive("heartbeat_interval_s", self.heartbeat_interval_s)?;
         positive("client_timeout_s", self.client_timeout_s)?;
         positive("restart_window_s", self.restart_window_s)?;
+        positive("gossip_interval_s", self.gossip_interval_s)?;
+        positive("suspect_after_s", self.suspect_after_s)?;
+        positive("remove_after_s", self.remove_after_s)?;
+        positive("catalog_ttl_s", self.catalog_ttl_s)?;
+        if self.suspect_after_s <= self.gossip_interval_s * 2.0 {
+            return Err(ConfigError::Invalid {
+                key: "suspect_after_s",
+                message: "must exceed two gossip intervals, or healthy peers would be suspected".into(),
+            });
+        }
+        if self.remove_after_s < self.suspect_after_s {
+            return Err(ConfigError::Invalid {
+                key: "remove_after_s",
+                message: "must be at least suspect_after_s".into(),
+            });
+        }
+        if !(self.departed_grace_s.is_finite() && self.departed_grace_s >= 0.0) {
+            return Err(ConfigError::Invalid { key: "departed_grace_s", message: "must be >= 0".into() });
+        }
+        if self.hop_budget == 0 {
+            return Err(ConfigError::Invalid { key: "hop_budget", message: "must be at least 1".into() });
+        }
         if !(self.pubsub_backlog_seconds.is_finite() && self.pubsub_backlog_seconds >= 0.0) {
             return Err(ConfigError::Invalid { key: "pubsub_backlog_seconds", message: "must be >= 0".into() });
         }

@@ -18,9 +18,13 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::{Actor, Addr};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
+use mpreg_actors::fabric::membership::MembershipTiming;
+use mpreg_actors::fabric::wire::NodeInfo;
+use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, SayGoodbye};
 use mpreg_actors::function::FunctionSpec;
 use mpreg_actors::monitor::{Metrics, Monitor, MonitorState};
 use mpreg_actors::pubsub::PubSub;
@@ -113,12 +117,35 @@ impl NodeBuilder {
         let table = TableHandle::new(table);
         let registry: Slot<Registry> = Slot::default();
         let pubsub: Slot<PubSub> = Slot::default();
+        let gossip: Slot<FabricGossip> = Slot::default();
         let supervisor_slot: Slot<NodeSupervisor> = Slot::default();
+        let me = NodeInfo {
+            node: name.clone(),
+            instance_id: format!("{:016x}", rand::random::<u64>()),
+            cluster_id: settings.cluster_id.clone(),
+            url: settings.advertise_url.clone().unwrap_or_else(|| url.clone()),
+        };
+        let fabric =
+            Arc::new(FabricShared::new(me, settings.hop_budget, table.clone(), pubsub.clone(), gossip.clone()));
+        let fabric_config = FabricConfig {
+            peers: settings.peers.clone(),
+            fanout: settings.peer_fanout,
+            gossip_interval: Settings::seconds(settings.gossip_interval_s),
+            timing: MembershipTiming {
+                suspect_after: settings.suspect_after_s,
+                remove_after: settings.remove_after_s,
+                departed_grace: settings.departed_grace_s,
+                catalog_ttl: settings.catalog_ttl_s,
+            },
+            dial_timeout: Duration::from_secs(2),
+            max_backoff: Settings::seconds((settings.gossip_interval_s * 8.0).max(2.0)),
+            link_queue: settings.outbox_capacity,
+        };
         let mut children = vec![
             ChildSpec::new("registry", {
-                let (table, registry) = (table.clone(), registry.clone());
+                let (table, registry, gossip) = (table.clone(), registry.clone(), gossip.clone());
                 move |guard| {
-                    let addr = Registry::new(table.clone(), guard).start();
+                    let addr = Registry::new(table.clone(), gossip.clone(), guard).start();
                     registry.set(addr.clone());
                     ChildHandles::of(&addr)
                 }
@@ -133,8 +160,17 @@ impl NodeBuilder {
                 }
             }),
         ];
+        children.push(ChildSpec::new("fabric", {
+            let (fabric, gossip) = (fabric.clone(), gossip.clone());
+            move |guard| {
+                let addr = FabricGossip::new(fabric.clone(), fabric_config.clone(), guard).start();
+                gossip.set(addr.clone());
+                ChildHandles::of(&addr)
+            }
+        }));
         if let Some(listener) = monitor_listener.map(Arc::new) {
             let state = MonitorState {
+                fabric: gossip.clone(),
                 node: name.clone(),
                 cluster_id: settings.cluster_id.clone(),
                 url: url.clone(),
@@ -169,6 +205,7 @@ impl NodeBuilder {
             table: table.clone(),
             pubsub,
             metrics: metrics.clone(),
+            fabric: fabric.clone(),
         });
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
@@ -176,7 +213,17 @@ impl NodeBuilder {
         actix_rt::spawn(server);
         info!(target: "mpreg::supervision", actor = "listener", reason = "boot", restarts = 0, node = %name,
             url = %url, "actor started");
-        Ok(Node { name, url, monitoring_url, supervisor, registry, exit: exit_rx, server: server_handle, metrics })
+        Ok(Node {
+            name,
+            url,
+            monitoring_url,
+            supervisor,
+            registry,
+            gossip,
+            exit: exit_rx,
+            server: server_handle,
+            metrics,
+        })
     }
 }
 
@@ -209,6 +256,7 @@ pub struct Node {
     monitoring_url: Option<String>,
     supervisor: Addr<NodeSupervisor>,
     registry: Slot<Registry>,
+    gossip: Slot<FabricGossip>,
     exit: watch::Receiver<NodeExit>,
     server: actix_web::dev::ServerHandle,
     metrics: Arc<Metrics>,
@@ -269,8 +317,12 @@ impl Node {
         }
     }
 
-    /// Stops accepting, stops the supervision tree, and waits for the listener to close.
+    /// Says GOODBYE to the cluster, stops accepting, stops the supervision tree, and
+    /// waits for the listener to close.
     pub async fn shutdown(&self) {
+        if let Some(gossip) = self.gossip.get() {
+            let _ = gossip.send(SayGoodbye).await;
+        }
         self.server.stop(true).await;
         let _ = self.supervisor.send(Shutdown).await;
     }

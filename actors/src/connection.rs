@@ -17,13 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, StreamHandler, WrapFuture};
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, StreamHandler, WrapFuture};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::fabric::link::next_link_id;
+use crate::fabric::wire::PeerFrame;
+use crate::fabric::{CloseLink, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened};
 use crate::monitor::Metrics;
 use crate::planner::{execute, LevelObserver, LevelReport, Plan, ReportOptions};
 use crate::protocol::{
@@ -32,6 +35,7 @@ use crate::protocol::{
 };
 use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, PubSub};
 use crate::registry::TableHandle;
+use crate::routing::Routing;
 use crate::supervisor::Slot;
 
 /// Per-connection limits and node identity, from the node's settings.
@@ -66,6 +70,8 @@ pub struct NodeShared {
     pub pubsub: Slot<PubSub>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// The cluster: remote calls, peer links, cross-node pub/sub.
+    pub fabric: Arc<FabricShared>,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -123,6 +129,8 @@ pub struct Connection {
     close: Option<oneshot::Sender<Option<CloseReason>>>,
     in_flight: usize,
     last_seen: Instant,
+    /// Set once the other end spoke a peer frame: this connection is a fabric link.
+    link: Option<LinkId>,
 }
 
 impl Connection {
@@ -139,6 +147,7 @@ impl Connection {
             close: Some(close),
             in_flight: 0,
             last_seen: Instant::now(),
+            link: None,
         }
     }
 
@@ -173,8 +182,29 @@ impl Connection {
             Ok(Inbound::Subscribe(request)) => self.on_subscribe(request, kind, ctx),
             Ok(Inbound::Publish(request)) => self.on_publish(request, kind, ctx),
             Ok(Inbound::Unsubscribe(request)) => self.on_unsubscribe(request, kind, ctx),
+            Ok(Inbound::Peer(frame)) => self.on_peer_frame(*frame, ctx),
             Err(rejected) => self.reject(rejected, kind, ctx),
         }
+    }
+
+    fn on_peer_frame(&mut self, frame: PeerFrame, ctx: &mut Context<Self>) {
+        let fabric = &self.shared.fabric;
+        let link = match self.link {
+            Some(link) => link,
+            None => {
+                let Some(gossip) = fabric.gossip.get() else {
+                    warn!(conn = self.id, peer = %self.peer, "peer frame while the fabric restarts; closing");
+                    self.close_with(CloseCode::Again, "fabric restarting", ctx);
+                    return;
+                };
+                let link = next_link_id();
+                self.link = Some(link);
+                gossip.do_send(LinkOpened { link, sender: self.outbox.clone(), outbound_url: None, close: None });
+                gossip.do_send(InboundCloser { link, closer: ctx.address().recipient() });
+                link
+            }
+        };
+        fabric.on_frame(link, frame);
     }
 
     fn reject(&mut self, rejected: InboundError, kind: FrameKind, ctx: &mut Context<Self>) {
@@ -230,9 +260,13 @@ impl Connection {
 
     fn on_publish(&mut self, request: PublishRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let (pubsub, outbox) = (self.shared.pubsub.clone(), self.outbox.clone());
+        let fabric = self.shared.fabric.clone();
         let task = async move {
             let PublishRequest { u, message } = request;
             let result = send_with_retry(&pubsub, || pubsub::Publish { message: message.clone() }).await;
+            if result.is_ok() {
+                fabric.broadcast_publish(&message);
+            }
             let ack = PubSubAck::new(&u, result.err());
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await;
         };
@@ -295,8 +329,9 @@ impl LevelObserver for CallbackPublisher<'_> {
             routing_path: None,
             current_hop: None,
         };
-        if let Err(e) = send_with_retry(&self.shared.pubsub, || pubsub::Publish { message: message.clone() }).await {
-            warn!(topic = %topic, cause = %e, "intermediate result not published");
+        match send_with_retry(&self.shared.pubsub, || pubsub::Publish { message: message.clone() }).await {
+            Ok(()) => self.shared.fabric.broadcast_publish(&message),
+            Err(e) => warn!(topic = %topic, cause = %e, "intermediate result not published"),
         }
     }
 }
@@ -327,8 +362,8 @@ async fn plan_and_run(shared: &NodeShared, request: RpcRequest) -> Result<RpcRes
     };
     let mut observer = CallbackPublisher { shared, topic: request.intermediate_result_callback_topic.clone() };
     let u = request.u.clone();
-    let table = shared.table.current();
-    let plan = Plan::build(request, &table, &shared.config.cluster_id)?;
+    let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), &shared.config.cluster_id);
+    let plan = Plan::build(request, &routing)?;
     let outcome = tokio::time::timeout(timeout, execute(plan, options, &mut observer))
         .await
         .map_err(|_| RpcError::timeout(timeout.as_secs_f64()))??;
@@ -388,6 +423,12 @@ impl Actor for Connection {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.shared.metrics.connections_changed(-1);
+        if let Some(link) = self.link {
+            self.shared.fabric.link_closed(link);
+            if let Some(gossip) = self.shared.fabric.gossip.get() {
+                gossip.do_send(LinkClosed { link });
+            }
+        }
         if let Some(pubsub) = self.shared.pubsub.get() {
             pubsub.do_send(pubsub::ConnectionClosed { conn: self.id });
         }
@@ -395,6 +436,14 @@ impl Actor for Connection {
             let _ = close.send(None);
         }
         debug!(conn = self.id, "connection closed");
+    }
+}
+
+impl Handler<CloseLink> for Connection {
+    type Result = ();
+
+    fn handle(&mut self, _: CloseLink, ctx: &mut Context<Self>) {
+        self.close_with(CloseCode::Normal, "link closed by fabric", ctx);
     }
 }
 

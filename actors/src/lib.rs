@@ -6,16 +6,20 @@
 //! - [`connection`] — one actor per websocket; runs each request as a task on its thread.
 //! - [`registry`] — the function table, published as a lock-free snapshot.
 //! - [`planner`] — request -> DAG -> dispatch -> response.
-//! - [`pubsub`] — AMQP-style topics with backlog replay.
+//! - [`fabric`] — peer links, gossip membership and catalog, multi-hop messages.
+//! - [`routing`] — which function on which node a command runs on.
+//! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
 
 pub mod connection;
+pub mod fabric;
 pub mod function;
 pub mod monitor;
 pub mod planner;
 pub mod protocol;
 pub mod pubsub;
 pub mod registry;
+pub mod routing;
 pub mod supervisor;
 pub mod version;

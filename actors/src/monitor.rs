@@ -1,4 +1,5 @@
-//! Monitor: the operator's HTTP window — `/health`, `/metrics`, `/actors`.
+//! Monitor: the operator's HTTP window — `/health`, `/metrics`, `/actors`, `/topology`,
+//! `/catalog`.
 //!
 //! Who sends to it: the supervisor (stop, fault injection); HTTP clients. Whom it calls:
 //! the supervisor (`DescribeTree`, `CrashChild`). The counters themselves are plain
@@ -20,6 +21,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::json;
 use tracing::error;
 
+use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
 use crate::protocol::ErrorCode;
 use crate::supervisor::{ChildGuard, CrashChild, DescribeTree, NodeSupervisor, Slot};
 
@@ -157,6 +159,8 @@ pub struct MonitorState {
     pub supervisor: Slot<NodeSupervisor>,
     /// Whether `POST /actors/{name}/panic` is served.
     pub fault_injection: bool,
+    /// The fabric (for `/topology` and `/catalog`).
+    pub fabric: Slot<FabricGossip>,
 }
 
 /// The Monitor actor: owns the HTTP server serving `listener`.
@@ -193,6 +197,8 @@ impl Actor for Monitor {
                 .route("/metrics", web::get().to(metrics))
                 .route("/actors", web::get().to(actors))
                 .route("/actors/{name}/panic", web::post().to(crash))
+                .route("/topology", web::get().to(topology))
+                .route("/catalog", web::get().to(catalog))
         })
         .workers(1)
         .disable_signals()
@@ -242,6 +248,29 @@ async fn actors(state: web::Data<MonitorState>) -> HttpResponse {
     match sup.send(DescribeTree).await {
         Ok(tree) => HttpResponse::Ok().json(tree),
         Err(e) => HttpResponse::ServiceUnavailable().body(format!("supervisor unavailable: {e}")),
+    }
+}
+
+async fn topology(state: web::Data<MonitorState>) -> HttpResponse {
+    ask_fabric(&state, DescribeTopology).await
+}
+
+async fn catalog(state: web::Data<MonitorState>) -> HttpResponse {
+    ask_fabric(&state, DescribeCatalog).await
+}
+
+async fn ask_fabric<M>(state: &MonitorState, message: M) -> HttpResponse
+where
+    M: actix::Message + Send + 'static,
+    M::Result: serde::Serialize + Send,
+    FabricGossip: actix::Handler<M>,
+{
+    let Some(fabric) = state.fabric.get() else {
+        return HttpResponse::ServiceUnavailable().body("fabric not running");
+    };
+    match fabric.send(message).await {
+        Ok(answer) => HttpResponse::Ok().json(answer),
+        Err(e) => HttpResponse::ServiceUnavailable().body(format!("fabric unavailable: {e}")),
     }
 }
 

@@ -20,20 +20,25 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::LocalBoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use serde_json::{json, Map, Value};
 
-use crate::function::{type_name, CallArgs, FunctionError, FunctionResult, FunctionSpec};
+use crate::fabric::wire::CallOutcome;
+use crate::fabric::{RemoteError, RemoteFunction};
+use crate::function::{type_name, CallArgs, FunctionError};
 use crate::protocol::{RpcCommand, RpcError, RpcRequest};
-use crate::registry::FunctionTable;
+use crate::routing::{Endpoint, Routing};
 use crate::version::VersionConstraint;
 
 /// A validated request, ready to run.
-#[derive(Debug)]
 pub struct Plan {
     request_id: String,
     cmds: Vec<RpcCommand>,
-    functions: Vec<FunctionSpec>,
+    constraints: Vec<Option<VersionConstraint>>,
+    endpoints: Vec<Endpoint>,
+    routing: Routing,
     index: HashMap<String, usize>,
     dependants: Vec<Vec<usize>>,
     dep_count: Vec<usize>,
@@ -42,9 +47,15 @@ pub struct Plan {
     sinks: Vec<usize>,
 }
 
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan").field("request_id", &self.request_id).field("cmds", &self.cmds).finish_non_exhaustive()
+    }
+}
+
 impl Plan {
-    /// Validates `request` and resolves each command against `table`.
-    pub fn build(request: RpcRequest, table: &FunctionTable, cluster_id: &str) -> Result<Plan, RpcError> {
+    /// Validates `request` and resolves each command through `routing`.
+    pub fn build(request: RpcRequest, routing: &Routing) -> Result<Plan, RpcError> {
         let RpcRequest { u, cmds, .. } = request;
         let mut index = HashMap::with_capacity(cmds.len());
         for (i, cmd) in cmds.iter().enumerate() {
@@ -61,20 +72,27 @@ impl Plan {
             }
         }
         let sinks = (0..cmds.len()).filter(|&i| dependants[i].is_empty()).collect();
-        let mut functions = Vec::with_capacity(cmds.len());
+        let mut constraints = Vec::with_capacity(cmds.len());
         for cmd in &cmds {
             let constraint = match &cmd.version_constraint {
                 Some(text) => Some(text.parse::<VersionConstraint>().map_err(|e| RpcError::invalid(e.to_string()))?),
                 None => None,
             };
-            functions.push(table.resolve(cmd, constraint.as_ref(), cluster_id)?.clone());
+            constraints.push(constraint);
         }
+        let endpoints = cmds
+            .iter()
+            .zip(&constraints)
+            .map(|(cmd, c)| routing.resolve(cmd, c.as_ref(), &[]))
+            .collect::<Result<_, _>>()?;
         Ok(Plan {
             request_id: u,
+            constraints,
+            endpoints,
+            routing: routing.clone(),
             dep_count: deps.iter().map(Vec::len).collect(),
             level_count: levels.iter().map(|l| l + 1).max().unwrap_or(0),
             cmds,
-            functions,
             index,
             dependants,
             levels,
@@ -286,18 +304,17 @@ pub async fn execute(
                     .collect(),
             };
             let types: Vec<&'static str> = call.args.iter().map(type_name).collect();
-            let function = &plan.functions[i];
-            match function.invoke_inline(call.clone()) {
-                Some(result) => {
-                    let value = command_result(&plan, i, &types, result)?;
+            match &plan.endpoints[i] {
+                Endpoint::Local(function) if function.is_inline() => {
+                    let result = function
+                        .invoke_inline(call)
+                        .unwrap_or_else(|| Err(FunctionError::new("Internal", "not inline")));
+                    let value = result.map_err(|e| failure(&plan.cmds[i], None, &e, &types))?;
                     completed += 1;
                     tracker.remaining[plan.levels[i]] -= 1;
                     finish(&plan, i, value, &mut results, &mut dep_count, &mut ready);
                 }
-                None => {
-                    let function = function.clone();
-                    running.push(async move { (i, types, function.invoke(call).await) });
-                }
+                endpoint => running.push(dispatch(&plan, i, endpoint.clone(), call, types)),
             }
             if track_levels {
                 // Inline completions may close levels before anything else runs.
@@ -307,11 +324,11 @@ pub async fn execute(
         if completed == n {
             break;
         }
-        let Some((i, types, result)) = running.next().await else {
+        let Some((i, result)) = running.next().await else {
             // Nothing running and nothing ready: impossible for an acyclic plan.
             return Err(RpcError::invalid("plan stalled: unresolved dependencies"));
         };
-        let value = command_result(&plan, i, &types, result)?;
+        let value = result?;
         completed += 1;
         tracker.remaining[plan.levels[i]] -= 1;
         finish(&plan, i, value, &mut results, &mut dep_count, &mut ready);
@@ -330,16 +347,76 @@ pub async fn execute(
     })
 }
 
-fn command_result(plan: &Plan, i: usize, types: &[&str], result: FunctionResult) -> Result<Value, RpcError> {
-    result.map_err(|e: FunctionError| {
-        RpcError::execution_failed(format!(
-            "Function execution failed: command={} fun={} error={} args_types=[{}]",
-            plan.cmds[i].name,
-            plan.cmds[i].fun,
-            e,
-            types.join(",")
-        ))
-    })
+/// The 1003 details: command, function, node (when remote), error, argument types.
+fn failure(cmd: &RpcCommand, node: Option<&str>, error: &FunctionError, types: &[&str]) -> RpcError {
+    let node = node.map(|n| format!(" node={n}")).unwrap_or_default();
+    RpcError::execution_failed(format!(
+        "Function execution failed: command={} fun={}{node} error={error} args_types=[{}]",
+        cmd.name,
+        cmd.fun,
+        types.join(",")
+    ))
+}
+
+type Running = LocalBoxFuture<'static, (usize, Result<Value, RpcError>)>;
+
+/// Starts a command that does not complete in place.
+fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Vec<&'static str>) -> Running {
+    let cmd = plan.cmds[i].clone();
+    match endpoint {
+        Endpoint::Local(function) => {
+            async move { (i, function.invoke(call).await.map_err(|e| failure(&cmd, None, &e, &types))) }.boxed_local()
+        }
+        Endpoint::Remote(target) => {
+            let routing = plan.routing.clone();
+            let constraint = plan.constraints[i].clone();
+            async move { (i, run_remote(&routing, &cmd, constraint.as_ref(), target, call, &types).await) }
+                .boxed_local()
+        }
+    }
+}
+
+/// Runs a command on another node. A failure of the function fails the request (1003,
+/// naming the node); a node or link that goes away before answering gets one retry on
+/// another match, else 1005.
+async fn run_remote(
+    routing: &Routing,
+    cmd: &RpcCommand,
+    constraint: Option<&VersionConstraint>,
+    mut target: RemoteFunction,
+    call: CallArgs,
+    types: &[&str],
+) -> Result<Value, RpcError> {
+    let Some(fabric) = routing.fabric() else {
+        return Err(RpcError::unreachable(format!("command={} fun={}: this node has no fabric", cmd.name, cmd.fun)));
+    };
+    let mut tried = Vec::new();
+    loop {
+        let reason = match fabric.call(&target.node, &cmd.name, &target.identity, call.clone()).await {
+            Ok(value) => return Ok(value),
+            Err(RemoteError::Outcome(CallOutcome::Failed { error, node })) => {
+                return Err(failure(cmd, Some(&node), &error, types));
+            }
+            Err(RemoteError::Outcome(CallOutcome::Ok { value })) => return Ok(value),
+            Err(RemoteError::Outcome(CallOutcome::NotFound { node })) => format!("function no longer on node {node}"),
+            Err(RemoteError::Outcome(CallOutcome::Unreachable { reason })) => reason,
+            Err(RemoteError::Gone(reason)) => reason,
+        };
+        tried.push(target.node.clone());
+        let retry = if tried.len() < 2 { routing.resolve(cmd, constraint, &tried).ok() } else { None };
+        match retry {
+            Some(Endpoint::Remote(next)) => target = next,
+            Some(Endpoint::Local(function)) => {
+                return function.invoke(call).await.map_err(|e| failure(cmd, None, &e, types));
+            }
+            None => {
+                return Err(RpcError::unreachable(format!(
+                    "command={} fun={} node={}: {reason}",
+                    cmd.name, cmd.fun, target.node
+                )))
+            }
+        }
+    }
 }
 
 fn finish(

@@ -1,7 +1,8 @@
 //! Registry: the functions this node serves, and the snapshot the request path reads.
 //!
 //! Who sends to it: the node handle (`RegisterFunction` after start), the supervisor
-//! (fault injection). Whom it calls: nobody. Invariants: one function_id per name and one
+//! (fault injection). Whom it calls: FabricGossip (`LocalFunctionsChanged`, fire and
+//! forget: the catalog also refreshes periodically). Invariants: one function_id per name and one
 //! name per function_id; an identity (name, id, version) is registered once.
 //!
 //! The request path never sends it a message: the actor owns MUTATION and publishes an
@@ -17,9 +18,10 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, Message};
 use arc_swap::ArcSwap;
 
+use crate::fabric::{FabricGossip, LocalFunctionsChanged};
 use crate::function::{FunctionIdentity, FunctionSpec};
-use crate::protocol::{RpcCommand, RpcError};
-use crate::supervisor::ChildGuard;
+use crate::protocol::RpcCommand;
+use crate::supervisor::{ChildGuard, Slot};
 use crate::version::VersionConstraint;
 
 /// Why a registration was refused.
@@ -88,25 +90,29 @@ impl FunctionTable {
         Ok(())
     }
 
-    /// The function a command should call (DESIGN.md §7): name, function_id, version
-    /// constraint, `locs` ⊆ resources, `target_cluster`; the highest matching version wins.
-    pub fn resolve(
-        &self,
-        cmd: &RpcCommand,
-        constraint: Option<&VersionConstraint>,
+    /// The local functions a command may call (DESIGN.md §7): name, function_id, version
+    /// constraint, `locs` ⊆ resources, `target_cluster`. Choosing among them (and among
+    /// remote ones) is `routing::Routing::resolve`.
+    pub fn candidates<'a>(
+        &'a self,
+        cmd: &'a RpcCommand,
+        constraint: Option<&'a VersionConstraint>,
         cluster_id: &str,
-    ) -> Result<&FunctionSpec, RpcError> {
-        let not_found = || RpcError::not_found(&cmd.fun);
-        if cmd.target_cluster.as_deref().is_some_and(|c| c != cluster_id) {
-            return Err(not_found());
-        }
+    ) -> impl Iterator<Item = &'a FunctionSpec> + 'a {
+        let cluster_ok = cmd.target_cluster.as_deref().is_none_or(|c| c == cluster_id);
         self.by_name
             .get(&cmd.fun)
             .into_iter()
             .flatten()
-            .filter(|spec| matches(spec.identity(), cmd, constraint))
-            .max_by_key(|spec| spec.identity().version)
-            .ok_or_else(not_found)
+            .filter(move |spec| cluster_ok && matches(spec.identity(), cmd, constraint))
+    }
+
+    /// The function with exactly this identity (serving a call routed from another node).
+    pub fn find_exact(&self, identity: &FunctionIdentity) -> Option<&FunctionSpec> {
+        self.by_name.get(&identity.name)?.iter().find(|s| {
+            let id = s.identity();
+            id.function_id == identity.function_id && id.version == identity.version
+        })
     }
 
     /// Every registered identity, sorted.
@@ -117,7 +123,8 @@ impl FunctionTable {
     }
 }
 
-fn matches(identity: &FunctionIdentity, cmd: &RpcCommand, constraint: Option<&VersionConstraint>) -> bool {
+/// Whether a function with `identity` satisfies the command's filters (not the cluster).
+pub fn matches(identity: &FunctionIdentity, cmd: &RpcCommand, constraint: Option<&VersionConstraint>) -> bool {
     cmd.function_id.as_ref().is_none_or(|id| *id == identity.function_id)
         && constraint.is_none_or(|c| c.matches(&identity.version))
         && cmd.locs.iter().all(|loc| identity.resources.contains(loc))
@@ -154,13 +161,14 @@ pub struct RegisterFunction {
 /// The Registry actor.
 pub struct Registry {
     table: TableHandle,
+    fabric: Slot<FabricGossip>,
     _guard: ChildGuard,
 }
 
 impl Registry {
-    /// A registry publishing through `table`.
-    pub fn new(table: TableHandle, guard: ChildGuard) -> Self {
-        Registry { table, _guard: guard }
+    /// A registry publishing through `table` and announcing changes to `fabric`.
+    pub fn new(table: TableHandle, fabric: Slot<FabricGossip>, guard: ChildGuard) -> Self {
+        Registry { table, fabric, _guard: guard }
     }
 }
 
@@ -174,7 +182,11 @@ impl Handler<RegisterFunction> for Registry {
     fn handle(&mut self, msg: RegisterFunction, _: &mut Context<Self>) -> Self::Result {
         let mut next = FunctionTable::clone(&self.table.current());
         next.register(msg.spec)?;
+        let functions = next.identities();
         self.table.publish(next);
+        if let Some(fabric) = self.fabric.get() {
+            fabric.do_send(LocalFunctionsChanged { functions });
+        }
         Ok(())
     }
 }
@@ -202,11 +214,12 @@ mod tests {
         }
         let pick = |c: Option<&str>| {
             let c = c.map(|c| c.parse::<VersionConstraint>().unwrap());
-            table.resolve(&cmd("ver"), c.as_ref(), "c").map(|s| s.identity().version)
+            let ver = cmd("ver");
+            table.candidates(&ver, c.as_ref(), "c").map(|s| s.identity().version).max()
         };
-        assert_eq!(pick(None), Ok(Version::new(2, 0, 0)));
-        assert_eq!(pick(Some("<2")), Ok(Version::new(1, 5, 0)));
-        assert_eq!(pick(Some(">=3")).unwrap_err().code, 1001);
+        assert_eq!(pick(None), Some(Version::new(2, 0, 0)));
+        assert_eq!(pick(Some("<2")), Some(Version::new(1, 5, 0)));
+        assert_eq!(pick(Some(">=3")), None);
     }
 
     #[test]
@@ -226,11 +239,11 @@ mod tests {
         table.register(FunctionSpec::sync("add", |a: i64, b: i64| a + b).resources(["cpu", "math"])).unwrap();
         let mut c = cmd("add");
         c.locs = vec!["cpu".into()];
-        assert!(table.resolve(&c, None, "local").is_ok());
+        assert_eq!(table.candidates(&c, None, "local").count(), 1);
         c.locs.push("gpu".into());
-        assert!(table.resolve(&c, None, "local").is_err());
+        assert_eq!(table.candidates(&c, None, "local").count(), 0);
         c.locs.clear();
         c.target_cluster = Some("elsewhere".into());
-        assert!(table.resolve(&c, None, "local").is_err());
+        assert_eq!(table.candidates(&c, None, "local").count(), 0);
     }
 }

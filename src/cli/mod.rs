@@ -89,6 +89,12 @@ pub struct StartArgs {
     /// Serve `POST /actors/{name}/panic` (chaos drills and tests only).
     #[arg(long)]
     pub fault_injection: bool,
+    /// A peer to join (`ws://host:port`, repeatable).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    /// The URL other nodes should dial to reach this one.
+    #[arg(long)]
+    pub advertise_url: Option<String>,
 }
 
 /// `mpreg client ...`

@@ -36,6 +36,8 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
         log_format,
         request_timeout,
         fault_injection,
+        peers,
+        advertise_url,
     } = args;
     settings.host = host.unwrap_or(settings.host);
     settings.port = port.unwrap_or(settings.port);
@@ -48,6 +50,8 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     settings.log_format = log_format.unwrap_or(settings.log_format);
     settings.request_timeout_s = request_timeout.unwrap_or(settings.request_timeout_s);
     settings.fault_injection |= fault_injection;
+    settings.peers.extend(peers);
+    settings.advertise_url = advertise_url.or(settings.advertise_url);
     serve(settings)
 }
 
@@ -61,6 +65,7 @@ fn serve(settings: Settings) -> anyhow::Result<i32> {
     init_logging(settings.log_format);
     actix_rt::System::new().block_on(async move {
         let node = NodeBuilder::new(settings).start().await.context("node failed to start")?;
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "MPREG_URL={}", node.url())?;
@@ -70,7 +75,6 @@ fn serve(settings: Settings) -> anyhow::Result<i32> {
             out.flush()?;
         }
         info!(node = node.name(), url = node.url(), "node ready");
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let code = tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("interrupt: shutting down"); node.shutdown().await; 0 }
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); node.shutdown().await; 0 }

@@ -142,7 +142,13 @@ impl Drop for InFlight<'_> {
 
 impl FabricShared {
     /// Shared state for node `me`.
-    pub fn new(me: NodeInfo, hop_budget: u32, table: TableHandle, pubsub: Slot<PubSub>, gossip: Slot<FabricGossip>) -> Self {
+    pub fn new(
+        me: NodeInfo,
+        hop_budget: u32,
+        table: TableHandle,
+        pubsub: Slot<PubSub>,
+        gossip: Slot<FabricGossip>,
+    ) -> Self {
         FabricShared {
             me,
             view: ArcSwap::from_pointee(FabricView::default()),
@@ -175,12 +181,12 @@ impl FabricShared {
         call: CallArgs,
     ) -> Result<Value, RemoteError> {
         let view = self.view.load();
-        let Some(hop) = view.next_hops.get(node) else {
+        let Some(hop) = view.next_hops.get(node).cloned() else {
             return Err(RemoteError::Outcome(CallOutcome::Unreachable {
                 reason: format!("no route from {} to node {node}", self.me.node),
             }));
         };
-        let Some((link, sender)) = view.links.get(hop).cloned() else {
+        let Some((link, sender)) = view.links.get(&hop).cloned() else {
             return Err(RemoteError::Gone(format!("link to {hop} closed")));
         };
         drop(view);
@@ -352,9 +358,8 @@ impl FabricShared {
         };
         let view = self.view.load();
         let next = view.next_hops.get(&message.target).and_then(|hop| view.links.get(hop)).map(|(_, s)| s.clone());
-        let refusal = refusal.or_else(|| {
-            next.is_none().then(|| format!("no route from {} to node {}", self.me.node, message.target))
-        });
+        let refusal = refusal
+            .or_else(|| next.is_none().then(|| format!("no route from {} to node {}", self.me.node, message.target)));
         if let Some(reason) = refusal {
             warn!(id = %message.id, source = %message.source, target = %message.target, reason = %reason, "fabric message refused");
             if matches!(message.body, FabricBody::Call { .. }) {

@@ -390,7 +390,9 @@ impl MembershipCore {
             if m.state != MemberState::Alive || m.info.instance_id != stored.delta.instance_id {
                 continue;
             }
-            out.extend(stored.delta.functions.iter().map(|f| (node.clone(), stored.delta.cluster_id.clone(), f.clone())));
+            out.extend(
+                stored.delta.functions.iter().map(|f| (node.clone(), stored.delta.cluster_id.clone(), f.clone())),
+            );
         }
         out
     }
@@ -449,7 +451,12 @@ mod tests {
     use super::*;
 
     fn info(node: &str, instance: &str) -> NodeInfo {
-        NodeInfo { node: node.into(), instance_id: instance.into(), cluster_id: "c".into(), url: format!("ws://{node}") }
+        NodeInfo {
+            node: node.into(),
+            instance_id: instance.into(),
+            cluster_id: "c".into(),
+            url: format!("ws://{node}"),
+        }
     }
 
     fn digest(node: &str, instance: &str, heartbeat: u64, neighbours: &[&str]) -> MemberDigest {

@@ -4,6 +4,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::fabric::wire::PeerFrame;
+
 use super::{PublishRequest, RequestId, RpcError, RpcRequest, SubscribeRequest, UnsubscribeRequest};
 
 /// A decoded client frame.
@@ -17,6 +19,8 @@ pub enum Inbound {
     Publish(PublishRequest),
     /// `pubsub-unsubscribe`
     Unsubscribe(UnsubscribeRequest),
+    /// `server`, `fabric-gossip`, `fabric-message`: another node speaking.
+    Peer(Box<PeerFrame>),
 }
 
 /// A frame that cannot be served, with what is needed to answer it.
@@ -70,6 +74,9 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         "pubsub-subscribe" => parse(bytes).map(Inbound::Subscribe).map_err(|e| fail(e, u, &role)),
         "pubsub-publish" => parse(bytes).map(Inbound::Publish).map_err(|e| fail(e, u, &role)),
         "pubsub-unsubscribe" => parse(bytes).map(Inbound::Unsubscribe).map_err(|e| fail(e, u, &role)),
+        "server" | "fabric-gossip" | "fabric-message" => {
+            parse(bytes).map(|f| Inbound::Peer(Box::new(f))).map_err(|e| fail(e, u, &role))
+        }
         _ => Err(InboundError { u, error: RpcError::unknown_role(Some(&role)), role: Some(role) }),
     }
 }

@@ -403,7 +403,17 @@ async fn every_lifecycle_event_is_logged_under_mpreg_supervision() {
     let levels: Vec<Level> = lines.iter().map(|l| l.level).collect();
     assert_eq!(
         levels,
-        [Level::INFO, Level::INFO, Level::WARN, Level::WARN, Level::INFO, Level::WARN, Level::WARN, Level::ERROR, Level::INFO]
+        [
+            Level::INFO,
+            Level::INFO,
+            Level::WARN,
+            Level::WARN,
+            Level::INFO,
+            Level::WARN,
+            Level::WARN,
+            Level::ERROR,
+            Level::INFO
+        ]
     );
 }
 

@@ -1,0 +1,86 @@
+//! Routing a command (DESIGN.md §7): which function, on which node.
+//!
+//! A command matches an endpoint when the name equals `fun`, `function_id` (if given)
+//! equals the registered id, the version satisfies `version_constraint`, `locs` is a
+//! subset of the function's resources, and `target_cluster` (if given) is the endpoint's
+//! cluster. Among matches the highest version wins; among those: this node first, then
+//! the least calls in flight from here, then a random pick.
+
+use std::sync::Arc;
+
+use rand::seq::SliceRandom;
+
+use crate::fabric::{FabricShared, RemoteFunction};
+use crate::function::FunctionSpec;
+use crate::protocol::{RpcCommand, RpcError};
+use crate::registry::{matches, FunctionTable};
+use crate::version::VersionConstraint;
+
+/// Where a command runs.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// Here.
+    Local(FunctionSpec),
+    /// On another node (maybe several hops away).
+    Remote(RemoteFunction),
+}
+
+/// A consistent view for one request: local functions, and the fabric for the rest.
+#[derive(Clone)]
+pub struct Routing {
+    local: Arc<FunctionTable>,
+    fabric: Option<Arc<FabricShared>>,
+    cluster_id: String,
+}
+
+impl Routing {
+    /// Local functions only.
+    pub fn local(local: Arc<FunctionTable>, cluster_id: &str) -> Self {
+        Routing { local, fabric: None, cluster_id: cluster_id.to_owned() }
+    }
+
+    /// Local functions and the cluster's.
+    pub fn with_fabric(local: Arc<FunctionTable>, fabric: Arc<FabricShared>, cluster_id: &str) -> Self {
+        Routing { local, fabric: Some(fabric), cluster_id: cluster_id.to_owned() }
+    }
+
+    /// The fabric, for remote calls.
+    pub fn fabric(&self) -> Option<&Arc<FabricShared>> {
+        self.fabric.as_ref()
+    }
+
+    /// Picks the endpoint for `cmd`, skipping the nodes in `exclude` (failed before).
+    pub fn resolve(
+        &self,
+        cmd: &RpcCommand,
+        constraint: Option<&VersionConstraint>,
+        exclude: &[String],
+    ) -> Result<Endpoint, RpcError> {
+        let local: Vec<&FunctionSpec> = self.local.candidates(cmd, constraint, &self.cluster_id).collect();
+        let view = self.fabric.as_ref().map(|f| f.view.load_full());
+        let remote: Vec<&RemoteFunction> = view
+            .iter()
+            .flat_map(|v| v.functions.iter())
+            .filter(|f| f.identity.name == cmd.fun && !exclude.contains(&f.node))
+            .filter(|f| cmd.target_cluster.as_deref().is_none_or(|c| c == f.cluster_id))
+            .filter(|f| matches(&f.identity, cmd, constraint))
+            .collect();
+        let best_local = local.iter().map(|s| s.identity().version).max();
+        let best_remote = remote.iter().map(|f| f.identity.version).max();
+        match (best_local, best_remote) {
+            (None, None) => Err(RpcError::not_found(&cmd.fun)),
+            (Some(l), r) if r.is_none_or(|r| l >= r) => {
+                let spec = local.into_iter().find(|s| s.identity().version == l).cloned();
+                spec.map(Endpoint::Local).ok_or_else(|| RpcError::not_found(&cmd.fun))
+            }
+            (_, Some(r)) => {
+                let mut best: Vec<&RemoteFunction> = remote.into_iter().filter(|f| f.identity.version == r).collect();
+                best.shuffle(&mut rand::thread_rng());
+                let fabric = self.fabric.as_ref();
+                let pick = best.into_iter().min_by_key(|f| fabric.map_or(0, |fab| fab.load_of(&f.node)));
+                pick.cloned().map(Endpoint::Remote).ok_or_else(|| RpcError::not_found(&cmd.fun))
+            }
+            (Some(_), None) => Err(RpcError::not_found(&cmd.fun)),
+        }
+    }
+}
