@@ -401,7 +401,8 @@ async fn write_frames(
             }
         }
     }
-    let _ = session.close(None).await;
+    // Every sender is gone (the connection stopped): close with its reason, if it gave one.
+    let _ = session.close(closed.try_recv().unwrap_or(None)).await;
 }
 
 impl Actor for Connection {

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
 use mpreg_actors::supervisor::NodeExit;
 use tracing::{error, info};
 
@@ -15,7 +16,8 @@ use crate::node::NodeBuilder;
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -65,7 +67,8 @@ fn serve(settings: Settings) -> anyhow::Result<i32> {
     init_logging(settings.log_format);
     actix_rt::System::new().block_on(async move {
         let node = NodeBuilder::new(settings).start().await.context("node failed to start")?;
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "MPREG_URL={}", node.url())?;
@@ -76,7 +79,7 @@ fn serve(settings: Settings) -> anyhow::Result<i32> {
         }
         info!(node = node.name(), url = node.url(), "node ready");
         let code = tokio::select! {
-            _ = tokio::signal::ctrl_c() => { info!("interrupt: shutting down"); node.shutdown().await; 0 }
+            _ = interrupt.recv() => { info!("interrupt: shutting down"); node.shutdown().await; 0 }
             _ = terminate.recv() => { info!("SIGTERM: shutting down"); node.shutdown().await; 0 }
             exit = node.wait() => match exit {
                 NodeExit::Escalated { actor } => {

@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, MessageResponse, Recipient};
+use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResponse, Recipient};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -660,16 +660,16 @@ impl Handler<LocalFunctionsChanged> for FabricGossip {
 impl Handler<SayGoodbye> for FabricGossip {
     type Result = ();
 
-    fn handle(&mut self, _: SayGoodbye, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: SayGoodbye, _: &mut Context<Self>) {
         let me = &self.shared.me;
         info!(node = %me.node, links = self.links.len(), "saying goodbye to peers");
         let frame =
             PeerFrame::Server(ServerFrame::Goodbye { node: me.node.clone(), instance_id: me.instance_id.clone() });
         self.broadcast(&frame, None);
-        // Stop dialling; links close when the node stops.
+        // Stop dialling; the links close when the supervisor stops this actor.
         self.dials.clear();
         self.config.peers.clear();
-        ctx.stop();
+        self.config.fanout = 0;
     }
 }
 
