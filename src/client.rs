@@ -323,6 +323,16 @@ impl Client {
         self.pubsub("pubsub-unsubscribe", json!({ "subscription_id": subscription.id })).await
     }
 
+    /// The node's view of the cluster: `{topology: {nodes, links, ...}, catalog: {nodes}}`.
+    pub async fn cluster_status(&self) -> Result<Value, ClientError> {
+        let u = self.next_u();
+        let reply = self.roundtrip(u.clone(), json!({"role": "cluster-status", "u": u}), self.inner.deadline).await?;
+        match reply.get("error").and_then(Value::as_str) {
+            Some(error) => Err(ClientError::Protocol(error.to_owned())),
+            None => Ok(reply),
+        }
+    }
+
     /// Publishes `payload` on `topic`.
     pub async fn publish(&self, topic: &str, payload: Value) -> Result<(), ClientError> {
         let message = PubSubMessage {

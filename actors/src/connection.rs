@@ -26,12 +26,14 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::fabric::link::next_link_id;
 use crate::fabric::wire::PeerFrame;
-use crate::fabric::{CloseLink, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened};
+use crate::fabric::{
+    CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
+};
 use crate::monitor::Metrics;
 use crate::planner::{execute, LevelObserver, LevelReport, Plan, ReportOptions};
 use crate::protocol::{
-    decode_inbound, encode, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage, PublishRequest, RpcError,
-    RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
+    decode_inbound, encode, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
+    PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
 };
 use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, PubSub};
 use crate::registry::TableHandle;
@@ -183,8 +185,26 @@ impl Connection {
             Ok(Inbound::Publish(request)) => self.on_publish(request, kind, ctx),
             Ok(Inbound::Unsubscribe(request)) => self.on_unsubscribe(request, kind, ctx),
             Ok(Inbound::Peer(frame)) => self.on_peer_frame(*frame, ctx),
+            Ok(Inbound::ClusterStatus(request)) => self.on_cluster_status(request, kind, ctx),
             Err(rejected) => self.reject(rejected, kind, ctx),
         }
+    }
+
+    fn on_cluster_status(&mut self, request: ClusterStatusRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let (gossip, outbox) = (self.shared.fabric.gossip.clone(), self.outbox.clone());
+        let task = async move {
+            let answer = match gossip.get() {
+                Some(fabric) => match (fabric.send(DescribeTopology).await, fabric.send(DescribeCatalog).await) {
+                    (Ok(topology), Ok(catalog)) => {
+                        serde_json::json!({"role": "cluster-status", "u": request.u, "topology": topology, "catalog": catalog})
+                    }
+                    _ => serde_json::json!({"role": "cluster-status", "u": request.u, "error": "fabric unavailable"}),
+                },
+                None => serde_json::json!({"role": "cluster-status", "u": request.u, "error": "fabric restarting"}),
+            };
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&answer)), kind }).await;
+        };
+        ctx.spawn(task.into_actor(self));
     }
 
     fn on_peer_frame(&mut self, frame: PeerFrame, ctx: &mut Context<Self>) {

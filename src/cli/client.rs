@@ -33,6 +33,18 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
                 Ok(0)
             })
         }
+        ClientCommand::Status { url, json } => block_on(async move {
+            let client = Client::connect(&url).await?;
+            let status = client.cluster_status().await;
+            client.close().await;
+            let status = status?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", render_status(&status));
+            }
+            Ok(0)
+        }),
         ClientCommand::Request { file, url } => {
             let cmds = read_commands(&file)?;
             block_on(async move {
@@ -73,6 +85,67 @@ fn read_commands(file: &Path) -> anyhow::Result<Vec<RpcCommand>> {
         other => other,
     };
     serde_json::from_value(cmds).context("expected a list of commands ({name, fun, args, ...})")
+}
+
+/// The cluster as a person wants to read it: one row per node, then who serves what.
+fn render_status(status: &Value) -> String {
+    use std::fmt::Write;
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let topology = &status["topology"];
+    let nodes = topology["nodes"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cluster {} — {} node(s), as seen from {}\n",
+        text(&topology["cluster_id"]),
+        nodes.len(),
+        text(&topology["node"])
+    );
+    let mut rows = vec![["NODE", "STATE", "LINK", "NEXT HOP", "SILENT", "URL"].map(str::to_owned).to_vec()];
+    for n in &nodes {
+        let state = text(&n["state"]);
+        let link = if state == "self" {
+            "-"
+        } else if n["linked"].as_bool() == Some(true) {
+            "direct"
+        } else {
+            "via hop"
+        };
+        rows.push(vec![
+            text(&n["node"]),
+            state,
+            link.to_owned(),
+            text(&n["next_hop"]),
+            format!("{:.1}s", n["silent_s"].as_f64().unwrap_or(0.0)),
+            text(&n["url"]),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    let _ = writeln!(out, "\nfunctions:");
+    let mut rows = vec![["NODE", "FUNCTION", "VERSION", "RESOURCES"].map(str::to_owned).to_vec()];
+    for entry in status["catalog"]["nodes"].as_array().into_iter().flatten() {
+        for f in entry["functions"].as_array().into_iter().flatten() {
+            let resources: Vec<String> = f["resources"].as_array().into_iter().flatten().map(text).collect();
+            rows.push(vec![text(&entry["node"]), text(&f["name"]), text(&f["version"]), resources.join(",")]);
+        }
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// A minimal HTTP/1.1 GET: the health check must not need more than the binary itself.

@@ -131,6 +131,15 @@ pub enum ClientCommand {
         #[arg(long, env = "MPREG_URL")]
         url: String,
     },
+    /// Show the cluster as the node at URL sees it.
+    Status {
+        /// Node URL.
+        #[arg(long, env = "MPREG_URL")]
+        url: String,
+        /// Print the raw JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 when `GET URL` answers 200 (container health checks).
     Health {
         /// e.g. `http://127.0.0.1:9100/health`.

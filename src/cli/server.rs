@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use tokio::signal::unix::{signal, SignalKind};
 use mpreg_actors::supervisor::NodeExit;
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 use super::{StartArgs, EXIT_ESCALATED};

@@ -21,6 +21,15 @@ pub enum Inbound {
     Unsubscribe(UnsubscribeRequest),
     /// `server`, `fabric-gossip`, `fabric-message`: another node speaking.
     Peer(Box<PeerFrame>),
+    /// `cluster-status`: the node's view of the cluster (ours).
+    ClusterStatus(ClusterStatusRequest),
+}
+
+/// `role: "cluster-status"` — answered with `{role: "cluster-status", u, topology, catalog}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatusRequest {
+    /// Correlation id.
+    pub u: RequestId,
 }
 
 /// A frame that cannot be served, with what is needed to answer it.
@@ -74,6 +83,7 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         "pubsub-subscribe" => parse(bytes).map(Inbound::Subscribe).map_err(|e| fail(e, u, &role)),
         "pubsub-publish" => parse(bytes).map(Inbound::Publish).map_err(|e| fail(e, u, &role)),
         "pubsub-unsubscribe" => parse(bytes).map(Inbound::Unsubscribe).map_err(|e| fail(e, u, &role)),
+        "cluster-status" => parse(bytes).map(Inbound::ClusterStatus).map_err(|e| fail(e, u, &role)),
         "server" | "fabric-gossip" | "fabric-message" => {
             parse(bytes).map(|f| Inbound::Peer(Box::new(f))).map_err(|e| fail(e, u, &role))
         }
