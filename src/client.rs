@@ -23,13 +23,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use mpreg_actors::protocol::{
     ErrorCode, PubSubAck, PubSubMessage, PubSubNotification, RpcCommand, RpcError, RpcRequest, RpcResponse,
     Subscription, TopicPatternSpec,
 };
+use mpreg_actors::unix_now;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
@@ -379,8 +380,4 @@ impl Inner {
             let _ = tx.send(value);
         }
     }
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }

@@ -15,7 +15,7 @@
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, StreamHandler, WrapFuture};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -39,6 +39,7 @@ use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, Pu
 use crate::registry::TableHandle;
 use crate::routing::Routing;
 use crate::supervisor::Slot;
+use crate::unix_now;
 
 /// Per-connection limits and node identity, from the node's settings.
 #[derive(Debug, Clone)]
@@ -78,10 +79,6 @@ pub struct NodeShared {
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 static NEXT_MESSAGE: AtomicU64 = AtomicU64::new(1);
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
 
 /// The websocket server: accepts on `listener` (already bound, so port 0 works) with
 /// `workers` threads. Any path is accepted; a non-websocket request gets a 400.

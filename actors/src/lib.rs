@@ -23,3 +23,8 @@ pub mod registry;
 pub mod routing;
 pub mod supervisor;
 pub mod version;
+
+/// Wall-clock Unix time in seconds: timestamps on the wire (not for measuring durations).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}

@@ -18,7 +18,7 @@
 //! is passed through as the literal string.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -30,6 +30,7 @@ use crate::fabric::{RemoteError, RemoteFunction};
 use crate::function::{type_name, CallArgs, FunctionError};
 use crate::protocol::{RpcCommand, RpcError, RpcRequest};
 use crate::routing::{Endpoint, Routing};
+use crate::unix_now;
 use crate::version::VersionConstraint;
 
 /// A validated request, ready to run.
@@ -253,10 +254,6 @@ pub struct ReportOptions {
     pub observe_levels: bool,
     /// Add the timing summary.
     pub execution_summary: bool,
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 struct LevelTracker {

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use crate::monitor::Metrics;
 use crate::protocol::{encode, FrameKind, PubSubMessage, PubSubNotification, Subscription};
 use crate::supervisor::ChildGuard;
+use crate::unix_now;
 
 /// Identifies one websocket connection on this node.
 pub type ConnectionId = u64;
@@ -260,10 +261,6 @@ fn matches_any(subscription: &Subscription, topic: &str) -> bool {
 /// Encodes the notification of `message` for one subscription.
 pub fn notification_frame(message: PubSubMessage, subscription_id: &str, kind: FrameKind) -> OutFrame {
     OutFrame { bytes: Bytes::from(encode(&PubSubNotification::new(message, subscription_id))), kind }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// Subscribe; the result is the backlog to deliver after the ack.

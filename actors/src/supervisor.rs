@@ -24,7 +24,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, MessageResponse, Recipient};
 use serde::Serialize;
@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::monitor::Metrics;
+use crate::unix_now;
 
 /// Why the node ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,10 +241,6 @@ pub struct NodeSupervisor {
     exit: watch::Sender<NodeExit>,
     metrics: Arc<Metrics>,
     stopping: bool,
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 impl NodeSupervisor {

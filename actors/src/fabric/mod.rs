@@ -26,7 +26,7 @@ pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResponse, Recipient};
 use serde::Serialize;
@@ -39,6 +39,7 @@ use wire::{CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame};
 
 use crate::function::FunctionIdentity;
 use crate::supervisor::ChildGuard;
+use crate::unix_now;
 
 /// Fabric settings.
 #[derive(Debug, Clone)]
@@ -196,10 +197,6 @@ pub struct FabricGossip {
     epoch: Instant,
     last_refresh: Instant,
     _guard: ChildGuard,
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 impl FabricGossip {
