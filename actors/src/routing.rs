@@ -58,29 +58,46 @@ impl Routing {
     ) -> Result<Endpoint, RpcError> {
         let local: Vec<&FunctionSpec> = self.local.candidates(cmd, constraint, &self.cluster_id).collect();
         let view = self.fabric.as_ref().map(|f| f.view.load_full());
+        let matching = |f: &&RemoteFunction| {
+            f.identity.name == cmd.fun
+                && cmd.target_cluster.as_deref().is_none_or(|c| c == f.cluster_id)
+                && matches(&f.identity, cmd, constraint)
+        };
         let remote: Vec<&RemoteFunction> = view
             .iter()
             .flat_map(|v| v.functions.iter())
-            .filter(|f| f.identity.name == cmd.fun && !exclude.contains(&f.node))
-            .filter(|f| cmd.target_cluster.as_deref().is_none_or(|c| c == f.cluster_id))
-            .filter(|f| matches(&f.identity, cmd, constraint))
+            .filter(|f| !exclude.contains(&f.node))
+            .filter(matching)
             .collect();
         let best_local = local.iter().map(|s| s.identity().version).max();
         let best_remote = remote.iter().map(|f| f.identity.version).max();
-        match (best_local, best_remote) {
-            (None, None) => Err(RpcError::not_found(&cmd.fun)),
-            (Some(l), r) if r.is_none_or(|r| l >= r) => {
-                let spec = local.into_iter().find(|s| s.identity().version == l).cloned();
-                spec.map(Endpoint::Local).ok_or_else(|| RpcError::not_found(&cmd.fun))
+        let prefer_local = match (best_local, best_remote) {
+            (Some(l), Some(r)) => l >= r,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => {
+                let down: Vec<&str> =
+                    view.iter().flat_map(|v| v.unreachable.iter()).filter(matching).map(|f| f.node.as_str()).collect();
+                return Err(if down.is_empty() {
+                    RpcError::not_found(&cmd.fun)
+                } else {
+                    RpcError::unreachable(format!(
+                        "{} is only on unreachable node(s) {} (suspected down or no route)",
+                        cmd.fun,
+                        down.join(", ")
+                    ))
+                });
             }
-            (_, Some(r)) => {
-                let mut best: Vec<&RemoteFunction> = remote.into_iter().filter(|f| f.identity.version == r).collect();
-                best.shuffle(&mut rand::thread_rng());
-                let fabric = self.fabric.as_ref();
-                let pick = best.into_iter().min_by_key(|f| fabric.map_or(0, |fab| fab.load_of(&f.node)));
-                pick.cloned().map(Endpoint::Remote).ok_or_else(|| RpcError::not_found(&cmd.fun))
-            }
-            (Some(_), None) => Err(RpcError::not_found(&cmd.fun)),
+        };
+        if prefer_local {
+            let spec = local.into_iter().max_by_key(|s| s.identity().version).cloned();
+            return spec.map(Endpoint::Local).ok_or_else(|| RpcError::not_found(&cmd.fun));
         }
+        let Some(top) = best_remote else { return Err(RpcError::not_found(&cmd.fun)) };
+        let mut best: Vec<&RemoteFunction> = remote.into_iter().filter(|f| f.identity.version == top).collect();
+        best.shuffle(&mut rand::thread_rng());
+        let fabric = self.fabric.as_ref();
+        let pick = best.into_iter().min_by_key(|f| fabric.map_or(0, |fab| fab.load_of(&f.node)));
+        pick.cloned().map(Endpoint::Remote).ok_or_else(|| RpcError::not_found(&cmd.fun))
     }
 }

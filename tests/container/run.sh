@@ -13,8 +13,11 @@ NAME="mpreg-ctest-$$-${RANDOM}"   # unique, so parallel runs and leftovers never
 BIN="$ROOT/target/release/mpreg"  # the host copy of the binary that went into the image
 WAIT_SECS=60                      # bound for every poll below
 STARTED=0
-PASSED=0
-FAILED=0
+
+# ok, not_ok, summary_and_exit, fatal, step, build_image, container_* (shared with cluster.sh).
+SUITE="container test"
+# shellcheck source=tests/container/lib.sh
+. "$ROOT/tests/container/lib.sh"
 
 cleanup() {
     # -v also drops the anonymous /data volume the container created.
@@ -22,9 +25,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM   # turn signals into a normal exit so the EXIT trap runs
-
-ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
 
 dump_logs() {
     if [ "$STARTED" = 1 ]; then
@@ -34,41 +34,12 @@ dump_logs() {
     fi
 }
 
-summary_and_exit() {
-    if [ "$FAILED" -ne 0 ]; then
-        dump_logs
-        echo "container test: $PASSED passed, $FAILED failed"
-        exit 1
-    fi
-    echo "container test: $PASSED passed, 0 failed"
-    exit 0
-}
-
-# A failed prerequisite makes every later check meaningless: stop here.
-fatal() { not_ok "$*"; summary_and_exit; }
-
-# Run a build step; its output goes to stderr so the ok/not ok lines stay readable.
-step() {
-    local what="$1"; shift
-    if "$@" >&2; then ok "$what"; else fatal "$what"; fi
-}
-
-# Logs are captured into a variable before grepping: `docker logs | grep -q` can die of
-# SIGPIPE once grep has matched, which pipefail would report as a failure.
-logs() { docker logs "$NAME" 2>&1 || true; }
-
-running() { [ "$(docker inspect -f '{{.State.Running}}' "$NAME" 2>/dev/null)" = true ]; }
-
-host_port() {   # `docker port` prints e.g. 127.0.0.1:49153; keep the part after the colon
-    local p
-    p="$(docker port "$NAME" "$1/tcp" | head -n1)"
-    echo "${p##*:}"
-}
+logs()      { container_logs "$NAME"; }
+running()   { container_running "$NAME"; }
+host_port() { container_host_port "$NAME" "$1"; }
 
 # ---- build ---------------------------------------------------------------------------
-step "base image mpreg-base:bookworm present" "$ROOT/docker/build-base-image.sh"
-step "cargo build --release --locked" cargo build --release --locked
-step "docker build -t $IMAGE" docker build -t "$IMAGE" "$ROOT"
+build_image "$IMAGE"
 
 # ---- start ---------------------------------------------------------------------------
 # Set before `docker run`: a run that fails after creating the container (say, a port

@@ -63,8 +63,11 @@ pub struct FabricView {
     pub links: HashMap<NodeId, (LinkId, LinkSender)>,
     /// Next hop for every reachable node (itself when directly linked).
     pub next_hops: HashMap<NodeId, NodeId>,
-    /// Functions of alive nodes.
+    /// Functions of alive, reachable nodes.
     pub functions: Vec<RemoteFunction>,
+    /// Functions of nodes that are suspected or have no route: not called, but a command
+    /// that only they could serve fails with 1005 (unreachable), not 1001 (not found).
+    pub unreachable: Vec<RemoteFunction>,
 }
 
 /// Why a remote call did not produce a value.
@@ -300,9 +303,10 @@ impl FabricShared {
             FabricBody::Call { command, identity, args, kwargs } => {
                 let shared = self.clone();
                 let (id, source) = (message.id, message.source);
+                let forwards = message.path.len().saturating_sub(1);
                 tokio::spawn(async move {
                     let outcome = shared.serve_call(&command, &identity, CallArgs { args, kwargs }).await;
-                    shared.reply(link, id, source, outcome);
+                    shared.reply(link, id, source, outcome, forwards);
                 });
             }
             FabricBody::Publish { .. } => {}
@@ -321,13 +325,16 @@ impl FabricShared {
         }
     }
 
-    fn reply(&self, arrived_on: LinkId, id: String, target: NodeId, outcome: CallOutcome) {
+    /// Answers a call that took `forwards` forwards to get here: the reply may need as
+    /// many on the way back, whatever this node's own budget (else it dies on the way and
+    /// the caller waits for its whole-request timeout).
+    fn reply(&self, arrived_on: LinkId, id: String, target: NodeId, outcome: CallOutcome, forwards: usize) {
         let message = FabricMessage {
             id,
             source: self.me.node.clone(),
             target: target.clone(),
             path: vec![self.me.node.clone()],
-            hops_left: self.hop_budget,
+            hops_left: self.hop_budget.max(u32::try_from(forwards).unwrap_or(u32::MAX)),
             body: FabricBody::Reply { outcome },
         };
         let view = self.view.load();
@@ -363,7 +370,8 @@ impl FabricShared {
         if let Some(reason) = refusal {
             warn!(id = %message.id, source = %message.source, target = %message.target, reason = %reason, "fabric message refused");
             if matches!(message.body, FabricBody::Call { .. }) {
-                self.reply(arrived_on, message.id, message.source, CallOutcome::Unreachable { reason });
+                let forwards = message.path.len().saturating_sub(1);
+                self.reply(arrived_on, message.id, message.source, CallOutcome::Unreachable { reason }, forwards);
             }
             return;
         }

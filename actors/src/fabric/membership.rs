@@ -382,12 +382,12 @@ impl MembershipCore {
         self.members.values()
     }
 
-    /// Alive members' function entries: (node, cluster, identity).
-    pub fn routable_functions(&self) -> Vec<(NodeId, ClusterId, FunctionIdentity)> {
+    /// Function entries of members in `state`: (node, cluster, identity).
+    pub fn functions_of(&self, state: MemberState) -> Vec<(NodeId, ClusterId, FunctionIdentity)> {
         let mut out = Vec::new();
         for (node, stored) in &self.catalogs {
             let Some(m) = self.members.get(node) else { continue };
-            if m.state != MemberState::Alive || m.info.instance_id != stored.delta.instance_id {
+            if m.state != state || m.info.instance_id != stored.delta.instance_id {
                 continue;
             }
             out.extend(

@@ -301,14 +301,16 @@ impl FabricGossip {
                 }
             }
         }
-        let functions = self
+        let remote = |(node, cluster_id, identity)| RemoteFunction { node, cluster_id, identity };
+        let (functions, unreachable): (Vec<_>, Vec<_>) = self
             .core
-            .routable_functions()
+            .functions_of(MemberState::Alive)
             .into_iter()
-            .filter(|(node, _, _)| next_hops.contains_key(node))
-            .map(|(node, cluster_id, identity)| RemoteFunction { node, cluster_id, identity })
-            .collect();
-        self.shared.view.store(Arc::new(FabricView { links, next_hops, functions }));
+            .map(remote)
+            .partition(|f| next_hops.contains_key(&f.node));
+        let suspected = self.core.functions_of(MemberState::Suspect).into_iter().map(remote);
+        let unreachable = unreachable.into_iter().chain(suspected).collect();
+        self.shared.view.store(Arc::new(FabricView { links, next_hops, functions, unreachable }));
     }
 
     fn close_link(&mut self, link: LinkId) {
@@ -598,6 +600,7 @@ impl Handler<PeerFrameReceived> for FabricGossip {
         let Some(l) = self.links.get_mut(&msg.link) else { return };
         l.last_heard = Instant::now();
         let handshaken = l.node.is_some();
+        let linked_node = l.node.clone();
         match msg.frame {
             PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version }) => {
                 self.on_status(msg.link, info, functions, catalog_version)
@@ -606,13 +609,19 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
                 if let Some(url) = self.links.get(&msg.link).and_then(|l| l.outbound_url.clone()) {
                     if let Some(dial) = self.dials.get_mut(&url) {
+                        // The next dial was scheduled before the refusal; push it back too.
                         dial.backoff = self.config.max_backoff;
+                        dial.next_at = Instant::now() + self.config.max_backoff;
                     }
                 }
                 self.close_link(msg.link);
             }
-            PeerFrame::Server(ServerFrame::Goodbye { node, instance_id }) => {
+            // Only a node itself says GOODBYE, on its own link; others relay `Departed`.
+            PeerFrame::Server(ServerFrame::Goodbye { node, instance_id }) if linked_node.as_ref() == Some(&node) => {
                 self.on_departed(Some(msg.link), &node, &instance_id)
+            }
+            PeerFrame::Server(ServerFrame::Goodbye { node, .. }) => {
+                warn!(node = %self.shared.me.node, link = msg.link, claimed = %node, "GOODBYE not from that node ignored")
             }
             PeerFrame::FabricGossip(frame) if handshaken => self.on_gossip(msg.link, frame),
             PeerFrame::FabricGossip(_) => debug!(link = msg.link, "gossip before STATUS ignored"),

@@ -127,7 +127,11 @@ impl RpcError {
 
 impl std::fmt::Display for RpcError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.code, self.message, self.details_text())
+        // The details restate the message for most errors; show the specific one.
+        match self.details_text() {
+            details if details.is_empty() => write!(f, "{} {}", self.code, self.message),
+            details => write!(f, "{} {}", self.code, details),
+        }
     }
 }
 

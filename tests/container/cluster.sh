@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# Container cluster test (run by CI after run.sh): three nodes from the runtime image on a
+# private docker network, each started from its settings file in config/ (the image copies
+# them to /etc/mpreg/), exactly as docker-compose.yml runs them:
+#
+#   node-a  add, multiply (cpu, math)   the seed; its ports are published to the host
+#   node-b  model_score (gpu)           dials node-a; killed, later restarted
+#   node-c  tpu_square (tpu)            dials node-a; its ports are published too
+#
+# From the host, through node-a: the cluster forms, calls are routed by resources to the
+# node that has them (a DAG spanning node-a and node-b), a killed node is suspected, then
+# removed, and calls needing it fail fast, a partitioned node is detected and the cluster
+# heals once the partition ends, and the killed node rejoins when restarted. Needs docker, cargo, curl, jq and root (for the base image's
+# debootstrap, only the first time). Prints one `ok - ` / `not ok - ` line per check; on
+# failure dumps every container's logs and exits non-zero. Containers and the network
+# are always removed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+
+IMAGE="mpreg-node:test"
+RUN_ID="$$-${RANDOM}"             # unique, so parallel runs and leftovers never collide
+NET="mpreg-cluster-$RUN_ID"       # private network; nodes find each other by alias on it
+BIN="$ROOT/target/release/mpreg"  # the host copy of the binary that went into the image
+START_SECS=60                     # bound for start-up polls (node listening, cluster formed)
+DETECT_SECS=15                    # bound for noticing a killed or partitioned node
+HEAL_SECS=30                      # bound for the cluster to heal after a partition
+FAST_MS=5000                      # a call that cannot be served must fail within this
+CALL_SECS=30                      # hard bound on every client call (a hang fails, not blocks)
+NODES=(node-a node-b node-c)
+CREATED=()                        # containers to remove (and whose logs to dump)
+NET_CREATED=0
+WORK="$(mktemp -d /tmp/mpreg-cluster.XXXXXX)"
+
+# ok, not_ok, summary_and_exit, fatal, step, build_image, container_* (shared with run.sh).
+SUITE="container cluster test"
+# shellcheck source=tests/container/lib.sh
+. "$ROOT/tests/container/lib.sh"
+
+cname() { echo "mpreg-cl-$RUN_ID-$1"; }   # container name of node $1
+
+cleanup() {
+    local c
+    # -v also drops the anonymous /data volumes the containers created.
+    for c in "${CREATED[@]}"; do docker rm -f -v "$c" >/dev/null 2>&1 || true; done
+    if [ "$NET_CREATED" = 1 ]; then docker network rm "$NET" >/dev/null 2>&1 || true; fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM   # turn signals into a normal exit so the EXIT trap runs
+
+dump_logs() {
+    local c
+    if [ -n "${A_MON:-}" ]; then
+        echo "----- node-a /topology (now) -----"
+        curl -sS --max-time 3 "http://127.0.0.1:$A_MON/topology" 2>&1 || true
+        echo
+    fi
+    for c in "${CREATED[@]}"; do
+        echo "----- docker logs $c ($(docker inspect -f '{{.State.Status}}, exit code {{.State.ExitCode}}' "$c" 2>/dev/null || echo gone)) -----"
+        docker logs "$c" 2>&1 || true
+    done
+    echo "----- end of logs -----"
+}
+
+now_ms() { date +%s%3N; }
+secs() {   # 87 -> 87ms, 1234 -> 1.2s
+    if [ "$1" -lt 1000 ]; then echo "${1}ms"; else awk -v ms="$1" 'BEGIN { printf "%.1fs", ms / 1000 }'; fi
+}
+
+# ---- observing a node ----------------------------------------------------------------
+# topology PORT: the node's /topology JSON (empty when it does not answer).
+topology() { curl -fsS --max-time 3 "http://127.0.0.1:$1/topology" 2>/dev/null || true; }
+
+# peer_state PORT PEER: how the node sees PEER: "alive+linked", "suspect", "absent", ...
+peer_state() {
+    local json
+    json="$(topology "$1")"
+    [ -n "$json" ] || { echo "no-answer"; return; }
+    jq -r --arg n "$2" '[.nodes[] | select(.node == $n)]
+        | if length == 0 then "absent"
+          else .[0] | .state + (if .linked then "+linked" else "" end) end' <<<"$json" 2>/dev/null \
+        || echo "bad-json"
+}
+
+# wait_for SECS CMD...: run CMD until it succeeds or SECS pass; WAITED_MS says how long.
+wait_for() {
+    local secs="$1" start; shift
+    start="$(now_ms)"
+    while :; do
+        if "$@"; then WAITED_MS=$(($(now_ms) - start)); return 0; fi
+        WAITED_MS=$(($(now_ms) - start))
+        [ "$WAITED_MS" -lt $((secs * 1000)) ] || return 1
+        sleep 0.2
+    done
+}
+
+# instance_of PORT PEER: PEER's instance id as the node knows it (a restart changes it).
+instance_of() {
+    topology "$1" | jq -r --arg n "$2" '.nodes[] | select(.node == $n) | .instance_id' 2>/dev/null || true
+}
+
+# gone PORT PEER: PEER is neither in /topology nor in /catalog (removed with its functions).
+gone() {
+    local cat
+    [ "$(peer_state "$1" "$2")" = absent ] || return 1
+    cat="$(curl -fsS --max-time 3 "http://127.0.0.1:$1/catalog" 2>/dev/null)" || return 1
+    jq -e --arg n "$2" 'any(.nodes[]; .node == $n) | not' <<<"$cat" >/dev/null 2>&1
+}
+
+both_alive_linked() {   # PORT PEER1 PEER2
+    [ "$(peer_state "$1" "$2")" = alive+linked ] && [ "$(peer_state "$1" "$3")" = alive+linked ]
+}
+not_alive() {           # PORT PEER: suspected, removed, anything but alive
+    local s
+    s="$(peer_state "$1" "$2")"
+    [ "$s" != no-answer ] && [ "$s" != bad-json ] && [ "${s%%+*}" != alive ]
+}
+
+# ---- calling through a node ----------------------------------------------------------
+# client URL ARGS...: `mpreg client ARGS --url URL`, bounded; sets OUT ERR RC MS.
+client() {
+    local url="$1" start; shift
+    start="$(now_ms)"
+    RC=0
+    timeout "$CALL_SECS" "$BIN" client "$@" --url "$url" >"$WORK/out" 2>"$WORK/err" || RC=$?
+    MS=$(($(now_ms) - start))
+    OUT="$(cat "$WORK/out")"
+    ERR="$(cat "$WORK/err")"
+}
+one_line() { tr '\n' ' ' <<<"$1" | tr -s ' '; }
+
+# expect_result WHAT PATTERN URL ARGS...: the call succeeds and stdout matches PATTERN (ERE).
+expect_result() {
+    local what="$1" pattern="$2"; shift 2
+    client "$@"
+    if [ "$RC" = 0 ] && grep -Eq "$pattern" <<<"$OUT"; then ok "$what ($(secs "$MS"))"
+    else not_ok "$what (exit $RC after $(secs "$MS"); stdout: $(one_line "$OUT"); stderr: $(one_line "$ERR"))"; fi
+}
+
+# expect_fast_error WHAT URL ARGS...: the call fails within FAST_MS with error 1001 or 1005.
+expect_fast_error() {
+    local what="$1"; shift
+    client "$@"
+    if [ "$RC" != 0 ] && [ "$RC" != 124 ] && [ "$MS" -lt "$FAST_MS" ] && grep -Eq 'error: 100[15]' <<<"$ERR"; then
+        ok "$what: failed in $(secs "$MS") with $(one_line "$ERR")"
+    else
+        not_ok "$what: expected exit 1 within $(secs "$FAST_MS") with 'error: 1001|1005'" \
+            "(exit $RC after $(secs "$MS"); stdout: $(one_line "$OUT"); stderr: $(one_line "$ERR"))"
+    fi
+}
+
+# scores URL: the DAG spanning node-a and node-b answers score 1.26 (for polling).
+scores() { client "$1" request "$WORK/chain.json" && grep -q '"score": 1\.26' <<<"$OUT"; }
+
+# answers_49 URL: tpu_square [7] answers 49 (for polling).
+answers_49() { client "$1" call tpu_square '[7]' --locs tpu && [ "$OUT" = 49 ]; }
+
+# ---- build ---------------------------------------------------------------------------
+command -v curl >/dev/null && command -v jq >/dev/null || fatal "curl and jq present on the host"
+build_image "$IMAGE"
+
+# ---- start ---------------------------------------------------------------------------
+if docker network create "$NET" >/dev/null; then NET_CREATED=1; ok "network $NET created"
+else fatal "network $NET created"; fi
+
+# start_node NODE [docker run options...]: the image's own settings file for NODE.
+start_node() {
+    local node="$1" c; shift
+    c="$(cname "$node")"
+    # Recorded before `docker run`: a run that fails after creating the container (say,
+    # a port bind error) still leaves a container behind for cleanup to remove.
+    CREATED+=("$c")
+    if docker run -d --name "$c" --hostname "$node" --network "$NET" --network-alias "$node" "$@" \
+        "$IMAGE" server start-config "/etc/mpreg/cluster-$node.toml" >/dev/null; then
+        ok "container $c started ($node, /etc/mpreg/cluster-$node.toml)"
+    else
+        fatal "container $c started ($node)"
+    fi
+}
+start_node node-a -p 127.0.0.1::9000 -p 127.0.0.1::9100
+start_node node-b
+start_node node-c -p 127.0.0.1::9000 -p 127.0.0.1::9100
+
+A_RPC="$(container_host_port "$(cname node-a)" 9000)"
+A_MON="$(container_host_port "$(cname node-a)" 9100)"
+C_RPC="$(container_host_port "$(cname node-c)" 9000)"
+C_MON="$(container_host_port "$(cname node-c)" 9100)"
+if [ -n "$A_RPC" ] && [ -n "$A_MON" ] && [ -n "$C_RPC" ] && [ -n "$C_MON" ]; then
+    ok "published ports: node-a rpc $A_RPC monitoring $A_MON, node-c rpc $C_RPC monitoring $C_MON"
+else
+    fatal "published ports found (node-a '$A_RPC' '$A_MON', node-c '$C_RPC' '$C_MON')"
+fi
+A_URL="ws://127.0.0.1:$A_RPC"
+C_URL="ws://127.0.0.1:$C_RPC"
+
+# Each node prints MPREG_URL= once it listens.
+for node in "${NODES[@]}"; do
+    c="$(cname "$node")"
+    deadline=$((SECONDS + START_SECS))
+    until grep -q 'MPREG_URL=' <<<"$(container_logs "$c")"; do
+        container_running "$c" || fatal "$node printed MPREG_URL= (container exited early)"
+        [ "$SECONDS" -lt "$deadline" ] || fatal "$node printed MPREG_URL= within ${START_SECS}s"
+        sleep 0.5
+    done
+    ok "$node listening ($(grep -m1 -o 'MPREG_URL=[^[:space:]]*' <<<"$(container_logs "$c")"))"
+done
+
+# ---- the cluster forms ---------------------------------------------------------------
+if wait_for "$START_SECS" both_alive_linked "$A_MON" node-b node-c; then
+    ok "node-a /topology: node-b and node-c alive and linked ($(secs "$WAITED_MS"))"
+else
+    fatal "node-a /topology: node-b and node-c alive and linked within ${START_SECS}s" \
+        "(node-b: $(peer_state "$A_MON" node-b), node-c: $(peer_state "$A_MON" node-c))"
+fi
+# node-c dialled only node-a: it learned node-b through gossip (full mesh).
+if wait_for "$START_SECS" both_alive_linked "$C_MON" node-a node-b; then
+    ok "node-c /topology: node-a and node-b alive and linked, node-b learned by gossip ($(secs "$WAITED_MS"))"
+else
+    not_ok "node-c /topology: node-a and node-b alive and linked within ${START_SECS}s" \
+        "(node-a: $(peer_state "$C_MON" node-a), node-b: $(peer_state "$C_MON" node-b))"
+fi
+
+B_INSTANCE="$(instance_of "$A_MON" node-b)"
+
+# ---- routing by resources ------------------------------------------------------------
+expect_result "tpu_square [7] --locs tpu via node-a answers 49 (runs on node-c)" '^49$' \
+    "$A_URL" call tpu_square '[7]' --locs tpu
+expect_result "add [20,22] --locs cpu via node-a answers 42 (runs on node-a)" '^42$' \
+    "$A_URL" call add '[20,22]' --locs cpu
+expect_result "add [20,22] --locs cpu via node-c answers 42 (runs on node-a)" '^42$' \
+    "$C_URL" call add '[20,22]' --locs cpu
+cat >"$WORK/chain.json" <<'JSON'
+[{"name": "sum",    "fun": "add",         "args": [20, 22],   "locs": ["cpu"]},
+ {"name": "scaled", "fun": "multiply",    "args": ["sum", 3], "locs": ["cpu"]},
+ {"name": "scored", "fun": "model_score", "args": ["scaled"], "locs": ["gpu"]}]
+JSON
+expect_result "DAG via node-a: add, multiply on node-a -> model_score on node-b scores 1.26" \
+    '"score": 1\.26' "$A_URL" request "$WORK/chain.json"
+
+# ---- a node dies ---------------------------------------------------------------------
+KILLED_AT="$(now_ms)"
+if docker kill "$(cname node-b)" >/dev/null; then ok "docker kill node-b"; else fatal "docker kill node-b"; fi
+if wait_for "$DETECT_SECS" not_alive "$A_MON" node-b; then
+    ok "node-a /topology: node-b no longer alive $(secs "$WAITED_MS") after the kill ($(peer_state "$A_MON" node-b))"
+else
+    not_ok "node-a /topology: node-b no longer alive within ${DETECT_SECS}s of the kill ($(peer_state "$A_MON" node-b))"
+fi
+expect_fast_error "model_score --locs gpu via node-a with node-b dead" \
+    "$A_URL" call model_score '[126]' --locs gpu
+expect_result "tpu_square [7] via node-a still answers 49 with node-b dead" '^49$' \
+    "$A_URL" call tpu_square '[7]' --locs tpu
+# Suspected first (not routed to), then, after remove_after_s (6 s), removed with its functions.
+if wait_for "$DETECT_SECS" gone "$A_MON" node-b; then
+    ok "node-a: node-b removed from /topology and /catalog $(secs $(($(now_ms) - KILLED_AT))) after the kill"
+else
+    not_ok "node-a: node-b removed from /topology and /catalog within ${DETECT_SECS}s" \
+        "(topology: $(peer_state "$A_MON" node-b))"
+fi
+expect_fast_error "model_score --locs gpu via node-a with node-b removed" \
+    "$A_URL" call model_score '[126]' --locs gpu
+
+# ---- a network partition -------------------------------------------------------------
+if docker network disconnect "$NET" "$(cname node-c)"; then ok "node-c disconnected from $NET"
+else fatal "node-c disconnected from $NET"; fi
+if wait_for "$DETECT_SECS" not_alive "$A_MON" node-c; then
+    ok "node-a /topology: node-c no longer alive $(secs "$WAITED_MS") after the partition ($(peer_state "$A_MON" node-c))"
+else
+    not_ok "node-a /topology: node-c no longer alive within ${DETECT_SECS}s of the partition ($(peer_state "$A_MON" node-c))"
+fi
+expect_fast_error "tpu_square --locs tpu via node-a with node-c partitioned" \
+    "$A_URL" call tpu_square '[7]' --locs tpu
+
+# The alias is part of the network endpoint: reconnecting must name it again.
+if docker network connect --alias node-c "$NET" "$(cname node-c)"; then ok "node-c reconnected to $NET as node-c"
+else fatal "node-c reconnected to $NET as node-c"; fi
+if wait_for "$HEAL_SECS" answers_49 "$A_URL"; then
+    ok "healed: tpu_square [7] via node-a answers 49 again $(secs "$WAITED_MS") after the reconnect"
+else
+    not_ok "healed: tpu_square [7] via node-a answers 49 within ${HEAL_SECS}s of the reconnect" \
+        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"); node-c: $(peer_state "$A_MON" node-c))"
+fi
+state="$(peer_state "$A_MON" node-c)"
+if [ "$state" = alive+linked ]; then ok "node-a /topology: node-c alive and linked again"
+else not_ok "node-a /topology: node-c alive and linked again (got: $state)"; fi
+
+# ---- the dead node comes back ----------------------------------------------------------
+# Same container, same alias, a new process: a new instance, welcome at once.
+if docker start "$(cname node-b)" >/dev/null; then ok "docker start node-b"; else fatal "docker start node-b"; fi
+if wait_for "$HEAL_SECS" scores "$A_URL"; then
+    ok "rejoined: the DAG via node-a scores 1.26 again $(secs "$WAITED_MS") after node-b restarted"
+else
+    not_ok "rejoined: the DAG via node-a scores 1.26 within ${HEAL_SECS}s of node-b's restart" \
+        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"); node-b: $(peer_state "$A_MON" node-b))"
+fi
+state="$(peer_state "$A_MON" node-b)"
+instance="$(instance_of "$A_MON" node-b)"
+if [ "$state" = alive+linked ] && [ -n "$instance" ] && [ "$instance" != "$B_INSTANCE" ]; then
+    ok "node-a /topology: node-b alive and linked, new instance $instance (was $B_INSTANCE)"
+else
+    not_ok "node-a /topology: node-b alive and linked with a new instance (got: $state, instance '$instance', was '$B_INSTANCE')"
+fi
+
+summary_and_exit

@@ -1,0 +1,50 @@
+# Shared helpers for the container tests (run.sh, cluster.sh); source it, don't run it.
+#
+# The sourcing script sets SUITE (the label of the final summary line, e.g.
+# "container test") and defines dump_logs (called once, before the summary, when a
+# check failed). Every check prints one `ok - ` / `not ok - ` line.
+
+PASSED=0
+FAILED=0
+
+ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
+not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
+
+summary_and_exit() {
+    if [ "$FAILED" -ne 0 ]; then
+        dump_logs
+        echo "$SUITE: $PASSED passed, $FAILED failed"
+        exit 1
+    fi
+    echo "$SUITE: $PASSED passed, 0 failed"
+    exit 0
+}
+
+# A failed prerequisite makes every later check meaningless: stop here.
+fatal() { not_ok "$*"; summary_and_exit; }
+
+# Run a build step; its output goes to stderr so the ok/not ok lines stay readable.
+step() {
+    local what="$1"; shift
+    if "$@" >&2; then ok "$what"; else fatal "$what"; fi
+}
+
+# The three build steps both tests start with: base image (debootstrap, needs root, only
+# the first time), the release binary the image wraps, the image itself (tag $1).
+build_image() {
+    step "base image mpreg-base:bookworm present" "$ROOT/docker/build-base-image.sh"
+    step "cargo build --release --locked" cargo build --release --locked
+    step "docker build -t $1" docker build -t "$1" "$ROOT"
+}
+
+# Logs are captured into a variable before grepping: `docker logs | grep -q` can die of
+# SIGPIPE once grep has matched, which pipefail would report as a failure.
+container_logs() { docker logs "$1" 2>&1 || true; }
+
+container_running() { [ "$(docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
+
+container_host_port() {   # `docker port` prints e.g. 127.0.0.1:49153; keep the part after the colon
+    local p
+    p="$(docker port "$1" "$2/tcp" | head -n1)"
+    echo "${p##*:}"
+}
