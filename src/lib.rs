@@ -8,13 +8,15 @@
 //! - [`Client`] (in [`client`]) talks to any node: `call` one function, `request` a DAG
 //!   of commands, subscribe and publish.
 //! - [`functions`] holds the built-ins and the demo pack used by examples and tests.
-//! - [`cli`] is the `mpreg` command: `server`, `client`, `bench`.
+//! - [`cli`] is the `mpreg` command: `server`, `client`, `bench`, `demo`.
+//! - [`demo`] is the quick demo (`mpreg demo`, `--example quick_demo`) and its helpers.
 //!
 //! The node's insides live in the `mpreg-actors` crate, one actor per file.
 
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod functions;
 pub mod node;
 

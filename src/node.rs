@@ -317,14 +317,14 @@ impl Node {
         }
     }
 
-    /// Says GOODBYE to the cluster, stops accepting, stops the supervision tree, and
-    /// waits for the listener to close.
+    /// Says GOODBYE to the cluster, stops the supervision tree (which closes the peer
+    /// links), then stops the listener, letting client connections finish gracefully.
     pub async fn shutdown(&self) {
         if let Some(gossip) = self.gossip.get() {
             let _ = gossip.send(SayGoodbye).await;
         }
-        self.server.stop(true).await;
         let _ = self.supervisor.send(Shutdown).await;
+        self.server.stop(true).await;
     }
 
     /// Stops the listener after the supervision tree ended on its own (escalation).

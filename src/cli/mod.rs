@@ -1,9 +1,10 @@
-//! The `mpreg` command line: `server`, `client`, `bench`.
+//! The `mpreg` command line: `server`, `client`, `bench`, `demo`.
 //!
 //! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
 
 mod bench;
 mod client;
+mod demo;
 mod server;
 
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ pub enum Command {
     /// Measure.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Start a 3-node cluster in this process and walk through what MPREG does, checking
+    /// every result (the same code as `cargo run --example quick_demo`).
+    Demo,
 }
 
 /// `mpreg server ...`
@@ -162,5 +166,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Server(ServerCommand::StartConfig { file, log_format }) => server::start_config(&file, log_format),
         Command::Client(command) => client::run(command),
         Command::Bench(BenchCommand::Rpc(args)) => bench::rpc(args),
+        Command::Demo => demo::run(),
     }
 }

@@ -196,6 +196,8 @@ pub struct FabricGossip {
     dials: HashMap<String, DialState>,
     epoch: Instant,
     last_refresh: Instant,
+    /// Set by GOODBYE: links closing now are expected, not failures.
+    leaving: bool,
     _guard: ChildGuard,
 }
 
@@ -221,6 +223,7 @@ impl FabricGossip {
             dials,
             epoch: now,
             last_refresh: now,
+            leaving: false,
             _guard: guard,
         }
     }
@@ -332,7 +335,7 @@ impl FabricGossip {
                 dial.in_progress = false;
             }
         }
-        if let Some(node) = &l.node {
+        if let Some(node) = l.node.as_ref().filter(|_| !self.leaving) {
             let still_linked = self.links.values().any(|o| o.node.as_ref() == Some(node));
             if !still_linked {
                 info!(node = %self.shared.me.node, peer = %node, link, "link lost");
@@ -673,6 +676,7 @@ impl Handler<SayGoodbye> for FabricGossip {
             PeerFrame::Server(ServerFrame::Goodbye { node: me.node.clone(), instance_id: me.instance_id.clone() });
         self.broadcast(&frame, None);
         // Stop dialling; the links close when the supervisor stops this actor.
+        self.leaving = true;
         self.dials.clear();
         self.config.peers.clear();
         self.config.fanout = 0;
