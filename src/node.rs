@@ -194,7 +194,7 @@ impl NodeBuilder {
         let shared = Arc::new(NodeShared {
             config: ConnectionConfig {
                 node: name.clone(),
-                cluster_id: settings.cluster_id.clone(),
+                cluster_id: settings.cluster_id.as_str().into(),
                 request_timeout: Settings::seconds(settings.request_timeout_s),
                 max_in_flight: settings.max_in_flight_per_connection,
                 max_frame_bytes: settings.max_frame_bytes,

@@ -21,6 +21,7 @@ use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler,
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
@@ -30,7 +31,7 @@ use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
 };
 use crate::monitor::Metrics;
-use crate::planner::{execute, LevelObserver, LevelReport, Plan, ReportOptions};
+use crate::planner::{execute, LevelObserver, LevelReport, NoObserver, Outcome, Plan, ReportOptions};
 use crate::protocol::{
     decode_inbound, encode, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
     PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
@@ -47,7 +48,7 @@ pub struct ConnectionConfig {
     /// Node name (publisher of callback-topic messages).
     pub node: String,
     /// This node's cluster (for `target_cluster`).
-    pub cluster_id: String,
+    pub cluster_id: Arc<str>,
     /// Whole-request timeout unless the request sets its own.
     pub request_timeout: Duration,
     /// Requests in flight per connection before 1006.
@@ -244,12 +245,33 @@ impl Connection {
             self.reply(encode(&RpcResponse::failure(Some(request.u), error)), kind, ctx);
             return;
         }
+        let started = Instant::now();
+        let metrics = &self.shared.metrics;
+        metrics.request_started();
+        let u = request.u.clone();
+        let prepared = match prepare(&self.shared, request) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                metrics.request_finished(started.elapsed(), error.kind());
+                self.reply(encode(&RpcResponse::failure(Some(u), error)), kind, ctx);
+                return;
+            }
+        };
+        // Fast path: a plan of inline functions only completes in its first poll; running
+        // it here saves a task, a timer and a span per request (DESIGN.md §4).
+        if prepared.is_inline() {
+            let response = prepared.run_inline();
+            metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
+            self.reply(encode(&response), kind, ctx);
+            return;
+        }
         self.in_flight += 1;
         let shared = self.shared.clone();
         let outbox = self.outbox.clone();
-        let span = tracing::info_span!("rpc", u = %request.u, conn = self.id);
+        let span = tracing::debug_span!("rpc", u = %u, conn = self.id);
         let task = async move {
-            let response = run_rpc(&shared, request, &outbox).await;
+            let response = prepared.run(&shared).await;
+            shared.metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&response)), kind }).await;
         }
         .instrument(span);
@@ -353,20 +375,17 @@ impl LevelObserver for CallbackPublisher<'_> {
     }
 }
 
-/// Plans and runs one request under its timeout; always returns a response.
-async fn run_rpc(shared: &NodeShared, request: RpcRequest, _outbox: &Outbox) -> RpcResponse {
-    let started = Instant::now();
-    shared.metrics.request_started();
-    let u = request.u.clone();
-    let response = match plan_and_run(shared, request).await {
-        Ok(response) => response,
-        Err(error) => RpcResponse::failure(Some(u), error),
-    };
-    shared.metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
-    response
+/// A validated, planned request.
+struct Prepared {
+    u: String,
+    plan: Plan,
+    options: ReportOptions,
+    timeout: Duration,
+    callback_topic: Option<String>,
 }
 
-async fn plan_and_run(shared: &NodeShared, request: RpcRequest) -> Result<RpcResponse, RpcError> {
+/// Validates and plans a request (no I/O).
+fn prepare(shared: &NodeShared, request: RpcRequest) -> Result<Prepared, RpcError> {
     let timeout = match request.timeout {
         None => shared.config.request_timeout,
         Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
@@ -377,17 +396,50 @@ async fn plan_and_run(shared: &NodeShared, request: RpcRequest) -> Result<RpcRes
         observe_levels: request.intermediate_result_callback_topic.is_some(),
         execution_summary: request.include_execution_summary,
     };
-    let mut observer = CallbackPublisher { shared, topic: request.intermediate_result_callback_topic.clone() };
+    let callback_topic = request.intermediate_result_callback_topic.clone();
     let u = request.u.clone();
-    let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), &shared.config.cluster_id);
+    let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), shared.config.cluster_id.clone());
     let plan = Plan::build(request, &routing)?;
-    let outcome = tokio::time::timeout(timeout, execute(plan, options, &mut observer))
-        .await
-        .map_err(|_| RpcError::timeout(timeout.as_secs_f64()))??;
-    let mut response = RpcResponse::success(u, outcome.r);
-    response.intermediate_results = outcome.intermediate_results;
-    response.execution_summary = outcome.execution_summary;
-    Ok(response)
+    Ok(Prepared { u, plan, options, timeout, callback_topic })
+}
+
+fn response(u: String, result: Result<Outcome, RpcError>) -> RpcResponse {
+    match result {
+        Ok(outcome) => {
+            let mut response = RpcResponse::success(u, outcome.r);
+            response.intermediate_results = outcome.intermediate_results;
+            response.execution_summary = outcome.execution_summary;
+            response
+        }
+        Err(error) => RpcResponse::failure(Some(u), error),
+    }
+}
+
+impl Prepared {
+    /// Whether nothing in the request can wait: inline functions only, no callback topic.
+    fn is_inline(&self) -> bool {
+        self.plan.is_inline() && self.callback_topic.is_none()
+    }
+
+    /// Runs an inline request in place (see [`Prepared::is_inline`]).
+    fn run_inline(self) -> RpcResponse {
+        let Prepared { u, plan, options, .. } = self;
+        match execute(plan, options, &mut NoObserver).now_or_never() {
+            Some(result) => response(u, result),
+            // Unreachable for an inline plan; answer rather than lose the request.
+            None => RpcResponse::failure(Some(u), RpcError::invalid("inline plan did not complete")),
+        }
+    }
+
+    /// Runs the request under its timeout; always returns a response.
+    async fn run(self, shared: &NodeShared) -> RpcResponse {
+        let Prepared { u, plan, options, timeout, callback_topic } = self;
+        let mut observer = CallbackPublisher { shared, topic: callback_topic };
+        let result = tokio::time::timeout(timeout, execute(plan, options, &mut observer))
+            .await
+            .unwrap_or_else(|_| Err(RpcError::timeout(timeout.as_secs_f64())));
+        response(u, result)
+    }
 }
 
 /// Drains the outbox into the websocket, in order, until the connection closes.

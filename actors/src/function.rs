@@ -106,7 +106,8 @@ pub struct FunctionIdentity {
 /// A registrable function: identity plus code.
 #[derive(Clone)]
 pub struct FunctionSpec {
-    identity: FunctionIdentity,
+    // Shared: a plan clones the spec of every command it resolves.
+    identity: Arc<FunctionIdentity>,
     body: Body,
 }
 
@@ -119,12 +120,12 @@ impl fmt::Debug for FunctionSpec {
 impl FunctionSpec {
     fn with_body(name: &str, body: Body) -> Self {
         FunctionSpec {
-            identity: FunctionIdentity {
+            identity: Arc::new(FunctionIdentity {
                 name: name.to_owned(),
                 function_id: name.to_owned(),
                 version: Version::default(),
                 resources: BTreeSet::new(),
-            },
+            }),
             body,
         }
     }
@@ -161,19 +162,19 @@ impl FunctionSpec {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.identity.resources = resources.into_iter().map(Into::into).collect();
+        Arc::make_mut(&mut self.identity).resources = resources.into_iter().map(Into::into).collect();
         self
     }
 
     /// Set the function id (defaults to the name).
     pub fn function_id(mut self, id: &str) -> Self {
-        self.identity.function_id = id.to_owned();
+        Arc::make_mut(&mut self.identity).function_id = id.to_owned();
         self
     }
 
     /// Set the version (defaults to 1.0.0).
     pub fn version(mut self, version: Version) -> Self {
-        self.identity.version = version;
+        Arc::make_mut(&mut self.identity).version = version;
         self
     }
 

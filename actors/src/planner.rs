@@ -101,6 +101,12 @@ impl Plan {
         })
     }
 
+    /// Whether every command runs in place (no task, no remote call): such a plan
+    /// completes in its first poll.
+    pub fn is_inline(&self) -> bool {
+        self.endpoints.iter().all(|e| matches!(e, Endpoint::Local(f) if f.is_inline()))
+    }
+
     /// How many levels (longest dependency chain) the plan has.
     pub fn level_count(&self) -> usize {
         self.level_count

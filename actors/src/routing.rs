@@ -30,18 +30,18 @@ pub enum Endpoint {
 pub struct Routing {
     local: Arc<FunctionTable>,
     fabric: Option<Arc<FabricShared>>,
-    cluster_id: String,
+    cluster_id: Arc<str>,
 }
 
 impl Routing {
     /// Local functions only.
-    pub fn local(local: Arc<FunctionTable>, cluster_id: &str) -> Self {
-        Routing { local, fabric: None, cluster_id: cluster_id.to_owned() }
+    pub fn local(local: Arc<FunctionTable>, cluster_id: impl Into<Arc<str>>) -> Self {
+        Routing { local, fabric: None, cluster_id: cluster_id.into() }
     }
 
     /// Local functions and the cluster's.
-    pub fn with_fabric(local: Arc<FunctionTable>, fabric: Arc<FabricShared>, cluster_id: &str) -> Self {
-        Routing { local, fabric: Some(fabric), cluster_id: cluster_id.to_owned() }
+    pub fn with_fabric(local: Arc<FunctionTable>, fabric: Arc<FabricShared>, cluster_id: Arc<str>) -> Self {
+        Routing { local, fabric: Some(fabric), cluster_id }
     }
 
     /// The fabric, for remote calls.

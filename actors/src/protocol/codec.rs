@@ -52,8 +52,54 @@ struct Envelope {
     u: Option<Value>,
 }
 
+/// The value of the top-level `"role"` key, found without parsing the frame: a byte scan
+/// that tracks nesting and strings. `None` when absent, escaped or not a plain string —
+/// the caller then takes the general path.
+fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    if bytes[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                let text = bytes.get(start..i)?;
+                if depth == 1 && text == b"role" {
+                    let rest = bytes.get(i + 1..)?;
+                    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+                    if rest[colon] != b':' {
+                        return None;
+                    }
+                    let value = &rest[colon + 1..];
+                    let open = value.iter().position(|b| !b.is_ascii_whitespace())?;
+                    let value = value.get(open + 1..).filter(|_| value[open] == b'"')?;
+                    let end = value.iter().position(|&b| b == b'"' || b == b'\\')?;
+                    return (value[end] == b'"').then(|| &value[..end]);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Decodes one frame's bytes.
 pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
+    // Hot path: an rpc frame is parsed once, straight into its type. Anything that does
+    // not parse takes the general path below, which also builds the error reply.
+    if sniff_role(bytes) == Some(b"rpc") {
+        if let Ok(request) = serde_json::from_slice::<RpcRequest>(bytes) {
+            return Ok(Inbound::Rpc(request));
+        }
+    }
     let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| InboundError {
         u: None,
         role: None,
@@ -137,7 +183,41 @@ mod tests {
         assert!(req.cmds[0].args.is_empty() && req.cmds[0].locs.is_empty());
     }
 
+    #[test]
+    fn role_sniffing_reads_only_the_top_level_key() {
+        assert_eq!(sniff_role(br#"{"u":"a","role":"rpc","cmds":[]}"#), Some(&b"rpc"[..]));
+        assert_eq!(sniff_role(br#"{"role" : "pubsub-publish"}"#), Some(&b"pubsub-publish"[..]));
+        assert_eq!(sniff_role(br#"{"x":{"role":"rpc"},"role":"bogus"}"#), Some(&b"bogus"[..]));
+        assert_eq!(sniff_role(br#"{"x":"\"role\":\"rpc\""}"#), None);
+        assert_eq!(sniff_role(br#"{"role":"r\u0070c"}"#), None);
+        assert_eq!(sniff_role(b"not json"), None);
+    }
+
     proptest! {
+        /// The byte scan agrees with a real parse whenever it answers.
+        #[test]
+        fn role_sniffing_agrees_with_serde(
+            role in "[a-z-]{0,8}",
+            nested in "[a-z\"\\{}:,]{0,12}",
+            before in proptest::bool::ANY,
+        ) {
+            let inner = serde_json::to_string(&nested).unwrap();
+            let frame = if before {
+                format!(r#"{{"role":{},"k":{{"role":"rpc","s":{inner}}}}}"#, serde_json::to_string(&role).unwrap())
+            } else {
+                format!(r#"{{"k":{{"role":"rpc","s":{inner}}},"role":{}}}"#, serde_json::to_string(&role).unwrap())
+            };
+            let parsed: Value = serde_json::from_str(&frame).unwrap();
+            if let Some(found) = sniff_role(frame.as_bytes()) {
+                prop_assert_eq!(Some(std::str::from_utf8(found).unwrap()), parsed["role"].as_str());
+            }
+        }
+
+        #[test]
+        fn sniffing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = sniff_role(&bytes);
+        }
+
         /// Whatever bytes arrive, decoding answers (never panics) and a request survives a
         /// round trip through the encoder.
         #[test]
