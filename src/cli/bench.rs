@@ -12,6 +12,13 @@
 //! sequential (one call in flight) and pipelined (64 in flight). Last, a separate `mpreg
 //! server start` process is spawned to read the idle node's resident memory.
 //!
+//! Two cluster scenarios run in the same process: the node above (node 1, which also
+//! serves `add` and `multiply` on cpu,math) is joined by a second in-process node (node 2:
+//! `model_score` on gpu and `echo_remote`, a function only it serves). `rpc_chain_2node`
+//! sends the tier-1 three-step chain to node 2 (two steps run on node 1);
+//! `rpc_forward_1hop` calls `echo_remote` through node 1. Both are sequential and are
+//! reported as p50 multiples of `rpc_echo_seq`.
+//!
 //! Progress goes to stderr so that stdout holds only the table or the JSON object.
 
 use std::collections::HashMap;
@@ -23,13 +30,15 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_ws::AggregatedMessage;
 use anyhow::{bail, Context};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::client::Client;
 use crate::config::Settings;
 use crate::node::{Node, NodeBuilder};
+use crate::{FunctionSpec, RpcCommand};
 
 /// Flags of `mpreg bench rpc`.
 #[derive(Debug, clap::Args)]
@@ -74,7 +83,7 @@ const PIPELINE_DEPTH: usize = 64;
 /// A scenario that has not finished this long after its window ends is declared stuck.
 const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// How long the spawned node may take to print `MPREG_URL=`.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the spawned node sits idle before its memory is read.
 const IDLE_SETTLE: Duration = Duration::from_secs(1);
 
@@ -83,31 +92,100 @@ const IDLE_SETTLE: Duration = Duration::from_secs(1);
 enum Target {
     /// The raw actix-ws echo server.
     Floor,
-    /// The real node.
+    /// The real node (node 1 of the 2-node cluster).
     Node,
+    /// Node 2 of the 2-node cluster.
+    Node2,
 }
+
+/// What each request of a scenario asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// `echo(42)`, served by the node the client is connected to.
+    Echo,
+    /// The tier-1 chain: `add` and `multiply` on cpu, then `model_score` on gpu.
+    Chain,
+    /// `echo_remote(42)`, served by node 2 only.
+    EchoRemote,
+}
+
+/// The tier-1 chain (`model_score(multiply(add(20, 22), 3))`).
+const CHAIN_CMDS: &str = r#"[{"name":"sum","fun":"add","args":[20,22],"locs":["cpu"]},{"name":"scaled","fun":"multiply","args":["sum",3],"locs":["cpu"]},{"name":"scored","fun":"model_score","args":["scaled"],"locs":["gpu"]}]"#;
+/// What a successful chain reply contains: `model_score(126)`'s score.
+const CHAIN_SCORE: &[u8] = b"1.26";
+/// The function only node 2 serves.
+const REMOTE_FUNCTION: &str = "echo_remote";
+/// How long the 2-node cluster may take to route both cluster scenarios.
+const ROUTABLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Gossip round of the 2-node cluster (fast, so it forms quickly).
+const CLUSTER_GOSSIP_S: f64 = 0.1;
 
 /// One row of the benchmark: what to drive and against which floor to compare it.
 #[derive(Debug, Clone, Copy)]
 struct Scenario {
     name: &'static str,
     target: Target,
+    request: Request,
     /// Requests in flight on the connection.
     depth: usize,
     /// The scenario whose calls/s this one is divided by.
     floor: Option<&'static str>,
+    /// The scenario whose p50 this one's p50 is divided by, and the target for that ratio.
+    p50_baseline: Option<(&'static str, f64)>,
 }
 
-/// In print order; a floor comes before the scenario compared to it.
-const SCENARIOS: [Scenario; 4] = [
-    Scenario { name: "raw_ws_echo_seq", target: Target::Floor, depth: 1, floor: None },
-    Scenario { name: "rpc_echo_seq", target: Target::Node, depth: 1, floor: Some("raw_ws_echo_seq") },
-    Scenario { name: "raw_ws_echo_pipelined", target: Target::Floor, depth: PIPELINE_DEPTH, floor: None },
+/// The sequential single-node RPC, baseline of the cluster scenarios' latency.
+const ECHO_SEQ: &str = "rpc_echo_seq";
+
+/// In print order; a floor or baseline comes before the scenario compared to it.
+const SCENARIOS: [Scenario; 6] = [
+    Scenario {
+        name: "raw_ws_echo_seq",
+        target: Target::Floor,
+        request: Request::Echo,
+        depth: 1,
+        floor: None,
+        p50_baseline: None,
+    },
+    Scenario {
+        name: ECHO_SEQ,
+        target: Target::Node,
+        request: Request::Echo,
+        depth: 1,
+        floor: Some("raw_ws_echo_seq"),
+        p50_baseline: None,
+    },
+    Scenario {
+        name: "raw_ws_echo_pipelined",
+        target: Target::Floor,
+        request: Request::Echo,
+        depth: PIPELINE_DEPTH,
+        floor: None,
+        p50_baseline: None,
+    },
     Scenario {
         name: "rpc_echo_pipelined",
         target: Target::Node,
+        request: Request::Echo,
         depth: PIPELINE_DEPTH,
         floor: Some("raw_ws_echo_pipelined"),
+        p50_baseline: None,
+    },
+    Scenario {
+        name: "rpc_chain_2node",
+        target: Target::Node2,
+        request: Request::Chain,
+        depth: 1,
+        floor: None,
+        p50_baseline: Some((ECHO_SEQ, 4.0)),
+    },
+    Scenario {
+        name: "rpc_forward_1hop",
+        target: Target::Node,
+        request: Request::EchoRemote,
+        depth: 1,
+        floor: None,
+        p50_baseline: Some((ECHO_SEQ, 2.5)),
     },
 ];
 
@@ -122,6 +200,16 @@ struct ScenarioResult {
     calls: usize,
     /// calls/s divided by the floor's calls/s (rpc scenarios only).
     ratio_to_floor: Option<f64>,
+    /// p50 divided by the baseline's p50, with the target (cluster scenarios only).
+    p50_ratio: Option<P50Ratio>,
+}
+
+/// A p50 compared to another scenario's.
+#[derive(Debug, Clone, Copy)]
+struct P50Ratio {
+    baseline: &'static str,
+    ratio: f64,
+    target: f64,
 }
 
 /// Everything the run measured.
@@ -139,14 +227,20 @@ impl Report {
             .results
             .iter()
             .map(|r| {
-                json!({
+                let mut row = json!({
                     "name": r.name,
                     "calls_per_s": round1(r.calls_per_s),
                     "p50_us": r.p50_us,
                     "p99_us": r.p99_us,
                     "calls": r.calls,
                     "ratio_to_floor": r.ratio_to_floor.map(round3),
-                })
+                });
+                if let Some(p) = r.p50_ratio {
+                    row[format!("p50_ratio_to_{}", p.baseline)] = json!(round3(p.ratio));
+                    row["p50_ratio_target"] = json!(p.target);
+                    row["p50_ratio_met"] = json!(p.ratio <= p.target);
+                }
+                row
             })
             .collect();
         json!({
@@ -170,20 +264,40 @@ impl Report {
             self.duration.as_secs_f64(),
             WARMUP.as_secs_f64()
         )?;
-        writeln!(out, "{:<24}{:>12}{:>10}{:>10}{:>10}", "scenario", "calls/s", "p50 µs", "p99 µs", "vs floor")?;
+        writeln!(
+            out,
+            "{:<24}{:>12}{:>10}{:>10}{:>10}   p50 vs {ECHO_SEQ} (target)",
+            "scenario", "calls/s", "p50 µs", "p99 µs", "vs floor"
+        )?;
         for r in &self.results {
             let ratio = r.ratio_to_floor.map_or_else(|| "-".to_owned(), |x| format!("{x:.2}x"));
-            writeln!(out, "{:<24}{:>12.0}{:>10}{:>10}{:>10}", r.name, r.calls_per_s, r.p50_us, r.p99_us, ratio)?;
+            let p50 = r.p50_ratio.map_or_else(
+                || "-".to_owned(),
+                |p| {
+                    let verdict = if p.ratio <= p.target { "ok" } else { "MISSED" };
+                    format!("{:.2}x (<= {}x, {verdict})", p.ratio, p.target)
+                },
+            );
+            writeln!(
+                out,
+                "{:<24}{:>12.0}{:>10}{:>10}{:>10}   {p50}",
+                r.name, r.calls_per_s, r.p50_us, r.p99_us, ratio
+            )?;
         }
+        writeln!(
+            out,
+            "rpc_chain_2node: client on node 2 (model_score/gpu), add+multiply on node 1; \
+             rpc_forward_1hop: client on node 1, echo_remote only on node 2; both nodes in this process"
+        )?;
         writeln!(out, "idle node resident memory: {:.1} MiB", self.idle_rss_mb)
     }
 }
 
-fn round1(x: f64) -> f64 {
+pub(super) fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn round3(x: f64) -> f64 {
+pub(super) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -196,9 +310,47 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
         let defaults = Settings::default();
         let floor = EchoServer::start(defaults.workers, defaults.max_frame_bytes.saturating_mul(2))
             .context("starting the raw websocket echo server")?;
-        let settings = Settings { port: 0, monitoring_enabled: false, ..Settings::default() };
-        let node = NodeBuilder::new(settings).start().await.context("starting the node")?;
-        let urls = Urls { floor: floor.url.clone(), node: node.url().to_owned() };
+        // Node 1: echo (built in) for the single-node scenarios, add+multiply for the chain.
+        let settings = Settings {
+            port: 0,
+            monitoring_enabled: false,
+            name: "bench-node1".to_owned(),
+            functions: vec!["add".to_owned(), "multiply".to_owned()],
+            gossip_interval_s: CLUSTER_GOSSIP_S,
+            ..Settings::default()
+        };
+        let node = NodeBuilder::new(settings).start().await.context("starting node 1")?;
+        // Node 2: model_score (gpu) and a function only it serves; joins node 1.
+        let settings2 = Settings {
+            port: 0,
+            monitoring_enabled: false,
+            name: "bench-node2".to_owned(),
+            functions: vec!["model_score".to_owned()],
+            peers: vec![node.url().to_owned()],
+            gossip_interval_s: CLUSTER_GOSSIP_S,
+            ..Settings::default()
+        };
+        let node2 = match NodeBuilder::new(settings2)
+            .function(FunctionSpec::sync(REMOTE_FUNCTION, |v: Value| v).inline())
+            .start()
+            .await
+        {
+            Ok(node2) => node2,
+            Err(e) => {
+                stop(&node, &floor).await;
+                return Err(anyhow::Error::new(e).context("starting node 2"));
+            }
+        };
+        let urls = Urls { floor: floor.url.clone(), node: node.url().to_owned(), node2: node2.url().to_owned() };
+        eprint!("waiting for the 2-node cluster to route the chain and echo_remote ...");
+        let started = Instant::now();
+        if let Err(e) = wait_routable(&urls).await {
+            eprintln!();
+            node2.shutdown().await;
+            stop(&node, &floor).await;
+            return Err(e);
+        }
+        eprintln!(" {:.2} s", started.elapsed().as_secs_f64());
         // The servers' worker threads start when their futures are first polled: let them
         // run before the client thread pins every other thread of the process.
         actix_rt::time::sleep(Duration::from_millis(50)).await;
@@ -212,9 +364,39 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
             .context("starting the client thread")?;
         let outcome = rx.await.context("the client thread died");
         drop(client.join());
+        node2.shutdown().await;
         stop(&node, &floor).await;
         outcome?
     })
+}
+
+/// Polls, through a `Client` on each entry node, until the chain answers on node 2 and
+/// `echo_remote` answers on node 1 (bounded by `ROUTABLE_TIMEOUT`).
+async fn wait_routable(urls: &Urls) -> anyhow::Result<()> {
+    let deadline = Instant::now() + ROUTABLE_TIMEOUT;
+    let entry2 = Client::connect(&urls.node2).await.context("connecting to node 2")?;
+    let entry1 = Client::connect(&urls.node).await.context("connecting to node 1")?;
+    let chain: Vec<RpcCommand> = serde_json::from_str(CHAIN_CMDS).context("the chain's commands")?;
+    let outcome = async {
+        loop {
+            let chain_ok = matches!(entry2.request(chain.clone()).await, Ok(r) if r["scored"]["score"] == json!(1.26));
+            let remote_ok = entry1.call(REMOTE_FUNCTION, vec![json!(42)]).await.ok() == Some(json!(42));
+            if chain_ok && remote_ok {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the 2-node cluster did not route within {} s (chain: {chain_ok}, echo_remote: {remote_ok})",
+                    ROUTABLE_TIMEOUT.as_secs()
+                );
+            }
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    .await;
+    entry1.close().await;
+    entry2.close().await;
+    outcome
 }
 
 async fn stop(node: &Node, floor: &EchoServer) {
@@ -284,6 +466,7 @@ async fn echo_entry(
 struct Urls {
     floor: String,
     node: String,
+    node2: String,
 }
 
 /// Runs every scenario in order on this (new) thread.
@@ -310,6 +493,7 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
         let url = match scenario.target {
             Target::Floor => &urls.floor,
             Target::Node => &urls.node,
+            Target::Node2 => &urls.node2,
         };
         let budget = WARMUP + duration + STUCK_AFTER;
         let measurement = runtime
@@ -328,6 +512,14 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
         result.ratio_to_floor = scenario.floor.and_then(|floor| {
             let floor = results.iter().find(|r| r.name == floor)?;
             (floor.calls_per_s > 0.0).then(|| result.calls_per_s / floor.calls_per_s)
+        });
+        result.p50_ratio = scenario.p50_baseline.and_then(|(baseline, target)| {
+            let base = results.iter().find(|r| r.name == baseline)?;
+            (base.p50_us > 0).then(|| P50Ratio {
+                baseline,
+                ratio: f64::from(result.p50_us) / f64::from(base.p50_us),
+                target,
+            })
         });
         eprintln!(" {:.0} calls/s", result.calls_per_s);
         results.push(result);
@@ -420,6 +612,7 @@ impl Measurement {
             p99_us: percentile(&self.latencies_us, 0.99),
             calls,
             ratio_to_floor: None,
+            p50_ratio: None,
         }
     }
 }
@@ -441,11 +634,13 @@ async fn drive(url: &str, scenario: &Scenario, duration: Duration) -> anyhow::Re
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let check = match scenario.target {
-        Target::Floor => ReplyCheck::Echo,
-        Target::Node => ReplyCheck::RpcSuccess,
+    let check = match (scenario.target, scenario.request) {
+        (Target::Floor, _) => ReplyCheck::Echo,
+        (_, Request::Chain) => ReplyCheck::RpcSuccessWith(CHAIN_SCORE),
+        (_, _) => ReplyCheck::RpcSuccess,
     };
-    let mut driver = Driver::new(ws, check, scenario.depth, duration);
+    let template = RequestTemplate::new(scenario.request);
+    let mut driver = Driver::new(ws, template, check, scenario.depth, duration);
     let outcome = driver.run(scenario.depth).await;
     // Best effort: the measurement is complete whether or not the close handshake is.
     drop(driver.ws.close(None).await);
@@ -459,6 +654,8 @@ enum ReplyCheck {
     Echo,
     /// The node answered without error.
     RpcSuccess,
+    /// The node answered without error, and the reply contains these bytes.
+    RpcSuccessWith(&'static [u8]),
 }
 
 /// The measured window, after warm-up.
@@ -481,13 +678,13 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(ws: Ws, check: ReplyCheck, depth: usize, duration: Duration) -> Self {
+    fn new(ws: Ws, template: RequestTemplate, check: ReplyCheck, depth: usize, duration: Duration) -> Self {
         let now = Instant::now();
         let start = now + WARMUP;
         let expected = (duration.as_secs_f64() * 200_000.0).min(50_000_000.0) as usize;
         Driver {
             ws,
-            template: RequestTemplate::echo(),
+            template,
             check,
             outstanding: HashMap::with_capacity(depth * 2),
             next_seq: 0,
@@ -552,6 +749,9 @@ impl Driver {
         let ok = match self.check {
             ReplyCheck::Echo => bytes.len() == self.template.len(),
             ReplyCheck::RpcSuccess => find(bytes, br#""error":null"#).is_some(),
+            ReplyCheck::RpcSuccessWith(needle) => {
+                find(bytes, br#""error":null"#).is_some() && find(bytes, needle).is_some()
+            }
         };
         if !ok {
             self.measurement.errors += 1;
@@ -573,7 +773,7 @@ impl Driver {
     }
 }
 
-/// An echo RPC request, encoded once; each request patches only its `u` digits.
+/// An RPC request, encoded once; each request patches only its `u` digits.
 struct RequestTemplate {
     bytes: Vec<u8>,
     /// Where the `U_DIGITS` hex digits of `u` start.
@@ -586,9 +786,20 @@ const U_DIGITS: usize = 16;
 const U_KEY: &[u8] = br#""u":""#;
 
 impl RequestTemplate {
+    /// `echo(42)`.
+    #[cfg(test)]
     fn echo() -> Self {
+        Self::new(Request::Echo)
+    }
+
+    fn new(request: Request) -> Self {
         let u = "0".repeat(U_DIGITS);
-        let text = format!(r#"{{"role":"rpc","u":"{u}","cmds":[{{"name":"e","fun":"echo","args":[42]}}]}}"#);
+        let cmds = match request {
+            Request::Echo => r#"[{"name":"e","fun":"echo","args":[42]}]"#.to_owned(),
+            Request::EchoRemote => format!(r#"[{{"name":"e","fun":"{REMOTE_FUNCTION}","args":[42]}}]"#),
+            Request::Chain => CHAIN_CMDS.to_owned(),
+        };
+        let text = format!(r#"{{"role":"rpc","u":"{u}","cmds":{cmds}}}"#);
         let bytes = text.into_bytes();
         // The key is in the literal just built, so this cannot miss.
         let u_at = find(&bytes, U_KEY).map_or(0, |at| at + U_KEY.len());
@@ -642,7 +853,7 @@ fn preview(bytes: &[u8]) -> String {
 // Idle memory: a real `mpreg server start` process, read from /proc.
 
 /// Kills the spawned node however the measurement ends.
-struct ChildGuard(Child);
+pub(super) struct ChildGuard(pub(super) Child);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -692,7 +903,7 @@ fn idle_rss_mb() -> anyhow::Result<f64> {
 }
 
 /// The `VmRSS:   12345 kB` figure of a /proc status file.
-fn vm_rss_kib(status: &str) -> Option<u64> {
+pub(super) fn vm_rss_kib(status: &str) -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
@@ -710,6 +921,20 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_slice(&frame).unwrap();
         assert_eq!(parsed["u"], "0000000000000abc");
         assert_eq!(parsed["cmds"][0]["fun"], "echo");
+    }
+
+    #[test]
+    fn cluster_templates_are_valid_requests() {
+        let chain = RequestTemplate::new(Request::Chain).frame(7);
+        let parsed: serde_json::Value = serde_json::from_slice(&chain).unwrap();
+        assert_eq!(parsed["cmds"].as_array().map(Vec::len), Some(3));
+        assert_eq!(parsed["cmds"][2]["locs"], json!(["gpu"]));
+        assert_eq!(reply_seq(&chain), Some(7));
+        let remote = RequestTemplate::new(Request::EchoRemote).frame(9);
+        let parsed: serde_json::Value = serde_json::from_slice(&remote).unwrap();
+        assert_eq!(parsed["cmds"][0]["fun"], REMOTE_FUNCTION);
+        let cmds: Vec<RpcCommand> = serde_json::from_str(CHAIN_CMDS).unwrap();
+        assert_eq!(cmds.len(), 3);
     }
 
     #[test]

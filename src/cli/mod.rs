@@ -3,6 +3,7 @@
 //! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
 
 mod bench;
+mod bench_cluster;
 mod client;
 mod demo;
 mod server;
@@ -157,6 +158,9 @@ pub enum ClientCommand {
 pub enum BenchCommand {
     /// RPC throughput and latency against a raw websocket floor.
     Rpc(bench::RpcBenchArgs),
+    /// Mesh formation, registration propagation, failure detection and memory of N node
+    /// processes.
+    Cluster(bench_cluster::ClusterBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -166,6 +170,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Server(ServerCommand::StartConfig { file, log_format }) => server::start_config(&file, log_format),
         Command::Client(command) => client::run(command),
         Command::Bench(BenchCommand::Rpc(args)) => bench::rpc(args),
+        Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::cluster(args),
         Command::Demo => demo::run(),
     }
 }

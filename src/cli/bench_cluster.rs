@@ -1,0 +1,532 @@
+//! `mpreg bench cluster`: how an N-process cluster forms, spreads a registration, notices
+//! a dead node, and what each node costs in memory.
+//!
+//! Everything runs at default settings except ports (0) and names (`n0` .. `nN-1`):
+//! - N `mpreg server start` processes of this binary are spawned, `n0` first, the others
+//!   with `--peer <n0>`; mesh formation is the time from the first spawn until every
+//!   node's `cluster-status` lists all N nodes alive;
+//! - each process's VmRSS is read right after the mesh formed;
+//! - registration propagation: this process starts its own node (the registrar, in
+//!   process, `NodeBuilder` with `peers = [n0]`); once every process sees it alive, it
+//!   registers `probe_fn` at t0 while one client per process calls `probe_fn` until it
+//!   answers; the figure is the time until all N processes route it;
+//! - failure detection: the last process gets SIGKILL; the others' `cluster-status` is
+//!   polled until none shows it alive (suspected everywhere), then until it is gone from
+//!   every view (removed everywhere).
+//!
+//! Progress goes to stderr so that stdout holds only the table or the JSON object.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tokio::runtime::Handle;
+
+use super::bench::{round1, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
+use crate::client::Client;
+use crate::config::Settings;
+use crate::node::NodeBuilder;
+use crate::FunctionSpec;
+
+/// Flags of `mpreg bench cluster`.
+#[derive(Debug, clap::Args)]
+pub struct ClusterBenchArgs {
+    /// Node processes to start.
+    #[arg(long, default_value_t = 16)]
+    pub nodes: usize,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Pause between `cluster-status` polls of one node.
+const STATUS_POLL: Duration = Duration::from_millis(20);
+/// Pause between failed `probe_fn` calls on one node.
+const PROBE_POLL: Duration = Duration::from_millis(2);
+/// Bound on mesh formation and on the registrar joining.
+const MESH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on registration propagation.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on failure detection, beyond `remove_after_s`.
+const FAILURE_SLACK: Duration = Duration::from_secs(30);
+/// Registration propagation target at default settings.
+const PROPAGATION_TARGET: Duration = Duration::from_secs(1);
+/// The function the registrar registers.
+const PROBE_FUNCTION: &str = "probe_fn";
+/// The in-process registrar node's name.
+const REGISTRAR: &str = "bench-registrar";
+
+/// Runs the whole benchmark and prints the report.
+pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
+    if !(2..=256).contains(&args.nodes) {
+        bail!("--nodes must be in 2..=256, got {}", args.nodes);
+    }
+    // The pollers run on their own runtime, so that polling never delays the registrar
+    // node's actors (which live on this thread's actix System).
+    let pollers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-poller")
+        .enable_all()
+        .build()
+        .context("building the poller runtime")?;
+    let handle = pollers.handle().clone();
+    let report = actix_rt::System::new().block_on(run(args.nodes, handle));
+    drop(pollers);
+    let report = report?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", report.to_json())?;
+    } else {
+        report.write_table(&mut out)?;
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+/// One spawned `mpreg server start`.
+struct Process {
+    name: String,
+    url: String,
+    child: ChildGuard,
+}
+
+/// Everything the run measured.
+struct Report {
+    nodes: usize,
+    mesh_formed: Duration,
+    registrar_joined: Duration,
+    /// Per process, from t0 (the `register` call) to its first successful `probe_fn`.
+    propagation: Vec<Duration>,
+    /// How long `Node::register` itself took.
+    register_call: Duration,
+    victim: String,
+    suspected_everywhere: Duration,
+    removed_everywhere: Duration,
+    /// VmRSS of each process after the mesh formed, MiB.
+    rss_mib: Vec<f64>,
+    settings: Settings,
+}
+
+impl Report {
+    fn propagation_all(&self) -> Duration {
+        self.propagation.iter().copied().max().unwrap_or_default()
+    }
+
+    fn rss_mean(&self) -> f64 {
+        self.rss_mib.iter().sum::<f64>() / self.rss_mib.len().max(1) as f64
+    }
+
+    fn rss_max(&self) -> f64 {
+        self.rss_mib.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn to_json(&self) -> Value {
+        let all = self.propagation_all();
+        json!({
+            "nodes": self.nodes,
+            "mesh_formation_ms": ms(self.mesh_formed),
+            "registration_propagation": {
+                "registrar": "in-process node of the bench (NodeBuilder, peers = [n0]), not one of the N processes",
+                "registrar_joined_everywhere_ms": ms(self.registrar_joined),
+                "all_routable_ms": ms(all),
+                "per_node_median_ms": ms(median(&self.propagation)),
+                "per_node_max_ms": ms(all),
+                "per_node_min_ms": ms(self.propagation.iter().copied().min().unwrap_or_default()),
+                "register_call_ms": ms(self.register_call),
+                "target_ms": ms(PROPAGATION_TARGET),
+                "target_met": all <= PROPAGATION_TARGET,
+                "probe_poll_ms": ms(PROBE_POLL),
+            },
+            "failure_detection": {
+                "victim": self.victim,
+                "signal": "SIGKILL",
+                "suspected_everywhere_ms": ms(self.suspected_everywhere),
+                "removed_everywhere_ms": ms(self.removed_everywhere),
+                "suspect_after_s": self.settings.suspect_after_s,
+                "remove_after_s": self.settings.remove_after_s,
+                "status_poll_ms": ms(STATUS_POLL),
+            },
+            "memory": {
+                "rss_mean_mib": round1(self.rss_mean()),
+                "rss_max_mib": round1(self.rss_max()),
+                "per_node_mib": self.rss_mib.iter().map(|&m| round1(m)).collect::<Vec<_>>(),
+            },
+            "settings": {
+                "gossip_interval_s": self.settings.gossip_interval_s,
+                "peer_fanout": self.settings.peer_fanout,
+            },
+        })
+    }
+
+    fn write_table(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let all = self.propagation_all();
+        let verdict = if all <= PROPAGATION_TARGET { "ok" } else { "MISSED" };
+        writeln!(
+            out,
+            "mpreg bench cluster: {} node processes, default settings (gossip {} s, suspect after {} s, remove after {} s)",
+            self.nodes, self.settings.gossip_interval_s, self.settings.suspect_after_s, self.settings.remove_after_s
+        )?;
+        let rows = [
+            ("mesh formed (all N see N alive)", format!("{:.0} ms", ms(self.mesh_formed))),
+            ("registrar joined (in every view)", format!("{:.0} ms", ms(self.registrar_joined))),
+            (
+                "registration routable on all N",
+                format!("{:.1} ms (target <= {:.0} ms, {verdict})", ms(all), ms(PROPAGATION_TARGET)),
+            ),
+            ("  per node median / max", format!("{:.1} / {:.1} ms", ms(median(&self.propagation)), ms(all))),
+            ("  register() call itself", format!("{:.2} ms", ms(self.register_call))),
+            (
+                "suspected everywhere after kill -9",
+                format!("{:.0} ms ({} killed)", ms(self.suspected_everywhere), self.victim),
+            ),
+            ("removed everywhere after kill -9", format!("{:.0} ms", ms(self.removed_everywhere))),
+            ("RSS per node mean / max", format!("{:.1} / {:.1} MiB", self.rss_mean(), self.rss_max())),
+        ];
+        for (what, value) in rows {
+            writeln!(out, "{what:<38}{value}")?;
+        }
+        writeln!(
+            out,
+            "registrar: an in-process node of this bench (NodeBuilder, peers = [n0]), polled from all {} processes \
+             every {} ms",
+            self.nodes,
+            PROBE_POLL.as_millis()
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+fn median(values: &[Duration]) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len().saturating_sub(1) / 2).copied().unwrap_or_default()
+}
+
+async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
+    let settings = Settings::default();
+    let exe = std::env::current_exe().context("locating the mpreg binary")?;
+
+    eprint!("spawning {n} node processes ...");
+    let spawned = Instant::now();
+    let (tx, rx) = std_mpsc::channel();
+    let mut processes = vec![spawn(&exe, 0, None, tx.clone())?];
+    let url0 = wait_url(&rx, 1)?.remove(&0).context("n0 printed no URL")?;
+    processes[0].url = url0.clone();
+    for i in 1..n {
+        processes.push(spawn(&exe, i, Some(&url0), tx.clone())?);
+    }
+    drop(tx);
+    for (i, url) in wait_url(&rx, n - 1)? {
+        processes[i].url = url;
+    }
+    eprintln!(" listening after {:.0} ms", ms(spawned.elapsed()));
+
+    // Mesh formation: every process lists all N names, each alive (or itself).
+    eprint!("waiting for the mesh ...");
+    let names: Arc<HashSet<String>> = Arc::new(processes.iter().map(|p| p.name.clone()).collect());
+    let urls: Vec<String> = processes.iter().map(|p| p.url.clone()).collect();
+    let clients = pollers.spawn(connect_all(urls.clone())).await.context("poller runtime")??;
+    let view_names = names.clone();
+    let mesh = poll_views(&pollers, &clients, spawned, MESH_TIMEOUT, "the mesh to form", move |status| {
+        let members = members(status);
+        members.len() == view_names.len()
+            && members.iter().all(|(name, state)| view_names.contains(*name) && (*state == "alive" || *state == "self"))
+    })
+    .await?;
+    let mesh_formed = max(&mesh);
+    eprintln!(" {:.0} ms", ms(mesh_formed));
+
+    let mut rss_mib = Vec::with_capacity(n);
+    for p in &processes {
+        let path = format!("/proc/{}/status", p.child.0.id());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        rss_mib.push(vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))? as f64 / 1024.0);
+    }
+
+    // The registrar: an in-process node joining through n0.
+    eprint!("starting the in-process registrar node and waiting for it to join ...");
+    let registrar_settings = Settings {
+        name: REGISTRAR.to_owned(),
+        port: 0,
+        monitoring_enabled: false,
+        peers: vec![url0.clone()],
+        ..Settings::default()
+    };
+    let joining = Instant::now();
+    let registrar = NodeBuilder::new(registrar_settings).start().await.context("starting the registrar node")?;
+    let outcome = async {
+        let joined = poll_views(&pollers, &clients, joining, MESH_TIMEOUT, "the registrar to join", |status| {
+            members(status).iter().any(|(name, state)| *name == REGISTRAR && *state == "alive")
+        })
+        .await?;
+        let registrar_joined = max(&joined);
+        eprintln!(" {:.0} ms", ms(registrar_joined));
+
+        eprint!("registering {PROBE_FUNCTION} on the registrar, polling all {n} processes ...");
+        let t0 = Instant::now();
+        let probes: Vec<_> =
+            clients.iter().map(|c| pollers.spawn(probe_until_routable(c.clone(), t0, PROBE_TIMEOUT))).collect();
+        registrar
+            .register(FunctionSpec::sync(PROBE_FUNCTION, |v: Value| v).inline())
+            .await
+            .context("registering probe_fn")?;
+        let register_call = t0.elapsed();
+        let mut propagation = Vec::with_capacity(n);
+        for (probe, p) in probes.into_iter().zip(&processes) {
+            propagation
+                .push(probe.await.context("poller runtime")?.with_context(|| format!("{} ({})", p.name, p.url))?);
+        }
+        eprintln!(" {:.1} ms", ms(max(&propagation)));
+        Ok::<_, anyhow::Error>((registrar_joined, register_call, propagation))
+    }
+    .await;
+    let (registrar_joined, register_call, propagation) = match outcome {
+        Ok(figures) => figures,
+        Err(e) => {
+            registrar.shutdown().await;
+            return Err(e);
+        }
+    };
+
+    // Failure detection: SIGKILL the last process; watch the other processes' views.
+    let victim_index = n - 1;
+    let victim = processes[victim_index].name.clone();
+    eprint!("kill -9 {victim}, waiting until every other process suspects, then removes it ...");
+    let survivors: Vec<Client> =
+        clients.iter().enumerate().filter(|(i, _)| *i != victim_index).map(|(_, c)| c.clone()).collect();
+    let killed = Instant::now();
+    processes[victim_index].child.0.kill().context("killing the victim")?;
+    let bound = Settings::seconds(settings.remove_after_s) + FAILURE_SLACK;
+    let failure = {
+        let victim = victim.clone();
+        let tasks: Vec<_> =
+            survivors.iter().map(|c| pollers.spawn(watch_failure(c.clone(), victim.clone(), killed, bound))).collect();
+        let mut per_node = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match task.await.context("poller runtime").and_then(|r| r) {
+                Ok(figures) => per_node.push(figures),
+                Err(e) => {
+                    registrar.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        per_node
+    };
+    let suspected_everywhere = failure.iter().map(|f| f.0).max().unwrap_or_default();
+    let removed_everywhere = failure.iter().map(|f| f.1).max().unwrap_or_default();
+    eprintln!(" suspected {:.0} ms, removed {:.0} ms", ms(suspected_everywhere), ms(removed_everywhere));
+
+    for c in &clients {
+        let c = c.clone();
+        drop(pollers.spawn(async move { c.close().await }).await);
+    }
+    registrar.shutdown().await;
+    drop(processes);
+    Ok(Report {
+        nodes: n,
+        mesh_formed,
+        registrar_joined,
+        propagation,
+        register_call,
+        victim,
+        suspected_everywhere,
+        removed_everywhere,
+        rss_mib,
+        settings,
+    })
+}
+
+/// Spawns node `i`; its stdout lines are read on a thread that reports `(i, url)`.
+fn spawn(
+    exe: &std::path::Path,
+    i: usize,
+    peer: Option<&str>,
+    urls: std_mpsc::Sender<(usize, String)>,
+) -> anyhow::Result<Process> {
+    let name = format!("n{i}");
+    let mut command = Command::new(exe);
+    command.args(["server", "start", "--port", "0", "--monitoring-port", "0", "--name", &name]);
+    if let Some(peer) = peer {
+        command.args(["--peer", peer]);
+    }
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawning {}", exe.display()))?;
+    let mut child = ChildGuard(child);
+    let stdout = child.0.stdout.take().context("the node's stdout was not captured")?;
+    // Keep reading until the node exits: closing the pipe early would make its next
+    // stdout line fail and stop it.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("MPREG_URL=") {
+                drop(urls.send((i, url.to_owned())));
+            }
+        }
+    });
+    Ok(Process { name, url: String::new(), child })
+}
+
+/// Waits for `count` URLs (bounded by `STARTUP_TIMEOUT`).
+fn wait_url(
+    rx: &std_mpsc::Receiver<(usize, String)>,
+    count: usize,
+) -> anyhow::Result<std::collections::HashMap<usize, String>> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut urls = std::collections::HashMap::new();
+    while urls.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((i, url)) => {
+                urls.insert(i, url);
+            }
+            Err(_) => {
+                bail!("{} node(s) printed no MPREG_URL= within {} s", count - urls.len(), STARTUP_TIMEOUT.as_secs())
+            }
+        }
+    }
+    Ok(urls)
+}
+
+/// One client per URL, each retried until it connects (bounded).
+async fn connect_all(urls: Vec<String>) -> anyhow::Result<Vec<Client>> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut clients = Vec::with_capacity(urls.len());
+    for url in urls {
+        loop {
+            match Client::connect(&url).await {
+                Ok(client) => break clients.push(client),
+                Err(e) if Instant::now() >= deadline => return Err(anyhow::Error::new(e)),
+                Err(_) => tokio::time::sleep(STATUS_POLL).await,
+            }
+        }
+    }
+    Ok(clients)
+}
+
+/// `(name, state)` of every node in a `cluster-status` answer.
+fn members(status: &Value) -> Vec<(&str, &str)> {
+    status["topology"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| (n["node"].as_str().unwrap_or(""), n["state"].as_str().unwrap_or("")))
+        .collect()
+}
+
+fn max(values: &[Duration]) -> Duration {
+    values.iter().copied().max().unwrap_or_default()
+}
+
+/// Polls every client's `cluster-status` concurrently until `done` holds for it; returns
+/// each one's time since `since`.
+async fn poll_views(
+    pollers: &Handle,
+    clients: &[Client],
+    since: Instant,
+    bound: Duration,
+    what: &'static str,
+    done: impl Fn(&Value) -> bool + Send + Sync + 'static,
+) -> anyhow::Result<Vec<Duration>> {
+    let done = Arc::new(done);
+    let tasks: Vec<_> = clients
+        .iter()
+        .map(|client| {
+            let (client, done) = (client.clone(), done.clone());
+            pollers.spawn(async move {
+                loop {
+                    let status = client.cluster_status().await.context("cluster-status")?;
+                    if done(&status) {
+                        return Ok(since.elapsed());
+                    }
+                    if since.elapsed() > bound {
+                        bail!(
+                            "timed out after {} s waiting for {what}; last view: {:?}",
+                            bound.as_secs(),
+                            members(&status)
+                        );
+                    }
+                    tokio::time::sleep(STATUS_POLL).await;
+                }
+            })
+        })
+        .collect();
+    let mut times = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        times.push(task.await.context("poller runtime")??);
+    }
+    Ok(times)
+}
+
+/// Calls `probe_fn` until it answers; returns the time since `t0`.
+async fn probe_until_routable(client: Client, t0: Instant, bound: Duration) -> anyhow::Result<Duration> {
+    loop {
+        let answer = client.call(PROBE_FUNCTION, vec![json!(1)]).await;
+        if matches!(&answer, Ok(v) if *v == json!(1)) {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > bound {
+            bail!("{PROBE_FUNCTION} not routable after {} s: {answer:?}", bound.as_secs());
+        }
+        tokio::time::sleep(PROBE_POLL).await;
+    }
+}
+
+/// Polls one survivor until it stops showing `victim` alive, then until `victim` is gone;
+/// returns both times since `killed`.
+async fn watch_failure(
+    client: Client,
+    victim: String,
+    killed: Instant,
+    bound: Duration,
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut suspected = None;
+    loop {
+        let status = client.cluster_status().await.context("cluster-status")?;
+        let state = members(&status).into_iter().find(|(name, _)| *name == victim).map(|(_, state)| state.to_owned());
+        let now = killed.elapsed();
+        if state.as_deref() != Some("alive") {
+            let first = *suspected.get_or_insert(now);
+            if state.is_none() {
+                return Ok((first, now));
+            }
+        }
+        if now > bound {
+            bail!("{victim} still in the view ({state:?}) {} s after kill -9", bound.as_secs());
+        }
+        tokio::time::sleep(STATUS_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_read_from_the_topology() {
+        let status = json!({"topology": {"nodes": [
+            {"node": "n0", "state": "self"}, {"node": "n1", "state": "suspect"}
+        ]}});
+        assert_eq!(members(&status), vec![("n0", "self"), ("n1", "suspect")]);
+        assert!(members(&json!({})).is_empty());
+    }
+
+    #[test]
+    fn median_takes_the_lower_middle() {
+        let d = Duration::from_millis;
+        assert_eq!(median(&[d(3), d(1), d(2)]), d(2));
+        assert_eq!(median(&[d(4), d(1), d(2), d(3)]), d(2));
+        assert_eq!(median(&[]), Duration::ZERO);
+    }
+}
