@@ -220,6 +220,7 @@ impl NodeBuilder {
             supervisor,
             registry,
             gossip,
+            fabric,
             exit: exit_rx,
             server: server_handle,
             metrics,
@@ -257,6 +258,7 @@ pub struct Node {
     supervisor: Addr<NodeSupervisor>,
     registry: Slot<Registry>,
     gossip: Slot<FabricGossip>,
+    fabric: Arc<FabricShared>,
     exit: watch::Receiver<NodeExit>,
     server: actix_web::dev::ServerHandle,
     metrics: Arc<Metrics>,
@@ -324,6 +326,7 @@ impl Node {
             let _ = gossip.send(SayGoodbye).await;
         }
         let _ = self.supervisor.send(Shutdown).await;
+        self.fabric.writers_done(Duration::from_secs(1)).await;
         self.server.stop(true).await;
     }
 

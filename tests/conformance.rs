@@ -7,7 +7,8 @@
 //! concurrently (the 30 s whole-request timeout case dominates the wall time), except
 //! the cases that touch pub/sub: those could see each other's publishes and backlog,
 //! so they run one after another in a single task (concurrently with the rest, which
-//! never publish). Cases with `"topology": "two-node"` are left to the cluster test.
+//! never publish). Cases with `"topology": "two-node"` run in their own test against
+//! node A joined by node B (`servers.B`: `ref-B`, serving `tpu_square`).
 //!
 //! Run: `cargo test --test conformance -- --nocapture` (one `ok - ` / `FAIL - ` line per
 //! case on stderr).
@@ -53,6 +54,34 @@ fn plan(cases: &[Value]) -> (Indexed, Indexed) {
         .filter(|(_, c)| replay::is_single_node(c))
         .partition(|(_, c)| replay::needs_isolation(c));
     (concurrent, replay::isolated_run_order(isolated))
+}
+
+/// The two-node cases, each with its index in the file.
+fn two_node_plan(cases: &[Value]) -> Indexed {
+    cases.iter().cloned().enumerate().filter(|(_, c)| replay::topology(c) == Some("two-node")).collect()
+}
+
+/// Arguments for node B of the data file (`servers.B`), joined to node A at `peer`.
+fn node_b_args(peer: &str) -> Vec<String> {
+    let args = [
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--monitoring-port",
+        "0",
+        "--name",
+        "ref-B",
+        "--cluster-id",
+        "default-cluster",
+        "--functions",
+        "tpu_square",
+        "--peer",
+        peer,
+    ];
+    args.iter().map(|s| (*s).to_owned()).collect()
 }
 
 /// One case with an outer safety timeout; the result is `(file index, name, outcome)`.
@@ -148,6 +177,80 @@ async fn single_node_conformance_cases() {
     }
 }
 
+/// The `"topology": "two-node"` cases, replayed one after another against node A once A
+/// routes to node B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_node_conformance_cases() {
+    let cases = replay::load_cases();
+    let selected = two_node_plan(&cases);
+
+    let node_a = tokio::task::spawn_blocking(|| {
+        replay::ServerProcess::start(env!("CARGO_BIN_EXE_mpreg"), NODE_A_ARGS, READY_TIMEOUT)
+    })
+    .await
+    .expect("server start task")
+    .unwrap_or_else(|e| panic!("could not start node A: {e}"));
+    let b_args = node_b_args(&node_a.url);
+    let node_b = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+        replay::ServerProcess::start(env!("CARGO_BIN_EXE_mpreg"), &args, READY_TIMEOUT)
+    })
+    .await
+    .expect("server start task")
+    .unwrap_or_else(|e| panic!("could not start node B: {e}"));
+    eprintln!("node A (pid {}) at {}, node B (pid {}) at {}", node_a.pid(), node_a.url, node_b.pid(), node_b.url);
+
+    // Ready when A routes tpu_square (only B has it) — observed, not assumed.
+    let client = mpreg::Client::connect(&node_a.url).await.expect("client connects to node A");
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        match client.call("tpu_square", vec![serde_json::json!(2)]).await {
+            Ok(v) if v == serde_json::json!(4) => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "node A cannot route tpu_square to node B after {READY_TIMEOUT:?}: {other:?}\n{}\n{}",
+                node_a.stderr_tail(),
+                node_b.stderr_tail()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    client.close().await;
+
+    let mut results = Vec::new();
+    for (idx, case) in selected {
+        results.push(run_one(node_a.url.clone(), idx, case).await);
+    }
+    let failures: Vec<String> = results
+        .iter()
+        .filter_map(|(_, name, outcome)| match outcome {
+            Ok(()) => {
+                eprintln!("ok - {name}");
+                None
+            }
+            Err(why) => {
+                eprintln!("FAIL - {name}: {why}");
+                Some(format!("FAIL - {name}: {why}"))
+            }
+        })
+        .collect();
+    assert_eq!(results.len(), 3, "the three two-node cases run");
+
+    let (mut node_a, mut node_b) = (node_a, node_b);
+    let alive = node_a.is_running() && node_b.is_running();
+    if !failures.is_empty() || !alive {
+        panic!(
+            "{} of {} two-node conformance case(s) failed{}:\n{}\n{}\n{}",
+            failures.len(),
+            results.len(),
+            if alive { "" } else { " and a server process has exited" },
+            failures.join("\n"),
+            node_a.stderr_tail(),
+            node_b.stderr_tail()
+        );
+    }
+}
+
 /// Sanity of the data file and of the case selection; needs no server.
 #[test]
 fn every_case_is_accounted_for() {
@@ -176,10 +279,22 @@ fn every_case_is_accounted_for() {
     let (concurrent, isolated) = plan(&cases);
     let mut run: Vec<usize> = concurrent.iter().chain(&isolated).map(|(i, _)| *i).collect();
     run.sort_unstable();
-    let without_topology: Vec<usize> =
-        (0..cases.len()).filter(|i| cases[*i].get("topology").is_none()).collect();
+    let without_topology: Vec<usize> = (0..cases.len()).filter(|i| cases[*i].get("topology").is_none()).collect();
     assert_eq!(run, without_topology, "single-node selection");
     assert_eq!(run.len(), EXPECTED_CASES - 3, "three two-node cases are left to the cluster test");
+
+    // The two-node test runs exactly the three two-node cases; together, every case once.
+    let two_node: Vec<usize> = two_node_plan(&cases).iter().map(|(i, _)| *i).collect();
+    let with_two_node: Vec<usize> =
+        (0..cases.len()).filter(|i| cases[*i].get("topology").and_then(Value::as_str) == Some("two-node")).collect();
+    assert_eq!(two_node, with_two_node, "two-node selection");
+    assert_eq!(two_node.len(), 3, "three two-node cases");
+    let mut all: Vec<usize> = run.iter().chain(&two_node).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..cases.len()).collect::<Vec<_>>(), "every case runs in exactly one test");
+    for (_, c) in two_node_plan(&cases) {
+        assert!(!replay::needs_isolation(&c), "{} touches pub/sub", replay::case_name(&c));
+    }
 
     // Concurrent cases must not touch pub/sub at all.
     for (_, c) in &concurrent {

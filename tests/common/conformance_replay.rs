@@ -46,10 +46,8 @@ pub fn cases_path() -> std::path::PathBuf {
 /// All cases of the data file (the `cases` array), in file order.
 pub fn load_cases() -> Vec<Value> {
     let path = cases_path();
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let doc: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
     doc.get("cases")
         .and_then(Value::as_array)
         .unwrap_or_else(|| panic!("{} has no `cases` array", path.display()))
@@ -233,19 +231,14 @@ fn match_details_prefix(e: &Map<String, Value>, actual: &Value, path: &str) -> R
         .get("prefix")
         .and_then(Value::as_str)
         .ok_or_else(|| format!("{path}: malformed expected frame: details-prefix without a string `prefix`"))?;
-    let a = actual
-        .as_object()
-        .ok_or_else(|| format!("{path}: expected an error object, got {}", compact(actual)))?;
+    let a = actual.as_object().ok_or_else(|| format!("{path}: expected an error object, got {}", compact(actual)))?;
     match a.get("details") {
         Some(Value::String(d)) if d.starts_with(prefix) => {}
         Some(Value::String(d)) => {
             return Err(format!("{path}.details: expected a string starting with {prefix:?}, got {d:?}"))
         }
         Some(other) => {
-            return Err(format!(
-                "{path}.details: expected a string starting with {prefix:?}, got {}",
-                compact(other)
-            ))
+            return Err(format!("{path}.details: expected a string starting with {prefix:?}, got {}", compact(other)))
         }
         None => return Err(format!("{path}: missing key \"details\" in {}", compact_map(a))),
     }
@@ -369,8 +362,7 @@ impl Reply {
         match self {
             Reply::SameU(u) => frame.get("u").and_then(Value::as_str) == Some(u),
             Reply::Ack(u) => {
-                role_of(frame) == Some("pubsub-ack")
-                    && frame.get("operation_id").and_then(Value::as_str) == Some(u)
+                role_of(frame) == Some("pubsub-ack") && frame.get("operation_id").and_then(Value::as_str) == Some(u)
             }
             Reply::NextFrame => true,
         }
@@ -409,9 +401,7 @@ impl Matcher {
 
     fn is_publish_ack(&self, v: &Value) -> bool {
         role_of(v) == Some("pubsub-ack")
-            && v.get("operation_id")
-                .and_then(Value::as_str)
-                .is_some_and(|op| self.publish_us.iter().any(|u| u == op))
+            && v.get("operation_id").and_then(Value::as_str).is_some_and(|op| self.publish_us.iter().any(|u| u == op))
     }
 
     /// Whether expected frames `i` and `j` may arrive in either order.
@@ -425,10 +415,7 @@ impl Matcher {
         self.received.push(frame.clone());
         let n = self.received.len() - 1;
         let Some(j) = self.first_unmatched() else {
-            return Err(format!(
-                "received frame #{n} after all expected frames had arrived: {}",
-                compact(frame)
-            ));
+            return Err(format!("received frame #{n} after all expected frames had arrived: {}", compact(frame)));
         };
         let first = match match_json(&self.expected[j], frame) {
             Ok(()) => {
@@ -516,11 +503,7 @@ impl Conn {
         };
         // `.into()`: a no-op on tungstenite 0.24, needed from 0.26 (Utf8Bytes/Bytes)
         #[allow(clippy::useless_conversion)]
-        let msg = if as_text {
-            Message::Text(payload.into())
-        } else {
-            Message::Binary(payload.into_bytes().into())
-        };
+        let msg = if as_text { Message::Text(payload.into()) } else { Message::Binary(payload.into_bytes().into()) };
         self.ws.send(msg).await.map_err(|e| format!("send failed: {e}"))
     }
 
@@ -570,25 +553,15 @@ pub fn case_budget(case: &Value) -> Duration {
 }
 
 fn read_timeout(case: &Value) -> Duration {
-    case.get("read_timeout_s")
-        .and_then(Value::as_f64)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(DEFAULT_READ_TIMEOUT)
+    case.get("read_timeout_s").and_then(Value::as_f64).map(Duration::from_secs_f64).unwrap_or(DEFAULT_READ_TIMEOUT)
 }
 
 /// Replays one case on a fresh websocket connection to `url` and compares what the
 /// server sends with `expected_out`. `Err` carries a human-readable reason.
 pub async fn replay_case(url: &str, case: &Value) -> Result<(), String> {
-    let frames = case
-        .get("frames_in")
-        .and_then(Value::as_array)
-        .filter(|a| !a.is_empty())
-        .ok_or("case has no frames_in")?;
-    let expected = case
-        .get("expected_out")
-        .and_then(Value::as_array)
-        .ok_or("case has no expected_out")?
-        .clone();
+    let frames =
+        case.get("frames_in").and_then(Value::as_array).filter(|a| !a.is_empty()).ok_or("case has no frames_in")?;
+    let expected = case.get("expected_out").and_then(Value::as_array).ok_or("case has no expected_out")?.clone();
     let as_text = case.get("send_as").and_then(Value::as_str) == Some("text");
     let pipelined = case.get("pipelined").and_then(Value::as_bool) == Some(true);
     let read_timeout = read_timeout(case);
@@ -614,10 +587,7 @@ pub async fn replay_case(url: &str, case: &Value) -> Result<(), String> {
         let deadline = Instant::now() + read_timeout;
         loop {
             let got = conn.recv_until(deadline).await.map_err(|e| {
-                format!(
-                    "waiting for the reply to frames_in[{i}] ({reply:?}): {e}\n    {}",
-                    matcher.progress()
-                )
+                format!("waiting for the reply to frames_in[{i}] ({reply:?}): {e}\n    {}", matcher.progress())
             })?;
             matcher.feed(&got)?;
             if reply.is_reply(&got) {
@@ -638,10 +608,7 @@ pub async fn replay_case(url: &str, case: &Value) -> Result<(), String> {
         match conn.recv_until(Instant::now() + quiet).await {
             Err(RecvError::Timeout) => {}
             Ok(extra) => {
-                return Err(format!(
-                    "a frame arrived within the quiet period of {quiet:?}: {}",
-                    compact(&extra)
-                ))
+                return Err(format!("a frame arrived within the quiet period of {quiet:?}: {}", compact(&extra)))
             }
             Err(e) => return Err(format!("during the quiet period of {quiet:?}: {e}")),
         }
@@ -663,9 +630,7 @@ async fn check_connection_open(conn: &mut Conn) -> Result<(), String> {
         "r": {"e": "still-open"}, "error": null, "u": u,
         "intermediate_results": [], "execution_summary": null
     });
-    conn.send(&probe, false)
-        .await
-        .map_err(|e| format!("connection check: cannot send the follow-up echo: {e}"))?;
+    conn.send(&probe, false).await.map_err(|e| format!("connection check: cannot send the follow-up echo: {e}"))?;
     let got = conn
         .recv_until(Instant::now() + DEFAULT_READ_TIMEOUT)
         .await
@@ -870,17 +835,27 @@ mod tests {
     #[test]
     fn details_prefix_checks_prefix_and_the_rest_exactly() {
         let e = r#"{"r":null,"error":{"code":1002,"message":"Invalid request","details":"representative text","match":"details-prefix","prefix":"invalid JSON"},"u":null}"#;
-        ok(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"invalid JSON: expected value at line 1 column 1"}}"#);
+        ok(
+            e,
+            r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"invalid JSON: expected value at line 1 column 1"}}"#,
+        );
         ok(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"invalid JSON"}}"#);
-        let why = bad(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"Invalid JSON"}}"#);
+        let why =
+            bad(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"Invalid JSON"}}"#);
         assert!(why.contains("$.error.details"), "{why}");
         bad(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":null}}"#);
         bad(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request"}}"#);
         bad(e, r#"{"u":null,"r":null,"error":{"code":1003,"message":"Invalid request","details":"invalid JSON"}}"#);
         bad(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid","details":"invalid JSON"}}"#);
-        bad(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"invalid JSON","extra":1}}"#);
+        bad(
+            e,
+            r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"invalid JSON","extra":1}}"#,
+        );
         // match/prefix must not be expected in the actual frame
-        bad(e, r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"invalid JSON","match":"details-prefix","prefix":"invalid JSON"}}"#);
+        bad(
+            e,
+            r#"{"u":null,"r":null,"error":{"code":1002,"message":"Invalid request","details":"invalid JSON","match":"details-prefix","prefix":"invalid JSON"}}"#,
+        );
         // actual is not an object
         bad(e, r#"{"u":null,"r":null,"error":"invalid JSON"}"#);
         // an object merely containing a "match" key of another value is literal
@@ -917,7 +892,9 @@ mod tests {
 
     #[test]
     fn placeholders_in_frames_in_are_filled() {
-        let f = v(r#"{"role":"pubsub-publish","u":"<any>","message":{"topic":"a","timestamp":"<any>","payload":"<any>"},"subscription":{"created_at":"<any>"}}"#);
+        let f = v(
+            r#"{"role":"pubsub-publish","u":"<any>","message":{"topic":"a","timestamp":"<any>","payload":"<any>"},"subscription":{"created_at":"<any>"}}"#,
+        );
         let g = fill_placeholders(&f);
         let u = g["u"].as_str().unwrap();
         assert!(u != ANY && !u.is_empty());
@@ -961,9 +938,13 @@ mod tests {
     }
 
     fn frames() -> (Value, Value, Value) {
-        let sub_ack = v(r#"{"role":"pubsub-ack","operation_id":"sub-req-1","success":true,"error":null,"u":"ack_sub-req-1"}"#);
-        let notif = v(r#"{"role":"pubsub-notification","message":{"topic":"demo.x","payload":{"v":1},"timestamp":1.7e9,"message_id":"msg-1","publisher":"capture","headers":{},"routing_path":null,"current_hop":null},"subscription_id":"sub-1","u":"notification_msg-1_sub-1"}"#);
-        let pub_ack = v(r#"{"role":"pubsub-ack","operation_id":"pub-req-1","success":true,"error":null,"u":"ack_pub-req-1"}"#);
+        let sub_ack =
+            v(r#"{"role":"pubsub-ack","operation_id":"sub-req-1","success":true,"error":null,"u":"ack_sub-req-1"}"#);
+        let notif = v(
+            r#"{"role":"pubsub-notification","message":{"topic":"demo.x","payload":{"v":1},"timestamp":1.7e9,"message_id":"msg-1","publisher":"capture","headers":{},"routing_path":null,"current_hop":null},"subscription_id":"sub-1","u":"notification_msg-1_sub-1"}"#,
+        );
+        let pub_ack =
+            v(r#"{"role":"pubsub-ack","operation_id":"pub-req-1","success":true,"error":null,"u":"ack_pub-req-1"}"#);
         (sub_ack, notif, pub_ack)
     }
 
@@ -1020,9 +1001,18 @@ mod tests {
     #[test]
     fn isolated_order_puts_backlog_readers_first() {
         let cases: Vec<(usize, Value)> = vec![
-            (3, json!({"name": "p", "frames_in": [{"role": "pubsub-publish", "u": "x", "message": {"topic": "bl.x"}}]})),
-            (5, json!({"name": "s", "frames_in": [{"role": "pubsub-subscribe", "u": "y", "subscription": {"get_backlog": false}}]})),
-            (7, json!({"name": "b", "frames_in": [{"role": "pubsub-subscribe", "u": "z", "subscription": {"get_backlog": true}}]})),
+            (
+                3,
+                json!({"name": "p", "frames_in": [{"role": "pubsub-publish", "u": "x", "message": {"topic": "bl.x"}}]}),
+            ),
+            (
+                5,
+                json!({"name": "s", "frames_in": [{"role": "pubsub-subscribe", "u": "y", "subscription": {"get_backlog": false}}]}),
+            ),
+            (
+                7,
+                json!({"name": "b", "frames_in": [{"role": "pubsub-subscribe", "u": "z", "subscription": {"get_backlog": true}}]}),
+            ),
         ];
         let order: Vec<usize> = isolated_run_order(cases).into_iter().map(|(i, _)| i).collect();
         assert_eq!(order, vec![7, 3, 5]);
@@ -1061,7 +1051,8 @@ mod tests {
         tokio::spawn(async move {
             while let Some(out) = rx.recv().await {
                 match out {
-                    Some(v) => {
+                    Some(v) =>
+                    {
                         #[allow(clippy::useless_conversion)]
                         if sink.send(Message::Binary(v.to_string().into_bytes().into())).await.is_err() {
                             break;
@@ -1136,8 +1127,10 @@ mod tests {
                     let notes: Vec<Value> = subs
                         .iter()
                         .filter(|(_, p)| topic_matches(p, &topic))
-                        .map(|(sid, _)| json!({"role": "pubsub-notification", "message": msg,
-                            "subscription_id": sid, "u": format!("notification_{mid}_{sid}")}))
+                        .map(|(sid, _)| {
+                            json!({"role": "pubsub-notification", "message": msg,
+                            "subscription_id": sid, "u": format!("notification_{mid}_{sid}")})
+                        })
                         .collect();
                     let mut out = notes;
                     if cfg.ack_first {

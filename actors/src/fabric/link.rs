@@ -122,6 +122,9 @@ pub struct FabricShared {
     /// The FabricGossip actor (gossip and lifecycle frames go there).
     pub gossip: Slot<FabricGossip>,
     pending: Mutex<HashMap<String, PendingCall>>,
+    /// Outbound links still open: shutdown waits for them, so a GOODBYE queued on a link we
+    /// dialled is flushed and acknowledged before the process exits.
+    writers: tokio::sync::watch::Sender<usize>,
     in_flight: Mutex<HashMap<NodeId, usize>>,
     seen: Mutex<SeenIds>,
     next_id: AtomicU64,
@@ -160,10 +163,17 @@ impl FabricShared {
             pubsub,
             gossip,
             pending: Mutex::new(HashMap::new()),
+            writers: tokio::sync::watch::channel(0).0,
             in_flight: Mutex::new(HashMap::new()),
             seen: Mutex::new(SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: 65_536 }),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Waits (at most `limit`) until every outbound link has flushed and closed.
+    pub async fn writers_done(&self, limit: Duration) {
+        let mut writers = self.writers.subscribe();
+        let _ = tokio::time::timeout(limit, writers.wait_for(|n| *n == 0)).await;
     }
 
     /// Calls currently outstanding to `node` from this node.
@@ -406,6 +416,15 @@ pub fn frame(frame: &PeerFrame) -> OutFrame {
     OutFrame { bytes: Bytes::from(encode(frame)), kind: FrameKind::Binary }
 }
 
+/// Counts an outbound link out when it ends, however it ends.
+struct WriterDone(Arc<FabricShared>);
+
+impl Drop for WriterDone {
+    fn drop(&mut self) {
+        self.0.writers.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// Dials `url`, registers the link with the actor, and pumps frames until it closes.
 pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, queue: usize) -> Result<(), String> {
     let connect = tokio_tungstenite::connect_async(url.as_str());
@@ -419,6 +438,10 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
     let (sender, mut frames) = mpsc::channel::<OutFrame>(queue);
     let (close, closed) = oneshot::channel::<()>();
     gossip.do_send(LinkOpened { link, sender, outbound_url: Some(url.clone()), close: Some(close) });
+    // Counted until the peer has acknowledged our close (the reader ends): closing a socket
+    // with unread input makes the kernel reset it, dropping what was still unsent.
+    shared.writers.send_modify(|n| *n += 1);
+    let _done = WriterDone(shared.clone());
     let writer = tokio::spawn(async move {
         let mut closed = closed;
         loop {
@@ -445,9 +468,6 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
         match serde_json::from_slice::<PeerFrame>(&bytes) {
             Ok(frame) => shared.on_frame(link, frame),
             Err(e) => warn!(peer = %url, cause = %e, "undecodable frame from peer; ignored"),
-        }
-        if writer.is_finished() {
-            break;
         }
     }
     writer.abort();

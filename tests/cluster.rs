@@ -1,0 +1,829 @@
+//! In-process cluster tests: several nodes (`NodeBuilder`, port 0 on 127.0.0.1) in the
+//! test's actix System, linked by real loopback websockets, driven by the
+//! `mpreg::Client` SDK and, for malformed peer frames, by a raw websocket.
+//!
+//! What they pin down (DESIGN.md §4, §7, §8): discovery into a full mesh through gossip,
+//! catalog propagation, routing by resources across nodes, concurrent branches on
+//! different nodes, remote failures (1003 naming the node), multi-hop forwarding and the
+//! hop budget, a provider leaving mid-call (1005, or a retry on another provider),
+//! GOODBYE, cluster isolation, pub/sub flooding without duplicates, and garbage on the
+//! peer protocol.
+//!
+//! Readiness is always observed — `GET /topology`, `GET /catalog`, or a call that starts
+//! to succeed — never assumed after a fixed sleep; the short pause between two probes is
+//! politeness, not synchronisation. Concurrency is proved with barriers and signals
+//! inside the registered functions, never with timings. Every cluster gets a cluster id
+//! unique to the test and the process, so nodes of different tests can never admit each
+//! other. Nodes are stopped when their [`TestNode`] drops.
+//!
+//! Run: `cargo test --test cluster`.
+
+use std::future::Future;
+use std::io::Write;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use mpreg::functions::demo_pack;
+use mpreg::{Client, ClientError, FunctionError, FunctionSpec, Node, NodeBuilder, RpcCommand, RpcError, Settings};
+use mpreg_actors::protocol::ErrorCode;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Barrier, Notify};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
+const SOON: Duration = Duration::from_secs(10);
+/// Pause between two probes of a poll loop.
+const POLL: Duration = Duration::from_millis(20);
+
+// ---------------------------------------------------------------------------------------
+// Nodes
+
+/// A cluster id no other test (or test process) uses.
+fn cluster_id(test: &str) -> String {
+    format!("{test}-{}", std::process::id())
+}
+
+/// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
+///
+/// Suspicion stays at a second: a link silent that long is closed, and a debug build on a
+/// busy 2-core machine can stall a thread for a few hundred milliseconds. No test here
+/// waits for suspicion or removal; departures are GOODBYEs or closed links, both immediate.
+fn settings(name: &str, cluster: &str, peers: &[&TestNode]) -> Settings {
+    Settings {
+        name: name.to_owned(),
+        port: 0,
+        monitoring_port: 0,
+        cluster_id: cluster.to_owned(),
+        workers: 1,
+        peers: peers.iter().map(|p| p.url().to_owned()).collect(),
+        gossip_interval_s: 0.05,
+        suspect_after_s: 1.0,
+        remove_after_s: 3.0,
+        departed_grace_s: 1.0,
+        ..Settings::default()
+    }
+}
+
+/// A running node, stopped on drop.
+struct TestNode {
+    node: Node,
+}
+
+impl TestNode {
+    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
+        let name = settings.name.clone();
+        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
+        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.node.url()).await.expect("client connects")
+    }
+
+    /// `GET {monitoring_url}{path}` as JSON.
+    async fn monitor(&self, path: &str) -> Value {
+        let url = format!("{}{path}", self.node.monitoring_url().expect("monitoring is enabled"));
+        let body = http_get(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
+    }
+
+    async fn topology(&self) -> Value {
+        self.monitor("/topology").await
+    }
+
+    async fn catalog(&self) -> Value {
+        self.monitor("/catalog").await
+    }
+}
+
+impl Deref for TestNode {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // The first poll says GOODBYE and asks the listener to stop; the rest of the tree
+        // goes down with the test's actix System right after.
+        let _ = self.node.shutdown().now_or_never();
+    }
+}
+
+/// The demo functions named (from `mpreg::functions::demo_pack`).
+fn demo(names: &[&str]) -> Vec<FunctionSpec> {
+    demo_pack().into_iter().filter(|f| names.contains(&f.identity().name.as_str())).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Observing the cluster
+
+/// One HTTP/1.1 GET over a tokio TCP stream (a blocking read would stall the runtime the
+/// in-process nodes live on); the body of a 200 answer.
+async fn http_get(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("not an http:// URL: {url}"))?;
+    let (authority, path) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, format!("/{path}")),
+        None => (rest, "/".to_owned()),
+    };
+    let exchange = async {
+        let mut stream = TcpStream::connect(authority).await.map_err(|e| e.to_string())?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), exchange).await.map_err(|_| "no answer".to_owned())??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("incomplete response: {text:?}"))?;
+    if head.split_whitespace().nth(1) != Some("200") {
+        return Err(format!("status is not 200: {head:?} {body:?}"));
+    }
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return dechunk(body);
+    }
+    Ok(body.to_owned())
+}
+
+fn dechunk(mut body: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").ok_or("bad chunk header")?;
+        let size = usize::from_str_radix(size.trim(), 16).map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..size).ok_or("short chunk")?);
+        body = rest.get(size + 2..).ok_or("short chunk")?;
+    }
+}
+
+/// Probes until `probe` returns `Some`, at most [`SOON`]; panics naming `what` otherwise.
+async fn wait_until<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + SOON;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {SOON:?} waiting for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `node`'s entry in a `/topology` answer.
+fn member<'a>(topology: &'a Value, node: &str) -> Option<&'a Value> {
+    topology["nodes"].as_array()?.iter().find(|n| n["node"] == node)
+}
+
+/// Whether a `/topology` answer shows a live, direct link to `node`.
+fn linked(topology: &Value, node: &str) -> bool {
+    member(topology, node).is_some_and(|m| m["linked"] == true && m["state"] == "alive")
+}
+
+/// Waits until every node has a live link to every other one.
+async fn wait_full_mesh(nodes: &[&TestNode]) {
+    for &node in nodes {
+        let others: Vec<&str> = nodes.iter().map(|n| n.name()).filter(|n| *n != node.name()).collect();
+        let others = &others;
+        wait_until(&format!("{} to link to {others:?}", node.name()), move || async move {
+            let topology = node.topology().await;
+            others.iter().all(|o| linked(&topology, o)).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Whether a `/catalog` answer lists `fun` under `node`.
+fn catalog_lists(catalog: &Value, node: &str, fun: &str) -> bool {
+    catalog["nodes"].as_array().is_some_and(|nodes| {
+        nodes.iter().any(|entry| {
+            entry["node"] == node && entry["functions"].as_array().is_some_and(|fs| fs.iter().any(|f| f["name"] == fun))
+        })
+    })
+}
+
+/// Waits until `observer`'s catalog lists `fun` under each of `owners`.
+async fn wait_catalog(observer: &TestNode, fun: &str, owners: &[&str]) {
+    wait_until(&format!("{}'s catalog to list {fun} on {owners:?}", observer.name()), || async {
+        let catalog = observer.catalog().await;
+        owners.iter().all(|owner| catalog_lists(&catalog, owner, fun)).then_some(())
+    })
+    .await;
+}
+
+/// Calls `fun(args)` through `client` until it succeeds; its result.
+async fn wait_callable(client: &Client, fun: &str, args: Vec<Value>) -> Value {
+    let args = &args;
+    wait_until(&format!("{fun}({args:?}) to succeed"), move || async move { client.call(fun, args.clone()).await.ok() })
+        .await
+}
+
+/// The server's error, or a panic naming what came instead.
+fn rpc_error(result: Result<Value, ClientError>) -> RpcError {
+    match result {
+        Err(ClientError::Rpc(error)) => error,
+        other => panic!("expected an RPC error, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Membership and the catalog
+
+#[actix_rt::test]
+async fn nodes_introduced_by_gossip_form_a_full_mesh_and_route_to_each_other() {
+    let cluster = cluster_id("discovery");
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![]).await;
+    let only_on_c = FunctionSpec::sync("only_on_c", |x: i64| x * 2).inline();
+    let c = TestNode::start(settings("C", &cluster, &[&a]), vec![only_on_c]).await;
+
+    // B and C only know A; they learn of each other from A's membership gossip.
+    wait_full_mesh(&[&a, &b, &c]).await;
+    let from_b = b.topology().await;
+    assert_eq!(from_b["cluster_id"], json!(cluster));
+    assert_eq!(member(&from_b, "B").expect("B lists itself")["state"], "self");
+    assert_eq!(member(&from_b, "C").expect("B knows C")["next_hop"], "C", "{from_b:#}");
+
+    // A function only C has is callable from a client of B.
+    let client = b.client().await;
+    assert_eq!(wait_callable(&client, "only_on_c", vec![json!(21)]).await, json!(42));
+    wait_catalog(&a, "only_on_c", &["C"]).await;
+    assert!(!catalog_lists(&a.catalog().await, "A", "only_on_c"));
+}
+
+#[actix_rt::test]
+async fn a_function_registered_after_start_becomes_callable_across_the_cluster() {
+    let cluster = cluster_id("late-registration");
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![]).await;
+    let c = TestNode::start(settings("C", &cluster, &[&b]), vec![]).await;
+    wait_full_mesh(&[&a, &b, &c]).await;
+
+    let client = a.client().await;
+    let before = rpc_error(client.call("late", vec![json!(1)]).await);
+    assert_eq!(before.kind(), Some(ErrorCode::NotFound), "{before:?}");
+
+    c.register(FunctionSpec::sync("late", |x: i64| x + 1000).inline().resources(["late-res"]))
+        .await
+        .expect("registration succeeds");
+    assert_eq!(wait_callable(&client, "late", vec![json!(1)]).await, json!(1001));
+    wait_catalog(&a, "late", &["C"]).await;
+    wait_catalog(&b, "late", &["C"]).await;
+    // The catalog carries the resources, so routing by them works remotely too.
+    let with_locs = mpreg::client::CallOptions { locs: vec!["late-res".into()], ..Default::default() };
+    assert_eq!(client.call_with("late", vec![json!(2)], with_locs).await.unwrap(), json!(1002));
+}
+
+// ---------------------------------------------------------------------------------------
+// Routing and execution across nodes
+
+#[actix_rt::test]
+async fn a_chain_is_routed_by_resources_across_two_nodes() {
+    let cluster = cluster_id("resources");
+    let cpu = TestNode::start(settings("cpu-node", &cluster, &[]), demo(&["add", "multiply"])).await;
+    let gpu = TestNode::start(settings("gpu-node", &cluster, &[&cpu]), demo(&["model_score"])).await;
+    let client = gpu.client().await;
+    assert_eq!(wait_callable(&client, "add", vec![json!(1), json!(2)]).await, json!(3));
+
+    let mut sum = RpcCommand::new("sum", "add", vec![json!(20), json!(22)]);
+    sum.locs = vec!["cpu".into(), "math".into()];
+    let mut scaled = RpcCommand::new("scaled", "multiply", vec![json!("sum"), json!(3)]);
+    scaled.locs = vec!["cpu".into()];
+    let mut scored = RpcCommand::new("scored", "model_score", vec![json!("scaled")]);
+    scored.locs = vec!["gpu".into()];
+    let r = client.request(vec![sum, scaled, scored]).await.expect("the chain runs");
+    assert_eq!(r, json!({"scored": {"score": 1.26, "model": "demo", "nested": {"deep": [1, 2, 3]}}}));
+
+    // Resources the providers lack match nothing, here or there.
+    let mut wrong = RpcCommand::new("sum", "add", vec![json!(1), json!(2)]);
+    wrong.locs = vec!["gpu".into()];
+    let error = rpc_error(client.request(vec![wrong]).await);
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "{error:?}");
+}
+
+/// An async function that records its start, then waits until `barrier` sees the other
+/// branch started too: run one after the other, the first would time out and fail.
+fn branch(name: &'static str, barrier: Arc<Barrier>, log: Arc<Mutex<Vec<String>>>, f: fn(i64) -> i64) -> FunctionSpec {
+    FunctionSpec::asynchronous(name, move |x: i64| {
+        let (barrier, log) = (barrier.clone(), log.clone());
+        async move {
+            log.lock().unwrap().push(format!("{name} started"));
+            tokio::time::timeout(SOON, barrier.wait())
+                .await
+                .map_err(|_| FunctionError::new("Timeout", format!("{name}: the other branch never started")))?;
+            log.lock().unwrap().push(format!("{name} finished"));
+            Ok::<_, FunctionError>(f(x))
+        }
+    })
+}
+
+#[actix_rt::test]
+async fn independent_branches_on_different_nodes_run_concurrently() {
+    let cluster = cluster_id("dag");
+    let barrier = Arc::new(Barrier::new(2));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seed = FunctionSpec::sync("seed", |x: i64| x + 1).inline();
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![seed]).await;
+    let left = branch("left", barrier.clone(), log.clone(), |x| x * 10);
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![left]).await;
+    let right = branch("right", barrier.clone(), log.clone(), |x| x + 100);
+    let c = TestNode::start(settings("C", &cluster, &[&a]), vec![right]).await;
+    wait_catalog(&a, "left", &["B"]).await;
+    wait_catalog(&a, "right", &["C"]).await;
+    wait_until("A to route to B and C", || async {
+        let topology = a.topology().await;
+        (linked(&topology, "B") && linked(&topology, "C")).then_some(())
+    })
+    .await;
+
+    // seed (A) -> left (B) and right (C) -> both (echos, local to A).
+    let client = a.client().await;
+    let r = client
+        .request(vec![
+            RpcCommand::new("seed", "seed", vec![json!(4)]),
+            RpcCommand::new("left", "left", vec![json!("seed")]),
+            RpcCommand::new("right", "right", vec![json!("seed")]),
+            RpcCommand::new("both", "echos", vec![json!("left"), json!("right")]),
+        ])
+        .await
+        .expect("the DAG runs");
+    assert_eq!(r, json!({"both": [50, 105]}));
+
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 4, "{log:?}");
+    assert!(log[..2].iter().all(|e| e.ends_with("started")), "both branches start before either ends: {log:?}");
+    assert!(log[2..].iter().all(|e| e.ends_with("finished")), "{log:?}");
+    drop((b, c));
+}
+
+#[actix_rt::test]
+async fn a_remote_failure_fails_the_request_with_1003_naming_the_node() {
+    let cluster = cluster_id("remote-failure");
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let fails = FunctionSpec::sync("fails_on_b", |x: i64| -> Result<i64, FunctionError> {
+        Err(FunctionError::value_error(format!("no good: {x}")))
+    })
+    .inline();
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![fails]).await;
+    wait_catalog(&a, "fails_on_b", &["B"]).await;
+
+    let client = a.client().await;
+    let request = || {
+        client.request(vec![
+            RpcCommand::new("x", "fails_on_b", vec![json!(7)]),
+            RpcCommand::new("after", "echo", vec![json!("x")]),
+        ])
+    };
+    // The catalog may list it a moment before the route is in A's routing snapshot.
+    let error = wait_until("A to route fails_on_b to B", || async {
+        let error = rpc_error(request().await);
+        (error.kind() != Some(ErrorCode::NotFound)).then_some(error)
+    })
+    .await;
+    assert_eq!(error.kind(), Some(ErrorCode::ExecutionFailed), "{error:?}");
+    assert_eq!(error.message, "RPC execution failed");
+    assert_eq!(
+        error.details_text(),
+        "Function execution failed: command=x fun=fails_on_b node=B error=ValueError: no good: 7 args_types=[int]"
+    );
+    // The failure is the request's, not the cluster's.
+    assert_eq!(client.call("echo", vec![json!("still here")]).await.unwrap(), json!("still here"));
+    assert!(linked(&a.topology().await, "B"));
+    drop(b);
+}
+
+#[actix_rt::test]
+async fn messages_travel_several_hops_within_the_hop_budget() {
+    // A line, no links beyond the configured peers: A <- B <- C <- D.
+    let cluster = cluster_id("multi-hop");
+    let line = |name: &str, peers: &[&TestNode], budget: u32| Settings {
+        peer_fanout: 0,
+        hop_budget: budget,
+        ..settings(name, &cluster, peers)
+    };
+    let a_only = FunctionSpec::sync("a_only", |x: i64| x + 1).inline();
+    // A lets a message it originates be forwarded once.
+    let a = TestNode::start(line("A", &[], 1), vec![a_only]).await;
+    let b = TestNode::start(line("B", &[&a], 5), vec![]).await;
+    let c_only = FunctionSpec::sync("c_only", |x: i64| x * 3).inline();
+    let c = TestNode::start(line("C", &[&b], 5), vec![c_only]).await;
+    let d_only = FunctionSpec::sync("d_only", |x: i64| x - 1).inline();
+    let d = TestNode::start(line("D", &[&c], 5), vec![d_only]).await;
+
+    let topology = wait_until("A to reach D through B", || async {
+        let topology = a.topology().await;
+        member(&topology, "D").is_some_and(|m| m["next_hop"] == "B" && m["state"] == "alive").then_some(topology)
+    })
+    .await;
+    assert!(linked(&topology, "B"), "{topology:#}");
+    for far in ["C", "D"] {
+        let m = member(&topology, far).unwrap_or_else(|| panic!("A knows {far}: {topology:#}"));
+        assert_eq!(m["linked"], false, "A has no link to {far}: {topology:#}");
+        assert_eq!(m["next_hop"], "B", "{topology:#}");
+    }
+    wait_until("D to reach A through C", || async {
+        let topology = d.topology().await;
+        member(&topology, "A").is_some_and(|m| m["next_hop"] == "C" && m["state"] == "alive").then_some(())
+    })
+    .await;
+
+    // A -> B -> C: one forward (at B), within A's budget of 1.
+    let client_a = a.client().await;
+    assert_eq!(wait_callable(&client_a, "c_only", vec![json!(5)]).await, json!(15));
+
+    // A -> B -> C -> D needs a second forward (at C): refused there, reported back to A.
+    wait_catalog(&a, "d_only", &["D"]).await;
+    let error = wait_until("A to route d_only", || async {
+        let error = rpc_error(client_a.call("d_only", vec![json!(5)]).await);
+        (error.kind() != Some(ErrorCode::NotFound)).then_some(error)
+    })
+    .await;
+    assert_eq!(error.kind(), Some(ErrorCode::Unreachable), "{error:?}");
+    let text = error.details_text();
+    assert!(text.starts_with("command=d_only fun=d_only node=D: "), "{text}");
+    assert!(text.contains("hop budget exhausted at C"), "{text}");
+
+    // D's own budget (5) carries its calls over the same three hops the other way.
+    let client_d = d.client().await;
+    assert_eq!(wait_callable(&client_d, "a_only", vec![json!(41)]).await, json!(42));
+}
+
+// ---------------------------------------------------------------------------------------
+// Nodes leaving
+
+#[actix_rt::test]
+async fn a_call_in_flight_on_a_node_that_leaves_fails_fast_with_1005() {
+    let cluster = cluster_id("leave-mid-call");
+    let (started, mut started_rx) = mpsc::unbounded_channel::<()>();
+    let hang = FunctionSpec::asynchronous("hang", move || {
+        let started = started.clone();
+        async move {
+            let _ = started.send(());
+            tokio::time::sleep(SOON * 6).await;
+            "too late"
+        }
+    });
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![hang]).await;
+    wait_catalog(&a, "hang", &["B"]).await;
+    wait_until("A to link to B", || async { linked(&a.topology().await, "B").then_some(()) }).await;
+
+    let client = a.client().await;
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("hang", vec![]).await }
+    });
+    tokio::time::timeout(SOON, started_rx.recv()).await.expect("hang starts on B").expect("B is running");
+
+    b.shutdown().await;
+    // The client's own deadline is 45 s and the node's request timeout 30 s: an answer
+    // within SOON can only be the fabric noticing that B left.
+    let result = tokio::time::timeout(SOON, call).await.expect("the call is answered at once").expect("task");
+    let error = rpc_error(result);
+    assert_eq!(error.kind(), Some(ErrorCode::Unreachable), "{error:?}");
+    assert!(error.details_text().starts_with("command=hang fun=hang node=B: "), "{error:?}");
+    // A goes on serving.
+    assert_eq!(client.call("echo", vec![json!(1)]).await.unwrap(), json!(1));
+}
+
+#[actix_rt::test]
+async fn a_call_in_flight_on_a_node_that_leaves_is_retried_on_another_provider() {
+    let cluster = cluster_id("retry");
+    let (started, mut started_rx) = mpsc::unbounded_channel::<&'static str>();
+    let release = Arc::new(Notify::new());
+
+    // B's hang2 never answers in time; C's answers at once.
+    let hang_on_b = FunctionSpec::asynchronous("hang2", {
+        let started = started.clone();
+        move || {
+            let started = started.clone();
+            async move {
+                let _ = started.send("hang2 on B");
+                tokio::time::sleep(SOON * 6).await;
+                "B"
+            }
+        }
+    });
+    let hang_on_c = FunctionSpec::asynchronous("hang2", || async { "C" });
+    // Holds one call to C open, so A's least-loaded choice for hang2 is B.
+    let hold_c = FunctionSpec::asynchronous("hold_c", {
+        let release = release.clone();
+        move || {
+            let (started, release) = (started.clone(), release.clone());
+            async move {
+                let _ = started.send("hold_c");
+                release.notified().await;
+                "released"
+            }
+        }
+    });
+
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![hang_on_b]).await;
+    let c = TestNode::start(settings("C", &cluster, &[&a]), vec![hang_on_c, hold_c]).await;
+    wait_catalog(&a, "hang2", &["B", "C"]).await;
+    wait_catalog(&a, "hold_c", &["C"]).await;
+    wait_until("A to link to B and C", || async {
+        let topology = a.topology().await;
+        (linked(&topology, "B") && linked(&topology, "C")).then_some(())
+    })
+    .await;
+
+    let client = a.client().await;
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("hold_c", vec![]).await }
+    });
+    let first = tokio::time::timeout(SOON, started_rx.recv()).await.expect("hold_c starts on C");
+    assert_eq!(first, Some("hold_c"));
+
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("hang2", vec![]).await }
+    });
+    let second = tokio::time::timeout(SOON, started_rx.recv()).await;
+    assert_eq!(second, Ok(Some("hang2 on B")), "with one call open on C, A picks B (least in flight) for hang2");
+
+    b.shutdown().await;
+    let result = tokio::time::timeout(SOON, call).await.expect("the call is answered at once").expect("task");
+    assert_eq!(result.expect("retried on C"), json!("C"));
+
+    release.notify_one();
+    let held = tokio::time::timeout(SOON, held).await.expect("hold_c answers once released").expect("task");
+    assert_eq!(held.expect("hold_c succeeds"), json!("released"));
+    drop(c);
+}
+
+#[actix_rt::test]
+async fn goodbye_removes_a_node_at_once_and_its_new_instance_is_welcome() {
+    let cluster = cluster_id("goodbye");
+    // Failure detection would take 30 s: anything faster is the GOODBYE. The departed
+    // instance is barred for 30 s too, which must not bar its successor.
+    let slow_detection = |name: &str, peers: &[&TestNode]| Settings {
+        remove_after_s: 30.0,
+        departed_grace_s: 30.0,
+        ..settings(name, &cluster, peers)
+    };
+    let b_fun = || FunctionSpec::sync("b_fun", |x: i64| x * 7).inline();
+    let a = TestNode::start(slow_detection("A", &[]), vec![]).await;
+    let b = TestNode::start(slow_detection("B", &[&a]), vec![b_fun()]).await;
+    let c = TestNode::start(slow_detection("C", &[&a]), vec![]).await;
+    wait_full_mesh(&[&a, &b, &c]).await;
+    let client_a = a.client().await;
+    let client_c = c.client().await;
+    assert_eq!(wait_callable(&client_a, "b_fun", vec![json!(6)]).await, json!(42));
+    assert_eq!(wait_callable(&client_c, "b_fun", vec![json!(6)]).await, json!(42));
+    let old_instance = member(&a.topology().await, "B").expect("A knows B")["instance_id"].clone();
+
+    b.shutdown().await;
+    drop(b);
+    for observer in [&a, &c] {
+        wait_until(&format!("{} to forget B", observer.name()), || async {
+            member(&observer.topology().await, "B").is_none().then_some(())
+        })
+        .await;
+        assert!(!catalog_lists(&observer.catalog().await, "B", "b_fun"));
+    }
+    // B's functions are gone with it: a plain "no such function", answered at once.
+    let error = tokio::time::timeout(SOON, client_a.call("b_fun", vec![json!(1)]))
+        .await
+        .map(rpc_error)
+        .expect("answered at once");
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "{error:?}");
+
+    // A new process with the same name is a new instance: admitted within the grace.
+    let b2 = TestNode::start(slow_detection("B", &[&a]), vec![b_fun()]).await;
+    wait_full_mesh(&[&a, &b2, &c]).await;
+    let new_instance = member(&a.topology().await, "B").expect("A knows the new B")["instance_id"].clone();
+    assert_ne!(new_instance, old_instance);
+    assert_eq!(wait_callable(&client_a, "b_fun", vec![json!(2)]).await, json!(14));
+    assert_eq!(wait_callable(&client_c, "b_fun", vec![json!(3)]).await, json!(21));
+}
+
+// ---------------------------------------------------------------------------------------
+// Isolation
+
+/// Log lines written on this thread (where the in-process nodes' fabric actors run).
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogCapture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Lines containing every one of `parts`.
+    fn count(&self, parts: &[&str]) -> usize {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines().filter(|line| parts.iter().all(|p| line.contains(p))).count()
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn raw_connect(url: &str) -> Ws {
+    tokio_tungstenite::connect_async(url).await.expect("raw websocket connects").0
+}
+
+/// The next data frame as JSON (pings and pongs skipped); `None` if the socket closed.
+async fn raw_next(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let message = tokio::time::timeout(SOON, ws.next()).await.expect("a frame or a close within SOON");
+        match message {
+            Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).expect("JSON frame")),
+            Some(Ok(Message::Binary(bytes))) => return Some(serde_json::from_slice(&bytes).expect("JSON frame")),
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_node_of_another_cluster_is_refused() {
+    let capture = LogCapture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logs = tracing::subscriber::set_default(subscriber);
+
+    let cluster = cluster_id("isolation");
+    let foreign = cluster_id("other");
+    let a_fun = FunctionSpec::sync("a_fun", |x: i64| x).inline();
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![a_fun]).await;
+    let x_fun = FunctionSpec::sync("x_fun", |x: i64| x).inline();
+    let x = TestNode::start(settings("X", &foreign, &[&a]), vec![x_fun]).await;
+
+    // X keeps dialling its configured peer; wait for two refusals, each seen by both ends.
+    wait_until("A to refuse X twice", || async {
+        let refused = capture.count(&["peer refused", "node=A", "peer=X"]);
+        let told = capture.count(&["refused by peer", "node=X"]);
+        (refused >= 2 && told >= 2).then_some(())
+    })
+    .await;
+    let from_a = a.topology().await;
+    assert!(member(&from_a, "X").is_none(), "A never lists X: {from_a:#}");
+    assert!(!catalog_lists(&a.catalog().await, "X", "x_fun"));
+    let from_x = x.topology().await;
+    assert!(member(&from_x, "A").is_none(), "X never lists A: {from_x:#}");
+
+    let error = rpc_error(x.client().await.call("a_fun", vec![json!(1)]).await);
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "X cannot route to A's functions: {error:?}");
+    let error = rpc_error(a.client().await.call("x_fun", vec![json!(1)]).await);
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "nor A to X's: {error:?}");
+
+    // The same STATUS from a raw socket gets the refusal in words, then the link closes.
+    let mut ws = raw_connect(a.url()).await;
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "spy", "instance_id": "spy-1", "cluster_id": foreign, "url": "ws://127.0.0.1:9"},
+        "functions": [], "catalog_version": 1
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let refusal = raw_next(&mut ws).await.expect("a refusal before the close");
+    assert_eq!(refusal["role"], "server", "{refusal}");
+    assert_eq!(refusal["kind"], "refused", "{refusal}");
+    assert!(refusal["reason"].as_str().is_some_and(|r| r.contains(&foreign)), "{refusal}");
+    assert_eq!(raw_next(&mut ws).await, None, "the refused link is closed");
+    assert!(member(&a.topology().await, "spy").is_none());
+}
+
+// ---------------------------------------------------------------------------------------
+// Pub/sub across nodes
+
+#[actix_rt::test]
+async fn a_publish_reaches_every_subscriber_in_the_cluster_exactly_once() {
+    let cluster = cluster_id("pubsub");
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![]).await;
+    let c = TestNode::start(settings("C", &cluster, &[&a]), vec![]).await;
+    wait_full_mesh(&[&a, &b, &c]).await;
+
+    let clients = [a.client().await, b.client().await, c.client().await];
+    let mut subscriptions = Vec::new();
+    for client in &clients {
+        subscriptions.push(client.subscribe(&["news.#"], None).await.expect("subscribed"));
+    }
+
+    clients[1].publish("news.first", json!({"n": 1})).await.expect("published on B");
+    for (node, subscription) in ["A", "B", "C"].iter().zip(&mut subscriptions) {
+        let message = tokio::time::timeout(SOON, subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("the subscriber on {node} gets the message"))
+            .expect("subscription open");
+        assert_eq!((message.topic.as_str(), &message.payload), ("news.first", &json!({"n": 1})), "on {node}");
+    }
+
+    // A duplicate would have been forwarded by some node before that node forwards a
+    // message published there later, on the same link. So publish a marker on every node:
+    // each subscriber must see the three markers, and nothing else, next.
+    for (client, node) in clients.iter().zip(["A", "B", "C"]) {
+        client.publish("news.marker", json!({"from": node})).await.expect("marker published");
+    }
+    for (node, subscription) in ["A", "B", "C"].iter().zip(&mut subscriptions) {
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let message = tokio::time::timeout(SOON, subscription.next())
+                .await
+                .unwrap_or_else(|_| panic!("the subscriber on {node} gets every marker; got {seen:?}"))
+                .expect("subscription open");
+            assert_eq!(message.topic, "news.marker", "on {node}, after {seen:?}: {message:?}");
+            seen.push(message.payload["from"].as_str().unwrap_or_default().to_owned());
+        }
+        seen.sort();
+        assert_eq!(seen, ["A", "B", "C"], "on {node}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Garbage on the peer protocol
+
+#[actix_rt::test]
+async fn garbage_and_silence_from_a_connection_do_not_disturb_the_cluster() {
+    let cluster = cluster_id("garbage");
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b_fun = FunctionSpec::sync("b_fun", |x: i64| x + 1).inline();
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![b_fun]).await;
+    let client = a.client().await;
+    assert_eq!(wait_callable(&client, "b_fun", vec![json!(1)]).await, json!(2));
+
+    // Connections that never say anything: one websocket, one bare TCP socket.
+    let _silent_ws = raw_connect(a.url()).await;
+    let _silent_tcp = TcpStream::connect(a.url().trim_start_matches("ws://")).await.expect("tcp connects");
+
+    let mut ws = raw_connect(a.url()).await;
+    let garbage = [
+        json!({"role": "fabric-gossip", "kind": "nonsense"}),
+        json!({"role": "server", "kind": "status"}),
+        json!({"role": "fabric-message"}),
+        json!({"role": "fabric-gossip", "kind": "members"}),
+    ];
+    for frame in &garbage {
+        ws.send(Message::Text(frame.to_string())).await.unwrap();
+        let reply = raw_next(&mut ws).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
+        assert_eq!(reply["error"]["code"], 1002, "{frame} -> {reply}");
+        assert_eq!(reply["u"], Value::Null, "{frame} -> {reply}");
+    }
+    // The same connection still serves requests, remote ones included.
+    let rpc = json!({"role": "rpc", "u": "after-garbage", "cmds": [{"name": "r", "fun": "b_fun", "args": [41]}]});
+    ws.send(Message::Text(rpc.to_string())).await.unwrap();
+    let reply = raw_next(&mut ws).await.expect("an answer");
+    assert_eq!((&reply["u"], &reply["r"]), (&json!("after-garbage"), &json!({"r": 42})), "{reply}");
+
+    // A and B still see each other and route; the silent connections are still open.
+    let topology = a.topology().await;
+    assert!(linked(&topology, "B"), "{topology:#}");
+    assert!(linked(&b.topology().await, "A"));
+    assert_eq!(client.call("b_fun", vec![json!(9)]).await.unwrap(), json!(10));
+    let fresh = a.client().await;
+    assert_eq!(fresh.call("b_fun", vec![json!(0)]).await.unwrap(), json!(1));
+}
+
+#[actix_rt::test]
+async fn a_connection_that_never_introduced_itself_cannot_make_a_node_leave() {
+    let cluster = cluster_id("spoofed-goodbye");
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b_fun = FunctionSpec::sync("b_fun", |x: i64| x + 1).inline();
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![b_fun]).await;
+    let client = a.client().await;
+    assert_eq!(wait_callable(&client, "b_fun", vec![json!(1)]).await, json!(2));
+    let topology = a.topology().await;
+    let instance = member(&topology, "B").expect("A knows B")["instance_id"].clone();
+
+    // A GOODBYE for B, with B's real instance id, from a socket that is not B.
+    let mut ws = raw_connect(a.url()).await;
+    let goodbye = json!({"role": "server", "kind": "goodbye", "node": "B", "instance_id": instance});
+    ws.send(Message::Text(goodbye.to_string())).await.unwrap();
+    // Requests on one connection are handled in order: once this one is answered, the
+    // GOODBYE has reached A's fabric.
+    let probe = json!({"role": "rpc", "u": "probe", "cmds": [{"name": "t", "fun": "echo", "args": [1]}]});
+    ws.send(Message::Text(probe.to_string())).await.unwrap();
+    let reply = raw_next(&mut ws).await.expect("an answer");
+    assert_eq!(reply["u"], "probe", "{reply}");
+    // Topology questions queue behind the GOODBYE in the fabric's mailbox.
+    let topology = a.topology().await;
+    assert!(linked(&topology, "B"), "A still has B: {topology:#}");
+    assert_eq!(client.call("b_fun", vec![json!(2)]).await.unwrap(), json!(3));
+    drop(b);
+}
