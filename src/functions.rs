@@ -60,7 +60,17 @@ impl IntoFunctionResult for Num {
 /// The functions every node has.
 pub fn builtins() -> Vec<FunctionSpec> {
     vec![
-        FunctionSpec::sync("echo", |value: Value| value).inline(),
+        // Raw rather than typed: the argument is returned as is, never re-encoded.
+        FunctionSpec::raw("echo", |mut call: CallArgs| {
+            no_kwargs("echo", &call)?;
+            match call.args.len() {
+                1 => Ok(call.args.pop().unwrap_or_default()),
+                given => {
+                    Err(FunctionError::type_error(format!("echo() takes 1 positional argument but {given} were given")))
+                }
+            }
+        })
+        .inline(),
         FunctionSpec::raw("echos", |call: CallArgs| {
             no_kwargs("echos", &call)?;
             Ok(Value::Array(call.args))

@@ -128,7 +128,11 @@ pub struct Connection {
     session: Session,
     close: Option<oneshot::Sender<Option<CloseReason>>>,
     in_flight: usize,
-    last_seen: Instant,
+    /// Whether a frame arrived since the last heartbeat tick (cheaper than a clock read
+    /// per frame).
+    heard: bool,
+    /// Heartbeat ticks in a row without a frame.
+    silent_ticks: u32,
     /// Set once the other end spoke a peer frame: this connection is a fabric link.
     link: Option<LinkId>,
 }
@@ -146,7 +150,8 @@ impl Connection {
             session,
             close: Some(close),
             in_flight: 0,
-            last_seen: Instant::now(),
+            heard: true,
+            silent_ticks: 0,
             link: None,
         }
     }
@@ -158,13 +163,28 @@ impl Connection {
         ctx.stop();
     }
 
-    /// Queues a reply from the actor itself (never blocks: a full outbox means the
-    /// client is not reading, and the reply is sent from a task instead).
-    fn reply(&self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
+    /// Sends a reply from the actor itself. When nothing is queued ahead of it, the frame
+    /// goes straight into the websocket (saving the writer task a wake-up); otherwise it
+    /// joins the outbox, in order. Never blocks: if even the outbox is full (the client
+    /// is not reading) the reply is sent from a task.
+    fn reply(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
+        let bytes = Bytes::from(bytes);
+        if self.outbox.capacity() == self.outbox.max_capacity() {
+            // The writer is idle (it only runs when this actor does not), so every earlier
+            // frame is already in the websocket: writing now keeps the order.
+            let written = match kind {
+                FrameKind::Binary => self.session.binary(bytes.clone()).now_or_never(),
+                FrameKind::Text => match std::str::from_utf8(&bytes) {
+                    Ok(text) => self.session.text(text.to_owned()).now_or_never(),
+                    Err(_) => self.session.binary(bytes.clone()).now_or_never(),
+                },
+            };
+            if written.is_some() {
+                return;
+            }
+        }
         let outbox = self.outbox.clone();
-        if let Err(mpsc::error::TrySendError::Full(frame)) =
-            outbox.try_send(OutFrame { bytes: Bytes::from(bytes), kind })
-        {
+        if let Err(mpsc::error::TrySendError::Full(frame)) = outbox.try_send(OutFrame { bytes, kind }) {
             ctx.spawn(async move { drop(outbox.send(frame).await) }.into_actor(self));
         }
     }
@@ -247,11 +267,9 @@ impl Connection {
         }
         let started = Instant::now();
         let metrics = &self.shared.metrics;
-        metrics.request_started();
-        let u = request.u.clone();
         let prepared = match prepare(&self.shared, request) {
             Ok(prepared) => prepared,
-            Err(error) => {
+            Err((u, error)) => {
                 metrics.request_finished(started.elapsed(), error.kind());
                 self.reply(encode(&RpcResponse::failure(Some(u), error)), kind, ctx);
                 return;
@@ -266,11 +284,13 @@ impl Connection {
             return;
         }
         self.in_flight += 1;
+        metrics.request_waiting();
         let shared = self.shared.clone();
         let outbox = self.outbox.clone();
-        let span = tracing::debug_span!("rpc", u = %u, conn = self.id);
+        let span = tracing::debug_span!("rpc", u = %prepared.u, conn = self.id);
         let task = async move {
             let response = prepared.run(&shared).await;
+            shared.metrics.request_left();
             shared.metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&response)), kind }).await;
         }
@@ -384,12 +404,15 @@ struct Prepared {
     callback_topic: Option<String>,
 }
 
-/// Validates and plans a request (no I/O).
-fn prepare(shared: &NodeShared, request: RpcRequest) -> Result<Prepared, RpcError> {
+/// Validates and plans a request (no I/O); a refusal comes with the request's `u`.
+fn prepare(shared: &NodeShared, request: RpcRequest) -> Result<Prepared, (String, RpcError)> {
     let timeout = match request.timeout {
         None => shared.config.request_timeout,
         Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
-        Some(s) => return Err(RpcError::invalid(format!("timeout must be a positive number of seconds, got {s}"))),
+        Some(s) => {
+            let error = RpcError::invalid(format!("timeout must be a positive number of seconds, got {s}"));
+            return Err((request.u, error));
+        }
     };
     let options = ReportOptions {
         intermediate_results: request.return_intermediate_results,
@@ -399,8 +422,10 @@ fn prepare(shared: &NodeShared, request: RpcRequest) -> Result<Prepared, RpcErro
     let callback_topic = request.intermediate_result_callback_topic.clone();
     let u = request.u.clone();
     let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), shared.config.cluster_id.clone());
-    let plan = Plan::build(request, &routing)?;
-    Ok(Prepared { u, plan, options, timeout, callback_topic })
+    match Plan::build(request, &routing) {
+        Ok(plan) => Ok(Prepared { u, plan, options, timeout, callback_topic }),
+        Err(error) => Err((u, error)),
+    }
 }
 
 fn response(u: String, result: Result<Outcome, RpcError>) -> RpcResponse {
@@ -481,7 +506,13 @@ impl Actor for Connection {
         self.shared.metrics.connections_changed(1);
         debug!(conn = self.id, peer = %self.peer, "connection opened");
         ctx.run_interval(self.shared.config.heartbeat_interval, |act, ctx| {
-            if act.last_seen.elapsed() > act.shared.config.client_timeout {
+            if std::mem::take(&mut act.heard) {
+                act.silent_ticks = 0;
+            } else {
+                act.silent_ticks += 1;
+            }
+            let silent = act.shared.config.heartbeat_interval * act.silent_ticks;
+            if silent >= act.shared.config.client_timeout {
                 info!(conn = act.id, peer = %act.peer, "client silent past client_timeout; closing");
                 act.close_with(CloseCode::Away, "idle timeout", ctx);
                 return;
@@ -519,7 +550,7 @@ impl Handler<CloseLink> for Connection {
 
 impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
     fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
-        self.last_seen = Instant::now();
+        self.heard = true;
         match item {
             Ok(AggregatedMessage::Text(text)) => self.on_frame(text.into_bytes(), FrameKind::Text, ctx),
             Ok(AggregatedMessage::Binary(bytes)) => self.on_frame(bytes, FrameKind::Binary, ctx),

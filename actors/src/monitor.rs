@@ -43,14 +43,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A request started.
-    pub fn request_started(&self) {
+    /// A request started waiting (a task, a remote call): it counts as in flight until
+    /// [`Metrics::request_left`]. Requests answered in place never wait and are not counted.
+    pub fn request_waiting(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A request ended after `elapsed`, successfully or with `error`.
-    pub fn request_finished(&self, elapsed: Duration, error: Option<ErrorCode>) {
+    /// A waiting request ended.
+    pub fn request_left(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A request was answered after `elapsed`, successfully or with `error`.
+    pub fn request_finished(&self, elapsed: Duration, error: Option<ErrorCode>) {
         self.record_outcome(error);
         let seconds = elapsed.as_secs_f64();
         if let Some(bucket) = LATENCY_BUCKETS_S.iter().position(|&b| seconds <= b) {

@@ -17,7 +17,7 @@
 //! `name` and follows object keys `a`, `b` when substituted. A path that cannot be followed
 //! is passed through as the literal string.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use futures_util::future::LocalBoxFuture;
@@ -40,12 +40,11 @@ pub struct Plan {
     constraints: Vec<Option<VersionConstraint>>,
     endpoints: Vec<Endpoint>,
     routing: Routing,
-    index: HashMap<String, usize>,
+    index: NameIndex,
     dependants: Vec<Vec<usize>>,
     dep_count: Vec<usize>,
     levels: Vec<usize>,
     level_count: usize,
-    sinks: Vec<usize>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -58,21 +57,16 @@ impl Plan {
     /// Validates `request` and resolves each command through `routing`.
     pub fn build(request: RpcRequest, routing: &Routing) -> Result<Plan, RpcError> {
         let RpcRequest { u, cmds, .. } = request;
-        let mut index = HashMap::with_capacity(cmds.len());
-        for (i, cmd) in cmds.iter().enumerate() {
-            if index.insert(cmd.name.clone(), i).is_some() {
-                return Err(RpcError::invalid(format!("duplicate command name: {}", cmd.name)));
-            }
-        }
-        let deps: Vec<Vec<usize>> = cmds.iter().map(|cmd| references(cmd, &index)).collect();
-        let levels = levels(&cmds, &deps)?;
+        let index = NameIndex::build(&cmds)?;
+        let lookup = Lookup { cmds: &cmds, index: &index };
+        let deps: Vec<Vec<usize>> = cmds.iter().map(|cmd| references(cmd, &lookup)).collect();
         let mut dependants = vec![Vec::new(); cmds.len()];
         for (i, ds) in deps.iter().enumerate() {
             for &d in ds {
                 dependants[d].push(i);
             }
         }
-        let sinks = (0..cmds.len()).filter(|&i| dependants[i].is_empty()).collect();
+        let levels = levels(&cmds, &deps, &dependants)?;
         let mut constraints = Vec::with_capacity(cmds.len());
         for cmd in &cmds {
             let constraint = match &cmd.version_constraint {
@@ -97,7 +91,6 @@ impl Plan {
             index,
             dependants,
             levels,
-            sinks,
         })
     }
 
@@ -119,44 +112,85 @@ impl Plan {
 
     /// Commands no other command references: their results form `r`.
     pub fn sinks(&self) -> impl Iterator<Item = &str> {
-        self.sinks.iter().map(|&i| self.cmds[i].name.as_str())
+        (0..self.cmds.len()).filter(|&i| self.is_sink(i)).map(|i| self.cmds[i].name.as_str())
+    }
+
+    fn is_sink(&self, i: usize) -> bool {
+        self.dependants[i].is_empty()
+    }
+}
+
+/// Command name -> position. Requests of a few commands (the common case) scan the names
+/// instead of building a hash map: no allocation, and faster for a handful of names.
+#[derive(Debug)]
+struct NameIndex {
+    map: Option<HashMap<String, usize>>,
+}
+
+impl NameIndex {
+    const SCAN_LIMIT: usize = 16;
+
+    /// Indexes the names; a repeated name is a request error.
+    fn build(cmds: &[RpcCommand]) -> Result<Self, RpcError> {
+        let duplicate = |name: &str| RpcError::invalid(format!("duplicate command name: {name}"));
+        if cmds.len() <= Self::SCAN_LIMIT {
+            for (i, cmd) in cmds.iter().enumerate() {
+                if cmds[..i].iter().any(|earlier| earlier.name == cmd.name) {
+                    return Err(duplicate(&cmd.name));
+                }
+            }
+            return Ok(NameIndex { map: None });
+        }
+        let mut map = HashMap::with_capacity(cmds.len());
+        for (i, cmd) in cmds.iter().enumerate() {
+            if map.insert(cmd.name.clone(), i).is_some() {
+                return Err(duplicate(&cmd.name));
+            }
+        }
+        Ok(NameIndex { map: Some(map) })
+    }
+}
+
+/// Finds commands by name.
+#[derive(Clone, Copy)]
+struct Lookup<'a> {
+    cmds: &'a [RpcCommand],
+    index: &'a NameIndex,
+}
+
+impl Lookup<'_> {
+    fn get(&self, name: &str) -> Option<usize> {
+        match &self.index.map {
+            Some(map) => map.get(name).copied(),
+            None => self.cmds.iter().position(|c| c.name == name),
+        }
     }
 }
 
 /// Indices of the commands that `cmd` references, sorted and unique.
-fn references(cmd: &RpcCommand, index: &HashMap<String, usize>) -> Vec<usize> {
-    let mut found = HashSet::new();
-    let mut stack: Vec<&Value> = cmd.args.iter().chain(cmd.kwargs.values()).collect();
-    while let Some(value) = stack.pop() {
+fn references(cmd: &RpcCommand, index: &Lookup<'_>) -> Vec<usize> {
+    fn walk(value: &Value, index: &Lookup<'_>, found: &mut Vec<usize>) {
         match value {
             Value::String(s) => {
-                if let Some(&i) = index.get(s) {
-                    found.insert(i);
-                }
-                if let Some(&i) = s.split_once('.').and_then(|(base, _)| index.get(base)) {
-                    found.insert(i);
-                }
+                found.extend(index.get(s));
+                found.extend(s.split_once('.').and_then(|(base, _)| index.get(base)));
             }
-            Value::Array(items) => stack.extend(items),
-            Value::Object(map) => stack.extend(map.values()),
+            Value::Array(items) => items.iter().for_each(|v| walk(v, index, found)),
+            Value::Object(map) => map.values().for_each(|v| walk(v, index, found)),
             _ => {}
         }
     }
-    let mut found: Vec<usize> = found.into_iter().collect();
+    let mut found = Vec::new();
+    cmd.args.iter().chain(cmd.kwargs.values()).for_each(|v| walk(v, index, &mut found));
     found.sort_unstable();
+    found.dedup();
     found
 }
 
 /// Longest-path level of every command (Kahn's algorithm); a cycle is a request error.
-fn levels(cmds: &[RpcCommand], deps: &[Vec<usize>]) -> Result<Vec<usize>, RpcError> {
+fn levels(cmds: &[RpcCommand], deps: &[Vec<usize>], dependants: &[Vec<usize>]) -> Result<Vec<usize>, RpcError> {
     let n = cmds.len();
     let mut remaining: Vec<usize> = deps.iter().map(Vec::len).collect();
-    let mut dependants = vec![Vec::new(); n];
-    for (i, ds) in deps.iter().enumerate() {
-        for &d in ds {
-            dependants[d].push(i);
-        }
-    }
     let mut level = vec![0; n];
     let mut queue: VecDeque<usize> = (0..n).filter(|&i| remaining[i] == 0).collect();
     let mut done = 0;
@@ -200,24 +234,26 @@ fn describe_cycle(cmds: &[RpcCommand], deps: &[Vec<usize>], remaining: &[usize])
     cmds[start].name.clone()
 }
 
-/// Replaces references in `value` by results of completed commands.
-fn substitute(value: &Value, results: &[Option<Value>], index: &HashMap<String, usize>) -> Value {
+/// Replaces, in place, references in `value` by results of completed commands.
+fn substitute(value: &mut Value, results: &[Option<Value>], index: &Lookup<'_>) {
     match value {
-        Value::String(s) => resolve_reference(s, results, index).unwrap_or_else(|| value.clone()),
-        Value::Array(items) => Value::Array(items.iter().map(|v| substitute(v, results, index)).collect()),
-        Value::Object(map) => {
-            Value::Object(map.iter().map(|(k, v)| (k.clone(), substitute(v, results, index))).collect())
+        Value::String(s) => {
+            if let Some(resolved) = resolve_reference(s, results, index) {
+                *value = resolved;
+            }
         }
-        other => other.clone(),
+        Value::Array(items) => items.iter_mut().for_each(|v| substitute(v, results, index)),
+        Value::Object(map) => map.values_mut().for_each(|v| substitute(v, results, index)),
+        _ => {}
     }
 }
 
-fn resolve_reference(s: &str, results: &[Option<Value>], index: &HashMap<String, usize>) -> Option<Value> {
+fn resolve_reference(s: &str, results: &[Option<Value>], index: &Lookup<'_>) -> Option<Value> {
     // A string containing a dot is always read as base.path (the reference's rule).
     let Some((base, path)) = s.split_once('.') else {
-        return index.get(s).and_then(|&i| results[i].clone());
+        return index.get(s).and_then(|i| results[i].clone());
     };
-    let mut at = results[*index.get(base)?].as_ref()?;
+    let mut at = results[index.get(base)?].as_ref()?;
     for key in path.split('.') {
         at = at.as_object()?.get(key)?;
     }
@@ -272,41 +308,44 @@ struct LevelTracker {
 
 /// Runs `plan`; the first failing command fails the whole request.
 pub async fn execute(
-    plan: Plan,
+    mut plan: Plan,
     options: ReportOptions,
     observer: &mut impl LevelObserver,
 ) -> Result<Outcome, RpcError> {
     let n = plan.cmds.len();
     let mut results: Vec<Option<Value>> = vec![None; n];
-    let mut dep_count = plan.dep_count.clone();
+    let mut dep_count = std::mem::take(&mut plan.dep_count);
     let mut ready: VecDeque<usize> = (0..n).filter(|&i| dep_count[i] == 0).collect();
-    let mut running = FuturesUnordered::new();
+    // Created on first use: a request of inline functions never needs it.
+    let mut running: Option<FuturesUnordered<Running>> = None;
     let mut completed = 0;
     let track_levels = options.intermediate_results || options.observe_levels || options.execution_summary;
-    let now = Instant::now();
-    let mut tracker = LevelTracker {
-        remaining: plan.levels.iter().fold(vec![0; plan.level_count], |mut acc, &l| {
-            acc[l] += 1;
-            acc
-        }),
-        next: 0,
-        started: now,
-        last_completed: now,
-        times_ms: Vec::new(),
-    };
+    let mut tracker = track_levels.then(|| {
+        let now = Instant::now();
+        LevelTracker {
+            remaining: plan.levels.iter().fold(vec![0; plan.level_count], |mut acc, &l| {
+                acc[l] += 1;
+                acc
+            }),
+            next: 0,
+            started: now,
+            last_completed: now,
+            times_ms: Vec::new(),
+        }
+    });
     let mut reports = Vec::new();
 
     while completed < n {
         while let Some(i) = ready.pop_front() {
-            let call = CallArgs {
-                args: plan.cmds[i].args.iter().map(|v| substitute(v, &results, &plan.index)).collect(),
-                kwargs: plan.cmds[i]
-                    .kwargs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), substitute(v, &results, &plan.index)))
-                    .collect(),
-            };
-            let types: Vec<&'static str> = call.args.iter().map(type_name).collect();
+            // Each command's arguments are used once: substitute in place, no copies.
+            let mut args = std::mem::take(&mut plan.cmds[i].args);
+            let mut kwargs = std::mem::take(&mut plan.cmds[i].kwargs);
+            let lookup = Lookup { cmds: &plan.cmds, index: &plan.index };
+            for value in args.iter_mut().chain(kwargs.values_mut()) {
+                substitute(value, &results, &lookup);
+            }
+            let call = CallArgs { args, kwargs };
+            let types = ArgTypes::of(&call.args);
             match &plan.endpoints[i] {
                 Endpoint::Local(function) if function.is_inline() => {
                     let result = function
@@ -314,35 +353,47 @@ pub async fn execute(
                         .unwrap_or_else(|| Err(FunctionError::new("Internal", "not inline")));
                     let value = result.map_err(|e| failure(&plan.cmds[i], None, &e, &types))?;
                     completed += 1;
-                    tracker.remaining[plan.levels[i]] -= 1;
-                    finish(&plan, i, value, &mut results, &mut dep_count, &mut ready);
+                    finish(&plan, i, value, &mut results, &mut dep_count, &mut ready, tracker.as_mut());
                 }
-                endpoint => running.push(dispatch(&plan, i, endpoint.clone(), call, types)),
+                endpoint => {
+                    let future = dispatch(&plan, i, endpoint.clone(), call, types);
+                    running.get_or_insert_with(FuturesUnordered::new).push(future);
+                }
             }
-            if track_levels {
+            if let Some(tracker) = tracker.as_mut() {
                 // Inline completions may close levels before anything else runs.
-                drain_levels(&plan, &results, &mut tracker, &mut reports, options, observer).await;
+                drain_levels(&plan, &results, tracker, &mut reports, options, observer).await;
             }
         }
         if completed == n {
             break;
         }
-        let Some((i, result)) = running.next().await else {
+        let next = match running.as_mut() {
+            Some(running) => running.next().await,
+            None => None,
+        };
+        let Some((i, result)) = next else {
             // Nothing running and nothing ready: impossible for an acyclic plan.
             return Err(RpcError::invalid("plan stalled: unresolved dependencies"));
         };
         let value = result?;
         completed += 1;
-        tracker.remaining[plan.levels[i]] -= 1;
-        finish(&plan, i, value, &mut results, &mut dep_count, &mut ready);
-        if track_levels {
-            drain_levels(&plan, &results, &mut tracker, &mut reports, options, observer).await;
+        finish(&plan, i, value, &mut results, &mut dep_count, &mut ready, tracker.as_mut());
+        if let Some(tracker) = tracker.as_mut() {
+            drain_levels(&plan, &results, tracker, &mut reports, options, observer).await;
         }
     }
 
-    let r: Map<String, Value> =
-        plan.sinks.iter().map(|&i| (plan.cmds[i].name.clone(), results[i].take().unwrap_or(Value::Null))).collect();
-    let execution_summary = options.execution_summary.then(|| summary(&plan, &tracker));
+    let mut r = Map::new();
+    for (i, result) in results.iter_mut().enumerate() {
+        if plan.is_sink(i) {
+            r.insert(std::mem::take(&mut plan.cmds[i].name), result.take().unwrap_or(Value::Null));
+        }
+    }
+    let execution_summary = match (&tracker, options.execution_summary) {
+        (Some(tracker), true) => Some(summary(&plan, tracker)),
+        _ => None,
+    };
     Ok(Outcome {
         r: Value::Object(r),
         intermediate_results: if options.intermediate_results { reports } else { Vec::new() },
@@ -350,21 +401,48 @@ pub async fn execute(
     })
 }
 
+/// The argument types of a call, for the 1003 details, kept without allocating: this is
+/// computed for every call and read only when one fails.
+#[derive(Clone, Copy)]
+struct ArgTypes {
+    names: [&'static str; 8],
+    len: usize,
+    total: usize,
+}
+
+impl ArgTypes {
+    fn of(args: &[Value]) -> Self {
+        let mut names = [""; 8];
+        for (slot, value) in names.iter_mut().zip(args) {
+            *slot = type_name(value);
+        }
+        ArgTypes { names, len: args.len().min(8), total: args.len() }
+    }
+}
+
+impl std::fmt::Display for ArgTypes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.names[..self.len].join(","))?;
+        if self.total > self.len {
+            write!(f, ",...({} more)", self.total - self.len)?;
+        }
+        Ok(())
+    }
+}
+
 /// The 1003 details: command, function, node (when remote), error, argument types.
-fn failure(cmd: &RpcCommand, node: Option<&str>, error: &FunctionError, types: &[&str]) -> RpcError {
+fn failure(cmd: &RpcCommand, node: Option<&str>, error: &FunctionError, types: &ArgTypes) -> RpcError {
     let node = node.map(|n| format!(" node={n}")).unwrap_or_default();
     RpcError::execution_failed(format!(
-        "Function execution failed: command={} fun={}{node} error={error} args_types=[{}]",
-        cmd.name,
-        cmd.fun,
-        types.join(",")
+        "Function execution failed: command={} fun={}{node} error={error} args_types=[{types}]",
+        cmd.name, cmd.fun
     ))
 }
 
 type Running = LocalBoxFuture<'static, (usize, Result<Value, RpcError>)>;
 
 /// Starts a command that does not complete in place.
-fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Vec<&'static str>) -> Running {
+fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: ArgTypes) -> Running {
     let cmd = plan.cmds[i].clone();
     match endpoint {
         Endpoint::Local(function) => {
@@ -388,7 +466,7 @@ async fn run_remote(
     constraint: Option<&VersionConstraint>,
     mut target: RemoteFunction,
     call: CallArgs,
-    types: &[&str],
+    types: &ArgTypes,
 ) -> Result<Value, RpcError> {
     let Some(fabric) = routing.fabric() else {
         return Err(RpcError::unreachable(format!("command={} fun={}: this node has no fabric", cmd.name, cmd.fun)));
@@ -429,8 +507,12 @@ fn finish(
     results: &mut [Option<Value>],
     dep_count: &mut [usize],
     ready: &mut VecDeque<usize>,
+    tracker: Option<&mut LevelTracker>,
 ) {
     results[i] = Some(value);
+    if let Some(tracker) = tracker {
+        tracker.remaining[plan.levels[i]] -= 1;
+    }
     for &j in &plan.dependants[i] {
         dep_count[j] -= 1;
         if dep_count[j] == 0 {

@@ -56,8 +56,8 @@ impl Routing {
         constraint: Option<&VersionConstraint>,
         exclude: &[String],
     ) -> Result<Endpoint, RpcError> {
-        let local: Vec<&FunctionSpec> = self.local.candidates(cmd, constraint, &self.cluster_id).collect();
-        let view = self.fabric.as_ref().map(|f| f.view.load_full());
+        let best_spec = self.local.candidates(cmd, constraint, &self.cluster_id).max_by_key(|s| s.identity().version);
+        let view = self.fabric.as_ref().map(|f| f.view.load());
         let matching = |f: &&RemoteFunction| {
             f.identity.name == cmd.fun
                 && cmd.target_cluster.as_deref().is_none_or(|c| c == f.cluster_id)
@@ -69,7 +69,7 @@ impl Routing {
             .filter(|f| !exclude.contains(&f.node))
             .filter(matching)
             .collect();
-        let best_local = local.iter().map(|s| s.identity().version).max();
+        let best_local = best_spec.map(|s| s.identity().version);
         let best_remote = remote.iter().map(|f| f.identity.version).max();
         let prefer_local = match (best_local, best_remote) {
             (Some(l), Some(r)) => l >= r,
@@ -90,8 +90,7 @@ impl Routing {
             }
         };
         if prefer_local {
-            let spec = local.into_iter().max_by_key(|s| s.identity().version).cloned();
-            return spec.map(Endpoint::Local).ok_or_else(|| RpcError::not_found(&cmd.fun));
+            return best_spec.cloned().map(Endpoint::Local).ok_or_else(|| RpcError::not_found(&cmd.fun));
         }
         let Some(top) = best_remote else { return Err(RpcError::not_found(&cmd.fun)) };
         let mut best: Vec<&RemoteFunction> = remote.into_iter().filter(|f| f.identity.version == top).collect();
