@@ -163,15 +163,17 @@ impl Connection {
         ctx.stop();
     }
 
-    /// Sends a reply from the actor itself. When nothing is queued ahead of it, the frame
-    /// goes straight into the websocket (saving the writer task a wake-up); otherwise it
-    /// joins the outbox, in order. Never blocks: if even the outbox is full (the client
-    /// is not reading) the reply is sent from a task.
+    /// Sends a reply from the actor itself (answers computed in place: inline requests,
+    /// refusals). When the outbox is empty the frame goes straight into the websocket,
+    /// saving the writer task a wake-up; otherwise it joins the outbox. Never blocks: if
+    /// even the outbox is full (the client is not reading) it is sent from a task.
+    ///
+    /// Order: replies to different requests carry no order between them (clients match
+    /// them by `u`). Frames that must stay in order — a request's callback-topic
+    /// notifications before its reply — all travel through the outbox.
     fn reply(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
         let bytes = Bytes::from(bytes);
         if self.outbox.capacity() == self.outbox.max_capacity() {
-            // The writer is idle (it only runs when this actor does not), so every earlier
-            // frame is already in the websocket: writing now keeps the order.
             let written = match kind {
                 FrameKind::Binary => self.session.binary(bytes.clone()).now_or_never(),
                 FrameKind::Text => match std::str::from_utf8(&bytes) {
