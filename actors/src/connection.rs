@@ -13,15 +13,17 @@
 //! restart of anything else loses no connection.
 
 use std::net::TcpListener;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, StreamHandler, WrapFuture};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Message, ProtocolError, Session};
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, Sink};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
@@ -164,30 +166,44 @@ impl Connection {
     }
 
     /// Sends a reply from the actor itself (answers computed in place: inline requests,
-    /// refusals). When the outbox is empty the frame goes straight into the websocket,
-    /// saving the writer task a wake-up; otherwise it joins the outbox. Never blocks: if
+    /// refusals). A binary frame goes straight into the websocket when the outbox is
+    /// empty and the socket has room, saving the writer task a wake-up; otherwise it joins
+    /// the outbox. Never blocks: if
     /// even the outbox is full (the client is not reading) it is sent from a task.
     ///
     /// Order: replies to different requests carry no order between them (clients match
     /// them by `u`). Frames that must stay in order — a request's callback-topic
     /// notifications before its reply — all travel through the outbox.
     fn reply(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
-        let bytes = Bytes::from(bytes);
-        if self.outbox.capacity() == self.outbox.max_capacity() {
-            let written = match kind {
-                FrameKind::Binary => self.session.binary(bytes.clone()).now_or_never(),
-                FrameKind::Text => match std::str::from_utf8(&bytes) {
-                    Ok(text) => self.session.text(text.to_owned()).now_or_never(),
-                    Err(_) => self.session.binary(bytes.clone()).now_or_never(),
-                },
-            };
-            if written.is_some() {
-                return;
+        let mut bytes = Bytes::from(bytes);
+        if kind == FrameKind::Binary && self.outbox.capacity() == self.outbox.max_capacity() {
+            match self.write_now(bytes) {
+                Ok(()) => return,
+                Err(unsent) => bytes = unsent,
             }
         }
         let outbox = self.outbox.clone();
         if let Err(mpsc::error::TrySendError::Full(frame)) = outbox.try_send(OutFrame { bytes, kind }) {
             ctx.spawn(async move { drop(outbox.send(frame).await) }.into_actor(self));
+        }
+    }
+
+    /// Puts a binary frame into the websocket if it has room right now; hands it back
+    /// otherwise. (Polled with a no-op waker: nobody waits here, the caller falls back to
+    /// the outbox.)
+    fn write_now(&mut self, bytes: Bytes) -> Result<(), Bytes> {
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        let mut session = Pin::new(&mut self.session);
+        match session.as_mut().poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => {
+                // A closed session drops the frame: there is nobody left to read it.
+                if session.as_mut().start_send(Message::Binary(bytes)).is_ok() {
+                    let _ = session.poll_flush(&mut cx);
+                }
+                Ok(())
+            }
+            Poll::Ready(Err(_)) => Ok(()),
+            Poll::Pending => Err(bytes),
         }
     }
 
@@ -424,7 +440,7 @@ fn prepare(shared: &NodeShared, request: RpcRequest) -> Result<Prepared, (String
     let callback_topic = request.intermediate_result_callback_topic.clone();
     let u = request.u.clone();
     let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), shared.config.cluster_id.clone());
-    match Plan::build(request, &routing) {
+    match Plan::build(request, routing) {
         Ok(plan) => Ok(Prepared { u, plan, options, timeout, callback_topic }),
         Err(error) => Err((u, error)),
     }

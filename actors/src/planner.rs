@@ -55,7 +55,7 @@ impl std::fmt::Debug for Plan {
 
 impl Plan {
     /// Validates `request` and resolves each command through `routing`.
-    pub fn build(request: RpcRequest, routing: &Routing) -> Result<Plan, RpcError> {
+    pub fn build(request: RpcRequest, routing: Routing) -> Result<Plan, RpcError> {
         let RpcRequest { u, cmds, .. } = request;
         let index = NameIndex::build(&cmds)?;
         let lookup = Lookup { cmds: &cmds, index: &index };
@@ -84,7 +84,7 @@ impl Plan {
             request_id: u,
             constraints,
             endpoints,
-            routing: routing.clone(),
+            routing,
             dep_count: deps.iter().map(Vec::len).collect(),
             level_count: levels.iter().map(|l| l + 1).max().unwrap_or(0),
             cmds,

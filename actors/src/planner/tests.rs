@@ -130,7 +130,7 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn build(&self, cmds: Vec<RpcCommand>) -> Result<Plan, RpcError> {
-        Plan::build(request(cmds), &Routing::local(Arc::new(self.table.clone()), "local"))
+        Plan::build(request(cmds), Routing::local(Arc::new(self.table.clone()), "local"))
     }
 
     async fn run(&self, cmds: Vec<RpcCommand>) -> Result<Outcome, RpcError> {
@@ -667,7 +667,7 @@ proptest! {
         let n = dag.deps.len();
         let log: DagLog = Arc::default();
         let table = dag_table(&log);
-        let plan = Plan::build(request(dag_commands(&dag, &HashMap::new())), &Routing::local(Arc::new(table.clone()), "local")).unwrap();
+        let plan = Plan::build(request(dag_commands(&dag, &HashMap::new())), Routing::local(Arc::new(table.clone()), "local")).unwrap();
 
         let levels = expected_levels(&dag.deps);
         let listed_levels: Vec<usize> = dag.order.iter().map(|&i| levels[i]).collect();
@@ -732,7 +732,7 @@ proptest! {
         }
         extra.entry(x).or_default().push(y); // ... and x uses y (or itself).
         let table = dag_table(&Arc::default());
-        let err = Plan::build(request(dag_commands(&dag, &extra)), &Routing::local(Arc::new(table.clone()), "local")).unwrap_err();
+        let err = Plan::build(request(dag_commands(&dag, &extra)), Routing::local(Arc::new(table.clone()), "local")).unwrap_err();
         prop_assert_eq!(err.code, 1002);
         let details = err.details_text();
         let cycle = details.strip_prefix("dependency cycle: ");
