@@ -18,35 +18,31 @@
 //!
 //! Run: `cargo test --test cluster`.
 
+mod common;
+
 use std::future::Future;
 use std::io::Write;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use mpreg::functions::demo_pack;
-use mpreg::{Client, ClientError, FunctionError, FunctionSpec, Node, NodeBuilder, RpcCommand, RpcError, Settings};
+use mpreg::{Client, FunctionError, FunctionSpec, Node, NodeBuilder, RpcCommand, Settings};
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Barrier, Notify};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::{cluster_id, get_ok, poll_until_async, rpc_error};
+
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(10);
-/// Pause between two probes of a poll loop.
-const POLL: Duration = Duration::from_millis(20);
 
 // ---------------------------------------------------------------------------------------
 // Nodes
-
-/// A cluster id no other test (or test process) uses.
-fn cluster_id(test: &str) -> String {
-    format!("{test}-{}", std::process::id())
-}
 
 /// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
 ///
@@ -88,7 +84,7 @@ impl TestNode {
     /// `GET {monitoring_url}{path}` as JSON.
     async fn monitor(&self, path: &str) -> Value {
         let url = format!("{}{path}", self.node.monitoring_url().expect("monitoring is enabled"));
-        let body = http_get(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let body = get_ok(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
     }
 
@@ -125,61 +121,13 @@ fn demo(names: &[&str]) -> Vec<FunctionSpec> {
 // ---------------------------------------------------------------------------------------
 // Observing the cluster
 
-/// One HTTP/1.1 GET over a tokio TCP stream (a blocking read would stall the runtime the
-/// in-process nodes live on); the body of a 200 answer.
-async fn http_get(url: &str) -> Result<String, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("not an http:// URL: {url}"))?;
-    let (authority, path) = match rest.split_once('/') {
-        Some((authority, path)) => (authority, format!("/{path}")),
-        None => (rest, "/".to_owned()),
-    };
-    let exchange = async {
-        let mut stream = TcpStream::connect(authority).await.map_err(|e| e.to_string())?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(5), exchange).await.map_err(|_| "no answer".to_owned())??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("incomplete response: {text:?}"))?;
-    if head.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("status is not 200: {head:?} {body:?}"));
-    }
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return dechunk(body);
-    }
-    Ok(body.to_owned())
-}
-
-fn dechunk(mut body: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").ok_or("bad chunk header")?;
-        let size = usize::from_str_radix(size.trim(), 16).map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(rest.get(..size).ok_or("short chunk")?);
-        body = rest.get(size + 2..).ok_or("short chunk")?;
-    }
-}
-
 /// Probes until `probe` returns `Some`, at most [`SOON`]; panics naming `what` otherwise.
-async fn wait_until<T, F, Fut>(what: &str, mut probe: F) -> T
+async fn wait_until<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + SOON;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {SOON:?} waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
+    poll_until_async(what, SOON, probe).await
 }
 
 /// `node`'s entry in a `/topology` answer.
@@ -228,14 +176,6 @@ async fn wait_callable(client: &Client, fun: &str, args: Vec<Value>) -> Value {
     let args = &args;
     wait_until(&format!("{fun}({args:?}) to succeed"), move || async move { client.call(fun, args.clone()).await.ok() })
         .await
-}
-
-/// The server's error, or a panic naming what came instead.
-fn rpc_error(result: Result<Value, ClientError>) -> RpcError {
-    match result {
-        Err(ClientError::Rpc(error)) => error,
-        other => panic!("expected an RPC error, got {other:?}"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------

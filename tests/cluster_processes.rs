@@ -10,6 +10,7 @@
 //!
 //! Run: `cargo test --test cluster_processes`.
 
+mod common;
 #[path = "common/conformance_replay.rs"]
 mod replay;
 
@@ -17,7 +18,8 @@ use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mpreg::{Client, ClientError, RpcCommand, RpcError};
+use common::{cluster_id, poll_until_async, rpc_error, TempFile};
+use mpreg::{Client, ClientError, RpcCommand};
 use mpreg_actors::protocol::{ErrorCode, RpcRequest, RpcResponse};
 use replay::ServerProcess;
 use serde_json::{json, Value};
@@ -26,12 +28,6 @@ use serde_json::{json, Value};
 const READY: Duration = Duration::from_secs(30);
 /// Upper bound for anything that should happen "soon"; far below the 30 s request timeout.
 const SOON: Duration = Duration::from_secs(10);
-/// Pause between two probes of a poll loop.
-const POLL: Duration = Duration::from_millis(25);
-
-fn cluster_id(test: &str) -> String {
-    format!("{test}-{}", std::process::id())
-}
 
 /// Starts `mpreg args...` and waits for its URL.
 async fn start(args: Vec<String>) -> ServerProcess {
@@ -77,40 +73,13 @@ fn signal(process: &ServerProcess, signal: &str) {
     assert!(status.success(), "kill {signal} {}", process.pid());
 }
 
-/// A settings file in the temp directory, removed on drop.
-struct ConfigFile(std::path::PathBuf);
-
-impl ConfigFile {
-    fn new(name: &str, toml: &str) -> ConfigFile {
-        let path = std::env::temp_dir().join(format!("mpreg-cluster-{}-{name}.toml", std::process::id()));
-        std::fs::write(&path, toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-        ConfigFile(path)
-    }
-
-    fn arg(&self) -> String {
-        self.0.to_str().expect("temp paths are UTF-8").to_owned()
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-async fn wait_until<T, F, Fut>(what: &str, mut probe: F) -> T
+/// Probes until `probe` returns `Some`, at most [`SOON`]; panics naming `what` otherwise.
+async fn wait_until<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + SOON;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out after {SOON:?} waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
+    poll_until_async(what, SOON, probe).await
 }
 
 async fn connect(process: &ServerProcess) -> Client {
@@ -129,13 +98,6 @@ async fn wait_answer(client: &Client, fun: &str, args: Vec<Value>, expected: Val
 /// `node`'s entry in the topology of a `cluster-status` answer.
 fn member<'a>(status: &'a Value, node: &str) -> Option<&'a Value> {
     status["topology"]["nodes"].as_array()?.iter().find(|n| n["node"] == node)
-}
-
-fn rpc_error(result: Result<Value, ClientError>) -> RpcError {
-    match result {
-        Err(ClientError::Rpc(error)) => error,
-        other => panic!("expected an RPC error, got {other:?}"),
-    }
 }
 
 /// A request whose completed levels are published on `topic`.
@@ -251,7 +213,7 @@ async fn sigkill_of_one_of_two_providers_mid_call_is_retried_on_the_other() {
 }
 
 /// A settings file for node `name`: slow failure detection (a minute), fast gossip.
-fn slow_detection_config(name: &str, cluster: &str, functions: &str, peers: &[&ServerProcess]) -> ConfigFile {
+fn slow_detection_config(name: &str, cluster: &str, functions: &str, peers: &[&ServerProcess]) -> TempFile {
     let peers: Vec<String> = peers.iter().map(|p| format!("{:?}", p.url)).collect();
     let toml = format!(
         "[mpreg]\nname = {name:?}\nhost = \"127.0.0.1\"\nport = 0\nmonitoring_port = 0\ncluster_id = {cluster:?}\n\
@@ -259,11 +221,11 @@ fn slow_detection_config(name: &str, cluster: &str, functions: &str, peers: &[&S
          remove_after_s = 60.0\ndeparted_grace_s = 60.0\n",
         peers.join(", ")
     );
-    ConfigFile::new(&format!("{cluster}-{name}"), &toml)
+    TempFile::new(&format!("{cluster}-{name}.toml"), &toml)
 }
 
-async fn start_config(config: &ConfigFile) -> ServerProcess {
-    start(vec!["server".into(), "start-config".into(), config.arg()]).await
+async fn start_config(config: &TempFile) -> ServerProcess {
+    start(vec!["server".into(), "start-config".into(), config.arg().to_owned()]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use futures_util::future::{join, join3, join_all};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use mpreg::client::{CallOptions, SubscriptionStream};
 use mpreg::node::NodeError;
-use mpreg::{Client, ClientError, FunctionSpec, Node, NodeBuilder, RpcCommand, RpcError, Settings, Version};
+use mpreg::{Client, FunctionSpec, Node, NodeBuilder, RpcCommand, Settings, Version};
 use mpreg_actors::protocol::{ErrorCode, PubSubMessage};
 use mpreg_actors::registry::RegistryError;
 use serde_json::{json, Value};
@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use common::{http_async, poll_until_async, quiet_expected_panics, EXPECTED_PANIC};
+use common::{http_async, poll_until_async, quiet_expected_panics, rpc_error, EXPECTED_PANIC};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(10);
@@ -98,14 +98,6 @@ impl Drop for TestNode {
         // The first poll of `shutdown` sends the listener its stop command; the rest of the
         // tree goes down with the test's actix System right after.
         let _ = self.node.shutdown().now_or_never();
-    }
-}
-
-/// The server's error, or a panic naming what came instead.
-fn rpc_error(result: Result<Value, ClientError>) -> RpcError {
-    match result {
-        Err(ClientError::Rpc(error)) => error,
-        other => panic!("expected an RPC error, got {other:?}"),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests (`tests/node.rs`, `tests/cli.rs`).
+//! Helpers shared by the integration tests (`tests/node.rs`, `tests/cli.rs`,
+//! `tests/cluster.rs`, `tests/cluster_processes.rs`).
 //!
 //! - HTTP/1.1 over a plain TCP stream, blocking ([`http_blocking`]) and async
 //!   ([`http_async`]): the monitoring endpoints need nothing more, and no HTTP client
@@ -112,6 +113,15 @@ pub async fn http_async(method: &str, url: &str) -> Result<HttpReply, String> {
     tokio::time::timeout(Duration::from_secs(5), exchange).await.map_err(|_| format!("{method} {url}: no answer"))?
 }
 
+/// `GET url` with [`http_async`]; the body of a 200 answer, an error for any other.
+pub async fn get_ok(url: &str) -> Result<String, String> {
+    let reply = http_async("GET", url).await?;
+    match reply.status {
+        200 => Ok(reply.body),
+        status => Err(format!("status {status}: {}", reply.body)),
+    }
+}
+
 /// Probes until `probe` returns `Some`, at most `timeout`; panics naming `what` otherwise.
 pub fn poll_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -211,4 +221,18 @@ pub fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// A cluster id unique to the test and the process, so nodes of different tests (and of
+/// test runs side by side) never admit each other.
+pub fn cluster_id(test: &str) -> String {
+    format!("{test}-{}", std::process::id())
+}
+
+/// The server's error, or a panic naming what came instead.
+pub fn rpc_error(result: Result<serde_json::Value, mpreg::ClientError>) -> mpreg::RpcError {
+    match result {
+        Err(mpreg::ClientError::Rpc(error)) => error,
+        other => panic!("expected an RPC error, got {other:?}"),
+    }
 }
