@@ -287,15 +287,7 @@ impl Node {
 
     /// Registers a function on the running node.
     pub async fn register(&self, spec: FunctionSpec) -> Result<(), RegistryError> {
-        for _ in 0..2 {
-            if let Some(addr) = self.registry.get() {
-                if let Ok(result) = addr.send(RegisterFunction { spec: spec.clone() }).await {
-                    return result;
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-        Err(RegistryError::Unavailable)
+        self.registry.send(|| RegisterFunction { spec: spec.clone() }).await.unwrap_or(Err(RegistryError::Unavailable))
     }
 
     /// Injects a panic into a supervised actor (`registry`, `pubsub`, `monitor`); whether

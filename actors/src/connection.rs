@@ -366,25 +366,14 @@ impl Connection {
     }
 }
 
-/// Sends to PubSub's current address, retrying once if it was just restarted.
-async fn send_with_retry<M, F>(slot: &Slot<PubSub>, make: F) -> Result<M::Result, String>
+/// Sends to PubSub (see [`Slot::send`]); the error as the text a client is told.
+async fn send_with_retry<M>(slot: &Slot<PubSub>, make: impl Fn() -> M) -> Result<M::Result, String>
 where
     M: actix::Message + Send + 'static,
     M::Result: Send,
     PubSub: actix::Handler<M>,
-    F: Fn() -> M,
 {
-    let mut last = "pubsub unavailable".to_owned();
-    for _ in 0..2 {
-        if let Some(addr) = slot.get() {
-            match addr.send(make()).await {
-                Ok(result) => return Ok(result),
-                Err(e) => last = format!("pubsub unavailable: {e}"),
-            }
-        }
-        tokio::task::yield_now().await;
-    }
-    Err(last)
+    slot.send(make).await.map_err(|e| format!("pubsub unavailable: {e}"))
 }
 
 /// Publishes each completed level on the request's callback topic.

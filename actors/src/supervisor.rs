@@ -70,6 +70,28 @@ impl<A: Actor> Slot<A> {
         self.0.read().ok().and_then(|a| a.clone())
     }
 
+    /// Sends a message built by `make` to the current address, once more if the child
+    /// was just restarted (its old mailbox closed). `Err` when it is not running.
+    pub async fn send<M>(&self, make: impl Fn() -> M) -> Result<M::Result, actix::MailboxError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        A: Handler<M>,
+        A::Context: actix::dev::ToEnvelope<A, M>,
+    {
+        let mut last = actix::MailboxError::Closed;
+        for _ in 0..2 {
+            if let Some(addr) = self.get() {
+                match addr.send(make()).await {
+                    Ok(result) => return Ok(result),
+                    Err(e) => last = e,
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        Err(last)
+    }
+
     /// Publishes a new address.
     pub fn set(&self, addr: Addr<A>) {
         if let Ok(mut slot) = self.0.write() {
