@@ -82,11 +82,11 @@ impl Metrics {
         self.actor_restarts.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A pub/sub notification was queued for a subscriber (`true`) or dropped because the
-    /// subscriber's outbox was full (`false`).
-    pub fn record_notification(&self, delivered: bool) {
-        let counter = if delivered { &self.notifications_delivered } else { &self.notifications_dropped };
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// A publish queued `delivered` notifications to subscribers and dropped `dropped`
+    /// because those subscribers' outboxes were full.
+    pub fn record_notifications(&self, delivered: usize, dropped: usize) {
+        self.notifications_delivered.fetch_add(delivered as u64, Ordering::Relaxed);
+        self.notifications_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
     }
 
     /// Restarts so far.

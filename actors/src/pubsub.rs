@@ -349,12 +349,7 @@ impl Handler<Publish> for PubSub {
 
     fn handle(&mut self, msg: Publish, _: &mut Context<Self>) {
         let (queued, dropped) = self.core.publish(msg.message, unix_now());
-        for _ in 0..queued {
-            self.metrics.record_notification(true);
-        }
-        for _ in 0..dropped {
-            self.metrics.record_notification(false);
-        }
+        self.metrics.record_notifications(queued, dropped);
     }
 }
 
