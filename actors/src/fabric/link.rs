@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
@@ -477,6 +477,3 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
     }
     Ok(())
 }
-
-/// Keyword arguments, for building calls in tests and examples.
-pub type Kwargs = Map<String, Value>;
