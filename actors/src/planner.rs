@@ -26,7 +26,7 @@ use futures_util::FutureExt;
 use serde_json::{json, Map, Value};
 
 use crate::fabric::wire::CallOutcome;
-use crate::fabric::{RemoteError, RemoteFunction};
+use crate::fabric::RemoteFunction;
 use crate::function::{type_name, CallArgs, FunctionError};
 use crate::protocol::{RpcCommand, RpcError, RpcRequest};
 use crate::routing::{Endpoint, Routing};
@@ -474,14 +474,13 @@ async fn run_remote(
     let mut tried = Vec::new();
     loop {
         let reason = match fabric.call(&target.node, &cmd.name, &target.identity, call.clone()).await {
-            Ok(value) => return Ok(value),
-            Err(RemoteError::Outcome(CallOutcome::Failed { error, node })) => {
+            CallOutcome::Ok { value } => return Ok(value),
+            CallOutcome::Failed { error, node } => {
                 return Err(failure(cmd, Some(&node), &error, types));
             }
-            Err(RemoteError::Outcome(CallOutcome::Ok { value })) => return Ok(value),
-            Err(RemoteError::Outcome(CallOutcome::NotFound { node })) => format!("function no longer on node {node}"),
-            Err(RemoteError::Outcome(CallOutcome::Unreachable { reason })) => reason,
-            Err(RemoteError::Gone(reason)) => reason,
+            CallOutcome::NotFound { node } => format!("function no longer on node {node}"),
+            // Unreachable includes a node or link that went away before answering.
+            CallOutcome::Unreachable { reason } => reason,
         };
         tried.push(target.node.clone());
         let retry = if tried.len() < 2 { routing.resolve(cmd, constraint, &tried).ok() } else { None };

@@ -19,7 +19,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
@@ -68,15 +67,6 @@ pub struct FabricView {
     /// Functions of nodes that are suspected or have no route: not called, but a command
     /// that only they could serve fails with 1005 (unreachable), not 1001 (not found).
     pub unreachable: Vec<RemoteFunction>,
-}
-
-/// Why a remote call did not produce a value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RemoteError {
-    /// It ran and failed (or the node no longer has it).
-    Outcome(CallOutcome),
-    /// The node, or the link the call went through, went away before answering.
-    Gone(String),
 }
 
 struct PendingCall {
@@ -185,22 +175,15 @@ impl FabricShared {
         format!("{}:{}:{}", self.me.node, self.me.instance_id, self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Runs `identity` on `node` and waits for the outcome.
-    pub async fn call(
-        &self,
-        node: &str,
-        command: &str,
-        identity: &FunctionIdentity,
-        call: CallArgs,
-    ) -> Result<Value, RemoteError> {
+    /// Runs `identity` on `node` and waits for the outcome; a node or link that goes away
+    /// before answering is `Unreachable`, never a wait for the request timeout.
+    pub async fn call(&self, node: &str, command: &str, identity: &FunctionIdentity, call: CallArgs) -> CallOutcome {
         let view = self.view.load();
         let Some(hop) = view.next_hops.get(node).cloned() else {
-            return Err(RemoteError::Outcome(CallOutcome::Unreachable {
-                reason: format!("no route from {} to node {node}", self.me.node),
-            }));
+            return CallOutcome::Unreachable { reason: format!("no route from {} to node {node}", self.me.node) };
         };
         let Some((link, sender)) = view.links.get(&hop).cloned() else {
-            return Err(RemoteError::Gone(format!("link to {hop} closed")));
+            return CallOutcome::Unreachable { reason: format!("link to {hop} closed") };
         };
         drop(view);
         let id = self.fresh_id();
@@ -228,12 +211,13 @@ impl FabricShared {
         // Removes the pending entry if this future is dropped (timeout, failed sibling).
         let _cleanup = PendingCleanup { shared: self, id: &id };
         if sender.send(frame(&PeerFrame::FabricMessage(message))).await.is_err() {
-            return Err(RemoteError::Gone(format!("link to {hop} closed")));
+            return CallOutcome::Unreachable { reason: format!("link to {hop} closed") };
         }
         match answer.await {
-            Ok(CallOutcome::Ok { value }) => Ok(value),
-            Ok(outcome) => Err(RemoteError::Outcome(outcome)),
-            Err(_) => Err(RemoteError::Gone(format!("node {node} (via {hop}) went away before answering"))),
+            Ok(outcome) => outcome,
+            Err(_) => {
+                CallOutcome::Unreachable { reason: format!("node {node} (via {hop}) went away before answering") }
+            }
         }
     }
 

@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-pub use link::{FabricShared, FabricView, LinkId, LinkSender, RemoteError, RemoteFunction};
+pub use link::{FabricShared, FabricView, LinkId, LinkSender, RemoteFunction};
 use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming};
 use wire::{CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame};
 
