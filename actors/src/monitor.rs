@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr, Context};
+use actix::{Actor, Context};
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::json;
@@ -242,51 +242,38 @@ async fn metrics(state: web::Data<MonitorState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(&state.node))
 }
 
-fn supervisor(state: &MonitorState) -> Option<Addr<NodeSupervisor>> {
-    state.supervisor.get()
+/// Asks a supervised actor through its slot and answers with its reply as JSON, or 503.
+async fn ask<A, M>(slot: &Slot<A>, what: &str, make: impl Fn() -> M) -> HttpResponse
+where
+    A: Actor + actix::Handler<M>,
+    A::Context: actix::dev::ToEnvelope<A, M>,
+    M: actix::Message + Send + 'static,
+    M::Result: serde::Serialize + Send,
+{
+    match slot.send(make).await {
+        Ok(answer) => HttpResponse::Ok().json(answer),
+        Err(e) => HttpResponse::ServiceUnavailable().body(format!("{what} unavailable: {e}")),
+    }
 }
 
 async fn actors(state: web::Data<MonitorState>) -> HttpResponse {
-    let Some(sup) = supervisor(&state) else {
-        return HttpResponse::ServiceUnavailable().body("supervisor not running");
-    };
-    match sup.send(DescribeTree).await {
-        Ok(tree) => HttpResponse::Ok().json(tree),
-        Err(e) => HttpResponse::ServiceUnavailable().body(format!("supervisor unavailable: {e}")),
-    }
+    ask(&state.supervisor, "supervisor", || DescribeTree).await
 }
 
 async fn topology(state: web::Data<MonitorState>) -> HttpResponse {
-    ask_fabric(&state, DescribeTopology).await
+    ask(&state.fabric, "fabric", || DescribeTopology).await
 }
 
 async fn catalog(state: web::Data<MonitorState>) -> HttpResponse {
-    ask_fabric(&state, DescribeCatalog).await
-}
-
-async fn ask_fabric<M>(state: &MonitorState, message: M) -> HttpResponse
-where
-    M: actix::Message + Send + 'static,
-    M::Result: serde::Serialize + Send,
-    FabricGossip: actix::Handler<M>,
-{
-    let Some(fabric) = state.fabric.get() else {
-        return HttpResponse::ServiceUnavailable().body("fabric not running");
-    };
-    match fabric.send(message).await {
-        Ok(answer) => HttpResponse::Ok().json(answer),
-        Err(e) => HttpResponse::ServiceUnavailable().body(format!("fabric unavailable: {e}")),
-    }
+    ask(&state.fabric, "fabric", || DescribeCatalog).await
 }
 
 async fn crash(state: web::Data<MonitorState>, name: web::Path<String>) -> HttpResponse {
     if !state.fault_injection {
         return HttpResponse::Forbidden().body("fault injection is disabled (setting fault_injection)");
     }
-    let Some(sup) = supervisor(&state) else {
-        return HttpResponse::ServiceUnavailable().body("supervisor not running");
-    };
-    match sup.send(CrashChild { name: name.into_inner() }).await {
+    let name = name.into_inner();
+    match state.supervisor.send(|| CrashChild { name: name.clone() }).await {
         Ok(true) => HttpResponse::Accepted().body("fault injected"),
         Ok(false) => HttpResponse::NotFound().body("no such running actor"),
         Err(e) => HttpResponse::ServiceUnavailable().body(format!("supervisor unavailable: {e}")),
