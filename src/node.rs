@@ -26,7 +26,8 @@ use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::wire::NodeInfo;
 use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, SayGoodbye};
 use mpreg_actors::function::FunctionSpec;
-use mpreg_actors::monitor::{Metrics, Monitor, MonitorState};
+use mpreg_actors::metrics::Metrics;
+use mpreg_actors::monitor::{Monitor, MonitorState};
 use mpreg_actors::pubsub::PubSub;
 use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
 use mpreg_actors::supervisor::{

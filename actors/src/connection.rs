@@ -32,7 +32,7 @@ use crate::fabric::wire::PeerFrame;
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
 };
-use crate::monitor::Metrics;
+use crate::metrics::Metrics;
 use crate::planner::{execute, LevelObserver, LevelReport, NoObserver, Outcome, Plan, ReportOptions};
 use crate::protocol::{
     decode_inbound, encode, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
@@ -220,7 +220,13 @@ impl Connection {
             Ok(Inbound::Subscribe(request)) => self.on_subscribe(request, kind, ctx),
             Ok(Inbound::Publish(request)) => self.on_publish(request, kind, ctx),
             Ok(Inbound::Unsubscribe(request)) => self.on_unsubscribe(request, kind, ctx),
-            Ok(Inbound::Peer(frame)) => self.on_peer_frame(*frame, ctx),
+            Ok(Inbound::Peer) => match PeerFrame::decode(&bytes) {
+                Ok(frame) => self.on_peer_frame(frame, ctx),
+                Err(e) => {
+                    let error = RpcError::invalid(e.to_string());
+                    self.reject(InboundError { u: None, role: None, error }, kind, ctx);
+                }
+            },
             Ok(Inbound::ClusterStatus(request)) => self.on_cluster_status(request, kind, ctx),
             Err(rejected) => self.reject(rejected, kind, ctx),
         }

@@ -9,12 +9,14 @@
 //! - [`fabric`] — peer links, gossip membership and catalog, multi-hop messages.
 //! - [`routing`] — which function on which node a command runs on.
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
-//! - [`monitor`] — `/health`, `/metrics`, `/actors`.
+//! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
+//! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
 
 pub mod connection;
 pub mod fabric;
 pub mod function;
+pub mod metrics;
 pub mod monitor;
 pub mod planner;
 pub mod protocol;

@@ -21,7 +21,7 @@ use actix::{Actor, Context, Handler, Message};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::monitor::Metrics;
+use crate::metrics::Metrics;
 use crate::protocol::{encode, FrameKind, PubSubMessage, PubSubNotification, Subscription};
 use crate::supervisor::ChildGuard;
 use crate::unix_now;

@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::monitor::Metrics;
+use crate::metrics::Metrics;
 use crate::unix_now;
 
 /// Why the node ended.

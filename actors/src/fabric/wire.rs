@@ -210,6 +210,13 @@ pub enum PeerFrame {
     FabricMessage(FabricMessage),
 }
 
+impl PeerFrame {
+    /// Decodes a frame whose role the wire layer found to be a peer role.
+    pub fn decode(bytes: &[u8]) -> Result<PeerFrame, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,8 +4,6 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::fabric::wire::PeerFrame;
-
 use super::{PublishRequest, RequestId, RpcError, RpcRequest, SubscribeRequest, UnsubscribeRequest};
 
 /// A decoded client frame.
@@ -19,8 +17,9 @@ pub enum Inbound {
     Publish(PublishRequest),
     /// `pubsub-unsubscribe`
     Unsubscribe(UnsubscribeRequest),
-    /// `server`, `fabric-gossip`, `fabric-message`: another node speaking.
-    Peer(Box<PeerFrame>),
+    /// `server`, `fabric-gossip`, `fabric-message`: another node speaking. The frame's
+    /// bytes go to the fabric's own decoder; the wire layer knows no peer frame.
+    Peer,
     /// `cluster-status`: the node's view of the cluster (ours).
     ClusterStatus(ClusterStatusRequest),
 }
@@ -91,6 +90,11 @@ fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// The roles other nodes speak (`server`, `fabric-gossip`, `fabric-message`).
+pub fn is_peer_role(role: &str) -> bool {
+    matches!(role, "server" | "fabric-gossip" | "fabric-message")
+}
+
 /// Decodes one frame's bytes.
 pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
     // Hot path: an rpc frame is parsed once, straight into its type. Anything that does
@@ -130,9 +134,7 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         "pubsub-publish" => parse(bytes).map(Inbound::Publish).map_err(|e| fail(e, u, &role)),
         "pubsub-unsubscribe" => parse(bytes).map(Inbound::Unsubscribe).map_err(|e| fail(e, u, &role)),
         "cluster-status" => parse(bytes).map(Inbound::ClusterStatus).map_err(|e| fail(e, u, &role)),
-        "server" | "fabric-gossip" | "fabric-message" => {
-            parse(bytes).map(|f| Inbound::Peer(Box::new(f))).map_err(|e| fail(e, u, &role))
-        }
+        role if is_peer_role(role) => Ok(Inbound::Peer),
         _ => Err(InboundError { u, error: RpcError::unknown_role(Some(&role)), role: Some(role) }),
     }
 }

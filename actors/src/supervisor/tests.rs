@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::Level;
 
 use super::*;
-use crate::monitor::Metrics;
+use crate::metrics::Metrics;
 
 /// How long any awaited condition may take before the test fails.
 const DEADLINE: Duration = Duration::from_secs(5);
