@@ -274,7 +274,7 @@ impl FabricShared {
                 return;
             }
             if let Some(pubsub) = self.pubsub.get() {
-                pubsub.do_send(pubsub::Publish { message: published.clone() });
+                pubsub.do_send(pubsub::Publish { message: Arc::new(published.clone()), origin: pubsub::Origin::Peer });
             }
             if message.hops_left > 0 && !message.path.contains(&self.me.node) {
                 message.hops_left -= 1;
