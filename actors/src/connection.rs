@@ -327,7 +327,8 @@ impl Connection {
         let task = async move {
             let SubscribeRequest { u, subscription } = request;
             let subscription = Arc::new(subscription);
-            let subscribe = || pubsub::Subscribe { conn, subscription: subscription.clone(), outbox: outbox.clone(), kind };
+            let subscribe =
+                || pubsub::Subscribe { conn, subscription: subscription.clone(), outbox: outbox.clone(), kind };
             let (ack, mut replay) = match send_with_retry(&pubsub, subscribe).await {
                 Ok(Ok(replay)) => (PubSubAck::new(&u, None), Some(replay)),
                 Ok(Err(refused)) => (PubSubAck::new(&u, Some(refused.to_string())), None),

@@ -39,8 +39,8 @@ use actix::{Actor, Context, Handler, Message, MessageResponse};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-pub use self::backlog::{BacklogLimits, Retention};
 use self::backlog::{Backlog, PageBudget, ReplayCursor};
+pub use self::backlog::{BacklogLimits, Retention};
 pub use self::topic::{TopicIndex, TopicPattern};
 use crate::metrics::Metrics;
 use crate::protocol::{encode, FrameKind, PubSubMessage, Subscription};
@@ -246,7 +246,11 @@ impl PubSubCore {
         let limits = &self.limits;
         if subscription.patterns.len() > limits.max_patterns_per_subscription {
             let what = format!("subscription has {} patterns", subscription.patterns.len());
-            return Err(self.refuse("pubsub_max_patterns_per_subscription", limits.max_patterns_per_subscription, what));
+            return Err(self.refuse(
+                "pubsub_max_patterns_per_subscription",
+                limits.max_patterns_per_subscription,
+                what,
+            ));
         }
         if subscription.subscription_id.len() > limits.max_topic_bytes {
             let what = format!("subscription_id is {} bytes", subscription.subscription_id.len());

@@ -223,6 +223,10 @@ impl FabricShared {
 
     /// Publishes a message to every node (each delivers it to its local subscribers once).
     pub fn broadcast_publish(&self, message: &PubSubMessage) {
+        if self.view.load().links.is_empty() {
+            // Nobody to tell: skip copying and encoding the message (it may be large).
+            return;
+        }
         if !self.seen.lock().map(|mut s| s.first_time(&message.message_id)).unwrap_or(true) {
             return;
         }
