@@ -640,7 +640,7 @@ mod tests {
         };
         let mut core = PubSubCore::new(limits, backlog_limits());
         let (tx, _rx) = mpsc::channel(10);
-        let mut refused = |core: &mut PubSubCore, s: Subscription| {
+        let refused = |core: &mut PubSubCore, s: Subscription| {
             core.subscribe(1, &s, tx.clone(), FrameKind::Binary, 0.0).map(|_| ()).map_err(|e| e.limit)
         };
         assert_eq!(refused(&mut core, sub("a", &["x", "y", "z", "w"])), Err("pubsub_max_patterns_per_subscription"));
