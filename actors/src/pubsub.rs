@@ -629,6 +629,19 @@ mod tests {
         assert_eq!(core.backlog_size(), (0, 0));
     }
 
+    /// A subscriber that does not keep up loses notifications (counted as dropped); the
+    /// publisher never waits and nothing is buffered for it here.
+    #[test]
+    fn a_full_outbox_drops_and_counts() {
+        let mut core = core();
+        let (tx, mut rx) = mpsc::channel(1);
+        core.subscribe(1, &sub("slow", &["s.#"]), tx, FrameKind::Binary, 0.0).unwrap();
+        let first = core.publish(&msg("s.1"), Origin::Local, 1.0).unwrap();
+        let second = core.publish(&msg("s.2"), Origin::Local, 1.0).unwrap();
+        assert_eq!(((first.queued, first.dropped), (second.queued, second.dropped)), ((1, 0), (0, 1)));
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_err());
+    }
+
     #[test]
     fn every_bound_refuses_and_names_its_setting() {
         let limits = PubSubLimits {
