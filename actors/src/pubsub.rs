@@ -712,6 +712,16 @@ mod tests {
     }
 
     proptest! {
+        /// A notification built around the encoded message is byte for byte the encoded
+        /// `PubSubNotification`, whatever the ids hold.
+        #[test]
+        fn notification_frame_matches_encoding(message_id in ".{0,12}", subscription_id in ".{0,12}") {
+            let mut message = msg("t");
+            message.message_id = message_id;
+            let frame = notification_frame(&encode(&message), &message.message_id, &subscription_id, FrameKind::Binary);
+            prop_assert_eq!(frame.bytes, encode(&PubSubNotification::new(message, &subscription_id)));
+        }
+
         /// The index finds exactly the subscriptions whose pattern matches.
         #[test]
         fn index_agrees_with_matcher(
