@@ -61,6 +61,21 @@ pub struct Settings {
     pub pubsub_backlog_seconds: f64,
     /// Pub/sub backlog size (messages).
     pub pubsub_backlog_max: usize,
+    /// Pub/sub backlog size (encoded bytes, all messages together).
+    pub pubsub_backlog_max_bytes: usize,
+    /// Largest pub/sub message kept in the backlog (encoded bytes); larger ones are
+    /// delivered but not kept.
+    pub pubsub_backlog_max_message_bytes: usize,
+    /// Words in a pub/sub topic or pattern.
+    pub pubsub_max_topic_words: usize,
+    /// Bytes in a pub/sub topic, pattern or subscription id.
+    pub pubsub_max_topic_bytes: usize,
+    /// Patterns in one subscription.
+    pub pubsub_max_patterns_per_subscription: usize,
+    /// Subscriptions of one connection.
+    pub pubsub_max_subscriptions_per_connection: usize,
+    /// Pattern words indexed on this node, all subscriptions together.
+    pub pubsub_max_index_words: usize,
     /// Supervisor: restarts allowed per window before the node stops.
     pub max_restarts: usize,
     /// Supervisor: the window (seconds).
@@ -110,6 +125,13 @@ impl Default for Settings {
             client_timeout_s: 60.0,
             pubsub_backlog_seconds: 300.0,
             pubsub_backlog_max: 10_000,
+            pubsub_backlog_max_bytes: 64 * 1024 * 1024,
+            pubsub_backlog_max_message_bytes: 1024 * 1024,
+            pubsub_max_topic_words: 32,
+            pubsub_max_topic_bytes: 256,
+            pubsub_max_patterns_per_subscription: 64,
+            pubsub_max_subscriptions_per_connection: 1024,
+            pubsub_max_index_words: 262_144,
             max_restarts: 5,
             restart_window_s: 60.0,
             fault_injection: false,
@@ -217,6 +239,8 @@ impl Settings {
             ("max_frame_bytes", self.max_frame_bytes),
             ("outbox_capacity", self.outbox_capacity),
             ("workers", self.workers),
+            ("pubsub_max_topic_words", self.pubsub_max_topic_words),
+            ("pubsub_max_topic_bytes", self.pubsub_max_topic_bytes),
         ];
         for (key, value) in at_least_one {
             if value == 0 {

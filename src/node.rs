@@ -28,7 +28,7 @@ use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, SayGoodbye}
 use mpreg_actors::function::FunctionSpec;
 use mpreg_actors::metrics::Metrics;
 use mpreg_actors::monitor::{Monitor, MonitorState};
-use mpreg_actors::pubsub::PubSub;
+use mpreg_actors::pubsub::{BacklogLimits, PubSub, PubSubLimits};
 use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
 use mpreg_actors::supervisor::{
     ChildHandles, ChildSpec, CrashChild, NodeExit, NodeSupervisor, RestartPolicy, Shutdown, Slot,
@@ -153,9 +153,21 @@ impl NodeBuilder {
             }),
             ChildSpec::new("pubsub", {
                 let (pubsub, metrics) = (pubsub.clone(), metrics.clone());
-                let (seconds, max) = (settings.pubsub_backlog_seconds, settings.pubsub_backlog_max);
+                let limits = PubSubLimits {
+                    max_topic_words: settings.pubsub_max_topic_words,
+                    max_topic_bytes: settings.pubsub_max_topic_bytes,
+                    max_patterns_per_subscription: settings.pubsub_max_patterns_per_subscription,
+                    max_subscriptions_per_connection: settings.pubsub_max_subscriptions_per_connection,
+                    max_index_words: settings.pubsub_max_index_words,
+                };
+                let backlog = BacklogLimits {
+                    seconds: settings.pubsub_backlog_seconds,
+                    max_messages: settings.pubsub_backlog_max,
+                    max_bytes: settings.pubsub_backlog_max_bytes,
+                    max_message_bytes: settings.pubsub_backlog_max_message_bytes,
+                };
                 move |guard| {
-                    let addr = PubSub::new(seconds, max, metrics.clone(), guard).start();
+                    let addr = PubSub::new(limits.clone(), backlog.clone(), metrics.clone(), guard).start();
                     pubsub.set(addr.clone());
                     ChildHandles::of(&addr)
                 }

@@ -696,6 +696,37 @@ async fn a_publish_reaches_every_subscriber_in_the_cluster_exactly_once() {
     }
 }
 
+/// Each node keeps the messages published through it; a message from another node is
+/// delivered to local subscribers but not kept there (its origin keeps it), so a flood
+/// costs memory on one node and a backlog replays what was published where it is read.
+#[actix_rt::test]
+async fn the_backlog_is_kept_by_the_node_a_message_was_published_on() {
+    let cluster = cluster_id("backlog");
+    let a = TestNode::start(settings("A", &cluster, &[]), vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[&a]), vec![]).await;
+    wait_full_mesh(&[&a, &b]).await;
+    let (on_a, on_b) = (a.client().await, b.client().await);
+
+    let mut live_on_b = on_b.subscribe(&["kept.#"], None).await.expect("subscribed");
+    on_a.publish("kept.from_a", json!(1)).await.expect("published on A");
+    let delivered = tokio::time::timeout(SOON, live_on_b.next()).await.expect("delivered to B").expect("open");
+    assert_eq!(delivered.topic, "kept.from_a");
+    let backlog_gauge = |node: &TestNode, name: &str| {
+        let text = node.metrics().render(name);
+        let line = text.lines().find(|l| l.starts_with("mpreg_pubsub_backlog_messages{")).map(str::to_owned);
+        line.and_then(|l| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()))
+    };
+    assert_eq!((backlog_gauge(&a, "A"), backlog_gauge(&b, "B")), (Some(1), Some(0)));
+
+    let mut replay_on_a = on_a.subscribe(&["kept.#"], Some(60.0)).await.expect("subscribed");
+    let replayed = tokio::time::timeout(SOON, replay_on_a.next()).await.expect("replayed on A").expect("open");
+    assert_eq!(replayed.topic, "kept.from_a");
+    let mut replay_on_b = on_b.subscribe(&["kept.#"], Some(60.0)).await.expect("subscribed");
+    on_b.publish("kept.marker", json!(2)).await.expect("published on B");
+    let first = tokio::time::timeout(SOON, replay_on_b.next()).await.expect("marker on B").expect("open");
+    assert_eq!(first.topic, "kept.marker", "B replays nothing it did not originate");
+}
+
 // ---------------------------------------------------------------------------------------
 // Garbage on the peer protocol
 

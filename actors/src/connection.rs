@@ -38,7 +38,7 @@ use crate::protocol::{
     decode_inbound, encode, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
     PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
 };
-use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, PubSub};
+use crate::pubsub::{self, ConnectionId, Origin, OutFrame, Outbox, PubSub};
 use crate::registry::TableHandle;
 use crate::routing::Routing;
 use crate::supervisor::Slot;
@@ -326,16 +326,27 @@ impl Connection {
         let (pubsub, outbox, conn) = (self.shared.pubsub.clone(), self.outbox.clone(), self.id);
         let task = async move {
             let SubscribeRequest { u, subscription } = request;
-            let subscribe = |subscription| pubsub::Subscribe { conn, subscription, outbox: outbox.clone(), kind };
-            let result = send_with_retry(&pubsub, || subscribe(subscription.clone())).await;
-            let subscription_id = subscription.subscription_id;
-            let (ack, backlog) = match result {
-                Ok(backlog) => (PubSubAck::new(&u, None), backlog),
-                Err(e) => (PubSubAck::new(&u, Some(e)), Vec::new()),
+            let subscription = Arc::new(subscription);
+            let subscribe =
+                || pubsub::Subscribe { conn, subscription: subscription.clone(), outbox: outbox.clone(), kind };
+            let (ack, mut replay) = match send_with_retry(&pubsub, subscribe).await {
+                Ok(Ok(replay)) => (PubSubAck::new(&u, None), Some(replay)),
+                Ok(Err(refused)) => (PubSubAck::new(&u, Some(refused.to_string())), None),
+                Err(e) => (PubSubAck::new(&u, Some(e)), None),
             };
-            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await;
-            for message in backlog {
-                let _ = outbox.send(notification_frame(message, &subscription_id, kind)).await;
+            if outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await.is_err() {
+                return;
+            }
+            // The backlog follows the ack one page at a time: the next page is read only
+            // once this one is in the outbox, which waits for the subscriber to read.
+            while let Some(page) = replay.take() {
+                for frame in page.frames {
+                    if outbox.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+                let Some(token) = page.next else { break };
+                replay = send_with_retry(&pubsub, || pubsub::ContinueReplay { token: token.clone() }).await.ok();
             }
         };
         ctx.spawn(task.into_actor(self));
@@ -346,11 +357,17 @@ impl Connection {
         let fabric = self.shared.fabric.clone();
         let task = async move {
             let PublishRequest { u, message } = request;
-            let result = send_with_retry(&pubsub, || pubsub::Publish { message: message.clone() }).await;
-            if result.is_ok() {
-                fabric.broadcast_publish(&message);
-            }
-            let ack = PubSubAck::new(&u, result.err());
+            let message = Arc::new(message);
+            let publish = || pubsub::Publish { message: message.clone(), origin: Origin::Local };
+            let error = match send_with_retry(&pubsub, publish).await {
+                Ok(Ok(())) => {
+                    fabric.broadcast_publish(&message);
+                    None
+                }
+                Ok(Err(refused)) => Some(refused.to_string()),
+                Err(e) => Some(e),
+            };
+            let ack = PubSubAck::new(&u, error);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await;
         };
         ctx.spawn(task.into_actor(self));
@@ -391,7 +408,7 @@ struct CallbackPublisher<'a> {
 impl LevelObserver for CallbackPublisher<'_> {
     async fn level_completed(&mut self, report: &LevelReport) {
         let Some(topic) = &self.topic else { return };
-        let message = PubSubMessage {
+        let message = Arc::new(PubSubMessage {
             topic: topic.clone(),
             payload: report.clone(),
             timestamp: unix_now(),
@@ -400,9 +417,11 @@ impl LevelObserver for CallbackPublisher<'_> {
             headers: Default::default(),
             routing_path: None,
             current_hop: None,
-        };
-        match send_with_retry(&self.shared.pubsub, || pubsub::Publish { message: message.clone() }).await {
-            Ok(()) => self.shared.fabric.broadcast_publish(&message),
+        });
+        let publish = || pubsub::Publish { message: message.clone(), origin: Origin::Local };
+        match send_with_retry(&self.shared.pubsub, publish).await {
+            Ok(Ok(())) => self.shared.fabric.broadcast_publish(&message),
+            Ok(Err(refused)) => warn!(topic = %topic, cause = %refused, "intermediate result not published"),
             Err(e) => warn!(topic = %topic, cause = %e, "intermediate result not published"),
         }
     }

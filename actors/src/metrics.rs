@@ -27,6 +27,9 @@ pub struct Metrics {
     actor_restarts: AtomicU64,
     notifications_delivered: AtomicU64,
     notifications_dropped: AtomicU64,
+    /// Messages and encoded bytes in the pub/sub backlog (gauges).
+    pubsub_backlog_messages: AtomicI64,
+    pubsub_backlog_bytes: AtomicI64,
     /// Inputs refused by a configured bound, by the limit's settings name.
     limits_exceeded: LabelledCounter,
     /// Peer links refused, by reason.
@@ -108,6 +111,12 @@ impl Metrics {
         self.notifications_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
     }
 
+    /// The pub/sub backlog now holds `messages` messages of `bytes` encoded bytes.
+    pub fn set_pubsub_backlog(&self, messages: usize, bytes: usize) {
+        self.pubsub_backlog_messages.store(i64::try_from(messages).unwrap_or(i64::MAX), Ordering::Relaxed);
+        self.pubsub_backlog_bytes.store(i64::try_from(bytes).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
     /// An input was refused because it exceeded `limit` (the setting's name).
     pub fn limit_exceeded(&self, limit: &'static str) {
         self.limits_exceeded.add(limit);
@@ -159,6 +168,16 @@ impl Metrics {
         let gauges = [
             ("mpreg_requests_in_flight", "Requests being executed.", self.in_flight.load(Ordering::Relaxed)),
             ("mpreg_connections", "Open websocket connections.", self.connections.load(Ordering::Relaxed)),
+            (
+                "mpreg_pubsub_backlog_messages",
+                "Messages kept for backlog replay.",
+                self.pubsub_backlog_messages.load(Ordering::Relaxed),
+            ),
+            (
+                "mpreg_pubsub_backlog_bytes",
+                "Encoded bytes kept for backlog replay.",
+                self.pubsub_backlog_bytes.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{node=\"{node}\"}} {value}");

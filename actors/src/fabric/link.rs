@@ -223,6 +223,10 @@ impl FabricShared {
 
     /// Publishes a message to every node (each delivers it to its local subscribers once).
     pub fn broadcast_publish(&self, message: &PubSubMessage) {
+        if self.view.load().links.is_empty() {
+            // Nobody to tell: skip copying and encoding the message (it may be large).
+            return;
+        }
         if !self.seen.lock().map(|mut s| s.first_time(&message.message_id)).unwrap_or(true) {
             return;
         }
@@ -274,7 +278,7 @@ impl FabricShared {
                 return;
             }
             if let Some(pubsub) = self.pubsub.get() {
-                pubsub.do_send(pubsub::Publish { message: published.clone() });
+                pubsub.do_send(pubsub::Publish { message: Arc::new(published.clone()), origin: pubsub::Origin::Peer });
             }
             if message.hops_left > 0 && !message.path.contains(&self.me.node) {
                 message.hops_left -= 1;
