@@ -402,3 +402,113 @@ async fn a_node_refuses_to_start_with_credentials_of_another_node_or_cluster() {
     let unnamed = TestNode::start(settings("", &cluster, &[], Some(&a_creds)), vec![]).await;
     assert_eq!(unnamed.node.name(), "A");
 }
+
+#[actix_rt::test]
+async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link() {
+    let cluster = cluster_id("link-calls");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let gate = Arc::new(Notify::new());
+    let held = {
+        let gate = gate.clone();
+        FunctionSpec::asynchronous("held", move |x: i64| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                x
+            }
+        })
+    };
+    let b_settings = Settings { max_in_flight_per_link: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
+    let b = TestNode::start(b_settings, vec![held]).await;
+    wait_linked(&a, "B").await;
+    let gauge = |node: &TestNode| {
+        let url = format!("{}/metrics", node.node.monitoring_url().unwrap());
+        let needle = format!("mpreg_requests_in_flight{{node=\"{}\"}} ", node.node.name());
+        async move {
+            let text = get_ok(&url).await.unwrap();
+            text.lines().find_map(|l| l.strip_prefix(&needle).map(|n| n.trim().parse::<i64>().unwrap())).unwrap()
+        }
+    };
+
+    // One call held on B for A's link...
+    let first = a.client().await;
+    let first_call = tokio::spawn(async move { first.call("held", vec![json!(1)]).await });
+    wait_until("B to serve one call for A", || async { (gauge(&b).await == 1).then_some(()) }).await;
+    // ...so a second one over the same link is refused as overloaded, not queued.
+    let error = rpc_error(
+        wait_until("held to be routable", || async {
+            let result = a.client().await.call("held", vec![json!(2)]).await;
+            (rpc_error_kind(&result) != Some(ErrorCode::NotFound)).then_some(result)
+        })
+        .await,
+    );
+    assert_eq!(error.kind(), Some(ErrorCode::Unreachable), "{error:?}");
+    assert!(error.details_text().contains("max_in_flight_per_link"), "{error:?}");
+    assert!(b.counter("mpreg_limit_exceeded_total", "limit", "max_in_flight_per_link").await >= 1);
+
+    // A goes away: the call B was serving for it is cancelled, and the gauge comes back.
+    a.node.shutdown().await;
+    drop(a);
+    wait_until("B's in-flight gauge to return to 0", || async { (gauge(&b).await == 0).then_some(()) }).await;
+    let _ = tokio::time::timeout(SOON, first_call).await;
+}
+
+fn rpc_error_kind(result: &Result<Value, mpreg::ClientError>) -> Option<ErrorCode> {
+    match result {
+        Ok(_) => None,
+        Err(e) => rpc_error(Err(e.clone())).kind(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The command line
+
+fn mpreg() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"));
+    command.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    command
+}
+
+#[test]
+fn keys_init_and_issue_write_private_files_that_a_node_accepts() {
+    let dir = std::env::temp_dir().join(format!("mpreg-keys-cli-{}-{}", std::process::id(), trust::fresh_nonce()));
+    let out = mpreg().args(["keys", "init"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let public = std::fs::read_to_string(dir.join("cluster.pub")).unwrap();
+    assert_eq!(printed.trim(), public.trim());
+    assert_eq!(public.trim().len(), 64);
+    // A second init would orphan every certificate: refused.
+    let again = mpreg().args(["keys", "init"]).arg(&dir).output().unwrap();
+    assert!(!again.status.success());
+
+    let out = mpreg().args(["keys", "issue"]).arg(&dir).args(["node-a", "--cluster-id", "c1", "--valid-days", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(path, dir.join("node-a.cred"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for file in [dir.join("cluster.key"), path.clone()] {
+            assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600, "{}", file.display());
+        }
+    }
+    let credentials = trust::Credentials::load(&path, trust::unix_seconds()).expect("a valid credentials file");
+    assert_eq!((credentials.body().node.as_str(), credentials.body().cluster_id.as_str()), ("node-a", "c1"));
+    assert_eq!(trust::to_hex(credentials.authority().as_bytes()), public.trim());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_open_node_refuses_a_non_loopback_host_unless_insecure() {
+    let out = mpreg()
+        .args(["server", "start", "--host", "0.0.0.0", "--port", "0", "--monitoring-port", "0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a loopback address") && stderr.contains("--insecure"), "{stderr}");
+    assert!(stderr.contains("--credentials"), "{stderr}");
+}
