@@ -321,7 +321,12 @@ mod tests {
 
     #[test]
     fn trust_bounds_must_be_positive() {
-        for key in ["max_in_flight_per_link", "max_catalog_entries_per_node", "max_new_members_per_frame", "max_dials_per_round"] {
+        for key in [
+            "max_in_flight_per_link",
+            "max_catalog_entries_per_node",
+            "max_new_members_per_frame",
+            "max_dials_per_round",
+        ] {
             let mut settings = Settings::default();
             match key {
                 "max_in_flight_per_link" => settings.max_in_flight_per_link = 0,

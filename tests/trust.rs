@@ -43,7 +43,8 @@ struct Keys {
 
 impl Keys {
     fn new(cluster: &str) -> Keys {
-        let dir = std::env::temp_dir().join(format!("mpreg-trust-test-{}-{}", std::process::id(), trust::fresh_nonce()));
+        let dir =
+            std::env::temp_dir().join(format!("mpreg-trust-test-{}-{}", std::process::id(), trust::fresh_nonce()));
         let authority = Authority::generate();
         authority.save(&dir).expect("authority saved");
         Keys { dir, authority, cluster: cluster.to_owned() }
@@ -419,7 +420,8 @@ async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link(
             }
         })
     };
-    let b_settings = Settings { max_in_flight_per_link: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
+    let b_settings =
+        Settings { max_in_flight_per_link: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
     let b = TestNode::start(b_settings, vec![held]).await;
     wait_linked(&a, "B").await;
     let gauge = |node: &TestNode| {
@@ -483,7 +485,12 @@ fn keys_init_and_issue_write_private_files_that_a_node_accepts() {
     let again = mpreg().args(["keys", "init"]).arg(&dir).output().unwrap();
     assert!(!again.status.success());
 
-    let out = mpreg().args(["keys", "issue"]).arg(&dir).args(["node-a", "--cluster-id", "c1", "--valid-days", "2"]).output().unwrap();
+    let out = mpreg()
+        .args(["keys", "issue"])
+        .arg(&dir)
+        .args(["node-a", "--cluster-id", "c1", "--valid-days", "2"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     assert_eq!(path, dir.join("node-a.cred"));

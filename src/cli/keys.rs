@@ -23,7 +23,8 @@ pub fn issue(dir: &Path, name: &str, cluster_id: &str, valid_days: u64) -> anyho
         "node name {name:?} cannot be a file name"
     );
     anyhow::ensure!(valid_days > 0, "--valid-days must be at least 1");
-    let authority = Authority::load(dir).with_context(|| format!("no usable cluster authority in {}", dir.display()))?;
+    let authority =
+        Authority::load(dir).with_context(|| format!("no usable cluster authority in {}", dir.display()))?;
     let valid_s = valid_days.saturating_mul(86_400);
     let credentials = authority.issue(name, cluster_id, trust::unix_seconds(), valid_s)?;
     let path = dir.join(format!("{name}.cred"));

@@ -48,6 +48,8 @@ pub enum Command {
 }
 
 /// `mpreg server ...`
+// Parsed once per process: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ServerCommand {
     /// Start a node from flags (defaults for everything else).

@@ -309,7 +309,7 @@ impl MembershipCore {
         if self.is_departed(&delta.node, &delta.instance_id, now) {
             return false;
         }
-        if !self.members.get(&delta.node).is_some_and(|m| m.info.instance_id == delta.instance_id) {
+        if self.members.get(&delta.node).is_none_or(|m| m.info.instance_id != delta.instance_id) {
             // Not a member (yet), or an older or not yet known newer instance: entries are
             // kept only for members, so a frame naming invented nodes stores nothing. The
             // digest that makes a node a member also asks for its entries.

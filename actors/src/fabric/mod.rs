@@ -38,9 +38,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResponse, Recipient};
+use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 use tokio::sync::oneshot;
-use ed25519_dalek::VerifyingKey;
 use tracing::{debug, info, warn};
 
 pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteFunction};
@@ -321,12 +321,12 @@ impl FabricGossip {
     fn status_frame(&self, link: LinkId, proof: Option<String>) -> PeerFrame {
         let local = self.core.local_catalog(unix_now());
         let auth = match (&self.shared.trust, self.links.get(&link)) {
-            (Some(trust), Some(l)) => Some(StatusAuth {
+            (Some(trust), Some(l)) => Some(Box::new(StatusAuth {
                 nonce: l.nonce.clone(),
                 certificate: trust.certificate().clone(),
                 proof,
                 catalog: self.seal(local.clone()),
-            }),
+            })),
             _ => None,
         };
         PeerFrame::Server(ServerFrame::Status {
@@ -519,7 +519,7 @@ impl FabricGossip {
         info: NodeInfo,
         functions: Vec<FunctionIdentity>,
         version: u64,
-        auth: Option<StatusAuth>,
+        auth: Option<Box<StatusAuth>>,
     ) {
         let Some(l) = self.links.get(&link) else { return };
         if l.node.is_some() || l.awaiting_proof.is_some() {
@@ -554,7 +554,8 @@ impl FabricGossip {
                 return self.refuse(link, &info.node, refusal);
             }
             (Some(_), None) => {
-                let refusal = LinkRefusal::new("no_credentials", "peer presents no credentials; this cluster requires them");
+                let refusal =
+                    LinkRefusal::new("no_credentials", "peer presents no credentials; this cluster requires them");
                 return self.refuse(link, &info.node, refusal);
             }
             (Some(trust), Some(auth)) => (trust, auth),
@@ -605,7 +606,8 @@ impl FabricGossip {
             return self.refuse(link, &claimed, refusal);
         };
         let me = &self.shared.me;
-        let dialer = LinkEnd { node: &pending.info.node, instance_id: &pending.info.instance_id, nonce: &pending.nonce };
+        let dialer =
+            LinkEnd { node: &pending.info.node, instance_id: &pending.info.instance_id, nonce: &pending.nonce };
         let acceptor = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &l.nonce };
         let transcript = link_transcript(LinkSide::Dialer, &me.cluster_id, dialer, acceptor);
         if trust::verify_hex(&pending.key, &transcript, signature).is_err() {
@@ -905,7 +907,9 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 self.close_link(msg.link);
             }
             // Only a node itself says GOODBYE, on its own link; others relay `Departed`.
-            PeerFrame::Server(ServerFrame::Goodbye { node, instance_id, proof }) if linked_node.as_ref() == Some(&node) => {
+            PeerFrame::Server(ServerFrame::Goodbye { node, instance_id, proof })
+                if linked_node.as_ref() == Some(&node) =>
+            {
                 self.on_departed(Some(msg.link), &node, &instance_id, proof)
             }
             PeerFrame::Server(ServerFrame::Goodbye { node, .. }) => {

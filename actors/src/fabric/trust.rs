@@ -615,12 +615,8 @@ mod tests {
             assert!(verify_hex(&b_key, &other, &proof).is_err());
         }
         // Length prefixes: shifting a boundary between fields changes the bytes.
-        let shifted = link_transcript(
-            LinkSide::Acceptor,
-            "c1",
-            LinkEnd { node: "A", instance_id: "ian", nonce: "1" },
-            acceptor,
-        );
+        let shifted =
+            link_transcript(LinkSide::Acceptor, "c1", LinkEnd { node: "A", instance_id: "ian", nonce: "1" }, acceptor);
         assert_ne!(shifted, transcript);
     }
 

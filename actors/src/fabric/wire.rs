@@ -71,7 +71,7 @@ pub enum ServerFrame {
         catalog_version: u64,
         /// The credentialed handshake; absent in open mode.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        auth: Option<StatusAuth>,
+        auth: Option<Box<StatusAuth>>,
     },
     /// The dialer's proof of possession, the third frame of a credentialed handshake.
     Proof {
