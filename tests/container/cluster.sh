@@ -232,22 +232,25 @@ fi
 B_INSTANCE="$(instance_of "$A_MON" node-b)"
 
 # ---- intruders are refused -----------------------------------------------------------
-# start_intruder NODE [options...]: a node of the same cluster id that dials node-a.
+# start_intruder NODE KEYS_DIR MPREG_ARGS...: a node of the same cluster id that dials
+# node-a, with KEYS_DIR (if not empty) mounted at /run/mpreg-keys.
 start_intruder() {
-    local node="$1" c; shift
+    local node="$1" keys="$2" c; shift 2
+    local mount=()
+    [ -z "$keys" ] || mount=(-v "$keys:/run/mpreg-keys:ro")
     c="$(cname "$node")"
     CREATED+=("$c")
-    if docker run -d --name "$c" --hostname "$node" --network "$NET" --network-alias "$node" "$@" \
+    if docker run -d --name "$c" --hostname "$node" --network "$NET" --network-alias "$node" "${mount[@]}" \
         "$IMAGE" server start --host 0.0.0.0 --port 9000 --monitoring-port 9100 --name "$node" \
         --cluster-id mpreg-demo --functions tpu_square --peer ws://node-a:9000 \
-        --advertise-url "ws://$node:9000" >/dev/null; then
+        --advertise-url "ws://$node:9000" "$@" >/dev/null; then
         ok "container $c started ($node dials node-a)"
     else
         fatal "container $c started ($node)"
     fi
 }
-start_intruder node-x -v "$WORK/foreign/nodes:/run/mpreg-keys:ro" --credentials /run/mpreg-keys/node-x.cred
-start_intruder node-o --insecure
+start_intruder node-x "$WORK/foreign/nodes" --credentials /run/mpreg-keys/node-x.cred
+start_intruder node-o "" --insecure
 refused() { [ "$(metric "$A_MON" mpreg_peer_refused_total "node=\"node-a\",reason=\"$1\"")" -ge 1 ]; }
 if wait_for "$START_SECS" refused untrusted; then
     ok "node-a refused node-x (another authority): mpreg_peer_refused_total{reason=untrusted} $(metric "$A_MON" mpreg_peer_refused_total 'node="node-a",reason="untrusted"')"
