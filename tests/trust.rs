@@ -519,3 +519,96 @@ fn an_open_node_refuses_a_non_loopback_host_unless_insecure() {
     assert!(stderr.contains("not a loopback address") && stderr.contains("--insecure"), "{stderr}");
     assert!(stderr.contains("--credentials"), "{stderr}");
 }
+
+#[actix_rt::test]
+async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_replies() {
+    use mpreg_actors::fabric::trust::{link_transcript, LinkEnd, LinkSide};
+    use mpreg_actors::fabric::wire::{goodbye_text, CatalogDelta};
+
+    let cluster = cluster_id("forging-relay");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let b_fun = FunctionSpec::sync("b_fun", plus(1)).inline();
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![b_fun]).await;
+    let client = a.client().await;
+    assert_eq!(wait_callable(&client, "b_fun", vec![json!(1)]).await, json!(2));
+    let topology = a.topology().await;
+    let b_instance = member(&topology, "B").expect("A knows B")["instance_id"].as_str().unwrap().to_owned();
+    let a_instance = member(&topology, "A").expect("A lists itself")["instance_id"].as_str().unwrap().to_owned();
+
+    // M: a real member of the cluster (its certificate is valid), dialling A by hand.
+    let m = keys.authority.issue("M", &cluster, trust::unix_seconds(), 3600).unwrap();
+    let m_nonce = trust::fresh_nonce();
+    let m_catalog = CatalogDelta {
+        node: "M".into(),
+        instance_id: "m1".into(),
+        cluster_id: cluster.clone(),
+        version: 1,
+        advertised_at: 0.0,
+        ttl_s: 60.0,
+        functions: vec![],
+        proof: None,
+    };
+    let signed_catalog = CatalogDelta { proof: Some(m.seal(serde_json::to_string(&m_catalog).unwrap())), ..m_catalog };
+    let mut ws = raw_connect(a.url()).await;
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "M", "instance_id": "m1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [], "catalog_version": 1,
+        "auth": {"nonce": m_nonce, "certificate": m.certificate(), "catalog": signed_catalog},
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    assert_eq!((&answer["role"], &answer["kind"]), (&json!("server"), &json!("status")), "{answer}");
+    let a_nonce = answer["auth"]["nonce"].as_str().expect("A's nonce").to_owned();
+    let transcript = link_transcript(
+        LinkSide::Dialer,
+        &cluster,
+        LinkEnd { node: "M", instance_id: "m1", nonce: &m_nonce },
+        LinkEnd { node: "A", instance_id: &a_instance, nonce: &a_nonce },
+    );
+    let proof = json!({"role": "server", "kind": "proof", "signature": m.sign_hex(&transcript)});
+    ws.send(Message::Text(proof.to_string())).await.unwrap();
+    wait_linked(&a, "M").await;
+
+    // Statements about B that only B can make, made by M.
+    let m_signed_goodbye = m.seal(goodbye_text(&cluster, "B", &b_instance));
+    let forged_entries = CatalogDelta {
+        node: "B".into(),
+        instance_id: b_instance.clone(),
+        cluster_id: cluster.clone(),
+        version: 1_000_000,
+        advertised_at: 0.0,
+        ttl_s: 60.0,
+        functions: vec![],
+        proof: None,
+    };
+    let forged_signed =
+        CatalogDelta { proof: Some(m.seal(serde_json::to_string(&forged_entries).unwrap())), ..forged_entries.clone() };
+    let frames = [
+        json!({"role": "fabric-gossip", "kind": "departed", "from": "M", "node": "B", "instance_id": b_instance}),
+        json!({"role": "fabric-gossip", "kind": "departed", "from": "M", "node": "B", "instance_id": b_instance,
+               "proof": m_signed_goodbye}),
+        json!({"role": "fabric-gossip", "kind": "catalog", "from": "M", "deltas": [forged_entries]}),
+        json!({"role": "fabric-gossip", "kind": "catalog", "from": "M", "deltas": [forged_signed]}),
+        json!({"role": "server", "kind": "goodbye", "node": "B", "instance_id": b_instance, "proof": m_signed_goodbye}),
+        json!({"role": "fabric-message", "id": format!("A:{a_instance}:1:0000000000000000"), "source": "B",
+               "target": "A", "path": ["B"], "hops_left": 5,
+               "body": {"kind": "reply", "outcome": {"status": "ok", "value": "forged"}}}),
+    ];
+    for frame in &frames {
+        ws.send(Message::Text(frame.to_string())).await.unwrap();
+    }
+    wait_until("A to drop the forged statements", || async {
+        let unsigned = a.counter("mpreg_fabric_dropped_total", "reason", "unsigned_statement").await;
+        let forged = a.counter("mpreg_fabric_dropped_total", "reason", "forged_statement").await;
+        let stray = a.counter("mpreg_fabric_dropped_total", "reason", "stray_reply").await;
+        (unsigned >= 2 && forged >= 2 && stray >= 1).then_some(())
+    })
+    .await;
+    let topology = a.topology().await;
+    assert!(linked(&topology, "B"), "B is still there: {topology:#}");
+    assert_eq!(member(&topology, "B").unwrap()["instance_id"], json!(b_instance));
+    assert_eq!(client.call("b_fun", vec![json!(9)]).await.unwrap(), json!(10), "B's entries are B's");
+    drop(b);
+}
