@@ -24,8 +24,9 @@
 //! It owns MUTATION and publishes an immutable [`FabricView`] (links, next hops, remote
 //! functions) in [`FabricShared`], which the request path reads without a mailbox.
 //!
-//! What a restart loses: links (closed and redialled), membership and remote catalog
-//! (rebuilt from the peers' snapshots within a gossip round or two). Calls in flight
+//! What a restart loses: links (closed and redialled, handshakes in progress included),
+//! membership and remote catalog (rebuilt from the peers' snapshots within a gossip round
+//! or two). Calls in flight
 //! over a closed link fail over (retry on another provider) or answer 1005.
 
 pub mod link;

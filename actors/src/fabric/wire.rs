@@ -302,6 +302,43 @@ mod tests {
         assert_eq!(serde_json::from_value::<PeerFrame>(json).unwrap(), frame);
     }
 
+    #[test]
+    fn open_mode_frames_carry_no_trust_fields() {
+        // Open-mode peers send exactly what they did before credentials existed.
+        let status = PeerFrame::Server(ServerFrame::Status {
+            info: NodeInfo { node: "a".into(), instance_id: "i".into(), cluster_id: "c".into(), url: "ws://x".into() },
+            functions: vec![],
+            catalog_version: 1,
+            auth: None,
+        });
+        let json = serde_json::to_value(&status).unwrap();
+        assert!(json.get("auth").is_none(), "{json}");
+        let departed = PeerFrame::FabricGossip(GossipFrame::Departed {
+            from: "a".into(),
+            node: "b".into(),
+            instance_id: "i".into(),
+            proof: None,
+        });
+        assert!(serde_json::to_value(&departed).unwrap().get("proof").is_none());
+        // And a frame without them still decodes.
+        let old = serde_json::json!({"role": "server", "kind": "goodbye", "node": "a", "instance_id": "i"});
+        assert!(matches!(
+            serde_json::from_value::<PeerFrame>(old).unwrap(),
+            PeerFrame::Server(ServerFrame::Goodbye { proof: None, .. })
+        ));
+    }
+
+    #[test]
+    fn the_goodbye_text_names_cluster_node_and_instance() {
+        let text = goodbye_text("c", "a", "i");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"statement": "goodbye", "cluster_id": "c", "node": "a", "instance_id": "i"})
+        );
+        assert_ne!(goodbye_text("c", "a", "i2"), text);
+    }
+
     proptest! {
         #[test]
         fn fabric_messages_round_trip(id in "[a-z0-9]{1,8}", hops in 0u32..10, path in proptest::collection::vec("[a-z]{1,4}", 0..5), n in any::<i64>()) {
