@@ -612,3 +612,48 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
     assert_eq!(client.call("b_fun", vec![json!(9)]).await.unwrap(), json!(10), "B's entries are B's");
     drop(b);
 }
+
+#[actix_rt::test]
+async fn fabric_inputs_from_an_admitted_peer_are_bounded() {
+    // Open mode on loopback: anyone may become a peer, so the bounds are what stands.
+    let cluster = cluster_id("fabric-bounds");
+    let a_settings = Settings { max_catalog_entries_per_node: 2, ..settings("A", &cluster, &[], None) };
+    let a = TestNode::start(a_settings, vec![]).await;
+    let mut ws = raw_connect(a.url()).await;
+    let function = |name: &str| json!({"name": name, "function_id": name, "version": "1.0.0", "resources": []});
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "spy", "instance_id": "s1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [function("f1"), function("f2"), function("f3")], "catalog_version": 1
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    assert_eq!(answer["kind"], "status", "{answer}");
+    // 3000 invented nodes in one digest, every one with a URL to dial.
+    let members: Vec<Value> = (0..3000)
+        .map(|i| {
+            json!({"info": {"node": format!("fake{i}"), "instance_id": "f", "cluster_id": cluster,
+                            "url": format!("ws://127.0.0.1:{}", 1 + i % 50)},
+                   "heartbeat": 1, "catalog_version": 1, "neighbours": []})
+        })
+        .collect();
+    let digest = json!({"role": "fabric-gossip", "kind": "members", "from": "spy", "members": members});
+    ws.send(Message::Text(digest.to_string())).await.unwrap();
+    wait_until("A to count the refused digest entries", || async {
+        (a.counter("mpreg_limit_exceeded_total", "limit", "max_new_members_per_frame").await >= 1).then_some(())
+    })
+    .await;
+    let topology = a.topology().await;
+    let fakes =
+        topology["nodes"].as_array().unwrap().iter().filter(|n| n["node"].as_str().unwrap().starts_with("fake"));
+    assert!(fakes.count() <= 16, "at most max_new_members_per_frame (16) learned: {topology:#}");
+    // The learned ones are dialled at most max_dials_per_round (4) per gossip round.
+    wait_until("A to defer dials beyond max_dials_per_round", || async {
+        (a.counter("mpreg_limit_exceeded_total", "limit", "max_dials_per_round").await >= 1).then_some(())
+    })
+    .await;
+    // The spy's three functions exceed max_catalog_entries_per_node (2): not stored.
+    assert!(a.counter("mpreg_limit_exceeded_total", "limit", "max_catalog_entries_per_node").await >= 1);
+    let catalog = a.get("/catalog").await;
+    assert!(!catalog.contains("\"f1\""), "{catalog}");
+}

@@ -379,14 +379,19 @@ impl FabricGossip {
                 signed
             }
         };
+        self.within_catalog_bound(&delta).then_some(delta)
+    }
+
+    /// Whether an entry set is within `max_catalog_entries_per_node` (refusals counted).
+    fn within_catalog_bound(&self, delta: &CatalogDelta) -> bool {
         let limit = self.config.max_catalog_entries_per_node;
-        if delta.functions.len() > limit {
-            warn!(node = %self.shared.me.node, owner = %delta.node, entries = delta.functions.len(), limit,
-                "catalog entries over max_catalog_entries_per_node refused");
-            self.shared.metrics.limit_exceeded("max_catalog_entries_per_node");
-            return None;
+        if delta.functions.len() <= limit {
+            return true;
         }
-        Some(delta)
+        warn!(node = %self.shared.me.node, owner = %delta.node, entries = delta.functions.len(), limit,
+            "catalog entries over max_catalog_entries_per_node refused");
+        self.shared.metrics.limit_exceeded("max_catalog_entries_per_node");
+        false
     }
 
     /// A GOODBYE or `departed` for `node`/`instance`: with credentials, only with that
@@ -633,7 +638,7 @@ impl FabricGossip {
                 if first && answer_status {
                     self.send(link, &self.status_frame(link, None));
                 }
-                let news = self.core.apply_catalog(&delta, now);
+                let news = self.within_catalog_bound(&delta) && self.core.apply_catalog(&delta, now);
                 // Publish the link as admitted before anything else goes out on it.
                 self.rebuild_view();
                 if first {
