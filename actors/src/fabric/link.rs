@@ -17,7 +17,7 @@
 //!   handshake frames that preceded it, or drops it.
 //! - A reply resolves a pending call only if it arrived on the link the call left on.
 //!   Replies retrace the call's path: a forwarding node remembers, per forwarded call,
-//!   the link it came from and the link it went on ([`ForwardTable`], bounded, cleaned on
+//!   the link it came from and the link it went on (`ForwardTable`, bounded, cleaned on
 //!   reply, link close and expiry); the serving node answers on the link the call
 //!   arrived on.
 //! - Calls served for other nodes count in the node's in-flight gauge, at most
