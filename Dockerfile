@@ -36,6 +36,10 @@ WORKDIR /data
 HEALTHCHECK --interval=5s --timeout=3s --start-period=5s --retries=3 \
     CMD ["mpreg", "client", "health", "--url", "http://127.0.0.1:9100/health"]
 
+# The node listens on 0.0.0.0, so it authenticates its peer links: mount credentials
+# made by docker/make-credentials.sh read-only at /run/mpreg-keys (node.cred here; the
+# node takes its name from the certificate). Without them it refuses to start and says
+# why; `--insecure` would run it open, for development only.
 ENTRYPOINT ["mpreg"]
 CMD ["server", "start", "--host", "0.0.0.0", "--port", "9000", "--monitoring-port", "9100", \
-     "--functions", "demo", "--data-dir", "/data"]
+     "--functions", "demo", "--data-dir", "/data", "--credentials", "/run/mpreg-keys/node.cred"]

@@ -101,6 +101,20 @@ pub struct Settings {
     pub catalog_ttl_s: f64,
     /// Forwards a routed message may take before it is refused.
     pub hop_budget: u32,
+    /// This node's credentials file (`mpreg keys issue`): with it, every peer link is
+    /// authenticated; without it the node runs open (development, loopback only).
+    pub credentials: Option<PathBuf>,
+    /// Allow running open (no credentials) on a non-loopback `host`.
+    pub insecure: bool,
+    /// Calls served at once for one peer link; beyond it a call is answered unreachable
+    /// (overloaded).
+    pub max_in_flight_per_link: usize,
+    /// Function entries one node may advertise; a larger entry set is refused.
+    pub max_catalog_entries_per_node: usize,
+    /// Nodes not known before that one membership digest may teach this node.
+    pub max_new_members_per_frame: usize,
+    /// Peer dials started per gossip round.
+    pub max_dials_per_round: usize,
 }
 
 impl Default for Settings {
@@ -144,7 +158,22 @@ impl Default for Settings {
             departed_grace_s: 5.0,
             catalog_ttl_s: 60.0,
             hop_budget: 5,
+            credentials: None,
+            insecure: false,
+            max_in_flight_per_link: 4096,
+            max_catalog_entries_per_node: 10_000,
+            max_new_members_per_frame: 16,
+            max_dials_per_round: 4,
         }
+    }
+}
+
+/// Whether `host` only reaches this machine (`127.0.0.0/8`, `::1`, `localhost`).
+pub fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => bare.eq_ignore_ascii_case("localhost"),
     }
 }
 
@@ -241,6 +270,10 @@ impl Settings {
             ("workers", self.workers),
             ("pubsub_max_topic_words", self.pubsub_max_topic_words),
             ("pubsub_max_topic_bytes", self.pubsub_max_topic_bytes),
+            ("max_in_flight_per_link", self.max_in_flight_per_link),
+            ("max_catalog_entries_per_node", self.max_catalog_entries_per_node),
+            ("max_new_members_per_frame", self.max_new_members_per_frame),
+            ("max_dials_per_round", self.max_dials_per_round),
         ];
         for (key, value) in at_least_one {
             if value == 0 {
@@ -249,6 +282,17 @@ impl Settings {
         }
         if self.cluster_id.is_empty() {
             return Err(ConfigError::Invalid { key: "cluster_id", message: "must not be empty".into() });
+        }
+        if self.credentials.is_none() && !self.insecure && !is_loopback(&self.host) {
+            return Err(ConfigError::Invalid {
+                key: "insecure",
+                message: format!(
+                    "host {} is not a loopback address and no credentials are set: peer links would be \
+                     unauthenticated on the network. Give --credentials FILE (see `mpreg keys`), or \
+                     --insecure (settings key insecure = true) to run open anyway",
+                    self.host
+                ),
+            });
         }
         Ok(())
     }
@@ -282,6 +326,40 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/node.toml");
         let settings = Settings::from_toml_file(&path).unwrap();
         settings.validate().unwrap();
+    }
+
+    #[test]
+    fn open_mode_stays_on_loopback_unless_insecure() {
+        for host in ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"] {
+            assert!(Settings { host: host.into(), ..Settings::default() }.validate().is_ok(), "{host}");
+        }
+        for host in ["0.0.0.0", "192.168.1.4", "node-a", "::"] {
+            let open = Settings { host: host.into(), ..Settings::default() };
+            let err = open.validate().unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid { key: "insecure", .. }), "{host}: {err}");
+            assert!(err.to_string().contains("--insecure"), "{err}");
+            assert!(Settings { insecure: true, ..open.clone() }.validate().is_ok());
+            assert!(Settings { credentials: Some("x.cred".into()), ..open }.validate().is_ok());
+        }
+    }
+
+    #[test]
+    fn trust_bounds_must_be_positive() {
+        for key in [
+            "max_in_flight_per_link",
+            "max_catalog_entries_per_node",
+            "max_new_members_per_frame",
+            "max_dials_per_round",
+        ] {
+            let mut settings = Settings::default();
+            match key {
+                "max_in_flight_per_link" => settings.max_in_flight_per_link = 0,
+                "max_catalog_entries_per_node" => settings.max_catalog_entries_per_node = 0,
+                "max_new_members_per_frame" => settings.max_new_members_per_frame = 0,
+                _ => settings.max_dials_per_round = 0,
+            }
+            assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: k, .. }) if k == key), "{key}");
+        }
     }
 
     #[test]

@@ -23,8 +23,9 @@ use std::time::Duration;
 use actix::{Actor, Addr};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
 use mpreg_actors::fabric::membership::MembershipTiming;
+use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
 use mpreg_actors::fabric::wire::NodeInfo;
-use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, SayGoodbye};
+use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, LinkLimits, SayGoodbye};
 use mpreg_actors::function::FunctionSpec;
 use mpreg_actors::metrics::Metrics;
 use mpreg_actors::monitor::{Monitor, MonitorState};
@@ -34,7 +35,7 @@ use mpreg_actors::supervisor::{
     ChildHandles, ChildSpec, CrashChild, NodeExit, NodeSupervisor, RestartPolicy, Shutdown, Slot,
 };
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::functions;
@@ -67,6 +68,38 @@ pub enum NodeError {
     /// `--functions` named something unknown.
     #[error("{0}")]
     Functions(String),
+    /// The credentials file is unusable, or is for another node or cluster.
+    #[error("credentials {path}: {reason}")]
+    Credentials {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Loads the credentials named in `settings` and checks them against the node's name
+/// (an empty name becomes the certificate's) and cluster.
+fn load_credentials(settings: &mut Settings) -> Result<Option<Arc<Credentials>>, NodeError> {
+    let Some(path) = settings.credentials.clone() else { return Ok(None) };
+    let fail = |reason: String| NodeError::Credentials { path: path.display().to_string(), reason };
+    let credentials = Credentials::load(&path, trust::unix_seconds()).map_err(|e| match e {
+        TrustError::Io { source, .. } => fail(source.to_string()),
+        other => fail(other.to_string()),
+    })?;
+    let body = credentials.body();
+    if settings.name.is_empty() {
+        settings.name = body.node.clone();
+    } else if settings.name != body.node {
+        return Err(fail(format!("issued to node {:?}, but this node is named {:?}", body.node, settings.name)));
+    }
+    if settings.cluster_id != body.cluster_id {
+        return Err(fail(format!(
+            "issued for cluster {:?}, but cluster_id is {:?}",
+            body.cluster_id, settings.cluster_id
+        )));
+    }
+    Ok(Some(Arc::new(credentials)))
 }
 
 /// Collects settings and functions, then starts a node.
@@ -89,8 +122,9 @@ impl NodeBuilder {
 
     /// Binds the listeners, starts the supervision tree and the websocket server.
     pub async fn start(self) -> Result<Node, NodeError> {
-        let NodeBuilder { settings, mut functions } = self;
+        let NodeBuilder { mut settings, mut functions } = self;
         settings.validate()?;
+        let credentials = load_credentials(&mut settings)?;
         functions.extend(functions::by_names(&settings.functions).map_err(NodeError::Functions)?);
         let mut table = FunctionTable::default();
         for spec in functions {
@@ -126,8 +160,20 @@ impl NodeBuilder {
             cluster_id: settings.cluster_id.clone(),
             url: settings.advertise_url.clone().unwrap_or_else(|| url.clone()),
         };
-        let fabric =
-            Arc::new(FabricShared::new(me, settings.hop_budget, table.clone(), pubsub.clone(), gossip.clone()));
+        match &credentials {
+            Some(c) => info!(node = %name, cluster = %settings.cluster_id,
+                authority = %trust::to_hex(c.authority().as_bytes()), "peer links are authenticated"),
+            None => warn!(node = %name, host = %settings.host, insecure = settings.insecure,
+                "peer links are not authenticated: any process that can reach this port can join the cluster \
+                 (run with --credentials for production)"),
+        }
+        let limits = LinkLimits { max_in_flight_per_link: settings.max_in_flight_per_link, ..LinkLimits::default() };
+        let fabric = Arc::new(
+            FabricShared::new(me, settings.hop_budget, table.clone(), pubsub.clone(), gossip.clone())
+                .with_trust(credentials)
+                .with_metrics(metrics.clone())
+                .with_limits(limits),
+        );
         let fabric_config = FabricConfig {
             peers: settings.peers.clone(),
             fanout: settings.peer_fanout,
@@ -141,6 +187,9 @@ impl NodeBuilder {
             dial_timeout: Duration::from_secs(2),
             max_backoff: Settings::seconds((settings.gossip_interval_s * 8.0).max(2.0)),
             link_queue: settings.outbox_capacity,
+            max_catalog_entries_per_node: settings.max_catalog_entries_per_node,
+            max_new_members_per_frame: settings.max_new_members_per_frame,
+            max_dials_per_round: settings.max_dials_per_round,
         };
         let mut children = vec![
             ChildSpec::new("registry", {

@@ -786,6 +786,9 @@ async fn a_connection_that_never_introduced_itself_cannot_make_a_node_leave() {
     let mut ws = raw_connect(a.url()).await;
     let goodbye = json!({"role": "server", "kind": "goodbye", "node": "B", "instance_id": instance});
     ws.send(Message::Text(goodbye.to_string())).await.unwrap();
+    // A peer frame before the handshake is refused in words (1004), changing nothing.
+    let refusal = raw_next(&mut ws).await.expect("a refusal");
+    assert_eq!(refusal["error"]["code"], 1004, "{refusal}");
     // Requests on one connection are handled in order: once this one is answered, the
     // GOODBYE has reached A's fabric.
     let probe = json!({"role": "rpc", "u": "probe", "cmds": [{"name": "t", "fun": "echo", "args": [1]}]});

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::fabric::link::next_link_id;
-use crate::fabric::wire::PeerFrame;
+use crate::fabric::wire::{PeerFrame, ServerFrame};
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
 };
@@ -221,7 +221,7 @@ impl Connection {
             Ok(Inbound::Publish(request)) => self.on_publish(request, kind, ctx),
             Ok(Inbound::Unsubscribe(request)) => self.on_unsubscribe(request, kind, ctx),
             Ok(Inbound::Peer) => match PeerFrame::decode(&bytes) {
-                Ok(frame) => self.on_peer_frame(frame, ctx),
+                Ok(frame) => self.on_peer_frame(frame, kind, ctx),
                 Err(e) => {
                     let error = RpcError::invalid(e.to_string());
                     self.reject(InboundError { u: None, role: None, error }, kind, ctx);
@@ -249,10 +249,26 @@ impl Connection {
         ctx.spawn(task.into_actor(self));
     }
 
-    fn on_peer_frame(&mut self, frame: PeerFrame, ctx: &mut Context<Self>) {
+    /// A peer frame. Only a STATUS turns a client connection into a (not yet admitted)
+    /// link; any other peer frame on a client connection is answered 1004 and changes
+    /// nothing. Whether the link is admitted is the fabric's call.
+    fn on_peer_frame(&mut self, frame: PeerFrame, kind: FrameKind, ctx: &mut Context<Self>) {
         let fabric = &self.shared.fabric;
         let link = match self.link {
             Some(link) => link,
+            None if !matches!(frame, PeerFrame::Server(ServerFrame::Status { .. })) => {
+                let role = match &frame {
+                    PeerFrame::Server(_) => "server",
+                    PeerFrame::FabricGossip(_) => "fabric-gossip",
+                    PeerFrame::FabricMessage(_) => "fabric-message",
+                };
+                debug!(conn = self.id, peer = %self.peer, role, "peer frame before the handshake refused");
+                self.shared.metrics.fabric_dropped("no_handshake");
+                let error = RpcError::peer_handshake_required(role);
+                self.shared.metrics.record_outcome(error.kind());
+                self.reply(encode(&RpcResponse::failure(None, error)), kind, ctx);
+                return;
+            }
             None => {
                 let Some(gossip) = fabric.gossip.get() else {
                     warn!(conn = self.id, peer = %self.peer, "peer frame while the fabric restarts; closing");
@@ -261,7 +277,13 @@ impl Connection {
                 };
                 let link = next_link_id();
                 self.link = Some(link);
-                gossip.do_send(LinkOpened { link, sender: self.outbox.clone(), outbound_url: None, close: None });
+                gossip.do_send(LinkOpened {
+                    link,
+                    sender: self.outbox.clone(),
+                    outbound_url: None,
+                    close: None,
+                    peer: self.peer.clone(),
+                });
                 gossip.do_send(InboundCloser { link, closer: ctx.address().recipient() });
                 link
             }

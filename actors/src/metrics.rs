@@ -34,6 +34,8 @@ pub struct Metrics {
     limits_exceeded: LabelledCounter,
     /// Peer links refused, by reason.
     peers_refused: LabelledCounter,
+    /// Fabric frames and statements dropped (unauthenticated, forged, stray), by reason.
+    fabric_dropped: LabelledCounter,
 }
 
 /// A counter family with one label, for events that are rare by nature (refusals): a
@@ -132,6 +134,22 @@ impl Metrics {
         self.peers_refused.add(reason);
     }
 
+    /// A fabric frame or relayed statement was dropped for `reason` (a short fixed label,
+    /// e.g. `forged_statement`, `reply_wrong_link`).
+    pub fn fabric_dropped(&self, reason: &'static str) {
+        self.fabric_dropped.add(reason);
+    }
+
+    /// Peer links refused so far for `reason`.
+    pub fn peer_refused_count(&self, reason: &str) -> u64 {
+        self.peers_refused.get(reason)
+    }
+
+    /// Fabric frames dropped so far for `reason`.
+    pub fn fabric_dropped_count(&self, reason: &str) -> u64 {
+        self.fabric_dropped.get(reason)
+    }
+
     /// Restarts so far.
     pub fn restarts(&self) -> u64 {
         self.actor_restarts.load(Ordering::Relaxed)
@@ -211,6 +229,13 @@ impl Metrics {
             "mpreg_peer_refused_total",
             "reason",
             "Peer links refused, by reason.",
+        );
+        self.fabric_dropped.render(
+            &mut out,
+            node,
+            "mpreg_fabric_dropped_total",
+            "reason",
+            "Fabric frames and relayed statements dropped (unauthenticated, forged, stray), by reason.",
         );
         out
     }

@@ -6,6 +6,7 @@ mod bench;
 mod bench_cluster;
 mod client;
 mod demo;
+mod keys;
 mod server;
 
 use std::path::PathBuf;
@@ -38,12 +39,17 @@ pub enum Command {
     /// Measure.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Make a cluster authority and node credentials (authenticated peer links).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Start a 3-node cluster in this process and walk through what MPREG does, checking
     /// every result (the same code as `cargo run --example quick_demo`).
     Demo,
 }
 
 /// `mpreg server ...`
+// Parsed once per process: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ServerCommand {
     /// Start a node from flags (defaults for everything else).
@@ -100,6 +106,38 @@ pub struct StartArgs {
     /// The URL other nodes should dial to reach this one.
     #[arg(long)]
     pub advertise_url: Option<String>,
+    /// This node's credentials file (`mpreg keys issue`): authenticate every peer link.
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// Run without credentials on a non-loopback host anyway (development only).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// `mpreg keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a cluster authority: DIR/cluster.key (secret, mode 0600) and DIR/cluster.pub.
+    /// Prints the public key. Keep cluster.key off the nodes.
+    Init {
+        /// Directory for the authority (created if missing).
+        dir: PathBuf,
+    },
+    /// Issue DIR/NAME.cred (mode 0600): a fresh node key pair and a certificate signed by
+    /// the authority in DIR. Prints the file's path. Start the node with
+    /// `--credentials DIR/NAME.cred --name NAME --cluster-id C`.
+    Issue {
+        /// Directory holding cluster.key.
+        dir: PathBuf,
+        /// The node's name (as in `--name`).
+        name: String,
+        /// The node's cluster (as in `--cluster-id`).
+        #[arg(long, default_value = "default-cluster")]
+        cluster_id: String,
+        /// Days until the certificate expires.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+    },
 }
 
 /// `mpreg client ...`
@@ -172,5 +210,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Rpc(args)) => bench::rpc(args),
         Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::cluster(args),
         Command::Demo => demo::run(),
+        Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
+        Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {
+            keys::issue(&dir, &name, &cluster_id, valid_days)
+        }
     }
 }

@@ -40,6 +40,8 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
         fault_injection,
         peers,
         advertise_url,
+        credentials,
+        insecure,
     } = args;
     settings.host = host.unwrap_or(settings.host);
     settings.port = port.unwrap_or(settings.port);
@@ -54,6 +56,8 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     settings.fault_injection |= fault_injection;
     settings.peers.extend(peers);
     settings.advertise_url = advertise_url.or(settings.advertise_url);
+    settings.credentials = credentials.or(settings.credentials);
+    settings.insecure |= insecure;
     serve(settings)
 }
 

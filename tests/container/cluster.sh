@@ -10,7 +10,11 @@
 # From the host, through node-a: the cluster forms, calls are routed by resources to the
 # node that has them (a DAG spanning node-a and node-b), a killed node is suspected, then
 # removed, and calls needing it fail fast, a partitioned node is detected and the cluster
-# heals once the partition ends, and the killed node rejoins when restarted. Needs docker, cargo, curl, jq and root (for the base image's
+# heals once the partition ends, and the killed node rejoins when restarted. The nodes
+# listen on 0.0.0.0, so they run with credentials made here, now, by one authority
+# (docker/make-credentials.sh, mounted read-only); a node with another authority's
+# credentials and a node without any (run --insecure) both try to join node-a and are
+# refused, counted in its /metrics. Needs docker, cargo, curl, jq and root (for the base image's
 # debootstrap, only the first time). Prints one `ok - ` / `not ok - ` line per check; on
 # failure dumps every container's logs and exits non-zero. Containers and the network
 # are always removed.
@@ -160,6 +164,8 @@ answers_49() { client "$1" call tpu_square '[7]' --locs tpu && [ "$OUT" = 49 ]; 
 # ---- build ---------------------------------------------------------------------------
 command -v curl >/dev/null && command -v jq >/dev/null || fatal "curl and jq present on the host"
 build_image "$IMAGE"
+make_credentials "$WORK/keys" mpreg-demo "${NODES[@]}"
+make_credentials "$WORK/foreign" mpreg-demo node-x   # same cluster id, another authority
 
 # ---- start ---------------------------------------------------------------------------
 if docker network create "$NET" >/dev/null; then NET_CREATED=1; ok "network $NET created"
@@ -173,6 +179,7 @@ start_node() {
     # a port bind error) still leaves a container behind for cleanup to remove.
     CREATED+=("$c")
     if docker run -d --name "$c" --hostname "$node" --network "$NET" --network-alias "$node" "$@" \
+        -v "$WORK/keys/nodes:/run/mpreg-keys:ro" \
         "$IMAGE" server start-config "/etc/mpreg/cluster-$node.toml" >/dev/null; then
         ok "container $c started ($node, /etc/mpreg/cluster-$node.toml)"
     else
@@ -223,6 +230,51 @@ else
 fi
 
 B_INSTANCE="$(instance_of "$A_MON" node-b)"
+
+# ---- intruders are refused -----------------------------------------------------------
+# start_intruder NODE KEYS_DIR MPREG_ARGS...: a node of the same cluster id that dials
+# node-a, with KEYS_DIR (if not empty) mounted at /run/mpreg-keys.
+start_intruder() {
+    local node="$1" keys="$2" c; shift 2
+    local mount=()
+    [ -z "$keys" ] || mount=(-v "$keys:/run/mpreg-keys:ro")
+    c="$(cname "$node")"
+    CREATED+=("$c")
+    if docker run -d --name "$c" --hostname "$node" --network "$NET" --network-alias "$node" "${mount[@]}" \
+        "$IMAGE" server start --host 0.0.0.0 --port 9000 --monitoring-port 9100 --name "$node" \
+        --cluster-id mpreg-demo --functions tpu_square --peer ws://node-a:9000 \
+        --advertise-url "ws://$node:9000" "$@" >/dev/null; then
+        ok "container $c started ($node dials node-a)"
+    else
+        fatal "container $c started ($node)"
+    fi
+}
+start_intruder node-x "$WORK/foreign/nodes" --credentials /run/mpreg-keys/node-x.cred
+start_intruder node-o "" --insecure
+refused() { [ "$(metric "$A_MON" mpreg_peer_refused_total "node=\"node-a\",reason=\"$1\"")" -ge 1 ]; }
+if wait_for "$START_SECS" refused untrusted; then
+    ok "node-a refused node-x (another authority): mpreg_peer_refused_total{reason=untrusted} $(metric "$A_MON" mpreg_peer_refused_total 'node="node-a",reason="untrusted"')"
+else
+    not_ok "node-a refused node-x (another authority) within ${START_SECS}s"
+fi
+if wait_for "$START_SECS" refused no_credentials; then
+    ok "node-a refused node-o (no credentials): mpreg_peer_refused_total{reason=no_credentials} $(metric "$A_MON" mpreg_peer_refused_total 'node="node-a",reason="no_credentials"')"
+else
+    not_ok "node-a refused node-o (no credentials) within ${START_SECS}s"
+fi
+for intruder in node-x node-o; do
+    state="$(peer_state "$A_MON" "$intruder")"
+    if [ "$state" = absent ]; then ok "node-a /topology: $intruder absent"
+    else not_ok "node-a /topology: $intruder absent (got: $state)"; fi
+    n="$(grep -c 'peer refused' <<<"$(container_logs "$(cname "$intruder")")" || true)"
+    m="$(grep -c 'refused by peer' <<<"$(container_logs "$(cname "$intruder")")" || true)"
+    if [ "$((n + m))" -gt 0 ]; then ok "$intruder was told it is refused ($m 'refused by peer', $n 'peer refused' lines)"
+    else not_ok "$intruder logs a refusal"; fi
+    docker rm -f -v "$(cname "$intruder")" >/dev/null 2>&1 || true
+done
+state="$(peer_state "$A_MON" node-b)"
+if [ "$state" = alive+linked ]; then ok "node-a /topology: node-b still alive and linked after the intruders"
+else not_ok "node-a /topology: node-b still alive and linked after the intruders (got: $state)"; fi
 
 # ---- routing by resources ------------------------------------------------------------
 expect_result "tpu_square [7] --locs tpu via node-a answers 49 (runs on node-c)" '^49$' \

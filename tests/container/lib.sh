@@ -48,3 +48,20 @@ container_host_port() {   # `docker port` prints e.g. 127.0.0.1:49153; keep the 
     p="$(docker port "$1" "$2/tcp" | head -n1)"
     echo "${p##*:}"
 }
+
+# make_credentials DIR CLUSTER NODE...: a cluster authority in DIR/authority and
+# DIR/nodes/NODE.cred for each NODE, made now with the host binary ($BIN) and owned by the
+# image's runtime user; mount DIR/nodes read-only at /run/mpreg-keys.
+make_credentials() {
+    local dir="$1" cluster="$2"; shift 2
+    step "credentials for $* (cluster $cluster) in $dir" \
+        env MPREG_BIN="$BIN" bash "$ROOT/docker/make-credentials.sh" "$dir" "$cluster" "$@"
+}
+
+# metric PORT FAMILY LABELS: a counter's value from GET /metrics (0 when absent), e.g.
+# metric 9100 mpreg_peer_refused_total 'node="node-a",reason="untrusted"'.
+metric() {
+    local text
+    text="$(curl -fsS --max-time 3 "http://127.0.0.1:$1/metrics" 2>/dev/null || true)"
+    awk -v key="$2{$3}" '$1 == key { print $2; found = 1 } END { if (!found) print 0 }' <<<"$text"
+}

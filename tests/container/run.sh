@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Container test (run by CI): build the runtime image, start one node in it, and talk to
-# it from the host through the published ports. Needs docker, cargo and root (for the
+# it from the host through the published ports. The node listens on 0.0.0.0, so it runs
+# with credentials made here, now (docker/make-credentials.sh, mounted read-only); the
+# same image without credentials refuses to start. Needs docker, cargo and root (for the
 # base image's debootstrap, only the first time). Prints one `ok - ` / `not ok - ` line
 # per check; on failure dumps the container logs and exits non-zero.
 set -euo pipefail
@@ -13,6 +15,7 @@ NAME="mpreg-ctest-$$-${RANDOM}"   # unique, so parallel runs and leftovers never
 BIN="$ROOT/target/release/mpreg"  # the host copy of the binary that went into the image
 WAIT_SECS=60                      # bound for every poll below
 STARTED=0
+KEYS="$(mktemp -d /tmp/mpreg-ctest-keys.XXXXXX)"   # authority + credentials, made at test time
 
 # ok, not_ok, summary_and_exit, fatal, step, build_image, container_* (shared with cluster.sh).
 SUITE="container test"
@@ -22,6 +25,7 @@ SUITE="container test"
 cleanup() {
     # -v also drops the anonymous /data volume the container created.
     if [ "$STARTED" = 1 ]; then docker rm -f -v "$NAME" >/dev/null 2>&1 || true; fi
+    rm -rf "$KEYS"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM   # turn signals into a normal exit so the EXIT trap runs
@@ -40,12 +44,15 @@ host_port() { container_host_port "$NAME" "$1"; }
 
 # ---- build ---------------------------------------------------------------------------
 build_image "$IMAGE"
+# The image's default command reads /run/mpreg-keys/node.cred in cluster default-cluster.
+make_credentials "$KEYS" default-cluster node
 
 # ---- start ---------------------------------------------------------------------------
 # Set before `docker run`: a run that fails after creating the container (say, a port
 # bind error) still leaves a container behind for cleanup to remove.
 STARTED=1
-if docker run -d --name "$NAME" -p 127.0.0.1::9000 -p 127.0.0.1::9100 "$IMAGE" >/dev/null; then
+if docker run -d --name "$NAME" -p 127.0.0.1::9000 -p 127.0.0.1::9100 \
+    -v "$KEYS/nodes:/run/mpreg-keys:ro" "$IMAGE" >/dev/null; then
     ok "container $NAME started"
 else
     fatal "container $NAME started"
@@ -85,6 +92,18 @@ if timeout 30 "$BIN" client health --url "http://127.0.0.1:$MON_PORT/health" >/d
     ok "/health answers 200 on the published monitoring port"
 else
     not_ok "/health answers 200 on the published monitoring port"
+fi
+
+if grep -q 'peer links are authenticated' <<<"$(logs)"; then ok "node runs with credentials (peer links are authenticated)"
+else not_ok "node runs with credentials ('peer links are authenticated' not logged)"; fi
+
+# Open mode on 0.0.0.0 is refused with a clear error and a non-zero exit.
+rc=0
+out="$(timeout 60 docker run --rm "$IMAGE" server start --host 0.0.0.0 --port 9000 --monitoring-port 9100 2>&1)" || rc=$?
+if [ "$rc" != 0 ] && [ "$rc" != 124 ] && grep -q -- '--insecure' <<<"$out"; then
+    ok "without credentials the node refuses to listen on 0.0.0.0 (exit $rc)"
+else
+    not_ok "without credentials the node refuses to listen on 0.0.0.0 (exit $rc: $out)"
 fi
 
 n="$(grep -c 'actor started' <<<"$(logs)" || true)"

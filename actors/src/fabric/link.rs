@@ -10,6 +10,19 @@
 //! FabricGossip actor on every change), registers a pending reply, and pushes the frame
 //! straight into the link's queue; the link's reader resolves the reply. Gossip and
 //! lifecycle frames go to the FabricGossip actor.
+//!
+//! Link-bound frames (DESIGN.md §8, "Trust"):
+//! - A `fabric-message` is routed here only if it arrived on an admitted link (handshake
+//!   complete); on any other link it goes to the actor, which processes it after the
+//!   handshake frames that preceded it, or drops it.
+//! - A reply resolves a pending call only if it arrived on the link the call left on.
+//!   Replies retrace the call's path: a forwarding node remembers, per forwarded call,
+//!   the link it came from and the link it went on (`ForwardTable`, bounded, cleaned on
+//!   reply, link close and expiry); the serving node answers on the link the call
+//!   arrived on.
+//! - Calls served for other nodes count in the node's in-flight gauge, at most
+//!   `max_in_flight_per_link` per link (beyond that: `Unreachable`, overloaded), and are
+//!   cancelled when their link closes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,9 +36,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
+use super::trust::Credentials;
 use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, PeerFrame};
 use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
 use crate::function::{CallArgs, FunctionIdentity};
+use crate::metrics::Metrics;
 use crate::protocol::{encode, FrameKind, PubSubMessage};
 use crate::pubsub::{self, OutFrame, PubSub};
 use crate::registry::TableHandle;
@@ -67,6 +82,66 @@ pub struct FabricView {
     /// Functions of nodes that are suspected or have no route: not called, but a command
     /// that only they could serve fails with 1005 (unreachable), not 1001 (not found).
     pub unreachable: Vec<RemoteFunction>,
+    /// Every admitted link (handshake complete), with its node and queue: the only links
+    /// routed messages are accepted from and replies are sent back on.
+    pub admitted: HashMap<LinkId, (NodeId, LinkSender)>,
+}
+
+/// Limits of the link layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkLimits {
+    /// Calls served at once for one link; beyond: `Unreachable` (overloaded).
+    pub max_in_flight_per_link: usize,
+    /// Forwarded calls remembered at once (for replies to retrace their path).
+    pub max_forwarded_calls: usize,
+    /// A forwarded call whose reply has not come back after this long is forgotten.
+    pub forwarded_ttl: Duration,
+}
+
+impl Default for LinkLimits {
+    fn default() -> Self {
+        LinkLimits {
+            max_in_flight_per_link: 4096,
+            max_forwarded_calls: 65_536,
+            forwarded_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A call this node forwarded: where it came from and where it went, so its reply is
+/// accepted only from `to` and passed back only to `from`.
+struct Forwarded {
+    from: LinkId,
+    to: LinkId,
+    at: std::time::Instant,
+}
+
+/// Forwarded calls by (source node, call id). Bounded: when full, expired entries are
+/// dropped, and if it is still full the call is refused rather than forwarded blind.
+#[derive(Default)]
+struct ForwardTable {
+    calls: HashMap<(NodeId, String), Forwarded>,
+}
+
+impl ForwardTable {
+    fn insert(&mut self, key: (NodeId, String), entry: Forwarded, limits: &LinkLimits) -> bool {
+        if self.calls.len() >= limits.max_forwarded_calls {
+            let ttl = limits.forwarded_ttl;
+            self.calls.retain(|_, f| f.at.elapsed() < ttl);
+            if self.calls.len() >= limits.max_forwarded_calls {
+                return false;
+            }
+        }
+        self.calls.insert(key, entry);
+        true
+    }
+}
+
+/// Calls being served for other nodes, per link, so a closing link cancels them.
+#[derive(Default)]
+struct Serving {
+    per_link: HashMap<LinkId, HashMap<u64, tokio::task::AbortHandle>>,
+    next: u64,
 }
 
 struct PendingCall {
@@ -112,6 +187,13 @@ pub struct FabricShared {
     /// The FabricGossip actor (gossip and lifecycle frames go there).
     pub gossip: Slot<FabricGossip>,
     pending: Mutex<HashMap<String, PendingCall>>,
+    /// This node's credentials; `None` runs open (development).
+    pub trust: Option<Arc<Credentials>>,
+    /// Counters (in-flight gauge, refusals, drops).
+    pub metrics: Arc<Metrics>,
+    limits: LinkLimits,
+    forwarded: Mutex<ForwardTable>,
+    serving: Mutex<Serving>,
     /// Outbound links still open: shutdown waits for them, so a GOODBYE queued on a link we
     /// dialled is flushed and acknowledged before the process exits.
     writers: tokio::sync::watch::Sender<usize>,
@@ -153,11 +235,34 @@ impl FabricShared {
             pubsub,
             gossip,
             pending: Mutex::new(HashMap::new()),
+            trust: None,
+            metrics: Arc::new(Metrics::default()),
+            limits: LinkLimits::default(),
+            forwarded: Mutex::new(ForwardTable::default()),
+            serving: Mutex::new(Serving::default()),
             writers: tokio::sync::watch::channel(0).0,
             in_flight: Mutex::new(HashMap::new()),
             seen: Mutex::new(SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: 65_536 }),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// With credentials: every link must authenticate (see [`super::wire`]).
+    pub fn with_trust(mut self, trust: Option<Arc<Credentials>>) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    /// Counts into the node's metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Link-layer limits.
+    pub fn with_limits(mut self, limits: LinkLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Waits (at most `limit`) until every outbound link has flushed and closed.
@@ -171,8 +276,10 @@ impl FabricShared {
         self.in_flight.lock().ok().and_then(|m| m.get(node).copied()).unwrap_or(0)
     }
 
+    /// A call id nobody can guess: a counter (unique) plus 64 random bits (unpredictable).
     fn fresh_id(&self) -> String {
-        format!("{}:{}:{}", self.me.node, self.me.instance_id, self.next_id.fetch_add(1, Ordering::Relaxed))
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{}:{n}:{:016x}", self.me.node, self.me.instance_id, rand::random::<u64>())
     }
 
     /// Runs `identity` on `node` and waits for the outcome; a node or link that goes away
@@ -250,20 +357,48 @@ impl FabricShared {
         }
     }
 
-    /// Fails every call waiting on `link` (it closed).
+    /// Fails every call waiting on `link`, cancels the calls served for it, and tells the
+    /// sources of calls forwarded over it (it closed).
     pub fn link_closed(&self, link: LinkId) {
-        let Ok(mut pending) = self.pending.lock() else { return };
-        let gone: Vec<String> = pending.iter().filter(|(_, p)| p.via == link).map(|(id, _)| id.clone()).collect();
-        for id in gone {
+        if let Ok(mut pending) = self.pending.lock() {
             // Dropping the sender wakes the caller with `Gone`.
-            pending.remove(&id);
+            pending.retain(|_, p| p.via != link);
+        }
+        let cancelled = self.serving.lock().ok().and_then(|mut s| s.per_link.remove(&link));
+        for (_, handle) in cancelled.into_iter().flatten() {
+            handle.abort();
+        }
+        let mut stranded = Vec::new();
+        if let Ok(mut forwarded) = self.forwarded.lock() {
+            forwarded.calls.retain(|(source, id), f| {
+                if f.to == link && f.from != link {
+                    stranded.push((f.from, source.clone(), id.clone()));
+                }
+                f.to != link && f.from != link
+            });
+        }
+        for (from, source, id) in stranded {
+            let reason = format!("link from {} to the next hop closed before the reply", self.me.node);
+            self.reply(from, id, source, CallOutcome::Unreachable { reason }, self.hop_budget as usize);
         }
     }
 
-    /// Handles a frame read from a link: routed messages here, the rest to the actor.
+    /// Drops forwarded calls older than their time to live (their caller gave up).
+    pub fn expire_forwarded(&self) {
+        let ttl = self.limits.forwarded_ttl;
+        if let Ok(mut forwarded) = self.forwarded.lock() {
+            forwarded.calls.retain(|_, f| f.at.elapsed() < ttl);
+        }
+    }
+
+    /// Handles a frame read from a link: routed messages on admitted links here, the rest
+    /// to the actor (which also takes routed messages that arrive while the handshake is
+    /// still in its mailbox, so they are judged after it).
     pub fn on_frame(self: &Arc<Self>, link: LinkId, frame: PeerFrame) {
         match frame {
-            PeerFrame::FabricMessage(message) => self.route(link, message),
+            PeerFrame::FabricMessage(message) if self.view.load().admitted.contains_key(&link) => {
+                self.route(link, message)
+            }
             other => match self.gossip.get() {
                 Some(gossip) => gossip.do_send(PeerFrameReceived { link, frame: other }),
                 None => debug!(link, "fabric restarting; dropped a gossip frame"),
@@ -271,7 +406,8 @@ impl FabricShared {
         }
     }
 
-    fn route(self: &Arc<Self>, link: LinkId, mut message: FabricMessage) {
+    /// Routes a message that arrived on the admitted link `link`.
+    pub fn route(self: &Arc<Self>, link: LinkId, mut message: FabricMessage) {
         if message.target == BROADCAST {
             let FabricBody::Publish { message: published } = &message.body else { return };
             if !self.seen.lock().map(|mut s| s.first_time(&published.message_id)).unwrap_or(false) {
@@ -288,26 +424,83 @@ impl FabricShared {
             return;
         }
         if message.target != self.me.node {
-            self.forward(link, message);
+            match message.body {
+                FabricBody::Reply { .. } => self.pass_reply_back(link, message),
+                _ => self.forward(link, message),
+            }
             return;
         }
         match message.body {
             FabricBody::Reply { outcome } => {
-                let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&message.id));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.reply.send(outcome);
+                let waiter = self.pending.lock().ok().and_then(|mut p| match p.get(&message.id) {
+                    Some(call) if call.via == link => p.remove(&message.id),
+                    _ => None,
+                });
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.reply.send(outcome);
+                    }
+                    None => {
+                        debug!(link, id = %message.id, "reply for no call in flight on this link; dropped");
+                        self.metrics.fabric_dropped("stray_reply");
+                    }
                 }
             }
             FabricBody::Call { command, identity, args, kwargs } => {
-                let shared = self.clone();
                 let (id, source) = (message.id, message.source);
                 let forwards = message.path.len().saturating_sub(1);
-                tokio::spawn(async move {
+                let Ok(mut serving) = self.serving.lock() else { return };
+                let calls = serving.per_link.entry(link).or_default();
+                let limit = self.limits.max_in_flight_per_link;
+                if calls.len() >= limit {
+                    drop(serving);
+                    self.metrics.limit_exceeded("max_in_flight_per_link");
+                    let reason = format!(
+                        "overloaded: {} is serving {limit} calls for this link (max_in_flight_per_link)",
+                        self.me.node
+                    );
+                    self.reply(link, id, source, CallOutcome::Unreachable { reason }, forwards);
+                    return;
+                }
+                serving.next += 1;
+                let key = serving.next;
+                self.metrics.request_waiting();
+                // The guard is created before the task can run, and removes the entry
+                // under the same lock this insertion holds, so it never outlives it.
+                let guard = ServingGuard { shared: self.clone(), link, key };
+                let handle = tokio::spawn(async move {
+                    let guard = guard;
+                    let shared = &guard.shared;
                     let outcome = shared.serve_call(&command, &identity, CallArgs { args, kwargs }).await;
                     shared.reply(link, id, source, outcome, forwards);
                 });
+                if let Some(calls) = serving.per_link.get_mut(&link) {
+                    calls.insert(key, handle.abort_handle());
+                }
             }
             FabricBody::Publish { .. } => {}
+        }
+    }
+
+    /// A reply passing through: accepted only from the link the call was forwarded on,
+    /// and passed back only on the link the call came from.
+    fn pass_reply_back(&self, link: LinkId, message: FabricMessage) {
+        let key = (message.target.clone(), message.id.clone());
+        let back = self.forwarded.lock().ok().and_then(|mut f| match f.calls.get(&key) {
+            Some(entry) if entry.to == link => f.calls.remove(&key).map(|e| e.from),
+            _ => None,
+        });
+        let sender = back.and_then(|from| self.view.load().admitted.get(&from).map(|(_, s)| s.clone()));
+        match sender {
+            Some(sender) => {
+                if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
+                    warn!("reply dropped: peer link queue full or closed");
+                }
+            }
+            None => {
+                debug!(link, id = %message.id, "reply for no call forwarded on this link; dropped");
+                self.metrics.fabric_dropped("stray_reply");
+            }
         }
     }
 
@@ -323,9 +516,9 @@ impl FabricShared {
         }
     }
 
-    /// Answers a call that took `forwards` forwards to get here: the reply may need as
-    /// many on the way back, whatever this node's own budget (else it dies on the way and
-    /// the caller waits for its whole-request timeout).
+    /// Answers a call that took `forwards` forwards to get here, on the link it arrived on
+    /// (the reply retraces the call's path): the reply may need as many forwards on the
+    /// way back, whatever this node's own budget.
     fn reply(&self, arrived_on: LinkId, id: String, target: NodeId, outcome: CallOutcome, forwards: usize) {
         let message = FabricMessage {
             id,
@@ -335,14 +528,7 @@ impl FabricShared {
             hops_left: self.hop_budget.max(u32::try_from(forwards).unwrap_or(u32::MAX)),
             body: FabricBody::Reply { outcome },
         };
-        let view = self.view.load();
-        // Prefer the current route; fall back to the link the call came in on.
-        let sender = view
-            .next_hops
-            .get(&target)
-            .and_then(|hop| view.links.get(hop))
-            .or_else(|| view.links.values().find(|(l, _)| *l == arrived_on))
-            .map(|(_, s)| s.clone());
+        let sender = self.view.load().admitted.get(&arrived_on).map(|(_, s)| s.clone());
         match sender {
             Some(sender) => {
                 if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
@@ -362,7 +548,7 @@ impl FabricShared {
             None
         };
         let view = self.view.load();
-        let next = view.next_hops.get(&message.target).and_then(|hop| view.links.get(hop)).map(|(_, s)| s.clone());
+        let next = view.next_hops.get(&message.target).and_then(|hop| view.links.get(hop)).cloned();
         let refusal = refusal
             .or_else(|| next.is_none().then(|| format!("no route from {} to node {}", self.me.node, message.target)));
         if let Some(reason) = refusal {
@@ -373,11 +559,44 @@ impl FabricShared {
             }
             return;
         }
+        let Some((next_link, sender)) = next else { return };
+        if matches!(message.body, FabricBody::Call { .. }) {
+            let key = (message.source.clone(), message.id.clone());
+            let entry = Forwarded { from: arrived_on, to: next_link, at: std::time::Instant::now() };
+            let remembered = self.forwarded.lock().is_ok_and(|mut f| f.insert(key, entry, &self.limits));
+            if !remembered {
+                self.metrics.limit_exceeded("max_forwarded_calls");
+                let reason = format!("overloaded: {} is forwarding too many calls", self.me.node);
+                let forwards = message.path.len().saturating_sub(1);
+                self.reply(arrived_on, message.id, message.source, CallOutcome::Unreachable { reason }, forwards);
+                return;
+            }
+        }
         message.hops_left -= 1;
         message.path.push(self.me.node.clone());
-        if let Some(sender) = next {
-            if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
-                warn!("forward dropped: peer link queue full or closed");
+        if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
+            warn!("forward dropped: peer link queue full or closed");
+        }
+    }
+}
+
+/// Ends a served call's accounting however the call ends (finished, or aborted because
+/// its link closed).
+struct ServingGuard {
+    shared: Arc<FabricShared>,
+    link: LinkId,
+    key: u64,
+}
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        self.shared.metrics.request_left();
+        if let Ok(mut serving) = self.shared.serving.lock() {
+            if let Some(calls) = serving.per_link.get_mut(&self.link) {
+                calls.remove(&self.key);
+                if calls.is_empty() {
+                    serving.per_link.remove(&self.link);
+                }
             }
         }
     }
@@ -425,7 +644,7 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
     let (mut sink, mut stream) = socket.split();
     let (sender, mut frames) = mpsc::channel::<OutFrame>(queue);
     let (close, closed) = oneshot::channel::<()>();
-    gossip.do_send(LinkOpened { link, sender, outbound_url: Some(url.clone()), close: Some(close) });
+    gossip.do_send(LinkOpened { link, sender, outbound_url: Some(url.clone()), close: Some(close), peer: url.clone() });
     // Counted until the peer has acknowledged our close (the reader ends): closing a socket
     // with unread input makes the kernel reset it, dropping what was still unsent.
     shared.writers.send_modify(|n| *n += 1);

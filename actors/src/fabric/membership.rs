@@ -99,6 +99,17 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// What a membership digest changed.
+#[derive(Debug, Default)]
+pub struct DigestOutcome {
+    /// Joins, suspicions cleared.
+    pub events: Vec<MembershipEvent>,
+    /// Nodes whose entries we lack or hold at an older version.
+    pub wanted: Vec<NodeId>,
+    /// New nodes ignored because the digest named more than allowed.
+    pub refused: usize,
+}
+
 struct StoredCatalog {
     delta: CatalogDelta,
     received_at: f64,
@@ -151,6 +162,7 @@ impl MembershipCore {
             advertised_at: now_unix,
             ttl_s: self.timing.catalog_ttl,
             functions: self.functions.clone(),
+            proof: None,
         }
     }
 
@@ -172,8 +184,8 @@ impl MembershipCore {
         self.neighbours = neighbours;
     }
 
-    /// Checks a peer's STATUS and learns it; `Err` means refuse the link.
-    pub fn admit(&mut self, info: &NodeInfo, now: f64) -> Result<Vec<MembershipEvent>, Refusal> {
+    /// Checks a peer's STATUS without learning anything; `Err` means refuse the link.
+    pub fn check(&self, info: &NodeInfo, now: f64) -> Result<(), Refusal> {
         if info.cluster_id != self.me.cluster_id {
             return Err(Refusal::OtherCluster(info.cluster_id.clone()));
         }
@@ -183,6 +195,12 @@ impl MembershipCore {
         if self.is_departed(&info.node, &info.instance_id, now) {
             return Err(Refusal::Departed);
         }
+        Ok(())
+    }
+
+    /// Checks a peer's STATUS and learns it; `Err` means refuse the link.
+    pub fn admit(&mut self, info: &NodeInfo, now: f64) -> Result<Vec<MembershipEvent>, Refusal> {
+        self.check(info, now)?;
         let digest = MemberDigest { info: info.clone(), heartbeat: 0, catalog_version: 0, neighbours: Vec::new() };
         let mut events = Vec::new();
         self.observe(&digest, now, true, &mut events);
@@ -249,9 +267,27 @@ impl MembershipCore {
     /// Applies a peer's membership digest; returns events and the nodes whose catalog we
     /// lack or hold at an older version (to request from that peer).
     pub fn apply_digest(&mut self, digests: &[MemberDigest], now: f64) -> (Vec<MembershipEvent>, Vec<NodeId>) {
+        let outcome = self.apply_digest_bounded(digests, now, usize::MAX);
+        (outcome.events, outcome.wanted)
+    }
+
+    /// [`MembershipCore::apply_digest`], learning at most `max_new` nodes not known
+    /// before from this one digest (the rest are ignored and counted in `refused`), so a
+    /// digest naming thousands of invented nodes cannot make this node track, or dial,
+    /// them all. Genuine nodes beyond the cap are learned from the next digests.
+    pub fn apply_digest_bounded(&mut self, digests: &[MemberDigest], now: f64, max_new: usize) -> DigestOutcome {
         let mut events = Vec::new();
         let mut wanted = Vec::new();
+        let (mut learned, mut refused) = (0usize, 0usize);
         for d in digests {
+            let known = d.info.node == self.me.node || self.members.contains_key(&d.info.node);
+            if !known {
+                if learned >= max_new {
+                    refused += 1;
+                    continue;
+                }
+                learned += 1;
+            }
             self.observe(d, now, false, &mut events);
             let Some(member) = self.members.get(&d.info.node) else { continue };
             if member.info.instance_id != d.info.instance_id || d.catalog_version == 0 {
@@ -262,7 +298,7 @@ impl MembershipCore {
                 wanted.push(d.info.node.clone());
             }
         }
-        (events, wanted)
+        DigestOutcome { events, wanted, refused }
     }
 
     /// Applies an entry set; whether it was news (and should be flooded on).
@@ -273,8 +309,11 @@ impl MembershipCore {
         if self.is_departed(&delta.node, &delta.instance_id, now) {
             return false;
         }
-        if self.members.get(&delta.node).is_some_and(|m| m.info.instance_id != delta.instance_id) {
-            return false; // an older (or not yet known newer) instance: wait for membership
+        if self.members.get(&delta.node).is_none_or(|m| m.info.instance_id != delta.instance_id) {
+            // Not a member (yet), or an older or not yet known newer instance: entries are
+            // kept only for members, so a frame naming invented nodes stores nothing. The
+            // digest that makes a node a member also asks for its entries.
+            return false;
         }
         match self.catalogs.get_mut(&delta.node) {
             Some(stored) if stored.delta.instance_id == delta.instance_id && stored.delta.version >= delta.version => {
@@ -517,11 +556,35 @@ mod tests {
             advertised_at: 0.0,
             ttl_s: 60.0,
             functions: vec![],
+            proof: None,
         };
         assert!(m.apply_catalog(&delta, 0.0));
         assert!(!m.apply_catalog(&delta, 0.1), "the same version twice is not news");
         let (_, wanted) = m.apply_digest(&[digest("b", "b1", 2, &[])], 0.2);
         assert!(wanted.is_empty());
+    }
+
+    #[test]
+    fn a_digest_teaches_a_bounded_number_of_new_nodes_and_catalogs_need_membership() {
+        let mut m = core();
+        let many: Vec<MemberDigest> = (0..100).map(|i| digest(&format!("n{i}"), "i", 1, &[])).collect();
+        let outcome = m.apply_digest_bounded(&many, 0.0, 4);
+        assert_eq!((m.members().count(), outcome.refused), (4, 96));
+        // Known nodes are not counted against the bound.
+        let outcome = m.apply_digest_bounded(&many[..4], 0.1, 0);
+        assert_eq!(outcome.refused, 0);
+        let stranger = CatalogDelta {
+            node: "zz".into(),
+            instance_id: "z1".into(),
+            cluster_id: "c".into(),
+            version: 1,
+            advertised_at: 0.0,
+            ttl_s: 60.0,
+            functions: vec![],
+            proof: None,
+        };
+        assert!(!m.apply_catalog(&stranger, 0.2), "entries of a non-member are not stored");
+        assert!(m.catalog_entries().is_empty());
     }
 
     #[test]

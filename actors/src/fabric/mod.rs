@@ -13,15 +13,25 @@
 //!  digest shows a newer version ──► CatalogRequest ──► Catalog
 //! ```
 //!
+//! Trust (DESIGN.md §8): with credentials, a link is admitted only after the three-frame
+//! handshake in [`wire`] (certificate chains to the pinned authority, both sides sign the
+//! other's nonce); without, after the open STATUS exchange. Gossip and routed messages
+//! count only on admitted links. GOODBYE/`departed` and catalog entries carry their
+//! node's signature and are dropped (counted in `mpreg_fabric_dropped_total`) when it is
+//! missing or wrong; refusals are one `peer refused` WARN line each and counted in
+//! `mpreg_peer_refused_total` by reason.
+//!
 //! It owns MUTATION and publishes an immutable [`FabricView`] (links, next hops, remote
 //! functions) in [`FabricShared`], which the request path reads without a mailbox.
 //!
-//! What a restart loses: links (closed and redialled), membership and remote catalog
-//! (rebuilt from the peers' snapshots within a gossip round or two). Calls in flight
+//! What a restart loses: links (closed and redialled, handshakes in progress included),
+//! membership and remote catalog (rebuilt from the peers' snapshots within a gossip round
+//! or two). Calls in flight
 //! over a closed link fail over (retry on another provider) or answer 1005.
 
 pub mod link;
 pub mod membership;
+pub mod trust;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -29,13 +39,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResponse, Recipient};
+use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-pub use link::{FabricShared, FabricView, LinkId, LinkSender, RemoteFunction};
-use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming};
-use wire::{CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame};
+pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteFunction};
+use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming, Refusal};
+use trust::{link_transcript, LinkEnd, LinkSide, StatementProof, TrustError};
+use wire::{goodbye_text, CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth};
 
 use crate::function::FunctionIdentity;
 use crate::supervisor::ChildGuard;
@@ -58,6 +70,12 @@ pub struct FabricConfig {
     pub max_backoff: Duration,
     /// Frames queued per link.
     pub link_queue: usize,
+    /// Function entries one node may have; a larger entry set is refused.
+    pub max_catalog_entries_per_node: usize,
+    /// Nodes not known before that one membership digest may teach.
+    pub max_new_members_per_frame: usize,
+    /// Dials started per gossip round.
+    pub max_dials_per_round: usize,
 }
 
 /// A link was established (outbound: dialled by us; inbound: a connection spoke a peer
@@ -73,6 +91,8 @@ pub struct LinkOpened {
     pub outbound_url: Option<String>,
     /// Closes it (dropped or fired): outbound links.
     pub close: Option<oneshot::Sender<()>>,
+    /// The other end's address (for logs): the dialled URL or the remote socket address.
+    pub peer: String,
 }
 
 /// Closes an inbound link's connection.
@@ -174,11 +194,59 @@ pub struct DescribeCatalog;
 
 struct Link {
     sender: LinkSender,
+    /// Set when the link is admitted (handshake complete).
     node: Option<NodeId>,
     outbound_url: Option<String>,
     close: Option<oneshot::Sender<()>>,
     closer: Option<Recipient<CloseLink>>,
     last_heard: Instant,
+    /// The other end's address, for logs.
+    peer: String,
+    /// Our fresh nonce for this link's handshake.
+    nonce: String,
+    /// Acceptor with credentials: the dialer's checked STATUS, waiting for its proof.
+    awaiting_proof: Option<Box<PendingPeer>>,
+}
+
+/// A dialer whose STATUS and certificate checked out, before its proof of possession.
+struct PendingPeer {
+    info: NodeInfo,
+    key: VerifyingKey,
+    nonce: String,
+    catalog: CatalogDelta,
+}
+
+/// Why a link is refused: a fixed label for `/metrics` and the words for the log and the
+/// peer.
+struct LinkRefusal {
+    label: &'static str,
+    reason: String,
+}
+
+impl LinkRefusal {
+    fn new(label: &'static str, reason: impl Into<String>) -> Self {
+        LinkRefusal { label, reason: reason.into() }
+    }
+
+    fn untrusted(error: TrustError) -> Self {
+        let label = match error {
+            TrustError::Expired { .. } => "expired_certificate",
+            TrustError::Mismatch(_) => "identity_mismatch",
+            _ => "untrusted",
+        };
+        LinkRefusal::new(label, error.to_string())
+    }
+}
+
+impl From<Refusal> for LinkRefusal {
+    fn from(refusal: Refusal) -> Self {
+        let label = match refusal {
+            Refusal::OtherCluster(_) => "other_cluster",
+            Refusal::Departed => "departed",
+            Refusal::SelfLink => "self",
+        };
+        LinkRefusal::new(label, refusal.to_string())
+    }
 }
 
 struct DialState {
@@ -249,13 +317,111 @@ impl FabricGossip {
         }
     }
 
-    fn status_frame(&self) -> PeerFrame {
+    /// Our STATUS for `link`; with credentials it carries our nonce, certificate, signed
+    /// catalog and (acceptor) `proof`.
+    fn status_frame(&self, link: LinkId, proof: Option<String>) -> PeerFrame {
         let local = self.core.local_catalog(unix_now());
+        let auth = match (&self.shared.trust, self.links.get(&link)) {
+            (Some(trust), Some(l)) => Some(Box::new(StatusAuth {
+                nonce: l.nonce.clone(),
+                certificate: trust.certificate().clone(),
+                proof,
+                catalog: self.seal(local.clone()),
+            })),
+            _ => None,
+        };
         PeerFrame::Server(ServerFrame::Status {
             info: self.shared.me.clone(),
             functions: local.functions,
             catalog_version: local.version,
+            auth,
         })
+    }
+
+    /// Signs our own catalog entries (with credentials); others' pass unchanged.
+    fn seal(&self, mut delta: CatalogDelta) -> CatalogDelta {
+        if let Some(trust) = self.shared.trust.as_ref().filter(|_| delta.node == self.shared.me.node) {
+            delta.proof = None;
+            match serde_json::to_string(&delta) {
+                Ok(text) => delta.proof = Some(trust.seal(text)),
+                Err(e) => warn!(cause = %e, "catalog entries not signed"),
+            }
+        }
+        delta
+    }
+
+    fn seal_all(&self, deltas: Vec<CatalogDelta>) -> Vec<CatalogDelta> {
+        deltas.into_iter().map(|d| self.seal(d)).collect()
+    }
+
+    /// A relayed catalog delta as its owner signed it (with credentials), within bounds;
+    /// `None` (dropped and counted) otherwise.
+    fn checked_delta(&self, delta: CatalogDelta) -> Option<CatalogDelta> {
+        let delta = match &self.shared.trust {
+            None => delta,
+            Some(trust) => {
+                let Some(proof) = delta.proof.clone() else {
+                    debug!(node = %self.shared.me.node, owner = %delta.node, "unsigned catalog entries dropped");
+                    self.shared.metrics.fabric_dropped("unsigned_statement");
+                    return None;
+                };
+                let signed = trust
+                    .open(&proof, &delta.node, trust::unix_seconds())
+                    .ok()
+                    .and_then(|text| serde_json::from_str::<CatalogDelta>(text).ok())
+                    .filter(|signed| signed.node == delta.node && signed.proof.is_none());
+                let Some(mut signed) = signed else {
+                    warn!(node = %self.shared.me.node, owner = %delta.node, "forged catalog entries dropped");
+                    self.shared.metrics.fabric_dropped("forged_statement");
+                    return None;
+                };
+                signed.proof = Some(proof);
+                signed
+            }
+        };
+        self.within_catalog_bound(&delta).then_some(delta)
+    }
+
+    /// Whether an entry set is within `max_catalog_entries_per_node` (refusals counted).
+    fn within_catalog_bound(&self, delta: &CatalogDelta) -> bool {
+        let limit = self.config.max_catalog_entries_per_node;
+        if delta.functions.len() <= limit {
+            return true;
+        }
+        warn!(node = %self.shared.me.node, owner = %delta.node, entries = delta.functions.len(), limit,
+            "catalog entries over max_catalog_entries_per_node refused");
+        self.shared.metrics.limit_exceeded("max_catalog_entries_per_node");
+        false
+    }
+
+    /// A GOODBYE or `departed` for `node`/`instance`: with credentials, only with that
+    /// node's own signature over the exact GOODBYE text.
+    fn checked_goodbye(&self, node: &str, instance: &str, proof: Option<&StatementProof>) -> bool {
+        let Some(trust) = &self.shared.trust else { return true };
+        let Some(proof) = proof else {
+            debug!(node = %self.shared.me.node, peer = %node, "unsigned departure dropped");
+            self.shared.metrics.fabric_dropped("unsigned_statement");
+            return false;
+        };
+        let expected = goodbye_text(&self.shared.me.cluster_id, node, instance);
+        match trust.open(proof, node, trust::unix_seconds()) {
+            Ok(text) if text == expected => true,
+            _ => {
+                warn!(node = %self.shared.me.node, peer = %node, "forged departure dropped");
+                self.shared.metrics.fabric_dropped("forged_statement");
+                false
+            }
+        }
+    }
+
+    /// Refuses a link: one WARN line, a counter, the reason to the peer, then close.
+    fn refuse(&mut self, link: LinkId, claimed: &str, refusal: LinkRefusal) {
+        let addr = self.links.get(&link).map(|l| l.peer.clone()).unwrap_or_default();
+        warn!(node = %self.shared.me.node, peer = %claimed, addr = %addr, reason = %refusal.reason,
+            label = refusal.label, "peer refused");
+        self.shared.metrics.peer_refused(refusal.label);
+        self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason: refusal.reason }));
+        self.close_link(link);
     }
 
     fn members_frame(&self) -> PeerFrame {
@@ -288,12 +454,14 @@ impl FabricGossip {
         neighbours.sort();
         self.core.set_neighbours(neighbours);
         let mut links = HashMap::new();
+        let mut admitted = HashMap::new();
         let mut ids: Vec<&LinkId> = self.links.keys().collect();
         ids.sort(); // the oldest link to a node wins, deterministically
         for id in ids {
             let l = &self.links[id];
             if let Some(node) = &l.node {
                 links.entry(node.clone()).or_insert_with(|| (*id, l.sender.clone()));
+                admitted.insert(*id, (node.clone(), l.sender.clone()));
             }
         }
         let mut next_hops = HashMap::new();
@@ -313,7 +481,7 @@ impl FabricGossip {
             .partition(|f| next_hops.contains_key(&f.node));
         let suspected = self.core.functions_of(MemberState::Suspect).into_iter().map(remote);
         let unreachable = unreachable.into_iter().chain(suspected).collect();
-        self.shared.view.store(Arc::new(FabricView { links, next_hops, functions, unreachable }));
+        self.shared.view.store(Arc::new(FabricView { links, next_hops, functions, unreachable, admitted }));
     }
 
     fn close_link(&mut self, link: LinkId) {
@@ -347,24 +515,31 @@ impl FabricGossip {
         self.rebuild_view();
     }
 
-    fn on_status(&mut self, link: LinkId, info: NodeInfo, functions: Vec<FunctionIdentity>, version: u64) {
-        let now = self.now();
-        match self.core.admit(&info, now) {
-            Err(refusal) => {
-                warn!(node = %self.shared.me.node, peer = %info.node, peer_cluster = %info.cluster_id,
-                    reason = %refusal, "peer refused");
-                self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason: refusal.to_string() }));
-                self.close_link(link);
-            }
-            Ok(events) => {
-                let Some(l) = self.links.get_mut(&link) else { return };
-                let first = l.node.is_none();
-                l.node = Some(info.node.clone());
-                let inbound = l.outbound_url.is_none();
-                self.log_events(&events);
-                if first && inbound {
-                    self.send(link, &self.status_frame());
-                }
+    /// A STATUS on `link`. Open mode: admit (the acceptor answers with its own STATUS).
+    /// With credentials: check the certificate; the dialer then checks the acceptor's
+    /// proof, sends its own and admits; the acceptor answers with its STATUS and proof
+    /// and waits for the dialer's.
+    fn on_status(
+        &mut self,
+        link: LinkId,
+        info: NodeInfo,
+        functions: Vec<FunctionIdentity>,
+        version: u64,
+        auth: Option<Box<StatusAuth>>,
+    ) {
+        let Some(l) = self.links.get(&link) else { return };
+        if l.node.is_some() || l.awaiting_proof.is_some() {
+            // One handshake per link: a second STATUS cannot change who the link is.
+            debug!(node = %self.shared.me.node, link, claimed = %info.node, "STATUS on a link already introduced ignored");
+            return;
+        }
+        let outbound = l.outbound_url.is_some();
+        let my_nonce = l.nonce.clone();
+        if let Err(refusal) = self.core.check(&info, self.now()) {
+            return self.refuse(link, &info.node, refusal.into());
+        }
+        let (trust, auth) = match (self.shared.trust.clone(), auth) {
+            (None, None) => {
                 let delta = CatalogDelta {
                     node: info.node.clone(),
                     instance_id: info.instance_id.clone(),
@@ -373,25 +548,119 @@ impl FabricGossip {
                     advertised_at: unix_now(),
                     ttl_s: self.config.timing.catalog_ttl,
                     functions,
+                    proof: None,
                 };
-                let news = self.core.apply_catalog(&delta, now);
+                return self.admit(link, info, delta, !outbound);
+            }
+            (None, Some(_)) => {
+                let refusal = LinkRefusal::new(
+                    "unexpected_credentials",
+                    "peer presents credentials but this node has none (open mode); links between the two never form",
+                );
+                return self.refuse(link, &info.node, refusal);
+            }
+            (Some(_), None) => {
+                let refusal =
+                    LinkRefusal::new("no_credentials", "peer presents no credentials; this cluster requires them");
+                return self.refuse(link, &info.node, refusal);
+            }
+            (Some(trust), Some(auth)) => (trust, auth),
+        };
+        let now_s = trust::unix_seconds();
+        let key = match trust.check_peer(&auth.certificate, &info.node, now_s) {
+            Ok(key) => key,
+            Err(e) => return self.refuse(link, &info.node, LinkRefusal::untrusted(e)),
+        };
+        let catalog = match self.checked_delta(auth.catalog) {
+            Some(c) if c.node == info.node && c.instance_id == info.instance_id => c,
+            _ => {
+                let refusal = LinkRefusal::new("bad_catalog", "the STATUS catalog is not the peer's own, signed");
+                return self.refuse(link, &info.node, refusal);
+            }
+        };
+        let me = &self.shared.me;
+        let mine = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &my_nonce };
+        let theirs = LinkEnd { node: &info.node, instance_id: &info.instance_id, nonce: &auth.nonce };
+        if outbound {
+            // We dialled: this is the acceptor's answer, and it must prove possession.
+            let transcript = link_transcript(LinkSide::Acceptor, &me.cluster_id, mine, theirs);
+            let proven = auth.proof.as_deref().is_some_and(|p| trust::verify_hex(&key, &transcript, p).is_ok());
+            if !proven {
+                let refusal = LinkRefusal::new("bad_proof", "the acceptor's handshake proof does not verify");
+                return self.refuse(link, &info.node, refusal);
+            }
+            let signature = trust.sign_hex(&link_transcript(LinkSide::Dialer, &me.cluster_id, mine, theirs));
+            self.send(link, &PeerFrame::Server(ServerFrame::Proof { signature }));
+            self.admit(link, info, catalog, false);
+        } else {
+            let transcript = link_transcript(LinkSide::Acceptor, &me.cluster_id, theirs, mine);
+            let proof = trust.sign_hex(&transcript);
+            let status = self.status_frame(link, Some(proof));
+            self.send(link, &status);
+            if let Some(l) = self.links.get_mut(&link) {
+                l.awaiting_proof = Some(Box::new(PendingPeer { info, key, nonce: auth.nonce, catalog }));
+            }
+        }
+    }
+
+    /// The dialer's proof of possession, on a link we accepted.
+    fn on_proof(&mut self, link: LinkId, signature: &str) {
+        let Some(l) = self.links.get_mut(&link) else { return };
+        let Some(pending) = l.awaiting_proof.take() else {
+            let claimed = l.node.clone().unwrap_or_default();
+            let refusal = LinkRefusal::new("protocol", "handshake proof out of turn");
+            return self.refuse(link, &claimed, refusal);
+        };
+        let me = &self.shared.me;
+        let dialer =
+            LinkEnd { node: &pending.info.node, instance_id: &pending.info.instance_id, nonce: &pending.nonce };
+        let acceptor = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &l.nonce };
+        let transcript = link_transcript(LinkSide::Dialer, &me.cluster_id, dialer, acceptor);
+        if trust::verify_hex(&pending.key, &transcript, signature).is_err() {
+            let refusal = LinkRefusal::new("bad_proof", "the dialer's handshake proof does not verify");
+            return self.refuse(link, &pending.info.node, refusal);
+        }
+        let PendingPeer { info, catalog, .. } = *pending;
+        self.admit(link, info, catalog, false);
+    }
+
+    /// Admits a peer whose handshake completed: learns it, sends it our view, floods its
+    /// entries. `answer_status`: open-mode acceptor, which answers with its own STATUS.
+    fn admit(&mut self, link: LinkId, info: NodeInfo, delta: CatalogDelta, answer_status: bool) {
+        let now = self.now();
+        match self.core.admit(&info, now) {
+            Err(refusal) => self.refuse(link, &info.node, refusal.into()),
+            Ok(events) => {
+                let Some(l) = self.links.get_mut(&link) else { return };
+                let first = l.node.is_none();
+                l.node = Some(info.node.clone());
+                self.log_events(&events);
+                if first && answer_status {
+                    self.send(link, &self.status_frame(link, None));
+                }
+                let news = self.within_catalog_bound(&delta) && self.core.apply_catalog(&delta, now);
+                // Publish the link as admitted before anything else goes out on it.
+                self.rebuild_view();
                 if first {
-                    let snapshot = self.core.all_catalogs(unix_now());
                     let from = self.shared.me.node.clone();
-                    self.send(link, &PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: snapshot }));
+                    // Membership first: catalogs are stored only for members.
                     self.send(link, &self.members_frame());
+                    let snapshot = self.seal_all(self.core.all_catalogs(unix_now()));
+                    self.send(link, &PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: snapshot }));
                 }
                 if news {
                     let from = self.shared.me.node.clone();
                     let frame = PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] });
                     self.broadcast(&frame, Some(link));
                 }
-                self.rebuild_view();
             }
         }
     }
 
-    fn on_departed(&mut self, link: Option<LinkId>, node: &str, instance: &str) {
+    fn on_departed(&mut self, link: Option<LinkId>, node: &str, instance: &str, proof: Option<StatementProof>) {
+        if !self.checked_goodbye(node, instance, proof.as_ref()) {
+            return;
+        }
         let now = self.now();
         let known = self.core.members().any(|m| m.info.node == node && m.info.instance_id == instance);
         if !self.core.depart(node, instance, now) {
@@ -404,6 +673,7 @@ impl FabricGossip {
             from: self.shared.me.node.clone(),
             node: node.to_owned(),
             instance_id: instance.to_owned(),
+            proof,
         });
         self.broadcast(&frame, link);
         let to_close: Vec<LinkId> =
@@ -418,7 +688,13 @@ impl FabricGossip {
         let now = self.now();
         match frame {
             GossipFrame::Members { members, .. } => {
-                let (events, wanted) = self.core.apply_digest(&members, now);
+                let outcome = self.core.apply_digest_bounded(&members, now, self.config.max_new_members_per_frame);
+                if outcome.refused > 0 {
+                    debug!(node = %self.shared.me.node, link, ignored = outcome.refused,
+                        "digest named more new nodes than max_new_members_per_frame");
+                    self.shared.metrics.limit_exceeded("max_new_members_per_frame");
+                }
+                let (events, wanted) = (outcome.events, outcome.wanted);
                 self.log_events(&events);
                 if !wanted.is_empty() {
                     let from = self.shared.me.node.clone();
@@ -427,7 +703,8 @@ impl FabricGossip {
                 self.rebuild_view();
             }
             GossipFrame::Catalog { deltas, .. } => {
-                let news: Vec<CatalogDelta> = deltas.into_iter().filter(|d| self.core.apply_catalog(d, now)).collect();
+                let checked: Vec<CatalogDelta> = deltas.into_iter().filter_map(|d| self.checked_delta(d)).collect();
+                let news: Vec<CatalogDelta> = checked.into_iter().filter(|d| self.core.apply_catalog(d, now)).collect();
                 if !news.is_empty() {
                     let from = self.shared.me.node.clone();
                     self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: news }), Some(link));
@@ -435,11 +712,13 @@ impl FabricGossip {
                 }
             }
             GossipFrame::CatalogRequest { nodes, .. } => {
-                let deltas = self.core.catalogs_of(&nodes, unix_now());
+                let deltas = self.seal_all(self.core.catalogs_of(&nodes, unix_now()));
                 let from = self.shared.me.node.clone();
                 self.send(link, &PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas }));
             }
-            GossipFrame::Departed { node, instance_id, .. } => self.on_departed(Some(link), &node, &instance_id),
+            GossipFrame::Departed { node, instance_id, proof, .. } => {
+                self.on_departed(Some(link), &node, &instance_id, proof)
+            }
         }
     }
 
@@ -458,10 +737,12 @@ impl FabricGossip {
         if self.last_refresh.elapsed().as_secs_f64() > self.config.timing.catalog_ttl / 2.0 {
             self.last_refresh = Instant::now();
             let delta = self.core.refresh_local(unix_now());
+            let delta = self.seal(delta);
             let from = self.shared.me.node.clone();
             self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
         }
         self.broadcast(&self.members_frame(), None);
+        self.shared.expire_forwarded();
         self.dial_due(ctx);
         self.rebuild_view();
     }
@@ -503,13 +784,21 @@ impl FabricGossip {
             .filter(|(url, d)| !d.in_progress && d.next_at <= Instant::now() && !linked_urls.contains(*url))
             .map(|(url, _)| url.clone())
             .collect();
+        let mut started = 0;
         for url in due {
+            if started >= self.config.max_dials_per_round {
+                // The rest wait for the next round: a digest naming many nodes cannot make
+                // this node open many connections at once.
+                self.shared.metrics.limit_exceeded("max_dials_per_round");
+                break;
+            }
             // A configured URL may be the same node we already reach through an inbound link.
             let known_node = self.core.members().find(|m| m.info.url == url).map(|m| m.info.node.clone());
             if known_node.is_some_and(|n| direct.contains(&n)) {
                 continue;
             }
             let Some(dial) = self.dials.get_mut(&url) else { continue };
+            started += 1;
             dial.in_progress = true;
             dial.backoff = (dial.backoff * 2).clamp(Duration::from_millis(200), self.config.max_backoff);
             // Up to 25% jitter so nodes restarted together do not dial in lock step.
@@ -578,10 +867,13 @@ impl Handler<LinkOpened> for FabricGossip {
                 close: msg.close,
                 closer: None,
                 last_heard: Instant::now(),
+                peer: msg.peer,
+                nonce: trust::fresh_nonce(),
+                awaiting_proof: None,
             },
         );
         if outbound {
-            self.send(msg.link, &self.status_frame());
+            self.send(msg.link, &self.status_frame(msg.link, None));
         }
     }
 }
@@ -605,9 +897,10 @@ impl Handler<PeerFrameReceived> for FabricGossip {
         let handshaken = l.node.is_some();
         let linked_node = l.node.clone();
         match msg.frame {
-            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version }) => {
-                self.on_status(msg.link, info, functions, catalog_version)
+            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, auth }) => {
+                self.on_status(msg.link, info, functions, catalog_version, auth)
             }
+            PeerFrame::Server(ServerFrame::Proof { signature }) => self.on_proof(msg.link, &signature),
             PeerFrame::Server(ServerFrame::Refused { reason }) => {
                 warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
                 if let Some(url) = self.links.get(&msg.link).and_then(|l| l.outbound_url.clone()) {
@@ -620,15 +913,26 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 self.close_link(msg.link);
             }
             // Only a node itself says GOODBYE, on its own link; others relay `Departed`.
-            PeerFrame::Server(ServerFrame::Goodbye { node, instance_id }) if linked_node.as_ref() == Some(&node) => {
-                self.on_departed(Some(msg.link), &node, &instance_id)
+            PeerFrame::Server(ServerFrame::Goodbye { node, instance_id, proof })
+                if linked_node.as_ref() == Some(&node) =>
+            {
+                self.on_departed(Some(msg.link), &node, &instance_id, proof)
             }
             PeerFrame::Server(ServerFrame::Goodbye { node, .. }) => {
                 warn!(node = %self.shared.me.node, link = msg.link, claimed = %node, "GOODBYE not from that node ignored")
             }
             PeerFrame::FabricGossip(frame) if handshaken => self.on_gossip(msg.link, frame),
-            PeerFrame::FabricGossip(_) => debug!(link = msg.link, "gossip before STATUS ignored"),
-            PeerFrame::FabricMessage(_) => {}
+            PeerFrame::FabricGossip(_) => {
+                debug!(link = msg.link, "gossip before the handshake completed dropped");
+                self.shared.metrics.fabric_dropped("no_handshake");
+            }
+            // Routed messages that reached the actor because the link was not admitted
+            // when they were read: admitted now (the handshake came first), or dropped.
+            PeerFrame::FabricMessage(message) if handshaken => self.shared.route(msg.link, message),
+            PeerFrame::FabricMessage(_) => {
+                debug!(link = msg.link, "routed message before the handshake completed dropped");
+                self.shared.metrics.fabric_dropped("no_handshake");
+            }
         }
     }
 }
@@ -661,6 +965,7 @@ impl Handler<LocalFunctionsChanged> for FabricGossip {
 
     fn handle(&mut self, msg: LocalFunctionsChanged, _: &mut Context<Self>) {
         let delta = self.core.set_local_functions(msg.functions, unix_now());
+        let delta = self.seal(delta);
         let from = self.shared.me.node.clone();
         self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
     }
@@ -672,8 +977,12 @@ impl Handler<SayGoodbye> for FabricGossip {
     fn handle(&mut self, _: SayGoodbye, _: &mut Context<Self>) {
         let me = &self.shared.me;
         info!(node = %me.node, links = self.links.len(), "saying goodbye to peers");
-        let frame =
-            PeerFrame::Server(ServerFrame::Goodbye { node: me.node.clone(), instance_id: me.instance_id.clone() });
+        let proof = self.shared.trust.as_ref().map(|t| t.seal(goodbye_text(&me.cluster_id, &me.node, &me.instance_id)));
+        let frame = PeerFrame::Server(ServerFrame::Goodbye {
+            node: me.node.clone(),
+            instance_id: me.instance_id.clone(),
+            proof,
+        });
         self.broadcast(&frame, None);
         // Stop dialling; the links close when the supervisor stops this actor.
         self.leaving = true;

@@ -4,10 +4,36 @@
 //! JSON object in a binary websocket frame, dispatched on `role` like client frames, with
 //! `kind` selecting the variant. All three travel on the same websocket as client traffic,
 //! so a node needs one port.
+//!
+//! # The handshake
+//!
+//! A connection becomes a peer link only through `server`/`status`; until the link is
+//! admitted, `fabric-gossip` and `fabric-message` frames are refused (1004 on a connection
+//! that never sent STATUS, dropped on a link whose handshake is still running).
+//!
+//! Open mode (no credentials on either side): the dialer sends STATUS, the acceptor
+//! admits it and answers with its own STATUS, the dialer admits that. Neither carries
+//! `auth`.
+//!
+//! With credentials (see [`super::trust`]), three frames:
+//! ```text
+//! dialer   ── status {info, auth: {nonce: Nd, certificate: Cd, catalog}} ──────────► acceptor
+//!          (acceptor checks Cd against its pinned authority, expiry, name and cluster)
+//! dialer   ◄── status {info, auth: {nonce: Na, certificate: Ca, proof: sig_a(T_acceptor), catalog}}
+//!          (dialer checks Ca, then sig_a over T_acceptor; admits the acceptor)
+//! dialer   ── proof {signature: sig_d(T_dialer)} ──────────────────────────────────► acceptor
+//!          (acceptor checks sig_d with Cd's key; admits the dialer)
+//! ```
+//! `T_side` is [`super::trust::link_transcript`]: side, cluster, both names, both
+//! instances and both nonces. Frames the dialer sends after `proof` reach the acceptor's
+//! fabric after it (one ordered mailbox), so nothing sent on an admitted link is lost to
+//! the handshake. A node with credentials refuses a STATUS without `auth`; a node without
+//! refuses one with `auth`: mixed links never form.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::trust::{Certificate, StatementProof};
 use crate::function::{FunctionError, FunctionIdentity};
 use crate::protocol::PubSubMessage;
 
@@ -43,6 +69,15 @@ pub enum ServerFrame {
         functions: Vec<FunctionIdentity>,
         /// Version of that entry set.
         catalog_version: u64,
+        /// The credentialed handshake; absent in open mode.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auth: Option<Box<StatusAuth>>,
+    },
+    /// The dialer's proof of possession, the third frame of a credentialed handshake.
+    Proof {
+        /// The dialer's signature (hex) over the dialer transcript
+        /// ([`super::trust::link_transcript`] with side `dialer`).
+        signature: String,
     },
     /// A refusal (other cluster, departed instance); the sender closes the link after it.
     Refused {
@@ -55,7 +90,34 @@ pub enum ServerFrame {
         node: NodeId,
         /// Its instance.
         instance_id: InstanceId,
+        /// With credentials: the node's signature over `{"statement":"goodbye",...}`
+        /// ([`goodbye_text`]), so the GOODBYE can be relayed as `departed` and checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<StatementProof>,
     },
+}
+
+/// The credentialed part of a STATUS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusAuth {
+    /// 32 fresh random bytes (hex) the sender chose for this link; the other side signs it.
+    pub nonce: String,
+    /// The sender's certificate; it must chain to the receiver's pinned authority and name
+    /// the `info.node` and `info.cluster_id` of this STATUS.
+    pub certificate: Certificate,
+    /// Acceptor only: its signature (hex) over the acceptor transcript, which binds the
+    /// dialer's nonce (from the dialer's STATUS) and its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+    /// The sender's own catalog entries, signed ([`CatalogDelta::proof`]); used instead of
+    /// `functions`/`catalog_version`, which stay for open-mode peers.
+    pub catalog: CatalogDelta,
+}
+
+/// The exact text a node signs to say GOODBYE.
+pub fn goodbye_text(cluster_id: &str, node: &str, instance_id: &str) -> String {
+    serde_json::json!({"statement": "goodbye", "cluster_id": cluster_id, "node": node, "instance_id": instance_id})
+        .to_string()
 }
 
 /// One node as seen in membership gossip.
@@ -88,6 +150,11 @@ pub struct CatalogDelta {
     pub ttl_s: f64,
     /// The complete entry set (a full replacement, so applying twice is harmless).
     pub functions: Vec<FunctionIdentity>,
+    /// With credentials: the owner's signature over this delta's JSON (without `proof`).
+    /// A receiver acts on the signed text, never on the outer fields, so a relay cannot
+    /// change a node's entries; a delta without a valid proof is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<StatementProof>,
 }
 
 /// `role: "fabric-gossip"` — membership and catalog dissemination between direct peers.
@@ -123,13 +190,17 @@ pub enum GossipFrame {
         node: NodeId,
         /// Which instance.
         instance_id: InstanceId,
+        /// With credentials: the departed node's own signed GOODBYE, relayed unchanged.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<StatementProof>,
     },
 }
 
 /// A routed message: travels hop by hop from `source` to `target`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FabricMessage {
-    /// Unique per source; replies carry the call's id.
+    /// Unique per source and unpredictable (a counter plus 64 random bits); replies carry
+    /// the call's id, and are accepted only on the link the call left on.
     pub id: String,
     /// Originating node.
     pub source: NodeId,
@@ -224,11 +295,48 @@ mod tests {
 
     #[test]
     fn frames_carry_role_and_kind() {
-        let frame = PeerFrame::Server(ServerFrame::Goodbye { node: "a".into(), instance_id: "i".into() });
+        let frame = PeerFrame::Server(ServerFrame::Goodbye { node: "a".into(), instance_id: "i".into(), proof: None });
         let json = serde_json::to_value(&frame).unwrap();
         assert_eq!(json["role"], "server");
         assert_eq!(json["kind"], "goodbye");
         assert_eq!(serde_json::from_value::<PeerFrame>(json).unwrap(), frame);
+    }
+
+    #[test]
+    fn open_mode_frames_carry_no_trust_fields() {
+        // Open-mode peers send exactly what they did before credentials existed.
+        let status = PeerFrame::Server(ServerFrame::Status {
+            info: NodeInfo { node: "a".into(), instance_id: "i".into(), cluster_id: "c".into(), url: "ws://x".into() },
+            functions: vec![],
+            catalog_version: 1,
+            auth: None,
+        });
+        let json = serde_json::to_value(&status).unwrap();
+        assert!(json.get("auth").is_none(), "{json}");
+        let departed = PeerFrame::FabricGossip(GossipFrame::Departed {
+            from: "a".into(),
+            node: "b".into(),
+            instance_id: "i".into(),
+            proof: None,
+        });
+        assert!(serde_json::to_value(&departed).unwrap().get("proof").is_none());
+        // And a frame without them still decodes.
+        let old = serde_json::json!({"role": "server", "kind": "goodbye", "node": "a", "instance_id": "i"});
+        assert!(matches!(
+            serde_json::from_value::<PeerFrame>(old).unwrap(),
+            PeerFrame::Server(ServerFrame::Goodbye { proof: None, .. })
+        ));
+    }
+
+    #[test]
+    fn the_goodbye_text_names_cluster_node_and_instance() {
+        let text = goodbye_text("c", "a", "i");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"statement": "goodbye", "cluster_id": "c", "node": "a", "instance_id": "i"})
+        );
+        assert_ne!(goodbye_text("c", "a", "i2"), text);
     }
 
     proptest! {

@@ -96,6 +96,19 @@ impl RpcError {
         Self::with(ErrorCode::Timeout, "Unknown role", format!("Unknown role: {shown}"))
     }
 
+    /// 1004 for a peer frame (`fabric-gossip`, `fabric-message`, a `server` frame other
+    /// than STATUS) on a connection that has not completed the peer handshake.
+    pub fn peer_handshake_required(role: &str) -> Self {
+        Self::with(
+            ErrorCode::Timeout,
+            "Unknown role",
+            format!(
+                "Unknown role on this connection: {role} frames need a completed peer handshake \
+                 (server STATUS first); nothing was changed"
+            ),
+        )
+    }
+
     /// 1005 with the reason the target could not be reached.
     pub fn unreachable(details: impl Into<String>) -> Self {
         Self::with(ErrorCode::Unreachable, "Target unreachable", details)

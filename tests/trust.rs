@@ -1,0 +1,659 @@
+//! Authenticated peer links (DESIGN.md §8, "Trust"), with in-process nodes on 127.0.0.1
+//! port 0 linked by real loopback websockets.
+//!
+//! What they pin down: nodes with credentials from one authority form a cluster, relay
+//! each other's signed catalog entries and route calls; a node with credentials from
+//! another authority, or with none, is refused in both directions (one `peer refused`
+//! line, counted in `/metrics`); a raw websocket speaking peer frames without the
+//! handshake gets 1004 and changes nothing (the real peer stays routable, another
+//! client's results are its own); a node restarted with its credentials rejoins.
+//!
+//! Credentials are made per test in a temporary directory with the same code as
+//! `mpreg keys`. Readiness is observed by polling, never assumed after a sleep.
+//!
+//! Run: `cargo test --test trust`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
+use mpreg_actors::fabric::trust::{self, Authority};
+use mpreg_actors::protocol::ErrorCode;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use common::{cluster_id, get_ok, poll_until_async, rpc_error};
+
+/// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
+const SOON: Duration = Duration::from_secs(10);
+
+/// A cluster authority in a temporary directory, removed on drop.
+struct Keys {
+    dir: PathBuf,
+    authority: Authority,
+    cluster: String,
+}
+
+impl Keys {
+    fn new(cluster: &str) -> Keys {
+        let dir =
+            std::env::temp_dir().join(format!("mpreg-trust-test-{}-{}", std::process::id(), trust::fresh_nonce()));
+        let authority = Authority::generate();
+        authority.save(&dir).expect("authority saved");
+        Keys { dir, authority, cluster: cluster.to_owned() }
+    }
+
+    /// `NAME.cred` for this cluster, as `mpreg keys issue` writes it.
+    fn issue(&self, name: &str) -> PathBuf {
+        let credentials =
+            self.authority.issue(name, &self.cluster, trust::unix_seconds(), 86_400).expect("credentials issued");
+        let path = self.dir.join(format!("{name}.cred"));
+        credentials.save(&path).expect("credentials saved");
+        path
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
+fn settings(name: &str, cluster: &str, peers: &[&str], credentials: Option<&Path>) -> Settings {
+    Settings {
+        name: name.to_owned(),
+        port: 0,
+        monitoring_port: 0,
+        cluster_id: cluster.to_owned(),
+        workers: 1,
+        peers: peers.iter().map(|p| (*p).to_owned()).collect(),
+        gossip_interval_s: 0.05,
+        suspect_after_s: 1.0,
+        remove_after_s: 3.0,
+        departed_grace_s: 1.0,
+        credentials: credentials.map(Path::to_owned),
+        ..Settings::default()
+    }
+}
+
+/// A running node, stopped on drop.
+struct TestNode {
+    node: Node,
+}
+
+impl TestNode {
+    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
+        let name = settings.name.clone();
+        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
+        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
+    }
+
+    fn url(&self) -> &str {
+        self.node.url()
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.node.url()).await.expect("client connects")
+    }
+
+    async fn get(&self, path: &str) -> String {
+        let url = format!("{}{path}", self.node.monitoring_url().expect("monitoring is enabled"));
+        get_ok(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    }
+
+    async fn topology(&self) -> Value {
+        serde_json::from_str(&self.get("/topology").await).expect("topology is JSON")
+    }
+
+    /// A labelled counter from `/metrics` (0 when absent).
+    async fn counter(&self, family: &str, label: &str, value: &str) -> u64 {
+        let needle = format!("{family}{{node=\"{}\",{label}=\"{value}\"}} ", self.node.name());
+        let text = self.get("/metrics").await;
+        text.lines().find_map(|l| l.strip_prefix(&needle)).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+    }
+
+    async fn refused(&self, reason: &str) -> u64 {
+        self.counter("mpreg_peer_refused_total", "reason", reason).await
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = self.node.shutdown().now_or_never();
+    }
+}
+
+async fn wait_until<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    poll_until_async(what, SOON, probe).await
+}
+
+fn member<'a>(topology: &'a Value, node: &str) -> Option<&'a Value> {
+    topology["nodes"].as_array()?.iter().find(|n| n["node"] == node)
+}
+
+fn linked(topology: &Value, node: &str) -> bool {
+    member(topology, node).is_some_and(|m| m["linked"] == true && m["state"] == "alive")
+}
+
+async fn wait_linked(node: &TestNode, other: &str) {
+    wait_until(&format!("a live link to {other}"), || async { linked(&node.topology().await, other).then_some(()) })
+        .await;
+}
+
+async fn wait_callable(client: &Client, fun: &str, args: Vec<Value>) -> Value {
+    let args = &args;
+    wait_until(&format!("{fun}({args:?}) to succeed"), move || async move { client.call(fun, args.clone()).await.ok() })
+        .await
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn raw_connect(url: &str) -> Ws {
+    tokio_tungstenite::connect_async(url).await.expect("raw websocket connects").0
+}
+
+/// The next data frame as JSON; `None` if the socket closed.
+async fn raw_next(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let message = tokio::time::timeout(SOON, ws.next()).await.expect("a frame or a close within SOON");
+        match message {
+            Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).expect("JSON frame")),
+            Some(Ok(Message::Binary(bytes))) => return Some(serde_json::from_slice(&bytes).expect("JSON frame")),
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+fn plus(n: i64) -> impl Fn(i64) -> i64 + Send + Sync + Clone + 'static {
+    move |x: i64| x + n
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn nodes_of_one_authority_form_a_cluster_relay_signed_entries_and_route() {
+    let cluster = cluster_id("trusted");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let b_fun = FunctionSpec::sync("b_fun", plus(1)).inline();
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![b_fun]).await;
+    // C only knows A: it learns of B (and B's signed entries) through A, then dials B.
+    let c_fun = FunctionSpec::sync("c_fun", plus(2)).inline();
+    let c = TestNode::start(settings("C", &cluster, &[a.url()], Some(&keys.issue("C"))), vec![c_fun]).await;
+    for (node, others) in [(&a, ["B", "C"]), (&b, ["A", "C"]), (&c, ["A", "B"])] {
+        for other in others {
+            wait_linked(node, other).await;
+        }
+    }
+    assert_eq!(wait_callable(&a.client().await, "b_fun", vec![json!(1)]).await, json!(2));
+    assert_eq!(wait_callable(&c.client().await, "b_fun", vec![json!(2)]).await, json!(3));
+    assert_eq!(wait_callable(&b.client().await, "c_fun", vec![json!(3)]).await, json!(5));
+    // C holds B's entries as B signed them (C may have got them from A before it
+    // linked to B; either way the signature is B's, over the exact text).
+    let catalog: Value = serde_json::from_str(&c.get("/catalog").await).expect("catalog is JSON");
+    let entry = catalog["nodes"].as_array().and_then(|n| n.iter().find(|e| e["node"] == "B")).expect("B's entries");
+    let signed: Value = serde_json::from_str(entry["proof"]["signed"].as_str().expect("signed text")).unwrap();
+    assert_eq!((&signed["node"], &signed["functions"][0]["name"]), (&json!("B"), &json!("b_fun")), "{entry:#}");
+    assert!(entry["proof"]["certificate"]["body"].as_str().is_some_and(|b| b.contains("\"node\":\"B\"")));
+    for node in [&a, &b, &c] {
+        let metrics = node.get("/metrics").await;
+        assert!(!metrics.contains("mpreg_peer_refused_total{"), "nothing refused: {metrics}");
+        assert!(!metrics.contains("forged_statement") && !metrics.contains("unsigned_statement"), "{metrics}");
+    }
+
+    // A clean shutdown is a signed GOODBYE: every node drops B at once.
+    b.node.shutdown().await;
+    for node in [&a, &c] {
+        wait_until("B to be gone", || async { member(&node.topology().await, "B").is_none().then_some(()) }).await;
+    }
+    assert_eq!(c.counter("mpreg_fabric_dropped_total", "reason", "forged_statement").await, 0);
+}
+
+#[actix_rt::test]
+async fn a_node_of_another_authority_is_refused_both_ways() {
+    let cluster = cluster_id("foreign-authority");
+    let keys = Keys::new(&cluster);
+    let other_keys = Keys::new(&cluster);
+    let a_fun = FunctionSpec::sync("a_fun", plus(1)).inline();
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![a_fun]).await;
+    // X claims the same cluster and even a name A would accept, with another authority's
+    // certificate; it dials A, and B (a real member) is told about nothing from X.
+    let x_fun = FunctionSpec::sync("x_fun", plus(2)).inline();
+    let x = TestNode::start(settings("X", &cluster, &[a.url()], Some(&other_keys.issue("X"))), vec![x_fun]).await;
+    wait_until("A to refuse X as untrusted", || async { (a.refused("untrusted").await >= 1).then_some(()) }).await;
+    // A dials X too: X, checking A's certificate against its own authority, refuses A.
+    let a2 = TestNode::start(settings("A2", &cluster, &[x.url()], Some(&keys.issue("A2"))), vec![]).await;
+    wait_until("X to refuse A2 as untrusted", || async { (x.refused("untrusted").await >= 1).then_some(()) }).await;
+    let a_topology = a.topology().await;
+    assert!(member(&a_topology, "X").is_none(), "A never lists X: {a_topology:#}");
+    assert!(member(&x.topology().await, "A").is_none());
+    assert!(member(&x.topology().await, "A2").is_none());
+    let error = rpc_error(x.client().await.call("a_fun", vec![json!(1)]).await);
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "X cannot route to A: {error:?}");
+    let error = rpc_error(a.client().await.call("x_fun", vec![json!(1)]).await);
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "nor A to X: {error:?}");
+    drop(a2);
+}
+
+#[actix_rt::test]
+async fn a_node_without_credentials_is_refused_both_ways() {
+    let cluster = cluster_id("no-credentials");
+    let keys = Keys::new(&cluster);
+    let open_fun = FunctionSpec::sync("open_fun", plus(1)).inline();
+    let open = TestNode::start(settings("O", &cluster, &[], None), vec![open_fun]).await;
+    // A (credentials) dials O (open): O refuses a peer that presents credentials it
+    // cannot check; A refuses O's STATUS without credentials. Either way, no link.
+    let a_fun = FunctionSpec::sync("a_fun", plus(2)).inline();
+    let a = TestNode::start(settings("A", &cluster, &[open.url()], Some(&keys.issue("A"))), vec![a_fun]).await;
+    wait_until("O to refuse A", || async { (open.refused("unexpected_credentials").await >= 1).then_some(()) }).await;
+    // P (open) dials A: A refuses it.
+    let p = TestNode::start(settings("P", &cluster, &[a.url()], None), vec![]).await;
+    wait_until("A to refuse P", || async { (a.refused("no_credentials").await >= 1).then_some(()) }).await;
+    for (node, others) in [(&a, ["O", "P"]), (&open, ["A", "A"]), (&p, ["A", "A"])] {
+        let topology = node.topology().await;
+        for other in others {
+            assert!(member(&topology, other).is_none(), "{other} unknown: {topology:#}");
+        }
+    }
+    let error = rpc_error(a.client().await.call("open_fun", vec![json!(1)]).await);
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "{error:?}");
+    let error = rpc_error(p.client().await.call("a_fun", vec![json!(1)]).await);
+    assert_eq!(error.kind(), Some(ErrorCode::NotFound), "{error:?}");
+}
+
+#[actix_rt::test]
+async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
+    let cluster = cluster_id("raw-peer-frames");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    // `gate` lets the test hold a call of another client in flight while it attacks.
+    let gate = Arc::new(Notify::new());
+    let held = {
+        let gate = gate.clone();
+        FunctionSpec::asynchronous("held", move |x: i64| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                x * 10
+            }
+        })
+    };
+    let b_fun = FunctionSpec::sync("b_fun", plus(1)).inline();
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![b_fun, held]).await;
+    let client = a.client().await;
+    assert_eq!(wait_callable(&client, "b_fun", vec![json!(1)]).await, json!(2));
+    let topology = a.topology().await;
+    let b_instance = member(&topology, "B").expect("A knows B")["instance_id"].clone();
+    let a_instance = member(&topology, "A").expect("A lists itself")["instance_id"].clone();
+
+    // Another client's call to B, held in flight on B.
+    let victim = a.client().await;
+    let in_flight = tokio::spawn(async move { victim.call("held", vec![json!(7)]).await });
+
+    let mut ws = raw_connect(a.url()).await;
+    let mut frames = vec![
+        json!({"role": "fabric-gossip", "kind": "departed", "from": "B", "node": "B", "instance_id": b_instance}),
+        json!({"role": "server", "kind": "goodbye", "node": "B", "instance_id": b_instance}),
+        json!({"role": "fabric-gossip", "kind": "catalog", "from": "B", "deltas": [{
+            "node": "B", "instance_id": b_instance, "cluster_id": cluster, "version": 999_999,
+            "advertised_at": 0.0, "ttl_s": 60.0,
+            "functions": [{"name": "b_fun", "function_id": "b_fun", "version": "1.0.0", "resources": []}]
+        }]}),
+        json!({"role": "fabric-gossip", "kind": "members", "from": "B", "members": (0..50).map(|i| json!({
+            "info": {"node": format!("fake{i}"), "instance_id": "f", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+            "heartbeat": 1, "catalog_version": 1, "neighbours": []
+        })).collect::<Vec<_>>()}),
+    ];
+    // Replies to call ids as the old, predictable scheme made them, and to random ones.
+    for n in 1..=20 {
+        frames.push(json!({"role": "fabric-message", "id": format!("A:{}:{n}", a_instance.as_str().unwrap_or("")),
+            "source": "B", "target": "A", "path": ["B"], "hops_left": 5,
+            "body": {"kind": "reply", "outcome": {"status": "ok", "value": "forged"}}}));
+    }
+    for frame in &frames {
+        ws.send(Message::Text(frame.to_string())).await.unwrap();
+        let reply = raw_next(&mut ws).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
+        assert_eq!(reply["error"]["code"], 1004, "{frame} -> {reply}");
+        let details = reply["error"]["details"].as_str().unwrap_or_default();
+        assert!(details.contains("handshake"), "{details}");
+    }
+    // The same connection still serves requests.
+    let rpc = json!({"role": "rpc", "u": "after", "cmds": [{"name": "r", "fun": "b_fun", "args": [41]}]});
+    ws.send(Message::Text(rpc.to_string())).await.unwrap();
+    let reply = raw_next(&mut ws).await.expect("an answer");
+    assert_eq!((&reply["u"], &reply["r"]), (&json!("after"), &json!({"r": 42})), "{reply}");
+
+    // A STATUS without credentials is refused in words, counted, and the link closed.
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "B", "instance_id": "spy", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [], "catalog_version": 1
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let refusal = raw_next(&mut ws).await.expect("a refusal");
+    assert_eq!((&refusal["role"], &refusal["kind"]), (&json!("server"), &json!("refused")), "{refusal}");
+    assert_eq!(raw_next(&mut ws).await, None, "the refused link is closed");
+    assert!(a.refused("no_credentials").await >= 1);
+
+    // Nothing changed: B is still linked and routable, no fake node was learned, and the
+    // held call gets its own result.
+    let topology = a.topology().await;
+    assert!(linked(&topology, "B"), "{topology:#}");
+    assert_eq!(member(&topology, "B").unwrap()["instance_id"], b_instance);
+    assert!(member(&topology, "fake0").is_none(), "{topology:#}");
+    assert_eq!(client.call("b_fun", vec![json!(9)]).await.unwrap(), json!(10));
+    // Release the held call (notify_one stores a permit if it has not started waiting).
+    gate.notify_one();
+    let result = tokio::time::timeout(SOON, in_flight).await.expect("the held call ends").expect("task");
+    assert_eq!(result.unwrap(), json!(70));
+    assert!(a.counter("mpreg_fabric_dropped_total", "reason", "no_handshake").await >= frames.len() as u64);
+    drop(b);
+}
+
+#[actix_rt::test]
+async fn a_node_restarted_with_its_credentials_rejoins() {
+    let cluster = cluster_id("rejoin");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let b_creds = keys.issue("B");
+    let b_fun = || FunctionSpec::sync("b_fun", plus(1)).inline();
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&b_creds)), vec![b_fun()]).await;
+    let client = a.client().await;
+    assert_eq!(wait_callable(&client, "b_fun", vec![json!(1)]).await, json!(2));
+    let first = member(&a.topology().await, "B").unwrap()["instance_id"].clone();
+    b.node.shutdown().await;
+    drop(b);
+    wait_until("B to be gone", || async { member(&a.topology().await, "B").is_none().then_some(()) }).await;
+
+    // The same credentials file, a new process instance (and port).
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&b_creds)), vec![b_fun()]).await;
+    wait_linked(&a, "B").await;
+    let second = member(&a.topology().await, "B").unwrap()["instance_id"].clone();
+    assert_ne!(first, second, "a new instance");
+    assert_eq!(wait_callable(&client, "b_fun", vec![json!(5)]).await, json!(6));
+    assert_eq!(a.refused("untrusted").await, 0);
+    drop(b);
+}
+
+#[actix_rt::test]
+async fn a_node_refuses_to_start_with_credentials_of_another_node_or_cluster() {
+    let cluster = cluster_id("wrong-file");
+    let keys = Keys::new(&cluster);
+    let a_creds = keys.issue("A");
+    let wrong_name = NodeBuilder::new(settings("B", &cluster, &[], Some(&a_creds))).start().await;
+    let error = wrong_name.err().expect("a node named B cannot use A's credentials").to_string();
+    assert!(error.contains("issued to node \"A\""), "{error}");
+    let wrong_cluster = NodeBuilder::new(settings("A", "elsewhere", &[], Some(&a_creds))).start().await;
+    let error = wrong_cluster.err().expect("nor in another cluster").to_string();
+    assert!(error.contains("issued for cluster"), "{error}");
+    // An empty name takes the certificate's.
+    let unnamed = TestNode::start(settings("", &cluster, &[], Some(&a_creds)), vec![]).await;
+    assert_eq!(unnamed.node.name(), "A");
+}
+
+#[actix_rt::test]
+async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link() {
+    let cluster = cluster_id("link-calls");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let gate = Arc::new(Notify::new());
+    let held = {
+        let gate = gate.clone();
+        FunctionSpec::asynchronous("held", move |x: i64| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                x
+            }
+        })
+    };
+    let b_settings =
+        Settings { max_in_flight_per_link: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
+    let b = TestNode::start(b_settings, vec![held]).await;
+    wait_linked(&a, "B").await;
+    let gauge = |node: &TestNode| {
+        let url = format!("{}/metrics", node.node.monitoring_url().unwrap());
+        let needle = format!("mpreg_requests_in_flight{{node=\"{}\"}} ", node.node.name());
+        async move {
+            let text = get_ok(&url).await.unwrap();
+            text.lines().find_map(|l| l.strip_prefix(&needle).map(|n| n.trim().parse::<i64>().unwrap())).unwrap()
+        }
+    };
+
+    // One call held on B for A's link...
+    let first = a.client().await;
+    let first_call = tokio::spawn(async move { first.call("held", vec![json!(1)]).await });
+    wait_until("B to serve one call for A", || async { (gauge(&b).await == 1).then_some(()) }).await;
+    // ...so a second one over the same link is refused as overloaded, not queued.
+    let error = rpc_error(
+        wait_until("held to be routable", || async {
+            let result = a.client().await.call("held", vec![json!(2)]).await;
+            (rpc_error_kind(&result) != Some(ErrorCode::NotFound)).then_some(result)
+        })
+        .await,
+    );
+    assert_eq!(error.kind(), Some(ErrorCode::Unreachable), "{error:?}");
+    assert!(error.details_text().contains("max_in_flight_per_link"), "{error:?}");
+    assert!(b.counter("mpreg_limit_exceeded_total", "limit", "max_in_flight_per_link").await >= 1);
+
+    // A goes away: the call B was serving for it is cancelled, and the gauge comes back.
+    a.node.shutdown().await;
+    drop(a);
+    wait_until("B's in-flight gauge to return to 0", || async { (gauge(&b).await == 0).then_some(()) }).await;
+    let _ = tokio::time::timeout(SOON, first_call).await;
+}
+
+fn rpc_error_kind(result: &Result<Value, mpreg::ClientError>) -> Option<ErrorCode> {
+    match result {
+        Ok(_) => None,
+        Err(e) => rpc_error(Err(e.clone())).kind(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The command line
+
+fn mpreg() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"));
+    command.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    command
+}
+
+#[test]
+fn keys_init_and_issue_write_private_files_that_a_node_accepts() {
+    let dir = std::env::temp_dir().join(format!("mpreg-keys-cli-{}-{}", std::process::id(), trust::fresh_nonce()));
+    let out = mpreg().args(["keys", "init"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let public = std::fs::read_to_string(dir.join("cluster.pub")).unwrap();
+    assert_eq!(printed.trim(), public.trim());
+    assert_eq!(public.trim().len(), 64);
+    // A second init would orphan every certificate: refused.
+    let again = mpreg().args(["keys", "init"]).arg(&dir).output().unwrap();
+    assert!(!again.status.success());
+
+    let out = mpreg()
+        .args(["keys", "issue"])
+        .arg(&dir)
+        .args(["node-a", "--cluster-id", "c1", "--valid-days", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(path, dir.join("node-a.cred"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for file in [dir.join("cluster.key"), path.clone()] {
+            assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600, "{}", file.display());
+        }
+    }
+    let credentials = trust::Credentials::load(&path, trust::unix_seconds()).expect("a valid credentials file");
+    assert_eq!((credentials.body().node.as_str(), credentials.body().cluster_id.as_str()), ("node-a", "c1"));
+    assert_eq!(trust::to_hex(credentials.authority().as_bytes()), public.trim());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_open_node_refuses_a_non_loopback_host_unless_insecure() {
+    let out = mpreg()
+        .args(["server", "start", "--host", "0.0.0.0", "--port", "0", "--monitoring-port", "0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a loopback address") && stderr.contains("--insecure"), "{stderr}");
+    assert!(stderr.contains("--credentials"), "{stderr}");
+}
+
+#[actix_rt::test]
+async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_replies() {
+    use mpreg_actors::fabric::trust::{link_transcript, LinkEnd, LinkSide};
+    use mpreg_actors::fabric::wire::{goodbye_text, CatalogDelta};
+
+    let cluster = cluster_id("forging-relay");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let b_fun = FunctionSpec::sync("b_fun", plus(1)).inline();
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![b_fun]).await;
+    let client = a.client().await;
+    assert_eq!(wait_callable(&client, "b_fun", vec![json!(1)]).await, json!(2));
+    let topology = a.topology().await;
+    let b_instance = member(&topology, "B").expect("A knows B")["instance_id"].as_str().unwrap().to_owned();
+    let a_instance = member(&topology, "A").expect("A lists itself")["instance_id"].as_str().unwrap().to_owned();
+
+    // M: a real member of the cluster (its certificate is valid), dialling A by hand.
+    let m = keys.authority.issue("M", &cluster, trust::unix_seconds(), 3600).unwrap();
+    let m_nonce = trust::fresh_nonce();
+    let m_catalog = CatalogDelta {
+        node: "M".into(),
+        instance_id: "m1".into(),
+        cluster_id: cluster.clone(),
+        version: 1,
+        advertised_at: 0.0,
+        ttl_s: 60.0,
+        functions: vec![],
+        proof: None,
+    };
+    let signed_catalog = CatalogDelta { proof: Some(m.seal(serde_json::to_string(&m_catalog).unwrap())), ..m_catalog };
+    let mut ws = raw_connect(a.url()).await;
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "M", "instance_id": "m1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [], "catalog_version": 1,
+        "auth": {"nonce": m_nonce, "certificate": m.certificate(), "catalog": signed_catalog},
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    assert_eq!((&answer["role"], &answer["kind"]), (&json!("server"), &json!("status")), "{answer}");
+    let a_nonce = answer["auth"]["nonce"].as_str().expect("A's nonce").to_owned();
+    let transcript = link_transcript(
+        LinkSide::Dialer,
+        &cluster,
+        LinkEnd { node: "M", instance_id: "m1", nonce: &m_nonce },
+        LinkEnd { node: "A", instance_id: &a_instance, nonce: &a_nonce },
+    );
+    let proof = json!({"role": "server", "kind": "proof", "signature": m.sign_hex(&transcript)});
+    ws.send(Message::Text(proof.to_string())).await.unwrap();
+    wait_linked(&a, "M").await;
+
+    // Statements about B that only B can make, made by M.
+    let m_signed_goodbye = m.seal(goodbye_text(&cluster, "B", &b_instance));
+    let forged_entries = CatalogDelta {
+        node: "B".into(),
+        instance_id: b_instance.clone(),
+        cluster_id: cluster.clone(),
+        version: 1_000_000,
+        advertised_at: 0.0,
+        ttl_s: 60.0,
+        functions: vec![],
+        proof: None,
+    };
+    let forged_signed =
+        CatalogDelta { proof: Some(m.seal(serde_json::to_string(&forged_entries).unwrap())), ..forged_entries.clone() };
+    let frames = [
+        json!({"role": "fabric-gossip", "kind": "departed", "from": "M", "node": "B", "instance_id": b_instance}),
+        json!({"role": "fabric-gossip", "kind": "departed", "from": "M", "node": "B", "instance_id": b_instance,
+               "proof": m_signed_goodbye}),
+        json!({"role": "fabric-gossip", "kind": "catalog", "from": "M", "deltas": [forged_entries]}),
+        json!({"role": "fabric-gossip", "kind": "catalog", "from": "M", "deltas": [forged_signed]}),
+        json!({"role": "server", "kind": "goodbye", "node": "B", "instance_id": b_instance, "proof": m_signed_goodbye}),
+        json!({"role": "fabric-message", "id": format!("A:{a_instance}:1:0000000000000000"), "source": "B",
+               "target": "A", "path": ["B"], "hops_left": 5,
+               "body": {"kind": "reply", "outcome": {"status": "ok", "value": "forged"}}}),
+    ];
+    for frame in &frames {
+        ws.send(Message::Text(frame.to_string())).await.unwrap();
+    }
+    wait_until("A to drop the forged statements", || async {
+        let unsigned = a.counter("mpreg_fabric_dropped_total", "reason", "unsigned_statement").await;
+        let forged = a.counter("mpreg_fabric_dropped_total", "reason", "forged_statement").await;
+        let stray = a.counter("mpreg_fabric_dropped_total", "reason", "stray_reply").await;
+        (unsigned >= 2 && forged >= 2 && stray >= 1).then_some(())
+    })
+    .await;
+    let topology = a.topology().await;
+    assert!(linked(&topology, "B"), "B is still there: {topology:#}");
+    assert_eq!(member(&topology, "B").unwrap()["instance_id"], json!(b_instance));
+    assert_eq!(client.call("b_fun", vec![json!(9)]).await.unwrap(), json!(10), "B's entries are B's");
+    drop(b);
+}
+
+#[actix_rt::test]
+async fn fabric_inputs_from_an_admitted_peer_are_bounded() {
+    // Open mode on loopback: anyone may become a peer, so the bounds are what stands.
+    let cluster = cluster_id("fabric-bounds");
+    let a_settings = Settings { max_catalog_entries_per_node: 2, ..settings("A", &cluster, &[], None) };
+    let a = TestNode::start(a_settings, vec![]).await;
+    let mut ws = raw_connect(a.url()).await;
+    let function = |name: &str| json!({"name": name, "function_id": name, "version": "1.0.0", "resources": []});
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "spy", "instance_id": "s1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [function("f1"), function("f2"), function("f3")], "catalog_version": 1
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    assert_eq!(answer["kind"], "status", "{answer}");
+    // 3000 invented nodes in one digest, every one with a URL to dial.
+    let members: Vec<Value> = (0..3000)
+        .map(|i| {
+            json!({"info": {"node": format!("fake{i}"), "instance_id": "f", "cluster_id": cluster,
+                            "url": format!("ws://127.0.0.1:{}", 1 + i % 50)},
+                   "heartbeat": 1, "catalog_version": 1, "neighbours": []})
+        })
+        .collect();
+    let digest = json!({"role": "fabric-gossip", "kind": "members", "from": "spy", "members": members});
+    ws.send(Message::Text(digest.to_string())).await.unwrap();
+    wait_until("A to count the refused digest entries", || async {
+        (a.counter("mpreg_limit_exceeded_total", "limit", "max_new_members_per_frame").await >= 1).then_some(())
+    })
+    .await;
+    let topology = a.topology().await;
+    let fakes =
+        topology["nodes"].as_array().unwrap().iter().filter(|n| n["node"].as_str().unwrap().starts_with("fake"));
+    assert!(fakes.count() <= 16, "at most max_new_members_per_frame (16) learned: {topology:#}");
+    // The learned ones are dialled at most max_dials_per_round (4) per gossip round.
+    wait_until("A to defer dials beyond max_dials_per_round", || async {
+        (a.counter("mpreg_limit_exceeded_total", "limit", "max_dials_per_round").await >= 1).then_some(())
+    })
+    .await;
+    // The spy's three functions exceed max_catalog_entries_per_node (2): not stored.
+    assert!(a.counter("mpreg_limit_exceeded_total", "limit", "max_catalog_entries_per_node").await >= 1);
+    let catalog = a.get("/catalog").await;
+    assert!(!catalog.contains("\"f1\""), "{catalog}");
+}
