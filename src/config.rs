@@ -45,6 +45,22 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Whole-request timeout (seconds) unless a request sets `timeout`.
     pub request_timeout_s: f64,
+    /// The longest `timeout` a request may ask for (seconds); beyond it: 1002.
+    pub max_request_timeout_s: f64,
+    /// Commands in one request; beyond it: 1002.
+    pub max_commands_per_request: usize,
+    /// Estimated JSON bytes of one reply, intermediate results included; beyond it: 1002.
+    pub max_reply_bytes: usize,
+    /// Estimated JSON bytes that references may copy into arguments, per request; beyond
+    /// it: 1002.
+    pub max_substitution_bytes: usize,
+    /// Nesting depth of a command's result; beyond it: 1002.
+    pub max_value_depth: usize,
+    /// Requests with more commands than this run on the Planner's thread.
+    pub planner_offload_commands: usize,
+    /// Frames larger than this, and runs that built more than this in place (bytes), run
+    /// on the Planner's thread.
+    pub planner_offload_bytes: usize,
     /// Requests in flight per connection before 1006.
     pub max_in_flight_per_connection: usize,
     /// Largest frame served normally (bytes).
@@ -102,6 +118,13 @@ impl Default for Settings {
             data_dir: None,
             log_format: LogFormat::Text,
             request_timeout_s: 30.0,
+            max_request_timeout_s: 300.0,
+            max_commands_per_request: 10_000,
+            max_reply_bytes: 16 * 1024 * 1024,
+            max_substitution_bytes: 32 * 1024 * 1024,
+            max_value_depth: 128,
+            planner_offload_commands: 16,
+            planner_offload_bytes: 256 * 1024,
             max_in_flight_per_connection: 1024,
             max_frame_bytes: 16 * 1024 * 1024,
             outbox_capacity: 4096,
@@ -184,6 +207,13 @@ impl Settings {
             }
         };
         positive("request_timeout_s", self.request_timeout_s)?;
+        positive("max_request_timeout_s", self.max_request_timeout_s)?;
+        if self.max_request_timeout_s < self.request_timeout_s || self.max_request_timeout_s > 1e9 {
+            return Err(ConfigError::Invalid {
+                key: "max_request_timeout_s",
+                message: "must be at least request_timeout_s and at most 1e9".into(),
+            });
+        }
         positive("heartbeat_interval_s", self.heartbeat_interval_s)?;
         positive("client_timeout_s", self.client_timeout_s)?;
         positive("restart_window_s", self.restart_window_s)?;
@@ -214,6 +244,10 @@ impl Settings {
         }
         let at_least_one = [
             ("max_in_flight_per_connection", self.max_in_flight_per_connection),
+            ("max_commands_per_request", self.max_commands_per_request),
+            ("max_reply_bytes", self.max_reply_bytes),
+            ("max_substitution_bytes", self.max_substitution_bytes),
+            ("max_value_depth", self.max_value_depth),
             ("max_frame_bytes", self.max_frame_bytes),
             ("outbox_capacity", self.outbox_capacity),
             ("workers", self.workers),

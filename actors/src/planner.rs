@@ -8,9 +8,15 @@
 //! everything else runs concurrently. The first failure ends the request; commands still
 //! running are cancelled.
 //!
-//! Planning runs as a task on the connection's own thread (DESIGN.md §4), so there is no
-//! Planner mailbox on the hot path; what would be its state (the function table) is a
-//! snapshot read without locking.
+//! Small plans run on the connection's own thread (DESIGN.md §4), so there is no Planner
+//! mailbox on the hot path; what would be its state (the function table) is a snapshot
+//! read without locking. Large plans, and runs that have built more than a threshold in
+//! place ([`Placement::InPlace`], [`Step::Paused`]), continue on the supervised
+//! [`Planner`] actor's own thread, so other connections keep their latency.
+//!
+//! Every run is bounded ([`Limits`], `budget.rs`): values substituted into arguments, the
+//! reply with its intermediate results, and the nesting of results are counted as the work
+//! happens, and a request that would exceed a bound fails with 1002 naming it.
 //!
 //! References: a string anywhere in `args` or `kwargs` (recursively through arrays and
 //! object VALUES, never keys) equal to a command name references it; `name.a.b` references
@@ -18,6 +24,7 @@
 //! is passed through as the literal string.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::LocalBoxFuture;
@@ -28,10 +35,17 @@ use serde_json::{json, Map, Value};
 use crate::fabric::wire::CallOutcome;
 use crate::fabric::RemoteFunction;
 use crate::function::{type_name, CallArgs, FunctionError};
+use crate::metrics::Metrics;
 use crate::protocol::{RpcCommand, RpcError, RpcRequest};
 use crate::routing::{Endpoint, Routing};
 use crate::unix_now;
 use crate::version::VersionConstraint;
+
+mod actor;
+mod budget;
+
+pub use actor::{Answer, Job, Planner, RunJob};
+pub use budget::{footprint, Budget, Footprint, Limit, LimitExceeded, Limits};
 
 /// A validated request, ready to run.
 pub struct Plan {
@@ -234,8 +248,31 @@ fn describe_cycle(cmds: &[RpcCommand], deps: &[Vec<usize>], remaining: &[usize])
     cmds[start].name.clone()
 }
 
+/// A finished command's result and its estimated JSON size (measured once, on arrival).
+#[derive(Debug)]
+struct Done {
+    value: Value,
+    bytes: u64,
+}
+
+type Results = [Option<Done>];
+
+/// What substituting the references in `value` would copy, in estimated JSON bytes,
+/// measured without copying anything.
+fn substitution_cost(value: &Value, results: &Results, index: &Lookup<'_>) -> u64 {
+    match value {
+        Value::String(s) => match s.split_once('.') {
+            None => index.get(s).and_then(|i| results[i].as_ref()).map_or(0, |done| done.bytes),
+            Some(_) => follow_path(s, results, index).map_or(0, |found| footprint(found).bytes),
+        },
+        Value::Array(items) => items.iter().map(|v| substitution_cost(v, results, index)).sum(),
+        Value::Object(map) => map.values().map(|v| substitution_cost(v, results, index)).sum(),
+        _ => 0,
+    }
+}
+
 /// Replaces, in place, references in `value` by results of completed commands.
-fn substitute(value: &mut Value, results: &[Option<Value>], index: &Lookup<'_>) {
+fn substitute(value: &mut Value, results: &Results, index: &Lookup<'_>) {
     match value {
         Value::String(s) => {
             if let Some(resolved) = resolve_reference(s, results, index) {
@@ -248,17 +285,24 @@ fn substitute(value: &mut Value, results: &[Option<Value>], index: &Lookup<'_>) 
     }
 }
 
-fn resolve_reference(s: &str, results: &[Option<Value>], index: &Lookup<'_>) -> Option<Value> {
-    // A string containing a dot is always read as base.path (the reference's rule).
-    let Some((base, path)) = s.split_once('.') else {
-        return index.get(s).and_then(|i| results[i].clone());
-    };
-    let mut at = results[index.get(base)?].as_ref()?;
+fn resolve_reference(s: &str, results: &Results, index: &Lookup<'_>) -> Option<Value> {
+    match s.split_once('.') {
+        None => index.get(s).and_then(|i| results[i].as_ref()).map(|done| done.value.clone()),
+        Some(_) => follow_path(s, results, index).cloned(),
+    }
+}
+
+/// `base.a.b`: the value under keys `a`, `b` of `base`'s result, if there is one. A string
+/// containing a dot is always read this way (the reference's rule).
+fn follow_path<'r>(s: &str, results: &'r Results, index: &Lookup<'_>) -> Option<&'r Value> {
+    let (base, path) = s.split_once('.')?;
+    let mut at = &results[index.get(base)?].as_ref()?.value;
     for key in path.split('.') {
         at = at.as_object()?.get(key)?;
     }
-    Some(at.clone())
+    Some(at)
 }
+
 
 /// One completed level, in the reference's shape.
 pub type LevelReport = Value;
@@ -300,105 +344,325 @@ pub struct ReportOptions {
 
 struct LevelTracker {
     remaining: Vec<usize>,
+    /// Estimated JSON bytes of each level's results (names included), for the reports.
+    level_bytes: Vec<u64>,
     next: usize,
     started: Instant,
     last_completed: Instant,
     times_ms: Vec<f64>,
 }
 
-/// Runs `plan`; the first failing command fails the whole request.
+/// Where a run happens, which decides when it yields the thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On a connection's thread: hand the run over ([`Step::Paused`]) once it has built
+    /// more than this many bytes, at a point where nothing is running.
+    InPlace {
+        /// Bytes of work (substituted plus reply) allowed in place.
+        pause_above: u64,
+    },
+    /// On the Planner's own thread: run to the end, yielding now and then so a timeout
+    /// and the other requests there get their turn.
+    Offloaded,
+}
+
+/// How often (in commands) an offloaded run yields.
+const YIELD_EVERY: usize = 64;
+
+/// Where a run stopped.
+pub enum Step {
+    /// The request finished (or failed).
+    Finished(Result<Outcome, RpcError>),
+    /// The run built more than it may in place; continue it elsewhere with
+    /// [`Execution::run`]. Nothing was running when it paused, so nothing is lost.
+    Paused(Box<Execution>),
+}
+
+/// A plan being run: the state between two commands, which can move to another thread
+/// (it owns all of it; functions still running are never part of it).
+pub struct Execution {
+    plan: Plan,
+    options: ReportOptions,
+    results: Vec<Option<Done>>,
+    dep_count: Vec<usize>,
+    ready: VecDeque<usize>,
+    completed: usize,
+    tracker: Option<LevelTracker>,
+    reports: Vec<Value>,
+    budget: Budget,
+    metrics: Option<Arc<Metrics>>,
+}
+
+// An execution moves to the Planner's thread when it pauses.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Execution>();
+};
+
+impl std::fmt::Debug for Execution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Execution").field("plan", &self.plan).field("completed", &self.completed).finish_non_exhaustive()
+    }
+}
+
+/// Runs `plan` under the default [`Limits`]; the first failing command fails the request.
 pub async fn execute(
-    mut plan: Plan,
+    plan: Plan,
     options: ReportOptions,
     observer: &mut impl LevelObserver,
 ) -> Result<Outcome, RpcError> {
-    let n = plan.cmds.len();
-    let mut results: Vec<Option<Value>> = vec![None; n];
-    let mut dep_count = std::mem::take(&mut plan.dep_count);
-    let mut ready: VecDeque<usize> = (0..n).filter(|&i| dep_count[i] == 0).collect();
-    // Created on first use: a request of inline functions never needs it.
-    let mut running: Option<FuturesUnordered<Running>> = None;
-    let mut completed = 0;
-    let track_levels = options.intermediate_results || options.observe_levels || options.execution_summary;
-    let mut tracker = track_levels.then(|| {
-        let now = Instant::now();
-        LevelTracker {
-            remaining: plan.levels.iter().fold(vec![0; plan.level_count], |mut acc, &l| {
-                acc[l] += 1;
-                acc
-            }),
-            next: 0,
-            started: now,
-            last_completed: now,
-            times_ms: Vec::new(),
-        }
-    });
-    let mut reports = Vec::new();
+    match Execution::new(plan, options, Limits::default(), None).run(observer, Placement::Offloaded).await {
+        Step::Finished(result) => result,
+        Step::Paused(_) => Err(RpcError::invalid("an offloaded run never pauses")),
+    }
+}
 
-    while completed < n {
-        while let Some(i) = ready.pop_front() {
-            // Each command's arguments are used once: substitute in place, no copies.
-            let mut args = std::mem::take(&mut plan.cmds[i].args);
-            let mut kwargs = std::mem::take(&mut plan.cmds[i].kwargs);
-            let lookup = Lookup { cmds: &plan.cmds, index: &plan.index };
-            for value in args.iter_mut().chain(kwargs.values_mut()) {
-                substitute(value, &results, &lookup);
+impl Execution {
+    /// Ready to run `plan` under `limits`; refusals are counted in `metrics`.
+    pub fn new(mut plan: Plan, options: ReportOptions, limits: Limits, metrics: Option<Arc<Metrics>>) -> Self {
+        let n = plan.cmds.len();
+        let dep_count = std::mem::take(&mut plan.dep_count);
+        let ready: VecDeque<usize> = (0..n).filter(|&i| dep_count[i] == 0).collect();
+        let track_levels = options.intermediate_results || options.observe_levels || options.execution_summary;
+        let tracker = track_levels.then(|| {
+            let now = Instant::now();
+            LevelTracker {
+                remaining: plan.levels.iter().fold(vec![0; plan.level_count], |mut acc, &l| {
+                    acc[l] += 1;
+                    acc
+                }),
+                level_bytes: vec![0; plan.level_count],
+                next: 0,
+                started: now,
+                last_completed: now,
+                times_ms: Vec::new(),
             }
-            let call = CallArgs { args, kwargs };
-            let types = ArgTypes::of(&call.args);
-            match &plan.endpoints[i] {
-                Endpoint::Local(function) if function.is_inline() => {
-                    let result = function
-                        .invoke_inline(call)
-                        .unwrap_or_else(|| Err(FunctionError::new("Internal", "not inline")));
-                    let value = result.map_err(|e| failure(&plan.cmds[i], None, &e, &types))?;
-                    completed += 1;
-                    finish(&plan, i, value, &mut results, &mut dep_count, &mut ready, tracker.as_mut());
+        });
+        let mut results = Vec::with_capacity(n);
+        results.resize_with(n, || None);
+        Execution {
+            plan,
+            options,
+            results,
+            dep_count,
+            ready,
+            completed: 0,
+            tracker,
+            reports: Vec::new(),
+            budget: Budget::new(limits),
+            metrics,
+        }
+    }
+
+    /// The request's id.
+    pub fn request_id(&self) -> &str {
+        &self.plan.request_id
+    }
+
+    /// Whether every command runs in place (see [`Plan::is_inline`]).
+    pub fn is_inline(&self) -> bool {
+        self.plan.is_inline()
+    }
+
+    /// Runs until the request finishes, or (in place) until it has built too much.
+    pub async fn run(mut self, observer: &mut impl LevelObserver, placement: Placement) -> Step {
+        match self.drive(observer, placement).await {
+            Ok(true) => Step::Paused(Box::new(self)),
+            Ok(false) => Step::Finished(Ok(self.outcome())),
+            Err(error) => Step::Finished(Err(error)),
+        }
+    }
+
+    /// The 1002 of a bound the request ran into, counted in `/metrics`.
+    fn refuse(&self, exceeded: LimitExceeded) -> RpcError {
+        if let Some(metrics) = &self.metrics {
+            metrics.limit_exceeded(exceeded.limit.setting());
+        }
+        exceeded.error
+    }
+
+    /// `Ok(true)` when paused, `Ok(false)` when every command completed.
+    async fn drive(&mut self, observer: &mut impl LevelObserver, placement: Placement) -> Result<bool, RpcError> {
+        let n = self.plan.cmds.len();
+        // Created on first use: a request of inline functions never needs it.
+        let mut running: Option<FuturesUnordered<Running>> = None;
+        let mut since_yield = 0;
+        while self.completed < n {
+            let mut pausing = false;
+            while let Some(i) = self.ready.pop_front() {
+                // A command without dependencies has nothing to substitute (level 0).
+                let has_refs = self.plan.levels[i] > 0;
+                let lookup = Lookup { cmds: &self.plan.cmds, index: &self.plan.index };
+                let cost = if has_refs {
+                    let cmd = &self.plan.cmds[i];
+                    cmd.args.iter().chain(cmd.kwargs.values()).map(|v| substitution_cost(v, &self.results, &lookup)).sum()
+                } else {
+                    0
+                };
+                if let Placement::InPlace { pause_above } = placement {
+                    if self.budget.work().saturating_add(cost) > pause_above {
+                        self.ready.push_front(i);
+                        pausing = true;
+                        break;
+                    }
                 }
-                endpoint => {
-                    let future = dispatch(&plan, i, endpoint.clone(), call, types);
-                    running.get_or_insert_with(FuturesUnordered::new).push(future);
+                if let Err(exceeded) = self.budget.substitute(cost, &self.plan.cmds[i].name) {
+                    return Err(self.refuse(exceeded));
                 }
-            }
-            if let Some(tracker) = tracker.as_mut() {
+                // Each command's arguments are used once: substitute in place, no copies.
+                let mut args = std::mem::take(&mut self.plan.cmds[i].args);
+                let mut kwargs = std::mem::take(&mut self.plan.cmds[i].kwargs);
+                if has_refs {
+                    let lookup = Lookup { cmds: &self.plan.cmds, index: &self.plan.index };
+                    for value in args.iter_mut().chain(kwargs.values_mut()) {
+                        substitute(value, &self.results, &lookup);
+                    }
+                }
+                let call = CallArgs { args, kwargs };
+                let types = ArgTypes::of(&call.args);
+                match &self.plan.endpoints[i] {
+                    Endpoint::Local(function) if function.is_inline() => {
+                        let result = function
+                            .invoke_inline(call)
+                            .unwrap_or_else(|| Err(FunctionError::new("Internal", "not inline")));
+                        let value = result.map_err(|e| failure(&self.plan.cmds[i], None, &e, &types))?;
+                        self.finish(i, value)?;
+                    }
+                    endpoint => {
+                        let future = dispatch(&self.plan, i, endpoint.clone(), call, types);
+                        running.get_or_insert_with(FuturesUnordered::new).push(future);
+                    }
+                }
                 // Inline completions may close levels before anything else runs.
-                drain_levels(&plan, &results, tracker, &mut reports, options, observer).await;
+                self.drain_levels(observer).await?;
+                if placement == Placement::Offloaded {
+                    since_yield += 1;
+                    if since_yield >= YIELD_EVERY {
+                        since_yield = 0;
+                        tokio::task::yield_now().await;
+                    }
+                }
             }
+            let idle = running.as_ref().is_none_or(FuturesUnordered::is_empty);
+            if pausing && idle {
+                return Ok(true);
+            }
+            if self.completed == n {
+                break;
+            }
+            let next = match running.as_mut() {
+                Some(running) => running.next().await,
+                None => None,
+            };
+            let Some((i, result)) = next else {
+                // Nothing running and nothing ready: impossible for an acyclic plan.
+                return Err(RpcError::invalid("plan stalled: unresolved dependencies"));
+            };
+            self.finish(i, result?)?;
+            self.drain_levels(observer).await?;
         }
-        if completed == n {
-            break;
-        }
-        let next = match running.as_mut() {
-            Some(running) => running.next().await,
-            None => None,
-        };
-        let Some((i, result)) = next else {
-            // Nothing running and nothing ready: impossible for an acyclic plan.
-            return Err(RpcError::invalid("plan stalled: unresolved dependencies"));
-        };
-        let value = result?;
-        completed += 1;
-        finish(&plan, i, value, &mut results, &mut dep_count, &mut ready, tracker.as_mut());
-        if let Some(tracker) = tracker.as_mut() {
-            drain_levels(&plan, &results, tracker, &mut reports, options, observer).await;
-        }
+        Ok(false)
     }
 
-    let mut r = Map::new();
-    for (i, result) in results.iter_mut().enumerate() {
-        if plan.is_sink(i) {
-            r.insert(std::mem::take(&mut plan.cmds[i].name), result.take().unwrap_or(Value::Null));
+    /// Records command `i`'s result (measured once here) and readies its dependants.
+    fn finish(&mut self, i: usize, value: Value) -> Result<(), RpcError> {
+        self.completed += 1;
+        let size = footprint(&value);
+        let name = &self.plan.cmds[i].name;
+        if let Err(exceeded) = self.budget.depth(size, name) {
+            return Err(self.refuse(exceeded));
+        }
+        // `"name":value,` in `r` and in the level reports.
+        let entry = size.bytes + name.len() as u64 + 4;
+        if self.plan.is_sink(i) {
+            if let Err(exceeded) = self.budget.reply(entry, &format!("the result of command {name}")) {
+                return Err(self.refuse(exceeded));
+            }
+        }
+        if let Some(tracker) = self.tracker.as_mut() {
+            let level = self.plan.levels[i];
+            tracker.remaining[level] -= 1;
+            tracker.level_bytes[level] += entry;
+        }
+        self.results[i] = Some(Done { value, bytes: size.bytes });
+        for &j in &self.plan.dependants[i] {
+            self.dep_count[j] -= 1;
+            if self.dep_count[j] == 0 {
+                self.ready.push_back(j);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports every level completed since the last call. Each report repeats all earlier
+    /// results (`accumulated_results`), so their sizes are counted before one is built.
+    async fn drain_levels(&mut self, observer: &mut impl LevelObserver) -> Result<(), RpcError> {
+        let Some(tracker) = self.tracker.as_mut() else { return Ok(()) };
+        let plan = &self.plan;
+        while tracker.next < plan.level_count && tracker.remaining[tracker.next] == 0 {
+            let level = tracker.next;
+            let now = Instant::now();
+            let took = now.duration_since(tracker.last_completed).as_secs_f64() * 1000.0;
+            tracker.last_completed = now;
+            tracker.times_ms.push(took);
+            tracker.next += 1;
+            if !(self.options.intermediate_results || self.options.observe_levels) {
+                continue;
+            }
+            let accumulated: u64 = tracker.level_bytes[..=level].iter().sum();
+            let estimate = 256 + plan.request_id.len() as u64 + tracker.level_bytes[level] + accumulated;
+            if let Err(exceeded) = self.budget.reply(estimate, &format!("the intermediate result of level {level}")) {
+                if let Some(metrics) = &self.metrics {
+                    metrics.limit_exceeded(exceeded.limit.setting());
+                }
+                return Err(exceeded.error);
+            }
+            let mut level_results = Map::new();
+            let mut accumulated = Map::new();
+            for (i, cmd) in plan.cmds.iter().enumerate() {
+                if plan.levels[i] <= level {
+                    let value = self.results[i].as_ref().map_or(Value::Null, |done| done.value.clone());
+                    if plan.levels[i] == level {
+                        level_results.insert(cmd.name.clone(), value.clone());
+                    }
+                    accumulated.insert(cmd.name.clone(), value);
+                }
+            }
+            let report = json!({
+                "request_id": plan.request_id,
+                "level_index": level,
+                "level_results": level_results,
+                "accumulated_results": accumulated,
+                "total_levels": plan.level_count,
+                "completed_levels": level + 1,
+                "timestamp": unix_now(),
+                "execution_time_ms": took,
+            });
+            observer.level_completed(&report).await;
+            self.reports.push(report);
+        }
+        Ok(())
+    }
+
+    /// The response's parts, once every command completed.
+    fn outcome(mut self) -> Outcome {
+        let mut r = Map::new();
+        for (i, result) in self.results.iter_mut().enumerate() {
+            if self.plan.is_sink(i) {
+                let value = result.take().map_or(Value::Null, |done| done.value);
+                r.insert(std::mem::take(&mut self.plan.cmds[i].name), value);
+            }
+        }
+        let execution_summary = match (&self.tracker, self.options.execution_summary) {
+            (Some(tracker), true) => Some(summary(&self.plan, tracker)),
+            _ => None,
+        };
+        Outcome {
+            r: Value::Object(r),
+            intermediate_results: if self.options.intermediate_results { self.reports } else { Vec::new() },
+            execution_summary,
         }
     }
-    let execution_summary = match (&tracker, options.execution_summary) {
-        (Some(tracker), true) => Some(summary(&plan, tracker)),
-        _ => None,
-    };
-    Ok(Outcome {
-        r: Value::Object(r),
-        intermediate_results: if options.intermediate_results { reports } else { Vec::new() },
-        execution_summary,
-    })
 }
 
 /// The argument types of a call, for the 1003 details, kept without allocating: this is
@@ -496,71 +760,6 @@ async fn run_remote(
                 )))
             }
         }
-    }
-}
-
-fn finish(
-    plan: &Plan,
-    i: usize,
-    value: Value,
-    results: &mut [Option<Value>],
-    dep_count: &mut [usize],
-    ready: &mut VecDeque<usize>,
-    tracker: Option<&mut LevelTracker>,
-) {
-    results[i] = Some(value);
-    if let Some(tracker) = tracker {
-        tracker.remaining[plan.levels[i]] -= 1;
-    }
-    for &j in &plan.dependants[i] {
-        dep_count[j] -= 1;
-        if dep_count[j] == 0 {
-            ready.push_back(j);
-        }
-    }
-}
-
-async fn drain_levels(
-    plan: &Plan,
-    results: &[Option<Value>],
-    tracker: &mut LevelTracker,
-    reports: &mut Vec<Value>,
-    options: ReportOptions,
-    observer: &mut impl LevelObserver,
-) {
-    while tracker.next < plan.level_count && tracker.remaining[tracker.next] == 0 {
-        let level = tracker.next;
-        let now = Instant::now();
-        let took = now.duration_since(tracker.last_completed).as_secs_f64() * 1000.0;
-        tracker.last_completed = now;
-        tracker.times_ms.push(took);
-        tracker.next += 1;
-        if !(options.intermediate_results || options.observe_levels) {
-            continue;
-        }
-        let mut level_results = Map::new();
-        let mut accumulated = Map::new();
-        for (i, cmd) in plan.cmds.iter().enumerate() {
-            if plan.levels[i] <= level {
-                let value = results[i].clone().unwrap_or(Value::Null);
-                if plan.levels[i] == level {
-                    level_results.insert(cmd.name.clone(), value.clone());
-                }
-                accumulated.insert(cmd.name.clone(), value);
-            }
-        }
-        let report = json!({
-            "request_id": plan.request_id,
-            "level_index": level,
-            "level_results": level_results,
-            "accumulated_results": accumulated,
-            "total_levels": plan.level_count,
-            "completed_levels": level + 1,
-            "timestamp": unix_now(),
-            "execution_time_ms": took,
-        });
-        observer.level_completed(&report).await;
-        reports.push(report);
     }
 }
 
