@@ -785,3 +785,6 @@ fn summary(plan: &Plan, tracker: &LevelTracker) -> Value {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod budget_tests;
