@@ -121,7 +121,7 @@ impl Default for Settings {
             max_request_timeout_s: 300.0,
             max_commands_per_request: 10_000,
             max_reply_bytes: 16 * 1024 * 1024,
-            max_substitution_bytes: 32 * 1024 * 1024,
+            max_substitution_bytes: 16 * 1024 * 1024,
             max_value_depth: 128,
             planner_offload_commands: 16,
             planner_offload_bytes: 256 * 1024,

@@ -7,8 +7,9 @@
 //!
 //! Invariants: a job is polled on this actor's arbiter (its own OS thread), never on a
 //! connection's; a panic anywhere in a job answers that job (`None`, which the
-//! connection turns into a 1003) and leaves the actor and the other jobs running. The
-//! mailbox is bounded: a connection waits in `send` when many jobs arrive at once.
+//! connection turns into a 1003) and leaves the actor and the other jobs running. At
+//! most [`MAX_RUNNING_JOBS`] jobs run at once (the others wait their turn), so the memory
+//! the Planner's requests hold is bounded by that many request budgets.
 //!
 //! What a restart loses: nothing it owns. Jobs already accepted keep running on the same
 //! thread (they are tasks of the arbiter, not of the actor); new jobs go to the new
@@ -16,10 +17,12 @@
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
+use tokio::sync::Semaphore;
 
 use crate::protocol::ErrorCode;
 use crate::supervisor::ChildGuard;
@@ -44,15 +47,19 @@ pub struct RunJob {
     pub job: Job,
 }
 
+/// Jobs running at once; each may hold up to a request's budgets in memory.
+pub const MAX_RUNNING_JOBS: usize = 4;
+
 /// The supervised actor that owns the thread large requests run on.
 pub struct Planner {
+    running: Arc<Semaphore>,
     _guard: ChildGuard,
 }
 
 impl Planner {
     /// A planner reporting its death through `guard`.
     pub fn new(guard: ChildGuard) -> Self {
-        Planner { _guard: guard }
+        Planner { running: Arc::new(Semaphore::new(MAX_RUNNING_JOBS)), _guard: guard }
     }
 }
 
@@ -64,7 +71,12 @@ impl Handler<RunJob> for Planner {
     type Result = ResponseFuture<Option<Answer>>;
 
     fn handle(&mut self, msg: RunJob, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(guarded(msg.job))
+        let running = self.running.clone();
+        Box::pin(async move {
+            // Never closed, so a permit always comes.
+            let _permit = running.acquire_owned().await.ok();
+            guarded(msg.job).await
+        })
     }
 }
 

@@ -108,13 +108,13 @@ fn doubling_stops_at_the_substitution_budget() {
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
     let text = details(run(plan(doubling(40, "echos")), ReportOptions::default(), Limits::default(), Some(metrics.clone())));
-    assert!(text.contains("max_substitution_bytes (33554432)"), "{text}");
+    assert!(text.contains("max_substitution_bytes (16777216)"), "{text}");
     assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
     assert_eq!(metrics.limit_exceeded_count("max_substitution_bytes"), 1);
     // Within the budget, the same shape runs.
     let outcome = run(plan(doubling(10, "echos")), ReportOptions::default(), Limits::default(), None).unwrap();
-    // |c0| = 3 (`"x"`), |c_i| = 2 |c_{i-1}| + 3.
-    assert_eq!(footprint(&outcome.r["c10"]).bytes, 3 * 2048 - 3);
+    // |c0| = 8 (`"x"`, at the floor), |c_i| = 2 |c_{i-1}| + 8.
+    assert_eq!(footprint(&outcome.r["c10"]).bytes, 16 * 1024 - 8);
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn an_inline_run_pauses_in_place_and_finishes_elsewhere_with_the_same_answer() {
     let levels = |o: &Outcome| o.intermediate_results.iter().map(|r| r["level_results"].clone()).collect::<Vec<_>>();
     assert_eq!(levels(&resumed), levels(&straight));
     // Small runs never pause.
-    let (_, paused) = run_pausing(plan(doubling(3, "echos")), options, Limits::default(), 1000);
+    let (_, paused) = run_pausing(plan(doubling(3, "echos")), ReportOptions::default(), Limits::default(), 1000);
     assert!(!paused);
 }
 
