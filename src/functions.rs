@@ -17,9 +17,7 @@
 
 use std::time::Duration;
 
-use mpreg_actors::function::{
-    float_result, CallArgs, FunctionError, FunctionResult, FunctionSpec, IntoFunctionResult,
-};
+use mpreg_actors::function::{float_result, CallArgs, FunctionError, FunctionResult, FunctionSpec, IntoFunctionResult};
 use mpreg_actors::version::Version;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};

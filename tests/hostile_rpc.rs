@@ -388,7 +388,11 @@ fn frame() -> impl Strategy<Value = (Value, Option<&'static str>)> {
         timeout,
         any::<(bool, bool, bool)>(),
         prop::option::of(Just("fuzz.levels")),
-        prop::option::of(prop::sample::select(vec!["123456789012345678901234567890", "-99999999999999999999", "1e400"])),
+        prop::option::of(prop::sample::select(vec![
+            "123456789012345678901234567890",
+            "-99999999999999999999",
+            "1e400",
+        ])),
     )
         .prop_map(|(cmds, timeout, (intermediate, summary, debug), topic, raw)| {
             let mut frame = json!({
@@ -424,7 +428,8 @@ fn fuzz_rpc_frames_always_get_an_answer() {
     });
     let url = url_rx.recv().expect("node started");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let socket = RefCell::new(runtime.block_on(RawSocket::connect(&url)));
+    // Taken out for each case and put back: no borrow is held across an await.
+    let socket = RefCell::new(Some(runtime.block_on(RawSocket::connect(&url))));
     let n = Cell::new(0u32);
     let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
     proptest::test_runner::TestRunner::new(config)
@@ -437,13 +442,14 @@ fn fuzz_rpc_frames_always_get_an_answer() {
                 // Put a literal no `Value` can hold where an argument would go.
                 text = text.replacen(r#""args":["#, &format!(r#""args":[{raw},"#), 1);
             }
+            let mut taken = socket.borrow_mut().take().expect("the socket is back after each case");
             let reply = runtime.block_on(async {
-                let mut socket = socket.borrow_mut();
-                socket.send(text.clone()).await;
+                taken.send(text.clone()).await;
                 // A frame that is not JSON at all (`1e400` is out of range) is answered
                 // without its `u`: frames go one at a time, so that answer is this one's.
-                socket.reply_to_or_null(&u).await
+                taken.reply_to_or_null(&u).await
             });
+            *socket.borrow_mut() = Some(taken);
             let answered = reply.get("r").is_some() && reply.get("error").is_some();
             prop_assert!(answered, "not a response: {} for {}", reply, text);
             if let Some(code) = reply["error"]["code"].as_u64() {
@@ -454,7 +460,8 @@ fn fuzz_rpc_frames_always_get_an_answer() {
         .unwrap();
     // The connection survived every frame.
     let last = rpc("last", json!([{"name": "e", "fun": "echo", "args": [1]}]));
-    let reply = runtime.block_on(socket.borrow_mut().call("last", last));
+    let mut socket = socket.into_inner().expect("the socket is back");
+    let reply = runtime.block_on(socket.call("last", last));
     assert_eq!(reply["r"], json!({"e": 1}));
     let _ = stop_tx.send(());
     server.join().expect("node thread ends");

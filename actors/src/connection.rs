@@ -33,8 +33,8 @@ use crate::fabric::wire::PeerFrame;
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
 };
-use crate::metrics::Metrics;
 use crate::function::panic_message;
+use crate::metrics::Metrics;
 use crate::planner::{
     Answer, Execution, Job, LevelObserver, LevelReport, Limits, NoObserver, Outcome, Placement, Plan, Planner,
     ReportOptions, RunJob, Step,
@@ -355,7 +355,7 @@ impl Connection {
         let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %u, conn = self.id);
         let task = async move {
-            let run = AssertUnwindSafe(prepared.run(&shared)).catch_unwind().await;
+            let run = AssertUnwindSafe((*prepared).run(&shared)).catch_unwind().await;
             let answer = run.unwrap_or_else(|payload| failed(u, panicked(payload.as_ref())));
             shared.metrics.request_left();
             shared.metrics.request_finished(started.elapsed(), answer.error);
@@ -505,7 +505,7 @@ enum InPlace {
     /// Built more than it may in place: the rest goes to the Planner.
     Paused(Box<Execution>, Ending),
     /// Something has to wait (a task, a remote call, a callback topic): run as a task.
-    Task(Prepared),
+    Task(Box<Prepared>),
 }
 
 /// Plans `request` and, when every command is inline, runs it now.
@@ -517,7 +517,7 @@ fn in_place(shared: &NodeShared, request: RpcRequest, started: Instant) -> InPla
     // Fast path: a plan of inline functions only completes in its first poll; running
     // it here saves a task, a timer and a span per request (DESIGN.md §4).
     if !(prepared.execution.is_inline() && prepared.ending.callback_topic.is_none()) {
-        return InPlace::Task(prepared);
+        return InPlace::Task(Box::new(prepared));
     }
     let Prepared { ending, execution } = prepared;
     let placement = Placement::InPlace { pause_above: shared.config.planner_offload_bytes as u64 };

@@ -303,7 +303,6 @@ fn follow_path<'r>(s: &str, results: &'r Results, index: &Lookup<'_>) -> Option<
     Some(at)
 }
 
-
 /// One completed level, in the reference's shape.
 pub type LevelReport = Value;
 
@@ -401,7 +400,10 @@ const _: fn() = || {
 
 impl std::fmt::Debug for Execution {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Execution").field("plan", &self.plan).field("completed", &self.completed).finish_non_exhaustive()
+        f.debug_struct("Execution")
+            .field("plan", &self.plan)
+            .field("completed", &self.completed)
+            .finish_non_exhaustive()
     }
 }
 
@@ -495,7 +497,11 @@ impl Execution {
                 let lookup = Lookup { cmds: &self.plan.cmds, index: &self.plan.index };
                 let cost = if has_refs {
                     let cmd = &self.plan.cmds[i];
-                    cmd.args.iter().chain(cmd.kwargs.values()).map(|v| substitution_cost(v, &self.results, &lookup)).sum()
+                    cmd.args
+                        .iter()
+                        .chain(cmd.kwargs.values())
+                        .map(|v| substitution_cost(v, &self.results, &lookup))
+                        .sum()
                 } else {
                     0
                 };

@@ -77,7 +77,12 @@ fn run(plan: Plan, options: ReportOptions, limits: Limits, metrics: Option<Arc<M
 }
 
 /// Runs in place with `pause_above`, resuming (offloaded, as the Planner does) when paused.
-fn run_pausing(plan: Plan, options: ReportOptions, limits: Limits, pause_above: u64) -> (Result<Outcome, RpcError>, bool) {
+fn run_pausing(
+    plan: Plan,
+    options: ReportOptions,
+    limits: Limits,
+    pause_above: u64,
+) -> (Result<Outcome, RpcError>, bool) {
     let execution = Execution::new(plan, options, limits, None);
     let rt = runtime();
     match rt.block_on(execution.run(&mut NoObserver, Placement::InPlace { pause_above })) {
@@ -107,7 +112,8 @@ const QUICK: Duration = Duration::from_secs(5);
 fn doubling_stops_at_the_substitution_budget() {
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
-    let text = details(run(plan(doubling(40, "echos")), ReportOptions::default(), Limits::default(), Some(metrics.clone())));
+    let text =
+        details(run(plan(doubling(40, "echos")), ReportOptions::default(), Limits::default(), Some(metrics.clone())));
     assert!(text.contains("max_substitution_bytes (16777216)"), "{text}");
     assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
     assert_eq!(metrics.limit_exceeded_count("max_substitution_bytes"), 1);
@@ -160,7 +166,8 @@ fn an_inline_run_pauses_in_place_and_finishes_elsewhere_with_the_same_answer() {
 
 #[test]
 fn a_run_waiting_on_tasks_pauses_only_when_nothing_is_running() {
-    let (result, paused) = run_pausing(plan(doubling(12, "echos_async")), ReportOptions::default(), Limits::default(), 1000);
+    let (result, paused) =
+        run_pausing(plan(doubling(12, "echos_async")), ReportOptions::default(), Limits::default(), 1000);
     assert!(paused);
     assert_eq!(footprint(&result.unwrap().r["c12"]).depth, 12);
 }

@@ -154,7 +154,8 @@ fn exact_integers(bytes: &[u8], request: RpcRequest) -> Result<RpcRequest, Inbou
     match suspect.then(|| oversized_integer(bytes)).flatten() {
         None => Ok(request),
         Some(literal) => {
-            let shown = if literal.len() > 48 { format!("{}...({} digits)", &literal[..40], literal.len()) } else { literal };
+            let shown =
+                if literal.len() > 48 { format!("{}...({} digits)", &literal[..40], literal.len()) } else { literal };
             Err(InboundError {
                 u: Some(request.u),
                 role: Some("rpc".to_owned()),
