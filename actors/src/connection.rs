@@ -1,13 +1,16 @@
 //! Connection: one actor per websocket, plus the listener that accepts them.
 //!
 //! Who sends to it: its websocket (frames), its own heartbeat timer. Whom it calls: the
-//! planner (as a task on this actor's thread), PubSub (subscribe, publish). Replies and
+//! planner (small requests in place or as a task on this actor's thread; large ones, and
+//! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
+//! publish). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
-//! Invariants: every frame gets an answer (bad input included); at most
-//! `max_in_flight` requests run at once (beyond that: 1006); requests run concurrently and
-//! are answered by `u`, not in arrival order.
+//! Invariants: every frame gets an answer (bad input included; a panic while handling a
+//! request answers that request with 1003); at most `max_in_flight` requests run at once
+//! (beyond that: 1006); requests run concurrently and are answered by `u`, not in arrival
+//! order.
 //!
 //! Connections are transient: a crashed one is not restarted (its client reconnects). A
 //! restart of anything else loses no connection.
