@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The longest duration a setting may give, in seconds (about 31 years).
+const MAX_SECONDS: f64 = 1e9;
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -45,7 +48,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Whole-request timeout (seconds) unless a request sets `timeout`.
     pub request_timeout_s: f64,
-    /// The longest `timeout` a request may ask for (seconds); beyond it: 1002.
+    /// The longest `timeout` a request may ask for (seconds; at least `request_timeout_s`
+    /// is always allowed); beyond it: 1002.
     pub max_request_timeout_s: f64,
     /// Commands in one request; beyond it: 1002.
     pub max_commands_per_request: usize,
@@ -199,21 +203,19 @@ impl Settings {
 
     /// Checks ranges; run after all overrides are applied.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Bounded above too: a duration of 1e300 seconds does not exist.
         let positive = |key: &'static str, value: f64| {
-            if value.is_finite() && value > 0.0 {
+            if value.is_finite() && value > 0.0 && value <= MAX_SECONDS {
                 Ok(())
             } else {
-                Err(ConfigError::Invalid { key, message: format!("must be a positive number of seconds, got {value}") })
+                Err(ConfigError::Invalid {
+                    key,
+                    message: format!("must be a positive number of seconds up to {MAX_SECONDS}, got {value}"),
+                })
             }
         };
         positive("request_timeout_s", self.request_timeout_s)?;
         positive("max_request_timeout_s", self.max_request_timeout_s)?;
-        if self.max_request_timeout_s < self.request_timeout_s || self.max_request_timeout_s > 1e9 {
-            return Err(ConfigError::Invalid {
-                key: "max_request_timeout_s",
-                message: "must be at least request_timeout_s and at most 1e9".into(),
-            });
-        }
         positive("heartbeat_interval_s", self.heartbeat_interval_s)?;
         positive("client_timeout_s", self.client_timeout_s)?;
         positive("restart_window_s", self.restart_window_s)?;
@@ -263,6 +265,12 @@ impl Settings {
         Ok(())
     }
 
+    /// The longest `timeout` a request may set: `max_request_timeout_s`, or the node's own
+    /// `request_timeout_s` if that is longer (a node never refuses its own default).
+    pub fn max_request_timeout(&self) -> Duration {
+        Settings::seconds(self.max_request_timeout_s.max(self.request_timeout_s))
+    }
+
     /// Seconds as a `Duration` (validated values only).
     pub fn seconds(value: f64) -> Duration {
         Duration::from_secs_f64(value)
@@ -298,5 +306,13 @@ mod tests {
     fn out_of_range_values_are_refused() {
         let settings = Settings { request_timeout_s: 0.0, ..Settings::default() };
         assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: "request_timeout_s", .. })));
+        let settings = Settings { request_timeout_s: 1e300, ..Settings::default() };
+        assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: "request_timeout_s", .. })));
+        let settings = Settings { max_commands_per_request: 0, ..Settings::default() };
+        assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: "max_commands_per_request", .. })));
+        // A node's own default timeout is always allowed to requests.
+        let settings = Settings { request_timeout_s: 600.0, ..Settings::default() };
+        settings.validate().unwrap();
+        assert_eq!(settings.max_request_timeout(), Duration::from_secs(600));
     }
 }

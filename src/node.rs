@@ -209,7 +209,7 @@ impl NodeBuilder {
                 node: name.clone(),
                 cluster_id: settings.cluster_id.as_str().into(),
                 request_timeout: Settings::seconds(settings.request_timeout_s),
-                max_request_timeout: Settings::seconds(settings.max_request_timeout_s),
+                max_request_timeout: settings.max_request_timeout(),
                 max_commands_per_request: settings.max_commands_per_request,
                 limits: Limits {
                     max_reply_bytes: settings.max_reply_bytes as u64,
