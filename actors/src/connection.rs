@@ -485,7 +485,7 @@ impl Ending {
         tokio::time::Instant::from_std(self.started + self.timeout)
     }
 
-    /// Runs `execution` to its end (or its deadline) and encodes the answer.
+    /// Runs `execution` under the request's deadline (which a resumed run keeps).
     async fn finish(&self, shared: &NodeShared, execution: Execution, placement: Placement) -> Step {
         let mut observer = CallbackPublisher { shared, topic: self.callback_topic.clone() };
         match tokio::time::timeout_at(self.deadline(), execution.run(&mut observer, placement)).await {
