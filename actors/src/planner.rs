@@ -57,6 +57,8 @@ pub struct Plan {
     index: NameIndex,
     dependants: Vec<Vec<usize>>,
     dep_count: Vec<usize>,
+    /// References held by each command (see [`references`]).
+    occurrences: Vec<u32>,
     levels: Vec<usize>,
     level_count: usize,
 }
@@ -73,7 +75,7 @@ impl Plan {
         let RpcRequest { u, cmds, .. } = request;
         let index = NameIndex::build(&cmds)?;
         let lookup = Lookup { cmds: &cmds, index: &index };
-        let deps: Vec<Vec<usize>> = cmds.iter().map(|cmd| references(cmd, &lookup)).collect();
+        let (deps, occurrences): (Vec<Vec<usize>>, Vec<u32>) = cmds.iter().map(|cmd| references(cmd, &lookup)).unzip();
         let mut dependants = vec![Vec::new(); cmds.len()];
         for (i, ds) in deps.iter().enumerate() {
             for &d in ds {
@@ -100,6 +102,7 @@ impl Plan {
             endpoints,
             routing,
             dep_count: deps.iter().map(Vec::len).collect(),
+            occurrences,
             level_count: levels.iter().map(|l| l + 1).max().unwrap_or(0),
             cmds,
             index,
@@ -181,8 +184,9 @@ impl Lookup<'_> {
     }
 }
 
-/// Indices of the commands that `cmd` references, sorted and unique.
-fn references(cmd: &RpcCommand, index: &Lookup<'_>) -> Vec<usize> {
+/// Indices of the commands that `cmd` references, sorted and unique, and how many
+/// references it holds (at least the number of values substitution will copy).
+fn references(cmd: &RpcCommand, index: &Lookup<'_>) -> (Vec<usize>, u32) {
     fn walk(value: &Value, index: &Lookup<'_>, found: &mut Vec<usize>) {
         match value {
             Value::String(s) => {
@@ -196,9 +200,10 @@ fn references(cmd: &RpcCommand, index: &Lookup<'_>) -> Vec<usize> {
     }
     let mut found = Vec::new();
     cmd.args.iter().chain(cmd.kwargs.values()).for_each(|v| walk(v, index, &mut found));
+    let occurrences = u32::try_from(found.len()).unwrap_or(u32::MAX);
     found.sort_unstable();
     found.dedup();
-    found
+    (found, occurrences)
 }
 
 /// Longest-path level of every command (Kahn's algorithm); a cycle is a request error.
@@ -271,24 +276,27 @@ fn substitution_cost(value: &Value, results: &Results, index: &Lookup<'_>) -> u6
     }
 }
 
-/// Replaces, in place, references in `value` by results of completed commands.
-fn substitute(value: &mut Value, results: &Results, index: &Lookup<'_>) {
+/// Replaces, in place, references in `value` by results of completed commands; returns
+/// the estimated bytes copied.
+fn substitute(value: &mut Value, results: &Results, index: &Lookup<'_>) -> u64 {
     match value {
-        Value::String(s) => {
-            if let Some(resolved) = resolve_reference(s, results, index) {
+        Value::String(s) => match resolve_reference(s, results, index) {
+            Some((resolved, bytes)) => {
                 *value = resolved;
+                bytes
             }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|v| substitute(v, results, index)),
-        Value::Object(map) => map.values_mut().for_each(|v| substitute(v, results, index)),
-        _ => {}
+            None => 0,
+        },
+        Value::Array(items) => items.iter_mut().map(|v| substitute(v, results, index)).sum(),
+        Value::Object(map) => map.values_mut().map(|v| substitute(v, results, index)).sum(),
+        _ => 0,
     }
 }
 
-fn resolve_reference(s: &str, results: &Results, index: &Lookup<'_>) -> Option<Value> {
+fn resolve_reference(s: &str, results: &Results, index: &Lookup<'_>) -> Option<(Value, u64)> {
     match s.split_once('.') {
-        None => index.get(s).and_then(|i| results[i].as_ref()).map(|done| done.value.clone()),
-        Some(_) => follow_path(s, results, index).cloned(),
+        None => index.get(s).and_then(|i| results[i].as_ref()).map(|done| (done.value.clone(), done.bytes)),
+        Some(_) => follow_path(s, results, index).map(|found| (found.clone(), footprint(found).bytes)),
     }
 }
 
@@ -389,6 +397,9 @@ pub struct Execution {
     tracker: Option<LevelTracker>,
     reports: Vec<Value>,
     budget: Budget,
+    /// The largest result so far: with a command's reference count, it bounds what
+    /// substituting its arguments can copy.
+    largest_result: u64,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -452,6 +463,7 @@ impl Execution {
             tracker,
             reports: Vec::new(),
             budget: Budget::new(limits),
+            largest_result: 0,
             metrics,
         }
     }
@@ -494,34 +506,50 @@ impl Execution {
             while let Some(i) = self.ready.pop_front() {
                 // A command without dependencies has nothing to substitute (level 0).
                 let has_refs = self.plan.levels[i] > 0;
-                let lookup = Lookup { cmds: &self.plan.cmds, index: &self.plan.index };
-                let cost = if has_refs {
-                    let cmd = &self.plan.cmds[i];
-                    cmd.args
-                        .iter()
-                        .chain(cmd.kwargs.values())
-                        .map(|v| substitution_cost(v, &self.results, &lookup))
-                        .sum()
-                } else {
-                    0
-                };
-                if let Placement::InPlace { pause_above } = placement {
-                    if self.budget.work().saturating_add(cost) > pause_above {
-                        self.ready.push_front(i);
-                        pausing = true;
-                        break;
+                // What substitution may copy is counted before anything is copied. Nearly
+                // always a bound (references x largest result) shows it is small, and the
+                // copy counts itself; otherwise the arguments are measured first.
+                let mut measured = false;
+                if has_refs {
+                    let bound = u64::from(self.plan.occurrences[i]).saturating_mul(self.largest_result);
+                    let small = match placement {
+                        Placement::InPlace { pause_above } => self.budget.work().saturating_add(bound) <= pause_above,
+                        Placement::Offloaded => true,
+                    };
+                    if !(small && self.budget.substitution_fits(bound)) {
+                        let lookup = Lookup { cmds: &self.plan.cmds, index: &self.plan.index };
+                        let cmd = &self.plan.cmds[i];
+                        let cost: u64 = cmd
+                            .args
+                            .iter()
+                            .chain(cmd.kwargs.values())
+                            .map(|v| substitution_cost(v, &self.results, &lookup))
+                            .sum();
+                        if let Placement::InPlace { pause_above } = placement {
+                            if self.budget.work().saturating_add(cost) > pause_above {
+                                self.ready.push_front(i);
+                                pausing = true;
+                                break;
+                            }
+                        }
+                        if let Err(exceeded) = self.budget.substitute(cost, &cmd.name) {
+                            return Err(self.refuse(exceeded));
+                        }
+                        measured = true;
                     }
-                }
-                if let Err(exceeded) = self.budget.substitute(cost, &self.plan.cmds[i].name) {
-                    return Err(self.refuse(exceeded));
                 }
                 // Each command's arguments are used once: substitute in place, no copies.
                 let mut args = std::mem::take(&mut self.plan.cmds[i].args);
                 let mut kwargs = std::mem::take(&mut self.plan.cmds[i].kwargs);
                 if has_refs {
                     let lookup = Lookup { cmds: &self.plan.cmds, index: &self.plan.index };
-                    for value in args.iter_mut().chain(kwargs.values_mut()) {
-                        substitute(value, &self.results, &lookup);
+                    let copied: u64 =
+                        args.iter_mut().chain(kwargs.values_mut()).map(|v| substitute(v, &self.results, &lookup)).sum();
+                    // Within the bound, so within the budget: this only counts it.
+                    if !measured {
+                        if let Err(exceeded) = self.budget.substitute(copied, &self.plan.cmds[i].name) {
+                            return Err(self.refuse(exceeded));
+                        }
                     }
                 }
                 let call = CallArgs { args, kwargs };
@@ -581,7 +609,7 @@ impl Execution {
         // `"name":value,` in `r` and in the level reports.
         let entry = size.bytes + name.len() as u64 + 4;
         if self.plan.is_sink(i) {
-            if let Err(exceeded) = self.budget.reply(entry, &format!("the result of command {name}")) {
+            if let Err(exceeded) = self.budget.reply(entry, || format!("the result of command {name}")) {
                 return Err(self.refuse(exceeded));
             }
         }
@@ -590,6 +618,7 @@ impl Execution {
             tracker.remaining[level] -= 1;
             tracker.level_bytes[level] += entry;
         }
+        self.largest_result = self.largest_result.max(size.bytes);
         self.results[i] = Some(Done { value, bytes: size.bytes });
         for &j in &self.plan.dependants[i] {
             self.dep_count[j] -= 1;
@@ -617,7 +646,7 @@ impl Execution {
             }
             let accumulated: u64 = tracker.level_bytes[..=level].iter().sum();
             let estimate = 256 + plan.request_id.len() as u64 + tracker.level_bytes[level] + accumulated;
-            if let Err(exceeded) = self.budget.reply(estimate, &format!("the intermediate result of level {level}")) {
+            if let Err(exceeded) = self.budget.reply(estimate, || format!("the intermediate result of level {level}")) {
                 if let Some(metrics) = &self.metrics {
                     metrics.limit_exceeded(exceeded.limit.setting());
                 }

@@ -50,38 +50,60 @@ const FLOAT_BYTES: u64 = 18;
 /// The least any value counts, however short its JSON (see the module doc).
 pub const MIN_VALUE_BYTES: u64 = 8;
 
-/// Measures `value` without recursion (a result may be nested deeper than the stack
-/// allows; it is refused afterwards, but must be measurable first).
+/// How deep [`footprint`] recurses before it continues with a heap stack.
+const RECURSION_LIMIT: usize = 64;
+
+/// Measures `value`. Shallow values (nearly all) are walked recursively, allocating
+/// nothing; below [`RECURSION_LIMIT`] levels the walk continues with a heap stack, since
+/// a result may be nested deeper than the thread's stack allows (it is refused afterwards,
+/// but must be measurable first).
 pub fn footprint(value: &Value) -> Footprint {
-    let mut bytes = 0u64;
-    let mut deepest = 0usize;
-    let mut stack: Vec<(&Value, usize)> = Vec::new();
-    let mut next = Some((value, 0usize));
-    while let Some((value, depth)) = next.take().or_else(|| stack.pop()) {
-        bytes += MIN_VALUE_BYTES.max(match value {
-            Value::Null => 4,
-            Value::Bool(true) => 4,
-            Value::Bool(false) => 5,
-            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => digits(u),
-                (None, Some(i)) => 1 + digits(i.unsigned_abs()),
-                _ => FLOAT_BYTES,
-            },
-            Value::String(s) => s.len() as u64 + 2,
-            Value::Array(items) => {
-                deepest = deepest.max(depth + 1);
-                stack.extend(items.iter().map(|v| (v, depth + 1)));
-                2 + items.len().saturating_sub(1) as u64
-            }
-            Value::Object(map) => {
-                deepest = deepest.max(depth + 1);
-                let keys: u64 = map.keys().map(|k| k.len() as u64 + 3).sum();
-                stack.extend(map.values().map(|v| (v, depth + 1)));
-                2 + keys + map.len().saturating_sub(1) as u64
-            }
-        });
+    let mut total = Footprint::default();
+    measure(value, 0, &mut total);
+    total
+}
+
+/// The bytes of `value` itself: a scalar's JSON, a container's brackets, commas and keys.
+fn own_bytes(value: &Value) -> u64 {
+    MIN_VALUE_BYTES.max(match value {
+        Value::Null => 4,
+        Value::Bool(true) => 4,
+        Value::Bool(false) => 5,
+        Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => digits(u),
+            (None, Some(i)) => 1 + digits(i.unsigned_abs()),
+            _ => FLOAT_BYTES,
+        },
+        Value::String(s) => s.len() as u64 + 2,
+        Value::Array(items) => 2 + items.len().saturating_sub(1) as u64,
+        Value::Object(map) => {
+            2 + map.keys().map(|k| k.len() as u64 + 3).sum::<u64>() + map.len().saturating_sub(1) as u64
+        }
+    })
+}
+
+fn measure(value: &Value, depth: usize, total: &mut Footprint) {
+    total.bytes += own_bytes(value);
+    let children: &mut dyn Iterator<Item = &Value> = match value {
+        Value::Array(items) => &mut items.iter(),
+        Value::Object(map) => &mut map.values(),
+        _ => return,
+    };
+    total.depth = total.depth.max(depth + 1);
+    if depth + 1 < RECURSION_LIMIT {
+        children.for_each(|child| measure(child, depth + 1, total));
+        return;
     }
-    Footprint { bytes, depth: deepest }
+    let mut stack: Vec<(&Value, usize)> = children.map(|child| (child, depth + 1)).collect();
+    while let Some((value, depth)) = stack.pop() {
+        total.bytes += own_bytes(value);
+        match value {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            _ => continue,
+        }
+        total.depth = total.depth.max(depth + 1);
+    }
 }
 
 fn digits(mut n: u64) -> u64 {
@@ -165,14 +187,20 @@ impl Budget {
         Ok(())
     }
 
-    /// Counts `bytes` about to be added to the reply (`what` says which part).
-    pub fn reply(&mut self, bytes: u64, what: &str) -> Result<(), LimitExceeded> {
+    /// Whether `bytes` more could be substituted.
+    pub fn substitution_fits(&self, bytes: u64) -> bool {
+        self.substituted.saturating_add(bytes) <= self.limits.max_substitution_bytes
+    }
+
+    /// Counts `bytes` about to be added to the reply (`what` says which part; it is only
+    /// written out for the error).
+    pub fn reply(&mut self, bytes: u64, what: impl FnOnce() -> String) -> Result<(), LimitExceeded> {
         let total = self.reply.saturating_add(bytes);
         let max = self.limits.max_reply_bytes;
         if total > max {
             return Err(exceeded(
                 Limit::ReplyBytes,
-                format!("reply exceeds max_reply_bytes ({max}): {what} would bring it to {total} bytes"),
+                format!("reply exceeds max_reply_bytes ({max}): {} would bring it to {total} bytes", what()),
             ));
         }
         self.reply = total;
@@ -288,8 +316,8 @@ mod tests {
         let e = budget.substitute(1, "b").unwrap_err();
         assert_eq!(e.limit, Limit::SubstitutionBytes);
         assert!(e.error.details_text().contains("max_substitution_bytes (20)") && e.error.code == 1002);
-        budget.reply(10, "r").unwrap();
-        assert_eq!(budget.reply(1, "r").unwrap_err().limit, Limit::ReplyBytes);
+        budget.reply(10, || "r".into()).unwrap();
+        assert_eq!(budget.reply(1, || "r".into()).unwrap_err().limit, Limit::ReplyBytes);
         assert_eq!(budget.work(), 30);
         assert!(budget.depth(Footprint { bytes: 0, depth: 2 }, "x").is_ok());
         let e = budget.depth(Footprint { bytes: 0, depth: 3 }, "x").unwrap_err();
