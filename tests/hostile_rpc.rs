@@ -269,6 +269,15 @@ async fn large_requests_within_bounds_run_on_the_planner_and_it_is_supervised() 
     // 200 commands: over the offload threshold, within every bound.
     let reply = socket.call("long", rpc("long", chain(199, "echo"))).await;
     assert_eq!(reply["r"], json!({"c199": "some payload"}), "{reply}");
+    // 15 commands start in place, build past planner_offload_bytes there, pause, and
+    // finish on the Planner: the answer is whole.
+    let reply = socket.call("grown", rpc("grown", doubling(14, 2))).await;
+    let mut value = &reply["r"]["c14"];
+    for _ in 0..14 {
+        assert_eq!(value.as_array().map(Vec::len), Some(2), "{}", &reply.to_string()[..200]);
+        value = &value[1];
+    }
+    assert_eq!(value, &json!("x"));
 
     assert!(node.crash_actor("planner").await);
     poll_until_async("the planner restarted", ANSWER_WITHIN, || async {
