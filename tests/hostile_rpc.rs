@@ -231,6 +231,7 @@ async fn amplification_attacks_are_refused_quickly_while_a_bystander_keeps_its_l
         let reply = attacker.call(&u, frame).await;
         assert_error(&reply, 1002, limit);
         assert!(started.elapsed() < ANSWER_WITHIN, "{u} took {:?}", started.elapsed());
+        eprintln!("{u}: 1002 {limit} after {:?}", started.elapsed());
     }
     let reply = attacker.call("after", rpc("after", json!([{"name": "e", "fun": "echo", "args": ["ok"]}]))).await;
     assert_eq!(reply["r"], json!({"e": "ok"}), "the attacker's connection still serves");
