@@ -2,6 +2,7 @@
 //! work proportional to the bound; a run paused in place and resumed elsewhere gives the
 //! same answer as one run straight through; properties over random amplifying plans.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -10,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::function::{CallArgs, FunctionSpec};
+use crate::metrics::Metrics;
 use crate::protocol::{RpcCommand, RpcRequest};
 use crate::registry::FunctionTable;
 
