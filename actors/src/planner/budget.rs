@@ -54,7 +54,7 @@ pub const MIN_VALUE_BYTES: u64 = 8;
 const RECURSION_LIMIT: usize = 64;
 
 /// Measures `value`. Shallow values (nearly all) are walked recursively, allocating
-/// nothing; below [`RECURSION_LIMIT`] levels the walk continues with a heap stack, since
+/// nothing; below 64 levels (`RECURSION_LIMIT`) the walk continues with a heap stack, since
 /// a result may be nested deeper than the thread's stack allows (it is refused afterwards,
 /// but must be measurable first).
 pub fn footprint(value: &Value) -> Footprint {
