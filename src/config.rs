@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The longest duration a setting may give, in seconds (about 31 years).
+const MAX_SECONDS: f64 = 1e9;
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +48,23 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Whole-request timeout (seconds) unless a request sets `timeout`.
     pub request_timeout_s: f64,
+    /// The longest `timeout` a request may ask for (seconds; at least `request_timeout_s`
+    /// is always allowed); beyond it: 1002.
+    pub max_request_timeout_s: f64,
+    /// Commands in one request; beyond it: 1002.
+    pub max_commands_per_request: usize,
+    /// Estimated JSON bytes of one reply, intermediate results included; beyond it: 1002.
+    pub max_reply_bytes: usize,
+    /// Estimated JSON bytes that references may copy into arguments, per request; beyond
+    /// it: 1002.
+    pub max_substitution_bytes: usize,
+    /// Nesting depth of a command's result; beyond it: 1002.
+    pub max_value_depth: usize,
+    /// Requests with more commands than this run on the Planner's thread.
+    pub planner_offload_commands: usize,
+    /// Frames larger than this, and runs that built more than this in place (bytes), run
+    /// on the Planner's thread.
+    pub planner_offload_bytes: usize,
     /// Requests in flight per connection before 1006.
     pub max_in_flight_per_connection: usize,
     /// Largest frame served normally (bytes).
@@ -131,6 +151,13 @@ impl Default for Settings {
             data_dir: None,
             log_format: LogFormat::Text,
             request_timeout_s: 30.0,
+            max_request_timeout_s: 300.0,
+            max_commands_per_request: 10_000,
+            max_reply_bytes: 16 * 1024 * 1024,
+            max_substitution_bytes: 16 * 1024 * 1024,
+            max_value_depth: 128,
+            planner_offload_commands: 16,
+            planner_offload_bytes: 256 * 1024,
             max_in_flight_per_connection: 1024,
             max_frame_bytes: 16 * 1024 * 1024,
             outbox_capacity: 4096,
@@ -227,14 +254,19 @@ impl Settings {
 
     /// Checks ranges; run after all overrides are applied.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Bounded above too: a duration of 1e300 seconds does not exist.
         let positive = |key: &'static str, value: f64| {
-            if value.is_finite() && value > 0.0 {
+            if value.is_finite() && value > 0.0 && value <= MAX_SECONDS {
                 Ok(())
             } else {
-                Err(ConfigError::Invalid { key, message: format!("must be a positive number of seconds, got {value}") })
+                Err(ConfigError::Invalid {
+                    key,
+                    message: format!("must be a positive number of seconds up to {MAX_SECONDS}, got {value}"),
+                })
             }
         };
         positive("request_timeout_s", self.request_timeout_s)?;
+        positive("max_request_timeout_s", self.max_request_timeout_s)?;
         positive("heartbeat_interval_s", self.heartbeat_interval_s)?;
         positive("client_timeout_s", self.client_timeout_s)?;
         positive("restart_window_s", self.restart_window_s)?;
@@ -265,6 +297,10 @@ impl Settings {
         }
         let at_least_one = [
             ("max_in_flight_per_connection", self.max_in_flight_per_connection),
+            ("max_commands_per_request", self.max_commands_per_request),
+            ("max_reply_bytes", self.max_reply_bytes),
+            ("max_substitution_bytes", self.max_substitution_bytes),
+            ("max_value_depth", self.max_value_depth),
             ("max_frame_bytes", self.max_frame_bytes),
             ("outbox_capacity", self.outbox_capacity),
             ("workers", self.workers),
@@ -295,6 +331,12 @@ impl Settings {
             });
         }
         Ok(())
+    }
+
+    /// The longest `timeout` a request may set: `max_request_timeout_s`, or the node's own
+    /// `request_timeout_s` if that is longer (a node never refuses its own default).
+    pub fn max_request_timeout(&self) -> Duration {
+        Settings::seconds(self.max_request_timeout_s.max(self.request_timeout_s))
     }
 
     /// Seconds as a `Duration` (validated values only).
@@ -366,5 +408,13 @@ mod tests {
     fn out_of_range_values_are_refused() {
         let settings = Settings { request_timeout_s: 0.0, ..Settings::default() };
         assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: "request_timeout_s", .. })));
+        let settings = Settings { request_timeout_s: 1e300, ..Settings::default() };
+        assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: "request_timeout_s", .. })));
+        let settings = Settings { max_commands_per_request: 0, ..Settings::default() };
+        assert!(matches!(settings.validate(), Err(ConfigError::Invalid { key: "max_commands_per_request", .. })));
+        // A node's own default timeout is always allowed to requests.
+        let settings = Settings { request_timeout_s: 600.0, ..Settings::default() };
+        settings.validate().unwrap();
+        assert_eq!(settings.max_request_timeout(), Duration::from_secs(600));
     }
 }

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use mpreg_actors::function::{CallArgs, FunctionError, FunctionResult, FunctionSpec, IntoFunctionResult};
+use mpreg_actors::function::{float_result, CallArgs, FunctionError, FunctionResult, FunctionSpec, IntoFunctionResult};
 use mpreg_actors::version::Version;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -50,10 +50,11 @@ impl Num {
 
 impl IntoFunctionResult for Num {
     fn into_function_result(self) -> FunctionResult {
-        Ok(match self {
-            Num::Int(i) => json!(i),
-            Num::Float(f) => json!(f),
-        })
+        match self {
+            Num::Int(i) => Ok(json!(i)),
+            // `multiply(1e308, 10)` is infinite: an error naming the command, never a null.
+            Num::Float(f) => float_result(f),
+        }
     }
 }
 

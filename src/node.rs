@@ -20,7 +20,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr};
+use actix::{Actor, Addr, Arbiter, ArbiterHandle};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
 use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
@@ -29,6 +29,7 @@ use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, LinkLimits,
 use mpreg_actors::function::FunctionSpec;
 use mpreg_actors::metrics::Metrics;
 use mpreg_actors::monitor::{Monitor, MonitorState};
+use mpreg_actors::planner::{Limits, Planner};
 use mpreg_actors::pubsub::{BacklogLimits, PubSub, PubSubLimits};
 use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
 use mpreg_actors::supervisor::{
@@ -153,6 +154,7 @@ impl NodeBuilder {
         let registry: Slot<Registry> = Slot::default();
         let pubsub: Slot<PubSub> = Slot::default();
         let gossip: Slot<FabricGossip> = Slot::default();
+        let planner: Slot<Planner> = Slot::default();
         let supervisor_slot: Slot<NodeSupervisor> = Slot::default();
         let me = NodeInfo {
             node: name.clone(),
@@ -230,6 +232,16 @@ impl NodeBuilder {
                 ChildHandles::of(&addr)
             }
         }));
+        // The Planner gets its own thread: large requests run there, off the workers.
+        let planner_thread = Arbiter::new().handle();
+        children.push(ChildSpec::new("planner", {
+            let (planner, thread) = (planner.clone(), planner_thread.clone());
+            move |guard| {
+                let addr = Planner::start_in_arbiter(&thread, move |_| Planner::new(guard));
+                planner.set(addr.clone());
+                ChildHandles::of(&addr)
+            }
+        }));
         if let Some(listener) = monitor_listener.map(Arc::new) {
             let state = MonitorState {
                 fabric: gossip.clone(),
@@ -258,6 +270,15 @@ impl NodeBuilder {
                 node: name.clone(),
                 cluster_id: settings.cluster_id.as_str().into(),
                 request_timeout: Settings::seconds(settings.request_timeout_s),
+                max_request_timeout: settings.max_request_timeout(),
+                max_commands_per_request: settings.max_commands_per_request,
+                limits: Limits {
+                    max_reply_bytes: settings.max_reply_bytes as u64,
+                    max_substitution_bytes: settings.max_substitution_bytes as u64,
+                    max_value_depth: settings.max_value_depth,
+                },
+                planner_offload_commands: settings.planner_offload_commands,
+                planner_offload_bytes: settings.planner_offload_bytes,
                 max_in_flight: settings.max_in_flight_per_connection,
                 max_frame_bytes: settings.max_frame_bytes,
                 outbox_capacity: settings.outbox_capacity,
@@ -268,6 +289,7 @@ impl NodeBuilder {
             pubsub,
             metrics: metrics.clone(),
             fabric: fabric.clone(),
+            planner,
         });
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
@@ -286,6 +308,7 @@ impl NodeBuilder {
             exit: exit_rx,
             server: server_handle,
             metrics,
+            planner_thread,
         })
     }
 }
@@ -324,6 +347,7 @@ pub struct Node {
     exit: watch::Receiver<NodeExit>,
     server: actix_web::dev::ServerHandle,
     metrics: Arc<Metrics>,
+    planner_thread: ArbiterHandle,
 }
 
 impl Node {
@@ -382,10 +406,12 @@ impl Node {
         let _ = self.supervisor.send(Shutdown).await;
         self.fabric.writers_done(Duration::from_secs(1)).await;
         self.server.stop(true).await;
+        self.planner_thread.stop();
     }
 
     /// Stops the listener after the supervision tree ended on its own (escalation).
     pub async fn stop_listener(&self) {
         self.server.stop(false).await;
+        self.planner_thread.stop();
     }
 }

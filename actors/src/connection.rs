@@ -1,18 +1,22 @@
 //! Connection: one actor per websocket, plus the listener that accepts them.
 //!
 //! Who sends to it: its websocket (frames), its own heartbeat timer. Whom it calls: the
-//! planner (as a task on this actor's thread), PubSub (subscribe, publish). Replies and
+//! planner (small requests in place or as a task on this actor's thread; large ones, and
+//! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
+//! publish). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
-//! Invariants: every frame gets an answer (bad input included); at most
-//! `max_in_flight` requests run at once (beyond that: 1006); requests run concurrently and
-//! are answered by `u`, not in arrival order.
+//! Invariants: every frame gets an answer (bad input included; a panic while handling a
+//! request answers that request with 1003); at most `max_in_flight` requests run at once
+//! (beyond that: 1006); requests run concurrently and are answered by `u`, not in arrival
+//! order.
 //!
 //! Connections are transient: a crashed one is not restarted (its client reconnects). A
 //! restart of anything else loses no connection.
 
 use std::net::TcpListener;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,8 +36,12 @@ use crate::fabric::wire::{PeerFrame, ServerFrame};
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
 };
+use crate::function::panic_message;
 use crate::metrics::Metrics;
-use crate::planner::{execute, LevelObserver, LevelReport, NoObserver, Outcome, Plan, ReportOptions};
+use crate::planner::{
+    Answer, Execution, Job, LevelObserver, LevelReport, Limits, NoObserver, Outcome, Placement, Plan, Planner,
+    ReportOptions, RunJob, Step,
+};
 use crate::protocol::{
     decode_inbound, encode, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
     PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
@@ -53,6 +61,17 @@ pub struct ConnectionConfig {
     pub cluster_id: Arc<str>,
     /// Whole-request timeout unless the request sets its own.
     pub request_timeout: Duration,
+    /// The longest `timeout` a request may set (1002 beyond).
+    pub max_request_timeout: Duration,
+    /// Commands in one request (1002 beyond).
+    pub max_commands_per_request: usize,
+    /// Bounds on what one request builds: reply, substitutions, nesting (1002 beyond).
+    pub limits: Limits,
+    /// Requests with more commands than this are planned and run on the Planner.
+    pub planner_offload_commands: usize,
+    /// Frames larger than this, and runs that built more than this many bytes on the
+    /// connection's thread, continue on the Planner.
+    pub planner_offload_bytes: usize,
     /// Requests in flight per connection before 1006.
     pub max_in_flight: usize,
     /// Largest frame answered normally; up to twice this is read and refused with 1002,
@@ -78,6 +97,8 @@ pub struct NodeShared {
     pub metrics: Arc<Metrics>,
     /// The cluster: remote calls, peer links, cross-node pub/sub.
     pub fabric: Arc<FabricShared>,
+    /// The Planner's current address: large requests run there.
+    pub planner: Slot<Planner>,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -216,7 +237,7 @@ impl Connection {
             return;
         }
         match decode_inbound(&bytes) {
-            Ok(Inbound::Rpc(request)) => self.on_rpc(request, kind, ctx),
+            Ok(Inbound::Rpc(request)) => self.on_rpc(request, bytes.len(), kind, ctx),
             Ok(Inbound::Subscribe(request)) => self.on_subscribe(request, kind, ctx),
             Ok(Inbound::Publish(request)) => self.on_publish(request, kind, ctx),
             Ok(Inbound::Unsubscribe(request)) => self.on_unsubscribe(request, kind, ctx),
@@ -303,7 +324,7 @@ impl Connection {
         self.reply(bytes, kind, ctx);
     }
 
-    fn on_rpc(&mut self, request: RpcRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+    fn on_rpc(&mut self, request: RpcRequest, frame_bytes: usize, kind: FrameKind, ctx: &mut Context<Self>) {
         let limit = self.shared.config.max_in_flight;
         if self.in_flight >= limit {
             let error = RpcError::overloaded(limit);
@@ -312,33 +333,76 @@ impl Connection {
             return;
         }
         let started = Instant::now();
-        let metrics = &self.shared.metrics;
-        let prepared = match prepare(&self.shared, request) {
-            Ok(prepared) => prepared,
-            Err((u, error)) => {
-                metrics.request_finished(started.elapsed(), error.kind());
-                self.reply(encode(&RpcResponse::failure(Some(u), error)), kind, ctx);
+        let config = &self.shared.config;
+        let max_commands = config.max_commands_per_request;
+        if request.cmds.len() > max_commands {
+            self.shared.metrics.limit_exceeded("max_commands_per_request");
+            let error = RpcError::invalid(format!(
+                "request has {} commands, over max_commands_per_request ({max_commands})",
+                request.cmds.len()
+            ));
+            self.shared.metrics.request_finished(started.elapsed(), error.kind());
+            self.reply(encode(&RpcResponse::failure(Some(request.u), error)), kind, ctx);
+            return;
+        }
+        // Large requests are planned and run on the Planner's thread from the start.
+        if request.cmds.len() > config.planner_offload_commands || frame_bytes > config.planner_offload_bytes {
+            let u = request.u.clone();
+            let job = offloaded(self.shared.clone(), request, started);
+            self.wait_for_planner(u, job, kind, started, ctx);
+            return;
+        }
+        let u = request.u.clone();
+        // A panic while planning, running in place or encoding answers this request only.
+        let handled = catch_unwind(AssertUnwindSafe(|| in_place(&self.shared, request, started)));
+        let prepared = match handled {
+            Ok(InPlace::Answered(answer)) => {
+                self.shared.metrics.request_finished(started.elapsed(), answer.error);
+                self.reply(answer.bytes, kind, ctx);
+                return;
+            }
+            Ok(InPlace::Paused(execution, ending)) => {
+                let job = resumed(self.shared.clone(), execution, ending);
+                self.wait_for_planner(u, job, kind, started, ctx);
+                return;
+            }
+            Ok(InPlace::Task(prepared)) => prepared,
+            Err(payload) => {
+                let answer = failed(u, panicked(payload.as_ref()));
+                self.shared.metrics.request_finished(started.elapsed(), answer.error);
+                self.reply(answer.bytes, kind, ctx);
                 return;
             }
         };
-        // Fast path: a plan of inline functions only completes in its first poll; running
-        // it here saves a task, a timer and a span per request (DESIGN.md §4).
-        if prepared.is_inline() {
-            let response = prepared.run_inline();
-            metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
-            self.reply(encode(&response), kind, ctx);
-            return;
-        }
         self.in_flight += 1;
-        metrics.request_waiting();
+        self.shared.metrics.request_waiting();
         let shared = self.shared.clone();
         let outbox = self.outbox.clone();
-        let span = tracing::debug_span!("rpc", u = %prepared.u, conn = self.id);
+        let span = tracing::debug_span!("rpc", u = %u, conn = self.id);
         let task = async move {
-            let response = prepared.run(&shared).await;
+            let run = AssertUnwindSafe((*prepared).run(&shared)).catch_unwind().await;
+            let answer = run.unwrap_or_else(|payload| failed(u, panicked(payload.as_ref())));
             shared.metrics.request_left();
-            shared.metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
-            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&response)), kind }).await;
+            shared.metrics.request_finished(started.elapsed(), answer.error);
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
+        }
+        .instrument(span);
+        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+    }
+
+    /// Hands `job` (the request `u`) to the Planner and sends its answer when it comes;
+    /// the request counts as in flight meanwhile.
+    fn wait_for_planner(&mut self, u: String, job: Job, kind: FrameKind, started: Instant, ctx: &mut Context<Self>) {
+        self.in_flight += 1;
+        self.shared.metrics.request_waiting();
+        let shared = self.shared.clone();
+        let outbox = self.outbox.clone();
+        let span = tracing::debug_span!("rpc", u = %u, conn = self.id, planner = true);
+        let task = async move {
+            let answer = on_planner(&shared, u, job).await;
+            shared.metrics.request_left();
+            shared.metrics.request_finished(started.elapsed(), answer.error);
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
         }
         .instrument(span);
         ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
@@ -449,20 +513,85 @@ impl LevelObserver for CallbackPublisher<'_> {
     }
 }
 
-/// A validated, planned request.
-struct Prepared {
+/// What answering a request needs besides its execution.
+struct Ending {
     u: String,
-    plan: Plan,
-    options: ReportOptions,
     timeout: Duration,
+    started: Instant,
     callback_topic: Option<String>,
 }
 
+impl Ending {
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started + self.timeout)
+    }
+
+    /// Runs `execution` under the request's deadline (which a resumed run keeps).
+    async fn finish(&self, shared: &NodeShared, execution: Execution, placement: Placement) -> Step {
+        let mut observer = CallbackPublisher { shared, topic: self.callback_topic.clone() };
+        match tokio::time::timeout_at(self.deadline(), execution.run(&mut observer, placement)).await {
+            Ok(step) => step,
+            Err(_) => Step::Finished(Err(RpcError::timeout(self.timeout.as_secs_f64()))),
+        }
+    }
+}
+
+/// A validated, planned request.
+struct Prepared {
+    ending: Ending,
+    execution: Execution,
+}
+
+/// How a request went on the connection's thread.
+enum InPlace {
+    /// Answered (inline functions only, or refused).
+    Answered(Answer),
+    /// Built more than it may in place: the rest goes to the Planner.
+    Paused(Box<Execution>, Ending),
+    /// Something has to wait (a task, a remote call, a callback topic): run as a task.
+    Task(Box<Prepared>),
+}
+
+/// Plans `request` and, when every command is inline, runs it now.
+fn in_place(shared: &NodeShared, request: RpcRequest, started: Instant) -> InPlace {
+    let prepared = match prepare(shared, request, started) {
+        Ok(prepared) => prepared,
+        Err((u, error)) => return InPlace::Answered(failed(u, error)),
+    };
+    // Fast path: a plan of inline functions only completes in its first poll; running
+    // it here saves a task, a timer and a span per request (DESIGN.md §4).
+    if !(prepared.execution.is_inline() && prepared.ending.callback_topic.is_none()) {
+        return InPlace::Task(Box::new(prepared));
+    }
+    let Prepared { ending, execution } = prepared;
+    let placement = Placement::InPlace { pause_above: shared.config.planner_offload_bytes as u64 };
+    match execution.run(&mut NoObserver, placement).now_or_never() {
+        Some(Step::Finished(result)) => InPlace::Answered(answer(&response(ending.u, result))),
+        Some(Step::Paused(execution)) => InPlace::Paused(execution, ending),
+        // Unreachable for an inline plan; answer rather than lose the request.
+        None => InPlace::Answered(failed(ending.u, RpcError::invalid("inline plan did not complete"))),
+    }
+}
+
 /// Validates and plans a request (no I/O); a refusal comes with the request's `u`.
-fn prepare(shared: &NodeShared, request: RpcRequest) -> Result<Prepared, (String, RpcError)> {
+fn prepare(shared: &NodeShared, request: RpcRequest, started: Instant) -> Result<Prepared, (String, RpcError)> {
+    let config = &shared.config;
     let timeout = match request.timeout {
-        None => shared.config.request_timeout,
-        Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
+        None => config.request_timeout,
+        Some(s) if s.is_finite() && s > 0.0 => {
+            let max = config.max_request_timeout;
+            match Duration::try_from_secs_f64(s) {
+                Ok(timeout) if timeout <= max => timeout,
+                _ => {
+                    shared.metrics.limit_exceeded("max_request_timeout_s");
+                    let error = RpcError::invalid(format!(
+                        "timeout {s} s is over max_request_timeout_s ({})",
+                        max.as_secs_f64()
+                    ));
+                    return Err((request.u, error));
+                }
+            }
+        }
         Some(s) => {
             let error = RpcError::invalid(format!("timeout must be a positive number of seconds, got {s}"));
             return Err((request.u, error));
@@ -475,9 +604,12 @@ fn prepare(shared: &NodeShared, request: RpcRequest) -> Result<Prepared, (String
     };
     let callback_topic = request.intermediate_result_callback_topic.clone();
     let u = request.u.clone();
-    let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), shared.config.cluster_id.clone());
+    let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), config.cluster_id.clone());
     match Plan::build(request, routing) {
-        Ok(plan) => Ok(Prepared { u, plan, options, timeout, callback_topic }),
+        Ok(plan) => {
+            let execution = Execution::new(plan, options, config.limits, Some(shared.metrics.clone()));
+            Ok(Prepared { ending: Ending { u, timeout, started, callback_topic }, execution })
+        }
         Err(error) => Err((u, error)),
     }
 }
@@ -494,30 +626,76 @@ fn response(u: String, result: Result<Outcome, RpcError>) -> RpcResponse {
     }
 }
 
-impl Prepared {
-    /// Whether nothing in the request can wait: inline functions only, no callback topic.
-    fn is_inline(&self) -> bool {
-        self.plan.is_inline() && self.callback_topic.is_none()
-    }
+/// Encodes a response, noting how it ended.
+fn answer(response: &RpcResponse) -> Answer {
+    Answer { bytes: encode(response), error: response.error.as_ref().and_then(RpcError::kind) }
+}
 
-    /// Runs an inline request in place (see [`Prepared::is_inline`]).
-    fn run_inline(self) -> RpcResponse {
-        let Prepared { u, plan, options, .. } = self;
-        match execute(plan, options, &mut NoObserver).now_or_never() {
-            Some(result) => response(u, result),
-            // Unreachable for an inline plan; answer rather than lose the request.
-            None => RpcResponse::failure(Some(u), RpcError::invalid("inline plan did not complete")),
+fn failed(u: String, error: RpcError) -> Answer {
+    answer(&RpcResponse::failure(Some(u), error))
+}
+
+/// The 1003 of a request whose handling (not a function: those are guarded on their own)
+/// panicked.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> RpcError {
+    let text = panic_message(payload);
+    warn!(cause = %text, "request handling panicked");
+    RpcError::execution_failed(format!("Request handling failed: error=Panic: {text}"))
+}
+
+impl Prepared {
+    /// Runs a request that waits for something, as a task on the connection's thread;
+    /// if it builds too much here, the rest runs on the Planner.
+    async fn run(self, shared: &Arc<NodeShared>) -> Answer {
+        let Prepared { ending, execution } = self;
+        let placement = Placement::InPlace { pause_above: shared.config.planner_offload_bytes as u64 };
+        match ending.finish(shared, execution, placement).await {
+            Step::Finished(result) => answer(&response(ending.u, result)),
+            Step::Paused(execution) => {
+                let u = ending.u.clone();
+                on_planner(shared, u, resumed(shared.clone(), execution, ending)).await
+            }
         }
     }
+}
 
-    /// Runs the request under its timeout; always returns a response.
-    async fn run(self, shared: &NodeShared) -> RpcResponse {
-        let Prepared { u, plan, options, timeout, callback_topic } = self;
-        let mut observer = CallbackPublisher { shared, topic: callback_topic };
-        let result = tokio::time::timeout(timeout, execute(plan, options, &mut observer))
-            .await
-            .unwrap_or_else(|_| Err(RpcError::timeout(timeout.as_secs_f64())));
-        response(u, result)
+/// A job for the Planner: plan and run `request` there.
+fn offloaded(shared: Arc<NodeShared>, request: RpcRequest, started: Instant) -> Job {
+    Box::new(move || {
+        async move {
+            match prepare(&shared, request, started) {
+                Ok(Prepared { ending, execution }) => run_to_end(&shared, execution, ending).await,
+                Err((u, error)) => failed(u, error),
+            }
+        }
+        .boxed_local()
+    })
+}
+
+/// A job for the Planner: continue a run that paused on a connection's thread.
+fn resumed(shared: Arc<NodeShared>, execution: Box<Execution>, ending: Ending) -> Job {
+    Box::new(move || async move { run_to_end(&shared, *execution, ending).await }.boxed_local())
+}
+
+/// Runs `execution` to its end on the Planner's thread; the reply is encoded there too.
+async fn run_to_end(shared: &NodeShared, execution: Execution, ending: Ending) -> Answer {
+    let result = match ending.finish(shared, execution, Placement::Offloaded).await {
+        Step::Finished(result) => result,
+        Step::Paused(_) => Err(RpcError::invalid("an offloaded run never pauses")),
+    };
+    answer(&response(ending.u, result))
+}
+
+/// Runs `job` on the Planner. A Planner that is restarting, or a job that panicked, still
+/// answers the request `u`.
+async fn on_planner(shared: &NodeShared, u: String, job: Job) -> Answer {
+    let Some(planner) = shared.planner.get() else {
+        return failed(u, RpcError::unreachable("planner unavailable (restarting); retry"));
+    };
+    match planner.send(RunJob { job }).await {
+        Ok(Some(answer)) => answer,
+        Ok(None) => failed(u, RpcError::execution_failed("Request handling failed: error=Panic: planner job panicked")),
+        Err(e) => failed(u, RpcError::unreachable(format!("planner unavailable: {e}; retry"))),
     }
 }
 

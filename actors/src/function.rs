@@ -233,12 +233,16 @@ fn run_guarded(f: &SyncBody, call: CallArgs) -> FunctionResult {
 }
 
 fn panic_error(payload: Box<dyn std::any::Any + Send>) -> FunctionError {
-    let text = payload
+    FunctionError::new("Panic", panic_message(payload.as_ref()))
+}
+
+/// The text a panic was raised with (`"panicked"` when it was not a string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "function panicked".to_owned());
-    FunctionError::new("Panic", text)
+        .unwrap_or_else(|| "panicked".to_owned())
 }
 
 /// The Python-style type names the 1003 details list (`args_types=[int,str]`).
@@ -277,7 +281,29 @@ macro_rules! plain_results {
         }
     )*};
 }
-plain_results!((), bool, i8, i16, i32, i64, u8, u16, u32, u64, usize, f32, f64, String, &'static str, Value);
+plain_results!((), bool, i8, i16, i32, i64, u8, u16, u32, u64, usize, String, &'static str, Value);
+
+/// A float result as JSON. JSON has no infinity or NaN, and serde_json would turn them
+/// into `null`, which the next command would silently consume: they fail the call instead.
+pub fn float_result(value: f64) -> FunctionResult {
+    if value.is_finite() {
+        to_json(value)
+    } else {
+        Err(FunctionError::value_error(format!("result is not a finite number ({value}); JSON cannot carry it")))
+    }
+}
+
+impl IntoFunctionResult for f64 {
+    fn into_function_result(self) -> FunctionResult {
+        float_result(self)
+    }
+}
+
+impl IntoFunctionResult for f32 {
+    fn into_function_result(self) -> FunctionResult {
+        float_result(f64::from(self))
+    }
+}
 
 impl<T: Serialize> IntoFunctionResult for Vec<T> {
     fn into_function_result(self) -> FunctionResult {
@@ -429,6 +455,17 @@ mod tests {
             Err(FunctionError::value_error(format!("boom on {x}")))
         });
         assert_eq!(f.invoke(call(vec![json!(3)])).await.unwrap_err().to_string(), "ValueError: boom on 3");
+    }
+
+    #[tokio::test]
+    async fn non_finite_results_fail_instead_of_becoming_null() {
+        let mul = FunctionSpec::sync("mul", |a: f64, b: f64| a * b).inline();
+        let err = mul.invoke(call(vec![json!(1e308), json!(10)])).await.unwrap_err();
+        assert_eq!(err.kind, "ValueError");
+        assert!(err.message.contains("not a finite number (inf)"), "{err}");
+        let nan = FunctionSpec::sync("nan", || f32::NAN);
+        assert!(nan.invoke(call(vec![])).await.is_err());
+        assert_eq!(mul.invoke(call(vec![json!(1.5), json!(2)])).await, Ok(json!(3.0)));
     }
 
     #[test]

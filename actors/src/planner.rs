@@ -8,9 +8,15 @@
 //! everything else runs concurrently. The first failure ends the request; commands still
 //! running are cancelled.
 //!
-//! Planning runs as a task on the connection's own thread (DESIGN.md §4), so there is no
-//! Planner mailbox on the hot path; what would be its state (the function table) is a
-//! snapshot read without locking.
+//! Small plans run on the connection's own thread (DESIGN.md §4), so there is no Planner
+//! mailbox on the hot path; what would be its state (the function table) is a snapshot
+//! read without locking. Large plans, and runs that have built more than a threshold in
+//! place ([`Placement::InPlace`], [`Step::Paused`]), continue on the supervised
+//! [`Planner`] actor's own thread, so other connections keep their latency.
+//!
+//! Running is `execution.rs`. Every run is bounded ([`Limits`], `budget.rs`): values substituted into arguments, the
+//! reply with its intermediate results, and the nesting of results are counted as the work
+//! happens, and a request that would exceed a bound fails with 1002 naming it.
 //!
 //! References: a string anywhere in `args` or `kwargs` (recursively through arrays and
 //! object VALUES, never keys) equal to a command name references it; `name.a.b` references
@@ -18,20 +24,22 @@
 //! is passed through as the literal string.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
 
-use futures_util::future::LocalBoxFuture;
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use futures_util::FutureExt;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
-use crate::fabric::wire::CallOutcome;
-use crate::fabric::RemoteFunction;
-use crate::function::{type_name, CallArgs, FunctionError};
 use crate::protocol::{RpcCommand, RpcError, RpcRequest};
 use crate::routing::{Endpoint, Routing};
-use crate::unix_now;
 use crate::version::VersionConstraint;
+
+mod actor;
+mod budget;
+mod execution;
+
+pub use actor::{Answer, Job, Planner, RunJob};
+pub use budget::{footprint, Budget, Footprint, Limit, LimitExceeded, Limits};
+pub use execution::{
+    execute, Execution, LevelObserver, LevelReport, NoObserver, Outcome, Placement, ReportOptions, Step,
+};
 
 /// A validated request, ready to run.
 pub struct Plan {
@@ -43,6 +51,8 @@ pub struct Plan {
     index: NameIndex,
     dependants: Vec<Vec<usize>>,
     dep_count: Vec<usize>,
+    /// References held by each command (see [`references`]).
+    occurrences: Vec<u32>,
     levels: Vec<usize>,
     level_count: usize,
 }
@@ -59,7 +69,7 @@ impl Plan {
         let RpcRequest { u, cmds, .. } = request;
         let index = NameIndex::build(&cmds)?;
         let lookup = Lookup { cmds: &cmds, index: &index };
-        let deps: Vec<Vec<usize>> = cmds.iter().map(|cmd| references(cmd, &lookup)).collect();
+        let (deps, occurrences): (Vec<Vec<usize>>, Vec<u32>) = cmds.iter().map(|cmd| references(cmd, &lookup)).unzip();
         let mut dependants = vec![Vec::new(); cmds.len()];
         for (i, ds) in deps.iter().enumerate() {
             for &d in ds {
@@ -86,6 +96,7 @@ impl Plan {
             endpoints,
             routing,
             dep_count: deps.iter().map(Vec::len).collect(),
+            occurrences,
             level_count: levels.iter().map(|l| l + 1).max().unwrap_or(0),
             cmds,
             index,
@@ -167,8 +178,9 @@ impl Lookup<'_> {
     }
 }
 
-/// Indices of the commands that `cmd` references, sorted and unique.
-fn references(cmd: &RpcCommand, index: &Lookup<'_>) -> Vec<usize> {
+/// Indices of the commands that `cmd` references, sorted and unique, and how many
+/// references it holds (at least the number of values substitution will copy).
+fn references(cmd: &RpcCommand, index: &Lookup<'_>) -> (Vec<usize>, u32) {
     fn walk(value: &Value, index: &Lookup<'_>, found: &mut Vec<usize>) {
         match value {
             Value::String(s) => {
@@ -182,9 +194,10 @@ fn references(cmd: &RpcCommand, index: &Lookup<'_>) -> Vec<usize> {
     }
     let mut found = Vec::new();
     cmd.args.iter().chain(cmd.kwargs.values()).for_each(|v| walk(v, index, &mut found));
+    let occurrences = u32::try_from(found.len()).unwrap_or(u32::MAX);
     found.sort_unstable();
     found.dedup();
-    found
+    (found, occurrences)
 }
 
 /// Longest-path level of every command (Kahn's algorithm); a cycle is a request error.
@@ -234,355 +247,8 @@ fn describe_cycle(cmds: &[RpcCommand], deps: &[Vec<usize>], remaining: &[usize])
     cmds[start].name.clone()
 }
 
-/// Replaces, in place, references in `value` by results of completed commands.
-fn substitute(value: &mut Value, results: &[Option<Value>], index: &Lookup<'_>) {
-    match value {
-        Value::String(s) => {
-            if let Some(resolved) = resolve_reference(s, results, index) {
-                *value = resolved;
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|v| substitute(v, results, index)),
-        Value::Object(map) => map.values_mut().for_each(|v| substitute(v, results, index)),
-        _ => {}
-    }
-}
-
-fn resolve_reference(s: &str, results: &[Option<Value>], index: &Lookup<'_>) -> Option<Value> {
-    // A string containing a dot is always read as base.path (the reference's rule).
-    let Some((base, path)) = s.split_once('.') else {
-        return index.get(s).and_then(|i| results[i].clone());
-    };
-    let mut at = results[index.get(base)?].as_ref()?;
-    for key in path.split('.') {
-        at = at.as_object()?.get(key)?;
-    }
-    Some(at.clone())
-}
-
-/// One completed level, in the reference's shape.
-pub type LevelReport = Value;
-
-/// Receives each level's report the moment the level completes.
-pub trait LevelObserver {
-    /// Called once per level, in level order.
-    fn level_completed(&mut self, report: &LevelReport) -> impl std::future::Future<Output = ()>;
-}
-
-/// Observes nothing.
-pub struct NoObserver;
-
-impl LevelObserver for NoObserver {
-    async fn level_completed(&mut self, _: &LevelReport) {}
-}
-
-/// The result of a successful run.
-#[derive(Debug)]
-pub struct Outcome {
-    /// Sink results by command name.
-    pub r: Value,
-    /// Per-level reports (when asked for).
-    pub intermediate_results: Vec<Value>,
-    /// Timing summary (when asked for).
-    pub execution_summary: Option<Value>,
-}
-
-/// What the caller wants back besides `r`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ReportOptions {
-    /// Keep per-level reports in the response.
-    pub intermediate_results: bool,
-    /// Build level reports even if not returned (for a callback topic).
-    pub observe_levels: bool,
-    /// Add the timing summary.
-    pub execution_summary: bool,
-}
-
-struct LevelTracker {
-    remaining: Vec<usize>,
-    next: usize,
-    started: Instant,
-    last_completed: Instant,
-    times_ms: Vec<f64>,
-}
-
-/// Runs `plan`; the first failing command fails the whole request.
-pub async fn execute(
-    mut plan: Plan,
-    options: ReportOptions,
-    observer: &mut impl LevelObserver,
-) -> Result<Outcome, RpcError> {
-    let n = plan.cmds.len();
-    let mut results: Vec<Option<Value>> = vec![None; n];
-    let mut dep_count = std::mem::take(&mut plan.dep_count);
-    let mut ready: VecDeque<usize> = (0..n).filter(|&i| dep_count[i] == 0).collect();
-    // Created on first use: a request of inline functions never needs it.
-    let mut running: Option<FuturesUnordered<Running>> = None;
-    let mut completed = 0;
-    let track_levels = options.intermediate_results || options.observe_levels || options.execution_summary;
-    let mut tracker = track_levels.then(|| {
-        let now = Instant::now();
-        LevelTracker {
-            remaining: plan.levels.iter().fold(vec![0; plan.level_count], |mut acc, &l| {
-                acc[l] += 1;
-                acc
-            }),
-            next: 0,
-            started: now,
-            last_completed: now,
-            times_ms: Vec::new(),
-        }
-    });
-    let mut reports = Vec::new();
-
-    while completed < n {
-        while let Some(i) = ready.pop_front() {
-            // Each command's arguments are used once: substitute in place, no copies.
-            let mut args = std::mem::take(&mut plan.cmds[i].args);
-            let mut kwargs = std::mem::take(&mut plan.cmds[i].kwargs);
-            let lookup = Lookup { cmds: &plan.cmds, index: &plan.index };
-            for value in args.iter_mut().chain(kwargs.values_mut()) {
-                substitute(value, &results, &lookup);
-            }
-            let call = CallArgs { args, kwargs };
-            let types = ArgTypes::of(&call.args);
-            match &plan.endpoints[i] {
-                Endpoint::Local(function) if function.is_inline() => {
-                    let result = function
-                        .invoke_inline(call)
-                        .unwrap_or_else(|| Err(FunctionError::new("Internal", "not inline")));
-                    let value = result.map_err(|e| failure(&plan.cmds[i], None, &e, &types))?;
-                    completed += 1;
-                    finish(&plan, i, value, &mut results, &mut dep_count, &mut ready, tracker.as_mut());
-                }
-                endpoint => {
-                    let future = dispatch(&plan, i, endpoint.clone(), call, types);
-                    running.get_or_insert_with(FuturesUnordered::new).push(future);
-                }
-            }
-            if let Some(tracker) = tracker.as_mut() {
-                // Inline completions may close levels before anything else runs.
-                drain_levels(&plan, &results, tracker, &mut reports, options, observer).await;
-            }
-        }
-        if completed == n {
-            break;
-        }
-        let next = match running.as_mut() {
-            Some(running) => running.next().await,
-            None => None,
-        };
-        let Some((i, result)) = next else {
-            // Nothing running and nothing ready: impossible for an acyclic plan.
-            return Err(RpcError::invalid("plan stalled: unresolved dependencies"));
-        };
-        let value = result?;
-        completed += 1;
-        finish(&plan, i, value, &mut results, &mut dep_count, &mut ready, tracker.as_mut());
-        if let Some(tracker) = tracker.as_mut() {
-            drain_levels(&plan, &results, tracker, &mut reports, options, observer).await;
-        }
-    }
-
-    let mut r = Map::new();
-    for (i, result) in results.iter_mut().enumerate() {
-        if plan.is_sink(i) {
-            r.insert(std::mem::take(&mut plan.cmds[i].name), result.take().unwrap_or(Value::Null));
-        }
-    }
-    let execution_summary = match (&tracker, options.execution_summary) {
-        (Some(tracker), true) => Some(summary(&plan, tracker)),
-        _ => None,
-    };
-    Ok(Outcome {
-        r: Value::Object(r),
-        intermediate_results: if options.intermediate_results { reports } else { Vec::new() },
-        execution_summary,
-    })
-}
-
-/// The argument types of a call, for the 1003 details, kept without allocating: this is
-/// computed for every call and read only when one fails.
-#[derive(Clone, Copy)]
-struct ArgTypes {
-    names: [&'static str; 8],
-    len: usize,
-    total: usize,
-}
-
-impl ArgTypes {
-    fn of(args: &[Value]) -> Self {
-        let mut names = [""; 8];
-        for (slot, value) in names.iter_mut().zip(args) {
-            *slot = type_name(value);
-        }
-        ArgTypes { names, len: args.len().min(8), total: args.len() }
-    }
-}
-
-impl std::fmt::Display for ArgTypes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.names[..self.len].join(","))?;
-        if self.total > self.len {
-            write!(f, ",...({} more)", self.total - self.len)?;
-        }
-        Ok(())
-    }
-}
-
-/// The 1003 details: command, function, node (when remote), error, argument types.
-fn failure(cmd: &RpcCommand, node: Option<&str>, error: &FunctionError, types: &ArgTypes) -> RpcError {
-    let node = node.map(|n| format!(" node={n}")).unwrap_or_default();
-    RpcError::execution_failed(format!(
-        "Function execution failed: command={} fun={}{node} error={error} args_types=[{types}]",
-        cmd.name, cmd.fun
-    ))
-}
-
-type Running = LocalBoxFuture<'static, (usize, Result<Value, RpcError>)>;
-
-/// Starts a command that does not complete in place.
-fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: ArgTypes) -> Running {
-    let cmd = plan.cmds[i].clone();
-    match endpoint {
-        Endpoint::Local(function) => {
-            async move { (i, function.invoke(call).await.map_err(|e| failure(&cmd, None, &e, &types))) }.boxed_local()
-        }
-        Endpoint::Remote(target) => {
-            let routing = plan.routing.clone();
-            let constraint = plan.constraints[i].clone();
-            async move { (i, run_remote(&routing, &cmd, constraint.as_ref(), target, call, &types).await) }
-                .boxed_local()
-        }
-    }
-}
-
-/// Runs a command on another node. A failure of the function fails the request (1003,
-/// naming the node); a node or link that goes away before answering gets one retry on
-/// another match, else 1005.
-async fn run_remote(
-    routing: &Routing,
-    cmd: &RpcCommand,
-    constraint: Option<&VersionConstraint>,
-    mut target: RemoteFunction,
-    call: CallArgs,
-    types: &ArgTypes,
-) -> Result<Value, RpcError> {
-    let Some(fabric) = routing.fabric() else {
-        return Err(RpcError::unreachable(format!("command={} fun={}: this node has no fabric", cmd.name, cmd.fun)));
-    };
-    let mut tried = Vec::new();
-    loop {
-        let reason = match fabric.call(&target.node, &cmd.name, &target.identity, call.clone()).await {
-            CallOutcome::Ok { value } => return Ok(value),
-            CallOutcome::Failed { error, node } => {
-                return Err(failure(cmd, Some(&node), &error, types));
-            }
-            CallOutcome::NotFound { node } => format!("function no longer on node {node}"),
-            // Unreachable includes a node or link that went away before answering.
-            CallOutcome::Unreachable { reason } => reason,
-        };
-        tried.push(target.node.clone());
-        let retry = if tried.len() < 2 { routing.resolve(cmd, constraint, &tried).ok() } else { None };
-        match retry {
-            Some(Endpoint::Remote(next)) => target = next,
-            Some(Endpoint::Local(function)) => {
-                return function.invoke(call).await.map_err(|e| failure(cmd, None, &e, types));
-            }
-            None => {
-                return Err(RpcError::unreachable(format!(
-                    "command={} fun={} node={}: {reason}",
-                    cmd.name, cmd.fun, target.node
-                )))
-            }
-        }
-    }
-}
-
-fn finish(
-    plan: &Plan,
-    i: usize,
-    value: Value,
-    results: &mut [Option<Value>],
-    dep_count: &mut [usize],
-    ready: &mut VecDeque<usize>,
-    tracker: Option<&mut LevelTracker>,
-) {
-    results[i] = Some(value);
-    if let Some(tracker) = tracker {
-        tracker.remaining[plan.levels[i]] -= 1;
-    }
-    for &j in &plan.dependants[i] {
-        dep_count[j] -= 1;
-        if dep_count[j] == 0 {
-            ready.push_back(j);
-        }
-    }
-}
-
-async fn drain_levels(
-    plan: &Plan,
-    results: &[Option<Value>],
-    tracker: &mut LevelTracker,
-    reports: &mut Vec<Value>,
-    options: ReportOptions,
-    observer: &mut impl LevelObserver,
-) {
-    while tracker.next < plan.level_count && tracker.remaining[tracker.next] == 0 {
-        let level = tracker.next;
-        let now = Instant::now();
-        let took = now.duration_since(tracker.last_completed).as_secs_f64() * 1000.0;
-        tracker.last_completed = now;
-        tracker.times_ms.push(took);
-        tracker.next += 1;
-        if !(options.intermediate_results || options.observe_levels) {
-            continue;
-        }
-        let mut level_results = Map::new();
-        let mut accumulated = Map::new();
-        for (i, cmd) in plan.cmds.iter().enumerate() {
-            if plan.levels[i] <= level {
-                let value = results[i].clone().unwrap_or(Value::Null);
-                if plan.levels[i] == level {
-                    level_results.insert(cmd.name.clone(), value.clone());
-                }
-                accumulated.insert(cmd.name.clone(), value);
-            }
-        }
-        let report = json!({
-            "request_id": plan.request_id,
-            "level_index": level,
-            "level_results": level_results,
-            "accumulated_results": accumulated,
-            "total_levels": plan.level_count,
-            "completed_levels": level + 1,
-            "timestamp": unix_now(),
-            "execution_time_ms": took,
-        });
-        observer.level_completed(&report).await;
-        reports.push(report);
-    }
-}
-
-fn summary(plan: &Plan, tracker: &LevelTracker) -> Value {
-    let total = tracker.started.elapsed().as_secs_f64() * 1000.0;
-    let bottleneck = tracker.times_ms.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
-    let average = if tracker.times_ms.is_empty() {
-        0.0
-    } else {
-        tracker.times_ms.iter().sum::<f64>() / tracker.times_ms.len() as f64
-    };
-    json!({
-        "request_id": plan.request_id,
-        "total_execution_time_ms": total,
-        "total_levels": plan.level_count,
-        "level_execution_times": tracker.times_ms,
-        "bottleneck_level_index": bottleneck,
-        "average_level_time_ms": average,
-        "parallel_commands_executed": plan.cmds.len(),
-        "cross_cluster_hops": 0,
-    })
-}
-
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod budget_tests;

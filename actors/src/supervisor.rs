@@ -4,6 +4,7 @@
 //! NodeSupervisor (one_for_one, max `max_restarts` in `window`, then escalate)
 //! ├── Registry   function table mutations
 //! ├── PubSub     subscription trie, delivery, backlog
+//! ├── Planner    large requests, on its own thread
 //! └── Monitor    HTTP /health /metrics /actors
 //! Listener (websocket accept loop -> Connection actors; transient, not restarted)
 //! ```

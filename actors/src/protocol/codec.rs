@@ -101,7 +101,7 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
     // not parse takes the general path below, which also builds the error reply.
     if sniff_role(bytes) == Some(b"rpc") {
         if let Ok(request) = serde_json::from_slice::<RpcRequest>(bytes) {
-            return Ok(Inbound::Rpc(request));
+            return exact_integers(bytes, request).map(Inbound::Rpc);
         }
     }
     let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| InboundError {
@@ -129,13 +129,102 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         serde_json::from_slice(bytes)
     }
     match role.as_str() {
-        "rpc" => parse(bytes).map(Inbound::Rpc).map_err(|e| fail(e, u, &role)),
+        "rpc" => match parse(bytes) {
+            Ok(request) => exact_integers(bytes, request).map(Inbound::Rpc),
+            Err(e) => Err(fail(e, u, &role)),
+        },
         "pubsub-subscribe" => parse(bytes).map(Inbound::Subscribe).map_err(|e| fail(e, u, &role)),
         "pubsub-publish" => parse(bytes).map(Inbound::Publish).map_err(|e| fail(e, u, &role)),
         "pubsub-unsubscribe" => parse(bytes).map(Inbound::Unsubscribe).map_err(|e| fail(e, u, &role)),
         "cluster-status" => parse(bytes).map(Inbound::ClusterStatus).map_err(|e| fail(e, u, &role)),
         role if is_peer_role(role) => Ok(Inbound::Peer),
         _ => Err(InboundError { u, error: RpcError::unknown_role(Some(&role)), role: Some(role) }),
+    }
+}
+
+/// Refuses (1002) a request with an integer literal no 64-bit integer holds.
+///
+/// Without serde_json's `arbitrary_precision` (which would slow every number down and
+/// break integers inside the internally tagged peer frames), such a literal is read as
+/// the nearest float and a function would return a different number than was sent. Only
+/// a float of magnitude 2^63 or more can be such a literal, so the frame's bytes are
+/// scanned only when the arguments hold one: the hot path pays one type check per number.
+fn exact_integers(bytes: &[u8], request: RpcRequest) -> Result<RpcRequest, InboundError> {
+    let suspect = request.cmds.iter().any(|cmd| cmd.args.iter().chain(cmd.kwargs.values()).any(holds_huge_float));
+    match suspect.then(|| oversized_integer(bytes)).flatten() {
+        None => Ok(request),
+        Some(literal) => {
+            let shown =
+                if literal.len() > 48 { format!("{}...({} digits)", &literal[..40], literal.len()) } else { literal };
+            Err(InboundError {
+                u: Some(request.u),
+                role: Some("rpc".to_owned()),
+                error: RpcError::invalid(format!(
+                    "integer {shown} does not fit in 64 bits and would be rounded; send it as a string"
+                )),
+            })
+        }
+    }
+}
+
+/// Whether `value` holds a float that may have been a rounded integer literal.
+fn holds_huge_float(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.as_f64().is_some_and(|f| n.is_f64() && f.abs() >= 9_223_372_036_854_775_808.0),
+        Value::Array(items) => items.iter().any(holds_huge_float),
+        Value::Object(map) => map.values().any(holds_huge_float),
+        _ => false,
+    }
+}
+
+/// The first integer literal (outside strings) that neither `i64` nor `u64` holds.
+fn oversized_integer(bytes: &[u8]) -> Option<String> {
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len() && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                let token = &bytes[start..i];
+                if !fits_64_bits(token) {
+                    return Some(String::from_utf8_lossy(token).into_owned());
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Whether a number token is a float, or an integer `i64` or `u64` holds.
+fn fits_64_bits(token: &[u8]) -> bool {
+    if token.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+        return true;
+    }
+    let (negative, digits) = match token.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, token),
+    };
+    if digits.len() < 19 {
+        return true;
+    }
+    if digits.len() > 20 {
+        return false;
+    }
+    let value = digits.iter().fold(0u128, |acc, d| acc * 10 + u128::from(d.wrapping_sub(b'0')));
+    if negative {
+        value <= 1u128 << 63
+    } else {
+        value <= u128::from(u64::MAX)
     }
 }
 
@@ -193,6 +282,74 @@ mod tests {
         assert_eq!(sniff_role(br#"{"x":"\"role\":\"rpc\""}"#), None);
         assert_eq!(sniff_role(br#"{"role":"r\u0070c"}"#), None);
         assert_eq!(sniff_role(b"not json"), None);
+    }
+
+    fn rpc_frame(number: &str) -> String {
+        format!(r#"{{"role":"rpc","u":"n","cmds":[{{"name":"e","fun":"echo","args":[{number}]}}]}}"#)
+    }
+
+    /// Decodes a one-echo frame carrying `number`, and encodes the argument back as the
+    /// reply would.
+    fn echoed(number: &str) -> Result<String, InboundError> {
+        match decode_inbound(rpc_frame(number).as_bytes())? {
+            Inbound::Rpc(request) => Ok(String::from_utf8(encode(&request.cmds[0].args[0])).unwrap()),
+            other => panic!("expected rpc, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn floats_come_back_exactly() {
+        for text in ["0.9688648661221919", "0.1", "1.7976931348623157e308", "5e-324", "-0.0", "123.456"] {
+            let back = echoed(text).unwrap();
+            assert_eq!(back.parse::<f64>().unwrap().to_bits(), text.parse::<f64>().unwrap().to_bits(), "{text}");
+        }
+        assert_eq!(echoed("0.9688648661221919").unwrap(), "0.9688648661221919");
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_are_refused_with_their_u() {
+        for text in ["18446744073709551616", "-9223372036854775809", "123456789012345678901234567890"] {
+            let err = echoed(text).unwrap_err();
+            assert_eq!((err.u.as_deref(), err.error.code), (Some("n"), 1002), "{text}");
+            assert!(err.error.details_text().contains("does not fit in 64 bits"), "{}", err.error);
+        }
+        for text in ["18446744073709551615", "-9223372036854775808", "1e19", "1.8446744073709552e19", "0"] {
+            assert!(echoed(text).is_ok(), "{text}");
+        }
+        // Inside strings, digits are text.
+        assert!(echoed(r#"["99999999999999999999999", 1e30]"#).is_ok());
+        let nested = r#"{"deep": [1, {"x": 99999999999999999999999}]}"#;
+        assert!(echoed(nested).is_err());
+    }
+
+    proptest! {
+        /// Every finite float a client sends comes back bit for bit.
+        #[test]
+        fn random_floats_round_trip(bits in any::<u64>()) {
+            let f = f64::from_bits(bits);
+            prop_assume!(f.is_finite());
+            let text = serde_json::to_string(&f).unwrap();
+            let back = echoed(&text).unwrap();
+            prop_assert_eq!(back.parse::<f64>().unwrap().to_bits(), f.to_bits());
+        }
+
+        /// 64-bit integers come back as sent; wider ones are refused, never rounded.
+        #[test]
+        fn integers_are_kept_or_refused(n in any::<i128>(), wide in any::<bool>()) {
+            let n = if wide { n } else { n % (1i128 << 64) };
+            let text = n.to_string();
+            let fits = i64::try_from(n).is_ok() || u64::try_from(n).is_ok();
+            match echoed(&text) {
+                Ok(back) => {
+                    prop_assert!(fits, "{} was accepted", text);
+                    prop_assert_eq!(back, text);
+                }
+                Err(e) => {
+                    prop_assert!(!fits, "{} was refused", text);
+                    prop_assert_eq!(e.error.code, 1002);
+                }
+            }
+        }
     }
 
     proptest! {
