@@ -35,7 +35,7 @@ use crate::fabric::{
 use crate::metrics::Metrics;
 use crate::planner::{execute, LevelObserver, LevelReport, NoObserver, Outcome, Plan, ReportOptions};
 use crate::protocol::{
-    decode_inbound, encode, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
+    decode_inbound, encode, sniff_u, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
     PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
 };
 use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, PubSub};
@@ -98,6 +98,9 @@ pub fn serve(
             .default_service(web::to(websocket_entry))
     })
     .workers(workers.max(1))
+    // Replies are small and latency-bound: Nagle plus the client's delayed ACK would hold
+    // the last reply of a burst for ~40 ms.
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(2)
     .listen(listener)?
@@ -210,9 +213,12 @@ impl Connection {
     fn on_frame(&mut self, bytes: Bytes, kind: FrameKind, ctx: &mut Context<Self>) {
         let limit = self.shared.config.max_frame_bytes;
         if bytes.len() > limit {
+            // Answered under the frame's own `u` (found by a byte scan, not a parse), so a
+            // client waiting on it hears back.
+            self.shared.metrics.limit_exceeded("max_frame_bytes");
             let error =
                 RpcError::invalid(format!("frame too large: {} bytes (max_frame_bytes is {limit})", bytes.len()));
-            self.reject(InboundError { u: None, role: None, error }, kind, ctx);
+            self.reject(InboundError { u: sniff_u(&bytes), role: None, error }, kind, ctx);
             return;
         }
         match decode_inbound(&bytes) {
@@ -512,6 +518,47 @@ async fn write_frames(
     let _ = session.close(closed.try_recv().unwrap_or(None)).await;
 }
 
+/// What a websocket stream error means for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamFault {
+    /// The transport failed or ended mid-frame: nobody is left to answer.
+    Dropped,
+    /// A text message that is not UTF-8 (close 1007).
+    InvalidText,
+    /// A frame, or a message's continuations together, over the hard size limit (close 1009).
+    TooLarge,
+    /// Any other violation of the websocket protocol (close 1002).
+    Protocol,
+}
+
+impl StreamFault {
+    /// Classifies an error of actix-ws's (aggregated) message stream. actix-ws reports bad
+    /// UTF-8 as an `InvalidData` I/O error, an over-long continuation as an `Other` I/O
+    /// error with a text message, and a transport failure as an I/O error wrapping the
+    /// payload's error.
+    fn of(error: &ProtocolError) -> Self {
+        match error {
+            ProtocolError::Overflow => StreamFault::TooLarge,
+            ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => StreamFault::InvalidText,
+            ProtocolError::Io(e) => match e.get_ref() {
+                Some(inner) if inner.is::<actix_web::error::PayloadError>() => StreamFault::Dropped,
+                Some(inner) if inner.to_string().contains("maximum continuation size") => StreamFault::TooLarge,
+                _ => StreamFault::Dropped,
+            },
+            _ => StreamFault::Protocol,
+        }
+    }
+
+    /// The close code and reason sent for this fault.
+    fn close(self) -> (CloseCode, &'static str) {
+        match self {
+            StreamFault::InvalidText => (CloseCode::Invalid, "invalid UTF-8 in a text message"),
+            StreamFault::TooLarge => (CloseCode::Size, "message too large"),
+            StreamFault::Dropped | StreamFault::Protocol => (CloseCode::Protocol, "protocol error"),
+        }
+    }
+}
+
 impl Actor for Connection {
     type Context = Context<Self>;
 
@@ -573,20 +620,26 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
             }
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => ctx.stop(),
-            Err(ProtocolError::Io(e)) => {
-                // The peer went away mid-frame (or without a close frame): nothing to answer.
-                debug!(conn = self.id, peer = %self.peer, cause = %e, "connection dropped");
-                ctx.stop();
-            }
-            Err(e) => {
-                // The codec cannot resynchronise after a bad frame: answer, then close.
-                warn!(conn = self.id, peer = %self.peer, cause = %e, "websocket protocol error; closing");
-                let code = if matches!(e, ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
-                let error = RpcError::invalid(format!("websocket protocol error: {e}"));
-                self.shared.metrics.record_outcome(error.kind());
-                self.reply(encode(&RpcResponse::failure(None, error)), FrameKind::Binary, ctx);
-                self.close_with(code, "protocol error", ctx);
-            }
+            Err(e) => match StreamFault::of(&e) {
+                StreamFault::Dropped => {
+                    // The peer went away mid-frame (or without a close frame): nothing to answer.
+                    debug!(conn = self.id, peer = %self.peer, cause = %e, "connection dropped");
+                    ctx.stop();
+                }
+                fault => {
+                    // The codec cannot resynchronise after a bad frame: answer, then close
+                    // with the code RFC 6455 gives the fault.
+                    warn!(conn = self.id, peer = %self.peer, cause = %e, "websocket protocol error; closing");
+                    let (code, reason) = fault.close();
+                    if code == CloseCode::Size {
+                        self.shared.metrics.limit_exceeded("max_frame_bytes");
+                    }
+                    let error = RpcError::invalid(format!("websocket protocol error: {e}"));
+                    self.shared.metrics.record_outcome(error.kind());
+                    self.reply(encode(&RpcResponse::failure(None, error)), FrameKind::Binary, ctx);
+                    self.close_with(code, reason, ctx);
+                }
+            },
         }
     }
 

@@ -411,7 +411,8 @@ impl Drop for WriterDone {
 
 /// Dials `url`, registers the link with the actor, and pumps frames until it closes.
 pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, queue: usize) -> Result<(), String> {
-    let connect = tokio_tungstenite::connect_async(url.as_str());
+    // Nagle off: a call is one small frame that must not wait for the previous ACK.
+    let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true);
     let (socket, _) = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| format!("connect timed out after {timeout:?}"))?
