@@ -60,6 +60,9 @@ pub struct ConnectionConfig {
     pub max_frame_bytes: usize,
     /// Frames queued for the writer before notifications are dropped.
     pub outbox_capacity: usize,
+    /// Bytes queued for the writer before the connection stops reading and notifications
+    /// are dropped (see [`crate::outbox`]).
+    pub max_outbound_bytes: usize,
     /// How often the server pings an idle client.
     pub heartbeat_interval: Duration,
     /// A client silent for this long is disconnected.
@@ -287,12 +290,17 @@ impl Connection {
         self.reply(bytes, kind, ctx);
     }
 
+    /// Answers 1006 and counts the refusal under the limit's setting name.
+    fn overloaded(&mut self, u: String, error: RpcError, setting: &'static str, kind: FrameKind, ctx: &mut Context<Self>) {
+        self.shared.metrics.limit_exceeded(setting);
+        self.shared.metrics.record_outcome(error.kind());
+        self.reply(encode(&RpcResponse::failure(Some(u), error)), kind, ctx);
+    }
+
     fn on_rpc(&mut self, request: RpcRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let limit = self.shared.config.max_in_flight;
         if self.in_flight >= limit {
-            let error = RpcError::overloaded(limit);
-            self.shared.metrics.record_outcome(error.kind());
-            self.reply(encode(&RpcResponse::failure(Some(request.u), error)), kind, ctx);
+            self.overloaded(request.u, RpcError::overloaded(limit), "max_in_flight_per_connection", kind, ctx);
             return;
         }
         let started = Instant::now();
@@ -313,14 +321,20 @@ impl Connection {
             self.reply(encode(&response), kind, ctx);
             return;
         }
+        // Only a request that waits takes a node-wide permit; the task owns it, so it is
+        // given back however the task ends (answered, or dropped with its connection).
+        let Some(permit) = metrics.admission().try_admit() else {
+            let error = RpcError::node_overloaded(metrics.admission().limit());
+            self.overloaded(prepared.u, error, "max_in_flight", kind, ctx);
+            return;
+        };
         self.in_flight += 1;
-        metrics.request_waiting();
         let shared = self.shared.clone();
         let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %prepared.u, conn = self.id);
         let task = async move {
             let response = prepared.run(&shared).await;
-            shared.metrics.request_left();
+            drop(permit);
             shared.metrics.request_finished(started.elapsed(), response.error.as_ref().and_then(RpcError::kind));
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&response)), kind }).await;
         }
