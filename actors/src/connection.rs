@@ -31,6 +31,7 @@ use crate::fabric::link::next_link_id;
 use crate::fabric::wire::PeerFrame;
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
+    LinkSender,
 };
 use crate::metrics::Metrics;
 use crate::planner::{execute, LevelObserver, LevelReport, NoObserver, Outcome, Plan, ReportOptions};
@@ -38,6 +39,7 @@ use crate::protocol::{
     decode_inbound, encode, sniff_u, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
     PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
 };
+use crate::outbox::OutboxReceiver;
 use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, PubSub};
 use crate::registry::TableHandle;
 use crate::routing::Routing;
@@ -121,8 +123,10 @@ async fn websocket_entry(
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let shared = shared.into_inner();
     Connection::create(move |ctx| {
-        ctx.add_stream(stream);
-        Connection::new(shared, session, peer)
+        let connection = Connection::new(shared, session, peer);
+        // Backpressure: while the outbox is over its byte bound, the websocket is not read.
+        ctx.add_stream(connection.outbox.gate(stream));
+        connection
     });
     Ok(response)
 }
@@ -143,11 +147,18 @@ pub struct Connection {
     silent_ticks: u32,
     /// Set once the other end spoke a peer frame: this connection is a fabric link.
     link: Option<LinkId>,
+    /// A pong is waiting for room in the websocket (the client is not reading).
+    pong_waiting: bool,
+    /// The latest ping heard while a pong waits: answered next, the ones before it never
+    /// (RFC 6455 §5.5.3 allows answering only the most recent ping).
+    next_pong: Option<Bytes>,
+    /// The heartbeat's ping is still waiting for room in the websocket.
+    ping_waiting: bool,
 }
 
 impl Connection {
     fn new(shared: Arc<NodeShared>, session: Session, peer: String) -> Self {
-        let (outbox, frames) = mpsc::channel(shared.config.outbox_capacity.max(1));
+        let (outbox, frames) = Outbox::channel(shared.config.outbox_capacity, shared.config.max_outbound_bytes);
         let (close, closed) = oneshot::channel();
         actix_rt::spawn(write_frames(frames, closed, session.clone()));
         Connection {
@@ -161,6 +172,9 @@ impl Connection {
             heard: true,
             silent_ticks: 0,
             link: None,
+            pong_waiting: false,
+            next_pong: None,
+            ping_waiting: false,
         }
     }
 
@@ -174,43 +188,73 @@ impl Connection {
     /// Sends a reply from the actor itself (answers computed in place: inline requests,
     /// refusals). A binary frame goes straight into the websocket when the outbox is
     /// empty and the socket has room, saving the writer task a wake-up; otherwise it joins
-    /// the outbox. Never blocks: if
-    /// even the outbox is full (the client is not reading) it is sent from a task.
+    /// the outbox (counted in its bytes, so a client that does not read stops being read).
+    /// Never blocks, never drops: if the outbox has no free frame slot it is sent from a
+    /// task.
     ///
     /// Order: replies to different requests carry no order between them (clients match
     /// them by `u`). Frames that must stay in order — a request's callback-topic
     /// notifications before its reply — all travel through the outbox.
     fn reply(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
         let mut bytes = Bytes::from(bytes);
-        if kind == FrameKind::Binary && self.outbox.capacity() == self.outbox.max_capacity() {
-            match self.write_now(bytes) {
+        if kind == FrameKind::Binary && self.outbox.is_idle() {
+            match self.write_now(bytes, Message::Binary) {
                 Ok(()) => return,
                 Err(unsent) => bytes = unsent,
             }
         }
-        let outbox = self.outbox.clone();
-        if let Err(mpsc::error::TrySendError::Full(frame)) = outbox.try_send(OutFrame { bytes, kind }) {
+        if let Err(mpsc::error::TrySendError::Full(frame)) = self.outbox.queue(OutFrame { bytes, kind }) {
+            let outbox = self.outbox.clone();
             ctx.spawn(async move { drop(outbox.send(frame).await) }.into_actor(self));
         }
     }
 
-    /// Puts a binary frame into the websocket if it has room right now; hands it back
-    /// otherwise. (Polled with a no-op waker: nobody waits here, the caller falls back to
-    /// the outbox.)
-    fn write_now(&mut self, bytes: Bytes) -> Result<(), Bytes> {
+    /// Puts a message (`wrap` of `payload`) into the websocket if it has room right now;
+    /// hands the payload back otherwise. (Polled with a no-op waker: nobody waits here,
+    /// the caller falls back to a queue.)
+    fn write_now(&mut self, payload: Bytes, wrap: fn(Bytes) -> Message) -> Result<(), Bytes> {
         let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
         let mut session = Pin::new(&mut self.session);
         match session.as_mut().poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {
                 // A closed session drops the frame: there is nobody left to read it.
-                if session.as_mut().start_send(Message::Binary(bytes)).is_ok() {
+                if session.as_mut().start_send(wrap(payload)).is_ok() {
                     let _ = session.poll_flush(&mut cx);
                 }
                 Ok(())
             }
             Poll::Ready(Err(_)) => Ok(()),
-            Poll::Pending => Err(bytes),
+            Poll::Pending => Err(payload),
         }
+    }
+
+    /// Answers a ping, keeping at most one pong waiting per connection: a client that
+    /// pings without reading costs one pending pong, not one task per ping.
+    fn on_ping(&mut self, payload: Bytes, ctx: &mut Context<Self>) {
+        if self.pong_waiting {
+            self.next_pong = Some(payload);
+            return;
+        }
+        let Err(payload) = self.write_now(payload, Message::Pong) else { return };
+        self.pong_waiting = true;
+        let mut session = self.session.clone();
+        let pong = async move { drop(session.pong(&payload).await) }.into_actor(self);
+        ctx.spawn(pong.map(|_, act, ctx| {
+            act.pong_waiting = false;
+            if let Some(next) = act.next_pong.take() {
+                act.on_ping(next, ctx);
+            }
+        }));
+    }
+
+    /// The frame queue of a fabric link over this websocket. Peer frames have their own
+    /// queue and writer, bounded in frames as the fabric expects (it drops or waits when
+    /// full), outside the client outbox's byte budget; the two carry no order between
+    /// them (a peer sends no client requests).
+    fn link_sender(&self) -> LinkSender {
+        let (sender, frames) = mpsc::channel(self.shared.config.outbox_capacity.max(1));
+        actix_rt::spawn(write_link_frames(frames, self.session.clone()));
+        sender
     }
 
     fn on_frame(&mut self, bytes: Bytes, kind: FrameKind, ctx: &mut Context<Self>) {
@@ -270,7 +314,7 @@ impl Connection {
                 };
                 let link = next_link_id();
                 self.link = Some(link);
-                gossip.do_send(LinkOpened { link, sender: self.outbox.clone(), outbound_url: None, close: None });
+                gossip.do_send(LinkOpened { link, sender: self.link_sender(), outbound_url: None, close: None });
                 gossip.do_send(InboundCloser { link, closer: ctx.address().recipient() });
                 link
             }
@@ -500,9 +544,11 @@ impl Prepared {
     }
 }
 
-/// Drains the outbox into the websocket, in order, until the connection closes.
+/// Drains the outbox into the websocket, in order, until the connection closes. A frame's
+/// bytes are released once the websocket took it, which is what lets the connection read
+/// again (see [`crate::outbox`]).
 async fn write_frames(
-    mut frames: mpsc::Receiver<OutFrame>,
+    mut frames: OutboxReceiver,
     mut closed: oneshot::Receiver<Option<CloseReason>>,
     mut session: Session,
 ) {
@@ -511,25 +557,33 @@ async fn write_frames(
             biased;
             frame = frames.recv() => {
                 let Some(frame) = frame else { break };
-                let sent = match frame.kind {
-                    FrameKind::Binary => session.binary(frame.bytes).await,
-                    FrameKind::Text => match String::from_utf8(frame.bytes.to_vec()) {
-                        Ok(text) => session.text(text).await,
-                        Err(_) => session.binary(frame.bytes).await,
-                    },
+                // A client that does not read keeps this write waiting; the connection's
+                // close must still get through, so the two race.
+                let outcome = tokio::select! {
+                    biased;
+                    sent = write_frame(&mut session, &frame) => Ok(sent),
+                    reason = &mut closed => Err(reason.unwrap_or(None)),
                 };
-                if sent.is_err() {
-                    return;
+                frames.written(&frame);
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(reason) => return close_session(session, reason).await,
                 }
             }
-            reason = &mut closed => {
-                let _ = session.close(reason.unwrap_or(None)).await;
-                return;
-            }
+            reason = &mut closed => return close_session(session, reason.unwrap_or(None)).await,
         }
     }
     // Every sender is gone (the connection stopped): close with its reason, if it gave one.
-    let _ = session.close(closed.try_recv().unwrap_or(None)).await;
+    close_session(session, closed.try_recv().unwrap_or(None)).await;
+}
+
+/// How long a close frame may wait for room in the websocket: a client that does not read
+/// would otherwise keep the writer (and the session) forever.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+async fn close_session(session: Session, reason: Option<CloseReason>) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, session.close(reason)).await;
 }
 
 /// What a websocket stream error means for the connection.
@@ -573,6 +627,27 @@ impl StreamFault {
     }
 }
 
+/// Writes one queued frame in the type the client used.
+async fn write_frame(session: &mut Session, frame: &OutFrame) -> Result<(), actix_ws::Closed> {
+    match frame.kind {
+        FrameKind::Binary => session.binary(frame.bytes.clone()).await,
+        FrameKind::Text => match String::from_utf8(frame.bytes.to_vec()) {
+            Ok(text) => session.text(text).await,
+            Err(_) => session.binary(frame.bytes.clone()).await,
+        },
+    }
+}
+
+/// Drains a fabric link's queue into the websocket until the fabric drops the link or the
+/// websocket closes.
+async fn write_link_frames(mut frames: mpsc::Receiver<OutFrame>, mut session: Session) {
+    while let Some(frame) = frames.recv().await {
+        if write_frame(&mut session, &frame).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Actor for Connection {
     type Context = Context<Self>;
 
@@ -591,8 +666,13 @@ impl Actor for Connection {
                 act.close_with(CloseCode::Away, "idle timeout", ctx);
                 return;
             }
+            if act.ping_waiting {
+                return; // the last ping is still waiting for room: the client is not reading
+            }
+            act.ping_waiting = true;
             let mut session = act.session.clone();
-            ctx.spawn(async move { drop(session.ping(b"mpreg").await) }.into_actor(act));
+            let ping = async move { drop(session.ping(b"mpreg").await) }.into_actor(act);
+            ctx.spawn(ping.map(|_, act, _| act.ping_waiting = false));
         });
     }
 
@@ -628,10 +708,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
         match item {
             Ok(AggregatedMessage::Text(text)) => self.on_frame(text.into_bytes(), FrameKind::Text, ctx),
             Ok(AggregatedMessage::Binary(bytes)) => self.on_frame(bytes, FrameKind::Binary, ctx),
-            Ok(AggregatedMessage::Ping(payload)) => {
-                let mut session = self.session.clone();
-                ctx.spawn(async move { drop(session.pong(&payload).await) }.into_actor(self));
-            }
+            Ok(AggregatedMessage::Ping(payload)) => self.on_ping(payload, ctx),
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => ctx.stop(),
             Err(e) => match StreamFault::of(&e) {

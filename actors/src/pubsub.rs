@@ -3,8 +3,8 @@
 //! Who sends to it: connections (`Subscribe`, `Unsubscribe`, `Publish`,
 //! `ConnectionClosed`) and the planner (intermediate-result callback topics). Whom it
 //! calls: nobody — it pushes notifications straight into each subscriber's [`Outbox`],
-//! without waiting, so one slow subscriber never stalls a publisher (a full outbox drops
-//! that notification and counts it in `/metrics`).
+//! without waiting, so one slow subscriber never stalls a publisher (an outbox over its
+//! frame or byte bound drops that notification and counts it in `/metrics`).
 //!
 //! Topics are words separated by `.`; in a pattern `*` matches exactly one word and `#`
 //! zero or more. Each subscription receives at most one notification per message, even
@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use actix::{Actor, Context, Handler, Message};
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::protocol::{encode, FrameKind, PubSubMessage, PubSubNotification, Subscription};
@@ -29,17 +28,7 @@ use crate::unix_now;
 /// Identifies one websocket connection on this node.
 pub type ConnectionId = u64;
 
-/// A frame queued for a connection's writer.
-#[derive(Debug, Clone)]
-pub struct OutFrame {
-    /// The encoded JSON.
-    pub bytes: Bytes,
-    /// Text or binary.
-    pub kind: FrameKind,
-}
-
-/// The queue of frames a connection's writer sends, in order.
-pub type Outbox = mpsc::Sender<OutFrame>;
+pub use crate::outbox::{OutFrame, Outbox};
 
 type SubscriptionKey = (ConnectionId, String);
 
@@ -394,7 +383,7 @@ mod tests {
     #[test]
     fn one_notification_per_subscription_and_backlog() {
         let mut core = PubSubCore::new(60.0, 100);
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = Outbox::channel(10, usize::MAX);
         core.subscribe(1, sub("s", &["a.*", "a.#", "#"]), tx.clone(), FrameKind::Binary, 0.0);
         assert_eq!(core.publish(msg("a.b"), 1.0), (1, 0));
         assert!(rx.try_recv().is_ok() && rx.try_recv().is_err());
@@ -422,7 +411,7 @@ mod tests {
             topic in proptest::collection::vec(word(), 1..6),
         ) {
             let mut core = PubSubCore::new(0.0, 0);
-            let (tx, _rx) = mpsc::channel(1);
+            let (tx, _rx) = Outbox::channel(1, usize::MAX);
             let topic = topic.join(".");
             let mut expected = HashSet::new();
             for (i, p) in patterns.iter().enumerate() {
