@@ -34,12 +34,12 @@ use crate::fabric::{
     LinkSender,
 };
 use crate::metrics::Metrics;
+use crate::outbox::OutboxReceiver;
 use crate::planner::{execute, LevelObserver, LevelReport, NoObserver, Outcome, Plan, ReportOptions};
 use crate::protocol::{
     decode_inbound, encode, sniff_u, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
     PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
 };
-use crate::outbox::OutboxReceiver;
 use crate::pubsub::{self, notification_frame, ConnectionId, OutFrame, Outbox, PubSub};
 use crate::registry::TableHandle;
 use crate::routing::Routing;
@@ -335,7 +335,14 @@ impl Connection {
     }
 
     /// Answers 1006 and counts the refusal under the limit's setting name.
-    fn overloaded(&mut self, u: String, error: RpcError, setting: &'static str, kind: FrameKind, ctx: &mut Context<Self>) {
+    fn overloaded(
+        &mut self,
+        u: String,
+        error: RpcError,
+        setting: &'static str,
+        kind: FrameKind,
+        ctx: &mut Context<Self>,
+    ) {
         self.shared.metrics.limit_exceeded(setting);
         self.shared.metrics.record_outcome(error.kind());
         self.reply(encode(&RpcResponse::failure(Some(u), error)), kind, ctx);
