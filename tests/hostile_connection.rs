@@ -309,6 +309,8 @@ async fn non_reading_echo_flood(node: &TestNode, bystander_url: &str) {
     let requests = (0..REQUESTS).map(|i| frame(BINARY, true, &echo_request(&format!("f{i}"), PAYLOAD)));
     let (started, rest) = attacker.write_until_stalled(requests).await;
     assert!(started < REQUESTS, "the node kept reading a client that does not read ({started} requests taken)");
+    let pauses = node.metric("mpreg_limit_exceeded_total", r#"limit="max_outbound_bytes_per_connection""#).await;
+    assert!(pauses >= 1.0, "the pause is counted: {pauses}");
     bystander.make_calls(200).await;
     let grown = rss_bytes().saturating_sub(before);
     let (p99, calls) = bystander.p99(100);

@@ -6,8 +6,20 @@
 //! queued after a notification is also sent after it.
 //!
 //! Invariants: every frame gets an answer (bad input included); at most
-//! `max_in_flight` requests run at once (beyond that: 1006); requests run concurrently and
-//! are answered by `u`, not in arrival order.
+//! `max_in_flight_per_connection` requests wait at once on a connection, and
+//! `max_in_flight` on the node (beyond either: 1006; a waiting request holds an
+//! [`InFlight`](crate::metrics::InFlight) permit, given back however it ends); requests run
+//! concurrently and are answered by `u`, not in arrival order.
+//!
+//! Backpressure: the outbox is bounded in bytes (`max_outbound_bytes_per_connection`). A
+//! client that does not read fills it, and then its websocket is not read either (the
+//! [`ReadGate`](crate::outbox::ReadGate)) until the writer drains it: its requests wait in
+//! TCP, not in memory. Replies are never dropped; notifications that do not fit are.
+//! A ping flood costs at most one waiting pong.
+//!
+//! Websocket faults close with the code RFC 6455 gives them: 1007 for a text message that
+//! is not UTF-8, 1009 for a frame or message over twice `max_frame_bytes`, 1002 otherwise.
+//! A frame over `max_frame_bytes` but under twice it is answered 1002 under its own `u`.
 //!
 //! Connections are transient: a crashed one is not restarted (its client reconnects). A
 //! restart of anything else loses no connection.
@@ -125,7 +137,7 @@ async fn websocket_entry(
     Connection::create(move |ctx| {
         let connection = Connection::new(shared, session, peer);
         // Backpressure: while the outbox is over its byte bound, the websocket is not read.
-        ctx.add_stream(connection.outbox.gate(stream));
+        ctx.add_stream(connection.outbox.gate(stream, connection.shared.metrics.clone()));
         connection
     });
     Ok(response)

@@ -31,6 +31,7 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 
+use crate::metrics::Metrics;
 use crate::protocol::FrameKind;
 
 /// What a queued frame costs beyond its bytes (the frame, its buffer header, the slot), so
@@ -142,9 +143,10 @@ impl Outbox {
     }
 
     /// Wraps the connection's inbound stream so that it pauses while this outbox is over
-    /// its byte bound.
-    pub fn gate<S>(&self, inbound: S) -> ReadGate<S> {
-        ReadGate { inbound, budget: self.budget.clone() }
+    /// its byte bound; each pause counts once in `metrics` under
+    /// `max_outbound_bytes_per_connection`.
+    pub fn gate<S>(&self, inbound: S, metrics: Arc<Metrics>) -> ReadGate<S> {
+        ReadGate { inbound, budget: self.budget.clone(), metrics, paused: false }
     }
 }
 
@@ -182,6 +184,9 @@ impl Drop for OutboxReceiver {
 pub struct ReadGate<S> {
     inbound: S,
     budget: Arc<ByteBudget>,
+    metrics: Arc<Metrics>,
+    /// Paused on the last poll (a pause is counted when it starts).
+    paused: bool,
 }
 
 impl<S: Stream + Unpin> Stream for ReadGate<S> {
@@ -192,9 +197,13 @@ impl<S: Stream + Unpin> Stream for ReadGate<S> {
             self.budget.reader.register(cx.waker());
             // Re-checked after registering: a release in between would have found no waker.
             if self.budget.over() {
+                if !std::mem::replace(&mut self.paused, true) {
+                    self.metrics.limit_exceeded("max_outbound_bytes_per_connection");
+                }
                 return Poll::Pending;
             }
         }
+        self.paused = false;
         Pin::new(&mut self.inbound).poll_next(cx)
     }
 }
@@ -238,10 +247,13 @@ mod tests {
     #[test]
     fn the_gate_pauses_reading_while_over_and_resumes_when_drained() {
         let (outbox, mut receiver) = Outbox::channel(100, 1000);
-        let mut gated = outbox.gate(stream::iter([1, 2, 3]));
+        let metrics = Arc::new(Metrics::default());
+        let mut gated = outbox.gate(stream::iter([1, 2, 3]), metrics.clone());
         assert_eq!(gated.next().now_or_never(), Some(Some(1)));
         outbox.queue(frame(1500)).expect("queued");
         assert_eq!(gated.next().now_or_never(), None, "paused while over the bound");
+        assert_eq!(gated.next().now_or_never(), None, "still paused");
+        assert_eq!(metrics.limit_exceeded_count("max_outbound_bytes_per_connection"), 1, "one pause, counted once");
         let queued = receiver.recv().now_or_never().flatten().expect("queued");
         receiver.written(&queued);
         assert!(outbox.is_idle());
