@@ -757,3 +757,31 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
         ctx.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use actix_web::error::PayloadError;
+
+    use super::*;
+
+    #[test]
+    fn stream_faults_close_with_the_code_rfc_6455_gives_them() {
+        let io = ProtocolError::Io;
+        let cases = [
+            (io(io::Error::new(io::ErrorKind::InvalidData, "invalid utf-8")), StreamFault::InvalidText, 1007),
+            // As actix-ws reports an aggregated message over `max_continuation_size`.
+            (io(io::Error::other("Exceeded maximum continuation size")), StreamFault::TooLarge, 1009),
+            (ProtocolError::Overflow, StreamFault::TooLarge, 1009),
+            (ProtocolError::InvalidOpcode(3), StreamFault::Protocol, 1002),
+            (ProtocolError::UnmaskedFrame, StreamFault::Protocol, 1002),
+        ];
+        for (error, fault, code) in cases {
+            assert_eq!(StreamFault::of(&error), fault, "{error}");
+            assert_eq!(u16::from(fault.close().0), code, "{error}");
+        }
+        let dropped = io(io::Error::other(PayloadError::Incomplete(None)));
+        assert_eq!(StreamFault::of(&dropped), StreamFault::Dropped);
+    }
+}
