@@ -113,6 +113,7 @@ struct FrameReader(BufReader<OwnedReadHalf>);
 #[derive(Debug)]
 struct Frame {
     opcode: u8,
+    fin: bool,
     payload: Vec<u8>,
 }
 
@@ -166,17 +167,29 @@ impl FrameReader {
             };
             let mut payload = vec![0; len];
             reader.read_exact(&mut payload).await?;
-            Ok::<_, std::io::Error>(Frame { opcode: first & 0x0F, payload })
+            Ok::<_, std::io::Error>(Frame { opcode: first & 0x0F, fin: first & 0x80 != 0, payload })
         };
         tokio::time::timeout(SOON, read).await.expect("a frame in time").expect("a frame")
     }
 
-    /// The next data or close frame (control frames skipped).
+    /// The next data message (its fragments joined) or close frame; pings and pongs are
+    /// skipped.
     async fn data(&mut self) -> Frame {
+        let mut message: Option<Frame> = None;
         loop {
             let frame = self.frame().await;
-            if frame.opcode != PING && frame.opcode != PONG {
-                return frame;
+            match (frame.opcode, message.as_mut()) {
+                (PING | PONG, _) => continue,
+                (CONTINUATION, Some(started)) => {
+                    started.payload.extend_from_slice(&frame.payload);
+                    started.fin = frame.fin;
+                }
+                (CONTINUATION, None) => panic!("a continuation frame outside a message"),
+                (_, Some(_)) => panic!("a new message inside a fragmented one: {frame:?}"),
+                (_, None) => message = Some(frame),
+            }
+            if message.as_ref().is_some_and(|m| m.fin) {
+                return message.take().expect("a message");
             }
         }
     }
@@ -295,32 +308,30 @@ impl Bystander {
 // ---------------------------------------------------------------------------------------
 // Memory: the attacks that fill buffers, one after another
 
-/// A client that never reads sends up to 10,000 echo requests of 100 KiB: the node stops
-/// reading it once its outbox is full, memory stays bounded, the bystander keeps its
-/// latency, and every reply arrives once the client reads.
-async fn non_reading_echo_flood(node: &TestNode, bystander_url: &str) {
-    const REQUESTS: usize = 10_000;
-    const PAYLOAD: usize = 100 * 1024;
-    const RSS_BOUND: u64 = 160 * MIB;
+/// A client that never reads sends up to `requests` echo requests of `payload` bytes: the
+/// node stops reading it once its outbox is full, memory grows less than `rss_bound`, the
+/// bystander keeps its latency, and every reply arrives once the client reads.
+async fn non_reading_echo_flood(node: &TestNode, bystander_url: &str, requests: usize, payload: usize, rss_bound: u64) {
     let before = rss_bytes();
     let bystander = Bystander::start(bystander_url).await;
 
     let mut attacker = RawWs::connect(node.addr()).await;
-    let requests = (0..REQUESTS).map(|i| frame(BINARY, true, &echo_request(&format!("f{i}"), PAYLOAD)));
-    let (started, rest) = attacker.write_until_stalled(requests).await;
-    assert!(started < REQUESTS, "the node kept reading a client that does not read ({started} requests taken)");
+    let frames = (0..requests).map(|i| frame(BINARY, true, &echo_request(&format!("f{i}"), payload)));
+    let (started, rest) = attacker.write_until_stalled(frames).await;
+    assert!(started < requests, "the node kept reading a client that does not read ({started} requests taken)");
     let pauses = node.metric("mpreg_limit_exceeded_total", r#"limit="max_outbound_bytes_per_connection""#).await;
     assert!(pauses >= 1.0, "the pause is counted: {pauses}");
     bystander.make_calls(200).await;
     let grown = rss_bytes().saturating_sub(before);
     let (p99, calls) = bystander.p99(100);
     println!(
-        "echo flood: node stopped reading after {started} requests of 100 KiB; RSS +{} MiB (bound {}); \
+        "echo flood: node stopped reading after {started} requests of {} KiB; RSS +{} MiB (bound {}); \
          bystander p99 {p99:?} over {calls} calls",
+        payload / 1024,
         grown / MIB,
-        RSS_BOUND / MIB
+        rss_bound / MIB
     );
-    assert!(grown < RSS_BOUND, "RSS grew {} MiB", grown / MIB);
+    assert!(grown < rss_bound, "RSS grew {} MiB", grown / MIB);
     assert!(p99 < BYSTANDER_P99, "bystander p99 {p99:?}");
 
     // The client reads again: every request it started is answered, the last one included.
@@ -332,7 +343,7 @@ async fn non_reading_echo_flood(node: &TestNode, bystander_url: &str) {
     let mut seen = HashSet::new();
     while seen.len() < started {
         let reply = reader.data().await.json();
-        assert_eq!(reply["r"]["e"].as_str().map(str::len), Some(PAYLOAD), "an echo reply: {}", reply["error"]);
+        assert_eq!(reply["r"]["e"].as_str().map(str::len), Some(payload), "an echo reply: {}", reply["error"]);
         seen.insert(reply["u"].as_str().expect("u").to_owned());
     }
     drop(finish.await.expect("writer task"));
@@ -404,7 +415,7 @@ async fn non_reading_subscriber(node: &TestNode, bystander_url: &str) {
     const SUBSCRIPTIONS: usize = 10;
     // `MPREG_HOSTILE_FULL=1` runs the attack at the size the issue reported (100 publishes).
     let publishes: usize = if std::env::var_os("MPREG_HOSTILE_FULL").is_some() { 100 } else { 40 };
-    const RSS_BOUND: u64 = 160 * MIB;
+    const RSS_BOUND: u64 = 96 * MIB;
     let mut subscriber = RawWs::connect(node.addr()).await;
     for i in 0..SUBSCRIPTIONS {
         let subscription = json!({"subscription_id": format!("s{i}"), "patterns": [{"pattern": "big.#"}]});
@@ -449,7 +460,11 @@ async fn clients_that_do_not_read_cost_bounded_memory_and_nobody_else_waits() {
     // A one-message backlog: this test measures delivery, not retention.
     let node = TestNode::start(Settings { pubsub_backlog_max: 1, ..settings() }).await;
     let url = node.0.url().to_owned();
-    non_reading_echo_flood(&node, &url).await;
+    // The issue's attack: 10,000 requests of 100 KiB (1 GB held before backpressure).
+    non_reading_echo_flood(&node, &url, 10_000, 100 * 1024, 96 * MIB).await;
+    // Large replies: 200 of 4 MiB. Each is handed to actix-ws in 64 KiB fragments, so what
+    // actix-ws holds stays small too.
+    non_reading_echo_flood(&node, &url, 200, 4 * 1024 * 1024, 96 * MIB).await;
     ping_flood(&node, &url).await;
     non_reading_subscriber(&node, &url).await;
 }

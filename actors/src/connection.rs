@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, StreamHandler, WrapFuture};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Message, ProtocolError, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Item, Message, ProtocolError, Session};
 use bytes::Bytes;
 use futures_util::{FutureExt, Sink};
 use tokio::sync::{mpsc, oneshot};
@@ -198,8 +198,9 @@ impl Connection {
     }
 
     /// Sends a reply from the actor itself (answers computed in place: inline requests,
-    /// refusals). A binary frame goes straight into the websocket when the outbox is
-    /// empty and the socket has room, saving the writer task a wake-up; otherwise it joins
+    /// refusals). A binary frame up to [`FRAGMENT_BYTES`] goes straight into the websocket
+    /// when the outbox is empty and the socket has room, saving the writer task a wake-up;
+    /// otherwise it joins
     /// the outbox (counted in its bytes, so a client that does not read stops being read).
     /// Never blocks, never drops: if the outbox has no free frame slot it is sent from a
     /// task.
@@ -209,7 +210,7 @@ impl Connection {
     /// notifications before its reply — all travel through the outbox.
     fn reply(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
         let mut bytes = Bytes::from(bytes);
-        if kind == FrameKind::Binary && self.outbox.is_idle() {
+        if kind == FrameKind::Binary && bytes.len() <= FRAGMENT_BYTES && self.outbox.is_idle() {
             match self.write_now(bytes, Message::Binary) {
                 Ok(()) => return,
                 Err(unsent) => bytes = unsent,
@@ -646,8 +647,38 @@ impl StreamFault {
     }
 }
 
-/// Writes one queued frame in the type the client used.
+/// The largest websocket frame the writer hands to actix-ws: a longer message goes out as
+/// continuation frames of this size. actix-ws holds up to 32 messages in its channel and
+/// actix-http one encoded batch of them in its write buffer, none of it counted in the
+/// outbox; fragments keep that near 4 MiB per connection whatever the message size, while
+/// the whole message stays counted in the outbox until its last fragment is handed over.
+const FRAGMENT_BYTES: usize = 64 * 1024;
+
+/// Writes one queued frame in the type the client used, in fragments when it is long.
+/// Only this writer sends fragments, and nothing else writes a data frame while it does:
+/// the fast path needs an idle outbox, and the frame counts in it until written.
 async fn write_frame(session: &mut Session, frame: &OutFrame) -> Result<(), actix_ws::Closed> {
+    let bytes = &frame.bytes;
+    if bytes.len() <= FRAGMENT_BYTES {
+        return write_whole(session, frame).await;
+    }
+    let first = bytes.slice(..FRAGMENT_BYTES);
+    session
+        .continuation(match frame.kind {
+            FrameKind::Binary => Item::FirstBinary(first),
+            FrameKind::Text => Item::FirstText(first),
+        })
+        .await?;
+    let mut at = FRAGMENT_BYTES;
+    while bytes.len() - at > FRAGMENT_BYTES {
+        session.continuation(Item::Continue(bytes.slice(at..at + FRAGMENT_BYTES))).await?;
+        at += FRAGMENT_BYTES;
+    }
+    session.continuation(Item::Last(bytes.slice(at..))).await
+}
+
+/// Writes one frame as a single websocket message.
+async fn write_whole(session: &mut Session, frame: &OutFrame) -> Result<(), actix_ws::Closed> {
     match frame.kind {
         FrameKind::Binary => session.binary(frame.bytes.clone()).await,
         FrameKind::Text => match String::from_utf8(frame.bytes.to_vec()) {
@@ -658,10 +689,11 @@ async fn write_frame(session: &mut Session, frame: &OutFrame) -> Result<(), acti
 }
 
 /// Drains a fabric link's queue into the websocket until the fabric drops the link or the
-/// websocket closes.
+/// websocket closes. Whole messages only: the client writer may fragment on the same
+/// websocket, and two fragmented messages must not interleave.
 async fn write_link_frames(mut frames: mpsc::Receiver<OutFrame>, mut session: Session) {
     while let Some(frame) = frames.recv().await {
-        if write_frame(&mut session, &frame).await.is_err() {
+        if write_whole(&mut session, &frame).await.is_err() {
             return;
         }
     }
