@@ -16,9 +16,11 @@
 //!   the queue over the bound (PubSub drops it and counts it), unless the queue is empty,
 //!   so a single message larger than the bound still reaches a subscriber that reads.
 //!
-//! What is not counted: frames written straight into the websocket on the fast path (the
-//! connection does that only when the queue is empty) and frames already handed to
-//! actix-ws, whose own channel holds at most 32 messages per connection.
+//! What is not counted: replies written straight into the websocket on the fast path (the
+//! connection does that only when the queue is empty, and only up to 64 KiB) and frames
+//! already handed to actix-ws: at most 32 in its channel plus one encoded batch of them in
+//! actix-http's write buffer. The writer hands longer messages over in 64 KiB fragments,
+//! so that is about 4 MiB per connection whatever the message size.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
