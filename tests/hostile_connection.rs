@@ -4,12 +4,15 @@
 //! The hostile side speaks the websocket protocol by hand over a plain TCP socket with a
 //! small receive buffer ([`RawWs`]), so a test decides exactly when it stops and resumes
 //! reading. A bystander client, on its own thread and runtime, times echo calls while an
-//! attack runs. Memory is the process's VmRSS (the node is in this process); the attacks
-//! that measure it run one after another in one test so that no other test's allocations
-//! blur the numbers. Every attack is bounded in count and time; "the server stopped
-//! reading" is observed as a write that makes no progress, never assumed after a sleep.
+//! attack runs (paced, one call per 2 ms at most). Memory is the growth of the process's
+//! VmRSS (the node is in this process) over the attack; the attacks that measure it run
+//! one after another in one test so that they do not blur each other's numbers (the other
+//! tests here allocate little). Every attack is bounded in count and time; "the server
+//! stopped reading" is observed as a write that makes no progress for 1.5 s, never
+//! assumed after a sleep.
 //!
-//! Run: `cargo test --test hostile_connection -- --nocapture` (prints the numbers).
+//! Run: `cargo test --test hostile_connection -- --nocapture` (prints the numbers);
+//! `MPREG_HOSTILE_FULL=1` runs the subscriber attack at full size.
 
 mod common;
 
