@@ -121,7 +121,8 @@ impl SubscriptionStream {
 impl Client {
     /// Connects to `ws://host:port` (any path).
     pub async fn connect(url: &str) -> Result<Client, ClientError> {
-        let (socket, _) = tokio_tungstenite::connect_async(url)
+        // Nagle off: a request is one small frame that must not wait for the previous ACK.
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
             .await
             .map_err(|e| ClientError::Connect { url: url.to_owned(), message: e.to_string() })?;
         let (mut sink, mut stream) = socket.split();

@@ -71,6 +71,11 @@ pub struct Settings {
     pub max_frame_bytes: usize,
     /// Frames queued per connection writer.
     pub outbox_capacity: usize,
+    /// Bytes queued per connection writer: past it the connection stops reading its
+    /// socket (replies wait) and pub/sub notifications to it are dropped (counted).
+    pub max_outbound_bytes_per_connection: usize,
+    /// Requests in flight on the whole node (all connections and peers) before 1006.
+    pub max_in_flight: usize,
     /// Websocket worker threads.
     pub workers: usize,
     /// Server ping interval (seconds).
@@ -161,6 +166,8 @@ impl Default for Settings {
             max_in_flight_per_connection: 1024,
             max_frame_bytes: 16 * 1024 * 1024,
             outbox_capacity: 4096,
+            max_outbound_bytes_per_connection: 16 * 1024 * 1024,
+            max_in_flight: 65_536,
             workers: 2,
             heartbeat_interval_s: 20.0,
             client_timeout_s: 60.0,
@@ -303,6 +310,8 @@ impl Settings {
             ("max_value_depth", self.max_value_depth),
             ("max_frame_bytes", self.max_frame_bytes),
             ("outbox_capacity", self.outbox_capacity),
+            ("max_outbound_bytes_per_connection", self.max_outbound_bytes_per_connection),
+            ("max_in_flight", self.max_in_flight),
             ("workers", self.workers),
             ("pubsub_max_topic_words", self.pubsub_max_topic_words),
             ("pubsub_max_topic_bytes", self.pubsub_max_topic_bytes),

@@ -149,7 +149,7 @@ impl NodeBuilder {
             None => None,
         };
 
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::with_max_in_flight(settings.max_in_flight));
         let table = TableHandle::new(table);
         let registry: Slot<Registry> = Slot::default();
         let pubsub: Slot<PubSub> = Slot::default();
@@ -282,6 +282,7 @@ impl NodeBuilder {
                 max_in_flight: settings.max_in_flight_per_connection,
                 max_frame_bytes: settings.max_frame_bytes,
                 outbox_capacity: settings.outbox_capacity,
+                max_outbound_bytes: settings.max_outbound_bytes_per_connection,
                 heartbeat_interval: Settings::seconds(settings.heartbeat_interval_s),
                 client_timeout: Settings::seconds(settings.client_timeout_s),
             },

@@ -449,10 +449,10 @@ async fn bad_input_is_answered_and_the_connection_stays_usable() {
         ),
         (
             "frame too large",
-            // 1500 bytes: over max_frame_bytes (1024), under twice it.
+            // 1500 bytes: over max_frame_bytes (1024), under twice it; answered under its `u`.
             format!(r#"{{"role":"rpc","u":"big","cmds":[{{"name":"e","fun":"echo","args":["{}"]}}]}}"#, "x".repeat(1430)),
             1002,
-            Value::Null,
+            json!("big"),
             "frame too large",
         ),
     ];

@@ -8,9 +8,21 @@
 //! queued after a notification is also sent after it.
 //!
 //! Invariants: every frame gets an answer (bad input included; a panic while handling a
-//! request answers that request with 1003); at most `max_in_flight` requests run at once
-//! (beyond that: 1006); requests run concurrently and are answered by `u`, not in arrival
-//! order.
+//! request answers that request with 1003); at most
+//! `max_in_flight_per_connection` requests wait at once on a connection, and
+//! `max_in_flight` on the node (beyond either: 1006; a waiting request holds an
+//! [`InFlight`](crate::metrics::InFlight) permit, given back however it ends); requests run
+//! concurrently and are answered by `u`, not in arrival order.
+//!
+//! Backpressure: the outbox is bounded in bytes (`max_outbound_bytes_per_connection`). A
+//! client that does not read fills it, and then its websocket is not read either (the
+//! [`ReadGate`](crate::outbox::ReadGate)) until the writer drains it: its requests wait in
+//! TCP, not in memory. Replies are never dropped; notifications that do not fit are.
+//! A ping flood costs at most one waiting pong.
+//!
+//! Websocket faults close with the code RFC 6455 gives them: 1007 for a text message that
+//! is not UTF-8, 1009 for a frame or message over twice `max_frame_bytes`, 1002 otherwise.
+//! A frame over `max_frame_bytes` but under twice it is answered 1002 under its own `u`.
 //!
 //! Connections are transient: a crashed one is not restarted (its client reconnects). A
 //! restart of anything else loses no connection.
@@ -25,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, StreamHandler, WrapFuture};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Message, ProtocolError, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Item, Message, ProtocolError, Session};
 use bytes::Bytes;
 use futures_util::{FutureExt, Sink};
 use tokio::sync::{mpsc, oneshot};
@@ -35,15 +47,17 @@ use crate::fabric::link::next_link_id;
 use crate::fabric::wire::{PeerFrame, ServerFrame};
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
+    LinkSender,
 };
 use crate::function::panic_message;
-use crate::metrics::Metrics;
+use crate::metrics::{InFlight, Metrics};
+use crate::outbox::OutboxReceiver;
 use crate::planner::{
     Answer, Execution, Job, LevelObserver, LevelReport, Limits, NoObserver, Outcome, Placement, Plan, Planner,
     ReportOptions, RunJob, Step,
 };
 use crate::protocol::{
-    decode_inbound, encode, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
+    decode_inbound, encode, sniff_u, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
     PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
 };
 use crate::pubsub::{self, ConnectionId, Origin, OutFrame, Outbox, PubSub};
@@ -79,6 +93,9 @@ pub struct ConnectionConfig {
     pub max_frame_bytes: usize,
     /// Frames queued for the writer before notifications are dropped.
     pub outbox_capacity: usize,
+    /// Bytes queued for the writer before the connection stops reading and notifications
+    /// are dropped (see [`crate::outbox`]).
+    pub max_outbound_bytes: usize,
     /// How often the server pings an idle client.
     pub heartbeat_interval: Duration,
     /// A client silent for this long is disconnected.
@@ -119,6 +136,9 @@ pub fn serve(
             .default_service(web::to(websocket_entry))
     })
     .workers(workers.max(1))
+    // Replies are small and latency-bound: Nagle plus the client's delayed ACK would hold
+    // the last reply of a burst for ~40 ms.
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(2)
     .listen(listener)?
@@ -136,8 +156,10 @@ async fn websocket_entry(
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let shared = shared.into_inner();
     Connection::create(move |ctx| {
-        ctx.add_stream(stream);
-        Connection::new(shared, session, peer)
+        let connection = Connection::new(shared, session, peer);
+        // Backpressure: while the outbox is over its byte bound, the websocket is not read.
+        ctx.add_stream(connection.outbox.gate(stream, connection.shared.metrics.clone()));
+        connection
     });
     Ok(response)
 }
@@ -158,11 +180,18 @@ pub struct Connection {
     silent_ticks: u32,
     /// Set once the other end spoke a peer frame: this connection is a fabric link.
     link: Option<LinkId>,
+    /// A pong is waiting for room in the websocket (the client is not reading).
+    pong_waiting: bool,
+    /// The latest ping heard while a pong waits: answered next, the ones before it never
+    /// (RFC 6455 §5.5.3 allows answering only the most recent ping).
+    next_pong: Option<Bytes>,
+    /// The heartbeat's ping is still waiting for room in the websocket.
+    ping_waiting: bool,
 }
 
 impl Connection {
     fn new(shared: Arc<NodeShared>, session: Session, peer: String) -> Self {
-        let (outbox, frames) = mpsc::channel(shared.config.outbox_capacity.max(1));
+        let (outbox, frames) = Outbox::channel(shared.config.outbox_capacity, shared.config.max_outbound_bytes);
         let (close, closed) = oneshot::channel();
         actix_rt::spawn(write_frames(frames, closed, session.clone()));
         Connection {
@@ -176,6 +205,9 @@ impl Connection {
             heard: true,
             silent_ticks: 0,
             link: None,
+            pong_waiting: false,
+            next_pong: None,
+            ping_waiting: false,
         }
     }
 
@@ -187,53 +219,87 @@ impl Connection {
     }
 
     /// Sends a reply from the actor itself (answers computed in place: inline requests,
-    /// refusals). A binary frame goes straight into the websocket when the outbox is
-    /// empty and the socket has room, saving the writer task a wake-up; otherwise it joins
-    /// the outbox. Never blocks: if
-    /// even the outbox is full (the client is not reading) it is sent from a task.
+    /// refusals). A binary frame up to [`FRAGMENT_BYTES`] goes straight into the websocket
+    /// when the outbox is empty and the socket has room, saving the writer task a wake-up;
+    /// otherwise it joins
+    /// the outbox (counted in its bytes, so a client that does not read stops being read).
+    /// Never blocks, never drops: if the outbox has no free frame slot it is sent from a
+    /// task.
     ///
     /// Order: replies to different requests carry no order between them (clients match
     /// them by `u`). Frames that must stay in order — a request's callback-topic
     /// notifications before its reply — all travel through the outbox.
     fn reply(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
         let mut bytes = Bytes::from(bytes);
-        if kind == FrameKind::Binary && self.outbox.capacity() == self.outbox.max_capacity() {
-            match self.write_now(bytes) {
+        if kind == FrameKind::Binary && bytes.len() <= FRAGMENT_BYTES && self.outbox.is_idle() {
+            match self.write_now(bytes, Message::Binary) {
                 Ok(()) => return,
                 Err(unsent) => bytes = unsent,
             }
         }
-        let outbox = self.outbox.clone();
-        if let Err(mpsc::error::TrySendError::Full(frame)) = outbox.try_send(OutFrame { bytes, kind }) {
+        if let Err(mpsc::error::TrySendError::Full(frame)) = self.outbox.queue(OutFrame { bytes, kind }) {
+            let outbox = self.outbox.clone();
             ctx.spawn(async move { drop(outbox.send(frame).await) }.into_actor(self));
         }
     }
 
-    /// Puts a binary frame into the websocket if it has room right now; hands it back
-    /// otherwise. (Polled with a no-op waker: nobody waits here, the caller falls back to
-    /// the outbox.)
-    fn write_now(&mut self, bytes: Bytes) -> Result<(), Bytes> {
+    /// Puts a message (`wrap` of `payload`) into the websocket if it has room right now;
+    /// hands the payload back otherwise. (Polled with a no-op waker: nobody waits here,
+    /// the caller falls back to a queue.)
+    fn write_now(&mut self, payload: Bytes, wrap: fn(Bytes) -> Message) -> Result<(), Bytes> {
         let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
         let mut session = Pin::new(&mut self.session);
         match session.as_mut().poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {
                 // A closed session drops the frame: there is nobody left to read it.
-                if session.as_mut().start_send(Message::Binary(bytes)).is_ok() {
+                if session.as_mut().start_send(wrap(payload)).is_ok() {
                     let _ = session.poll_flush(&mut cx);
                 }
                 Ok(())
             }
             Poll::Ready(Err(_)) => Ok(()),
-            Poll::Pending => Err(bytes),
+            Poll::Pending => Err(payload),
         }
+    }
+
+    /// Answers a ping, keeping at most one pong waiting per connection: a client that
+    /// pings without reading costs one pending pong, not one task per ping.
+    fn on_ping(&mut self, payload: Bytes, ctx: &mut Context<Self>) {
+        if self.pong_waiting {
+            self.next_pong = Some(payload);
+            return;
+        }
+        let Err(payload) = self.write_now(payload, Message::Pong) else { return };
+        self.pong_waiting = true;
+        let mut session = self.session.clone();
+        let pong = async move { drop(session.pong(&payload).await) }.into_actor(self);
+        ctx.spawn(pong.map(|_, act, ctx| {
+            act.pong_waiting = false;
+            if let Some(next) = act.next_pong.take() {
+                act.on_ping(next, ctx);
+            }
+        }));
+    }
+
+    /// The frame queue of a fabric link over this websocket. Peer frames have their own
+    /// queue and writer, bounded in frames as the fabric expects (it drops or waits when
+    /// full), outside the client outbox's byte budget; the two carry no order between
+    /// them (a peer sends no client requests).
+    fn link_sender(&self) -> LinkSender {
+        let (sender, frames) = mpsc::channel(self.shared.config.outbox_capacity.max(1));
+        actix_rt::spawn(write_link_frames(frames, self.session.clone()));
+        sender
     }
 
     fn on_frame(&mut self, bytes: Bytes, kind: FrameKind, ctx: &mut Context<Self>) {
         let limit = self.shared.config.max_frame_bytes;
         if bytes.len() > limit {
+            // Answered under the frame's own `u` (found by a byte scan, not a parse), so a
+            // client waiting on it hears back.
+            self.shared.metrics.limit_exceeded("max_frame_bytes");
             let error =
                 RpcError::invalid(format!("frame too large: {} bytes (max_frame_bytes is {limit})", bytes.len()));
-            self.reject(InboundError { u: None, role: None, error }, kind, ctx);
+            self.reject(InboundError { u: sniff_u(&bytes), role: None, error }, kind, ctx);
             return;
         }
         match decode_inbound(&bytes) {
@@ -300,7 +366,7 @@ impl Connection {
                 self.link = Some(link);
                 gossip.do_send(LinkOpened {
                     link,
-                    sender: self.outbox.clone(),
+                    sender: self.link_sender(),
                     outbound_url: None,
                     close: None,
                     peer: self.peer.clone(),
@@ -324,12 +390,37 @@ impl Connection {
         self.reply(bytes, kind, ctx);
     }
 
+    /// Answers 1006 and counts the refusal under the limit's setting name.
+    fn overloaded(
+        &mut self,
+        u: String,
+        error: RpcError,
+        setting: &'static str,
+        kind: FrameKind,
+        ctx: &mut Context<Self>,
+    ) {
+        self.shared.metrics.limit_exceeded(setting);
+        self.shared.metrics.record_outcome(error.kind());
+        self.reply(encode(&RpcResponse::failure(Some(u), error)), kind, ctx);
+    }
+
+    /// A node-wide permit for a request that has to wait (1006 when the node is full). The
+    /// request's task owns it, so it is given back however the task ends (answered, or
+    /// dropped with its connection).
+    fn admit(&mut self, u: &str, kind: FrameKind, ctx: &mut Context<Self>) -> Option<InFlight> {
+        let admission = self.shared.metrics.admission().clone();
+        let permit = admission.try_admit();
+        if permit.is_none() {
+            let error = RpcError::node_overloaded(admission.limit());
+            self.overloaded(u.to_owned(), error, "max_in_flight", kind, ctx);
+        }
+        permit
+    }
+
     fn on_rpc(&mut self, request: RpcRequest, frame_bytes: usize, kind: FrameKind, ctx: &mut Context<Self>) {
         let limit = self.shared.config.max_in_flight;
         if self.in_flight >= limit {
-            let error = RpcError::overloaded(limit);
-            self.shared.metrics.record_outcome(error.kind());
-            self.reply(encode(&RpcResponse::failure(Some(request.u), error)), kind, ctx);
+            self.overloaded(request.u, RpcError::overloaded(limit), "max_in_flight_per_connection", kind, ctx);
             return;
         }
         let started = Instant::now();
@@ -374,15 +465,15 @@ impl Connection {
                 return;
             }
         };
+        let Some(permit) = self.admit(&u, kind, ctx) else { return };
         self.in_flight += 1;
-        self.shared.metrics.request_waiting();
         let shared = self.shared.clone();
         let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %u, conn = self.id);
         let task = async move {
             let run = AssertUnwindSafe((*prepared).run(&shared)).catch_unwind().await;
             let answer = run.unwrap_or_else(|payload| failed(u, panicked(payload.as_ref())));
-            shared.metrics.request_left();
+            drop(permit);
             shared.metrics.request_finished(started.elapsed(), answer.error);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
         }
@@ -393,14 +484,14 @@ impl Connection {
     /// Hands `job` (the request `u`) to the Planner and sends its answer when it comes;
     /// the request counts as in flight meanwhile.
     fn wait_for_planner(&mut self, u: String, job: Job, kind: FrameKind, started: Instant, ctx: &mut Context<Self>) {
+        let Some(permit) = self.admit(&u, kind, ctx) else { return };
         self.in_flight += 1;
-        self.shared.metrics.request_waiting();
         let shared = self.shared.clone();
         let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %u, conn = self.id, planner = true);
         let task = async move {
             let answer = on_planner(&shared, u, job).await;
-            shared.metrics.request_left();
+            drop(permit);
             shared.metrics.request_finished(started.elapsed(), answer.error);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
         }
@@ -699,9 +790,11 @@ async fn on_planner(shared: &NodeShared, u: String, job: Job) -> Answer {
     }
 }
 
-/// Drains the outbox into the websocket, in order, until the connection closes.
+/// Drains the outbox into the websocket, in order, until the connection closes. A frame's
+/// bytes are released once the websocket took it, which is what lets the connection read
+/// again (see [`crate::outbox`]).
 async fn write_frames(
-    mut frames: mpsc::Receiver<OutFrame>,
+    mut frames: OutboxReceiver,
     mut closed: oneshot::Receiver<Option<CloseReason>>,
     mut session: Session,
 ) {
@@ -710,25 +803,126 @@ async fn write_frames(
             biased;
             frame = frames.recv() => {
                 let Some(frame) = frame else { break };
-                let sent = match frame.kind {
-                    FrameKind::Binary => session.binary(frame.bytes).await,
-                    FrameKind::Text => match String::from_utf8(frame.bytes.to_vec()) {
-                        Ok(text) => session.text(text).await,
-                        Err(_) => session.binary(frame.bytes).await,
-                    },
+                // A client that does not read keeps this write waiting; the connection's
+                // close must still get through, so the two race.
+                let outcome = tokio::select! {
+                    biased;
+                    sent = write_frame(&mut session, &frame) => Ok(sent),
+                    reason = &mut closed => Err(reason.unwrap_or(None)),
                 };
-                if sent.is_err() {
-                    return;
+                frames.written(&frame);
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(reason) => return close_session(session, reason).await,
                 }
             }
-            reason = &mut closed => {
-                let _ = session.close(reason.unwrap_or(None)).await;
-                return;
-            }
+            reason = &mut closed => return close_session(session, reason.unwrap_or(None)).await,
         }
     }
     // Every sender is gone (the connection stopped): close with its reason, if it gave one.
-    let _ = session.close(closed.try_recv().unwrap_or(None)).await;
+    close_session(session, closed.try_recv().unwrap_or(None)).await;
+}
+
+/// How long a close frame may wait for room in the websocket: a client that does not read
+/// would otherwise keep the writer (and the session) forever.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+async fn close_session(session: Session, reason: Option<CloseReason>) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, session.close(reason)).await;
+}
+
+/// What a websocket stream error means for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamFault {
+    /// The transport failed or ended mid-frame: nobody is left to answer.
+    Dropped,
+    /// A text message that is not UTF-8 (close 1007).
+    InvalidText,
+    /// A frame, or a message's continuations together, over the hard size limit (close 1009).
+    TooLarge,
+    /// Any other violation of the websocket protocol (close 1002).
+    Protocol,
+}
+
+impl StreamFault {
+    /// Classifies an error of actix-ws's (aggregated) message stream. actix-ws reports bad
+    /// UTF-8 as an `InvalidData` I/O error, an over-long continuation as an `Other` I/O
+    /// error with a text message, and a transport failure as an I/O error wrapping the
+    /// payload's error.
+    fn of(error: &ProtocolError) -> Self {
+        match error {
+            ProtocolError::Overflow => StreamFault::TooLarge,
+            ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => StreamFault::InvalidText,
+            ProtocolError::Io(e) => match e.get_ref() {
+                Some(inner) if inner.is::<actix_web::error::PayloadError>() => StreamFault::Dropped,
+                Some(inner) if inner.to_string().contains("maximum continuation size") => StreamFault::TooLarge,
+                _ => StreamFault::Dropped,
+            },
+            _ => StreamFault::Protocol,
+        }
+    }
+
+    /// The close code and reason sent for this fault.
+    fn close(self) -> (CloseCode, &'static str) {
+        match self {
+            StreamFault::InvalidText => (CloseCode::Invalid, "invalid UTF-8 in a text message"),
+            StreamFault::TooLarge => (CloseCode::Size, "message too large"),
+            StreamFault::Dropped | StreamFault::Protocol => (CloseCode::Protocol, "protocol error"),
+        }
+    }
+}
+
+/// The largest websocket frame the writer hands to actix-ws: a longer message goes out as
+/// continuation frames of this size. actix-ws holds up to 32 messages in its channel and
+/// actix-http one encoded batch of them in its write buffer, none of it counted in the
+/// outbox; fragments keep that near 4 MiB per connection whatever the message size, while
+/// the whole message stays counted in the outbox until its last fragment is handed over.
+const FRAGMENT_BYTES: usize = 64 * 1024;
+
+/// Writes one queued frame in the type the client used, in fragments when it is long.
+/// Only this writer sends fragments, and nothing else writes a data frame while it does:
+/// the fast path needs an idle outbox, and the frame counts in it until written.
+async fn write_frame(session: &mut Session, frame: &OutFrame) -> Result<(), actix_ws::Closed> {
+    let bytes = &frame.bytes;
+    if bytes.len() <= FRAGMENT_BYTES {
+        return write_whole(session, frame).await;
+    }
+    let first = bytes.slice(..FRAGMENT_BYTES);
+    session
+        .continuation(match frame.kind {
+            FrameKind::Binary => Item::FirstBinary(first),
+            FrameKind::Text => Item::FirstText(first),
+        })
+        .await?;
+    let mut at = FRAGMENT_BYTES;
+    while bytes.len() - at > FRAGMENT_BYTES {
+        session.continuation(Item::Continue(bytes.slice(at..at + FRAGMENT_BYTES))).await?;
+        at += FRAGMENT_BYTES;
+    }
+    session.continuation(Item::Last(bytes.slice(at..))).await
+}
+
+/// Writes one frame as a single websocket message.
+async fn write_whole(session: &mut Session, frame: &OutFrame) -> Result<(), actix_ws::Closed> {
+    match frame.kind {
+        FrameKind::Binary => session.binary(frame.bytes.clone()).await,
+        FrameKind::Text => match String::from_utf8(frame.bytes.to_vec()) {
+            Ok(text) => session.text(text).await,
+            Err(_) => session.binary(frame.bytes.clone()).await,
+        },
+    }
+}
+
+/// Drains a fabric link's queue into the websocket until the fabric drops the link or the
+/// websocket closes. Whole messages only: the client writer may fragment on the same
+/// websocket, and two fragmented messages must not interleave.
+async fn write_link_frames(mut frames: mpsc::Receiver<OutFrame>, mut session: Session) {
+    while let Some(frame) = frames.recv().await {
+        if write_whole(&mut session, &frame).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Actor for Connection {
@@ -749,8 +943,13 @@ impl Actor for Connection {
                 act.close_with(CloseCode::Away, "idle timeout", ctx);
                 return;
             }
+            if act.ping_waiting {
+                return; // the last ping is still waiting for room: the client is not reading
+            }
+            act.ping_waiting = true;
             let mut session = act.session.clone();
-            ctx.spawn(async move { drop(session.ping(b"mpreg").await) }.into_actor(act));
+            let ping = async move { drop(session.ping(b"mpreg").await) }.into_actor(act);
+            ctx.spawn(ping.map(|_, act, _| act.ping_waiting = false));
         });
     }
 
@@ -786,30 +985,61 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
         match item {
             Ok(AggregatedMessage::Text(text)) => self.on_frame(text.into_bytes(), FrameKind::Text, ctx),
             Ok(AggregatedMessage::Binary(bytes)) => self.on_frame(bytes, FrameKind::Binary, ctx),
-            Ok(AggregatedMessage::Ping(payload)) => {
-                let mut session = self.session.clone();
-                ctx.spawn(async move { drop(session.pong(&payload).await) }.into_actor(self));
-            }
+            Ok(AggregatedMessage::Ping(payload)) => self.on_ping(payload, ctx),
             Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(_)) => ctx.stop(),
-            Err(ProtocolError::Io(e)) => {
-                // The peer went away mid-frame (or without a close frame): nothing to answer.
-                debug!(conn = self.id, peer = %self.peer, cause = %e, "connection dropped");
-                ctx.stop();
-            }
-            Err(e) => {
-                // The codec cannot resynchronise after a bad frame: answer, then close.
-                warn!(conn = self.id, peer = %self.peer, cause = %e, "websocket protocol error; closing");
-                let code = if matches!(e, ProtocolError::Overflow) { CloseCode::Size } else { CloseCode::Protocol };
-                let error = RpcError::invalid(format!("websocket protocol error: {e}"));
-                self.shared.metrics.record_outcome(error.kind());
-                self.reply(encode(&RpcResponse::failure(None, error)), FrameKind::Binary, ctx);
-                self.close_with(code, "protocol error", ctx);
-            }
+            Err(e) => match StreamFault::of(&e) {
+                StreamFault::Dropped => {
+                    // The peer went away mid-frame (or without a close frame): nothing to answer.
+                    debug!(conn = self.id, peer = %self.peer, cause = %e, "connection dropped");
+                    ctx.stop();
+                }
+                fault => {
+                    // The codec cannot resynchronise after a bad frame: answer, then close
+                    // with the code RFC 6455 gives the fault.
+                    warn!(conn = self.id, peer = %self.peer, cause = %e, "websocket protocol error; closing");
+                    let (code, reason) = fault.close();
+                    if code == CloseCode::Size {
+                        self.shared.metrics.limit_exceeded("max_frame_bytes");
+                    }
+                    let error = RpcError::invalid(format!("websocket protocol error: {e}"));
+                    self.shared.metrics.record_outcome(error.kind());
+                    self.reply(encode(&RpcResponse::failure(None, error)), FrameKind::Binary, ctx);
+                    self.close_with(code, reason, ctx);
+                }
+            },
         }
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use actix_web::error::PayloadError;
+
+    use super::*;
+
+    #[test]
+    fn stream_faults_close_with_the_code_rfc_6455_gives_them() {
+        let io = ProtocolError::Io;
+        let cases = [
+            (io(io::Error::new(io::ErrorKind::InvalidData, "invalid utf-8")), StreamFault::InvalidText, 1007),
+            // As actix-ws reports an aggregated message over `max_continuation_size`.
+            (io(io::Error::other("Exceeded maximum continuation size")), StreamFault::TooLarge, 1009),
+            (ProtocolError::Overflow, StreamFault::TooLarge, 1009),
+            (ProtocolError::InvalidOpcode(3), StreamFault::Protocol, 1002),
+            (ProtocolError::UnmaskedFrame, StreamFault::Protocol, 1002),
+        ];
+        for (error, fault, code) in cases {
+            assert_eq!(StreamFault::of(&error), fault, "{error}");
+            assert_eq!(u16::from(fault.close().0), code, "{error}");
+        }
+        let dropped = io(io::Error::other(PayloadError::Incomplete(None)));
+        assert_eq!(StreamFault::of(&dropped), StreamFault::Dropped);
     }
 }

@@ -6,8 +6,8 @@
 //! and the monitor importing each other.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::protocol::ErrorCode;
@@ -22,7 +22,8 @@ pub struct Metrics {
     requests_failed: [AtomicU64; 6],
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
     latency_sum_us: AtomicU64,
-    in_flight: AtomicI64,
+    /// Requests waiting on this node (the `mpreg_requests_in_flight` gauge), capped.
+    admission: Arc<Admission>,
     connections: AtomicI64,
     actor_restarts: AtomicU64,
     notifications_delivered: AtomicU64,
@@ -66,16 +67,76 @@ impl LabelledCounter {
     }
 }
 
-impl Metrics {
-    /// A request started waiting (a task, a remote call): it counts as in flight until
-    /// [`Metrics::request_left`]. Requests answered in place never wait and are not counted.
-    pub fn request_waiting(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+/// The node-wide bound on requests in flight: whoever starts work that waits (a request
+/// run as a task, a call served for a peer) asks for an [`InFlight`] permit first and is
+/// refused (1006) when `limit` permits are out. The permit gives its place back when
+/// dropped, so a request abandoned anywhere — its connection closed, its task cancelled —
+/// leaves the count true.
+#[derive(Debug)]
+pub struct Admission {
+    in_flight: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission { in_flight: AtomicUsize::new(0), limit: AtomicUsize::new(usize::MAX) }
+    }
+}
+
+impl Admission {
+    /// At most `limit` permits at once.
+    pub fn new(limit: usize) -> Self {
+        Admission { in_flight: AtomicUsize::new(0), limit: AtomicUsize::new(limit) }
     }
 
-    /// A waiting request ended.
-    pub fn request_left(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    /// A permit, or `None` when `limit` are already out (the caller answers 1006 and
+    /// counts the refusal under `max_in_flight`).
+    pub fn try_admit(self: &Arc<Self>) -> Option<InFlight> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| InFlight(self.clone()))
+    }
+
+    /// Permits out now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The bound.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the bound (permits already out stay valid).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+}
+
+/// One request in flight: counted from [`Admission::try_admit`] until dropped.
+#[derive(Debug)]
+#[must_use = "the request counts as in flight only while its permit lives"]
+pub struct InFlight(Arc<Admission>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Metrics {
+    /// Counters for a node that admits at most `max_in_flight` waiting requests.
+    pub fn with_max_in_flight(max_in_flight: usize) -> Self {
+        Metrics { admission: Arc::new(Admission::new(max_in_flight)), ..Default::default() }
+    }
+
+    /// The node-wide in-flight bound; its permits make the `mpreg_requests_in_flight`
+    /// gauge. Requests answered in place never wait and take no permit.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// A request was answered after `elapsed`, successfully or with `error`.
@@ -184,7 +245,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "mpreg_request_duration_seconds_count{{node=\"{node}\"}} {count}");
         let gauges = [
-            ("mpreg_requests_in_flight", "Requests being executed.", self.in_flight.load(Ordering::Relaxed)),
+            ("mpreg_requests_in_flight", "Requests being executed.", self.admission.in_flight() as i64),
             ("mpreg_connections", "Open websocket connections.", self.connections.load(Ordering::Relaxed)),
             (
                 "mpreg_pubsub_backlog_messages",
@@ -255,5 +316,20 @@ mod tests {
         let text = metrics.render("n1");
         assert!(text.contains("mpreg_limit_exceeded_total{node=\"n1\",limit=\"max_reply_bytes\"} 2"), "{text}");
         assert!(text.contains("mpreg_peer_refused_total{node=\"n1\",reason=\"untrusted\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn admission_refuses_past_its_limit_and_permits_give_back_on_drop() {
+        let metrics = Metrics::with_max_in_flight(2);
+        let admission = metrics.admission();
+        let first = admission.try_admit().expect("first admitted");
+        let second = admission.try_admit().expect("second admitted");
+        assert!(admission.try_admit().is_none(), "a third is over the limit");
+        assert!(metrics.render("n1").contains("mpreg_requests_in_flight{node=\"n1\"} 2"));
+        drop(first);
+        let third = admission.try_admit().expect("room again after a drop");
+        drop((second, third));
+        assert_eq!(admission.in_flight(), 0);
+        assert!(metrics.render("n1").contains("mpreg_requests_in_flight{node=\"n1\"} 0"));
     }
 }

@@ -80,6 +80,7 @@ impl Actor for Monitor {
                 .route("/catalog", web::get().to(catalog))
         })
         .workers(1)
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(1)
         .listen(listener);

@@ -4,8 +4,8 @@
 //! `ConnectionClosed`), the planner (intermediate-result callback topics) and the fabric
 //! (messages published on other nodes). Whom it calls: nobody — it pushes notifications
 //! straight into each subscriber's [`Outbox`], without waiting, so one slow subscriber
-//! never stalls a publisher. A subscriber that falls behind loses notifications: a full
-//! outbox drops that notification and counts it in `/metrics`
+//! never stalls a publisher. A subscriber that falls behind loses notifications: an
+//! outbox over its frame or byte bound drops that notification and counts it in `/metrics`
 //! (`mpreg_pubsub_notifications_dropped_total`); nothing is buffered for it here.
 //!
 //! Topics are words separated by `.`; in a pattern `*` matches exactly one word and `#`
@@ -37,7 +37,6 @@ use std::sync::Arc;
 
 use actix::{Actor, Context, Handler, Message, MessageResponse};
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use self::backlog::{Backlog, PageBudget, ReplayCursor};
 pub use self::backlog::{BacklogLimits, Retention};
@@ -50,17 +49,7 @@ use crate::unix_now;
 /// Identifies one websocket connection on this node.
 pub type ConnectionId = u64;
 
-/// A frame queued for a connection's writer.
-#[derive(Debug, Clone)]
-pub struct OutFrame {
-    /// The encoded JSON.
-    pub bytes: Bytes,
-    /// Text or binary.
-    pub kind: FrameKind,
-}
-
-/// The queue of frames a connection's writer sends, in order.
-pub type Outbox = mpsc::Sender<OutFrame>;
+pub use crate::outbox::{OutFrame, Outbox};
 
 /// A subscription: its connection and its client-chosen id (shared by every index entry).
 type SubscriptionKey = (ConnectionId, Arc<str>);
@@ -595,7 +584,7 @@ mod tests {
     #[test]
     fn one_notification_per_subscription_and_backlog() {
         let mut core = core();
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = Outbox::channel(10, usize::MAX);
         core.subscribe(1, &sub("s", &["a.*", "a.#", "#"]), tx.clone(), FrameKind::Binary, 0.0).unwrap();
         let delivery = core.publish(&msg("a.b"), Origin::Local, 1.0).unwrap();
         assert_eq!((delivery.queued, delivery.dropped, delivery.retention), (1, 0, Retention::Kept));
@@ -621,7 +610,7 @@ mod tests {
     #[test]
     fn messages_from_peers_are_delivered_not_kept() {
         let mut core = core();
-        let (tx, mut rx) = mpsc::channel(10);
+        let (tx, mut rx) = Outbox::channel(10, usize::MAX);
         core.subscribe(1, &sub("s", &["p.#"]), tx.clone(), FrameKind::Binary, 0.0).unwrap();
         let delivery = core.publish(&msg("p.remote"), Origin::Peer, 1.0).unwrap();
         assert_eq!((delivery.queued, delivery.retention), (1, Retention::NotOrigin));
@@ -634,7 +623,7 @@ mod tests {
     #[test]
     fn a_full_outbox_drops_and_counts() {
         let mut core = core();
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, mut rx) = Outbox::channel(1, usize::MAX);
         core.subscribe(1, &sub("slow", &["s.#"]), tx, FrameKind::Binary, 0.0).unwrap();
         let first = core.publish(&msg("s.1"), Origin::Local, 1.0).unwrap();
         let second = core.publish(&msg("s.2"), Origin::Local, 1.0).unwrap();
@@ -652,7 +641,7 @@ mod tests {
             max_index_words: 10,
         };
         let mut core = PubSubCore::new(limits, backlog_limits());
-        let (tx, _rx) = mpsc::channel(10);
+        let (tx, _rx) = Outbox::channel(10, usize::MAX);
         let refused = |core: &mut PubSubCore, s: Subscription| {
             core.subscribe(1, &s, tx.clone(), FrameKind::Binary, 0.0).map(|_| ()).map_err(|e| e.limit)
         };
@@ -678,7 +667,7 @@ mod tests {
     #[test]
     fn big_backlog_replays_in_bounded_pages() {
         let mut core = core();
-        let (tx, _rx) = mpsc::channel(10);
+        let (tx, _rx) = Outbox::channel(10, usize::MAX);
         for i in 0..100 {
             core.publish(&msg(&format!("h.a.a.a.a.a.a.{i}")), Origin::Local, 1.0).unwrap();
         }
@@ -698,7 +687,8 @@ mod tests {
         assert!(pages > 1, "one page did it all");
         assert_eq!(topics, (0..100).map(|i| format!("h.a.a.a.a.a.a.{i}")).collect::<Vec<_>>());
         // A replay of an unsubscribed subscription ends.
-        let replay = core.subscribe(1, &sub("s2", &patterns), mpsc::channel(1).0, FrameKind::Binary, 2.0).unwrap();
+        let replay =
+            core.subscribe(1, &sub("s2", &patterns), Outbox::channel(1, usize::MAX).0, FrameKind::Binary, 2.0).unwrap();
         assert!(core.unsubscribe(1, "s2"));
         assert!(core.continue_replay(replay.next.expect("paged")).frames.is_empty());
     }
@@ -729,7 +719,7 @@ mod tests {
             topic in proptest::collection::vec(word(), 1..6),
         ) {
             let mut core = core();
-            let (tx, _rx) = mpsc::channel(1);
+            let (tx, _rx) = Outbox::channel(1, usize::MAX);
             let words: Vec<&str> = topic.iter().map(String::as_str).collect();
             let topic = topic.join(".");
             let mut expected = HashSet::new();

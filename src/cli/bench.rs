@@ -419,6 +419,8 @@ impl EchoServer {
             App::new().app_data(web::Data::new(MaxFrame(max_frame))).default_service(web::to(echo_entry))
         })
         .workers(workers.max(1))
+        // As the node's listener: the floor must use the same socket options.
+        .tcp_nodelay(true)
         .disable_signals()
         .shutdown_timeout(1)
         .listen(listener)

@@ -40,7 +40,7 @@ use super::trust::Credentials;
 use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, PeerFrame};
 use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
 use crate::function::{CallArgs, FunctionIdentity};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::protocol::{encode, FrameKind, PubSubMessage};
 use crate::pubsub::{self, OutFrame, PubSub};
 use crate::registry::TableHandle;
@@ -462,12 +462,19 @@ impl FabricShared {
                     self.reply(link, id, source, CallOutcome::Unreachable { reason }, forwards);
                     return;
                 }
+                // Calls served for peers count toward the node-wide in-flight limit too.
+                let Some(permit) = self.metrics.admission().try_admit() else {
+                    drop(serving);
+                    self.metrics.limit_exceeded("max_in_flight");
+                    let reason = format!("overloaded: {} is at its max_in_flight", self.me.node);
+                    self.reply(link, id, source, CallOutcome::Unreachable { reason }, forwards);
+                    return;
+                };
                 serving.next += 1;
                 let key = serving.next;
-                self.metrics.request_waiting();
                 // The guard is created before the task can run, and removes the entry
                 // under the same lock this insertion holds, so it never outlives it.
-                let guard = ServingGuard { shared: self.clone(), link, key };
+                let guard = ServingGuard { shared: self.clone(), link, key, _permit: permit };
                 let handle = tokio::spawn(async move {
                     let guard = guard;
                     let shared = &guard.shared;
@@ -586,11 +593,12 @@ struct ServingGuard {
     shared: Arc<FabricShared>,
     link: LinkId,
     key: u64,
+    /// The call's place in the node-wide in-flight count, given back with the guard.
+    _permit: metrics::InFlight,
 }
 
 impl Drop for ServingGuard {
     fn drop(&mut self) {
-        self.shared.metrics.request_left();
         if let Ok(mut serving) = self.shared.serving.lock() {
             if let Some(calls) = serving.per_link.get_mut(&self.link) {
                 calls.remove(&self.key);
@@ -634,7 +642,8 @@ impl Drop for WriterDone {
 
 /// Dials `url`, registers the link with the actor, and pumps frames until it closes.
 pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, queue: usize) -> Result<(), String> {
-    let connect = tokio_tungstenite::connect_async(url.as_str());
+    // Nagle off: a call is one small frame that must not wait for the previous ACK.
+    let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true);
     let (socket, _) = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| format!("connect timed out after {timeout:?}"))?

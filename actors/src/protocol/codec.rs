@@ -55,6 +55,29 @@ struct Envelope {
 /// that tracks nesting and strings. `None` when absent, escaped or not a plain string —
 /// the caller then takes the general path.
 fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
+    let value = top_level_value(bytes, b"role")?;
+    let value = value.strip_prefix(b"\"")?;
+    let end = value.iter().position(|&b| b == b'"' || b == b'\\')?;
+    (value[end] == b'"').then(|| &value[..end])
+}
+
+/// The top-level string `"u"` of a frame too large to parse, found by the same byte scan
+/// as the role (escapes decoded), so even a refused frame is answered under its own `u`.
+/// `None` when absent or not a string.
+pub fn sniff_u(bytes: &[u8]) -> Option<String> {
+    let value = top_level_value(bytes, b"u")?;
+    if value.first() != Some(&b'"') {
+        return None;
+    }
+    let mut i = 1;
+    while i < value.len() && value[i] != b'"' {
+        i += if value[i] == b'\\' { 2 } else { 1 };
+    }
+    serde_json::from_slice(value.get(..=i)?).ok()
+}
+
+/// The bytes right after `"key":` at nesting depth 1 (leading whitespace skipped).
+fn top_level_value<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let (mut depth, mut i) = (0usize, 0usize);
     while i < bytes.len() {
         match bytes[i] {
@@ -70,7 +93,7 @@ fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
                     i += 1;
                 }
                 let text = bytes.get(start..i)?;
-                if depth == 1 && text == b"role" {
+                if depth == 1 && text == key {
                     let rest = bytes.get(i + 1..)?;
                     let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
                     if rest[colon] != b':' {
@@ -78,9 +101,7 @@ fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
                     }
                     let value = &rest[colon + 1..];
                     let open = value.iter().position(|b| !b.is_ascii_whitespace())?;
-                    let value = value.get(open + 1..).filter(|_| value[open] == b'"')?;
-                    let end = value.iter().position(|&b| b == b'"' || b == b'\\')?;
-                    return (value[end] == b'"').then(|| &value[..end]);
+                    return Some(&value[open..]);
                 }
             }
             _ => {}
@@ -350,6 +371,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn u_is_sniffed_from_a_frame_without_parsing_it() {
+        assert_eq!(sniff_u(br#"{"role":"rpc","cmds":[{"u":"inner"}],"u":"outer"}"#).as_deref(), Some("outer"));
+        assert_eq!(sniff_u(br#"{"u" : "a\"b\u0041"}"#).as_deref(), Some("a\"bA"));
+        assert_eq!(sniff_u(br#"{"x":"\"u\":\"no\""}"#), None);
+        assert_eq!(sniff_u(br#"{"u":17}"#), None);
+        assert_eq!(sniff_u(br#"{"u":"unterminated"#), None);
     }
 
     proptest! {

@@ -123,6 +123,15 @@ impl RpcError {
         )
     }
 
+    /// 1006: the node's `max_in_flight` is reached (all connections and peers together).
+    pub fn node_overloaded(limit: usize) -> Self {
+        Self::with(
+            ErrorCode::Overloaded,
+            "Server overloaded",
+            format!("too many requests in flight on this node (max_in_flight {limit}); retry later"),
+        )
+    }
+
     /// The code as an enum, if known.
     pub fn kind(&self) -> Option<ErrorCode> {
         ErrorCode::from_u16(self.code)

@@ -12,7 +12,7 @@
 mod codec;
 mod error;
 
-pub use codec::{decode_inbound, encode, is_peer_role, ClusterStatusRequest, Inbound, InboundError};
+pub use codec::{decode_inbound, encode, is_peer_role, sniff_u, ClusterStatusRequest, Inbound, InboundError};
 pub use error::{ErrorCode, RpcError};
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,273 @@
+//! Outbox: a connection's queue of outgoing frames, bounded in frames and in bytes, and the
+//! gate that stops reading a client that does not read.
+//!
+//! Who writes into it: the connection (replies, acks) and PubSub (notifications). Who
+//! drains it: the connection's single writer task, which releases each frame's bytes once
+//! the websocket has taken it.
+//!
+//! Backpressure, in bytes: each queued frame costs its length plus [`FRAME_OVERHEAD`].
+//! - Replies are never dropped: [`Outbox::queue`] and [`Outbox::send`] ignore the byte
+//!   bound (they wait only for a free frame slot). Instead, while the queue is over the
+//!   bound, the [`ReadGate`] around the connection's websocket stream stops yielding
+//!   frames, so the client's next requests wait in TCP, not in our memory, and the
+//!   connection resumes reading when the writer drains the queue below the bound. The
+//!   overshoot is at most the replies of requests already accepted.
+//! - Notifications are best-effort: [`Outbox::try_send`] refuses a frame that would take
+//!   the queue over the bound (PubSub drops it and counts it), unless the queue is empty,
+//!   so a single message larger than the bound still reaches a subscriber that reads.
+//!
+//! What is not counted: replies written straight into the websocket on the fast path (the
+//! connection does that only when the queue is empty, and only up to 64 KiB) and frames
+//! already handed to actix-ws: at most 32 in its channel plus one encoded batch of them in
+//! actix-http's write buffer. The writer hands longer messages over in 64 KiB fragments,
+//! so that is about 4 MiB per connection whatever the message size.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::{SendError, TrySendError};
+
+use crate::metrics::Metrics;
+use crate::protocol::FrameKind;
+
+/// What a queued frame costs beyond its bytes (the frame, its buffer header, the slot), so
+/// that a flood of tiny frames is bounded too.
+pub const FRAME_OVERHEAD: usize = 64;
+
+/// A frame queued for a connection's writer.
+#[derive(Debug, Clone)]
+pub struct OutFrame {
+    /// The encoded JSON.
+    pub bytes: Bytes,
+    /// Text or binary.
+    pub kind: FrameKind,
+}
+
+impl OutFrame {
+    fn cost(&self) -> usize {
+        self.bytes.len() + FRAME_OVERHEAD
+    }
+}
+
+/// The queue of frames a connection's writer sends, in order; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    frames: mpsc::Sender<OutFrame>,
+    budget: Arc<ByteBudget>,
+}
+
+/// The bytes queued in one outbox, and who to wake when they fall below the bound.
+#[derive(Debug)]
+struct ByteBudget {
+    queued: AtomicUsize,
+    limit: usize,
+    /// The connection's read side, parked by its [`ReadGate`] while over the bound.
+    reader: AtomicWaker,
+}
+
+impl ByteBudget {
+    fn over(&self) -> bool {
+        self.queued.load(Ordering::Acquire) >= self.limit
+    }
+
+    /// Gives back `cost` bytes; wakes the reader when that brings the queue under the bound.
+    fn release(&self, cost: usize) {
+        let before = self.queued.fetch_sub(cost, Ordering::AcqRel);
+        if before >= self.limit && before - cost < self.limit {
+            self.reader.wake();
+        }
+    }
+}
+
+/// The writer's end of an [`Outbox`].
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    frames: mpsc::Receiver<OutFrame>,
+    budget: Arc<ByteBudget>,
+}
+
+impl Outbox {
+    /// An outbox of at most `capacity` frames and (for notifications) `max_bytes` bytes.
+    pub fn channel(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
+        let (frames, receiver) = mpsc::channel(capacity.max(1));
+        let budget = Arc::new(ByteBudget { queued: AtomicUsize::new(0), limit: max_bytes, reader: AtomicWaker::new() });
+        (Outbox { frames, budget: budget.clone() }, OutboxReceiver { frames: receiver, budget })
+    }
+
+    /// Queues a best-effort frame (a notification) if it fits in both bounds; a refused
+    /// frame comes back (`Full` when over a bound, `Closed` when the writer is gone).
+    pub fn try_send(&self, frame: OutFrame) -> Result<(), TrySendError<OutFrame>> {
+        let cost = frame.cost();
+        let before = self.budget.queued.fetch_add(cost, Ordering::AcqRel);
+        if before > 0 && before + cost > self.budget.limit {
+            self.budget.release(cost);
+            return Err(TrySendError::Full(frame));
+        }
+        self.frames.try_send(frame).inspect_err(|_| self.budget.release(cost))
+    }
+
+    /// Queues a frame that must not be lost (a reply) without waiting: only a full frame
+    /// count refuses it (`Full`, with the frame, for the caller to [`Outbox::send`]).
+    pub fn queue(&self, frame: OutFrame) -> Result<(), TrySendError<OutFrame>> {
+        let cost = frame.cost();
+        self.budget.queued.fetch_add(cost, Ordering::AcqRel);
+        self.frames.try_send(frame).inspect_err(|_| self.budget.release(cost))
+    }
+
+    /// Queues a frame that must not be lost, waiting for a frame slot if need be (never for
+    /// bytes: see the module doc). Fails only when the writer is gone.
+    pub async fn send(&self, frame: OutFrame) -> Result<(), SendError<OutFrame>> {
+        let cost = frame.cost();
+        self.budget.queued.fetch_add(cost, Ordering::AcqRel);
+        self.frames.send(frame).await.inspect_err(|_| self.budget.release(cost))
+    }
+
+    /// Whether nothing is queued or being handed to the websocket (so a frame written
+    /// straight into the socket cannot overtake one queued earlier).
+    pub fn is_idle(&self) -> bool {
+        self.budget.queued.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether the queue is at or over its byte bound.
+    pub fn is_over_bound(&self) -> bool {
+        self.budget.over()
+    }
+
+    /// Bytes queued now (frame overheads included).
+    pub fn queued_bytes(&self) -> usize {
+        self.budget.queued.load(Ordering::Acquire)
+    }
+
+    /// Wraps the connection's inbound stream so that it pauses while this outbox is over
+    /// its byte bound; each pause counts once in `metrics` under
+    /// `max_outbound_bytes_per_connection`.
+    pub fn gate<S>(&self, inbound: S, metrics: Arc<Metrics>) -> ReadGate<S> {
+        ReadGate { inbound, budget: self.budget.clone(), metrics, paused: false }
+    }
+}
+
+impl OutboxReceiver {
+    /// The next frame, in order; `None` once every [`Outbox`] is gone. Its bytes still
+    /// count until [`OutboxReceiver::written`].
+    pub async fn recv(&mut self) -> Option<OutFrame> {
+        self.frames.recv().await
+    }
+
+    /// The next frame if one is queued (see [`OutboxReceiver::recv`]).
+    pub fn try_recv(&mut self) -> Result<OutFrame, mpsc::error::TryRecvError> {
+        self.frames.try_recv()
+    }
+
+    /// The websocket took `frame` (or the connection gave up on it): its bytes are free.
+    pub fn written(&self, frame: &OutFrame) {
+        self.budget.release(frame.cost());
+    }
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        // Frames left unsent are discarded with the receiver: give their bytes back so
+        // nobody parked on this budget waits for a writer that is gone.
+        self.frames.close();
+        while let Ok(frame) = self.frames.try_recv() {
+            self.budget.release(frame.cost());
+        }
+    }
+}
+
+/// A connection's inbound stream that yields nothing while its outbox is over the byte
+/// bound (see the module doc). One atomic load per poll; no clock, no allocation.
+pub struct ReadGate<S> {
+    inbound: S,
+    budget: Arc<ByteBudget>,
+    metrics: Arc<Metrics>,
+    /// Paused on the last poll (a pause is counted when it starts).
+    paused: bool,
+}
+
+impl<S: Stream + Unpin> Stream for ReadGate<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if self.budget.over() {
+            self.budget.reader.register(cx.waker());
+            // Re-checked after registering: a release in between would have found no waker.
+            if self.budget.over() {
+                if !std::mem::replace(&mut self.paused, true) {
+                    self.metrics.limit_exceeded("max_outbound_bytes_per_connection");
+                }
+                return Poll::Pending;
+            }
+        }
+        self.paused = false;
+        Pin::new(&mut self.inbound).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::{stream, FutureExt, StreamExt};
+
+    use super::*;
+
+    fn frame(len: usize) -> OutFrame {
+        OutFrame { bytes: Bytes::from(vec![b'x'; len]), kind: FrameKind::Binary }
+    }
+
+    #[test]
+    fn notifications_are_refused_past_the_byte_bound_but_replies_are_not() {
+        let (outbox, mut receiver) = Outbox::channel(100, 1000);
+        outbox.try_send(frame(500)).expect("fits");
+        assert!(matches!(outbox.try_send(frame(500)), Err(TrySendError::Full(_))), "would pass 1000 bytes");
+        outbox.queue(frame(2000)).expect("a reply is queued whatever its size");
+        assert!(outbox.is_over_bound());
+        let first = receiver.recv().now_or_never().flatten().expect("queued");
+        receiver.written(&first);
+        assert_eq!(outbox.queued_bytes(), 2000 + FRAME_OVERHEAD);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_bound_reaches_an_empty_queue() {
+        let (outbox, _receiver) = Outbox::channel(100, 1000);
+        outbox.try_send(frame(5000)).expect("the queue was empty");
+        assert!(outbox.try_send(frame(1)).is_err(), "but nothing joins it while over");
+    }
+
+    #[test]
+    fn tiny_frames_are_bounded_by_their_overhead() {
+        let (outbox, _receiver) = Outbox::channel(1_000_000, 10 * FRAME_OVERHEAD);
+        let accepted = (0..1000).filter(|_| outbox.try_send(frame(0)).is_ok()).count();
+        assert_eq!(accepted, 10);
+    }
+
+    #[test]
+    fn the_gate_pauses_reading_while_over_and_resumes_when_drained() {
+        let (outbox, mut receiver) = Outbox::channel(100, 1000);
+        let metrics = Arc::new(Metrics::default());
+        let mut gated = outbox.gate(stream::iter([1, 2, 3]), metrics.clone());
+        assert_eq!(gated.next().now_or_never(), Some(Some(1)));
+        outbox.queue(frame(1500)).expect("queued");
+        assert_eq!(gated.next().now_or_never(), None, "paused while over the bound");
+        assert_eq!(gated.next().now_or_never(), None, "still paused");
+        assert_eq!(metrics.limit_exceeded_count("max_outbound_bytes_per_connection"), 1, "one pause, counted once");
+        let queued = receiver.recv().now_or_never().flatten().expect("queued");
+        receiver.written(&queued);
+        assert!(outbox.is_idle());
+        assert_eq!(gated.next().now_or_never(), Some(Some(2)), "reading again");
+    }
+
+    #[test]
+    fn a_dropped_receiver_gives_back_what_it_held() {
+        let (outbox, receiver) = Outbox::channel(100, 1000);
+        outbox.queue(frame(10)).expect("queued");
+        drop(receiver);
+        assert!(outbox.is_idle());
+        assert!(matches!(outbox.try_send(frame(1)), Err(TrySendError::Closed(_))));
+    }
+}
