@@ -9,6 +9,7 @@
 //! - [`fabric`] — peer links, gossip membership and catalog, multi-hop messages.
 //! - [`routing`] — which function on which node a command runs on.
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
+//! - [`queue`] — SQS-like queues: leases, redelivery, dead letters, durable records.
 //! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
@@ -21,6 +22,7 @@ pub mod monitor;
 pub mod planner;
 pub mod protocol;
 pub mod pubsub;
+pub mod queue;
 pub mod registry;
 pub mod routing;
 pub mod supervisor;
