@@ -578,8 +578,10 @@ pub struct QueueCore {
     parked: BTreeSet<(usize, Rank)>,
     dead: BTreeSet<u64>,
     delayed: BTreeSet<(At, u64)>,
-    /// Ends of leases and of rounds.
+    /// Ends of at-least-once leases.
     leases: BTreeSet<(At, u64)>,
+    /// Ends of broadcast/quorum rounds.
+    rounds: BTreeSet<(At, u64)>,
     ttl: BTreeSet<(At, u64)>,
     quorum_deadlines: BTreeSet<(At, u64)>,
     /// Dedup key -> (window end, seq that recorded it, first message id).
@@ -613,6 +615,7 @@ impl QueueCore {
             dead: BTreeSet::new(),
             delayed: BTreeSet::new(),
             leases: BTreeSet::new(),
+            rounds: BTreeSet::new(),
             ttl: BTreeSet::new(),
             quorum_deadlines: BTreeSet::new(),
             dedup: HashMap::new(),
@@ -703,8 +706,8 @@ impl QueueCore {
             visible: self.visible_single.len() + self.visible_group.len(),
             delayed: self.delayed.len(),
             waiting_quorum: self.parked.len(),
-            leased: self.messages.values().filter(|m| matches!(m.state, State::Leased { .. })).count(),
-            in_round: self.messages.values().filter(|m| matches!(m.state, State::Round { .. })).count(),
+            leased: self.leases.len(),
+            in_round: self.rounds.len(),
             dead_letters: self.dead.len(),
             subscribers: self.subscribers.len(),
             ..self.stats
@@ -713,10 +716,10 @@ impl QueueCore {
 
     /// The earliest time at which [`QueueCore::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<f64> {
-        [&self.delayed, &self.leases, &self.ttl, &self.quorum_deadlines]
+        // Dedup entries need no timer: they are dropped by whichever call comes next.
+        [&self.delayed, &self.leases, &self.rounds, &self.ttl, &self.quorum_deadlines]
             .into_iter()
             .filter_map(|set| set.first().map(|(at, _)| at.0))
-            .chain(self.dedup_order.keys().next().map(|(at, _)| at.0))
             .min_by(f64::total_cmp)
     }
 
@@ -918,7 +921,7 @@ impl QueueCore {
             }
             State::Round { targets, until } if targets.contains(consumer) => {
                 let until = *until;
-                self.leases.remove(&(At(until), seq));
+                self.rounds.remove(&(At(until), seq));
                 self.end_round(seq, delay, now, &mut fx);
             }
             _ => return Err(QueueError::UnknownLease { id: id.to_string(), consumer: consumer.to_string() }),
@@ -947,7 +950,8 @@ impl QueueCore {
     }
 
     /// Moves up to `limit` dead letters, oldest first, back to visible with
-    /// `receive_count = 0` (`redrive NAME`; call again while it returns `limit`).
+    /// `receive_count = 0` (`redrive NAME`; call again while it returns `limit`). A
+    /// broadcast/quorum message keeps the acks it had: its acker is not asked again.
     /// The value is how many moved.
     pub fn redrive(&mut self, limit: usize, now: f64) -> Step<usize> {
         let mut fx = Effects::default();
@@ -958,7 +962,6 @@ impl QueueCore {
             if let Some(m) = self.messages.get_mut(&seq) {
                 m.receive_count = 0;
                 m.visible_at = now;
-                m.acked.clear();
                 m.state = State::Delayed;
                 if let Some(t) = m.expires_at {
                     // A redriven message gets a fresh TTL: it was not lost by its own age.
@@ -1162,7 +1165,7 @@ impl QueueCore {
             _ => (targets.is_empty() && acked > 0, targets.is_empty()),
         };
         if done {
-            self.leases.remove(&(At(until), seq));
+            self.rounds.remove(&(At(until), seq));
             let targets = targets.clone();
             for t in &targets {
                 self.release(t, seq);
@@ -1170,7 +1173,7 @@ impl QueueCore {
             self.stats.acked_total += 1;
             self.remove(seq, fx);
         } else if hopeless {
-            self.leases.remove(&(At(until), seq));
+            self.rounds.remove(&(At(until), seq));
             self.end_round(seq, 0.0, now, fx);
         }
     }
@@ -1241,9 +1244,10 @@ impl QueueCore {
         if let Guarantee::Quorum(n) = m.guarantee {
             let needed = (n as usize).saturating_sub(m.acked.len());
             if targets.len() < needed {
+                // Each new subscriber adds one target: park until the count can reach it.
+                let parked_at = self.subscribers.len() + needed - targets.len();
                 self.visible_group.remove(&rank);
-                self.parked.insert((needed + self.subscribers.len() - targets.len(), rank));
-                let parked_at = needed + self.subscribers.len() - targets.len();
+                self.parked.insert((parked_at, rank));
                 if let Some(m) = self.messages.get_mut(&seq) {
                     m.state = State::Parked { needed: parked_at };
                 }
@@ -1274,7 +1278,7 @@ impl QueueCore {
         }
         self.stats.delivered_total += targets.len() as u64;
         m.state = State::Round { targets, until };
-        self.leases.insert((At(until), seq));
+        self.rounds.insert((At(until), seq));
         self.persist(seq, fx);
     }
 
@@ -1285,15 +1289,18 @@ impl QueueCore {
                 break;
             }
             self.leases.remove(&(at, seq));
-            match self.messages.get(&seq).map(|m| &m.state) {
-                Some(State::Leased { consumer, .. }) => {
-                    let consumer = consumer.clone();
-                    self.release(&consumer, seq);
-                    self.lease_ended(seq, 0.0, now, fx);
-                }
-                Some(State::Round { .. }) => self.end_round(seq, 0.0, now, fx),
-                _ => {}
+            if let Some(State::Leased { consumer, .. }) = self.messages.get(&seq).map(|m| &m.state) {
+                let consumer = consumer.clone();
+                self.release(&consumer, seq);
+                self.lease_ended(seq, 0.0, now, fx);
             }
+        }
+        while let Some(&(at, seq)) = self.rounds.first() {
+            if at.0 > now {
+                break;
+            }
+            self.rounds.remove(&(at, seq));
+            self.end_round(seq, 0.0, now, fx);
         }
         while let Some(&(at, seq)) = self.delayed.first() {
             if at.0 > now {
