@@ -1315,10 +1315,8 @@ impl QueueCore {
             }
             self.ttl.remove(&(at, seq));
             // A held message expires when its lease or round ends (see `give_back`).
-            let held = matches!(
-                self.messages.get(&seq).map(|m| &m.state),
-                Some(State::Leased { .. } | State::Round { .. })
-            );
+            let held =
+                matches!(self.messages.get(&seq).map(|m| &m.state), Some(State::Leased { .. } | State::Round { .. }));
             if !held {
                 self.stats.expired_total += 1;
                 self.remove(seq, fx);
