@@ -477,7 +477,17 @@ impl QueueCore {
         fx.into_step(())
     }
 
-    /// The consumer left (connection closed, node gone, unsubscribed): it is no longer a
+    /// Stops pushes to `consumer` without taking back what it holds: its leases and round
+    /// copies stay until acked, nacked or timed out. No effect on a non-subscriber.
+    pub fn unsubscribe(&mut self, consumer: &ConsumerId, now: f64) -> Step<()> {
+        let mut fx = Effects::default();
+        self.advance(now, &mut fx);
+        self.subscribers.remove(consumer);
+        self.dispatch(now, &mut fx);
+        fx.into_step(())
+    }
+
+    /// The consumer left (connection closed, node gone): it is no longer a
     /// subscriber, its leases end at once (visible again, or dead letters past
     /// `max_receives`), and rounds stop waiting for it.
     pub fn consumer_gone(&mut self, consumer: &ConsumerId, now: f64) -> Step<()> {

@@ -270,7 +270,7 @@ pub struct Delivery {
     pub guarantee: Guarantee,
     /// Its priority.
     pub priority: i32,
-    /// Deliveries so far, this one included.
+    /// Deliveries so far, this one included (for broadcast/quorum: rounds so far).
     pub receive_count: u32,
     /// When the lease ends (None for fire-and-forget).
     pub lease_until: Option<f64>,

@@ -404,6 +404,20 @@ fn a_departed_consumer_releases_its_leases_at_once() {
 }
 
 #[test]
+fn unsubscribe_stops_pushes_but_keeps_what_is_held() {
+    let mut q = core(cfg());
+    q.subscribe(&c("s"), 1, T0);
+    send(&mut q, msg("a", "1"), T0);
+    let s = q.unsubscribe(&c("s"), T0);
+    assert!(s.pushes.is_empty());
+    q.check_invariants();
+    assert!(send(&mut q, msg("b", "2"), T0).pushes.is_empty(), "no longer a subscriber");
+    assert_eq!(q.stats().subscribers, 0);
+    q.ack(&c("s"), &id("a"), T0).unwrap();
+    assert_eq!(ids_of(&receive(&mut q, "s", 5, T0)), ["b"]);
+}
+
+#[test]
 fn broadcast_reaches_every_present_subscriber_and_is_done_when_each_acked() {
     let mut q = core(cfg());
     send(&mut q, NewMessage { guarantee: Guarantee::Broadcast, ..msg("b", "1") }, T0);
@@ -608,6 +622,7 @@ enum Op {
     Nack { pick: usize, delay: u8 },
     Subscribe { who: u8, prefetch: usize },
     Gone { who: u8 },
+    Unsubscribe { who: u8 },
     Advance { seconds: u8 },
     Redrive,
     Purge,
@@ -622,6 +637,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), 0u8..3).prop_map(|(pick, delay)| Op::Nack { pick, delay }),
         1 => (0u8..4, 0usize..3).prop_map(|(who, prefetch)| Op::Subscribe { who, prefetch }),
         1 => (0u8..4).prop_map(|who| Op::Gone { who }),
+        1 => (0u8..4).prop_map(|who| Op::Unsubscribe { who }),
         2 => (0u8..12).prop_map(|seconds| Op::Advance { seconds }),
         1 => Just(Op::Redrive),
         1 => Just(Op::Purge),
@@ -707,6 +723,11 @@ proptest! {
                 }
                 Op::Gone { who } => {
                     let s = q.consumer_gone(&c(&format!("c{who}")), now);
+                    apply(&mut store, &s.writes);
+                    pushes = s.pushes;
+                }
+                Op::Unsubscribe { who } => {
+                    let s = q.unsubscribe(&c(&format!("c{who}")), now);
                     apply(&mut store, &s.writes);
                     pushes = s.pushes;
                 }
