@@ -6,7 +6,14 @@
 //! must make durable (in order) before it acknowledges the caller, and the [`Delivery`]s
 //! it must push to subscribers. Every call first runs the timers that are due, so the
 //! actor's timer ([`QueueCore::next_deadline`] + [`QueueCore::tick`]) only matters when
-//! the queue is otherwise idle.
+//! the queue is otherwise idle. A call that can be refused returns `Step<Result<T>>`:
+//! even a refused call may carry writes and pushes (from timers that came due), and the
+//! actor applies them whatever the answer.
+//!
+//! A lease is named by the pair (consumer, message id): only its holder may ack or nack
+//! it, so a stale holder whose lease expired and went to someone else is refused. A pull
+//! consumer that acks from another connection (the CLI) needs a stable consumer id, and
+//! [`QueueCore::consumer_gone`] is for consumers bound to a connection or node.
 //!
 //! # A message's life
 //!
@@ -366,9 +373,15 @@ impl QueueCore {
     /// Accepts a message (or recognises a duplicate). Errors: `TooLarge`, `Full`,
     /// `BadRequest` (id in use, bad delay, quorum(0)). Writes: its record (durable queue,
     /// not fire-and-forget). Pushes: to a subscriber with credit, or a round.
-    pub fn send(&mut self, msg: NewMessage, now: f64) -> Result<Step<Sent>> {
+    pub fn send(&mut self, msg: NewMessage, now: f64) -> Step<Result<Sent>> {
         let mut fx = Effects::default();
         self.advance(now, &mut fx);
+        let value = self.send_in(msg, now, &mut fx);
+        self.dispatch(now, &mut fx);
+        fx.into_step(value)
+    }
+
+    fn send_in(&mut self, msg: NewMessage, now: f64, fx: &mut Effects) -> Result<Sent> {
         let bytes = msg.payload.as_str().len();
         if bytes > self.config.max_message_bytes {
             return Err(QueueError::TooLarge { bytes, max: self.config.max_message_bytes });
@@ -387,7 +400,7 @@ impl QueueCore {
             if let Some((_, _, first)) = self.dedup.get(&key) {
                 self.stats.duplicates_total += 1;
                 let first = first.clone();
-                return Ok(fx.into_step(Sent::Duplicate(first)));
+                return Ok(Sent::Duplicate(first));
             }
         }
         if self.ids.contains_key(&msg.id) {
@@ -422,11 +435,10 @@ impl QueueCore {
             self.ttl.insert((At(t), seq));
         }
         self.messages.insert(seq, m);
-        self.persist(seq, &mut fx);
+        self.persist(seq, fx);
         self.place(seq, now);
         self.stats.sent_total += 1;
-        self.dispatch(now, &mut fx);
-        Ok(fx.into_step(Sent::Enqueued))
+        Ok(Sent::Enqueued)
     }
 
     /// Pull: leases up to `max` (at most [`MAX_RECEIVE_BATCH`]) visible at-least-once and
@@ -438,10 +450,11 @@ impl QueueCore {
         max: usize,
         visibility: Option<f64>,
         now: f64,
-    ) -> Result<Step<Vec<Delivery>>> {
+    ) -> Step<Result<Vec<Delivery>>> {
         let visibility = visibility.unwrap_or(self.config.visibility_timeout);
         if !visibility.is_finite() || visibility <= 0.0 || visibility > MAX_SECONDS {
-            return Err(QueueError::BadRequest(format!("visibility must be in (0, {MAX_SECONDS}], got {visibility}")));
+            let refused = QueueError::BadRequest(format!("visibility must be in (0, {MAX_SECONDS}], got {visibility}"));
+            return Effects::default().into_step(Err(refused));
         }
         let mut fx = Effects::default();
         self.advance(now, &mut fx);
@@ -451,7 +464,7 @@ impl QueueCore {
             got.push(self.lease(seq, consumer, visibility, now, &mut fx));
         }
         self.dispatch(now, &mut fx);
-        Ok(fx.into_step(got))
+        fx.into_step(Ok(got))
     }
 
     /// Push: makes `consumer` a subscriber with `prefetch` credit (again: updates it) and
@@ -516,9 +529,15 @@ impl QueueCore {
     /// `consumer` processed message `id`. At-least-once: deleted. Broadcast/quorum: one
     /// more ack; deleted once complete (a repeated ack is accepted and changes nothing).
     /// Errors: `UnknownMessage`, `UnknownLease`. Writes: the removal on completion.
-    pub fn ack(&mut self, consumer: &ConsumerId, id: &MessageId, now: f64) -> Result<Step<()>> {
+    pub fn ack(&mut self, consumer: &ConsumerId, id: &MessageId, now: f64) -> Step<Result<()>> {
         let mut fx = Effects::default();
         self.advance(now, &mut fx);
+        let value = self.ack_in(consumer, id, now, &mut fx);
+        self.dispatch(now, &mut fx);
+        fx.into_step(value)
+    }
+
+    fn ack_in(&mut self, consumer: &ConsumerId, id: &MessageId, now: f64, fx: &mut Effects) -> Result<()> {
         let seq = self.lookup(id)?;
         let m = self.messages.get_mut(&seq).ok_or_else(|| QueueError::UnknownMessage(id.to_string()))?;
         match &mut m.state {
@@ -527,30 +546,35 @@ impl QueueCore {
                 self.leases.remove(&(At(until), seq));
                 self.release(consumer, seq);
                 self.stats.acked_total += 1;
-                self.remove(seq, &mut fx);
+                self.remove(seq, fx);
             }
             State::Round { targets, .. } if targets.contains(consumer) => {
                 targets.remove(consumer);
                 m.acked.insert(consumer.clone());
                 self.release(consumer, seq);
-                self.check_round(seq, now, &mut fx);
+                self.check_round(seq, now, fx);
             }
             _ if m.guarantee.is_group() && m.acked.contains(consumer) => {}
             _ => return Err(QueueError::UnknownLease { id: id.to_string(), consumer: consumer.to_string() }),
         }
-        self.dispatch(now, &mut fx);
-        Ok(fx.into_step(()))
+        Ok(())
     }
 
     /// `consumer` gives message `id` back: visible again after `delay` seconds (or a dead
     /// letter past `max_receives`). For a broadcast/quorum copy the round ends now.
     /// Errors: `UnknownMessage`, `UnknownLease`, `BadRequest` (bad delay).
-    pub fn nack(&mut self, consumer: &ConsumerId, id: &MessageId, delay: f64, now: f64) -> Result<Step<()>> {
+    pub fn nack(&mut self, consumer: &ConsumerId, id: &MessageId, delay: f64, now: f64) -> Step<Result<()>> {
+        let mut fx = Effects::default();
+        self.advance(now, &mut fx);
+        let value = self.nack_in(consumer, id, delay, now, &mut fx);
+        self.dispatch(now, &mut fx);
+        fx.into_step(value)
+    }
+
+    fn nack_in(&mut self, consumer: &ConsumerId, id: &MessageId, delay: f64, now: f64, fx: &mut Effects) -> Result<()> {
         if !delay.is_finite() || !(0.0..=MAX_SECONDS).contains(&delay) {
             return Err(QueueError::BadRequest(format!("delay must be 0..={MAX_SECONDS} seconds, got {delay}")));
         }
-        let mut fx = Effects::default();
-        self.advance(now, &mut fx);
         let seq = self.lookup(id)?;
         let m = self.messages.get(&seq).ok_or_else(|| QueueError::UnknownMessage(id.to_string()))?;
         match &m.state {
@@ -558,17 +582,16 @@ impl QueueCore {
                 let until = *until;
                 self.leases.remove(&(At(until), seq));
                 self.release(consumer, seq);
-                self.lease_ended(seq, delay, now, &mut fx);
+                self.lease_ended(seq, delay, now, fx);
             }
             State::Round { targets, until } if targets.contains(consumer) => {
                 let until = *until;
                 self.rounds.remove(&(At(until), seq));
-                self.end_round(seq, delay, now, &mut fx);
+                self.end_round(seq, delay, now, fx);
             }
             _ => return Err(QueueError::UnknownLease { id: id.to_string(), consumer: consumer.to_string() }),
         }
-        self.dispatch(now, &mut fx);
-        Ok(fx.into_step(()))
+        Ok(())
     }
 
     /// Up to `limit` dead letters, oldest message first (`dlq NAME`).

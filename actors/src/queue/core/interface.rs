@@ -324,7 +324,8 @@ pub enum QueueWrite {
     Config(QueueConfig),
 }
 
-/// What a call returns: its value, the writes to persist, the pushes to make.
+/// What a call returns: its value, the writes to persist, the pushes to make. Writes and
+/// pushes are valid even when the value is an error (timers that came due).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step<T> {
     /// The answer.

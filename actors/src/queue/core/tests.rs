@@ -2,6 +2,7 @@
 //! operation sequences (invariants, no redelivery after an ack, recovery from the writes).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use proptest::prelude::*;
 
@@ -30,19 +31,26 @@ fn msg(name: &str, payload: &str) -> NewMessage {
 }
 
 fn send(q: &mut QueueCore, m: NewMessage, now: f64) -> Step<Sent> {
-    let s = q.send(m, now).expect("send accepted");
+    let s = q.send(m, now).unwrap();
     q.check_invariants();
     s
 }
 
 fn receive(q: &mut QueueCore, who: &str, max: usize, now: f64) -> Vec<Delivery> {
-    let d = q.receive(&c(who), max, None, now).expect("receive").value;
+    let d = q.receive(&c(who), max, None, now).unwrap().value;
     q.check_invariants();
     d
 }
 
 fn ids_of(ds: &[Delivery]) -> Vec<&str> {
     ds.iter().map(|d| d.id.as_str()).collect()
+}
+
+impl<T: fmt::Debug> Step<Result<T>> {
+    /// The step of an accepted call (panics on a refusal).
+    fn unwrap(self) -> Step<T> {
+        Step { value: self.value.unwrap(), writes: self.writes, pushes: self.pushes }
+    }
 }
 
 impl QueueCore {
@@ -166,10 +174,10 @@ fn a_lease_hides_the_message_and_an_ack_deletes_it() {
     assert!(matches!(&got.writes[..], [QueueWrite::Upsert(m)] if m.receive_count == 1), "receive count persisted");
     assert_eq!(q.stats().leased, 1);
     assert!(receive(&mut q, "y", 10, T0 + 1.0).is_empty(), "a leased message is invisible");
-    assert!(matches!(q.ack(&c("y"), &id("a"), T0), Err(QueueError::UnknownLease { .. })));
+    assert!(matches!(q.ack(&c("y"), &id("a"), T0).value, Err(QueueError::UnknownLease { .. })));
     let acked = q.ack(&c("x"), &id("a"), T0 + 2.0).unwrap();
     assert_eq!(acked.writes, vec![QueueWrite::Remove(id("a"))]);
-    assert!(matches!(q.ack(&c("x"), &id("a"), T0), Err(QueueError::UnknownMessage(_))));
+    assert!(matches!(q.ack(&c("x"), &id("a"), T0).value, Err(QueueError::UnknownMessage(_))));
     let st = q.stats();
     assert_eq!((st.visible, st.leased, st.acked_total, st.delivered_total), (0, 0, 1, 1));
 }
@@ -187,7 +195,7 @@ fn an_expired_lease_redelivers_with_a_higher_receive_count() {
     let again = receive(&mut q, "y", 1, T0 + 10.0);
     assert_eq!(again[0].receive_count, 2);
     assert_eq!(q.stats().redelivered_total, 1);
-    assert!(matches!(q.ack(&c("x"), &id("a"), T0 + 11.0), Err(QueueError::UnknownLease { .. })), "stale lease");
+    assert!(matches!(q.ack(&c("x"), &id("a"), T0 + 11.0).value, Err(QueueError::UnknownLease { .. })), "stale lease");
     q.ack(&c("y"), &id("a"), T0 + 11.0).unwrap();
 }
 
@@ -209,7 +217,7 @@ fn past_max_receives_a_message_is_dead_lettered_with_its_reason_and_can_be_redri
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].receive_count, 3);
     assert_eq!(dead[0].info.reason, "max receives (3) reached");
-    assert!(matches!(q.ack(&c("x"), &id("a"), now), Err(QueueError::UnknownLease { .. })));
+    assert!(matches!(q.ack(&c("x"), &id("a"), now).value, Err(QueueError::UnknownLease { .. })));
     let r = q.redrive(10, now);
     assert_eq!(r.value, 1);
     assert!(matches!(&r.writes[..], [QueueWrite::Upsert(m)] if m.dead.is_none() && m.receive_count == 0));
@@ -223,8 +231,8 @@ fn nack_makes_it_visible_again_at_once_or_after_a_delay() {
     let mut q = core(cfg());
     send(&mut q, msg("a", "1"), T0);
     receive(&mut q, "x", 1, T0);
-    assert!(matches!(q.nack(&c("y"), &id("a"), 0.0, T0), Err(QueueError::UnknownLease { .. })));
-    assert!(matches!(q.nack(&c("x"), &id("a"), -1.0, T0), Err(QueueError::BadRequest(_))));
+    assert!(matches!(q.nack(&c("y"), &id("a"), 0.0, T0).value, Err(QueueError::UnknownLease { .. })));
+    assert!(matches!(q.nack(&c("x"), &id("a"), -1.0, T0).value, Err(QueueError::BadRequest(_))));
     q.nack(&c("x"), &id("a"), 0.0, T0).unwrap();
     assert_eq!(receive(&mut q, "y", 1, T0)[0].receive_count, 2);
     let n = q.nack(&c("y"), &id("a"), 5.0, T0 + 1.0).unwrap();
@@ -252,7 +260,10 @@ fn a_delayed_message_is_invisible_until_its_time() {
     let mut q = core(cfg());
     send(&mut q, NewMessage { delay: 2.0, ..msg("late", "1") }, T0);
     send(&mut q, NewMessage { delay: 0.5, ..msg("soon", "2") }, T0);
-    assert!(matches!(q.send(NewMessage { delay: f64::NAN, ..msg("bad", "3") }, T0), Err(QueueError::BadRequest(_))));
+    assert!(matches!(
+        q.send(NewMessage { delay: f64::NAN, ..msg("bad", "3") }, T0).value,
+        Err(QueueError::BadRequest(_))
+    ));
     assert_eq!(q.stats().delayed, 2);
     assert_eq!(q.next_deadline(), Some(T0 + 0.5));
     assert!(receive(&mut q, "x", 10, T0 + 0.4).is_empty());
@@ -285,7 +296,7 @@ fn dedup_by_id_or_content_within_the_window() {
 fn a_refused_send_does_not_block_its_retry() {
     let mut q = core(QueueConfig { max_messages: 1, ..cfg() });
     send(&mut q, msg("a", "1"), T0);
-    assert_eq!(q.send(msg("b", "2"), T0), Err(QueueError::Full { max: 1 }));
+    assert_eq!(q.send(msg("b", "2"), T0).value, Err(QueueError::Full { max: 1 }));
     receive(&mut q, "x", 1, T0);
     q.ack(&c("x"), &id("a"), T0).unwrap();
     assert_eq!(send(&mut q, msg("b", "2"), T0).value, Sent::Enqueued);
@@ -294,20 +305,20 @@ fn a_refused_send_does_not_block_its_retry() {
 #[test]
 fn each_refusal_has_its_own_error() {
     let mut q = core(QueueConfig { max_message_bytes: 8, max_messages: 2, max_receives: 1, ..cfg() });
-    assert_eq!(q.send(msg("big", "\"123456789\""), T0), Err(QueueError::TooLarge { bytes: 11, max: 8 }));
+    assert_eq!(q.send(msg("big", "\"123456789\""), T0).value, Err(QueueError::TooLarge { bytes: 11, max: 8 }));
     send(&mut q, msg("a", "1"), T0);
-    assert!(matches!(q.send(msg("a", "2"), T0), Err(QueueError::BadRequest(_))), "id in use");
+    assert!(matches!(q.send(msg("a", "2"), T0).value, Err(QueueError::BadRequest(_))), "id in use");
     assert!(matches!(
-        q.send(NewMessage { guarantee: Guarantee::Quorum(0), ..msg("q", "3") }, T0),
+        q.send(NewMessage { guarantee: Guarantee::Quorum(0), ..msg("q", "3") }, T0).value,
         Err(QueueError::BadRequest(_))
     ));
-    assert!(matches!(q.receive(&c("x"), 1, Some(0.0), T0), Err(QueueError::BadRequest(_))));
-    assert!(matches!(q.ack(&c("x"), &id("nope"), T0), Err(QueueError::UnknownMessage(_))));
+    assert!(matches!(q.receive(&c("x"), 1, Some(0.0), T0).value, Err(QueueError::BadRequest(_))));
+    assert!(matches!(q.ack(&c("x"), &id("nope"), T0).value, Err(QueueError::UnknownMessage(_))));
     // Dead letters count towards max_messages until purged.
     receive(&mut q, "x", 1, T0);
     q.nack(&c("x"), &id("a"), 0.0, T0).unwrap();
     send(&mut q, msg("b", "4"), T0);
-    assert_eq!(q.send(msg("c", "5"), T0), Err(QueueError::Full { max: 2 }));
+    assert_eq!(q.send(msg("c", "5"), T0).value, Err(QueueError::Full { max: 2 }));
     let purged = q.purge_dead_letters(10);
     assert_eq!(purged.value, 1);
     assert_eq!(purged.writes, vec![QueueWrite::Remove(id("a"))]);
@@ -342,7 +353,7 @@ fn fire_and_forget_goes_to_one_consumer_once_and_is_never_persisted() {
     assert_eq!(got.value[0].lease_until, None);
     assert!(got.writes.is_empty());
     assert!(receive(&mut q, "y", 5, T0 + 100.0).is_empty(), "never redelivered");
-    assert!(matches!(q.ack(&c("x"), &id("f"), T0), Err(QueueError::UnknownMessage(_))), "nothing to ack");
+    assert!(matches!(q.ack(&c("x"), &id("f"), T0).value, Err(QueueError::UnknownMessage(_))), "nothing to ack");
     assert_eq!(q.stats().delivered_total, 1);
 }
 
@@ -445,7 +456,7 @@ fn broadcast_reaches_every_present_subscriber_and_is_done_when_each_acked() {
     to.sort();
     assert_eq!(to, ["s1", "s2", "s3"]);
     assert!(q2.ack(&c("s1"), &id("b"), T0).unwrap().writes.is_empty());
-    assert!(q2.ack(&c("s1"), &id("b"), T0).is_ok(), "a repeated ack is accepted");
+    assert!(q2.ack(&c("s1"), &id("b"), T0).value.is_ok(), "a repeated ack is accepted");
     q2.consumer_gone(&c("s2"), T0);
     assert_eq!(q2.stats().in_round, 1);
     let done = q2.ack(&c("s3"), &id("b"), T0).unwrap();
@@ -616,14 +627,39 @@ fn records_travel_as_json() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Send { guarantee: u8, priority: i32, delay: u8, dup: Option<u8> },
-    Receive { who: u8, max: usize },
-    Ack { pick: usize, other: Option<u8> },
-    Nack { pick: usize, delay: u8 },
-    Subscribe { who: u8, prefetch: usize },
-    Gone { who: u8 },
-    Unsubscribe { who: u8 },
-    Advance { seconds: u8 },
+    Send {
+        guarantee: u8,
+        priority: i32,
+        delay: u8,
+        dup: Option<u8>,
+    },
+    Receive {
+        who: u8,
+        max: usize,
+    },
+    Ack {
+        pick: usize,
+        other: Option<u8>,
+    },
+    Nack {
+        pick: usize,
+        delay: u8,
+    },
+    Subscribe {
+        who: u8,
+        prefetch: usize,
+    },
+    Gone {
+        who: u8,
+    },
+    Unsubscribe {
+        who: u8,
+    },
+    /// Time passes; the actor's timer fires only if `tick` (else the next call sees it).
+    Advance {
+        seconds: u8,
+        tick: bool,
+    },
     Redrive,
     Purge,
 }
@@ -638,7 +674,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..4, 0usize..3).prop_map(|(who, prefetch)| Op::Subscribe { who, prefetch }),
         1 => (0u8..4).prop_map(|who| Op::Gone { who }),
         1 => (0u8..4).prop_map(|who| Op::Unsubscribe { who }),
-        2 => (0u8..12).prop_map(|seconds| Op::Advance { seconds }),
+        2 => (0u8..12, any::<bool>()).prop_map(|(seconds, tick)| Op::Advance { seconds, tick }),
         1 => Just(Op::Redrive),
         1 => Just(Op::Purge),
     ]
@@ -681,9 +717,11 @@ proptest! {
                         dedup_id: dup.map(|d| format!("d{d}")),
                         ..msg(&format!("m{next}"), &format!("{next}"))
                     };
-                    match q.send(m, now) {
-                        Ok(s) => { apply(&mut store, &s.writes); pushes = s.pushes; }
-                        Err(e) => prop_assert_eq!(e, QueueError::Full { max: 12 }),
+                    let s = q.send(m, now);
+                    apply(&mut store, &s.writes);
+                    pushes = s.pushes;
+                    if let Err(e) = s.value {
+                        prop_assert_eq!(e, QueueError::Full { max: 12 });
                     }
                 }
                 Op::Receive { who, max } => {
@@ -697,9 +735,10 @@ proptest! {
                         let (who, mid) = delivered[pick % delivered.len()].clone();
                         let who = other.map_or(who, |o| c(&format!("c{o}")));
                         let live_before = q.ids.contains_key(&mid);
-                        if let Ok(s) = q.ack(&who, &mid, now) {
-                            apply(&mut store, &s.writes);
-                            pushes = s.pushes;
+                        let s = q.ack(&who, &mid, now);
+                        apply(&mut store, &s.writes);
+                        pushes = s.pushes;
+                        if s.value.is_ok() {
                             acked_by.insert((who, mid.clone()));
                             if live_before && !q.ids.contains_key(&mid) {
                                 completed.insert(mid);
@@ -710,10 +749,9 @@ proptest! {
                 Op::Nack { pick, delay } => {
                     if !delivered.is_empty() {
                         let (who, mid) = delivered[pick % delivered.len()].clone();
-                        if let Ok(s) = q.nack(&who, &mid, f64::from(delay), now) {
-                            apply(&mut store, &s.writes);
-                            pushes = s.pushes;
-                        }
+                        let s = q.nack(&who, &mid, f64::from(delay), now);
+                        apply(&mut store, &s.writes);
+                        pushes = s.pushes;
                     }
                 }
                 Op::Subscribe { who, prefetch } => {
@@ -731,11 +769,13 @@ proptest! {
                     apply(&mut store, &s.writes);
                     pushes = s.pushes;
                 }
-                Op::Advance { seconds } => {
+                Op::Advance { seconds, tick } => {
                     now += f64::from(seconds);
-                    let s = q.tick(now);
-                    apply(&mut store, &s.writes);
-                    pushes = s.pushes;
+                    if tick {
+                        let s = q.tick(now);
+                        apply(&mut store, &s.writes);
+                        pushes = s.pushes;
+                    }
                 }
                 Op::Redrive => {
                     let s = q.redrive(2, now);
@@ -758,7 +798,7 @@ proptest! {
             prop_assert_eq!(&store, &q.snapshot(), "replayed writes = the live records");
         }
         // Restart: the recovered queue holds the same records, none leased.
-        q.tick(now);
+        apply(&mut store, &q.tick(now).writes);
         let live = q.snapshot();
         let (r, writes) = QueueCore::recover(config, store.values().cloned(), now).unwrap();
         r.check_invariants();
