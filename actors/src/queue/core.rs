@@ -281,7 +281,8 @@ impl QueueCore {
         let mut records: Vec<StoredMessage> = stored.into_iter().collect();
         records.sort_by_key(|r| r.seq);
         for r in records {
-            if core.ids.contains_key(&r.id) {
+            // A repeated id or sequence number (a damaged store) keeps the first record.
+            if core.ids.contains_key(&r.id) || core.messages.contains_key(&r.seq) {
                 continue;
             }
             core.next_seq = core.next_seq.max(r.seq + 1);

@@ -562,7 +562,11 @@ fn recover_brings_back_pending_delayed_and_dead_and_makes_leased_visible() {
     assert_eq!(store.len(), 3, "leased, delayed, dead; pending acked; ff never stored");
 
     let stored_json = serde_json::to_string(&store.values().collect::<Vec<_>>()).unwrap();
-    let back: Vec<StoredMessage> = serde_json::from_str(&stored_json).unwrap();
+    let mut back: Vec<StoredMessage> = serde_json::from_str(&stored_json).unwrap();
+    let mut clash = back[0].clone();
+    clash.id = id("same-seq-other-id");
+    back.push(clash);
+    back.push(back[1].clone());
     let (mut r, writes) = QueueCore::recover(cfg(), back, T0 + 31.0).unwrap();
     assert!(writes.is_empty());
     r.check_invariants();
