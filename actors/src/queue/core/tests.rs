@@ -246,6 +246,19 @@ fn nack_makes_it_visible_again_at_once_or_after_a_delay() {
 }
 
 #[test]
+fn a_refused_call_still_carries_what_its_due_timers_did() {
+    let mut q = core(QueueConfig { max_receives: 1, ..cfg() });
+    send(&mut q, msg("a", "1"), T0);
+    receive(&mut q, "x", 1, T0);
+    // The lease ended at T0 + 10; no tick ran. The ack comes too late and is refused, but
+    // the dead-lettering it triggered must still reach the store.
+    let late = q.ack(&c("x"), &id("a"), T0 + 10.0);
+    assert!(matches!(late.value, Err(QueueError::UnknownLease { .. })));
+    assert!(matches!(&late.writes[..], [QueueWrite::Upsert(m)] if m.dead.is_some()));
+    q.check_invariants();
+}
+
+#[test]
 fn higher_priority_first_and_fifo_within_a_priority() {
     let mut q = core(cfg());
     for (name, p) in [("p1", 1), ("p10a", 10), ("p5", 5), ("p15", 15), ("p10b", 10), ("n", -3)] {
