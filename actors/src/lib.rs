@@ -10,6 +10,7 @@
 //! - [`routing`] — which function on which node a command runs on.
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
 //! - [`outbox`] — a connection's outgoing queue, bounded in bytes; backpressure on reads.
+//! - [`queue`] — SQS-like queues: leases, redelivery, dead letters, durable records.
 //! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
@@ -23,6 +24,7 @@ pub mod outbox;
 pub mod planner;
 pub mod protocol;
 pub mod pubsub;
+pub mod queue;
 pub mod registry;
 pub mod routing;
 pub mod supervisor;
