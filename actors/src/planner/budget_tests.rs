@@ -3,7 +3,6 @@
 //! same answer as one run straight through; properties over random amplifying plans.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use proptest::prelude::*;
@@ -106,18 +105,16 @@ fn details(result: Result<Outcome, RpcError>) -> String {
     error.details_text()
 }
 
-/// Generous for a debug build on a loaded 2-core machine; the unbounded attacks take
-/// minutes (or all memory) here.
-const QUICK: Duration = Duration::from_secs(5);
+// No timing is asserted here (a loaded machine would make it flaky): the unbounded
+// versions of these attacks take minutes or all memory, so a lost bound shows as a test
+// that never ends; tests/hostile_rpc.rs measures the latency others see meanwhile.
 
 #[test]
 fn doubling_stops_at_the_substitution_budget() {
     let metrics = Arc::new(Metrics::default());
-    let started = Instant::now();
     let text =
         details(run(plan(doubling(40, "echos")), ReportOptions::default(), Limits::default(), Some(metrics.clone())));
     assert!(text.contains("max_substitution_bytes (16777216)"), "{text}");
-    assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
     assert_eq!(metrics.limit_exceeded_count("max_substitution_bytes"), 1);
     // Within the budget, the same shape runs.
     let outcome = run(plan(doubling(10, "echos")), ReportOptions::default(), Limits::default(), None).unwrap();
@@ -135,20 +132,16 @@ fn a_big_reply_stops_at_the_reply_budget() {
 #[test]
 fn repeated_intermediate_results_count_toward_the_reply() {
     let options = ReportOptions { intermediate_results: true, ..ReportOptions::default() };
-    let started = Instant::now();
     let text = details(run(plan(chain(4000)), options, Limits::default(), None));
     assert!(text.contains("max_reply_bytes") && text.contains("intermediate result of level"), "{text}");
-    assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
     // Without intermediate results the chain is small.
     assert!(run(plan(chain(4000)), ReportOptions::default(), Limits::default(), None).is_ok());
 }
 
 #[test]
 fn deep_nesting_stops_at_the_depth_bound() {
-    let started = Instant::now();
     let text = details(run(plan(nesting(10_000)), ReportOptions::default(), Limits::default(), None));
     assert!(text.contains("result of command c129 is nested 129 deep, over max_value_depth (128)"), "{text}");
-    assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
 }
 
 #[test]
