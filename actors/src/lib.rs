@@ -9,6 +9,7 @@
 //! - [`fabric`] — peer links, gossip membership and catalog, multi-hop messages.
 //! - [`routing`] — which function on which node a command runs on.
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
+//! - [`persistence`] — the node's key-value store (sled or memory), durable group commit.
 //! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
@@ -18,6 +19,7 @@ pub mod fabric;
 pub mod function;
 pub mod metrics;
 pub mod monitor;
+pub mod persistence;
 pub mod planner;
 pub mod protocol;
 pub mod pubsub;
