@@ -120,6 +120,11 @@ impl PersistenceHandle {
         &self.shared.stats
     }
 
+    /// Durable commits waiting for the committer (not counting the group being synced).
+    pub fn queued(&self) -> usize {
+        self.commits.max_capacity() - self.commits.capacity()
+    }
+
     /// The value at `key` in `tree`.
     pub fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Bytes>> {
         self.shared.store.get(tree, key)

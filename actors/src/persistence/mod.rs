@@ -52,6 +52,9 @@ mod commit;
 mod memory;
 mod sled_store;
 
+#[cfg(test)]
+mod tests;
+
 
 use std::ops::Bound;
 use std::path::PathBuf;

@@ -27,6 +27,14 @@ use super::{
 /// sled's own tree, which we never use: not one of ours.
 const SLED_DEFAULT_TREE: &[u8] = b"__sled__default";
 
+/// Our tree of facts about the store itself; not listed by `tree_names`.
+const STORE_TREE: &str = "__mpreg__";
+
+/// The key written (and synced) when the store is created. sled 0.34.7 opens a `db` file
+/// full of garbage as an EMPTY database without an error; an existing store without this
+/// key is therefore refused as corrupt instead of silently starting empty.
+const CREATED_KEY: &[u8] = b"created";
+
 /// A [`KvStore`] on sled.
 pub struct SledStore {
     dir: PathBuf,
@@ -64,6 +72,7 @@ impl SledStore {
         // first write: find out now.
         let probe = dir.join(".mpreg-write-check");
         std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe)).map_err(io_fail)?;
+        let existed = dir.join("conf").exists() || dir.join("db").exists();
         let opened = catch_unwind(AssertUnwindSafe(|| sled::Config::new().path(dir).open()));
         let db = match opened {
             Ok(Ok(db)) => db,
@@ -85,6 +94,7 @@ impl SledStore {
             trees: RwLock::new(HashMap::new()),
             synced_blobs: Mutex::new(HashSet::new()),
         };
+        store.check_or_mark_created(existed)?;
         store.sync_files_at_open().map_err(io_fail)?;
         Ok(store)
     }
@@ -92,6 +102,29 @@ impl SledStore {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A new store gets its creation record; an existing one must have it.
+    fn check_or_mark_created(&self, existed: bool) -> std::result::Result<(), OpenError> {
+        let fail = |failure, detail: String| OpenError { path: self.dir.clone(), failure, detail };
+        let marker = self.tree(STORE_TREE).and_then(|t| t.get(CREATED_KEY).map_err(store_error));
+        match marker {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) if existed => Err(fail(
+                OpenFailure::Corrupt,
+                "sled files are present but hold no MPREG store (the log is unreadable or was replaced); \
+                 move the directory aside to start empty"
+                    .to_owned(),
+            )),
+            Ok(None) => {
+                let created = format!("{{\"format\":1,\"unix_time\":{}}}", crate::unix_now());
+                self.apply(&Batch::new().put(STORE_TREE, CREATED_KEY, created.into_bytes()))
+                    .and_then(|_| self.sync())
+                    .map_err(|e| fail(OpenFailure::Io, e.to_string()))
+            }
+            Err(PersistenceError::Corrupt(detail)) => Err(fail(OpenFailure::Corrupt, detail)),
+            Err(e) => Err(fail(OpenFailure::Io, e.to_string())),
+        }
     }
 
     /// Makes the files sled created reachable after a power cut: their contents, and the
@@ -261,7 +294,7 @@ impl KvStore for SledStore {
     fn tree_names(&self) -> Result<Vec<TreeName>> {
         let mut names = Vec::new();
         for raw in self.db.tree_names() {
-            if raw.as_ref() == SLED_DEFAULT_TREE {
+            if raw.as_ref() == SLED_DEFAULT_TREE || raw.as_ref() == STORE_TREE.as_bytes() {
                 continue;
             }
             let name = String::from_utf8_lossy(&raw).into_owned();
