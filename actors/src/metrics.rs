@@ -262,7 +262,11 @@ impl Metrics {
         );
         let persistence = [
             ("mpreg_persistence_commits_total", "Durable batches acknowledged.", load(&self.persistence_commits)),
-            ("mpreg_persistence_syncs_total", "Group commits: one flush + fdatasync each.", load(&self.persistence_syncs)),
+            (
+                "mpreg_persistence_syncs_total",
+                "Group commits: one flush + fdatasync each.",
+                load(&self.persistence_syncs),
+            ),
             (
                 "mpreg_persistence_sync_failures_total",
                 "Syncs that failed; every waiter of the group got an error.",

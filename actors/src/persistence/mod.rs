@@ -55,7 +55,6 @@ mod sled_store;
 #[cfg(test)]
 mod tests;
 
-
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -20,9 +20,7 @@ use std::sync::{Mutex, RwLock};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::{
-    Batch, Bytes, KeyRange, KvStore, OpenError, OpenFailure, PersistenceError, Result, TreeName, Write,
-};
+use super::{Batch, Bytes, KeyRange, KvStore, OpenError, OpenFailure, PersistenceError, Result, TreeName, Write};
 
 /// sled's own tree, which we never use: not one of ours.
 const SLED_DEFAULT_TREE: &[u8] = b"__sled__default";
@@ -195,9 +193,7 @@ fn classify_open_error(dir: &Path, e: sled::Error) -> OpenError {
             (OpenFailure::Locked, io.to_string())
         }
         sled::Error::Io(io) if is_unwritable(&io) => (OpenFailure::Unwritable, io.to_string()),
-        sled::Error::Io(io)
-            if matches!(io.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) =>
-        {
+        sled::Error::Io(io) if matches!(io.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) => {
             (OpenFailure::Corrupt, io.to_string())
         }
         sled::Error::Io(io) => (OpenFailure::Io, io.to_string()),

@@ -49,7 +49,10 @@ fn behaviour_suite(store: &dyn KvStore) {
     assert_eq!(page, vec![kv("k1", "v1"), kv("k2", "v2")]);
     let next = KeyRange::prefix("k").resume_after(page[1].0.clone());
     assert_eq!(store.scan("queue/a", &next, 2).unwrap(), vec![kv("k3", "v3")]);
-    assert_eq!(store.scan("queue/a", &KeyRange::between("k1", "k3"), 10).unwrap(), vec![kv("k1", "v1"), kv("k2", "v2")]);
+    assert_eq!(
+        store.scan("queue/a", &KeyRange::between("k1", "k3"), 10).unwrap(),
+        vec![kv("k1", "v1"), kv("k2", "v2")]
+    );
     assert_eq!(store.scan("queue/a", &KeyRange::after("k2"), 10).unwrap(), vec![kv("k3", "v3")]);
     assert!(store.scan("queue/a", &KeyRange::between("k3", "k1"), 10).unwrap().is_empty(), "inverted range");
     assert!(store.scan("queue/a", &KeyRange::all(), 0).unwrap().is_empty());
@@ -69,7 +72,9 @@ fn behaviour_suite(store: &dyn KvStore) {
     store.apply(&Batch::new()).unwrap();
 
     // Binary keys sort as bytes, and a prefix of 0xff bytes has no successor.
-    store.apply(&Batch::new().put("bin", vec![0xff, 0xff], "a").put("bin", vec![0xff], "b").put("bin", vec![0], "c")).unwrap();
+    store
+        .apply(&Batch::new().put("bin", vec![0xff, 0xff], "a").put("bin", vec![0xff], "b").put("bin", vec![0], "c"))
+        .unwrap();
     let all: Vec<Bytes> = store.scan("bin", &KeyRange::all(), 10).unwrap().into_iter().map(|(k, _)| k).collect();
     assert_eq!(all, vec![vec![0], vec![0xff], vec![0xff, 0xff]]);
     assert_eq!(store.scan("bin", &KeyRange::prefix(vec![0xff]), 10).unwrap().len(), 2);
@@ -376,8 +381,8 @@ async fn sled_commits_survive_a_reopen() {
 
 #[actix_rt::test]
 async fn the_supervised_actor_serves_the_same_store_after_a_crash() {
-    use actix::Actor;
     use crate::supervisor::{ChildHandles, ChildSpec, CrashChild, NodeSupervisor, RestartPolicy, Slot};
+    use actix::Actor;
     let handle = PersistenceHandle::start(Arc::new(MemoryStore::new()), 64, None).unwrap();
     let slot: Slot<Persistence> = Slot::default();
     let child = ChildSpec::new("persistence", {
