@@ -42,8 +42,11 @@ pub struct Settings {
     pub monitoring_enabled: bool,
     /// Monitoring port; 0 lets the OS choose.
     pub monitoring_port: u16,
-    /// Where durable state lives; created at start and checked for writability.
+    /// Where durable state lives (one sled database); created at start and checked for
+    /// writability. None: memory only, nothing survives a restart.
     pub data_dir: Option<PathBuf>,
+    /// Most durable batches that share one flush + fdatasync (group commit).
+    pub persistence_max_batch: usize,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// Whole-request timeout (seconds) unless a request sets `timeout`.
@@ -154,6 +157,7 @@ impl Default for Settings {
             monitoring_enabled: true,
             monitoring_port: 0,
             data_dir: None,
+            persistence_max_batch: 256,
             log_format: LogFormat::Text,
             request_timeout_s: 30.0,
             max_request_timeout_s: 300.0,
@@ -319,6 +323,7 @@ impl Settings {
             ("max_catalog_entries_per_node", self.max_catalog_entries_per_node),
             ("max_new_members_per_frame", self.max_new_members_per_frame),
             ("max_dials_per_round", self.max_dials_per_round),
+            ("persistence_max_batch", self.persistence_max_batch),
         ];
         for (key, value) in at_least_one {
             if value == 0 {

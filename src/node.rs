@@ -29,6 +29,7 @@ use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, LinkLimits,
 use mpreg_actors::function::FunctionSpec;
 use mpreg_actors::metrics::Metrics;
 use mpreg_actors::monitor::{Monitor, MonitorState};
+use mpreg_actors::persistence::{self, OpenError, Persistence, PersistenceHandle};
 use mpreg_actors::planner::{Limits, Planner};
 use mpreg_actors::pubsub::{BacklogLimits, PubSub, PubSubLimits};
 use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
@@ -63,6 +64,9 @@ pub enum NodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The store under the data directory cannot be opened: locked, corrupt, unwritable.
+    #[error(transparent)]
+    Storage(#[from] OpenError),
     /// Two functions with conflicting identities.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -131,9 +135,8 @@ impl NodeBuilder {
         for spec in functions {
             table.register(spec)?;
         }
-        if let Some(dir) = &settings.data_dir {
-            prepare_data_dir(dir)?;
-        }
+        // Before anything listens: a data dir that cannot be used stops the node here.
+        let store = persistence::open_store(settings.data_dir.as_deref())?;
         let ws_listener = bind(&settings.host, settings.port)?;
         let ws_addr =
             ws_listener.local_addr().map_err(|source| NodeError::Bind { addr: settings.host.clone(), source })?;
@@ -150,6 +153,19 @@ impl NodeBuilder {
         };
 
         let metrics = Arc::new(Metrics::with_max_in_flight(settings.max_in_flight));
+        if store.is_durable() {
+            info!(node = %name, store = %store.describe(), max_batch = settings.persistence_max_batch,
+                "persistence opened: durable writes are acknowledged after flush + fdatasync");
+        } else {
+            warn!(node = %name, "no data_dir: queues and snapshots are kept in memory and are NOT durable \
+                (give --data-dir for durable state)");
+        }
+        let persistence = PersistenceHandle::start(store, settings.persistence_max_batch, Some(metrics.clone()))
+            .map_err(|source| NodeError::DataDir {
+                path: settings.data_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                source,
+            })?;
+        let persistence_slot: Slot<Persistence> = Slot::default();
         let table = TableHandle::new(table);
         let registry: Slot<Registry> = Slot::default();
         let pubsub: Slot<PubSub> = Slot::default();
@@ -194,6 +210,15 @@ impl NodeBuilder {
             max_dials_per_round: settings.max_dials_per_round,
         };
         let mut children = vec![
+            // First: everything that persists finds the store through it.
+            ChildSpec::new("persistence", {
+                let (handle, slot) = (persistence.clone(), persistence_slot.clone());
+                move |guard| {
+                    let addr = Persistence::new(handle.clone(), guard).start();
+                    slot.set(addr.clone());
+                    ChildHandles::of(&addr)
+                }
+            }),
             ChildSpec::new("registry", {
                 let (table, registry, gossip) = (table.clone(), registry.clone(), gossip.clone());
                 move |guard| {
@@ -310,6 +335,7 @@ impl NodeBuilder {
             server: server_handle,
             metrics,
             planner_thread,
+            persistence,
         })
     }
 }
@@ -328,14 +354,6 @@ fn display_addr(host: &str, bound: SocketAddr) -> String {
     }
 }
 
-fn prepare_data_dir(dir: &std::path::Path) -> Result<(), NodeError> {
-    let fail = |source| NodeError::DataDir { path: dir.display().to_string(), source };
-    std::fs::create_dir_all(dir).map_err(fail)?;
-    let probe = dir.join(".mpreg-write-check");
-    std::fs::write(&probe, b"ok").map_err(fail)?;
-    std::fs::remove_file(&probe).map_err(fail)
-}
-
 /// A running node.
 pub struct Node {
     name: String,
@@ -349,6 +367,7 @@ pub struct Node {
     server: actix_web::dev::ServerHandle,
     metrics: Arc<Metrics>,
     planner_thread: ArbiterHandle,
+    persistence: PersistenceHandle,
 }
 
 impl Node {
@@ -370,6 +389,11 @@ impl Node {
     /// Node-wide counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The node's store: reads, and durable commits through the group committer.
+    pub fn persistence(&self) -> &PersistenceHandle {
+        &self.persistence
     }
 
     /// Registers a function on the running node.

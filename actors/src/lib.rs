@@ -11,6 +11,7 @@
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
 //! - [`outbox`] — a connection's outgoing queue, bounded in bytes; backpressure on reads.
 //! - [`queue`] — SQS-like queues: leases, redelivery, dead letters, durable records.
+//! - [`persistence`] — the node's key-value store (sled or memory), durable group commit.
 //! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
@@ -21,6 +22,7 @@ pub mod function;
 pub mod metrics;
 pub mod monitor;
 pub mod outbox;
+pub mod persistence;
 pub mod planner;
 pub mod protocol;
 pub mod pubsub;

@@ -37,6 +37,12 @@ pub struct Metrics {
     peers_refused: LabelledCounter,
     /// Fabric frames and statements dropped (unauthenticated, forged, stray), by reason.
     fabric_dropped: LabelledCounter,
+    /// Durable batches acknowledged, syncs, failed syncs, time in syncs, store durability.
+    persistence_commits: AtomicU64,
+    persistence_syncs: AtomicU64,
+    persistence_sync_failures: AtomicU64,
+    persistence_sync_us: AtomicU64,
+    persistence_durable: AtomicI64,
 }
 
 /// A counter family with one label, for events that are rare by nature (refusals): a
@@ -216,6 +222,23 @@ impl Metrics {
         self.actor_restarts.load(Ordering::Relaxed)
     }
 
+    /// One group commit: `batches` acknowledged by one sync that took `took` (`ok`
+    /// false: it failed, and none was acknowledged).
+    pub fn record_persistence_sync(&self, batches: u64, took: std::time::Duration, ok: bool) {
+        if ok {
+            self.persistence_commits.fetch_add(batches, Ordering::Relaxed);
+            self.persistence_syncs.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.persistence_sync_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.persistence_sync_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the node's store reaches stable storage (1) or is memory only (0).
+    pub fn set_persistence_durable(&self, durable: bool) {
+        self.persistence_durable.store(i64::from(durable), Ordering::Relaxed);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self, node: &str) -> String {
         use std::fmt::Write;
@@ -297,6 +320,35 @@ impl Metrics {
             "mpreg_fabric_dropped_total",
             "reason",
             "Fabric frames and relayed statements dropped (unauthenticated, forged, stray), by reason.",
+        );
+        let persistence = [
+            ("mpreg_persistence_commits_total", "Durable batches acknowledged.", load(&self.persistence_commits)),
+            (
+                "mpreg_persistence_syncs_total",
+                "Group commits: one flush + fdatasync each.",
+                load(&self.persistence_syncs),
+            ),
+            (
+                "mpreg_persistence_sync_failures_total",
+                "Syncs that failed; every waiter of the group got an error.",
+                load(&self.persistence_sync_failures),
+            ),
+        ];
+        for (name, help, value) in persistence {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node}\"}} {value}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mpreg_persistence_sync_seconds_total Time spent in syncs (divide by syncs for the mean).\n\
+             # TYPE mpreg_persistence_sync_seconds_total counter\n\
+             mpreg_persistence_sync_seconds_total{{node=\"{node}\"}} {}",
+            load(&self.persistence_sync_us) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP mpreg_persistence_durable 1 when the store is on disk, 0 when memory only.\n\
+             # TYPE mpreg_persistence_durable gauge\nmpreg_persistence_durable{{node=\"{node}\"}} {}",
+            self.persistence_durable.load(Ordering::Relaxed)
         );
         out
     }

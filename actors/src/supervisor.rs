@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! NodeSupervisor (one_for_one, max `max_restarts` in `window`, then escalate)
+//! ├── Persistence hands out the store handle (first child; state lives in sled)
 //! ├── Registry   function table mutations
 //! ├── PubSub     subscription trie, delivery, backlog
 //! ├── Planner    large requests, on its own thread

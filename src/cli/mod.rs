@@ -17,6 +17,14 @@ use crate::config::LogFormat;
 
 /// Exit code when the supervisor escalated (too many restarts).
 pub const EXIT_ESCALATED: i32 = 70;
+/// Exit code at start: the data dir holds files that are not a readable store (EX_DATAERR).
+pub const EXIT_DATA_CORRUPT: i32 = 65;
+/// Exit code at start: the data dir cannot be created or written (EX_CANTCREAT).
+pub const EXIT_DATA_UNWRITABLE: i32 = 73;
+/// Exit code at start: another I/O error on the data dir (EX_IOERR).
+pub const EXIT_DATA_IO: i32 = 74;
+/// Exit code at start: the data dir is locked by another running process (EX_TEMPFAIL).
+pub const EXIT_DATA_LOCKED: i32 = 75;
 
 /// MPREG: dependency-resolving RPC over websockets, on supervised actors.
 #[derive(Debug, Parser)]

@@ -3,14 +3,15 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::Context;
 use mpreg_actors::supervisor::NodeExit;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
-use super::{StartArgs, EXIT_ESCALATED};
+use mpreg_actors::persistence::OpenFailure;
+
+use super::{StartArgs, EXIT_DATA_CORRUPT, EXIT_DATA_IO, EXIT_DATA_LOCKED, EXIT_DATA_UNWRITABLE, EXIT_ESCALATED};
 use crate::config::{LogFormat, Settings};
-use crate::node::NodeBuilder;
+use crate::node::{NodeBuilder, NodeError};
 
 /// Installs the log subscriber: `RUST_LOG` filters (default `info`), stderr, text or JSON.
 pub fn init_logging(format: LogFormat) {
@@ -67,10 +68,34 @@ pub fn start_config(file: &Path, log_format: Option<LogFormat>) -> anyhow::Resul
     serve(settings)
 }
 
+/// The exit code of a data dir that stopped the node at start (see `config/node.toml`).
+fn data_dir_exit_code(e: &NodeError) -> Option<i32> {
+    match e {
+        NodeError::Storage(open) => Some(match open.failure {
+            OpenFailure::Locked => EXIT_DATA_LOCKED,
+            OpenFailure::Corrupt => EXIT_DATA_CORRUPT,
+            OpenFailure::Unwritable => EXIT_DATA_UNWRITABLE,
+            OpenFailure::Io => EXIT_DATA_IO,
+        }),
+        NodeError::DataDir { .. } => Some(EXIT_DATA_IO),
+        _ => None,
+    }
+}
+
 fn serve(settings: Settings) -> anyhow::Result<i32> {
     init_logging(settings.log_format);
     actix_rt::System::new().block_on(async move {
-        let node = NodeBuilder::new(settings).start().await.context("node failed to start")?;
+        let node = match NodeBuilder::new(settings).start().await {
+            Ok(node) => node,
+            Err(e) => match data_dir_exit_code(&e) {
+                Some(code) => {
+                    error!(cause = %e, code, "node failed to start: data_dir unusable");
+                    eprintln!("error: node failed to start: {e}");
+                    return Ok(code);
+                }
+                None => return Err(anyhow::Error::new(e).context("node failed to start")),
+            },
+        };
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         {

@@ -1,0 +1,230 @@
+//! [`PersistenceHandle`] and the group committer thread behind it.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::MessageResponse;
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+use super::{Batch, Bytes, KeyRange, KvStore, PersistenceError, Result, TreeName};
+use crate::metrics::Metrics;
+
+/// Default most batches per sync (`persistence_max_batch`).
+pub const DEFAULT_MAX_BATCH: usize = 256;
+
+/// One durable write waiting for the committer.
+struct Job {
+    batch: Batch,
+    done: oneshot::Sender<Result<()>>,
+}
+
+/// Counters of the committer, for tests and benchmarks (the node's `/metrics` has the same
+/// facts).
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    commits: AtomicU64,
+    syncs: AtomicU64,
+    sync_failures: AtomicU64,
+    sync_nanos: AtomicU64,
+}
+
+impl CommitStats {
+    /// Durable batches acknowledged.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Syncs that succeeded.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Syncs that failed (each failed every waiter of its group).
+    pub fn sync_failures(&self) -> u64 {
+        self.sync_failures.load(Ordering::Relaxed)
+    }
+
+    /// Time spent in syncs, successful or not.
+    pub fn sync_time(&self) -> Duration {
+        Duration::from_nanos(self.sync_nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// State shared by the handles and the committer thread.
+struct Shared {
+    store: Arc<dyn KvStore>,
+    stats: CommitStats,
+    metrics: Option<Arc<Metrics>>,
+    /// Set by the first failed sync; see the module doc.
+    poisoned: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn poisoned(&self) -> Option<String> {
+        self.poisoned.lock().map(|p| p.clone()).unwrap_or_else(|_| Some("poisoned lock".to_owned()))
+    }
+}
+
+/// The node's store, shared by every actor that persists something: cheap to clone,
+/// `Send + Sync`. Reads and non-durable writes run in place; durable commits go to the
+/// group committer thread, which exits when the last handle is dropped.
+#[derive(Clone, MessageResponse)]
+pub struct PersistenceHandle {
+    shared: Arc<Shared>,
+    commits: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for PersistenceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistenceHandle").field("store", &self.shared.store.describe()).finish()
+    }
+}
+
+impl PersistenceHandle {
+    /// Starts the committer thread for `store`; at most `max_batch` batches share a sync.
+    /// `metrics`, when given, receives the commit and sync counters.
+    pub fn start(
+        store: Arc<dyn KvStore>,
+        max_batch: usize,
+        metrics: Option<Arc<Metrics>>,
+    ) -> std::io::Result<PersistenceHandle> {
+        let max_batch = max_batch.max(1);
+        if let Some(m) = &metrics {
+            m.set_persistence_durable(store.is_durable());
+        }
+        let shared = Arc::new(Shared { store, stats: CommitStats::default(), metrics, poisoned: Mutex::new(None) });
+        // Room for a few full groups: beyond that, `commit` waits (backpressure).
+        let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
+        let committer = shared.clone();
+        std::thread::Builder::new()
+            .name("mpreg-committer".to_owned())
+            .spawn(move || run_committer(rx, &committer, max_batch))?;
+        Ok(PersistenceHandle { shared, commits: tx })
+    }
+
+    /// The store itself, for code written against the trait.
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.shared.store
+    }
+
+    /// Whether commits reach stable storage (false: memory only).
+    pub fn is_durable(&self) -> bool {
+        self.shared.store.is_durable()
+    }
+
+    /// The committer's counters.
+    pub fn stats(&self) -> &CommitStats {
+        &self.shared.stats
+    }
+
+    /// Durable commits waiting for the committer (not counting the group being synced).
+    pub fn queued(&self) -> usize {
+        self.commits.max_capacity() - self.commits.capacity()
+    }
+
+    /// The value at `key` in `tree`.
+    pub fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        self.shared.store.get(tree, key)
+    }
+
+    /// Up to `limit` entries of `tree` within `range`, in key order.
+    pub fn scan(&self, tree: &str, range: &KeyRange, limit: usize) -> Result<Vec<(Bytes, Bytes)>> {
+        self.shared.store.scan(tree, range, limit)
+    }
+
+    /// The trees holding data.
+    pub fn tree_names(&self) -> Result<Vec<TreeName>> {
+        self.shared.store.tree_names()
+    }
+
+    /// Applies `batch` atomically now, without waiting for the disk: for state that may
+    /// be lost in a power cut (in-memory queues, periodic snapshots). The next durable
+    /// commit makes it durable too.
+    pub fn write(&self, batch: &Batch) -> Result<()> {
+        self.shared.store.apply(batch)
+    }
+
+    /// Applies `batch` atomically and resolves once it is on stable storage (see the module
+    /// doc for exactly what that means), sharing the sync with every commit queued at the
+    /// same time. An error means the batch is NOT acknowledged.
+    pub async fn commit(&self, batch: Batch) -> Result<()> {
+        if let Some(cause) = self.shared.poisoned() {
+            return Err(PersistenceError::Poisoned(cause));
+        }
+        let (done, answer) = oneshot::channel();
+        self.commits.send(Job { batch, done }).await.map_err(|_| PersistenceError::Unavailable)?;
+        answer.await.unwrap_or(Err(PersistenceError::Unavailable))
+    }
+}
+
+/// The committer: take one job, drain what else is queued, apply each, sync once, answer.
+fn run_committer(mut rx: mpsc::Receiver<Job>, shared: &Shared, max_batch: usize) {
+    let mut jobs = Vec::with_capacity(max_batch);
+    while let Some(job) = rx.blocking_recv() {
+        jobs.push(job);
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcomes = commit_group(shared, &jobs);
+        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+            // A waiter that gave up is fine: its batch is committed anyway.
+            let _ = job.done.send(outcome);
+        }
+    }
+}
+
+/// Applies the group's batches and syncs once; one outcome per job.
+fn commit_group(shared: &Shared, jobs: &[Job]) -> Vec<Result<()>> {
+    if let Some(cause) = shared.poisoned() {
+        // Not even applied: a reader must not see a write that cannot be acknowledged.
+        return jobs.iter().map(|_| Err(PersistenceError::Poisoned(cause.clone()))).collect();
+    }
+    let store = &shared.store;
+    let mut outcomes: Vec<Result<()>> = jobs
+        .iter()
+        .map(|job| {
+            catch_unwind(AssertUnwindSafe(|| store.apply(&job.batch)))
+                .unwrap_or_else(|_| Err(PersistenceError::Io("the store panicked while applying a batch".to_owned())))
+        })
+        .collect();
+    let applied = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
+    if applied == 0 {
+        return outcomes;
+    }
+    let started = Instant::now();
+    let synced = catch_unwind(AssertUnwindSafe(|| store.sync()))
+        .unwrap_or_else(|_| Err(PersistenceError::Io("the store panicked while syncing".to_owned())));
+    let elapsed = started.elapsed();
+    let stats = &shared.stats;
+    stats.sync_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    match synced {
+        Ok(()) => {
+            stats.syncs.fetch_add(1, Ordering::Relaxed);
+            stats.commits.fetch_add(applied, Ordering::Relaxed);
+            if let Some(m) = &shared.metrics {
+                m.record_persistence_sync(applied, elapsed, true);
+            }
+        }
+        Err(e) => {
+            stats.sync_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &shared.metrics {
+                m.record_persistence_sync(0, elapsed, false);
+            }
+            error!(store = %store.describe(), cause = %e, waiters = applied,
+                "sync failed: durable writes refused until restart");
+            if let Ok(mut poisoned) = shared.poisoned.lock() {
+                *poisoned = Some(e.to_string());
+            }
+            for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                *outcome = Err(e.clone());
+            }
+        }
+    }
+    outcomes
+}
