@@ -48,6 +48,7 @@
 //! running node (sled holds an exclusive `flock` on `db`), corrupt, unwritable. Never an
 //! empty store in silence.
 
+pub mod bench;
 mod commit;
 mod memory;
 mod sled_store;
