@@ -39,19 +39,20 @@ pub fn run(args: PersistenceBenchArgs) -> anyhow::Result<i32> {
     } else {
         writeln!(
             out,
-            "{:<34} {:>12} {:>10} {:>10} {:>8} {:>10}",
-            "scenario", "ops/s", "p50 µs", "p99 µs", "ops", "ops/sync"
+            "{:<34} {:>12} {:>10} {:>10} {:>8} {:>10} {:>8}",
+            "scenario", "ops/s", "p50 µs", "p99 µs", "ops", "ops/sync", "sync s"
         )?;
         for f in &figures {
             writeln!(
                 out,
-                "{:<34} {:>12.0} {:>10.1} {:>10.1} {:>8} {:>10.1}",
+                "{:<34} {:>12.0} {:>10.1} {:>10.1} {:>8} {:>10.1} {:>8.2}",
                 f.name,
                 f.calls_per_s,
                 f.p50_us,
                 f.p99_us,
                 f.ops,
-                f.ops as f64 / f.syncs.max(1) as f64
+                f.ops as f64 / f.syncs.max(1) as f64,
+                f.sync_seconds
             )?;
         }
     }

@@ -22,6 +22,8 @@ pub struct Figure {
     pub ops: usize,
     /// Syncs performed (ops / syncs = mean group size).
     pub syncs: u64,
+    /// Seconds spent in syncs (group commit only).
+    pub sync_seconds: f64,
 }
 
 fn figure(name: &str, mut latencies: Vec<Duration>, elapsed: Duration, syncs: u64) -> Figure {
@@ -36,6 +38,7 @@ fn figure(name: &str, mut latencies: Vec<Duration>, elapsed: Duration, syncs: u6
         p99_us: at(0.99),
         ops: latencies.len(),
         syncs,
+        sync_seconds: 0.0,
     }
 }
 
@@ -72,6 +75,7 @@ pub async fn group_commit(
 ) -> Figure {
     let payload = Arc::new(value(value_len));
     let syncs_before = handle.stats().syncs();
+    let sync_before = handle.stats().sync_time();
     let per_writer = ops.div_ceil(writers.max(1));
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers.max(1))
@@ -95,7 +99,9 @@ pub async fn group_commit(
     for task in tasks {
         latencies.extend(task.await.unwrap_or_default());
     }
-    figure(name, latencies, started.elapsed(), handle.stats().syncs() - syncs_before)
+    let mut f = figure(name, latencies, started.elapsed(), handle.stats().syncs() - syncs_before);
+    f.sync_seconds = (handle.stats().sync_time() - sync_before).as_secs_f64();
+    f
 }
 
 /// Both scenarios on fresh sled stores under `dir`: the floor, then 64 writers in flight.
