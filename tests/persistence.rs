@@ -191,3 +191,33 @@ fn without_a_data_dir_the_node_warns_that_nothing_is_durable() {
     let _ = child.wait();
     assert!(warned.is_ok(), "no WARN that queues are not durable");
 }
+
+/// Under `strace`, the durable-write benchmark's 20 sequential writes issue at least 20
+/// `fdatasync` calls: sled's `flush()` (`sync_file_range`) is never the only sync.
+#[test]
+fn durable_writes_are_followed_by_fdatasync_under_strace() {
+    let available = Command::new("strace").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if !available.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: strace is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("trace");
+    let mut command = Command::new("strace");
+    command
+        .args(["-f", "-qq", "-e", "trace=fdatasync,fsync,sync_file_range", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_mpreg"))
+        .args(["bench", "persistence", "--ops", "20", "--dir"])
+        .arg(tmp.path());
+    let (code, stdout, stderr) = finish(command);
+    if code != Some(0) && stderr.contains("PTRACE") {
+        eprintln!("skipped: ptrace is not permitted here: {stderr}");
+        return;
+    }
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let fdatasyncs = trace.lines().filter(|l| l.contains("fdatasync(")).count();
+    assert!(fdatasyncs >= 20, "{fdatasyncs} fdatasync calls for 20 sequential durable writes:\n{trace}");
+    assert!(stdout.contains("sled_flush_seq"), "{stdout}");
+}

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_persistence;
 mod client;
 mod demo;
 mod keys;
@@ -207,6 +208,8 @@ pub enum BenchCommand {
     /// Mesh formation, registration propagation, failure detection and memory of N node
     /// processes.
     Cluster(bench_cluster::ClusterBenchArgs),
+    /// Durable writes: insert + flush + fdatasync one at a time, and group-committed.
+    Persistence(bench_persistence::PersistenceBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -217,6 +220,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Client(command) => client::run(command),
         Command::Bench(BenchCommand::Rpc(args)) => bench::rpc(args),
         Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::cluster(args),
+        Command::Bench(BenchCommand::Persistence(args)) => bench_persistence::run(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {

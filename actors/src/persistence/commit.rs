@@ -186,13 +186,26 @@ fn commit_group(shared: &Shared, jobs: &[Job]) -> Vec<Result<()>> {
         return jobs.iter().map(|_| Err(PersistenceError::Poisoned(cause.clone()))).collect();
     }
     let store = &shared.store;
-    let mut outcomes: Vec<Result<()>> = jobs
-        .iter()
-        .map(|job| {
-            catch_unwind(AssertUnwindSafe(|| store.apply(&job.batch)))
-                .unwrap_or_else(|_| Err(PersistenceError::Io("the store panicked while applying a batch".to_owned())))
-        })
-        .collect();
+    let apply = |batch: &Batch| {
+        catch_unwind(AssertUnwindSafe(|| store.apply(batch)))
+            .unwrap_or_else(|_| Err(PersistenceError::Io("the store panicked while applying a batch".to_owned())))
+    };
+    // The whole group as ONE atomic batch first (sled's flush is several times slower
+    // after many small batches than after one large one); if that fails, batch by batch,
+    // so that only the failing batch's waiter is refused.
+    let merged = (jobs.len() > 1).then(|| {
+        let mut all = Batch::new();
+        for job in jobs {
+            for write in job.batch.writes() {
+                all.push(write.clone());
+            }
+        }
+        all
+    });
+    let mut outcomes: Vec<Result<()>> = match merged.as_ref().map(apply) {
+        Some(Ok(())) => jobs.iter().map(|_| Ok(())).collect(),
+        _ => jobs.iter().map(|job| apply(&job.batch)).collect(),
+    };
     let applied = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
     if applied == 0 {
         return outcomes;

@@ -27,7 +27,10 @@
 //!
 //! **Group commit.** One committer thread (a plain std thread: a blocking sync must never
 //! freeze an actix arbiter) takes the first waiting batch, drains whatever else is queued
-//! (up to `max_batch`), applies each batch, syncs ONCE, then answers every waiter. There
+//! (up to `max_batch`), applies them as one atomic batch (falling back to one by one if
+//! that fails, so only a bad batch's waiter is refused), syncs ONCE, then answers every
+//! waiter. sled's flush after one large batch is several times faster than after many
+//! small ones (measured: 64 writers, 8.5k -> 37k durable writes/s). There
 //! is no artificial delay: batches pile up while the previous sync runs, so one writer
 //! pays one sync and 64 writers in flight share one.
 //!
@@ -48,6 +51,7 @@
 //! running node (sled holds an exclusive `flock` on `db`), corrupt, unwritable. Never an
 //! empty store in silence.
 
+pub mod bench;
 mod commit;
 mod memory;
 mod sled_store;
