@@ -482,7 +482,8 @@ fn peer_frames_on_a_client_connection_are_answered_and_change_nothing() {
         assert_eq!(after.1, before.1, "the catalog did not change");
         // Refused links come and go; only admitted nodes and their states count.
         assert_eq!(after.0[0], before.0[0], "the membership did not change");
-        let mut ws = match socket.borrow_mut().take() {
+        let kept = socket.borrow_mut().take();
+        let mut ws = match kept {
             Some(ws) => ws,
             None => connect(&url).await,
         };

@@ -26,12 +26,15 @@
 //! B's suspicion counter move, so "stayed 0" means something.
 //!
 //! Suspicion timing: gossip every 0.1 s, suspect after 3 s, remove after 9 s.
-//! `tests/cluster.rs` keeps suspicion at 1 s because none of its tests depends on it not
-//! happening; here "nobody is suspected" is the assertion, so the threshold must sit above
-//! what a debug build on two busy cores can stall a thread for without any fault (a few
-//! hundred ms, seen up to about 1 s while other engineers build), yet below the stalls the
+//! `tests/cluster.rs` keeps suspicion at 1 s (20 gossip rounds) because none of its tests
+//! depends on it not happening; here "nobody is suspected" is the assertion, so a false
+//! suspicion fails the test. 3 s is 30 rounds: it leaves a debug build on two cores shared
+//! with other builds room for scheduling stalls of a second or more without any fault
+//! (both nodes' fabric actors share the test's thread), yet sits below the stalls the
 //! unbounded attacks caused (6.5 s for the `#` pattern, 8.2 s for deep nesting). Shorter
-//! stalls that suspicion cannot see, the bystander's p99 does.
+//! stalls, which suspicion cannot see, show in the bystander's p99. (The test itself must
+//! never block its thread: a blocking `join` there once stalled B's link long enough for A
+//! to close it as silent; [`Bystander::finish`] awaits instead.)
 //!
 //! Memory: the process's VmRSS (both nodes live in it) is reported per attack and bounded
 //! loosely; `tests/hostile_rpc.rs` and `tests/hostile_connection.rs` hold the tight bounds
