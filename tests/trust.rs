@@ -478,10 +478,8 @@ async fn a_call_refused_at_the_serving_nodes_max_in_flight_is_a_1006() {
     wait_linked(&a, "B").await;
     let first = a.client().await;
     let first_call = tokio::spawn(async move { first.call("held", vec![json!(1)]).await });
-    wait_until("B to serve one call for A", || async {
-        (b.node.metrics().admission().in_flight() == 1).then_some(())
-    })
-    .await;
+    wait_until("B to serve one call for A", || async { (b.node.metrics().admission().in_flight() == 1).then_some(()) })
+        .await;
     let result = wait_until("held to be routable", || async {
         let result = a.client().await.call("held", vec![json!(2)]).await;
         (rpc_error_kind(&result) != Some(ErrorCode::NotFound)).then_some(result)
