@@ -134,8 +134,8 @@ pub struct Settings {
     pub credentials: Option<PathBuf>,
     /// Allow running open (no credentials) on a non-loopback `host`.
     pub insecure: bool,
-    /// Calls served at once for one peer link; beyond it a call is answered unreachable
-    /// (overloaded).
+    /// Calls served at once for one peer link; beyond it a call is refused and its client
+    /// gets 1006 (overloaded).
     pub max_in_flight_per_link: usize,
     /// Function entries one node may advertise; a larger entry set is refused.
     pub max_catalog_entries_per_node: usize,

@@ -437,7 +437,7 @@ async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link(
     let first = a.client().await;
     let first_call = tokio::spawn(async move { first.call("held", vec![json!(1)]).await });
     wait_until("B to serve one call for A", || async { (gauge(&b).await == 1).then_some(()) }).await;
-    // ...so a second one over the same link is refused as overloaded, not queued.
+    // ...so a second one over the same link is refused as overloaded (1006), not queued.
     let error = rpc_error(
         wait_until("held to be routable", || async {
             let result = a.client().await.call("held", vec![json!(2)]).await;
@@ -445,7 +445,7 @@ async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link(
         })
         .await,
     );
-    assert_eq!(error.kind(), Some(ErrorCode::Unreachable), "{error:?}");
+    assert_eq!(error.kind(), Some(ErrorCode::Overloaded), "a 1006, back off and retry: {error:?}");
     assert!(error.details_text().contains("max_in_flight_per_link"), "{error:?}");
     assert!(b.counter("mpreg_limit_exceeded_total", "limit", "max_in_flight_per_link").await >= 1);
 
@@ -454,6 +454,46 @@ async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link(
     drop(a);
     wait_until("B's in-flight gauge to return to 0", || async { (gauge(&b).await == 0).then_some(()) }).await;
     let _ = tokio::time::timeout(SOON, first_call).await;
+}
+
+#[actix_rt::test]
+async fn a_call_refused_at_the_serving_nodes_max_in_flight_is_a_1006() {
+    let cluster = cluster_id("peer-max-in-flight");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let gate = Arc::new(Notify::new());
+    let held = {
+        let gate = gate.clone();
+        FunctionSpec::asynchronous("held", move |x: i64| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                x
+            }
+        })
+    };
+    // B admits one waiting request in all, whoever asks (clients or peers).
+    let b_settings = Settings { max_in_flight: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
+    let b = TestNode::start(b_settings, vec![held]).await;
+    wait_linked(&a, "B").await;
+    let first = a.client().await;
+    let first_call = tokio::spawn(async move { first.call("held", vec![json!(1)]).await });
+    wait_until("B to serve one call for A", || async { (b.node.metrics().admission().in_flight() == 1).then_some(()) })
+        .await;
+    let result = wait_until("held to be routable", || async {
+        let result = a.client().await.call("held", vec![json!(2)]).await;
+        (rpc_error_kind(&result) != Some(ErrorCode::NotFound)).then_some(result)
+    })
+    .await;
+    let error = rpc_error(result);
+    assert_eq!(error.kind(), Some(ErrorCode::Overloaded), "back off and retry, not a lost route: {error:?}");
+    let details = error.details_text();
+    assert!(details.contains("node=B") && details.contains("max_in_flight"), "{details}");
+    assert_eq!(b.node.metrics().limit_exceeded_count("max_in_flight"), 1);
+    // The held call is B's to finish; it still gets its answer.
+    gate.notify_one();
+    let answer = tokio::time::timeout(SOON, first_call).await.expect("the held call ends").expect("task");
+    assert_eq!(answer.unwrap(), json!(1));
 }
 
 fn rpc_error_kind(result: &Result<Value, mpreg::ClientError>) -> Option<ErrorCode> {

@@ -11,7 +11,7 @@
 //! request answers that request with 1003); at most
 //! `max_in_flight_per_connection` requests wait at once on a connection, and
 //! `max_in_flight` on the node (beyond either: 1006; a waiting request holds an
-//! [`InFlight`](crate::metrics::InFlight) permit, given back however it ends); requests run
+//! [`InFlight`] permit, given back however it ends); requests run
 //! concurrently and are answered by `u`, not in arrival order.
 //!
 //! Backpressure: the outbox is bounded in bytes (`max_outbound_bytes_per_connection`). A

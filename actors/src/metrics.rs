@@ -37,6 +37,10 @@ pub struct Metrics {
     peers_refused: LabelledCounter,
     /// Fabric frames and statements dropped (unauthenticated, forged, stray), by reason.
     fabric_dropped: LabelledCounter,
+    /// Peers this node began to suspect (silent past `suspect_after_s`, or link lost).
+    peers_suspected: AtomicU64,
+    /// Peers this node removed for silence (not GOODBYEs).
+    peers_removed: AtomicU64,
     /// Durable batches acknowledged, syncs, failed syncs, time in syncs, store durability.
     persistence_commits: AtomicU64,
     persistence_syncs: AtomicU64,
@@ -217,6 +221,26 @@ impl Metrics {
         self.fabric_dropped.get(reason)
     }
 
+    /// This node began to suspect a peer (its link dropped, or it fell silent).
+    pub fn peer_suspected(&self) {
+        self.peers_suspected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This node removed a peer that stayed silent (a GOODBYE is not counted).
+    pub fn peer_removed(&self) {
+        self.peers_removed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Suspicions so far.
+    pub fn peers_suspected(&self) -> u64 {
+        self.peers_suspected.load(Ordering::Relaxed)
+    }
+
+    /// Removals for silence so far.
+    pub fn peers_removed(&self) -> u64 {
+        self.peers_removed.load(Ordering::Relaxed)
+    }
+
     /// Restarts so far.
     pub fn restarts(&self) -> u64 {
         self.actor_restarts.load(Ordering::Relaxed)
@@ -296,6 +320,16 @@ impl Metrics {
                 "Notifications dropped: subscriber outbox full.",
                 load(&self.notifications_dropped),
             ),
+            (
+                "mpreg_peer_suspected_total",
+                "Peers this node began to suspect (link lost or silent past suspect_after_s).",
+                load(&self.peers_suspected),
+            ),
+            (
+                "mpreg_peer_removed_total",
+                "Peers this node removed after silence (GOODBYEs not counted).",
+                load(&self.peers_removed),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node}\"}} {value}");
@@ -368,6 +402,19 @@ mod tests {
         let text = metrics.render("n1");
         assert!(text.contains("mpreg_limit_exceeded_total{node=\"n1\",limit=\"max_reply_bytes\"} 2"), "{text}");
         assert!(text.contains("mpreg_peer_refused_total{node=\"n1\",reason=\"untrusted\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn suspicions_and_removals_are_counted_from_zero() {
+        let metrics = Metrics::default();
+        assert!(metrics.render("n1").contains("mpreg_peer_suspected_total{node=\"n1\"} 0"));
+        metrics.peer_suspected();
+        metrics.peer_removed();
+        metrics.peer_suspected();
+        assert_eq!((metrics.peers_suspected(), metrics.peers_removed()), (2, 1));
+        let text = metrics.render("n1");
+        assert!(text.contains("mpreg_peer_suspected_total{node=\"n1\"} 2"), "{text}");
+        assert!(text.contains("mpreg_peer_removed_total{node=\"n1\"} 1"), "{text}");
     }
 
     #[test]

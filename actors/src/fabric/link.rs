@@ -21,7 +21,8 @@
 //!   reply, link close and expiry); the serving node answers on the link the call
 //!   arrived on.
 //! - Calls served for other nodes count in the node's in-flight gauge, at most
-//!   `max_in_flight_per_link` per link (beyond that: `Unreachable`, overloaded), and are
+//!   `max_in_flight_per_link` per link (beyond that, or past the node-wide
+//!   `max_in_flight`: `Overloaded`, which the caller's client sees as 1006), and are
 //!   cancelled when their link closes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -90,7 +91,7 @@ pub struct FabricView {
 /// Limits of the link layer.
 #[derive(Debug, Clone, Copy)]
 pub struct LinkLimits {
-    /// Calls served at once for one link; beyond: `Unreachable` (overloaded).
+    /// Calls served at once for one link; beyond: `Overloaded`.
     pub max_in_flight_per_link: usize,
     /// Forwarded calls remembered at once (for replies to retrace their path).
     pub max_forwarded_calls: usize,
@@ -459,7 +460,7 @@ impl FabricShared {
                         "overloaded: {} is serving {limit} calls for this link (max_in_flight_per_link)",
                         self.me.node
                     );
-                    self.reply(link, id, source, CallOutcome::Unreachable { reason }, forwards);
+                    self.reply(link, id, source, CallOutcome::Overloaded { reason }, forwards);
                     return;
                 }
                 // Calls served for peers count toward the node-wide in-flight limit too.
@@ -467,7 +468,7 @@ impl FabricShared {
                     drop(serving);
                     self.metrics.limit_exceeded("max_in_flight");
                     let reason = format!("overloaded: {} is at its max_in_flight", self.me.node);
-                    self.reply(link, id, source, CallOutcome::Unreachable { reason }, forwards);
+                    self.reply(link, id, source, CallOutcome::Overloaded { reason }, forwards);
                     return;
                 };
                 serving.next += 1;
@@ -573,9 +574,9 @@ impl FabricShared {
             let remembered = self.forwarded.lock().is_ok_and(|mut f| f.insert(key, entry, &self.limits));
             if !remembered {
                 self.metrics.limit_exceeded("max_forwarded_calls");
-                let reason = format!("overloaded: {} is forwarding too many calls", self.me.node);
+                let reason = format!("overloaded: {} is forwarding too many calls (max_forwarded_calls)", self.me.node);
                 let forwards = message.path.len().saturating_sub(1);
-                self.reply(arrived_on, message.id, message.source, CallOutcome::Unreachable { reason }, forwards);
+                self.reply(arrived_on, message.id, message.source, CallOutcome::Overloaded { reason }, forwards);
                 return;
             }
         }

@@ -19,7 +19,8 @@
 //! count only on admitted links. GOODBYE/`departed` and catalog entries carry their
 //! node's signature and are dropped (counted in `mpreg_fabric_dropped_total`) when it is
 //! missing or wrong; refusals are one `peer refused` WARN line each and counted in
-//! `mpreg_peer_refused_total` by reason.
+//! `mpreg_peer_refused_total` by reason. Suspicions and removals are WARN lines too, and
+//! counted in `mpreg_peer_suspected_total` and `mpreg_peer_removed_total`.
 //!
 //! It owns MUTATION and publishes an immutable [`FabricView`] (links, next hops, remote
 //! functions) in [`FabricShared`], which the request path reads without a mailbox.
@@ -435,9 +436,15 @@ impl FabricGossip {
                 MembershipEvent::Joined(node, instance) => {
                     info!(node = %me, peer = %node, instance = %instance, "peer joined")
                 }
-                MembershipEvent::Suspected(node) => warn!(node = %me, peer = %node, "peer suspected"),
+                MembershipEvent::Suspected(node) => {
+                    self.shared.metrics.peer_suspected();
+                    warn!(node = %me, peer = %node, "peer suspected")
+                }
                 MembershipEvent::Recovered(node) => info!(node = %me, peer = %node, "peer recovered"),
-                MembershipEvent::Removed(node) => warn!(node = %me, peer = %node, "peer removed"),
+                MembershipEvent::Removed(node) => {
+                    self.shared.metrics.peer_removed();
+                    warn!(node = %me, peer = %node, "peer removed")
+                }
                 MembershipEvent::Departed(node) => info!(node = %me, peer = %node, "peer goodbye"),
             }
         }

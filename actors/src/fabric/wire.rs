@@ -267,6 +267,13 @@ pub enum CallOutcome {
         /// Why, naming the node that gave up.
         reason: String,
     },
+    /// The node (or a node on the way) refused the call because one of its in-flight
+    /// bounds is reached (`max_in_flight_per_link`, `max_in_flight`, forwarded calls):
+    /// the caller should back off and retry, as for a 1006.
+    Overloaded {
+        /// Which bound, naming the node that refused.
+        reason: String,
+    },
 }
 
 /// Any inter-node frame.

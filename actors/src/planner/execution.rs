@@ -529,7 +529,8 @@ fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Ar
 
 /// Runs a command on another node. A failure of the function fails the request (1003,
 /// naming the node); a node or link that goes away before answering gets one retry on
-/// another match, else 1005.
+/// another match, else 1005; a node that refuses the call at one of its in-flight bounds
+/// gets the same retry, else 1006.
 async fn run_remote(
     routing: &Routing,
     cmd: &RpcCommand,
@@ -543,14 +544,17 @@ async fn run_remote(
     };
     let mut tried = Vec::new();
     loop {
-        let reason = match fabric.call(&target.node, &cmd.name, &target.identity, call.clone()).await {
+        let (reason, overloaded) = match fabric.call(&target.node, &cmd.name, &target.identity, call.clone()).await {
             CallOutcome::Ok { value } => return Ok(value),
             CallOutcome::Failed { error, node } => {
                 return Err(failure(cmd, Some(&node), &error, types));
             }
-            CallOutcome::NotFound { node } => format!("function no longer on node {node}"),
+            CallOutcome::NotFound { node } => (format!("function no longer on node {node}"), false),
             // Unreachable includes a node or link that went away before answering.
-            CallOutcome::Unreachable { reason } => reason,
+            CallOutcome::Unreachable { reason } => (reason, false),
+            // A bound on the serving (or a forwarding) node: another provider may have
+            // room; if none does, the client backs off (1006), it is not a lost route.
+            CallOutcome::Overloaded { reason } => (reason, true),
         };
         tried.push(target.node.clone());
         let retry = if tried.len() < 2 { routing.resolve(cmd, constraint, &tried).ok() } else { None };
@@ -560,10 +564,12 @@ async fn run_remote(
                 return function.invoke(call).await.map_err(|e| failure(cmd, None, &e, types));
             }
             None => {
-                return Err(RpcError::unreachable(format!(
-                    "command={} fun={} node={}: {reason}",
-                    cmd.name, cmd.fun, target.node
-                )))
+                let details = format!("command={} fun={} node={}: {reason}", cmd.name, cmd.fun, target.node);
+                return Err(if overloaded {
+                    RpcError::peer_overloaded(details)
+                } else {
+                    RpcError::unreachable(details)
+                });
             }
         }
     }

@@ -132,6 +132,12 @@ impl RpcError {
         )
     }
 
+    /// 1006: another node refused a call this request routed to it, at one of its
+    /// in-flight bounds; `details` name the command, the node and the bound.
+    pub fn peer_overloaded(details: impl Into<String>) -> Self {
+        Self::with(ErrorCode::Overloaded, "Server overloaded", details)
+    }
+
     /// The code as an enum, if known.
     pub fn kind(&self) -> Option<ErrorCode> {
         ErrorCode::from_u16(self.code)

@@ -5,9 +5,9 @@
 //! follow the Python reference client exactly where a client can see them
 //! (`rpc`, `pubsub-*`), so an unmodified MPREG client works against this server.
 //!
-//! Decoding is two-step on purpose: the frame is first read as a loose [`Envelope`]
-//! (only `role` and `u`), so a request that fails validation can still be answered with
-//! the right `u`; then the role's own type is decoded from the same bytes.
+//! Decoding is two-step on purpose: the frame is first read as a loose envelope (only
+//! `role` and `u`, private to the codec), so a request that fails validation can still be
+//! answered with the right `u`; then the role's own type is decoded from the same bytes.
 
 mod codec;
 mod error;
