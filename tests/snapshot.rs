@@ -7,6 +7,10 @@
 //! restored entries as unconfirmed (a call finds no route: 1005, not 1001), and once the
 //! proxy opens, dials B from the restored URL and confirms it.
 //!
+//! Also: a corrupt snapshot is ignored, counted and WARNed about (the binary's log), and
+//! replaced at the next clean shutdown; signed entries are restored only when they verify
+//! against the restarted node's own trust (another authority: entries dropped).
+//!
 //! sled holds an exclusive lock on the data dir, so each restart first waits (polling)
 //! until the previous node's store is closed.
 //!
@@ -14,12 +18,14 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mpreg::node::NodeError;
 use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
+use mpreg_actors::fabric::trust::{self, Authority};
 use mpreg_actors::persistence::{Batch, KvStore, OpenFailure, SledStore};
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
@@ -214,4 +220,81 @@ async fn a_corrupt_snapshot_is_ignored_and_counted() {
     assert_eq!(metric(&a, "mpreg_catalog_snapshot_corrupt_total").await, 0.0);
     assert!(metric(&a, "mpreg_catalog_snapshot_restored_timestamp_seconds").await > 0.0);
     a.shutdown().await;
+}
+
+/// `NAME.cred` issued by `authority` for `cluster`, in `dir`.
+fn issue(authority: &Authority, dir: &Path, name: &str, cluster: &str) -> PathBuf {
+    let credentials = authority.issue(name, cluster, trust::unix_seconds(), 86_400).expect("credentials issued");
+    let path = dir.join(format!("{name}-{}.cred", trust::fresh_nonce()));
+    credentials.save(&path).expect("credentials saved");
+    path
+}
+
+#[actix_rt::test]
+async fn signed_entries_are_restored_only_under_the_same_trust() {
+    let cluster = cluster_id("signed-snapshot");
+    let (dir, keys) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+    let (authority, stranger) = (Authority::generate(), Authority::generate());
+    let with = |name: &str, peers: Vec<String>, data_dir: Option<&Path>, authority: &Authority| Settings {
+        credentials: Some(issue(authority, keys.path(), name, &cluster)),
+        ..settings(name, &cluster, peers, data_dir)
+    };
+    let only_b = FunctionSpec::sync("only_b", |x: i64| x * 2).inline();
+    let b = start(with("B", vec![], None, &authority), vec![only_b]).await;
+    let a = start(with("A", vec![b.url().to_owned()], Some(dir.path()), &authority), vec![]).await;
+    let client = Client::connect(a.url()).await.expect("client connects");
+    poll_until_async("only_b callable from A", SOON, || async { client.call("only_b", vec![json!(4)]).await.ok() })
+        .await;
+    drop(client);
+    a.shutdown().await;
+    drop(a);
+
+    // Same authority: B's signed entries verify again.
+    let a = start(with("A", vec![], Some(dir.path()), &authority), vec![]).await;
+    assert!(metric(&a, "mpreg_catalog_snapshot_entries_restored").await >= 1.0);
+    a.shutdown().await;
+    drop(a);
+
+    // Another authority: the entries do not verify and are dropped; B stays a known URL.
+    let a = start(with("A", vec![], Some(dir.path()), &stranger), vec![]).await;
+    assert_eq!(metric(&a, "mpreg_catalog_snapshot_entries_restored").await, 0.0);
+    assert_eq!(metric(&a, "mpreg_catalog_snapshot_members_restored").await, 1.0);
+    let catalog = monitor_json(&a, "/catalog").await;
+    assert_eq!(catalog["nodes"].as_array().map(Vec::len), Some(1), "only A itself: {catalog:#}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The WARN line, from the binary: a corrupt snapshot never stops a node.
+#[test]
+fn the_binary_warns_about_a_corrupt_snapshot_and_starts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = SledStore::open(dir.path()).expect("open the store");
+        store.apply(&Batch::new().put("catalog", b"snapshot".to_vec(), b"\xff\x00".to_vec())).unwrap();
+        store.sync().unwrap();
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .args(["server", "start", "--port", "0", "--monitoring-port", "0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn mpreg");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("catalog snapshot corrupt") || line.contains("MPREG_URL") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = rx.recv_timeout(SOON);
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a WARN about the corrupt snapshot");
+    assert!(line.contains("WARN") && line.contains("starting without it"), "{line}");
 }

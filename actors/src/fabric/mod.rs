@@ -178,7 +178,8 @@ pub struct NodeStatus {
     pub instance_id: String,
     /// URL.
     pub url: String,
-    /// `self`, `alive` or `suspect`.
+    /// `self`, `alive`, `suspect` or `unconfirmed` (restored from a snapshot, not yet
+    /// confirmed by the node or a live peer).
     pub state: String,
     /// Whether this node has a live link to it.
     pub linked: bool,
