@@ -127,6 +127,9 @@ pub struct Settings {
     pub departed_grace_s: f64,
     /// Catalog entries expire this long after their last refresh; owners refresh at half.
     pub catalog_ttl_s: f64,
+    /// The catalog and known peers are saved to the store this often when they changed,
+    /// and at clean shutdown, and restored at start (seconds; 0: never saved nor restored).
+    pub catalog_snapshot_interval_s: f64,
     /// Forwards a routed message may take before it is refused.
     pub hop_budget: u32,
     /// This node's credentials file (`mpreg keys issue`): with it, every peer link is
@@ -195,6 +198,7 @@ impl Default for Settings {
             remove_after_s: 6.0,
             departed_grace_s: 5.0,
             catalog_ttl_s: 60.0,
+            catalog_snapshot_interval_s: 30.0,
             hop_budget: 5,
             credentials: None,
             insecure: false,
@@ -295,6 +299,14 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "remove_after_s",
                 message: "must be at least suspect_after_s".into(),
+            });
+        }
+        if !(self.catalog_snapshot_interval_s.is_finite()
+            && (0.0..=MAX_SECONDS).contains(&self.catalog_snapshot_interval_s))
+        {
+            return Err(ConfigError::Invalid {
+                key: "catalog_snapshot_interval_s",
+                message: "must be >= 0 (0: no snapshots)".into(),
             });
         }
         if !(self.departed_grace_s.is_finite() && self.departed_grace_s >= 0.0) {

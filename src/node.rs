@@ -25,7 +25,7 @@ use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
 use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
 use mpreg_actors::fabric::wire::NodeInfo;
-use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, LinkLimits, SayGoodbye};
+use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, LinkLimits, SayGoodbye, SnapshotConfig};
 use mpreg_actors::function::FunctionSpec;
 use mpreg_actors::metrics::Metrics;
 use mpreg_actors::monitor::{Monitor, MonitorState};
@@ -208,6 +208,11 @@ impl NodeBuilder {
             max_catalog_entries_per_node: settings.max_catalog_entries_per_node,
             max_new_members_per_frame: settings.max_new_members_per_frame,
             max_dials_per_round: settings.max_dials_per_round,
+            // Catalog snapshots (restored at start, saved periodically and at GOODBYE).
+            snapshots: (settings.catalog_snapshot_interval_s > 0.0).then(|| SnapshotConfig {
+                store: persistence.clone(),
+                interval: Settings::seconds(settings.catalog_snapshot_interval_s),
+            }),
         };
         let mut children = vec![
             // First: everything that persists finds the store through it.

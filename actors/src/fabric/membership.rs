@@ -11,9 +11,15 @@
 //! Removed and replaced instances leave a tombstone, so gossip still carrying an old
 //! counter cannot resurrect them; a GOODBYE also forbids redialling the instance for
 //! `departed_grace`, while a restarted node (new instance) is accepted at once.
+//!
+//! Members restored from a snapshot ([`MembershipCore::restore`]) start `Unconfirmed`:
+//! routed to and dialled, but neither suspected nor gossiped on, until their STATUS or a
+//! live peer's digest (a heartbeat) or catalog (a newer version) names the same instance.
+//! Unconfirmed members nobody confirms are removed when their entries' TTL runs out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use super::snapshot::{SnapshotCatalog, SnapshotMember};
 use super::wire::{CatalogDelta, ClusterId, InstanceId, MemberDigest, NodeId, NodeInfo};
 use crate::function::FunctionIdentity;
 
@@ -44,6 +50,9 @@ pub enum MemberState {
     Alive,
     /// Silent, or its direct link dropped: not routed to.
     Suspect,
+    /// Restored from a snapshot and not yet confirmed by the node or a live peer: routed
+    /// to and dialled, not gossiped on.
+    Unconfirmed,
 }
 
 /// One known node.
@@ -76,6 +85,19 @@ pub enum MembershipEvent {
     Removed(NodeId),
     /// A node said GOODBYE.
     Departed(NodeId),
+    /// A member restored from a snapshot was confirmed by it or by a live peer.
+    Confirmed(NodeId),
+}
+
+/// What [`MembershipCore::restore`] kept and dropped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreOutcome {
+    /// Members restored (unconfirmed).
+    pub members: usize,
+    /// Function entries restored with them.
+    pub entries: usize,
+    /// Members or entry sets dropped: past their TTL, ours, another cluster's.
+    pub dropped: usize,
 }
 
 /// Why a peer's STATUS was refused.
@@ -230,10 +252,14 @@ impl MembershipCore {
                 if d.heartbeat > m.heartbeat || direct {
                     m.heartbeat = m.heartbeat.max(d.heartbeat);
                     m.heard_at = now;
-                    if m.state == MemberState::Suspect {
-                        m.state = MemberState::Alive;
-                        events.push(MembershipEvent::Recovered(node.clone()));
+                    match m.state {
+                        MemberState::Suspect => events.push(MembershipEvent::Recovered(node.clone())),
+                        // Restored members have heartbeat 0: any heartbeat from a live
+                        // peer, or the node's own STATUS, confirms them.
+                        MemberState::Unconfirmed => events.push(MembershipEvent::Confirmed(node.clone())),
+                        MemberState::Alive => {}
                     }
+                    m.state = MemberState::Alive;
                 }
                 if !d.neighbours.is_empty() || d.heartbeat > 0 {
                     m.neighbours = d.neighbours.clone();
@@ -321,6 +347,11 @@ impl MembershipCore {
             }
             _ => {
                 self.catalogs.insert(delta.node.clone(), StoredCatalog { delta: delta.clone(), received_at: now });
+                // A newer version of a restored member's entries: it advertised since.
+                if let Some(m) = self.members.get_mut(&delta.node).filter(|m| m.state == MemberState::Unconfirmed) {
+                    m.state = MemberState::Alive;
+                    m.heard_at = now;
+                }
                 true
             }
         }
@@ -334,7 +365,7 @@ impl MembershipCore {
                 if *n == self.me.node {
                     Some(self.local_catalog(now_unix))
                 } else {
-                    self.catalogs.get(n).map(|c| c.delta.clone())
+                    self.catalogs.get(n).filter(|_| self.is_confirmed(n)).map(|c| c.delta.clone())
                 }
             })
             .collect()
@@ -342,7 +373,13 @@ impl MembershipCore {
 
     /// Every entry set we hold, ours included (the snapshot sent when a link opens).
     pub fn all_catalogs(&self, now_unix: f64) -> Vec<CatalogDelta> {
-        std::iter::once(self.local_catalog(now_unix)).chain(self.catalogs.values().map(|c| c.delta.clone())).collect()
+        let confirmed = self.catalogs.iter().filter(|(n, _)| self.is_confirmed(n)).map(|(_, c)| c.delta.clone());
+        std::iter::once(self.local_catalog(now_unix)).chain(confirmed).collect()
+    }
+
+    /// Whether `node` is a member that is not merely restored (its entries may be passed on).
+    fn is_confirmed(&self, node: &str) -> bool {
+        self.members.get(node).is_some_and(|m| m.state != MemberState::Unconfirmed)
     }
 
     /// A node said GOODBYE (directly or relayed); whether it was news.
@@ -374,9 +411,12 @@ impl MembershipCore {
         self.heartbeat += 1;
         let mut events = Vec::new();
         let mut removed = Vec::new();
+        // Restored members get until their entries would expire to be confirmed.
+        let unconfirmed_limit = self.timing.remove_after.max(self.timing.catalog_ttl);
         for (node, m) in &mut self.members {
             let silent = now - m.heard_at;
-            if silent > self.timing.remove_after {
+            let limit = if m.state == MemberState::Unconfirmed { unconfirmed_limit } else { self.timing.remove_after };
+            if silent > limit {
                 removed.push(node.clone());
             } else if silent > self.timing.suspect_after && m.state == MemberState::Alive {
                 m.state = MemberState::Suspect;
@@ -406,14 +446,86 @@ impl MembershipCore {
             catalog_version: self.catalog_version,
             neighbours: self.neighbours.clone(),
         };
+        // Restored members are claims: not passed on until confirmed.
+        let confirmed = self.members.values().filter(|m| m.state != MemberState::Unconfirmed);
         std::iter::once(me)
-            .chain(self.members.values().map(|m| MemberDigest {
+            .chain(confirmed.map(|m| MemberDigest {
                 info: m.info.clone(),
                 heartbeat: m.heartbeat,
                 catalog_version: m.catalog_version,
                 neighbours: m.neighbours.clone(),
             }))
             .collect()
+    }
+
+    /// Every member and the entries held, for a snapshot: times converted from the local
+    /// clock (`now`) to Unix seconds (`now_unix`).
+    pub fn snapshot(&self, now: f64, now_unix: f64) -> Vec<SnapshotMember> {
+        let to_unix = |t: f64| now_unix - (now - t).max(0.0);
+        let mut out: Vec<SnapshotMember> = self
+            .members
+            .values()
+            .map(|m| SnapshotMember {
+                info: m.info.clone(),
+                heard_at: to_unix(m.heard_at),
+                catalog: self
+                    .catalogs
+                    .get(&m.info.node)
+                    .filter(|c| c.delta.instance_id == m.info.instance_id)
+                    .map(|c| SnapshotCatalog { delta: c.delta.clone(), received_at: to_unix(c.received_at) }),
+            })
+            .collect();
+        out.sort_by(|a, b| a.info.node.cmp(&b.info.node));
+        out
+    }
+
+    /// Restores members and entries from a snapshot, as `Unconfirmed`: skips this node's
+    /// own entries (a restarted node is a new instance), other clusters, nodes already
+    /// known, members last heard of and entries last received longer ago than the catalog
+    /// TTL (the entry set's own `ttl_s` when shorter). Signatures are the caller's to check.
+    pub fn restore(&mut self, members: Vec<SnapshotMember>, now: f64, now_unix: f64) -> RestoreOutcome {
+        let mut outcome = RestoreOutcome::default();
+        let ttl = self.timing.catalog_ttl;
+        for saved in members {
+            let info = saved.info;
+            let age = (now_unix - saved.heard_at).max(0.0);
+            if info.node == self.me.node
+                || info.cluster_id != self.me.cluster_id
+                || self.members.contains_key(&info.node)
+                || self.is_departed(&info.node, &info.instance_id, now)
+                || age > ttl
+            {
+                outcome.dropped += 1;
+                continue;
+            }
+            let catalog = saved.catalog.filter(|c| {
+                let fresh = (now_unix - c.received_at).max(0.0) <= c.delta.ttl_s.min(ttl);
+                let same = c.delta.node == info.node
+                    && c.delta.instance_id == info.instance_id
+                    && c.delta.cluster_id == info.cluster_id;
+                if !(fresh && same) {
+                    outcome.dropped += 1;
+                }
+                fresh && same
+            });
+            let mut member = Member {
+                info: info.clone(),
+                heartbeat: 0,
+                heard_at: now - age,
+                state: MemberState::Unconfirmed,
+                neighbours: Vec::new(),
+                catalog_version: 0,
+            };
+            if let Some(c) = catalog {
+                member.catalog_version = c.delta.version;
+                outcome.entries += c.delta.functions.len();
+                let received_at = now - (now_unix - c.received_at).max(0.0);
+                self.catalogs.insert(info.node.clone(), StoredCatalog { delta: c.delta, received_at });
+            }
+            self.members.insert(info.node, member);
+            outcome.members += 1;
+        }
+        outcome
     }
 
     /// Every member.
@@ -585,6 +697,119 @@ mod tests {
         };
         assert!(!m.apply_catalog(&stranger, 0.2), "entries of a non-member are not stored");
         assert!(m.catalog_entries().is_empty());
+    }
+
+    fn saved(node: &str, instance: &str, heard_at: f64, received_at: Option<f64>) -> SnapshotMember {
+        SnapshotMember {
+            info: info(node, instance),
+            heard_at,
+            catalog: received_at.map(|received_at| SnapshotCatalog {
+                delta: CatalogDelta {
+                    node: node.into(),
+                    instance_id: instance.into(),
+                    cluster_id: "c".into(),
+                    version: 7,
+                    advertised_at: received_at,
+                    ttl_s: 60.0,
+                    functions: vec![FunctionIdentity {
+                        name: format!("only_{node}"),
+                        function_id: format!("only_{node}"),
+                        version: Default::default(),
+                        resources: Default::default(),
+                    }],
+                    proof: None,
+                },
+                received_at,
+            }),
+        }
+    }
+
+    #[test]
+    fn restore_drops_our_own_entries_other_clusters_and_expired_ones() {
+        let mut m = core();
+        let mut foreign = saved("f", "f1", 1000.0, Some(1000.0));
+        foreign.info.cluster_id = "other".into();
+        let members = vec![
+            saved("a", "a0", 1000.0, Some(1000.0)), // our own previous instance
+            foreign,
+            saved("b", "b1", 990.0, Some(990.0)), // fresh
+            saved("c", "c1", 900.0, Some(900.0)), // heard of 100 s ago: past the 60 s TTL
+            saved("d", "d1", 990.0, Some(930.0)), // alive, but its entries are 70 s old
+            saved("e", "e1", 995.0, None),        // known, entries not held
+        ];
+        let outcome = m.restore(members, 5.0, 1000.0);
+        assert_eq!(outcome, RestoreOutcome { members: 3, entries: 1, dropped: 4 });
+        let mut restored: Vec<&str> = m.members().map(|m| m.info.node.as_str()).collect();
+        restored.sort();
+        assert_eq!(restored, ["b", "d", "e"]);
+        assert!(m.members().all(|m| m.state == MemberState::Unconfirmed));
+        // Routed to at once, but not gossiped on.
+        let functions = m.functions_of(MemberState::Unconfirmed);
+        assert_eq!(functions.len(), 1);
+        assert_eq!(functions[0].2.name, "only_b");
+        assert_eq!(m.digest().len(), 1, "only ourselves");
+        assert_eq!(m.all_catalogs(1000.0).len(), 1, "only our own entries");
+        // The receive time carries over: b's entries expire 60 s after 990, i.e. at local 55.
+        m.tick(54.0);
+        assert_eq!(m.catalog_entries().len(), 1);
+        assert_eq!(m.members().count(), 3, "unconfirmed members are neither suspected nor removed early");
+        m.tick(56.0);
+        assert!(m.catalog_entries().is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_of_the_core_restores_into_another() {
+        let mut m = core();
+        m.apply_digest(&[digest("b", "b1", 3, &[])], 10.0);
+        let delta = saved("b", "b1", 0.0, Some(0.0)).catalog.unwrap().delta;
+        assert!(m.apply_catalog(&delta, 12.0));
+        let snapshot = m.snapshot(20.0, 1020.0);
+        assert_eq!(snapshot.len(), 1);
+        assert_eq!((snapshot[0].heard_at, snapshot[0].catalog.as_ref().unwrap().received_at), (1010.0, 1012.0));
+        let mut restarted = MembershipCore::new(info("a", "a2"), MembershipTiming::default(), Vec::new());
+        let outcome = restarted.restore(snapshot, 0.0, 1030.0);
+        assert_eq!((outcome.members, outcome.entries), (1, 1));
+        assert_eq!(restarted.catalog_entries()[0].0, delta);
+    }
+
+    #[test]
+    fn restored_members_are_confirmed_by_status_digest_or_newer_entries_only() {
+        let mut m = core();
+        m.restore(vec![saved("b", "b1", 1000.0, Some(1000.0)), saved("c", "c1", 1000.0, Some(1000.0))], 0.0, 1000.0);
+        let state = |m: &MembershipCore, node: &str| m.members().find(|x| x.info.node == node).map(|x| x.state);
+        // Another node's unconfirmed claim (heartbeat 0) confirms nothing.
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 0, &[])], 0.5);
+        assert!(events.is_empty());
+        assert_eq!(state(&m, "b"), Some(MemberState::Unconfirmed));
+        // A live peer's heartbeat for the same instance does.
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 4, &[])], 1.0);
+        assert_eq!(events, vec![MembershipEvent::Confirmed("b".into())]);
+        assert_eq!(state(&m, "b"), Some(MemberState::Alive));
+        // Its own STATUS does too.
+        assert_eq!(m.admit(&info("c", "c1"), 1.5), Ok(vec![MembershipEvent::Confirmed("c".into())]));
+        // A newer instance replaces a restored one (joined, alive).
+        let mut m = core();
+        m.restore(vec![saved("b", "b1", 1000.0, Some(1000.0))], 0.0, 1000.0);
+        let (events, _) = m.apply_digest(&[digest("b", "b2", 1, &[])], 0.1);
+        assert_eq!(events, vec![MembershipEvent::Joined("b".into(), "b2".into())]);
+        assert!(m.catalog_entries().is_empty(), "the old instance's entries are gone");
+        // Entries at a newer version from a live peer confirm as well; the same version does not.
+        let mut m = core();
+        m.restore(vec![saved("b", "b1", 1000.0, Some(1000.0))], 0.0, 1000.0);
+        let mut delta = saved("b", "b1", 0.0, Some(0.0)).catalog.unwrap().delta;
+        assert!(!m.apply_catalog(&delta, 0.1));
+        assert_eq!(state(&m, "b"), Some(MemberState::Unconfirmed));
+        delta.version += 1;
+        assert!(m.apply_catalog(&delta, 0.2));
+        assert_eq!(state(&m, "b"), Some(MemberState::Alive));
+    }
+
+    #[test]
+    fn unconfirmed_members_nobody_confirms_are_removed_after_the_ttl() {
+        let mut m = core();
+        m.restore(vec![saved("b", "b1", 1000.0, Some(1000.0))], 0.0, 1000.0);
+        assert!(m.tick(30.0).is_empty());
+        assert_eq!(m.tick(61.0), vec![MembershipEvent::Removed("b".into())]);
     }
 
     #[test]

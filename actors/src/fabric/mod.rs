@@ -25,13 +25,20 @@
 //! It owns MUTATION and publishes an immutable [`FabricView`] (links, next hops, remote
 //! functions) in [`FabricShared`], which the request path reads without a mailbox.
 //!
+//! Catalog snapshots ([`snapshot`]): with `snapshots` configured, the view of members and
+//! their entries is restored from the store when the actor starts, before the first dial
+//! and gossip round (restored members are `unconfirmed` until confirmed), saved every
+//! `interval` when it changed (the committer thread does the I/O), and saved durably on
+//! `SayGoodbye`.
+//!
 //! What a restart loses: links (closed and redialled, handshakes in progress included),
-//! membership and remote catalog (rebuilt from the peers' snapshots within a gossip round
-//! or two). Calls in flight
+//! membership and remote catalog (restored from the last snapshot, unconfirmed, and
+//! rebuilt from the peers' snapshots within a gossip round or two). Calls in flight
 //! over a closed link fail over (retry on another provider) or answer 1005.
 
 pub mod link;
 pub mod membership;
+pub mod snapshot;
 pub mod trust;
 pub mod wire;
 
@@ -39,7 +46,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, MessageResponse, Recipient};
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, MessageResponse, Recipient, ResponseFuture,
+    WrapFuture,
+};
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -47,10 +57,12 @@ use tracing::{debug, info, warn};
 
 pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteFunction};
 use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming, Refusal};
+use snapshot::{CatalogSnapshot, SNAPSHOT_KEY, SNAPSHOT_TREE};
 use trust::{link_transcript, LinkEnd, LinkSide, StatementProof, TrustError};
 use wire::{goodbye_text, CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth};
 
 use crate::function::FunctionIdentity;
+use crate::persistence::{Batch, PersistenceHandle};
 use crate::supervisor::ChildGuard;
 use crate::unix_now;
 
@@ -77,7 +89,22 @@ pub struct FabricConfig {
     pub max_new_members_per_frame: usize,
     /// Dials started per gossip round.
     pub max_dials_per_round: usize,
+    /// Catalog snapshots: restored at start, saved periodically and at GOODBYE; `None`:
+    /// none saved, none restored.
+    pub snapshots: Option<SnapshotConfig>,
 }
+
+/// Where catalog snapshots are kept and how often they are saved.
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    /// The node's store (tree [`snapshot::SNAPSHOT_TREE`]).
+    pub store: PersistenceHandle,
+    /// Save this often, when the view changed since the last save.
+    pub interval: Duration,
+}
+
+/// The longest a clean shutdown waits for its final snapshot to be durable.
+const FINAL_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A link was established (outbound: dialled by us; inbound: a connection spoke a peer
 /// frame).
@@ -137,7 +164,8 @@ pub struct LocalFunctionsChanged {
     pub functions: Vec<FunctionIdentity>,
 }
 
-/// Tell every peer we are leaving; resolves once the frames are queued.
+/// Tell every peer we are leaving; resolves once the frames are queued and the final
+/// catalog snapshot is durable (or failed, or took longer than 5 s).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SayGoodbye;
@@ -151,7 +179,8 @@ pub struct NodeStatus {
     pub instance_id: String,
     /// URL.
     pub url: String,
-    /// `self`, `alive` or `suspect`.
+    /// `self`, `alive`, `suspect` or `unconfirmed` (restored from a snapshot, not yet
+    /// confirmed by the node or a live peer).
     pub state: String,
     /// Whether this node has a live link to it.
     pub linked: bool,
@@ -186,6 +215,9 @@ pub struct DescribeTopology;
 pub struct CatalogListing {
     /// One entry set per node.
     pub nodes: Vec<CatalogDelta>,
+    /// Nodes whose entries were restored from a snapshot and are not yet confirmed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<NodeId>,
 }
 
 /// Ask for `/catalog`.
@@ -267,6 +299,8 @@ pub struct FabricGossip {
     last_refresh: Instant,
     /// Set by GOODBYE: links closing now are expected, not failures.
     leaving: bool,
+    /// Fingerprint of the last snapshot saved (or restored): unchanged views are not saved.
+    last_snapshot: Option<u64>,
     _guard: ChildGuard,
 }
 
@@ -293,6 +327,7 @@ impl FabricGossip {
             epoch: now,
             last_refresh: now,
             leaving: false,
+            last_snapshot: None,
             _guard: guard,
         }
     }
@@ -358,29 +393,115 @@ impl FabricGossip {
     /// A relayed catalog delta as its owner signed it (with credentials), within bounds;
     /// `None` (dropped and counted) otherwise.
     fn checked_delta(&self, delta: CatalogDelta) -> Option<CatalogDelta> {
-        let delta = match &self.shared.trust {
-            None => delta,
-            Some(trust) => {
-                let Some(proof) = delta.proof.clone() else {
-                    debug!(node = %self.shared.me.node, owner = %delta.node, "unsigned catalog entries dropped");
-                    self.shared.metrics.fabric_dropped("unsigned_statement");
-                    return None;
-                };
-                let signed = trust
-                    .open(&proof, &delta.node, trust::unix_seconds())
-                    .ok()
-                    .and_then(|text| serde_json::from_str::<CatalogDelta>(text).ok())
-                    .filter(|signed| signed.node == delta.node && signed.proof.is_none());
-                let Some(mut signed) = signed else {
-                    warn!(node = %self.shared.me.node, owner = %delta.node, "forged catalog entries dropped");
-                    self.shared.metrics.fabric_dropped("forged_statement");
-                    return None;
-                };
-                signed.proof = Some(proof);
-                signed
+        let owner = delta.node.clone();
+        let delta = match self.signed_delta(delta) {
+            Ok(delta) => delta,
+            Err(reason @ "unsigned_statement") => {
+                debug!(node = %self.shared.me.node, owner = %owner, "unsigned catalog entries dropped");
+                self.shared.metrics.fabric_dropped(reason);
+                return None;
+            }
+            Err(reason) => {
+                warn!(node = %self.shared.me.node, owner = %owner, "forged catalog entries dropped");
+                self.shared.metrics.fabric_dropped(reason);
+                return None;
             }
         };
         self.within_catalog_bound(&delta).then_some(delta)
+    }
+
+    /// With credentials: the entries as their owner signed them (the signed text, never
+    /// the outer fields), or why not (`unsigned_statement`, `forged_statement`). Without:
+    /// the delta unchanged.
+    fn signed_delta(&self, delta: CatalogDelta) -> Result<CatalogDelta, &'static str> {
+        let Some(trust) = &self.shared.trust else { return Ok(delta) };
+        let Some(proof) = delta.proof.clone() else { return Err("unsigned_statement") };
+        let signed = trust
+            .open(&proof, &delta.node, trust::unix_seconds())
+            .ok()
+            .and_then(|text| serde_json::from_str::<CatalogDelta>(text).ok())
+            .filter(|signed| signed.node == delta.node && signed.proof.is_none());
+        let Some(mut signed) = signed else { return Err("forged_statement") };
+        signed.proof = Some(proof);
+        Ok(signed)
+    }
+
+    /// Restores the last snapshot, before the first dial and gossip round. A snapshot that
+    /// cannot be read is a WARN and a counter, never a failed start.
+    fn restore_snapshot(&mut self) {
+        let Some(config) = &self.config.snapshots else { return };
+        let me = &self.shared.me.node;
+        let bytes = match config.store.get(SNAPSHOT_TREE, SNAPSHOT_KEY) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return debug!(node = %me, "no catalog snapshot to restore"),
+            Err(e) => {
+                warn!(node = %me, cause = %e, "catalog snapshot unreadable; starting without it");
+                return self.shared.metrics.catalog_snapshot_corrupt();
+            }
+        };
+        let snapshot = match CatalogSnapshot::decode(&bytes) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                warn!(node = %me, cause = %e, bytes = bytes.len(), "catalog snapshot corrupt; starting without it");
+                return self.shared.metrics.catalog_snapshot_corrupt();
+            }
+        };
+        let saved_at = snapshot.saved_at;
+        let mut unverified = 0;
+        let members = snapshot
+            .members
+            .into_iter()
+            .map(|mut member| {
+                // Signed entries are checked against this node's trust, as if just received.
+                member.catalog = member.catalog.take().and_then(|mut c| {
+                    let checked = self.signed_delta(c.delta).ok().filter(|d| self.within_catalog_bound(d));
+                    unverified += usize::from(checked.is_none());
+                    c.delta = checked?;
+                    Some(c)
+                });
+                member
+            })
+            .collect();
+        let outcome = self.core.restore(members, self.now(), unix_now());
+        if unverified > 0 {
+            warn!(node = %self.shared.me.node, entry_sets = unverified,
+                "restored catalog entries that fail this node's trust dropped");
+        }
+        info!(node = %self.shared.me.node, members = outcome.members, entries = outcome.entries,
+            dropped = outcome.dropped + unverified, saved_at, "catalog snapshot restored (members unconfirmed)");
+        self.shared.metrics.catalog_snapshot_restored(unix_now(), outcome.entries as u64, outcome.members as u64);
+        self.last_snapshot = Some(self.build_snapshot().fingerprint());
+    }
+
+    fn build_snapshot(&self) -> CatalogSnapshot {
+        let now_unix = unix_now();
+        CatalogSnapshot::new(&self.shared.me, now_unix, self.core.snapshot(self.now(), now_unix))
+    }
+
+    /// Saves the view if it changed since the last save. The store's committer thread does
+    /// the I/O; a failed save is retried at the next interval.
+    fn save_snapshot_if_changed(&mut self, ctx: &mut Context<Self>) {
+        let Some(config) = &self.config.snapshots else { return };
+        let snapshot = self.build_snapshot();
+        let fingerprint = snapshot.fingerprint();
+        if self.last_snapshot == Some(fingerprint) {
+            return;
+        }
+        let batch = match snapshot.encode() {
+            Ok(bytes) => Batch::new().put(SNAPSHOT_TREE, SNAPSHOT_KEY, bytes),
+            Err(e) => return warn!(node = %self.shared.me.node, cause = %e, "catalog snapshot not encoded"),
+        };
+        self.last_snapshot = Some(fingerprint);
+        let store = config.store.clone();
+        let saved_at = snapshot.saved_at;
+        ctx.spawn(async move { store.commit(batch).await }.into_actor(self).map(move |result, act, _| match result {
+            Ok(()) => act.shared.metrics.catalog_snapshot_saved(saved_at),
+            Err(e) => {
+                warn!(node = %act.shared.me.node, cause = %e, "catalog snapshot not saved; will retry");
+                act.shared.metrics.catalog_snapshot_save_failed();
+                act.last_snapshot = None;
+            }
+        }));
     }
 
     /// Whether an entry set is within `max_catalog_entries_per_node` (refusals counted).
@@ -446,6 +567,7 @@ impl FabricGossip {
                     warn!(node = %me, peer = %node, "peer removed")
                 }
                 MembershipEvent::Departed(node) => info!(node = %me, peer = %node, "peer goodbye"),
+                MembershipEvent::Confirmed(node) => info!(node = %me, peer = %node, "restored peer confirmed"),
             }
         }
     }
@@ -473,17 +595,20 @@ impl FabricGossip {
         }
         let mut next_hops = HashMap::new();
         for m in self.core.members() {
-            if m.state == MemberState::Alive || direct.contains(&m.info.node) {
+            if m.state != MemberState::Suspect || direct.contains(&m.info.node) {
                 if let Some(hop) = self.core.next_hop(&m.info.node, &direct) {
                     next_hops.insert(m.info.node.clone(), hop);
                 }
             }
         }
         let remote = |(node, cluster_id, identity)| RemoteFunction { node, cluster_id, identity };
+        // Restored (unconfirmed) members are routed like alive ones: called when a route
+        // exists, else known but unreachable (1005, or another provider).
         let (functions, unreachable): (Vec<_>, Vec<_>) = self
             .core
             .functions_of(MemberState::Alive)
             .into_iter()
+            .chain(self.core.functions_of(MemberState::Unconfirmed))
             .map(remote)
             .partition(|f| next_hops.contains_key(&f.node));
         let suspected = self.core.functions_of(MemberState::Suspect).into_iter().map(remote);
@@ -761,7 +886,7 @@ impl FabricGossip {
         let discovered: Vec<String> = self
             .core
             .members()
-            .filter(|m| m.state == MemberState::Alive && !direct.contains(&m.info.node))
+            .filter(|m| m.state != MemberState::Suspect && !direct.contains(&m.info.node))
             .filter(|m| self.core.may_dial(&m.info.node, &m.info.instance_id, now))
             .map(|m| m.info.url.clone())
             .collect();
@@ -836,9 +961,13 @@ impl Actor for FabricGossip {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(4096);
+        self.restore_snapshot();
         self.rebuild_view();
         self.dial_due(ctx);
         ctx.run_interval(self.config.gossip_interval, |act, ctx| act.tick(ctx));
+        if let Some(config) = &self.config.snapshots {
+            ctx.run_interval(config.interval, |act, ctx| act.save_snapshot_if_changed(ctx));
+        }
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -979,9 +1108,9 @@ impl Handler<LocalFunctionsChanged> for FabricGossip {
 }
 
 impl Handler<SayGoodbye> for FabricGossip {
-    type Result = ();
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: SayGoodbye, _: &mut Context<Self>) {
+    fn handle(&mut self, _: SayGoodbye, _: &mut Context<Self>) -> ResponseFuture<()> {
         let me = &self.shared.me;
         info!(node = %me.node, links = self.links.len(), "saying goodbye to peers");
         let proof = self.shared.trust.as_ref().map(|t| t.seal(goodbye_text(&me.cluster_id, &me.node, &me.instance_id)));
@@ -996,6 +1125,38 @@ impl Handler<SayGoodbye> for FabricGossip {
         self.dials.clear();
         self.config.peers.clear();
         self.config.fanout = 0;
+        self.final_snapshot()
+    }
+}
+
+impl FabricGossip {
+    /// The last view, saved durably whether or not it changed (clean shutdown).
+    fn final_snapshot(&mut self) -> ResponseFuture<()> {
+        let Some(config) = &self.config.snapshots else { return Box::pin(async {}) };
+        let snapshot = self.build_snapshot();
+        let (node, metrics, store) = (self.shared.me.node.clone(), self.shared.metrics.clone(), config.store.clone());
+        let members = snapshot.members.len();
+        Box::pin(async move {
+            let bytes = match snapshot.encode() {
+                Ok(bytes) => bytes,
+                Err(e) => return warn!(node = %node, cause = %e, "final catalog snapshot not encoded"),
+            };
+            let batch = Batch::new().put(SNAPSHOT_TREE, SNAPSHOT_KEY, bytes);
+            match tokio::time::timeout(FINAL_SNAPSHOT_TIMEOUT, store.commit(batch)).await {
+                Ok(Ok(())) => {
+                    metrics.catalog_snapshot_saved(snapshot.saved_at);
+                    info!(node = %node, members, "final catalog snapshot saved");
+                }
+                Ok(Err(e)) => {
+                    metrics.catalog_snapshot_save_failed();
+                    warn!(node = %node, cause = %e, "final catalog snapshot not saved");
+                }
+                Err(_) => {
+                    metrics.catalog_snapshot_save_failed();
+                    warn!(node = %node, "final catalog snapshot not durable within 5 s; shutting down anyway");
+                }
+            }
+        })
     }
 }
 
@@ -1050,6 +1211,9 @@ impl Handler<DescribeCatalog> for FabricGossip {
             .chain(self.core.catalog_entries().into_iter().map(|(d, _)| d))
             .collect();
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
-        CatalogListing { nodes }
+        let mut unconfirmed: Vec<NodeId> =
+            self.core.members().filter(|m| m.state == MemberState::Unconfirmed).map(|m| m.info.node.clone()).collect();
+        unconfirmed.sort();
+        CatalogListing { nodes, unconfirmed }
     }
 }
