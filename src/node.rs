@@ -32,6 +32,7 @@ use mpreg_actors::monitor::{Monitor, MonitorState};
 use mpreg_actors::persistence::{self, OpenError, Persistence, PersistenceHandle};
 use mpreg_actors::planner::{Limits, Planner};
 use mpreg_actors::pubsub::{BacklogLimits, PubSub, PubSubLimits};
+use mpreg_actors::queue::{Queue, QueueBoard, QueueLimits};
 use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
 use mpreg_actors::supervisor::{
     ChildHandles, ChildSpec, CrashChild, NodeExit, NodeSupervisor, RestartPolicy, Shutdown, Slot,
@@ -171,6 +172,8 @@ impl NodeBuilder {
         let pubsub: Slot<PubSub> = Slot::default();
         let gossip: Slot<FabricGossip> = Slot::default();
         let planner: Slot<Planner> = Slot::default();
+        let queue: Slot<Queue> = Slot::default();
+        let queue_board = QueueBoard::default();
         let supervisor_slot: Slot<NodeSupervisor> = Slot::default();
         let me = NodeInfo {
             node: name.clone(),
@@ -249,6 +252,20 @@ impl NodeBuilder {
                 }
             }),
         ];
+        children.push(ChildSpec::new("queue", {
+            let (queue, board, metrics, store) =
+                (queue.clone(), queue_board.clone(), metrics.clone(), persistence.clone());
+            let limits = QueueLimits {
+                max_queues: settings.queue_max_queues,
+                max_wait: settings.queue_max_wait_s,
+                max_message_bytes: settings.max_frame_bytes,
+            };
+            move |guard| {
+                let addr = Queue::new(store.clone(), metrics.clone(), limits.clone(), board.clone(), guard).start();
+                queue.set(addr.clone());
+                ChildHandles::of(&addr)
+            }
+        }));
         children.push(ChildSpec::new("fabric", {
             let (fabric, gossip) = (fabric.clone(), gossip.clone());
             move |guard| {
@@ -316,6 +333,7 @@ impl NodeBuilder {
             metrics: metrics.clone(),
             fabric: fabric.clone(),
             planner,
+            queue,
         });
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
