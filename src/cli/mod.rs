@@ -7,6 +7,7 @@ mod bench_cluster;
 mod client;
 mod demo;
 mod keys;
+mod queue;
 mod server;
 
 use std::path::PathBuf;
@@ -182,6 +183,9 @@ pub enum ClientCommand {
         #[arg(long, env = "MPREG_URL")]
         url: String,
     },
+    /// Durable queues: create, send, receive, ack, nack, stats, list, dlq, redrive, bind.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
     /// Show the cluster as the node at URL sees it.
     Status {
         /// Node URL.
