@@ -293,6 +293,7 @@ impl NodeBuilder {
                 metrics: metrics.clone(),
                 supervisor: supervisor_slot.clone(),
                 fault_injection: settings.fault_injection,
+                queues: queue_board.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())

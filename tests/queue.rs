@@ -253,3 +253,26 @@ async fn bad_frames_get_a_queue_reply() {
     // `op` missing: 1002 under the frame's u, as a queue-reply.
     assert_eq!(code(c.queue_op("stats", None, json!({})).await), 1002);
 }
+
+#[actix_rt::test]
+async fn queues_show_in_metrics_and_on_the_queues_endpoint() {
+    let node = node().await;
+    let c = client(&node).await;
+    c.queue_create("m", json!({})).await.unwrap();
+    c.queue_send("m", json!(1), QueueSendOptions::default()).await.unwrap();
+    let base = node.0.monitoring_url().expect("monitoring is on").to_owned();
+    let queues = poll_until_async("/queues to show the message", SOON, || {
+        let url = format!("{base}/queues");
+        async move {
+            let body = common::get_ok(&url).await.ok()?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            (v["queues"][0]["stats"]["visible"] == json!(1)).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(queues["queues"][0]["name"], json!("m"), "{queues}");
+    let metrics = common::get_ok(&format!("{base}/metrics")).await.unwrap();
+    let node_name = node.0.name().to_owned();
+    assert!(metrics.contains(&format!("mpreg_queue_depth{{node=\"{node_name}\",queue=\"m\"}} 1")), "{metrics}");
+    assert!(metrics.contains("# TYPE mpreg_queue_dead_lettered_total counter"), "{metrics}");
+}
