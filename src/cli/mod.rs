@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_queue;
 mod client;
 mod demo;
 mod keys;
@@ -211,6 +212,8 @@ pub enum BenchCommand {
     /// Mesh formation, registration propagation, failure detection and memory of N node
     /// processes.
     Cluster(bench_cluster::ClusterBenchArgs),
+    /// Durable queue throughput (group commit) against sled's one-at-a-time flush.
+    Queue(bench_queue::QueueBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -221,6 +224,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Client(command) => client::run(command),
         Command::Bench(BenchCommand::Rpc(args)) => bench::rpc(args),
         Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::cluster(args),
+        Command::Bench(BenchCommand::Queue(args)) => bench_queue::queue(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {
