@@ -22,10 +22,14 @@
 //!
 //! A `send` to a durable queue (guarantees other than `fire_and_forget`) is answered only
 //! after its record was applied, flushed and fdatasync'ed (see [`crate::persistence`]). A
-//! commit that fails answers the sender 1003 `not durable: <cause>`; the message then stays
-//! in the queue's memory (it may still be delivered — at least once — but will not survive
-//! a restart), so a sender that retries may cause one extra delivery; nothing acknowledged
-//! is lost. After a failed sync the store refuses every durable commit until the node
+//! commit that fails answers the sender 1003 `not durable: <cause>`. The message is not
+//! rolled back: it stays in the queue's memory and may be delivered (its record may even
+//! have reached the disk before the sync failed), so the outcome of a refused send is
+//! "unknown, maybe delivered" — a sender that retries may cause one extra delivery, which
+//! at-least-once allows. A retry with the same `dedup_id` is answered as a duplicate only
+//! after a barrier commit behind the first send, so it is never acknowledged while the
+//! first is not durable.
+//! Nothing acknowledged is lost. After a failed sync the store refuses every durable commit until the node
 //! restarts (the persistence module's rule), so every later durable send fails the same way.
 //!
 //! Deliveries (pushes, and long-poll answers) go out after the step that leased them is
@@ -744,7 +748,17 @@ impl Queue {
         let (sent, durable) = self.effects(name, step);
         let result = match sent {
             Ok(Sent::Enqueued) => json!({"id": id, "duplicate": false}),
-            Ok(Sent::Duplicate(first)) => json!({"id": first, "duplicate": true}),
+            Ok(Sent::Duplicate(first)) => {
+                // The first send may still be committing, or may have failed: a barrier
+                // commit behind it answers the duplicate only once the first is durable
+                // (after a failed sync the store refuses it, so the retry is refused too).
+                let durable_queue = self.queues.get(name).is_some_and(|h| h.core.config().durable);
+                let result = json!({"id": first, "duplicate": true});
+                if durable_queue {
+                    return Answer::after(self.submit(Batch::new()), result);
+                }
+                result
+            }
             Err(e) => {
                 return Answer::Waiting(Box::pin(async move {
                     durable.await.ok();
@@ -1027,5 +1041,107 @@ impl Handler<ConnectionGone> for Queue {
     fn handle(&mut self, msg: ConnectionGone, ctx: &mut Context<Self>) {
         self.connection_gone(msg.conn, ctx);
         self.schedule(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::persistence::{Bytes as KvBytes, KvStore, MemoryStore, TreeName};
+    use crate::supervisor::{ChildHandles, ChildSpec, NodeExit, NodeSupervisor, RestartPolicy, Slot};
+
+    /// A memory store whose syncs fail once `full` is set (a disk that filled up).
+    #[derive(Default)]
+    struct FillingStore {
+        inner: MemoryStore,
+        full: AtomicBool,
+    }
+
+    impl KvStore for FillingStore {
+        fn get(&self, tree: &str, key: &[u8]) -> crate::persistence::Result<Option<KvBytes>> {
+            self.inner.get(tree, key)
+        }
+        fn scan(
+            &self,
+            tree: &str,
+            range: &KeyRange,
+            limit: usize,
+        ) -> crate::persistence::Result<Vec<(KvBytes, KvBytes)>> {
+            self.inner.scan(tree, range, limit)
+        }
+        fn apply(&self, batch: &Batch) -> crate::persistence::Result<()> {
+            self.inner.apply(batch)
+        }
+        fn sync(&self) -> crate::persistence::Result<()> {
+            if self.full.load(Ordering::SeqCst) {
+                return Err(PersistenceError::Io("No space left on device (os error 28)".to_owned()));
+            }
+            Ok(())
+        }
+        fn tree_names(&self) -> crate::persistence::Result<Vec<TreeName>> {
+            self.inner.tree_names()
+        }
+        fn is_durable(&self) -> bool {
+            true
+        }
+        fn describe(&self) -> String {
+            "filling".to_owned()
+        }
+    }
+
+    fn call(op: &str, fields: Value) -> QueueCall {
+        let Value::Object(fields) = fields else { panic!("fields must be an object") };
+        let (outbox, _frames) = Outbox::channel(16, 1 << 20);
+        QueueCall {
+            conn: 1,
+            outbox,
+            kind: FrameKind::Binary,
+            request: Arc::new(QueueRequest { u: "t".into(), op: op.into(), queue: Some("q".into()), fields }),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_send_whose_commit_fails_is_refused_and_nothing_acknowledged_is_lost() {
+        let store = Arc::new(FillingStore::default());
+        let handle = PersistenceHandle::start(store.clone(), 64, None).unwrap();
+        let slot: Slot<Queue> = Slot::default();
+        let children = vec![ChildSpec::new("queue", {
+            let (slot, handle) = (slot.clone(), handle.clone());
+            move |guard| {
+                let metrics = Arc::new(Metrics::default());
+                let addr =
+                    Queue::new(handle.clone(), metrics, QueueLimits::default(), QueueBoard::default(), guard).start();
+                slot.set(addr.clone());
+                ChildHandles::of(&addr)
+            }
+        })];
+        let (exit, _exit_rx) = watch::channel(NodeExit::Running);
+        let _supervisor =
+            NodeSupervisor::new("t".into(), RestartPolicy::default(), children, exit, Arc::new(Metrics::default()))
+                .start();
+        let send = |slot: Slot<Queue>, op: &'static str, fields: Value| async move {
+            slot.send(|| call(op, fields.clone())).await.expect("the queue actor answers")
+        };
+        send(slot.clone(), "create", json!({})).await.unwrap();
+        let ok = send(slot.clone(), "send", json!({"payload": "kept"})).await.unwrap();
+        store.full.store(true, Ordering::SeqCst);
+        let refused = send(slot.clone(), "send", json!({"payload": "lost"})).await.unwrap_err();
+        assert_eq!(refused.code, 1003, "{refused}");
+        assert!(refused.details_text().starts_with("not durable:"), "{refused}");
+        assert!(refused.details_text().contains("No space left"), "{refused}");
+        // Every later durable write is refused too (the store is poisoned until restart),
+        // and so is a retry that the dedup window would call a duplicate.
+        let again = send(slot.clone(), "send", json!({"payload": "later"})).await.unwrap_err();
+        assert_eq!(again.code, 1003);
+        let retry = send(slot.clone(), "send", json!({"payload": "lost"})).await.unwrap_err();
+        assert_eq!(retry.code, 1003, "a duplicate of a refused send is not acknowledged");
+        // What was acknowledged is in the store.
+        let records = handle.scan(&message_tree("q"), &KeyRange::all(), 100).unwrap();
+        let id = ok["id"].as_str().unwrap();
+        assert!(records.iter().any(|(k, _)| k == id.as_bytes()), "the acknowledged message is stored");
     }
 }
