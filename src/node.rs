@@ -253,15 +253,17 @@ impl NodeBuilder {
             }),
         ];
         children.push(ChildSpec::new("queue", {
-            let (queue, board, metrics, store) =
-                (queue.clone(), queue_board.clone(), metrics.clone(), persistence.clone());
+            let (queue, board, metrics, store, pubsub) =
+                (queue.clone(), queue_board.clone(), metrics.clone(), persistence.clone(), pubsub.clone());
             let limits = QueueLimits {
                 max_queues: settings.queue_max_queues,
                 max_wait: settings.queue_max_wait_s,
                 max_message_bytes: settings.max_frame_bytes,
             };
             move |guard| {
-                let addr = Queue::new(store.clone(), metrics.clone(), limits.clone(), board.clone(), guard).start();
+                let addr = Queue::new(store.clone(), metrics.clone(), limits.clone(), board.clone(), guard)
+                    .with_pubsub(pubsub.clone())
+                    .start();
                 queue.set(addr.clone());
                 ChildHandles::of(&addr)
             }

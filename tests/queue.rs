@@ -276,3 +276,53 @@ async fn queues_show_in_metrics_and_on_the_queues_endpoint() {
     assert!(metrics.contains(&format!("mpreg_queue_depth{{node=\"{node_name}\",queue=\"m\"}} 1")), "{metrics}");
     assert!(metrics.contains("# TYPE mpreg_queue_dead_lettered_total counter"), "{metrics}");
 }
+
+#[actix_rt::test]
+async fn a_bound_topic_enqueues_each_matching_publish_once_and_survives_a_restart() {
+    let node = node().await;
+    let c = client(&node).await;
+    c.queue_create("audit", json!({})).await.unwrap();
+    c.queue_bind("audit", "user.*.login").await.unwrap();
+    assert_eq!(c.queue_stats("audit").await.unwrap()["bindings"], json!(["user.*.login"]));
+    // The binding subscribes asynchronously: publish until the first one lands.
+    let c2 = c.clone();
+    poll_until_async("the binding to enqueue a publish", SOON, || {
+        let c2 = c2.clone();
+        async move {
+            c2.publish("user.probe.login", json!("probe")).await.ok()?;
+            (c2.queue_stats("audit").await.ok()?["visible"].as_u64()? > 0).then_some(())
+        }
+    })
+    .await;
+    c.publish("user.7.login", json!({"user": 7})).await.unwrap();
+    c.publish("user.7.logout", json!({"user": 7})).await.unwrap();
+    c.publish("user.end.login", json!("end")).await.unwrap();
+    // Everything up to the end marker, probes aside: exactly the one matching publish.
+    let mut seen = Vec::new();
+    'drain: loop {
+        let got = c.queue_receive("audit", 100, 5.0, Some("d")).await.unwrap();
+        assert!(!got.is_empty(), "the end marker never arrived; seen {seen:?}");
+        let ids: Vec<String> = got.iter().map(|m| m.id.clone()).collect();
+        c.queue_ack("audit", &ids, Some("d")).await.unwrap();
+        for m in got {
+            if m.payload == json!("end") {
+                break 'drain;
+            }
+            if m.payload != json!("probe") {
+                seen.push(m.payload);
+            }
+        }
+    }
+    assert_eq!(seen, vec![json!({"user": 7})]);
+    // A restart of the Queue actor re-subscribes the persisted binding.
+    assert!(node.0.crash_actor("queue").await);
+    let c3 = c.clone();
+    poll_until_async("the binding to work after a restart", SOON, || {
+        let c3 = c3.clone();
+        async move {
+            c3.publish("user.8.login", json!({"user": 8})).await.ok()?;
+            (c3.queue_stats("audit").await.ok()?["visible"].as_u64()? > 0).then_some(())
+        }
+    })
+    .await;
+}

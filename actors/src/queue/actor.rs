@@ -63,7 +63,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message, ResponseFuture, SpawnHandle};
+use actix::{Actor, Addr, AsyncContext, Context, Handler, Message, ResponseFuture, SpawnHandle};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -78,9 +78,9 @@ use super::core::{
 use crate::metrics::Metrics;
 use crate::outbox::{OutFrame, Outbox};
 use crate::persistence::{Batch, KeyRange, PendingCommit, PersistenceError, PersistenceHandle};
-use crate::protocol::{encode, FrameKind, QueueRequest, RpcError};
-use crate::pubsub::ConnectionId;
-use crate::supervisor::ChildGuard;
+use crate::protocol::{encode, FrameKind, PubSubNotification, QueueRequest, RpcError, Subscription, TopicPatternSpec};
+use crate::pubsub::{self, ConnectionId, PubSub};
+use crate::supervisor::{ChildGuard, Slot};
 use crate::unix_now;
 
 /// Tree holding one meta record per queue (key: its name).
@@ -206,10 +206,100 @@ pub struct Queue {
     /// Consumers bound to a connection, by queue.
     by_conn: HashMap<ConnectionId, HashSet<(String, ConsumerId)>>,
     timer: Option<(f64, SpawnHandle)>,
+    /// PubSub, for bindings; the address the bindings were subscribed at.
+    pubsub: Option<Slot<PubSub>>,
+    bound_at: Option<Addr<PubSub>>,
+    /// Where PubSub delivers the publishes that match a binding.
+    binding_outbox: Option<Outbox>,
     _guard: ChildGuard,
 }
 
+/// The pub/sub "connection" of every binding of this node's queues.
+const BINDING_CONN: ConnectionId = u64::MAX - 1;
+/// Subscription id of a binding: `queue-bind <queue> <pattern>` (neither has a space).
+fn binding_id(queue: &str, pattern: &str) -> String {
+    format!("queue-bind {queue} {pattern}")
+}
+
+/// A publish matched a binding of `queue`: enqueue it (at least once, dedup id = the
+/// pub/sub message id).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BoundPublish {
+    queue: String,
+    message_id: String,
+    payload: Value,
+}
+
 impl Queue {
+    /// Lets bindings subscribe to pub/sub (without it `bind` is recorded but inert).
+    pub fn with_pubsub(mut self, pubsub: Slot<PubSub>) -> Self {
+        self.pubsub = Some(pubsub);
+        self
+    }
+
+    /// Subscribes `pattern` for `queue` at the current PubSub.
+    fn subscribe_binding(&self, queue: &str, pattern: &str, ctx: &mut Context<Self>) {
+        let (Some(addr), Some(outbox)) = (self.bound_at.clone(), self.binding_outbox.clone()) else { return };
+        let subscription = Arc::new(Subscription {
+            subscription_id: binding_id(queue, pattern),
+            patterns: vec![TopicPatternSpec { pattern: pattern.to_owned(), exact_match: false }],
+            subscriber: format!("queue {queue}"),
+            created_at: Some(unix_now()),
+            get_backlog: false,
+            backlog_seconds: 0.0,
+        });
+        let (queue, pattern) = (queue.to_owned(), pattern.to_owned());
+        let subscribe = pubsub::Subscribe { conn: BINDING_CONN, subscription, outbox, kind: FrameKind::Text };
+        ctx.spawn(actix::fut::wrap_future(async move {
+            match addr.send(subscribe).await {
+                Ok(Ok(_)) => info!(queue = %queue, pattern = %pattern, "binding subscribed"),
+                Ok(Err(e)) => warn!(queue = %queue, pattern = %pattern, cause = %e, "binding refused by pubsub"),
+                Err(e) => warn!(queue = %queue, pattern = %pattern, cause = %e, "pubsub unavailable for a binding"),
+            }
+        }));
+    }
+
+    /// (Re)subscribes every binding when PubSub's address changed (first start, or a
+    /// PubSub restart, which loses its subscriptions).
+    fn refresh_bindings(&mut self, ctx: &mut Context<Self>) {
+        let Some(current) = self.pubsub.as_ref().and_then(Slot::get) else { return };
+        if self.bound_at.as_ref() == Some(&current) {
+            return;
+        }
+        // Subscriptions of an earlier incarnation of this actor end first.
+        current.do_send(pubsub::ConnectionClosed { conn: BINDING_CONN });
+        self.bound_at = Some(current);
+        let all: Vec<(String, String)> =
+            self.queues.iter().flat_map(|(q, h)| h.bindings.iter().map(move |p| (q.clone(), p.clone()))).collect();
+        for (queue, pattern) in all {
+            self.subscribe_binding(&queue, &pattern, ctx);
+        }
+    }
+
+    /// Reads what PubSub delivers to the bindings and hands it to this actor.
+    fn start_binding_reader(&mut self, ctx: &mut Context<Self>) {
+        let (outbox, mut frames) = Outbox::channel(1024, 16 * 1024 * 1024);
+        self.binding_outbox = Some(outbox);
+        let me = ctx.address();
+        ctx.spawn(actix::fut::wrap_future(async move {
+            while let Some(frame) = frames.recv().await {
+                frames.written(&frame);
+                let Ok(note) = serde_json::from_slice::<PubSubNotification>(&frame.bytes) else { continue };
+                let mut parts = note.subscription_id.splitn(3, ' ');
+                let (Some("queue-bind"), Some(queue)) = (parts.next(), parts.next()) else { continue };
+                let bound = BoundPublish {
+                    queue: queue.to_owned(),
+                    message_id: note.message.message_id,
+                    payload: note.message.payload,
+                };
+                if me.send(bound).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+
     /// The actor; it recovers the queues recorded in `store` when it starts.
     pub fn new(
         store: PersistenceHandle,
@@ -230,6 +320,9 @@ impl Queue {
             subscribers: HashMap::new(),
             by_conn: HashMap::new(),
             timer: None,
+            pubsub: None,
+            bound_at: None,
+            binding_outbox: None,
             _guard: guard,
         }
     }
@@ -605,6 +698,11 @@ impl Queue {
                 let Some(pattern) = f.get("pattern").and_then(Value::as_str).map(str::to_owned) else {
                     return Answer::Ready(Err(RpcError::invalid(format!("{} needs \"pattern\" (a string)", req.op))));
                 };
+                if pattern.is_empty() || pattern.contains(char::is_whitespace) || pattern.len() > 1024 {
+                    return Answer::Ready(Err(RpcError::invalid(format!(
+                        "bad pattern {pattern:?}: 1..=1024 bytes without spaces"
+                    ))));
+                }
                 let hosted = match self.hosted(&name) {
                     Ok(h) => h,
                     Err(e) => return Answer::Ready(Err(e)),
@@ -614,7 +712,7 @@ impl Queue {
                     if hosted.bindings.contains(&pattern) {
                         false
                     } else {
-                        hosted.bindings.push(pattern);
+                        hosted.bindings.push(pattern.clone());
                         true
                     }
                 } else {
@@ -622,6 +720,14 @@ impl Queue {
                     hosted.bindings.retain(|p| p != &pattern);
                     before != hosted.bindings.len()
                 };
+                if changed && bind {
+                    self.subscribe_binding(&name, &pattern, ctx);
+                } else if changed {
+                    if let Some(addr) = &self.bound_at {
+                        let subscription_id = binding_id(&name, &pattern);
+                        addr.do_send(pubsub::Unsubscribe { conn: BINDING_CONN, subscription_id });
+                    }
+                }
                 let durable = self.persist_meta(&name);
                 let result = if bind { json!({"bound": true}) } else { json!({ "unbound": changed }) };
                 Answer::after(durable, result)
@@ -1009,7 +1115,12 @@ impl Actor for Queue {
         ctx.spawn(actix::fut::wrap_future(run_pipeline(self.store.clone(), rx)));
         self.recover();
         self.publish_board();
-        ctx.run_interval(Duration::from_millis(500), |act, _| act.publish_board());
+        self.start_binding_reader(ctx);
+        self.refresh_bindings(ctx);
+        ctx.run_interval(Duration::from_millis(500), |act, ctx| {
+            act.publish_board();
+            act.refresh_bindings(ctx);
+        });
         self.schedule(ctx);
     }
 }
@@ -1032,6 +1143,25 @@ impl Handler<QueueCall> for Queue {
             Answer::Ready(result) => Box::pin(async move { result }),
             Answer::Waiting(future) => future,
         }
+    }
+}
+
+impl Handler<BoundPublish> for Queue {
+    type Result = ();
+
+    fn handle(&mut self, msg: BoundPublish, ctx: &mut Context<Self>) {
+        let Ok(text) = serde_json::to_string(&msg.payload) else { return };
+        let id = self.new_id();
+        let Some(hosted) = self.queues.get_mut(&msg.queue) else { return };
+        let message = NewMessage { dedup_id: Some(msg.message_id), ..NewMessage::new(id, text) };
+        let step = hosted.core.send(message, unix_now());
+        if let Err(e) = &step.value {
+            warn!(queue = %msg.queue, cause = %e, "a bound publish was refused");
+        }
+        let (_, durable) = self.effects(&msg.queue, step);
+        Self::background(durable, ctx);
+        self.serve_waiters(&msg.queue, ctx);
+        self.schedule(ctx);
     }
 }
 
