@@ -259,6 +259,7 @@ impl NodeBuilder {
                 max_queues: settings.queue_max_queues,
                 max_wait: settings.queue_max_wait_s,
                 max_message_bytes: settings.max_frame_bytes,
+                node: name.clone(),
             };
             move |guard| {
                 let addr = Queue::new(store.clone(), metrics.clone(), limits.clone(), board.clone(), guard)

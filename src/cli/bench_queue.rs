@@ -180,6 +180,13 @@ pub fn queue(args: QueueBenchArgs) -> anyhow::Result<i32> {
                 Ok(node) => {
                     let _ = url_tx.send(Ok(node.url().to_owned()));
                     let _ = stop_rx.await;
+                    let stats = node.persistence().stats();
+                    let (commits, syncs) = (stats.commits(), stats.syncs());
+                    eprintln!(
+                        "group commit: {commits} commits in {syncs} syncs ({:.1} per sync, {:.0} us per sync)",
+                        commits as f64 / syncs.max(1) as f64,
+                        stats.sync_time().as_micros() as f64 / syncs.max(1) as f64
+                    );
                     node.shutdown().await;
                 }
                 Err(e) => drop(url_tx.send(Err(e.to_string()))),

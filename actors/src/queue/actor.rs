@@ -100,13 +100,15 @@ pub struct QueueLimits {
     pub max_queues: usize,
     /// Longest long-poll `wait`, seconds (longer waits are capped).
     pub max_wait: f64,
-    /// Largest payload any queue accepts (`max_frame_bytes`): a config above it is capped.
+    /// Largest payload any queue accepts (`max_frame_bytes`): a config above it is refused.
     pub max_message_bytes: usize,
+    /// This node's name (the `owner` of its queues in `stats` and `list`).
+    pub node: String,
 }
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        QueueLimits { max_queues: 1000, max_wait: 20.0, max_message_bytes: 1024 * 1024 }
+        QueueLimits { max_queues: 1000, max_wait: 20.0, max_message_bytes: 1024 * 1024, node: String::new() }
     }
 }
 
@@ -652,7 +654,7 @@ impl Queue {
                         map.insert("queue".into(), json!(name));
                         map.insert("config".into(), serde_json::to_value(h.core.config()).unwrap_or(Value::Null));
                         map.insert("bindings".into(), json!(h.bindings));
-                        map.insert("owner".into(), Value::Null);
+                        map.insert("owner".into(), json!(self.limits.node));
                     }
                     Answer::Ready(Ok(stats))
                 }
@@ -748,7 +750,7 @@ impl Queue {
                 if let Value::Object(map) = &mut v {
                     map.insert("name".into(), json!(name));
                     map.insert("durable".into(), json!(h.core.config().durable));
-                    map.insert("owner".into(), Value::Null);
+                    map.insert("owner".into(), json!(self.limits.node));
                 }
                 v
             })
