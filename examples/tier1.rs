@@ -215,14 +215,17 @@ async fn demo_queue() -> anyhow::Result<()> {
         let id = client.queue_send("orders", json!({"order": 1}), QueueSendOptions::default()).await?;
         let got = client.queue_receive("orders", 10, 0.0, Some("worker")).await?;
         ensure!(got.len() == 1 && got[0].id == id, "at_least_once: expected [{id}], got {got:?}");
-        ensure!(client.queue_ack("orders", &[id.clone()], Some("worker")).await? == [id.clone()], "ack of {id}");
+        ensure!(
+            client.queue_ack("orders", std::slice::from_ref(&id), Some("worker")).await? == [id.clone()],
+            "ack of {id}"
+        );
         println!("at_least_once: {id} sent (durable), received once, acked");
         // nack -> redelivery with receive_count 2 -> dead letter -> redrive.
         let poison = client.queue_send("orders", json!({"order": "poison"}), QueueSendOptions::default()).await?;
         for round in 1..=2u32 {
             let got = client.queue_receive("orders", 1, 0.0, Some("worker")).await?;
             ensure!(got.len() == 1 && got[0].receive_count == round, "round {round}: got {got:?}");
-            client.queue_nack("orders", &[poison.clone()], 0.0, Some("worker")).await?;
+            client.queue_nack("orders", std::slice::from_ref(&poison), 0.0, Some("worker")).await?;
         }
         let dlq = client.queue_dlq("orders", 10).await?;
         ensure!(dlq.len() == 1 && dlq[0]["id"] == json!(poison), "dead letters: {dlq:?}");
@@ -230,7 +233,7 @@ async fn demo_queue() -> anyhow::Result<()> {
         ensure!(client.queue_redrive("orders", None).await? == 1, "redrive moves one message");
         let got = client.queue_receive("orders", 1, 0.0, Some("worker")).await?;
         ensure!(got.len() == 1 && got[0].id == poison, "after redrive: {got:?}");
-        client.queue_ack("orders", &[poison.clone()], Some("worker")).await?;
+        client.queue_ack("orders", std::slice::from_ref(&poison), Some("worker")).await?;
         println!("redriven, received again and acked");
         // Priority and dedup.
         let low = client.queue_send("orders", json!("low"), QueueSendOptions::default()).await?;
@@ -253,13 +256,13 @@ async fn demo_queue() -> anyhow::Result<()> {
         let b = client.queue_send("orders", json!("to all"), guarantee(json!("broadcast"))).await?;
         let (m1, m2) = (pushed(&mut s1).await?, pushed(&mut s2).await?);
         ensure!(m1.id == b && m2.id == b, "broadcast reaches both subscribers");
-        client.queue_ack("orders", &[b.clone()], None).await?;
-        other.queue_ack("orders", &[b.clone()], None).await?;
+        client.queue_ack("orders", std::slice::from_ref(&b), None).await?;
+        other.queue_ack("orders", std::slice::from_ref(&b), None).await?;
         let q = client.queue_send("orders", json!("two acks"), guarantee(json!({"quorum": 2}))).await?;
         let (m1, m2) = (pushed(&mut s1).await?, pushed(&mut s2).await?);
         ensure!(m1.id == q && m2.id == q, "quorum(2) goes to both subscribers");
-        client.queue_ack("orders", &[q.clone()], None).await?;
-        other.queue_ack("orders", &[q.clone()], None).await?;
+        client.queue_ack("orders", std::slice::from_ref(&q), None).await?;
+        other.queue_ack("orders", std::slice::from_ref(&q), None).await?;
         println!("broadcast {b}: both subscribers got it; quorum(2) {q}: done after two acks");
         let f = client.queue_send("orders", json!("once"), guarantee(json!("fire_and_forget"))).await?;
         let m = tokio::time::timeout(Duration::from_secs(5), async {

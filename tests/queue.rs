@@ -3,6 +3,9 @@
 //! redrive, priority, delay, dedup, subscriptions with prefetch, consumers that go away,
 //! the errors (1001, 1002, 1006) and a restart of the Queue actor with nothing acked lost.
 
+// `&[id.clone()]` reads better in these tests than `std::slice::from_ref(&id)`.
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -330,7 +330,7 @@ impl Queue {
     }
 
     /// Rebuilds every queue recorded in the store.
-    fn recover(&mut self) {
+    fn recover(&mut self, ctx: &mut Context<Self>) {
         let now = unix_now();
         let metas = match self.store.scan(META_TREE, &KeyRange::all(), usize::MAX) {
             Ok(metas) => metas,
@@ -358,9 +358,10 @@ impl Queue {
             let count = records.len();
             match QueueCore::recover(meta.config, records, now) {
                 Ok((core, writes)) => {
-                    let _ = self.persist(&name, writes);
                     info!(queue = %name, messages = count, "queue recovered");
-                    self.queues.insert(name, Hosted { core, bindings: meta.bindings, waiters: VecDeque::new() });
+                    self.queues
+                        .insert(name.clone(), Hosted { core, bindings: meta.bindings, waiters: VecDeque::new() });
+                    Self::background(self.persist(&name, writes), ctx);
                 }
                 Err(e) => error!(queue = %name, cause = %e, "stored queue refused; queue skipped"),
             }
@@ -1115,7 +1116,7 @@ impl Actor for Queue {
         let (tx, rx) = mpsc::unbounded_channel();
         self.pipeline = Some(tx);
         ctx.spawn(actix::fut::wrap_future(run_pipeline(self.store.clone(), rx)));
-        self.recover();
+        self.recover(ctx);
         self.publish_board();
         self.start_binding_reader(ctx);
         self.refresh_bindings(ctx);
