@@ -179,3 +179,55 @@ async fn each_durable_send_is_preceded_by_a_sync_under_strace() {
         assert!(after > before, "send {n} was acknowledged without an fdatasync/fsync ({before} -> {after})");
     }
 }
+
+/// Runs `mpreg client queue ARGS --url URL`; (exit code, stdout, stderr).
+fn cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mpreg"))
+        .args(["client", "queue"])
+        .args(args)
+        .args(["--url", url])
+        .env("NO_COLOR", "1")
+        .env_remove("MPREG_URL")
+        .output()
+        .expect("run mpreg client queue");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_creates_sends_receives_acks_across_processes_and_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let node = Process::start(&dir);
+    let url = node.url.clone();
+    let (code, out, err) = cli(&url, &["create", "work", "--max-receives", "2", "--visibility", "60"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = cli(&url, &["send", "work", r#"{"job": 1}"#, "--priority", "3"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let id = out.trim().to_owned();
+    assert_eq!(out, format!("{id}\n"), "send prints the id alone on a line");
+    node.kill9();
+
+    let node = Process::start(&dir);
+    let url = node.url.clone();
+    let (code, out, err) = cli(&url, &["receive", "work", "--max", "10"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines, vec![json!({"id": id, "payload": {"job": 1}, "receive_count": 1})]);
+    // Ack from another process: the default consumer `cli` holds the lease.
+    let (code, out, err) = cli(&url, &["ack", "work", &id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = cli(&url, &["stats", "work", "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((stats["visible"].clone(), stats["leased"].clone()), (json!(0), json!(0)), "{stats}");
+    let (code, out, _) = cli(&url, &["list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"work\""), "{out}");
+    let (code, _, err) = cli(&url, &["send", "nope", "1"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("1001") || err.contains("unknown queue"), "{err}");
+}
