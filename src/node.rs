@@ -423,7 +423,7 @@ impl Node {
         self.registry.send(|| RegisterFunction { spec: spec.clone() }).await.unwrap_or(Err(RegistryError::Unavailable))
     }
 
-    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `monitor`); whether
+    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `queue`, `monitor`); whether
     /// such an actor was running.
     pub async fn crash_actor(&self, name: &str) -> bool {
         self.supervisor.send(CrashChild { name: name.to_owned() }).await.unwrap_or(false)

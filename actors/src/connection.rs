@@ -3,7 +3,8 @@
 //! Who sends to it: its websocket (frames), its own heartbeat timer. Whom it calls: the
 //! planner (small requests in place or as a task on this actor's thread; large ones, and
 //! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
-//! publish). Replies and
+//! publish), the Queue actor (`role: "queue"`, answered `queue-reply`; its pushes,
+//! `queue-message`, come through the same outbox). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
