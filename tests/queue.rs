@@ -329,3 +329,37 @@ async fn a_bound_topic_enqueues_each_matching_publish_once_and_survives_a_restar
     })
     .await;
 }
+
+#[actix_rt::test]
+async fn a_deleted_queue_takes_its_bindings_with_it() {
+    let node = node().await;
+    let c = client(&node).await;
+    c.queue_create("feed", json!({})).await.unwrap();
+    c.queue_bind("feed", "news.#").await.unwrap();
+    assert!(c.queue_delete("feed").await.unwrap());
+    c.queue_create("feed", json!({})).await.unwrap();
+    // A witness queue bound to the same pattern shows when a publish has been enqueued.
+    c.queue_create("witness", json!({})).await.unwrap();
+    c.queue_bind("witness", "news.#").await.unwrap();
+    let c2 = c.clone();
+    poll_until_async("the witness binding to enqueue a publish", SOON, || {
+        let c2 = c2.clone();
+        async move {
+            c2.publish("news.today", json!("news")).await.ok()?;
+            (c2.queue_stats("witness").await.ok()?["visible"].as_u64()? > 0).then_some(())
+        }
+    })
+    .await;
+    // One more publish after the witness works: it reaches the witness, never the re-created queue.
+    c.publish("news.later", json!("later")).await.unwrap();
+    let c3 = c.clone();
+    poll_until_async("the witness to hold the later publish", SOON, || {
+        let c3 = c3.clone();
+        async move {
+            let got = c3.queue_receive("witness", 1000, 0.0, Some("w")).await.ok()?;
+            got.iter().any(|m| m.payload == json!("later")).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(c.queue_stats("feed").await.unwrap()["visible"], json!(0));
+}

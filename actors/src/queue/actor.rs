@@ -53,7 +53,9 @@
 //! bindings; tree `queue/<name>`: one record per message, key = its id): pending, delayed
 //! and dead-lettered messages come back, leased ones are visible again. A restart after a
 //! panic (fault injection) therefore loses nothing acknowledged. In-memory queues
-//! (`durable: false`) have no records and are gone after any restart. Message ids are
+//! (`durable: false`) have no records and are gone after any restart. A node without a
+//! data dir keeps its store in memory: its queues survive a restart of this actor, not of
+//! the process. Message ids are
 //! `<instance>-<counter>` with a random 64-bit instance chosen at each start, so they stay
 //! unique across restarts.
 
@@ -593,6 +595,12 @@ impl Queue {
                 if let Ok(records) = self.store.scan(&message_tree(&name), &KeyRange::all(), usize::MAX) {
                     for (key, _) in records {
                         batch = batch.delete(message_tree(&name), key);
+                    }
+                }
+                if let Some(addr) = &self.bound_at {
+                    for pattern in &hosted.bindings {
+                        let subscription_id = binding_id(&name, pattern);
+                        addr.do_send(pubsub::Unsubscribe { conn: BINDING_CONN, subscription_id });
                     }
                 }
                 drop(hosted);
