@@ -35,6 +35,10 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
+mod queue;
+
+pub use queue::{QueueMessage, QueueSendOptions, QueueSubscription};
+
 /// What can go wrong on the client side.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -87,12 +91,14 @@ pub struct CallOptions {
 
 type Waiters = Mutex<HashMap<String, oneshot::Sender<Value>>>;
 type Subscribers = Mutex<HashMap<String, mpsc::UnboundedSender<PubSubMessage>>>;
+type QueueSubscribers = Mutex<HashMap<String, mpsc::UnboundedSender<QueueMessage>>>;
 
 struct Inner {
     writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
     outgoing: mpsc::UnboundedSender<Message>,
     waiters: Waiters,
     subscribers: Subscribers,
+    queue_subscribers: QueueSubscribers,
     next_id: AtomicU64,
     prefix: String,
     deadline: Duration,
@@ -132,6 +138,7 @@ impl Client {
             outgoing,
             waiters: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
+            queue_subscribers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             prefix: format!("{:08x}", rand::random::<u32>()),
             // Longer than the server's default request timeout, so the server's 1004
@@ -177,6 +184,7 @@ impl Client {
                 // Dropping the senders wakes every waiter with `Disconnected`.
                 inner.waiters.lock().map(|mut w| w.clear()).ok();
                 inner.subscribers.lock().map(|mut s| s.clear()).ok();
+                inner.queue_subscribers.lock().map(|mut s| s.clear()).ok();
             }
         });
         Ok(Client { inner })
@@ -360,6 +368,16 @@ impl Inner {
                 if let Ok(subs) = self.subscribers.lock() {
                     if let Some(tx) = subs.get(&note.subscription_id) {
                         let _ = tx.send(note.message);
+                    }
+                }
+            }
+            Some("queue-message") => {
+                let sid = value.get("subscription_id").and_then(Value::as_str).unwrap_or_default().to_owned();
+                let Some(message) = value.get("message").cloned() else { return };
+                let Ok(message) = serde_json::from_value::<QueueMessage>(message) else { return };
+                if let Ok(subs) = self.queue_subscribers.lock() {
+                    if let Some(tx) = subs.get(&sid) {
+                        let _ = tx.send(message);
                     }
                 }
             }

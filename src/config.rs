@@ -47,6 +47,10 @@ pub struct Settings {
     pub data_dir: Option<PathBuf>,
     /// Most durable batches that share one flush + fdatasync (group commit).
     pub persistence_max_batch: usize,
+    /// Most queues one node hosts; a `create` beyond it is refused with 1006.
+    pub queue_max_queues: usize,
+    /// Longest long-poll `wait` of a queue `receive` (seconds); a longer one is capped.
+    pub queue_max_wait_s: f64,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// Whole-request timeout (seconds) unless a request sets `timeout`.
@@ -161,6 +165,8 @@ impl Default for Settings {
             monitoring_port: 0,
             data_dir: None,
             persistence_max_batch: 256,
+            queue_max_queues: 1000,
+            queue_max_wait_s: 20.0,
             log_format: LogFormat::Text,
             request_timeout_s: 30.0,
             max_request_timeout_s: 300.0,
@@ -282,6 +288,7 @@ impl Settings {
         };
         positive("request_timeout_s", self.request_timeout_s)?;
         positive("max_request_timeout_s", self.max_request_timeout_s)?;
+        positive("queue_max_wait_s", self.queue_max_wait_s)?;
         positive("heartbeat_interval_s", self.heartbeat_interval_s)?;
         positive("client_timeout_s", self.client_timeout_s)?;
         positive("restart_window_s", self.restart_window_s)?;
@@ -336,6 +343,7 @@ impl Settings {
             ("max_new_members_per_frame", self.max_new_members_per_frame),
             ("max_dials_per_round", self.max_dials_per_round),
             ("persistence_max_batch", self.persistence_max_batch),
+            ("queue_max_queues", self.queue_max_queues),
         ];
         for (key, value) in at_least_one {
             if value == 0 {

@@ -32,6 +32,7 @@ use mpreg_actors::monitor::{Monitor, MonitorState};
 use mpreg_actors::persistence::{self, OpenError, Persistence, PersistenceHandle};
 use mpreg_actors::planner::{Limits, Planner};
 use mpreg_actors::pubsub::{BacklogLimits, PubSub, PubSubLimits};
+use mpreg_actors::queue::{Queue, QueueBoard, QueueLimits};
 use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
 use mpreg_actors::supervisor::{
     ChildHandles, ChildSpec, CrashChild, NodeExit, NodeSupervisor, RestartPolicy, Shutdown, Slot,
@@ -171,6 +172,8 @@ impl NodeBuilder {
         let pubsub: Slot<PubSub> = Slot::default();
         let gossip: Slot<FabricGossip> = Slot::default();
         let planner: Slot<Planner> = Slot::default();
+        let queue: Slot<Queue> = Slot::default();
+        let queue_board = QueueBoard::default();
         let supervisor_slot: Slot<NodeSupervisor> = Slot::default();
         let me = NodeInfo {
             node: name.clone(),
@@ -254,6 +257,23 @@ impl NodeBuilder {
                 }
             }),
         ];
+        children.push(ChildSpec::new("queue", {
+            let (queue, board, metrics, store, pubsub) =
+                (queue.clone(), queue_board.clone(), metrics.clone(), persistence.clone(), pubsub.clone());
+            let limits = QueueLimits {
+                max_queues: settings.queue_max_queues,
+                max_wait: settings.queue_max_wait_s,
+                max_message_bytes: settings.max_frame_bytes,
+                node: name.clone(),
+            };
+            move |guard| {
+                let addr = Queue::new(store.clone(), metrics.clone(), limits.clone(), board.clone(), guard)
+                    .with_pubsub(pubsub.clone())
+                    .start();
+                queue.set(addr.clone());
+                ChildHandles::of(&addr)
+            }
+        }));
         children.push(ChildSpec::new("fabric", {
             let (fabric, gossip) = (fabric.clone(), gossip.clone());
             move |guard| {
@@ -281,6 +301,7 @@ impl NodeBuilder {
                 metrics: metrics.clone(),
                 supervisor: supervisor_slot.clone(),
                 fault_injection: settings.fault_injection,
+                queues: queue_board.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())
@@ -321,6 +342,7 @@ impl NodeBuilder {
             metrics: metrics.clone(),
             fabric: fabric.clone(),
             planner,
+            queue,
         });
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
@@ -406,7 +428,7 @@ impl Node {
         self.registry.send(|| RegisterFunction { spec: spec.clone() }).await.unwrap_or(Err(RegistryError::Unavailable))
     }
 
-    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `monitor`); whether
+    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `queue`, `monitor`); whether
     /// such an actor was running.
     pub async fn crash_actor(&self, name: &str) -> bool {
         self.supervisor.send(CrashChild { name: name.to_owned() }).await.unwrap_or(false)

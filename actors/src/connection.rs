@@ -3,7 +3,8 @@
 //! Who sends to it: its websocket (frames), its own heartbeat timer. Whom it calls: the
 //! planner (small requests in place or as a task on this actor's thread; large ones, and
 //! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
-//! publish). Replies and
+//! publish), the Queue actor (`role: "queue"`, answered `queue-reply`; its pushes,
+//! `queue-message`, come through the same outbox). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
@@ -58,9 +59,10 @@ use crate::planner::{
 };
 use crate::protocol::{
     decode_inbound, encode, sniff_u, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
-    PublishRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
+    PublishRequest, QueueReply, QueueRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
 };
 use crate::pubsub::{self, ConnectionId, Origin, OutFrame, Outbox, PubSub};
+use crate::queue::{ConnectionGone, Queue, QueueCall};
 use crate::registry::TableHandle;
 use crate::routing::Routing;
 use crate::supervisor::Slot;
@@ -116,6 +118,8 @@ pub struct NodeShared {
     pub fabric: Arc<FabricShared>,
     /// The Planner's current address: large requests run there.
     pub planner: Slot<Planner>,
+    /// The Queue actor's current address (`role: "queue"`).
+    pub queue: Slot<Queue>,
 }
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
@@ -315,8 +319,40 @@ impl Connection {
                 }
             },
             Ok(Inbound::ClusterStatus(request)) => self.on_cluster_status(request, kind, ctx),
+            Ok(Inbound::Queue(request)) => self.on_queue(request, kind, ctx),
             Err(rejected) => self.reject(rejected, kind, ctx),
         }
+    }
+
+    /// A queue operation: answered `queue-reply` by the Queue actor (after the commit, for
+    /// durable writes); pushes of its subscriptions go through this connection's outbox.
+    fn on_queue(&mut self, request: QueueRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let limit = self.shared.config.max_in_flight;
+        if self.in_flight >= limit {
+            self.shared.metrics.limit_exceeded("max_in_flight_per_connection");
+            let reply = QueueReply::new(Some(request.u), Err(RpcError::overloaded(limit)));
+            self.reply(encode(&reply), kind, ctx);
+            return;
+        }
+        let Some(permit) = self.admit(&request.u, kind, ctx) else { return };
+        self.in_flight += 1;
+        let (slot, outbox, conn) = (self.shared.queue.clone(), self.outbox.clone(), self.id);
+        let metrics = self.shared.metrics.clone();
+        let task = async move {
+            let request = Arc::new(request);
+            let call = || QueueCall { conn, outbox: outbox.clone(), kind, request: request.clone() };
+            let outcome = match slot.send(call).await {
+                Ok(outcome) => outcome,
+                Err(e) => Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry"))),
+            };
+            drop(permit);
+            if let Err(e) = &outcome {
+                metrics.record_outcome(e.kind());
+            }
+            let reply = QueueReply::new(Some(request.u.clone()), outcome);
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&reply)), kind }).await;
+        };
+        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
     }
 
     fn on_cluster_status(&mut self, request: ClusterStatusRequest, kind: FrameKind, ctx: &mut Context<Self>) {
@@ -382,6 +418,7 @@ impl Connection {
         debug!(conn = self.id, error = %rejected.error, "frame rejected");
         self.shared.metrics.record_outcome(rejected.error.kind());
         let bytes = match rejected.role.as_deref() {
+            Some("queue") => encode(&QueueReply::new(rejected.u, Err(rejected.error))),
             Some(role) if role.starts_with("pubsub-") => {
                 encode(&PubSubAck::new(rejected.u.as_deref().unwrap_or(""), Some(rejected.error.to_string())))
             }
@@ -963,6 +1000,9 @@ impl Actor for Connection {
         }
         if let Some(pubsub) = self.shared.pubsub.get() {
             pubsub.do_send(pubsub::ConnectionClosed { conn: self.id });
+        }
+        if let Some(queue) = self.shared.queue.get() {
+            queue.do_send(ConnectionGone { conn: self.id });
         }
         if let Some(close) = self.close.take() {
             let _ = close.send(None);

@@ -1,5 +1,9 @@
 //! Monitor: the operator's HTTP window — `/health`, `/metrics`, `/actors`, `/topology`,
-//! `/catalog`.
+//! `/catalog`, `/queues`.
+//!
+//! Queue figures (`/queues`, the `mpreg_queue_*` series of `/metrics`) come from the
+//! [`QueueBoard`] the Queue actor republishes every 0.5 s and on create/delete, so they
+//! may lag the queues by that much.
 //!
 //! Who sends to it: the supervisor (stop, fault injection); HTTP clients. Whom it calls:
 //! the supervisor (`DescribeTree`, `CrashChild`). The counters live in [`Metrics`] (a module
@@ -21,6 +25,7 @@ use tracing::error;
 
 use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
 use crate::metrics::Metrics;
+use crate::queue::QueueBoard;
 use crate::supervisor::{ChildGuard, CrashChild, DescribeTree, NodeSupervisor, Slot};
 
 /// What the HTTP handlers need.
@@ -40,6 +45,8 @@ pub struct MonitorState {
     pub fault_injection: bool,
     /// The fabric (for `/topology` and `/catalog`).
     pub fabric: Slot<FabricGossip>,
+    /// The queues' latest figures (for `/queues` and `/metrics`).
+    pub queues: QueueBoard,
 }
 
 /// The Monitor actor: owns the HTTP server serving `listener`.
@@ -78,6 +85,7 @@ impl Actor for Monitor {
                 .route("/actors/{name}/panic", web::post().to(crash))
                 .route("/topology", web::get().to(topology))
                 .route("/catalog", web::get().to(catalog))
+                .route("/queues", web::get().to(queues))
         })
         .workers(1)
         .tcp_nodelay(true)
@@ -114,7 +122,43 @@ async fn health(state: web::Data<MonitorState>) -> HttpResponse {
 }
 
 async fn metrics(state: web::Data<MonitorState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render(&state.node))
+    let mut body = state.metrics.render(&state.node);
+    render_queues(&mut body, &state.node, &state.queues);
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
+}
+
+/// Appends the per-queue series: gauges (depth, leased, delayed, dead letters) and
+/// counters (acked, redelivered, dead-lettered, sent).
+fn render_queues(out: &mut String, node: &str, board: &QueueBoard) {
+    use std::fmt::Write;
+    let queues = board.load();
+    type Field = fn(&crate::queue::core::QueueStats) -> u64;
+    let series: [(&str, &str, &str, Field); 8] = [
+        ("mpreg_queue_depth", "gauge", "Visible messages, ready for a consumer.", |s| s.visible as u64),
+        ("mpreg_queue_leased", "gauge", "Messages leased to a consumer (or in a delivery round).", |s| {
+            (s.leased + s.in_round) as u64
+        }),
+        ("mpreg_queue_delayed", "gauge", "Messages waiting for their delay.", |s| s.delayed as u64),
+        ("mpreg_queue_dead_letters", "gauge", "Dead letters held.", |s| s.dead_letters as u64),
+        ("mpreg_queue_sent_total", "counter", "Messages accepted.", |s| s.sent_total),
+        ("mpreg_queue_acked_total", "counter", "Messages completed by acks.", |s| s.acked_total),
+        ("mpreg_queue_redelivered_total", "counter", "Messages made visible again after a lease ended.", |s| {
+            s.redelivered_total
+        }),
+        ("mpreg_queue_dead_lettered_total", "counter", "Messages dead-lettered.", |s| s.dead_lettered_total),
+    ];
+    for (name, kind, help, field) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for q in queues.iter() {
+            let _ = writeln!(out, "{name}{{node=\"{node}\",queue=\"{}\"}} {}", q.name, field(&q.stats));
+        }
+    }
+}
+
+async fn queues(state: web::Data<MonitorState>) -> HttpResponse {
+    let queues = state.queues.load();
+    HttpResponse::Ok().json(json!({ "node": state.node, "queues": &*queues }))
 }
 
 /// Asks a supervised actor through its slot and answers with its reply as JSON, or 503.

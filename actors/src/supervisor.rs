@@ -5,6 +5,7 @@
 //! ├── Persistence hands out the store handle (first child; state lives in sled)
 //! ├── Registry   function table mutations
 //! ├── PubSub     subscription trie, delivery, backlog
+//! ├── Queue      every queue of the node; recovers them from the store on (re)start
 //! ├── Planner    large requests, on its own thread
 //! └── Monitor    HTTP /health /metrics /actors
 //! Listener (websocket accept loop -> Connection actors; transient, not restarted)

@@ -15,6 +15,7 @@ use crate::client::{CallOptions, Client};
 pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
     match command {
         ClientCommand::Health { url } => health(&url),
+        ClientCommand::Queue(command) => block_on(super::queue::run(command)),
         ClientCommand::Call { fun, args, locs, function_id, version, timeout, url } => {
             let args = parse_args(&args)?;
             let options = CallOptions {

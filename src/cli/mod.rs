@@ -5,9 +5,11 @@
 mod bench;
 mod bench_cluster;
 mod bench_persistence;
+mod bench_queue;
 mod client;
 mod demo;
 mod keys;
+mod queue;
 mod server;
 
 use std::path::PathBuf;
@@ -183,6 +185,9 @@ pub enum ClientCommand {
         #[arg(long, env = "MPREG_URL")]
         url: String,
     },
+    /// Durable queues: create, send, receive, ack, nack, stats, list, dlq, redrive, bind.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
     /// Show the cluster as the node at URL sees it.
     Status {
         /// Node URL.
@@ -210,6 +215,8 @@ pub enum BenchCommand {
     Cluster(bench_cluster::ClusterBenchArgs),
     /// Durable writes: insert + flush + fdatasync one at a time, and group-committed.
     Persistence(bench_persistence::PersistenceBenchArgs),
+    /// Durable queue throughput (group commit) against sled's one-at-a-time flush.
+    Queue(bench_queue::QueueBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -221,6 +228,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Rpc(args)) => bench::rpc(args),
         Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::cluster(args),
         Command::Bench(BenchCommand::Persistence(args)) => bench_persistence::run(args),
+        Command::Bench(BenchCommand::Queue(args)) => bench_queue::queue(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {

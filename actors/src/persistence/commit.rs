@@ -160,6 +160,25 @@ impl PersistenceHandle {
     }
 }
 
+/// What [`PersistenceHandle::submit`] hands back: resolves like [`PersistenceHandle::commit`].
+pub type PendingCommit = oneshot::Receiver<Result<()>>;
+
+impl PersistenceHandle {
+    /// Queues `batch` for the committer and returns at once with the answer to await: the
+    /// first half of [`commit`](Self::commit). Batches submitted one after another are
+    /// applied in that order, so a caller that must keep its writes ordered (the queue
+    /// actor) submits from one task and awaits the answers elsewhere. Waits only while
+    /// the committer's channel is full (backpressure).
+    pub async fn submit(&self, batch: Batch) -> Result<PendingCommit> {
+        if let Some(cause) = self.shared.poisoned() {
+            return Err(PersistenceError::Poisoned(cause));
+        }
+        let (done, answer) = oneshot::channel();
+        self.commits.send(Job { batch, done }).await.map_err(|_| PersistenceError::Unavailable)?;
+        Ok(answer)
+    }
+}
+
 /// The committer: take one job, drain what else is queued, apply each, sync once, answer.
 fn run_committer(mut rx: mpsc::Receiver<Job>, shared: &Shared, max_batch: usize) {
     let mut jobs = Vec::with_capacity(max_batch);

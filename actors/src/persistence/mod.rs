@@ -65,7 +65,7 @@ use std::sync::Arc;
 
 use actix::{Actor, Context, Handler, Message};
 
-pub use commit::{CommitStats, PersistenceHandle, DEFAULT_MAX_BATCH};
+pub use commit::{CommitStats, PendingCommit, PersistenceHandle, DEFAULT_MAX_BATCH};
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
 

@@ -4,7 +4,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{PublishRequest, RequestId, RpcError, RpcRequest, SubscribeRequest, UnsubscribeRequest};
+use super::{PublishRequest, QueueRequest, RequestId, RpcError, RpcRequest, SubscribeRequest, UnsubscribeRequest};
 
 /// A decoded client frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +22,8 @@ pub enum Inbound {
     Peer,
     /// `cluster-status`: the node's view of the cluster (ours).
     ClusterStatus(ClusterStatusRequest),
+    /// `queue`: one queue operation (ours; see [`QueueRequest`]).
+    Queue(QueueRequest),
 }
 
 /// `role: "cluster-status"` — answered with `{role: "cluster-status", u, topology, catalog}`.
@@ -158,6 +160,7 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         "pubsub-publish" => parse(bytes).map(Inbound::Publish).map_err(|e| fail(e, u, &role)),
         "pubsub-unsubscribe" => parse(bytes).map(Inbound::Unsubscribe).map_err(|e| fail(e, u, &role)),
         "cluster-status" => parse(bytes).map(Inbound::ClusterStatus).map_err(|e| fail(e, u, &role)),
+        "queue" => parse(bytes).map(Inbound::Queue).map_err(|e| fail(e, u, &role)),
         role if is_peer_role(role) => Ok(Inbound::Peer),
         _ => Err(InboundError { u, error: RpcError::unknown_role(Some(&role)), role: Some(role) }),
     }

@@ -71,6 +71,22 @@ impl RpcError {
         Self::with(ErrorCode::NotFound, "Command not found", format!("Command not found: {fun}"))
     }
 
+    /// 1001 for a queue that does not exist.
+    pub fn queue_not_found(queue: &str) -> Self {
+        Self::with(ErrorCode::NotFound, "Queue not found", format!("unknown queue: {queue}"))
+    }
+
+    /// 1006 for a queue (or a node's queue table) that is full.
+    pub fn queue_full(details: impl Into<String>) -> Self {
+        Self::with(ErrorCode::Overloaded, "Queue full", details)
+    }
+
+    /// 1003 for a queue write that could not be made durable: the operation is NOT
+    /// acknowledged (details `not durable: <cause>`).
+    pub fn not_durable(cause: impl std::fmt::Display) -> Self {
+        Self::with(ErrorCode::ExecutionFailed, "Queue write failed", format!("not durable: {cause}"))
+    }
+
     /// 1002 with a description of what is wrong.
     pub fn invalid(details: impl Into<String>) -> Self {
         Self::with(ErrorCode::InvalidRequest, "Invalid request", details)

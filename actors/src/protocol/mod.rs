@@ -270,3 +270,47 @@ impl PubSubNotification {
         }
     }
 }
+
+/// `role: "queue"` — one queue operation; answered with a [`QueueReply`].
+///
+/// `{"role": "queue", "u", "op", "queue", ...}`: `op` is one of `create`, `delete`, `send`,
+/// `receive`, `ack`, `nack`, `subscribe`, `unsubscribe`, `stats`, `list`, `dlq`,
+/// `redrive`, `bind`, `unbind`; the op's own fields (`payload`, `ids`, `max`, ...) stay in
+/// `fields` and are read by the queue actor, which names a bad one in a 1002.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueRequest {
+    /// Correlation id.
+    pub u: RequestId,
+    /// The operation.
+    pub op: String,
+    /// The queue (absent for `list`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Every other field of the frame (`role` included).
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+/// `role: "queue-reply"` — the answer to a [`QueueRequest`]: `result` or `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueReply {
+    /// Always `queue-reply`.
+    pub role: String,
+    /// The request's `u`.
+    pub u: Option<RequestId>,
+    /// The op's result (`null` on error).
+    pub result: Option<Value>,
+    /// Why it failed.
+    pub error: Option<RpcError>,
+}
+
+impl QueueReply {
+    /// The reply to `u`.
+    pub fn new(u: Option<RequestId>, outcome: Result<Value, RpcError>) -> Self {
+        let (result, error) = match outcome {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
+        };
+        QueueReply { role: "queue-reply".to_owned(), u, result, error }
+    }
+}

@@ -3,8 +3,10 @@
 //! - [`core`] — one queue as a pure state machine: leases, redelivery, dead letters,
 //!   priority, delay, dedup, TTL, broadcast and quorum delivery. No actix, no I/O, no
 //!   clock: time is passed in and every mutation returns what to persist and what to push.
-//!
-//! The actor that owns the queues of a node, their wire roles and their persistence are
-//! built on [`core::QueueCore`].
+//! - [`actor`] — the supervised `Queue` actor: every queue of the node, its persistence
+//!   (group commit, acks after the commit), consumers, subscriptions, long-polls, timers.
 
+pub mod actor;
 pub mod core;
+
+pub use actor::{ConnectionGone, Queue, QueueBoard, QueueCall, QueueLimits, QueueSummary};
