@@ -122,6 +122,10 @@ pub struct NodeShared {
     pub queue: Slot<Queue>,
 }
 
+/// How long a closing peer link's writer may take to flush before the socket is closed
+/// anyway.
+const LINK_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 static NEXT_MESSAGE: AtomicU64 = AtomicU64::new(1);
 
@@ -184,6 +188,9 @@ pub struct Connection {
     silent_ticks: u32,
     /// Set once the other end spoke a peer frame: this connection is a fabric link.
     link: Option<LinkId>,
+    /// Closes a peer link through its own writer, after the frames already queued on it
+    /// (a `peer refused` reason must reach the peer before the close does).
+    link_close: Option<oneshot::Sender<CloseReason>>,
     /// A pong is waiting for room in the websocket (the client is not reading).
     pong_waiting: bool,
     /// The latest ping heard while a pong waits: answered next, the ones before it never
@@ -209,6 +216,7 @@ impl Connection {
             heard: true,
             silent_ticks: 0,
             link: None,
+            link_close: None,
             pong_waiting: false,
             next_pong: None,
             ping_waiting: false,
@@ -289,9 +297,11 @@ impl Connection {
     /// queue and writer, bounded in frames as the fabric expects (it drops or waits when
     /// full), outside the client outbox's byte budget; the two carry no order between
     /// them (a peer sends no client requests).
-    fn link_sender(&self) -> LinkSender {
+    fn link_sender(&mut self) -> LinkSender {
         let (sender, frames) = mpsc::channel(self.shared.config.outbox_capacity.max(1));
-        actix_rt::spawn(write_link_frames(frames, self.session.clone()));
+        let (close, closed) = oneshot::channel();
+        self.link_close = Some(close);
+        actix_rt::spawn(write_link_frames(frames, closed, self.session.clone()));
         sender
     }
 
@@ -376,7 +386,7 @@ impl Connection {
     /// link; any other peer frame on a client connection is answered 1004 and changes
     /// nothing. Whether the link is admitted is the fabric's call.
     fn on_peer_frame(&mut self, frame: PeerFrame, kind: FrameKind, ctx: &mut Context<Self>) {
-        let fabric = &self.shared.fabric;
+        let fabric = self.shared.fabric.clone();
         let link = match self.link {
             Some(link) => link,
             None if !matches!(frame, PeerFrame::Server(ServerFrame::Status { .. })) => {
@@ -954,10 +964,30 @@ async fn write_whole(session: &mut Session, frame: &OutFrame) -> Result<(), acti
 /// Drains a fabric link's queue into the websocket until the fabric drops the link or the
 /// websocket closes. Whole messages only: the client writer may fragment on the same
 /// websocket, and two fragmented messages must not interleave.
-async fn write_link_frames(mut frames: mpsc::Receiver<OutFrame>, mut session: Session) {
-    while let Some(frame) = frames.recv().await {
-        if write_whole(&mut session, &frame).await.is_err() {
-            return;
+async fn write_link_frames(
+    mut frames: mpsc::Receiver<OutFrame>,
+    mut closed: oneshot::Receiver<CloseReason>,
+    mut session: Session,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            frame = frames.recv() => {
+                let Some(frame) = frame else { return };
+                if write_whole(&mut session, &frame).await.is_err() {
+                    return;
+                }
+            }
+            reason = &mut closed => {
+                // Whatever the fabric queued before it asked for the close goes out first.
+                while let Ok(frame) = frames.try_recv() {
+                    if write_whole(&mut session, &frame).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = session.close(reason.ok()).await;
+                return;
+            }
         }
     }
 }
@@ -1015,7 +1045,18 @@ impl Handler<CloseLink> for Connection {
     type Result = ();
 
     fn handle(&mut self, _: CloseLink, ctx: &mut Context<Self>) {
-        self.close_with(CloseCode::Normal, "link closed by fabric", ctx);
+        let reason = CloseReason { code: CloseCode::Normal, description: Some("link closed by fabric".to_owned()) };
+        match self.link_close.take().map(|close| close.send(reason)) {
+            // The link's writer flushes what is queued, then closes the socket, which ends
+            // the stream and stops this actor; a writer stuck on a peer that does not read
+            // is cut short after a grace period.
+            Some(Ok(())) => {
+                ctx.run_later(LINK_CLOSE_GRACE, |act, ctx| {
+                    act.close_with(CloseCode::Normal, "link closed by fabric", ctx);
+                });
+            }
+            _ => self.close_with(CloseCode::Normal, "link closed by fabric", ctx),
+        }
     }
 }
 
