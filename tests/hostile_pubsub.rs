@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use common::http_async;
+use common::memory::rss_kib;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(20);
@@ -143,13 +144,7 @@ fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
 
 /// This process's resident memory (the node runs in it), in MiB.
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmRSS line");
-    kib / 1024.0
+    rss_kib().expect("VmRSS in /proc/self/status") as f64 / 1024.0
 }
 
 /// Nearest-rank percentile of `samples` (sorted here).

@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::memory::rss_mib;
 use common::{http_async, poll_until_async, quiet_expected_panics};
 
 /// Upper bound for one hostile request's answer on a loaded 2-core machine (debug build).
@@ -133,17 +134,6 @@ fn assert_error(reply: &Value, code: u16, needle: &str) {
     assert_eq!(reply["r"], Value::Null, "{reply}");
     let details = reply["error"]["details"].as_str().unwrap_or_default();
     assert!(details.contains(needle), "details {details:?} lack {needle:?}");
-}
-
-/// The process's resident memory (the node runs in this process).
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    kib / 1024
 }
 
 /// `c0 = echo("x")`, `c_i = echos(c_{i-1} × fan)`.

@@ -19,52 +19,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt};
 use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
-use mpreg_actors::fabric::trust::{self, Authority};
+use mpreg_actors::fabric::trust;
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::keys::Keys;
+use common::ws::{raw_connect, raw_next};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(10);
-
-/// A cluster authority in a temporary directory, removed on drop.
-struct Keys {
-    dir: PathBuf,
-    authority: Authority,
-    cluster: String,
-}
-
-impl Keys {
-    fn new(cluster: &str) -> Keys {
-        let dir =
-            std::env::temp_dir().join(format!("mpreg-trust-test-{}-{}", std::process::id(), trust::fresh_nonce()));
-        let authority = Authority::generate();
-        authority.save(&dir).expect("authority saved");
-        Keys { dir, authority, cluster: cluster.to_owned() }
-    }
-
-    /// `NAME.cred` for this cluster, as `mpreg keys issue` writes it.
-    fn issue(&self, name: &str) -> PathBuf {
-        let credentials =
-            self.authority.issue(name, &self.cluster, trust::unix_seconds(), 86_400).expect("credentials issued");
-        let path = self.dir.join(format!("{name}.cred"));
-        credentials.save(&path).expect("credentials saved");
-        path
-    }
-}
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
 fn settings(name: &str, cluster: &str, peers: &[&str], credentials: Option<&Path>) -> Settings {
@@ -156,25 +124,6 @@ async fn wait_callable(client: &Client, fun: &str, args: Vec<Value>) -> Value {
     let args = &args;
     wait_until(&format!("{fun}({args:?}) to succeed"), move || async move { client.call(fun, args.clone()).await.ok() })
         .await
-}
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn raw_connect(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url).await.expect("raw websocket connects").0
-}
-
-/// The next data frame as JSON; `None` if the socket closed.
-async fn raw_next(ws: &mut Ws) -> Option<Value> {
-    loop {
-        let message = tokio::time::timeout(SOON, ws.next()).await.expect("a frame or a close within SOON");
-        match message {
-            Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).expect("JSON frame")),
-            Some(Ok(Message::Binary(bytes))) => return Some(serde_json::from_slice(&bytes).expect("JSON frame")),
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
 }
 
 fn plus(n: i64) -> impl Fn(i64) -> i64 + Send + Sync + Clone + 'static {
@@ -325,7 +274,7 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
     }
     for frame in &frames {
         ws.send(Message::Text(frame.to_string())).await.unwrap();
-        let reply = raw_next(&mut ws).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
+        let reply = raw_next(&mut ws, SOON).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
         assert_eq!(reply["error"]["code"], 1004, "{frame} -> {reply}");
         let details = reply["error"]["details"].as_str().unwrap_or_default();
         assert!(details.contains("handshake"), "{details}");
@@ -333,7 +282,7 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
     // The same connection still serves requests.
     let rpc = json!({"role": "rpc", "u": "after", "cmds": [{"name": "r", "fun": "b_fun", "args": [41]}]});
     ws.send(Message::Text(rpc.to_string())).await.unwrap();
-    let reply = raw_next(&mut ws).await.expect("an answer");
+    let reply = raw_next(&mut ws, SOON).await.expect("an answer");
     assert_eq!((&reply["u"], &reply["r"]), (&json!("after"), &json!({"r": 42})), "{reply}");
 
     // A STATUS without credentials is refused in words, counted, and the link closed.
@@ -343,9 +292,9 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
         "functions": [], "catalog_version": 1
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    let refusal = raw_next(&mut ws).await.expect("a refusal");
+    let refusal = raw_next(&mut ws, SOON).await.expect("a refusal");
     assert_eq!((&refusal["role"], &refusal["kind"]), (&json!("server"), &json!("refused")), "{refusal}");
-    assert_eq!(raw_next(&mut ws).await, None, "the refused link is closed");
+    assert_eq!(raw_next(&mut ws, SOON).await, None, "the refused link is closed");
     assert!(a.refused("no_credentials").await >= 1);
 
     // Nothing changed: B is still linked and routable, no fake node was learned, and the
@@ -598,7 +547,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         "auth": {"nonce": m_nonce, "certificate": m.certificate(), "catalog": signed_catalog},
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!((&answer["role"], &answer["kind"]), (&json!("server"), &json!("status")), "{answer}");
     let a_nonce = answer["auth"]["nonce"].as_str().expect("A's nonce").to_owned();
     let transcript = link_transcript(
@@ -667,7 +616,7 @@ async fn fabric_inputs_from_an_admitted_peer_are_bounded() {
         "functions": [function("f1"), function("f2"), function("f3")], "catalog_version": 1
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!(answer["kind"], "status", "{answer}");
     // 3000 invented nodes in one digest, every one with a URL to dial.
     let members: Vec<Value> = (0..3000)
