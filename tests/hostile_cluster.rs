@@ -58,6 +58,7 @@ use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::keys::Keys;
+use common::latency::p99;
 use common::memory::rss_mib;
 use common::ws::{masked_frame, raw_connect, raw_next, Ws, BINARY};
 use common::{cluster_id, get_ok, poll_until_async, quiet_expected_panics};
@@ -285,11 +286,6 @@ impl Bystander {
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
-}
-
-fn p99(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
 }
 
 /// Runs `attack` against the cluster while a bystander watches; asserts the bystander's

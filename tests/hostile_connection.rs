@@ -29,7 +29,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
 
+use common::latency::p99;
 use common::memory::rss_kib;
+use common::metrics::metric_value;
 use common::ws::{masked_frame, BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT};
 use common::{http_async, poll_until_async};
 
@@ -76,12 +78,6 @@ impl Drop for TestNode {
     fn drop(&mut self) {
         let _ = self.0.shutdown().now_or_never();
     }
-}
-
-fn metric_value(text: &str, metric: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
-        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
 /// This process's resident memory, in bytes.
@@ -275,8 +271,7 @@ impl Bystander {
         self.stop.store(true, Ordering::Relaxed);
         let mut latencies = self.thread.join().expect("bystander thread");
         assert!(latencies.len() >= min_calls, "only {} bystander calls", latencies.len());
-        latencies.sort();
-        (latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)], latencies.len())
+        (p99(&mut latencies), latencies.len())
     }
 }
 

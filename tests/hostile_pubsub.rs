@@ -26,6 +26,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use common::http_async;
 use common::memory::rss_kib;
+use common::metrics::metric_value;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(20);
@@ -133,13 +134,6 @@ fn assert_refused(ack: &Value, limit: &str) {
     assert_eq!(ack["success"], json!(false), "{ack}");
     let error = ack["error"].as_str().unwrap_or_default();
     assert!(error.contains(limit), "the error should name {limit}: {ack}");
-}
-
-/// The value of the first sample of `name` whose labels contain `labels`.
-fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(labels))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// This process's resident memory (the node runs in it), in MiB.
@@ -261,7 +255,7 @@ async fn oversized_subscriptions_and_topics_are_refused_by_name() {
         ("pubsub_max_topic_bytes", 2.0),
         ("pubsub_max_subscriptions_per_connection", 1.0),
     ] {
-        let value = metric(&body, "mpreg_limit_exceeded_total", &format!("limit=\"{limit}\""));
+        let value = metric_value(&body, "mpreg_limit_exceeded_total", &format!("limit=\"{limit}\""));
         assert_eq!(value, Some(count), "{limit}\n{body}");
     }
 }
@@ -290,10 +284,10 @@ async fn backlog_is_bounded_in_bytes_and_memory() {
         tokio::time::timeout(SOON, publisher.publish("flood.big", big.clone())).await.expect("acked").unwrap();
     }
     let body = node.metrics().await;
-    let backlog_bytes = metric(&body, "mpreg_pubsub_backlog_bytes", "node=");
+    let backlog_bytes = metric_value(&body, "mpreg_pubsub_backlog_bytes", "node=");
     assert_eq!(backlog_bytes, Some(0.0), "{body}");
     assert_eq!(
-        metric(&body, "mpreg_limit_exceeded_total", "limit=\"pubsub_backlog_max_message_bytes\""),
+        metric_value(&body, "mpreg_limit_exceeded_total", "limit=\"pubsub_backlog_max_message_bytes\""),
         Some(FLOOD as f64),
         "{body}"
     );
@@ -305,11 +299,11 @@ async fn backlog_is_bounded_in_bytes_and_memory() {
     for i in 0..100 {
         publisher.publish(&format!("kept.{i}"), json!(payload)).await.unwrap();
         let body = node.metrics().await;
-        let bytes = metric(&body, "mpreg_pubsub_backlog_bytes", "node=").expect("backlog gauge");
+        let bytes = metric_value(&body, "mpreg_pubsub_backlog_bytes", "node=").expect("backlog gauge");
         assert!(bytes as usize <= BACKLOG_BYTES, "backlog holds {bytes} bytes after publish {i}");
     }
     let body = node.metrics().await;
-    let kept = metric(&body, "mpreg_pubsub_backlog_messages", "node=").expect("backlog gauge") as usize;
+    let kept = metric_value(&body, "mpreg_pubsub_backlog_messages", "node=").expect("backlog gauge") as usize;
     assert!((20..=27).contains(&kept), "8 MiB holds 26 messages of 300 KiB, the backlog has {kept}");
 
     // A late subscriber replays exactly the kept ones, oldest first, in several pages.

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::metrics::metric_value;
 use common::{http_async, poll_until_async, quiet_expected_panics, rpc_error, EXPECTED_PANIC};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -639,13 +640,6 @@ async fn wait_restarted(node: &TestNode, name: &str, restarts: u64) {
         (status == (restarts, "running".to_owned())).then_some(())
     })
     .await;
-}
-
-/// The value of the first sample of `metric` whose labels contain `labels`.
-fn metric_value(text: &str, metric: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
-        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
 #[actix_rt::test]

@@ -12,12 +12,16 @@
 //! - [`keys`]: a cluster authority and node credentials in a temporary directory.
 //! - [`ws`]: a websocket without the SDK, down to the bytes of a frame.
 //! - [`memory`]: this process's resident memory, where in-process nodes live.
+//! - [`metrics`]: samples out of the Prometheus text of `/metrics`.
+//! - [`latency`]: the bystander's p99.
 
 // Each test crate uses its own subset of these helpers.
 #![allow(dead_code)]
 
 pub mod keys;
+pub mod latency;
 pub mod memory;
+pub mod metrics;
 pub mod ws;
 
 use std::future::Future;
