@@ -22,19 +22,19 @@ mod common;
 
 use std::future::Future;
 use std::io::Write;
-use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt};
+use futures_util::SinkExt;
 use mpreg::functions::demo_pack;
-use mpreg::{Client, FunctionError, FunctionSpec, Node, NodeBuilder, RpcCommand, Settings};
+use mpreg::{Client, FunctionError, FunctionSpec, RpcCommand, Settings};
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Barrier, Notify};
 use tokio_tungstenite::tungstenite::Message;
 
+use common::node::{cluster_settings, TestNode};
 use common::ws::{raw_connect, raw_next};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
@@ -44,39 +44,13 @@ const SOON: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------
 // Nodes
 
-/// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
-///
-/// Suspicion stays at a second: a link silent that long is closed, and a debug build on a
-/// busy 2-core machine can stall a thread for a few hundred milliseconds. No test here
-/// waits for suspicion or removal; departures are GOODBYEs or closed links, both immediate.
+/// [`cluster_settings`] joining `peers`. No test here waits for suspicion or removal;
+/// departures are GOODBYEs or closed links, both immediate.
 fn settings(name: &str, cluster: &str, peers: &[&TestNode]) -> Settings {
-    Settings {
-        name: name.to_owned(),
-        port: 0,
-        monitoring_port: 0,
-        cluster_id: cluster.to_owned(),
-        workers: 1,
-        peers: peers.iter().map(|p| p.url().to_owned()).collect(),
-        gossip_interval_s: 0.05,
-        suspect_after_s: 1.0,
-        remove_after_s: 3.0,
-        departed_grace_s: 1.0,
-        ..Settings::default()
-    }
-}
-
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
+    Settings { peers: peers.iter().map(|p| p.url().to_owned()).collect(), ..cluster_settings(name, cluster) }
 }
 
 impl TestNode {
-    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
-        let name = settings.name.clone();
-        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
-    }
-
     async fn client(&self) -> Client {
         Client::connect(self.node.url()).await.expect("client connects")
     }
@@ -94,22 +68,6 @@ impl TestNode {
 
     async fn catalog(&self) -> Value {
         self.monitor("/catalog").await
-    }
-}
-
-impl Deref for TestNode {
-    type Target = Node;
-
-    fn deref(&self) -> &Node {
-        &self.node
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        // The first poll says GOODBYE and asks the listener to stop; the rest of the tree
-        // goes down with the test's actix System right after.
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 

@@ -49,8 +49,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, SinkExt};
-use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
+use futures_util::SinkExt;
+use mpreg::{Client, FunctionSpec, Settings};
 use mpreg_actors::fabric::trust;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -60,6 +60,7 @@ use tokio_tungstenite::tungstenite::Message;
 use common::keys::Keys;
 use common::latency::p99;
 use common::memory::rss_mib;
+use common::node::TestNode;
 use common::ws::{masked_frame, raw_connect, raw_next, Ws, BINARY};
 use common::{cluster_id, get_ok, poll_until_async, quiet_expected_panics};
 
@@ -101,18 +102,7 @@ fn settings(name: &str, cluster: &str, peers: &[&str], credentials: &Path) -> Se
     }
 }
 
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
-}
-
 impl TestNode {
-    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
-        let name = settings.name.clone();
-        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
-    }
-
     fn url(&self) -> &str {
         self.node.url()
     }
@@ -125,12 +115,6 @@ impl TestNode {
     async fn get(&self, path: &str) -> Value {
         let body = self.get_text(path).await;
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e})"))
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 

@@ -17,8 +17,8 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join;
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use mpreg::{Client, Node, NodeBuilder, Settings};
+use futures_util::{SinkExt, StreamExt};
+use mpreg::{Client, Settings};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,6 +27,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use common::http_async;
 use common::memory::rss_kib;
 use common::metrics::metric_value;
+use common::node::TestNode;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(20);
@@ -41,16 +42,7 @@ fn settings() -> Settings {
     Settings { port: 0, monitoring_port: 0, ..Settings::default() }
 }
 
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
-}
-
 impl TestNode {
-    async fn start(settings: Settings) -> TestNode {
-        TestNode { node: NodeBuilder::new(settings).start().await.expect("node starts") }
-    }
-
     async fn client(&self) -> Client {
         Client::connect(self.node.url()).await.expect("client connects")
     }
@@ -65,12 +57,6 @@ impl TestNode {
         let reply = http_async("GET", &url).await.expect("/metrics answers");
         assert_eq!(reply.status, 200);
         reply.body
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 
@@ -173,7 +159,7 @@ async fn pubsub_attacks_are_bounded() {
 /// The issue's `#` attack, by the numbers and by patterns that do not collapse,
 /// each publish acked promptly while a bystander's echo keeps its latency.
 async fn hash_patterns_cost_no_more_than_their_words() {
-    let node = TestNode::start(settings()).await;
+    let node = TestNode::start(settings(), vec![]).await;
     let bystander_client = node.client().await;
     let mut attacker = node.raw().await;
     // Fifteen `#`s (collapsed to one) and 63 patterns at the word limit that cannot
@@ -213,7 +199,7 @@ async fn hash_patterns_cost_no_more_than_their_words() {
 /// Every pub/sub bound refuses with a failed ack that names its setting, counts in
 /// `/metrics`, and leaves the connection serving.
 async fn oversized_subscriptions_and_topics_are_refused_by_name() {
-    let node = TestNode::start(Settings { pubsub_max_subscriptions_per_connection: 8, ..settings() }).await;
+    let node = TestNode::start(Settings { pubsub_max_subscriptions_per_connection: 8, ..settings() }, vec![]).await;
     let mut raw = node.raw().await;
 
     // Patterns per subscription (default 64), among them the million.
@@ -266,11 +252,14 @@ async fn oversized_subscriptions_and_topics_are_refused_by_name() {
 async fn backlog_is_bounded_in_bytes_and_memory() {
     const BACKLOG_BYTES: usize = 8 * 1024 * 1024;
     const FLOOD: usize = 24;
-    let node = TestNode::start(Settings {
-        pubsub_backlog_max_bytes: BACKLOG_BYTES,
-        pubsub_backlog_max_message_bytes: 512 * 1024,
-        ..settings()
-    })
+    let node = TestNode::start(
+        Settings {
+            pubsub_backlog_max_bytes: BACKLOG_BYTES,
+            pubsub_backlog_max_message_bytes: 512 * 1024,
+            ..settings()
+        },
+        vec![],
+    )
     .await;
     let publisher = node.client().await;
     let rss_before = rss_mib();

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt};
-use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
+use futures_util::SinkExt;
+use mpreg::{Client, FunctionSpec, NodeBuilder, Settings};
 use mpreg_actors::fabric::trust;
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::keys::Keys;
+use common::node::{cluster_settings, TestNode};
 use common::ws::{raw_connect, raw_next};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
@@ -37,33 +38,13 @@ const SOON: Duration = Duration::from_secs(10);
 /// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
 fn settings(name: &str, cluster: &str, peers: &[&str], credentials: Option<&Path>) -> Settings {
     Settings {
-        name: name.to_owned(),
-        port: 0,
-        monitoring_port: 0,
-        cluster_id: cluster.to_owned(),
-        workers: 1,
         peers: peers.iter().map(|p| (*p).to_owned()).collect(),
-        gossip_interval_s: 0.05,
-        suspect_after_s: 1.0,
-        remove_after_s: 3.0,
-        departed_grace_s: 1.0,
         credentials: credentials.map(Path::to_owned),
-        ..Settings::default()
+        ..cluster_settings(name, cluster)
     }
-}
-
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
 }
 
 impl TestNode {
-    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
-        let name = settings.name.clone();
-        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
-    }
-
     fn url(&self) -> &str {
         self.node.url()
     }
@@ -90,12 +71,6 @@ impl TestNode {
 
     async fn refused(&self, reason: &str) -> u64 {
         self.counter("mpreg_peer_refused_total", "reason", reason).await
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`TempFile`]: a uniquely named file in the temp directory, removed on drop.
 //! - [`quiet_expected_panics`]: the tests make functions and actors panic on purpose;
 //!   those panics are expected and would only bury real failures in noise.
+//! - [`node`]: a node in the test process, stopped on drop, and cluster test settings.
 //! - [`keys`]: a cluster authority and node credentials in a temporary directory.
 //! - [`ws`]: a websocket without the SDK, down to the bytes of a frame.
 //! - [`memory`]: this process's resident memory, where in-process nodes live.
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod latency;
 pub mod memory;
 pub mod metrics;
+pub mod node;
 pub mod ws;
 
 use std::future::Future;
