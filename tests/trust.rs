@@ -101,6 +101,19 @@ async fn wait_callable(client: &Client, fun: &str, args: Vec<Value>) -> Value {
         .await
 }
 
+/// `held(x)`: waits for `gate`, then answers `x * factor` — a call the test keeps in
+/// flight for as long as it needs.
+fn held(gate: &Arc<Notify>, factor: i64) -> FunctionSpec {
+    let gate = gate.clone();
+    FunctionSpec::asynchronous("held", move |x: i64| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            x * factor
+        }
+    })
+}
+
 fn plus(n: i64) -> impl Fn(i64) -> i64 + Send + Sync + Clone + 'static {
     move |x: i64| x + n
 }
@@ -205,16 +218,7 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
     let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
     // `gate` lets the test hold a call of another client in flight while it attacks.
     let gate = Arc::new(Notify::new());
-    let held = {
-        let gate = gate.clone();
-        FunctionSpec::asynchronous("held", move |x: i64| {
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                x * 10
-            }
-        })
-    };
+    let held = held(&gate, 10);
     let b_fun = FunctionSpec::sync("b_fun", plus(1)).inline();
     let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![b_fun, held]).await;
     let client = a.client().await;
@@ -334,16 +338,7 @@ async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link(
     let keys = Keys::new(&cluster);
     let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
     let gate = Arc::new(Notify::new());
-    let held = {
-        let gate = gate.clone();
-        FunctionSpec::asynchronous("held", move |x: i64| {
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                x
-            }
-        })
-    };
+    let held = held(&gate, 1);
     let b_settings =
         Settings { max_in_flight_per_link: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
     let b = TestNode::start(b_settings, vec![held]).await;
@@ -386,16 +381,7 @@ async fn a_call_refused_at_the_serving_nodes_max_in_flight_is_a_1006() {
     let keys = Keys::new(&cluster);
     let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
     let gate = Arc::new(Notify::new());
-    let held = {
-        let gate = gate.clone();
-        FunctionSpec::asynchronous("held", move |x: i64| {
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                x
-            }
-        })
-    };
+    let held = held(&gate, 1);
     // B admits one waiting request in all, whoever asks (clients or peers).
     let b_settings = Settings { max_in_flight: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
     let b = TestNode::start(b_settings, vec![held]).await;
