@@ -22,20 +22,20 @@ mod common;
 
 use std::future::Future;
 use std::io::Write;
-use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::SinkExt;
 use mpreg::functions::demo_pack;
-use mpreg::{Client, FunctionError, FunctionSpec, Node, NodeBuilder, RpcCommand, Settings};
+use mpreg::{Client, FunctionError, FunctionSpec, RpcCommand, Settings};
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Barrier, Notify};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::node::{cluster_settings, TestNode};
+use common::ws::{raw_connect, raw_next};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -44,39 +44,13 @@ const SOON: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------
 // Nodes
 
-/// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
-///
-/// Suspicion stays at a second: a link silent that long is closed, and a debug build on a
-/// busy 2-core machine can stall a thread for a few hundred milliseconds. No test here
-/// waits for suspicion or removal; departures are GOODBYEs or closed links, both immediate.
+/// [`cluster_settings`] joining `peers`. No test here waits for suspicion or removal;
+/// departures are GOODBYEs or closed links, both immediate.
 fn settings(name: &str, cluster: &str, peers: &[&TestNode]) -> Settings {
-    Settings {
-        name: name.to_owned(),
-        port: 0,
-        monitoring_port: 0,
-        cluster_id: cluster.to_owned(),
-        workers: 1,
-        peers: peers.iter().map(|p| p.url().to_owned()).collect(),
-        gossip_interval_s: 0.05,
-        suspect_after_s: 1.0,
-        remove_after_s: 3.0,
-        departed_grace_s: 1.0,
-        ..Settings::default()
-    }
-}
-
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
+    Settings { peers: peers.iter().map(|p| p.url().to_owned()).collect(), ..cluster_settings(name, cluster) }
 }
 
 impl TestNode {
-    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
-        let name = settings.name.clone();
-        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
-    }
-
     async fn client(&self) -> Client {
         Client::connect(self.node.url()).await.expect("client connects")
     }
@@ -94,22 +68,6 @@ impl TestNode {
 
     async fn catalog(&self) -> Value {
         self.monitor("/catalog").await
-    }
-}
-
-impl Deref for TestNode {
-    type Target = Node;
-
-    fn deref(&self) -> &Node {
-        &self.node
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        // The first poll says GOODBYE and asks the listener to stop; the rest of the tree
-        // goes down with the test's actix System right after.
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 
@@ -578,25 +536,6 @@ impl LogCapture {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn raw_connect(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url).await.expect("raw websocket connects").0
-}
-
-/// The next data frame as JSON (pings and pongs skipped); `None` if the socket closed.
-async fn raw_next(ws: &mut Ws) -> Option<Value> {
-    loop {
-        let message = tokio::time::timeout(SOON, ws.next()).await.expect("a frame or a close within SOON");
-        match message {
-            Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).expect("JSON frame")),
-            Some(Ok(Message::Binary(bytes))) => return Some(serde_json::from_slice(&bytes).expect("JSON frame")),
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
 #[actix_rt::test]
 async fn a_node_of_another_cluster_is_refused() {
     let capture = LogCapture::default();
@@ -641,11 +580,11 @@ async fn a_node_of_another_cluster_is_refused() {
         "functions": [], "catalog_version": 1
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    let refusal = raw_next(&mut ws).await.expect("a refusal before the close");
+    let refusal = raw_next(&mut ws, SOON).await.expect("a refusal before the close");
     assert_eq!(refusal["role"], "server", "{refusal}");
     assert_eq!(refusal["kind"], "refused", "{refusal}");
     assert!(refusal["reason"].as_str().is_some_and(|r| r.contains(&foreign)), "{refusal}");
-    assert_eq!(raw_next(&mut ws).await, None, "the refused link is closed");
+    assert_eq!(raw_next(&mut ws, SOON).await, None, "the refused link is closed");
     assert!(member(&a.topology().await, "spy").is_none());
 }
 
@@ -752,14 +691,14 @@ async fn garbage_and_silence_from_a_connection_do_not_disturb_the_cluster() {
     ];
     for frame in &garbage {
         ws.send(Message::Text(frame.to_string())).await.unwrap();
-        let reply = raw_next(&mut ws).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
+        let reply = raw_next(&mut ws, SOON).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
         assert_eq!(reply["error"]["code"], 1002, "{frame} -> {reply}");
         assert_eq!(reply["u"], Value::Null, "{frame} -> {reply}");
     }
     // The same connection still serves requests, remote ones included.
     let rpc = json!({"role": "rpc", "u": "after-garbage", "cmds": [{"name": "r", "fun": "b_fun", "args": [41]}]});
     ws.send(Message::Text(rpc.to_string())).await.unwrap();
-    let reply = raw_next(&mut ws).await.expect("an answer");
+    let reply = raw_next(&mut ws, SOON).await.expect("an answer");
     assert_eq!((&reply["u"], &reply["r"]), (&json!("after-garbage"), &json!({"r": 42})), "{reply}");
 
     // A and B still see each other and route; the silent connections are still open.
@@ -787,13 +726,13 @@ async fn a_connection_that_never_introduced_itself_cannot_make_a_node_leave() {
     let goodbye = json!({"role": "server", "kind": "goodbye", "node": "B", "instance_id": instance});
     ws.send(Message::Text(goodbye.to_string())).await.unwrap();
     // A peer frame before the handshake is refused in words (1004), changing nothing.
-    let refusal = raw_next(&mut ws).await.expect("a refusal");
+    let refusal = raw_next(&mut ws, SOON).await.expect("a refusal");
     assert_eq!(refusal["error"]["code"], 1004, "{refusal}");
     // Requests on one connection are handled in order: once this one is answered, the
     // GOODBYE has reached A's fabric.
     let probe = json!({"role": "rpc", "u": "probe", "cmds": [{"name": "t", "fun": "echo", "args": [1]}]});
     ws.send(Message::Text(probe.to_string())).await.unwrap();
-    let reply = raw_next(&mut ws).await.expect("an answer");
+    let reply = raw_next(&mut ws, SOON).await.expect("an answer");
     assert_eq!(reply["u"], "probe", "{reply}");
     // Topology questions queue behind the GOODBYE in the fabric's mailbox.
     let topology = a.topology().await;

@@ -25,10 +25,9 @@ mod common;
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use mpreg::{Node, NodeBuilder, Settings};
 use mpreg_actors::fabric::membership::{MembershipCore, MembershipTiming};
 use mpreg_actors::fabric::trust::{self, link_transcript, Authority, Certificate, LinkEnd, LinkSide, StatementProof};
@@ -42,10 +41,10 @@ use mpreg_actors::version::Version;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use serde_json::{json, Map, Value};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::keys::Keys;
+use common::ws::{raw_connect, raw_next, Ws};
 use common::{cluster_id, get_ok};
 
 /// Upper bound for one answer on a loaded 2-core machine (debug build).
@@ -339,19 +338,6 @@ fn encode(frame: &PeerFrame, cluster: &str) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------
 // (a) On the wire
 
-/// A cluster authority in a temporary directory, removed on drop.
-struct Keys {
-    dir: PathBuf,
-}
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 /// What came back for one frame.
 #[derive(Debug)]
 enum Answer {
@@ -362,19 +348,7 @@ enum Answer {
 }
 
 async fn answer(ws: &mut Ws) -> Answer {
-    loop {
-        let next = tokio::time::timeout(ANSWER_WITHIN, ws.next()).await.expect("an answer within the deadline");
-        match next {
-            Some(Ok(Message::Text(text))) => return Answer::Frame(serde_json::from_str(&text).expect("JSON")),
-            Some(Ok(Message::Binary(bytes))) => return Answer::Frame(serde_json::from_slice(&bytes).expect("JSON")),
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return Answer::Closed,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
-async fn connect(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url).await.expect("websocket connects").0
+    raw_next(ws, ANSWER_WITHIN).await.map_or(Answer::Closed, Answer::Frame)
 }
 
 /// The parts of `/topology` and `/catalog` an attacker must not change.
@@ -399,13 +373,8 @@ async fn state(monitoring: &str) -> (Value, Value) {
 #[test]
 fn peer_frames_on_a_client_connection_are_answered_and_change_nothing() {
     let cluster = cluster_id("fuzz-peer");
-    let keys = Keys {
-        dir: std::env::temp_dir().join(format!("mpreg-fuzz-peer-{}-{}", std::process::id(), trust::fresh_nonce())),
-    };
-    let authority = Authority::generate();
-    authority.save(&keys.dir).expect("authority saved");
-    let credentials = keys.dir.join("A.cred");
-    authority.issue("A", &cluster, trust::unix_seconds(), 86_400).unwrap().save(&credentials).unwrap();
+    let keys = Keys::new(&cluster);
+    let credentials = keys.issue("A");
 
     let (urls_tx, urls_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -433,7 +402,7 @@ fn peer_frames_on_a_client_connection_are_answered_and_change_nothing() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let before = runtime.block_on(state(&monitoring));
     // Taken out for each case and put back: no borrow is held across an await.
-    let socket = RefCell::new(Some(runtime.block_on(connect(&url))));
+    let socket = RefCell::new(Some(runtime.block_on(raw_connect(&url))));
     let dropped_frames = RefCell::new(0u64);
     let config = ProptestConfig { cases: cases(24), failure_persistence: None, ..ProptestConfig::default() };
     TestRunner::new(config)
@@ -441,7 +410,7 @@ fn peer_frames_on_a_client_connection_are_answered_and_change_nothing() {
             let bytes = mutate(encode(&frame, &cluster), &mutations);
             let mut ws = match socket.borrow_mut().take() {
                 Some(ws) => ws,
-                None => runtime.block_on(connect(&url)),
+                None => runtime.block_on(raw_connect(&url)),
             };
             let reply = runtime.block_on(async {
                 ws.send(Message::Binary(bytes.clone())).await.expect("frame sent");
@@ -485,7 +454,7 @@ fn peer_frames_on_a_client_connection_are_answered_and_change_nothing() {
         let kept = socket.borrow_mut().take();
         let mut ws = match kept {
             Some(ws) => ws,
-            None => connect(&url).await,
+            None => raw_connect(&url).await,
         };
         let rpc = json!({"role": "rpc", "u": "last", "cmds": [{"name": "e", "fun": "echo", "args": [1]}]});
         ws.send(Message::Text(rpc.to_string())).await.unwrap();

@@ -44,20 +44,24 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
-use mpreg_actors::fabric::trust::{self, Authority};
+use futures_util::SinkExt;
+use mpreg::{Client, FunctionSpec, Settings};
+use mpreg_actors::fabric::trust;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::keys::Keys;
+use common::latency::p99;
+use common::memory::rss_mib;
+use common::node::TestNode;
+use common::ws::{masked_frame, raw_connect, raw_next, Ws, BINARY};
 use common::{cluster_id, get_ok, poll_until_async, quiet_expected_panics};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -82,38 +86,6 @@ const REMOVE_AFTER_S: f64 = 9.0;
 // ---------------------------------------------------------------------------------------
 // The cluster
 
-/// A cluster authority in a temporary directory, removed on drop.
-struct Keys {
-    dir: PathBuf,
-    authority: Authority,
-    cluster: String,
-}
-
-impl Keys {
-    fn new(cluster: &str) -> Keys {
-        let dir =
-            std::env::temp_dir().join(format!("mpreg-hostile-cluster-{}-{}", std::process::id(), trust::fresh_nonce()));
-        let authority = Authority::generate();
-        authority.save(&dir).expect("authority saved");
-        Keys { dir, authority, cluster: cluster.to_owned() }
-    }
-
-    /// `NAME.cred`, as `mpreg keys issue` writes it.
-    fn issue(&self, name: &str) -> PathBuf {
-        let credentials =
-            self.authority.issue(name, &self.cluster, trust::unix_seconds(), 86_400).expect("credentials issued");
-        let path = self.dir.join(format!("{name}.cred"));
-        credentials.save(&path).expect("credentials saved");
-        path
-    }
-}
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn settings(name: &str, cluster: &str, peers: &[&str], credentials: &Path) -> Settings {
     Settings {
         name: name.to_owned(),
@@ -130,18 +102,7 @@ fn settings(name: &str, cluster: &str, peers: &[&str], credentials: &Path) -> Se
     }
 }
 
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
-}
-
 impl TestNode {
-    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
-        let name = settings.name.clone();
-        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
-    }
-
     fn url(&self) -> &str {
         self.node.url()
     }
@@ -154,12 +115,6 @@ impl TestNode {
     async fn get(&self, path: &str) -> Value {
         let body = self.get_text(path).await;
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e})"))
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 
@@ -317,22 +272,6 @@ impl Bystander {
     }
 }
 
-fn p99(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
-}
-
-/// The process's resident memory (both nodes live in it), in MiB.
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    kib / 1024
-}
-
 /// Runs `attack` against the cluster while a bystander watches; asserts the bystander's
 /// echo p99, that every routed call got B's answer, the memory bound, and that the
 /// cluster did not notice.
@@ -364,33 +303,14 @@ async fn under_attack(cluster: &Cluster, name: &str, attack: impl std::future::F
 // ---------------------------------------------------------------------------------------
 // Raw sockets
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn raw_connect(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url).await.expect("raw websocket connects").0
-}
-
 async fn send(ws: &mut Ws, frame: &Value) {
     ws.send(Message::Text(frame.to_string())).await.expect("frame sent");
-}
-
-/// The next data frame as JSON; `None` if the socket closed.
-async fn next_json(ws: &mut Ws) -> Option<Value> {
-    loop {
-        let message = tokio::time::timeout(SOON, ws.next()).await.expect("a frame or a close in time");
-        match message {
-            Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).expect("JSON frame")),
-            Some(Ok(Message::Binary(bytes))) => return Some(serde_json::from_slice(&bytes).expect("JSON frame")),
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
 }
 
 /// The reply whose `u` (or pub/sub `operation_id`) is `u`; others are skipped.
 async fn reply_to(ws: &mut Ws, u: &str) -> Value {
     loop {
-        let reply = next_json(ws).await.unwrap_or_else(|| panic!("closed before the reply to {u}"));
+        let reply = raw_next(ws, SOON).await.unwrap_or_else(|| panic!("closed before the reply to {u}"));
         if reply["u"] == json!(u) || reply["operation_id"] == json!(u) {
             return reply;
         }
@@ -492,25 +412,6 @@ async fn amplification(a: &TestNode) {
     }
 }
 
-/// A websocket client frame (masked with a zero key, which leaves the payload as is).
-fn client_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x82]; // FIN, binary
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
-    out
-}
-
 /// A client that never reads (4 KiB receive buffer, never drained) writes up to 10,000
 /// echo requests of 100 KiB: A stops reading it once its outbox is full, and counts it.
 async fn non_reading_flood(a: &TestNode) {
@@ -536,7 +437,7 @@ async fn non_reading_flood(a: &TestNode) {
     'flood: for i in 0..REQUESTS {
         let frame =
             json!({"role": "rpc", "u": format!("f{i}"), "cmds": [{"name": "e", "fun": "echo", "args": [payload]}]});
-        let bytes = client_frame(frame.to_string().as_bytes());
+        let bytes = masked_frame(BINARY, true, frame.to_string().as_bytes());
         started += 1;
         let mut written = 0;
         while written < bytes.len() {
@@ -601,7 +502,7 @@ async fn peer_frame_spray(cluster: &Cluster) {
             send(&mut ws, frame).await;
         }
         for frame in &frames {
-            let reply = next_json(&mut ws).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
+            let reply = raw_next(&mut ws, SOON).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
             assert_error(&reply, 1004, "handshake");
         }
     }
@@ -616,9 +517,9 @@ async fn peer_frame_spray(cluster: &Cluster) {
     let info = json!({"node": "B", "instance_id": b_instance, "cluster_id": cluster_name, "url": "ws://127.0.0.1:9"});
     let status = json!({"role": "server", "kind": "status", "info": info, "functions": [], "catalog_version": 1});
     send(&mut ws, &status).await;
-    let refusal = next_json(&mut ws).await.expect("a refusal");
+    let refusal = raw_next(&mut ws, SOON).await.expect("a refusal");
     assert_eq!((&refusal["role"], &refusal["kind"]), (&json!("server"), &json!("refused")), "{refusal}");
-    assert_eq!(next_json(&mut ws).await, None, "the refused link is closed");
+    assert_eq!(raw_next(&mut ws, SOON).await, None, "the refused link is closed");
     assert!(a.node.metrics().peer_refused_count("no_credentials") >= 1);
 
     // STATUS replaying B's certificate and signed entries (both public, in /catalog)
@@ -629,12 +530,12 @@ async fn peer_frame_spray(cluster: &Cluster) {
     let status = json!({"role": "server", "kind": "status", "info": info, "functions": [], "catalog_version": 1,
                         "auth": auth});
     send(&mut ws, &status).await;
-    let challenge = next_json(&mut ws).await.expect("A's STATUS");
+    let challenge = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!((&challenge["role"], &challenge["kind"]), (&json!("server"), &json!("status")), "{challenge}");
     send(&mut ws, &json!({"role": "server", "kind": "proof", "signature": "00".repeat(64)})).await;
-    let refusal = next_json(&mut ws).await.expect("a refusal");
+    let refusal = raw_next(&mut ws, SOON).await.expect("a refusal");
     assert_eq!(refusal["kind"], json!("refused"), "{refusal}");
-    assert_eq!(next_json(&mut ws).await, None, "the refused link is closed");
+    assert_eq!(raw_next(&mut ws, SOON).await, None, "the refused link is closed");
     assert!(a.node.metrics().peer_refused_count("bad_proof") >= 1);
 }
 

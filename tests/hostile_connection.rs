@@ -29,6 +29,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
 
+use common::latency::p99;
+use common::memory::rss_kib;
+use common::metrics::metric_value;
+use common::ws::{masked_frame, BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT};
 use common::{http_async, poll_until_async};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -39,13 +43,6 @@ const STALL: Duration = Duration::from_millis(1500);
 const BYSTANDER_P99: Duration = Duration::from_millis(50);
 /// One bystander call per this interval at most.
 const BYSTANDER_PACE: Duration = Duration::from_millis(2);
-
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-const CONTINUATION: u8 = 0x0;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
 
 fn settings() -> Settings {
     Settings { port: 0, monitoring_port: 0, ..Settings::default() }
@@ -83,18 +80,9 @@ impl Drop for TestNode {
     }
 }
 
-fn metric_value(text: &str, metric: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
-        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
-}
-
 /// This process's resident memory, in bytes.
 fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("a VmRSS line");
-    let kib: u64 = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS in kB");
-    kib * 1024
+    rss_kib().expect("VmRSS in /proc/self/status") * 1024
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -129,26 +117,6 @@ impl Frame {
         (self.opcode == CLOSE && self.payload.len() >= 2)
             .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
     }
-}
-
-/// A client frame: masked (with a zero key, which leaves the payload as is).
-fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push(if fin { 0x80 } else { 0 } | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(payload);
-    out
 }
 
 fn echo_request(u: &str, payload_len: usize) -> Vec<u8> {
@@ -220,7 +188,7 @@ impl RawWs {
     }
 
     async fn send(&mut self, opcode: u8, payload: &[u8]) {
-        self.writer.write_all(&frame(opcode, true, payload)).await.expect("frame written");
+        self.writer.write_all(&masked_frame(opcode, true, payload)).await.expect("frame written");
     }
 
     async fn send_json(&mut self, value: Value) {
@@ -303,8 +271,7 @@ impl Bystander {
         self.stop.store(true, Ordering::Relaxed);
         let mut latencies = self.thread.join().expect("bystander thread");
         assert!(latencies.len() >= min_calls, "only {} bystander calls", latencies.len());
-        latencies.sort();
-        (latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)], latencies.len())
+        (p99(&mut latencies), latencies.len())
     }
 }
 
@@ -319,7 +286,7 @@ async fn non_reading_echo_flood(node: &TestNode, bystander_url: &str, requests: 
     let bystander = Bystander::start(bystander_url).await;
 
     let mut attacker = RawWs::connect(node.addr()).await;
-    let frames = (0..requests).map(|i| frame(BINARY, true, &echo_request(&format!("f{i}"), payload)));
+    let frames = (0..requests).map(|i| masked_frame(BINARY, true, &echo_request(&format!("f{i}"), payload)));
     let (started, rest) = attacker.write_until_stalled(frames).await;
     assert!(started < requests, "the node kept reading a client that does not read ({started} requests taken)");
     let pauses = node.metric("mpreg_limit_exceeded_total", r#"limit="max_outbound_bytes_per_connection""#).await;
@@ -362,7 +329,7 @@ async fn ping_flood(node: &TestNode, bystander_url: &str) {
     let mut attacker = RawWs::connect(node.addr()).await;
     // 1,000 pings per write, each with the largest payload a ping may carry (125 bytes), so
     // that their pongs (25 MB) overflow every socket buffer on the way back.
-    let batch: Vec<u8> = (0..1000).flat_map(|_| frame(PING, true, &[b'p'; 125])).collect();
+    let batch: Vec<u8> = (0..1000).flat_map(|_| masked_frame(PING, true, &[b'p'; 125])).collect();
     let (started, rest) = attacker.write_until_stalled(std::iter::repeat_n(batch, PINGS / 1000)).await;
     bystander.make_calls(200).await;
     // A newcomer is served at once.
@@ -389,7 +356,7 @@ async fn ping_flood(node: &TestNode, bystander_url: &str) {
     let RawWs { mut reader, mut writer } = attacker;
     let finish = tokio::spawn(async move {
         writer.write_all(&rest).await.expect("rest of the pings");
-        writer.write_all(&frame(BINARY, true, &echo_request("after-pings", 10))).await.expect("request");
+        writer.write_all(&masked_frame(BINARY, true, &echo_request("after-pings", 10))).await.expect("request");
         writer
     });
     let mut pongs = 0usize;
@@ -514,11 +481,11 @@ async fn over_limit_frames_are_answered_under_their_u_or_closed_1009() {
     // Continuations that add up to over twice the limit: closed 1009.
     let mut ws = RawWs::connect(node.addr()).await;
     let chunk = vec![b' '; 50 * 1024];
-    ws.writer.write_all(&frame(TEXT, false, b"{\"role\":\"rpc\",\"u\":\"parts\",\"pad\":\"")).await.unwrap();
+    ws.writer.write_all(&masked_frame(TEXT, false, b"{\"role\":\"rpc\",\"u\":\"parts\",\"pad\":\"")).await.unwrap();
     for _ in 0..3 {
-        ws.writer.write_all(&frame(CONTINUATION, false, &chunk)).await.unwrap();
+        ws.writer.write_all(&masked_frame(CONTINUATION, false, &chunk)).await.unwrap();
     }
-    ws.writer.write_all(&frame(CONTINUATION, true, b"\"}")).await.unwrap();
+    ws.writer.write_all(&masked_frame(CONTINUATION, true, b"\"}")).await.unwrap();
     let close = loop {
         let frame = ws.reader.data().await;
         if frame.opcode == CLOSE {

@@ -17,14 +17,17 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join;
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use mpreg::{Client, Node, NodeBuilder, Settings};
+use futures_util::{SinkExt, StreamExt};
+use mpreg::{Client, Settings};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use common::http_async;
+use common::memory::rss_kib;
+use common::metrics::metric_value;
+use common::node::TestNode;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(20);
@@ -39,16 +42,7 @@ fn settings() -> Settings {
     Settings { port: 0, monitoring_port: 0, ..Settings::default() }
 }
 
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
-}
-
 impl TestNode {
-    async fn start(settings: Settings) -> TestNode {
-        TestNode { node: NodeBuilder::new(settings).start().await.expect("node starts") }
-    }
-
     async fn client(&self) -> Client {
         Client::connect(self.node.url()).await.expect("client connects")
     }
@@ -63,12 +57,6 @@ impl TestNode {
         let reply = http_async("GET", &url).await.expect("/metrics answers");
         assert_eq!(reply.status, 200);
         reply.body
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 
@@ -134,22 +122,9 @@ fn assert_refused(ack: &Value, limit: &str) {
     assert!(error.contains(limit), "the error should name {limit}: {ack}");
 }
 
-/// The value of the first sample of `name` whose labels contain `labels`.
-fn metric(body: &str, name: &str, labels: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(labels))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 /// This process's resident memory (the node runs in it), in MiB.
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmRSS line");
-    kib / 1024.0
+    rss_kib().expect("VmRSS in /proc/self/status") as f64 / 1024.0
 }
 
 /// Nearest-rank percentile of `samples` (sorted here).
@@ -184,7 +159,7 @@ async fn pubsub_attacks_are_bounded() {
 /// The issue's `#` attack, by the numbers and by patterns that do not collapse,
 /// each publish acked promptly while a bystander's echo keeps its latency.
 async fn hash_patterns_cost_no_more_than_their_words() {
-    let node = TestNode::start(settings()).await;
+    let node = TestNode::start(settings(), vec![]).await;
     let bystander_client = node.client().await;
     let mut attacker = node.raw().await;
     // Fifteen `#`s (collapsed to one) and 63 patterns at the word limit that cannot
@@ -224,7 +199,7 @@ async fn hash_patterns_cost_no_more_than_their_words() {
 /// Every pub/sub bound refuses with a failed ack that names its setting, counts in
 /// `/metrics`, and leaves the connection serving.
 async fn oversized_subscriptions_and_topics_are_refused_by_name() {
-    let node = TestNode::start(Settings { pubsub_max_subscriptions_per_connection: 8, ..settings() }).await;
+    let node = TestNode::start(Settings { pubsub_max_subscriptions_per_connection: 8, ..settings() }, vec![]).await;
     let mut raw = node.raw().await;
 
     // Patterns per subscription (default 64), among them the million.
@@ -266,7 +241,7 @@ async fn oversized_subscriptions_and_topics_are_refused_by_name() {
         ("pubsub_max_topic_bytes", 2.0),
         ("pubsub_max_subscriptions_per_connection", 1.0),
     ] {
-        let value = metric(&body, "mpreg_limit_exceeded_total", &format!("limit=\"{limit}\""));
+        let value = metric_value(&body, "mpreg_limit_exceeded_total", &format!("limit=\"{limit}\""));
         assert_eq!(value, Some(count), "{limit}\n{body}");
     }
 }
@@ -277,11 +252,14 @@ async fn oversized_subscriptions_and_topics_are_refused_by_name() {
 async fn backlog_is_bounded_in_bytes_and_memory() {
     const BACKLOG_BYTES: usize = 8 * 1024 * 1024;
     const FLOOD: usize = 24;
-    let node = TestNode::start(Settings {
-        pubsub_backlog_max_bytes: BACKLOG_BYTES,
-        pubsub_backlog_max_message_bytes: 512 * 1024,
-        ..settings()
-    })
+    let node = TestNode::start(
+        Settings {
+            pubsub_backlog_max_bytes: BACKLOG_BYTES,
+            pubsub_backlog_max_message_bytes: 512 * 1024,
+            ..settings()
+        },
+        vec![],
+    )
     .await;
     let publisher = node.client().await;
     let rss_before = rss_mib();
@@ -295,10 +273,10 @@ async fn backlog_is_bounded_in_bytes_and_memory() {
         tokio::time::timeout(SOON, publisher.publish("flood.big", big.clone())).await.expect("acked").unwrap();
     }
     let body = node.metrics().await;
-    let backlog_bytes = metric(&body, "mpreg_pubsub_backlog_bytes", "node=");
+    let backlog_bytes = metric_value(&body, "mpreg_pubsub_backlog_bytes", "node=");
     assert_eq!(backlog_bytes, Some(0.0), "{body}");
     assert_eq!(
-        metric(&body, "mpreg_limit_exceeded_total", "limit=\"pubsub_backlog_max_message_bytes\""),
+        metric_value(&body, "mpreg_limit_exceeded_total", "limit=\"pubsub_backlog_max_message_bytes\""),
         Some(FLOOD as f64),
         "{body}"
     );
@@ -310,11 +288,11 @@ async fn backlog_is_bounded_in_bytes_and_memory() {
     for i in 0..100 {
         publisher.publish(&format!("kept.{i}"), json!(payload)).await.unwrap();
         let body = node.metrics().await;
-        let bytes = metric(&body, "mpreg_pubsub_backlog_bytes", "node=").expect("backlog gauge");
+        let bytes = metric_value(&body, "mpreg_pubsub_backlog_bytes", "node=").expect("backlog gauge");
         assert!(bytes as usize <= BACKLOG_BYTES, "backlog holds {bytes} bytes after publish {i}");
     }
     let body = node.metrics().await;
-    let kept = metric(&body, "mpreg_pubsub_backlog_messages", "node=").expect("backlog gauge") as usize;
+    let kept = metric_value(&body, "mpreg_pubsub_backlog_messages", "node=").expect("backlog gauge") as usize;
     assert!((20..=27).contains(&kept), "8 MiB holds 26 messages of 300 KiB, the backlog has {kept}");
 
     // A late subscriber replays exactly the kept ones, oldest first, in several pages.

@@ -12,19 +12,20 @@
 mod common;
 
 use std::cell::{Cell, RefCell};
-use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use mpreg::{Node, NodeBuilder, Settings};
+use futures_util::{SinkExt, StreamExt};
+use mpreg::{NodeBuilder, Settings};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::memory::rss_mib;
+use common::node::TestNode;
 use common::{http_async, poll_until_async, quiet_expected_panics};
 
 /// Upper bound for one hostile request's answer on a loaded 2-core machine (debug build).
@@ -39,31 +40,6 @@ const RSS_GROWTH_MIB: u64 = 400;
 
 fn settings() -> Settings {
     Settings { port: 0, monitoring_port: 0, functions: vec!["demo".to_owned()], ..Settings::default() }
-}
-
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
-}
-
-impl TestNode {
-    async fn start(settings: Settings) -> TestNode {
-        TestNode { node: NodeBuilder::new(settings).start().await.expect("node starts") }
-    }
-}
-
-impl Deref for TestNode {
-    type Target = Node;
-
-    fn deref(&self) -> &Node {
-        &self.node
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.node.shutdown().now_or_never();
-    }
 }
 
 /// A websocket speaking raw text frames, so a test controls every byte sent.
@@ -135,17 +111,6 @@ fn assert_error(reply: &Value, code: u16, needle: &str) {
     assert!(details.contains(needle), "details {details:?} lack {needle:?}");
 }
 
-/// The process's resident memory (the node runs in this process).
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    kib / 1024
-}
-
 /// `c0 = echo("x")`, `c_i = echos(c_{i-1} × fan)`.
 fn doubling(levels: usize, fan: usize) -> Value {
     let mut cmds = vec![json!({"name": "c0", "fun": "echo", "args": ["x"]})];
@@ -191,7 +156,7 @@ fn percentile(latencies: &mut [Duration], p: f64) -> Duration {
 
 #[actix_rt::test]
 async fn amplification_attacks_are_refused_quickly_while_a_bystander_keeps_its_latency() {
-    let node = TestNode::start(settings()).await;
+    let node = TestNode::start(settings(), vec![]).await;
     // Frames built before the clock starts: the test's own JSON work is not the node's.
     let attacks: Vec<(&str, Value, bool, &str)> = vec![
         // 1.9 KB frame, 984 MiB unbounded: runs on the Planner (23 commands).
@@ -257,7 +222,7 @@ async fn amplification_attacks_are_refused_quickly_while_a_bystander_keeps_its_l
 #[actix_rt::test]
 async fn large_requests_within_bounds_run_on_the_planner_and_it_is_supervised() {
     quiet_expected_panics();
-    let node = TestNode::start(settings()).await;
+    let node = TestNode::start(settings(), vec![]).await;
     let mut socket = RawSocket::connect(node.url()).await;
     let monitoring = node.monitoring_url().expect("monitoring is on").to_owned();
     let planner = || async {
@@ -292,7 +257,7 @@ async fn large_requests_within_bounds_run_on_the_planner_and_it_is_supervised() 
 
 #[actix_rt::test]
 async fn numbers_come_back_exactly_or_are_refused() {
-    let node = TestNode::start(settings()).await;
+    let node = TestNode::start(settings(), vec![]).await;
     let mut socket = RawSocket::connect(node.url()).await;
     let echo = |u: &str, literal: &str| {
         format!(r#"{{"role":"rpc","u":"{u}","cmds":[{{"name":"e","fun":"echo","args":[{literal}]}}]}}"#)

@@ -9,14 +9,13 @@
 
 mod common;
 
-use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{join, join3, join_all};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use mpreg::client::{CallOptions, SubscriptionStream};
 use mpreg::node::NodeError;
-use mpreg::{Client, FunctionSpec, Node, NodeBuilder, RpcCommand, Settings, Version};
+use mpreg::{Client, FunctionSpec, NodeBuilder, RpcCommand, Settings, Version};
 use mpreg_actors::protocol::{ErrorCode, PubSubMessage};
 use mpreg_actors::registry::RegistryError;
 use serde_json::{json, Value};
@@ -24,6 +23,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::metrics::metric_value;
+use common::node::TestNode;
 use common::{http_async, poll_until_async, quiet_expected_panics, rpc_error, EXPECTED_PANIC};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -65,39 +66,13 @@ async fn panic_async(_: i64) -> i64 {
     panic!("{EXPECTED_PANIC} async kaboom")
 }
 
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
-}
-
 impl TestNode {
-    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
-        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-        TestNode { node: builder.start().await.expect("node starts") }
-    }
-
     async fn client(&self) -> Client {
         Client::connect(self.node.url()).await.expect("client connects")
     }
 
     fn monitoring(&self, path: &str) -> String {
         format!("{}{path}", self.node.monitoring_url().expect("monitoring is enabled"))
-    }
-}
-
-impl Deref for TestNode {
-    type Target = Node;
-
-    fn deref(&self) -> &Node {
-        &self.node
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        // The first poll of `shutdown` sends the listener its stop command; the rest of the
-        // tree goes down with the test's actix System right after.
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 
@@ -639,13 +614,6 @@ async fn wait_restarted(node: &TestNode, name: &str, restarts: u64) {
         (status == (restarts, "running".to_owned())).then_some(())
     })
     .await;
-}
-
-/// The value of the first sample of `metric` whose labels contain `labels`.
-fn metric_value(text: &str, metric: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
-        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
 #[actix_rt::test]

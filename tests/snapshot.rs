@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use common::node::cluster_settings;
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine; a dial
@@ -40,19 +41,10 @@ const SOON: Duration = Duration::from_secs(20);
 
 fn settings(name: &str, cluster: &str, peers: Vec<String>, data_dir: Option<&Path>) -> Settings {
     Settings {
-        name: name.to_owned(),
-        port: 0,
-        monitoring_port: 0,
-        cluster_id: cluster.to_owned(),
-        workers: 1,
         peers,
         data_dir: data_dir.map(Path::to_path_buf),
-        gossip_interval_s: 0.05,
-        suspect_after_s: 1.0,
-        remove_after_s: 3.0,
-        departed_grace_s: 1.0,
         catalog_snapshot_interval_s: 0.1,
-        ..Settings::default()
+        ..cluster_settings(name, cluster)
     }
 }
 

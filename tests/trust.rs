@@ -19,83 +19,32 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
-use mpreg_actors::fabric::trust::{self, Authority};
+use futures_util::SinkExt;
+use mpreg::{Client, FunctionSpec, NodeBuilder, Settings};
+use mpreg_actors::fabric::trust;
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use common::keys::Keys;
+use common::node::{cluster_settings, TestNode};
+use common::ws::{raw_connect, raw_next};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
 const SOON: Duration = Duration::from_secs(10);
 
-/// A cluster authority in a temporary directory, removed on drop.
-struct Keys {
-    dir: PathBuf,
-    authority: Authority,
-    cluster: String,
-}
-
-impl Keys {
-    fn new(cluster: &str) -> Keys {
-        let dir =
-            std::env::temp_dir().join(format!("mpreg-trust-test-{}-{}", std::process::id(), trust::fresh_nonce()));
-        let authority = Authority::generate();
-        authority.save(&dir).expect("authority saved");
-        Keys { dir, authority, cluster: cluster.to_owned() }
-    }
-
-    /// `NAME.cred` for this cluster, as `mpreg keys issue` writes it.
-    fn issue(&self, name: &str) -> PathBuf {
-        let credentials =
-            self.authority.issue(name, &self.cluster, trust::unix_seconds(), 86_400).expect("credentials issued");
-        let path = self.dir.join(format!("{name}.cred"));
-        credentials.save(&path).expect("credentials saved");
-        path
-    }
-}
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Settings of a test node: ports chosen by the OS, one worker, fast gossip.
 fn settings(name: &str, cluster: &str, peers: &[&str], credentials: Option<&Path>) -> Settings {
     Settings {
-        name: name.to_owned(),
-        port: 0,
-        monitoring_port: 0,
-        cluster_id: cluster.to_owned(),
-        workers: 1,
         peers: peers.iter().map(|p| (*p).to_owned()).collect(),
-        gossip_interval_s: 0.05,
-        suspect_after_s: 1.0,
-        remove_after_s: 3.0,
-        departed_grace_s: 1.0,
         credentials: credentials.map(Path::to_owned),
-        ..Settings::default()
+        ..cluster_settings(name, cluster)
     }
-}
-
-/// A running node, stopped on drop.
-struct TestNode {
-    node: Node,
 }
 
 impl TestNode {
-    async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> TestNode {
-        let name = settings.name.clone();
-        let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-        TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
-    }
-
     fn url(&self) -> &str {
         self.node.url()
     }
@@ -122,12 +71,6 @@ impl TestNode {
 
     async fn refused(&self, reason: &str) -> u64 {
         self.counter("mpreg_peer_refused_total", "reason", reason).await
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.node.shutdown().now_or_never();
     }
 }
 
@@ -158,23 +101,17 @@ async fn wait_callable(client: &Client, fun: &str, args: Vec<Value>) -> Value {
         .await
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn raw_connect(url: &str) -> Ws {
-    tokio_tungstenite::connect_async(url).await.expect("raw websocket connects").0
-}
-
-/// The next data frame as JSON; `None` if the socket closed.
-async fn raw_next(ws: &mut Ws) -> Option<Value> {
-    loop {
-        let message = tokio::time::timeout(SOON, ws.next()).await.expect("a frame or a close within SOON");
-        match message {
-            Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).expect("JSON frame")),
-            Some(Ok(Message::Binary(bytes))) => return Some(serde_json::from_slice(&bytes).expect("JSON frame")),
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
-            Some(Ok(_)) => continue,
+/// `held(x)`: waits for `gate`, then answers `x * factor` — a call the test keeps in
+/// flight for as long as it needs.
+fn held(gate: &Arc<Notify>, factor: i64) -> FunctionSpec {
+    let gate = gate.clone();
+    FunctionSpec::asynchronous("held", move |x: i64| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            x * factor
         }
-    }
+    })
 }
 
 fn plus(n: i64) -> impl Fn(i64) -> i64 + Send + Sync + Clone + 'static {
@@ -281,16 +218,7 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
     let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
     // `gate` lets the test hold a call of another client in flight while it attacks.
     let gate = Arc::new(Notify::new());
-    let held = {
-        let gate = gate.clone();
-        FunctionSpec::asynchronous("held", move |x: i64| {
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                x * 10
-            }
-        })
-    };
+    let held = held(&gate, 10);
     let b_fun = FunctionSpec::sync("b_fun", plus(1)).inline();
     let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![b_fun, held]).await;
     let client = a.client().await;
@@ -325,7 +253,7 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
     }
     for frame in &frames {
         ws.send(Message::Text(frame.to_string())).await.unwrap();
-        let reply = raw_next(&mut ws).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
+        let reply = raw_next(&mut ws, SOON).await.unwrap_or_else(|| panic!("{frame} closed the connection"));
         assert_eq!(reply["error"]["code"], 1004, "{frame} -> {reply}");
         let details = reply["error"]["details"].as_str().unwrap_or_default();
         assert!(details.contains("handshake"), "{details}");
@@ -333,7 +261,7 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
     // The same connection still serves requests.
     let rpc = json!({"role": "rpc", "u": "after", "cmds": [{"name": "r", "fun": "b_fun", "args": [41]}]});
     ws.send(Message::Text(rpc.to_string())).await.unwrap();
-    let reply = raw_next(&mut ws).await.expect("an answer");
+    let reply = raw_next(&mut ws, SOON).await.expect("an answer");
     assert_eq!((&reply["u"], &reply["r"]), (&json!("after"), &json!({"r": 42})), "{reply}");
 
     // A STATUS without credentials is refused in words, counted, and the link closed.
@@ -343,9 +271,9 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
         "functions": [], "catalog_version": 1
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    let refusal = raw_next(&mut ws).await.expect("a refusal");
+    let refusal = raw_next(&mut ws, SOON).await.expect("a refusal");
     assert_eq!((&refusal["role"], &refusal["kind"]), (&json!("server"), &json!("refused")), "{refusal}");
-    assert_eq!(raw_next(&mut ws).await, None, "the refused link is closed");
+    assert_eq!(raw_next(&mut ws, SOON).await, None, "the refused link is closed");
     assert!(a.refused("no_credentials").await >= 1);
 
     // Nothing changed: B is still linked and routable, no fake node was learned, and the
@@ -410,16 +338,7 @@ async fn calls_served_for_a_link_are_capped_counted_and_cancelled_with_the_link(
     let keys = Keys::new(&cluster);
     let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
     let gate = Arc::new(Notify::new());
-    let held = {
-        let gate = gate.clone();
-        FunctionSpec::asynchronous("held", move |x: i64| {
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                x
-            }
-        })
-    };
+    let held = held(&gate, 1);
     let b_settings =
         Settings { max_in_flight_per_link: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
     let b = TestNode::start(b_settings, vec![held]).await;
@@ -462,16 +381,7 @@ async fn a_call_refused_at_the_serving_nodes_max_in_flight_is_a_1006() {
     let keys = Keys::new(&cluster);
     let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
     let gate = Arc::new(Notify::new());
-    let held = {
-        let gate = gate.clone();
-        FunctionSpec::asynchronous("held", move |x: i64| {
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                x
-            }
-        })
-    };
+    let held = held(&gate, 1);
     // B admits one waiting request in all, whoever asks (clients or peers).
     let b_settings = Settings { max_in_flight: 1, ..settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))) };
     let b = TestNode::start(b_settings, vec![held]).await;
@@ -598,7 +508,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         "auth": {"nonce": m_nonce, "certificate": m.certificate(), "catalog": signed_catalog},
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!((&answer["role"], &answer["kind"]), (&json!("server"), &json!("status")), "{answer}");
     let a_nonce = answer["auth"]["nonce"].as_str().expect("A's nonce").to_owned();
     let transcript = link_transcript(
@@ -667,7 +577,7 @@ async fn fabric_inputs_from_an_admitted_peer_are_bounded() {
         "functions": [function("f1"), function("f2"), function("f3")], "catalog_version": 1
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    let answer = raw_next(&mut ws).await.expect("A's STATUS");
+    let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!(answer["kind"], "status", "{answer}");
     // 3000 invented nodes in one digest, every one with a URL to dial.
     let members: Vec<Value> = (0..3000)

@@ -1,5 +1,4 @@
-//! Helpers shared by the integration tests (`tests/node.rs`, `tests/cli.rs`,
-//! `tests/cluster.rs`, `tests/cluster_processes.rs`).
+//! Helpers shared by the integration tests; each test file has `mod common;`.
 //!
 //! - HTTP/1.1 over a plain TCP stream, blocking ([`http_blocking`]) and async
 //!   ([`http_async`]): the monitoring endpoints need nothing more, and no HTTP client
@@ -10,9 +9,22 @@
 //! - [`TempFile`]: a uniquely named file in the temp directory, removed on drop.
 //! - [`quiet_expected_panics`]: the tests make functions and actors panic on purpose;
 //!   those panics are expected and would only bury real failures in noise.
+//! - [`node`]: a node in the test process, stopped on drop, and cluster test settings.
+//! - [`keys`]: a cluster authority and node credentials in a temporary directory.
+//! - [`ws`]: a websocket without the SDK, down to the bytes of a frame.
+//! - [`memory`]: this process's resident memory, where in-process nodes live.
+//! - [`metrics`]: samples out of the Prometheus text of `/metrics`.
+//! - [`latency`]: the bystander's p99.
 
 // Each test crate uses its own subset of these helpers.
 #![allow(dead_code)]
+
+pub mod keys;
+pub mod latency;
+pub mod memory;
+pub mod metrics;
+pub mod node;
+pub mod ws;
 
 use std::future::Future;
 use std::io::{Read, Write};

@@ -619,6 +619,20 @@ mod tests {
         }
     }
 
+    /// Version 1 of `node`'s catalog in cluster `c`: no functions, advertised at 0.
+    fn catalog(node: &str, instance: &str) -> CatalogDelta {
+        CatalogDelta {
+            node: node.into(),
+            instance_id: instance.into(),
+            cluster_id: "c".into(),
+            version: 1,
+            advertised_at: 0.0,
+            ttl_s: 60.0,
+            functions: vec![],
+            proof: None,
+        }
+    }
+
     fn core() -> MembershipCore {
         MembershipCore::new(info("a", "a1"), MembershipTiming::default(), Vec::new())
     }
@@ -660,16 +674,7 @@ mod tests {
         let mut m = core();
         let (_, wanted) = m.apply_digest(&[digest("b", "b1", 1, &[])], 0.0);
         assert_eq!(wanted, vec!["b".to_owned()]);
-        let delta = CatalogDelta {
-            node: "b".into(),
-            instance_id: "b1".into(),
-            cluster_id: "c".into(),
-            version: 1,
-            advertised_at: 0.0,
-            ttl_s: 60.0,
-            functions: vec![],
-            proof: None,
-        };
+        let delta = catalog("b", "b1");
         assert!(m.apply_catalog(&delta, 0.0));
         assert!(!m.apply_catalog(&delta, 0.1), "the same version twice is not news");
         let (_, wanted) = m.apply_digest(&[digest("b", "b1", 2, &[])], 0.2);
@@ -685,16 +690,7 @@ mod tests {
         // Known nodes are not counted against the bound.
         let outcome = m.apply_digest_bounded(&many[..4], 0.1, 0);
         assert_eq!(outcome.refused, 0);
-        let stranger = CatalogDelta {
-            node: "zz".into(),
-            instance_id: "z1".into(),
-            cluster_id: "c".into(),
-            version: 1,
-            advertised_at: 0.0,
-            ttl_s: 60.0,
-            functions: vec![],
-            proof: None,
-        };
+        let stranger = catalog("zz", "z1");
         assert!(!m.apply_catalog(&stranger, 0.2), "entries of a non-member are not stored");
         assert!(m.catalog_entries().is_empty());
     }

@@ -266,17 +266,27 @@ async fn hold_first_sync_and_queue(
     (first, rest)
 }
 
+/// Opens the gate [`hold_first_sync_and_queue`] closed and asserts that the first commit
+/// and every queued one succeed.
+async fn release_and_await_all(
+    store: &FaultyStore,
+    first: tokio::task::JoinHandle<Result<()>>,
+    rest: Vec<tokio::task::JoinHandle<Result<()>>>,
+) {
+    store.open_gate();
+    first.await.unwrap().unwrap();
+    for task in rest {
+        task.await.unwrap().unwrap();
+    }
+}
+
 #[actix_rt::test]
 async fn group_commit_answers_every_waiter_after_one_sync() {
     let store = Arc::new(FaultyStore::default());
     let handle = PersistenceHandle::start(store.clone(), 64, None).unwrap();
     let batches = (0..20).map(|i| Batch::new().put("queue/q", format!("m{i:02}"), "x")).collect();
     let (first, rest) = hold_first_sync_and_queue(&handle, &store, batches).await;
-    store.open_gate();
-    first.await.unwrap().unwrap();
-    for task in rest {
-        task.await.unwrap().unwrap();
-    }
+    release_and_await_all(&store, first, rest).await;
     // The first commit synced alone; the 20 queued behind it shared ONE sync.
     assert_eq!(store.syncs_entered.load(Ordering::SeqCst), 2);
     assert_eq!(handle.stats().syncs(), 2);
@@ -290,11 +300,7 @@ async fn max_batch_bounds_a_group() {
     let handle = PersistenceHandle::start(store.clone(), 8, None).unwrap();
     let batches = (0..20).map(|i| Batch::new().put("queue/q", format!("m{i:02}"), "x")).collect();
     let (first, rest) = hold_first_sync_and_queue(&handle, &store, batches).await;
-    store.open_gate();
-    first.await.unwrap().unwrap();
-    for task in rest {
-        task.await.unwrap().unwrap();
-    }
+    release_and_await_all(&store, first, rest).await;
     // 1 + ceil(20 / 8) groups.
     assert_eq!(handle.stats().syncs(), 4);
 }

@@ -8,10 +8,11 @@ use futures_util::FutureExt;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
+use super::tests::request;
 use super::*;
 use crate::function::{CallArgs, FunctionSpec};
 use crate::metrics::Metrics;
-use crate::protocol::{RpcCommand, RpcRequest};
+use crate::protocol::RpcCommand;
 use crate::registry::FunctionTable;
 
 fn table() -> Arc<FunctionTable> {
@@ -28,16 +29,7 @@ fn table() -> Arc<FunctionTable> {
 }
 
 fn plan(cmds: Vec<RpcCommand>) -> Plan {
-    let request = RpcRequest {
-        u: "budget".to_owned(),
-        cmds,
-        return_intermediate_results: false,
-        intermediate_result_callback_topic: None,
-        include_execution_summary: false,
-        debug_mode: false,
-        timeout: None,
-    };
-    Plan::build(request, Routing::local(table(), "local")).unwrap()
+    Plan::build(request(cmds), Routing::local(table(), "local")).unwrap()
 }
 
 /// `c0 = echo("x")`, `c_i = echos(c_{i-1}, c_{i-1})`: the value doubles per command.

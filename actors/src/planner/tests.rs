@@ -19,7 +19,8 @@ use crate::registry::FunctionTable;
 /// What the recording functions and observers saw, in order.
 type Log = Arc<Mutex<Vec<String>>>;
 
-fn request(cmds: Vec<RpcCommand>) -> RpcRequest {
+/// A request of `cmds` with every option off (shared with `budget_tests`).
+pub(super) fn request(cmds: Vec<RpcCommand>) -> RpcRequest {
     RpcRequest {
         u: "req-1".to_owned(),
         cmds,
