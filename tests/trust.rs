@@ -587,6 +587,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         advertised_at: 0.0,
         ttl_s: 60.0,
         functions: vec![],
+        queues: vec![],
         proof: None,
     };
     let signed_catalog = CatalogDelta { proof: Some(m.seal(serde_json::to_string(&m_catalog).unwrap())), ..m_catalog };
@@ -621,6 +622,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         advertised_at: 0.0,
         ttl_s: 60.0,
         functions: vec![],
+        queues: vec![],
         proof: None,
     };
     let forged_signed =
