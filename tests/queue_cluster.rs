@@ -111,6 +111,9 @@ async fn a_queue_on_b_is_sent_to_on_a_and_received_and_acked_on_c() {
     assert_eq!(got.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), sent);
     let payloads: Vec<Value> = got.iter().map(|m| m.payload.clone()).collect();
     assert_eq!(payloads, [json!({"n": 0}), json!({"n": 1}), json!({"n": 2})]);
+    // The leases are this connection's: another client (even on the same node) acks nothing.
+    let other_on_c = client(&c).await;
+    assert!(other_on_c.queue_ack("jobs", &sent, None).await.unwrap().is_empty());
     assert_eq!(on_c.queue_ack("jobs", &sent, None).await.unwrap(), sent);
 
     let stats = on_a.queue_stats("jobs").await.unwrap();

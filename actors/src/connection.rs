@@ -344,7 +344,7 @@ impl Connection {
             let request = Arc::new(request);
             let call = || QueueCall { conn, outbox: outbox.clone(), kind, request: request.clone() };
             let outcome = match remote_queue(&fabric, &request) {
-                QueueRoute::Remote(owner) => forward_queue_op(&fabric, &owner, &request, timeout).await,
+                QueueRoute::Remote(owner) => forward_queue_op(&fabric, &owner, &request, conn, timeout).await,
                 QueueRoute::Refused(error) => Err(error),
                 QueueRoute::Local => match slot.send(call).await {
                     Ok(outcome) if request.op == "list" => outcome.map(|list| merge_remote_queues(&fabric, list)),
@@ -748,9 +748,18 @@ async fn forward_queue_op(
     fabric: &FabricShared,
     owner: &crate::fabric::RemoteQueue,
     request: &QueueRequest,
+    conn: ConnectionId,
     timeout: Duration,
 ) -> Result<Value, RpcError> {
-    let body = serde_json::to_value(request).map_err(|e| RpcError::invalid(e.to_string()))?;
+    let mut body = serde_json::to_value(request).map_err(|e| RpcError::invalid(e.to_string()))?;
+    // The default consumer is one per connection: on the owner, this connection's.
+    let per_connection = matches!(request.op.as_str(), "receive" | "ack" | "nack");
+    if let Value::Object(fields) = &mut body {
+        if per_connection && fields.get("consumer").is_none_or(Value::is_null) {
+            let consumer = format!("{} connection {conn}", fabric.me.node);
+            fields.insert("consumer".into(), Value::String(consumer));
+        }
+    }
     let outcome = match tokio::time::timeout(timeout, fabric.queue_op(&owner.node, body)).await {
         Ok(outcome) => outcome,
         Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
