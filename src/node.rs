@@ -193,7 +193,8 @@ impl NodeBuilder {
             FabricShared::new(me, settings.hop_budget, table.clone(), pubsub.clone(), gossip.clone())
                 .with_trust(credentials)
                 .with_metrics(metrics.clone())
-                .with_limits(limits),
+                .with_limits(limits)
+                .with_queue(queue.clone()),
         );
         let fabric_config = FabricConfig {
             peers: settings.peers.clone(),
@@ -260,6 +261,7 @@ impl NodeBuilder {
         children.push(ChildSpec::new("queue", {
             let (queue, board, metrics, store, pubsub) =
                 (queue.clone(), queue_board.clone(), metrics.clone(), persistence.clone(), pubsub.clone());
+            let fabric = fabric.clone();
             let limits = QueueLimits {
                 max_queues: settings.queue_max_queues,
                 max_wait: settings.queue_max_wait_s,
@@ -269,6 +271,7 @@ impl NodeBuilder {
             move |guard| {
                 let addr = Queue::new(store.clone(), metrics.clone(), limits.clone(), board.clone(), guard)
                     .with_pubsub(pubsub.clone())
+                    .with_fabric(fabric.clone())
                     .start();
                 queue.set(addr.clone());
                 ChildHandles::of(&addr)

@@ -163,6 +163,7 @@ fn delta() -> BoxedStrategy<CatalogDelta> {
                 advertised_at: finite(advertised_at),
                 ttl_s: finite(ttl_s),
                 functions,
+                queues: vec![],
                 proof,
             }
         })
@@ -185,7 +186,13 @@ fn server_frame() -> BoxedStrategy<ServerFrame> {
         .prop_map(|(nonce, certificate, proof, catalog)| Box::new(StatusAuth { nonce, certificate, proof, catalog }));
     prop_oneof![
         (node_info(), prop::collection::vec(identity(), 0..3), any::<u64>(), prop::option::of(auth)).prop_map(
-            |(info, functions, catalog_version, auth)| ServerFrame::Status { info, functions, catalog_version, auth }
+            |(info, functions, catalog_version, auth)| ServerFrame::Status {
+                info,
+                functions,
+                catalog_version,
+                queues: vec![],
+                auth,
+            }
         ),
         hex_text().prop_map(|signature| ServerFrame::Proof { signature }),
         ".{0,30}".prop_map(|reason| ServerFrame::Refused { reason }),
@@ -489,7 +496,7 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, trust: &trust::Credentials,
     };
     let direct: HashSet<String> = ["B".to_owned()].into_iter().collect();
     match frame {
-        PeerFrame::Server(ServerFrame::Status { info, auth, functions, catalog_version }) => {
+        PeerFrame::Server(ServerFrame::Status { info, auth, functions, catalog_version, .. }) => {
             let _ = core.check(&info, now);
             if let Some(auth) = auth {
                 if let Ok(key) = trust.check_peer(&auth.certificate, &info.node, now_s) {
@@ -512,6 +519,7 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, trust: &trust::Credentials,
                     advertised_at: 0.0,
                     ttl_s: 60.0,
                     functions,
+                    queues: vec![],
                     proof: None,
                 };
                 let _ = core.apply_catalog(&delta, now);

@@ -497,6 +497,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         advertised_at: 0.0,
         ttl_s: 60.0,
         functions: vec![],
+        queues: vec![],
         proof: None,
     };
     let signed_catalog = CatalogDelta { proof: Some(m.seal(serde_json::to_string(&m_catalog).unwrap())), ..m_catalog };
@@ -531,6 +532,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         advertised_at: 0.0,
         ttl_s: 60.0,
         functions: vec![],
+        queues: vec![],
         proof: None,
     };
     let forged_signed =
@@ -606,4 +608,31 @@ async fn fabric_inputs_from_an_admitted_peer_are_bounded() {
     assert!(a.counter("mpreg_limit_exceeded_total", "limit", "max_catalog_entries_per_node").await >= 1);
     let catalog = a.get("/catalog").await;
     assert!(!catalog.contains("\"f1\""), "{catalog}");
+}
+
+#[actix_rt::test]
+async fn queues_are_advertised_in_signed_catalog_entries_and_used_across_the_cluster() {
+    let cluster = cluster_id("trusted-queues");
+    let keys = Keys::new(&cluster);
+    let a = TestNode::start(settings("A", &cluster, &[], Some(&keys.issue("A"))), vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![]).await;
+    wait_linked(&a, "B").await;
+    b.client().await.queue_create("jobs", json!({})).await.expect("created on B");
+    let on_a = a.client().await;
+    let on_a = &on_a;
+    let id = wait_until("A to send to B's queue", move || async move {
+        on_a.queue_send("jobs", json!({"n": 1}), Default::default()).await.ok()
+    })
+    .await;
+    let got = b.client().await.queue_receive("jobs", 1, 0.0, None).await.unwrap();
+    assert_eq!((got[0].id.clone(), got[0].payload.clone()), (id, json!({"n": 1})));
+    // A holds B's queues as B signed them: the name is in the signed text.
+    let catalog: Value = serde_json::from_str(&a.get("/catalog").await).expect("catalog is JSON");
+    let entry = catalog["nodes"].as_array().and_then(|n| n.iter().find(|e| e["node"] == "B")).expect("B's entries");
+    let signed: Value = serde_json::from_str(entry["proof"]["signed"].as_str().expect("signed text")).unwrap();
+    assert_eq!(signed["queues"], json!(["jobs"]), "{entry:#}");
+    for node in [&a, &b] {
+        let metrics = node.get("/metrics").await;
+        assert!(!metrics.contains("forged_statement") && !metrics.contains("unsigned_statement"), "{metrics}");
+    }
 }

@@ -41,11 +41,12 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Item, Message, ProtocolError, Session};
 use bytes::Bytes;
 use futures_util::{FutureExt, Sink};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::fabric::link::next_link_id;
-use crate::fabric::wire::{PeerFrame, ServerFrame};
+use crate::fabric::wire::{CallOutcome, PeerFrame, ServerFrame};
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
     LinkSender,
@@ -348,12 +349,18 @@ impl Connection {
         self.in_flight += 1;
         let (slot, outbox, conn) = (self.shared.queue.clone(), self.outbox.clone(), self.id);
         let metrics = self.shared.metrics.clone();
+        let (fabric, timeout) = (self.shared.fabric.clone(), self.shared.config.request_timeout);
         let task = async move {
             let request = Arc::new(request);
             let call = || QueueCall { conn, outbox: outbox.clone(), kind, request: request.clone() };
-            let outcome = match slot.send(call).await {
-                Ok(outcome) => outcome,
-                Err(e) => Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry"))),
+            let outcome = match remote_queue(&fabric, &request) {
+                QueueRoute::Remote(owner) => forward_queue_op(&fabric, &owner, &request, conn, timeout).await,
+                QueueRoute::Refused(error) => Err(error),
+                QueueRoute::Local => match slot.send(call).await {
+                    Ok(outcome) if request.op == "list" => outcome.map(|list| merge_remote_queues(&fabric, list)),
+                    Ok(outcome) => outcome,
+                    Err(e) => Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry"))),
+                },
             };
             drop(permit);
             if let Err(e) = &outcome {
@@ -709,6 +716,98 @@ fn in_place(shared: &NodeShared, request: RpcRequest, started: Instant) -> InPla
         // Unreachable for an inline plan; answer rather than lose the request.
         None => InPlace::Answered(failed(ending.u, RpcError::invalid("inline plan did not complete"))),
     }
+}
+
+/// Where a queue operation is served.
+enum QueueRoute {
+    /// By this node's Queue actor (a local queue, `list`, `create`, or an unknown name: 1001).
+    Local,
+    /// By the queue's owner, over the fabric.
+    Remote(crate::fabric::RemoteQueue),
+    /// Not at all: the owner is down or unreachable (1005), or the op cannot cross the
+    /// fabric (`subscribe`: 1002 naming the owner).
+    Refused(RpcError),
+}
+
+/// A queue this node does not own, advertised in the catalog by another node, is served
+/// there (see [`FabricShared::queue_op`]).
+fn remote_queue(fabric: &FabricShared, request: &QueueRequest) -> QueueRoute {
+    let Some(name) = request.queue.as_deref().filter(|_| request.op != "list") else { return QueueRoute::Local };
+    if fabric.local_queues.lock().is_ok_and(|local| local.iter().any(|q| q == name)) {
+        return QueueRoute::Local;
+    }
+    let view = fabric.view.load();
+    if let Some(owner) = view.queues.get(name) {
+        if request.op == "subscribe" {
+            let details =
+                format!("subscribe on the owner node ({}): queue {name:?} is owned by {}", owner.url, owner.node);
+            return QueueRoute::Refused(RpcError::invalid(details));
+        }
+        return QueueRoute::Remote(owner.clone());
+    }
+    if let Some(owner) = view.unreachable_queues.get(name) {
+        let details = format!("queue {name:?} is owned by {} ({}), which is unreachable", owner.node, owner.url);
+        return QueueRoute::Refused(RpcError::unreachable(details));
+    }
+    QueueRoute::Local
+}
+
+/// Runs a queue operation on its owner, within the request timeout; a lost owner or link
+/// is 1005 at once.
+async fn forward_queue_op(
+    fabric: &FabricShared,
+    owner: &crate::fabric::RemoteQueue,
+    request: &QueueRequest,
+    conn: ConnectionId,
+    timeout: Duration,
+) -> Result<Value, RpcError> {
+    let mut body = serde_json::to_value(request).map_err(|e| RpcError::invalid(e.to_string()))?;
+    // The default consumer is one per connection: on the owner, this connection's.
+    let per_connection = matches!(request.op.as_str(), "receive" | "ack" | "nack");
+    if let Value::Object(fields) = &mut body {
+        if per_connection && fields.get("consumer").is_none_or(Value::is_null) {
+            let consumer = format!("{} connection {conn}", fabric.me.node);
+            fields.insert("consumer".into(), Value::String(consumer));
+        }
+    }
+    let outcome = match tokio::time::timeout(timeout, fabric.queue_op(&owner.node, body)).await {
+        Ok(outcome) => outcome,
+        Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
+    };
+    match outcome {
+        CallOutcome::Ok { value } => match serde_json::from_value::<QueueReply>(value) {
+            Ok(QueueReply { error: Some(error), .. }) => Err(error),
+            Ok(QueueReply { result, .. }) => Ok(result.unwrap_or(Value::Null)),
+            Err(e) => Err(RpcError::unreachable(format!("undecodable queue reply from {}: {e}", owner.node))),
+        },
+        CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
+        CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
+        CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("queue not served by {node}"))),
+        CallOutcome::Failed { error, node } => {
+            Err(RpcError::unreachable(format!("queue operation failed on {node}: {error:?}")))
+        }
+    }
+}
+
+/// `list` names every queue of the catalog: the local ones (with stats) and the remote
+/// ones (name, owner, and whether the owner is reachable).
+fn merge_remote_queues(fabric: &FabricShared, mut list: Value) -> Value {
+    let view = fabric.view.load();
+    if let Some(Value::Array(queues)) = list.get_mut("queues") {
+        let mut remote: Vec<(&String, &crate::fabric::RemoteQueue, bool)> = view
+            .queues
+            .iter()
+            .map(|(n, q)| (n, q, true))
+            .chain(view.unreachable_queues.iter().map(|(n, q)| (n, q, false)))
+            .collect();
+        remote.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, owner, reachable) in remote {
+            if !queues.iter().any(|q| q.get("name").and_then(Value::as_str) == Some(name.as_str())) {
+                queues.push(serde_json::json!({"name": name, "owner": owner.node, "reachable": reachable}));
+            }
+        }
+    }
+    list
 }
 
 /// Validates and plans a request (no I/O); a refusal comes with the request's `u`.

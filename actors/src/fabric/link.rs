@@ -42,10 +42,13 @@ use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, Peer
 use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
 use crate::function::{CallArgs, FunctionIdentity};
 use crate::metrics::{self, Metrics};
-use crate::protocol::{encode, FrameKind, PubSubMessage};
+use crate::outbox::Outbox;
+use crate::protocol::{encode, FrameKind, PubSubMessage, QueueReply, QueueRequest, RpcError};
 use crate::pubsub::{self, OutFrame, PubSub};
+use crate::queue::{Queue, QueueCall};
 use crate::registry::TableHandle;
 use crate::supervisor::Slot;
+use serde_json::Value;
 
 /// Identifies one link (either direction) on this node.
 pub type LinkId = u64;
@@ -71,6 +74,15 @@ pub struct RemoteFunction {
     pub identity: FunctionIdentity,
 }
 
+/// A queue owned by another node, as the routing snapshot knows it.
+#[derive(Debug, Clone)]
+pub struct RemoteQueue {
+    /// The owner.
+    pub node: NodeId,
+    /// The owner's URL (named in errors: `subscribe` is served on the owner only).
+    pub url: String,
+}
+
 /// The routing snapshot: immutable, swapped whole by the FabricGossip actor.
 #[derive(Debug, Default)]
 pub struct FabricView {
@@ -86,6 +98,10 @@ pub struct FabricView {
     /// Every admitted link (handshake complete), with its node and queue: the only links
     /// routed messages are accepted from and replies are sent back on.
     pub admitted: HashMap<LinkId, (NodeId, LinkSender)>,
+    /// Queues of alive, reachable nodes, by name.
+    pub queues: HashMap<String, RemoteQueue>,
+    /// Queues of suspected or unroutable nodes: operations on them fail with 1005 at once.
+    pub unreachable_queues: HashMap<String, RemoteQueue>,
 }
 
 /// Limits of the link layer.
@@ -187,6 +203,11 @@ pub struct FabricShared {
     pub pubsub: Slot<PubSub>,
     /// The FabricGossip actor (gossip and lifecycle frames go there).
     pub gossip: Slot<FabricGossip>,
+    /// Local queues (to serve queue operations from other nodes).
+    pub queue: Slot<Queue>,
+    /// The names of the local queues as last advertised (kept here so a restarted
+    /// FabricGossip advertises them at once).
+    pub local_queues: Mutex<Vec<String>>,
     pending: Mutex<HashMap<String, PendingCall>>,
     /// This node's credentials; `None` runs open (development).
     pub trust: Option<Arc<Credentials>>,
@@ -235,6 +256,8 @@ impl FabricShared {
             table,
             pubsub,
             gossip,
+            queue: Slot::default(),
+            local_queues: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
             trust: None,
             metrics: Arc::new(Metrics::default()),
@@ -251,6 +274,12 @@ impl FabricShared {
     /// With credentials: every link must authenticate (see [`super::wire`]).
     pub fn with_trust(mut self, trust: Option<Arc<Credentials>>) -> Self {
         self.trust = trust;
+        self
+    }
+
+    /// Serves queue operations from other nodes with this Queue actor.
+    pub fn with_queue(mut self, queue: Slot<Queue>) -> Self {
+        self.queue = queue;
         self
     }
 
@@ -286,6 +315,23 @@ impl FabricShared {
     /// Runs `identity` on `node` and waits for the outcome; a node or link that goes away
     /// before answering is `Unreachable`, never a wait for the request timeout.
     pub async fn call(&self, node: &str, command: &str, identity: &FunctionIdentity, call: CallArgs) -> CallOutcome {
+        let body = FabricBody::Call {
+            command: command.to_owned(),
+            identity: identity.clone(),
+            args: call.args,
+            kwargs: call.kwargs,
+        };
+        self.request(node, body).await
+    }
+
+    /// Runs a queue operation (`request`, the client's `role: "queue"` frame) on the
+    /// queue's owner `node`; the outcome's `ok` value is the owner's `queue-reply`. Same
+    /// guarantees as [`Self::call`]: a lost link or owner is `Unreachable` at once.
+    pub async fn queue_op(&self, node: &str, request: Value) -> CallOutcome {
+        self.request(node, FabricBody::QueueOp { request }).await
+    }
+
+    async fn request(&self, node: &str, body: FabricBody) -> CallOutcome {
         let view = self.view.load();
         let Some(hop) = view.next_hops.get(node).cloned() else {
             return CallOutcome::Unreachable { reason: format!("no route from {} to node {node}", self.me.node) };
@@ -309,12 +355,7 @@ impl FabricShared {
             target: node.to_owned(),
             path: vec![self.me.node.clone()],
             hops_left: self.hop_budget,
-            body: FabricBody::Call {
-                command: command.to_owned(),
-                identity: identity.clone(),
-                args: call.args,
-                kwargs: call.kwargs,
-            },
+            body,
         };
         // Removes the pending entry if this future is dropped (timeout, failed sibling).
         let _cleanup = PendingCleanup { shared: self, id: &id };
@@ -447,7 +488,7 @@ impl FabricShared {
                     }
                 }
             }
-            FabricBody::Call { command, identity, args, kwargs } => {
+            body @ (FabricBody::Call { .. } | FabricBody::QueueOp { .. }) => {
                 let (id, source) = (message.id, message.source);
                 let forwards = message.path.len().saturating_sub(1);
                 let Ok(mut serving) = self.serving.lock() else { return };
@@ -479,7 +520,13 @@ impl FabricShared {
                 let handle = tokio::spawn(async move {
                     let guard = guard;
                     let shared = &guard.shared;
-                    let outcome = shared.serve_call(&command, &identity, CallArgs { args, kwargs }).await;
+                    let outcome = match body {
+                        FabricBody::Call { command, identity, args, kwargs } => {
+                            shared.serve_call(&command, &identity, CallArgs { args, kwargs }).await
+                        }
+                        FabricBody::QueueOp { request } => shared.serve_queue_op(&source, request).await,
+                        _ => return,
+                    };
                     shared.reply(link, id, source, outcome, forwards);
                 });
                 if let Some(calls) = serving.per_link.get_mut(&link) {
@@ -509,6 +556,47 @@ impl FabricShared {
                 debug!(link, id = %message.id, "reply for no call forwarded on this link; dropped");
                 self.metrics.fabric_dropped("stray_reply");
             }
+        }
+    }
+
+    /// A queue operation from `source` for a local queue. Consumers and leases of remote
+    /// clients are bound to one pseudo-connection per source node; `subscribe` is refused
+    /// (pushes do not cross the fabric: subscribe on the owner).
+    async fn serve_queue_op(&self, source: &str, request: Value) -> CallOutcome {
+        let u = request.get("u").cloned().unwrap_or(Value::Null);
+        let reply = |outcome: Result<Value, RpcError>| {
+            let u = serde_json::from_value(u.clone()).ok();
+            CallOutcome::Ok { value: serde_json::to_value(QueueReply::new(u, outcome)).unwrap_or(Value::Null) }
+        };
+        let request: QueueRequest = match serde_json::from_value(request) {
+            Ok(request) => request,
+            Err(e) => return reply(Err(RpcError::invalid(format!("bad forwarded queue request: {e}")))),
+        };
+        if request.op == "subscribe" {
+            let details = format!("subscribe on the owner node ({})", self.me.url);
+            return reply(Err(RpcError::invalid(details)));
+        }
+        let Some(queue) = self.queue.get() else {
+            return reply(Err(RpcError::unreachable(format!("queue service of {} restarting; retry", self.me.node))));
+        };
+        let (outbox, _receiver) = Outbox::channel(16, 1 << 20);
+        let call = QueueCall { conn: remote_conn(source), outbox, kind: FrameKind::Binary, request: Arc::new(request) };
+        match queue.send(call).await {
+            Ok(outcome) => reply(outcome),
+            Err(e) => reply(Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry")))),
+        }
+    }
+
+    /// The Queue actor's set of queues is now `names`: advertise it if it changed.
+    pub fn set_local_queues(&self, names: Vec<String>) {
+        let Ok(mut current) = self.local_queues.lock() else { return };
+        if *current == names {
+            return;
+        }
+        current.clone_from(&names);
+        drop(current);
+        if let Some(gossip) = self.gossip.get() {
+            gossip.do_send(super::LocalQueuesChanged { queues: names });
         }
     }
 
@@ -561,14 +649,14 @@ impl FabricShared {
             .or_else(|| next.is_none().then(|| format!("no route from {} to node {}", self.me.node, message.target)));
         if let Some(reason) = refusal {
             warn!(id = %message.id, source = %message.source, target = %message.target, reason = %reason, "fabric message refused");
-            if matches!(message.body, FabricBody::Call { .. }) {
+            if message.body.is_request() {
                 let forwards = message.path.len().saturating_sub(1);
                 self.reply(arrived_on, message.id, message.source, CallOutcome::Unreachable { reason }, forwards);
             }
             return;
         }
         let Some((next_link, sender)) = next else { return };
-        if matches!(message.body, FabricBody::Call { .. }) {
+        if message.body.is_request() {
             let key = (message.source.clone(), message.id.clone());
             let entry = Forwarded { from: arrived_on, to: next_link, at: std::time::Instant::now() };
             let remembered = self.forwarded.lock().is_ok_and(|mut f| f.insert(key, entry, &self.limits));
@@ -608,6 +696,22 @@ impl Drop for ServingGuard {
                 }
             }
         }
+    }
+}
+
+/// The pseudo-connection on the owner of the queue operations forwarded from `source`
+/// (their default consumer): far above any real connection id.
+fn remote_conn(source: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    source.hash(&mut h);
+    (1 << 63) | (h.finish() >> 2)
+}
+
+impl FabricBody {
+    /// A call or queue operation: answered, so forwarded with a way back.
+    pub fn is_request(&self) -> bool {
+        matches!(self, FabricBody::Call { .. } | FabricBody::QueueOp { .. })
     }
 }
 

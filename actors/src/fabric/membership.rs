@@ -144,6 +144,7 @@ pub struct MembershipCore {
     heartbeat: u64,
     catalog_version: u64,
     functions: Vec<FunctionIdentity>,
+    queues: Vec<String>,
     members: HashMap<NodeId, Member>,
     catalogs: HashMap<NodeId, StoredCatalog>,
     /// (node, instance) -> (highest heartbeat seen, until).
@@ -161,6 +162,7 @@ impl MembershipCore {
             heartbeat: 0,
             catalog_version: 1,
             functions,
+            queues: Vec::new(),
             members: HashMap::new(),
             catalogs: HashMap::new(),
             tombstones: HashMap::new(),
@@ -184,6 +186,7 @@ impl MembershipCore {
             advertised_at: now_unix,
             ttl_s: self.timing.catalog_ttl,
             functions: self.functions.clone(),
+            queues: self.queues.clone(),
             proof: None,
         }
     }
@@ -191,6 +194,13 @@ impl MembershipCore {
     /// Our functions changed: a new version to flood.
     pub fn set_local_functions(&mut self, functions: Vec<FunctionIdentity>, now_unix: f64) -> CatalogDelta {
         self.functions = functions;
+        self.catalog_version += 1;
+        self.local_catalog(now_unix)
+    }
+
+    /// Our queues changed: a new version to flood.
+    pub fn set_local_queues(&mut self, queues: Vec<String>, now_unix: f64) -> CatalogDelta {
+        self.queues = queues;
         self.catalog_version += 1;
         self.local_catalog(now_unix)
     }
@@ -548,6 +558,19 @@ impl MembershipCore {
         out
     }
 
+    /// Queues owned by members in `state`: (queue, owner, owner's url).
+    pub fn queues_of(&self, state: MemberState) -> Vec<(String, NodeId, String)> {
+        let mut out = Vec::new();
+        for (node, stored) in &self.catalogs {
+            let Some(m) = self.members.get(node) else { continue };
+            if m.state != state || m.info.instance_id != stored.delta.instance_id {
+                continue;
+            }
+            out.extend(stored.delta.queues.iter().map(|q| (q.clone(), node.clone(), m.info.url.clone())));
+        }
+        out
+    }
+
     /// Every catalog entry with its owner, for `/catalog`.
     pub fn catalog_entries(&self) -> Vec<(CatalogDelta, f64)> {
         self.catalogs.values().map(|c| (c.delta.clone(), c.received_at)).collect()
@@ -629,6 +652,7 @@ mod tests {
             advertised_at: 0.0,
             ttl_s: 60.0,
             functions: vec![],
+            queues: vec![],
             proof: None,
         }
     }
@@ -713,6 +737,7 @@ mod tests {
                         version: Default::default(),
                         resources: Default::default(),
                     }],
+                    queues: vec![],
                     proof: None,
                 },
                 received_at,

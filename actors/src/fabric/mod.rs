@@ -55,7 +55,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteFunction};
+pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteFunction, RemoteQueue};
 use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming, Refusal};
 use snapshot::{CatalogSnapshot, SNAPSHOT_KEY, SNAPSHOT_TREE};
 use trust::{link_transcript, LinkEnd, LinkSide, StatementProof, TrustError};
@@ -162,6 +162,14 @@ pub struct LinkClosed {
 pub struct LocalFunctionsChanged {
     /// Every local function.
     pub functions: Vec<FunctionIdentity>,
+}
+
+/// The local queues changed (sent by the Queue actor): advertise them in our catalog.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LocalQueuesChanged {
+    /// Every local queue's name.
+    pub queues: Vec<String>,
 }
 
 /// Tell every peer we are leaving; resolves once the frames are queued and the final
@@ -301,6 +309,8 @@ pub struct FabricGossip {
     leaving: bool,
     /// Fingerprint of the last snapshot saved (or restored): unchanged views are not saved.
     last_snapshot: Option<u64>,
+    /// Queues whose owner left the cluster, by name (reported unreachable, not unknown).
+    departed_queues: HashMap<String, RemoteQueue>,
     _guard: ChildGuard,
 }
 
@@ -308,7 +318,11 @@ impl FabricGossip {
     /// A fabric for `shared.me`, serving the local functions `functions`.
     pub fn new(shared: Arc<FabricShared>, config: FabricConfig, guard: ChildGuard) -> Self {
         let functions = shared.table.current().identities();
-        let core = MembershipCore::new(shared.me.clone(), config.timing, functions);
+        let mut core = MembershipCore::new(shared.me.clone(), config.timing, functions);
+        let queues = shared.local_queues.lock().map(|q| q.clone()).unwrap_or_default();
+        if !queues.is_empty() {
+            core.set_local_queues(queues, unix_now());
+        }
         let dials = config
             .peers
             .iter()
@@ -328,6 +342,7 @@ impl FabricGossip {
             last_refresh: now,
             leaving: false,
             last_snapshot: None,
+            departed_queues: HashMap::new(),
             _guard: guard,
         }
     }
@@ -370,6 +385,7 @@ impl FabricGossip {
             info: self.shared.me.clone(),
             functions: local.functions,
             catalog_version: local.version,
+            queues: local.queues,
             auth,
         })
     }
@@ -613,7 +629,43 @@ impl FabricGossip {
             .partition(|f| next_hops.contains_key(&f.node));
         let suspected = self.core.functions_of(MemberState::Suspect).into_iter().map(remote);
         let unreachable = unreachable.into_iter().chain(suspected).collect();
-        self.shared.view.store(Arc::new(FabricView { links, next_hops, functions, unreachable, admitted }));
+        let mut queues = HashMap::new();
+        let mut unreachable_queues = HashMap::new();
+        for state in [MemberState::Alive, MemberState::Unconfirmed, MemberState::Suspect] {
+            for (name, node, url) in self.core.queues_of(state) {
+                let remote = RemoteQueue { node, url };
+                if state != MemberState::Suspect && next_hops.contains_key(&remote.node) {
+                    queues.insert(name, remote);
+                } else {
+                    unreachable_queues.insert(name, remote);
+                }
+            }
+        }
+        // A queue whose owner left (GOODBYE) or was removed is still its owner's: its
+        // operations fail with 1005 (owner down), not 1001, until the owner is back.
+        let members: HashSet<NodeId> = self.core.members().map(|m| m.info.node.clone()).collect();
+        let previous = self.shared.view.load();
+        for (name, owner) in previous.queues.iter().chain(previous.unreachable_queues.iter()) {
+            if !members.contains(&owner.node) && !queues.contains_key(name) && !unreachable_queues.contains_key(name) {
+                self.departed_queues.insert(name.clone(), owner.clone());
+            }
+        }
+        drop(previous);
+        self.departed_queues.retain(|name, owner| {
+            !members.contains(&owner.node) && !queues.contains_key(name) && !unreachable_queues.contains_key(name)
+        });
+        for (name, owner) in &self.departed_queues {
+            unreachable_queues.insert(name.clone(), owner.clone());
+        }
+        self.shared.view.store(Arc::new(FabricView {
+            links,
+            next_hops,
+            functions,
+            unreachable,
+            admitted,
+            queues,
+            unreachable_queues,
+        }));
     }
 
     fn close_link(&mut self, link: LinkId) {
@@ -655,7 +707,7 @@ impl FabricGossip {
         &mut self,
         link: LinkId,
         info: NodeInfo,
-        functions: Vec<FunctionIdentity>,
+        (functions, queues): (Vec<FunctionIdentity>, Vec<String>),
         version: u64,
         auth: Option<Box<StatusAuth>>,
     ) {
@@ -680,6 +732,7 @@ impl FabricGossip {
                     advertised_at: unix_now(),
                     ttl_s: self.config.timing.catalog_ttl,
                     functions,
+                    queues,
                     proof: None,
                 };
                 return self.admit(link, info, delta, !outbound);
@@ -1033,8 +1086,8 @@ impl Handler<PeerFrameReceived> for FabricGossip {
         let handshaken = l.node.is_some();
         let linked_node = l.node.clone();
         match msg.frame {
-            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, auth }) => {
-                self.on_status(msg.link, info, functions, catalog_version, auth)
+            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, queues, auth }) => {
+                self.on_status(msg.link, info, (functions, queues), catalog_version, auth)
             }
             PeerFrame::Server(ServerFrame::Proof { signature }) => self.on_proof(msg.link, &signature),
             PeerFrame::Server(ServerFrame::Refused { reason }) => {
@@ -1101,6 +1154,17 @@ impl Handler<LocalFunctionsChanged> for FabricGossip {
 
     fn handle(&mut self, msg: LocalFunctionsChanged, _: &mut Context<Self>) {
         let delta = self.core.set_local_functions(msg.functions, unix_now());
+        let delta = self.seal(delta);
+        let from = self.shared.me.node.clone();
+        self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
+    }
+}
+
+impl Handler<LocalQueuesChanged> for FabricGossip {
+    type Result = ();
+
+    fn handle(&mut self, msg: LocalQueuesChanged, _: &mut Context<Self>) {
+        let delta = self.core.set_local_queues(msg.queues, unix_now());
         let delta = self.seal(delta);
         let from = self.shared.me.node.clone();
         self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);

@@ -165,6 +165,7 @@ mod tests {
             advertised_at: 100.0,
             ttl_s: 60.0,
             functions: vec![],
+            queues: vec![],
             proof: None,
         };
         SnapshotMember { info, heard_at: 100.0, catalog: Some(SnapshotCatalog { delta, received_at: 100.0 }) }

@@ -69,6 +69,9 @@ pub enum ServerFrame {
         functions: Vec<FunctionIdentity>,
         /// Version of that entry set.
         catalog_version: u64,
+        /// The queues it owns (absent when none, so older peers' frames still decode).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        queues: Vec<String>,
         /// The credentialed handshake; absent in open mode.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         auth: Option<Box<StatusAuth>>,
@@ -150,6 +153,10 @@ pub struct CatalogDelta {
     pub ttl_s: f64,
     /// The complete entry set (a full replacement, so applying twice is harmless).
     pub functions: Vec<FunctionIdentity>,
+    /// The queues the node owns (names; part of the signed text). Absent when none, so
+    /// older frames still decode and their signatures still verify.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<String>,
     /// With credentials: the owner's signature over this delta's JSON (without `proof`).
     /// A receiver acts on the signed text, never on the outer fields, so a relay cannot
     /// change a node's entries; a delta without a valid proof is dropped.
@@ -234,6 +241,13 @@ pub enum FabricBody {
         /// How it went.
         outcome: CallOutcome,
     },
+    /// A queue operation for a queue the target owns: `request` is the client's
+    /// `role: "queue"` frame (its `u` included); answered by a `reply` whose outcome is
+    /// `ok` with `value` = the owner's `queue-reply` frame.
+    QueueOp {
+        /// The QueueRequest JSON.
+        request: Value,
+    },
     /// A pub/sub message flooding the cluster (de-duplicated by `message_id`).
     Publish {
         /// The message.
@@ -316,6 +330,7 @@ mod tests {
             info: NodeInfo { node: "a".into(), instance_id: "i".into(), cluster_id: "c".into(), url: "ws://x".into() },
             functions: vec![],
             catalog_version: 1,
+            queues: vec![],
             auth: None,
         });
         let json = serde_json::to_value(&status).unwrap();

@@ -215,6 +215,8 @@ pub struct Queue {
     bound_at: Option<Addr<PubSub>>,
     /// Where PubSub delivers the publishes that match a binding.
     binding_outbox: Option<Outbox>,
+    /// The fabric, told when the set of queues changes (it advertises them).
+    fabric: Option<Arc<crate::fabric::FabricShared>>,
     _guard: ChildGuard,
 }
 
@@ -236,6 +238,12 @@ struct BoundPublish {
 }
 
 impl Queue {
+    /// Advertises this node's queues in the fabric's catalog.
+    pub fn with_fabric(mut self, fabric: Arc<crate::fabric::FabricShared>) -> Self {
+        self.fabric = Some(fabric);
+        self
+    }
+
     /// Lets bindings subscribe to pub/sub (without it `bind` is recorded but inert).
     pub fn with_pubsub(mut self, pubsub: Slot<PubSub>) -> Self {
         self.pubsub = Some(pubsub);
@@ -327,6 +335,7 @@ impl Queue {
             pubsub: None,
             bound_at: None,
             binding_outbox: None,
+            fabric: None,
             _guard: guard,
         }
     }
@@ -558,6 +567,9 @@ impl Queue {
     }
 
     fn publish_board(&self) {
+        if let Some(fabric) = &self.fabric {
+            fabric.set_local_queues(self.queues.keys().cloned().collect());
+        }
         let summaries = self
             .queues
             .iter()
