@@ -1,6 +1,6 @@
 //! Replays the conformance cases of `tests/data/rpc_cases.json` against a running
 //! MPREG server over a real websocket, following the rules of
-//! `/work/shared/conformance/README.md` ("How to replay a case").
+//! `../shared/conformance/README.md` ("How to replay a case").
 //!
 //! Shared by several integration-test crates: include it with
 //! `#[path = "common/conformance_replay.rs"] mod replay;`.
