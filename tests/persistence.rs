@@ -2,10 +2,14 @@
 //! the cause, and a distinct exit code: locked by another node (75), corrupt (65),
 //! read-only (73). It never starts on an empty store in silence.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use common::process::printed_url;
 
 const SOON: Duration = Duration::from_secs(30);
 
@@ -61,18 +65,8 @@ impl RunningNode {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn mpreg");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("MPREG_URL=") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let node = RunningNode(child);
-        rx.recv_timeout(SOON).expect("the first node never printed MPREG_URL");
-        node
+        printed_url(&mut child, SOON);
+        RunningNode(child)
     }
 }
 

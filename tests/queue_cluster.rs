@@ -10,46 +10,25 @@ mod common;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use mpreg::client::QueueSendOptions;
-use mpreg::{Client, Node, NodeBuilder, Settings};
+use mpreg::{Client, Settings};
 use serde_json::{json, Value};
 
+use common::node::{cluster_settings, TestNode};
 use common::{cluster_id, poll_until_async};
 
 const SOON: Duration = Duration::from_secs(10);
 
 fn settings(name: &str, cluster: &str, peers: &[&TestNode]) -> Settings {
-    Settings {
-        name: name.to_owned(),
-        port: 0,
-        monitoring_port: 0,
-        cluster_id: cluster.to_owned(),
-        workers: 1,
-        peers: peers.iter().map(|p| p.0.url().to_owned()).collect(),
-        gossip_interval_s: 0.05,
-        suspect_after_s: 1.0,
-        remove_after_s: 3.0,
-        departed_grace_s: 1.0,
-        ..Settings::default()
-    }
-}
-
-struct TestNode(Node);
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        let _ = self.0.shutdown().now_or_never();
-    }
+    Settings { peers: peers.iter().map(|p| p.url().to_owned()).collect(), ..cluster_settings(name, cluster) }
 }
 
 async fn start(name: &str, cluster: &str, peers: &[&TestNode]) -> TestNode {
-    let node = NodeBuilder::new(settings(name, cluster, peers)).start().await;
-    TestNode(node.unwrap_or_else(|e| panic!("node {name} does not start: {e}")))
+    TestNode::start(settings(name, cluster, peers), Vec::new()).await
 }
 
 async fn client(node: &TestNode) -> Client {
-    Client::connect(node.0.url()).await.expect("client connects")
+    Client::connect(node.url()).await.expect("client connects")
 }
 
 async fn wait_until<T, F, Fut>(what: &str, probe: F) -> T
@@ -78,7 +57,7 @@ async fn three_nodes(test: &str, queue: &str) -> (TestNode, TestNode, TestNode) 
     for node in [&a, &c] {
         let c = client(node).await;
         let c = &c;
-        wait_until(&format!("{} to list {queue} owned by B", node.0.name()), move || async move {
+        wait_until(&format!("{} to list {queue} owned by B", node.name()), move || async move {
             let list = c.queue_list().await.ok()?;
             list.iter().any(|q| q["name"] == queue && q["owner"] == "B").then_some(())
         })
@@ -144,7 +123,7 @@ async fn a_send_to_a_queue_whose_owner_left_fails_fast_with_1005() {
     let on_a = client(&a).await;
     on_a.queue_send("jobs", json!(1), QueueSendOptions::default()).await.expect("B serves it");
 
-    b.0.shutdown().await;
+    b.shutdown().await;
     // Whatever A learnt first (a closed link, or B's GOODBYE), the answer is 1005 and comes
     // long before the 30 s request timeout.
     wait_until("A to see B gone", || async {

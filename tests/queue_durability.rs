@@ -12,7 +12,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -20,6 +19,8 @@ use std::time::Duration;
 use mpreg::client::QueueSendOptions;
 use mpreg::Client;
 use serde_json::json;
+
+use common::process::printed_url;
 
 const SOON: Duration = Duration::from_secs(60);
 
@@ -45,16 +46,7 @@ impl Process {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn mpreg");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("MPREG_URL=") {
-                    let _ = tx.send(url.to_owned());
-                }
-            }
-        });
-        let url = rx.recv_timeout(SOON).expect("the node never printed MPREG_URL");
+        let url = printed_url(&mut child, SOON);
         Process { child, url }
     }
 

@@ -24,6 +24,7 @@ pub mod latency;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod process;
 pub mod ws;
 
 use std::future::Future;
