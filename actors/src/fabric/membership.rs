@@ -259,6 +259,9 @@ impl MembershipCore {
         }
         match self.members.get_mut(node) {
             Some(m) if m.info.instance_id == d.info.instance_id => {
+                // A digest relayed along a slower path can be older than what we hold: its
+                // neighbour list must not replace a newer one (routes would flap).
+                let at_least_as_fresh = d.heartbeat >= m.heartbeat;
                 if d.heartbeat > m.heartbeat || direct {
                     m.heartbeat = m.heartbeat.max(d.heartbeat);
                     m.heard_at = now;
@@ -271,7 +274,7 @@ impl MembershipCore {
                     }
                     m.state = MemberState::Alive;
                 }
-                if !d.neighbours.is_empty() || d.heartbeat > 0 {
+                if at_least_as_fresh && (!d.neighbours.is_empty() || d.heartbeat > 0) {
                     m.neighbours = d.neighbours.clone();
                 }
                 m.catalog_version = m.catalog_version.max(d.catalog_version);
@@ -691,6 +694,19 @@ mod tests {
         // ...but a higher heartbeat (it really is alive) does.
         let (events, _) = m.apply_digest(&[digest("b", "b1", 7, &[])], 11.0);
         assert_eq!(events, vec![MembershipEvent::Joined("b".into(), "b1".into())]);
+    }
+
+    #[test]
+    fn an_older_digest_does_not_replace_newer_neighbours() {
+        let mut m = core();
+        m.apply_digest(&[digest("d", "d1", 5, &["c"])], 0.0);
+        // The same node as an older digest relayed along a slower path saw it.
+        m.apply_digest(&[digest("d", "d1", 3, &[])], 0.1);
+        let d = m.members().find(|x| x.info.node == "d").expect("d is a member");
+        assert_eq!(d.neighbours, vec!["c".to_owned()]);
+        m.apply_digest(&[digest("d", "d1", 6, &["b", "c"])], 0.2);
+        let d = m.members().find(|x| x.info.node == "d").expect("d is a member");
+        assert_eq!(d.neighbours, vec!["b".to_owned(), "c".to_owned()]);
     }
 
     #[test]
