@@ -2,8 +2,9 @@
 //! gossip, in-memory stores). A queue lives on the node that created it and is advertised in
 //! the catalog; any node forwards operations on it to its owner over the fabric. `list`
 //! names remote queues with their owner; an owner that left answers 1005 at once; a
-//! binding on the owner enqueues a publish made on any node exactly once; `subscribe` is
-//! served on the owner only (1002 elsewhere, naming it).
+//! binding on the owner enqueues a publish made on any node exactly once; a subscription
+//! made on any node gets its pushes over the fabric; a remote client's leases are released
+//! when its connection closes (also when its node shuts down).
 
 mod common;
 
@@ -110,11 +111,63 @@ async fn a_queue_on_b_is_sent_to_on_a_and_received_and_acked_on_c() {
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].id.clone(), got[0].payload.clone()), (late, json!("late")));
 
-    // Unknown queue: still 1001. Subscribe away from the owner: 1002 naming it.
+    // Unknown queue: still 1001.
     assert_eq!(code(on_a.queue_send("nope", json!(1), QueueSendOptions::default()).await).0, 1001);
-    let (refused, details) = code(on_a.queue_subscribe("jobs", 4).await.map(|_| ()));
-    assert_eq!(refused, 1002, "{details}");
-    assert!(details.contains("subscribe on the owner node"), "{details}");
+}
+
+#[actix_rt::test]
+async fn a_subscription_made_on_a_gets_pushes_from_the_owner_b_and_its_acks_return_credit() {
+    let (a, _b, c) = three_nodes("queue-remote-subscribe", "jobs").await;
+    let (on_a, on_c) = (client(&a).await, client(&c).await);
+    let mut subscription = on_a.queue_subscribe("jobs", 2).await.expect("subscribed through A");
+
+    let mut sent = Vec::new();
+    for n in 0..5 {
+        sent.push(on_c.queue_send("jobs", json!({"n": n}), QueueSendOptions::default()).await.unwrap());
+    }
+    // Prefetch 2: each ack returns one credit, so all five arrive, in order, once each.
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let message = tokio::time::timeout(SOON, subscription.next()).await.expect("a push").expect("open");
+        assert_eq!(message.payload, json!({"n": got.len()}));
+        let ids = vec![message.id.clone()];
+        assert_eq!(on_a.queue_ack("jobs", &ids, None).await.unwrap(), ids);
+        got.push(message.id);
+    }
+    assert_eq!(got, sent);
+    let stats = on_c.queue_stats("jobs").await.unwrap();
+    assert_eq!((stats["acked_total"].clone(), stats["visible"].clone()), (json!(5), json!(0)), "{stats}");
+}
+
+#[actix_rt::test]
+async fn a_remote_clients_leases_are_released_when_it_disconnects_and_when_its_node_shuts_down() {
+    let (a, b, c) = three_nodes("queue-remote-release", "jobs").await;
+    let on_b = client(&b).await;
+    for n in 0..4 {
+        on_b.queue_send("jobs", json!(n), QueueSendOptions::default()).await.unwrap();
+    }
+    let visible = |n: u64| {
+        let on_b = &on_b;
+        move || async move {
+            let stats = on_b.queue_stats("jobs").await.ok()?;
+            (stats["visible"] == json!(n)).then_some(())
+        }
+    };
+
+    // A client of A leases two (default visibility: 30 s) and disconnects: B makes them
+    // visible again at once, not after the visibility timeout.
+    let leaser = client(&a).await;
+    assert_eq!(leaser.queue_receive("jobs", 2, 0.0, None).await.unwrap().len(), 2);
+    wait_until("two leased on B", visible(2)).await;
+    leaser.close().await;
+    wait_until("the disconnected client's leases released on B", visible(4)).await;
+
+    // A client of C leases two and C leaves the cluster: B releases them too.
+    let on_c = client(&c).await;
+    assert_eq!(on_c.queue_receive("jobs", 2, 0.0, None).await.unwrap().len(), 2);
+    wait_until("two leased on B by C's client", visible(2)).await;
+    c.shutdown().await;
+    wait_until("C's client's leases released on B after C left", visible(4)).await;
 }
 
 #[actix_rt::test]

@@ -354,7 +354,9 @@ impl Connection {
             let request = Arc::new(request);
             let call = || QueueCall { conn, outbox: outbox.clone(), kind, request: request.clone() };
             let outcome = match remote_queue(&fabric, &request) {
-                QueueRoute::Remote(owner) => forward_queue_op(&fabric, &owner, &request, conn, timeout).await,
+                QueueRoute::Remote(owner) => {
+                    forward_queue_op(&fabric, &owner, &request, (conn, &outbox, kind), timeout).await
+                }
                 QueueRoute::Refused(error) => Err(error),
                 QueueRoute::Local => match slot.send(call).await {
                     Ok(outcome) if request.op == "list" => outcome.map(|list| merge_remote_queues(&fabric, list)),
@@ -724,8 +726,7 @@ enum QueueRoute {
     Local,
     /// By the queue's owner, over the fabric.
     Remote(crate::fabric::RemoteQueue),
-    /// Not at all: the owner is down or unreachable (1005), or the op cannot cross the
-    /// fabric (`subscribe`: 1002 naming the owner).
+    /// Not at all: the owner is down or unreachable (1005).
     Refused(RpcError),
 }
 
@@ -738,11 +739,6 @@ fn remote_queue(fabric: &FabricShared, request: &QueueRequest) -> QueueRoute {
     }
     let view = fabric.view.load();
     if let Some(owner) = view.queues.get(name) {
-        if request.op == "subscribe" {
-            let details =
-                format!("subscribe on the owner node ({}): queue {name:?} is owned by {}", owner.url, owner.node);
-            return QueueRoute::Refused(RpcError::invalid(details));
-        }
         return QueueRoute::Remote(owner.clone());
     }
     if let Some(owner) = view.unreachable_queues.get(name) {
@@ -758,19 +754,12 @@ async fn forward_queue_op(
     fabric: &FabricShared,
     owner: &crate::fabric::RemoteQueue,
     request: &QueueRequest,
-    conn: ConnectionId,
+    (conn, pushes, kind): (ConnectionId, &Outbox, FrameKind),
     timeout: Duration,
 ) -> Result<Value, RpcError> {
-    let mut body = serde_json::to_value(request).map_err(|e| RpcError::invalid(e.to_string()))?;
-    // The default consumer is one per connection: on the owner, this connection's.
-    let per_connection = matches!(request.op.as_str(), "receive" | "ack" | "nack");
-    if let Value::Object(fields) = &mut body {
-        if per_connection && fields.get("consumer").is_none_or(Value::is_null) {
-            let consumer = format!("{} connection {conn}", fabric.me.node);
-            fields.insert("consumer".into(), Value::String(consumer));
-        }
-    }
-    let outcome = match tokio::time::timeout(timeout, fabric.queue_op(&owner.node, body)).await {
+    let body = serde_json::to_value(request).map_err(|e| RpcError::invalid(e.to_string()))?;
+    fabric.queue_session_used(conn, &owner.node, pushes, kind);
+    let outcome = match tokio::time::timeout(timeout, fabric.queue_op(&owner.node, body, conn)).await {
         Ok(outcome) => outcome,
         Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
     };
@@ -1133,6 +1122,7 @@ impl Actor for Connection {
         if let Some(queue) = self.shared.queue.get() {
             queue.do_send(ConnectionGone { conn: self.id });
         }
+        self.shared.fabric.queue_connection_closed(self.id);
         if let Some(close) = self.close.take() {
             let _ = close.send(None);
         }

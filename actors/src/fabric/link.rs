@@ -37,15 +37,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
+use super::queue_sessions::QueueSessions;
 use super::trust::Credentials;
 use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, PeerFrame};
 use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
 use crate::function::{CallArgs, FunctionIdentity};
 use crate::metrics::{self, Metrics};
-use crate::outbox::Outbox;
-use crate::protocol::{encode, FrameKind, PubSubMessage, QueueReply, QueueRequest, RpcError};
+use crate::protocol::{encode, FrameKind, PubSubMessage};
 use crate::pubsub::{self, OutFrame, PubSub};
-use crate::queue::{Queue, QueueCall};
+use crate::queue::Queue;
 use crate::registry::TableHandle;
 use crate::supervisor::Slot;
 use serde_json::Value;
@@ -113,6 +113,9 @@ pub struct LinkLimits {
     pub max_forwarded_calls: usize,
     /// A forwarded call whose reply has not come back after this long is forgotten.
     pub forwarded_ttl: Duration,
+    /// Client connections of one peer that may hold queue sessions here at once (see
+    /// [`super::queue_sessions`]).
+    pub max_queue_sessions_per_peer: usize,
 }
 
 impl Default for LinkLimits {
@@ -121,6 +124,7 @@ impl Default for LinkLimits {
             max_in_flight_per_link: 4096,
             max_forwarded_calls: 65_536,
             forwarded_ttl: Duration::from_secs(300),
+            max_queue_sessions_per_peer: 65_536,
         }
     }
 }
@@ -213,7 +217,8 @@ pub struct FabricShared {
     pub trust: Option<Arc<Credentials>>,
     /// Counters (in-flight gauge, refusals, drops).
     pub metrics: Arc<Metrics>,
-    limits: LinkLimits,
+    pub(super) limits: LinkLimits,
+    pub(super) queue_sessions: QueueSessions,
     forwarded: Mutex<ForwardTable>,
     serving: Mutex<Serving>,
     /// Outbound links still open: shutdown waits for them, so a GOODBYE queued on a link we
@@ -262,6 +267,7 @@ impl FabricShared {
             trust: None,
             metrics: Arc::new(Metrics::default()),
             limits: LinkLimits::default(),
+            queue_sessions: QueueSessions::default(),
             forwarded: Mutex::new(ForwardTable::default()),
             serving: Mutex::new(Serving::default()),
             writers: tokio::sync::watch::channel(0).0,
@@ -324,11 +330,28 @@ impl FabricShared {
         self.request(node, body).await
     }
 
-    /// Runs a queue operation (`request`, the client's `role: "queue"` frame) on the
-    /// queue's owner `node`; the outcome's `ok` value is the owner's `queue-reply`. Same
-    /// guarantees as [`Self::call`]: a lost link or owner is `Unreachable` at once.
-    pub async fn queue_op(&self, node: &str, request: Value) -> CallOutcome {
-        self.request(node, FabricBody::QueueOp { request }).await
+    /// Runs a queue operation (`request`, the client's `role: "queue"` frame, from client
+    /// connection `conn`) on the queue's owner `node`; the outcome's `ok` value is the
+    /// owner's `queue-reply`. Same guarantees as [`Self::call`]: a lost link or owner is
+    /// `Unreachable` at once.
+    pub async fn queue_op(&self, node: &str, request: Value, conn: u64) -> CallOutcome {
+        self.request(node, FabricBody::QueueOp { request, conn }).await
+    }
+
+    /// Sends a message that is not answered to `node` over the next hop, if there is room
+    /// on that link now; false when it could not be sent.
+    pub(super) fn send_one_way(&self, node: &str, body: FabricBody) -> bool {
+        let view = self.view.load();
+        let Some((_, sender)) = view.next_hops.get(node).and_then(|hop| view.links.get(hop)) else { return false };
+        let message = FabricMessage {
+            id: self.fresh_id(),
+            source: self.me.node.clone(),
+            target: node.to_owned(),
+            path: vec![self.me.node.clone()],
+            hops_left: self.hop_budget,
+            body,
+        };
+        sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_ok()
     }
 
     async fn request(&self, node: &str, body: FabricBody) -> CallOutcome {
@@ -524,7 +547,7 @@ impl FabricShared {
                         FabricBody::Call { command, identity, args, kwargs } => {
                             shared.serve_call(&command, &identity, CallArgs { args, kwargs }).await
                         }
-                        FabricBody::QueueOp { request } => shared.serve_queue_op(&source, request).await,
+                        FabricBody::QueueOp { request, conn } => shared.serve_queue_op(&source, request, conn).await,
                         _ => return,
                     };
                     shared.reply(link, id, source, outcome, forwards);
@@ -533,6 +556,8 @@ impl FabricShared {
                     calls.insert(key, handle.abort_handle());
                 }
             }
+            FabricBody::QueuePush { conn, frame } => self.deliver_queue_push(&message.source, conn, frame),
+            FabricBody::QueueGone { conn } => self.remote_connection_gone(&message.source, conn),
             FabricBody::Publish { .. } => {}
         }
     }
@@ -556,34 +581,6 @@ impl FabricShared {
                 debug!(link, id = %message.id, "reply for no call forwarded on this link; dropped");
                 self.metrics.fabric_dropped("stray_reply");
             }
-        }
-    }
-
-    /// A queue operation from `source` for a local queue. Consumers and leases of remote
-    /// clients are bound to one pseudo-connection per source node; `subscribe` is refused
-    /// (pushes do not cross the fabric: subscribe on the owner).
-    async fn serve_queue_op(&self, source: &str, request: Value) -> CallOutcome {
-        let u = request.get("u").cloned().unwrap_or(Value::Null);
-        let reply = |outcome: Result<Value, RpcError>| {
-            let u = serde_json::from_value(u.clone()).ok();
-            CallOutcome::Ok { value: serde_json::to_value(QueueReply::new(u, outcome)).unwrap_or(Value::Null) }
-        };
-        let request: QueueRequest = match serde_json::from_value(request) {
-            Ok(request) => request,
-            Err(e) => return reply(Err(RpcError::invalid(format!("bad forwarded queue request: {e}")))),
-        };
-        if request.op == "subscribe" {
-            let details = format!("subscribe on the owner node ({})", self.me.url);
-            return reply(Err(RpcError::invalid(details)));
-        }
-        let Some(queue) = self.queue.get() else {
-            return reply(Err(RpcError::unreachable(format!("queue service of {} restarting; retry", self.me.node))));
-        };
-        let (outbox, _receiver) = Outbox::channel(16, 1 << 20);
-        let call = QueueCall { conn: remote_conn(source), outbox, kind: FrameKind::Binary, request: Arc::new(request) };
-        match queue.send(call).await {
-            Ok(outcome) => reply(outcome),
-            Err(e) => reply(Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry")))),
         }
     }
 
@@ -697,15 +694,6 @@ impl Drop for ServingGuard {
             }
         }
     }
-}
-
-/// The pseudo-connection on the owner of the queue operations forwarded from `source`
-/// (their default consumer): far above any real connection id.
-fn remote_conn(source: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    source.hash(&mut h);
-    (1 << 63) | (h.finish() >> 2)
 }
 
 impl FabricBody {

@@ -38,6 +38,7 @@
 
 pub mod link;
 pub mod membership;
+pub mod queue_sessions;
 pub mod snapshot;
 pub mod trust;
 pub mod wire;
@@ -566,6 +567,8 @@ impl FabricGossip {
         PeerFrame::FabricGossip(GossipFrame::Members { from: self.shared.me.node.clone(), members: self.core.digest() })
     }
 
+    /// Logs and counts membership events, and releases what a node that is gone held in
+    /// this node's queues.
     fn log_events(&self, events: &[MembershipEvent]) {
         let me = &self.shared.me.node;
         for event in events {
@@ -580,9 +583,13 @@ impl FabricGossip {
                 MembershipEvent::Recovered(node) => info!(node = %me, peer = %node, "peer recovered"),
                 MembershipEvent::Removed(node) => {
                     self.shared.metrics.peer_removed();
+                    self.shared.queue_source_gone(node);
                     warn!(node = %me, peer = %node, "peer removed")
                 }
-                MembershipEvent::Departed(node) => info!(node = %me, peer = %node, "peer goodbye"),
+                MembershipEvent::Departed(node) => {
+                    self.shared.queue_source_gone(node);
+                    info!(node = %me, peer = %node, "peer goodbye")
+                }
                 MembershipEvent::Confirmed(node) => info!(node = %me, peer = %node, "restored peer confirmed"),
             }
         }

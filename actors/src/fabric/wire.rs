@@ -247,6 +247,24 @@ pub enum FabricBody {
     QueueOp {
         /// The QueueRequest JSON.
         request: Value,
+        /// The client's connection on the source node (the owner binds the operation's
+        /// consumer and subscriptions to it; see [`super::queue_sessions`]).
+        #[serde(default)]
+        conn: u64,
+    },
+    /// One-way, owner to source: a `queue-message` push for a subscription of client
+    /// connection `conn` of the target.
+    QueuePush {
+        /// The subscribing connection on the target.
+        conn: u64,
+        /// The push frame, as the client receives it.
+        frame: Value,
+    },
+    /// One-way, source to owner: client connection `conn` of the source closed; the owner
+    /// releases its leases and subscriptions.
+    QueueGone {
+        /// The connection that closed.
+        conn: u64,
     },
     /// A pub/sub message flooding the cluster (de-duplicated by `message_id`).
     Publish {
