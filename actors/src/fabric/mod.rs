@@ -567,8 +567,8 @@ impl FabricGossip {
         PeerFrame::FabricGossip(GossipFrame::Members { from: self.shared.me.node.clone(), members: self.core.digest() })
     }
 
-    /// Logs and counts membership events, and releases what a node that is gone held in
-    /// this node's queues.
+    /// Logs and counts membership events, and releases what a removed node held in this
+    /// node's queues.
     fn log_events(&self, events: &[MembershipEvent]) {
         let me = &self.shared.me.node;
         for event in events {
@@ -586,10 +586,7 @@ impl FabricGossip {
                     self.shared.queue_source_gone(node);
                     warn!(node = %me, peer = %node, "peer removed")
                 }
-                MembershipEvent::Departed(node) => {
-                    self.shared.queue_source_gone(node);
-                    info!(node = %me, peer = %node, "peer goodbye")
-                }
+                MembershipEvent::Departed(node) => info!(node = %me, peer = %node, "peer goodbye"),
                 MembershipEvent::Confirmed(node) => info!(node = %me, peer = %node, "restored peer confirmed"),
             }
         }
@@ -858,6 +855,9 @@ impl FabricGossip {
         if !self.core.depart(node, instance, now) {
             return;
         }
+        // Its clients may have used our queues through a route even if we never heard of
+        // it as a member (a GOODBYE soon after it joined): release what they hold.
+        self.shared.queue_source_gone(node);
         if known {
             self.log_events(&[MembershipEvent::Departed(node.to_owned())]);
         }
