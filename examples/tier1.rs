@@ -230,6 +230,11 @@ async fn demo_queue() -> anyhow::Result<()> {
         let dlq = client.queue_dlq("orders", 10).await?;
         ensure!(dlq.len() == 1 && dlq[0]["id"] == json!(poison), "dead letters: {dlq:?}");
         println!("dead-lettered after 2 receives: {} ({})", poison, dlq[0]["reason"]);
+        // orders.dlq is a queue of its own: received with the reason, given back by a nack.
+        let dead = client.queue_receive("orders.dlq", 1, 0.0, Some("ops")).await?;
+        ensure!(dead.len() == 1 && dead[0].id == poison && dead[0].reason.is_some(), "orders.dlq: {dead:?}");
+        client.queue_nack("orders.dlq", std::slice::from_ref(&poison), 0.0, Some("ops")).await?;
+        println!("received from orders.dlq ({}), given back", dead[0].reason.as_deref().unwrap_or_default());
         ensure!(client.queue_redrive("orders", None).await? == 1, "redrive moves one message");
         let got = client.queue_receive("orders", 1, 0.0, Some("worker")).await?;
         ensure!(got.len() == 1 && got[0].id == poison, "after redrive: {got:?}");

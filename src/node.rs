@@ -453,7 +453,8 @@ impl Node {
     }
 
     /// Says GOODBYE to the cluster, stops the supervision tree (which closes the peer
-    /// links), then stops the listener, letting client connections finish gracefully.
+    /// links), then stops the listener, letting client connections finish gracefully, and
+    /// releases the store: when this returns, another node may open the same data dir.
     pub async fn shutdown(&self) {
         if let Some(gossip) = self.gossip.get() {
             let _ = gossip.send(SayGoodbye).await;
@@ -462,11 +463,14 @@ impl Node {
         self.fabric.writers_done(Duration::from_secs(1)).await;
         self.server.stop(true).await;
         self.planner_thread.stop();
+        self.persistence.close().await;
     }
 
-    /// Stops the listener after the supervision tree ended on its own (escalation).
+    /// Stops the listener after the supervision tree ended on its own (escalation), and
+    /// releases the store.
     pub async fn stop_listener(&self) {
         self.server.stop(false).await;
         self.planner_thread.stop();
+        self.persistence.close().await;
     }
 }

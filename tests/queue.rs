@@ -140,6 +140,43 @@ async fn nack_redelivers_then_dead_letters_and_redrive_brings_back() {
 }
 
 #[actix_rt::test]
+async fn name_dot_dlq_is_a_queue_of_the_dead_letters_that_can_be_received_acked_and_redriven() {
+    let node = node().await;
+    let c = client(&node).await;
+    c.queue_create("d", json!({"max_receives": 1})).await.unwrap();
+    let mut ids = Vec::new();
+    for payload in ["poison", "bad", "worse"] {
+        let id = c.queue_send("d", json!(payload), QueueSendOptions::default()).await.unwrap();
+        assert_eq!(c.queue_receive("d", 1, 0.0, Some("w")).await.unwrap()[0].id, id);
+        c.queue_nack("d", std::slice::from_ref(&id), 0.0, Some("w")).await.unwrap();
+        ids.push(id);
+    }
+    let stats = c.queue_stats("d.dlq").await.unwrap();
+    assert_eq!((stats["visible"].clone(), stats["dead_letters_of"].clone()), (json!(3), json!("d")), "{stats}");
+
+    // Received oldest first, each with its reason, leased to one consumer at a time.
+    let got = c.queue_receive("d.dlq", 1, 0.0, Some("ops")).await.unwrap();
+    assert_eq!((got[0].id.clone(), got[0].payload.clone()), (ids[0].clone(), json!("poison")));
+    assert_eq!(got[0].reason.as_deref(), Some("max receives (1) reached"));
+    let other = c.queue_receive("d.dlq", 10, 0.0, Some("other")).await.unwrap();
+    assert_eq!(other.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), ids[1..]);
+    // The ack deletes it for good; a nack gives the other two back.
+    assert_eq!(c.queue_ack("d.dlq", std::slice::from_ref(&ids[0]), Some("ops")).await.unwrap(), [ids[0].clone()]);
+    assert_eq!(c.queue_nack("d.dlq", &ids[1..], 0.0, Some("other")).await.unwrap(), ids[1..]);
+    assert_eq!(c.queue_stats("d.dlq").await.unwrap()["visible"], json!(2));
+    assert_eq!(c.queue_dlq("d.dlq", 10).await.unwrap().len(), 2, "dlq on NAME.dlq lists NAME's dead letters");
+
+    // What it is not: a queue to send to, subscribe to or create.
+    let refused = c.queue_send("d.dlq", json!(1), QueueSendOptions::default()).await;
+    assert_eq!(code(refused), 1002);
+    assert_eq!(code(c.queue_create("x.dlq", json!({})).await), 1002);
+    // Redrive through it moves them back to d.
+    assert_eq!(c.queue_redrive("d.dlq", None).await.unwrap(), 2);
+    assert_eq!(c.queue_receive("d", 10, 0.0, Some("w")).await.unwrap().len(), 2);
+    assert_eq!(c.queue_stats("d.dlq").await.unwrap()["visible"], json!(0));
+}
+
+#[actix_rt::test]
 async fn visibility_timeout_redelivers() {
     let node = node().await;
     let c = client(&node).await;

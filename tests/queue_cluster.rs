@@ -111,6 +111,8 @@ async fn a_queue_on_b_is_sent_to_on_a_and_received_and_acked_on_c() {
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].id.clone(), got[0].payload.clone()), (late, json!("late")));
 
+    // Its dead-letter queue lives with it, on B.
+    assert_eq!(on_a.queue_stats("jobs.dlq").await.unwrap()["owner"], json!("B"));
     // Unknown queue: still 1001.
     assert_eq!(code(on_a.queue_send("nope", json!(1), QueueSendOptions::default()).await).0, 1001);
 }

@@ -23,10 +23,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mpreg::node::NodeError;
 use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
 use mpreg_actors::fabric::trust::{self, Authority};
-use mpreg_actors::persistence::{Batch, KvStore, OpenFailure, SledStore};
+use mpreg_actors::persistence::{Batch, KvStore, SledStore};
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,20 +47,11 @@ fn settings(name: &str, cluster: &str, peers: Vec<String>, data_dir: Option<&Pat
     }
 }
 
-/// Starts a node, waiting while the data dir is still locked by a node just shut down.
+/// Starts a node (a node shut down before has released the data dir).
 async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> Node {
-    poll_until_async("the data dir to be released", SOON, || {
-        let builder = functions.iter().cloned().fold(NodeBuilder::new(settings.clone()), NodeBuilder::function);
-        let name = settings.name.clone();
-        async move {
-            match builder.start().await {
-                Ok(node) => Some(node),
-                Err(NodeError::Storage(e)) if e.failure == OpenFailure::Locked => None,
-                Err(e) => panic!("node {name} does not start: {e}"),
-            }
-        }
-    })
-    .await
+    let name = settings.name.clone();
+    let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
+    builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}"))
 }
 
 async fn monitor(node: &Node, path: &str) -> String {

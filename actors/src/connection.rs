@@ -734,6 +734,8 @@ enum QueueRoute {
 /// there (see [`FabricShared::queue_op`]).
 fn remote_queue(fabric: &FabricShared, request: &QueueRequest) -> QueueRoute {
     let Some(name) = request.queue.as_deref().filter(|_| request.op != "list") else { return QueueRoute::Local };
+    // `NAME.dlq` lives with `NAME`.
+    let name = name.strip_suffix(crate::queue::core::DLQ_SUFFIX).unwrap_or(name);
     if fabric.local_queues.lock().is_ok_and(|local| local.iter().any(|q| q == name)) {
         return QueueRoute::Local;
     }

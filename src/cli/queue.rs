@@ -2,7 +2,8 @@
 //!
 //! Output is for scripts: `send` prints the message id alone on a line (once the node
 //! acknowledged it, i.e. once durable for a durable queue), `receive` one JSON object per
-//! line (`id`, `payload`, `receive_count`), the others JSON.
+//! line (`id`, `payload`, `receive_count`, and `reason` from a dead-letter queue), the
+//! others JSON.
 //!
 //! Consumers: a lease belongs to a consumer id, and `ack` from another process must name
 //! the consumer that received. `receive`, `ack` and `nack` therefore use the consumer
@@ -246,7 +247,11 @@ async fn execute(client: &Client, command: QueueCommand) -> anyhow::Result<i32> 
         }
         QueueCommand::Receive { name, max, wait, consumer, .. } => {
             for m in client.queue_receive(&name, max, wait, Some(&consumer)).await? {
-                println!("{}", json!({"id": m.id, "payload": m.payload, "receive_count": m.receive_count}));
+                let mut line = json!({"id": m.id, "payload": m.payload, "receive_count": m.receive_count});
+                if let Some(reason) = &m.reason {
+                    line["reason"] = json!(reason);
+                }
+                println!("{line}");
             }
         }
         QueueCommand::Ack { name, ids, consumer, .. } => {

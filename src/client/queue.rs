@@ -35,6 +35,10 @@ pub struct QueueMessage {
     /// Its priority.
     #[serde(default)]
     pub priority: i64,
+    /// Why it was dead-lettered, for a message received from a dead-letter queue
+    /// (`NAME.dlq`).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// Options of a send.

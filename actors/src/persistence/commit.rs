@@ -2,12 +2,12 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::MessageResponse;
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tracing::{error, warn};
 
 use super::{Batch, Bytes, KeyRange, KvStore, PersistenceError, Result, TreeName};
 use crate::metrics::Metrics;
@@ -55,7 +55,13 @@ impl CommitStats {
 
 /// State shared by the handles and the committer thread.
 struct Shared {
-    store: Arc<dyn KvStore>,
+    /// `None` once closed. Every use holds the read lock for its whole duration, so when
+    /// [`PersistenceHandle::close`] has taken it nobody else holds the store.
+    store: RwLock<Option<Arc<dyn KvStore>>>,
+    /// Whether the store is durable (kept after close, for the metrics).
+    durable: bool,
+    /// The store's description (kept after close, for logs).
+    describe: String,
     stats: CommitStats,
     metrics: Option<Arc<Metrics>>,
     /// Set by the first failed sync; see the module doc.
@@ -63,6 +69,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Runs `f` on the store, unless it is closed.
+    fn with_store<T>(&self, f: impl FnOnce(&Arc<dyn KvStore>) -> Result<T>) -> Result<T> {
+        let store = self.store.read().map_err(|_| PersistenceError::Unavailable)?;
+        store.as_ref().map_or(Err(PersistenceError::Unavailable), f)
+    }
+
     fn poisoned(&self) -> Option<String> {
         self.poisoned.lock().map(|p| p.clone()).unwrap_or_else(|_| Some("poisoned lock".to_owned()))
     }
@@ -79,7 +91,7 @@ pub struct PersistenceHandle {
 
 impl std::fmt::Debug for PersistenceHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PersistenceHandle").field("store", &self.shared.store.describe()).finish()
+        f.debug_struct("PersistenceHandle").field("store", &self.shared.describe).finish()
     }
 }
 
@@ -95,7 +107,14 @@ impl PersistenceHandle {
         if let Some(m) = &metrics {
             m.set_persistence_durable(store.is_durable());
         }
-        let shared = Arc::new(Shared { store, stats: CommitStats::default(), metrics, poisoned: Mutex::new(None) });
+        let shared = Arc::new(Shared {
+            durable: store.is_durable(),
+            describe: store.describe(),
+            store: RwLock::new(Some(store)),
+            stats: CommitStats::default(),
+            metrics,
+            poisoned: Mutex::new(None),
+        });
         // Room for a few full groups: beyond that, `commit` waits (backpressure).
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
         let committer = shared.clone();
@@ -105,14 +124,27 @@ impl PersistenceHandle {
         Ok(PersistenceHandle { shared, commits: tx })
     }
 
-    /// The store itself, for code written against the trait.
-    pub fn store(&self) -> &Arc<dyn KvStore> {
-        &self.shared.store
-    }
-
     /// Whether commits reach stable storage (false: memory only).
     pub fn is_durable(&self) -> bool {
-        self.shared.store.is_durable()
+        self.shared.durable
+    }
+
+    /// Syncs what was written and releases the store (for sled: its files and their lock,
+    /// so that a node started next on the same data dir opens it at once). Waits for a
+    /// commit in progress; every later operation, through any clone, fails `Unavailable`.
+    pub async fn close(&self) {
+        let shared = self.shared.clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            let taken = shared.store.write().ok().and_then(|mut store| store.take());
+            if let Some(store) = taken {
+                if let Err(e) = store.sync() {
+                    warn!(store = %shared.describe, cause = %e, "sync at close failed");
+                }
+                // The last reference: the store is dropped (and released) here.
+                drop(store);
+            }
+        });
+        let _ = closed.await;
     }
 
     /// The committer's counters.
@@ -127,24 +159,24 @@ impl PersistenceHandle {
 
     /// The value at `key` in `tree`.
     pub fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Bytes>> {
-        self.shared.store.get(tree, key)
+        self.shared.with_store(|store| store.get(tree, key))
     }
 
     /// Up to `limit` entries of `tree` within `range`, in key order.
     pub fn scan(&self, tree: &str, range: &KeyRange, limit: usize) -> Result<Vec<(Bytes, Bytes)>> {
-        self.shared.store.scan(tree, range, limit)
+        self.shared.with_store(|store| store.scan(tree, range, limit))
     }
 
     /// The trees holding data.
     pub fn tree_names(&self) -> Result<Vec<TreeName>> {
-        self.shared.store.tree_names()
+        self.shared.with_store(|store| store.tree_names())
     }
 
     /// Applies `batch` atomically now, without waiting for the disk: for state that may
     /// be lost in a power cut (in-memory queues, periodic snapshots). The next durable
     /// commit makes it durable too.
     pub fn write(&self, batch: &Batch) -> Result<()> {
-        self.shared.store.apply(batch)
+        self.shared.with_store(|store| store.apply(batch))
     }
 
     /// Applies `batch` atomically and resolves once it is on stable storage (see the module
@@ -204,7 +236,12 @@ fn commit_group(shared: &Shared, jobs: &[Job]) -> Vec<Result<()>> {
         // Not even applied: a reader must not see a write that cannot be acknowledged.
         return jobs.iter().map(|_| Err(PersistenceError::Poisoned(cause.clone()))).collect();
     }
-    let store = &shared.store;
+    let Ok(store) = shared.store.read() else {
+        return jobs.iter().map(|_| Err(PersistenceError::Unavailable)).collect();
+    };
+    let Some(store) = store.as_ref() else {
+        return jobs.iter().map(|_| Err(PersistenceError::Unavailable)).collect();
+    };
     let apply = |batch: &Batch| {
         catch_unwind(AssertUnwindSafe(|| store.apply(batch)))
             .unwrap_or_else(|_| Err(PersistenceError::Io("the store panicked while applying a batch".to_owned())))

@@ -75,7 +75,7 @@ use tracing::{error, info, warn};
 
 use super::core::{
     ConsumerId, Delivery, Guarantee, MessageId, NewMessage, QueueConfig, QueueCore, QueueError, QueueStats, QueueWrite,
-    Sent, Step, StoredMessage, MAX_RECEIVE_BATCH,
+    Sent, Step, StoredMessage, DLQ_SUFFIX, MAX_RECEIVE_BATCH,
 };
 use crate::metrics::Metrics;
 use crate::outbox::{OutFrame, Outbox};
@@ -84,6 +84,8 @@ use crate::protocol::{encode, FrameKind, PubSubNotification, QueueRequest, RpcEr
 use crate::pubsub::{self, ConnectionId, PubSub};
 use crate::supervisor::{ChildGuard, Slot};
 use crate::unix_now;
+
+mod dead_letters;
 
 /// Tree holding one meta record per queue (key: its name).
 pub const META_TREE: &str = "queues";
@@ -596,6 +598,9 @@ impl Queue {
         let Some(name) = req.queue.clone() else {
             return Answer::Ready(Err(RpcError::invalid(format!("op {:?} needs the field \"queue\"", req.op))));
         };
+        if let Some(base) = name.strip_suffix(DLQ_SUFFIX).filter(|base| self.queues.contains_key(*base)) {
+            return self.dead_letter_op(msg.conn, base, &req.op, f, ctx);
+        }
         let now = unix_now();
         match req.op.as_str() {
             "create" => self.create(&name, f),
@@ -622,7 +627,7 @@ impl Queue {
             }
             "send" => self.send(&name, f, now),
             "receive" => self.receive(msg.conn, &name, f, now, ctx),
-            "ack" | "nack" => self.settle(msg.conn, &name, &req.op, f, now),
+            "ack" | "nack" => self.settle(msg.conn, &name, &req.op, f, now, Lane::Main),
             "subscribe" => {
                 let Some(sid) = f.get("subscription_id").and_then(Value::as_str) else {
                     return Answer::Ready(Err(RpcError::invalid("subscribe needs \"subscription_id\" (a string)")));
@@ -681,42 +686,7 @@ impl Queue {
                 }
                 None => Answer::Ready(Err(RpcError::queue_not_found(&name))),
             },
-            "dlq" => {
-                let limit = match opt_u64(f, "limit") {
-                    Ok(l) => l.unwrap_or(100).min(10_000) as usize,
-                    Err(e) => return Answer::Ready(Err(e)),
-                };
-                match self.queues.get(&name) {
-                    Some(h) => {
-                        let messages: Vec<Value> = h
-                            .core
-                            .dead_letters(limit)
-                            .into_iter()
-                            .map(|d| {
-                                json!({"id": d.id, "payload": payload_value(d.payload.as_str()),
-                                    "reason": d.info.reason, "at": d.info.at, "receive_count": d.receive_count,
-                                    "guarantee": d.guarantee})
-                            })
-                            .collect();
-                        Answer::Ready(Ok(json!({ "messages": messages })))
-                    }
-                    None => Answer::Ready(Err(RpcError::queue_not_found(&name))),
-                }
-            }
-            "redrive" => {
-                let limit = match opt_u64(f, "limit") {
-                    Ok(l) => l.unwrap_or(u64::MAX).min(usize::MAX as u64) as usize,
-                    Err(e) => return Answer::Ready(Err(e)),
-                };
-                let hosted = match self.hosted(&name) {
-                    Ok(h) => h,
-                    Err(e) => return Answer::Ready(Err(e)),
-                };
-                let step = hosted.core.redrive(limit, now);
-                let (n, durable) = self.effects(&name, step);
-                self.serve_waiters(&name, ctx);
-                Answer::after(durable, json!({ "redriven": n }))
-            }
+            "dlq" | "redrive" => self.base_op(&name, &req.op, f, ctx),
             "bind" | "unbind" => {
                 let Some(pattern) = f.get("pattern").and_then(Value::as_str).map(str::to_owned) else {
                     return Answer::Ready(Err(RpcError::invalid(format!("{} needs \"pattern\" (a string)", req.op))));
@@ -759,6 +729,50 @@ impl Queue {
                 "unknown queue op {other:?} (create, delete, send, receive, ack, nack, subscribe, unsubscribe, \
                  stats, list, dlq, redrive, bind, unbind)"
             )))),
+        }
+    }
+
+    /// `dlq` (list dead letters) and `redrive` (move them back) on queue `name`.
+    fn base_op(&mut self, name: &str, op: &str, f: &Map<String, Value>, ctx: &mut Context<Self>) -> Answer {
+        let now = unix_now();
+        match op {
+            "dlq" => {
+                let limit = match opt_u64(f, "limit") {
+                    Ok(l) => l.unwrap_or(100).min(10_000) as usize,
+                    Err(e) => return Answer::Ready(Err(e)),
+                };
+                match self.queues.get(name) {
+                    Some(h) => {
+                        let messages: Vec<Value> = h
+                            .core
+                            .dead_letters(limit)
+                            .into_iter()
+                            .map(|d| {
+                                json!({"id": d.id, "payload": payload_value(d.payload.as_str()),
+                                    "reason": d.info.reason, "at": d.info.at, "receive_count": d.receive_count,
+                                    "guarantee": d.guarantee})
+                            })
+                            .collect();
+                        Answer::Ready(Ok(json!({ "messages": messages })))
+                    }
+                    None => Answer::Ready(Err(RpcError::queue_not_found(name))),
+                }
+            }
+            "redrive" => {
+                let limit = match opt_u64(f, "limit") {
+                    Ok(l) => l.unwrap_or(u64::MAX).min(usize::MAX as u64) as usize,
+                    Err(e) => return Answer::Ready(Err(e)),
+                };
+                let hosted = match self.hosted(name) {
+                    Ok(h) => h,
+                    Err(e) => return Answer::Ready(Err(e)),
+                };
+                let step = hosted.core.redrive(limit, now);
+                let (n, durable) = self.effects(name, step);
+                self.serve_waiters(name, ctx);
+                Answer::after(durable, json!({ "redriven": n }))
+            }
+            _ => Answer::Ready(Err(RpcError::invalid(format!("not a dead-letter op: {op:?}")))),
         }
     }
 
@@ -970,7 +984,15 @@ impl Queue {
         }))
     }
 
-    fn settle(&mut self, conn: ConnectionId, name: &str, op: &str, f: &Map<String, Value>, now: f64) -> Answer {
+    fn settle(
+        &mut self,
+        conn: ConnectionId,
+        name: &str,
+        op: &str,
+        f: &Map<String, Value>,
+        now: f64,
+        lane: Lane,
+    ) -> Answer {
         let parsed = (|| -> Result<_, RpcError> {
             let consumer = Self::consumer_of(conn, f)?;
             let ids: Vec<String> = match f.get("ids") {
@@ -1012,10 +1034,11 @@ impl Queue {
             let mid = MessageId::from(id.as_str());
             let mut settled = false;
             for consumer in &candidates {
-                let step = if op == "ack" {
-                    hosted.core.ack(consumer, &mid, now)
-                } else {
-                    hosted.core.nack(consumer, &mid, delay, now)
+                let step = match (lane, op == "ack") {
+                    (Lane::Main, true) => hosted.core.ack(consumer, &mid, now),
+                    (Lane::Main, false) => hosted.core.nack(consumer, &mid, delay, now),
+                    (Lane::Dead, true) => hosted.core.ack_dead(consumer, &mid, now),
+                    (Lane::Dead, false) => hosted.core.nack_dead(consumer, &mid, now),
                 };
                 writes.extend(step.writes);
                 pushes.extend(step.pushes);
@@ -1055,6 +1078,15 @@ impl Queue {
             self.serve_waiters(&queue, ctx);
         }
     }
+}
+
+/// Which messages of a queue an ack or nack is about.
+#[derive(Debug, Clone, Copy)]
+enum Lane {
+    /// The queue's own (`NAME`).
+    Main,
+    /// Its dead letters (`NAME.dlq`).
+    Dead,
 }
 
 /// How a call is answered.
@@ -1099,13 +1131,18 @@ fn payload_value(text: &str) -> Value {
 }
 
 fn message_json(d: &Delivery) -> Value {
-    json!({
+    let mut message = json!({
         "id": d.id,
         "payload": payload_value(d.payload.as_str()),
         "receive_count": d.receive_count,
         "guarantee": d.guarantee,
         "priority": d.priority,
-    })
+    });
+    if let (Some(dead), Value::Object(fields)) = (&d.dead, &mut message) {
+        fields.insert("reason".into(), json!(dead.reason));
+        fields.insert("dead_at".into(), json!(dead.at));
+    }
+    message
 }
 
 fn deliveries_json(deliveries: &[Delivery]) -> Value {

@@ -57,6 +57,10 @@
 //! visible with `receive_count = 0`). They count towards `max_messages` — memory stays
 //! bounded and nothing is dropped in silence — so a queue whose dead letters fill it
 //! refuses sends until they are redriven or purged ([`QueueCore::purge_dead_letters`]).
+//! They are also a queue of their own, `NAME.dlq`: [`QueueCore::receive_dead`] leases
+//! them (oldest first, each with its reason) to one consumer at a time,
+//! [`QueueCore::ack_dead`] deletes one, a nack or an ended lease puts it back. Redrive and
+//! purge take only the dead letters nobody holds.
 //!
 //! # Durability
 //!
@@ -136,6 +140,12 @@ enum State {
         until: f64,
     },
     Dead(DeadLetterInfo),
+    /// A dead letter received from the dead-letter queue (`NAME.dlq`), not yet acked.
+    DeadLeased {
+        info: DeadLetterInfo,
+        consumer: ConsumerId,
+        until: f64,
+    },
 }
 
 #[derive(Debug)]
@@ -175,7 +185,7 @@ impl Message {
             receive_count: self.receive_count,
             dedup_key: self.dedup_key.clone(),
             dead: match &self.state {
-                State::Dead(info) => Some(info.clone()),
+                State::Dead(info) | State::DeadLeased { info, .. } => Some(info.clone()),
                 _ => None,
             },
         }
@@ -214,7 +224,10 @@ pub struct QueueCore {
     visible_group: BTreeSet<Rank>,
     /// Quorum messages waiting for `needed` subscribers.
     parked: BTreeSet<(usize, Rank)>,
+    /// Dead letters nobody holds, oldest first.
     dead: BTreeSet<u64>,
+    /// Ends of leases on dead letters (received from `NAME.dlq`).
+    dead_leases: BTreeSet<(At, u64)>,
     delayed: BTreeSet<(At, u64)>,
     /// Ends of at-least-once leases.
     leases: BTreeSet<(At, u64)>,
@@ -251,6 +264,7 @@ impl QueueCore {
             visible_group: BTreeSet::new(),
             parked: BTreeSet::new(),
             dead: BTreeSet::new(),
+            dead_leases: BTreeSet::new(),
             delayed: BTreeSet::new(),
             leases: BTreeSet::new(),
             rounds: BTreeSet::new(),
@@ -347,7 +361,7 @@ impl QueueCore {
             waiting_quorum: self.parked.len(),
             leased: self.leases.len(),
             in_round: self.rounds.len(),
-            dead_letters: self.dead.len(),
+            dead_letters: self.dead.len() + self.dead_leases.len(),
             subscribers: self.subscribers.len(),
             ..self.stats
         }
@@ -356,7 +370,7 @@ impl QueueCore {
     /// The earliest time at which [`QueueCore::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<f64> {
         // Dedup entries need no timer: they are dropped by whichever call comes next.
-        [&self.delayed, &self.leases, &self.rounds, &self.ttl, &self.quorum_deadlines]
+        [&self.delayed, &self.leases, &self.rounds, &self.ttl, &self.quorum_deadlines, &self.dead_leases]
             .into_iter()
             .filter_map(|set| set.first().map(|(at, _)| at.0))
             .min_by(f64::total_cmp)
@@ -520,6 +534,11 @@ impl QueueCore {
                     targets.remove(consumer);
                     self.check_round(seq, now, &mut fx);
                 }
+                State::DeadLeased { until, .. } => {
+                    let until = *until;
+                    self.dead_leases.remove(&(At(until), seq));
+                    self.dead_lease_ended(seq);
+                }
                 _ => {}
             }
         }
@@ -653,7 +672,101 @@ impl QueueCore {
         fx.into_step(seqs.len())
     }
 
+    /// The dead-letter queue `NAME.dlq`, as a queue of its own: leases up to `max` dead
+    /// letters nobody holds, oldest first, to `consumer` for `visibility` seconds (default:
+    /// the queue's). Each delivery carries its dead-letter reason. [`Self::ack_dead`]
+    /// deletes one; a nack, the lease's end or the consumer leaving puts it back. These
+    /// leases are not persisted: after a restart every dead letter is available again.
+    pub fn receive_dead(
+        &mut self,
+        consumer: &ConsumerId,
+        max: usize,
+        visibility: Option<f64>,
+        now: f64,
+    ) -> Step<Result<Vec<Delivery>>> {
+        let visibility = visibility.unwrap_or(self.config.visibility_timeout);
+        if !visibility.is_finite() || visibility <= 0.0 || visibility > MAX_SECONDS {
+            let refused = QueueError::BadRequest(format!("visibility must be in (0, {MAX_SECONDS}], got {visibility}"));
+            return Effects::default().into_step(Err(refused));
+        }
+        let mut fx = Effects::default();
+        self.advance(now, &mut fx);
+        let mut got = Vec::new();
+        while got.len() < max.min(MAX_RECEIVE_BATCH) {
+            let Some(seq) = self.dead.pop_first() else { break };
+            let Some(m) = self.messages.get_mut(&seq) else { continue };
+            let State::Dead(info) = std::mem::replace(&mut m.state, State::Delayed) else { continue };
+            let until = now + visibility;
+            got.push(Delivery {
+                consumer: consumer.clone(),
+                id: m.id.clone(),
+                payload: m.payload.clone(),
+                guarantee: m.guarantee,
+                priority: m.priority,
+                receive_count: m.receive_count,
+                lease_until: Some(until),
+                dead: Some(info.clone()),
+            });
+            m.state = State::DeadLeased { info, consumer: consumer.clone(), until };
+            self.dead_leases.insert((At(until), seq));
+            self.held.entry(consumer.clone()).or_default().insert(seq);
+        }
+        self.dispatch(now, &mut fx);
+        fx.into_step(Ok(got))
+    }
+
+    /// `consumer` is done with dead letter `id` (received from `NAME.dlq`): deleted.
+    /// Errors: `UnknownMessage`, `UnknownLease`. Writes: the removal.
+    pub fn ack_dead(&mut self, consumer: &ConsumerId, id: &MessageId, now: f64) -> Step<Result<()>> {
+        let mut fx = Effects::default();
+        self.advance(now, &mut fx);
+        let value = self.held_dead(consumer, id).map(|seq| {
+            self.release(consumer, seq);
+            self.stats.acked_total += 1;
+            self.remove(seq, &mut fx);
+        });
+        self.dispatch(now, &mut fx);
+        fx.into_step(value)
+    }
+
+    /// `consumer` gives dead letter `id` back to the dead-letter queue (available again
+    /// at once). Errors: `UnknownMessage`, `UnknownLease`.
+    pub fn nack_dead(&mut self, consumer: &ConsumerId, id: &MessageId, now: f64) -> Step<Result<()>> {
+        let mut fx = Effects::default();
+        self.advance(now, &mut fx);
+        let value = self.held_dead(consumer, id).map(|seq| self.dead_lease_ended(seq));
+        fx.into_step(value)
+    }
+
+    /// The dead-letter queue's own gauges: `visible` are the dead letters nobody holds,
+    /// `leased` those received and not yet acked.
+    pub fn dead_stats(&self) -> QueueStats {
+        QueueStats { visible: self.dead.len(), leased: self.dead_leases.len(), ..QueueStats::default() }
+    }
+
     // ---- internals ----
+
+    /// The seq of dead letter `id` if `consumer` holds it, taken out of `dead_leases`.
+    fn held_dead(&mut self, consumer: &ConsumerId, id: &MessageId) -> Result<u64> {
+        let seq = self.lookup(id)?;
+        let m = self.messages.get(&seq).ok_or_else(|| QueueError::UnknownMessage(id.to_string()))?;
+        match &m.state {
+            State::DeadLeased { consumer: holder, until, .. } if holder == consumer => {
+                self.dead_leases.remove(&(At(*until), seq));
+                Ok(seq)
+            }
+            _ => Err(QueueError::UnknownLease { id: id.to_string(), consumer: consumer.to_string() }),
+        }
+    }
+
+    /// A lease on a dead letter ended (already out of `dead_leases`): a dead letter again.
+    fn dead_lease_ended(&mut self, seq: u64) {
+        let Some(m) = self.messages.get_mut(&seq) else { return };
+        let State::DeadLeased { info, consumer, .. } = std::mem::replace(&mut m.state, State::Delayed) else { return };
+        m.state = State::Dead(info);
+        self.dead.insert(seq);
+        self.release(&consumer, seq);
+    }
 
     fn lookup(&self, id: &MessageId) -> Result<u64> {
         self.ids.get(id).copied().ok_or_else(|| QueueError::UnknownMessage(id.to_string()))
@@ -858,6 +971,7 @@ impl QueueCore {
             priority: m.priority,
             receive_count: m.receive_count,
             lease_until: None,
+            dead: None,
         };
         if m.guarantee == Guarantee::FireAndForget {
             self.remove(seq, fx);
@@ -938,6 +1052,7 @@ impl QueueCore {
                 priority: m.priority,
                 receive_count: m.receive_count,
                 lease_until: Some(until),
+                dead: None,
             });
             self.held.entry(t.clone()).or_default().insert(seq);
         }
@@ -966,6 +1081,13 @@ impl QueueCore {
             }
             self.rounds.remove(&(at, seq));
             self.end_round(seq, 0.0, now, fx);
+        }
+        while let Some(&(at, seq)) = self.dead_leases.first() {
+            if at.0 > now {
+                break;
+            }
+            self.dead_leases.remove(&(at, seq));
+            self.dead_lease_ended(seq);
         }
         while let Some(&(at, seq)) = self.delayed.first() {
             if at.0 > now {

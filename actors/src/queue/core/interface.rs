@@ -274,6 +274,8 @@ pub struct Delivery {
     pub receive_count: u32,
     /// When the lease ends (None for fire-and-forget).
     pub lease_until: Option<f64>,
+    /// Why it was dead-lettered, for a delivery from the dead-letter queue (`NAME.dlq`).
+    pub dead: Option<DeadLetterInfo>,
 }
 
 /// Why and when a message was dead-lettered (persisted with it).

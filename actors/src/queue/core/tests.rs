@@ -64,7 +64,8 @@ impl QueueCore {
             + self.parked.len()
             + self.leases.len()
             + self.rounds.len()
-            + self.dead.len();
+            + self.dead.len()
+            + self.dead_leases.len();
         assert_eq!(indexed, self.messages.len(), "each message in exactly one state index");
         let mut held = 0;
         for (&seq, m) in &self.messages {
@@ -89,6 +90,11 @@ impl QueueCore {
                     held += targets.len();
                 }
                 State::Dead(_) => assert!(self.dead.contains(&seq)),
+                State::DeadLeased { consumer, until, .. } => {
+                    assert!(self.dead_leases.contains(&(At(*until), seq)));
+                    assert!(holds(consumer), "a dead letter's lease is held by its consumer");
+                    held += 1;
+                }
             }
             if !matches!(m.state, State::Visible | State::Parked { .. }) {
                 assert!(m.quorum_deadline.is_none(), "only a waiting quorum message has a quorum deadline");
@@ -224,6 +230,70 @@ fn past_max_receives_a_message_is_dead_lettered_with_its_reason_and_can_be_redri
     let d = receive(&mut q, "x", 1, now);
     assert_eq!(d[0].receive_count, 1);
     assert!(q.dead_letters(10).is_empty());
+}
+
+/// Three receives without an ack at `now`, `now + 10`, `now + 20`: dead at `now + 30`.
+fn kill_by_receives(q: &mut QueueCore, name: &str, now: f64) -> f64 {
+    send(q, msg(name, name), now);
+    let mut now = now;
+    for _ in 0..3 {
+        assert_eq!(ids_of(&receive(q, "x", 1, now)), [name]);
+        now += 10.0;
+        q.tick(now);
+    }
+    now
+}
+
+#[test]
+fn the_dead_letter_queue_leases_dead_letters_with_their_reason_and_ack_deletes_them() {
+    let mut q = core(QueueConfig { durable: true, ..cfg() });
+    let now = kill_by_receives(&mut q, "a", T0);
+    let now = kill_by_receives(&mut q, "b", now);
+    assert_eq!(q.dead_stats().visible, 2);
+
+    // Oldest first, one consumer at a time, with the reason.
+    let got = q.receive_dead(&c("ops"), 1, Some(5.0), now).unwrap().value;
+    q.check_invariants();
+    assert_eq!(ids_of(&got), ["a"]);
+    let info = got[0].dead.as_ref().expect("a dead letter carries its reason");
+    assert_eq!(info.reason, "max receives (3) reached");
+    assert_eq!(got[0].receive_count, 3);
+    let other = q.receive_dead(&c("other"), 10, None, now).unwrap().value;
+    assert_eq!(ids_of(&other), ["b"], "a leased dead letter is not handed to another consumer");
+    let st = q.dead_stats();
+    assert_eq!((st.visible, st.leased), (0, 2));
+    assert_eq!(q.stats().dead_letters, 2, "still dead letters of the queue");
+
+    // Only the holder acks; the ack deletes the record.
+    assert!(matches!(q.ack_dead(&c("other"), &id("a"), now).value, Err(QueueError::UnknownLease { .. })));
+    let acked = q.ack_dead(&c("ops"), &id("a"), now);
+    assert!(acked.value.is_ok());
+    assert_eq!(acked.writes, [QueueWrite::Remove(id("a"))]);
+    q.check_invariants();
+
+    // Redrive takes only what nobody holds; a nack gives it back at once.
+    assert_eq!(q.redrive(10, now).value, 0);
+    assert!(q.nack_dead(&c("other"), &id("b"), now).value.is_ok());
+    q.check_invariants();
+    assert_eq!(q.dead_stats().visible, 1);
+    assert_eq!(q.redrive(10, now).value, 1);
+    assert_eq!(ids_of(&receive(&mut q, "x", 1, now)), ["b"]);
+}
+
+#[test]
+fn a_dead_letter_lease_ends_by_time_or_with_its_consumer() {
+    let mut q = core(cfg());
+    let now = kill_by_receives(&mut q, "a", T0);
+    assert_eq!(q.receive_dead(&c("ops"), 1, Some(5.0), now).unwrap().value.len(), 1);
+    assert_eq!(q.next_deadline(), Some(now + 5.0));
+    q.tick(now + 5.0);
+    q.check_invariants();
+    assert_eq!(q.dead_stats().visible, 1, "the lease ended: available again");
+    assert_eq!(q.receive_dead(&c("ops"), 1, None, now + 5.0).unwrap().value.len(), 1);
+    q.consumer_gone(&c("ops"), now + 6.0);
+    q.check_invariants();
+    assert_eq!(q.dead_stats().visible, 1, "its consumer left: available again");
+    assert_eq!(q.dead_letters(10).len(), 1);
 }
 
 #[test]
@@ -679,6 +749,16 @@ enum Op {
     },
     Redrive,
     Purge,
+    /// From the dead-letter queue.
+    ReceiveDead {
+        who: u8,
+    },
+    AckDead {
+        pick: usize,
+    },
+    NackDead {
+        pick: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -694,6 +774,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..12, any::<bool>()).prop_map(|(seconds, tick)| Op::Advance { seconds, tick }),
         1 => Just(Op::Redrive),
         1 => Just(Op::Purge),
+        1 => (0u8..4).prop_map(|who| Op::ReceiveDead { who }),
+        1 => any::<usize>().prop_map(|pick| Op::AckDead { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::NackDead { pick }),
     ]
 }
 
@@ -722,6 +805,7 @@ proptest! {
         // ids completed by an ack: never delivered to anyone again.
         let mut acked_by: BTreeSet<(ConsumerId, MessageId)> = BTreeSet::new();
         let mut completed: BTreeSet<MessageId> = BTreeSet::new();
+        let mut dead_delivered: Vec<(ConsumerId, MessageId)> = Vec::new();
         for op in ops {
             let mut pushes = Vec::new();
             match op {
@@ -800,6 +884,36 @@ proptest! {
                     pushes = s.pushes;
                 }
                 Op::Purge => apply(&mut store, &q.purge_dead_letters(1).writes),
+                Op::ReceiveDead { who } => {
+                    let s = q.receive_dead(&c(&format!("c{who}")), 2, None, now).unwrap();
+                    apply(&mut store, &s.writes);
+                    pushes = s.pushes;
+                    for d in s.value {
+                        prop_assert!(d.dead.is_some(), "a dead letter comes with its reason");
+                        prop_assert!(!completed.contains(&d.id), "{} received from the DLQ after it was completed", d.id);
+                        dead_delivered.push((d.consumer, d.id));
+                    }
+                }
+                Op::AckDead { pick } => {
+                    if !dead_delivered.is_empty() {
+                        let (who, mid) = dead_delivered[pick % dead_delivered.len()].clone();
+                        let s = q.ack_dead(&who, &mid, now);
+                        apply(&mut store, &s.writes);
+                        pushes = s.pushes;
+                        if s.value.is_ok() {
+                            prop_assert!(!q.ids.contains_key(&mid), "an acked dead letter is deleted");
+                            completed.insert(mid);
+                        }
+                    }
+                }
+                Op::NackDead { pick } => {
+                    if !dead_delivered.is_empty() {
+                        let (who, mid) = dead_delivered[pick % dead_delivered.len()].clone();
+                        let s = q.nack_dead(&who, &mid, now);
+                        apply(&mut store, &s.writes);
+                        pushes = s.pushes;
+                    }
+                }
             }
             for d in pushes {
                 prop_assert!(!completed.contains(&d.id), "{} delivered after it was completed", d.id);
@@ -834,7 +948,7 @@ proptest! {
             let now_state = &r.messages[&seq].state;
             let should_die = rec.receive_count >= r.config.max_receives;
             match was {
-                State::Dead(_) => prop_assert!(matches!(now_state, State::Dead(_))),
+                State::Dead(_) | State::DeadLeased { .. } => prop_assert!(matches!(now_state, State::Dead(_))),
                 State::Leased { .. } | State::Round { .. } if should_die => {
                     prop_assert!(matches!(now_state, State::Dead(_)))
                 }
