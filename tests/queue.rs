@@ -400,3 +400,38 @@ async fn a_deleted_queue_takes_its_bindings_with_it() {
     .await;
     assert_eq!(c.queue_stats("feed").await.unwrap()["visible"], json!(0));
 }
+
+#[actix_rt::test]
+async fn bindings_are_bounded_per_queue_not_per_node() {
+    let settings =
+        Settings { port: 0, monitoring_port: 0, pubsub_max_subscriptions_per_connection: 2, ..Settings::default() };
+    let node = TestNode(NodeBuilder::new(settings).start().await.expect("node starts"));
+    let c = client(&node).await;
+    for queue in ["a", "b"] {
+        c.queue_create(queue, json!({})).await.unwrap();
+        c.queue_bind(queue, "x.#").await.unwrap();
+        c.queue_bind(queue, "y.#").await.unwrap();
+        // Binding a pattern again changes nothing and is not refused.
+        c.queue_bind(queue, "y.#").await.unwrap();
+    }
+    // The third pattern of one queue is refused (1006), naming the setting.
+    match c.queue_bind("a", "z.#").await {
+        Err(mpreg::ClientError::Rpc(e)) => {
+            assert_eq!(e.code, 1006);
+            assert!(format!("{e:?}").contains("pubsub_max_subscriptions_per_connection"), "{e:?}");
+        }
+        other => panic!("expected 1006, got {other:?}"),
+    }
+    // Every binding of both queues works: each gets a publish on each of its patterns.
+    for topic in ["x.1", "y.1"] {
+        c.publish(topic, json!(topic)).await.unwrap();
+    }
+    for queue in ["a", "b"] {
+        let c2 = c.clone();
+        poll_until_async(&format!("{queue} to hold both publishes"), SOON, || {
+            let c2 = c2.clone();
+            async move { (c2.queue_stats(queue).await.ok()?["visible"] == json!(2)).then_some(()) }
+        })
+        .await;
+    }
+}

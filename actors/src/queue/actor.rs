@@ -108,11 +108,20 @@ pub struct QueueLimits {
     pub max_message_bytes: usize,
     /// This node's name (the `owner` of its queues in `stats` and `list`).
     pub node: String,
+    /// Most bindings of one queue (`pubsub_max_subscriptions_per_connection`: a queue's
+    /// bindings are one pub/sub connection).
+    pub max_bindings_per_queue: usize,
 }
 
 impl Default for QueueLimits {
     fn default() -> Self {
-        QueueLimits { max_queues: 1000, max_wait: 20.0, max_message_bytes: 1024 * 1024, node: String::new() }
+        QueueLimits {
+            max_queues: 1000,
+            max_wait: 20.0,
+            max_message_bytes: 1024 * 1024,
+            node: String::new(),
+            max_bindings_per_queue: 1024,
+        }
     }
 }
 
@@ -222,8 +231,16 @@ pub struct Queue {
     _guard: ChildGuard,
 }
 
-/// The pub/sub "connection" of every binding of this node's queues.
-const BINDING_CONN: ConnectionId = u64::MAX - 1;
+/// The pub/sub "connection" of the bindings of `queue`: one per queue, so that pub/sub's
+/// per-connection bound is a bound per queue (and one queue's bindings cannot use up
+/// another's). Ids from 3·2^62 up: above real connections and the fabric's pseudo
+/// connections of remote clients (2^63 + 62 bits).
+fn binding_conn(queue: &str) -> ConnectionId {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    queue.hash(&mut h);
+    (3 << 62) | (h.finish() >> 2)
+}
 /// Subscription id of a binding: `queue-bind <queue> <pattern>` (neither has a space).
 fn binding_id(queue: &str, pattern: &str) -> String {
     format!("queue-bind {queue} {pattern}")
@@ -264,7 +281,8 @@ impl Queue {
             backlog_seconds: 0.0,
         });
         let (queue, pattern) = (queue.to_owned(), pattern.to_owned());
-        let subscribe = pubsub::Subscribe { conn: BINDING_CONN, subscription, outbox, kind: FrameKind::Text };
+        let conn = binding_conn(&queue);
+        let subscribe = pubsub::Subscribe { conn, subscription, outbox, kind: FrameKind::Text };
         ctx.spawn(actix::fut::wrap_future(async move {
             match addr.send(subscribe).await {
                 Ok(Ok(_)) => info!(queue = %queue, pattern = %pattern, "binding subscribed"),
@@ -282,7 +300,9 @@ impl Queue {
             return;
         }
         // Subscriptions of an earlier incarnation of this actor end first.
-        current.do_send(pubsub::ConnectionClosed { conn: BINDING_CONN });
+        for queue in self.queues.keys() {
+            current.do_send(pubsub::ConnectionClosed { conn: binding_conn(queue) });
+        }
         self.bound_at = Some(current);
         let all: Vec<(String, String)> =
             self.queues.iter().flat_map(|(q, h)| h.bindings.iter().map(move |p| (q.clone(), p.clone()))).collect();
@@ -617,7 +637,7 @@ impl Queue {
                 if let Some(addr) = &self.bound_at {
                     for pattern in &hosted.bindings {
                         let subscription_id = binding_id(&name, pattern);
-                        addr.do_send(pubsub::Unsubscribe { conn: BINDING_CONN, subscription_id });
+                        addr.do_send(pubsub::Unsubscribe { conn: binding_conn(&name), subscription_id });
                     }
                 }
                 drop(hosted);
@@ -696,11 +716,18 @@ impl Queue {
                         "bad pattern {pattern:?}: 1..=1024 bytes without spaces"
                     ))));
                 }
+                let max = self.limits.max_bindings_per_queue;
                 let hosted = match self.hosted(&name) {
                     Ok(h) => h,
                     Err(e) => return Answer::Ready(Err(e)),
                 };
                 let bind = req.op == "bind";
+                if bind && !hosted.bindings.contains(&pattern) && hosted.bindings.len() >= max {
+                    self.metrics.limit_exceeded("pubsub_max_subscriptions_per_connection");
+                    return Answer::Ready(Err(RpcError::queue_full(format!(
+                        "queue {name} has {max} bindings already (pubsub_max_subscriptions_per_connection)"
+                    ))));
+                }
                 let changed = if bind {
                     if hosted.bindings.contains(&pattern) {
                         false
@@ -718,7 +745,7 @@ impl Queue {
                 } else if changed {
                     if let Some(addr) = &self.bound_at {
                         let subscription_id = binding_id(&name, &pattern);
-                        addr.do_send(pubsub::Unsubscribe { conn: BINDING_CONN, subscription_id });
+                        addr.do_send(pubsub::Unsubscribe { conn: binding_conn(&name), subscription_id });
                     }
                 }
                 let durable = self.persist_meta(&name);
