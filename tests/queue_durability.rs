@@ -2,12 +2,8 @@
 //! survives, leased messages come back, and each acknowledged durable send was preceded by
 //! an fdatasync/fsync (checked under strace).
 //!
-//! Not tested here: a send whose commit fails (ENOSPC/EIO). Injecting it needs a full
-//! filesystem (a tmpfs mount needs privileges) or a test-only store inside the binary; the
-//! path is covered by the persistence module's failing-store tests (a failed sync fails
-//! every waiter of the group and poisons later commits) and the queue actor answers any
-//! commit error with 1003 `not durable: <cause>`. A read-only data dir at start is refused
-//! with exit code 73 (tests/persistence.rs).
+//! A send whose commit fails on a really full disk is tested in tests/queue_disk_full.rs;
+//! a read-only data dir at start is refused with exit code 73 (tests/persistence.rs).
 
 mod common;
 
