@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_membership;
 mod bench_persistence;
 mod bench_queue;
 mod client;
@@ -217,6 +218,9 @@ pub enum BenchCommand {
     Persistence(bench_persistence::PersistenceBenchArgs),
     /// Durable queue throughput (group commit) against sled's one-at-a-time flush.
     Queue(bench_queue::QueueBenchArgs),
+    /// The SWIM membership protocol in a simulated cluster: periods to spread a join and
+    /// a failure, messages per member.
+    Membership(bench_membership::MembershipBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -229,6 +233,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::cluster(args),
         Command::Bench(BenchCommand::Persistence(args)) => bench_persistence::run(args),
         Command::Bench(BenchCommand::Queue(args)) => bench_queue::queue(args),
+        Command::Bench(BenchCommand::Membership(args)) => bench_membership::run(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {

@@ -40,6 +40,7 @@ pub mod link;
 pub mod membership;
 pub mod queue_sessions;
 pub mod snapshot;
+pub mod swim;
 pub mod trust;
 pub mod wire;
 

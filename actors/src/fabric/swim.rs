@@ -1,0 +1,695 @@
+//! SWIM membership with Lifeguard's local health: the failure detector and dissemination
+//! whose cost per member does not grow with the cluster (issue 10). A pure state machine:
+//! no sockets, no clock, no global randomness — time is passed in, randomness comes from a
+//! seeded generator, and every call returns the messages to send. [`simulation`] runs
+//! thousands of them in one process.
+//!
+//! # The protocol (Das, Gupta, Motivala 2002; memberlist; Lifeguard)
+//!
+//! Each protocol period a member probes ONE other member, taken round-robin from a
+//! shuffled list (so every member is probed within a bounded number of periods):
+//!
+//! ```text
+//!  A ──ping(seq)──► B            B answers ack(seq)
+//!  no ack within probe_timeout:  A ──ping-req(seq, B)──► k others ──ping──► B
+//!                                each relays B's ack back to A as ack(seq)
+//!  no ack by the period's end:   A suspects B (rumor Suspect(B, inc))
+//!  Suspect not refuted within the suspicion timeout: Dead(B, inc)
+//! ```
+//!
+//! - **Incarnations.** Only a member raises its own incarnation: when it hears a rumor
+//!   that it is suspect (or dead) at its current incarnation, it refutes with
+//!   `Alive(me, inc + 1)`. Precedence between rumors about one member: a higher
+//!   incarnation wins; at equal incarnation `Left` > `Dead` > `Suspect` > `Alive` (a
+//!   total order, so the order rumors arrive in never changes the outcome). A dead
+//!   member comes back only with a higher incarnation (a restart), never through stale
+//!   gossip.
+//! - **Dissemination.** Every change is a rumor, piggybacked on pings and acks (at most
+//!   `max_piggyback` per message, the least transmitted first) and retransmitted
+//!   `ceil(retransmit_mult · log10(n + 1))` times; a newer rumor about the same member
+//!   replaces the older. A rumor therefore reaches everyone in O(log n) periods while each
+//!   message stays bounded.
+//! - **Push-pull.** Every `push_pull_every` periods a member exchanges its whole list with
+//!   one random member, repairing whatever the rumors missed; a joiner does it with its
+//!   seed first.
+//! - **Local health** (Lifeguard). A member whose own probes go unanswered, or which has
+//!   to refute suspicion of itself, is more likely slow than surrounded by dead members:
+//!   its health multiplier (0..=`max_local_health`) rises, and stretches its probe timeout
+//!   and its suspicion timeouts, so a loaded machine accuses others later. Successful
+//!   probes bring it back down.
+//!
+//! Per member and period: one ping and its ack, plus `k` ping-reqs (and their relays) when
+//! a probe fails, plus one push-pull every `push_pull_every` periods — constant in n.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+pub mod simulation;
+#[cfg(test)]
+mod tests;
+
+/// A member's name.
+pub type MemberId = String;
+/// How many times a member has refuted suspicion of itself (or restarted).
+pub type Incarnation = u64;
+
+/// What a rumor says about a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Answering.
+    Alive,
+    /// A probe of it failed; dead unless it refutes in time.
+    Suspect,
+    /// Declared dead after its suspicion timed out.
+    Dead,
+    /// Said GOODBYE.
+    Left,
+}
+
+impl Liveness {
+    /// Precedence at equal incarnation.
+    fn rank(self) -> u8 {
+        match self {
+            Liveness::Alive => 0,
+            Liveness::Suspect => 1,
+            Liveness::Dead => 2,
+            Liveness::Left => 3,
+        }
+    }
+
+    /// Dead or left: no longer probed, routed to or counted.
+    pub fn is_gone(self) -> bool {
+        matches!(self, Liveness::Dead | Liveness::Left)
+    }
+}
+
+/// One piece of membership news.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rumor {
+    /// About whom.
+    pub member: MemberId,
+    /// At which of its incarnations.
+    pub incarnation: Incarnation,
+    /// What it says.
+    pub liveness: Liveness,
+}
+
+impl Rumor {
+    /// Whether this rumor replaces what is known (`known`: incarnation and liveness).
+    fn overrides(&self, known: (Incarnation, Liveness)) -> bool {
+        let (inc, liveness) = known;
+        self.incarnation > inc || (self.incarnation == inc && self.liveness.rank() > liveness.rank())
+    }
+}
+
+/// What members send each other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum SwimMessage {
+    /// Are you there? Answered by an `ack` with the same `seq`.
+    Ping {
+        /// The prober's sequence number.
+        seq: u64,
+        /// Piggybacked news.
+        rumors: Vec<Rumor>,
+    },
+    /// Probe `target` for me; relay its ack with my `seq`.
+    PingReq {
+        /// The requester's sequence number.
+        seq: u64,
+        /// Whom to probe.
+        target: MemberId,
+        /// Piggybacked news.
+        rumors: Vec<Rumor>,
+    },
+    /// I am there (or, relayed: the target is there).
+    Ack {
+        /// The sequence number of the ping (or ping-req) answered.
+        seq: u64,
+        /// Piggybacked news.
+        rumors: Vec<Rumor>,
+    },
+    /// My whole list; answered with the receiver's own when `reply`.
+    PushPull {
+        /// Every member the sender knows, itself included.
+        members: Vec<Rumor>,
+        /// Whether the receiver should answer with its list.
+        reply: bool,
+    },
+}
+
+/// A message to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// To whom.
+    pub to: MemberId,
+    /// What.
+    pub message: SwimMessage,
+}
+
+/// A change of a member's state, as this member sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Whose.
+    pub member: MemberId,
+    /// Its new state.
+    pub liveness: Liveness,
+    /// At which incarnation.
+    pub incarnation: Incarnation,
+}
+
+/// Timing and bounds. Times in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwimConfig {
+    /// One protocol period: one probe.
+    pub period: f64,
+    /// A direct probe unanswered this long (times `1 + local health`) goes indirect.
+    pub probe_timeout: f64,
+    /// Members asked to probe indirectly.
+    pub indirect_probes: usize,
+    /// Suspicion lasts `suspicion_mult · log10(max(n, 10))` periods (times `1 + local
+    /// health`) before the member is declared dead.
+    pub suspicion_mult: f64,
+    /// Each rumor is sent `ceil(retransmit_mult · log10(n + 1))` times.
+    pub retransmit_mult: f64,
+    /// Rumors per message, at most.
+    pub max_piggyback: usize,
+    /// Rumors waiting to be sent, at most (the most transmitted are dropped first; the
+    /// periodic push-pull repairs what they carried).
+    pub max_pending_rumors: usize,
+    /// A push-pull every this many periods (0: never, except the join).
+    pub push_pull_every: u32,
+    /// Members in a push-pull, at most.
+    pub max_push_pull_members: usize,
+    /// Highest local health multiplier.
+    pub max_local_health: u32,
+    /// Dead and left members are remembered this long (so stale rumors cannot resurrect
+    /// them), then forgotten.
+    pub gone_retention: f64,
+}
+
+impl Default for SwimConfig {
+    fn default() -> Self {
+        SwimConfig {
+            period: 1.0,
+            probe_timeout: 0.4,
+            indirect_probes: 3,
+            suspicion_mult: 3.0,
+            retransmit_mult: 4.0,
+            max_piggyback: 16,
+            max_pending_rumors: 4096,
+            push_pull_every: 30,
+            max_push_pull_members: 4096,
+            max_local_health: 8,
+            gone_retention: 120.0,
+        }
+    }
+}
+
+/// Rumors waiting to be piggybacked, at most one per member, ordered by (transmissions,
+/// newest first): taking the next `k` and putting them back is O(k log n).
+#[derive(Debug, Default)]
+struct RumorQueue {
+    queue: BTreeMap<(u32, Reverse<u64>), Rumor>,
+    key_of: HashMap<MemberId, (u32, Reverse<u64>)>,
+    next: u64,
+}
+
+impl RumorQueue {
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.key_of.clear();
+    }
+
+    /// Queues `rumor`, replacing the one about the same member; when `max` are queued the
+    /// most transmitted goes (it has had the most chances already).
+    fn push(&mut self, rumor: Rumor, max: usize) {
+        if let Some(key) = self.key_of.remove(&rumor.member) {
+            self.queue.remove(&key);
+        }
+        if self.queue.len() >= max.max(1) {
+            if let Some((_, dropped)) = self.queue.pop_last() {
+                self.key_of.remove(&dropped.member);
+            }
+        }
+        self.next += 1;
+        let key = (0, Reverse(self.next));
+        self.key_of.insert(rumor.member.clone(), key);
+        self.queue.insert(key, rumor);
+    }
+
+    /// The next `k` rumors; each counts one transmission and is dropped at `limit`.
+    fn take(&mut self, k: usize, limit: u32) -> Vec<Rumor> {
+        let keys: Vec<(u32, Reverse<u64>)> = self.queue.keys().take(k).copied().collect();
+        let mut picked = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(rumor) = self.queue.remove(&key) else { continue };
+            let sent = key.0 + 1;
+            if sent < limit {
+                let again = (sent, key.1);
+                self.key_of.insert(rumor.member.clone(), again);
+                self.queue.insert(again, rumor.clone());
+            } else {
+                self.key_of.remove(&rumor.member);
+            }
+            picked.push(rumor);
+        }
+        picked
+    }
+}
+
+/// One known member.
+#[derive(Debug, Clone, PartialEq)]
+struct Known {
+    incarnation: Incarnation,
+    liveness: Liveness,
+    /// When it became suspect, or gone (for the timeouts).
+    since: f64,
+}
+
+/// The probe of this period.
+#[derive(Debug, Clone)]
+struct Probe {
+    target: MemberId,
+    seq: u64,
+    sent_at: f64,
+    indirect_sent: bool,
+    acked: bool,
+}
+
+/// A ping sent on behalf of a ping-req: its ack goes back to `requester` as `seq`.
+#[derive(Debug, Clone)]
+struct Relay {
+    requester: MemberId,
+    seq: u64,
+    until: f64,
+}
+
+/// One member's view and protocol state.
+#[derive(Debug)]
+pub struct Swim {
+    me: MemberId,
+    incarnation: Incarnation,
+    config: SwimConfig,
+    members: BTreeMap<MemberId, Known>,
+    /// Members now suspect (for the suspicion timeouts).
+    suspects: BTreeSet<MemberId>,
+    /// How many of `members` are dead or left.
+    gone: usize,
+    /// Rumors to piggyback, least sent first and, among those, newest first.
+    rumors: RumorQueue,
+    probe_order: Vec<MemberId>,
+    probe_next: usize,
+    probe: Option<Probe>,
+    period_start: f64,
+    periods: u64,
+    next_seq: u64,
+    relays: HashMap<u64, Relay>,
+    local_health: u32,
+    rng: StdRng,
+    /// Messages sent, by kind, for the benchmarks: ping, ping-req, ack, push-pull.
+    sent: [u64; 4],
+}
+
+impl Swim {
+    /// Member `me`, alone, at `now`; `seed` drives its random choices.
+    pub fn new(me: impl Into<MemberId>, config: SwimConfig, now: f64, seed: u64) -> Swim {
+        Swim {
+            me: me.into(),
+            incarnation: 0,
+            config,
+            members: BTreeMap::new(),
+            suspects: BTreeSet::new(),
+            gone: 0,
+            rumors: RumorQueue::default(),
+            probe_order: Vec::new(),
+            probe_next: 0,
+            probe: None,
+            period_start: now,
+            periods: 0,
+            next_seq: 0,
+            relays: HashMap::new(),
+            local_health: 0,
+            rng: StdRng::seed_from_u64(seed),
+            sent: [0; 4],
+        }
+    }
+
+    /// This member's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Its incarnation.
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    /// Its local health multiplier (0: healthy).
+    pub fn local_health(&self) -> u32 {
+        self.local_health
+    }
+
+    /// What it believes about `member` (None: never heard of, or forgotten).
+    pub fn liveness_of(&self, member: &str) -> Option<Liveness> {
+        self.members.get(member).map(|k| k.liveness)
+    }
+
+    /// Members it believes alive or suspect (itself excluded).
+    pub fn live_members(&self) -> impl Iterator<Item = (&str, Liveness)> {
+        self.members.iter().filter(|(_, k)| !k.liveness.is_gone()).map(|(m, k)| (m.as_str(), k.liveness))
+    }
+
+    /// Messages sent so far: (pings, ping-reqs, acks, push-pulls).
+    pub fn messages_sent(&self) -> (u64, u64, u64, u64) {
+        (self.sent[0], self.sent[1], self.sent[2], self.sent[3])
+    }
+
+    /// Rumors waiting to be piggybacked.
+    pub fn pending_rumors(&self) -> usize {
+        self.rumors.len()
+    }
+
+    /// Joins through `seed`: a push-pull of this member's list (itself).
+    pub fn join(&mut self, seed: &str) -> Vec<Outgoing> {
+        let members = self.full_list();
+        vec![self.send(seed, SwimMessage::PushPull { members, reply: true })]
+    }
+
+    /// Says GOODBYE: a `Left` rumor about itself, pushed to up to `fanout` live members
+    /// at once (the caller stops this member afterwards).
+    pub fn leave(&mut self, fanout: usize) -> Vec<Outgoing> {
+        let rumor = Rumor { member: self.me.clone(), incarnation: self.incarnation, liveness: Liveness::Left };
+        let mut targets: Vec<MemberId> = self.live_members().map(|(m, _)| m.to_owned()).collect();
+        targets.shuffle(&mut self.rng);
+        targets.truncate(fanout);
+        targets
+            .into_iter()
+            .map(|to| self.send(&to, SwimMessage::PushPull { members: vec![rumor.clone()], reply: false }))
+            .collect()
+    }
+
+    /// Runs the timers due at `now`: the probe's indirect stage, the end of the period
+    /// (suspect an unanswered target, start the next probe), suspicion timeouts, relays.
+    pub fn tick(&mut self, now: f64) -> (Vec<Outgoing>, Vec<Transition>) {
+        let mut out = Vec::new();
+        let mut changes = Vec::new();
+        let health = f64::from(1 + self.local_health);
+        if let Some(probe) = &self.probe {
+            if !probe.acked && !probe.indirect_sent && now - probe.sent_at >= self.config.probe_timeout * health {
+                let (target, seq) = (probe.target.clone(), probe.seq);
+                if let Some(p) = self.probe.as_mut() {
+                    p.indirect_sent = true;
+                }
+                out.extend(self.indirect_probe(&target, seq));
+            }
+        }
+        if now - self.period_start >= self.config.period * health {
+            self.end_period(now, &mut changes);
+            self.period_start = now;
+            self.periods += 1;
+            out.extend(self.start_probe(now));
+            let every = u64::from(self.config.push_pull_every);
+            if every > 0 && self.periods % every == 0 {
+                out.extend(self.push_pull());
+            }
+            self.forget_gone(now);
+            self.relays.retain(|_, r| r.until > now);
+        }
+        self.expire_suspicions(now, &mut changes);
+        (out, changes)
+    }
+
+    /// Handles `message` from `from` at `now`.
+    pub fn receive(&mut self, from: &str, message: SwimMessage, now: f64) -> (Vec<Outgoing>, Vec<Transition>) {
+        let mut out = Vec::new();
+        let mut changes = Vec::new();
+        match message {
+            SwimMessage::Ping { seq, rumors } => {
+                self.hear_from(from, now, &mut changes);
+                self.apply_all(rumors, now, &mut changes);
+                let rumors = self.piggyback();
+                out.push(self.send(from, SwimMessage::Ack { seq, rumors }));
+            }
+            SwimMessage::PingReq { seq, target, rumors } => {
+                self.hear_from(from, now, &mut changes);
+                self.apply_all(rumors, now, &mut changes);
+                let relay_seq = self.fresh_seq();
+                let until = now + self.config.period * f64::from(1 + self.config.max_local_health);
+                self.relays.insert(relay_seq, Relay { requester: from.to_owned(), seq, until });
+                let rumors = self.piggyback();
+                out.push(self.send(&target, SwimMessage::Ping { seq: relay_seq, rumors }));
+            }
+            SwimMessage::Ack { seq, rumors } => {
+                self.hear_from(from, now, &mut changes);
+                self.apply_all(rumors, now, &mut changes);
+                if let Some(relay) = self.relays.remove(&seq) {
+                    let rumors = self.piggyback();
+                    out.push(self.send(&relay.requester, SwimMessage::Ack { seq: relay.seq, rumors }));
+                } else if let Some(probe) = self.probe.as_mut().filter(|p| p.seq == seq && !p.acked) {
+                    probe.acked = true;
+                    self.local_health = self.local_health.saturating_sub(1);
+                }
+            }
+            SwimMessage::PushPull { members, reply } => {
+                let bounded = members.into_iter().take(self.config.max_push_pull_members).collect();
+                self.apply_all(bounded, now, &mut changes);
+                if reply {
+                    let members = self.full_list();
+                    out.push(self.send(from, SwimMessage::PushPull { members, reply: false }));
+                }
+            }
+        }
+        (out, changes)
+    }
+
+    // ---- internals ----
+
+    fn fresh_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn send(&mut self, to: &str, message: SwimMessage) -> Outgoing {
+        let kind = match &message {
+            SwimMessage::Ping { .. } => 0,
+            SwimMessage::PingReq { .. } => 1,
+            SwimMessage::Ack { .. } => 2,
+            SwimMessage::PushPull { .. } => 3,
+        };
+        self.sent[kind] += 1;
+        Outgoing { to: to.to_owned(), message }
+    }
+
+    /// Live members, itself included.
+    fn n(&self) -> usize {
+        self.members.len() - self.gone + 1
+    }
+
+    fn retransmits(&self) -> u32 {
+        let n = self.n() as f64;
+        (self.config.retransmit_mult * (n + 1.0).log10()).ceil().max(1.0) as u32
+    }
+
+    fn suspicion_timeout(&self) -> f64 {
+        let n = (self.n() as f64).max(10.0);
+        self.config.suspicion_mult * n.log10() * self.config.period * f64::from(1 + self.local_health)
+    }
+
+    /// Every member it knows (itself included), for a push-pull.
+    fn full_list(&self) -> Vec<Rumor> {
+        let me = Rumor { member: self.me.clone(), incarnation: self.incarnation, liveness: Liveness::Alive };
+        let others = self.members.iter().map(|(m, k)| Rumor {
+            member: m.clone(),
+            incarnation: k.incarnation,
+            liveness: k.liveness,
+        });
+        std::iter::once(me).chain(others).take(self.config.max_push_pull_members).collect()
+    }
+
+    /// Up to `max_piggyback` rumors, least transmitted first; each spent one transmission.
+    fn piggyback(&mut self) -> Vec<Rumor> {
+        let limit = self.retransmits();
+        self.rumors.take(self.config.max_piggyback, limit)
+    }
+
+    fn spread(&mut self, rumor: Rumor) {
+        self.rumors.push(rumor, self.config.max_pending_rumors);
+    }
+
+    /// A message from `from` proves it alive; a member never heard of is learnt.
+    fn hear_from(&mut self, from: &str, now: f64, changes: &mut Vec<Transition>) {
+        if from == self.me || self.members.contains_key(from) {
+            return;
+        }
+        // Incarnation unknown: 0, which any rumor of its real incarnation overrides.
+        let rumor = Rumor { member: from.to_owned(), incarnation: 0, liveness: Liveness::Alive };
+        self.apply(rumor, now, changes);
+    }
+
+    fn apply_all(&mut self, rumors: Vec<Rumor>, now: f64, changes: &mut Vec<Transition>) {
+        for rumor in rumors {
+            self.apply(rumor, now, changes);
+        }
+    }
+
+    /// Applies one rumor; spreads it if it changed something.
+    fn apply(&mut self, rumor: Rumor, now: f64, changes: &mut Vec<Transition>) {
+        if rumor.member == self.me {
+            self.about_me(rumor);
+            return;
+        }
+        let known = self.members.get(&rumor.member).map(|k| (k.incarnation, k.liveness));
+        // A stranger reported dead is remembered as dead too: a stale `Alive` arriving
+        // later must not resurrect it, whatever the order the rumors came in.
+        let news = known.is_none_or(|known| rumor.overrides(known));
+        if !news {
+            return;
+        }
+        let entry = Known { incarnation: rumor.incarnation, liveness: rumor.liveness, since: now };
+        let added = self.members.insert(rumor.member.clone(), entry).is_none();
+        let was_gone = known.is_some_and(|(_, l)| l.is_gone());
+        match (was_gone, rumor.liveness.is_gone()) {
+            (false, true) => self.gone += 1,
+            (true, false) => self.gone -= 1,
+            _ => {}
+        }
+        if rumor.liveness == Liveness::Suspect {
+            self.suspects.insert(rumor.member.clone());
+        } else {
+            self.suspects.remove(&rumor.member);
+        }
+        if added && !rumor.liveness.is_gone() {
+            // At a random place of what is left of this pass (probed before it ends, and
+            // members learnt together are not probed in the order they were learnt).
+            self.probe_order.push(rumor.member.clone());
+            let at = self.rng.gen_range(self.probe_next..self.probe_order.len());
+            let last = self.probe_order.len() - 1;
+            self.probe_order.swap(at, last);
+        }
+        if known.map(|(_, l)| l) != Some(rumor.liveness) {
+            changes.push(Transition {
+                member: rumor.member.clone(),
+                liveness: rumor.liveness,
+                incarnation: rumor.incarnation,
+            });
+        }
+        self.spread(rumor);
+    }
+
+    /// Suspected or declared dead at the current incarnation (or later): refute.
+    fn about_me(&mut self, rumor: Rumor) {
+        if rumor.liveness == Liveness::Alive || rumor.incarnation < self.incarnation {
+            return;
+        }
+        self.incarnation = rumor.incarnation + 1;
+        // Having to refute means others find us slow: be slower to accuse them.
+        self.local_health = (self.local_health + 1).min(self.config.max_local_health);
+        let alive = Rumor { member: self.me.clone(), incarnation: self.incarnation, liveness: Liveness::Alive };
+        self.spread(alive);
+    }
+
+    fn end_period(&mut self, now: f64, changes: &mut Vec<Transition>) {
+        let Some(probe) = self.probe.take() else { return };
+        if probe.acked {
+            return;
+        }
+        self.local_health = (self.local_health + 1).min(self.config.max_local_health);
+        let Some(known) = self.members.get(&probe.target) else { return };
+        if known.liveness != Liveness::Alive {
+            return;
+        }
+        let rumor = Rumor { member: probe.target, incarnation: known.incarnation, liveness: Liveness::Suspect };
+        self.apply(rumor, now, changes);
+    }
+
+    fn start_probe(&mut self, now: f64) -> Vec<Outgoing> {
+        let Some(target) = self.next_target() else { return Vec::new() };
+        let seq = self.fresh_seq();
+        self.probe = Some(Probe { target: target.clone(), seq, sent_at: now, indirect_sent: false, acked: false });
+        let rumors = self.piggyback();
+        vec![self.send(&target, SwimMessage::Ping { seq, rumors })]
+    }
+
+    /// The next live member of the probe order; reshuffled after each pass, and cleaned of
+    /// the gone.
+    fn next_target(&mut self) -> Option<MemberId> {
+        for _ in 0..2 {
+            while self.probe_next < self.probe_order.len() {
+                let candidate = &self.probe_order[self.probe_next];
+                self.probe_next += 1;
+                if self.members.get(candidate).is_some_and(|k| !k.liveness.is_gone()) {
+                    return Some(candidate.clone());
+                }
+            }
+            let members = &self.members;
+            self.probe_order.retain(|m| members.get(m).is_some_and(|k| !k.liveness.is_gone()));
+            self.probe_order.shuffle(&mut self.rng);
+            self.probe_next = 0;
+        }
+        None
+    }
+
+    fn indirect_probe(&mut self, target: &str, seq: u64) -> Vec<Outgoing> {
+        let mut helpers: Vec<MemberId> = self
+            .members
+            .iter()
+            .filter(|(m, k)| m.as_str() != target && k.liveness == Liveness::Alive)
+            .map(|(m, _)| m.clone())
+            .collect();
+        helpers.shuffle(&mut self.rng);
+        helpers.truncate(self.config.indirect_probes);
+        helpers
+            .into_iter()
+            .map(|helper| {
+                let rumors = self.piggyback();
+                self.send(&helper, SwimMessage::PingReq { seq, target: target.to_owned(), rumors })
+            })
+            .collect()
+    }
+
+    fn push_pull(&mut self) -> Vec<Outgoing> {
+        let live: Vec<MemberId> = self.live_members().map(|(m, _)| m.to_owned()).collect();
+        let Some(to) = live.choose(&mut self.rng).cloned() else { return Vec::new() };
+        let members = self.full_list();
+        vec![self.send(&to, SwimMessage::PushPull { members, reply: true })]
+    }
+
+    fn expire_suspicions(&mut self, now: f64, changes: &mut Vec<Transition>) {
+        if self.suspects.is_empty() {
+            return;
+        }
+        let timeout = self.suspicion_timeout();
+        let expired: Vec<(MemberId, Incarnation)> = self
+            .suspects
+            .iter()
+            .filter_map(|m| self.members.get(m).map(|k| (m, k)))
+            .filter(|(_, k)| now - k.since >= timeout)
+            .map(|(m, k)| (m.clone(), k.incarnation))
+            .collect();
+        for (member, incarnation) in expired {
+            self.apply(Rumor { member, incarnation, liveness: Liveness::Dead }, now, changes);
+        }
+    }
+
+    /// Dead and left members past `gone_retention` are forgotten.
+    fn forget_gone(&mut self, now: f64) {
+        if self.gone == 0 {
+            return;
+        }
+        let retention = self.config.gone_retention;
+        let before = self.members.len();
+        self.members.retain(|_, k| !(k.liveness.is_gone() && now - k.since > retention));
+        self.gone -= before - self.members.len();
+    }
+}

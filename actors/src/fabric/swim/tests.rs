@@ -1,0 +1,216 @@
+//! The protocol step by step, its bounds, and simulated clusters.
+
+use proptest::prelude::*;
+
+use super::simulation::{SimConfig, Simulation};
+use super::*;
+
+fn config() -> SwimConfig {
+    SwimConfig { push_pull_every: 0, ..SwimConfig::default() }
+}
+
+fn rumor(member: &str, incarnation: Incarnation, liveness: Liveness) -> Rumor {
+    Rumor { member: member.to_owned(), incarnation, liveness }
+}
+
+/// `me`, knowing `others` as alive at incarnation 0.
+fn member(me: &str, others: &[&str]) -> Swim {
+    let mut swim = Swim::new(me, config(), 0.0, 7);
+    let members = others.iter().map(|o| rumor(o, 0, Liveness::Alive)).collect();
+    swim.receive(others.first().copied().unwrap_or("x"), SwimMessage::PushPull { members, reply: false }, 0.0);
+    swim
+}
+
+fn pings(out: &[Outgoing]) -> Vec<(&str, u64)> {
+    out.iter()
+        .filter_map(|o| match &o.message {
+            SwimMessage::Ping { seq, .. } => Some((o.to.as_str(), *seq)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn precedence_higher_incarnation_then_left_dead_suspect_alive() {
+    let known = |inc, l| (inc, l);
+    assert!(rumor("b", 1, Liveness::Alive).overrides(known(0, Liveness::Suspect)));
+    assert!(rumor("b", 0, Liveness::Suspect).overrides(known(0, Liveness::Alive)));
+    assert!(!rumor("b", 0, Liveness::Alive).overrides(known(0, Liveness::Suspect)));
+    assert!(!rumor("b", 0, Liveness::Alive).overrides(known(0, Liveness::Dead)), "no resurrection by stale gossip");
+    assert!(rumor("b", 1, Liveness::Alive).overrides(known(0, Liveness::Dead)), "a restart comes back");
+    assert!(rumor("b", 0, Liveness::Left).overrides(known(0, Liveness::Dead)));
+    assert!(!rumor("b", 0, Liveness::Suspect).overrides(known(0, Liveness::Suspect)));
+}
+
+#[test]
+fn a_ping_is_acked_with_its_seq() {
+    let mut b = member("b", &["a"]);
+    let (out, _) = b.receive("a", SwimMessage::Ping { seq: 42, rumors: vec![] }, 1.0);
+    assert!(matches!(&out[..], [Outgoing { to, message: SwimMessage::Ack { seq: 42, .. } }] if to == "a"));
+}
+
+#[test]
+fn an_unanswered_probe_goes_indirect_then_suspects_then_declares_dead() {
+    let mut a = member("a", &["b", "c", "d"]);
+    let (out, _) = a.tick(1.0);
+    let [(target, seq)] = pings(&out)[..] else { panic!("one ping per period: {out:?}") };
+    let target = target.to_owned();
+    // No ack within the probe timeout: k ping-reqs to the others, never to the target.
+    let (out, _) = a.tick(1.0 + a.config.probe_timeout + 0.01);
+    assert_eq!(out.len(), 2, "{out:?}");
+    for o in &out {
+        assert!(matches!(&o.message, SwimMessage::PingReq { seq: s, target: t, .. } if *s == seq && *t == target));
+        assert_ne!(o.to, target);
+    }
+    // No ack by the period's end: suspected, and local health rises.
+    let (_, changes) = a.tick(2.0);
+    assert_eq!(changes, [Transition { member: target.clone(), liveness: Liveness::Suspect, incarnation: 0 }]);
+    assert_eq!(a.local_health(), 1);
+    // Not refuted within the suspicion timeout: dead. (The other members answer their
+    // probes, so local health, which stretches the timeout, goes back down.)
+    let timeout = a.suspicion_timeout();
+    let dead = Transition { member: target.clone(), liveness: Liveness::Dead, incarnation: 0 };
+    let mut now = 2.0;
+    let declared = loop {
+        now += 0.05;
+        assert!(now < 2.0 + 2.0 * timeout, "never declared dead");
+        let (out, changes) = a.tick(now);
+        for (to, seq) in pings(&out) {
+            if to != target {
+                a.receive(to, SwimMessage::Ack { seq, rumors: vec![] }, now);
+            }
+        }
+        if changes.contains(&dead) {
+            break now;
+        }
+    };
+    assert!(declared >= 2.0 + a.config.suspicion_mult * a.config.period, "not before the timeout: {declared}");
+    assert_eq!(a.liveness_of(&target), Some(Liveness::Dead));
+}
+
+#[test]
+fn an_acked_probe_suspects_nobody_and_restores_local_health() {
+    let mut a = member("a", &["b"]);
+    a.local_health = 2;
+    let (out, _) = a.tick(3.0);
+    let [(_, seq)] = pings(&out)[..] else { panic!("{out:?}") };
+    a.receive("b", SwimMessage::Ack { seq, rumors: vec![] }, 3.1);
+    assert_eq!(a.local_health(), 1);
+    let (_, changes) = a.tick(6.0);
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(a.liveness_of("b"), Some(Liveness::Alive));
+}
+
+#[test]
+fn a_ping_req_is_relayed_and_the_targets_ack_goes_back_with_the_requesters_seq() {
+    let mut c = member("c", &["a", "b"]);
+    let (out, _) = c.receive("a", SwimMessage::PingReq { seq: 9, target: "b".into(), rumors: vec![] }, 1.0);
+    let [("b", relay_seq)] = pings(&out)[..] else { panic!("{out:?}") };
+    let (out, _) = c.receive("b", SwimMessage::Ack { seq: relay_seq, rumors: vec![] }, 1.1);
+    assert!(matches!(&out[..], [Outgoing { to, message: SwimMessage::Ack { seq: 9, .. } }] if to == "a"));
+}
+
+#[test]
+fn a_suspected_member_refutes_with_a_higher_incarnation() {
+    let mut b = member("b", &["a"]);
+    let (out, _) = b.receive("a", SwimMessage::Ping { seq: 1, rumors: vec![rumor("b", 0, Liveness::Suspect)] }, 1.0);
+    assert_eq!(b.incarnation(), 1);
+    assert_eq!(b.local_health(), 1, "having to refute means we look slow");
+    let SwimMessage::Ack { rumors, .. } = &out[0].message else { panic!("{out:?}") };
+    assert!(rumors.contains(&rumor("b", 1, Liveness::Alive)), "the refutation rides on the ack: {rumors:?}");
+    // And the refutation clears the suspicion elsewhere.
+    let mut a = member("a", &["b"]);
+    a.receive("c", SwimMessage::Ping { seq: 1, rumors: vec![rumor("b", 0, Liveness::Suspect)] }, 1.0);
+    assert_eq!(a.liveness_of("b"), Some(Liveness::Suspect));
+    a.receive("b", SwimMessage::Ack { seq: 99, rumors: vec![rumor("b", 1, Liveness::Alive)] }, 1.2);
+    assert_eq!(a.liveness_of("b"), Some(Liveness::Alive));
+}
+
+#[test]
+fn messages_carry_a_bounded_number_of_rumors_each_sent_a_bounded_number_of_times() {
+    // 50 members learnt at once: 50 rumors to spread.
+    let mut a = Swim::new("a", config(), 0.0, 7);
+    let members = (0..50).map(|i| rumor(&format!("n{i}"), 0, Liveness::Alive)).collect();
+    a.receive("n0", SwimMessage::PushPull { members, reply: false }, 0.0);
+    assert_eq!(a.pending_rumors(), 50);
+    let limit = a.retransmits();
+    let mut carried = 0;
+    for seq in 0..1000 {
+        let (out, _) = a.receive("n0", SwimMessage::Ping { seq, rumors: vec![] }, 2.0);
+        let SwimMessage::Ack { rumors, .. } = &out[0].message else { panic!() };
+        assert!(rumors.len() <= a.config.max_piggyback);
+        carried += rumors.len();
+    }
+    assert_eq!(carried, 50 * limit as usize, "each rumor sent exactly its retransmit limit");
+    assert_eq!(a.pending_rumors(), 0);
+}
+
+#[test]
+fn a_leave_is_a_left_rumor_that_wins_over_alive() {
+    let mut a = member("a", &["b", "c"]);
+    let out = a.leave(2);
+    assert_eq!(out.len(), 2);
+    let mut b = member("b", &["a", "c"]);
+    b.receive("a", out[0].message.clone(), 1.0);
+    assert_eq!(b.liveness_of("a"), Some(Liveness::Left));
+    b.receive("c", SwimMessage::Ping { seq: 1, rumors: vec![rumor("a", 0, Liveness::Alive)] }, 1.1);
+    assert_eq!(b.liveness_of("a"), Some(Liveness::Left));
+}
+
+#[test]
+fn a_formed_cluster_stays_quiet_and_nobody_is_suspected_without_loss() {
+    let mut sim = Simulation::new(SimConfig { members: 50, ..SimConfig::default() });
+    sim.run_until(20.0, |_| false);
+    assert_eq!(sim.wrongly_seen(&[Liveness::Suspect, Liveness::Dead, Liveness::Left]), 0);
+    let per_member_per_period = sim.messages_sent() as f64 / (50.0 * sim.periods());
+    assert!(per_member_per_period <= 2.5, "a ping and an ack each period: {per_member_per_period}");
+}
+
+#[test]
+fn a_thousand_members_with_5_percent_loss_learn_a_join_and_a_failure_within_15_periods() {
+    let config = SimConfig { members: 1000, loss: 0.05, seed: 11, ..SimConfig::default() };
+    let report = Simulation::join_and_failure(config, 30.0);
+    let join = report.join_periods.expect("the join reached everyone");
+    let suspected = report.failure_suspected_periods.expect("the failure reached everyone");
+    assert!(join <= 15.0, "{report:?}");
+    assert!(suspected <= 15.0, "{report:?}");
+    assert!(report.failure_dead_periods.is_some(), "{report:?}");
+    assert_eq!(report.false_deaths, 0, "suspicions are refuted, never turned into deaths: {report:?}");
+    // Constant cost per member: a probe and its ack, the odd ping-req and push-pull.
+    assert!(report.messages_per_member_per_period < 4.0, "{report:?}");
+}
+
+fn liveness() -> impl Strategy<Value = Liveness> {
+    prop_oneof![Just(Liveness::Alive), Just(Liveness::Suspect), Just(Liveness::Dead), Just(Liveness::Left)]
+}
+
+proptest! {
+    /// Rumors about others merge like a max: any order gives the same view, and what a
+    /// member ends up believing is the greatest rumor it heard.
+    #[test]
+    fn rumors_merge_the_same_in_any_order(
+        rumors in proptest::collection::vec((0u8..4, 0u64..4, liveness()), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let rumors: Vec<Rumor> =
+            rumors.into_iter().map(|(m, inc, l)| rumor(&format!("n{m}"), inc, l)).collect();
+        let mut shuffled = rumors.clone();
+        shuffled.shuffle(&mut StdRng::seed_from_u64(seed));
+        let view = |rumors: &[Rumor]| {
+            let mut a = Swim::new("a", config(), 0.0, 1);
+            for r in rumors {
+                a.receive("z", SwimMessage::Ping { seq: 0, rumors: vec![r.clone()] }, 1.0);
+            }
+            (0..4).map(|m| a.members.get(&format!("n{m}")).map(|k| (k.incarnation, k.liveness))).collect::<Vec<_>>()
+        };
+        let (first, second) = (view(&rumors), view(&shuffled));
+        prop_assert_eq!(&first, &second);
+        for (m, seen) in first.iter().enumerate() {
+            let name = format!("n{m}");
+            let best = rumors.iter().filter(|r| r.member == name).map(|r| (r.incarnation, r.liveness.rank())).max();
+            if let (Some(best), Some((inc, l))) = (best, *seen) {
+                prop_assert_eq!(best, (inc, l.rank()));
+            }
+        }
+    }
+}
