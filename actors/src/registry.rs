@@ -40,6 +40,9 @@ pub enum RegistryError {
     /// The name is registered under another id, or the id under another name.
     #[error("identity conflict: {0}")]
     Conflict(String),
+    /// The declared parameters do not parse or do not fit the function's code.
+    #[error("parameters: {0}")]
+    Parameters(String),
     /// The registry actor is not running (restarting or stopped).
     #[error("registry unavailable")]
     Unavailable,
@@ -54,6 +57,9 @@ pub struct FunctionTable {
 impl FunctionTable {
     /// Adds a function, enforcing the identity rules.
     pub fn register(&mut self, spec: FunctionSpec) -> Result<(), RegistryError> {
+        if let Some(error) = spec.declaration_error() {
+            return Err(RegistryError::Parameters(error.to_owned()));
+        }
         let id = spec.identity().clone();
         if let Some(existing) = self.by_name.get(&id.name).and_then(|v| v.first()) {
             if existing.identity().function_id != id.function_id {
@@ -227,6 +233,8 @@ mod tests {
         let mut table = FunctionTable::default();
         table.register(ver("1.0.0")).unwrap();
         assert!(matches!(table.register(ver("1.0.0")), Err(RegistryError::Duplicate { .. })));
+        let misdeclared = FunctionSpec::sync("two", |a: i64, b: i64| a + b).params(["a"]);
+        assert!(matches!(table.register(misdeclared), Err(RegistryError::Parameters(_))));
         let other_id = FunctionSpec::sync("ver", || 1).function_id("other").version(Version::new(3, 0, 0));
         assert!(matches!(table.register(other_id), Err(RegistryError::Conflict(_))));
         let stolen_id = FunctionSpec::sync("thief", || 1).function_id("demo.ver");
