@@ -121,6 +121,8 @@ pub struct FunctionSpec {
     body: Body,
     /// How many arguments typed code takes (`None`: raw code, any number).
     arity: Option<usize>,
+    /// Served to this node's own clients only: never advertised, so never forwarded.
+    local_only: bool,
     /// Declared parameters, what is wrong with them, and the function's documentation.
     about: Arc<About>,
 }
@@ -151,6 +153,7 @@ impl FunctionSpec {
             }),
             body,
             arity: None,
+            local_only: false,
             about: Arc::default(),
         }
     }
@@ -221,6 +224,18 @@ impl FunctionSpec {
     pub fn doc(mut self, text: &str) -> Self {
         Arc::make_mut(&mut self.about).doc = Some(text.to_owned());
         self
+    }
+
+    /// Serve this function to this node's own clients only: it is not advertised in the
+    /// catalog, so no other node routes a command to it (the discovery built-ins).
+    pub fn local_only(mut self) -> Self {
+        self.local_only = true;
+        self
+    }
+
+    /// Whether it is served to this node's own clients only.
+    pub fn is_local_only(&self) -> bool {
+        self.local_only
     }
 
     /// The declared parameters, if any.

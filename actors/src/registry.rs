@@ -62,6 +62,11 @@ impl FunctionTable {
         }
         let id = spec.identity().clone();
         if let Some(existing) = self.by_name.get(&id.name).and_then(|v| v.first()) {
+            // A built-in served to local clients only (discovery) is not shadowed by, nor
+            // does it shadow, another version under its name.
+            if existing.is_local_only() || spec.is_local_only() {
+                return Err(RegistryError::Conflict(format!("name {} is reserved for a built-in", id.name)));
+            }
             if existing.identity().function_id != id.function_id {
                 return Err(RegistryError::Conflict(format!(
                     "name {} is registered with function_id {}, not {}",
@@ -121,11 +126,19 @@ impl FunctionTable {
         })
     }
 
-    /// Every registered identity, sorted.
+    /// Every identity the catalog advertises (local-only functions are not), sorted.
     pub fn identities(&self) -> Vec<FunctionIdentity> {
-        let mut all: Vec<_> = self.by_name.values().flatten().map(|s| s.identity().clone()).collect();
+        let mut all: Vec<_> =
+            self.by_name.values().flatten().filter(|s| !s.is_local_only()).map(|s| s.identity().clone()).collect();
         all.sort();
         all
+    }
+}
+
+impl FunctionTable {
+    /// Every registered function, local-only ones included.
+    pub fn specs(&self) -> impl Iterator<Item = &FunctionSpec> {
+        self.by_name.values().flatten()
     }
 }
 
@@ -233,6 +246,10 @@ mod tests {
         let mut table = FunctionTable::default();
         table.register(ver("1.0.0")).unwrap();
         assert!(matches!(table.register(ver("1.0.0")), Err(RegistryError::Duplicate { .. })));
+        let builtin = FunctionSpec::sync("list_peers", || 1).local_only();
+        table.register(builtin).unwrap();
+        let shadow = FunctionSpec::sync("list_peers", || 2).version(Version::new(9, 0, 0));
+        assert!(matches!(table.register(shadow), Err(RegistryError::Conflict(_))));
         let misdeclared = FunctionSpec::sync("two", |a: i64, b: i64| a + b).params(["a"]);
         assert!(matches!(table.register(misdeclared), Err(RegistryError::Parameters(_))));
         let other_id = FunctionSpec::sync("ver", || 1).function_id("other").version(Version::new(3, 0, 0));

@@ -61,8 +61,11 @@ use snapshot::{CatalogSnapshot, SNAPSHOT_KEY, SNAPSHOT_TREE};
 use trust::{link_transcript, LinkEnd, LinkSide, StatementProof, TrustError};
 use wire::{goodbye_text, CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth};
 
+use crate::discovery::{self, DescribeDiscovery, DiscoveryView, LocalFunction, NodeEntry};
 use crate::function::FunctionIdentity;
 use crate::persistence::{Batch, PersistenceHandle};
+use crate::protocol::PubSubMessage;
+use crate::pubsub::{Origin, Publish};
 use crate::supervisor::ChildGuard;
 use crate::unix_now;
 
@@ -666,6 +669,87 @@ impl FabricGossip {
             queues,
             unreachable_queues,
         }));
+        self.observe_catalog();
+    }
+
+    /// This node and every member that is called (alive, or restored and not yet
+    /// confirmed), with their catalog entries, as discovery shows them.
+    fn discovery_nodes(&self) -> Vec<NodeEntry> {
+        let (unix, now) = (unix_now(), self.now());
+        let local = self.core.local_catalog(unix);
+        let mut nodes = vec![NodeEntry {
+            info: self.shared.me.clone(),
+            status: "ok",
+            last_seen: unix,
+            advertised_at: local.advertised_at,
+            ttl_s: local.ttl_s,
+            functions: local.functions,
+            queues: local.queues,
+        }];
+        let catalogs: HashMap<NodeId, CatalogDelta> =
+            self.core.catalog_entries().into_iter().map(|(d, _)| (d.node.clone(), d)).collect();
+        let mut members: Vec<NodeEntry> = self
+            .core
+            .members()
+            .filter(|m| m.state != MemberState::Suspect)
+            .map(|m| {
+                let catalog = catalogs.get(&m.info.node).filter(|c| c.instance_id == m.info.instance_id);
+                NodeEntry {
+                    info: m.info.clone(),
+                    status: if m.state == MemberState::Unconfirmed { "unconfirmed" } else { "ok" },
+                    last_seen: unix - (now - m.heard_at).max(0.0),
+                    advertised_at: catalog.map_or(0.0, |c| c.advertised_at),
+                    ttl_s: catalog.map_or(0.0, |c| c.ttl_s),
+                    functions: catalog.map(|c| c.functions.clone()).unwrap_or_default(),
+                    queues: catalog.map(|c| c.queues.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        members.sort_by(|a, b| a.info.node.cmp(&b.info.node));
+        nodes.extend(members);
+        nodes
+    }
+
+    /// Records a catalog change for `catalog_watch` and publishes it, with the new service
+    /// summaries, to this node's subscribers of the discovery topics (delivered here only:
+    /// every node publishes its own view).
+    fn observe_catalog(&mut self) {
+        let nodes = self.discovery_nodes();
+        let now = unix_now();
+        let change = match self.shared.discovery_log.lock() {
+            Ok(mut log) => log.observe(now, discovery::catalog_entries(&nodes)),
+            Err(_) => None,
+        };
+        let (Some(change), Some(pubsub)) = (change, self.shared.pubsub.get()) else { return };
+        let me = &self.shared.me;
+        let publish = |topic: &str, event: &str, payload: serde_json::Value| {
+            let mut headers = serde_json::Map::new();
+            headers.insert("event".into(), event.into());
+            headers.insert("cluster_id".into(), me.cluster_id.clone().into());
+            let message = PubSubMessage {
+                topic: topic.to_owned(),
+                payload,
+                timestamp: now,
+                message_id: format!("{}-{}-{topic}-{}", me.node, me.instance_id, change.version),
+                publisher: me.node.clone(),
+                headers,
+                routing_path: None,
+                current_hop: None,
+            };
+            pubsub.do_send(Publish { message: Arc::new(message), origin: Origin::Peer });
+        };
+        let summaries = discovery::summaries_of(me, &nodes, now);
+        publish(
+            discovery::DELTA_TOPIC,
+            "discovery.catalog_delta",
+            serde_json::json!({"change": change, "source_node": me.node, "source_cluster": me.cluster_id}),
+        );
+        publish(
+            discovery::SUMMARY_TOPIC,
+            "discovery.summary",
+            serde_json::json!({"summaries": summaries, "source_node": me.node, "source_cluster": me.cluster_id,
+                "published_at": now, "version": change.version}),
+        );
     }
 
     fn close_link(&mut self, link: LinkId) {
@@ -1157,6 +1241,7 @@ impl Handler<LocalFunctionsChanged> for FabricGossip {
         let delta = self.seal(delta);
         let from = self.shared.me.node.clone();
         self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
+        self.observe_catalog();
     }
 }
 
@@ -1168,6 +1253,32 @@ impl Handler<LocalQueuesChanged> for FabricGossip {
         let delta = self.seal(delta);
         let from = self.shared.me.node.clone();
         self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
+        self.observe_catalog();
+    }
+}
+
+impl Handler<DescribeDiscovery> for FabricGossip {
+    type Result = DiscoveryView;
+
+    fn handle(&mut self, msg: DescribeDiscovery, _: &mut Context<Self>) -> DiscoveryView {
+        let table = self.shared.table.current();
+        let local = table
+            .specs()
+            .filter(|s| !s.is_local_only())
+            .map(|s| LocalFunction {
+                identity: s.identity().clone(),
+                signature: s.declared_signature().cloned(),
+                doc: s.documentation().map(str::to_owned),
+            })
+            .collect();
+        let changes = msg.since.and_then(|since| self.shared.discovery_log.lock().ok().map(|log| log.since(since)));
+        DiscoveryView {
+            generated_at: unix_now(),
+            me: self.shared.me.clone(),
+            nodes: self.discovery_nodes(),
+            local,
+            changes,
+        }
     }
 }
 
