@@ -18,6 +18,7 @@
 //! Unconfirmed members nobody confirms are removed when their entries' TTL runs out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 
 use super::snapshot::{SnapshotCatalog, SnapshotMember};
 use super::wire::{CatalogDelta, ClusterId, InstanceId, MemberDigest, NodeId, NodeInfo};
@@ -572,6 +573,29 @@ impl MembershipCore {
             out.extend(stored.delta.queues.iter().map(|q| (q.clone(), node.clone(), m.info.url.clone())));
         }
         out
+    }
+
+    /// A cheap fingerprint of what discovery shows: it changes when this node's catalog
+    /// version, or a member's instance, state or catalog version changes (so the full
+    /// view is compared only then, not on every gossip round).
+    pub fn discovery_fingerprint(&self) -> u64 {
+        let mut members: Vec<(&str, &str, u8, u64)> = self
+            .members
+            .values()
+            .map(|m| {
+                let state = match m.state {
+                    MemberState::Alive => 0,
+                    MemberState::Suspect => 1,
+                    MemberState::Unconfirmed => 2,
+                };
+                let version = self.catalogs.get(&m.info.node).map_or(0, |c| c.delta.version);
+                (m.info.node.as_str(), m.info.instance_id.as_str(), state, version)
+            })
+            .collect();
+        members.sort_unstable();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.catalog_version, members).hash(&mut hasher);
+        hasher.finish()
     }
 
     /// Every catalog entry with its owner, for `/catalog`.

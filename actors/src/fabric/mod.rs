@@ -314,6 +314,8 @@ pub struct FabricGossip {
     last_snapshot: Option<u64>,
     /// Queues whose owner left the cluster, by name (reported unreachable, not unknown).
     departed_queues: HashMap<String, RemoteQueue>,
+    /// The catalog fingerprint the discovery change log last saw.
+    discovery_seen: Option<u64>,
     _guard: ChildGuard,
 }
 
@@ -346,6 +348,7 @@ impl FabricGossip {
             leaving: false,
             last_snapshot: None,
             departed_queues: HashMap::new(),
+            discovery_seen: None,
             _guard: guard,
         }
     }
@@ -714,6 +717,10 @@ impl FabricGossip {
     /// summaries, to this node's subscribers of the discovery topics (delivered here only:
     /// every node publishes its own view).
     fn observe_catalog(&mut self) {
+        let fingerprint = self.core.discovery_fingerprint();
+        if self.discovery_seen.replace(fingerprint) == Some(fingerprint) {
+            return;
+        }
         let nodes = self.discovery_nodes();
         let now = unix_now();
         let change = match self.shared.discovery_log.lock() {
