@@ -133,6 +133,10 @@ async fn every_builtin_follows_a_node_joining_and_leaving() {
     let spec = &described["items"][0]["spec"];
     assert_eq!(strings(&spec["parameters"], "name"), ["x"], "{described}");
     assert!(spec["doc"]["summary"].as_str().is_some_and(|d| d.starts_with("Scores x")), "{spec}");
+    // Parameters and documentation travel in c's catalog entry: a describes c's function.
+    let remote = ask(&on_a, "rpc_describe", json!({"function_name": "model_score"})).await;
+    assert_eq!(remote["items"][0]["node_id"], json!("c"));
+    assert_eq!(strings(&remote["items"][0]["spec"]["parameters"], "name"), ["x"], "{remote}");
     let multiply = ask(&on_a, "rpc_describe", json!({"function_names": ["multiply"]})).await;
     let names: Vec<&str> = multiply["items"][0]["spec"]["parameters"]
         .as_array()

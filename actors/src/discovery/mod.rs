@@ -11,7 +11,9 @@
 //! discovery is not on the hot path) and answers with [`answer`], a pure function of the
 //! view and the request, in the shapes the reference client parses.
 //!
-//! What this server does not keep, it does not pretend to: there are no tenants,
+//! A function's parameters and documentation are known where it is registered and travel
+//! in its node's catalog entry (each text at most 1 KiB), so `rpc_describe` on any node
+//! shows them. What this server does not keep, it does not pretend to: there are no tenants,
 //! namespace policies, regions, tags or latency figures; entry types other than
 //! functions, nodes and queues, and the reference's DNS gateway, namespace policy,
 //! resolver cache and access audit calls are refused with a clear error.
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use actix::{Message, MessageResponse};
 use serde_json::{json, Map, Value};
 
-use crate::fabric::wire::NodeInfo;
+use crate::fabric::wire::{FunctionAbout, NodeInfo};
 use crate::fabric::FabricGossip;
 use crate::function::{FunctionError, FunctionIdentity, FunctionSpec, Signature};
 use crate::metrics::Metrics;
@@ -102,6 +104,8 @@ pub struct NodeEntry {
     pub functions: Vec<FunctionIdentity>,
     /// The queues it owns.
     pub queues: Vec<String>,
+    /// What it tells about its functions (parameters, documentation).
+    pub about: Vec<FunctionAbout>,
 }
 
 /// What this node knows about one of its own functions beyond the catalog.
@@ -485,7 +489,7 @@ impl Filters {
 
     fn query_matches(&self, f: &FunctionRef<'_>, view: &DiscoveryView) -> bool {
         let Some(query) = &self.query else { return true };
-        let doc = local_of(f, view).and_then(|l| l.doc.as_deref()).unwrap_or("").to_lowercase();
+        let doc = known(f, view).and_then(|l| l.doc).unwrap_or_default().to_lowercase();
         f.identity.name.to_lowercase().contains(query) || doc.contains(query)
     }
 
@@ -647,14 +651,24 @@ fn queue_items(view: &DiscoveryView, filters: &Filters) -> Vec<Value> {
     out.into_iter().map(|(_, _, item)| item).collect()
 }
 
-fn local_of<'a>(f: &FunctionRef<'_>, view: &'a DiscoveryView) -> Option<&'a LocalFunction> {
-    (f.node == view.me.node).then(|| view.local.iter().find(|l| l.identity == *f.identity)).flatten()
+/// What is known about a function beyond its identity: this node's own from its
+/// registration, another node's from what its catalog entry tells (`None`: nothing told).
+fn known(f: &FunctionRef<'_>, view: &DiscoveryView) -> Option<LocalFunction> {
+    if f.node == view.me.node {
+        return view.local.iter().find(|l| l.identity == *f.identity).cloned();
+    }
+    f.entry.about.iter().find(|a| a.describes(f.identity)).map(|a| LocalFunction {
+        identity: f.identity.clone(),
+        signature: a.params.as_deref().and_then(|p| Signature::parse(p).ok()),
+        doc: a.doc.clone(),
+    })
 }
 
 /// An `rpc_list` item (`describe`: an `rpc_describe` item, with the spec). Summaries and
-/// specs are known for this node's own functions only: the catalog carries identities.
+/// specs exist for functions whose node declared parameters or documentation.
 fn rpc_item(f: FunctionRef<'_>, view: &DiscoveryView, describe: bool) -> Value {
-    let local = local_of(&f, view);
+    let known = known(&f, view);
+    let local = known.as_ref();
     let namespace = namespace_of(&f.identity.name);
     let summary_text = local.and_then(|l| l.doc.as_deref()).and_then(|d| d.lines().next()).unwrap_or("");
     let summary = local.map(|l| {

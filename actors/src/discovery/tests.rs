@@ -32,6 +32,7 @@ fn node(info: NodeInfo, functions: Vec<FunctionIdentity>, queues: &[&str]) -> No
         ttl_s: 60.0,
         functions,
         queues: queues.iter().map(|q| q.to_string()).collect(),
+        about: Vec::new(),
     }
 }
 
@@ -42,7 +43,16 @@ fn view() -> DiscoveryView {
         me: me.clone(),
         nodes: vec![
             node(me, vec![function("echo", &[]), function("math.add", &["cpu", "math"])], &["jobs"]),
-            node(info("b", "c1", 1002), vec![function("echo", &[]), function("tpu_square", &["tpu"])], &[]),
+            NodeEntry {
+                about: vec![FunctionAbout {
+                    name: "tpu_square".into(),
+                    function_id: "tpu_square".into(),
+                    version: Version::new(1, 0, 0),
+                    params: Some("x".into()),
+                    doc: Some("Squares.".into()),
+                }],
+                ..node(info("b", "c1", 1002), vec![function("echo", &[]), function("tpu_square", &["tpu"])], &[])
+            },
             node(info("c", "c2", 1003), vec![function("math.mul", &["cpu"])], &[]),
         ],
         local: vec![LocalFunction {
@@ -125,7 +135,10 @@ fn rpc_list_describe_and_report() {
     assert_eq!(spec["parameters"][1]["name"], json!("b"));
     assert_eq!(spec["doc"]["description"], json!("Adds.\nReturns a + b."));
     let remote = ask("rpc_describe", json!({"function_name": "tpu_square"}));
-    assert_eq!(remote["items"][0]["spec"], Value::Null, "specs are known for local functions only");
+    assert_eq!(remote["items"][0]["spec"]["parameters"][0]["name"], json!("x"), "told in b's catalog entry");
+    assert_eq!(remote["items"][0]["spec"]["doc"]["summary"], json!("Squares."));
+    let untold = ask("rpc_describe", json!({"function_name": "echo", "node_id": "b"}));
+    assert_eq!(untold["items"][0]["spec"], Value::Null, "b told nothing about its echo");
     let local = ask("rpc_describe_local", json!({}));
     assert!(local["items"].as_array().unwrap().iter().all(|i| i["node_id"] == "a"));
 

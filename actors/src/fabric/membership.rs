@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use super::snapshot::{SnapshotCatalog, SnapshotMember};
-use super::wire::{CatalogDelta, ClusterId, InstanceId, MemberDigest, NodeId, NodeInfo};
+use super::wire::{CatalogDelta, ClusterId, FunctionAbout, InstanceId, MemberDigest, NodeId, NodeInfo};
 use crate::function::FunctionIdentity;
 
 /// Timing of failure detection and catalog freshness (seconds).
@@ -146,6 +146,7 @@ pub struct MembershipCore {
     catalog_version: u64,
     functions: Vec<FunctionIdentity>,
     queues: Vec<String>,
+    about: Vec<FunctionAbout>,
     members: HashMap<NodeId, Member>,
     catalogs: HashMap<NodeId, StoredCatalog>,
     /// (node, instance) -> (highest heartbeat seen, until).
@@ -164,6 +165,7 @@ impl MembershipCore {
             catalog_version: 1,
             functions,
             queues: Vec::new(),
+            about: Vec::new(),
             members: HashMap::new(),
             catalogs: HashMap::new(),
             tombstones: HashMap::new(),
@@ -188,8 +190,15 @@ impl MembershipCore {
             ttl_s: self.timing.catalog_ttl,
             functions: self.functions.clone(),
             queues: self.queues.clone(),
+            about: self.about.clone(),
             proof: None,
         }
+    }
+
+    /// What we tell about our functions (parameters, documentation); advertised with the
+    /// next version.
+    pub fn set_local_about(&mut self, about: Vec<FunctionAbout>) {
+        self.about = about;
     }
 
     /// Our functions changed: a new version to flood.
@@ -680,6 +689,7 @@ mod tests {
             ttl_s: 60.0,
             functions: vec![],
             queues: vec![],
+            about: vec![],
             proof: None,
         }
     }
@@ -778,6 +788,7 @@ mod tests {
                         resources: Default::default(),
                     }],
                     queues: vec![],
+                    about: vec![],
                     proof: None,
                 },
                 received_at,

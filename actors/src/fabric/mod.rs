@@ -59,7 +59,9 @@ pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteF
 use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming, Refusal};
 use snapshot::{CatalogSnapshot, SNAPSHOT_KEY, SNAPSHOT_TREE};
 use trust::{link_transcript, LinkEnd, LinkSide, StatementProof, TrustError};
-use wire::{goodbye_text, CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth};
+use wire::{
+    goodbye_text, CatalogDelta, FunctionAbout, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth,
+};
 
 use crate::discovery::{self, DescribeDiscovery, DiscoveryView, LocalFunction, NodeEntry};
 use crate::function::FunctionIdentity;
@@ -104,6 +106,15 @@ pub struct SnapshotConfig {
     pub store: PersistenceHandle,
     /// Save this often, when the view changed since the last save.
     pub interval: Duration,
+}
+
+/// A delta's `about` reduced to what describes one of its functions, within bounds, at
+/// most one per function (the rest of a peer's statement is not ours to keep).
+fn prune_about(mut delta: CatalogDelta) -> CatalogDelta {
+    let functions = &delta.functions;
+    delta.about.retain(|a| a.within_bounds() && functions.iter().any(|f| a.describes(f)));
+    delta.about.truncate(delta.functions.len());
+    delta
 }
 
 /// The longest a clean shutdown waits for its final snapshot to be durable.
@@ -165,6 +176,8 @@ pub struct LinkClosed {
 pub struct LocalFunctionsChanged {
     /// Every local function.
     pub functions: Vec<FunctionIdentity>,
+    /// Their parameters and documentation.
+    pub about: Vec<FunctionAbout>,
 }
 
 /// The local queues changed (sent by the Queue actor): advertise them in our catalog.
@@ -322,8 +335,9 @@ pub struct FabricGossip {
 impl FabricGossip {
     /// A fabric for `shared.me`, serving the local functions `functions`.
     pub fn new(shared: Arc<FabricShared>, config: FabricConfig, guard: ChildGuard) -> Self {
-        let functions = shared.table.current().identities();
-        let mut core = MembershipCore::new(shared.me.clone(), config.timing, functions);
+        let table = shared.table.current();
+        let mut core = MembershipCore::new(shared.me.clone(), config.timing, table.identities());
+        core.set_local_about(table.about());
         let queues = shared.local_queues.lock().map(|q| q.clone()).unwrap_or_default();
         if !queues.is_empty() {
             core.set_local_queues(queues, unix_now());
@@ -392,6 +406,7 @@ impl FabricGossip {
             functions: local.functions,
             catalog_version: local.version,
             queues: local.queues,
+            about: local.about,
             auth,
         })
     }
@@ -429,6 +444,7 @@ impl FabricGossip {
                 return None;
             }
         };
+        let delta = prune_about(delta);
         self.within_catalog_bound(&delta).then_some(delta)
     }
 
@@ -688,6 +704,7 @@ impl FabricGossip {
             ttl_s: local.ttl_s,
             functions: local.functions,
             queues: local.queues,
+            about: local.about,
         }];
         let catalogs: HashMap<NodeId, CatalogDelta> =
             self.core.catalog_entries().into_iter().map(|(d, _)| (d.node.clone(), d)).collect();
@@ -705,6 +722,7 @@ impl FabricGossip {
                     ttl_s: catalog.map_or(0.0, |c| c.ttl_s),
                     functions: catalog.map(|c| c.functions.clone()).unwrap_or_default(),
                     queues: catalog.map(|c| c.queues.clone()).unwrap_or_default(),
+                    about: catalog.map(|c| c.about.clone()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -798,7 +816,7 @@ impl FabricGossip {
         &mut self,
         link: LinkId,
         info: NodeInfo,
-        (functions, queues): (Vec<FunctionIdentity>, Vec<String>),
+        (functions, queues, about): (Vec<FunctionIdentity>, Vec<String>, Vec<FunctionAbout>),
         version: u64,
         auth: Option<Box<StatusAuth>>,
     ) {
@@ -824,9 +842,10 @@ impl FabricGossip {
                     ttl_s: self.config.timing.catalog_ttl,
                     functions,
                     queues,
+                    about,
                     proof: None,
                 };
-                return self.admit(link, info, delta, !outbound);
+                return self.admit(link, info, prune_about(delta), !outbound);
             }
             (None, Some(_)) => {
                 let refusal = LinkRefusal::new(
@@ -1177,8 +1196,8 @@ impl Handler<PeerFrameReceived> for FabricGossip {
         let handshaken = l.node.is_some();
         let linked_node = l.node.clone();
         match msg.frame {
-            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, queues, auth }) => {
-                self.on_status(msg.link, info, (functions, queues), catalog_version, auth)
+            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, queues, about, auth }) => {
+                self.on_status(msg.link, info, (functions, queues, about), catalog_version, auth)
             }
             PeerFrame::Server(ServerFrame::Proof { signature }) => self.on_proof(msg.link, &signature),
             PeerFrame::Server(ServerFrame::Refused { reason }) => {
@@ -1244,6 +1263,7 @@ impl Handler<LocalFunctionsChanged> for FabricGossip {
     type Result = ();
 
     fn handle(&mut self, msg: LocalFunctionsChanged, _: &mut Context<Self>) {
+        self.core.set_local_about(msg.about);
         let delta = self.core.set_local_functions(msg.functions, unix_now());
         let delta = self.seal(delta);
         let from = self.shared.me.node.clone();
