@@ -183,6 +183,14 @@ impl Signature {
     /// Binds a call to the parameters: one value per parameter, in declaration order.
     pub fn bind(&self, fname: &str, call: CallArgs) -> Result<Vec<Value>, FunctionError> {
         let CallArgs { args, kwargs } = call;
+        // The common call, every plain parameter by position: nothing to rearrange (the
+        // request path of `echo`, `add`... stays free of allocations).
+        if kwargs.is_empty()
+            && args.len() == self.params.len()
+            && self.params.iter().all(|p| p.kind == ParamKind::PositionalOrKeyword)
+        {
+            return Ok(args);
+        }
         let mut slots: Vec<Option<Value>> = vec![None; self.params.len()];
         let positional: Vec<usize> = self.kinds(ParamKind::PositionalOrKeyword).collect();
         let var_positional = self.kinds(ParamKind::VarPositional).next();
