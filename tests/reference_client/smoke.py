@@ -54,6 +54,9 @@ async def main():
     rd = await api.rpc_describe(function_name="multiply")
     params = [p.name for p in rd.items[0].spec.parameters] if rd.items and rd.items[0].spec else None
     check("rpc_describe(multiply) parameters", params == ["x", "factor"], params)
+    rd = await api.rpc_describe(function_name="tpu_square")
+    params = [p.name for p in rd.items[0].spec.parameters] if rd.items and rd.items[0].spec else None
+    check("rpc_describe(tpu_square) on A describes B's function", params == ["x"], params)
     rr = await api.rpc_report()
     check("rpc_report() counts", rr.total_functions > 0, rr.total_functions)
     sq = await api.summary_query()
