@@ -187,3 +187,36 @@ fn pages_come_from_tokens_and_limits_capped_by_the_settings() {
     assert!(pages(json!({"page_token": "x"})).is_err());
     assert!(pages(json!({"limit": 0})).is_err());
 }
+
+mod pagination {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Following `next_page_token` from the first page visits every item once, in
+        /// order, whatever the page size and the number of functions.
+        #[test]
+        fn following_tokens_visits_every_item_once(functions in 0usize..40, limit in 1usize..12) {
+            let mut v = view();
+            v.nodes[0].functions = (0..functions).map(|i| function(&format!("f{i:02}"), &[])).collect();
+            v.nodes.truncate(1);
+            let limits = DiscoveryLimits { page_size: limit, max_page_size: 2000 };
+            let mut request: Map<String, Value> = json!({"entry_type": "functions"}).as_object().cloned().unwrap();
+            let mut seen = Vec::new();
+            loop {
+                let pages = Pages::new(limits, &request, &Metrics::default()).unwrap();
+                let page = answer("catalog_query", &request, &v, pages).unwrap();
+                let items = page["items"].as_array().unwrap();
+                prop_assert!(items.len() <= limit);
+                seen.extend(items.iter().map(|i| i["identity"]["name"].as_str().unwrap().to_owned()));
+                match page["next_page_token"].as_str() {
+                    Some(token) => { request.insert("page_token".into(), json!(token)); }
+                    None => break,
+                }
+            }
+            let expected: Vec<String> = (0..functions).map(|i| format!("f{i:02}")).collect();
+            prop_assert_eq!(seen, expected);
+        }
+    }
+}
