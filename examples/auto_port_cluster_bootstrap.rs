@@ -3,7 +3,8 @@
 //! node-a starts on port 0; the URL it reports once bound (`Node::url`, the same line a
 //! `mpreg server start --port 0` prints as `MPREG_URL=`) is the only thing node-b is
 //! given, as its peer. No port is chosen in advance and no lock file is needed. Then:
-//! each node's `/topology` lists the other with the port it really bound; a function
+//! each node's `/topology` lists the other with the port it really bound, and a client on
+//! node-b asks `list_peers()` (as the mission's example does) and sees node-a; a function
 //! registered on each running node returns that node's own URL, and a client on the other
 //! node calls it across the cluster and gets the same URL back. Exits non-zero on a
 //! mismatch.
@@ -62,6 +63,14 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         println!("both nodes learned each other's real port within {} ms", t.elapsed().as_millis());
+
+        // As the mission's example does: a client on node-b asks for its peers.
+        let client = Client::connect(b.url()).await?;
+        let peers = client.call("list_peers", vec![]).await?;
+        let urls: Vec<&str> = peers.as_array().into_iter().flatten().filter_map(|p| p["url"].as_str()).collect();
+        println!("node-b list_peers(): {urls:?}");
+        ensure!(urls == [a.url()], "list_peers on node-b: expected [{}], got {peers}", a.url());
+        client.close().await;
 
         // Registered on the running nodes: each returns its own URL.
         for node in [a, b] {

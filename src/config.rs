@@ -150,6 +150,15 @@ pub struct Settings {
     pub max_new_members_per_frame: usize,
     /// Peer dials started per gossip round.
     pub max_dials_per_round: usize,
+    /// Items per page of a discovery answer (`cluster_map_v2`, `catalog_query`,
+    /// `rpc_list`, `rpc_describe`, `summary_query`) when the request gives no `limit`.
+    pub discovery_page_size: usize,
+    /// The largest page a discovery request may ask for; a larger `limit` is cut to it
+    /// (counted in mpreg_limit_exceeded_total{limit="discovery_max_page_size"}).
+    pub discovery_max_page_size: usize,
+    /// Catalog entries (added or removed) the `catalog_watch` change log keeps; a client
+    /// asking for older changes is told to query the catalog again.
+    pub discovery_change_log_items: usize,
 }
 
 impl Default for Settings {
@@ -212,6 +221,9 @@ impl Default for Settings {
             max_catalog_entries_per_node: 10_000,
             max_new_members_per_frame: 16,
             max_dials_per_round: 4,
+            discovery_page_size: 200,
+            discovery_max_page_size: 2000,
+            discovery_change_log_items: 10_000,
         }
     }
 }
@@ -342,6 +354,9 @@ impl Settings {
             ("max_catalog_entries_per_node", self.max_catalog_entries_per_node),
             ("max_new_members_per_frame", self.max_new_members_per_frame),
             ("max_dials_per_round", self.max_dials_per_round),
+            ("discovery_page_size", self.discovery_page_size),
+            ("discovery_max_page_size", self.discovery_max_page_size),
+            ("discovery_change_log_items", self.discovery_change_log_items),
             ("persistence_max_batch", self.persistence_max_batch),
             ("queue_max_queues", self.queue_max_queues),
         ];
@@ -349,6 +364,12 @@ impl Settings {
             if value == 0 {
                 return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
             }
+        }
+        if self.discovery_page_size > self.discovery_max_page_size {
+            return Err(ConfigError::Invalid {
+                key: "discovery_page_size",
+                message: format!("must not exceed discovery_max_page_size ({})", self.discovery_max_page_size),
+            });
         }
         if self.cluster_id.is_empty() {
             return Err(ConfigError::Invalid { key: "cluster_id", message: "must not be empty".into() });

@@ -3,7 +3,7 @@
 //!
 //! | function | resources | behaviour |
 //! |---|---|---|
-//! | `echo(x)` | — | returns `x` (built in) |
+//! | `echo(arg)` | — | returns `arg` (built in) |
 //! | `echos(*args)` | — | returns its arguments as a list (built in) |
 //! | `add(a, b)` | cpu, math | `a + b` |
 //! | `multiply(x, factor)` | cpu, math | `x * factor` |
@@ -20,7 +20,7 @@ use std::time::Duration;
 use mpreg_actors::function::{float_result, CallArgs, FunctionError, FunctionResult, FunctionSpec, IntoFunctionResult};
 use mpreg_actors::version::Version;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 /// A JSON number kept as an integer when it is one, so `add(20, 22)` is `42`, not `42.0`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -61,30 +61,17 @@ impl IntoFunctionResult for Num {
 /// The functions every node has.
 pub fn builtins() -> Vec<FunctionSpec> {
     vec![
-        // Raw rather than typed: the argument is returned as is, never re-encoded.
-        FunctionSpec::raw("echo", |mut call: CallArgs| {
-            no_kwargs("echo", &call)?;
-            match call.args.len() {
-                1 => Ok(call.args.pop().unwrap_or_default()),
-                given => {
-                    Err(FunctionError::type_error(format!("echo() takes 1 positional argument but {given} were given")))
-                }
-            }
-        })
-        .inline(),
-        FunctionSpec::raw("echos", |call: CallArgs| {
-            no_kwargs("echos", &call)?;
-            Ok(Value::Array(call.args))
-        })
-        .inline(),
+        // Raw rather than typed: the argument is returned as is, never re-encoded. The
+        // declared parameter binds it to exactly one value.
+        FunctionSpec::raw("echo", |mut call: CallArgs| Ok(call.args.pop().unwrap_or_default()))
+            .inline()
+            .params(["arg"])
+            .doc("Returns its argument unchanged."),
+        FunctionSpec::raw("echos", |mut call: CallArgs| Ok(call.args.pop().unwrap_or_default()))
+            .inline()
+            .signature("*args")
+            .doc("Returns its arguments as a list."),
     ]
-}
-
-fn no_kwargs(fname: &str, call: &CallArgs) -> Result<(), FunctionError> {
-    match call.kwargs.keys().next() {
-        Some(key) => Err(FunctionError::type_error(format!("{fname}() got an unexpected keyword argument '{key}'"))),
-        None => Ok(()),
-    }
 }
 
 /// Python's `repr` for the values `boom` reports.
@@ -98,43 +85,23 @@ fn repr(value: &Value) -> String {
     }
 }
 
-fn kw(call: CallArgs) -> FunctionResult {
-    let CallArgs { args, mut kwargs } = call;
-    if args.len() > 2 {
-        return Err(FunctionError::type_error(format!(
-            "kw() takes from 1 to 2 positional arguments but {} were given",
-            args.len()
-        )));
-    }
-    let mut positional = args.into_iter();
-    let mut take = |name: &str, default: Option<Value>| -> Result<Value, FunctionError> {
-        match (positional.next(), kwargs.remove(name)) {
-            (Some(_), Some(_)) => {
-                Err(FunctionError::type_error(format!("kw() got multiple values for argument '{name}'")))
-            }
-            (Some(v), None) | (None, Some(v)) => Ok(v),
-            (None, None) => default.ok_or_else(|| {
-                FunctionError::type_error(format!("kw() missing 1 required positional argument: '{name}'"))
-            }),
-        }
-    };
-    let a = take("a", None)?;
-    let b = take("b", Some(json!(0)))?;
-    let c = kwargs.remove("c").unwrap_or(Value::Null);
-    if let Some(key) = kwargs.keys().next() {
-        return Err(FunctionError::type_error(format!("kw() got an unexpected keyword argument '{key}'")));
-    }
-    Ok(json!({"a": a, "b": b, "c": c}))
-}
-
 fn ver(version: Version) -> FunctionSpec {
     let text = format!("v{version}");
-    FunctionSpec::sync("ver", move || text.clone()).inline().function_id("demo.ver").version(version)
+    FunctionSpec::sync("ver", move || text.clone())
+        .inline()
+        .function_id("demo.ver")
+        .version(version)
+        .params(Vec::<String>::new())
+        .doc("Returns its own version as \"v<version>\".")
 }
 
 /// `tpu_square(x)`, on `tpu`.
 pub fn tpu_square() -> FunctionSpec {
-    FunctionSpec::sync("tpu_square", |x: Num| x.combine(x, i64::checked_mul, |a, b| a * b)).inline().resources(["tpu"])
+    FunctionSpec::sync("tpu_square", |x: Num| x.combine(x, i64::checked_mul, |a, b| a * b))
+        .inline()
+        .resources(["tpu"])
+        .params(["x"])
+        .doc("Returns x * x.")
 }
 
 /// The `demo` pack.
@@ -142,20 +109,28 @@ pub fn demo_pack() -> Vec<FunctionSpec> {
     vec![
         FunctionSpec::sync("add", |a: Num, b: Num| a.combine(b, i64::checked_add, |a, b| a + b))
             .inline()
-            .resources(["cpu", "math"]),
+            .resources(["cpu", "math"])
+            .params(["a", "b"])
+            .doc("Returns a + b."),
         FunctionSpec::sync("multiply", |x: Num, factor: Num| x.combine(factor, i64::checked_mul, |a, b| a * b))
             .inline()
-            .resources(["cpu", "math"]),
+            .resources(["cpu", "math"])
+            .params(["x", "factor"])
+            .doc("Returns x * factor."),
         FunctionSpec::sync(
             "model_score",
             |x: Num| json!({"score": x.as_f64() / 100.0, "model": "demo", "nested": {"deep": [1, 2, 3]}}),
         )
         .inline()
-        .resources(["gpu"]),
+        .resources(["gpu"])
+        .params(["x"])
+        .doc("Scores x: {\"score\": x/100, \"model\": \"demo\", ...}."),
         FunctionSpec::sync("boom", |x: Value| -> Result<Value, FunctionError> {
             Err(FunctionError::value_error(format!("boom on {}", repr(&x))))
         })
-        .inline(),
+        .inline()
+        .params(["x"])
+        .doc("Always fails with ValueError: boom on x."),
         FunctionSpec::asynchronous("slow", |sec: Num| async move {
             let wait = sec.as_f64();
             if !(wait.is_finite() && wait >= 0.0) {
@@ -163,12 +138,23 @@ pub fn demo_pack() -> Vec<FunctionSpec> {
             }
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
             Ok::<_, FunctionError>(sec)
-        }),
+        })
+        .params(["sec"])
+        .doc("Sleeps sec seconds without holding a thread; returns sec."),
         ver(Version::new(1, 0, 0)),
         ver(Version::new(1, 5, 0)),
         ver(Version::new(2, 0, 0)),
-        FunctionSpec::raw("kw", kw).inline(),
-        FunctionSpec::raw("ident", |call: CallArgs| Ok(json!({"args": call.args, "kwargs": call.kwargs}))).inline(),
+        FunctionSpec::sync("kw", |a: Value, b: Value, c: Value| json!({"a": a, "b": b, "c": c}))
+            .inline()
+            .signature("a, b=0, *, c=None")
+            .doc("Returns its parameters as {\"a\": a, \"b\": b, \"c\": c}."),
+        FunctionSpec::sync(
+            "ident",
+            |args: Vec<Value>, kwargs: Map<String, Value>| json!({"args": args, "kwargs": kwargs}),
+        )
+        .inline()
+        .signature("*args, **kwargs")
+        .doc("Returns {\"args\": [...], \"kwargs\": {...}} exactly as received."),
     ]
 }
 
@@ -197,7 +183,6 @@ pub fn by_names(names: &[String]) -> Result<Vec<FunctionSpec>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Map;
 
     fn call(args: Value) -> CallArgs {
         CallArgs { args: args.as_array().cloned().unwrap_or_default(), kwargs: Map::new() }
@@ -213,12 +198,32 @@ mod tests {
         assert_eq!(mul.invoke(call(json!([i64::MAX, 2]))).await, Ok(json!(i64::MAX as f64 * 2.0)));
     }
 
-    #[test]
-    fn kw_binds_like_python() {
-        let mut kwargs = Map::new();
-        kwargs.insert("c".into(), json!(3));
-        assert_eq!(kw(CallArgs { args: vec![json!(1)], kwargs }), Ok(json!({"a": 1, "b": 0, "c": 3})));
-        assert!(kw(CallArgs::default()).is_err());
+    fn named(name: &str) -> FunctionSpec {
+        demo_pack().into_iter().chain(builtins()).find(|f| f.identity().name == name).unwrap()
+    }
+
+    #[tokio::test]
+    async fn keyword_arguments_bind_by_the_documented_names() {
+        let kwargs = |pairs: Value| pairs.as_object().cloned().unwrap_or_default();
+        let with = |args: Value, kw: Value| CallArgs {
+            args: args.as_array().cloned().unwrap_or_default(),
+            kwargs: kwargs(kw),
+        };
+        assert_eq!(named("multiply").invoke(with(json!([6]), json!({"factor": 7}))).await, Ok(json!(42)));
+        assert_eq!(named("add").invoke(with(json!([]), json!({"a": 1, "b": 2}))).await, Ok(json!(3)));
+        assert_eq!(named("echo").invoke(with(json!([]), json!({"arg": "v"}))).await, Ok(json!("v")));
+        assert_eq!(named("echos").invoke(with(json!([1, 2]), json!({}))).await, Ok(json!([1, 2])));
+        assert_eq!(named("kw").invoke(with(json!([1]), json!({"c": 3}))).await, Ok(json!({"a": 1, "b": 0, "c": 3})));
+        assert_eq!(
+            named("ident").invoke(with(json!([1]), json!({"k": 2}))).await,
+            Ok(json!({"args": [1], "kwargs": {"k": 2}}))
+        );
+        let err = named("echo").invoke(with(json!([1, 2]), json!({}))).await.unwrap_err();
+        assert_eq!(err.to_string(), "TypeError: echo() takes 1 positional argument but 2 were given");
+        let err = named("add").invoke(with(json!([1]), json!({}))).await.unwrap_err();
+        assert_eq!(err.to_string(), "TypeError: add() missing 1 required positional argument: 'b'");
+        let err = named("echos").invoke(with(json!([]), json!({"k": 1}))).await.unwrap_err();
+        assert_eq!(err.to_string(), "TypeError: echos() got an unexpected keyword argument 'k'");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use actix::{Actor, Addr, Arbiter, ArbiterHandle};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
+use mpreg_actors::discovery::{self, DiscoveryLimits};
 use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
 use mpreg_actors::fabric::wire::NodeInfo;
@@ -167,10 +168,18 @@ impl NodeBuilder {
                 source,
             })?;
         let persistence_slot: Slot<Persistence> = Slot::default();
+        // The discovery built-ins answer from the fabric's view; local-only, never advertised.
+        let gossip: Slot<FabricGossip> = Slot::default();
+        let discovery_limits = DiscoveryLimits {
+            page_size: settings.discovery_page_size,
+            max_page_size: settings.discovery_max_page_size,
+        };
+        for spec in discovery::builtins(gossip.clone(), discovery_limits, metrics.clone()) {
+            table.register(spec)?;
+        }
         let table = TableHandle::new(table);
         let registry: Slot<Registry> = Slot::default();
         let pubsub: Slot<PubSub> = Slot::default();
-        let gossip: Slot<FabricGossip> = Slot::default();
         let planner: Slot<Planner> = Slot::default();
         let queue: Slot<Queue> = Slot::default();
         let queue_board = QueueBoard::default();
@@ -194,7 +203,8 @@ impl NodeBuilder {
                 .with_trust(credentials)
                 .with_metrics(metrics.clone())
                 .with_limits(limits)
-                .with_queue(queue.clone()),
+                .with_queue(queue.clone())
+                .with_discovery_log(settings.discovery_change_log_items),
         );
         let fabric_config = FabricConfig {
             peers: settings.peers.clone(),

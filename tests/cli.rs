@@ -210,6 +210,10 @@ fn server_start_prints_urls_and_the_client_commands_work() {
 
     assert_eq!(run_ok(&["client", "call", "add", "[20,22]", "--locs", "cpu", "--url", url]).trim(), "42");
     assert_eq!(run_ok(&["client", "call", "echo", r#""hi""#, "--url", url]).trim(), r#""hi""#);
+    let by_name = run_ok(&["client", "call", "multiply", "[6]", "--kwargs", r#"{"factor": 7}"#, "--url", url]);
+    assert_eq!(by_name.trim(), "42");
+    let peers = run_ok(&["client", "call", "list_peers", "--url", url]);
+    assert_eq!(serde_json::from_str::<Value>(&peers).unwrap(), json!([]), "a lone node has no peers: {peers}");
 
     let chain = TempFile::new(
         "chain.json",

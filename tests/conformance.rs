@@ -38,7 +38,7 @@ const NODE_A_ARGS: &[&str] = &[
     "demo",
 ];
 
-const EXPECTED_CASES: usize = 71;
+const EXPECTED_CASES: usize = 92;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Cases with their index in the file.

@@ -164,6 +164,7 @@ fn delta() -> BoxedStrategy<CatalogDelta> {
                 ttl_s: finite(ttl_s),
                 functions,
                 queues: vec![],
+                about: vec![],
                 proof,
             }
         })
@@ -191,6 +192,7 @@ fn server_frame() -> BoxedStrategy<ServerFrame> {
                 functions,
                 catalog_version,
                 queues: vec![],
+                about: vec![],
                 auth,
             }
         ),
@@ -520,6 +522,7 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, trust: &trust::Credentials,
                     ttl_s: 60.0,
                     functions,
                     queues: vec![],
+                    about: vec![],
                     proof: None,
                 };
                 let _ = core.apply_catalog(&delta, now);

@@ -454,6 +454,30 @@ async fn invalid_utf8_in_a_text_frame_closes_1007() {
     assert_eq!(frame.close_code(), Some(1007), "{frame:?}");
 }
 
+/// A client's close is answered with its own code, after the replies already due, and the
+/// server then ends the TCP connection itself (the client sees EOF without hanging up
+/// first: a websocket client waits for the server to close, RFC 6455 §7.1.1).
+#[actix_rt::test]
+async fn a_close_is_answered_with_its_own_code_and_the_server_ends_the_connection() {
+    let node = TestNode::start(settings()).await;
+    for (sent, echoed) in [(Some(1000u16), Some(1000u16)), (Some(4001), Some(4001)), (None, None)] {
+        let mut ws = RawWs::connect(node.addr()).await;
+        ws.send_json(json!({"role": "rpc", "u": "before-close", "cmds": [{"name": "e", "fun": "echo", "args": [1]}]}))
+            .await;
+        let payload = sent.map(|code| code.to_be_bytes().to_vec()).unwrap_or_default();
+        ws.send(CLOSE, &payload).await;
+        let reply = ws.reader.data().await;
+        assert_eq!(reply.json()["u"], json!("before-close"), "{reply:?}");
+        let close = ws.reader.data().await;
+        assert_eq!(close.opcode, CLOSE, "{close:?}");
+        assert_eq!(close.close_code(), echoed, "{close:?}");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(SOON, ws.reader.0.read_to_end(&mut rest)).await;
+        let read = read.expect("the server ends the connection").expect("a clean end, not a reset");
+        assert_eq!(read, 0, "nothing after the close frame: {rest:?}");
+    }
+}
+
 #[actix_rt::test]
 async fn over_limit_frames_are_answered_under_their_u_or_closed_1009() {
     let node = TestNode::start(Settings { max_frame_bytes: 64 * 1024, ..settings() }).await;

@@ -498,6 +498,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         ttl_s: 60.0,
         functions: vec![],
         queues: vec![],
+        about: vec![],
         proof: None,
     };
     let signed_catalog = CatalogDelta { proof: Some(m.seal(serde_json::to_string(&m_catalog).unwrap())), ..m_catalog };
@@ -533,6 +534,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         ttl_s: 60.0,
         functions: vec![],
         queues: vec![],
+        about: vec![],
         proof: None,
     };
     let forged_signed =

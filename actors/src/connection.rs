@@ -148,6 +148,11 @@ pub fn serve(
     // Replies are small and latency-bound: Nagle plus the client's delayed ACK would hold
     // the last reply of a burst for ~40 ms.
     .tcp_nodelay(true)
+    // Once a websocket's close handshake is done the server ends the TCP connection at
+    // once, as RFC 6455 §7.1.1 asks of it. actix's default lingers up to a second for the
+    // client to hang up first, while a websocket client waits for the server to: every
+    // disconnect stalled that long.
+    .client_disconnect_timeout(Duration::ZERO)
     .disable_signals()
     .shutdown_timeout(2)
     .listen(listener)?
@@ -227,6 +232,17 @@ impl Connection {
     fn close_with(&mut self, code: CloseCode, description: &str, ctx: &mut Context<Self>) {
         if let Some(close) = self.close.take() {
             let _ = close.send(Some(CloseReason { code, description: Some(description.to_owned()) }));
+        }
+        ctx.stop();
+    }
+
+    /// The client closed: answer with its own code (RFC 6455 §5.5.1: an endpoint
+    /// "typically echos the status code it received") after the frames already queued,
+    /// and stop. A code that may not appear in a close frame is answered 1002.
+    fn on_close(&mut self, reason: Option<CloseReason>, ctx: &mut Context<Self>) {
+        let echo = reason.map(|reason| CloseReason { code: echoed_close_code(reason.code), description: None });
+        if let Some(close) = self.close.take() {
+            let _ = close.send(echo);
         }
         ctx.stop();
     }
@@ -969,6 +985,15 @@ async fn close_session(session: Session, reason: Option<CloseReason>) {
     let _ = tokio::time::timeout(CLOSE_WAIT, session.close(reason)).await;
 }
 
+/// The code that answers a client's close: its own, unless RFC 6455 (§7.4.1) forbids it in
+/// a close frame (1005, 1006, 1015, or outside the ranges it defines), then 1002.
+fn echoed_close_code(code: CloseCode) -> CloseCode {
+    match u16::from(code) {
+        1000..=1003 | 1007..=1014 | 3000..=4999 => code,
+        _ => CloseCode::Protocol,
+    }
+}
+
 /// What a websocket stream error means for the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamFault {
@@ -1159,7 +1184,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
             Ok(AggregatedMessage::Binary(bytes)) => self.on_frame(bytes, FrameKind::Binary, ctx),
             Ok(AggregatedMessage::Ping(payload)) => self.on_ping(payload, ctx),
             Ok(AggregatedMessage::Pong(_)) => {}
-            Ok(AggregatedMessage::Close(_)) => ctx.stop(),
+            Ok(AggregatedMessage::Close(reason)) => self.on_close(reason, ctx),
             Err(e) => match StreamFault::of(&e) {
                 StreamFault::Dropped => {
                     // The peer went away mid-frame (or without a close frame): nothing to answer.
@@ -1195,6 +1220,16 @@ mod tests {
     use actix_web::error::PayloadError;
 
     use super::*;
+
+    #[test]
+    fn a_close_is_answered_with_its_own_code_unless_the_code_may_not_be_sent() {
+        for code in [1000u16, 1001, 1003, 1008, 1011, 3000, 4999] {
+            assert_eq!(u16::from(echoed_close_code(CloseCode::from(code))), code);
+        }
+        for code in [999u16, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
+            assert_eq!(u16::from(echoed_close_code(CloseCode::from(code))), 1002, "{code}");
+        }
+    }
 
     #[test]
     fn stream_faults_close_with_the_code_rfc_6455_gives_them() {

@@ -11,6 +11,12 @@
 //!
 //! Every kind runs under a panic guard: a panic or error becomes a [`FunctionError`] and,
 //! on the wire, a 1003 for that request only.
+//!
+//! Keyword arguments: a function that declares its parameters ([`FunctionSpec::params`],
+//! [`FunctionSpec::signature`]) is called as Python would call it — any mix of positional
+//! and keyword arguments, defaults, keyword-only parameters, `*args`, `**kwargs` (see
+//! [`signature`]); its code then receives one value per parameter, in order. One that
+//! declares nothing takes positional arguments only.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -24,6 +30,10 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::version::Version;
+
+pub mod signature;
+
+pub use signature::{Param, ParamKind, Signature};
 
 /// The arguments of one call, after references were substituted.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -109,6 +119,21 @@ pub struct FunctionSpec {
     // Shared: a plan clones the spec of every command it resolves.
     identity: Arc<FunctionIdentity>,
     body: Body,
+    /// How many arguments typed code takes (`None`: raw code, any number).
+    arity: Option<usize>,
+    /// Served to this node's own clients only: never advertised, so never forwarded.
+    local_only: bool,
+    /// Declared parameters, what is wrong with them, and the function's documentation.
+    about: Arc<About>,
+}
+
+/// What a function says about itself: parameter names and documentation.
+#[derive(Debug, Clone, Default)]
+struct About {
+    signature: Option<Signature>,
+    /// Why the declared parameters cannot be used (reported when the function is registered).
+    invalid: Option<String>,
+    doc: Option<String>,
 }
 
 impl fmt::Debug for FunctionSpec {
@@ -127,13 +152,19 @@ impl FunctionSpec {
                 resources: BTreeSet::new(),
             }),
             body,
+            arity: None,
+            local_only: false,
+            about: Arc::default(),
         }
     }
 
     /// A synchronous function with typed arguments, run on the blocking pool.
     pub fn sync<Args, F: TypedFn<Args>>(name: &str, f: F) -> Self {
         let fname = name.to_owned();
-        Self::with_body(name, Body::Sync(Arc::new(move |call| f.call_typed(&fname, call)), ExecMode::Blocking))
+        let mut spec =
+            Self::with_body(name, Body::Sync(Arc::new(move |call| f.call_typed(&fname, call)), ExecMode::Blocking));
+        spec.arity = Some(F::ARITY);
+        spec
     }
 
     /// A synchronous function over raw JSON arguments (variadic, keyword arguments).
@@ -145,7 +176,90 @@ impl FunctionSpec {
     pub fn asynchronous<Args, F: TypedAsyncFn<Args>>(name: &str, f: F) -> Self {
         let fname = name.to_owned();
         let f = Arc::new(f);
-        Self::with_body(name, Body::Async(Arc::new(move |call| f.call_typed(&fname, call))))
+        let mut spec = Self::with_body(name, Body::Async(Arc::new(move |call| f.call_typed(&fname, call))));
+        spec.arity = Some(F::ARITY);
+        spec
+    }
+
+    /// Names the parameters, each taken by position or by name: `.params(["x", "factor"])`
+    /// lets a call say `multiply(6, factor=7)`. Typed code must take as many arguments.
+    pub fn params<I, S>(self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.declare(Signature::named(names))
+    }
+
+    /// Declares the parameters in Python's syntax, with defaults (JSON values, or `None`,
+    /// `True`, `False`), keyword-only parameters, `*args` and `**kwargs`:
+    /// `.signature("a, b=0, *, c=None")`. The code receives one value per parameter, in
+    /// order (`*args` as a list, `**kwargs` as an object); typed code must take as many.
+    pub fn signature(self, text: &str) -> Self {
+        self.declare(Signature::parse(text))
+    }
+
+    fn declare(mut self, signature: Result<Signature, String>) -> Self {
+        let about = Arc::make_mut(&mut self.about);
+        match signature {
+            Ok(signature) => match self.arity {
+                Some(arity) if arity != signature.params().len() => {
+                    about.invalid = Some(format!(
+                        "{}({signature}) names {} parameters, but its code takes {arity}",
+                        self.identity.name,
+                        signature.params().len()
+                    ));
+                }
+                _ => {
+                    about.signature = Some(signature);
+                    about.invalid = None;
+                }
+            },
+            Err(e) => about.invalid = Some(format!("{}: {e}", self.identity.name)),
+        }
+        self
+    }
+
+    /// Documentation shown by `rpc_describe` and `rpc_list` (its first line is the summary).
+    pub fn doc(mut self, text: &str) -> Self {
+        Arc::make_mut(&mut self.about).doc = Some(text.to_owned());
+        self
+    }
+
+    /// Serve this function to this node's own clients only: it is not advertised in the
+    /// catalog, so no other node routes a command to it (the discovery built-ins).
+    pub fn local_only(mut self) -> Self {
+        self.local_only = true;
+        self
+    }
+
+    /// Whether it is served to this node's own clients only.
+    pub fn is_local_only(&self) -> bool {
+        self.local_only
+    }
+
+    /// The declared parameters, if any.
+    pub fn declared_signature(&self) -> Option<&Signature> {
+        self.about.signature.as_ref()
+    }
+
+    /// The documentation, if any.
+    pub fn documentation(&self) -> Option<&str> {
+        self.about.doc.as_deref()
+    }
+
+    /// Why the declared parameters cannot be used, if they cannot (checked at registration).
+    pub fn declaration_error(&self) -> Option<&str> {
+        self.about.invalid.as_deref()
+    }
+
+    /// The call with its arguments bound to the declared parameters (one positional value
+    /// per parameter), or as given when nothing is declared.
+    fn bind(&self, call: CallArgs) -> Result<CallArgs, FunctionError> {
+        match &self.about.signature {
+            Some(signature) => Ok(CallArgs { args: signature.bind(&self.identity.name, call)?, kwargs: Map::new() }),
+            None => Ok(call),
+        }
     }
 
     /// Run this (synchronous) function in place instead of on the blocking pool.
@@ -191,6 +305,7 @@ impl FunctionSpec {
     /// Runs the function, turning a panic into an error. Inline functions complete in the
     /// first poll.
     pub async fn invoke(&self, call: CallArgs) -> FunctionResult {
+        let call = self.bind(call)?;
         match &self.body {
             Body::Sync(f, ExecMode::Inline) => run_guarded(f, call),
             Body::Sync(f, ExecMode::Blocking) => {
@@ -204,7 +319,7 @@ impl FunctionSpec {
     /// Runs an inline function now; `None` when it is not inline.
     pub fn invoke_inline(&self, call: CallArgs) -> Option<FunctionResult> {
         match &self.body {
-            Body::Sync(f, ExecMode::Inline) => Some(run_guarded(f, call)),
+            Body::Sync(f, ExecMode::Inline) => Some(self.bind(call).and_then(|call| run_guarded(f, call))),
             _ => None,
         }
     }
@@ -334,12 +449,16 @@ impl<T: Serialize> IntoFunctionResult for Json<T> {
 
 /// A synchronous closure with typed positional arguments.
 pub trait TypedFn<Args>: Send + Sync + 'static {
+    /// How many arguments it takes.
+    const ARITY: usize;
     /// Decodes the arguments, calls, encodes the result.
     fn call_typed(&self, fname: &str, call: CallArgs) -> FunctionResult;
 }
 
 /// An async closure with typed positional arguments.
 pub trait TypedAsyncFn<Args>: Send + Sync + 'static {
+    /// How many arguments it takes.
+    const ARITY: usize;
     /// Decodes the arguments and starts the call.
     fn call_typed(&self, fname: &str, call: CallArgs) -> BoxFunctionFuture;
 }
@@ -371,6 +490,8 @@ macro_rules! typed_fn {
             Out: IntoFunctionResult,
             $($arg: DeserializeOwned,)*
         {
+            const ARITY: usize = $n;
+
             #[allow(unused_variables, unused_mut, non_snake_case)]
             fn call_typed(&self, fname: &str, call: CallArgs) -> FunctionResult {
                 check_arity(fname, &call, $n)?;
@@ -390,6 +511,8 @@ macro_rules! typed_fn {
             Out: IntoFunctionResult,
             $($arg: DeserializeOwned,)*
         {
+            const ARITY: usize = $n;
+
             #[allow(unused_variables, unused_mut, non_snake_case)]
             fn call_typed(&self, fname: &str, call: CallArgs) -> BoxFunctionFuture {
                 let decoded = (|| {
@@ -437,6 +560,36 @@ mod tests {
         assert_eq!(err.to_string(), "TypeError: add() takes 2 positional arguments but 1 were given");
         let err = add.invoke(call(vec![json!("x"), json!(1)])).await.unwrap_err();
         assert!(err.message.starts_with("add() argument 1: invalid type"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn declared_parameters_take_keyword_arguments_in_every_mode() {
+        let inline = FunctionSpec::sync("multiply", |x: i64, factor: i64| x * factor).inline().params(["x", "factor"]);
+        let pooled = FunctionSpec::sync("multiply", |x: i64, factor: i64| x * factor).params(["x", "factor"]);
+        let asynchronous = FunctionSpec::asynchronous("multiply", |x: i64, factor: i64| async move { x * factor })
+            .params(["x", "factor"]);
+        for f in [inline, pooled, asynchronous] {
+            let kwargs: Map<String, Value> = [("factor".to_owned(), json!(7))].into_iter().collect();
+            assert_eq!(f.invoke(CallArgs { args: vec![json!(6)], kwargs }).await, Ok(json!(42)));
+            let kwargs: Map<String, Value> = [("y".to_owned(), json!(7))].into_iter().collect();
+            let err = f.invoke(CallArgs { args: vec![json!(6)], kwargs }).await.unwrap_err();
+            assert_eq!(err.to_string(), "TypeError: multiply() got an unexpected keyword argument 'y'");
+        }
+        let kw =
+            FunctionSpec::sync("kw", |a: Value, b: Value, c: Value| json!([a, b, c])).signature("a, b=0, *, c=None");
+        let kwargs: Map<String, Value> = [("c".to_owned(), json!(3))].into_iter().collect();
+        assert_eq!(kw.invoke(CallArgs { args: vec![json!(1)], kwargs }).await, Ok(json!([1, 0, 3])));
+    }
+
+    #[test]
+    fn declarations_that_do_not_fit_the_code_are_reported() {
+        let f = FunctionSpec::sync("add", |a: i64, b: i64| a + b).params(["a"]);
+        assert_eq!(f.declaration_error(), Some("add(a) names 1 parameters, but its code takes 2"));
+        assert!(f.declared_signature().is_none());
+        let f = FunctionSpec::sync("add", |a: i64, b: i64| a + b).signature("a, a");
+        assert!(f.declaration_error().is_some_and(|e| e.contains("duplicate")), "{:?}", f.declaration_error());
+        let raw = FunctionSpec::raw("any", |call: CallArgs| Ok(Value::Array(call.args))).signature("*args, **kw");
+        assert!(raw.declaration_error().is_none());
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@
 //! - [`function`], [`version`] — what a registered function is, and version matching.
 
 pub mod connection;
+pub mod discovery;
 pub mod fabric;
 pub mod function;
 pub mod metrics;

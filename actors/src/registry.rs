@@ -18,6 +18,7 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, Message};
 use arc_swap::ArcSwap;
 
+use crate::fabric::wire::{FunctionAbout, MAX_ABOUT_BYTES};
 use crate::fabric::{FabricGossip, LocalFunctionsChanged};
 use crate::function::{FunctionIdentity, FunctionSpec};
 use crate::protocol::RpcCommand;
@@ -40,6 +41,9 @@ pub enum RegistryError {
     /// The name is registered under another id, or the id under another name.
     #[error("identity conflict: {0}")]
     Conflict(String),
+    /// The declared parameters do not parse or do not fit the function's code.
+    #[error("parameters: {0}")]
+    Parameters(String),
     /// The registry actor is not running (restarting or stopped).
     #[error("registry unavailable")]
     Unavailable,
@@ -54,8 +58,16 @@ pub struct FunctionTable {
 impl FunctionTable {
     /// Adds a function, enforcing the identity rules.
     pub fn register(&mut self, spec: FunctionSpec) -> Result<(), RegistryError> {
+        if let Some(error) = spec.declaration_error() {
+            return Err(RegistryError::Parameters(error.to_owned()));
+        }
         let id = spec.identity().clone();
         if let Some(existing) = self.by_name.get(&id.name).and_then(|v| v.first()) {
+            // A built-in served to local clients only (discovery) is not shadowed by, nor
+            // does it shadow, another version under its name.
+            if existing.is_local_only() || spec.is_local_only() {
+                return Err(RegistryError::Conflict(format!("name {} is reserved for a built-in", id.name)));
+            }
             if existing.identity().function_id != id.function_id {
                 return Err(RegistryError::Conflict(format!(
                     "name {} is registered with function_id {}, not {}",
@@ -115,12 +127,51 @@ impl FunctionTable {
         })
     }
 
-    /// Every registered identity, sorted.
+    /// Every identity the catalog advertises (local-only functions are not), sorted.
     pub fn identities(&self) -> Vec<FunctionIdentity> {
-        let mut all: Vec<_> = self.by_name.values().flatten().map(|s| s.identity().clone()).collect();
+        let mut all: Vec<_> =
+            self.by_name.values().flatten().filter(|s| !s.is_local_only()).map(|s| s.identity().clone()).collect();
         all.sort();
         all
     }
+}
+
+impl FunctionTable {
+    /// What the catalog tells about the advertised functions: declared parameters and
+    /// documentation, each cut to what a catalog entry may carry.
+    pub fn about(&self) -> Vec<FunctionAbout> {
+        let mut out: Vec<FunctionAbout> = self
+            .specs()
+            .filter(|s| !s.is_local_only())
+            .filter(|s| s.declared_signature().is_some() || s.documentation().is_some())
+            .map(|s| {
+                let id = s.identity();
+                FunctionAbout {
+                    name: id.name.clone(),
+                    function_id: id.function_id.clone(),
+                    version: id.version,
+                    params: s.declared_signature().map(ToString::to_string).filter(|p| p.len() <= MAX_ABOUT_BYTES),
+                    doc: s.documentation().map(|d| cut(d, MAX_ABOUT_BYTES).to_owned()),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        out
+    }
+
+    /// Every registered function, local-only ones included.
+    pub fn specs(&self) -> impl Iterator<Item = &FunctionSpec> {
+        self.by_name.values().flatten()
+    }
+}
+
+/// The longest prefix of `text` within `max` bytes that ends on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Whether a function with `identity` satisfies the command's filters (not the cluster).
@@ -182,10 +233,10 @@ impl Handler<RegisterFunction> for Registry {
     fn handle(&mut self, msg: RegisterFunction, _: &mut Context<Self>) -> Self::Result {
         let mut next = FunctionTable::clone(&self.table.current());
         next.register(msg.spec)?;
-        let functions = next.identities();
+        let (functions, about) = (next.identities(), next.about());
         self.table.publish(next);
         if let Some(fabric) = self.fabric.get() {
-            fabric.do_send(LocalFunctionsChanged { functions });
+            fabric.do_send(LocalFunctionsChanged { functions, about });
         }
         Ok(())
     }
@@ -227,6 +278,18 @@ mod tests {
         let mut table = FunctionTable::default();
         table.register(ver("1.0.0")).unwrap();
         assert!(matches!(table.register(ver("1.0.0")), Err(RegistryError::Duplicate { .. })));
+        let long_doc = "é".repeat(MAX_ABOUT_BYTES);
+        table.register(FunctionSpec::sync("documented", |x: i64| x).params(["x"]).doc(&long_doc)).unwrap();
+        let about = table.about();
+        let documented = about.iter().find(|a| a.name == "documented").expect("told");
+        assert_eq!(documented.params.as_deref(), Some("x"));
+        assert!(documented.doc.as_ref().is_some_and(|d| d.len() <= MAX_ABOUT_BYTES && d.starts_with('é')));
+        let builtin = FunctionSpec::sync("list_peers", || 1).local_only();
+        table.register(builtin).unwrap();
+        let shadow = FunctionSpec::sync("list_peers", || 2).version(Version::new(9, 0, 0));
+        assert!(matches!(table.register(shadow), Err(RegistryError::Conflict(_))));
+        let misdeclared = FunctionSpec::sync("two", |a: i64, b: i64| a + b).params(["a"]);
+        assert!(matches!(table.register(misdeclared), Err(RegistryError::Parameters(_))));
         let other_id = FunctionSpec::sync("ver", || 1).function_id("other").version(Version::new(3, 0, 0));
         assert!(matches!(table.register(other_id), Err(RegistryError::Conflict(_))));
         let stolen_id = FunctionSpec::sync("thief", || 1).function_id("demo.ver");

@@ -16,14 +16,21 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
     match command {
         ClientCommand::Health { url } => health(&url),
         ClientCommand::Queue(command) => block_on(super::queue::run(command)),
-        ClientCommand::Call { fun, args, locs, function_id, version, timeout, url } => {
+        ClientCommand::Call { fun, args, kwargs, locs, function_id, version, timeout, url } => {
             let args = parse_args(&args)?;
+            let kwargs = match kwargs {
+                Some(text) => match serde_json::from_str(&text).context("--kwargs is not JSON")? {
+                    Value::Object(map) => map,
+                    other => bail!("--kwargs must be a JSON object, not {other}"),
+                },
+                None => Default::default(),
+            };
             let options = CallOptions {
+                kwargs,
                 locs,
                 function_id,
                 version_constraint: version,
                 timeout: timeout.map(Duration::from_secs_f64),
-                ..CallOptions::default()
             };
             block_on(async move {
                 let client = Client::connect(&url).await?;

@@ -162,6 +162,10 @@ pub enum ClientCommand {
         /// Positional arguments as a JSON array (a single non-array value is one argument).
         #[arg(default_value = "[]")]
         args: String,
+        /// Keyword arguments as a JSON object (`'{"factor": 7}'`), bound to the function's
+        /// parameter names.
+        #[arg(long)]
+        kwargs: Option<String>,
         /// Required resources, comma-separated.
         #[arg(long, value_delimiter = ',')]
         locs: Vec<String>,

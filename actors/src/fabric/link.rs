@@ -41,6 +41,7 @@ use super::queue_sessions::QueueSessions;
 use super::trust::Credentials;
 use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, PeerFrame};
 use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
+use crate::discovery::log::CatalogLog;
 use crate::function::{CallArgs, FunctionIdentity};
 use crate::metrics::{self, Metrics};
 use crate::protocol::{encode, FrameKind, PubSubMessage};
@@ -103,6 +104,9 @@ pub struct FabricView {
     /// Queues of suspected or unroutable nodes: operations on them fail with 1005 at once.
     pub unreachable_queues: HashMap<String, RemoteQueue>,
 }
+
+/// Catalog change log size unless the settings say otherwise.
+const DEFAULT_DISCOVERY_LOG_ITEMS: usize = 10_000;
 
 /// Limits of the link layer.
 #[derive(Debug, Clone, Copy)]
@@ -217,6 +221,9 @@ pub struct FabricShared {
     pub trust: Option<Arc<Credentials>>,
     /// Counters (in-flight gauge, refusals, drops).
     pub metrics: Arc<Metrics>,
+    /// Catalog changes for `catalog_watch` (kept here, so a restarted FabricGossip
+    /// continues the numbering).
+    pub discovery_log: Mutex<CatalogLog>,
     pub(super) limits: LinkLimits,
     pub(super) queue_sessions: QueueSessions,
     forwarded: Mutex<ForwardTable>,
@@ -266,6 +273,7 @@ impl FabricShared {
             pending: Mutex::new(HashMap::new()),
             trust: None,
             metrics: Arc::new(Metrics::default()),
+            discovery_log: Mutex::new(CatalogLog::new(DEFAULT_DISCOVERY_LOG_ITEMS)),
             limits: LinkLimits::default(),
             queue_sessions: QueueSessions::default(),
             forwarded: Mutex::new(ForwardTable::default()),
@@ -286,6 +294,12 @@ impl FabricShared {
     /// Serves queue operations from other nodes with this Queue actor.
     pub fn with_queue(mut self, queue: Slot<Queue>) -> Self {
         self.queue = queue;
+        self
+    }
+
+    /// Keeps at most `items` entries in the catalog change log (`catalog_watch`).
+    pub fn with_discovery_log(mut self, items: usize) -> Self {
+        self.discovery_log = Mutex::new(CatalogLog::new(items));
         self
     }
 

@@ -18,9 +18,10 @@
 //! Unconfirmed members nobody confirms are removed when their entries' TTL runs out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 
 use super::snapshot::{SnapshotCatalog, SnapshotMember};
-use super::wire::{CatalogDelta, ClusterId, InstanceId, MemberDigest, NodeId, NodeInfo};
+use super::wire::{CatalogDelta, ClusterId, FunctionAbout, InstanceId, MemberDigest, NodeId, NodeInfo};
 use crate::function::FunctionIdentity;
 
 /// Timing of failure detection and catalog freshness (seconds).
@@ -145,6 +146,7 @@ pub struct MembershipCore {
     catalog_version: u64,
     functions: Vec<FunctionIdentity>,
     queues: Vec<String>,
+    about: Vec<FunctionAbout>,
     members: HashMap<NodeId, Member>,
     catalogs: HashMap<NodeId, StoredCatalog>,
     /// (node, instance) -> (highest heartbeat seen, until).
@@ -163,6 +165,7 @@ impl MembershipCore {
             catalog_version: 1,
             functions,
             queues: Vec::new(),
+            about: Vec::new(),
             members: HashMap::new(),
             catalogs: HashMap::new(),
             tombstones: HashMap::new(),
@@ -187,8 +190,15 @@ impl MembershipCore {
             ttl_s: self.timing.catalog_ttl,
             functions: self.functions.clone(),
             queues: self.queues.clone(),
+            about: self.about.clone(),
             proof: None,
         }
+    }
+
+    /// What we tell about our functions (parameters, documentation); advertised with the
+    /// next version.
+    pub fn set_local_about(&mut self, about: Vec<FunctionAbout>) {
+        self.about = about;
     }
 
     /// Our functions changed: a new version to flood.
@@ -574,6 +584,29 @@ impl MembershipCore {
         out
     }
 
+    /// A cheap fingerprint of what discovery shows: it changes when this node's catalog
+    /// version, or a member's instance, state or catalog version changes (so the full
+    /// view is compared only then, not on every gossip round).
+    pub fn discovery_fingerprint(&self) -> u64 {
+        let mut members: Vec<(&str, &str, u8, u64)> = self
+            .members
+            .values()
+            .map(|m| {
+                let state = match m.state {
+                    MemberState::Alive => 0,
+                    MemberState::Suspect => 1,
+                    MemberState::Unconfirmed => 2,
+                };
+                let version = self.catalogs.get(&m.info.node).map_or(0, |c| c.delta.version);
+                (m.info.node.as_str(), m.info.instance_id.as_str(), state, version)
+            })
+            .collect();
+        members.sort_unstable();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.catalog_version, members).hash(&mut hasher);
+        hasher.finish()
+    }
+
     /// Every catalog entry with its owner, for `/catalog`.
     pub fn catalog_entries(&self) -> Vec<(CatalogDelta, f64)> {
         self.catalogs.values().map(|c| (c.delta.clone(), c.received_at)).collect()
@@ -656,6 +689,7 @@ mod tests {
             ttl_s: 60.0,
             functions: vec![],
             queues: vec![],
+            about: vec![],
             proof: None,
         }
     }
@@ -754,6 +788,7 @@ mod tests {
                         resources: Default::default(),
                     }],
                     queues: vec![],
+                    about: vec![],
                     proof: None,
                 },
                 received_at,

@@ -61,10 +61,15 @@ pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteF
 use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming, Refusal};
 use snapshot::{CatalogSnapshot, SNAPSHOT_KEY, SNAPSHOT_TREE};
 use trust::{link_transcript, LinkEnd, LinkSide, StatementProof, TrustError};
-use wire::{goodbye_text, CatalogDelta, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth};
+use wire::{
+    goodbye_text, CatalogDelta, FunctionAbout, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth,
+};
 
+use crate::discovery::{self, DescribeDiscovery, DiscoveryView, LocalFunction, NodeEntry};
 use crate::function::FunctionIdentity;
 use crate::persistence::{Batch, PersistenceHandle};
+use crate::protocol::PubSubMessage;
+use crate::pubsub::{Origin, Publish};
 use crate::supervisor::ChildGuard;
 use crate::unix_now;
 
@@ -103,6 +108,15 @@ pub struct SnapshotConfig {
     pub store: PersistenceHandle,
     /// Save this often, when the view changed since the last save.
     pub interval: Duration,
+}
+
+/// A delta's `about` reduced to what describes one of its functions, within bounds, at
+/// most one per function (the rest of a peer's statement is not ours to keep).
+fn prune_about(mut delta: CatalogDelta) -> CatalogDelta {
+    let functions = &delta.functions;
+    delta.about.retain(|a| a.within_bounds() && functions.iter().any(|f| a.describes(f)));
+    delta.about.truncate(delta.functions.len());
+    delta
 }
 
 /// The longest a clean shutdown waits for its final snapshot to be durable.
@@ -164,6 +178,8 @@ pub struct LinkClosed {
 pub struct LocalFunctionsChanged {
     /// Every local function.
     pub functions: Vec<FunctionIdentity>,
+    /// Their parameters and documentation.
+    pub about: Vec<FunctionAbout>,
 }
 
 /// The local queues changed (sent by the Queue actor): advertise them in our catalog.
@@ -313,14 +329,17 @@ pub struct FabricGossip {
     last_snapshot: Option<u64>,
     /// Queues whose owner left the cluster, by name (reported unreachable, not unknown).
     departed_queues: HashMap<String, RemoteQueue>,
+    /// The catalog fingerprint the discovery change log last saw.
+    discovery_seen: Option<u64>,
     _guard: ChildGuard,
 }
 
 impl FabricGossip {
     /// A fabric for `shared.me`, serving the local functions `functions`.
     pub fn new(shared: Arc<FabricShared>, config: FabricConfig, guard: ChildGuard) -> Self {
-        let functions = shared.table.current().identities();
-        let mut core = MembershipCore::new(shared.me.clone(), config.timing, functions);
+        let table = shared.table.current();
+        let mut core = MembershipCore::new(shared.me.clone(), config.timing, table.identities());
+        core.set_local_about(table.about());
         let queues = shared.local_queues.lock().map(|q| q.clone()).unwrap_or_default();
         if !queues.is_empty() {
             core.set_local_queues(queues, unix_now());
@@ -345,6 +364,7 @@ impl FabricGossip {
             leaving: false,
             last_snapshot: None,
             departed_queues: HashMap::new(),
+            discovery_seen: None,
             _guard: guard,
         }
     }
@@ -388,6 +408,7 @@ impl FabricGossip {
             functions: local.functions,
             catalog_version: local.version,
             queues: local.queues,
+            about: local.about,
             auth,
         })
     }
@@ -425,6 +446,7 @@ impl FabricGossip {
                 return None;
             }
         };
+        let delta = prune_about(delta);
         self.within_catalog_bound(&delta).then_some(delta)
     }
 
@@ -671,6 +693,93 @@ impl FabricGossip {
             queues,
             unreachable_queues,
         }));
+        self.observe_catalog();
+    }
+
+    /// This node and every member that is called (alive, or restored and not yet
+    /// confirmed), with their catalog entries, as discovery shows them.
+    fn discovery_nodes(&self) -> Vec<NodeEntry> {
+        let (unix, now) = (unix_now(), self.now());
+        let local = self.core.local_catalog(unix);
+        let mut nodes = vec![NodeEntry {
+            info: self.shared.me.clone(),
+            status: "ok",
+            last_seen: unix,
+            advertised_at: local.advertised_at,
+            ttl_s: local.ttl_s,
+            functions: local.functions,
+            queues: local.queues,
+            about: local.about,
+        }];
+        let catalogs: HashMap<NodeId, CatalogDelta> =
+            self.core.catalog_entries().into_iter().map(|(d, _)| (d.node.clone(), d)).collect();
+        let mut members: Vec<NodeEntry> = self
+            .core
+            .members()
+            .filter(|m| m.state != MemberState::Suspect)
+            .map(|m| {
+                let catalog = catalogs.get(&m.info.node).filter(|c| c.instance_id == m.info.instance_id);
+                NodeEntry {
+                    info: m.info.clone(),
+                    status: if m.state == MemberState::Unconfirmed { "unconfirmed" } else { "ok" },
+                    last_seen: unix - (now - m.heard_at).max(0.0),
+                    advertised_at: catalog.map_or(0.0, |c| c.advertised_at),
+                    ttl_s: catalog.map_or(0.0, |c| c.ttl_s),
+                    functions: catalog.map(|c| c.functions.clone()).unwrap_or_default(),
+                    queues: catalog.map(|c| c.queues.clone()).unwrap_or_default(),
+                    about: catalog.map(|c| c.about.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        members.sort_by(|a, b| a.info.node.cmp(&b.info.node));
+        nodes.extend(members);
+        nodes
+    }
+
+    /// Records a catalog change for `catalog_watch` and publishes it, with the new service
+    /// summaries, to this node's subscribers of the discovery topics (delivered here only:
+    /// every node publishes its own view).
+    fn observe_catalog(&mut self) {
+        let fingerprint = self.core.discovery_fingerprint();
+        if self.discovery_seen.replace(fingerprint) == Some(fingerprint) {
+            return;
+        }
+        let nodes = self.discovery_nodes();
+        let now = unix_now();
+        let change = match self.shared.discovery_log.lock() {
+            Ok(mut log) => log.observe(now, discovery::catalog_entries(&nodes)),
+            Err(_) => None,
+        };
+        let (Some(change), Some(pubsub)) = (change, self.shared.pubsub.get()) else { return };
+        let me = &self.shared.me;
+        let publish = |topic: &str, event: &str, payload: serde_json::Value| {
+            let mut headers = serde_json::Map::new();
+            headers.insert("event".into(), event.into());
+            headers.insert("cluster_id".into(), me.cluster_id.clone().into());
+            let message = PubSubMessage {
+                topic: topic.to_owned(),
+                payload,
+                timestamp: now,
+                message_id: format!("{}-{}-{topic}-{}", me.node, me.instance_id, change.version),
+                publisher: me.node.clone(),
+                headers,
+                routing_path: None,
+                current_hop: None,
+            };
+            pubsub.do_send(Publish { message: Arc::new(message), origin: Origin::Peer });
+        };
+        let summaries = discovery::summaries_of(me, &nodes, now);
+        publish(
+            discovery::DELTA_TOPIC,
+            "discovery.catalog_delta",
+            serde_json::json!({"change": change, "source_node": me.node, "source_cluster": me.cluster_id}),
+        );
+        publish(
+            discovery::SUMMARY_TOPIC,
+            "discovery.summary",
+            serde_json::json!({"summaries": summaries, "source_node": me.node, "source_cluster": me.cluster_id,
+                "published_at": now, "version": change.version}),
+        );
     }
 
     fn close_link(&mut self, link: LinkId) {
@@ -712,7 +821,7 @@ impl FabricGossip {
         &mut self,
         link: LinkId,
         info: NodeInfo,
-        (functions, queues): (Vec<FunctionIdentity>, Vec<String>),
+        (functions, queues, about): (Vec<FunctionIdentity>, Vec<String>, Vec<FunctionAbout>),
         version: u64,
         auth: Option<Box<StatusAuth>>,
     ) {
@@ -738,9 +847,10 @@ impl FabricGossip {
                     ttl_s: self.config.timing.catalog_ttl,
                     functions,
                     queues,
+                    about,
                     proof: None,
                 };
-                return self.admit(link, info, delta, !outbound);
+                return self.admit(link, info, prune_about(delta), !outbound);
             }
             (None, Some(_)) => {
                 let refusal = LinkRefusal::new(
@@ -1094,8 +1204,8 @@ impl Handler<PeerFrameReceived> for FabricGossip {
         let handshaken = l.node.is_some();
         let linked_node = l.node.clone();
         match msg.frame {
-            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, queues, auth }) => {
-                self.on_status(msg.link, info, (functions, queues), catalog_version, auth)
+            PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, queues, about, auth }) => {
+                self.on_status(msg.link, info, (functions, queues, about), catalog_version, auth)
             }
             PeerFrame::Server(ServerFrame::Proof { signature }) => self.on_proof(msg.link, &signature),
             PeerFrame::Server(ServerFrame::Refused { reason }) => {
@@ -1161,10 +1271,12 @@ impl Handler<LocalFunctionsChanged> for FabricGossip {
     type Result = ();
 
     fn handle(&mut self, msg: LocalFunctionsChanged, _: &mut Context<Self>) {
+        self.core.set_local_about(msg.about);
         let delta = self.core.set_local_functions(msg.functions, unix_now());
         let delta = self.seal(delta);
         let from = self.shared.me.node.clone();
         self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
+        self.observe_catalog();
     }
 }
 
@@ -1176,6 +1288,32 @@ impl Handler<LocalQueuesChanged> for FabricGossip {
         let delta = self.seal(delta);
         let from = self.shared.me.node.clone();
         self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
+        self.observe_catalog();
+    }
+}
+
+impl Handler<DescribeDiscovery> for FabricGossip {
+    type Result = DiscoveryView;
+
+    fn handle(&mut self, msg: DescribeDiscovery, _: &mut Context<Self>) -> DiscoveryView {
+        let table = self.shared.table.current();
+        let local = table
+            .specs()
+            .filter(|s| !s.is_local_only())
+            .map(|s| LocalFunction {
+                identity: s.identity().clone(),
+                signature: s.declared_signature().cloned(),
+                doc: s.documentation().map(str::to_owned),
+            })
+            .collect();
+        let changes = msg.since.and_then(|since| self.shared.discovery_log.lock().ok().map(|log| log.since(since)));
+        DiscoveryView {
+            generated_at: unix_now(),
+            me: self.shared.me.clone(),
+            nodes: self.discovery_nodes(),
+            local,
+            changes,
+        }
     }
 }
 

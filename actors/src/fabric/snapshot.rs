@@ -166,6 +166,7 @@ mod tests {
             ttl_s: 60.0,
             functions: vec![],
             queues: vec![],
+            about: vec![],
             proof: None,
         };
         SnapshotMember { info, heard_at: 100.0, catalog: Some(SnapshotCatalog { delta, received_at: 100.0 }) }

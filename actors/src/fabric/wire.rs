@@ -36,6 +36,7 @@ use serde_json::{Map, Value};
 use super::trust::{Certificate, StatementProof};
 use crate::function::{FunctionError, FunctionIdentity};
 use crate::protocol::PubSubMessage;
+use crate::version::Version;
 
 /// A node's configured name (default `host:port`).
 pub type NodeId = String;
@@ -72,6 +73,9 @@ pub enum ServerFrame {
         /// The queues it owns (absent when none, so older peers' frames still decode).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         queues: Vec<String>,
+        /// Parameters and documentation of its functions (absent when none).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        about: Vec<FunctionAbout>,
         /// The credentialed handshake; absent in open mode.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         auth: Option<Box<StatusAuth>>,
@@ -157,11 +161,51 @@ pub struct CatalogDelta {
     /// older frames still decode and their signatures still verify.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queues: Vec<String>,
+    /// Declared parameters and documentation of some of `functions` (signed with the
+    /// rest; absent when none, so older frames still decode and verify).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub about: Vec<FunctionAbout>,
     /// With credentials: the owner's signature over this delta's JSON (without `proof`).
     /// A receiver acts on the signed text, never on the outer fields, so a relay cannot
     /// change a node's entries; a delta without a valid proof is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proof: Option<StatementProof>,
+}
+
+/// What a node says about one of its functions beyond its identity, for `rpc_describe`
+/// on other nodes: its declared parameters (Python's syntax) and its documentation, each
+/// at most [`MAX_ABOUT_BYTES`] (a longer documentation is cut; longer parameters are not
+/// sent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionAbout {
+    /// The function's name.
+    pub name: String,
+    /// Its id.
+    pub function_id: String,
+    /// Its version.
+    pub version: Version,
+    /// Its declared parameters, as `Signature` prints them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<String>,
+    /// Its documentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
+}
+
+/// The longest parameter text or documentation a catalog entry carries.
+pub const MAX_ABOUT_BYTES: usize = 1024;
+
+impl FunctionAbout {
+    /// Whether it describes `identity`.
+    pub fn describes(&self, identity: &FunctionIdentity) -> bool {
+        self.name == identity.name && self.function_id == identity.function_id && self.version == identity.version
+    }
+
+    /// Whether both texts are within [`MAX_ABOUT_BYTES`].
+    pub fn within_bounds(&self) -> bool {
+        self.params.as_ref().is_none_or(|p| p.len() <= MAX_ABOUT_BYTES)
+            && self.doc.as_ref().is_none_or(|d| d.len() <= MAX_ABOUT_BYTES)
+    }
 }
 
 /// `role: "fabric-gossip"` — membership and catalog dissemination between direct peers.
@@ -349,6 +393,7 @@ mod tests {
             functions: vec![],
             catalog_version: 1,
             queues: vec![],
+            about: vec![],
             auth: None,
         });
         let json = serde_json::to_value(&status).unwrap();
