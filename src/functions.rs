@@ -99,7 +99,7 @@ fn repr(value: &Value) -> String {
 }
 
 fn kw(call: CallArgs) -> FunctionResult {
-    let CallArgs { args, mut kwargs } = call;
+    let CallArgs { args, mut kwargs, .. } = call;
     if args.len() > 2 {
         return Err(FunctionError::type_error(format!(
             "kw() takes from 1 to 2 positional arguments but {} were given",
@@ -200,7 +200,7 @@ mod tests {
     use serde_json::Map;
 
     fn call(args: Value) -> CallArgs {
-        CallArgs { args: args.as_array().cloned().unwrap_or_default(), kwargs: Map::new() }
+        CallArgs::new(args.as_array().cloned().unwrap_or_default(), Map::new())
     }
 
     #[tokio::test]
@@ -217,7 +217,7 @@ mod tests {
     fn kw_binds_like_python() {
         let mut kwargs = Map::new();
         kwargs.insert("c".into(), json!(3));
-        assert_eq!(kw(CallArgs { args: vec![json!(1)], kwargs }), Ok(json!({"a": 1, "b": 0, "c": 3})));
+        assert_eq!(kw(CallArgs::new(vec![json!(1)], kwargs)), Ok(json!({"a": 1, "b": 0, "c": 3})));
         assert!(kw(CallArgs::default()).is_err());
     }
 

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -32,6 +33,16 @@ pub struct CallArgs {
     pub args: Vec<Value>,
     /// Keyword arguments.
     pub kwargs: Map<String, Value>,
+    /// When the request stops waiting for this call, if known: code served outside the
+    /// node (a worker) is told, so it can stop early.
+    pub deadline: Option<Instant>,
+}
+
+impl CallArgs {
+    /// Positional and keyword arguments, without a deadline.
+    pub fn new(args: Vec<Value>, kwargs: Map<String, Value>) -> Self {
+        CallArgs { args, kwargs, deadline: None }
+    }
 }
 
 /// A failure inside a function: a kind (`TypeError`, `ValueError`, `Panic`...) and a text.
@@ -58,6 +69,32 @@ impl FunctionError {
     pub fn value_error(message: impl Into<String>) -> Self {
         Self::new("ValueError", message)
     }
+
+    /// The process serving the function went away before answering (a worker that
+    /// disconnected): the call did not fail, it was lost, so it is answered 1005 (or
+    /// retried elsewhere), never 1003.
+    pub fn unreachable(message: impl Into<String>) -> Self {
+        Self::new(Self::UNREACHABLE, message)
+    }
+
+    /// Whether this is [`Self::unreachable`].
+    pub fn is_unreachable(&self) -> bool {
+        self.kind == Self::UNREACHABLE
+    }
+
+    /// The call's deadline passed before an answer came (a worker that did not answer in
+    /// time): a 1004, like the request's own timeout.
+    pub fn deadline_passed(message: impl Into<String>) -> Self {
+        Self::new(Self::DEADLINE, message)
+    }
+
+    /// Whether this is [`Self::deadline_passed`].
+    pub fn is_deadline_passed(&self) -> bool {
+        self.kind == Self::DEADLINE
+    }
+
+    const UNREACHABLE: &'static str = "Unreachable";
+    const DEADLINE: &'static str = "DeadlinePassed";
 }
 
 impl fmt::Display for FunctionError {
@@ -88,6 +125,9 @@ pub enum ExecMode {
 enum Body {
     Sync(SyncBody, ExecMode),
     Async(AsyncBody),
+    /// Served outside the node: the future only waits for an answer, so it is polled in
+    /// place instead of spawned (and dropping it abandons the call).
+    External(AsyncBody),
 }
 
 /// A function's identity and requirements: what the catalog knows about it.
@@ -148,6 +188,20 @@ impl FunctionSpec {
         Self::with_body(name, Body::Async(Arc::new(move |call| f.call_typed(&fname, call))))
     }
 
+    /// A function served outside this process (by a worker): `f` sends the call and its
+    /// future waits for the answer; it runs in the caller's task.
+    pub fn external(
+        identity: FunctionIdentity,
+        f: impl Fn(CallArgs) -> BoxFunctionFuture + Send + Sync + 'static,
+    ) -> Self {
+        FunctionSpec { identity: Arc::new(identity), body: Body::External(Arc::new(f)) }
+    }
+
+    /// Whether a worker (not this process) serves it.
+    pub fn is_external(&self) -> bool {
+        matches!(self.body, Body::External(_))
+    }
+
     /// Run this (synchronous) function in place instead of on the blocking pool.
     pub fn inline(mut self) -> Self {
         if let Body::Sync(_, mode) = &mut self.body {
@@ -198,6 +252,7 @@ impl FunctionSpec {
                 join(tokio::task::spawn_blocking(move || run_guarded(&f, call))).await
             }
             Body::Async(f) => join(tokio::spawn(f(call))).await,
+            Body::External(f) => f(call).await,
         }
     }
 
@@ -426,7 +481,7 @@ mod tests {
     use serde_json::json;
 
     fn call(args: Vec<Value>) -> CallArgs {
-        CallArgs { args, kwargs: Map::new() }
+        CallArgs::new(args, Map::new())
     }
 
     #[tokio::test]

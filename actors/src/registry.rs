@@ -90,6 +90,19 @@ impl FunctionTable {
         Ok(())
     }
 
+    /// Removes the worker-served function with exactly this identity (the node's own
+    /// functions are never removed); whether there was one.
+    pub fn unregister_external(&mut self, identity: &FunctionIdentity) -> bool {
+        let Some(versions) = self.by_name.get_mut(&identity.name) else { return false };
+        let before = versions.len();
+        versions.retain(|s| !(s.is_external() && s.identity() == identity));
+        let removed = versions.len() < before;
+        if versions.is_empty() {
+            self.by_name.remove(&identity.name);
+        }
+        removed
+    }
+
     /// The local functions a command may call (DESIGN.md §7): name, function_id, version
     /// constraint, `locs` ⊆ resources, `target_cluster`. Choosing among them (and among
     /// remote ones) is `routing::Routing::resolve`.
@@ -158,6 +171,14 @@ pub struct RegisterFunction {
     pub spec: FunctionSpec,
 }
 
+/// Remove a worker-served function (its last worker left); the node's own functions stay.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct UnregisterFunction {
+    /// Exactly which function.
+    pub identity: FunctionIdentity,
+}
+
 /// The Registry actor.
 pub struct Registry {
     table: TableHandle,
@@ -188,6 +209,23 @@ impl Handler<RegisterFunction> for Registry {
             fabric.do_send(LocalFunctionsChanged { functions });
         }
         Ok(())
+    }
+}
+
+impl Handler<UnregisterFunction> for Registry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: UnregisterFunction, _: &mut Context<Self>) -> bool {
+        let mut next = FunctionTable::clone(&self.table.current());
+        if !next.unregister_external(&msg.identity) {
+            return false;
+        }
+        let functions = next.identities();
+        self.table.publish(next);
+        if let Some(fabric) = self.fabric.get() {
+            fabric.do_send(LocalFunctionsChanged { functions });
+        }
+        true
     }
 }
 
@@ -231,6 +269,21 @@ mod tests {
         assert!(matches!(table.register(other_id), Err(RegistryError::Conflict(_))));
         let stolen_id = FunctionSpec::sync("thief", || 1).function_id("demo.ver");
         assert!(matches!(table.register(stolen_id), Err(RegistryError::Conflict(_))));
+    }
+
+    #[test]
+    fn only_worker_functions_are_unregistered() {
+        let mut table = FunctionTable::default();
+        table.register(ver("1.0.0")).unwrap();
+        let own = ver("1.0.0").identity().clone();
+        assert!(!table.unregister_external(&own), "the node's own function stays");
+        let served = FunctionIdentity { version: Version::new(2, 0, 0), ..own.clone() };
+        let spec = FunctionSpec::external(served.clone(), |_| Box::pin(async { Ok(serde_json::Value::Null) }));
+        table.register(spec).unwrap();
+        assert_eq!(table.identities().len(), 2);
+        assert!(table.unregister_external(&served));
+        assert!(!table.unregister_external(&served));
+        assert_eq!(table.identities(), vec![own]);
     }
 
     #[test]
