@@ -388,4 +388,18 @@ async fn a_call_on_node_a_is_served_by_a_worker_on_node_b() {
     // The worker leaves: its functions leave the cluster's catalog too.
     worker.abort().await;
     wait_for_function(&a, "double", false).await;
+    // A worker on A dies mid-call and A has no other: the call goes to B's worker.
+    let on_b = Worker::new(b.url(), "hop-b").function(FunctionSpec::sync("hop", |x: i64| x + 100)).start().await;
+    let _on_b = on_b.expect("registers on B");
+    poll_until_async("A to know B's hop", SOON, || async {
+        let catalog: Value = serde_json::from_str(&monitor(&a, "/catalog").await).ok()?;
+        let b_entry = catalog["nodes"].as_array()?.iter().find(|n| n["node"] == "B")?.clone();
+        b_entry["functions"].as_array()?.iter().any(|f| f["name"] == "hop").then_some(())
+    })
+    .await;
+    let (mut dying, _) = raw_worker(a.url(), "hop-a", json!([{"name": "hop"}]), json!({})).await;
+    let call = tokio::spawn(async move { c.call("hop", vec![json!(1)]).await });
+    next_role(&mut dying, "worker-call").await;
+    drop(dying);
+    assert_eq!(call.await.unwrap().expect("retried on B"), json!(101));
 }

@@ -532,6 +532,23 @@ type Running = LocalBoxFuture<'static, (usize, Result<Value, RpcError>)>;
 fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: ArgTypes) -> Running {
     let cmd = plan.cmds[i].clone();
     match endpoint {
+        // Served by a worker: one that goes away before answering (and has no other
+        // worker here to retry on) leaves the call to another node, if one has it.
+        Endpoint::Local(function) if function.is_external() => {
+            let routing = plan.routing.clone();
+            let constraint = plan.constraints[i].clone();
+            async move {
+                let result = match function.invoke(call.clone()).await {
+                    Err(e) if e.is_unreachable() => match routing.resolve_elsewhere(&cmd, constraint.as_ref()) {
+                        Some(target) => run_remote(&routing, &cmd, constraint.as_ref(), target, call, &types).await,
+                        None => Err(failure(&cmd, None, &e, &types)),
+                    },
+                    other => other.map_err(|e| failure(&cmd, None, &e, &types)),
+                };
+                (i, result)
+            }
+            .boxed_local()
+        }
         Endpoint::Local(function) => {
             async move { (i, function.invoke(call).await.map_err(|e| failure(&cmd, None, &e, &types))) }.boxed_local()
         }
