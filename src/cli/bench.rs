@@ -19,6 +19,11 @@
 //! `rpc_forward_1hop` calls `echo_remote` through node 1. Both are sequential and are
 //! reported as p50 multiples of `rpc_echo_seq`.
 //!
+//! Two worker scenarios drive `worker_echo`, served by a Rust worker ([`crate::worker`])
+//! connected to node 1 over its own websocket (in this process, on the servers' CPU):
+//! `rpc_worker_seq` (p50 as a multiple of `rpc_echo_seq`, target 2x) and
+//! `rpc_worker_pipelined` (calls/s as a fraction of `rpc_echo_pipelined`, target 0.3).
+//!
 //! Progress goes to stderr so that stdout holds only the table or the JSON object.
 
 use std::collections::HashMap;
@@ -38,6 +43,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::client::Client;
 use crate::config::Settings;
 use crate::node::{Node, NodeBuilder};
+use crate::worker::Worker;
 use crate::{FunctionSpec, RpcCommand};
 
 /// Flags of `mpreg bench rpc`.
@@ -107,6 +113,8 @@ enum Request {
     Chain,
     /// `echo_remote(42)`, served by node 2 only.
     EchoRemote,
+    /// `worker_echo(42)`, served by a worker connected to node 1.
+    WorkerEcho,
 }
 
 /// The tier-1 chain (`model_score(multiply(add(20, 22), 3))`).
@@ -115,6 +123,8 @@ const CHAIN_CMDS: &str = r#"[{"name":"sum","fun":"add","args":[20,22],"locs":["c
 const CHAIN_SCORE: &[u8] = b"1.26";
 /// The function only node 2 serves.
 const REMOTE_FUNCTION: &str = "echo_remote";
+/// The function the bench's worker serves.
+const WORKER_FUNCTION: &str = "worker_echo";
 /// How long the 2-node cluster may take to route both cluster scenarios.
 const ROUTABLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Gossip round of the 2-node cluster (fast, so it forms quickly).
@@ -138,7 +148,7 @@ struct Scenario {
 const ECHO_SEQ: &str = "rpc_echo_seq";
 
 /// In print order; a floor or baseline comes before the scenario compared to it.
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario {
         name: "raw_ws_echo_seq",
         target: Target::Floor,
@@ -169,6 +179,23 @@ const SCENARIOS: [Scenario; 6] = [
         request: Request::Echo,
         depth: PIPELINE_DEPTH,
         floor: Some("raw_ws_echo_pipelined"),
+        p50_baseline: None,
+    },
+    Scenario {
+        name: "rpc_worker_seq",
+        target: Target::Node,
+        request: Request::WorkerEcho,
+        depth: 1,
+        floor: None,
+        p50_baseline: Some((ECHO_SEQ, 2.0)),
+    },
+    Scenario {
+        name: "rpc_worker_pipelined",
+        target: Target::Node,
+        request: Request::WorkerEcho,
+        depth: PIPELINE_DEPTH,
+        // Compared with the node's own echo, pipelined alike (target: at least 0.3x).
+        floor: Some("rpc_echo_pipelined"),
         p50_baseline: None,
     },
     Scenario {
@@ -341,11 +368,25 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
                 return Err(anyhow::Error::new(e).context("starting node 2"));
             }
         };
+        // A worker serving worker_echo on node 1, over its own websocket.
+        let worker = match Worker::new(node.url(), "bench-worker")
+            .function(FunctionSpec::sync(WORKER_FUNCTION, |v: Value| v).inline())
+            .start()
+            .await
+        {
+            Ok(worker) => worker,
+            Err(e) => {
+                node2.shutdown().await;
+                stop(&node, &floor).await;
+                return Err(anyhow::Error::new(e).context("starting the bench worker"));
+            }
+        };
         let urls = Urls { floor: floor.url.clone(), node: node.url().to_owned(), node2: node2.url().to_owned() };
         eprint!("waiting for the 2-node cluster to route the chain and echo_remote ...");
         let started = Instant::now();
         if let Err(e) = wait_routable(&urls).await {
             eprintln!();
+            worker.abort().await;
             node2.shutdown().await;
             stop(&node, &floor).await;
             return Err(e);
@@ -364,6 +405,7 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
             .context("starting the client thread")?;
         let outcome = rx.await.context("the client thread died");
         drop(client.join());
+        worker.goodbye().await;
         node2.shutdown().await;
         stop(&node, &floor).await;
         outcome?
@@ -799,6 +841,7 @@ impl RequestTemplate {
         let cmds = match request {
             Request::Echo => r#"[{"name":"e","fun":"echo","args":[42]}]"#.to_owned(),
             Request::EchoRemote => format!(r#"[{{"name":"e","fun":"{REMOTE_FUNCTION}","args":[42]}}]"#),
+            Request::WorkerEcho => format!(r#"[{{"name":"e","fun":"{WORKER_FUNCTION}","args":[42]}}]"#),
             Request::Chain => CHAIN_CMDS.to_owned(),
         };
         let text = format!(r#"{{"role":"rpc","u":"{u}","cmds":{cmds}}}"#);
