@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use mpreg_actors::function::FunctionResult;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -235,27 +236,21 @@ async fn serve(
                 let id = frame["id"].as_str().unwrap_or_default().to_owned();
                 match frame["role"].as_str() {
                     Some("worker-call") => {
-                        let key = (frame["fun"].as_str().unwrap_or_default().to_owned(),
-                                   frame["version"].as_str().unwrap_or_default().to_owned());
-                        let spec = functions.get(&key).cloned();
-                        let results = results.clone();
-                        let call_id = id.clone();
+                        let (args, kwargs) = (frame["args"].as_array().cloned(), frame["kwargs"].as_object().cloned());
+                        let call = CallArgs::new(args.unwrap_or_default(), kwargs.unwrap_or_else(Map::new));
+                        let spec = functions.get(&(text(&frame["fun"]), text(&frame["version"]))).cloned();
+                        // Cheap functions answer in place: no task, no hop through the channel.
+                        if let Some(spec) = spec.as_ref().filter(|spec| spec.is_inline()) {
+                            let outcome = spec
+                                .invoke_inline(call)
+                                .unwrap_or_else(|| Err(crate::FunctionError::new("Internal", "not inline")));
+                            if sink.send(Message::text(result_frame(&id, outcome).to_string())).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         let timeout = Duration::from_millis(frame["timeout_ms"].as_u64().unwrap_or(30_000));
-                        let args = frame["args"].as_array().cloned().unwrap_or_default();
-                        let kwargs = frame["kwargs"].as_object().cloned().unwrap_or_else(Map::new);
-                        running.insert(id, tokio::spawn(async move {
-                            let outcome = match spec {
-                                Some(spec) => tokio::time::timeout(timeout, spec.invoke(CallArgs::new(args, kwargs))).await.ok(),
-                                None => Some(Err(crate::FunctionError::new("NotFound", format!("no function {key:?} here")))),
-                            };
-                            // Past the deadline nobody waits for the answer: none is sent.
-                            let frame = outcome.map(|outcome| match outcome {
-                                Ok(value) => json!({"role": "worker-result", "id": call_id, "result": value}),
-                                Err(e) => json!({"role": "worker-result", "id": call_id,
-                                                 "error": {"kind": e.kind, "message": e.message}}),
-                            });
-                            let _ = results.send((call_id, frame));
-                        }));
+                        running.insert(id.clone(), tokio::spawn(call_task(spec, call, id, timeout, results.clone())));
                     }
                     Some("worker-cancel") => {
                         if let Some(task) = running.remove(&id) {
@@ -270,4 +265,33 @@ async fn serve(
             }
         }
     }
+}
+
+fn text(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
+}
+
+/// The `worker-result` frame of call `id`.
+fn result_frame(id: &str, outcome: FunctionResult) -> Value {
+    match outcome {
+        Ok(value) => json!({"role": "worker-result", "id": id, "result": value}),
+        Err(e) => json!({"role": "worker-result", "id": id, "error": {"kind": e.kind, "message": e.message}}),
+    }
+}
+
+/// Runs one call as a task; its frame (none past the deadline: nobody waits for it) goes
+/// back to the loop.
+async fn call_task(
+    spec: Option<FunctionSpec>,
+    call: CallArgs,
+    id: String,
+    timeout: Duration,
+    results: mpsc::UnboundedSender<(String, Option<Value>)>,
+) {
+    let outcome = match spec {
+        Some(spec) => tokio::time::timeout(timeout, spec.invoke(call)).await.ok(),
+        None => Some(Err(crate::FunctionError::new("NotFound", "no such function (name, version) on this worker"))),
+    };
+    let frame = outcome.map(|outcome| result_frame(&id, outcome));
+    let _ = results.send((id, frame));
 }

@@ -48,7 +48,10 @@ proptest! {
     /// Whatever the order of picks and completions, no worker exceeds its bound, and a
     /// pick fails only when every worker is at it.
     #[test]
-    fn concurrency_bounds_hold(bounds in prop::collection::vec(1usize..4, 1..5), ops in prop::collection::vec(any::<(bool, u8)>(), 0..200)) {
+    fn concurrency_bounds_hold(
+        bounds in prop::collection::vec(1usize..4, 1..5),
+        ops in prop::collection::vec(any::<(bool, u8)>(), 0..200),
+    ) {
         let f = identity("f");
         let mut pool = WorkerPool::default();
         for (i, &max) in bounds.iter().enumerate() {
