@@ -20,7 +20,8 @@
 //! reported as p50 multiples of `rpc_echo_seq`.
 //!
 //! Two worker scenarios drive `worker_echo`, served by a Rust worker ([`crate::worker`])
-//! connected to node 1 over its own websocket (in this process, on the servers' CPU):
+//! connected to node 1 over its own websocket (in this process, its own thread on the
+//! client's CPU, as a worker process would run on the core the node leaves free):
 //! `rpc_worker_seq` (p50 as a multiple of `rpc_echo_seq`, target 2x) and
 //! `rpc_worker_pipelined` (calls/s as a fraction of `rpc_echo_pipelined`, target 0.3).
 //!
@@ -368,25 +369,11 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
                 return Err(anyhow::Error::new(e).context("starting node 2"));
             }
         };
-        // A worker serving worker_echo on node 1, over its own websocket.
-        let worker = match Worker::new(node.url(), "bench-worker")
-            .function(FunctionSpec::sync(WORKER_FUNCTION, |v: Value| v).inline())
-            .start()
-            .await
-        {
-            Ok(worker) => worker,
-            Err(e) => {
-                node2.shutdown().await;
-                stop(&node, &floor).await;
-                return Err(anyhow::Error::new(e).context("starting the bench worker"));
-            }
-        };
         let urls = Urls { floor: floor.url.clone(), node: node.url().to_owned(), node2: node2.url().to_owned() };
         eprint!("waiting for the 2-node cluster to route the chain and echo_remote ...");
         let started = Instant::now();
         if let Err(e) = wait_routable(&urls).await {
             eprintln!();
-            worker.abort().await;
             node2.shutdown().await;
             stop(&node, &floor).await;
             return Err(e);
@@ -405,7 +392,6 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
             .context("starting the client thread")?;
         let outcome = rx.await.context("the client thread died");
         drop(client.join());
-        worker.goodbye().await;
         node2.shutdown().await;
         stop(&node, &floor).await;
         outcome?
@@ -531,6 +517,14 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
     };
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("building the client runtime")?;
+    let worker = BenchWorker::start(&urls.node)?;
+    let results = run_all(&runtime, urls, duration);
+    worker.stop();
+    Ok((results?, pinned))
+}
+
+/// Every scenario in order, on the client's runtime.
+fn run_all(runtime: &tokio::runtime::Runtime, urls: &Urls, duration: Duration) -> anyhow::Result<Vec<ScenarioResult>> {
     let mut results: Vec<ScenarioResult> = Vec::with_capacity(SCENARIOS.len());
     for (i, scenario) in SCENARIOS.iter().enumerate() {
         eprint!("[{}/{}] {} ", i + 1, SCENARIOS.len(), scenario.name);
@@ -568,7 +562,53 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
         eprintln!(" {:.0} calls/s", result.calls_per_s);
         results.push(result);
     }
-    Ok((results, pinned))
+    Ok(results)
+}
+
+/// The Rust worker serving `worker_echo` on node 1: its own thread and runtime, started
+/// from the client's thread after pinning, so it runs on the client's CPU, as a worker
+/// process would on the core the node does not use.
+struct BenchWorker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BenchWorker {
+    fn start(node_url: &str) -> anyhow::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, registered) = std::sync::mpsc::channel::<Result<(), String>>();
+        let url = node_url.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("bench-worker".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(e) => return drop(ready.send(Err(e.to_string()))),
+                };
+                runtime.block_on(async move {
+                    let spec = FunctionSpec::sync(WORKER_FUNCTION, |v: Value| v).inline();
+                    match Worker::new(&url, "bench-worker").function(spec).start().await {
+                        Ok(worker) => {
+                            let _ = ready.send(Ok(()));
+                            let _ = stopped.await;
+                            worker.goodbye().await;
+                        }
+                        Err(e) => drop(ready.send(Err(e.to_string()))),
+                    }
+                });
+            })
+            .context("starting the bench worker's thread")?;
+        match registered.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(Ok(())) => Ok(BenchWorker { stop, thread }),
+            Ok(Err(e)) => bail!("the bench worker did not register: {e}"),
+            Err(_) => bail!("the bench worker did not register within {} s", STARTUP_TIMEOUT.as_secs()),
+        }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 /// Where the threads run during the scenarios.
