@@ -713,7 +713,7 @@ impl WorkerHub {
                 .pool
                 .serving
                 .iter()
-                .map(|(identity, ws)| (identity.name.clone(), identity.version.to_string(), ws.len()))
+                .map(|(identity, ws)| (label_value(&identity.name), identity.version.to_string(), ws.len()))
                 .collect();
             (state.pool.len(), serving)
         };
@@ -758,6 +758,12 @@ impl WorkerHub {
             }
         }
     }
+}
+
+/// A Prometheus label value: a worker names its functions, so backslashes, `"` and newlines are
+/// escaped as the text format requires.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Compares two secrets in time that depends only on their lengths.

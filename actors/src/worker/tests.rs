@@ -79,6 +79,12 @@ proptest! {
 }
 
 #[test]
+fn function_names_are_escaped_in_metric_labels() {
+    assert_eq!(label_value("plain"), "plain");
+    assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+}
+
+#[test]
 fn secrets_compare_by_content_and_length() {
     assert!(same_secret(b"abc", b"abc"));
     assert!(!same_secret(b"abc", b"abd"));
