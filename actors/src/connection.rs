@@ -4,7 +4,10 @@
 //! planner (small requests in place or as a task on this actor's thread; large ones, and
 //! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
 //! publish), the Queue actor (`role: "queue"`, answered `queue-reply`; its pushes,
-//! `queue-message`, come through the same outbox). Replies and
+//! `queue-message`, come through the same outbox), the [`WorkerHub`] (`role: "worker-*"`:
+//! a connection that registers as a worker gets its calls through the same outbox, is
+//! disconnected over a frame that breaks the worker protocol or past `worker_timeout_s`
+//! of silence, and leaves the hub when it closes). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
