@@ -47,6 +47,15 @@ class _Function:
                 "resources": self.resources}
 
 
+def normalize_version(version: str) -> str:
+    """``1.2`` -> ``1.2.0``, as the node reads it (and names it in its calls); anything else
+    is left for the node to refuse."""
+    parts = version.strip().split(".")
+    if 1 <= len(parts) <= 3 and all(p.isascii() and p.isdigit() for p in parts):
+        return ".".join(str(int(p)) for p in parts + ["0"] * (3 - len(parts)))
+    return version
+
+
 def type_name(value: Any) -> str:
     """The JSON value's type as the node names it in its 1003 details."""
     if value is None:
@@ -98,8 +107,9 @@ class Worker:
                 signature = inspect.signature(body)
             except (TypeError, ValueError):
                 signature = None
-            self._functions[(fname, version)] = _Function(
-                name=fname, function_id=function_id or fname, version=version, resources=list(resources),
+            normalized = normalize_version(version)
+            self._functions[(fname, normalized)] = _Function(
+                name=fname, function_id=function_id or fname, version=normalized, resources=list(resources),
                 body=body, is_async=inspect.iscoroutinefunction(body), signature=signature)
             return body
 
