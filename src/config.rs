@@ -159,6 +159,20 @@ pub struct Settings {
     /// Catalog entries (added or removed) the `catalog_watch` change log keeps; a client
     /// asking for older changes is told to query the catalog again.
     pub discovery_change_log_items: usize,
+    /// Worker processes registered at once (a further `worker-register`: 1006).
+    pub max_workers: usize,
+    /// Functions one worker may register (1002 beyond).
+    pub max_functions_per_worker: usize,
+    /// Calls one worker runs at once when it names no `max_concurrency`, and the most it
+    /// may name.
+    pub worker_max_concurrency: usize,
+    /// How often a worker is asked to send a frame (seconds).
+    pub worker_heartbeat_s: f64,
+    /// A worker silent this long (seconds) is disconnected and its calls retried or lost.
+    pub worker_timeout_s: f64,
+    /// A file holding the token workers must present; required for workers when
+    /// `credentials` is set (a node with credentials and no token accepts no worker).
+    pub worker_token_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -224,6 +238,12 @@ impl Default for Settings {
             discovery_page_size: 200,
             discovery_max_page_size: 2000,
             discovery_change_log_items: 10_000,
+            max_workers: 64,
+            max_functions_per_worker: 64,
+            worker_max_concurrency: 64,
+            worker_heartbeat_s: 5.0,
+            worker_timeout_s: 15.0,
+            worker_token_file: None,
         }
     }
 }
@@ -308,6 +328,14 @@ impl Settings {
         positive("suspect_after_s", self.suspect_after_s)?;
         positive("remove_after_s", self.remove_after_s)?;
         positive("catalog_ttl_s", self.catalog_ttl_s)?;
+        positive("worker_heartbeat_s", self.worker_heartbeat_s)?;
+        positive("worker_timeout_s", self.worker_timeout_s)?;
+        if self.worker_timeout_s <= self.worker_heartbeat_s {
+            return Err(ConfigError::Invalid {
+                key: "worker_timeout_s",
+                message: "must exceed worker_heartbeat_s, or healthy workers would be disconnected".into(),
+            });
+        }
         if self.suspect_after_s <= self.gossip_interval_s * 2.0 {
             return Err(ConfigError::Invalid {
                 key: "suspect_after_s",
@@ -359,6 +387,9 @@ impl Settings {
             ("discovery_change_log_items", self.discovery_change_log_items),
             ("persistence_max_batch", self.persistence_max_batch),
             ("queue_max_queues", self.queue_max_queues),
+            ("max_workers", self.max_workers),
+            ("max_functions_per_worker", self.max_functions_per_worker),
+            ("worker_max_concurrency", self.worker_max_concurrency),
         ];
         for (key, value) in at_least_one {
             if value == 0 {

@@ -185,7 +185,7 @@ mod tests {
     use super::*;
 
     fn call(args: Value) -> CallArgs {
-        CallArgs { args: args.as_array().cloned().unwrap_or_default(), kwargs: Map::new() }
+        CallArgs::new(args.as_array().cloned().unwrap_or_default(), Map::new())
     }
 
     #[tokio::test]
@@ -205,10 +205,7 @@ mod tests {
     #[tokio::test]
     async fn keyword_arguments_bind_by_the_documented_names() {
         let kwargs = |pairs: Value| pairs.as_object().cloned().unwrap_or_default();
-        let with = |args: Value, kw: Value| CallArgs {
-            args: args.as_array().cloned().unwrap_or_default(),
-            kwargs: kwargs(kw),
-        };
+        let with = |args: Value, kw: Value| CallArgs::new(args.as_array().cloned().unwrap_or_default(), kwargs(kw));
         assert_eq!(named("multiply").invoke(with(json!([6]), json!({"factor": 7}))).await, Ok(json!(42)));
         assert_eq!(named("add").invoke(with(json!([]), json!({"a": 1, "b": 2}))).await, Ok(json!(3)));
         assert_eq!(named("echo").invoke(with(json!([]), json!({"arg": "v"}))).await, Ok(json!("v")));

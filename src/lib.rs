@@ -9,6 +9,7 @@
 //!   of commands, subscribe and publish.
 //! - [`functions`] holds the built-ins and the demo pack used by examples and tests.
 //! - [`cli`] is the `mpreg` command: `server`, `client`, `bench`, `demo`.
+//! - [`worker`] serves functions from a separate process (a worker), over the websocket.
 //! - [`demo`] is the quick demo (`mpreg demo`, `--example quick_demo`) and its helpers.
 //!
 //! The node's insides live in the `mpreg-actors` crate, one actor per file.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod demo;
 pub mod functions;
 pub mod node;
+pub mod worker;
 
 pub use client::{Client, ClientError};
 pub use config::Settings;

@@ -38,6 +38,7 @@ use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, Registry
 use mpreg_actors::supervisor::{
     ChildHandles, ChildSpec, CrashChild, NodeExit, NodeSupervisor, RestartPolicy, Shutdown, Slot,
 };
+use mpreg_actors::worker::{WorkerConfig, WorkerHub};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -83,6 +84,26 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The worker token file cannot be read or is empty.
+    #[error("worker_token_file {path}: {reason}")]
+    WorkerToken {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Reads the worker token file (trailing whitespace ignored), if one is set.
+fn load_worker_token(settings: &Settings) -> Result<Option<String>, NodeError> {
+    let Some(path) = &settings.worker_token_file else { return Ok(None) };
+    let fail = |reason: String| NodeError::WorkerToken { path: path.display().to_string(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let token = text.trim_end().to_owned();
+    if token.is_empty() {
+        return Err(fail("the file is empty".to_owned()));
+    }
+    Ok(Some(token))
 }
 
 /// Loads the credentials named in `settings` and checks them against the node's name
@@ -132,6 +153,7 @@ impl NodeBuilder {
         let NodeBuilder { mut settings, mut functions } = self;
         settings.validate()?;
         let credentials = load_credentials(&mut settings)?;
+        let worker_token = load_worker_token(&settings)?;
         functions.extend(functions::by_names(&settings.functions).map_err(NodeError::Functions)?);
         let mut table = FunctionTable::default();
         for spec in functions {
@@ -183,6 +205,20 @@ impl NodeBuilder {
         let planner: Slot<Planner> = Slot::default();
         let queue: Slot<Queue> = Slot::default();
         let queue_board = QueueBoard::default();
+        let workers = WorkerHub::new(
+            WorkerConfig {
+                max_workers: settings.max_workers,
+                max_functions_per_worker: settings.max_functions_per_worker,
+                max_concurrency: settings.worker_max_concurrency,
+                heartbeat: Settings::seconds(settings.worker_heartbeat_s),
+                timeout: Settings::seconds(settings.worker_timeout_s),
+                default_deadline: Settings::seconds(settings.request_timeout_s),
+                token: worker_token,
+                token_required: credentials.is_some(),
+            },
+            registry.clone(),
+            metrics.clone(),
+        );
         let supervisor_slot: Slot<NodeSupervisor> = Slot::default();
         let me = NodeInfo {
             node: name.clone(),
@@ -316,6 +352,7 @@ impl NodeBuilder {
                 supervisor: supervisor_slot.clone(),
                 fault_injection: settings.fault_injection,
                 queues: queue_board.clone(),
+                workers: workers.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())
@@ -357,6 +394,7 @@ impl NodeBuilder {
             fabric: fabric.clone(),
             planner,
             queue,
+            workers,
         });
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;

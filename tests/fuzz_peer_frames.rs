@@ -245,8 +245,9 @@ fn body() -> BoxedStrategy<FabricBody> {
             current_hop: Some(hop),
         });
     prop_oneof![
-        (".{0,8}", identity(), prop::collection::vec(json_value(), 0..4), json_map())
-            .prop_map(|(command, identity, args, kwargs)| FabricBody::Call { command, identity, args, kwargs }),
+        (".{0,8}", identity(), prop::collection::vec(json_value(), 0..4), json_map()).prop_map(
+            |(command, identity, args, kwargs)| FabricBody::Call { command, identity, args, kwargs, timeout_ms: None }
+        ),
         outcome().prop_map(|outcome| FabricBody::Reply { outcome }),
         message.prop_map(|message| FabricBody::Publish { message }),
     ]

@@ -4,7 +4,10 @@
 //! planner (small requests in place or as a task on this actor's thread; large ones, and
 //! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
 //! publish), the Queue actor (`role: "queue"`, answered `queue-reply`; its pushes,
-//! `queue-message`, come through the same outbox). Replies and
+//! `queue-message`, come through the same outbox), the [`WorkerHub`] (`role: "worker-*"`:
+//! a connection that registers as a worker gets its calls through the same outbox, is
+//! disconnected over a frame that breaks the worker protocol or past `worker_timeout_s`
+//! of silence, and leaves the hub when it closes). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
@@ -68,6 +71,8 @@ use crate::registry::TableHandle;
 use crate::routing::Routing;
 use crate::supervisor::Slot;
 use crate::unix_now;
+use crate::worker::wire::WorkerInbound;
+use crate::worker::{LeaveReason, WorkerHub, WorkerId};
 
 /// Per-connection limits and node identity, from the node's settings.
 #[derive(Debug, Clone)]
@@ -121,6 +126,8 @@ pub struct NodeShared {
     pub planner: Slot<Planner>,
     /// The Queue actor's current address (`role: "queue"`).
     pub queue: Slot<Queue>,
+    /// The node's workers (`role: "worker-*"`).
+    pub workers: Arc<WorkerHub>,
 }
 
 /// How long a closing peer link's writer may take to flush before the socket is closed
@@ -204,6 +211,12 @@ pub struct Connection {
     next_pong: Option<Bytes>,
     /// The heartbeat's ping is still waiting for room in the websocket.
     ping_waiting: bool,
+    /// Set by `worker-register`: this connection is (becoming) a worker.
+    worker: Option<WorkerId>,
+    /// When the worker last sent a worker frame (its heartbeat).
+    worker_heard: Instant,
+    /// Why the worker leaves when the connection ends.
+    worker_leaving: LeaveReason,
 }
 
 impl Connection {
@@ -226,6 +239,9 @@ impl Connection {
             pong_waiting: false,
             next_pong: None,
             ping_waiting: false,
+            worker: None,
+            worker_heard: Instant::now(),
+            worker_leaving: LeaveReason::Disconnected,
         }
     }
 
@@ -347,8 +363,99 @@ impl Connection {
             },
             Ok(Inbound::ClusterStatus(request)) => self.on_cluster_status(request, kind, ctx),
             Ok(Inbound::Queue(request)) => self.on_queue(request, kind, ctx),
+            Ok(Inbound::Worker) => self.on_worker_frame(&bytes, kind, ctx),
+            // A worker that sends garbage is disconnected: its calls could not be trusted.
+            Err(rejected) if self.worker.is_some() => {
+                self.worker_protocol_error(&format!("undecodable frame: {}", rejected.error.details_text()), ctx)
+            }
             Err(rejected) => self.reject(rejected, kind, ctx),
         }
+    }
+
+    /// A `worker-*` frame (see [`crate::worker::wire`]).
+    fn on_worker_frame(&mut self, bytes: &[u8], kind: FrameKind, ctx: &mut Context<Self>) {
+        let frame = match WorkerInbound::decode(bytes) {
+            Ok(frame) => frame,
+            Err(e) if self.worker.is_some() => {
+                return self.worker_protocol_error(&format!("bad worker frame: {e}"), ctx)
+            }
+            Err(e) => {
+                let error = RpcError::invalid(format!("bad worker frame: {e}"));
+                return self.reject(InboundError { u: sniff_u(bytes), role: None, error }, kind, ctx);
+            }
+        };
+        let hub = self.shared.workers.clone();
+        match (frame, self.worker) {
+            (WorkerInbound::Register(frame), None) => {
+                let Some(id) = hub.reserve(self.outbox.clone(), kind) else {
+                    return self.reply(encode(&hub.too_many(frame.u)), kind, ctx);
+                };
+                self.worker = Some(id);
+                self.worker_heard = Instant::now();
+                // Spawned, not tied to this actor: a registration half done when the
+                // connection ends must still finish (and then undo itself).
+                let registration = tokio::spawn(hub.clone().register(id, frame));
+                ctx.spawn(registration.into_actor(self).map(move |outcome, act, ctx| match outcome {
+                    Ok(Ok(())) => act.watch_worker(ctx),
+                    Ok(Err(refusal)) => {
+                        act.worker = None;
+                        act.reply(encode(&refusal), kind, ctx);
+                    }
+                    Err(_) => {
+                        act.worker = None;
+                        let refusal = crate::worker::wire::RegisteredFrame::refused(
+                            String::new(),
+                            RpcError::invalid("registration failed"),
+                        );
+                        act.reply(encode(&refusal), kind, ctx);
+                    }
+                }));
+            }
+            (WorkerInbound::Register(_), Some(_)) => self.worker_protocol_error("worker-register sent twice", ctx),
+            (WorkerInbound::Result(result), Some(id)) => {
+                self.worker_heard = Instant::now();
+                hub.result(id, result);
+            }
+            (WorkerInbound::Heartbeat {}, Some(_)) => self.worker_heard = Instant::now(),
+            (WorkerInbound::Goodbye {}, Some(id)) => {
+                self.worker_heard = Instant::now();
+                self.worker_leaving = LeaveReason::Goodbye;
+                hub.goodbye(id);
+            }
+            (_, None) => {
+                let error = RpcError::invalid("not a worker: send worker-register first");
+                self.reject(InboundError { u: sniff_u(bytes), role: None, error }, kind, ctx);
+            }
+        }
+    }
+
+    /// Disconnects a registered worker that stays silent past `worker_timeout_s`.
+    fn watch_worker(&mut self, ctx: &mut Context<Self>) {
+        let config = self.shared.workers.config();
+        let (every, timeout) = (config.heartbeat, config.timeout);
+        ctx.run_interval(every.min(timeout), move |act, ctx| {
+            if act.worker.is_some() && act.worker_heard.elapsed() > timeout {
+                info!(conn = act.id, peer = %act.peer, "worker silent past worker_timeout_s; disconnecting");
+                act.worker_leaving = LeaveReason::MissedHeartbeats;
+                act.close_with(CloseCode::Policy, "worker missed heartbeats", ctx);
+            }
+        });
+    }
+
+    /// Closes a worker's connection over a frame that breaks the worker protocol.
+    fn worker_protocol_error(&mut self, reason: &str, ctx: &mut Context<Self>) {
+        warn!(conn = self.id, peer = %self.peer, reason, "worker protocol error; disconnecting the worker");
+        self.worker_leaving = LeaveReason::ProtocolError;
+        // A close reason has at most 123 bytes.
+        let mut text = format!("worker protocol error: {reason}");
+        if text.len() > 120 {
+            let mut cut = 120;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        self.close_with(CloseCode::Protocol, &text, ctx);
     }
 
     /// A queue operation: answered `queue-reply` by the Queue actor (after the commit, for
@@ -851,7 +958,10 @@ fn prepare(shared: &NodeShared, request: RpcRequest, started: Instant) -> Result
     let routing = Routing::with_fabric(shared.table.current(), shared.fabric.clone(), config.cluster_id.clone());
     match Plan::build(request, routing) {
         Ok(plan) => {
-            let execution = Execution::new(plan, options, config.limits, Some(shared.metrics.clone()));
+            let mut execution = Execution::new(plan, options, config.limits, Some(shared.metrics.clone()));
+            if let Some(deadline) = started.checked_add(timeout) {
+                execution = execution.with_deadline(deadline);
+            }
             Ok(Prepared { ending: Ending { u, timeout, started, callback_topic }, execution })
         }
         Err(error) => Err((u, error)),
@@ -1150,6 +1260,9 @@ impl Actor for Connection {
             queue.do_send(ConnectionGone { conn: self.id });
         }
         self.shared.fabric.queue_connection_closed(self.id);
+        if let Some(worker) = self.worker.take() {
+            self.shared.workers.remove(worker, self.worker_leaving);
+        }
         if let Some(close) = self.close.take() {
             let _ = close.send(None);
         }

@@ -24,6 +24,7 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,6 +43,16 @@ pub struct CallArgs {
     pub args: Vec<Value>,
     /// Keyword arguments.
     pub kwargs: Map<String, Value>,
+    /// When the request stops waiting for this call, if known: code served outside the
+    /// node (a worker) is told, so it can stop early.
+    pub deadline: Option<Instant>,
+}
+
+impl CallArgs {
+    /// Positional and keyword arguments, without a deadline.
+    pub fn new(args: Vec<Value>, kwargs: Map<String, Value>) -> Self {
+        CallArgs { args, kwargs, deadline: None }
+    }
 }
 
 /// A failure inside a function: a kind (`TypeError`, `ValueError`, `Panic`...) and a text.
@@ -68,6 +79,32 @@ impl FunctionError {
     pub fn value_error(message: impl Into<String>) -> Self {
         Self::new("ValueError", message)
     }
+
+    /// The process serving the function went away before answering (a worker that
+    /// disconnected): the call did not fail, it was lost, so it is answered 1005 (or
+    /// retried elsewhere), never 1003.
+    pub fn unreachable(message: impl Into<String>) -> Self {
+        Self::new(Self::UNREACHABLE, message)
+    }
+
+    /// Whether this is [`Self::unreachable`].
+    pub fn is_unreachable(&self) -> bool {
+        self.kind == Self::UNREACHABLE
+    }
+
+    /// The call's deadline passed before an answer came (a worker that did not answer in
+    /// time): a 1004, like the request's own timeout.
+    pub fn deadline_passed(message: impl Into<String>) -> Self {
+        Self::new(Self::DEADLINE, message)
+    }
+
+    /// Whether this is [`Self::deadline_passed`].
+    pub fn is_deadline_passed(&self) -> bool {
+        self.kind == Self::DEADLINE
+    }
+
+    const UNREACHABLE: &'static str = "Unreachable";
+    const DEADLINE: &'static str = "DeadlinePassed";
 }
 
 impl fmt::Display for FunctionError {
@@ -98,6 +135,9 @@ pub enum ExecMode {
 enum Body {
     Sync(SyncBody, ExecMode),
     Async(AsyncBody),
+    /// Served outside the node: the future only waits for an answer, so it is polled in
+    /// place instead of spawned (and dropping it abandons the call).
+    External(AsyncBody),
 }
 
 /// A function's identity and requirements: what the catalog knows about it.
@@ -257,9 +297,32 @@ impl FunctionSpec {
     /// per parameter), or as given when nothing is declared.
     fn bind(&self, call: CallArgs) -> Result<CallArgs, FunctionError> {
         match &self.about.signature {
-            Some(signature) => Ok(CallArgs { args: signature.bind(&self.identity.name, call)?, kwargs: Map::new() }),
+            Some(signature) => {
+                let deadline = call.deadline;
+                Ok(CallArgs { args: signature.bind(&self.identity.name, call)?, kwargs: Map::new(), deadline })
+            }
             None => Ok(call),
         }
+    }
+
+    /// A function served outside this process (by a worker): `f` sends the call and its
+    /// future waits for the answer; it runs in the caller's task.
+    pub fn external(
+        identity: FunctionIdentity,
+        f: impl Fn(CallArgs) -> BoxFunctionFuture + Send + Sync + 'static,
+    ) -> Self {
+        FunctionSpec {
+            identity: Arc::new(identity),
+            body: Body::External(Arc::new(f)),
+            arity: None,
+            local_only: false,
+            about: Arc::default(),
+        }
+    }
+
+    /// Whether a worker (not this process) serves it.
+    pub fn is_external(&self) -> bool {
+        matches!(self.body, Body::External(_))
     }
 
     /// Run this (synchronous) function in place instead of on the blocking pool.
@@ -313,6 +376,7 @@ impl FunctionSpec {
                 join(tokio::task::spawn_blocking(move || run_guarded(&f, call))).await
             }
             Body::Async(f) => join(tokio::spawn(f(call))).await,
+            Body::External(f) => f(call).await,
         }
     }
 
@@ -549,7 +613,7 @@ mod tests {
     use serde_json::json;
 
     fn call(args: Vec<Value>) -> CallArgs {
-        CallArgs { args, kwargs: Map::new() }
+        CallArgs::new(args, Map::new())
     }
 
     #[tokio::test]
@@ -570,15 +634,15 @@ mod tests {
             .params(["x", "factor"]);
         for f in [inline, pooled, asynchronous] {
             let kwargs: Map<String, Value> = [("factor".to_owned(), json!(7))].into_iter().collect();
-            assert_eq!(f.invoke(CallArgs { args: vec![json!(6)], kwargs }).await, Ok(json!(42)));
+            assert_eq!(f.invoke(CallArgs::new(vec![json!(6)], kwargs)).await, Ok(json!(42)));
             let kwargs: Map<String, Value> = [("y".to_owned(), json!(7))].into_iter().collect();
-            let err = f.invoke(CallArgs { args: vec![json!(6)], kwargs }).await.unwrap_err();
+            let err = f.invoke(CallArgs::new(vec![json!(6)], kwargs)).await.unwrap_err();
             assert_eq!(err.to_string(), "TypeError: multiply() got an unexpected keyword argument 'y'");
         }
         let kw =
             FunctionSpec::sync("kw", |a: Value, b: Value, c: Value| json!([a, b, c])).signature("a, b=0, *, c=None");
         let kwargs: Map<String, Value> = [("c".to_owned(), json!(3))].into_iter().collect();
-        assert_eq!(kw.invoke(CallArgs { args: vec![json!(1)], kwargs }).await, Ok(json!([1, 0, 3])));
+        assert_eq!(kw.invoke(CallArgs::new(vec![json!(1)], kwargs)).await, Ok(json!([1, 0, 3])));
     }
 
     #[test]

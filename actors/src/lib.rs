@@ -14,6 +14,7 @@
 //! - [`persistence`] — the node's key-value store (sled or memory), durable group commit.
 //! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
+//! - [`worker`] — processes in any language serving functions over the websocket.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
 
 pub mod connection;
@@ -32,6 +33,7 @@ pub mod registry;
 pub mod routing;
 pub mod supervisor;
 pub mod version;
+pub mod worker;
 
 /// Wall-clock Unix time in seconds: timestamps on the wire (not for measuring durations).
 pub fn unix_now() -> f64 {

@@ -1,5 +1,5 @@
 //! Monitor: the operator's HTTP window — `/health`, `/metrics`, `/actors`, `/topology`,
-//! `/catalog`, `/queues`.
+//! `/catalog` (with this node's workers), `/queues`.
 //!
 //! Queue figures (`/queues`, the `mpreg_queue_*` series of `/metrics`) come from the
 //! [`QueueBoard`] the Queue actor republishes every 0.5 s and on create/delete, so they
@@ -27,6 +27,7 @@ use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
 use crate::metrics::Metrics;
 use crate::queue::QueueBoard;
 use crate::supervisor::{ChildGuard, CrashChild, DescribeTree, NodeSupervisor, Slot};
+use crate::worker::WorkerHub;
 
 /// What the HTTP handlers need.
 #[derive(Clone)]
@@ -47,6 +48,8 @@ pub struct MonitorState {
     pub fabric: Slot<FabricGossip>,
     /// The queues' latest figures (for `/queues` and `/metrics`).
     pub queues: QueueBoard,
+    /// The node's workers (for `/catalog` and `/metrics`).
+    pub workers: Arc<WorkerHub>,
 }
 
 /// The Monitor actor: owns the HTTP server serving `listener`.
@@ -124,6 +127,7 @@ async fn health(state: web::Data<MonitorState>) -> HttpResponse {
 async fn metrics(state: web::Data<MonitorState>) -> HttpResponse {
     let mut body = state.metrics.render(&state.node);
     render_queues(&mut body, &state.node, &state.queues);
+    state.workers.render(&mut body, &state.node);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
 }
 
@@ -183,8 +187,19 @@ async fn topology(state: web::Data<MonitorState>) -> HttpResponse {
     ask(&state.fabric, "fabric", || DescribeTopology).await
 }
 
+/// The fabric's catalog plus this node's workers: an entry of this node whose identity a
+/// worker lists is served by that worker, not by the node's own code.
 async fn catalog(state: web::Data<MonitorState>) -> HttpResponse {
-    ask(&state.fabric, "fabric", || DescribeCatalog).await
+    match state.fabric.send(|| DescribeCatalog).await {
+        Ok(listing) => {
+            let mut body = serde_json::to_value(listing).unwrap_or_else(|_| json!({}));
+            if let Some(fields) = body.as_object_mut() {
+                fields.insert("workers".to_owned(), json!(state.workers.describe()));
+            }
+            HttpResponse::Ok().json(body)
+        }
+        Err(e) => HttpResponse::ServiceUnavailable().body(format!("fabric unavailable: {e}")),
+    }
 }
 
 async fn crash(state: web::Data<MonitorState>, name: web::Path<String>) -> HttpResponse {

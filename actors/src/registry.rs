@@ -102,6 +102,19 @@ impl FunctionTable {
         Ok(())
     }
 
+    /// Removes the worker-served function with exactly this identity (the node's own
+    /// functions are never removed); whether there was one.
+    pub fn unregister_external(&mut self, identity: &FunctionIdentity) -> bool {
+        let Some(versions) = self.by_name.get_mut(&identity.name) else { return false };
+        let before = versions.len();
+        versions.retain(|s| !(s.is_external() && s.identity() == identity));
+        let removed = versions.len() < before;
+        if versions.is_empty() {
+            self.by_name.remove(&identity.name);
+        }
+        removed
+    }
+
     /// The local functions a command may call (DESIGN.md §7): name, function_id, version
     /// constraint, `locs` ⊆ resources, `target_cluster`. Choosing among them (and among
     /// remote ones) is `routing::Routing::resolve`.
@@ -209,6 +222,14 @@ pub struct RegisterFunction {
     pub spec: FunctionSpec,
 }
 
+/// Remove a worker-served function (its last worker left); the node's own functions stay.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct UnregisterFunction {
+    /// Exactly which function.
+    pub identity: FunctionIdentity,
+}
+
 /// The Registry actor.
 pub struct Registry {
     table: TableHandle,
@@ -220,6 +241,15 @@ impl Registry {
     /// A registry publishing through `table` and announcing changes to `fabric`.
     pub fn new(table: TableHandle, fabric: Slot<FabricGossip>, guard: ChildGuard) -> Self {
         Registry { table, fabric, _guard: guard }
+    }
+
+    /// Makes `next` the current table and tells the fabric (it advertises the functions).
+    fn publish(&self, next: FunctionTable) {
+        let (functions, about) = (next.identities(), next.about());
+        self.table.publish(next);
+        if let Some(fabric) = self.fabric.get() {
+            fabric.do_send(LocalFunctionsChanged { functions, about });
+        }
     }
 }
 
@@ -233,12 +263,21 @@ impl Handler<RegisterFunction> for Registry {
     fn handle(&mut self, msg: RegisterFunction, _: &mut Context<Self>) -> Self::Result {
         let mut next = FunctionTable::clone(&self.table.current());
         next.register(msg.spec)?;
-        let (functions, about) = (next.identities(), next.about());
-        self.table.publish(next);
-        if let Some(fabric) = self.fabric.get() {
-            fabric.do_send(LocalFunctionsChanged { functions, about });
-        }
+        self.publish(next);
         Ok(())
+    }
+}
+
+impl Handler<UnregisterFunction> for Registry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: UnregisterFunction, _: &mut Context<Self>) -> bool {
+        let mut next = FunctionTable::clone(&self.table.current());
+        if !next.unregister_external(&msg.identity) {
+            return false;
+        }
+        self.publish(next);
+        true
     }
 }
 
@@ -294,6 +333,21 @@ mod tests {
         assert!(matches!(table.register(other_id), Err(RegistryError::Conflict(_))));
         let stolen_id = FunctionSpec::sync("thief", || 1).function_id("demo.ver");
         assert!(matches!(table.register(stolen_id), Err(RegistryError::Conflict(_))));
+    }
+
+    #[test]
+    fn only_worker_functions_are_unregistered() {
+        let mut table = FunctionTable::default();
+        table.register(ver("1.0.0")).unwrap();
+        let own = ver("1.0.0").identity().clone();
+        assert!(!table.unregister_external(&own), "the node's own function stays");
+        let served = FunctionIdentity { version: Version::new(2, 0, 0), ..own.clone() };
+        let spec = FunctionSpec::external(served.clone(), |_| Box::pin(async { Ok(serde_json::Value::Null) }));
+        table.register(spec).unwrap();
+        assert_eq!(table.identities().len(), 2);
+        assert!(table.unregister_external(&served));
+        assert!(!table.unregister_external(&served));
+        assert_eq!(table.identities(), vec![own]);
     }
 
     #[test]

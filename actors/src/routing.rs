@@ -56,7 +56,34 @@ impl Routing {
         constraint: Option<&VersionConstraint>,
         exclude: &[String],
     ) -> Result<Endpoint, RpcError> {
-        let best_spec = self.local.candidates(cmd, constraint, &self.cluster_id).max_by_key(|s| s.identity().version);
+        self.pick(cmd, constraint, exclude, true)
+    }
+
+    /// Picks another node for `cmd` (this node's match was served by a worker that went
+    /// away): `None` when no other node has it.
+    pub fn resolve_elsewhere(
+        &self,
+        cmd: &RpcCommand,
+        constraint: Option<&VersionConstraint>,
+    ) -> Option<RemoteFunction> {
+        match self.pick(cmd, constraint, &[], false) {
+            Ok(Endpoint::Remote(target)) => Some(target),
+            _ => None,
+        }
+    }
+
+    fn pick(
+        &self,
+        cmd: &RpcCommand,
+        constraint: Option<&VersionConstraint>,
+        exclude: &[String],
+        with_local: bool,
+    ) -> Result<Endpoint, RpcError> {
+        let best_spec = self
+            .local
+            .candidates(cmd, constraint, &self.cluster_id)
+            .filter(|_| with_local)
+            .max_by_key(|s| s.identity().version);
         let view = self.fabric.as_ref().map(|f| f.view.load());
         let matching = |f: &&RemoteFunction| {
             f.identity.name == cmd.fun

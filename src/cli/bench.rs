@@ -19,6 +19,12 @@
 //! `rpc_forward_1hop` calls `echo_remote` through node 1. Both are sequential and are
 //! reported as p50 multiples of `rpc_echo_seq`.
 //!
+//! Two worker scenarios drive `worker_echo`, served by a Rust worker ([`crate::worker`])
+//! connected to node 1 over its own websocket (in this process, its own thread on the
+//! client's CPU, as a worker process would run on the core the node leaves free):
+//! `rpc_worker_seq` (p50 as a multiple of `rpc_echo_seq`, target 2x) and
+//! `rpc_worker_pipelined` (calls/s as a fraction of `rpc_echo_pipelined`, target 0.3).
+//!
 //! Progress goes to stderr so that stdout holds only the table or the JSON object.
 
 use std::collections::HashMap;
@@ -38,6 +44,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::client::Client;
 use crate::config::Settings;
 use crate::node::{Node, NodeBuilder};
+use crate::worker::Worker;
 use crate::{FunctionSpec, RpcCommand};
 
 /// Flags of `mpreg bench rpc`.
@@ -107,6 +114,8 @@ enum Request {
     Chain,
     /// `echo_remote(42)`, served by node 2 only.
     EchoRemote,
+    /// `worker_echo(42)`, served by a worker connected to node 1.
+    WorkerEcho,
 }
 
 /// The tier-1 chain (`model_score(multiply(add(20, 22), 3))`).
@@ -115,6 +124,8 @@ const CHAIN_CMDS: &str = r#"[{"name":"sum","fun":"add","args":[20,22],"locs":["c
 const CHAIN_SCORE: &[u8] = b"1.26";
 /// The function only node 2 serves.
 const REMOTE_FUNCTION: &str = "echo_remote";
+/// The function the bench's worker serves.
+const WORKER_FUNCTION: &str = "worker_echo";
 /// How long the 2-node cluster may take to route both cluster scenarios.
 const ROUTABLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Gossip round of the 2-node cluster (fast, so it forms quickly).
@@ -138,7 +149,7 @@ struct Scenario {
 const ECHO_SEQ: &str = "rpc_echo_seq";
 
 /// In print order; a floor or baseline comes before the scenario compared to it.
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario {
         name: "raw_ws_echo_seq",
         target: Target::Floor,
@@ -169,6 +180,23 @@ const SCENARIOS: [Scenario; 6] = [
         request: Request::Echo,
         depth: PIPELINE_DEPTH,
         floor: Some("raw_ws_echo_pipelined"),
+        p50_baseline: None,
+    },
+    Scenario {
+        name: "rpc_worker_seq",
+        target: Target::Node,
+        request: Request::WorkerEcho,
+        depth: 1,
+        floor: None,
+        p50_baseline: Some((ECHO_SEQ, 2.0)),
+    },
+    Scenario {
+        name: "rpc_worker_pipelined",
+        target: Target::Node,
+        request: Request::WorkerEcho,
+        depth: PIPELINE_DEPTH,
+        // Compared with the node's own echo, pipelined alike (target: at least 0.3x).
+        floor: Some("rpc_echo_pipelined"),
         p50_baseline: None,
     },
     Scenario {
@@ -489,6 +517,14 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
     };
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("building the client runtime")?;
+    let worker = BenchWorker::start(&urls.node)?;
+    let results = run_all(&runtime, urls, duration);
+    worker.stop();
+    Ok((results?, pinned))
+}
+
+/// Every scenario in order, on the client's runtime.
+fn run_all(runtime: &tokio::runtime::Runtime, urls: &Urls, duration: Duration) -> anyhow::Result<Vec<ScenarioResult>> {
     let mut results: Vec<ScenarioResult> = Vec::with_capacity(SCENARIOS.len());
     for (i, scenario) in SCENARIOS.iter().enumerate() {
         eprint!("[{}/{}] {} ", i + 1, SCENARIOS.len(), scenario.name);
@@ -526,7 +562,53 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
         eprintln!(" {:.0} calls/s", result.calls_per_s);
         results.push(result);
     }
-    Ok((results, pinned))
+    Ok(results)
+}
+
+/// The Rust worker serving `worker_echo` on node 1: its own thread and runtime, started
+/// from the client's thread after pinning, so it runs on the client's CPU, as a worker
+/// process would on the core the node does not use.
+struct BenchWorker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BenchWorker {
+    fn start(node_url: &str) -> anyhow::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, registered) = std::sync::mpsc::channel::<Result<(), String>>();
+        let url = node_url.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("bench-worker".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(e) => return drop(ready.send(Err(e.to_string()))),
+                };
+                runtime.block_on(async move {
+                    let spec = FunctionSpec::sync(WORKER_FUNCTION, |v: Value| v).inline();
+                    match Worker::new(&url, "bench-worker").function(spec).start().await {
+                        Ok(worker) => {
+                            let _ = ready.send(Ok(()));
+                            let _ = stopped.await;
+                            worker.goodbye().await;
+                        }
+                        Err(e) => drop(ready.send(Err(e.to_string()))),
+                    }
+                });
+            })
+            .context("starting the bench worker's thread")?;
+        match registered.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(Ok(())) => Ok(BenchWorker { stop, thread }),
+            Ok(Err(e)) => bail!("the bench worker did not register: {e}"),
+            Err(_) => bail!("the bench worker did not register within {} s", STARTUP_TIMEOUT.as_secs()),
+        }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 /// Where the threads run during the scenarios.
@@ -799,6 +881,7 @@ impl RequestTemplate {
         let cmds = match request {
             Request::Echo => r#"[{"name":"e","fun":"echo","args":[42]}]"#.to_owned(),
             Request::EchoRemote => format!(r#"[{{"name":"e","fun":"{REMOTE_FUNCTION}","args":[42]}}]"#),
+            Request::WorkerEcho => format!(r#"[{{"name":"e","fun":"{WORKER_FUNCTION}","args":[42]}}]"#),
             Request::Chain => CHAIN_CMDS.to_owned(),
         };
         let text = format!(r#"{{"role":"rpc","u":"{u}","cmds":{cmds}}}"#);

@@ -335,11 +335,13 @@ impl FabricShared {
     /// Runs `identity` on `node` and waits for the outcome; a node or link that goes away
     /// before answering is `Unreachable`, never a wait for the request timeout.
     pub async fn call(&self, node: &str, command: &str, identity: &FunctionIdentity, call: CallArgs) -> CallOutcome {
+        let timeout_ms = call.deadline.map(|d| millis_left(d, std::time::Instant::now()));
         let body = FabricBody::Call {
             command: command.to_owned(),
             identity: identity.clone(),
             args: call.args,
             kwargs: call.kwargs,
+            timeout_ms,
         };
         self.request(node, body).await
     }
@@ -558,8 +560,11 @@ impl FabricShared {
                     let guard = guard;
                     let shared = &guard.shared;
                     let outcome = match body {
-                        FabricBody::Call { command, identity, args, kwargs } => {
-                            shared.serve_call(&command, &identity, CallArgs { args, kwargs }).await
+                        FabricBody::Call { command, identity, args, kwargs, timeout_ms } => {
+                            // A peer's number: an overflowing one means no deadline, never a panic.
+                            let now = std::time::Instant::now();
+                            let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
+                            shared.serve_call(&command, &identity, CallArgs { args, kwargs, deadline }).await
                         }
                         FabricBody::QueueOp { request, conn } => shared.serve_queue_op(&source, request, conn).await,
                         _ => return,
@@ -619,6 +624,10 @@ impl FabricShared {
         debug!(command, fun = %identity.name, "serving a call from another node");
         match spec.invoke(call).await {
             Ok(value) => CallOutcome::Ok { value },
+            // A worker that went away: the caller may retry on another node.
+            Err(error) if error.is_unreachable() => {
+                CallOutcome::Unreachable { reason: format!("on node {}: {}", self.me.node, error.message) }
+            }
             Err(error) => CallOutcome::Failed { error, node: self.me.node.clone() },
         }
     }
@@ -799,4 +808,9 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
         gossip.do_send(LinkClosed { link });
     }
     Ok(())
+}
+
+/// Whole milliseconds from `now` until `deadline` (0 once it passed).
+pub fn millis_left(deadline: std::time::Instant, now: std::time::Instant) -> u64 {
+    u64::try_from(deadline.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
 }

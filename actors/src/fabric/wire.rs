@@ -279,6 +279,10 @@ pub enum FabricBody {
         args: Vec<Value>,
         /// Keyword arguments.
         kwargs: Map<String, Value>,
+        /// Milliseconds the caller still waits, when it has a deadline (absent from older
+        /// frames): a function served by a worker is told when to stop.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     /// The answer to a call.
     Reply {

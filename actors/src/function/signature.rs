@@ -182,7 +182,7 @@ impl Signature {
 
     /// Binds a call to the parameters: one value per parameter, in declaration order.
     pub fn bind(&self, fname: &str, call: CallArgs) -> Result<Vec<Value>, FunctionError> {
-        let CallArgs { args, kwargs } = call;
+        let CallArgs { args, kwargs, .. } = call;
         // The common call, every plain parameter by position: nothing to rearrange (the
         // request path of `echo`, `add`... stays free of allocations).
         if kwargs.is_empty()
@@ -377,10 +377,7 @@ mod tests {
     use super::*;
 
     fn call(args: Value, kwargs: Value) -> CallArgs {
-        CallArgs {
-            args: args.as_array().cloned().unwrap_or_default(),
-            kwargs: kwargs.as_object().cloned().unwrap_or_default(),
-        }
+        CallArgs::new(args.as_array().cloned().unwrap_or_default(), kwargs.as_object().cloned().unwrap_or_default())
     }
 
     fn bind(signature: &str, args: Value, kwargs: Value) -> Result<Value, String> {
@@ -490,7 +487,7 @@ mod tests {
             let signature = Signature::parse(&text.join(", ")).expect("generated signatures are valid");
             let args: Vec<Value> = (0..given).map(|i| json!(i)).collect();
             let kwargs: Map<String, Value> = keywords.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-            let bound = signature.bind("f", CallArgs { args: args.clone(), kwargs: kwargs.clone() });
+            let bound = signature.bind("f", CallArgs::new(args.clone(), kwargs.clone()));
 
             let too_many = given > names.len();
             let twice = names.iter().take(given).any(|n| kwargs.contains_key(n));

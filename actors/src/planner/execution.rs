@@ -172,6 +172,8 @@ pub struct Execution {
     /// substituting its arguments can copy.
     largest_result: u64,
     metrics: Option<Arc<Metrics>>,
+    /// When the request stops waiting; travels with each call (see [`CallArgs::deadline`]).
+    deadline: Option<Instant>,
 }
 
 // An execution moves to the Planner's thread when it pauses.
@@ -236,7 +238,14 @@ impl Execution {
             budget: Budget::new(limits),
             largest_result: 0,
             metrics,
+            deadline: None,
         }
+    }
+
+    /// Tells every call when the request stops waiting (a worker may stop early).
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 
     /// The request's id.
@@ -323,7 +332,7 @@ impl Execution {
                         }
                     }
                 }
-                let call = CallArgs { args, kwargs };
+                let call = CallArgs { args, kwargs, deadline: self.deadline };
                 let types = ArgTypes::of(&call.args);
                 match &self.plan.endpoints[i] {
                     Endpoint::Local(function) if function.is_inline() => {
@@ -500,9 +509,17 @@ impl std::fmt::Display for ArgTypes {
     }
 }
 
-/// The 1003 details: command, function, node (when remote), error, argument types.
+/// The 1003 details: command, function, node (when remote), error, argument types. A call
+/// whose serving process went away ([`FunctionError::is_unreachable`]) is a 1005 instead,
+/// one whose deadline passed first ([`FunctionError::is_deadline_passed`]) a 1004.
 fn failure(cmd: &RpcCommand, node: Option<&str>, error: &FunctionError, types: &ArgTypes) -> RpcError {
     let node = node.map(|n| format!(" node={n}")).unwrap_or_default();
+    if error.is_unreachable() {
+        return RpcError::unreachable(format!("command={} fun={}{node}: {}", cmd.name, cmd.fun, error.message));
+    }
+    if error.is_deadline_passed() {
+        return RpcError::deadline_passed(format!("command={} fun={}{node}: {}", cmd.name, cmd.fun, error.message));
+    }
     RpcError::execution_failed(format!(
         "Function execution failed: command={} fun={}{node} error={error} args_types=[{types}]",
         cmd.name, cmd.fun
@@ -515,6 +532,23 @@ type Running = LocalBoxFuture<'static, (usize, Result<Value, RpcError>)>;
 fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: ArgTypes) -> Running {
     let cmd = plan.cmds[i].clone();
     match endpoint {
+        // Served by a worker: one that goes away before answering (and has no other
+        // worker here to retry on) leaves the call to another node, if one has it.
+        Endpoint::Local(function) if function.is_external() => {
+            let routing = plan.routing.clone();
+            let constraint = plan.constraints[i].clone();
+            async move {
+                let result = match function.invoke(call.clone()).await {
+                    Err(e) if e.is_unreachable() => match routing.resolve_elsewhere(&cmd, constraint.as_ref()) {
+                        Some(target) => run_remote(&routing, &cmd, constraint.as_ref(), target, call, &types).await,
+                        None => Err(failure(&cmd, None, &e, &types)),
+                    },
+                    other => other.map_err(|e| failure(&cmd, None, &e, &types)),
+                };
+                (i, result)
+            }
+            .boxed_local()
+        }
         Endpoint::Local(function) => {
             async move { (i, function.invoke(call).await.map_err(|e| failure(&cmd, None, &e, &types))) }.boxed_local()
         }

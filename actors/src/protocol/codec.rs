@@ -24,6 +24,9 @@ pub enum Inbound {
     ClusterStatus(ClusterStatusRequest),
     /// `queue`: one queue operation (ours; see [`QueueRequest`]).
     Queue(QueueRequest),
+    /// `worker-*`: a worker process speaking. The frame's bytes go to the worker
+    /// protocol's own decoder (`worker::wire`).
+    Worker,
 }
 
 /// `role: "cluster-status"` — answered with `{role: "cluster-status", u, topology, catalog}`.
@@ -162,6 +165,7 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         "cluster-status" => parse(bytes).map(Inbound::ClusterStatus).map_err(|e| fail(e, u, &role)),
         "queue" => parse(bytes).map(Inbound::Queue).map_err(|e| fail(e, u, &role)),
         role if is_peer_role(role) => Ok(Inbound::Peer),
+        role if role.starts_with("worker-") => Ok(Inbound::Worker),
         _ => Err(InboundError { u, error: RpcError::unknown_role(Some(&role)), role: Some(role) }),
     }
 }

@@ -106,6 +106,12 @@ impl RpcError {
         )
     }
 
+    /// 1004 for one call that ran past the request's deadline (a worker that did not
+    /// answer in time), with what was waited for.
+    pub fn deadline_passed(details: impl Into<String>) -> Self {
+        Self::with(ErrorCode::Timeout, "RPC execution timed out", details)
+    }
+
     /// 1004 for a frame whose role we do not serve (`None`: no role at all).
     pub fn unknown_role(role: Option<&str>) -> Self {
         let shown = role.map_or_else(|| "null".to_owned(), str::to_owned);

@@ -1,0 +1,215 @@
+//! The worker protocol: the frames a worker and a node exchange on one websocket.
+//!
+//! ```text
+//! worker                                   node
+//!   worker-register {u, name, functions}  ──►  registry + catalog
+//!                                         ◄──  worker-registered {u, worker_id, heartbeat_s}
+//!                                         ◄──  worker-call {id, fun, ..., args, kwargs, timeout_ms}
+//!   worker-result {id, result | error}    ──►
+//!                                         ◄──  worker-cancel {id}   (the caller stopped waiting)
+//!   worker-heartbeat {}                   ──►  (every heartbeat_s; any frame counts)
+//!   worker-goodbye {}                     ──►  no new calls; in-flight ones may still answer
+//! ```
+//!
+//! Every frame is one JSON object with a `role`. Unknown fields are ignored, so a worker
+//! written against a newer node keeps working. Numbers in `args` travel as JSON numbers.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::function::{FunctionError, FunctionIdentity};
+use crate::protocol::RpcError;
+
+/// A frame a worker sends.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "role")]
+pub enum WorkerInbound {
+    /// `worker-register`: become a worker serving these functions (once per connection).
+    #[serde(rename = "worker-register")]
+    Register(RegisterFrame),
+    /// `worker-result`: the answer to one `worker-call`.
+    #[serde(rename = "worker-result")]
+    Result(ResultFrame),
+    /// `worker-heartbeat`: still alive (any frame counts as well).
+    #[serde(rename = "worker-heartbeat")]
+    Heartbeat {},
+    /// `worker-goodbye`: leaving; its functions leave the catalog now, no new calls come,
+    /// results of calls in flight are still accepted until the websocket closes.
+    #[serde(rename = "worker-goodbye")]
+    Goodbye {},
+}
+
+impl WorkerInbound {
+    /// Decodes a worker frame's bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// `worker-register`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RegisterFrame {
+    /// Correlation id, echoed in `worker-registered`.
+    pub u: String,
+    /// The worker's name, shown in errors (`worker=NAME`), `/catalog` and `/metrics`.
+    pub name: String,
+    /// The node's worker token, required when the node has credentials.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Calls this worker runs at once (all its functions together); the node's
+    /// `worker_max_concurrency` when absent, and at most that.
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+    /// What it serves.
+    pub functions: Vec<WorkerFunction>,
+}
+
+/// One function a worker serves.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct WorkerFunction {
+    /// The name commands call (`fun`).
+    pub name: String,
+    /// Stable id; the name when absent.
+    #[serde(default)]
+    pub function_id: Option<String>,
+    /// Version (`1.2.0`); 1.0.0 when absent.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Resources it has; a command's `locs` must be a subset.
+    #[serde(default)]
+    pub resources: BTreeSet<String>,
+}
+
+/// `worker-result`: exactly one of `result` (any JSON, `null` included) and `error`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ResultFrame {
+    /// The call's id.
+    pub id: String,
+    /// The function's return value.
+    #[serde(default)]
+    pub result: Value,
+    /// The function's failure: `{kind, message}` (e.g. `ValueError`, `bad input`).
+    #[serde(default)]
+    pub error: Option<FunctionError>,
+}
+
+/// `worker-registered`: the answer to `worker-register`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegisteredFrame {
+    /// Always `worker-registered`.
+    pub role: &'static str,
+    /// The register frame's `u`.
+    pub u: String,
+    /// This worker's id on this node (absent when refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// Send a frame at least this often (seconds); silent past `worker_timeout_s`, the
+    /// worker is disconnected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_s: Option<f64>,
+    /// The concurrency the node grants (after capping).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<usize>,
+    /// Why the registration was refused (1002 invalid, 1006 too many workers); nothing
+    /// was registered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<RpcError>,
+}
+
+impl RegisteredFrame {
+    /// A refused registration.
+    pub fn refused(u: String, error: RpcError) -> Self {
+        RegisteredFrame {
+            role: "worker-registered",
+            u,
+            worker_id: None,
+            heartbeat_s: None,
+            max_concurrency: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// `worker-call`: run `fun` (exactly this identity) with these arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallFrame {
+    /// Always `worker-call`.
+    pub role: String,
+    /// Unique on this connection; the `worker-result` carries it back.
+    pub id: String,
+    /// Function name.
+    pub fun: String,
+    /// Function id.
+    pub function_id: String,
+    /// Version.
+    pub version: String,
+    /// Positional arguments.
+    pub args: Vec<Value>,
+    /// Keyword arguments.
+    pub kwargs: Map<String, Value>,
+    /// Milliseconds until the caller stops waiting: the worker may stop then.
+    pub timeout_ms: u64,
+}
+
+impl CallFrame {
+    /// The call frame for `identity`.
+    pub fn new(
+        id: String,
+        identity: &FunctionIdentity,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        timeout_ms: u64,
+    ) -> Self {
+        CallFrame {
+            role: "worker-call".to_owned(),
+            id,
+            fun: identity.name.clone(),
+            function_id: identity.function_id.clone(),
+            version: identity.version.to_string(),
+            args,
+            kwargs,
+            timeout_ms,
+        }
+    }
+}
+
+/// `worker-cancel`: the caller stopped waiting for call `id` (timeout, or another command
+/// of the request failed); a late `worker-result` for it is ignored.
+pub fn cancel_frame(id: &str) -> Value {
+    serde_json::json!({"role": "worker-cancel", "id": id})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn frames_decode_from_their_documented_shapes() {
+        let register = json!({"role": "worker-register", "u": "1", "name": "ml", "max_concurrency": 2,
+            "functions": [{"name": "score", "function_id": "ml.score", "version": "1.2.0", "resources": ["gpu"]},
+                          {"name": "plain"}], "future_field": true});
+        let WorkerInbound::Register(frame) = WorkerInbound::decode(register.to_string().as_bytes()).unwrap() else {
+            panic!("not a register frame")
+        };
+        assert_eq!(frame.functions.len(), 2);
+        assert_eq!(frame.functions[1].function_id, None);
+        let ok = json!({"role": "worker-result", "id": "7", "result": null});
+        let WorkerInbound::Result(result) = WorkerInbound::decode(ok.to_string().as_bytes()).unwrap() else {
+            panic!("not a result")
+        };
+        assert_eq!((result.result, result.error), (Value::Null, None));
+        let failed = json!({"role": "worker-result", "id": "7", "error": {"kind": "ValueError", "message": "no"}});
+        let WorkerInbound::Result(result) = WorkerInbound::decode(failed.to_string().as_bytes()).unwrap() else {
+            panic!("not a result")
+        };
+        assert_eq!(result.error, Some(FunctionError::value_error("no")));
+        assert_eq!(WorkerInbound::decode(br#"{"role":"worker-heartbeat"}"#).unwrap(), WorkerInbound::Heartbeat {});
+        assert_eq!(WorkerInbound::decode(br#"{"role":"worker-goodbye"}"#).unwrap(), WorkerInbound::Goodbye {});
+        for garbage in [&br#"{"role":"worker-result"}"#[..], b"[1,2]", br#"{"role":"worker-nonsense"}"#, b"\xff"] {
+            assert!(WorkerInbound::decode(garbage).is_err(), "{}", String::from_utf8_lossy(garbage));
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! A worker in Rust: serve [`FunctionSpec`]s from a separate process over a node's
+//! websocket, with the worker protocol (README "Workers"; frames in
+//! `mpreg_actors::worker::wire`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), mpreg::worker::WorkerError> {
+//! use mpreg::worker::Worker;
+//! use mpreg::FunctionSpec;
+//!
+//! let worker = Worker::new("ws://127.0.0.1:6666", "adder")
+//!     .function(FunctionSpec::sync("add", |a: i64, b: i64| a + b).resources(["cpu"]))
+//!     .start()
+//!     .await?;
+//! // ... serve until done, then leave cleanly:
+//! worker.goodbye().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Calls run concurrently (each as a task; sync functions on the blocking pool, as in a
+//! node); a call past its `timeout_ms`, or cancelled by the node, is dropped. The worker
+//! sends a heartbeat as often as the node asks. It does not reconnect: a supervisor (or
+//! the Python SDK's loop) restarts it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use mpreg_actors::function::FunctionResult;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{CallArgs, FunctionSpec};
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The websocket could not be opened or broke during registration.
+    #[error("worker connection: {0}")]
+    Connection(String),
+    /// The node refused the registration (its error frame).
+    #[error("registration refused: {0}")]
+    Refused(Value),
+}
+
+/// A worker being configured.
+pub struct Worker {
+    url: String,
+    name: String,
+    token: Option<String>,
+    max_concurrency: Option<usize>,
+    functions: Vec<FunctionSpec>,
+}
+
+/// How a running worker is told to stop.
+enum Stop {
+    /// Say goodbye, let calls in flight finish, close.
+    Goodbye,
+    /// Drop the connection at once (as a crash would).
+    Abort,
+}
+
+/// A registered worker serving calls.
+pub struct RunningWorker {
+    worker_id: String,
+    stop: Option<oneshot::Sender<Stop>>,
+    task: JoinHandle<()>,
+}
+
+impl Worker {
+    /// A worker named `name` (shown in errors, `/catalog`, `/metrics`) for the node at `url`.
+    pub fn new(url: &str, name: &str) -> Self {
+        Worker { url: url.to_owned(), name: name.to_owned(), token: None, max_concurrency: None, functions: Vec::new() }
+    }
+
+    /// The node's worker token (needed when the node has credentials).
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    /// Calls this worker runs at once (the node's `worker_max_concurrency` otherwise).
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.max_concurrency = Some(n);
+        self
+    }
+
+    /// Serves `spec` (its name, function_id, version and resources are registered).
+    pub fn function(mut self, spec: FunctionSpec) -> Self {
+        self.functions.push(spec);
+        self
+    }
+
+    /// Connects, registers, and serves calls in a task until stopped.
+    pub async fn start(self) -> Result<RunningWorker, WorkerError> {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(&self.url).await.map_err(|e| WorkerError::Connection(e.to_string()))?;
+        let functions: Vec<Value> = self
+            .functions
+            .iter()
+            .map(|f| {
+                let id = f.identity();
+                json!({"name": id.name, "function_id": id.function_id, "version": id.version.to_string(),
+                       "resources": id.resources})
+            })
+            .collect();
+        let mut register =
+            json!({"role": "worker-register", "u": "register", "name": self.name, "functions": functions});
+        if let Some(token) = &self.token {
+            register["token"] = json!(token);
+        }
+        if let Some(n) = self.max_concurrency {
+            register["max_concurrency"] = json!(n);
+        }
+        ws.send(Message::text(register.to_string())).await.map_err(|e| WorkerError::Connection(e.to_string()))?;
+        let registered = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => break serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+                Some(Ok(Message::Binary(bytes))) => {
+                    break serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(WorkerError::Connection(e.to_string())),
+                None => return Err(WorkerError::Connection("closed before worker-registered".to_owned())),
+            }
+        };
+        if let Some(error) = registered.get("error") {
+            return Err(WorkerError::Refused(error.clone()));
+        }
+        let worker_id = registered["worker_id"].as_str().unwrap_or_default().to_owned();
+        let heartbeat = Duration::from_secs_f64(registered["heartbeat_s"].as_f64().unwrap_or(5.0).max(0.05));
+        let functions: HashMap<(String, String), FunctionSpec> = self
+            .functions
+            .into_iter()
+            .map(|f| ((f.identity().name.clone(), f.identity().version.to_string()), f))
+            .collect();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(ws, functions, heartbeat, stopped));
+        Ok(RunningWorker { worker_id, stop: Some(stop), task })
+    }
+}
+
+impl RunningWorker {
+    /// The id the node gave this worker.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Says `worker-goodbye`, lets the calls in flight answer, then closes.
+    pub async fn goodbye(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(Stop::Goodbye);
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Drops the connection at once, without a goodbye (as if the process died).
+    pub async fn abort(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(Stop::Abort);
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The websocket close handshake: the node's close frame is awaited (for at most a few
+/// seconds), so the socket is not torn down with frames unread — a TCP reset then could
+/// discard the goodbye before the node read it.
+async fn close(
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    mut stream: futures_util::stream::SplitStream<Ws>,
+) {
+    let _ = sink.close().await;
+    let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+}
+
+/// The worker's loop: calls in, results out, heartbeats, until stopped or disconnected.
+async fn serve(
+    ws: Ws,
+    functions: HashMap<(String, String), FunctionSpec>,
+    heartbeat: Duration,
+    mut stopped: oneshot::Receiver<Stop>,
+) {
+    let (mut sink, mut stream) = ws.split();
+    let (results, mut outgoing) = mpsc::unbounded_channel::<(String, Option<Value>)>();
+    let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut beat = tokio::time::interval(heartbeat);
+    let mut leaving = false;
+    loop {
+        tokio::select! {
+            stop = &mut stopped, if !leaving => match stop {
+                Ok(Stop::Goodbye) | Err(_) => {
+                    leaving = true;
+                    if sink.send(Message::text(json!({"role": "worker-goodbye"}).to_string())).await.is_err() {
+                        return;
+                    }
+                    if running.is_empty() {
+                        return close(sink, stream).await;
+                    }
+                }
+                Ok(Stop::Abort) => return,
+            },
+            _ = beat.tick() => {
+                if sink.send(Message::text(json!({"role": "worker-heartbeat"}).to_string())).await.is_err() {
+                    return;
+                }
+            }
+            Some((id, frame)) = outgoing.recv() => {
+                running.remove(&id);
+                if let Some(frame) = frame {
+                    if sink.send(Message::text(frame.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+                if leaving && running.is_empty() {
+                    return close(sink, stream).await;
+                }
+            }
+            message = stream.next() => {
+                let frame: Value = match message {
+                    Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap_or(Value::Null),
+                    Some(Ok(Message::Binary(bytes))) => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return,
+                };
+                let id = frame["id"].as_str().unwrap_or_default().to_owned();
+                match frame["role"].as_str() {
+                    Some("worker-call") => {
+                        let (args, kwargs) = (frame["args"].as_array().cloned(), frame["kwargs"].as_object().cloned());
+                        let call = CallArgs::new(args.unwrap_or_default(), kwargs.unwrap_or_else(Map::new));
+                        let spec = functions.get(&(text(&frame["fun"]), text(&frame["version"]))).cloned();
+                        // Cheap functions answer in place: no task, no hop through the channel.
+                        if let Some(spec) = spec.as_ref().filter(|spec| spec.is_inline()) {
+                            let outcome = spec
+                                .invoke_inline(call)
+                                .unwrap_or_else(|| Err(crate::FunctionError::new("Internal", "not inline")));
+                            if sink.send(Message::text(result_frame(&id, outcome).to_string())).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let timeout = Duration::from_millis(frame["timeout_ms"].as_u64().unwrap_or(30_000));
+                        running.insert(id.clone(), tokio::spawn(call_task(spec, call, id, timeout, results.clone())));
+                    }
+                    Some("worker-cancel") => {
+                        if let Some(task) = running.remove(&id) {
+                            task.abort();
+                        }
+                        if leaving && running.is_empty() {
+                            return close(sink, stream).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn text(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
+}
+
+/// The `worker-result` frame of call `id`.
+fn result_frame(id: &str, outcome: FunctionResult) -> Value {
+    match outcome {
+        Ok(value) => json!({"role": "worker-result", "id": id, "result": value}),
+        Err(e) => json!({"role": "worker-result", "id": id, "error": {"kind": e.kind, "message": e.message}}),
+    }
+}
+
+/// Runs one call as a task; its frame (none past the deadline: nobody waits for it) goes
+/// back to the loop.
+async fn call_task(
+    spec: Option<FunctionSpec>,
+    call: CallArgs,
+    id: String,
+    timeout: Duration,
+    results: mpsc::UnboundedSender<(String, Option<Value>)>,
+) {
+    let outcome = match spec {
+        Some(spec) => tokio::time::timeout(timeout, spec.invoke(call)).await.ok(),
+        None => Some(Err(crate::FunctionError::new("NotFound", "no such function (name, version) on this worker"))),
+    };
+    let frame = outcome.map(|outcome| result_frame(&id, outcome));
+    let _ = results.send((id, frame));
+}
