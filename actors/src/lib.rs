@@ -11,11 +11,13 @@
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
 //! - [`outbox`] — a connection's outgoing queue, bounded in bytes; backpressure on reads.
 //! - [`queue`] — SQS-like queues: leases, redelivery, dead letters, durable records.
+//! - [`cache`] — L1 memory, L2 sled, L3 the cluster (rendezvous owners, invalidation everywhere).
 //! - [`persistence`] — the node's key-value store (sled or memory), durable group commit.
 //! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
 
+pub mod cache;
 pub mod connection;
 pub mod fabric;
 pub mod function;
