@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr, Arbiter, ArbiterHandle};
+use mpreg_actors::cache::core::{KeyLimits, L1Limits};
+use mpreg_actors::cache::{Cache, CacheLimits, LocalCache};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
 use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
@@ -68,6 +70,9 @@ pub enum NodeError {
     /// The store under the data directory cannot be opened: locked, corrupt, unwritable.
     #[error(transparent)]
     Storage(#[from] OpenError),
+    /// The cache's store level cannot be read.
+    #[error("cache: {0}")]
+    Cache(String),
     /// Two functions with conflicting identities.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -166,6 +171,10 @@ impl NodeBuilder {
                 path: settings.data_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
                 source,
             })?;
+        let cache = Arc::new(
+            LocalCache::open(persistence.clone(), cache_limits(&settings), mpreg_actors::unix_now())
+                .map_err(|e| NodeError::Cache(e.to_string()))?,
+        );
         let persistence_slot: Slot<Persistence> = Slot::default();
         let table = TableHandle::new(table);
         let registry: Slot<Registry> = Slot::default();
@@ -277,6 +286,10 @@ impl NodeBuilder {
                 ChildHandles::of(&addr)
             }
         }));
+        children.push(ChildSpec::new("cache", {
+            let (cache, interval) = (cache.clone(), Settings::seconds(settings.cache_sweep_interval_s));
+            move |guard| ChildHandles::of(&Cache::new(cache.clone(), interval, guard).start())
+        }));
         children.push(ChildSpec::new("fabric", {
             let (fabric, gossip) = (fabric.clone(), gossip.clone());
             move |guard| {
@@ -305,6 +318,7 @@ impl NodeBuilder {
                 supervisor: supervisor_slot.clone(),
                 fault_injection: settings.fault_injection,
                 queues: queue_board.clone(),
+                cache: cache.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())
@@ -346,6 +360,7 @@ impl NodeBuilder {
             fabric: fabric.clone(),
             planner,
             queue,
+            cache,
         });
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
@@ -367,6 +382,18 @@ impl NodeBuilder {
             planner_thread,
             persistence,
         })
+    }
+}
+
+/// The cache's bounds from the settings.
+fn cache_limits(settings: &Settings) -> CacheLimits {
+    CacheLimits {
+        l1: L1Limits { max_bytes: settings.cache_l1_max_bytes, max_entries: settings.cache_l1_max_entries },
+        l2_max_entries: settings.cache_l2_max_entries,
+        l2_max_bytes: settings.cache_l2_max_bytes,
+        keys: KeyLimits { max_key_bytes: settings.cache_max_key_bytes, max_ttl_s: settings.cache_max_ttl_s },
+        max_value_bytes: settings.cache_max_value_bytes,
+        default_ttl_s: (settings.cache_default_ttl_s > 0.0).then_some(settings.cache_default_ttl_s),
     }
 }
 
@@ -431,7 +458,7 @@ impl Node {
         self.registry.send(|| RegisterFunction { spec: spec.clone() }).await.unwrap_or(Err(RegistryError::Unavailable))
     }
 
-    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `queue`, `monitor`); whether
+    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `queue`, `cache`, `monitor`); whether
     /// such an actor was running.
     pub async fn crash_actor(&self, name: &str) -> bool {
         self.supervisor.send(CrashChild { name: name.to_owned() }).await.unwrap_or(false)

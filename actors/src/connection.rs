@@ -4,7 +4,8 @@
 //! planner (small requests in place or as a task on this actor's thread; large ones, and
 //! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
 //! publish), the Queue actor (`role: "queue"`, answered `queue-reply`; its pushes,
-//! `queue-message`, come through the same outbox). Replies and
+//! `queue-message`, come through the same outbox), the cache (`role: "cache"`, answered
+//! `cache-reply`, read and written in place without a mailbox). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
@@ -45,6 +46,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::cache::{ops as cache_ops, LocalCache};
 use crate::fabric::link::next_link_id;
 use crate::fabric::wire::{CallOutcome, PeerFrame, ServerFrame};
 use crate::fabric::{
@@ -59,8 +61,9 @@ use crate::planner::{
     ReportOptions, RunJob, Step,
 };
 use crate::protocol::{
-    decode_inbound, encode, sniff_u, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
-    PublishRequest, QueueReply, QueueRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
+    decode_inbound, encode, sniff_u, CacheReply, CacheRequest, ClusterStatusRequest, FrameKind, Inbound, InboundError,
+    PubSubAck, PubSubMessage, PublishRequest, QueueReply, QueueRequest, RpcError, RpcRequest, RpcResponse,
+    SubscribeRequest, UnsubscribeRequest,
 };
 use crate::pubsub::{self, ConnectionId, Origin, OutFrame, Outbox, PubSub};
 use crate::queue::{ConnectionGone, Queue, QueueCall};
@@ -121,6 +124,8 @@ pub struct NodeShared {
     pub planner: Slot<Planner>,
     /// The Queue actor's current address (`role: "queue"`).
     pub queue: Slot<Queue>,
+    /// This node's cache levels (`role: "cache"`), called without a mailbox.
+    pub cache: Arc<LocalCache>,
 }
 
 /// How long a closing peer link's writer may take to flush before the socket is closed
@@ -331,6 +336,7 @@ impl Connection {
             },
             Ok(Inbound::ClusterStatus(request)) => self.on_cluster_status(request, kind, ctx),
             Ok(Inbound::Queue(request)) => self.on_queue(request, kind, ctx),
+            Ok(Inbound::Cache(request)) => self.on_cache(request, kind, ctx),
             Err(rejected) => self.reject(rejected, kind, ctx),
         }
     }
@@ -370,6 +376,19 @@ impl Connection {
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&reply)), kind }).await;
         };
         ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+    }
+
+    /// A cache operation, answered `cache-reply` on this thread: the cache is read and
+    /// written in place, without a mailbox.
+    fn on_cache(&mut self, request: CacheRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let shared = &self.shared;
+        let outcome = cache_ops::execute_local(&shared.cache, &request, &shared.config.node, unix_now())
+            .map_err(|e| cache_ops::to_rpc(e, &shared.metrics));
+        if let Err(e) = &outcome {
+            shared.metrics.record_outcome(e.kind());
+        }
+        let reply = CacheReply::new(Some(request.u), outcome);
+        self.reply(encode(&reply), kind, ctx);
     }
 
     fn on_cluster_status(&mut self, request: ClusterStatusRequest, kind: FrameKind, ctx: &mut Context<Self>) {
@@ -436,6 +455,7 @@ impl Connection {
         self.shared.metrics.record_outcome(rejected.error.kind());
         let bytes = match rejected.role.as_deref() {
             Some("queue") => encode(&QueueReply::new(rejected.u, Err(rejected.error))),
+            Some("cache") => encode(&CacheReply::new(rejected.u, Err(rejected.error))),
             Some(role) if role.starts_with("pubsub-") => {
                 encode(&PubSubAck::new(rejected.u.as_deref().unwrap_or(""), Some(rejected.error.to_string())))
             }

@@ -23,6 +23,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::json;
 use tracing::error;
 
+use crate::cache::LocalCache;
 use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
 use crate::metrics::Metrics;
 use crate::queue::QueueBoard;
@@ -47,6 +48,8 @@ pub struct MonitorState {
     pub fabric: Slot<FabricGossip>,
     /// The queues' latest figures (for `/queues` and `/metrics`).
     pub queues: QueueBoard,
+    /// The cache (its `mpreg_cache_*` series of `/metrics`).
+    pub cache: Arc<LocalCache>,
 }
 
 /// The Monitor actor: owns the HTTP server serving `listener`.
@@ -124,6 +127,7 @@ async fn health(state: web::Data<MonitorState>) -> HttpResponse {
 async fn metrics(state: web::Data<MonitorState>) -> HttpResponse {
     let mut body = state.metrics.render(&state.node);
     render_queues(&mut body, &state.node, &state.queues);
+    state.cache.render_metrics(&mut body, &state.node);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
 }
 

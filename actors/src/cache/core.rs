@@ -22,6 +22,9 @@ pub enum CacheError {
     /// Bad input (1002): empty or oversized key, bad TTL, `incr` on a non-integer.
     #[error("{0}")]
     Invalid(String),
+    /// Over a configured bound (1002, counted under the setting's name).
+    #[error("{1}")]
+    Limit(&'static str, String),
     /// The store failed (1003).
     #[error("cache storage: {0}")]
     Storage(String),
@@ -54,10 +57,10 @@ impl CacheKey {
         }
         let len = namespace.len() + key.len();
         if len > limits.max_key_bytes {
-            return Err(CacheError::Invalid(format!(
-                "namespace + key is {len} bytes (cache_max_key_bytes is {})",
-                limits.max_key_bytes
-            )));
+            return Err(CacheError::Limit(
+                "cache_max_key_bytes",
+                format!("namespace + key is {len} bytes (cache_max_key_bytes is {})", limits.max_key_bytes),
+            ));
         }
         Ok(CacheKey { flat: format!("{namespace}\0{key}"), split: namespace.len() })
     }
@@ -112,7 +115,10 @@ pub fn check_ttl(ttl: f64, limits: &KeyLimits) -> Result<f64, CacheError> {
         return Err(CacheError::Invalid(format!("ttl must be a positive number of seconds, got {ttl}")));
     }
     if ttl > limits.max_ttl_s {
-        return Err(CacheError::Invalid(format!("ttl {ttl} s is over cache_max_ttl_s ({})", limits.max_ttl_s)));
+        return Err(CacheError::Limit(
+            "cache_max_ttl_s",
+            format!("ttl {ttl} s is over cache_max_ttl_s ({})", limits.max_ttl_s),
+        ));
     }
     Ok(ttl)
 }
@@ -367,11 +373,17 @@ impl L1 {
         self.cache.remove(key).is_some()
     }
 
-    /// Removes every key starting with `prefix`; how many.
-    pub fn remove_prefix(&self, prefix: &str) -> u64 {
-        let before = self.cache.len();
-        self.cache.retain(|k, _| !k.starts_with(prefix));
-        before.saturating_sub(self.cache.len()) as u64
+    /// Removes every key starting with `prefix`; the keys removed.
+    pub fn remove_prefix(&self, prefix: &str) -> Vec<String> {
+        let removed = std::cell::RefCell::new(Vec::new());
+        self.cache.retain(|k, _| {
+            let keep = !k.starts_with(prefix);
+            if !keep {
+                removed.borrow_mut().push(k.clone());
+            }
+            keep
+        });
+        removed.into_inner()
     }
 
     /// Removes every entry expired at `now`; how many.
@@ -508,9 +520,9 @@ mod tests {
             l1.insert(k.stored(), Arc::new(Entry::new(&k, json!(1), 1, exp)));
         }
         assert_eq!(l1.remove_expired(6.0), 1);
-        assert_eq!(l1.remove_prefix(&stored_prefix("a", "x")), 1);
+        assert_eq!(l1.remove_prefix(&stored_prefix("a", "x")), vec![key("a", "x1").stored().to_owned()]);
         assert_eq!(l1.len(), 2);
-        assert_eq!(l1.remove_prefix(&stored_prefix("a", "")), 1);
+        assert_eq!(l1.remove_prefix(&stored_prefix("a", "")).len(), 1);
         assert!(l1.get(key("b", "x").stored(), 0.0).is_some());
     }
 

@@ -1,6 +1,21 @@
 //! The cache (DESIGN.md §9, issue 8): L1 memory, L2 sled, L3 the cluster.
 //!
+//! ```text
+//! connection (role "cache") ──► ops::execute_local ──► LocalCache ──► L1 (quick_cache, S3-FIFO)
+//!        no mailbox on the way                               └──────► L2 (store tree "cache")
+//! Cache actor (supervised): timer ──► sweep expired, sync L2 writes (group commit)
+//! ```
+//!
 //! - [`core`] — keys, entries and versions, the bounded L1, the L2 record format,
 //!   rendezvous ownership and canonical JSON. No actix, no I/O, no clock.
+//! - [`local`] — this node's L1 and L2 behind striped write locks; bounds, counters.
+//! - [`ops`] — one wire operation on this node's levels.
+//! - [`actor`] — the supervised housekeeper: sweeps and syncs.
 
+pub mod actor;
 pub mod core;
+pub mod local;
+pub mod ops;
+
+pub use actor::Cache;
+pub use local::{CacheLimits, Level, Levels, LocalCache};
