@@ -35,8 +35,10 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
+mod cache;
 mod queue;
 
+pub use cache::{CacheHit, CacheOptions, CasOutcome};
 pub use queue::{QueueMessage, QueueSendOptions, QueueSubscription};
 
 /// What can go wrong on the client side.

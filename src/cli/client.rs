@@ -16,6 +16,7 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
     match command {
         ClientCommand::Health { url } => health(&url),
         ClientCommand::Queue(command) => block_on(super::queue::run(command)),
+        ClientCommand::Cache(command) => block_on(super::cache::run(command)),
         ClientCommand::Call { fun, args, locs, function_id, version, timeout, url } => {
             let args = parse_args(&args)?;
             let options = CallOptions {

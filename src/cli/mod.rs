@@ -6,6 +6,7 @@ mod bench;
 mod bench_cluster;
 mod bench_persistence;
 mod bench_queue;
+mod cache;
 mod client;
 mod demo;
 mod keys;
@@ -188,6 +189,9 @@ pub enum ClientCommand {
     /// Durable queues: create, send, receive, ack, nack, stats, list, dlq, redrive, bind.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
+    /// The cache: put, get, delete, invalidate, incr, cas, stats.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Show the cluster as the node at URL sees it.
     Status {
         /// Node URL.

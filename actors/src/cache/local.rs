@@ -17,7 +17,7 @@
 
 use std::hash::BuildHasher;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Value};
@@ -157,8 +157,9 @@ pub struct LocalCache {
     hasher: std::collections::hash_map::RandomState,
     /// Counters.
     pub counters: CacheCounters,
-    /// L2 writes since the last sync.
-    dirty: AtomicBool,
+    /// L2 writes so far, and how many of them the last successful sync covered.
+    l2_writes: AtomicU64,
+    l2_synced: AtomicU64,
     /// The L2 eviction clock hand (the last key evicted or passed).
     hand: Mutex<Option<Vec<u8>>>,
 }
@@ -179,7 +180,8 @@ impl LocalCache {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             counters: CacheCounters::default(),
-            dirty: AtomicBool::new(false),
+            l2_writes: AtomicU64::new(0),
+            l2_synced: AtomicU64::new(0),
             hand: Mutex::new(None),
         };
         let (mut entries, mut bytes, mut expired) = (0u64, 0u64, Batch::new());
@@ -204,7 +206,7 @@ impl LocalCache {
         if removed > 0 {
             cache.store.write(&expired).map_err(storage)?;
             cache.counters.l2_expired.fetch_add(removed, Ordering::Relaxed);
-            cache.dirty.store(true, Ordering::Relaxed);
+            cache.l2_writes.fetch_add(1, Ordering::Relaxed);
         }
         cache.counters.l2_entries.store(entries, Ordering::Relaxed);
         cache.counters.l2_bytes.store(bytes, Ordering::Relaxed);
@@ -305,7 +307,7 @@ impl LocalCache {
 
     fn l2_delete(&self, key: &CacheKey, bytes: u64) -> Result<(), CacheError> {
         self.store.write(&Batch::new().delete(L2_TREE, key.stored().as_bytes())).map_err(storage)?;
-        self.dirty.store(true, Ordering::Relaxed);
+        self.l2_writes.fetch_add(1, Ordering::Relaxed);
         self.counters.l2_entries.fetch_sub(1, Ordering::Relaxed);
         self.counters.l2_bytes.fetch_sub(bytes.min(self.counters.l2_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         Ok(())
@@ -330,7 +332,7 @@ impl LocalCache {
         if levels.l2 {
             let old = self.store.get(L2_TREE, key.stored().as_bytes()).map_err(storage)?;
             self.store.write(&Batch::new().put(L2_TREE, key.stored().as_bytes(), entry.encode())).map_err(storage)?;
-            self.dirty.store(true, Ordering::Relaxed);
+            self.l2_writes.fetch_add(1, Ordering::Relaxed);
             match old {
                 Some(old) => {
                     let old_bytes = (key.stored().len() + old.len()) as u64;
@@ -564,9 +566,9 @@ impl LocalCache {
         Ok(page.last().filter(|_| page.len() == max).map(|(k, _)| k.clone()))
     }
 
-    /// Whether L2 was written since the last call (the actor then syncs the store).
-    pub fn take_dirty(&self) -> bool {
-        self.dirty.swap(false, Ordering::Relaxed)
+    /// L2 writes not yet covered by a successful sync.
+    pub fn unsynced(&self) -> u64 {
+        self.l2_writes.load(Ordering::Relaxed).saturating_sub(self.l2_synced.load(Ordering::Relaxed))
     }
 
     /// The store (for the actor's sync).
@@ -598,6 +600,7 @@ impl LocalCache {
                 "evictions": load(&c.l2_evictions),
                 "expired": load(&c.l2_expired),
                 "durable": self.store.is_durable(),
+                "unsynced_writes": self.unsynced(),
             },
             "l3": {
                 "hits": load(&c.hits[2]),
@@ -657,11 +660,13 @@ impl LocalCache {
 
     /// Makes the L2 writes so far durable (one group-commit sync), if there were any.
     pub async fn sync(&self) {
-        if self.take_dirty() {
-            if let Err(e) = self.store.commit(Batch::new()).await {
-                warn!(cause = %e, "cache L2 sync failed");
-                self.dirty.store(true, Ordering::Relaxed);
-            }
+        let target = self.l2_writes.load(Ordering::Relaxed);
+        if target == self.l2_synced.load(Ordering::Relaxed) {
+            return;
+        }
+        match self.store.commit(Batch::new()).await {
+            Ok(()) => self.l2_synced.store(target, Ordering::Relaxed),
+            Err(e) => warn!(cause = %e, "cache L2 sync failed"),
         }
     }
 }
