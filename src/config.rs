@@ -69,6 +69,10 @@ pub struct Settings {
     pub cache_max_ttl_s: f64,
     /// How often expired cache entries are swept and L2 writes synced (seconds).
     pub cache_sweep_interval_s: f64,
+    /// Nodes that own each cache key (the first is the primary; the others are replicas).
+    pub cache_replication: usize,
+    /// Longest a node keeps a copy of a key it does not own, read from an owner (seconds).
+    pub cache_copy_ttl_s: f64,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// Whole-request timeout (seconds) unless a request sets `timeout`.
@@ -194,6 +198,8 @@ impl Default for Settings {
             cache_default_ttl_s: 0.0,
             cache_max_ttl_s: 30.0 * 86_400.0,
             cache_sweep_interval_s: 1.0,
+            cache_replication: 2,
+            cache_copy_ttl_s: 10.0,
             log_format: LogFormat::Text,
             request_timeout_s: 30.0,
             max_request_timeout_s: 300.0,
@@ -318,6 +324,7 @@ impl Settings {
         positive("queue_max_wait_s", self.queue_max_wait_s)?;
         positive("cache_max_ttl_s", self.cache_max_ttl_s)?;
         positive("cache_sweep_interval_s", self.cache_sweep_interval_s)?;
+        positive("cache_copy_ttl_s", self.cache_copy_ttl_s)?;
         if !(self.cache_default_ttl_s.is_finite() && (0.0..=self.cache_max_ttl_s).contains(&self.cache_default_ttl_s)) {
             return Err(ConfigError::Invalid {
                 key: "cache_default_ttl_s",
@@ -391,6 +398,7 @@ impl Settings {
             ("queue_max_queues", self.queue_max_queues),
             ("cache_max_key_bytes", self.cache_max_key_bytes),
             ("cache_max_value_bytes", self.cache_max_value_bytes),
+            ("cache_replication", self.cache_replication),
         ];
         for (key, value) in at_least_one {
             if value == 0 {

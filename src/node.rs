@@ -203,7 +203,8 @@ impl NodeBuilder {
                 .with_trust(credentials)
                 .with_metrics(metrics.clone())
                 .with_limits(limits)
-                .with_queue(queue.clone()),
+                .with_queue(queue.clone())
+                .with_cache(cache.clone()),
         );
         let fabric_config = FabricConfig {
             peers: settings.peers.clone(),
@@ -394,6 +395,9 @@ fn cache_limits(settings: &Settings) -> CacheLimits {
         keys: KeyLimits { max_key_bytes: settings.cache_max_key_bytes, max_ttl_s: settings.cache_max_ttl_s },
         max_value_bytes: settings.cache_max_value_bytes,
         default_ttl_s: (settings.cache_default_ttl_s > 0.0).then_some(settings.cache_default_ttl_s),
+        replication: settings.cache_replication,
+        copy_ttl_s: settings.cache_copy_ttl_s,
+        remote_timeout: Settings::seconds(settings.request_timeout_s),
     }
 }
 

@@ -46,7 +46,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::cache::{ops as cache_ops, LocalCache};
+use crate::cache::{cluster as cache_cluster, LocalCache};
 use crate::fabric::link::next_link_id;
 use crate::fabric::wire::{CallOutcome, PeerFrame, ServerFrame};
 use crate::fabric::{
@@ -378,17 +378,45 @@ impl Connection {
         ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
     }
 
-    /// A cache operation, answered `cache-reply` on this thread: the cache is read and
-    /// written in place, without a mailbox.
+    /// A cache operation, answered `cache-reply`: in place on this thread when this
+    /// node's levels can answer (no mailbox on the way), else as a task that asks the
+    /// key's owners over the fabric (see [`crate::cache::cluster`]).
     fn on_cache(&mut self, request: CacheRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let shared = &self.shared;
-        let outcome = cache_ops::execute_local(&shared.cache, &request, &shared.config.node, unix_now())
-            .map_err(|e| cache_ops::to_rpc(e, &shared.metrics));
+        let outcome = match cache_cluster::route(&shared.fabric, &shared.cache, &request, unix_now()) {
+            cache_cluster::Route::Answered(outcome) => outcome,
+            cache_cluster::Route::Cluster => return self.on_cache_task(request, kind, ctx),
+        };
         if let Err(e) = &outcome {
             shared.metrics.record_outcome(e.kind());
         }
         let reply = CacheReply::new(Some(request.u), outcome);
         self.reply(encode(&reply), kind, ctx);
+    }
+
+    fn on_cache_task(&mut self, request: CacheRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let limit = self.shared.config.max_in_flight;
+        if self.in_flight >= limit {
+            self.shared.metrics.limit_exceeded("max_in_flight_per_connection");
+            let reply = CacheReply::new(Some(request.u), Err(RpcError::overloaded(limit)));
+            self.reply(encode(&reply), kind, ctx);
+            return;
+        }
+        let Some(permit) = self.admit(&request.u, kind, ctx) else { return };
+        self.in_flight += 1;
+        let (fabric, cache, outbox) = (self.shared.fabric.clone(), self.shared.cache.clone(), self.outbox.clone());
+        let (metrics, timeout) = (self.shared.metrics.clone(), self.shared.config.request_timeout);
+        let task = async move {
+            let u = request.u.clone();
+            let outcome = cache_cluster::execute(&fabric, &cache, request, timeout).await;
+            drop(permit);
+            if let Err(e) = &outcome {
+                metrics.record_outcome(e.kind());
+            }
+            let reply = CacheReply::new(Some(u), outcome);
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&reply)), kind }).await;
+        };
+        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
     }
 
     fn on_cluster_status(&mut self, request: ClusterStatusRequest, kind: FrameKind, ctx: &mut Context<Self>) {

@@ -93,6 +93,12 @@ pub struct CacheLimits {
     pub max_value_bytes: usize,
     /// TTL of a write that gives none (seconds); `None`: no expiry.
     pub default_ttl_s: Option<f64>,
+    /// Owners of each key across the cluster (the first is the primary).
+    pub replication: usize,
+    /// Longest a node that does not own a key keeps a copy read from an owner (seconds).
+    pub copy_ttl_s: f64,
+    /// How long an op waits for another node.
+    pub remote_timeout: std::time::Duration,
 }
 
 /// Hit, miss and eviction counters (rendered by the monitor as `mpreg_cache_*`).
@@ -689,6 +695,9 @@ mod tests {
             keys: KeyLimits { max_key_bytes: 256, max_ttl_s: 3600.0 },
             max_value_bytes: 4096,
             default_ttl_s: None,
+            replication: 2,
+            copy_ttl_s: 5.0,
+            remote_timeout: std::time::Duration::from_secs(5),
         }
     }
 

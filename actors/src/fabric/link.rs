@@ -40,6 +40,7 @@ use tracing::{debug, warn};
 use super::trust::Credentials;
 use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, PeerFrame};
 use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
+use crate::cache::LocalCache;
 use crate::function::{CallArgs, FunctionIdentity};
 use crate::metrics::{self, Metrics};
 use crate::outbox::Outbox;
@@ -208,6 +209,8 @@ pub struct FabricShared {
     /// The names of the local queues as last advertised (kept here so a restarted
     /// FabricGossip advertises them at once).
     pub local_queues: Mutex<Vec<String>>,
+    /// This node's cache (to serve cache operations from other nodes).
+    pub cache: Option<Arc<LocalCache>>,
     pending: Mutex<HashMap<String, PendingCall>>,
     /// This node's credentials; `None` runs open (development).
     pub trust: Option<Arc<Credentials>>,
@@ -258,6 +261,7 @@ impl FabricShared {
             gossip,
             queue: Slot::default(),
             local_queues: Mutex::new(Vec::new()),
+            cache: None,
             pending: Mutex::new(HashMap::new()),
             trust: None,
             metrics: Arc::new(Metrics::default()),
@@ -281,6 +285,19 @@ impl FabricShared {
     pub fn with_queue(mut self, queue: Slot<Queue>) -> Self {
         self.queue = queue;
         self
+    }
+
+    /// Serves cache operations from other nodes with this cache.
+    pub fn with_cache(mut self, cache: Arc<LocalCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Runs a cache operation on `node` (`duty`: see [`FabricBody::CacheOp`]); the
+    /// outcome's `ok` value is the node's `cache-reply`. A lost link or node is
+    /// `Unreachable` at once.
+    pub async fn cache_op(&self, node: &str, duty: &str, request: Value) -> CallOutcome {
+        self.request(node, FabricBody::CacheOp { duty: duty.to_owned(), request }).await
     }
 
     /// Counts into the node's metrics.
@@ -488,7 +505,7 @@ impl FabricShared {
                     }
                 }
             }
-            body @ (FabricBody::Call { .. } | FabricBody::QueueOp { .. }) => {
+            body @ (FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. }) => {
                 let (id, source) = (message.id, message.source);
                 let forwards = message.path.len().saturating_sub(1);
                 let Ok(mut serving) = self.serving.lock() else { return };
@@ -525,6 +542,10 @@ impl FabricShared {
                             shared.serve_call(&command, &identity, CallArgs { args, kwargs }).await
                         }
                         FabricBody::QueueOp { request } => shared.serve_queue_op(&source, request).await,
+                        FabricBody::CacheOp { duty, request } => match shared.cache.clone() {
+                            Some(cache) => crate::cache::cluster::serve(shared, &cache, &duty, request).await,
+                            None => CallOutcome::NotFound { node: shared.me.node.clone() },
+                        },
                         _ => return,
                     };
                     shared.reply(link, id, source, outcome, forwards);
@@ -709,9 +730,9 @@ fn remote_conn(source: &str) -> u64 {
 }
 
 impl FabricBody {
-    /// A call or queue operation: answered, so forwarded with a way back.
+    /// A call, queue or cache operation: answered, so forwarded with a way back.
     pub fn is_request(&self) -> bool {
-        matches!(self, FabricBody::Call { .. } | FabricBody::QueueOp { .. })
+        matches!(self, FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. })
     }
 }
 
