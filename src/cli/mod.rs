@@ -3,6 +3,7 @@
 //! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
 
 mod bench;
+mod bench_cache;
 mod bench_cluster;
 mod bench_persistence;
 mod bench_queue;
@@ -221,6 +222,8 @@ pub enum BenchCommand {
     Persistence(bench_persistence::PersistenceBenchArgs),
     /// Durable queue throughput (group commit) against sled's one-at-a-time flush.
     Queue(bench_queue::QueueBenchArgs),
+    /// Cache get/put (local and remote) next to RPC echo of the same run.
+    Cache(bench_cache::CacheBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -233,6 +236,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::cluster(args),
         Command::Bench(BenchCommand::Persistence(args)) => bench_persistence::run(args),
         Command::Bench(BenchCommand::Queue(args)) => bench_queue::queue(args),
+        Command::Bench(BenchCommand::Cache(args)) => bench_cache::cache(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {
