@@ -89,6 +89,9 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// Keyword arguments.
     pub kwargs: Map<String, Value>,
+    /// Serve the result from the node's cache and cache it for this many seconds
+    /// (`"cache": {"ttl": S}` on the command).
+    pub cache_ttl: Option<f64>,
 }
 
 type Waiters = Mutex<HashMap<String, oneshot::Sender<Value>>>;
@@ -283,6 +286,7 @@ impl Client {
         command.function_id = options.function_id;
         command.version_constraint = options.version_constraint;
         command.kwargs = options.kwargs;
+        command.cache = options.cache_ttl.map(|ttl| mpreg_actors::protocol::CommandCache { ttl });
         let mut r = self.request_with_timeout(vec![command], options.timeout).await?;
         r.get_mut(fun).map(Value::take).ok_or_else(|| ClientError::Protocol(format!("result has no `{fun}`")))
     }

@@ -361,8 +361,9 @@ impl NodeBuilder {
             fabric: fabric.clone(),
             planner,
             queue,
-            cache,
+            cache: cache.clone(),
         });
+        let cache_handle = cache;
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
         let server_handle = server.handle();
@@ -382,6 +383,7 @@ impl NodeBuilder {
             metrics,
             planner_thread,
             persistence,
+            cache: cache_handle,
         })
     }
 }
@@ -429,6 +431,7 @@ pub struct Node {
     metrics: Arc<Metrics>,
     planner_thread: ArbiterHandle,
     persistence: PersistenceHandle,
+    cache: Arc<LocalCache>,
 }
 
 impl Node {
@@ -455,6 +458,11 @@ impl Node {
     /// The node's store: reads, and durable commits through the group committer.
     pub fn persistence(&self) -> &PersistenceHandle {
         &self.persistence
+    }
+
+    /// The node's cache levels (L1 and L2), as the connections use them.
+    pub fn cache(&self) -> &Arc<LocalCache> {
+        &self.cache
     }
 
     /// Registers a function on the running node.

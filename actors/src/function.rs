@@ -109,6 +109,8 @@ pub struct FunctionSpec {
     // Shared: a plan clones the spec of every command it resolves.
     identity: Arc<FunctionIdentity>,
     body: Body,
+    /// Results cached for this long (seconds) by default when called on this node.
+    cache_ttl: Option<f64>,
 }
 
 impl fmt::Debug for FunctionSpec {
@@ -127,6 +129,7 @@ impl FunctionSpec {
                 resources: BTreeSet::new(),
             }),
             body,
+            cache_ttl: None,
         }
     }
 
@@ -154,6 +157,19 @@ impl FunctionSpec {
             *mode = ExecMode::Inline;
         }
         self
+    }
+
+    /// Cache its results for `ttl_s` seconds (key: identity + canonical arguments) when a
+    /// command calls it on this node, whether or not the command asks for it. Only for
+    /// functions whose result depends on their arguments alone.
+    pub fn cacheable(mut self, ttl_s: f64) -> Self {
+        self.cache_ttl = Some(ttl_s);
+        self
+    }
+
+    /// The default TTL of its cached results, when [`Self::cacheable`].
+    pub fn cache_ttl(&self) -> Option<f64> {
+        self.cache_ttl
     }
 
     /// Tag the function with resources (`["gpu", "model-a"]`).

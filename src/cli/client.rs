@@ -17,13 +17,14 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
         ClientCommand::Health { url } => health(&url),
         ClientCommand::Queue(command) => block_on(super::queue::run(command)),
         ClientCommand::Cache(command) => block_on(super::cache::run(command)),
-        ClientCommand::Call { fun, args, locs, function_id, version, timeout, url } => {
+        ClientCommand::Call { fun, args, locs, function_id, version, timeout, cache_ttl, url } => {
             let args = parse_args(&args)?;
             let options = CallOptions {
                 locs,
                 function_id,
                 version_constraint: version,
                 timeout: timeout.map(Duration::from_secs_f64),
+                cache_ttl,
                 ..CallOptions::default()
             };
             block_on(async move {

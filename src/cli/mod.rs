@@ -175,6 +175,9 @@ pub enum ClientCommand {
         /// Whole-request timeout in seconds.
         #[arg(long)]
         timeout: Option<f64>,
+        /// Serve the result from the node's cache, and cache it for this many seconds.
+        #[arg(long)]
+        cache_ttl: Option<f64>,
         /// Node URL.
         #[arg(long, env = "MPREG_URL")]
         url: String,

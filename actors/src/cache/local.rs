@@ -168,6 +168,8 @@ pub struct LocalCache {
     l2_synced: AtomicU64,
     /// The L2 eviction clock hand (the last key evicted or passed).
     hand: Mutex<Option<Vec<u8>>>,
+    /// RPC calls whose result is being computed (see [`super::rpc`]).
+    pub flights: super::rpc::SingleFlight,
 }
 
 impl std::fmt::Debug for LocalCache {
@@ -189,6 +191,7 @@ impl LocalCache {
             l2_writes: AtomicU64::new(0),
             l2_synced: AtomicU64::new(0),
             hand: Mutex::new(None),
+            flights: super::rpc::SingleFlight::default(),
         };
         let (mut entries, mut bytes, mut expired) = (0u64, 0u64, Batch::new());
         let mut range = KeyRange::all();

@@ -13,6 +13,7 @@
 //! - [`ops`] — one wire operation on this node's levels.
 //! - [`cluster`] — L3: rendezvous owners, writes on the primary, replicas, copies and
 //!   their invalidation everywhere, reads that fall back to the owners.
+//! - [`rpc`] — RPC result caching: the call key, single flight.
 //! - [`actor`] — the supervised housekeeper: sweeps and syncs.
 
 pub mod actor;
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod core;
 pub mod local;
 pub mod ops;
+pub mod rpc;
 
 pub use actor::Cache;
 pub use local::{CacheLimits, Level, Levels, LocalCache};

@@ -61,6 +61,16 @@ pub struct RpcCommand {
     /// Accepted for compatibility; unused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing_topic: Option<String>,
+    /// Serve the result from the node's cache, and cache it (ours): `{"ttl": seconds}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CommandCache>,
+}
+
+/// `cache` of an [`RpcCommand`]: how long its result may be served from the cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandCache {
+    /// Seconds to live.
+    pub ttl: f64,
 }
 
 impl RpcCommand {
@@ -76,6 +86,7 @@ impl RpcCommand {
             version_constraint: None,
             target_cluster: None,
             routing_topic: None,
+            cache: None,
         }
     }
 }
