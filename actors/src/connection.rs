@@ -747,13 +747,16 @@ enum InPlace {
 
 /// Plans `request` and, when every command is inline, runs it now.
 fn in_place(shared: &NodeShared, request: RpcRequest, started: Instant) -> InPlace {
-    let prepared = match prepare(shared, request, started) {
+    let mut prepared = match prepare(shared, request, started) {
         Ok(prepared) => prepared,
         Err((u, error)) => return InPlace::Answered(failed(u, error)),
     };
     // Fast path: a plan of inline functions only completes in its first poll; running
-    // it here saves a task, a timer and a span per request (DESIGN.md §4).
-    if !(prepared.execution.is_inline() && prepared.ending.callback_topic.is_none()) {
+    // it here saves a task, a timer and a span per request (DESIGN.md §4). So does a
+    // plan whose other commands all have their results in the cache (looked up now).
+    let in_place = prepared.ending.callback_topic.is_none()
+        && (prepared.execution.is_inline() || prepared.execution.prefetch_cached());
+    if !in_place {
         return InPlace::Task(Box::new(prepared));
     }
     let Prepared { ending, execution } = prepared;

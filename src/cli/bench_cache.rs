@@ -12,6 +12,9 @@
 //!   sent to node 2, which might hold a copy, before the answer);
 //! - `cache_get_remote`: `get` with `levels: ["l3"]` of a key node 2 owns (one fabric
 //!   round trip; no copy is kept, so every call crosses).
+//! - `rpc_uncached`, `rpc_cached`: sequential calls of `work_1ms` (an async function that
+//!   sleeps 1 ms), without and with `"cache": {"ttl": 3600}` (after the first call, every
+//!   call is a hit served without running it).
 //!
 //! `redis-server` is not run: this benchmark has no RESP client (see the README).
 
@@ -28,6 +31,7 @@ use super::bench::{
 use crate::client::{CacheOptions, Client};
 use crate::config::Settings;
 use crate::node::NodeBuilder;
+use crate::FunctionSpec;
 
 /// Flags of `mpreg bench cache`.
 #[derive(Debug, clap::Args)]
@@ -47,6 +51,12 @@ pub struct CacheBenchArgs {
 const NODE1: &str = "bench-cache-1";
 const NODE2: &str = "bench-cache-2";
 const ECHO: &str = r#"{"role":"rpc","u":"0000000000000000","cmds":[{"name":"e","fun":"echo","args":[42]}]}"#;
+/// The function of the RPC caching pair: 1 ms of waiting.
+const WORK: &str = "work_1ms";
+const WORK_UNCACHED: &str =
+    r#"{"role":"rpc","u":"0000000000000000","cmds":[{"name":"w","fun":"work_1ms","args":[7]}]}"#;
+const WORK_CACHED: &str =
+    r#"{"role":"rpc","u":"0000000000000000","cmds":[{"name":"w","fun":"work_1ms","args":[7],"cache":{"ttl":3600}}]}"#;
 
 /// One scenario: its frame, the check of its replies, its depth.
 struct CacheScenario {
@@ -85,6 +95,8 @@ fn scenarios(local: &str, remote: &str) -> Vec<CacheScenario> {
             PIPELINE_DEPTH,
         ),
         scenario("cache_get_remote", cache_frame("get", remote, r#","levels":["l3"]"#), found, 1),
+        scenario("rpc_uncached", WORK_UNCACHED.to_owned(), ReplyCheck::RpcSuccess, 1),
+        scenario("rpc_cached", WORK_CACHED.to_owned(), ReplyCheck::RpcSuccess, 1),
     ]
 }
 
@@ -101,12 +113,17 @@ pub fn cache(args: CacheBenchArgs) -> anyhow::Result<i32> {
         _ => 0.0,
     };
     let throughput = ratio("cache_get_hit_pipelined", "rpc_echo_pipelined", |r| r.calls_per_s);
+    let cached_p50 = ratio("rpc_cached", "rpc_echo_seq", |r| f64::from(r.p50_us));
     let targets = json!({
         "cache_get_hit_pipelined_vs_rpc_echo_pipelined": throughput,
         "cache_get_hit_pipelined_min": 0.8,
         "cache_get_hit_pipelined_met": throughput >= 0.8,
         "cache_get_hit_seq_p50_vs_rpc_echo_seq": ratio("cache_get_hit_seq", "rpc_echo_seq", |r| f64::from(r.p50_us)),
         "cache_get_remote_p50_vs_rpc_echo_seq": ratio("cache_get_remote", "rpc_echo_seq", |r| f64::from(r.p50_us)),
+        "rpc_cached_p50_vs_rpc_echo_seq": cached_p50,
+        "rpc_cached_p50_max": 1.2,
+        "rpc_cached_met": cached_p50 > 0.0 && cached_p50 <= 1.2,
+        "rpc_uncached_p50_vs_rpc_cached": ratio("rpc_uncached", "rpc_cached", |r| f64::from(r.p50_us)),
     });
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -146,7 +163,12 @@ fn run(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioResult>, Op
             cache_replication: 1,
             ..Settings::default()
         };
-        let node1 = NodeBuilder::new(settings(NODE1, vec![])).start().await.context("starting node 1")?;
+        let work = FunctionSpec::asynchronous(WORK, |x: i64| async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            x
+        });
+        let node1 =
+            NodeBuilder::new(settings(NODE1, vec![])).function(work).start().await.context("starting node 1")?;
         let node2 = match NodeBuilder::new(settings(NODE2, vec![node1.url().to_owned()])).start().await {
             Ok(node) => node,
             Err(e) => {
