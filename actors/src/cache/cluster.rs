@@ -23,6 +23,12 @@
 //!
 //! A node that restarts serves what its L2 kept (never an expired entry); writes it
 //! missed while down reach it again only through later writes.
+//!
+//! **Limits.** Owners are computed from each node's own view of the members, without
+//! coordination: while two nodes disagree (a link closed for silence, a partition) they
+//! may send a key's writes to different primaries, so `incr` and `cas` are atomic per
+//! primary only; a write whose answer was lost with its link is retried on the next
+//! owner and may be applied twice.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
