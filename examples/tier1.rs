@@ -11,8 +11,13 @@
 //!   (max_receives 2): at-least-once send/receive/ack, a nack and redelivery, a poison
 //!   message dead-lettered after two receives, then redriven and acked; priority, dedup,
 //!   fire-and-forget, broadcast to two subscribers and quorum(2). Every result is checked.
-//! - `cache`, `fabric` (federation between clusters), `monitoring` (cross-system
-//!   event timeline): not implemented yet; they say so and exit with code 2.
+//! - `cache`: three nodes CACHE-A, CACHE-B, CACHE-C (each key owned by two of them). A
+//!   value put on A is read on C; TTL expiry; a versioned `cas`; `incr` from the three
+//!   nodes at once (300 calls: exactly 300); delete and prefix invalidation on B leave no
+//!   copy in any node's L1 or L2; a cache-aside read computes once, then hits; per-level
+//!   stats. Every result is checked.
+//! - `fabric` (federation between clusters), `monitoring` (cross-system event timeline):
+//!   not implemented yet; they say so and exit with code 2.
 //!
 //! Exit code 0 when every check passed, 1 when one failed.
 
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use mpreg::demo::{example_settings, init_logging, shutdown_all, wait_routable, CONVERGE_TIMEOUT};
-use mpreg::{Client, FunctionSpec, NodeBuilder, RpcCommand};
+use mpreg::{CacheOptions, Client, FunctionSpec, NodeBuilder, RpcCommand};
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         System::Rpc => demo_rpc().await?,
         System::Pubsub => demo_pubsub().await?,
         System::Queue => demo_queue().await?,
+        System::Cache => demo_cache().await?,
         other => {
             let name = format!("{other:?}").to_lowercase();
             eprintln!("not implemented yet: {name}");
@@ -290,5 +296,133 @@ async fn demo_queue() -> anyhow::Result<()> {
     .await;
     node.shutdown().await;
     let _ = std::fs::remove_dir_all(&data);
+    result
+}
+
+/// Three nodes, B and C introduced by A, each seeing the other two as cache nodes.
+async fn start_cache_trio() -> anyhow::Result<Vec<mpreg::Node>> {
+    let mut nodes = Vec::new();
+    for name in ["CACHE-A", "CACHE-B", "CACHE-C"] {
+        let peers: Vec<&str> = nodes.first().map(|a: &mpreg::Node| vec![a.url()]).unwrap_or_default();
+        match NodeBuilder::new(example_settings(name, &peers, false)).start().await {
+            Ok(node) => nodes.push(node),
+            Err(e) => {
+                shutdown_all(&nodes).await;
+                return Err(e).context(format!("starting {name}"));
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+async fn demo_cache() -> anyhow::Result<()> {
+    println!("Tier 1: cache — L1 memory, L2 store, L3 the cluster (2 owners per key)");
+    let nodes = start_cache_trio().await?;
+    let result = async {
+        let mut clients = Vec::new();
+        for node in &nodes {
+            clients.push(Client::connect(node.url()).await.with_context(|| format!("connecting to {}", node.name()))?);
+        }
+        let t = Instant::now();
+        for (node, client) in nodes.iter().zip(&clients) {
+            loop {
+                let stats = client.cache_stats().await?;
+                if stats["l3"]["nodes"].as_array().map(Vec::len) == Some(3) {
+                    break;
+                }
+                ensure!(t.elapsed() < CONVERGE_TIMEOUT, "{} never saw 3 cache nodes: {stats}", node.name());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        println!("cluster ready: every node sees 3 cache nodes after {} ms", t.elapsed().as_millis());
+        let (a, b, c) = (&clients[0], &clients[1], &clients[2]);
+        let all = CacheOptions::default;
+
+        // Put on A, get on C.
+        let profile = json!({"name": "Ada", "langs": ["rust", "python"]});
+        let version = a.cache_put("users", "ada", profile.clone(), CacheOptions::ttl(600.0)).await?;
+        let hit = c.cache_get("users", "ada", all()).await?.context("C missed what A put")?;
+        println!("put users/ada on CACHE-A (version {version}); CACHE-C got it from {}", hit.level);
+        ensure!(hit.value == profile && hit.version == version, "C read {hit:?}");
+
+        // TTL: served until it runs out, never after.
+        b.cache_put("sessions", "tmp", json!("short-lived"), CacheOptions::ttl(0.5)).await?;
+        ensure!(a.cache_get("sessions", "tmp", all()).await?.is_some(), "the session is live on A");
+        let expired_at = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < expired_at {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for client in &clients {
+            ensure!(client.cache_get("sessions", "tmp", all()).await?.is_none(), "an expired entry was served");
+        }
+        println!("sessions/tmp (ttl 0.5 s): served while live, a miss on every node after it expired");
+
+        // cas: only with the current version.
+        let stale = c.cache_cas("users", "ada", json!({"name": "Eve"}), version - 1, all()).await?;
+        ensure!(!stale.swapped, "cas with an old version swapped");
+        let swapped = c.cache_cas("users", "ada", json!({"name": "Ada L."}), version, all()).await?;
+        ensure!(swapped.swapped && swapped.version > version, "cas with the current version: {swapped:?}");
+        let now = a.cache_get("users", "ada", all()).await?.context("ada vanished")?;
+        ensure!(now.value == json!({"name": "Ada L."}), "A reads the old value after cas: {now:?}");
+        println!("cas on CACHE-C: refused with an old version, applied with the current one; A reads the new value");
+
+        // incr from three nodes at once: atomic at the key's primary owner.
+        let calls = clients.iter().flat_map(|cl| (0..100).map(move |_| cl.cache_incr("stats", "visits", 1, all())));
+        let results = futures_util::future::join_all(calls).await;
+        ensure!(results.iter().all(Result::is_ok), "an incr failed");
+        let total = b.cache_get("stats", "visits", all()).await?.context("visits missing")?.value;
+        println!("incr stats/visits 100 times from each of the 3 nodes at once -> {total}");
+        ensure!(total == json!(300), "expected 300, got {total}");
+
+        // Delete and invalidate on B: no copy left in any L1 or L2.
+        for key in ["page:1", "page:2", "page:3", "other"] {
+            a.cache_put("html", key, json!(format!("<p>{key}</p>")), all()).await?;
+            for client in &clients {
+                ensure!(client.cache_get("html", key, all()).await?.is_some(), "html/{key} not readable");
+            }
+        }
+        ensure!(b.cache_delete("html", "other", all()).await?, "delete found nothing");
+        let removed = b.cache_invalidate("html", Some("page:"), all()).await?;
+        for (node, client) in nodes.iter().zip(&clients) {
+            for key in ["page:1", "page:2", "page:3", "other"] {
+                for level in ["l1", "l2"] {
+                    let left = client.cache_get("html", key, all().levels(&[level])).await?;
+                    ensure!(left.is_none(), "html/{key} still in {}'s {level}", node.name());
+                }
+            }
+        }
+        println!(
+            "delete html/other and invalidate html/page:* on CACHE-B: {removed} entries removed, none left anywhere"
+        );
+
+        // Cache-aside: computed once, then served from the cache.
+        let mut computed = 0;
+        for _ in 0..3 {
+            let value = a
+                .cache_get_or_put("reports", "daily", CacheOptions::ttl(60.0), || {
+                    computed += 1;
+                    async { Ok(json!({"rows": 42})) }
+                })
+                .await?;
+            ensure!(value == json!({"rows": 42}), "cache-aside returned {value}");
+        }
+        ensure!(computed == 1, "cache-aside computed {computed} times");
+        println!("cache-aside reports/daily: computed once, then 2 hits");
+
+        let stats = a.cache_stats().await?;
+        for level in ["l1", "l2"] {
+            let s = &stats[level];
+            println!("CACHE-A {level}: entries {} hits {} misses {}", s["entries"], s["hits"], s["misses"]);
+        }
+        let l3 = &stats["l3"];
+        println!("CACHE-A l3: hits {} misses {} forwarded {}", l3["hits"], l3["misses"], l3["forwarded"]);
+        ensure!(stats["l3"]["hits"].as_u64().unwrap_or(0) > 0 || stats["l1"]["hits"].as_u64().unwrap_or(0) > 0);
+        for client in &clients {
+            client.close().await;
+        }
+        Ok(())
+    }
+    .await;
+    shutdown_all(&nodes).await;
     result
 }

@@ -35,8 +35,10 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
+mod cache;
 mod queue;
 
+pub use cache::{CacheHit, CacheOptions, CasOutcome};
 pub use queue::{QueueMessage, QueueSendOptions, QueueSubscription};
 
 /// What can go wrong on the client side.
@@ -87,6 +89,9 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// Keyword arguments.
     pub kwargs: Map<String, Value>,
+    /// Serve the result from the node's cache and cache it for this many seconds
+    /// (`"cache": {"ttl": S}` on the command).
+    pub cache_ttl: Option<f64>,
 }
 
 type Waiters = Mutex<HashMap<String, oneshot::Sender<Value>>>;
@@ -281,6 +286,7 @@ impl Client {
         command.function_id = options.function_id;
         command.version_constraint = options.version_constraint;
         command.kwargs = options.kwargs;
+        command.cache = options.cache_ttl.map(|ttl| mpreg_actors::protocol::CommandCache { ttl });
         let mut r = self.request_with_timeout(vec![command], options.timeout).await?;
         r.get_mut(fun).map(Value::take).ok_or_else(|| ClientError::Protocol(format!("result has no `{fun}`")))
     }

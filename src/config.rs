@@ -51,6 +51,28 @@ pub struct Settings {
     pub queue_max_queues: usize,
     /// Longest long-poll `wait` of a queue `receive` (seconds); a longer one is capped.
     pub queue_max_wait_s: f64,
+    /// Bytes of keys and values the cache's memory level (L1) holds at most.
+    pub cache_l1_max_bytes: u64,
+    /// Entries the L1 holds at most.
+    pub cache_l1_max_entries: u64,
+    /// Bytes of keys and records the cache's store level (L2, sled tree `cache`) holds at most.
+    pub cache_l2_max_bytes: u64,
+    /// Entries the L2 holds at most.
+    pub cache_l2_max_entries: u64,
+    /// Longest cache namespace + key, in bytes; beyond: 1002.
+    pub cache_max_key_bytes: usize,
+    /// Largest cache value (encoded JSON bytes); beyond: 1002.
+    pub cache_max_value_bytes: usize,
+    /// TTL (seconds) of a cache write that gives none; 0: no expiry.
+    pub cache_default_ttl_s: f64,
+    /// Longest TTL (seconds) a cache write may ask for; beyond: 1002.
+    pub cache_max_ttl_s: f64,
+    /// How often expired cache entries are swept and L2 writes synced (seconds).
+    pub cache_sweep_interval_s: f64,
+    /// Nodes that own each cache key (the first is the primary; the others are replicas).
+    pub cache_replication: usize,
+    /// Longest a node keeps a copy of a key it does not own, read from an owner (seconds).
+    pub cache_copy_ttl_s: f64,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// Whole-request timeout (seconds) unless a request sets `timeout`.
@@ -190,6 +212,17 @@ impl Default for Settings {
             persistence_max_batch: 256,
             queue_max_queues: 1000,
             queue_max_wait_s: 20.0,
+            cache_l1_max_bytes: 64 * 1024 * 1024,
+            cache_l1_max_entries: 100_000,
+            cache_l2_max_bytes: 256 * 1024 * 1024,
+            cache_l2_max_entries: 1_000_000,
+            cache_max_key_bytes: 1024,
+            cache_max_value_bytes: 1024 * 1024,
+            cache_default_ttl_s: 0.0,
+            cache_max_ttl_s: 30.0 * 86_400.0,
+            cache_sweep_interval_s: 1.0,
+            cache_replication: 2,
+            cache_copy_ttl_s: 10.0,
             log_format: LogFormat::Text,
             request_timeout_s: 30.0,
             max_request_timeout_s: 300.0,
@@ -321,6 +354,25 @@ impl Settings {
         positive("request_timeout_s", self.request_timeout_s)?;
         positive("max_request_timeout_s", self.max_request_timeout_s)?;
         positive("queue_max_wait_s", self.queue_max_wait_s)?;
+        positive("cache_max_ttl_s", self.cache_max_ttl_s)?;
+        positive("cache_sweep_interval_s", self.cache_sweep_interval_s)?;
+        positive("cache_copy_ttl_s", self.cache_copy_ttl_s)?;
+        if !(self.cache_default_ttl_s.is_finite() && (0.0..=self.cache_max_ttl_s).contains(&self.cache_default_ttl_s)) {
+            return Err(ConfigError::Invalid {
+                key: "cache_default_ttl_s",
+                message: "must be >= 0 (0: no expiry) and at most cache_max_ttl_s".into(),
+            });
+        }
+        for (key, value) in [
+            ("cache_l1_max_bytes", self.cache_l1_max_bytes),
+            ("cache_l1_max_entries", self.cache_l1_max_entries),
+            ("cache_l2_max_bytes", self.cache_l2_max_bytes),
+            ("cache_l2_max_entries", self.cache_l2_max_entries),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
+        }
         positive("heartbeat_interval_s", self.heartbeat_interval_s)?;
         positive("client_timeout_s", self.client_timeout_s)?;
         positive("restart_window_s", self.restart_window_s)?;
@@ -390,6 +442,9 @@ impl Settings {
             ("max_workers", self.max_workers),
             ("max_functions_per_worker", self.max_functions_per_worker),
             ("worker_max_concurrency", self.worker_max_concurrency),
+            ("cache_max_key_bytes", self.cache_max_key_bytes),
+            ("cache_max_value_bytes", self.cache_max_value_bytes),
+            ("cache_replication", self.cache_replication),
         ];
         for (key, value) in at_least_one {
             if value == 0 {

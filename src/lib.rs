@@ -22,7 +22,7 @@ pub mod functions;
 pub mod node;
 pub mod worker;
 
-pub use client::{Client, ClientError};
+pub use client::{CacheHit, CacheOptions, CasOutcome, Client, ClientError};
 pub use config::Settings;
 pub use mpreg_actors::function::{CallArgs, FunctionError, FunctionSpec, Json};
 pub use mpreg_actors::protocol::{RpcCommand, RpcError};

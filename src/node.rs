@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr, Arbiter, ArbiterHandle};
+use mpreg_actors::cache::core::{KeyLimits, L1Limits};
+use mpreg_actors::cache::{Cache, CacheLimits, LocalCache};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
 use mpreg_actors::discovery::{self, DiscoveryLimits};
 use mpreg_actors::fabric::membership::MembershipTiming;
@@ -70,6 +72,9 @@ pub enum NodeError {
     /// The store under the data directory cannot be opened: locked, corrupt, unwritable.
     #[error(transparent)]
     Storage(#[from] OpenError),
+    /// The cache's store level cannot be read.
+    #[error("cache: {0}")]
+    Cache(String),
     /// Two functions with conflicting identities.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -189,6 +194,10 @@ impl NodeBuilder {
                 path: settings.data_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
                 source,
             })?;
+        let cache = Arc::new(
+            LocalCache::open(persistence.clone(), cache_limits(&settings), mpreg_actors::unix_now())
+                .map_err(|e| NodeError::Cache(e.to_string()))?,
+        );
         let persistence_slot: Slot<Persistence> = Slot::default();
         // The discovery built-ins answer from the fabric's view; local-only, never advertised.
         let gossip: Slot<FabricGossip> = Slot::default();
@@ -240,7 +249,8 @@ impl NodeBuilder {
                 .with_metrics(metrics.clone())
                 .with_limits(limits)
                 .with_queue(queue.clone())
-                .with_discovery_log(settings.discovery_change_log_items),
+                .with_discovery_log(settings.discovery_change_log_items)
+                .with_cache(cache.clone()),
         );
         let fabric_config = FabricConfig {
             peers: settings.peers.clone(),
@@ -324,6 +334,10 @@ impl NodeBuilder {
                 ChildHandles::of(&addr)
             }
         }));
+        children.push(ChildSpec::new("cache", {
+            let (cache, interval) = (cache.clone(), Settings::seconds(settings.cache_sweep_interval_s));
+            move |guard| ChildHandles::of(&Cache::new(cache.clone(), interval, guard).start())
+        }));
         children.push(ChildSpec::new("fabric", {
             let (fabric, gossip) = (fabric.clone(), gossip.clone());
             move |guard| {
@@ -353,6 +367,7 @@ impl NodeBuilder {
                 fault_injection: settings.fault_injection,
                 queues: queue_board.clone(),
                 workers: workers.clone(),
+                cache: cache.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())
@@ -395,7 +410,9 @@ impl NodeBuilder {
             planner,
             queue,
             workers,
+            cache: cache.clone(),
         });
+        let cache_handle = cache;
         let server = connection::serve(ws_listener, shared, settings.workers)
             .map_err(|source| NodeError::Bind { addr: url.clone(), source })?;
         let server_handle = server.handle();
@@ -415,7 +432,23 @@ impl NodeBuilder {
             metrics,
             planner_thread,
             persistence,
+            cache: cache_handle,
         })
+    }
+}
+
+/// The cache's bounds from the settings.
+fn cache_limits(settings: &Settings) -> CacheLimits {
+    CacheLimits {
+        l1: L1Limits { max_bytes: settings.cache_l1_max_bytes, max_entries: settings.cache_l1_max_entries },
+        l2_max_entries: settings.cache_l2_max_entries,
+        l2_max_bytes: settings.cache_l2_max_bytes,
+        keys: KeyLimits { max_key_bytes: settings.cache_max_key_bytes, max_ttl_s: settings.cache_max_ttl_s },
+        max_value_bytes: settings.cache_max_value_bytes,
+        default_ttl_s: (settings.cache_default_ttl_s > 0.0).then_some(settings.cache_default_ttl_s),
+        replication: settings.cache_replication,
+        copy_ttl_s: settings.cache_copy_ttl_s,
+        remote_timeout: Settings::seconds(settings.request_timeout_s),
     }
 }
 
@@ -447,6 +480,7 @@ pub struct Node {
     metrics: Arc<Metrics>,
     planner_thread: ArbiterHandle,
     persistence: PersistenceHandle,
+    cache: Arc<LocalCache>,
 }
 
 impl Node {
@@ -475,12 +509,17 @@ impl Node {
         &self.persistence
     }
 
+    /// The node's cache levels (L1 and L2), as the connections use them.
+    pub fn cache(&self) -> &Arc<LocalCache> {
+        &self.cache
+    }
+
     /// Registers a function on the running node.
     pub async fn register(&self, spec: FunctionSpec) -> Result<(), RegistryError> {
         self.registry.send(|| RegisterFunction { spec: spec.clone() }).await.unwrap_or(Err(RegistryError::Unavailable))
     }
 
-    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `queue`, `monitor`); whether
+    /// Injects a panic into a supervised actor (`registry`, `pubsub`, `queue`, `cache`, `monitor`); whether
     /// such an actor was running.
     pub async fn crash_actor(&self, name: &str) -> bool {
         self.supervisor.send(CrashChild { name: name.to_owned() }).await.unwrap_or(false)

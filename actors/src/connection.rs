@@ -7,7 +7,8 @@
 //! `queue-message`, come through the same outbox), the [`WorkerHub`] (`role: "worker-*"`:
 //! a connection that registers as a worker gets its calls through the same outbox, is
 //! disconnected over a frame that breaks the worker protocol or past `worker_timeout_s`
-//! of silence, and leaves the hub when it closes). Replies and
+//! of silence, and leaves the hub when it closes), the cache (`role: "cache"`, answered
+//! `cache-reply`, read and written in place without a mailbox). Replies and
 //! notifications go through one [`Outbox`] drained by a single writer task, so a reply
 //! queued after a notification is also sent after it.
 //!
@@ -48,6 +49,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::cache::{cluster as cache_cluster, LocalCache};
 use crate::fabric::link::next_link_id;
 use crate::fabric::wire::{CallOutcome, PeerFrame, ServerFrame};
 use crate::fabric::{
@@ -62,8 +64,9 @@ use crate::planner::{
     ReportOptions, RunJob, Step,
 };
 use crate::protocol::{
-    decode_inbound, encode, sniff_u, ClusterStatusRequest, FrameKind, Inbound, InboundError, PubSubAck, PubSubMessage,
-    PublishRequest, QueueReply, QueueRequest, RpcError, RpcRequest, RpcResponse, SubscribeRequest, UnsubscribeRequest,
+    decode_inbound, encode, sniff_u, CacheReply, CacheRequest, ClusterStatusRequest, FrameKind, Inbound, InboundError,
+    PubSubAck, PubSubMessage, PublishRequest, QueueReply, QueueRequest, RpcError, RpcRequest, RpcResponse,
+    SubscribeRequest, UnsubscribeRequest,
 };
 use crate::pubsub::{self, ConnectionId, Origin, OutFrame, Outbox, PubSub};
 use crate::queue::{ConnectionGone, Queue, QueueCall};
@@ -128,6 +131,8 @@ pub struct NodeShared {
     pub queue: Slot<Queue>,
     /// The node's workers (`role: "worker-*"`).
     pub workers: Arc<WorkerHub>,
+    /// This node's cache levels (`role: "cache"`), called without a mailbox.
+    pub cache: Arc<LocalCache>,
 }
 
 /// How long a closing peer link's writer may take to flush before the socket is closed
@@ -368,6 +373,7 @@ impl Connection {
             Err(rejected) if self.worker.is_some() => {
                 self.worker_protocol_error(&format!("undecodable frame: {}", rejected.error.details_text()), ctx)
             }
+            Ok(Inbound::Cache(request)) => self.on_cache(request, kind, ctx),
             Err(rejected) => self.reject(rejected, kind, ctx),
         }
     }
@@ -497,6 +503,47 @@ impl Connection {
         ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
     }
 
+    /// A cache operation, answered `cache-reply`: in place on this thread when this
+    /// node's levels can answer (no mailbox on the way), else as a task that asks the
+    /// key's owners over the fabric (see [`crate::cache::cluster`]).
+    fn on_cache(&mut self, request: CacheRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let shared = &self.shared;
+        let outcome = match cache_cluster::route(&shared.fabric, &shared.cache, &request, unix_now()) {
+            cache_cluster::Route::Answered(outcome) => outcome,
+            cache_cluster::Route::Cluster => return self.on_cache_task(request, kind, ctx),
+        };
+        if let Err(e) = &outcome {
+            shared.metrics.record_outcome(e.kind());
+        }
+        let reply = CacheReply::new(Some(request.u), outcome);
+        self.reply(encode(&reply), kind, ctx);
+    }
+
+    fn on_cache_task(&mut self, request: CacheRequest, kind: FrameKind, ctx: &mut Context<Self>) {
+        let limit = self.shared.config.max_in_flight;
+        if self.in_flight >= limit {
+            self.shared.metrics.limit_exceeded("max_in_flight_per_connection");
+            let reply = CacheReply::new(Some(request.u), Err(RpcError::overloaded(limit)));
+            self.reply(encode(&reply), kind, ctx);
+            return;
+        }
+        let Some(permit) = self.admit(&request.u, kind, ctx) else { return };
+        self.in_flight += 1;
+        let (fabric, cache, outbox) = (self.shared.fabric.clone(), self.shared.cache.clone(), self.outbox.clone());
+        let (metrics, timeout) = (self.shared.metrics.clone(), self.shared.config.request_timeout);
+        let task = async move {
+            let u = request.u.clone();
+            let outcome = cache_cluster::execute(&fabric, &cache, request, timeout).await;
+            drop(permit);
+            if let Err(e) = &outcome {
+                metrics.record_outcome(e.kind());
+            }
+            let reply = CacheReply::new(Some(u), outcome);
+            let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&reply)), kind }).await;
+        };
+        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+    }
+
     fn on_cluster_status(&mut self, request: ClusterStatusRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let (gossip, outbox) = (self.shared.fabric.gossip.clone(), self.outbox.clone());
         let task = async move {
@@ -561,6 +608,7 @@ impl Connection {
         self.shared.metrics.record_outcome(rejected.error.kind());
         let bytes = match rejected.role.as_deref() {
             Some("queue") => encode(&QueueReply::new(rejected.u, Err(rejected.error))),
+            Some("cache") => encode(&CacheReply::new(rejected.u, Err(rejected.error))),
             Some(role) if role.starts_with("pubsub-") => {
                 encode(&PubSubAck::new(rejected.u.as_deref().unwrap_or(""), Some(rejected.error.to_string())))
             }
@@ -824,13 +872,16 @@ enum InPlace {
 
 /// Plans `request` and, when every command is inline, runs it now.
 fn in_place(shared: &NodeShared, request: RpcRequest, started: Instant) -> InPlace {
-    let prepared = match prepare(shared, request, started) {
+    let mut prepared = match prepare(shared, request, started) {
         Ok(prepared) => prepared,
         Err((u, error)) => return InPlace::Answered(failed(u, error)),
     };
     // Fast path: a plan of inline functions only completes in its first poll; running
-    // it here saves a task, a timer and a span per request (DESIGN.md §4).
-    if !(prepared.execution.is_inline() && prepared.ending.callback_topic.is_none()) {
+    // it here saves a task, a timer and a span per request (DESIGN.md §4). So does a
+    // plan whose other commands all have their results in the cache (looked up now).
+    let in_place = prepared.ending.callback_topic.is_none()
+        && (prepared.execution.is_inline() || prepared.execution.prefetch_cached());
+    if !in_place {
         return InPlace::Task(Box::new(prepared));
     }
     let Prepared { ending, execution } = prepared;

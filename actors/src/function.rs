@@ -165,6 +165,8 @@ pub struct FunctionSpec {
     local_only: bool,
     /// Declared parameters, what is wrong with them, and the function's documentation.
     about: Arc<About>,
+    /// Results cached for this long (seconds) by default when called on this node.
+    cache_ttl: Option<f64>,
 }
 
 /// What a function says about itself: parameter names and documentation.
@@ -195,6 +197,7 @@ impl FunctionSpec {
             arity: None,
             local_only: false,
             about: Arc::default(),
+            cache_ttl: None,
         }
     }
 
@@ -311,13 +314,7 @@ impl FunctionSpec {
         identity: FunctionIdentity,
         f: impl Fn(CallArgs) -> BoxFunctionFuture + Send + Sync + 'static,
     ) -> Self {
-        FunctionSpec {
-            identity: Arc::new(identity),
-            body: Body::External(Arc::new(f)),
-            arity: None,
-            local_only: false,
-            about: Arc::default(),
-        }
+        FunctionSpec { identity: Arc::new(identity), ..Self::with_body("", Body::External(Arc::new(f))) }
     }
 
     /// Whether a worker (not this process) serves it.
@@ -331,6 +328,19 @@ impl FunctionSpec {
             *mode = ExecMode::Inline;
         }
         self
+    }
+
+    /// Cache its results for `ttl_s` seconds (key: identity + canonical arguments) when a
+    /// command calls it on this node, whether or not the command asks for it. Only for
+    /// functions whose result depends on their arguments alone.
+    pub fn cacheable(mut self, ttl_s: f64) -> Self {
+        self.cache_ttl = Some(ttl_s);
+        self
+    }
+
+    /// The default TTL of its cached results, when [`Self::cacheable`].
+    pub fn cache_ttl(&self) -> Option<f64> {
+        self.cache_ttl
     }
 
     /// Tag the function with resources (`["gpu", "model-a"]`).

@@ -11,12 +11,14 @@
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
 //! - [`outbox`] — a connection's outgoing queue, bounded in bytes; backpressure on reads.
 //! - [`queue`] — SQS-like queues: leases, redelivery, dead letters, durable records.
+//! - [`cache`] — L1 memory, L2 sled, L3 the cluster (rendezvous owners, invalidation everywhere).
 //! - [`persistence`] — the node's key-value store (sled or memory), durable group commit.
 //! - [`metrics`] — node-wide counters every actor updates and the monitor renders.
 //! - [`monitor`] — `/health`, `/metrics`, `/actors`, `/topology`, `/catalog`.
 //! - [`worker`] — processes in any language serving functions over the websocket.
 //! - [`function`], [`version`] — what a registered function is, and version matching.
 
+pub mod cache;
 pub mod connection;
 pub mod discovery;
 pub mod fabric;

@@ -23,6 +23,7 @@ use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::json;
 use tracing::error;
 
+use crate::cache::LocalCache;
 use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
 use crate::metrics::Metrics;
 use crate::queue::QueueBoard;
@@ -50,6 +51,8 @@ pub struct MonitorState {
     pub queues: QueueBoard,
     /// The node's workers (for `/catalog` and `/metrics`).
     pub workers: Arc<WorkerHub>,
+    /// The cache (its `mpreg_cache_*` series of `/metrics`).
+    pub cache: Arc<LocalCache>,
 }
 
 /// The Monitor actor: owns the HTTP server serving `listener`.
@@ -128,6 +131,7 @@ async fn metrics(state: web::Data<MonitorState>) -> HttpResponse {
     let mut body = state.metrics.render(&state.node);
     render_queues(&mut body, &state.node, &state.queues);
     state.workers.render(&mut body, &state.node);
+    state.cache.render_metrics(&mut body, &state.node);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
 }
 

@@ -84,11 +84,11 @@ pub fn rpc(args: RpcBenchArgs) -> anyhow::Result<i32> {
 }
 
 /// Warm-up before each measured window: lets connections, allocators and caches settle.
-const WARMUP: Duration = Duration::from_millis(500);
+pub(super) const WARMUP: Duration = Duration::from_millis(500);
 /// Requests kept outstanding on the connection in the pipelined scenarios.
-const PIPELINE_DEPTH: usize = 64;
+pub(super) const PIPELINE_DEPTH: usize = 64;
 /// A scenario that has not finished this long after its window ends is declared stuck.
-const STUCK_AFTER: Duration = Duration::from_secs(10);
+pub(super) const STUCK_AFTER: Duration = Duration::from_secs(10);
 /// How long the spawned node may take to print `MPREG_URL=`.
 pub(super) const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the spawned node sits idle before its memory is read.
@@ -219,11 +219,11 @@ const SCENARIOS: [Scenario; 8] = [
 
 /// The figures of one scenario.
 #[derive(Debug, Clone)]
-struct ScenarioResult {
-    name: &'static str,
-    calls_per_s: f64,
-    p50_us: u32,
-    p99_us: u32,
+pub(super) struct ScenarioResult {
+    pub(super) name: &'static str,
+    pub(super) calls_per_s: f64,
+    pub(super) p50_us: u32,
+    pub(super) p99_us: u32,
     /// Replies received inside the measured window.
     calls: usize,
     /// calls/s divided by the floor's calls/s (rpc scenarios only).
@@ -619,15 +619,15 @@ impl BenchWorker {
 /// the next. Pinning makes every scenario pay the cross-CPU wake-up a remote client
 /// causes, and leaves the client a CPU of its own.
 #[derive(Debug, Clone, Copy)]
-struct Placement {
-    server_cpu: usize,
-    client_cpu: usize,
+pub(super) struct Placement {
+    pub(super) server_cpu: usize,
+    pub(super) client_cpu: usize,
 }
 
 impl Placement {
     /// Pins every thread of this process to the first allowed CPU, then the calling
     /// thread to the second. Threads created later inherit their creator's CPU.
-    fn apply() -> anyhow::Result<Self> {
+    pub(super) fn apply() -> anyhow::Result<Self> {
         let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
         let cpus = status
             .lines()
@@ -676,17 +676,17 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// What one scenario's connection observed.
 #[derive(Debug, Default)]
-struct Measurement {
+pub(super) struct Measurement {
     /// Latencies (µs) of the replies received inside the measured window.
     latencies_us: Vec<u32>,
     /// Replies that were not a success (warm-up included).
-    errors: u64,
+    pub(super) errors: u64,
     /// The first such reply, shortened.
-    first_error: Option<String>,
+    pub(super) first_error: Option<String>,
 }
 
 impl Measurement {
-    fn into_result(mut self, name: &'static str, window: Duration) -> ScenarioResult {
+    pub(super) fn into_result(mut self, name: &'static str, window: Duration) -> ScenarioResult {
         self.latencies_us.sort_unstable();
         let calls = self.latencies_us.len();
         ScenarioResult {
@@ -713,19 +713,40 @@ fn percentile(sorted: &[u32], q: f64) -> u32 {
 /// Connects, keeps `scenario.depth` requests outstanding through warm-up and the measured
 /// window, then drains what is still in flight.
 async fn drive(url: &str, scenario: &Scenario, duration: Duration) -> anyhow::Result<Measurement> {
-    // Nagle off on the client: a small frame written while earlier ones are unacknowledged
-    // must not wait for an ACK (the server side is left as the node configures it).
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
     let check = match (scenario.target, scenario.request) {
         (Target::Floor, _) => ReplyCheck::Echo,
         (_, Request::Chain) => ReplyCheck::RpcSuccessWith(CHAIN_SCORE),
         (_, _) => ReplyCheck::RpcSuccess,
     };
-    let template = RequestTemplate::new(scenario.request);
-    let mut driver = Driver::new(ws, template, check, scenario.depth, duration);
-    let outcome = driver.run(scenario.depth).await;
+    drive_template(url, RequestTemplate::new(scenario.request), check, scenario.depth, duration).await
+}
+
+/// [`drive`] for any request frame: `frame` is its JSON text with `"u":"0000000000000000"`
+/// (16 digits), patched per request (other benchmarks drive their own roles this way).
+pub(super) async fn drive_frame(
+    url: &str,
+    frame: String,
+    check: ReplyCheck,
+    depth: usize,
+    duration: Duration,
+) -> anyhow::Result<Measurement> {
+    drive_template(url, RequestTemplate::from_text(frame)?, check, depth, duration).await
+}
+
+async fn drive_template(
+    url: &str,
+    template: RequestTemplate,
+    check: ReplyCheck,
+    depth: usize,
+    duration: Duration,
+) -> anyhow::Result<Measurement> {
+    // Nagle off on the client: a small frame written while earlier ones are unacknowledged
+    // must not wait for an ACK (the server side is left as the node configures it).
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let mut driver = Driver::new(ws, template, check, depth, duration);
+    let outcome = driver.run(depth).await;
     // Best effort: the measurement is complete whether or not the close handshake is.
     drop(driver.ws.close(None).await);
     outcome.map(|()| driver.measurement)
@@ -733,7 +754,7 @@ async fn drive(url: &str, scenario: &Scenario, duration: Duration) -> anyhow::Re
 
 /// How a reply is judged.
 #[derive(Debug, Clone, Copy)]
-enum ReplyCheck {
+pub(super) enum ReplyCheck {
     /// The echo server returns the request: same length.
     Echo,
     /// The node answered without error.
@@ -889,6 +910,16 @@ impl RequestTemplate {
         // The key is in the literal just built, so this cannot miss.
         let u_at = find(&bytes, U_KEY).map_or(0, |at| at + U_KEY.len());
         RequestTemplate { bytes, u_at }
+    }
+
+    /// A template from a whole frame's text holding `"u":"` and 16 digits.
+    fn from_text(text: String) -> anyhow::Result<Self> {
+        let bytes = text.into_bytes();
+        let u_at = find(&bytes, U_KEY).map(|at| at + U_KEY.len()).context("the frame has no \"u\":\"")?;
+        if bytes.len() < u_at + U_DIGITS {
+            bail!("the frame's u is shorter than {U_DIGITS} digits");
+        }
+        Ok(RequestTemplate { bytes, u_at })
     }
 
     fn len(&self) -> usize {

@@ -16,7 +16,8 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
     match command {
         ClientCommand::Health { url } => health(&url),
         ClientCommand::Queue(command) => block_on(super::queue::run(command)),
-        ClientCommand::Call { fun, args, kwargs, locs, function_id, version, timeout, url } => {
+        ClientCommand::Cache(command) => block_on(super::cache::run(command)),
+        ClientCommand::Call { fun, args, kwargs, locs, function_id, version, timeout, cache_ttl, url } => {
             let args = parse_args(&args)?;
             let kwargs = match kwargs {
                 Some(text) => match serde_json::from_str(&text).context("--kwargs is not JSON")? {
@@ -31,6 +32,8 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
                 function_id,
                 version_constraint: version,
                 timeout: timeout.map(Duration::from_secs_f64),
+                cache_ttl,
+                ..CallOptions::default()
             };
             block_on(async move {
                 let client = Client::connect(&url).await?;

@@ -3,10 +3,12 @@
 //! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
 
 mod bench;
+mod bench_cache;
 mod bench_cluster;
 mod bench_membership;
 mod bench_persistence;
 mod bench_queue;
+mod cache;
 mod client;
 mod demo;
 mod keys;
@@ -178,6 +180,9 @@ pub enum ClientCommand {
         /// Whole-request timeout in seconds.
         #[arg(long)]
         timeout: Option<f64>,
+        /// Serve the result from the node's cache, and cache it for this many seconds.
+        #[arg(long)]
+        cache_ttl: Option<f64>,
         /// Node URL.
         #[arg(long, env = "MPREG_URL")]
         url: String,
@@ -193,6 +198,9 @@ pub enum ClientCommand {
     /// Durable queues: create, send, receive, ack, nack, stats, list, dlq, redrive, bind.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
+    /// The cache: put, get, delete, invalidate, incr, cas, stats.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Show the cluster as the node at URL sees it.
     Status {
         /// Node URL.
@@ -225,6 +233,8 @@ pub enum BenchCommand {
     /// The SWIM membership protocol in a simulated cluster: periods to spread a join and
     /// a failure, messages per member.
     Membership(bench_membership::MembershipBenchArgs),
+    /// Cache get/put (local and remote) next to RPC echo of the same run.
+    Cache(bench_cache::CacheBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -238,6 +248,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Persistence(args)) => bench_persistence::run(args),
         Command::Bench(BenchCommand::Queue(args)) => bench_queue::queue(args),
         Command::Bench(BenchCommand::Membership(args)) => bench_membership::run(args),
+        Command::Bench(BenchCommand::Cache(args)) => bench_cache::cache(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {

@@ -41,6 +41,7 @@ use super::queue_sessions::QueueSessions;
 use super::trust::Credentials;
 use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, PeerFrame};
 use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
+use crate::cache::LocalCache;
 use crate::discovery::log::CatalogLog;
 use crate::function::{CallArgs, FunctionIdentity};
 use crate::metrics::{self, Metrics};
@@ -216,6 +217,8 @@ pub struct FabricShared {
     /// The names of the local queues as last advertised (kept here so a restarted
     /// FabricGossip advertises them at once).
     pub local_queues: Mutex<Vec<String>>,
+    /// This node's cache (to serve cache operations from other nodes).
+    pub cache: Option<Arc<LocalCache>>,
     pending: Mutex<HashMap<String, PendingCall>>,
     /// This node's credentials; `None` runs open (development).
     pub trust: Option<Arc<Credentials>>,
@@ -270,6 +273,7 @@ impl FabricShared {
             gossip,
             queue: Slot::default(),
             local_queues: Mutex::new(Vec::new()),
+            cache: None,
             pending: Mutex::new(HashMap::new()),
             trust: None,
             metrics: Arc::new(Metrics::default()),
@@ -301,6 +305,19 @@ impl FabricShared {
     pub fn with_discovery_log(mut self, items: usize) -> Self {
         self.discovery_log = Mutex::new(CatalogLog::new(items));
         self
+    }
+
+    /// Serves cache operations from other nodes with this cache.
+    pub fn with_cache(mut self, cache: Arc<LocalCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Runs a cache operation on `node` (`duty`: see [`FabricBody::CacheOp`]); the
+    /// outcome's `ok` value is the node's `cache-reply`. A lost link or node is
+    /// `Unreachable` at once.
+    pub async fn cache_op(&self, node: &str, duty: &str, request: Value) -> CallOutcome {
+        self.request(node, FabricBody::CacheOp { duty: duty.to_owned(), request }).await
     }
 
     /// Counts into the node's metrics.
@@ -527,7 +544,7 @@ impl FabricShared {
                     }
                 }
             }
-            body @ (FabricBody::Call { .. } | FabricBody::QueueOp { .. }) => {
+            body @ (FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. }) => {
                 let (id, source) = (message.id, message.source);
                 let forwards = message.path.len().saturating_sub(1);
                 let Ok(mut serving) = self.serving.lock() else { return };
@@ -567,6 +584,10 @@ impl FabricShared {
                             shared.serve_call(&command, &identity, CallArgs { args, kwargs, deadline }).await
                         }
                         FabricBody::QueueOp { request, conn } => shared.serve_queue_op(&source, request, conn).await,
+                        FabricBody::CacheOp { duty, request } => match shared.cache.clone() {
+                            Some(cache) => crate::cache::cluster::serve(shared, &cache, &duty, request).await,
+                            None => CallOutcome::NotFound { node: shared.me.node.clone() },
+                        },
                         _ => return,
                     };
                     shared.reply(link, id, source, outcome, forwards);
@@ -720,9 +741,9 @@ impl Drop for ServingGuard {
 }
 
 impl FabricBody {
-    /// A call or queue operation: answered, so forwarded with a way back.
+    /// A call, queue or cache operation: answered, so forwarded with a way back.
     pub fn is_request(&self) -> bool {
-        matches!(self, FabricBody::Call { .. } | FabricBody::QueueOp { .. })
+        matches!(self, FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. })
     }
 }
 

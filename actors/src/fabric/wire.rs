@@ -314,6 +314,17 @@ pub enum FabricBody {
         /// The connection that closed.
         conn: u64,
     },
+    /// A cache operation for the target's levels: `request` is a `role: "cache"` frame;
+    /// `duty` says how the target runs it: `primary` (as the key's primary owner: it
+    /// assigns the version and tells the other nodes) or `local` (on its own L1 and L2
+    /// only: a replica's versioned write, a dropped copy, a read, an invalidation).
+    /// Answered like `queue-op`, with the target's `cache-reply` as the `ok` value.
+    CacheOp {
+        /// `primary` or `local`.
+        duty: String,
+        /// The CacheRequest JSON.
+        request: Value,
+    },
     /// A pub/sub message flooding the cluster (de-duplicated by `message_id`).
     Publish {
         /// The message.

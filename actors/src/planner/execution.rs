@@ -15,6 +15,9 @@ use serde_json::{json, Map, Value};
 
 use super::budget::{footprint, Budget, LimitExceeded, Limits};
 use super::{Lookup, Plan};
+use crate::cache::core::{CacheError, CacheKey};
+use crate::cache::rpc::{self, Flight};
+use crate::cache::{Levels, LocalCache};
 use crate::fabric::wire::CallOutcome;
 use crate::fabric::RemoteFunction;
 use crate::function::{type_name, CallArgs, FunctionError};
@@ -174,6 +177,12 @@ pub struct Execution {
     metrics: Option<Arc<Metrics>>,
     /// When the request stops waiting; travels with each call (see [`CallArgs::deadline`]).
     deadline: Option<Instant>,
+    /// The node's cache, for commands whose results are cached.
+    cache: Option<Arc<LocalCache>>,
+    /// Commands served from the cache (named in `execution_summary`).
+    cached: Vec<String>,
+    /// Results looked up by [`Execution::prefetch_cached`], used before anything else.
+    prefetched: Vec<Option<Value>>,
 }
 
 // An execution moves to the Planner's thread when it pauses.
@@ -226,6 +235,7 @@ impl Execution {
         });
         let mut results = Vec::with_capacity(n);
         results.resize_with(n, || None);
+        let cache = plan.routing.fabric().and_then(|fabric| fabric.cache.clone());
         Execution {
             plan,
             options,
@@ -239,6 +249,9 @@ impl Execution {
             largest_result: 0,
             metrics,
             deadline: None,
+            cache,
+            cached: Vec::new(),
+            prefetched: Vec::new(),
         }
     }
 
@@ -246,6 +259,37 @@ impl Execution {
     pub fn with_deadline(mut self, deadline: Instant) -> Self {
         self.deadline = Some(deadline);
         self
+    }
+
+    /// Looks up, in the node's cache, the result of every command that is not inline;
+    /// true when all were found, so the run completes in its first poll like an inline
+    /// plan (a cached RPC is then answered on the connection's thread, without a task).
+    /// Only commands without references qualify: their arguments are known now.
+    pub fn prefetch_cached(&mut self) -> bool {
+        let Some(cache) = &self.cache else { return false };
+        let now = unix_now();
+        let mut found = vec![None; self.plan.cmds.len()];
+        for (i, cmd) in self.plan.cmds.iter().enumerate() {
+            let (identity, default_ttl) = match &self.plan.endpoints[i] {
+                Endpoint::Local(function) if function.is_inline() => continue,
+                Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
+                Endpoint::Remote(target) => (&target.identity, None),
+            };
+            // A bad TTL is refused by the normal path, never served.
+            let ttl = cmd.cache.as_ref().map(|c| c.ttl).or(default_ttl);
+            if self.plan.levels[i] > 0 || ttl.is_none_or(|ttl| cache.expiry(Some(ttl), now).is_err()) {
+                return false;
+            }
+            let Ok(key) = cache.key(rpc::NAMESPACE, &rpc::call_key(identity, &cmd.args, &cmd.kwargs)) else {
+                return false;
+            };
+            match cache.get(&key, Levels::LOCAL, now) {
+                Ok(Some((entry, _))) => found[i] = Some(entry.value.clone()),
+                _ => return false,
+            }
+        }
+        self.prefetched = found;
+        true
     }
 
     /// The request's id.
@@ -332,18 +376,37 @@ impl Execution {
                         }
                     }
                 }
+                if let Some(value) = self.prefetched.get_mut(i).and_then(Option::take) {
+                    self.cached.push(self.plan.cmds[i].name.clone());
+                    self.finish(i, value)?;
+                    self.drain_levels(observer).await?;
+                    continue;
+                }
                 let call = CallArgs { args, kwargs, deadline: self.deadline };
                 let types = ArgTypes::of(&call.args);
-                match &self.plan.endpoints[i] {
-                    Endpoint::Local(function) if function.is_inline() => {
+                let slot = self.cache_slot(i, &call)?;
+                if let Some(value) = slot.as_ref().and_then(CacheSlot::lookup) {
+                    self.cached.push(self.plan.cmds[i].name.clone());
+                    self.finish(i, value)?;
+                    self.drain_levels(observer).await?;
+                    continue;
+                }
+                match (&self.plan.endpoints[i], slot) {
+                    (Endpoint::Local(function), slot) if function.is_inline() => {
                         let result = function
                             .invoke_inline(call)
                             .unwrap_or_else(|| Err(FunctionError::new("Internal", "not inline")));
                         let value = result.map_err(|e| failure(&self.plan.cmds[i], None, &e, &types))?;
+                        if let Some(slot) = slot {
+                            slot.store(&value);
+                        }
                         self.finish(i, value)?;
                     }
-                    endpoint => {
-                        let future = dispatch(&self.plan, i, endpoint.clone(), call, types);
+                    (endpoint, slot) => {
+                        let mut future = dispatch(&self.plan, i, endpoint.clone(), call, types);
+                        if let Some(slot) = slot {
+                            future = single_flight(i, future, slot);
+                        }
                         running.get_or_insert_with(FuturesUnordered::new).push(future);
                     }
                 }
@@ -376,6 +439,26 @@ impl Execution {
             self.drain_levels(observer).await?;
         }
         Ok(false)
+    }
+
+    /// Where command `i`'s result is cached: when the command asks for it (`cache`), or
+    /// its local function is cacheable, and the node has a cache. A bad TTL is 1002.
+    fn cache_slot(&self, i: usize, call: &CallArgs) -> Result<Option<CacheSlot>, RpcError> {
+        let Some(cache) = &self.cache else { return Ok(None) };
+        let (identity, default_ttl) = match &self.plan.endpoints[i] {
+            Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
+            Endpoint::Remote(target) => (&target.identity, None),
+        };
+        let Some(ttl) = self.plan.cmds[i].cache.as_ref().map(|c| c.ttl).or(default_ttl) else { return Ok(None) };
+        let refuse = |e: CacheError| {
+            if let (CacheError::Limit(setting, _), Some(metrics)) = (&e, &self.metrics) {
+                metrics.limit_exceeded(setting);
+            }
+            RpcError::invalid(format!("command {}: cache: {e}", self.plan.cmds[i].name))
+        };
+        let expires_at = cache.expiry(Some(ttl), unix_now()).map_err(refuse)?;
+        let key = cache.key(rpc::NAMESPACE, &rpc::call_key(identity, &call.args, &call.kwargs)).map_err(refuse)?;
+        Ok(Some(CacheSlot { cache: cache.clone(), key, expires_at }))
     }
 
     /// Records command `i`'s result (measured once here) and readies its dependants.
@@ -469,7 +552,7 @@ impl Execution {
             }
         }
         let execution_summary = match (&self.tracker, self.options.execution_summary) {
-            (Some(tracker), true) => Some(summary(&self.plan, tracker)),
+            (Some(tracker), true) => Some(summary(&self.plan, tracker, &self.cached)),
             _ => None,
         };
         Outcome {
@@ -527,6 +610,56 @@ fn failure(cmd: &RpcCommand, node: Option<&str>, error: &FunctionError, types: &
 }
 
 type Running = LocalBoxFuture<'static, (usize, Result<Value, RpcError>)>;
+
+/// Where a command's result is cached.
+struct CacheSlot {
+    cache: Arc<LocalCache>,
+    key: CacheKey,
+    expires_at: Option<f64>,
+}
+
+impl CacheSlot {
+    /// The cached result, if live.
+    fn lookup(&self) -> Option<Value> {
+        let hit = self.cache.get(&self.key, Levels::LOCAL, unix_now()).ok().flatten();
+        hit.map(|(entry, _)| entry.value.clone())
+    }
+
+    /// Caches a successful result (one too large for `cache_max_value_bytes` is not).
+    fn store(&self, value: &Value) {
+        if self.cache.check_value(value).is_ok() {
+            let now = unix_now();
+            let _ = self.cache.put(&self.key, value.clone(), self.expires_at, None, Levels::LOCAL, now);
+        }
+    }
+}
+
+/// Runs `future` once for every identical call in flight on this node: the first runs
+/// it and caches a success; the others wait for its result.
+fn single_flight(i: usize, future: Running, slot: CacheSlot) -> Running {
+    async move {
+        match slot.cache.flights.join(slot.key.stored()) {
+            Flight::Follower(result) => {
+                let cancelled = || Err(RpcError::unreachable("the identical call this one waited for was lost"));
+                (i, result.await.unwrap_or_else(|_| cancelled()))
+            }
+            Flight::Leader(leader) => {
+                // Another flight may have landed between the lookup and now.
+                if let Some(value) = slot.lookup() {
+                    leader.finish(&Ok(value.clone()));
+                    return (i, Ok(value));
+                }
+                let (i, result) = future.await;
+                if let Ok(value) = &result {
+                    slot.store(value);
+                }
+                leader.finish(&result);
+                (i, result)
+            }
+        }
+    }
+    .boxed_local()
+}
 
 /// Starts a command that does not complete in place.
 fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: ArgTypes) -> Running {
@@ -609,7 +742,7 @@ async fn run_remote(
     }
 }
 
-fn summary(plan: &Plan, tracker: &LevelTracker) -> Value {
+fn summary(plan: &Plan, tracker: &LevelTracker, cached: &[String]) -> Value {
     let total = tracker.started.elapsed().as_secs_f64() * 1000.0;
     let bottleneck = tracker.times_ms.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
     let average = if tracker.times_ms.is_empty() {
@@ -617,7 +750,7 @@ fn summary(plan: &Plan, tracker: &LevelTracker) -> Value {
     } else {
         tracker.times_ms.iter().sum::<f64>() / tracker.times_ms.len() as f64
     };
-    json!({
+    let mut summary = json!({
         "request_id": plan.request_id,
         "total_execution_time_ms": total,
         "total_levels": plan.level_count,
@@ -626,5 +759,10 @@ fn summary(plan: &Plan, tracker: &LevelTracker) -> Value {
         "average_level_time_ms": average,
         "parallel_commands_executed": plan.cmds.len(),
         "cross_cluster_hops": 0,
-    })
+    });
+    // Only when there are any: otherwise the summary keeps the reference's exact shape.
+    if !cached.is_empty() {
+        summary["cached_commands"] = json!(cached);
+    }
+    summary
 }

@@ -4,7 +4,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{PublishRequest, QueueRequest, RequestId, RpcError, RpcRequest, SubscribeRequest, UnsubscribeRequest};
+use super::{
+    CacheRequest, PublishRequest, QueueRequest, RequestId, RpcError, RpcRequest, SubscribeRequest, UnsubscribeRequest,
+};
 
 /// A decoded client frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +29,8 @@ pub enum Inbound {
     /// `worker-*`: a worker process speaking. The frame's bytes go to the worker
     /// protocol's own decoder (`worker::wire`).
     Worker,
+    /// `cache`: one cache operation (ours; see [`CacheRequest`]).
+    Cache(CacheRequest),
 }
 
 /// `role: "cluster-status"` — answered with `{role: "cluster-status", u, topology, catalog}`.
@@ -164,6 +168,7 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         "pubsub-unsubscribe" => parse(bytes).map(Inbound::Unsubscribe).map_err(|e| fail(e, u, &role)),
         "cluster-status" => parse(bytes).map(Inbound::ClusterStatus).map_err(|e| fail(e, u, &role)),
         "queue" => parse(bytes).map(Inbound::Queue).map_err(|e| fail(e, u, &role)),
+        "cache" => parse(bytes).map(Inbound::Cache).map_err(|e| fail(e, u, &role)),
         role if is_peer_role(role) => Ok(Inbound::Peer),
         role if role.starts_with("worker-") => Ok(Inbound::Worker),
         _ => Err(InboundError { u, error: RpcError::unknown_role(Some(&role)), role: Some(role) }),

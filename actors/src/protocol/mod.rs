@@ -61,6 +61,16 @@ pub struct RpcCommand {
     /// Accepted for compatibility; unused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing_topic: Option<String>,
+    /// Serve the result from the node's cache, and cache it (ours): `{"ttl": seconds}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CommandCache>,
+}
+
+/// `cache` of an [`RpcCommand`]: how long its result may be served from the cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandCache {
+    /// Seconds to live.
+    pub ttl: f64,
 }
 
 impl RpcCommand {
@@ -76,6 +86,7 @@ impl RpcCommand {
             version_constraint: None,
             target_cluster: None,
             routing_topic: None,
+            cache: None,
         }
     }
 }
@@ -312,5 +323,86 @@ impl QueueReply {
             Err(e) => (None, Some(e)),
         };
         QueueReply { role: "queue-reply".to_owned(), u, result, error }
+    }
+}
+
+/// `role: "cache"` — one cache operation; answered with a [`CacheReply`].
+///
+/// `{"role": "cache", "u", "op", "namespace", "key", "value", "ttl", "levels", "version",
+/// "by", "prefix"}`: `op` is one of `get`, `put`, `delete`, `invalidate`, `incr`, `cas`,
+/// `stats`; which fields each op reads is in the README ("Cache"). `levels` lists the levels
+/// an op may touch (`l1`, `l2`, `l3`; default all three).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheRequest {
+    /// Correlation id.
+    pub u: RequestId,
+    /// The operation.
+    pub op: String,
+    /// The key's namespace (every op but `stats`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The key within the namespace (`get`, `put`, `delete`, `incr`, `cas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The JSON value (`put`, `cas`); `null` is not a value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// Time to live in seconds (`put`, `cas`, `incr`); default `cache_default_ttl_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<f64>,
+    /// Levels the op may touch: any of `l1`, `l2`, `l3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub levels: Option<Vec<String>>,
+    /// `cas`: the version the entry must have (0: the key must be absent). Between nodes:
+    /// the version a replica stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// `incr`: the amount (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<i64>,
+    /// `invalidate`: only keys of the namespace starting with it (absent: the whole namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+impl CacheRequest {
+    /// A request for `op` with every optional field absent.
+    pub fn new(u: impl Into<RequestId>, op: impl Into<String>) -> Self {
+        CacheRequest {
+            u: u.into(),
+            op: op.into(),
+            namespace: None,
+            key: None,
+            value: None,
+            ttl: None,
+            levels: None,
+            version: None,
+            by: None,
+            prefix: None,
+        }
+    }
+}
+
+/// `role: "cache-reply"` — the answer to a [`CacheRequest`]: `result` or `error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheReply {
+    /// Always `cache-reply`.
+    pub role: String,
+    /// The request's `u`.
+    pub u: Option<RequestId>,
+    /// The op's result (`null` on error).
+    pub result: Option<Value>,
+    /// Why it failed.
+    pub error: Option<RpcError>,
+}
+
+impl CacheReply {
+    /// The reply to `u`.
+    pub fn new(u: Option<RequestId>, outcome: Result<Value, RpcError>) -> Self {
+        let (result, error) = match outcome {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
+        };
+        CacheReply { role: "cache-reply".to_owned(), u, result, error }
     }
 }
