@@ -33,7 +33,6 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
                 version_constraint: version,
                 timeout: timeout.map(Duration::from_secs_f64),
                 cache_ttl,
-                ..CallOptions::default()
             };
             block_on(async move {
                 let client = Client::connect(&url).await?;
