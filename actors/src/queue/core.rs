@@ -466,11 +466,10 @@ impl QueueCore {
         visibility: Option<f64>,
         now: f64,
     ) -> Step<Result<Vec<Delivery>>> {
-        let visibility = visibility.unwrap_or(self.config.visibility_timeout);
-        if !visibility.is_finite() || visibility <= 0.0 || visibility > MAX_SECONDS {
-            let refused = QueueError::BadRequest(format!("visibility must be in (0, {MAX_SECONDS}], got {visibility}"));
-            return Effects::default().into_step(Err(refused));
-        }
+        let visibility = match self.visibility(visibility) {
+            Ok(v) => v,
+            Err(refused) => return Effects::default().into_step(Err(refused)),
+        };
         let mut fx = Effects::default();
         self.advance(now, &mut fx);
         let mut got = Vec::new();
@@ -684,11 +683,10 @@ impl QueueCore {
         visibility: Option<f64>,
         now: f64,
     ) -> Step<Result<Vec<Delivery>>> {
-        let visibility = visibility.unwrap_or(self.config.visibility_timeout);
-        if !visibility.is_finite() || visibility <= 0.0 || visibility > MAX_SECONDS {
-            let refused = QueueError::BadRequest(format!("visibility must be in (0, {MAX_SECONDS}], got {visibility}"));
-            return Effects::default().into_step(Err(refused));
-        }
+        let visibility = match self.visibility(visibility) {
+            Ok(v) => v,
+            Err(refused) => return Effects::default().into_step(Err(refused)),
+        };
         let mut fx = Effects::default();
         self.advance(now, &mut fx);
         let mut got = Vec::new();
@@ -745,6 +743,15 @@ impl QueueCore {
     }
 
     // ---- internals ----
+
+    /// A lease's length: `asked`, or the queue's visibility timeout.
+    fn visibility(&self, asked: Option<f64>) -> Result<f64> {
+        let visibility = asked.unwrap_or(self.config.visibility_timeout);
+        if !visibility.is_finite() || visibility <= 0.0 || visibility > MAX_SECONDS {
+            return Err(QueueError::BadRequest(format!("visibility must be in (0, {MAX_SECONDS}], got {visibility}")));
+        }
+        Ok(visibility)
+    }
 
     /// The seq of dead letter `id` if `consumer` holds it, taken out of `dead_leases`.
     fn held_dead(&mut self, consumer: &ConsumerId, id: &MessageId) -> Result<u64> {
