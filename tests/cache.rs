@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mpreg::{CacheOptions, Client, Settings};
@@ -14,7 +12,7 @@ use serde_json::json;
 
 use common::metrics::metric_value;
 use common::node::TestNode;
-use common::process::printed_url;
+use common::process::{mpreg_command, NodeProcess};
 use common::{get_ok, poll_until_async};
 
 const SOON: Duration = Duration::from_secs(30);
@@ -149,15 +147,9 @@ async fn the_cache_survives_a_crash_of_its_actor() {
     assert_eq!(c.cache_incr("ns", "n", 2, all()).await.unwrap(), 2);
 }
 
-fn mpreg() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mpreg"));
-    command.env("RUST_LOG", "warn").env("NO_COLOR", "1").env_remove("MPREG_URL");
-    command
-}
-
 /// `mpreg client cache ...`: exit code and stdout.
 fn cli(url: &str, args: &[&str]) -> (i32, String) {
-    let out = mpreg().args(["client", "cache"]).args(args).args(["--url", url]).output().expect("run mpreg");
+    let out = mpreg_command().args(["client", "cache"]).args(args).args(["--url", url]).output().expect("run mpreg");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
@@ -191,38 +183,11 @@ async fn the_cli_speaks_every_op() {
     .unwrap();
 }
 
-/// A node process on a data dir; SIGKILLed on drop.
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Process {
-    fn start(dir: &Path) -> Process {
-        let mut child = mpreg()
-            .args(["server", "start", "--port", "0", "--monitoring-port", "0", "--data-dir"])
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mpreg");
-        let url = printed_url(&mut child, SOON);
-        Process { child, url }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[actix_rt::test]
 async fn l2_entries_survive_kill_9_and_expired_ones_are_never_served() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let c = client(&node.url).await;
     c.cache_put("keep", "a", json!({"n": 1}), all()).await.unwrap();
     c.cache_put("keep", "short", json!(2), CacheOptions::ttl(1.0)).await.unwrap();
@@ -241,7 +206,7 @@ async fn l2_entries_survive_kill_9_and_expired_ones_are_never_served() {
         (std::time::Instant::now() > expires).then_some(())
     })
     .await;
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let c = client(&node.url).await;
     let hit = c.cache_get("keep", "a", all()).await.unwrap().expect("kept across the restart");
     assert_eq!((hit.value, hit.level.as_str()), (json!({"n": 1}), "l2"));

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::printed_url;
+use common::process::NodeProcess;
 
 const SOON: Duration = Duration::from_secs(30);
 
@@ -53,30 +53,6 @@ fn finish(mut command: Command) -> (Option<i32>, String, String) {
     (status.code(), out.join().unwrap_or_default(), err.join().unwrap_or_default())
 }
 
-/// A node started on `dir`, killed on drop.
-struct RunningNode(Child);
-
-impl RunningNode {
-    fn start(dir: &Path) -> RunningNode {
-        let mut child = mpreg()
-            .args(["server", "start", "--port", "0", "--monitoring-port", "0", "--data-dir"])
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mpreg");
-        printed_url(&mut child, SOON);
-        RunningNode(child)
-    }
-}
-
-impl Drop for RunningNode {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_on(dir: &Path) -> (Option<i32>, String, String) {
     let mut command = mpreg();
     command.args(["server", "start", "--port", "0", "--data-dir"]).arg(dir);
@@ -87,7 +63,7 @@ fn start_on(dir: &Path) -> (Option<i32>, String, String) {
 fn a_dir_locked_by_a_running_node_stops_the_second_with_75() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let _first = RunningNode::start(&dir);
+    let _first = NodeProcess::on_data_dir(&dir);
     let (code, stdout, stderr) = start_on(&dir);
     assert_eq!(code, Some(75), "stderr:\n{stderr}");
     assert!(!stdout.contains("MPREG_URL"), "the second node must not serve: {stdout}");
@@ -112,7 +88,7 @@ fn a_garbage_log_stops_the_node_with_65() {
 fn a_garbage_log_in_a_used_store_stops_the_node_with_65() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    drop(RunningNode::start(&dir)); // creates a real store, then is killed
+    drop(NodeProcess::on_data_dir(&dir)); // creates a real store, then is killed
     let log = dir.join("db");
     let len = std::fs::metadata(&log).unwrap().len() as usize;
     std::fs::write(&log, vec![0xa5; len.max(4096)]).unwrap();

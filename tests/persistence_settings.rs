@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mpreg::client::QueueSendOptions;
@@ -14,7 +13,7 @@ use mpreg::{CacheOptions, Client};
 use serde_json::json;
 
 use common::poll_until_async;
-use common::process::printed_url;
+use common::process::{mpreg_command, NodeProcess};
 
 const SOON: Duration = Duration::from_secs(30);
 const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/persistence_settings.toml");
@@ -38,36 +37,11 @@ fn settings_in(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-struct Process(Child);
-
-impl Process {
-    fn start(settings: &Path) -> (Process, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mpreg"))
-            .args(["server", "start-config"])
-            .arg(settings)
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .env_remove("MPREG_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mpreg");
-        let url = printed_url(&mut child, SOON);
-        (Process(child), url)
-    }
-
-    /// SIGTERM (a clean stop), then reap.
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `mpreg server start-config SETTINGS`.
+fn start_config(settings: &Path) -> NodeProcess {
+    let mut command = mpreg_command();
+    command.args(["server", "start-config"]).arg(settings);
+    NodeProcess::spawn(command)
 }
 
 #[test]
@@ -81,7 +55,8 @@ fn the_shipped_file_is_valid() {
 async fn a_node_from_the_settings_file_keeps_its_queue_and_cache_across_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let settings = settings_in(tmp.path());
-    let (node, url) = Process::start(&settings);
+    let node = start_config(&settings);
+    let url = node.url.clone();
     let client = Client::connect(&url).await.unwrap();
     client.queue_create("orders", json!({})).await.unwrap();
     let id = client.queue_send("orders", json!({"sku": "a1"}), QueueSendOptions::default()).await.unwrap();
@@ -91,9 +66,10 @@ async fn a_node_from_the_settings_file_keeps_its_queue_and_cache_across_a_restar
     })
     .await;
     client.close().await;
-    node.stop();
+    node.terminate();
 
-    let (_node, url) = Process::start(&settings);
+    let node = start_config(&settings);
+    let url = node.url.clone();
     let client = Client::connect(&url).await.unwrap();
     let got = client.queue_receive("orders", 10, 0.0, None).await.unwrap();
     assert_eq!(got.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), [id]);

@@ -9,56 +9,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use mpreg::client::QueueSendOptions;
 use mpreg::Client;
 use serde_json::json;
 
-use common::process::printed_url;
-
-const SOON: Duration = Duration::from_secs(60);
-
-/// A node process on a data dir; SIGKILLed on drop.
-struct Process {
-    child: Child,
-    url: String,
-}
-
-impl Process {
-    fn start(dir: &Path) -> Process {
-        Self::start_with(Command::new(env!("CARGO_BIN_EXE_mpreg")), dir)
-    }
-
-    fn start_with(mut command: Command, dir: &Path) -> Process {
-        let mut child = command
-            .args(["server", "start", "--port", "0", "--monitoring-port", "0", "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .env_remove("MPREG_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mpreg");
-        let url = printed_url(&mut child, SOON);
-        Process { child, url }
-    }
-
-    /// SIGKILL, then reap.
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::process::NodeProcess;
 
 async fn connect(url: &str) -> Client {
     Client::connect(url).await.expect("client connects")
@@ -68,7 +25,7 @@ async fn connect(url: &str) -> Client {
 async fn five_thousand_acknowledged_sends_survive_kill_9() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let clients = [connect(&node.url).await, connect(&node.url).await, connect(&node.url).await];
     clients[0].queue_create("orders", json!({"max_messages": 100000})).await.unwrap();
     // 5,000 sends, 64 in flight per connection over 3 connections.
@@ -97,7 +54,7 @@ async fn five_thousand_acknowledged_sends_survive_kill_9() {
     assert_eq!(acked.len(), 5000);
     node.kill9();
 
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let client = connect(&node.url).await;
     let mut got = BTreeSet::new();
     loop {
@@ -116,7 +73,7 @@ async fn five_thousand_acknowledged_sends_survive_kill_9() {
 async fn leased_messages_are_visible_again_after_kill_9() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let client = connect(&node.url).await;
     client.queue_create("leases", json!({"visibility_timeout": 3600})).await.unwrap();
     let mut sent = BTreeSet::new();
@@ -128,7 +85,7 @@ async fn leased_messages_are_visible_again_after_kill_9() {
     assert_eq!(client.queue_stats("leases").await.unwrap()["leased"], json!(100));
     node.kill9();
 
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let client = connect(&node.url).await;
     let stats = client.queue_stats("leases").await.unwrap();
     assert_eq!(stats["visible"], json!(100), "{stats}");
@@ -157,7 +114,9 @@ async fn each_durable_send_is_preceded_by_a_sync_under_strace() {
     let log = tmp.path().join("strace.log");
     let mut command = Command::new("strace");
     command.args(["-f", "-qq", "-e", "trace=fdatasync,fsync", "-o"]).arg(&log).arg(env!("CARGO_BIN_EXE_mpreg"));
-    let node = Process::start_with(command, &dir);
+    command.env("RUST_LOG", "warn").env("NO_COLOR", "1").env_remove("MPREG_URL");
+    NodeProcess::add_data_dir_args(&mut command, &dir);
+    let node = NodeProcess::spawn(command);
     let client = connect(&node.url).await;
     client.queue_create("synced", json!({})).await.unwrap();
     for n in 0..20 {
@@ -189,7 +148,7 @@ fn cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
 fn the_cli_creates_sends_receives_acks_across_processes_and_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let url = node.url.clone();
     let (code, out, err) = cli(&url, &["create", "work", "--max-receives", "2", "--visibility", "60"]);
     assert_eq!(code, Some(0), "{out}{err}");
@@ -199,7 +158,7 @@ fn the_cli_creates_sends_receives_acks_across_processes_and_a_restart() {
     assert_eq!(out, format!("{id}\n"), "send prints the id alone on a line");
     node.kill9();
 
-    let node = Process::start(&dir);
+    let node = NodeProcess::on_data_dir(&dir);
     let url = node.url.clone();
     let (code, out, err) = cli(&url, &["receive", "work", "--max", "10"]);
     assert_eq!(code, Some(0), "{out}{err}");

@@ -25,3 +25,61 @@ pub fn printed_urls(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     });
     rx
 }
+
+/// The built `mpreg` with quiet logs and no inherited `MPREG_URL`.
+pub fn mpreg_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"));
+    command.env("RUST_LOG", "warn").env("NO_COLOR", "1").env_remove("MPREG_URL");
+    command
+}
+
+/// A node process, SIGKILLed and reaped on drop.
+pub struct NodeProcess {
+    child: Child,
+    /// The URL it printed.
+    pub url: String,
+}
+
+impl NodeProcess {
+    /// Runs `command` (an `mpreg server ...`, or a wrapper such as strace around one) and
+    /// waits for the URL it prints.
+    pub fn spawn(mut command: std::process::Command) -> NodeProcess {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn mpreg");
+        let url = printed_url(&mut child, Duration::from_secs(60));
+        NodeProcess { child, url }
+    }
+
+    /// `mpreg server start` on free ports with `dir` as its data dir.
+    pub fn on_data_dir(dir: &std::path::Path) -> NodeProcess {
+        let mut command = mpreg_command();
+        Self::add_data_dir_args(&mut command, dir);
+        Self::spawn(command)
+    }
+
+    /// Appends `server start` on free ports with `dir` as its data dir to `command`.
+    pub fn add_data_dir_args(command: &mut std::process::Command, dir: &std::path::Path) {
+        command.args(["server", "start", "--port", "0", "--monitoring-port", "0", "--data-dir"]).arg(dir);
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(self) {
+        drop(self);
+    }
+
+    /// SIGTERM (a clean stop), then reap.
+    pub fn terminate(mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
