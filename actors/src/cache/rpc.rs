@@ -31,7 +31,7 @@ pub fn call_key(identity: &FunctionIdentity, args: &[Value], kwargs: &Map<String
         "kwargs": kwargs,
     });
     let digest = Sha256::digest(canonical_json(&described).as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::fabric::trust::to_hex(&digest)
 }
 
 type Waiters = Vec<oneshot::Sender<Result<Value, RpcError>>>;
