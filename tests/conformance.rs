@@ -1,6 +1,6 @@
 //! Conformance test: replays every single-node case of `tests/data/rpc_cases.json`
-//! (copied from /work/shared/conformance/rpc_cases.json; rules in
-//! ../shared/conformance/README.md) against the real `mpreg` binary over a real
+//! (copied from the shared conformance data, `../shared/conformance/rpc_cases.json`;
+//! rules in ../shared/conformance/README.md) against the real `mpreg` binary over a real
 //! websocket.
 //!
 //! One server process serves all cases. Each case has its own connection, so cases run
