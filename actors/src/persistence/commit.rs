@@ -176,6 +176,9 @@ impl PersistenceHandle {
     /// be lost in a power cut (in-memory queues, periodic snapshots). The next durable
     /// commit makes it durable too.
     pub fn write(&self, batch: &Batch) -> Result<()> {
+        if let Some(cause) = self.shared.poisoned() {
+            return Err(PersistenceError::Poisoned(cause));
+        }
         self.shared.with_store(|store| store.apply(batch))
     }
 
@@ -260,10 +263,21 @@ fn commit_group(shared: &Shared, jobs: &[Job]) -> Vec<Result<()>> {
     });
     let mut outcomes: Vec<Result<()>> = match merged.as_ref().map(apply) {
         Some(Ok(())) => jobs.iter().map(|_| Ok(())).collect(),
+        // The disk refused the group: trying each batch again would only ask it again
+        // (and sled, once its log cannot be written, may block instead of failing).
+        Some(Err(e @ PersistenceError::Io(_))) => jobs.iter().map(|_| Err(e.clone())).collect(),
         _ => jobs.iter().map(|job| apply(&job.batch)).collect(),
     };
     let applied = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
     if applied == 0 {
+        // Nothing could be written and the disk said why: refuse every later durable
+        // commit, as after a failed sync, rather than hand sled more writes it cannot make.
+        if let Some(Err(PersistenceError::Io(cause))) = outcomes.first() {
+            error!(store = %shared.describe, cause = %cause, "write failed: durable writes refused until restart");
+            if let Ok(mut poisoned) = shared.poisoned.lock() {
+                *poisoned = Some(cause.clone());
+            }
+        }
         return outcomes;
     }
     let started = Instant::now();

@@ -38,8 +38,11 @@
 //! fails (ENOSPC, EIO) fails every waiter of that group — none is acknowledged — and
 //! poisons the committer: after a failed `fsync` Linux may have dropped the dirty pages
 //! and cleared the error, so nothing written since can be trusted to be durable; every
-//! later durable commit fails with [`PersistenceError::Poisoned`] until the node restarts
-//! and sled recovers from its log. Reads keep working.
+//! later durable commit (and non-durable write) fails with [`PersistenceError::Poisoned`]
+//! until the node restarts and sled recovers from its log. A group the disk refuses to
+//! write at all (an I/O error for every batch) poisons it too: sled, once it cannot write
+//! its log, may block later writes instead of failing them, and a blocked committer would
+//! leave every sender waiting for its timeout. Reads keep working.
 //!
 //! **What a restart of the actor loses:** nothing. The store and the committer belong to
 //! the handle, which the node creates before the supervision tree; the actor only hands it

@@ -164,7 +164,7 @@ fn open_store_without_a_dir_is_memory() {
 }
 
 /// A memory store whose `sync` can be held at a gate, fail on demand, and counts calls;
-/// `apply` fails for the tree `refused`.
+/// `apply` fails for the tree `refused`, and with an I/O error for the tree `full`.
 struct FaultyStore {
     inner: MemoryStore,
     syncs_entered: AtomicU64,
@@ -205,8 +205,12 @@ impl KvStore for FaultyStore {
         self.inner.scan(tree, range, limit)
     }
     fn apply(&self, batch: &Batch) -> Result<()> {
+        if batch.writes().iter().any(|w| w.tree() == "full") {
+            return Err(PersistenceError::Io("No space left on device (os error 28)".to_owned()));
+        }
         if batch.writes().iter().any(|w| w.tree() == "refused") {
-            return Err(PersistenceError::Io("refused tree".to_owned()));
+            // Not an I/O error: this batch is bad, not the disk.
+            return Err(PersistenceError::Corrupt("refused tree".to_owned()));
         }
         self.inner.apply(batch)
     }
@@ -336,6 +340,21 @@ async fn a_failed_sync_fails_every_waiter_of_its_group_and_poisons() {
     assert!(text.contains("mpreg_persistence_commits_total{node=\"n1\"} 2"), "{text}");
     assert!(text.contains("mpreg_persistence_sync_failures_total{node=\"n1\"} 1"), "{text}");
     assert!(text.contains("mpreg_persistence_durable{node=\"n1\"} 1"), "{text}");
+}
+
+#[actix_rt::test]
+async fn a_write_the_disk_refuses_poisons_later_commits_and_writes() {
+    let store = Arc::new(FaultyStore::default());
+    let handle = PersistenceHandle::start(store.clone(), 64, None).unwrap();
+    handle.commit(Batch::new().put("queue/q", "before", "1")).await.unwrap();
+    let refused = handle.commit(Batch::new().put("full", "k", "x")).await;
+    assert!(matches!(&refused, Err(PersistenceError::Io(cause)) if cause.contains("No space")), "{refused:?}");
+    // The store is not asked again: later commits and writes are refused at once.
+    let later = handle.commit(Batch::new().put("queue/q", "later", "1")).await;
+    assert!(matches!(later, Err(PersistenceError::Poisoned(_))), "{later:?}");
+    assert!(matches!(handle.write(&Batch::new().put("queue/q", "w", "1")), Err(PersistenceError::Poisoned(_))));
+    assert_eq!(handle.get("queue/q", b"later").unwrap(), None);
+    assert_eq!(handle.get("queue/q", b"before").unwrap(), Some(b"1".to_vec()), "reads still work");
 }
 
 #[actix_rt::test]
