@@ -172,6 +172,20 @@ impl Message {
         (Reverse(self.priority), self.seq)
     }
 
+    /// This message handed to `consumer`, as it stands now.
+    fn delivery(&self, consumer: &ConsumerId, lease_until: Option<f64>) -> Delivery {
+        Delivery {
+            consumer: consumer.clone(),
+            id: self.id.clone(),
+            payload: self.payload.clone(),
+            guarantee: self.guarantee,
+            priority: self.priority,
+            receive_count: self.receive_count,
+            lease_until,
+            dead: None,
+        }
+    }
+
     fn stored(&self) -> StoredMessage {
         StoredMessage {
             id: self.id.clone(),
@@ -695,16 +709,7 @@ impl QueueCore {
             let Some(m) = self.messages.get_mut(&seq) else { continue };
             let State::Dead(info) = std::mem::replace(&mut m.state, State::Delayed) else { continue };
             let until = now + visibility;
-            got.push(Delivery {
-                consumer: consumer.clone(),
-                id: m.id.clone(),
-                payload: m.payload.clone(),
-                guarantee: m.guarantee,
-                priority: m.priority,
-                receive_count: m.receive_count,
-                lease_until: Some(until),
-                dead: Some(info.clone()),
-            });
+            got.push(Delivery { dead: Some(info.clone()), ..m.delivery(consumer, Some(until)) });
             m.state = State::DeadLeased { info, consumer: consumer.clone(), until };
             self.dead_leases.insert((At(until), seq));
             self.held.entry(consumer.clone()).or_default().insert(seq);
@@ -970,16 +975,7 @@ impl QueueCore {
         self.stats.delivered_total += 1;
         let m = self.messages.get_mut(&seq).expect("a visible message exists");
         m.receive_count += 1;
-        let mut d = Delivery {
-            consumer: consumer.clone(),
-            id: m.id.clone(),
-            payload: m.payload.clone(),
-            guarantee: m.guarantee,
-            priority: m.priority,
-            receive_count: m.receive_count,
-            lease_until: None,
-            dead: None,
-        };
+        let mut d = m.delivery(consumer, None);
         if m.guarantee == Guarantee::FireAndForget {
             self.remove(seq, fx);
             return d;
@@ -1051,16 +1047,7 @@ impl QueueCore {
         m.receive_count += 1;
         let until = now + visibility;
         for t in &targets {
-            fx.pushes.push(Delivery {
-                consumer: t.clone(),
-                id: m.id.clone(),
-                payload: m.payload.clone(),
-                guarantee: m.guarantee,
-                priority: m.priority,
-                receive_count: m.receive_count,
-                lease_until: Some(until),
-                dead: None,
-            });
+            fx.pushes.push(m.delivery(t, Some(until)));
             self.held.entry(t.clone()).or_default().insert(seq);
         }
         self.stats.delivered_total += targets.len() as u64;
