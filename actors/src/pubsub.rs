@@ -49,6 +49,27 @@ use crate::unix_now;
 /// Identifies one websocket connection on this node.
 pub type ConnectionId = u64;
 
+/// Connection ids that stand for something other than a websocket, each kind in its own
+/// quarter of the id space (the top two bits); real connections count up from 1 and
+/// never reach them.
+#[derive(Debug, Clone, Copy)]
+pub enum PseudoConnection {
+    /// A client connection of another node using a queue this node owns.
+    RemoteQueueClient = 2,
+    /// The pub/sub bindings of one queue.
+    QueueBindings = 3,
+}
+
+impl PseudoConnection {
+    /// The id of this kind for `key`: distinct per key (62 bits of its hash).
+    pub fn id(self, key: impl std::hash::Hash) -> ConnectionId {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        ((self as u64) << 62) | (h.finish() >> 2)
+    }
+}
+
 pub use crate::outbox::{OutFrame, Outbox};
 
 /// A subscription: its connection and its client-chosen id (shared by every index entry).

@@ -36,7 +36,7 @@ use super::link::FabricShared;
 use super::wire::{CallOutcome, FabricBody, NodeId};
 use crate::outbox::{OutFrame, Outbox};
 use crate::protocol::{FrameKind, QueueReply, QueueRequest, RpcError};
-use crate::pubsub::ConnectionId;
+use crate::pubsub::{ConnectionId, PseudoConnection};
 use crate::queue::{ConnectionGone, QueueCall};
 
 /// Frames a remote subscription's push outbox holds on the owner before pushes wait for
@@ -59,13 +59,10 @@ struct ClientSession {
     kind: FrameKind,
 }
 
-/// The pseudo-connection on the owner for connection `conn` of node `source`: far above
-/// any real connection id, distinct per (source, conn).
+/// The pseudo-connection on the owner for connection `conn` of node `source`: distinct
+/// per (source, conn), never a real connection's id.
 pub fn remote_conn(source: &str, conn: ConnectionId) -> ConnectionId {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (source, conn).hash(&mut h);
-    (1 << 63) | (h.finish() >> 2)
+    PseudoConnection::RemoteQueueClient.id((source, conn))
 }
 
 impl FabricShared {
@@ -219,7 +216,7 @@ mod tests {
     fn pseudo_connections_are_distinct_per_source_and_connection_and_above_real_ids() {
         let ids = [remote_conn("a", 1), remote_conn("a", 2), remote_conn("b", 1), remote_conn("b", 2)];
         for (i, x) in ids.iter().enumerate() {
-            assert!(*x >= 1 << 63);
+            assert!(*x >= 1 << 63 && *x < 3 << 62, "in the remote clients' quarter");
             for y in &ids[i + 1..] {
                 assert_ne!(x, y);
             }

@@ -233,13 +233,9 @@ pub struct Queue {
 
 /// The pub/sub "connection" of the bindings of `queue`: one per queue, so that pub/sub's
 /// per-connection bound is a bound per queue (and one queue's bindings cannot use up
-/// another's). Ids from 3·2^62 up: above real connections and the fabric's pseudo
-/// connections of remote clients (2^63 + 62 bits).
+/// another's).
 fn binding_conn(queue: &str) -> ConnectionId {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    queue.hash(&mut h);
-    (3 << 62) | (h.finish() >> 2)
+    pubsub::PseudoConnection::QueueBindings.id(queue)
 }
 /// Subscription id of a binding: `queue-bind <queue> <pattern>` (neither has a space).
 fn binding_id(queue: &str, pattern: &str) -> String {
