@@ -47,9 +47,9 @@ use crate::node::{Node, NodeBuilder};
 use crate::worker::Worker;
 use crate::{FunctionSpec, RpcCommand};
 
-/// Flags of `mpreg bench rpc`.
+/// Flags of `mpreg bench rpc` and `mpreg bench cache`: timed scenarios on one machine.
 #[derive(Debug, clap::Args)]
-pub struct RpcBenchArgs {
+pub struct ScenarioBenchArgs {
     /// Seconds per scenario.
     #[arg(long, default_value_t = 3.0)]
     pub duration: f64,
@@ -63,7 +63,7 @@ pub struct RpcBenchArgs {
 }
 
 /// Runs the whole benchmark and prints the report; exit code 0 when every reply was a success.
-pub fn rpc(args: RpcBenchArgs) -> anyhow::Result<i32> {
+pub fn rpc(args: ScenarioBenchArgs) -> anyhow::Result<i32> {
     if !args.duration.is_finite() || args.duration <= 0.0 || args.duration > 3600.0 {
         bail!("--duration must be a number of seconds in (0, 3600], got {}", args.duration);
     }

@@ -26,27 +26,13 @@ use mpreg_actors::cache::core::{owners, CacheKey, KeyLimits};
 use serde_json::json;
 
 use super::bench::{
-    drive_frame, round1, round3, Placement, ReplyCheck, ScenarioResult, PIPELINE_DEPTH, STUCK_AFTER, WARMUP,
+    drive_frame, round1, round3, Placement, ReplyCheck, ScenarioBenchArgs, ScenarioResult, PIPELINE_DEPTH, STUCK_AFTER,
+    WARMUP,
 };
 use crate::client::{CacheOptions, Client};
 use crate::config::Settings;
 use crate::node::NodeBuilder;
 use crate::FunctionSpec;
-
-/// Flags of `mpreg bench cache`.
-#[derive(Debug, clap::Args)]
-pub struct CacheBenchArgs {
-    /// Seconds per scenario.
-    #[arg(long, default_value_t = 3.0)]
-    pub duration: f64,
-    /// One JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Leave thread placement to the OS scheduler (default: servers on one CPU, client on
-    /// another, via `taskset`).
-    #[arg(long)]
-    pub no_pin: bool,
-}
 
 const NODE1: &str = "bench-cache-1";
 const NODE2: &str = "bench-cache-2";
@@ -101,7 +87,7 @@ fn scenarios(local: &str, remote: &str) -> Vec<CacheScenario> {
 }
 
 /// Runs the benchmark; exit code 0 when every reply was a success.
-pub fn cache(args: CacheBenchArgs) -> anyhow::Result<i32> {
+pub fn cache(args: ScenarioBenchArgs) -> anyhow::Result<i32> {
     if !args.duration.is_finite() || args.duration <= 0.0 || args.duration > 3600.0 {
         bail!("--duration must be a number of seconds in (0, 3600], got {}", args.duration);
     }

@@ -222,7 +222,7 @@ pub enum ClientCommand {
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// RPC throughput and latency against a raw websocket floor.
-    Rpc(bench::RpcBenchArgs),
+    Rpc(bench::ScenarioBenchArgs),
     /// Mesh formation, registration propagation, failure detection and memory of N node
     /// processes.
     Cluster(bench_cluster::ClusterBenchArgs),
@@ -234,7 +234,7 @@ pub enum BenchCommand {
     /// a failure, messages per member.
     Membership(bench_membership::MembershipBenchArgs),
     /// Cache get/put (local and remote) next to RPC echo of the same run.
-    Cache(bench_cache::CacheBenchArgs),
+    Cache(bench::ScenarioBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
