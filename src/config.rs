@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mpreg_actors::fabric::swim::SwimConfig;
 use serde::{Deserialize, Serialize};
 
 /// The longest duration a setting may give, in seconds (about 31 years).
@@ -143,11 +144,14 @@ pub struct Settings {
     pub advertise_url: Option<String>,
     /// Links to nodes learned through gossip, beyond `peers` (0: only `peers`).
     pub peer_fanout: usize,
-    /// Gossip round: heartbeat, membership digest, dial attempts (seconds).
+    /// Housekeeping round: dial attempts, catalog expiry (seconds).
     pub gossip_interval_s: f64,
-    /// A peer silent this long is suspected and not routed to (seconds).
+    /// A silent peer is suspected (and not routed to) after about this long: SWIM's
+    /// protocol period is a quarter of it, its probe timeout an eighth (seconds).
     pub suspect_after_s: f64,
-    /// ... and removed with its functions after this long (seconds).
+    /// ... and removed with its functions after about this long: a suspicion lasts
+    /// `(remove_after_s - suspect_after_s) · log10(max(n, 10))` for n members, stretched
+    /// by the node's local health (seconds).
     pub remove_after_s: f64,
     /// A node that said GOODBYE is not redialled for this long (seconds).
     pub departed_grace_s: f64,
@@ -483,6 +487,19 @@ impl Settings {
     /// Seconds as a `Duration` (validated values only).
     pub fn seconds(value: f64) -> Duration {
         Duration::from_secs_f64(value)
+    }
+
+    /// SWIM's timing from `suspect_after_s` and `remove_after_s` (see their docs); the
+    /// other bounds are SWIM's defaults (3 indirect probes, 16 rumors a message, a
+    /// push-pull every 30 periods, local health up to 8).
+    pub fn swim_config(&self) -> SwimConfig {
+        let period = self.suspect_after_s / 4.0;
+        SwimConfig {
+            period,
+            probe_timeout: period / 2.0,
+            suspicion_mult: (self.remove_after_s - self.suspect_after_s).max(period) / period,
+            ..SwimConfig::default()
+        }
     }
 }
 

@@ -262,6 +262,7 @@ impl NodeBuilder {
                 departed_grace: settings.departed_grace_s,
                 catalog_ttl: settings.catalog_ttl_s,
             },
+            swim: settings.swim_config(),
             dial_timeout: Duration::from_secs(2),
             max_backoff: Settings::seconds((settings.gossip_interval_s * 8.0).max(2.0)),
             link_queue: settings.outbox_capacity,

@@ -14,7 +14,8 @@
 //! - [`decoded_peer_frames_fed_to_membership_and_trust_never_panic`]: unit level, no
 //!   node: the bytes go through the fabric's decoder ([`PeerFrame::decode`]) and what
 //!   decodes is fed to the membership core (`check`, `admit`, `apply_digest_bounded`,
-//!   `apply_catalog`, `depart`, `tick`, `next_hop`) and to the trust checks
+//!   `apply_catalog`, `depart`, `tick`, `next_hops`), to a SWIM member (`receive`) and
+//!   to the trust checks
 //!   (`check_peer`, `open`, `verify_hex` over a link transcript).
 //!
 //! Both run `MPREG_FUZZ_CASES` cases (the variable `tests/hostile_rpc.rs` reads; by
@@ -30,6 +31,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use mpreg::{Node, NodeBuilder, Settings};
 use mpreg_actors::fabric::membership::{MembershipCore, MembershipTiming};
+use mpreg_actors::fabric::swim::{Liveness, Rumor, Swim, SwimConfig, SwimMessage};
 use mpreg_actors::fabric::trust::{self, link_transcript, Authority, Certificate, LinkEnd, LinkSide, StatementProof};
 use mpreg_actors::fabric::wire::{
     CallOutcome, CatalogDelta, FabricBody, FabricMessage, GossipFrame, MemberDigest, NodeInfo, PeerFrame, ServerFrame,
@@ -207,8 +209,41 @@ fn server_frame() -> BoxedStrategy<ServerFrame> {
     .boxed()
 }
 
+fn rumor() -> BoxedStrategy<Rumor> {
+    let liveness =
+        prop_oneof![Just(Liveness::Alive), Just(Liveness::Suspect), Just(Liveness::Dead), Just(Liveness::Left)];
+    (prop_oneof![Just("A#a1".to_owned()), name()], any::<u64>(), liveness)
+        .prop_map(|(member, incarnation, liveness)| Rumor { member, incarnation, liveness })
+        .boxed()
+}
+
+fn swim_message() -> BoxedStrategy<SwimMessage> {
+    let rumors = || prop::collection::vec(rumor(), 0..5);
+    prop_oneof![
+        (any::<u64>(), rumors()).prop_map(|(seq, rumors)| SwimMessage::Ping { seq, rumors }),
+        (any::<u64>(), name(), rumors()).prop_map(|(seq, target, rumors)| SwimMessage::PingReq { seq, target, rumors }),
+        (any::<u64>(), rumors()).prop_map(|(seq, rumors)| SwimMessage::Ack { seq, rumors }),
+        (rumors(), any::<bool>()).prop_map(|(members, reply)| SwimMessage::PushPull { members, reply }),
+    ]
+    .boxed()
+}
+
 fn gossip_frame() -> BoxedStrategy<GossipFrame> {
     prop_oneof![
+        (
+            prop_oneof![Just("B#b1".to_owned()), name()],
+            prop_oneof![Just("A#a1".to_owned()), name()],
+            swim_message(),
+            prop::collection::vec(digest(), 0..3),
+            prop::collection::vec(delta(), 0..2)
+        )
+            .prop_map(|(from, to, message, records, deltas)| GossipFrame::Swim {
+                from,
+                to,
+                message,
+                records,
+                deltas
+            }),
         (name(), prop::collection::vec(digest(), 0..6))
             .prop_map(|(from, members)| GossipFrame::Members { from, members }),
         (name(), prop::collection::vec(delta(), 0..4)).prop_map(|(from, deltas)| GossipFrame::Catalog { from, deltas }),
@@ -250,6 +285,7 @@ fn body() -> BoxedStrategy<FabricBody> {
         ),
         outcome().prop_map(|outcome| FabricBody::Reply { outcome }),
         message.prop_map(|message| FabricBody::Publish { message }),
+        gossip_frame().prop_map(|frame| FabricBody::Gossip { frame }),
     ]
     .boxed()
 }
@@ -490,7 +526,7 @@ fn peer_frames_on_a_client_connection_are_answered_and_change_nothing() {
 
 /// Feeds a decoded frame to the membership core and the trust checks, as the fabric
 /// would on an admitted link (and more: every statement is checked, signed or not).
-fn feed(frame: PeerFrame, core: &mut MembershipCore, trust: &trust::Credentials, now: f64) {
+fn feed(frame: PeerFrame, core: &mut MembershipCore, swim: &mut Swim, trust: &trust::Credentials, now: f64) {
     let now_s = trust::unix_seconds();
     let open = |proof: &StatementProof, node: &str| {
         if let Ok(text) = trust.open(proof, node, now_s) {
@@ -539,13 +575,23 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, trust: &trust::Credentials,
                 open(proof, &node);
             }
             let _ = core.depart(&node, &instance_id, now);
-            let _ = core.link_lost(&node);
+            let _ = core.mark_suspect(&node, &instance_id);
         }
         PeerFrame::FabricGossip(GossipFrame::Members { members, .. }) => {
             let outcome = core.apply_digest_bounded(&members, now, 16);
             let _ = core.catalogs_of(&outcome.wanted, now);
-            for m in &members {
-                let _ = core.next_hop(&m.info.node, &direct);
+            let _ = core.next_hops(&direct);
+        }
+        PeerFrame::FabricGossip(GossipFrame::Swim { from, message, records, deltas, .. }) => {
+            let _ = core.apply_digest_bounded(&records, now, 16);
+            for delta in &deltas {
+                let _ = core.apply_catalog(delta, now);
+            }
+            let _ = swim.receive(&from, message, now);
+            let _ = swim.tick(now);
+            for m in records {
+                let _ = core.mark_alive(&m.info.node, &m.info.instance_id, now);
+                let _ = core.remove_dead(&m.info.node, &m.info.instance_id, now);
             }
         }
         PeerFrame::FabricGossip(GossipFrame::Catalog { deltas, .. }) => {
@@ -560,9 +606,9 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, trust: &trust::Credentials,
             let _ = core.catalogs_of(&nodes, now);
         }
         PeerFrame::FabricMessage(message) => {
-            let _ = core.next_hop(&message.target, &direct);
-            for hop in &message.path {
-                let _ = core.next_hop(hop, &direct);
+            let _ = core.next_hops(&direct);
+            if let FabricBody::Gossip { frame } = message.body {
+                feed(PeerFrame::FabricGossip(frame), core, swim, trust, now);
             }
         }
     }
@@ -580,6 +626,7 @@ fn decoded_peer_frames_fed_to_membership_and_trust_never_panic() {
     };
     // One core across cases, so frames act on the state earlier ones built.
     let core = RefCell::new(MembershipCore::new(me, MembershipTiming::default(), vec![]));
+    let swim = RefCell::new(Swim::new("A#a1", SwimConfig::default(), 0.0, 7));
     let step = RefCell::new(0.0f64);
     let config = ProptestConfig { cases: cases(256), failure_persistence: None, ..ProptestConfig::default() };
     TestRunner::new(config)
@@ -596,7 +643,7 @@ fn decoded_peer_frames_fed_to_membership_and_trust_never_panic() {
             };
             let mut core = core.borrow_mut();
             if let Ok(frame) = decoded {
-                feed(frame, &mut core, &trust, now);
+                feed(frame, &mut core, &mut swim.borrow_mut(), &trust, now);
             }
             let _ = core.tick(now);
             let _ = core.digest();

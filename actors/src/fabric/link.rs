@@ -598,6 +598,10 @@ impl FabricShared {
             }
             FabricBody::QueuePush { conn, frame } => self.deliver_queue_push(&message.source, conn, frame),
             FabricBody::QueueGone { conn } => self.remote_connection_gone(&message.source, conn),
+            FabricBody::Gossip { frame } => match self.gossip.get() {
+                Some(gossip) => gossip.do_send(super::RoutedGossip { source: message.source, frame }),
+                None => debug!(link, "fabric restarting; dropped a routed gossip frame"),
+            },
             FabricBody::Publish { .. } => {}
         }
     }

@@ -1,12 +1,14 @@
 //! Membership and catalog: who is in the cluster, alive or suspected, and which functions
 //! each node serves. Plain state, no actix, no I/O; time (seconds, monotonic) is passed in.
 //!
-//! Liveness is gossip-based: every node increments its own heartbeat counter each gossip
-//! round and sends its whole view to its direct peers; a receiver keeps the highest
-//! counter per node and the local time it last went up. A node whose counter has not
-//! risen for `suspect_after` is suspected (routing avoids it), for `remove_after` removed
-//! with its catalog entries. Losing the direct link to a node suspects it at once; if it
-//! is alive, its counter keeps rising through other peers and it recovers.
+//! Liveness is decided by SWIM ([`super::swim`]), which the fabric runs beside this core
+//! and whose transitions it applies here: [`MembershipCore::mark_suspect`] (a failed
+//! probe, or the direct link dropped), [`MembershipCore::mark_alive`] (refuted),
+//! [`MembershipCore::remove_dead`] (suspicion ran out). This core keeps what SWIM does
+//! not: each member's record (identity, URL, links, catalog version), versioned by the
+//! member's own `heartbeat` counter, which it raises only when its record changes; the
+//! records travel piggybacked on SWIM's messages and in its push-pull, so an idle cluster
+//! sends none of them.
 //!
 //! Removed and replaced instances leave a tombstone, so gossip still carrying an old
 //! counter cannot resurrect them; a GOODBYE also forbids redialling the instance for
@@ -276,13 +278,20 @@ impl MembershipCore {
                     m.heartbeat = m.heartbeat.max(d.heartbeat);
                     m.heard_at = now;
                     match m.state {
-                        MemberState::Suspect => events.push(MembershipEvent::Recovered(node.clone())),
+                        // A newer record is no proof of life (SWIM decides): only the
+                        // node's own STATUS on a fresh link is.
+                        MemberState::Suspect if direct => {
+                            events.push(MembershipEvent::Recovered(node.clone()));
+                            m.state = MemberState::Alive;
+                        }
+                        MemberState::Suspect | MemberState::Alive => {}
                         // Restored members have heartbeat 0: any heartbeat from a live
                         // peer, or the node's own STATUS, confirms them.
-                        MemberState::Unconfirmed => events.push(MembershipEvent::Confirmed(node.clone())),
-                        MemberState::Alive => {}
+                        MemberState::Unconfirmed => {
+                            events.push(MembershipEvent::Confirmed(node.clone()));
+                            m.state = MemberState::Alive;
+                        }
                     }
-                    m.state = MemberState::Alive;
                 }
                 if at_least_as_fresh && (!d.neighbours.is_empty() || d.heartbeat > 0) {
                     m.neighbours = d.neighbours.clone();
@@ -417,40 +426,71 @@ impl MembershipCore {
         news
     }
 
-    /// The direct link to `node` dropped: suspect it until it is heard from again.
-    pub fn link_lost(&mut self, node: &str) -> Option<MembershipEvent> {
-        let m = self.members.get_mut(node)?;
-        if m.state == MemberState::Alive {
+    /// SWIM suspects `node` (this `instance`): not routed to until it refutes.
+    pub fn mark_suspect(&mut self, node: &str, instance: &str) -> Option<MembershipEvent> {
+        let m = self.members.get_mut(node).filter(|m| m.info.instance_id == instance)?;
+        (m.state == MemberState::Alive).then(|| {
             m.state = MemberState::Suspect;
-            // Only a newer heartbeat (through another peer) clears the suspicion.
-            return Some(MembershipEvent::Suspected(node.to_owned()));
-        }
-        None
+            MembershipEvent::Suspected(node.to_owned())
+        })
     }
 
-    /// One gossip round: our heartbeat rises; silent members are suspected or removed;
-    /// expired catalogs and tombstones are dropped.
-    pub fn tick(&mut self, now: f64) -> Vec<MembershipEvent> {
+    /// SWIM heard `node` (this `instance`) refute its suspicion.
+    pub fn mark_alive(&mut self, node: &str, instance: &str, now: f64) -> Option<MembershipEvent> {
+        let m = self.members.get_mut(node).filter(|m| m.info.instance_id == instance)?;
+        m.heard_at = now;
+        (m.state == MemberState::Suspect).then(|| {
+            m.state = MemberState::Alive;
+            MembershipEvent::Recovered(node.to_owned())
+        })
+    }
+
+    /// SWIM declared `node` (this `instance`) dead: removed with its entries; a
+    /// tombstone keeps records of that instance at its last heartbeat from bringing it
+    /// back (it returns with a newer record, after refuting).
+    pub fn remove_dead(&mut self, node: &str, instance: &str, now: f64) -> Option<MembershipEvent> {
+        self.members.get(node).filter(|m| m.info.instance_id == instance)?;
+        let m = self.members.remove(node)?;
+        self.tombstones
+            .insert((node.to_owned(), instance.to_owned()), (m.heartbeat, now + self.timing.remove_after * 2.0));
+        self.catalogs.remove(node);
+        Some(MembershipEvent::Removed(node.to_owned()))
+    }
+
+    /// Our record changed (links, catalog version, SWIM incarnation): a newer heartbeat,
+    /// so that records relayed from others replace the older one.
+    pub fn bump_heartbeat(&mut self) {
         self.heartbeat += 1;
+    }
+
+    /// The version of our function entries.
+    pub fn catalog_version(&self) -> u64 {
+        self.catalog_version
+    }
+
+    /// The version of `node`'s entries held (0: none).
+    pub fn catalog_version_of(&self, node: &str) -> u64 {
+        self.catalogs.get(node).map_or(0, |c| c.delta.version)
+    }
+
+    /// The highest heartbeat of `node`'s record held, with its instance.
+    pub fn record_of(&self, node: &str) -> Option<(&str, u64)> {
+        self.members.get(node).map(|m| (m.info.instance_id.as_str(), m.heartbeat))
+    }
+
+    /// Housekeeping: restored members nobody confirmed are removed when their entries
+    /// would expire; expired catalogs, tombstones and departures are dropped.
+    pub fn tick(&mut self, now: f64) -> Vec<MembershipEvent> {
         let mut events = Vec::new();
-        let mut removed = Vec::new();
-        // Restored members get until their entries would expire to be confirmed.
         let unconfirmed_limit = self.timing.remove_after.max(self.timing.catalog_ttl);
-        for (node, m) in &mut self.members {
-            let silent = now - m.heard_at;
-            let limit = if m.state == MemberState::Unconfirmed { unconfirmed_limit } else { self.timing.remove_after };
-            if silent > limit {
-                removed.push(node.clone());
-            } else if silent > self.timing.suspect_after && m.state == MemberState::Alive {
-                m.state = MemberState::Suspect;
-                events.push(MembershipEvent::Suspected(node.clone()));
-            }
-        }
-        for node in removed {
-            if let Some(m) = self.members.remove(&node) {
-                let key = (node.clone(), m.info.instance_id.clone());
-                self.tombstones.insert(key, (m.heartbeat, now + self.timing.remove_after * 2.0));
-            }
+        let expired: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.state == MemberState::Unconfirmed && now - m.heard_at > unconfirmed_limit)
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in expired {
+            self.members.remove(&node);
             self.catalogs.remove(&node);
             events.push(MembershipEvent::Removed(node));
         }
@@ -461,14 +501,19 @@ impl MembershipCore {
         events
     }
 
-    /// Our view, to gossip: ourselves and every member.
-    pub fn digest(&self) -> Vec<MemberDigest> {
-        let me = MemberDigest {
+    /// Our own record.
+    pub fn own_digest(&self) -> MemberDigest {
+        MemberDigest {
             info: self.me.clone(),
             heartbeat: self.heartbeat,
             catalog_version: self.catalog_version,
             neighbours: self.neighbours.clone(),
-        };
+        }
+    }
+
+    /// Our view, to gossip: ourselves and every member.
+    pub fn digest(&self) -> Vec<MemberDigest> {
+        let me = self.own_digest();
         // Restored members are claims: not passed on until confirmed.
         let confirmed = self.members.values().filter(|m| m.state != MemberState::Unconfirmed);
         std::iter::once(me)
@@ -617,42 +662,32 @@ impl MembershipCore {
         node != self.me.node && !self.is_departed(node, instance, now)
     }
 
-    /// The next hop towards `target`: the first node of a shortest path over the reported
-    /// neighbour graph that starts at one of our `direct` links. Suspected nodes are not
-    /// used as intermediates.
-    pub fn next_hop(&self, target: &str, direct: &HashSet<NodeId>) -> Option<NodeId> {
-        if direct.contains(target) {
-            return Some(target.to_owned());
-        }
-        let mut first_hop: HashMap<NodeId, NodeId> = HashMap::new();
-        let mut queue = VecDeque::new();
-        let mut starts: Vec<&NodeId> = direct.iter().collect();
+    /// The next hop towards every node reachable from our `direct` links: the first node
+    /// of a shortest path over the reported neighbour graph (one breadth-first search for
+    /// all targets). A direct node is its own next hop; suspected nodes are not used as
+    /// intermediates.
+    pub fn next_hops(&self, direct: &HashSet<NodeId>) -> HashMap<NodeId, NodeId> {
+        let mut first_hop: HashMap<NodeId, NodeId> = direct.iter().map(|n| (n.clone(), n.clone())).collect();
+        let alive = |n: &str| self.members.get(n).is_some_and(|m| m.state == MemberState::Alive);
+        let mut starts: Vec<&NodeId> = direct.iter().filter(|n| alive(n)).collect();
         starts.sort(); // deterministic tie-break
-        for n in starts {
-            if self.members.get(n).is_some_and(|m| m.state == MemberState::Alive) {
-                first_hop.insert(n.clone(), n.clone());
-                queue.push_back(n.clone());
-            }
-        }
+        let mut queue: VecDeque<NodeId> = starts.into_iter().cloned().collect();
         while let Some(at) = queue.pop_front() {
             let hop = first_hop[&at].clone();
             let Some(m) = self.members.get(&at) else { continue };
             let mut next: Vec<&NodeId> = m.neighbours.iter().collect();
             next.sort();
             for n in next {
-                if *n == self.me.node || first_hop.contains_key(n) {
+                if *n == self.me.node || first_hop.contains_key(n) || !self.members.contains_key(n) {
                     continue;
                 }
-                if n == target {
-                    return Some(hop);
-                }
-                if self.members.get(n).is_some_and(|m| m.state == MemberState::Alive) {
-                    first_hop.insert(n.clone(), hop.clone());
+                first_hop.insert(n.clone(), hop.clone());
+                if alive(n) {
                     queue.push_back(n.clone());
                 }
             }
         }
-        None
+        first_hop
     }
 }
 
@@ -714,19 +749,23 @@ mod tests {
     }
 
     #[test]
-    fn silence_suspects_then_removes_and_tombstones_block_resurrection() {
+    fn swim_suspects_and_removes_and_tombstones_block_resurrection() {
         let mut m = core();
         m.apply_digest(&[digest("b", "b1", 5, &[])], 0.0);
-        assert!(m.tick(1.0).is_empty());
-        assert_eq!(m.tick(3.0), vec![MembershipEvent::Suspected("b".into())]);
-        let (events, _) = m.apply_digest(&[digest("b", "b1", 6, &[])], 3.5);
-        assert_eq!(events, vec![MembershipEvent::Recovered("b".into())]);
-        assert_eq!(m.tick(10.0), vec![MembershipEvent::Removed("b".into())]);
-        // Stale gossip with the same heartbeat cannot bring it back...
-        let (events, _) = m.apply_digest(&[digest("b", "b1", 6, &[])], 10.5);
+        assert!(m.tick(100.0).is_empty(), "silence alone suspects nobody: SWIM does");
+        assert_eq!(m.mark_suspect("b", "b0"), None, "another instance");
+        assert_eq!(m.mark_suspect("b", "b1"), Some(MembershipEvent::Suspected("b".into())));
+        // A newer record relayed by others is no proof of life...
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 6, &[])], 100.5);
         assert!(events.is_empty());
-        // ...but a higher heartbeat (it really is alive) does.
-        let (events, _) = m.apply_digest(&[digest("b", "b1", 7, &[])], 11.0);
+        // ...its refutation is.
+        assert_eq!(m.mark_alive("b", "b1", 101.0), Some(MembershipEvent::Recovered("b".into())));
+        assert_eq!(m.remove_dead("b", "b1", 102.0), Some(MembershipEvent::Removed("b".into())));
+        // Stale gossip with the same heartbeat cannot bring it back...
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 6, &[])], 102.5);
+        assert!(events.is_empty());
+        // ...but a higher heartbeat (it refuted, and its record changed) does.
+        let (events, _) = m.apply_digest(&[digest("b", "b1", 7, &[])], 103.0);
         assert_eq!(events, vec![MembershipEvent::Joined("b".into(), "b1".into())]);
     }
 
@@ -893,8 +932,13 @@ mod tests {
             0.0,
         );
         let direct: HashSet<NodeId> = ["b".to_owned()].into();
-        assert_eq!(m.next_hop("d", &direct).as_deref(), Some("b"));
-        assert_eq!(m.next_hop("b", &direct).as_deref(), Some("b"));
-        assert_eq!(m.next_hop("zzz", &direct), None);
+        let hops = m.next_hops(&direct);
+        assert_eq!(hops.get("d").map(String::as_str), Some("b"));
+        assert_eq!(hops.get("b").map(String::as_str), Some("b"));
+        assert_eq!(hops.get("zzz"), None);
+        // A suspected intermediate is not routed through; a suspected target still is.
+        m.mark_suspect("c", "c1");
+        let hops = m.next_hops(&direct);
+        assert_eq!((hops.get("c").map(String::as_str), hops.get("d")), (Some("b"), None));
     }
 }

@@ -60,9 +60,11 @@ use tracing::{debug, info, warn};
 pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteFunction, RemoteQueue};
 use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming, Refusal};
 use snapshot::{CatalogSnapshot, SNAPSHOT_KEY, SNAPSHOT_TREE};
+use swim::{Liveness, RetransmitQueue, Rumor, Swim, SwimConfig, SwimMessage, Transition};
 use trust::{link_transcript, LinkEnd, LinkSide, StatementProof, TrustError};
 use wire::{
-    goodbye_text, CatalogDelta, FunctionAbout, GossipFrame, NodeId, NodeInfo, PeerFrame, ServerFrame, StatusAuth,
+    goodbye_text, CatalogDelta, FabricBody, FunctionAbout, GossipFrame, MemberDigest, NodeId, NodeInfo, PeerFrame,
+    ServerFrame, StatusAuth,
 };
 
 use crate::discovery::{self, DescribeDiscovery, DiscoveryView, LocalFunction, NodeEntry};
@@ -82,8 +84,10 @@ pub struct FabricConfig {
     pub fanout: usize,
     /// Gossip round length.
     pub gossip_interval: Duration,
-    /// Failure detection and catalog timing.
+    /// Catalog timing and grace periods.
     pub timing: MembershipTiming,
+    /// SWIM: probe period and timeout, indirect probes, suspicion, piggyback bounds.
+    pub swim: SwimConfig,
     /// How long a dial may take.
     pub dial_timeout: Duration,
     /// Longest wait between dials of an unreachable peer.
@@ -117,6 +121,21 @@ fn prune_about(mut delta: CatalogDelta) -> CatalogDelta {
     delta.about.retain(|a| a.within_bounds() && functions.iter().any(|f| a.describes(f)));
     delta.about.truncate(delta.functions.len());
     delta
+}
+
+/// Member records piggybacked on one SWIM message, at most.
+const RECORDS_PER_MESSAGE: usize = 8;
+/// Catalog entry sets piggybacked on one SWIM message, at most.
+const DELTAS_PER_MESSAGE: usize = 2;
+
+/// A node instance's SWIM member id: `node#instance` (a restarted node is a new member).
+fn member_id(info: &NodeInfo) -> String {
+    format!("{}#{}", info.node, info.instance_id)
+}
+
+/// The node and instance of a SWIM member id.
+fn split_member(member: &str) -> Option<(&str, &str)> {
+    member.rsplit_once('#')
 }
 
 /// The longest a clean shutdown waits for its final snapshot to be durable.
@@ -162,6 +181,16 @@ pub struct PeerFrameReceived {
     pub link: LinkId,
     /// The frame.
     pub frame: PeerFrame,
+}
+
+/// A gossip frame routed to this node by `source`, which has no link to it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoutedGossip {
+    /// The node that sent it (the routed message's source).
+    pub source: NodeId,
+    /// The frame.
+    pub frame: GossipFrame,
 }
 
 /// A link closed.
@@ -331,6 +360,16 @@ pub struct FabricGossip {
     departed_queues: HashMap<String, RemoteQueue>,
     /// The catalog fingerprint the discovery change log last saw.
     discovery_seen: Option<u64>,
+    /// The failure detector and liveness dissemination (pure; driven from here).
+    swim: Swim,
+    /// Member records to piggyback on SWIM messages, by node.
+    records: RetransmitQueue<MemberDigest>,
+    /// Catalog entry sets to piggyback on SWIM messages, by node.
+    deltas: RetransmitQueue<CatalogDelta>,
+    /// What our record last said: (links, catalog version, incarnation).
+    own_record: Option<(Vec<NodeId>, u64, u64)>,
+    /// Gossip rounds so far (the view is rebuilt every few even when nothing changed).
+    rounds: u64,
     _guard: ChildGuard,
 }
 
@@ -353,6 +392,7 @@ impl FabricGossip {
             })
             .collect();
         let now = Instant::now();
+        let swim = Swim::new(member_id(&shared.me), config.swim.clone(), 0.0, rand::random());
         FabricGossip {
             shared,
             config,
@@ -365,6 +405,11 @@ impl FabricGossip {
             last_snapshot: None,
             departed_queues: HashMap::new(),
             discovery_seen: None,
+            swim,
+            records: RetransmitQueue::default(),
+            deltas: RetransmitQueue::default(),
+            own_record: None,
+            rounds: 0,
             _guard: guard,
         }
     }
@@ -624,7 +669,7 @@ impl FabricGossip {
         let direct = self.direct_nodes();
         let mut neighbours: Vec<NodeId> = direct.iter().cloned().collect();
         neighbours.sort();
-        self.core.set_neighbours(neighbours);
+        self.refresh_own_record(neighbours);
         let mut links = HashMap::new();
         let mut admitted = HashMap::new();
         let mut ids: Vec<&LinkId> = self.links.keys().collect();
@@ -636,14 +681,10 @@ impl FabricGossip {
                 admitted.insert(*id, (node.clone(), l.sender.clone()));
             }
         }
-        let mut next_hops = HashMap::new();
-        for m in self.core.members() {
-            if m.state != MemberState::Suspect || direct.contains(&m.info.node) {
-                if let Some(hop) = self.core.next_hop(&m.info.node, &direct) {
-                    next_hops.insert(m.info.node.clone(), hop);
-                }
-            }
-        }
+        let mut next_hops = self.core.next_hops(&direct);
+        let suspects: HashSet<&str> =
+            self.core.members().filter(|m| m.state == MemberState::Suspect).map(|m| m.info.node.as_str()).collect();
+        next_hops.retain(|node, _| !suspects.contains(node.as_str()) || direct.contains(node));
         let remote = |(node, cluster_id, identity)| RemoteFunction { node, cluster_id, identity };
         // Restored (unconfirmed) members are routed like alive ones: called when a route
         // exists, else known but unreachable (1005, or another provider).
@@ -805,8 +846,11 @@ impl FabricGossip {
             let still_linked = self.links.values().any(|o| o.node.as_ref() == Some(node));
             if !still_linked {
                 info!(node = %self.shared.me.node, peer = %node, link, "link lost");
-                if let Some(event) = self.core.link_lost(node) {
-                    self.log_events(&[event]);
+                // Suspected at once (a crash closes the link); it refutes if it is alive.
+                let member = self.core.record_of(node).map(|(instance, _)| format!("{node}#{instance}"));
+                if let Some(member) = member {
+                    let changes = self.swim.suspect(&member, self.now());
+                    self.apply_transitions(changes);
                 }
             }
         }
@@ -935,6 +979,10 @@ impl FabricGossip {
                 let first = l.node.is_none();
                 l.node = Some(info.node.clone());
                 self.log_events(&events);
+                let member = member_id(&info);
+                let changes =
+                    self.swim.learn(Rumor { member: member.clone(), incarnation: 0, liveness: Liveness::Alive }, now);
+                self.apply_transitions(changes);
                 if first && answer_status {
                     self.send(link, &self.status_frame(link, None));
                 }
@@ -947,6 +995,9 @@ impl FabricGossip {
                     self.send(link, &self.members_frame());
                     let snapshot = self.seal_all(self.core.all_catalogs(unix_now()));
                     self.send(link, &PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: snapshot }));
+                    // SWIM's lists both ways: a suspicion of the peer reaches it (it refutes).
+                    let out = self.swim.join(&member);
+                    self.swim_send(out);
                 }
                 if news {
                     let from = self.shared.me.node.clone();
@@ -972,6 +1023,10 @@ impl FabricGossip {
         if known {
             self.log_events(&[MembershipEvent::Departed(node.to_owned())]);
         }
+        // Never probed again, and no stale rumor brings it back.
+        let member = format!("{node}#{instance}");
+        let incarnation = self.swim.incarnation_of(&member).unwrap_or(0);
+        self.swim.learn(Rumor { member, incarnation, liveness: Liveness::Left }, now);
         let frame = PeerFrame::FabricGossip(GossipFrame::Departed {
             from: self.shared.me.node.clone(),
             node: node.to_owned(),
@@ -987,41 +1042,226 @@ impl FabricGossip {
         self.rebuild_view();
     }
 
-    fn on_gossip(&mut self, link: LinkId, frame: GossipFrame) {
+    /// A gossip frame from `sender`: on its admitted `link`, or routed (`None`).
+    fn on_gossip(&mut self, link: Option<LinkId>, sender: &NodeId, frame: GossipFrame) {
         let now = self.now();
         match frame {
             GossipFrame::Members { members, .. } => {
-                let outcome = self.core.apply_digest_bounded(&members, now, self.config.max_new_members_per_frame);
-                if outcome.refused > 0 {
-                    debug!(node = %self.shared.me.node, link, ignored = outcome.refused,
-                        "digest named more new nodes than max_new_members_per_frame");
-                    self.shared.metrics.limit_exceeded("max_new_members_per_frame");
+                if self.apply_records(link, sender, members) {
+                    self.rebuild_view();
                 }
-                let (events, wanted) = (outcome.events, outcome.wanted);
-                self.log_events(&events);
-                if !wanted.is_empty() {
-                    let from = self.shared.me.node.clone();
-                    self.send(link, &PeerFrame::FabricGossip(GossipFrame::CatalogRequest { from, nodes: wanted }));
-                }
-                self.rebuild_view();
             }
             GossipFrame::Catalog { deltas, .. } => {
                 let checked: Vec<CatalogDelta> = deltas.into_iter().filter_map(|d| self.checked_delta(d)).collect();
                 let news: Vec<CatalogDelta> = checked.into_iter().filter(|d| self.core.apply_catalog(d, now)).collect();
                 if !news.is_empty() {
                     let from = self.shared.me.node.clone();
-                    self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: news }), Some(link));
+                    self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: news }), link);
                     self.rebuild_view();
                 }
             }
             GossipFrame::CatalogRequest { nodes, .. } => {
+                let nodes: Vec<NodeId> = nodes.into_iter().take(self.config.swim.max_push_pull_members).collect();
                 let deltas = self.seal_all(self.core.catalogs_of(&nodes, unix_now()));
                 let from = self.shared.me.node.clone();
-                self.send(link, &PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas }));
+                self.gossip_to(link, sender, GossipFrame::Catalog { from, deltas });
             }
             GossipFrame::Departed { node, instance_id, proof, .. } => {
-                self.on_departed(Some(link), &node, &instance_id, proof)
+                self.on_departed(link, &node, &instance_id, proof)
             }
+            GossipFrame::Swim { from, to, message, records, deltas } => {
+                self.on_swim(link, sender, (from, to, message), records, deltas)
+            }
+        }
+    }
+
+    /// A SWIM message from `sender`, with its piggybacked records and entry sets.
+    fn on_swim(
+        &mut self,
+        link: Option<LinkId>,
+        sender: &NodeId,
+        (from, to, message): (String, String, SwimMessage),
+        records: Vec<MemberDigest>,
+        deltas: Vec<CatalogDelta>,
+    ) {
+        if to != member_id(&self.shared.me) || split_member(&from).is_none_or(|(node, _)| node != sender) {
+            // For an earlier instance of this node, or not from the node that sent it.
+            debug!(node = %self.shared.me.node, sender = %sender, from = %from, to = %to, "SWIM message not for us dropped");
+            self.shared.metrics.fabric_dropped("swim_misaddressed");
+            return;
+        }
+        let now = self.now();
+        let bound = self.config.swim.max_push_pull_members;
+        let mut changed = self.apply_records(link, sender, records.into_iter().take(bound).collect());
+        for delta in deltas.into_iter().take(DELTAS_PER_MESSAGE) {
+            let Some(delta) = self.checked_delta(delta) else { continue };
+            if self.core.apply_catalog(&delta, now) {
+                changed = true;
+                let owner = delta.node.clone();
+                self.deltas.push(&owner, delta, self.config.swim.max_pending_rumors);
+            }
+        }
+        let (out, transitions) = self.swim.receive(&from, self.sanitized(message), now);
+        changed |= !transitions.is_empty();
+        self.apply_transitions(transitions);
+        self.swim_send(out);
+        if changed {
+            self.rebuild_view();
+        }
+    }
+
+    /// A peer's SWIM message within bounds, and without `left` rumors: a departure counts
+    /// only as the node's own GOODBYE (signed, with credentials), never as hearsay.
+    fn sanitized(&self, message: SwimMessage) -> SwimMessage {
+        let max = self.config.swim.max_piggyback;
+        let keep = |rumors: Vec<Rumor>, max: usize| -> Vec<Rumor> {
+            rumors.into_iter().filter(|r| r.liveness != Liveness::Left).take(max).collect()
+        };
+        match message {
+            SwimMessage::Ping { seq, rumors } => SwimMessage::Ping { seq, rumors: keep(rumors, max) },
+            SwimMessage::Ack { seq, rumors } => SwimMessage::Ack { seq, rumors: keep(rumors, max) },
+            SwimMessage::PingReq { seq, target, rumors } => {
+                SwimMessage::PingReq { seq, target, rumors: keep(rumors, max) }
+            }
+            SwimMessage::PushPull { members, reply } => {
+                SwimMessage::PushPull { members: keep(members, self.config.swim.max_push_pull_members), reply }
+            }
+        }
+    }
+
+    /// Applies member records from `sender` (piggybacked, pushed in a push-pull, or sent
+    /// on a new link): newer ones are passed on, members SWIM does not know are probed,
+    /// and entry sets we lack are asked of the sender. Whether anything changed.
+    fn apply_records(&mut self, link: Option<LinkId>, sender: &NodeId, records: Vec<MemberDigest>) -> bool {
+        let now = self.now();
+        // Records of instances SWIM knows dead or gone are stale: never resurrected.
+        let records: Vec<MemberDigest> = records
+            .into_iter()
+            .filter(|d| !self.swim.liveness_of(&member_id(&d.info)).is_some_and(Liveness::is_gone))
+            .collect();
+        let before: Vec<Option<u64>> = records
+            .iter()
+            .map(|d| self.core.record_of(&d.info.node).filter(|(i, _)| *i == d.info.instance_id).map(|(_, hb)| hb))
+            .collect();
+        let outcome = self.core.apply_digest_bounded(&records, now, self.config.max_new_members_per_frame);
+        if outcome.refused > 0 {
+            debug!(node = %self.shared.me.node, sender = %sender, ignored = outcome.refused,
+                "records named more new nodes than max_new_members_per_frame");
+            self.shared.metrics.limit_exceeded("max_new_members_per_frame");
+        }
+        let mut changed = !outcome.events.is_empty();
+        self.log_events(&outcome.events);
+        for (d, before) in records.into_iter().zip(before) {
+            let now_held = self.core.record_of(&d.info.node).filter(|(i, _)| *i == d.info.instance_id);
+            let fresher = now_held.is_some_and(|(_, hb)| hb == d.heartbeat && before.is_none_or(|b| b < hb));
+            if !fresher {
+                continue;
+            }
+            changed = true;
+            let rumor = Rumor { member: member_id(&d.info), incarnation: 0, liveness: Liveness::Alive };
+            let transitions = self.swim.learn(rumor, now);
+            self.apply_transitions(transitions);
+            let node = d.info.node.clone();
+            self.records.push(&node, d, self.config.swim.max_pending_rumors);
+        }
+        // Entries arriving with the records (piggybacked) are not asked for again.
+        let wanted: Vec<NodeId> = outcome
+            .wanted
+            .into_iter()
+            .filter(|n| {
+                let advertised = self.core.members().find(|m| m.info.node == *n).map_or(0, |m| m.catalog_version);
+                self.core.catalog_version_of(n) < advertised
+            })
+            .collect();
+        if !wanted.is_empty() {
+            let from = self.shared.me.node.clone();
+            self.gossip_to(link, sender, GossipFrame::CatalogRequest { from, nodes: wanted });
+        }
+        changed
+    }
+
+    /// Applies SWIM's verdicts to the membership: suspected, refuted, dead.
+    fn apply_transitions(&mut self, transitions: Vec<Transition>) {
+        let now = self.now();
+        for t in transitions {
+            let Some((node, instance)) = split_member(&t.member) else { continue };
+            let event = match t.liveness {
+                Liveness::Alive => self.core.mark_alive(node, instance, now),
+                Liveness::Suspect => self.core.mark_suspect(node, instance),
+                Liveness::Dead => self.core.remove_dead(node, instance, now),
+                // Applied by `on_departed`, which is the only way in.
+                Liveness::Left => None,
+            };
+            let Some(event) = event else { continue };
+            self.log_events(std::slice::from_ref(&event));
+            if matches!(event, MembershipEvent::Removed(_)) {
+                let node = node.to_owned();
+                let to_close: Vec<LinkId> =
+                    self.links.iter().filter(|(_, l)| l.node.as_ref() == Some(&node)).map(|(id, _)| *id).collect();
+                for id in to_close {
+                    self.close_link(id);
+                }
+            }
+        }
+    }
+
+    /// Sends SWIM's messages, each with records and entry sets piggybacked (a push-pull
+    /// carries our whole list of records instead).
+    fn swim_send(&mut self, out: Vec<swim::Outgoing>) {
+        let from = member_id(&self.shared.me);
+        let limit = self.swim.retransmits();
+        for swim::Outgoing { to, message } in out {
+            let Some((node, _)) = split_member(&to) else { continue };
+            let node = node.to_owned();
+            let (records, deltas) = match &message {
+                SwimMessage::PushPull { .. } => {
+                    let mut all = self.core.digest();
+                    all.truncate(self.config.swim.max_push_pull_members);
+                    (all, Vec::new())
+                }
+                _ => (self.records.take(RECORDS_PER_MESSAGE, limit), self.deltas.take(DELTAS_PER_MESSAGE, limit)),
+            };
+            let frame = GossipFrame::Swim { from: from.clone(), to, message, records, deltas };
+            self.gossip_to(None, &node, frame);
+        }
+    }
+
+    /// Sends `frame` to `node`: on `link` when given (an answer goes back the way the
+    /// question came), else on our link to it, else routed over the next hop.
+    fn gossip_to(&self, link: Option<LinkId>, node: &NodeId, frame: GossipFrame) {
+        let link = link.or_else(|| self.shared.view.load().links.get(node).map(|(id, _)| *id));
+        match link {
+            Some(link) => self.send(link, &PeerFrame::FabricGossip(frame)),
+            None => {
+                if !self.shared.send_one_way(node, FabricBody::Gossip { frame }) {
+                    debug!(node = %self.shared.me.node, peer = %node, "no route for a gossip frame; dropped");
+                }
+            }
+        }
+    }
+
+    /// Records our links and, when our record changed (links, catalog version, SWIM
+    /// incarnation after a refutation), raises its heartbeat and piggybacks it.
+    fn refresh_own_record(&mut self, neighbours: Vec<NodeId>) {
+        let now = (neighbours.clone(), self.core.catalog_version(), self.swim.incarnation());
+        self.core.set_neighbours(neighbours);
+        if self.own_record.as_ref() == Some(&now) {
+            return;
+        }
+        self.own_record = Some(now);
+        self.core.bump_heartbeat();
+        let me = self.shared.me.node.clone();
+        self.records.push(&me, self.core.own_digest(), self.config.swim.max_pending_rumors);
+    }
+
+    /// SWIM's timers: the probe's indirect stage, the end of a period, suspicions.
+    fn swim_tick(&mut self) {
+        let (out, transitions) = self.swim.tick(self.now());
+        let changed = !transitions.is_empty();
+        self.apply_transitions(transitions);
+        self.swim_send(out);
+        if changed {
+            self.rebuild_view();
         }
     }
 
@@ -1029,25 +1269,23 @@ impl FabricGossip {
         let now = self.now();
         let events = self.core.tick(now);
         self.log_events(&events);
-        // A link that has been silent past suspicion is dead even if TCP has not noticed.
-        let silent_limit = Duration::from_secs_f64(self.config.timing.suspect_after);
-        let stale: Vec<LinkId> =
-            self.links.iter().filter(|(_, l)| l.last_heard.elapsed() > silent_limit).map(|(id, _)| *id).collect();
-        for link in stale {
-            warn!(node = %self.shared.me.node, link, "peer link silent; closing");
-            self.close_link(link);
-        }
         if self.last_refresh.elapsed().as_secs_f64() > self.config.timing.catalog_ttl / 2.0 {
+            // Piggybacked, not flooded: the refresh of every node's entries costs each
+            // node a bounded number of entry sets per message.
             self.last_refresh = Instant::now();
             let delta = self.core.refresh_local(unix_now());
             let delta = self.seal(delta);
-            let from = self.shared.me.node.clone();
-            self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
+            let me = self.shared.me.node.clone();
+            self.deltas.push(&me, delta, self.config.swim.max_pending_rumors);
         }
-        self.broadcast(&self.members_frame(), None);
         self.shared.expire_forwarded();
         self.dial_due(ctx);
-        self.rebuild_view();
+        self.rounds += 1;
+        // Expired entries and restored members change nothing SWIM reports: rebuilt every
+        // few rounds, and at once on every change elsewhere.
+        if !events.is_empty() || self.rounds % 4 == 0 {
+            self.rebuild_view();
+        }
     }
 
     fn dial_due(&mut self, ctx: &mut Context<Self>) {
@@ -1136,6 +1374,10 @@ impl Actor for FabricGossip {
         self.rebuild_view();
         self.dial_due(ctx);
         ctx.run_interval(self.config.gossip_interval, |act, ctx| act.tick(ctx));
+        // A quarter of the probe timeout: the indirect stage and the period's end are
+        // noticed within that of their time.
+        let swim_tick = Duration::from_secs_f64((self.config.swim.probe_timeout / 4.0).max(0.01));
+        ctx.run_interval(swim_tick, |act, _| act.swim_tick());
         if let Some(config) = &self.config.snapshots {
             ctx.run_interval(config.interval, |act, ctx| act.save_snapshot_if_changed(ctx));
         }
@@ -1228,7 +1470,10 @@ impl Handler<PeerFrameReceived> for FabricGossip {
             PeerFrame::Server(ServerFrame::Goodbye { node, .. }) => {
                 warn!(node = %self.shared.me.node, link = msg.link, claimed = %node, "GOODBYE not from that node ignored")
             }
-            PeerFrame::FabricGossip(frame) if handshaken => self.on_gossip(msg.link, frame),
+            PeerFrame::FabricGossip(frame) if handshaken => {
+                let sender = linked_node.unwrap_or_default();
+                self.on_gossip(Some(msg.link), &sender, frame)
+            }
             PeerFrame::FabricGossip(_) => {
                 debug!(link = msg.link, "gossip before the handshake completed dropped");
                 self.shared.metrics.fabric_dropped("no_handshake");
@@ -1241,6 +1486,14 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 self.shared.metrics.fabric_dropped("no_handshake");
             }
         }
+    }
+}
+
+impl Handler<RoutedGossip> for FabricGossip {
+    type Result = ();
+
+    fn handle(&mut self, msg: RoutedGossip, _: &mut Context<Self>) {
+        self.on_gossip(None, &msg.source, msg.frame);
     }
 }
 

@@ -212,57 +212,72 @@ impl Default for SwimConfig {
     }
 }
 
-/// Rumors waiting to be piggybacked, at most one per member, ordered by (transmissions,
-/// newest first): taking the next `k` and putting them back is O(k log n).
-#[derive(Debug, Default)]
-struct RumorQueue {
-    queue: BTreeMap<(u32, Reverse<u64>), Rumor>,
-    key_of: HashMap<MemberId, (u32, Reverse<u64>)>,
+/// Items waiting to be piggybacked, at most one per key (a member), ordered by
+/// (transmissions, newest first): taking the next `k` and putting them back is O(k log n).
+/// SWIM's rumors use it, and so does the fabric for the member records and catalog
+/// entries it piggybacks on SWIM's messages.
+#[derive(Debug)]
+pub struct RetransmitQueue<T> {
+    queue: BTreeMap<(u32, Reverse<u64>), (String, T)>,
+    key_of: HashMap<String, (u32, Reverse<u64>)>,
     next: u64,
 }
 
-impl RumorQueue {
-    fn len(&self) -> usize {
+impl<T> Default for RetransmitQueue<T> {
+    fn default() -> Self {
+        RetransmitQueue { queue: BTreeMap::new(), key_of: HashMap::new(), next: 0 }
+    }
+}
+
+impl<T: Clone> RetransmitQueue<T> {
+    /// Items waiting.
+    pub fn len(&self) -> usize {
         self.queue.len()
     }
 
-    fn clear(&mut self) {
+    /// Whether none are waiting.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Drops every item.
+    pub fn clear(&mut self) {
         self.queue.clear();
         self.key_of.clear();
     }
 
-    /// Queues `rumor`, replacing the one about the same member; when `max` are queued the
-    /// most transmitted goes (it has had the most chances already).
-    fn push(&mut self, rumor: Rumor, max: usize) {
-        if let Some(key) = self.key_of.remove(&rumor.member) {
-            self.queue.remove(&key);
+    /// Queues `item` under `key`, replacing the one with the same key; when `max` are
+    /// queued the most transmitted goes (it has had the most chances already).
+    pub fn push(&mut self, key: &str, item: T, max: usize) {
+        if let Some(at) = self.key_of.remove(key) {
+            self.queue.remove(&at);
         }
         if self.queue.len() >= max.max(1) {
-            if let Some((_, dropped)) = self.queue.pop_last() {
-                self.key_of.remove(&dropped.member);
+            if let Some((_, (dropped, _))) = self.queue.pop_last() {
+                self.key_of.remove(&dropped);
             }
         }
         self.next += 1;
-        let key = (0, Reverse(self.next));
-        self.key_of.insert(rumor.member.clone(), key);
-        self.queue.insert(key, rumor);
+        let at = (0, Reverse(self.next));
+        self.key_of.insert(key.to_owned(), at);
+        self.queue.insert(at, (key.to_owned(), item));
     }
 
-    /// The next `k` rumors; each counts one transmission and is dropped at `limit`.
-    fn take(&mut self, k: usize, limit: u32) -> Vec<Rumor> {
+    /// The next `k` items; each counts one transmission and is dropped at `limit`.
+    pub fn take(&mut self, k: usize, limit: u32) -> Vec<T> {
         let keys: Vec<(u32, Reverse<u64>)> = self.queue.keys().take(k).copied().collect();
         let mut picked = Vec::with_capacity(keys.len());
-        for key in keys {
-            let Some(rumor) = self.queue.remove(&key) else { continue };
-            let sent = key.0 + 1;
+        for at in keys {
+            let Some((key, item)) = self.queue.remove(&at) else { continue };
+            let sent = at.0 + 1;
             if sent < limit {
-                let again = (sent, key.1);
-                self.key_of.insert(rumor.member.clone(), again);
-                self.queue.insert(again, rumor.clone());
+                let again = (sent, at.1);
+                self.key_of.insert(key.clone(), again);
+                self.queue.insert(again, (key, item.clone()));
             } else {
-                self.key_of.remove(&rumor.member);
+                self.key_of.remove(&key);
             }
-            picked.push(rumor);
+            picked.push(item);
         }
         picked
     }
@@ -307,7 +322,7 @@ pub struct Swim {
     /// How many of `members` are dead or left.
     gone: usize,
     /// Rumors to piggyback, least sent first and, among those, newest first.
-    rumors: RumorQueue,
+    rumors: RetransmitQueue<Rumor>,
     probe_order: Vec<MemberId>,
     probe_next: usize,
     probe: Option<Probe>,
@@ -331,7 +346,7 @@ impl Swim {
             members: BTreeMap::new(),
             suspects: BTreeSet::new(),
             gone: 0,
-            rumors: RumorQueue::default(),
+            rumors: RetransmitQueue::default(),
             probe_order: Vec::new(),
             probe_next: 0,
             probe: None,
@@ -378,6 +393,32 @@ impl Swim {
     /// Rumors waiting to be piggybacked.
     pub fn pending_rumors(&self) -> usize {
         self.rumors.len()
+    }
+
+    /// The incarnation it knows `member` at.
+    pub fn incarnation_of(&self, member: &str) -> Option<Incarnation> {
+        self.members.get(member).map(|k| k.incarnation)
+    }
+
+    /// Learns `rumor` from outside the protocol (a member met on a link, a checked
+    /// GOODBYE), with the usual precedence; spreads it if it changed something.
+    pub fn learn(&mut self, rumor: Rumor, now: f64) -> Vec<Transition> {
+        let mut changes = Vec::new();
+        self.apply(rumor, now, &mut changes);
+        changes
+    }
+
+    /// Suspects `member` at once (its link dropped): a `Suspect` rumor at the incarnation
+    /// known, which it refutes if it is alive.
+    pub fn suspect(&mut self, member: &str, now: f64) -> Vec<Transition> {
+        match self.members.get(member) {
+            Some(k) if k.liveness == Liveness::Alive => {
+                let rumor =
+                    Rumor { member: member.to_owned(), incarnation: k.incarnation, liveness: Liveness::Suspect };
+                self.learn(rumor, now)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Joins through `seed`: a push-pull of this member's list (itself).
@@ -496,7 +537,8 @@ impl Swim {
         self.members.len() - self.gone + 1
     }
 
-    fn retransmits(&self) -> u32 {
+    /// How many times a piece of news is sent: `ceil(retransmit_mult · log10(n + 1))`.
+    pub fn retransmits(&self) -> u32 {
         let n = self.n() as f64;
         (self.config.retransmit_mult * (n + 1.0).log10()).ceil().max(1.0) as u32
     }
@@ -524,7 +566,8 @@ impl Swim {
     }
 
     fn spread(&mut self, rumor: Rumor) {
-        self.rumors.push(rumor, self.config.max_pending_rumors);
+        let key = rumor.member.clone();
+        self.rumors.push(&key, rumor, self.config.max_pending_rumors);
     }
 
     /// A message from `from` proves it alive; a member never heard of is learnt.

@@ -33,6 +33,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::swim::SwimMessage;
 use super::trust::{Certificate, StatementProof};
 use crate::function::{FunctionError, FunctionIdentity};
 use crate::protocol::PubSubMessage;
@@ -208,11 +209,13 @@ impl FunctionAbout {
     }
 }
 
-/// `role: "fabric-gossip"` — membership and catalog dissemination between direct peers.
+/// `role: "fabric-gossip"` — membership and catalog dissemination (between direct peers, or
+/// routed in a `fabric-message` when there is no link).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum GossipFrame {
-    /// Periodic: the sender's view of every live member (anti-entropy digest).
+    /// The sender's view of every member, sent once on a link just admitted (SWIM's
+    /// push-pull repairs what is missed later).
     Members {
         /// Sender.
         from: NodeId,
@@ -232,6 +235,26 @@ pub enum GossipFrame {
         from: NodeId,
         /// Nodes whose entries are wanted.
         nodes: Vec<NodeId>,
+    },
+    /// SWIM traffic ([`super::swim`]): a probe, an indirect probe, an ack or a push-pull,
+    /// with member records and catalog entry sets piggybacked. Sent on the link to the
+    /// receiver's node, or routed to it (`fabric-message` body `gossip`) when there is no
+    /// link.
+    Swim {
+        /// The sender's member id, `node#instance`.
+        from: String,
+        /// The receiver's member id; a frame for another instance of its node is dropped.
+        to: String,
+        /// The SWIM message (its rumors: at most `max_piggyback` are read).
+        message: SwimMessage,
+        /// Member records that changed lately (each sent about λ·log n times), or the
+        /// sender's whole list in a push-pull (at most `max_push_pull_members` are read).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        records: Vec<MemberDigest>,
+        /// Catalog entry sets refreshed or changed lately, signed by their owners like
+        /// `catalog` deltas.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        deltas: Vec<CatalogDelta>,
     },
     /// A node left cleanly (relayed GOODBYE).
     Departed {
@@ -324,6 +347,12 @@ pub enum FabricBody {
         duty: String,
         /// The CacheRequest JSON.
         request: Value,
+    },
+    /// One-way: a `fabric-gossip` frame for a node this node has no link to (SWIM
+    /// probes, acks and push-pulls, catalog requests and answers).
+    Gossip {
+        /// The frame; the receiver takes `source` as its sender.
+        frame: GossipFrame,
     },
     /// A pub/sub message flooding the cluster (de-duplicated by `message_id`).
     Publish {
