@@ -147,7 +147,7 @@ pub struct Settings {
     /// Housekeeping round: dial attempts, catalog expiry (seconds).
     pub gossip_interval_s: f64,
     /// A silent peer is suspected (and not routed to) after about this long: SWIM's
-    /// protocol period is a quarter of it, its probe timeout an eighth (seconds).
+    /// protocol period is half of it, its probe timeout a quarter (seconds).
     pub suspect_after_s: f64,
     /// ... and removed with its functions after about this long: a suspicion lasts
     /// `(remove_after_s - suspect_after_s) · log10(max(n, 10))` for n members, stretched
@@ -493,7 +493,7 @@ impl Settings {
     /// other bounds are SWIM's defaults (3 indirect probes, 16 rumors a message, a
     /// push-pull every 30 periods, local health up to 8).
     pub fn swim_config(&self) -> SwimConfig {
-        let period = self.suspect_after_s / 4.0;
+        let period = self.suspect_after_s / 2.0;
         SwimConfig {
             period,
             probe_timeout: period / 2.0,

@@ -123,6 +123,8 @@ fn prune_about(mut delta: CatalogDelta) -> CatalogDelta {
     delta
 }
 
+/// Members a gossip round sends waiting news to (memberlist's `GossipNodes`).
+const GOSSIP_FANOUT: usize = 3;
 /// Member records piggybacked on one SWIM message, at most.
 const RECORDS_PER_MESSAGE: usize = 8;
 /// Catalog entry sets piggybacked on one SWIM message, at most.
@@ -1120,6 +1122,7 @@ impl FabricGossip {
         match message {
             SwimMessage::Ping { seq, rumors } => SwimMessage::Ping { seq, rumors: keep(rumors, max) },
             SwimMessage::Ack { seq, rumors } => SwimMessage::Ack { seq, rumors: keep(rumors, max) },
+            SwimMessage::Gossip { rumors } => SwimMessage::Gossip { rumors: keep(rumors, max) },
             SwimMessage::PingReq { seq, target, rumors } => {
                 SwimMessage::PingReq { seq, target, rumors: keep(rumors, max) }
             }
@@ -1278,6 +1281,11 @@ impl FabricGossip {
             let me = self.shared.me.node.clone();
             self.deltas.push(&me, delta, self.config.swim.max_pending_rumors);
         }
+        // News waiting (SWIM's rumors, records, entry sets) goes to a few random members
+        // at once rather than one probe a period.
+        let news = !self.records.is_empty() || !self.deltas.is_empty();
+        let out = self.swim.gossip(GOSSIP_FANOUT, news);
+        self.swim_send(out);
         self.shared.expire_forwarded();
         self.dial_due(ctx);
         self.rounds += 1;

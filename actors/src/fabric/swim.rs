@@ -135,6 +135,12 @@ pub enum SwimMessage {
         /// Piggybacked news.
         rumors: Vec<Rumor>,
     },
+    /// News only, not answered: sent by [`Swim::gossip`] to a few random members when
+    /// news is waiting, so it spreads faster than one probe a period carries it.
+    Gossip {
+        /// The news.
+        rumors: Vec<Rumor>,
+    },
     /// My whole list; answered with the receiver's own when `reply`.
     PushPull {
         /// Every member the sender knows, itself included.
@@ -333,7 +339,7 @@ pub struct Swim {
     local_health: u32,
     rng: StdRng,
     /// Messages sent, by kind, for the benchmarks: ping, ping-req, ack, push-pull.
-    sent: [u64; 4],
+    sent: [u64; 5],
 }
 
 impl Swim {
@@ -356,7 +362,7 @@ impl Swim {
             relays: HashMap::new(),
             local_health: 0,
             rng: StdRng::seed_from_u64(seed),
-            sent: [0; 4],
+            sent: [0; 5],
         }
     }
 
@@ -385,9 +391,29 @@ impl Swim {
         self.members.iter().filter(|(_, k)| !k.liveness.is_gone()).map(|(m, k)| (m.as_str(), k.liveness))
     }
 
-    /// Messages sent so far: (pings, ping-reqs, acks, push-pulls).
-    pub fn messages_sent(&self) -> (u64, u64, u64, u64) {
-        (self.sent[0], self.sent[1], self.sent[2], self.sent[3])
+    /// Messages sent so far: (pings, ping-reqs, acks, push-pulls, gossips).
+    pub fn messages_sent(&self) -> (u64, u64, u64, u64, u64) {
+        (self.sent[0], self.sent[1], self.sent[2], self.sent[3], self.sent[4])
+    }
+
+    /// memberlist's gossip round: when news is waiting (or `always`), a [`SwimMessage::Gossip`]
+    /// of it to each of `fanout` random live members. Nothing when there is no news, so an
+    /// idle cluster sends only probes; with news, a node sends `fanout` more messages.
+    pub fn gossip(&mut self, fanout: usize, always: bool) -> Vec<Outgoing> {
+        if self.rumors.is_empty() && !always {
+            return Vec::new();
+        }
+        let mut targets: Vec<MemberId> =
+            self.members.iter().filter(|(_, k)| k.liveness == Liveness::Alive).map(|(m, _)| m.clone()).collect();
+        targets.shuffle(&mut self.rng);
+        targets.truncate(fanout);
+        targets
+            .into_iter()
+            .map(|to| {
+                let rumors = self.piggyback();
+                self.send(&to, SwimMessage::Gossip { rumors })
+            })
+            .collect()
     }
 
     /// Rumors waiting to be piggybacked.
@@ -502,6 +528,11 @@ impl Swim {
                     self.local_health = self.local_health.saturating_sub(1);
                 }
             }
+            SwimMessage::Gossip { rumors } => {
+                self.hear_from(from, now, &mut changes);
+                let bounded = rumors.into_iter().take(self.config.max_piggyback).collect();
+                self.apply_all(bounded, now, &mut changes);
+            }
             SwimMessage::PushPull { members, reply } => {
                 let bounded = members.into_iter().take(self.config.max_push_pull_members).collect();
                 self.apply_all(bounded, now, &mut changes);
@@ -527,6 +558,7 @@ impl Swim {
             SwimMessage::PingReq { .. } => 1,
             SwimMessage::Ack { .. } => 2,
             SwimMessage::PushPull { .. } => 3,
+            SwimMessage::Gossip { .. } => 4,
         };
         self.sent[kind] += 1;
         Outgoing { to: to.to_owned(), message }

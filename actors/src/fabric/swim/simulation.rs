@@ -193,8 +193,8 @@ impl Simulation {
         self.members
             .values()
             .map(|m| {
-                let (a, b, c, d) = m.messages_sent();
-                a + b + c + d
+                let (a, b, c, d, e) = m.messages_sent();
+                a + b + c + d + e
             })
             .sum()
     }
