@@ -212,13 +212,20 @@ async fn sigkill_of_one_of_two_providers_mid_call_is_retried_on_the_other() {
     drop(c);
 }
 
-/// A settings file for node `name`: slow failure detection (a minute), fast gossip.
-fn slow_detection_config(name: &str, cluster: &str, functions: &str, peers: &[&ServerProcess]) -> TempFile {
+/// A settings file for node `name`: slow failure detection (a minute), fast gossip, at
+/// most `fanout` links dialled to nodes learned through gossip.
+fn slow_detection_config(
+    name: &str,
+    cluster: &str,
+    functions: &str,
+    peers: &[&ServerProcess],
+    fanout: usize,
+) -> TempFile {
     let peers: Vec<String> = peers.iter().map(|p| format!("{:?}", p.url)).collect();
     let toml = format!(
         "[mpreg]\nname = {name:?}\nhost = \"127.0.0.1\"\nport = 0\nmonitoring_port = 0\ncluster_id = {cluster:?}\n\
          functions = [{functions:?}]\npeers = [{}]\ngossip_interval_s = 0.1\nsuspect_after_s = 1.0\n\
-         remove_after_s = 60.0\ndeparted_grace_s = 60.0\n",
+         remove_after_s = 60.0\ndeparted_grace_s = 60.0\npeer_fanout = {fanout}\n",
         peers.join(", ")
     );
     TempFile::new(&format!("{cluster}-{name}.toml"), &toml)
@@ -233,11 +240,11 @@ async fn sigterm_says_goodbye_and_sigkill_leaves_a_suspect() {
     let cluster = cluster_id("signals");
     // B is dialled by A (see `sigterm_goodbye_reaches_the_peers_a_node_dialled` for why
     // that matters); C dials A.
-    let config_b = slow_detection_config("B", &cluster, "slow", &[]);
+    let config_b = slow_detection_config("B", &cluster, "slow", &[], 32);
     let b = start_config(&config_b).await;
-    let config_a = slow_detection_config("A", &cluster, "add", &[&b]);
+    let config_a = slow_detection_config("A", &cluster, "add", &[&b], 32);
     let a = start_config(&config_a).await;
-    let config_c = slow_detection_config("C", &cluster, "tpu_square", &[&a]);
+    let config_c = slow_detection_config("C", &cluster, "tpu_square", &[&a], 32);
     let c = start_config(&config_c).await;
     let client = connect(&a).await;
     wait_answer(&client, "tpu_square", vec![json!(3)], json!(9)).await;
@@ -275,9 +282,9 @@ async fn sigterm_says_goodbye_and_sigkill_leaves_a_suspect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_goodbye_reaches_the_peers_a_node_dialled() {
     let cluster = cluster_id("goodbye-outbound");
-    let config_a = slow_detection_config("A", &cluster, "add", &[]);
+    let config_a = slow_detection_config("A", &cluster, "add", &[], 32);
     let a = start_config(&config_a).await;
-    let config_b = slow_detection_config("B", &cluster, "slow", &[&a]);
+    let config_b = slow_detection_config("B", &cluster, "slow", &[&a], 32);
     let b = start_config(&config_b).await;
     let client = connect(&a).await;
     wait_answer(&client, "slow", vec![json!(0)], json!(0)).await;
@@ -288,4 +295,62 @@ async fn sigterm_goodbye_reaches_the_peers_a_node_dialled() {
         member(&status, "B").is_none().then_some(())
     })
     .await;
+}
+
+/// Nodes in [`a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes`]:
+/// `MPREG_SWIM_NODES` (e.g. 64), else 8 (2 loaded cores run 8 debug processes easily).
+fn swim_nodes() -> usize {
+    std::env::var("MPREG_SWIM_NODES").ok().and_then(|v| v.parse().ok()).filter(|n| *n >= 3).unwrap_or(8)
+}
+
+/// SWIM end to end over real processes, with links capped at a fan-out of 2 so that many
+/// probes and answers travel routed: a function registered on the last node is routable
+/// from all; a SIGSTOPped node (links open, nothing answered) is suspected by every other
+/// node; after SIGCONT it refutes (its incarnation rises) and is alive everywhere again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes() {
+    let n = swim_nodes();
+    // Starting and converging n debug processes on 2 loaded cores: generous bounds.
+    let slow = Duration::from_secs(30 + 2 * n as u64);
+    let cluster = cluster_id("swim");
+    let mut configs = Vec::with_capacity(n);
+    let mut nodes: Vec<ServerProcess> = Vec::with_capacity(n);
+    for i in 0..n {
+        let functions = if i == n - 1 { "tpu_square" } else { "add" };
+        let seed: Vec<&ServerProcess> = nodes.first().into_iter().collect();
+        let config = slow_detection_config(&format!("s{i}"), &cluster, functions, &seed, 2);
+        nodes.push(start_config(&config).await);
+        configs.push(config);
+    }
+    let mut clients = Vec::with_capacity(n);
+    for node in &nodes {
+        clients.push(connect(node).await);
+    }
+    for (i, client) in clients.iter().enumerate() {
+        poll_until_async(&format!("tpu_square routable from s{i}"), slow, || async {
+            (client.call("tpu_square", vec![json!(3)]).await.ok() == Some(json!(9))).then_some(())
+        })
+        .await;
+    }
+    let state_of = |status: &Value, node: &str| member(status, node).map(|m| m["state"].clone());
+    let watched = "s1";
+    signal(&nodes[1], "-STOP");
+    for (i, client) in clients.iter().enumerate().filter(|(i, _)| *i != 1) {
+        poll_until_async(&format!("s{i} to suspect the stopped {watched}"), slow, || async {
+            let status = client.cluster_status().await.ok()?;
+            (state_of(&status, watched) != Some(json!("alive"))).then_some(())
+        })
+        .await;
+    }
+    signal(&nodes[1], "-CONT");
+    for (i, client) in clients.iter().enumerate().filter(|(i, _)| *i != 1) {
+        poll_until_async(&format!("s{i} to see {watched} alive again"), slow, || async {
+            let status = client.cluster_status().await.ok()?;
+            (state_of(&status, watched) == Some(json!("alive"))).then_some(())
+        })
+        .await;
+    }
+    let status = clients[1].cluster_status().await.expect("the resumed node answers");
+    assert!(status["topology"]["incarnation"].as_u64() >= Some(1), "it refuted: {:#}", status["topology"]);
+    assert_eq!(clients[0].call("tpu_square", vec![json!(4)]).await.unwrap(), json!(16));
 }

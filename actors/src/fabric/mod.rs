@@ -260,6 +260,13 @@ pub struct Topology {
     pub nodes: Vec<NodeStatus>,
     /// Links: (link id, peer or null before the handshake, direction).
     pub links: Vec<(LinkId, Option<String>, &'static str)>,
+    /// Peers this node began to suspect since it started (`mpreg_peer_suspected_total`).
+    pub suspicions: u64,
+    /// SWIM: this node's incarnation (raised each time it refutes a suspicion of itself)
+    /// and local health multiplier (0: healthy; higher stretches its timeouts).
+    pub incarnation: u64,
+    /// See `incarnation`.
+    pub local_health: u32,
 }
 
 /// Ask for `/topology`.
@@ -1670,7 +1677,15 @@ impl Handler<DescribeTopology> for FabricGossip {
             .map(|(id, l)| (*id, l.node.clone(), if l.outbound_url.is_some() { "outbound" } else { "inbound" }))
             .collect();
         links.sort();
-        Topology { node: me.node.clone(), cluster_id: me.cluster_id.clone(), nodes, links }
+        Topology {
+            node: me.node.clone(),
+            cluster_id: me.cluster_id.clone(),
+            nodes,
+            links,
+            suspicions: self.shared.metrics.peers_suspected(),
+            incarnation: self.swim.incarnation(),
+            local_health: self.swim.local_health(),
+        }
     }
 }
 
