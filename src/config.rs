@@ -142,7 +142,9 @@ pub struct Settings {
     /// The URL other nodes should dial to reach this one; default `ws://host:port` with
     /// the port really bound (set it when `host` is `0.0.0.0` or behind NAT).
     pub advertise_url: Option<String>,
-    /// Links to nodes learned through gossip, beyond `peers` (0: only `peers`).
+    /// Nodes learned through gossip are dialled while this node holds fewer links than
+    /// this in all, configured, dialled and accepted ones together (0: only `peers`);
+    /// other nodes are reached over next hops.
     pub peer_fanout: usize,
     /// Housekeeping round: dial attempts, catalog expiry (seconds).
     pub gossip_interval_s: f64,
@@ -258,7 +260,7 @@ impl Default for Settings {
             fault_injection: false,
             peers: Vec::new(),
             advertise_url: None,
-            peer_fanout: 32,
+            peer_fanout: 8,
             gossip_interval_s: 0.25,
             suspect_after_s: 2.0,
             remove_after_s: 6.0,

@@ -80,7 +80,8 @@ use crate::unix_now;
 pub struct FabricConfig {
     /// URLs to dial at start and keep dialling.
     pub peers: Vec<String>,
-    /// At most this many links to nodes learned through gossip (0: only `peers`).
+    /// Nodes learned through gossip are dialled while this node holds fewer links than
+    /// this in all (0: only `peers`).
     pub fanout: usize,
     /// Gossip round length.
     pub gossip_interval: Duration,
@@ -1314,25 +1315,26 @@ impl FabricGossip {
             .filter(|m| self.core.may_dial(&m.info.node, &m.info.instance_id, now))
             .map(|m| m.info.url.clone())
             .collect();
-        let discovered_links = self
-            .links
-            .values()
-            .filter(|l| l.outbound_url.as_ref().is_some_and(|u| !self.config.peers.contains(u)))
-            .count();
-        let budget = self.config.fanout.saturating_sub(discovered_links);
-        for url in discovered.into_iter().take(budget) {
+        // The fan-out bounds the links a node holds in all (configured, dialled, accepted):
+        // nodes beyond it are reached over the next hops, not over a link of their own.
+        let linked_urls: HashSet<String> = self.links.values().filter_map(|l| l.outbound_url.clone()).collect();
+        let peers = &self.config.peers;
+        let room = self.config.fanout.saturating_sub(direct.len());
+        let pending = self.dials.keys().filter(|u| !peers.contains(*u) && !linked_urls.contains(*u)).count();
+        for url in discovered.into_iter().take(room.saturating_sub(pending)) {
             self.dials.entry(url).or_insert(DialState {
                 in_progress: false,
                 next_at: Instant::now(),
                 backoff: Duration::ZERO,
             });
         }
-        // Forget discovered URLs that are linked or gone; keep configured peers forever.
-        let linked_urls: HashSet<String> = self.links.values().filter_map(|l| l.outbound_url.clone()).collect();
+        // Forget discovered URLs that are linked or gone, or once there is no room; keep
+        // configured peers forever.
         let member_urls: HashSet<String> = self.core.members().map(|m| m.info.url.clone()).collect();
-        let peers = &self.config.peers;
         self.dials.retain(|url, d| {
-            peers.contains(url) || d.in_progress || (member_urls.contains(url) && !linked_urls.contains(url))
+            peers.contains(url)
+                || d.in_progress
+                || (room > 0 && member_urls.contains(url) && !linked_urls.contains(url))
         });
         let due: Vec<String> = self
             .dials
