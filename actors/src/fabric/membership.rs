@@ -669,14 +669,23 @@ impl MembershipCore {
     pub fn next_hops(&self, direct: &HashSet<NodeId>) -> HashMap<NodeId, NodeId> {
         let mut first_hop: HashMap<NodeId, NodeId> = direct.iter().map(|n| (n.clone(), n.clone())).collect();
         let alive = |n: &str| self.members.get(n).is_some_and(|m| m.state == MemberState::Alive);
+        // Ties are broken in an order that is stable for this node but differs between
+        // nodes, so that paths of equal length spread over the relays instead of all
+        // crossing the node whose name sorts first (in a cluster joined through one seed,
+        // every node's neighbour).
+        let rank = |n: &NodeId| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (&self.me.node, n).hash(&mut hasher);
+            (hasher.finish(), n.clone())
+        };
         let mut starts: Vec<&NodeId> = direct.iter().filter(|n| alive(n)).collect();
-        starts.sort(); // deterministic tie-break
+        starts.sort_by_cached_key(|n| rank(n));
         let mut queue: VecDeque<NodeId> = starts.into_iter().cloned().collect();
         while let Some(at) = queue.pop_front() {
             let hop = first_hop[&at].clone();
             let Some(m) = self.members.get(&at) else { continue };
             let mut next: Vec<&NodeId> = m.neighbours.iter().collect();
-            next.sort();
+            next.sort_by_cached_key(|n| rank(n));
             for n in next {
                 if *n == self.me.node || first_hop.contains_key(n) || !self.members.contains_key(n) {
                     continue;
