@@ -552,7 +552,22 @@ impl Swim {
         self.next_seq
     }
 
-    fn send(&mut self, to: &str, message: SwimMessage) -> Outgoing {
+    fn send(&mut self, to: &str, mut message: SwimMessage) -> Outgoing {
+        // A member we suspect hears it from us first thing, whatever we send it: it
+        // refutes at once, even if it was away (stopped, partitioned) while the rumor
+        // spread and every copy of it has been spent.
+        if let Some(k) = self.members.get(to).filter(|k| k.liveness == Liveness::Suspect) {
+            let about = Rumor { member: to.to_owned(), incarnation: k.incarnation, liveness: Liveness::Suspect };
+            if let SwimMessage::Ping { rumors, .. }
+            | SwimMessage::PingReq { rumors, .. }
+            | SwimMessage::Ack { rumors, .. }
+            | SwimMessage::Gossip { rumors } = &mut message
+            {
+                rumors.retain(|r| r.member != about.member);
+                rumors.insert(0, about);
+                rumors.truncate(self.config.max_piggyback.max(1));
+            }
+        }
         let kind = match &message {
             SwimMessage::Ping { .. } => 0,
             SwimMessage::PingReq { .. } => 1,

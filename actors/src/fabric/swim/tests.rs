@@ -43,6 +43,22 @@ fn precedence_higher_incarnation_then_left_dead_suspect_alive() {
 }
 
 #[test]
+fn a_suspected_member_is_told_by_whatever_it_is_sent_and_refutes() {
+    let mut a = member("a", &["b", "c"]);
+    a.receive("c", SwimMessage::Gossip { rumors: vec![rumor("b", 0, Liveness::Suspect)] }, 1.0);
+    // Every copy of the rumor spent (b was away meanwhile).
+    for seq in 0..10 {
+        a.receive("c", SwimMessage::Ping { seq, rumors: vec![] }, 1.1);
+    }
+    let (out, _) = a.receive("b", SwimMessage::Ping { seq: 5, rumors: vec![] }, 2.0);
+    let SwimMessage::Ack { rumors, .. } = &out[0].message else { panic!("{out:?}") };
+    assert_eq!(rumors.first(), Some(&rumor("b", 0, Liveness::Suspect)), "{rumors:?}");
+    let mut b = member("b", &["a", "c"]);
+    b.receive("a", out[0].message.clone(), 2.1);
+    assert_eq!(b.incarnation(), 1, "b refuted");
+}
+
+#[test]
 fn a_ping_is_acked_with_its_seq() {
     let mut b = member("b", &["a"]);
     let (out, _) = b.receive("a", SwimMessage::Ping { seq: 42, rumors: vec![] }, 1.0);
