@@ -380,6 +380,9 @@ pub struct FabricGossip {
     own_record: Option<(Vec<NodeId>, u64, u64)>,
     /// Gossip rounds so far (the view is rebuilt every few even when nothing changed).
     rounds: u64,
+    /// A node whose records named more new members than one frame may teach: the rest
+    /// are pulled from it next round (one push-pull a round at most).
+    pull_more_from: Option<NodeId>,
     _guard: ChildGuard,
 }
 
@@ -420,6 +423,7 @@ impl FabricGossip {
             deltas: RetransmitQueue::default(),
             own_record: None,
             rounds: 0,
+            pull_more_from: None,
             _guard: guard,
         }
     }
@@ -1159,6 +1163,7 @@ impl FabricGossip {
             debug!(node = %self.shared.me.node, sender = %sender, ignored = outcome.refused,
                 "records named more new nodes than max_new_members_per_frame");
             self.shared.metrics.limit_exceeded("max_new_members_per_frame");
+            self.pull_more_from = Some(sender.clone());
         }
         let mut changed = !outcome.events.is_empty();
         self.log_events(&outcome.events);
@@ -1292,7 +1297,15 @@ impl FabricGossip {
         // News waiting (SWIM's rumors, records, entry sets) goes to a few random members
         // at once rather than one probe a period.
         let news = !self.records.is_empty() || !self.deltas.is_empty();
-        let out = self.swim.gossip(GOSSIP_FANOUT, news);
+        let mut out = self.swim.gossip(GOSSIP_FANOUT, news);
+        // A joiner learns a large cluster `max_new_members_per_frame` members a round.
+        let member = self
+            .pull_more_from
+            .take()
+            .and_then(|node| self.core.record_of(&node).map(|(instance, _)| format!("{node}#{instance}")));
+        if let Some(member) = member {
+            out.extend(self.swim.join(&member));
+        }
         self.swim_send(out);
         self.shared.expire_forwarded();
         self.dial_due(ctx);

@@ -397,14 +397,15 @@ impl Swim {
     }
 
     /// memberlist's gossip round: when news is waiting (or `always`), a [`SwimMessage::Gossip`]
-    /// of it to each of `fanout` random live members. Nothing when there is no news, so an
+    /// of it to each of `fanout` random members alive or suspect. Nothing when there is no news, so an
     /// idle cluster sends only probes; with news, a node sends `fanout` more messages.
     pub fn gossip(&mut self, fanout: usize, always: bool) -> Vec<Outgoing> {
         if self.rumors.is_empty() && !always {
             return Vec::new();
         }
+        // Suspects too (as memberlist does): told that they are, they refute at once.
         let mut targets: Vec<MemberId> =
-            self.members.iter().filter(|(_, k)| k.liveness == Liveness::Alive).map(|(m, _)| m.clone()).collect();
+            self.members.iter().filter(|(_, k)| !k.liveness.is_gone()).map(|(m, _)| m.clone()).collect();
         targets.shuffle(&mut self.rng);
         targets.truncate(fanout);
         targets
