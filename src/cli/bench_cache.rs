@@ -28,8 +28,8 @@ use mpreg_actors::cache::core::{owners, CacheKey, KeyLimits};
 use serde_json::json;
 
 use super::bench::{
-    drive_frames, round1, round3, Placement, ReplyCheck, ScenarioBenchArgs, ScenarioResult, PIPELINE_DEPTH, STUCK_AFTER,
-    WARMUP,
+    drive_frames, round1, round3, Placement, ReplyCheck, ScenarioBenchArgs, ScenarioResult, PIPELINE_DEPTH,
+    STUCK_AFTER, WARMUP,
 };
 use crate::client::{CacheOptions, Client};
 use crate::config::Settings;
@@ -245,9 +245,7 @@ fn run_client(
             scenario.turns.into_iter().map(|(name, frame, check)| (name, (frame, check))).unzip();
         let budget = WARMUP + duration + STUCK_AFTER;
         let measurements = runtime
-            .block_on(async {
-                tokio::time::timeout(budget, drive_frames(url, frames, scenario.depth, duration)).await
-            })
+            .block_on(async { tokio::time::timeout(budget, drive_frames(url, frames, scenario.depth, duration)).await })
             .with_context(|| format!("{label}: no progress for {} s", STUCK_AFTER.as_secs()))??;
         for (name, measurement) in names.into_iter().zip(measurements) {
             if measurement.errors > 0 {
