@@ -129,7 +129,7 @@ pub fn verify_hex(key: &VerifyingKey, message: &[u8], signature_hex: &str) -> Re
 
 /// Writes `contents` to `path`, readable by the owner only (mode 0600 from creation, so
 /// the secret is never briefly world-readable).
-fn write_secret(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
+pub(crate) fn write_secret(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
     use std::io::Write;
     let fail = |source| TrustError::Io { path: path.to_owned(), source };
     let mut options = std::fs::OpenOptions::new();
@@ -152,11 +152,11 @@ fn write_secret(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
     }
 }
 
-fn read(path: &Path) -> Result<String, TrustError> {
+pub(crate) fn read(path: &Path) -> Result<String, TrustError> {
     std::fs::read_to_string(path).map_err(|source| TrustError::Io { path: path.to_owned(), source })
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> Result<T, TrustError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> Result<T, TrustError> {
     serde_json::from_str(text).map_err(|e| TrustError::Format(format!("{what}: {e}")))
 }
 
@@ -181,6 +181,11 @@ impl Authority {
     /// The public key other nodes pin.
     pub fn public_key(&self) -> VerifyingKey {
         self.key.verifying_key()
+    }
+
+    /// The secret key, for signing records the authority vouches for (route keys).
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.key
     }
 
     /// The public key in hex.
