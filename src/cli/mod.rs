@@ -152,6 +152,20 @@ pub enum KeysCommand {
         #[arg(long, default_value_t = 365)]
         valid_days: u64,
     },
+    /// Make a new route key for federation: DIR/route.key (mode 0600, copy it to every node
+    /// of the cluster). The first key is certified by the authority in DIR/cluster.key;
+    /// each later one is signed by the key before it, which keeps verifying for
+    /// --overlap-s seconds. Prints the generation and the new key id.
+    Rotate {
+        /// Directory holding cluster.pub (and cluster.key for the first key).
+        dir: PathBuf,
+        /// The cluster the route key signs for.
+        #[arg(long, default_value = "default-cluster")]
+        cluster_id: String,
+        /// Seconds the previous key still verifies after the rotation.
+        #[arg(long, default_value_t = 300)]
+        overlap_s: u64,
+    },
 }
 
 /// `mpreg client ...`
@@ -254,5 +268,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {
             keys::issue(&dir, &name, &cluster_id, valid_days)
         }
+        Command::Keys(KeysCommand::Rotate { dir, cluster_id, overlap_s }) => keys::rotate(&dir, &cluster_id, overlap_s),
     }
 }

@@ -112,7 +112,8 @@ pub fn from_hex<const N: usize>(text: &str, what: &str) -> Result<[u8; N], Trust
     Ok(out)
 }
 
-fn verifying_key(hex: &str, what: &str) -> Result<VerifyingKey, TrustError> {
+/// An ed25519 public key from hex (`what` names the field in errors).
+pub fn verifying_key(hex: &str, what: &str) -> Result<VerifyingKey, TrustError> {
     VerifyingKey::from_bytes(&from_hex::<32>(hex, what)?)
         .map_err(|e| TrustError::Format(format!("{what}: not an ed25519 public key: {e}")))
 }

@@ -134,8 +134,7 @@ pub enum KeyError {
 }
 
 fn public_key(hex: &str) -> Result<VerifyingKey, KeyError> {
-    VerifyingKey::from_bytes(&from_hex::<32>(hex, "public_key")?)
-        .map_err(|e| KeyError::Malformed(format!("public_key: not an ed25519 key: {e}")))
+    trust::verifying_key(hex, "public_key").map_err(|e| KeyError::Malformed(e.to_string()))
 }
 
 /// One trusted key of a cluster.
@@ -394,6 +393,42 @@ impl RouteSigner {
     }
 }
 
+/// What `mpreg keys rotate DIR` did.
+#[derive(Debug)]
+pub struct Rotation {
+    /// The route key file written.
+    pub path: std::path::PathBuf,
+    /// The new key's generation (1 = the first key).
+    pub generation: u64,
+    /// The new key's id.
+    pub key_id: String,
+}
+
+/// `mpreg keys rotate DIR`: without `DIR/route.key`, makes generation 1 certified by the
+/// authority in `DIR/cluster.key`; with it, makes the next generation signed by the
+/// current key (checked against `DIR/cluster.pub` first), the current key verifying for
+/// `overlap_s` more seconds. Rewrites `DIR/route.key`.
+pub fn rotate_in_dir(dir: &Path, cluster_id: &str, now: u64, overlap_s: u64) -> Result<Rotation, KeyError> {
+    let path = dir.join(ROUTE_KEY_FILE);
+    let next = if path.exists() {
+        let pub_path = dir.join(trust::AUTHORITY_PUB_FILE);
+        let authority = trust::verifying_key(&trust::read(&pub_path)?, "cluster.pub")?;
+        let current = RouteSigner::load(&path, &authority)?;
+        if current.cluster_id != cluster_id {
+            return Err(KeyError::Malformed(format!(
+                "{} belongs to cluster {}, not {cluster_id}",
+                path.display(),
+                current.cluster_id
+            )));
+        }
+        current.rotate(now, overlap_s)?
+    } else {
+        RouteSigner::first(&Authority::load(dir)?, cluster_id, now)
+    };
+    next.save(&path)?;
+    Ok(Rotation { path, generation: next.chain.len() as u64, key_id: next.key_id })
+}
+
 fn record_body(cluster_id: &str, generation: u64, key: &SigningKey, now: u64, overlap_s: u64, signed_by: &str) -> KeyRecordBody {
     KeyRecordBody {
         format: RECORD_FORMAT.into(),
@@ -515,10 +550,35 @@ mod tests {
         assert_eq!(loaded.key_id(), signer.key_id());
         assert_eq!(loaded.chain(), signer.chain());
         assert!(RouteSigner::load(&path, &Authority::generate().public_key()).is_err());
+        let mut tampered: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        tampered["secret_key"] = to_hex(&[7u8; 32]).into();
+        std::fs::write(&path, tampered.to_string()).unwrap();
+        assert!(matches!(RouteSigner::load(&path, &authority.public_key()), Err(KeyError::Chain(_))));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn rotate_in_dir_starts_a_chain_then_extends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(rotate_in_dir(dir.path(), "b", NOW, 60).is_err(), "no authority, no first key");
+        let authority = Authority::generate();
+        authority.save(dir.path()).unwrap();
+        let first = rotate_in_dir(dir.path(), "b", NOW, 60).unwrap();
+        assert_eq!(first.generation, 1);
+        let second = rotate_in_dir(dir.path(), "b", NOW + 10, 60).unwrap();
+        assert_eq!(second.generation, 2);
+        assert_ne!(first.key_id, second.key_id);
+        assert!(rotate_in_dir(dir.path(), "other", NOW + 20, 60).is_err(), "wrong cluster");
+        let signer = RouteSigner::load(&second.path, &authority.public_key()).unwrap();
+        let mut ring = RouteKeyRing::default();
+        ring.pin("b", authority.public_key());
+        ring.learn_chain(signer.chain()).unwrap();
+        let old_sig = RouteSigner::first(&authority, "b", NOW).sign_hex(b"m");
+        assert_eq!(ring.verify("b", &first.key_id, b"m", &old_sig, NOW + 11), Err(KeyRejection::BadSignature));
+        assert_eq!(ring.verify("b", &second.key_id, b"m", &signer.sign_hex(b"m"), NOW + 11), Ok(()));
     }
 }

@@ -19,11 +19,15 @@
 //! - [`table`] — the route table: the import pipeline (expiry, loop, path checks, stale
 //!   epoch, policy, hold-down, flap suppression), best-path selection by a documented
 //!   score, explanations, what to announce to each neighbour, next hops for calls.
+//! - [`core`] — one cluster's federation state machine tying them together: links per
+//!   neighbour cluster, receiving updates and key chains, what to send each neighbour,
+//!   withdrawal when the last link to a neighbour drops, snapshots.
 //!
 //! Every refusal has a [`RouteRejection`] reason; [`RejectionLog`] counts them and says
 //! when a reason is seen for the first time, so the node logs each reason once and
 //! exports the counts in `/metrics`.
 
+pub mod core;
 pub mod keys;
 pub mod policy;
 pub mod table;

@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::policy::{ExportPolicies, RoutePolicy};
 use super::update::{RouteAnnouncement, RouteMetrics, RouteUpdate, RouteWithdrawal};
@@ -108,7 +108,7 @@ impl TableConfig {
 }
 
 /// A route held in the table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouteRecord {
     /// The cluster it reaches.
     pub destination: ClusterId,
@@ -439,6 +439,25 @@ impl RouteTable {
             })
         });
         withdrawals.collect::<Vec<_>>().into_iter().chain(announcements.into_iter().map(RouteUpdate::Announce)).collect()
+    }
+
+    /// Puts back records saved earlier (a snapshot of this cluster's table): those still
+    /// valid at `now_ms` whose path passes today's checks. Returns how many.
+    pub fn restore(&mut self, records: &[RouteRecord], now_ms: u64) -> usize {
+        let mut restored = 0;
+        for r in records {
+            let valid = r.expires_at_ms > now_ms
+                && self.check_path(&r.path, &r.next_hop, &r.destination).is_ok()
+                && self.destination_count() < self.config.max_destinations;
+            if valid {
+                let key = (r.destination.clone(), r.next_hop.clone());
+                let pair = self.pairs.entry(key.clone()).or_default();
+                pair.last_epoch = pair.last_epoch.max(r.epoch);
+                self.routes.insert(key, r.clone());
+                restored += 1;
+            }
+        }
+        restored
     }
 
     /// Destinations with at least one record.

@@ -239,6 +239,16 @@ impl EpochClock {
         self.last = now_ms.max(self.last.saturating_add(1));
         self.last
     }
+
+    /// The last epoch handed out.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Never hands out `epoch` or anything below it again (restored from a snapshot).
+    pub fn raise_to(&mut self, epoch: u64) {
+        self.last = self.last.max(epoch);
+    }
 }
 
 #[cfg(test)]
@@ -344,6 +354,9 @@ mod tests {
         assert_eq!(clock.next(1000), 1001);
         assert_eq!(clock.next(900), 1002);
         assert_eq!(clock.next(5000), 5000);
+        clock.raise_to(9000);
+        assert_eq!(clock.next(5001), 9001);
+        assert_eq!(clock.last(), 9001);
     }
 
     #[test]
