@@ -9,7 +9,12 @@ fn mpreg() -> std::process::Command {
 }
 
 fn rotate(dir: &std::path::Path, overlap_s: &str) -> std::process::Output {
-    mpreg().args(["keys", "rotate"]).arg(dir).args(["--cluster-id", "cluster-b", "--overlap-s", overlap_s]).output().unwrap()
+    mpreg()
+        .args(["keys", "rotate"])
+        .arg(dir)
+        .args(["--cluster-id", "cluster-b", "--overlap-s", overlap_s])
+        .output()
+        .unwrap()
 }
 
 fn key_id(out: &std::process::Output) -> String {
@@ -47,8 +52,14 @@ fn keys_rotate_chains_route_keys_to_the_authority() {
     // The first key is still in its overlap window now, and retired after it.
     let first_id = key_id(&first);
     let unverifiable = signer.sign_hex(b"other");
-    assert_eq!(ring.verify("cluster-b", &first_id, b"announcement", &unverifiable, now), Err(KeyRejection::BadSignature));
-    assert_eq!(ring.verify("cluster-b", &first_id, b"announcement", &unverifiable, now + 61), Err(KeyRejection::RetiredKey));
+    assert_eq!(
+        ring.verify("cluster-b", &first_id, b"announcement", &unverifiable, now),
+        Err(KeyRejection::BadSignature)
+    );
+    assert_eq!(
+        ring.verify("cluster-b", &first_id, b"announcement", &unverifiable, now + 61),
+        Err(KeyRejection::RetiredKey)
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -276,7 +276,8 @@ mod tests {
 
     /// Clusters that all pin each other's authorities (except `unpinned`, which nobody pins).
     fn clusters(names: &[&str], unpinned: &[&str]) -> Clusters {
-        let authorities: BTreeMap<String, Authority> = names.iter().map(|n| (n.to_string(), Authority::generate())).collect();
+        let authorities: BTreeMap<String, Authority> =
+            names.iter().map(|n| (n.to_string(), Authority::generate())).collect();
         let cores = names
             .iter()
             .map(|n| {
@@ -468,7 +469,8 @@ mod tests {
         for n in ["b", "c"] {
             ring.pin(n, c.authorities[n].public_key());
         }
-        let fresh = || FederationCore::new(config("a"), RouteSigner::first(&c.authorities["a"], "a", T0 / 1000), ring.clone());
+        let fresh =
+            || FederationCore::new(config("a"), RouteSigner::first(&c.authorities["a"], "a", T0 / 1000), ring.clone());
         let mut restarted = fresh();
         assert_eq!(restarted.restore(&back, T0 + 1_000), Ok(2));
         assert_eq!(restarted.table().explain("c", &[], T0 + 1_000).selected, p(&["a", "b", "c"]));

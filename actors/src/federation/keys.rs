@@ -107,7 +107,9 @@ impl SignedKeyRecord {
             return Err(KeyError::Malformed("key record: key_id does not match public_key".into()));
         }
         if body.generation == 0 || (body.generation == 1) != (body.signed_by == SIGNED_BY_AUTHORITY) {
-            return Err(KeyError::Malformed("key record: generation 1, and only it, is signed by the authority".into()));
+            return Err(KeyError::Malformed(
+                "key record: generation 1, and only it, is signed by the authority".into(),
+            ));
         }
         Ok(body)
     }
@@ -201,7 +203,8 @@ impl RouteKeyRing {
     /// (generation 1) or by the key of the generation before it, which must be trusted.
     pub fn learn(&mut self, record: &SignedKeyRecord) -> Result<bool, KeyError> {
         let body = record.parse()?;
-        let keys = self.clusters.get_mut(&body.cluster_id).ok_or_else(|| KeyError::NotPinned(body.cluster_id.clone()))?;
+        let keys =
+            self.clusters.get_mut(&body.cluster_id).ok_or_else(|| KeyError::NotPinned(body.cluster_id.clone()))?;
         let have = keys.chain.len() as u64;
         if body.generation <= have {
             let known = &keys.chain[(body.generation - 1) as usize];
@@ -258,7 +261,14 @@ impl RouteKeyRing {
     }
 
     /// Checks `signature` (hex) over `message` by `cluster`'s route key `key_id` at `now`.
-    pub fn verify(&self, cluster: &str, key_id: &str, message: &[u8], signature: &str, now: u64) -> Result<(), KeyRejection> {
+    pub fn verify(
+        &self,
+        cluster: &str,
+        key_id: &str,
+        message: &[u8],
+        signature: &str,
+        now: u64,
+    ) -> Result<(), KeyRejection> {
         let keys = self.clusters.get(cluster).ok_or(KeyRejection::NotPinned)?;
         let index = keys.chain.iter().position(|k| k.body.key_id == key_id).ok_or(KeyRejection::UnknownKey)?;
         if keys.valid_until(index).is_some_and(|until| now >= until) {
@@ -429,7 +439,14 @@ pub fn rotate_in_dir(dir: &Path, cluster_id: &str, now: u64, overlap_s: u64) -> 
     Ok(Rotation { path, generation: next.chain.len() as u64, key_id: next.key_id })
 }
 
-fn record_body(cluster_id: &str, generation: u64, key: &SigningKey, now: u64, overlap_s: u64, signed_by: &str) -> KeyRecordBody {
+fn record_body(
+    cluster_id: &str,
+    generation: u64,
+    key: &SigningKey,
+    now: u64,
+    overlap_s: u64,
+    signed_by: &str,
+) -> KeyRecordBody {
     KeyRecordBody {
         format: RECORD_FORMAT.into(),
         cluster_id: cluster_id.into(),

@@ -56,14 +56,22 @@ pub enum PolicyDenial {
 
 impl RoutePolicy {
     /// Checks a route to `destination` from `advertiser` with `tags`, `hops` links away.
-    pub fn check(&self, destination: &str, advertiser: &str, tags: &BTreeSet<String>, hops: u32) -> Result<(), PolicyDenial> {
+    pub fn check(
+        &self,
+        destination: &str,
+        advertiser: &str,
+        tags: &BTreeSet<String>,
+        hops: u32,
+    ) -> Result<(), PolicyDenial> {
         if self.allowed_destinations.as_ref().is_some_and(|allowed| !allowed.contains(destination)) {
             return Err(PolicyDenial::Destination);
         }
         if self.allowed_advertisers.as_ref().is_some_and(|allowed| !allowed.contains(advertiser)) {
             return Err(PolicyDenial::Advertiser);
         }
-        if self.allowed_tags.as_ref().is_some_and(|allowed| allowed.is_disjoint(tags)) || !self.deny_tags.is_disjoint(tags) {
+        if self.allowed_tags.as_ref().is_some_and(|allowed| allowed.is_disjoint(tags))
+            || !self.deny_tags.is_disjoint(tags)
+        {
             return Err(PolicyDenial::Tags);
         }
         if self.max_hops.is_some_and(|max| hops > max) {
@@ -106,7 +114,14 @@ pub struct ExportPolicies {
 
 impl ExportPolicies {
     /// May a route be announced to `neighbor`?
-    pub fn allows(&self, neighbor: &str, destination: &str, advertiser: &str, tags: &BTreeSet<String>, hops: u32) -> bool {
+    pub fn allows(
+        &self,
+        neighbor: &str,
+        destination: &str,
+        advertiser: &str,
+        tags: &BTreeSet<String>,
+        hops: u32,
+    ) -> bool {
         self.global.check(destination, advertiser, tags, hops).is_ok()
             && self.neighbors.get(neighbor).is_none_or(|p| p.check(destination, advertiser, tags, hops).is_ok())
     }
@@ -136,7 +151,8 @@ mod tests {
 
     #[test]
     fn tags_allow_and_deny() {
-        let policy = RoutePolicy { allowed_tags: Some(set(&["gold"])), deny_tags: set(&["test"]), ..RoutePolicy::default() };
+        let policy =
+            RoutePolicy { allowed_tags: Some(set(&["gold"])), deny_tags: set(&["test"]), ..RoutePolicy::default() };
         assert_eq!(policy.check("c", "b", &set(&["gold"]), 1), Ok(()));
         assert_eq!(policy.check("c", "b", &set(&["silver"]), 1), Err(PolicyDenial::Tags));
         assert_eq!(policy.check("c", "b", &set(&[]), 1), Err(PolicyDenial::Tags), "untagged fails an allow list");

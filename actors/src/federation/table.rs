@@ -58,7 +58,9 @@ impl Default for ScoreWeights {
 impl ScoreWeights {
     /// The score of `metrics`.
     pub fn score(&self, m: &RouteMetrics) -> f64 {
-        m.latency_ms * self.latency + f64::from(m.hop_count) * self.hops + m.cost * self.cost
+        m.latency_ms * self.latency
+            + f64::from(m.hop_count) * self.hops
+            + m.cost * self.cost
             + (1.0 - m.reliability) * self.unreliability
             - m.bandwidth_mbps as f64 * self.bandwidth
     }
@@ -129,6 +131,8 @@ pub struct RouteRecord {
 #[derive(Debug, Clone, Copy, Default)]
 struct PairState {
     last_epoch: u64,
+    /// When this node last changed it (its own clock): idle states are forgotten.
+    touched_ms: u64,
     hold_down_until_ms: u64,
     flaps: u32,
     last_flap_ms: u64,
@@ -250,6 +254,7 @@ impl RouteTable {
             return Err(RouteRejection::StaleEpoch);
         }
         pair.last_epoch = ann.epoch;
+        pair.touched_ms = now_ms;
         let metrics = ann.metrics.extend(link);
         if import.check(&ann.destination, &ann.advertiser, &ann.tags, metrics.hop_count).is_err() {
             return Err(RouteRejection::Policy);
@@ -288,6 +293,7 @@ impl RouteTable {
             return Err(RouteRejection::StaleEpoch);
         }
         pair.last_epoch = w.epoch;
+        pair.touched_ms = now_ms;
         Ok(self.remove(&key, now_ms))
     }
 
@@ -313,10 +319,23 @@ impl RouteTable {
         keys.into_iter().filter(|key| self.remove(key, now_ms)).map(|(destination, _)| destination).collect()
     }
 
-    /// Drops expired records; returns the destinations that lost a route.
+    /// Drops expired records; returns the destinations that lost a route. Also forgets
+    /// the epochs, hold-downs and flap counts of pairs without a route that have been
+    /// idle for `max_ttl_ms` (so the destination bound counts live destinations): a
+    /// replay older than that is refused as expired anyway, unless its own TTL is longer.
     pub fn expire(&mut self, now_ms: u64) -> Vec<ClusterId> {
-        let keys: Vec<_> = self.routes.iter().filter(|(_, r)| r.expires_at_ms <= now_ms).map(|(k, _)| k.clone()).collect();
-        keys.into_iter().filter(|key| self.remove(key, now_ms)).map(|(destination, _)| destination).collect()
+        let keys: Vec<_> =
+            self.routes.iter().filter(|(_, r)| r.expires_at_ms <= now_ms).map(|(k, _)| k.clone()).collect();
+        let lost =
+            keys.into_iter().filter(|key| self.remove(key, now_ms)).map(|(destination, _)| destination).collect();
+        let (routes, idle_ms) = (&self.routes, self.config.max_ttl_ms);
+        self.pairs.retain(|key, p| {
+            routes.contains_key(key)
+                || now_ms < p.hold_down_until_ms
+                || now_ms < p.suppressed_until_ms
+                || now_ms < p.touched_ms.saturating_add(idle_ms)
+        });
+        lost
     }
 
     /// The best usable route to `destination` whose path avoids `avoid`.
@@ -362,7 +381,13 @@ impl RouteTable {
 
     /// The neighbour cluster a call for `target` goes to next. `visited` is the clusters
     /// the call has crossed; `budget` the hops it may still take.
-    pub fn next_hop(&self, target: &str, visited: &[ClusterId], budget: u32, now_ms: u64) -> Result<&RouteRecord, NoRoute> {
+    pub fn next_hop(
+        &self,
+        target: &str,
+        visited: &[ClusterId],
+        budget: u32,
+        now_ms: u64,
+    ) -> Result<&RouteRecord, NoRoute> {
         if target == self.config.local {
             return Err(NoRoute::Local);
         }
@@ -438,7 +463,11 @@ impl RouteTable {
                 withdrawn_at_ms: now_ms,
             })
         });
-        withdrawals.collect::<Vec<_>>().into_iter().chain(announcements.into_iter().map(RouteUpdate::Announce)).collect()
+        withdrawals
+            .collect::<Vec<_>>()
+            .into_iter()
+            .chain(announcements.into_iter().map(RouteUpdate::Announce))
+            .collect()
     }
 
     /// Puts back records saved earlier (a snapshot of this cluster's table): those still
@@ -453,6 +482,7 @@ impl RouteTable {
                 let key = (r.destination.clone(), r.next_hop.clone());
                 let pair = self.pairs.entry(key.clone()).or_default();
                 pair.last_epoch = pair.last_epoch.max(r.epoch);
+                pair.touched_ms = now_ms;
                 self.routes.insert(key, r.clone());
                 restored += 1;
             }
@@ -496,6 +526,7 @@ impl RouteTable {
         }
         let s = self.config.stability;
         let pair = self.pairs.entry(key.clone()).or_default();
+        pair.touched_ms = now_ms;
         pair.hold_down_until_ms = now_ms.saturating_add(s.hold_down_ms);
         if s.flap_threshold > 0 {
             let recent = pair.flaps > 0 && now_ms.saturating_sub(pair.last_flap_ms) <= s.suppression_window_ms;
@@ -689,7 +720,10 @@ mod tests {
         assert_eq!(t.announce("b", &again(4, T0 + 6_000), &link(), &open(), T0 + 6_000), Ok(true));
         // Second flap within the window: suppressed for the window (past the hold-down).
         assert!(t.neighbor_lost("b", T0 + 7_000).contains(&"c".to_string()));
-        assert_eq!(t.announce("b", &again(5, T0 + 13_000), &link(), &open(), T0 + 13_000), Err(RouteRejection::Suppressed));
+        assert_eq!(
+            t.announce("b", &again(5, T0 + 13_000), &link(), &open(), T0 + 13_000),
+            Err(RouteRejection::Suppressed)
+        );
         assert_eq!(t.announce("b", &again(6, T0 + 17_001), &link(), &open(), T0 + 17_001), Ok(true));
     }
 
@@ -770,6 +804,14 @@ mod tests {
         t.announce("b", &ann("b", &["b", "c"], 1), &link(), &open(), T0).unwrap();
         assert_eq!(t.announce("b", &ann("b", &["b", "d"], 1), &link(), &open(), T0), Err(RouteRejection::TableFull));
         assert_eq!(t.announce("b", &ann("b", &["b", "c"], 2), &link(), &open(), T0), Ok(false));
+        // Once C is withdrawn and its state idle for the longest TTL, D fits.
+        t.withdraw("b", &withdrawal("b", &["b", "c"], 3), T0).unwrap();
+        t.expire(T0 + 299_999);
+        assert_eq!(t.announce("b", &ann("b", &["b", "d"], 4), &link(), &open(), T0), Err(RouteRejection::TableFull));
+        t.expire(T0 + 300_000);
+        let mut d = ann("b", &["b", "d"], 5);
+        d.advertised_at_ms = T0 + 300_000;
+        assert_eq!(t.announce("b", &d, &link(), &open(), T0 + 300_000), Ok(true));
     }
 
     /// Clusters in a ring exchange updates until nothing changes: every cluster reaches
@@ -786,8 +828,15 @@ mod tests {
                         continue;
                     }
                     let before = announced.get(&(i, j)).cloned().unwrap_or_default();
-                    let updates =
-                        tables[i].updates_for(&names[j], &before, &ExportPolicies::default(), &BTreeSet::new(), round, 60_000, T0);
+                    let updates = tables[i].updates_for(
+                        &names[j],
+                        &before,
+                        &ExportPolicies::default(),
+                        &BTreeSet::new(),
+                        round,
+                        60_000,
+                        T0,
+                    );
                     let now: BTreeSet<ClusterId> = updates
                         .iter()
                         .filter(|u| matches!(u, RouteUpdate::Announce(_)))
@@ -825,6 +874,45 @@ mod tests {
                     let distinct: BTreeSet<_> = r.path.iter().collect();
                     prop_assert_eq!(distinct.len(), r.path.len());
                     prop_assert!(!r.path.contains(&names[i]));
+                }
+            }
+        }
+
+        #[test]
+        fn any_sequence_of_updates_keeps_the_table_sound(
+            ops in proptest::collection::vec((0u8..3, 0usize..3, proptest::collection::vec(0usize..6, 0..5), 0u64..40), 0..60),
+        ) {
+            // Hostile neighbours send whatever they like, in any order: the table never
+            // panics, never stores a loop or a path through itself, and stays in bounds.
+            let names = ["a", "b", "c", "d", "e", "f"];
+            let mut config = TableConfig::new("a");
+            config.max_destinations = 3;
+            config.stability = Stability { hold_down_ms: 3, flap_threshold: 2, suppression_window_ms: 5 };
+            let mut t = RouteTable::new(config);
+            for (op, neighbor, rest, time) in ops {
+                let neighbor = ["b", "c", "d"][neighbor];
+                let path: Vec<&str> = std::iter::once(neighbor).chain(rest.iter().map(|i| names[*i])).collect();
+                let now = T0 + time;
+                match op {
+                    0 => {
+                        let mut a = ann(neighbor, &path, time + 1);
+                        a.advertised_at_ms = now;
+                        let _ = t.announce(neighbor, &a, &link(), &open(), now);
+                    }
+                    1 => {
+                        let _ = t.withdraw(neighbor, &withdrawal(neighbor, &path, time + 1), now);
+                    }
+                    _ => {
+                        t.neighbor_lost(neighbor, now);
+                    }
+                }
+                prop_assert!(t.destinations().len() <= 3);
+                for r in t.records() {
+                    let distinct: BTreeSet<_> = r.path.iter().collect();
+                    prop_assert_eq!(distinct.len(), r.path.len());
+                    prop_assert!(!r.path.iter().any(|c| c == "a"));
+                    prop_assert_eq!(r.path.first(), Some(&r.next_hop));
+                    prop_assert_eq!(r.path.last(), Some(&r.destination));
                 }
             }
         }

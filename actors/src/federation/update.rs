@@ -328,7 +328,11 @@ mod tests {
     #[test]
     fn hostile_bodies_are_malformed_not_panics() {
         let (signer, ring) = keyed("b");
-        let sign = |body: String| SignedRouteUpdate { signature: signer.sign_hex(body.as_bytes()), key_id: signer.key_id().into(), body };
+        let sign = |body: String| SignedRouteUpdate {
+            signature: signer.sign_hex(body.as_bytes()),
+            key_id: signer.key_id().into(),
+            body,
+        };
         let huge = sign("x".repeat(MAX_UPDATE_BYTES + 1));
         assert_eq!(huge.open("b", &ring, NOW_S), Err(RouteRejection::Malformed));
         let long_path: Vec<String> = (0..=MAX_WIRE_PATH).map(|i| format!("c{i}")).collect();
@@ -364,7 +368,10 @@ mod tests {
         let route = RouteMetrics { hop_count: 1, latency_ms: 5.0, bandwidth_mbps: 100, reliability: 0.9, cost: 1.0 };
         let link = RouteMetrics { hop_count: 0, latency_ms: 2.0, bandwidth_mbps: 0, reliability: 0.95, cost: 0.5 };
         let out = route.extend(&link);
-        assert_eq!(out, RouteMetrics { hop_count: 2, latency_ms: 7.0, bandwidth_mbps: 100, reliability: 0.9, cost: 1.5 });
+        assert_eq!(
+            out,
+            RouteMetrics { hop_count: 2, latency_ms: 7.0, bandwidth_mbps: 100, reliability: 0.9, cost: 1.5 }
+        );
         let narrower = RouteMetrics { bandwidth_mbps: 10, ..link };
         assert_eq!(route.extend(&narrower).bandwidth_mbps, 10);
     }
