@@ -122,6 +122,11 @@ fn signature(hex: &str) -> Result<Signature, TrustError> {
     Ok(Signature::from_bytes(&from_hex::<64>(hex, "signature")?))
 }
 
+/// Signs `message` with `key`; the signature in hex.
+pub fn sign_hex(key: &SigningKey, message: &[u8]) -> String {
+    to_hex(&key.sign(message).to_bytes())
+}
+
 /// Checks `signature` (hex) over `message` with `key`, strictly (weak keys refused).
 pub fn verify_hex(key: &VerifyingKey, message: &[u8], signature_hex: &str) -> Result<(), TrustError> {
     key.verify_strict(message, &signature(signature_hex)?)
@@ -245,7 +250,7 @@ impl Authority {
             expires_at: now.saturating_add(valid_s),
         };
         let text = serde_json::to_string(&body).map_err(|e| TrustError::Format(e.to_string()))?;
-        let signature = to_hex(&self.key.sign(text.as_bytes()).to_bytes());
+        let signature = sign_hex(&self.key, text.as_bytes());
         let certificate = Certificate { body: text, signature };
         Ok(Credentials { key: node_key, certificate, body, authority: self.public_key() })
     }
@@ -346,7 +351,7 @@ impl Credentials {
 
     /// Signs `message` with the node key; the signature in hex.
     pub fn sign_hex(&self, message: &[u8]) -> String {
-        to_hex(&self.key.sign(message).to_bytes())
+        sign_hex(&self.key, message)
     }
 
     /// Writes the credentials file (mode 0600).

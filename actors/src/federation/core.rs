@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{KeyError, RouteKeyRing, RouteSigner, SignedKeyRecord};
 use super::policy::{ExportPolicies, ImportPolicies};
-use super::table::{RouteRecord, RouteTable, TableConfig};
+use super::table::{RouteRecord, RouteTable, Stamp, TableConfig};
 use super::update::{EpochClock, RouteMetrics, RouteUpdate, SignedRouteUpdate};
 use super::{ClusterId, RejectionLog, RouteRejection};
 
@@ -197,15 +197,8 @@ impl FederationCore {
             .into_iter()
             .map(|neighbor| {
                 let before = self.announced.get(&neighbor).cloned().unwrap_or_default();
-                let updates = self.table.updates_for(
-                    &neighbor,
-                    &before,
-                    &self.config.export,
-                    &self.config.tags,
-                    epoch,
-                    self.config.ttl_ms,
-                    now_ms,
-                );
+                let stamp = Stamp { tags: &self.config.tags, epoch, ttl_ms: self.config.ttl_ms, now_ms };
+                let updates = self.table.updates_for(&neighbor, &before, &self.config.export, stamp);
                 let now_announced = updates
                     .iter()
                     .filter(|u| matches!(u, RouteUpdate::Announce(_)))

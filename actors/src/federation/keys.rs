@@ -33,7 +33,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -88,7 +88,7 @@ pub struct SignedKeyRecord {
 impl SignedKeyRecord {
     fn sign(body: &KeyRecordBody, signer: &SigningKey) -> Self {
         let body = serde_json::to_string(body).unwrap_or_default();
-        let signature = to_hex(&signer.sign(body.as_bytes()).to_bytes());
+        let signature = trust::sign_hex(signer, body.as_bytes());
         SignedKeyRecord { body, signature }
     }
 
@@ -367,7 +367,7 @@ impl RouteSigner {
 
     /// Signs `message` (hex signature).
     pub fn sign_hex(&self, message: &[u8]) -> String {
-        to_hex(&self.key.sign(message).to_bytes())
+        trust::sign_hex(&self.key, message)
     }
 
     /// Writes the route key file (mode 0600).

@@ -203,6 +203,19 @@ impl std::fmt::Display for NoRoute {
 const RULE: &str = "score = latency_ms*w_latency + hop_count*w_hops + cost*w_cost + (1-reliability)*w_unreliability \
     - bandwidth_mbps*w_bandwidth, lower wins; ties: fewer hops, lower latency, higher reliability, smaller next_hop, smaller path";
 
+/// How this cluster stamps the updates it emits now.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    /// Tags on this cluster's own announcement.
+    pub tags: &'a BTreeSet<String>,
+    /// The epoch every update of this round carries.
+    pub epoch: u64,
+    /// Time to live of the announcements.
+    pub ttl_ms: u64,
+    /// Now (Unix milliseconds).
+    pub now_ms: u64,
+}
+
 /// Routes to other clusters. Pure: time is passed in (Unix milliseconds).
 #[derive(Debug, Clone)]
 pub struct RouteTable {
@@ -391,7 +404,7 @@ impl RouteTable {
         if target == self.config.local {
             return Err(NoRoute::Local);
         }
-        if visited.iter().any(|c| *c == self.config.local) {
+        if visited.contains(&self.config.local) {
             return Err(NoRoute::Loop);
         }
         if budget == 0 {
@@ -407,17 +420,15 @@ impl RouteTable {
     /// What this cluster announces to `neighbor` now: itself, then its best route to every
     /// other destination that passes the export policies and does not go back through
     /// `neighbor` (split horizon); plus a withdrawal for each destination in
-    /// `announced_before` that is no longer announced. All carry `epoch`.
+    /// `announced_before` that is no longer announced. All carry `stamp.epoch`.
     pub fn updates_for(
         &self,
         neighbor: &str,
         announced_before: &BTreeSet<ClusterId>,
         export: &ExportPolicies,
-        local_tags: &BTreeSet<String>,
-        epoch: u64,
-        ttl_ms: u64,
-        now_ms: u64,
+        stamp: Stamp<'_>,
     ) -> Vec<RouteUpdate> {
+        let Stamp { tags: local_tags, epoch, ttl_ms, now_ms } = stamp;
         let local = &self.config.local;
         let mut announcements = Vec::new();
         if export.allows(neighbor, local, local, local_tags, 0) {
@@ -617,6 +628,10 @@ mod tests {
         RouteTable::new(TableConfig::new(local))
     }
 
+    fn stamp(tags: &BTreeSet<String>, epoch: u64) -> Stamp<'_> {
+        Stamp { tags, epoch, ttl_ms: 60_000, now_ms: T0 }
+    }
+
     #[test]
     fn the_reference_edge_cases_are_refused_with_their_reason() {
         let mut t = table("a");
@@ -774,17 +789,17 @@ mod tests {
         let dests = |u: &[RouteUpdate]| -> Vec<(bool, String)> {
             u.iter().map(|u| (matches!(u, RouteUpdate::Announce(_)), u.destination().to_string())).collect()
         };
-        let to_a = t.updates_for("a", &none, &ExportPolicies::default(), &none, 9, 30_000, T0);
+        let to_a = t.updates_for("a", &none, &ExportPolicies::default(), stamp(&none, 9));
         assert_eq!(dests(&to_a), vec![(true, "b".into()), (true, "c".into()), (true, "d".into())]);
         assert_eq!(to_a[2].path(), ["b", "c", "d"]);
         // Split horizon: nothing through C goes back to C.
-        let to_c = t.updates_for("c", &none, &ExportPolicies::default(), &none, 9, 30_000, T0);
+        let to_c = t.updates_for("c", &none, &ExportPolicies::default(), stamp(&none, 9));
         assert_eq!(dests(&to_c), vec![(true, "b".into()), (true, "a".into())], "itself first");
         // Hide D from A; what was announced before and no longer is gets withdrawn.
         let hide: ExportPolicies =
             serde_json::from_str(r#"{"neighbors": {"a": {"allowed_destinations": ["b", "c"]}}}"#).unwrap();
         let before: BTreeSet<ClusterId> = ["b", "c", "d"].iter().map(|s| s.to_string()).collect();
-        let to_a = t.updates_for("a", &before, &hide, &none, 10, 30_000, T0);
+        let to_a = t.updates_for("a", &before, &hide, stamp(&none, 10));
         assert_eq!(dests(&to_a), vec![(false, "d".into()), (true, "b".into()), (true, "c".into())]);
         // The receiving side accepts them in sequence.
         let mut a = table("a");
@@ -828,15 +843,9 @@ mod tests {
                         continue;
                     }
                     let before = announced.get(&(i, j)).cloned().unwrap_or_default();
-                    let updates = tables[i].updates_for(
-                        &names[j],
-                        &before,
-                        &ExportPolicies::default(),
-                        &BTreeSet::new(),
-                        round,
-                        60_000,
-                        T0,
-                    );
+                    let none = BTreeSet::new();
+                    let updates =
+                        tables[i].updates_for(&names[j], &before, &ExportPolicies::default(), stamp(&none, round));
                     let now: BTreeSet<ClusterId> = updates
                         .iter()
                         .filter(|u| matches!(u, RouteUpdate::Announce(_)))
@@ -857,6 +866,19 @@ mod tests {
         tables
     }
 
+    /// Every stored path: no cluster twice, not through this cluster, from the next hop
+    /// to the destination.
+    fn sound(t: &RouteTable) -> Result<(), TestCaseError> {
+        for r in t.records() {
+            let distinct: BTreeSet<_> = r.path.iter().collect();
+            prop_assert_eq!(distinct.len(), r.path.len());
+            prop_assert!(!r.path.iter().any(|c| c == t.local()));
+            prop_assert_eq!(r.path.first(), Some(&r.next_hop));
+            prop_assert_eq!(r.path.last(), Some(&r.destination));
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn a_ring_converges_without_loops(n in 3usize..7) {
@@ -870,11 +892,7 @@ mod tests {
                         prop_assert_eq!(route.path.len(), ring_distance.min(n - ring_distance));
                     }
                 }
-                for r in t.records() {
-                    let distinct: BTreeSet<_> = r.path.iter().collect();
-                    prop_assert_eq!(distinct.len(), r.path.len());
-                    prop_assert!(!r.path.contains(&names[i]));
-                }
+                sound(t)?;
             }
         }
 
@@ -907,13 +925,7 @@ mod tests {
                     }
                 }
                 prop_assert!(t.destinations().len() <= 3);
-                for r in t.records() {
-                    let distinct: BTreeSet<_> = r.path.iter().collect();
-                    prop_assert_eq!(distinct.len(), r.path.len());
-                    prop_assert!(!r.path.iter().any(|c| c == "a"));
-                    prop_assert_eq!(r.path.first(), Some(&r.next_hop));
-                    prop_assert_eq!(r.path.last(), Some(&r.destination));
-                }
+                sound(&t)?;
             }
         }
 
