@@ -11,12 +11,17 @@
 //! announcement, else the default; [`ExportPolicies`] applies a global policy to every
 //! announcement this cluster emits, then the receiving neighbour's own, if any.
 //! Withdrawals are never filtered by policy: forgetting a route is always allowed.
+//!
+//! Routes say which clusters can be reached; [`Exports`] says what of this cluster they
+//! may use once there: functions, topics and queues by name or pattern, nothing unless
+//! listed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::ClusterId;
+use crate::pubsub::topic::TopicPattern;
 
 /// Constraints on a route. Settings shape (TOML):
 /// `{ allowed_destinations = ["c"], allowed_advertisers = ["b"], allowed_tags = ["gold"],
@@ -127,6 +132,80 @@ impl ExportPolicies {
     }
 }
 
+/// Most patterns in each list of an [`ExportList`].
+pub const MAX_EXPORT_PATTERNS: usize = 256;
+/// Longest export pattern, in bytes.
+pub const MAX_EXPORT_PATTERN_BYTES: usize = 256;
+
+/// What this cluster lets other clusters use, as configured (settings shape:
+/// `{ functions = ["echo", "models.*"], topics = ["metrics.#"], queues = ["jobs"] }`).
+/// Each entry is an exact name or a pattern matched as pub/sub topics are: names split on
+/// `.`, `*` is one word, `#` zero or more. A list that is absent or empty shares nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportList {
+    /// Functions other clusters may call.
+    #[serde(default)]
+    pub functions: Vec<String>,
+    /// Topics whose publishes cross to other clusters.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Queues other clusters may send to.
+    #[serde(default)]
+    pub queues: Vec<String>,
+}
+
+/// An [`ExportList`] compiled for matching (each match costs at most pattern words ×
+/// name words, see [`TopicPattern`]).
+#[derive(Debug, Clone, Default)]
+pub struct Exports {
+    functions: Vec<TopicPattern>,
+    topics: Vec<TopicPattern>,
+    queues: Vec<TopicPattern>,
+}
+
+impl Exports {
+    /// Compiles `list`; a list over [`MAX_EXPORT_PATTERNS`] or a pattern empty or over
+    /// [`MAX_EXPORT_PATTERN_BYTES`] is an error naming the field.
+    pub fn new(list: &ExportList) -> Result<Self, String> {
+        let compile = |field: &str, patterns: &[String]| -> Result<Vec<TopicPattern>, String> {
+            if patterns.len() > MAX_EXPORT_PATTERNS {
+                return Err(format!("exports.{field}: more than {MAX_EXPORT_PATTERNS} patterns"));
+            }
+            patterns
+                .iter()
+                .map(|p| {
+                    if p.is_empty() || p.len() > MAX_EXPORT_PATTERN_BYTES {
+                        Err(format!("exports.{field}: a pattern must be 1..={MAX_EXPORT_PATTERN_BYTES} bytes"))
+                    } else {
+                        Ok(TopicPattern::new(p))
+                    }
+                })
+                .collect()
+        };
+        Ok(Exports {
+            functions: compile("functions", &list.functions)?,
+            topics: compile("topics", &list.topics)?,
+            queues: compile("queues", &list.queues)?,
+        })
+    }
+
+    /// May other clusters call the function `name`?
+    pub fn shares_function(&self, name: &str) -> bool {
+        self.functions.iter().any(|p| p.matches(name))
+    }
+
+    /// Do publishes on `topic` cross to other clusters?
+    pub fn shares_topic(&self, topic: &str) -> bool {
+        self.topics.iter().any(|p| p.matches(topic))
+    }
+
+    /// May other clusters send to the queue `name`?
+    pub fn shares_queue(&self, name: &str) -> bool {
+        self.queues.iter().any(|p| p.matches(name))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -178,6 +257,34 @@ mod tests {
 
     fn toml_like<T: for<'de> Deserialize<'de>>(json: &str) -> T {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn exports_share_by_name_or_pattern_and_nothing_by_default() {
+        let nothing = Exports::new(&ExportList::default()).unwrap();
+        assert!(!nothing.shares_function("echo") && !nothing.shares_topic("a") && !nothing.shares_queue("q"));
+        let list: ExportList =
+            serde_json::from_str(r#"{"functions": ["echo", "models.*"], "topics": ["metrics.#"], "queues": ["jobs"]}"#)
+                .unwrap();
+        let shared = Exports::new(&list).unwrap();
+        assert!(shared.shares_function("echo") && shared.shares_function("models.score"));
+        assert!(!shared.shares_function("models.score.v2") && !shared.shares_function("add"));
+        assert!(shared.shares_topic("metrics") && shared.shares_topic("metrics.cpu.load"));
+        assert!(!shared.shares_topic("logs.cpu"));
+        assert!(shared.shares_queue("jobs") && !shared.shares_queue("jobs.dlq"));
+    }
+
+    #[test]
+    fn export_lists_are_bounded() {
+        let too_many = ExportList { functions: vec!["f".into(); MAX_EXPORT_PATTERNS + 1], ..ExportList::default() };
+        assert!(Exports::new(&too_many).unwrap_err().contains("exports.functions"));
+        let too_long = ExportList { topics: vec!["t".repeat(MAX_EXPORT_PATTERN_BYTES + 1)], ..ExportList::default() };
+        assert!(Exports::new(&too_long).unwrap_err().contains("exports.topics"));
+        let empty = ExportList { queues: vec![String::new()], ..ExportList::default() };
+        assert!(Exports::new(&empty).unwrap_err().contains("exports.queues"));
+        // A hostile pattern costs pattern words × name words, not exponential time.
+        let hostile = ExportList { functions: vec![format!("{}z", "#.*.".repeat(40))], ..ExportList::default() };
+        assert!(!Exports::new(&hostile).unwrap().shares_function(&"a.".repeat(100)));
     }
 
     proptest! {
