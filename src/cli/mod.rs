@@ -5,6 +5,7 @@
 mod bench;
 mod bench_cache;
 mod bench_cluster;
+mod bench_federation;
 mod bench_membership;
 mod bench_persistence;
 mod bench_queue;
@@ -249,6 +250,9 @@ pub enum BenchCommand {
     Membership(bench_membership::MembershipBenchArgs),
     /// Cache get/put (local and remote) next to RPC echo of the same run.
     Cache(bench::ScenarioBenchArgs),
+    /// Signed path-vector routes between N simulated clusters in a line: rounds and time
+    /// until every cluster routes to every other.
+    Federation(bench_federation::FederationBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -262,6 +266,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Persistence(args)) => bench_persistence::run(args),
         Command::Bench(BenchCommand::Queue(args)) => bench_queue::queue(args),
         Command::Bench(BenchCommand::Membership(args)) => bench_membership::run(args),
+        Command::Bench(BenchCommand::Federation(args)) => bench_federation::run(args),
         Command::Bench(BenchCommand::Cache(args)) => bench_cache::cache(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),

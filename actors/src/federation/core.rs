@@ -50,6 +50,20 @@ pub struct FederationConfig {
     pub ttl_ms: u64,
 }
 
+impl FederationConfig {
+    /// Defaults for cluster `local`: table defaults, open import and export policies, no
+    /// tags, announcements valid for 30 s.
+    pub fn new(local: &str) -> Self {
+        FederationConfig {
+            table: TableConfig::new(local),
+            import: ImportPolicies::default(),
+            export: ExportPolicies::default(),
+            tags: BTreeSet::new(),
+            ttl_ms: 30_000,
+        }
+    }
+}
+
 /// What a neighbour sent that was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
@@ -256,93 +270,19 @@ impl FederationCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fabric::trust::Authority;
     use crate::federation::policy::RoutePolicy;
+    use crate::federation::simulation::Simulation;
     use crate::federation::table::NoRoute;
 
+    fn clusters(names: &[&str], unpinned: &[&str]) -> Simulation {
+        Simulation::new(names, unpinned, T0 / 1000)
+    }
+
+    fn exchange(c: &mut Simulation, now: u64) -> Vec<(String, String, RouteRejection)> {
+        c.exchange(now).refused
+    }
+
     const T0: u64 = 1_800_000_000_000;
-
-    struct Clusters {
-        authorities: BTreeMap<String, Authority>,
-        cores: BTreeMap<String, FederationCore>,
-    }
-
-    /// Clusters that all pin each other's authorities (except `unpinned`, which nobody pins).
-    fn clusters(names: &[&str], unpinned: &[&str]) -> Clusters {
-        let authorities: BTreeMap<String, Authority> =
-            names.iter().map(|n| (n.to_string(), Authority::generate())).collect();
-        let cores = names
-            .iter()
-            .map(|n| {
-                let mut ring = RouteKeyRing::default();
-                for (other, authority) in &authorities {
-                    if other != n && !unpinned.contains(&other.as_str()) {
-                        ring.pin(other, authority.public_key());
-                    }
-                }
-                let signer = RouteSigner::first(&authorities[*n], n, T0 / 1000);
-                (n.to_string(), FederationCore::new(config(n), signer, ring))
-            })
-            .collect();
-        Clusters { authorities, cores }
-    }
-
-    fn config(local: &str) -> FederationConfig {
-        FederationConfig {
-            table: TableConfig::new(local),
-            import: ImportPolicies::default(),
-            export: ExportPolicies::default(),
-            tags: BTreeSet::new(),
-            ttl_ms: 30_000,
-        }
-    }
-
-    impl Clusters {
-        fn link(&mut self, a: &str, b: &str) {
-            self.core(a).link_up(b);
-            self.core(b).link_up(a);
-            let chain_a = self.core(a).own_chain().to_vec();
-            let chain_b = self.core(b).own_chain().to_vec();
-            let _ = self.core(b).learn_keys(a, &chain_a);
-            let _ = self.core(a).learn_keys(b, &chain_b);
-        }
-
-        fn cut(&mut self, a: &str, b: &str, now: u64) {
-            self.core(a).link_down(b, now);
-            self.core(b).link_down(a, now);
-        }
-
-        fn core(&mut self, name: &str) -> &mut FederationCore {
-            self.cores.get_mut(name).unwrap()
-        }
-
-        /// Rounds of outgoing → receive until nothing changes; returns the refusals seen.
-        fn exchange(&mut self, now: u64) -> Vec<(String, String, RouteRejection)> {
-            let mut refused = Vec::new();
-            for _ in 0..(2 * self.cores.len() + 2) {
-                let mut changed = false;
-                let names: Vec<String> = self.cores.keys().cloned().collect();
-                for from in &names {
-                    for (to, updates) in self.core(from).outgoing(now) {
-                        for u in updates {
-                            match self.core(&to).receive(from, &u, now) {
-                                Ok(c) => changed |= c,
-                                Err(r) => refused.push((from.clone(), to.clone(), r.reason)),
-                            }
-                        }
-                    }
-                }
-                if !changed {
-                    break;
-                }
-            }
-            refused
-        }
-
-        fn path(&self, from: &str, to: &str, now: u64) -> Option<Vec<String>> {
-            self.cores[from].table().explain(to, &[], now).selected
-        }
-    }
 
     fn p(names: &[&str]) -> Option<Vec<String>> {
         Some(names.iter().map(|s| s.to_string()).collect())
@@ -353,19 +293,19 @@ mod tests {
         let mut c = clusters(&["a", "b", "c"], &[]);
         c.link("a", "b");
         c.link("b", "c");
-        assert!(c.exchange(T0).is_empty());
+        assert!(exchange(&mut c, T0).is_empty());
         assert_eq!(c.path("a", "c", T0), p(&["a", "b", "c"]));
         assert_eq!(c.path("c", "a", T0), p(&["c", "b", "a"]));
         assert_eq!(c.cores["a"].table().next_hop("c", &[], 5, T0).unwrap().next_hop, "b");
         // Cut B–C: B loses C at once, A after the next exchange (a withdrawal).
         c.cut("b", "c", T0 + 1);
         assert_eq!(c.path("b", "c", T0 + 1), None);
-        assert!(c.exchange(T0 + 1).is_empty());
+        assert!(exchange(&mut c, T0 + 1).is_empty());
         assert_eq!(c.path("a", "c", T0 + 1), None);
         assert_eq!(c.cores["a"].table().next_hop("c", &[], 5, T0 + 1).unwrap_err(), NoRoute::Unknown("c".into()));
         // Heal.
         c.link("b", "c");
-        assert!(c.exchange(T0 + 2).is_empty());
+        assert!(exchange(&mut c, T0 + 2).is_empty());
         assert_eq!(c.path("a", "c", T0 + 2), p(&["a", "b", "c"]));
     }
 
@@ -375,7 +315,7 @@ mod tests {
         for (x, y) in [("a", "b"), ("b", "c"), ("c", "d"), ("d", "a")] {
             c.link(x, y);
         }
-        let refused = c.exchange(T0);
+        let refused = exchange(&mut c, T0);
         assert!(refused.iter().all(|(_, _, r)| *r == RouteRejection::Loop), "{refused:?}");
         assert_eq!(c.path("a", "c", T0), p(&["a", "b", "c"]), "two equal paths: the smaller next hop");
         for core in c.cores.values() {
@@ -385,7 +325,7 @@ mod tests {
         }
         // Cut A–B: A now reaches B the long way round, and nothing loops.
         c.cut("a", "b", T0 + 1);
-        c.exchange(T0 + 1);
+        exchange(&mut c, T0 + 1);
         assert_eq!(c.path("a", "b", T0 + 1), p(&["a", "d", "c", "b"]));
     }
 
@@ -393,7 +333,7 @@ mod tests {
     fn an_unpinned_cluster_is_refused() {
         let mut c = clusters(&["a", "x"], &["x"]);
         c.link("a", "x");
-        let refused = c.exchange(T0);
+        let refused = exchange(&mut c, T0);
         assert!(refused.contains(&("x".into(), "a".into(), RouteRejection::NotPinned)), "{refused:?}");
         assert_eq!(c.path("a", "x", T0), None);
         assert_eq!(c.path("x", "a", T0), p(&["x", "a"]), "x pins a, so it learns a");
@@ -406,20 +346,20 @@ mod tests {
     fn live_rotation_then_the_retired_key_is_refused() {
         let mut c = clusters(&["a", "b"], &[]);
         c.link("a", "b");
-        c.exchange(T0);
+        exchange(&mut c, T0);
         let old = c.cores["b"].signer.clone();
         let new = old.rotate(T0 / 1000 + 10, 20).unwrap();
         let chain = new.chain().to_vec();
         assert!(c.core("a").learn_keys("b", &chain).unwrap(), "learned over the link, no restart");
         c.core("b").rotate_to(new);
-        assert!(c.exchange(T0 + 15_000).is_empty());
+        assert!(exchange(&mut c, T0 + 15_000).is_empty());
         // Within the overlap, something signed by the old key still verifies.
         let stale_signer = |core: &mut FederationCore, now| {
             let mut updates = core.outgoing(now);
             let (_, updates) = updates.remove(0);
             updates
         };
-        let mut b_old = FederationCore::new(config("b"), old.clone(), RouteKeyRing::default());
+        let mut b_old = FederationCore::new(FederationConfig::new("b"), old.clone(), RouteKeyRing::default());
         b_old.link_up("a");
         let by_old = stale_signer(&mut b_old, T0 + 25_000);
         assert_eq!(c.core("a").receive("b", &by_old[0], T0 + 25_000), Ok(false));
@@ -441,7 +381,7 @@ mod tests {
         );
         c.link("a", "b");
         c.link("b", "d");
-        let refused = c.exchange(T0);
+        let refused = exchange(&mut c, T0);
         assert!(refused.contains(&("b".into(), "a".into(), RouteRejection::Policy)));
         assert_eq!(c.path("a", "b", T0), p(&["a", "b"]));
         assert_eq!(c.path("a", "d", T0), None);
@@ -453,7 +393,7 @@ mod tests {
         let mut c = clusters(&["a", "b", "c"], &[]);
         c.link("a", "b");
         c.link("b", "c");
-        c.exchange(T0);
+        exchange(&mut c, T0);
         let snapshot = c.cores["a"].snapshot();
         let text = serde_json::to_string(&snapshot).unwrap();
         let back: FederationSnapshot = serde_json::from_str(&text).unwrap();
@@ -462,8 +402,13 @@ mod tests {
         for n in ["b", "c"] {
             ring.pin(n, c.authorities[n].public_key());
         }
-        let fresh =
-            || FederationCore::new(config("a"), RouteSigner::first(&c.authorities["a"], "a", T0 / 1000), ring.clone());
+        let fresh = || {
+            FederationCore::new(
+                FederationConfig::new("a"),
+                RouteSigner::first(&c.authorities["a"], "a", T0 / 1000),
+                ring.clone(),
+            )
+        };
         let mut restarted = fresh();
         assert_eq!(restarted.restore(&back, T0 + 1_000), Ok(2));
         assert_eq!(restarted.table().explain("c", &[], T0 + 1_000).selected, p(&["a", "b", "c"]));

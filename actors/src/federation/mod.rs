@@ -22,6 +22,8 @@
 //! - [`core`] — one cluster's federation state machine tying them together: links per
 //!   neighbour cluster, receiving updates and key chains, what to send each neighbour,
 //!   withdrawal when the last link to a neighbour drops, snapshots.
+//! - [`simulation`] — several clusters' cores wired in memory (tests, `mpreg bench
+//!   federation --simulate N`).
 //!
 //! Every refusal has a [`RouteRejection`] reason; [`RejectionLog`] counts them and says
 //! when a reason is seen for the first time, so the node logs each reason once and
@@ -30,6 +32,7 @@
 pub mod core;
 pub mod keys;
 pub mod policy;
+pub mod simulation;
 pub mod table;
 pub mod update;
 
