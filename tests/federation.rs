@@ -1,5 +1,6 @@
 //! Federation from the outside: `mpreg keys rotate` makes route keys that chain to the
-//! cluster authority, and a receiver trusts the new key while the old one overlaps.
+//! cluster authority, and a receiver trusts the new key while the old one overlaps;
+//! `mpreg bench federation --simulate N` reports a converged line.
 
 use mpreg_actors::fabric::trust::{self, Authority};
 use mpreg_actors::federation::keys::{KeyRejection, RouteKeyRing, RouteSigner, ROUTE_KEY_FILE};
@@ -66,4 +67,20 @@ fn keys_rotate_chains_route_keys_to_the_authority() {
         let mode = std::fs::metadata(dir.path().join(ROUTE_KEY_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
+}
+
+#[test]
+fn bench_federation_simulate_reports_a_converged_line() {
+    let out = mpreg().args(["bench", "federation", "--simulate", "4", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = &report["results"][0];
+    assert_eq!(result["name"], "federation_converge_simulated");
+    assert_eq!(result["clusters"], 4);
+    assert_eq!(result["converged"], true);
+    assert!(result["updates"].as_u64().unwrap() > 0 && result["seconds"].as_f64().unwrap() > 0.0);
+    // Beyond the longest route path: refused with the reason.
+    let refused = mpreg().args(["bench", "federation", "--simulate", "17"]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("longest route path"));
 }
