@@ -81,6 +81,10 @@ pub enum ServerCommand {
 /// Flags of `mpreg server start`.
 #[derive(Debug, Args)]
 pub struct StartArgs {
+    /// A settings file (TOML, `[mpreg]` table) read first; the flags below override it
+    /// (lists such as `--peer` add to it). How one file serves every pod of a StatefulSet.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Interface to listen on.
     #[arg(long)]
     pub host: Option<String>,

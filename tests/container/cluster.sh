@@ -68,38 +68,11 @@ dump_logs() {
     echo "----- end of logs -----"
 }
 
-now_ms() { date +%s%3N; }
 secs() {   # 87 -> 87ms, 1234 -> 1.2s
     if [ "$1" -lt 1000 ]; then echo "${1}ms"; else awk -v ms="$1" 'BEGIN { printf "%.1fs", ms / 1000 }'; fi
 }
 
-# ---- observing a node ----------------------------------------------------------------
-# topology PORT: the node's /topology JSON (empty when it does not answer).
-topology() { curl -fsS --max-time 3 "http://127.0.0.1:$1/topology" 2>/dev/null || true; }
-
-# peer_state PORT PEER: how the node sees PEER: "alive+linked", "suspect", "absent", ...
-peer_state() {
-    local json
-    json="$(topology "$1")"
-    [ -n "$json" ] || { echo "no-answer"; return; }
-    jq -r --arg n "$2" '[.nodes[] | select(.node == $n)]
-        | if length == 0 then "absent"
-          else .[0] | .state + (if .linked then "+linked" else "" end) end' <<<"$json" 2>/dev/null \
-        || echo "bad-json"
-}
-
-# wait_for SECS CMD...: run CMD until it succeeds or SECS pass; WAITED_MS says how long.
-wait_for() {
-    local secs="$1" start; shift
-    start="$(now_ms)"
-    while :; do
-        if "$@"; then WAITED_MS=$(($(now_ms) - start)); return 0; fi
-        WAITED_MS=$(($(now_ms) - start))
-        [ "$WAITED_MS" -lt $((secs * 1000)) ] || return 1
-        sleep 0.2
-    done
-}
-
+# ---- observing a node (topology, peer_state, wait_for: lib.sh) ---------------------
 # instance_of PORT PEER: PEER's instance id as the node knows it (a restart changes it).
 instance_of() {
     topology "$1" | jq -r --arg n "$2" '.nodes[] | select(.node == $n) | .instance_id' 2>/dev/null || true
