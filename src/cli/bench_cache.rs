@@ -93,6 +93,7 @@ pub fn cache(args: ScenarioBenchArgs) -> anyhow::Result<i32> {
     }
     let duration = Duration::from_secs_f64(args.duration);
     let (results, pinned) = run(duration, !args.no_pin)?;
+    args.draw_plot("cache", &results)?;
     let by_name = |name: &str| results.iter().find(|r| r.name == name);
     let ratio = |a: &str, b: &str, f: fn(&ScenarioResult) -> f64| match (by_name(a), by_name(b)) {
         (Some(a), Some(b)) if f(b) > 0.0 => round3(f(a) / f(b)),
@@ -232,7 +233,7 @@ fn run_client(
     let mut results = Vec::new();
     let total = list.len();
     for (i, scenario) in list.into_iter().enumerate() {
-        eprint!("[{}/{total}] {} ", i + 1, scenario.name);
+        progress!("[{}/{total}] {} ", i + 1, scenario.name);
         let budget = WARMUP + duration + STUCK_AFTER;
         let measurement = runtime
             .block_on(async {
@@ -249,7 +250,7 @@ fn run_client(
             );
         }
         let result = measurement.into_result(scenario.name, duration);
-        eprintln!(" {:.0} calls/s", result.calls_per_s);
+        progress!(" {:.0} calls/s\n", result.calls_per_s);
         results.push(result);
     }
     Ok((results, pinned))

@@ -2,11 +2,22 @@
 //!
 //! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
 
+/// Progress of a long bench on stderr (`eprint!` arguments), only when stderr is a
+/// terminal: redirected output gets the results and the warnings, not the progress.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!($($arg)*);
+        }
+    };
+}
+
 mod bench;
 mod bench_cache;
 mod bench_cluster;
 mod bench_membership;
 mod bench_persistence;
+mod bench_plot;
 mod bench_queue;
 mod cache;
 mod client;

@@ -127,7 +127,9 @@ if [ "$(url_of mpreg-2)" = "ws://mpreg-2.mpreg-headless:9000" ]; then
 else
     not_ok "mpreg-2 advertises ws://mpreg-2.mpreg-headless:9000, not $(url_of mpreg-2)"
 fi
-if curl -fsS --max-time 3 "http://127.0.0.1:${MON[mpreg-0]}/" | grep -q "<title>MPREG node</title>"; then
+# Captured first: `curl | grep -q` can die of SIGPIPE, which pipefail reports as a failure.
+page="$(curl -fsS --max-time 3 "http://127.0.0.1:${MON[mpreg-0]}/" || true)"
+if grep -q "<title>MPREG node</title>" <<<"$page"; then
     ok "the dashboard is served at / on the monitoring port"
 else
     not_ok "the dashboard is served at /"
