@@ -745,38 +745,47 @@ async fn drive(url: &str, scenario: &Scenario, duration: Duration) -> anyhow::Re
         (_, Request::Chain) => ReplyCheck::RpcSuccessWith(CHAIN_SCORE),
         (_, _) => ReplyCheck::RpcSuccess,
     };
-    drive_template(url, RequestTemplate::new(scenario.request), check, scenario.depth, duration).await
+    let mut measurements =
+        drive_templates(url, vec![(RequestTemplate::new(scenario.request), check)], scenario.depth, duration).await?;
+    Ok(measurements.remove(0))
 }
 
-/// [`drive`] for any request frame: `frame` is its JSON text with `"u":"0000000000000000"`
-/// (16 digits), patched per request (other benchmarks drive their own roles this way).
-pub(super) async fn drive_frame(
+/// [`drive`] for request frames of any role, taking turns on one connection (request `i`
+/// is `frames[i % frames.len()]`), one [`Measurement`] per frame. Each frame is its JSON
+/// text with `"u":"0000000000000000"` (16 digits), patched per request. Taking turns puts
+/// two requests under the same conditions, so their ratio does not drift with the machine.
+pub(super) async fn drive_frames(
     url: &str,
-    frame: String,
-    check: ReplyCheck,
+    frames: Vec<(String, ReplyCheck)>,
     depth: usize,
     duration: Duration,
-) -> anyhow::Result<Measurement> {
-    drive_template(url, RequestTemplate::from_text(frame)?, check, depth, duration).await
+) -> anyhow::Result<Vec<Measurement>> {
+    let templates = frames
+        .into_iter()
+        .map(|(frame, check)| Ok((RequestTemplate::from_text(frame)?, check)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    drive_templates(url, templates, depth, duration).await
 }
 
-async fn drive_template(
+async fn drive_templates(
     url: &str,
-    template: RequestTemplate,
-    check: ReplyCheck,
+    templates: Vec<(RequestTemplate, ReplyCheck)>,
     depth: usize,
     duration: Duration,
-) -> anyhow::Result<Measurement> {
+) -> anyhow::Result<Vec<Measurement>> {
+    if templates.is_empty() {
+        bail!("no request to send");
+    }
     // Nagle off on the client: a small frame written while earlier ones are unacknowledged
     // must not wait for an ACK (the server side is left as the node configures it).
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let mut driver = Driver::new(ws, template, check, depth, duration);
+    let mut driver = Driver::new(ws, templates, depth, duration);
     let outcome = driver.run(depth).await;
     // Best effort: the measurement is complete whether or not the close handshake is.
     drop(driver.ws.close(None).await);
-    outcome.map(|()| driver.measurement)
+    outcome.map(|()| driver.measurements)
 }
 
 /// How a reply is judged.
@@ -799,30 +808,34 @@ struct Window {
 /// The state of one scenario's connection.
 struct Driver {
     ws: Ws,
-    template: RequestTemplate,
-    check: ReplyCheck,
+    /// The requests and the checks of their replies, taking turns by sequence number.
+    templates: Vec<(RequestTemplate, ReplyCheck)>,
     /// Send time by request sequence number (the `u`).
     outstanding: HashMap<u64, Instant>,
     next_seq: u64,
     window: Window,
     next_dot: Instant,
-    measurement: Measurement,
+    /// One per template.
+    measurements: Vec<Measurement>,
 }
 
 impl Driver {
-    fn new(ws: Ws, template: RequestTemplate, check: ReplyCheck, depth: usize, duration: Duration) -> Self {
+    fn new(ws: Ws, templates: Vec<(RequestTemplate, ReplyCheck)>, depth: usize, duration: Duration) -> Self {
         let now = Instant::now();
         let start = now + WARMUP;
-        let expected = (duration.as_secs_f64() * 200_000.0).min(50_000_000.0) as usize;
+        let expected = (duration.as_secs_f64() * 200_000.0).min(50_000_000.0) as usize / templates.len().max(1);
+        let measurements = templates
+            .iter()
+            .map(|_| Measurement { latencies_us: Vec::with_capacity(expected), ..Measurement::default() })
+            .collect();
         Driver {
             ws,
-            template,
-            check,
+            templates,
             outstanding: HashMap::with_capacity(depth * 2),
             next_seq: 0,
             window: Window { start, end: start + duration },
             next_dot: now + Duration::from_secs(1),
-            measurement: Measurement { latencies_us: Vec::with_capacity(expected), ..Measurement::default() },
+            measurements,
         }
     }
 
@@ -859,7 +872,7 @@ impl Driver {
     async fn feed_request(&mut self) -> anyhow::Result<()> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let frame = self.template.frame(seq);
+        let frame = self.template_of(seq).0.frame(seq);
         self.outstanding.insert(seq, Instant::now());
         self.ws.feed(Message::Binary(frame)).await.context("sending a request")
     }
@@ -878,22 +891,33 @@ impl Driver {
         let seq = reply_seq(bytes).with_context(|| format!("a reply without a readable u: {}", preview(bytes)))?;
         let sent =
             self.outstanding.remove(&seq).with_context(|| format!("a reply for an unknown u: {}", preview(bytes)))?;
-        let ok = match self.check {
-            ReplyCheck::Echo => bytes.len() == self.template.len(),
+        let (template, check) = self.template_of(seq);
+        let ok = match *check {
+            ReplyCheck::Echo => bytes.len() == template.len(),
             ReplyCheck::RpcSuccess => find(bytes, br#""error":null"#).is_some(),
             ReplyCheck::RpcSuccessWith(needle) => {
                 find(bytes, br#""error":null"#).is_some() && find(bytes, needle).is_some()
             }
         };
+        let measurement = &mut self.measurements[Self::turn(seq, self.templates.len())];
         if !ok {
-            self.measurement.errors += 1;
-            self.measurement.first_error.get_or_insert_with(|| preview(bytes));
+            measurement.errors += 1;
+            measurement.first_error.get_or_insert_with(|| preview(bytes));
         }
         if now >= self.window.start && now <= self.window.end {
             let micros = u32::try_from(now.duration_since(sent).as_micros()).unwrap_or(u32::MAX);
-            self.measurement.latencies_us.push(micros);
+            measurement.latencies_us.push(micros);
         }
         Ok(1)
+    }
+
+    /// Which template request `seq` uses.
+    fn turn(seq: u64, templates: usize) -> usize {
+        (seq % templates as u64) as usize
+    }
+
+    fn template_of(&self, seq: u64) -> &(RequestTemplate, ReplyCheck) {
+        &self.templates[Self::turn(seq, self.templates.len())]
     }
 
     /// One dot on stderr per second of scenario time.

@@ -15,6 +15,7 @@
 //! - [`memory`]: this process's resident memory, where in-process nodes live.
 //! - [`metrics`]: samples out of the Prometheus text of `/metrics`.
 //! - [`latency`]: the bystander's p99.
+//! - [`proxy`]: a TCP forwarder a test can pause and cut.
 
 // Each test crate uses its own subset of these helpers.
 #![allow(dead_code)]
@@ -25,6 +26,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod process;
+pub mod proxy;
 pub mod ws;
 
 use std::future::Future;

@@ -41,23 +41,9 @@ SUITE="container kubernetes test"
 
 cname() { echo "mpreg-k8s-$RUN_ID-$1"; }
 
-cleanup() {
-    local c
-    for c in "${CREATED[@]}"; do docker rm -f -v "$c" >/dev/null 2>&1 || true; done
-    if [ "$NET_CREATED" = 1 ]; then docker network rm "$NET" >/dev/null 2>&1 || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap remove_containers EXIT
 trap 'exit 130' INT TERM
-
-dump_logs() {
-    local c
-    for c in "${CREATED[@]}"; do
-        echo "----- docker logs $c ($(docker inspect -f '{{.State.Status}}, exit code {{.State.ExitCode}}' "$c" 2>/dev/null || echo gone)) -----"
-        docker logs "$c" 2>&1 || true
-    done
-    echo "----- end of logs -----"
-}
+dump_logs() { container_logs_all; }
 
 # What the manifests say: the settings file, the container's args, its uid.
 step "the ConfigMap's node.toml and the StatefulSet's args read" "$PYTHON" - "$MANIFESTS" "$WORK" <<'EOF'
@@ -142,11 +128,10 @@ fi
 
 # A rolling restart restarts each pod in turn; one step of it: mpreg-1 stops (SIGTERM,
 # GOODBYE) and starts again with the same name, settings and volume.
-instance_of() { topology "${MON[mpreg-0]}" | jq -r --arg n "$1" '.nodes[] | select(.node == $n) | .instance_id'; }
-before="$(instance_of mpreg-1)"
+before="$(instance_of "${MON[mpreg-0]}" mpreg-1)"
 step "mpreg-1 restarted (docker restart: SIGTERM, then the same container again)" docker restart -t 30 "$(cname mpreg-1)"
 MON[mpreg-1]="$(container_host_port "$(cname mpreg-1)" 9100)"
-rejoined() { sees_others mpreg-0 && [ "$(instance_of mpreg-1)" != "$before" ] && sees_others mpreg-1; }
+rejoined() { sees_others mpreg-0 && [ "$(instance_of "${MON[mpreg-0]}" mpreg-1)" != "$before" ] && sees_others mpreg-1; }
 if wait_for "$START_SECS" rejoined; then
     ok "mpreg-1 rejoined as a new instance (after ${WAITED_MS}ms)"
 else
