@@ -12,9 +12,13 @@
 #   - it runs as the pod's security context does: uid 10001, read-only root filesystem,
 #     no capabilities, no privilege escalation, /data a volume of its own.
 #
+# A fourth container plays a pod of the worker Deployment: the image mpreg-worker with the
+# Deployment's environment, dialling the client Service's name `mpreg` (an alias of
+# mpreg-1 here) with the Secret's worker token.
+#
 # Checks: every pod sees the other two alive and linked (they found each other through
 # the seed mpreg-0 and the advertised DNS names), /health answers as the probes ask it,
-# the dashboard is served; a restarted pod (as on a rolling restart) rejoins with a new
+# the dashboard is served, the worker's text_stats answers through mpreg-0; a restarted pod (as on a rolling restart) rejoins with a new
 # instance; with the seed gone the other two still see each other. Needs docker, cargo,
 # curl, jq, python3 with PyYAML (the venv CI builds at target/py-venv) and root (for the
 # base image, the first time). Containers, volumes and the network are always removed.
@@ -30,6 +34,7 @@ BIN="$ROOT/target/release/mpreg"
 PYTHON="${PYTHON:-$ROOT/target/py-venv/bin/python}"
 MANIFESTS="$ROOT/deploy/kubernetes"
 START_SECS=60
+CALL_SECS=30                      # hard bound on every client call (lib.sh's client)
 PODS=(mpreg-0 mpreg-1 mpreg-2)
 CREATED=()
 NET_CREATED=0
@@ -57,34 +62,43 @@ container = pod["containers"][0]
 (work / "args").write_text("\n".join(container["args"]) + "\n")
 (work / "uid").write_text(str(pod["securityContext"]["runAsUser"]))
 assert [m["mountPath"] for m in container["volumeMounts"]] == ["/data", "/etc/mpreg-settings", "/run/mpreg-keys"]
+worker = yaml.safe_load((manifests / "worker-deployment.yaml").read_text())["spec"]["template"]["spec"]
+env = worker["containers"][0]["env"]
+(work / "worker.env").write_text("".join(f"{e['name']}={e['value']}\n" for e in env))
+assert worker["containers"][0]["volumeMounts"][0]["mountPath"] == "/run/mpreg-keys"
 EOF
 RUN_UID="$(cat "$WORK/uid")"
 chmod -R a+rX "$WORK/settings"
 
 build_image "$IMAGE"
+step "worker image mpreg-worker:latest" bash "$ROOT/docker/build-worker-image.sh"
 CLUSTER="$(sed -n 's/^cluster_id = "\(.*\)"$/\1/p' "$WORK/settings/node.toml")"
 [ -n "$CLUSTER" ] || fatal "the ConfigMap's node.toml names a cluster_id"
 make_credentials "$WORK/keys" "$CLUSTER" "${PODS[@]}"
 step "docker network $NET" docker network create "$NET"
 NET_CREATED=1
 
-# start_pod POD: the StatefulSet's container for POD; its monitoring port published.
+# start_pod POD [docker run options...]: the StatefulSet's container for POD; its
+# monitoring port published.
 start_pod() {
     local pod="$1" c args=()
+    shift
     c="$(cname "$pod")"
     CREATED+=("$c")
     while IFS= read -r arg; do args+=("${arg//\$(POD_NAME)/$pod}"); done <"$WORK/args"
     if docker run -d --name "$c" --hostname "$pod" --network "$NET" --network-alias "$pod.mpreg-headless" \
         --user "$RUN_UID:$RUN_UID" --read-only --cap-drop ALL --security-opt no-new-privileges \
         -e POD_NAME="$pod" -v "/data" -p 127.0.0.1::9100 \
-        -v "$WORK/settings:/etc/mpreg-settings:ro" -v "$WORK/keys/nodes:/run/mpreg-keys:ro" \
+        -v "$WORK/settings:/etc/mpreg-settings:ro" -v "$WORK/keys/nodes:/run/mpreg-keys:ro" "$@" \
         "$IMAGE" "${args[@]}" >/dev/null; then
         ok "pod $pod started: mpreg ${args[*]}"
     else
         fatal "pod $pod started"
     fi
 }
-for pod in "${PODS[@]}"; do start_pod "$pod"; done
+start_pod mpreg-0 -p 127.0.0.1::9000
+start_pod mpreg-1 --network-alias mpreg   # the client Service's name resolves to it
+start_pod mpreg-2
 declare -A MON
 for pod in "${PODS[@]}"; do MON[$pod]="$(container_host_port "$(cname "$pod")" 9100)"; done
 
@@ -124,6 +138,27 @@ if [ "$(metric "${MON[mpreg-0]}" mpreg_peer_refused_total 'node="mpreg-0",reason
     ok "no peer refused: every pod's credentials come from one authority"
 else
     not_ok "a peer was refused as untrusted"
+fi
+
+# The worker Deployment's pod: its environment, the token (only that file of the Secret).
+W="$(cname worker)"
+CREATED+=("$W")
+if docker run -d --name "$W" --network "$NET" --env-file "$WORK/worker.env" \
+    --user "$RUN_UID:$RUN_UID" --read-only --cap-drop ALL --security-opt no-new-privileges \
+    -v "$WORK/keys/nodes/worker.token:/run/mpreg-keys/worker.token:ro" mpreg-worker:latest >/dev/null; then
+    ok "worker started: $(tr '\n' ' ' <"$WORK/worker.env")"
+else
+    fatal "worker started"
+fi
+A_URL="ws://127.0.0.1:$(container_host_port "$(cname mpreg-0)" 9000)"
+stats_ok() {
+    client "$A_URL" call text_stats '["a good day, a good good night"]' \
+        && jq -e '.words == 7 and .most_common == "good"' <<<"$OUT" >/dev/null 2>&1
+}
+if wait_for "$START_SECS" stats_ok; then
+    ok "text_stats (the worker, connected through the client Service's name) answers through mpreg-0"
+else
+    not_ok "text_stats answers through mpreg-0 (last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"
 fi
 
 # A rolling restart restarts each pod in turn; one step of it: mpreg-1 stops (SIGTERM,
