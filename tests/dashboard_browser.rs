@@ -2,7 +2,9 @@
 //! WebDriver (Debian's `chromium` and `chromium-driver`), the page of node A read as an
 //! operator would see it.
 //!
-//! The test kills node C and waits for the page to show it suspect, injects a panic into
+//! Node B's name is markup (`<b id="injected">b</b>`): names come from peers, and the page
+//! must show them as text, never build elements from them. The test kills node C and waits
+//! for the page to show it suspect, injects a panic into
 //! node A's pub/sub actor and waits for the page to show the restart, and saves a
 //! screenshot of each step under `target/tmp/dashboard/`. Where `chromedriver` is not
 //! installed it says it is skipped, except under CI (`CI` set), where it must run.
@@ -29,6 +31,8 @@ use serde_json::{json, Value};
 const READY: Duration = Duration::from_secs(30);
 /// Bound for the page to show a change (it polls once a second; the machine is loaded).
 const SOON: Duration = Duration::from_secs(30);
+/// Node B's name: markup, which the page must show as text.
+const HOSTILE_NAME: &str = "<b id=\"injected\">b</b>";
 /// Bound for one WebDriver call (starting the browser is the slow one).
 const WEBDRIVER_CALL: Duration = Duration::from_secs(60);
 
@@ -41,7 +45,8 @@ fn node_config(name: &str, cluster: &str, peers: &[&ServerProcess]) -> TempFile 
          monitoring_enabled = true\nmonitoring_port = 0\nfault_injection = true\nremove_after_s = 300.0\npeers = [{}]\n",
         peers.join(", ")
     );
-    TempFile::new(&format!("dashboard-{name}"), &settings)
+    let stem: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
+    TempFile::new(&format!("dashboard-{stem}"), &settings)
 }
 
 fn start_node(config: &TempFile) -> ServerProcess {
@@ -172,7 +177,7 @@ fn dashboard_shows_nodes_suspects_and_restarts_in_a_browser() {
     let cluster = cluster_id("dashboard");
     let a_config = node_config("a", &cluster, &[]);
     let a = start_node(&a_config);
-    let b_config = node_config("b", &cluster, &[&a]);
+    let b_config = node_config(HOSTILE_NAME, &cluster, &[&a]);
     let b = start_node(&b_config);
     let c_config = node_config("c", &cluster, &[&a]);
     let c = start_node(&c_config);
@@ -184,17 +189,20 @@ fn dashboard_shows_nodes_suspects_and_restarts_in_a_browser() {
 
     let browser = Browser::open(&driver);
     browser.go(&format!("{monitor}/"));
-    let expected = json!({"a": "self", "b": "alive", "c": "alive"});
+    let expected = json!({"a": "self", HOSTILE_NAME: "alive", "c": "alive"});
     poll_until("the page shows a, b and c alive", SOON, || (browser.node_states() == expected).then_some(()));
     let drawn = browser.eval("return document.querySelectorAll('#topology-picture circle').length;");
     assert_eq!(drawn, json!(3), "three nodes in the picture");
     assert_eq!(browser.eval("return document.getElementById('node-name').textContent;"), json!("a"));
+    let injected = browser
+        .eval("return document.getElementById('injected') === null && document.querySelectorAll('b').length === 0;");
+    assert_eq!(injected, json!(true), "a node's name became markup");
     browser.screenshot("1-alive");
 
     // kill -9: no GOODBYE; node a sees the link drop and suspects c.
     drop(c);
     poll_until("the page shows c suspect", SOON, || (browser.node_states()["c"] == json!("suspect")).then_some(()));
-    assert_eq!(browser.node_states()["b"], json!("alive"), "b is unaffected");
+    assert_eq!(browser.node_states()[HOSTILE_NAME], json!("alive"), "b is unaffected");
     browser.screenshot("2-suspect");
 
     let injected = http_blocking("POST", &format!("{monitor}/actors/pubsub/panic")).expect("inject a panic");
