@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::runtime::Handle;
 
 use super::bench::{round1, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
+use super::bench_plot::{convergence_curve, write_cdf_svg};
 use crate::client::Client;
 use crate::config::Settings;
 use crate::node::NodeBuilder;
@@ -42,6 +43,10 @@ pub struct ClusterBenchArgs {
     /// One JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw convergence over time (new function routable, failure suspected and
+    /// removed, per node) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Pause between `cluster-status` polls of one node.
@@ -78,6 +83,10 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
     let report = actix_rt::System::new().block_on(run(args.nodes, handle));
     drop(pollers);
     let report = report?;
+    if let Some(path) = &args.plot {
+        report.plot(path)?;
+        eprintln!("plot: {}", path.display());
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", report.to_json())?;
@@ -86,6 +95,22 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
     }
     out.flush()?;
     Ok(0)
+}
+
+impl Report {
+    /// Convergence over time into the SVG file `path`: per node, when the new function
+    /// became routable, and when the killed node was suspected and removed.
+    fn plot(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let suspected: Vec<Duration> = self.failure.iter().map(|f| f.0).collect();
+        let removed: Vec<Duration> = self.failure.iter().map(|f| f.1).collect();
+        let curves = [
+            ("function routable, after register".to_owned(), convergence_curve(&self.propagation)),
+            (format!("{} suspected, after kill -9", self.victim), convergence_curve(&suspected)),
+            (format!("{} removed, after kill -9", self.victim), convergence_curve(&removed)),
+        ];
+        let title = format!("mpreg bench cluster --nodes {}: convergence", self.nodes);
+        write_cdf_svg(path, &title, "time (ms, log scale)", "fraction of nodes", &curves)
+    }
 }
 
 /// One spawned `mpreg server start`.
@@ -107,6 +132,8 @@ struct Report {
     victim: String,
     suspected_everywhere: Duration,
     removed_everywhere: Duration,
+    /// Per surviving process, from the kill to its suspecting and to its removing the victim.
+    failure: Vec<(Duration, Duration)>,
     /// VmRSS of each process after the mesh formed, MiB.
     rss_mib: Vec<f64>,
     settings: Settings,
@@ -340,6 +367,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         victim,
         suspected_everywhere,
         removed_everywhere,
+        failure,
         rss_mib,
         settings,
     })
