@@ -127,13 +127,14 @@ pub async fn http_request(method: &str, url: &str) -> anyhow::Result<(u16, Strin
         .await
         .with_context(|| format!("{method} {url}: no answer within 5 s"))?
         .with_context(|| format!("{method} {url}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("{method} {url}: incomplete response"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{method} {url}: no status line"))?;
+    parse_http_response(&raw).with_context(|| format!("{method} {url}"))
+}
+
+/// A whole HTTP/1.1 response (`Connection: close`): its status and de-chunked body.
+pub fn parse_http_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("incomplete response")?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status line")?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")

@@ -76,32 +76,8 @@ fn request_with_body(method: &str, authority: &str, path: &str, json: &str) -> V
 
 /// Parses a whole `Connection: close` response.
 pub fn parse_http(raw: &[u8]) -> Result<HttpReply, String> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("incomplete response: {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status line: {head:?}"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked { dechunk(body)? } else { body.to_owned() };
+    let (status, body) = mpreg::demo::parse_http_response(raw).map_err(|e| format!("{e:#}"))?;
     Ok(HttpReply { status, body })
-}
-
-fn dechunk(mut body: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").ok_or("bad chunk header")?;
-        let size = usize::from_str_radix(size.trim(), 16).map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(rest.get(..size).ok_or("short chunk")?);
-        body = rest.get(size + 2..).ok_or("short chunk")?;
-    }
 }
 
 /// One HTTP request over a blocking `std` TCP stream (bounded by a 5 s I/O timeout).
