@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::bench_plot::{latency_curve, write_latency_svg};
 use crate::client::Client;
 use crate::config::Settings;
 use crate::node::{Node, NodeBuilder};
@@ -60,6 +61,20 @@ pub struct ScenarioBenchArgs {
     /// another, via `taskset`).
     #[arg(long)]
     pub no_pin: bool,
+    /// Also draw each scenario's latency distribution into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+}
+
+impl ScenarioBenchArgs {
+    /// Draws the latency distributions of `results` into the `--plot` file, if one was given.
+    pub(super) fn draw_plot(&self, bench: &str, results: &[ScenarioResult]) -> anyhow::Result<()> {
+        if let Some(path) = &self.plot {
+            write_latency_svg(path, &format!("mpreg bench {bench}: latency distributions"), results)?;
+            eprintln!("plot: {}", path.display());
+        }
+        Ok(())
+    }
 }
 
 /// Runs the whole benchmark and prints the report; exit code 0 when every reply was a success.
@@ -69,9 +84,10 @@ pub fn rpc(args: ScenarioBenchArgs) -> anyhow::Result<i32> {
     }
     let duration = Duration::from_secs_f64(args.duration);
     let (results, pinned) = run_scenarios(duration, !args.no_pin)?;
-    eprint!("idle_rss: spawning `mpreg server start` ...");
+    progress!("idle_rss: spawning `mpreg server start` ...");
     let idle_rss_mb = idle_rss_mb().context("measuring the idle node's resident memory")?;
-    eprintln!(" {idle_rss_mb:.1} MiB");
+    progress!(" {idle_rss_mb:.1} MiB\n");
+    args.draw_plot("rpc", &results)?;
     let report = Report { duration, results, idle_rss_mb, pinned };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -230,6 +246,24 @@ pub(super) struct ScenarioResult {
     ratio_to_floor: Option<f64>,
     /// p50 divided by the baseline's p50, with the target (cluster scenarios only).
     p50_ratio: Option<P50Ratio>,
+    /// (fraction, latency µs) points of the distribution, for `--plot`.
+    pub(super) latency_curve: Vec<(f64, u32)>,
+}
+
+impl ScenarioResult {
+    /// The figures of `sorted` latencies (µs), with no rate or comparison yet.
+    pub(super) fn for_plot(name: &'static str, sorted: &[u32]) -> ScenarioResult {
+        ScenarioResult {
+            name,
+            calls_per_s: 0.0,
+            p50_us: percentile(sorted, 0.50),
+            p99_us: percentile(sorted, 0.99),
+            calls: sorted.len(),
+            ratio_to_floor: None,
+            p50_ratio: None,
+            latency_curve: latency_curve(sorted),
+        }
+    }
 }
 
 /// A p50 compared to another scenario's.
@@ -370,15 +404,15 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
             }
         };
         let urls = Urls { floor: floor.url.clone(), node: node.url().to_owned(), node2: node2.url().to_owned() };
-        eprint!("waiting for the 2-node cluster to route the chain and echo_remote ...");
+        progress!("waiting for the 2-node cluster to route the chain and echo_remote ...");
         let started = Instant::now();
         if let Err(e) = wait_routable(&urls).await {
-            eprintln!();
+            progress!("\n");
             node2.shutdown().await;
             stop(&node, &floor).await;
             return Err(e);
         }
-        eprintln!(" {:.2} s", started.elapsed().as_secs_f64());
+        progress!(" {:.2} s\n", started.elapsed().as_secs_f64());
         // The servers' worker threads start when their futures are first polled: let them
         // run before the client thread pins every other thread of the process.
         actix_rt::time::sleep(Duration::from_millis(50)).await;
@@ -504,7 +538,7 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
     let pinned = if pin {
         match Placement::apply() {
             Ok(placement) => {
-                eprintln!("pinned: servers on CPU {}, client on CPU {}", placement.server_cpu, placement.client_cpu);
+                progress!("pinned: servers on CPU {}, client on CPU {}\n", placement.server_cpu, placement.client_cpu);
                 Some(placement)
             }
             Err(e) => {
@@ -527,7 +561,7 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
 fn run_all(runtime: &tokio::runtime::Runtime, urls: &Urls, duration: Duration) -> anyhow::Result<Vec<ScenarioResult>> {
     let mut results: Vec<ScenarioResult> = Vec::with_capacity(SCENARIOS.len());
     for (i, scenario) in SCENARIOS.iter().enumerate() {
-        eprint!("[{}/{}] {} ", i + 1, SCENARIOS.len(), scenario.name);
+        progress!("[{}/{}] {} ", i + 1, SCENARIOS.len(), scenario.name);
         let url = match scenario.target {
             Target::Floor => &urls.floor,
             Target::Node => &urls.node,
@@ -559,7 +593,7 @@ fn run_all(runtime: &tokio::runtime::Runtime, urls: &Urls, duration: Duration) -
                 target,
             })
         });
-        eprintln!(" {:.0} calls/s", result.calls_per_s);
+        progress!(" {:.0} calls/s\n", result.calls_per_s);
         results.push(result);
     }
     Ok(results)
@@ -688,16 +722,9 @@ pub(super) struct Measurement {
 impl Measurement {
     pub(super) fn into_result(mut self, name: &'static str, window: Duration) -> ScenarioResult {
         self.latencies_us.sort_unstable();
-        let calls = self.latencies_us.len();
-        ScenarioResult {
-            name,
-            calls_per_s: calls as f64 / window.as_secs_f64(),
-            p50_us: percentile(&self.latencies_us, 0.50),
-            p99_us: percentile(&self.latencies_us, 0.99),
-            calls,
-            ratio_to_floor: None,
-            p50_ratio: None,
-        }
+        let mut result = ScenarioResult::for_plot(name, &self.latencies_us);
+        result.calls_per_s = result.calls as f64 / window.as_secs_f64();
+        result
     }
 }
 
@@ -896,7 +923,7 @@ impl Driver {
     /// One dot on stderr per second of scenario time.
     fn tick(&mut self, now: Instant) {
         if now >= self.next_dot {
-            eprint!(".");
+            progress!(".");
             self.next_dot += Duration::from_secs(1);
         }
     }

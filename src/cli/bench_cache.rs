@@ -100,6 +100,7 @@ pub fn cache(args: ScenarioBenchArgs) -> anyhow::Result<i32> {
     }
     let duration = Duration::from_secs_f64(args.duration);
     let (results, pinned) = run(duration, !args.no_pin)?;
+    args.draw_plot("cache", &results)?;
     let by_name = |name: &str| results.iter().find(|r| r.name == name);
     let ratio = |a: &str, b: &str, f: fn(&ScenarioResult) -> f64| match (by_name(a), by_name(b)) {
         (Some(a), Some(b)) if f(b) > 0.0 => round3(f(a) / f(b)),
@@ -240,7 +241,7 @@ fn run_client(
     let total = list.len();
     for (i, scenario) in list.into_iter().enumerate() {
         let label = scenario.turns.iter().map(|(name, _, _)| *name).collect::<Vec<_>>().join(" + ");
-        eprint!("[{}/{total}] {label} ", i + 1);
+        progress!("[{}/{total}] {label} ", i + 1);
         let (names, frames): (Vec<_>, Vec<_>) =
             scenario.turns.into_iter().map(|(name, frame, check)| (name, (frame, check))).unzip();
         let budget = WARMUP + duration + STUCK_AFTER;
@@ -256,10 +257,10 @@ fn run_client(
                 );
             }
             let result = measurement.into_result(name, duration);
-            eprint!(" {:.0} calls/s", result.calls_per_s);
+            progress!(" {:.0} calls/s", result.calls_per_s);
             results.push(result);
         }
-        eprintln!();
+        progress!("\n");
     }
     Ok((results, pinned))
 }

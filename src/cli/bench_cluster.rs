@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::runtime::Handle;
 
 use super::bench::{round1, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
+use super::bench_plot::{convergence_curve, write_cdf_svg};
 use crate::client::Client;
 use crate::config::Settings;
 use crate::node::NodeBuilder;
@@ -42,6 +43,10 @@ pub struct ClusterBenchArgs {
     /// One JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw convergence over time (new function routable, failure suspected and
+    /// removed, per node) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Pause between `cluster-status` polls of one node.
@@ -78,6 +83,10 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
     let report = actix_rt::System::new().block_on(run(args.nodes, handle));
     drop(pollers);
     let report = report?;
+    if let Some(path) = &args.plot {
+        report.plot(path)?;
+        eprintln!("plot: {}", path.display());
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", report.to_json())?;
@@ -86,6 +95,22 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
     }
     out.flush()?;
     Ok(0)
+}
+
+impl Report {
+    /// Convergence over time into the SVG file `path`: per node, when the new function
+    /// became routable, and when the killed node was suspected and removed.
+    fn plot(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let suspected: Vec<Duration> = self.failure.iter().map(|f| f.0).collect();
+        let removed: Vec<Duration> = self.failure.iter().map(|f| f.1).collect();
+        let curves = [
+            ("function routable, after register".to_owned(), convergence_curve(&self.propagation)),
+            (format!("{} suspected, after kill -9", self.victim), convergence_curve(&suspected)),
+            (format!("{} removed, after kill -9", self.victim), convergence_curve(&removed)),
+        ];
+        let title = format!("mpreg bench cluster --nodes {}: convergence", self.nodes);
+        write_cdf_svg(path, &title, "time (ms, log scale)", "fraction of nodes", &curves)
+    }
 }
 
 /// One spawned `mpreg server start`.
@@ -107,6 +132,8 @@ struct Report {
     victim: String,
     suspected_everywhere: Duration,
     removed_everywhere: Duration,
+    /// Per surviving process, from the kill to its suspecting and to its removing the victim.
+    failure: Vec<(Duration, Duration)>,
     /// VmRSS of each process after the mesh formed, MiB.
     rss_mib: Vec<f64>,
     settings: Settings,
@@ -214,7 +241,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     let settings = Settings::default();
     let exe = std::env::current_exe().context("locating the mpreg binary")?;
 
-    eprint!("spawning {n} node processes ...");
+    progress!("spawning {n} node processes ...");
     let spawned = Instant::now();
     let (tx, rx) = std_mpsc::channel();
     let mut processes = vec![spawn(&exe, 0, None, tx.clone())?];
@@ -227,10 +254,10 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     for (i, url) in wait_url(&rx, n - 1)? {
         processes[i].url = url;
     }
-    eprintln!(" listening after {:.0} ms", ms(spawned.elapsed()));
+    progress!(" listening after {:.0} ms\n", ms(spawned.elapsed()));
 
     // Mesh formation: every process lists all N names, each alive (or itself).
-    eprint!("waiting for the mesh ...");
+    progress!("waiting for the mesh ...");
     let names: Arc<HashSet<String>> = Arc::new(processes.iter().map(|p| p.name.clone()).collect());
     let urls: Vec<String> = processes.iter().map(|p| p.url.clone()).collect();
     let clients = pollers.spawn(connect_all(urls.clone())).await.context("poller runtime")??;
@@ -242,7 +269,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     })
     .await?;
     let mesh_formed = max(&mesh);
-    eprintln!(" {:.0} ms", ms(mesh_formed));
+    progress!(" {:.0} ms\n", ms(mesh_formed));
 
     let mut rss_mib = Vec::with_capacity(n);
     for p in &processes {
@@ -252,7 +279,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     }
 
     // The registrar: an in-process node joining through n0.
-    eprint!("starting the in-process registrar node and waiting for it to join ...");
+    progress!("starting the in-process registrar node and waiting for it to join ...");
     let registrar_settings = Settings {
         name: REGISTRAR.to_owned(),
         port: 0,
@@ -268,9 +295,9 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         })
         .await?;
         let registrar_joined = max(&joined);
-        eprintln!(" {:.0} ms", ms(registrar_joined));
+        progress!(" {:.0} ms\n", ms(registrar_joined));
 
-        eprint!("registering {PROBE_FUNCTION} on the registrar, polling all {n} processes ...");
+        progress!("registering {PROBE_FUNCTION} on the registrar, polling all {n} processes ...");
         let t0 = Instant::now();
         let probes: Vec<_> =
             clients.iter().map(|c| pollers.spawn(probe_until_routable(c.clone(), t0, PROBE_TIMEOUT))).collect();
@@ -284,7 +311,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
             propagation
                 .push(probe.await.context("poller runtime")?.with_context(|| format!("{} ({})", p.name, p.url))?);
         }
-        eprintln!(" {:.1} ms", ms(max(&propagation)));
+        progress!(" {:.1} ms\n", ms(max(&propagation)));
         Ok::<_, anyhow::Error>((registrar_joined, register_call, propagation))
     }
     .await;
@@ -299,7 +326,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     // Failure detection: SIGKILL the last process; watch the other processes' views.
     let victim_index = n - 1;
     let victim = processes[victim_index].name.clone();
-    eprint!("kill -9 {victim}, waiting until every other process suspects, then removes it ...");
+    progress!("kill -9 {victim}, waiting until every other process suspects, then removes it ...");
     let survivors: Vec<Client> =
         clients.iter().enumerate().filter(|(i, _)| *i != victim_index).map(|(_, c)| c.clone()).collect();
     let killed = Instant::now();
@@ -323,7 +350,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     };
     let suspected_everywhere = failure.iter().map(|f| f.0).max().unwrap_or_default();
     let removed_everywhere = failure.iter().map(|f| f.1).max().unwrap_or_default();
-    eprintln!(" suspected {:.0} ms, removed {:.0} ms", ms(suspected_everywhere), ms(removed_everywhere));
+    progress!(" suspected {:.0} ms, removed {:.0} ms\n", ms(suspected_everywhere), ms(removed_everywhere));
 
     for c in &clients {
         let c = c.clone();
@@ -340,6 +367,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         victim,
         suspected_everywhere,
         removed_everywhere,
+        failure,
         rss_mib,
         settings,
     })

@@ -2,12 +2,23 @@
 //!
 //! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
 
+/// Progress of a long bench on stderr (`eprint!` arguments), only when stderr is a
+/// terminal: redirected output gets the results and the warnings, not the progress.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!($($arg)*);
+        }
+    };
+}
+
 mod bench;
 mod bench_cache;
 mod bench_cluster;
 mod bench_federation;
 mod bench_membership;
 mod bench_persistence;
+mod bench_plot;
 mod bench_queue;
 mod cache;
 mod client;
@@ -82,6 +93,10 @@ pub enum ServerCommand {
 /// Flags of `mpreg server start`.
 #[derive(Debug, Args)]
 pub struct StartArgs {
+    /// A settings file (TOML, `[mpreg]` table) read first; the flags below override it
+    /// (lists such as `--peer` add to it). How one file serves every pod of a StatefulSet.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Interface to listen on.
     #[arg(long)]
     pub host: Option<String>,

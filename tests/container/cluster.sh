@@ -44,50 +44,19 @@ SUITE="container cluster test"
 
 cname() { echo "mpreg-cl-$RUN_ID-$1"; }   # container name of node $1
 
-cleanup() {
-    local c
-    # -v also drops the anonymous /data volumes the containers created.
-    for c in "${CREATED[@]}"; do docker rm -f -v "$c" >/dev/null 2>&1 || true; done
-    if [ "$NET_CREATED" = 1 ]; then docker network rm "$NET" >/dev/null 2>&1 || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap remove_containers EXIT
 trap 'exit 130' INT TERM   # turn signals into a normal exit so the EXIT trap runs
 
 dump_logs() {
-    local c
     if [ -n "${A_MON:-}" ]; then
         echo "----- node-a /topology (now) -----"
         curl -sS --max-time 3 "http://127.0.0.1:$A_MON/topology" 2>&1 || true
         echo
     fi
-    for c in "${CREATED[@]}"; do
-        echo "----- docker logs $c ($(docker inspect -f '{{.State.Status}}, exit code {{.State.ExitCode}}' "$c" 2>/dev/null || echo gone)) -----"
-        docker logs "$c" 2>&1 || true
-    done
-    echo "----- end of logs -----"
+    container_logs_all
 }
 
 # ---- observing a node ----------------------------------------------------------------
-# topology PORT: the node's /topology JSON (empty when it does not answer).
-topology() { curl -fsS --max-time 3 "http://127.0.0.1:$1/topology" 2>/dev/null || true; }
-
-# peer_state PORT PEER: how the node sees PEER: "alive+linked", "suspect", "absent", ...
-peer_state() {
-    local json
-    json="$(topology "$1")"
-    [ -n "$json" ] || { echo "no-answer"; return; }
-    jq -r --arg n "$2" '[.nodes[] | select(.node == $n)]
-        | if length == 0 then "absent"
-          else .[0] | .state + (if .linked then "+linked" else "" end) end' <<<"$json" 2>/dev/null \
-        || echo "bad-json"
-}
-
-# instance_of PORT PEER: PEER's instance id as the node knows it (a restart changes it).
-instance_of() {
-    topology "$1" | jq -r --arg n "$2" '.nodes[] | select(.node == $n) | .instance_id' 2>/dev/null || true
-}
-
 # gone PORT PEER: PEER is neither in /topology nor in /catalog (removed with its functions).
 gone() {
     local cat

@@ -42,6 +42,24 @@ build_image() {
 # SIGPIPE once grep has matched, which pipefail would report as a failure.
 container_logs() { docker logs "$1" 2>&1 || true; }
 
+# The sourcing script lists the containers it made in CREATED (recorded before `docker run`,
+# so a run that fails after creating one still leaves it to remove), sets NET_CREATED=1
+# once its network NET exists, and keeps scratch files in WORK.
+remove_containers() {   # the EXIT trap: containers (-v: their anonymous /data volumes), network, WORK
+    local c
+    for c in "${CREATED[@]}"; do docker rm -f -v "$c" >/dev/null 2>&1 || true; done
+    if [ "$NET_CREATED" = 1 ]; then docker network rm "$NET" >/dev/null 2>&1 || true; fi
+    rm -rf "$WORK"
+}
+container_logs_all() {  # every container in CREATED: its state and its logs
+    local c
+    for c in "${CREATED[@]}"; do
+        echo "----- docker logs $c ($(docker inspect -f '{{.State.Status}}, exit code {{.State.ExitCode}}' "$c" 2>/dev/null || echo gone)) -----"
+        docker logs "$c" 2>&1 || true
+    done
+    echo "----- end of logs -----"
+}
+
 container_running() { [ "$(docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
 
 container_host_port() {   # `docker port` prints e.g. 127.0.0.1:49153; keep the part after the colon
@@ -83,6 +101,26 @@ wait_for() {
         [ "$WAITED_MS" -lt $((secs * 1000)) ] || return 1
         sleep 0.2
     done
+}
+
+# ---- observing a node ---------------------------------------------------------------
+# topology PORT: the node's /topology JSON (empty when it does not answer).
+topology() { curl -fsS --max-time 3 "http://127.0.0.1:$1/topology" 2>/dev/null || true; }
+
+# peer_state PORT PEER: how the node sees PEER: "alive+linked", "suspect", "absent", ...
+peer_state() {
+    local json
+    json="$(topology "$1")"
+    [ -n "$json" ] || { echo "no-answer"; return; }
+    jq -r --arg n "$2" '[.nodes[] | select(.node == $n)]
+        | if length == 0 then "absent"
+          else .[0] | .state + (if .linked then "+linked" else "" end) end' <<<"$json" 2>/dev/null \
+        || echo "bad-json"
+}
+
+# instance_of PORT PEER: PEER's instance id as the node knows it (a restart changes it).
+instance_of() {
+    topology "$1" | jq -r --arg n "$2" '.nodes[] | select(.node == $n) | .instance_id' 2>/dev/null || true
 }
 
 # ---- calling through a node ----------------------------------------------------------
