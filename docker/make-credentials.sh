@@ -9,6 +9,8 @@
 #   DIR/nodes/NODE.cred         one per node (mode 0600), readable by the image's runtime
 #                               user (uid 10001): mount DIR/nodes read-only at
 #                               /run/mpreg-keys, as docker-compose.yml and the tests do
+#   DIR/nodes/worker.token      the token Python workers present (mode 0600, same owner;
+#                               the nodes' settings name it in worker_token_file)
 #
 # An existing authority in DIR is reused (its certificates stay valid); credentials are
 # (re)issued for every NODE named. Uses target/release/mpreg unless MPREG_BIN is set.
@@ -33,10 +35,13 @@ for node in "$@"; do
     cred="$("$BIN" keys issue "$DIR/authority" "$node" --cluster-id "$CLUSTER")"
     mv -f "$cred" "$DIR/nodes/$node.cred"
 done
+if [ ! -s "$DIR/nodes/worker.token" ]; then
+    (umask 077; head -c 32 /dev/urandom | base64 > "$DIR/nodes/worker.token")
+fi
 if [ "$(id -u)" = 0 ]; then
-    chown "$RUNTIME_UID:$RUNTIME_UID" "$DIR"/nodes/*.cred
+    chown "$RUNTIME_UID:$RUNTIME_UID" "$DIR"/nodes/*.cred "$DIR/nodes/worker.token"
 else
     echo "note: the containers run as uid $RUNTIME_UID; give them the files with" \
-        "sudo chown $RUNTIME_UID:$RUNTIME_UID $DIR/nodes/*.cred" >&2
+        "sudo chown $RUNTIME_UID:$RUNTIME_UID $DIR/nodes/*.cred $DIR/nodes/worker.token" >&2
 fi
 echo "authority $(cat "$DIR/authority/cluster.pub") -> $DIR/nodes: $*"

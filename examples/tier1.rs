@@ -16,15 +16,24 @@
 //!   nodes at once (300 calls: exactly 300); delete and prefix invalidation on B leave no
 //!   copy in any node's L1 or L2; a cache-aside read computes once, then hits; per-level
 //!   stats. Every result is checked.
-//! - `fabric` (federation between clusters), `monitoring` (cross-system event timeline):
-//!   not implemented yet; they say so and exit with code 2.
+//! - `monitoring`: the operator's tour of RPC-CPU's monitoring port while the pair works:
+//!   `/health`, `/metrics` (the chain's calls and a failed call counted, the latency
+//!   histogram), `/topology` (RPC-GPU alive and linked), `/actors` (every child running),
+//!   a panic injected into the pub/sub actor and its restart seen in `/actors` and
+//!   `/metrics` while RPC keeps answering, the dashboard at `/`, and RPC-GPU's departure
+//!   seen in `/topology` while `/health` still answers. Every result is checked.
+//! - `fabric` (federation between clusters): not implemented yet; it says so and exits
+//!   with code 2.
 //!
 //! Exit code 0 when every check passed, 1 when one failed.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use mpreg::demo::{example_settings, init_logging, shutdown_all, wait_routable, CONVERGE_TIMEOUT};
+use mpreg::demo::{
+    example_settings, http_get_json, http_request, init_logging, metric_value, shutdown_all, wait_routable, wait_until,
+    CONVERGE_TIMEOUT,
+};
 use mpreg::{CacheOptions, Client, FunctionSpec, NodeBuilder, RpcCommand};
 use serde_json::{json, Value};
 
@@ -56,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         System::Pubsub => demo_pubsub().await?,
         System::Queue => demo_queue().await?,
         System::Cache => demo_cache().await?,
+        System::Monitoring => demo_monitoring().await?,
         other => {
             let name = format!("{other:?}").to_lowercase();
             eprintln!("not implemented yet: {name}");
@@ -66,9 +76,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The two nodes of tier 1: RPC-CPU, and RPC-GPU which joins it.
-async fn start_pair() -> anyhow::Result<Vec<mpreg::Node>> {
-    let cpu = NodeBuilder::new(example_settings("RPC-CPU", &[], false))
+/// The two nodes of tier 1: RPC-CPU, and RPC-GPU which joins it. With `monitored`,
+/// RPC-CPU serves its monitoring port with fault injection on.
+async fn start_pair(monitored: bool) -> anyhow::Result<Vec<mpreg::Node>> {
+    let mut settings = example_settings("RPC-CPU", &[], monitored);
+    settings.fault_injection = monitored;
+    let cpu = NodeBuilder::new(settings)
         .function(FunctionSpec::sync("add", |a: i64, b: i64| a + b).inline().resources(["cpu", "math"]))
         .function(FunctionSpec::sync("multiply", |x: i64, factor: i64| x * factor).inline().resources(["cpu", "math"]))
         .start()
@@ -95,9 +108,24 @@ async fn start_pair() -> anyhow::Result<Vec<mpreg::Node>> {
     }
 }
 
+/// The tier-1 chain, sent to `client`; checks its result and returns it.
+async fn run_chain(client: &Client) -> anyhow::Result<Value> {
+    let mut sum = RpcCommand::new("sum", "add", vec![json!(20), json!(22)]);
+    sum.locs = vec!["cpu".into(), "math".into()];
+    let scaled = RpcCommand::new("scaled", "multiply", vec![json!("sum"), json!(3)]);
+    let mut scored = RpcCommand::new("scored", "model_score", vec![json!("scaled")]);
+    scored.locs = vec!["gpu".into(), "ml".into()];
+    let r = client.request(vec![sum, scaled, scored]).await.context("the rpc chain")?;
+    ensure!(
+        r == json!({"scored": {"score": 1.26, "model": "demo"}}),
+        "expected {{\"scored\": {{\"score\": 1.26, \"model\": \"demo\"}}}} (only the sink), got {r}"
+    );
+    Ok(r)
+}
+
 async fn demo_rpc() -> anyhow::Result<()> {
     println!("Tier 1: RPC — a dependency chain across two nodes");
-    let nodes = start_pair().await?;
+    let nodes = start_pair(false).await?;
     let result = async {
         let client = Client::connect(nodes[0].url()).await.context("connecting to RPC-CPU")?;
         let t = Instant::now();
@@ -109,19 +137,8 @@ async fn demo_rpc() -> anyhow::Result<()> {
             "  scaled = multiply(\"sum\", 3)                       -> runs on RPC-CPU (the only node with multiply)"
         );
         println!("  scored = model_score(\"scaled\") locs [gpu, ml]     -> runs on RPC-GPU");
-        let mut sum = RpcCommand::new("sum", "add", vec![json!(20), json!(22)]);
-        sum.locs = vec!["cpu".into(), "math".into()];
-        let scaled = RpcCommand::new("scaled", "multiply", vec![json!("sum"), json!(3)]);
-        let mut scored = RpcCommand::new("scored", "model_score", vec![json!("scaled")]);
-        scored.locs = vec!["gpu".into(), "ml".into()];
-        let r = client.request(vec![sum, scaled, scored]).await.context("the rpc chain")?;
+        let r = run_chain(&client).await?;
         println!("RPC result: {r}");
-        let score = r["scored"]["score"].as_f64().context("scored.score is not a number")?;
-        ensure!((score - 1.26).abs() < 1e-6, "scored.score: expected 1.26, got {score}");
-        ensure!(
-            r == json!({"scored": {"score": 1.26, "model": "demo"}}),
-            "expected {{\"scored\": {{\"score\": 1.26, \"model\": \"demo\"}}}} (only the sink), got {r}"
-        );
         client.close().await;
         Ok(())
     }
@@ -132,7 +149,7 @@ async fn demo_rpc() -> anyhow::Result<()> {
 
 async fn demo_pubsub() -> anyhow::Result<()> {
     println!("Tier 1: pub/sub — subscribe on one node, publish on the other");
-    let nodes = start_pair().await?;
+    let nodes = start_pair(false).await?;
     let result = async {
         let subscriber = Client::connect(nodes[0].url()).await.context("connecting to RPC-CPU")?;
         let publisher = Client::connect(nodes[1].url()).await.context("connecting to RPC-GPU")?;
@@ -425,4 +442,118 @@ async fn demo_cache() -> anyhow::Result<()> {
     .await;
     shutdown_all(&nodes).await;
     result
+}
+
+/// The children of RPC-CPU's supervision tree: name -> (state, restarts, last failure).
+async fn children(monitor: &str) -> anyhow::Result<Vec<(String, String, u64, Option<String>)>> {
+    let tree = http_get_json(&format!("{monitor}/actors")).await?;
+    let children = tree["children"].as_array().context("/actors has no `children`")?;
+    Ok(children
+        .iter()
+        .map(|c| {
+            let text = |key: &str| c[key].as_str().unwrap_or_default().to_owned();
+            (
+                text("name"),
+                text("state"),
+                c["restarts"].as_u64().unwrap_or(0),
+                c["last_failure"].as_str().map(str::to_owned),
+            )
+        })
+        .collect())
+}
+
+async fn get_text(url: &str) -> anyhow::Result<String> {
+    let (status, body) = http_request("GET", url).await?;
+    ensure!(status == 200, "GET {url}: status {status}");
+    Ok(body)
+}
+
+async fn demo_monitoring() -> anyhow::Result<()> {
+    println!("Tier 1: monitoring — RPC-CPU's monitoring port while the pair works");
+    let nodes = start_pair(true).await?;
+    let result = async {
+        let monitor = nodes[0].monitoring_url().context("RPC-CPU has no monitoring port")?.to_owned();
+        println!("RPC-CPU monitoring: {monitor}  (open {monitor}/ in a browser for the dashboard)");
+        let client = Client::connect(nodes[0].url()).await.context("connecting to RPC-CPU")?;
+        wait_routable(&client, "model_score", vec![json!(0)], &["gpu", "ml"], CONVERGE_TIMEOUT).await?;
+
+        let health = http_get_json(&format!("{monitor}/health")).await?;
+        println!("/health    {health}");
+        ensure!(health["status"] == "ok" && health["node"] == "RPC-CPU", "/health: {health}");
+
+        let before = get_text(&format!("{monitor}/metrics")).await?;
+        let ok_before = metric_value(&before, "mpreg_requests_total", "code=\"ok\"").context("no ok count")?;
+        let missing_before = metric_value(&before, "mpreg_requests_total", "code=\"1001\"").context("no 1001 count")?;
+        const CALLS: u32 = 20;
+        for _ in 0..CALLS {
+            run_chain(&client).await?;
+        }
+        let missing = client.call("no_such_function", vec![]).await;
+        ensure!(missing.is_err(), "a call to an unknown function succeeded: {missing:?}");
+        let after = get_text(&format!("{monitor}/metrics")).await?;
+        let ok_after = metric_value(&after, "mpreg_requests_total", "code=\"ok\"").context("no ok count")?;
+        let missing_after = metric_value(&after, "mpreg_requests_total", "code=\"1001\"").context("no 1001 count")?;
+        let timed = metric_value(&after, "mpreg_request_duration_seconds_count", "").context("no histogram")?;
+        println!(
+            "/metrics   requests ok {ok_before} -> {ok_after}, failed with 1001 (no such function) {missing_before} -> {missing_after}, timed: {timed}"
+        );
+        ensure!(ok_after - ok_before >= f64::from(CALLS), "{CALLS} chains, ok grew by {}", ok_after - ok_before);
+        ensure!(missing_after > missing_before, "the unknown function's failure is not counted");
+        ensure!(timed >= ok_after, "the latency histogram counted {timed} of {ok_after} requests");
+
+        let topology = http_get_json(&format!("{monitor}/topology")).await?;
+        let gpu = topology["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["node"] == "RPC-GPU"))
+            .context("/topology does not list RPC-GPU")?;
+        println!("/topology  RPC-GPU: state {}, linked {}", gpu["state"], gpu["linked"]);
+        ensure!(gpu["state"] == "alive" && gpu["linked"] == true, "RPC-GPU in /topology: {gpu}");
+
+        let tree = children(&monitor).await?;
+        println!("/actors    {}", tree.iter().map(|(n, s, _, _)| format!("{n}: {s}")).collect::<Vec<_>>().join(", "));
+        ensure!(tree.len() >= 8, "expected the node's 8 supervised actors, got {tree:?}");
+        ensure!(tree.iter().all(|(_, s, r, _)| s == "running" && *r == 0), "not all running: {tree:?}");
+
+        println!("fault      injecting a panic into pubsub (its panic message on stderr is expected)");
+        let (status, body) = http_request("POST", &format!("{monitor}/actors/pubsub/panic")).await?;
+        ensure!(status == 202, "fault injection: status {status}: {body}");
+        let (restarts, failure) = wait_until("pubsub restarted", CONVERGE_TIMEOUT, || async {
+            let tree = children(&monitor).await.ok()?;
+            let (_, state, restarts, failure) = tree.into_iter().find(|(n, ..)| n == "pubsub")?;
+            (state == "running" && restarts == 1).then_some((restarts, failure))
+        })
+        .await?;
+        let failure = failure.context("the restarted actor has no last failure")?;
+        println!("           pubsub restarted {restarts} time(s), last failure: {failure}");
+        let metrics = get_text(&format!("{monitor}/metrics")).await?;
+        let counted = metric_value(&metrics, "mpreg_actor_restarts_total", "").context("no restart count")?;
+        ensure!(counted == 1.0, "mpreg_actor_restarts_total: {counted}");
+        run_chain(&client).await.context("the chain after the restart")?;
+        println!("           the chain still answers after the restart");
+
+        let (status, page) = http_request("GET", &format!("{monitor}/")).await?;
+        ensure!(status == 200 && page.contains("<title>MPREG node</title>"), "dashboard: status {status}");
+        println!("/          the dashboard ({} bytes, no external assets)", page.len());
+        client.close().await;
+        Ok(())
+    }
+    .await;
+    let departure = async {
+        result?;
+        let monitor = nodes[0].monitoring_url().context("RPC-CPU has no monitoring port")?.to_owned();
+        nodes[1].shutdown().await;
+        wait_until("RPC-GPU gone from /topology", CONVERGE_TIMEOUT, || async {
+            let topology = http_get_json(&format!("{monitor}/topology")).await.ok()?;
+            let listed = topology["nodes"].as_array()?.iter().any(|n| n["node"] == "RPC-GPU");
+            (!listed).then_some(())
+        })
+        .await?;
+        let health = http_get_json(&format!("{monitor}/health")).await?;
+        ensure!(health["status"] == "ok", "/health after the departure: {health}");
+        println!("departure  RPC-GPU said GOODBYE: gone from /topology, /health still ok");
+        Ok(())
+    }
+    .await;
+    shutdown_all(&nodes).await;
+    departure
 }

@@ -101,6 +101,14 @@ pub async fn wait_routable(
 /// `GET url` (plain `http://host:port/path`) and parse the body as JSON: enough HTTP/1.1
 /// for the monitoring endpoints (`/topology`, `/catalog`, `/health`).
 pub async fn http_get_json(url: &str) -> anyhow::Result<Value> {
+    let (status, body) = http_request("GET", url).await?;
+    ensure!(status == 200, "GET {url}: status {status}");
+    serde_json::from_str(&body).with_context(|| format!("GET {url}: body is not JSON"))
+}
+
+/// One bodiless HTTP/1.1 request (plain `http://host:port/path`, 5 s at most): the status
+/// and the de-chunked body, for the monitoring endpoints (`/metrics` text, fault injection).
+pub async fn http_request(method: &str, url: &str) -> anyhow::Result<(u16, String)> {
     let rest = url.strip_prefix("http://").with_context(|| format!("not an http:// URL: {url}"))?;
     let (authority, path) = match rest.split_once('/') {
         Some((authority, path)) => (authority, format!("/{path}")),
@@ -108,7 +116,8 @@ pub async fn http_get_json(url: &str) -> anyhow::Result<Value> {
     };
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(authority).await?;
-        let head = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        let head =
+            format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         stream.write_all(head.as_bytes()).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;
@@ -116,18 +125,30 @@ pub async fn http_get_json(url: &str) -> anyhow::Result<Value> {
     };
     let raw = tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
-        .with_context(|| format!("GET {url}: no answer within 5 s"))?
-        .with_context(|| format!("GET {url}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("GET {url}: incomplete response"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
-    ensure!(status == "200", "GET {url}: status {status}");
+        .with_context(|| format!("{method} {url}: no answer within 5 s"))?
+        .with_context(|| format!("{method} {url}"))?;
+    parse_http_response(&raw).with_context(|| format!("{method} {url}"))
+}
+
+/// A whole HTTP/1.1 response (`Connection: close`): its status and de-chunked body.
+pub fn parse_http_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("incomplete response")?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status line")?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     let body = if chunked { dechunk(body)? } else { body.to_owned() };
-    serde_json::from_str(&body).with_context(|| format!("GET {url}: body is not JSON"))
+    Ok((status, body))
+}
+
+/// The value of the first sample of `metric` in Prometheus text (as `/metrics` serves it)
+/// whose labels contain `labels`.
+pub fn metric_value(text: &str, metric: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && l.contains(labels))
+        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
 fn dechunk(mut body: &str) -> anyhow::Result<String> {

@@ -18,8 +18,10 @@
 //!
 //! Calls run concurrently (each as a task; sync functions on the blocking pool, as in a
 //! node); a call past its `timeout_ms`, or cancelled by the node, is dropped. The worker
-//! sends a heartbeat as often as the node asks. It does not reconnect: a supervisor (or
-//! the Python SDK's loop) restarts it.
+//! sends a heartbeat as often as the node asks. When the connection is lost it drops the
+//! calls in flight (the node retries them elsewhere), reconnects with exponential
+//! backoff and jitter (0.1 s doubling up to 5 s by default, as the Python SDK) and
+//! registers again; a refusal other than "node full" (1006) ends it, logged.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use mpreg_actors::function::FunctionResult;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -51,6 +53,39 @@ pub struct Worker {
     token: Option<String>,
     max_concurrency: Option<usize>,
     functions: Vec<FunctionSpec>,
+    /// How to reconnect after a lost connection; `None`: stop instead.
+    reconnect: Option<Backoff>,
+}
+
+/// Reconnection delays: `initial`, doubled after each failed attempt up to `max`, each
+/// delay jittered to between 0.5× and 1.5×.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(5) }
+    }
+}
+
+/// A registration the node accepted.
+struct Registered {
+    ws: Ws,
+    worker_id: String,
+    heartbeat: Duration,
+}
+
+/// Why the serving loop ended.
+enum Ended {
+    /// Told to stop (goodbye or abort), or the handle was dropped.
+    Stopped,
+    /// The connection broke.
+    Lost,
 }
 
 /// How a running worker is told to stop.
@@ -63,7 +98,8 @@ enum Stop {
 
 /// A registered worker serving calls.
 pub struct RunningWorker {
-    worker_id: String,
+    /// The id of the current registration.
+    worker_id: watch::Receiver<String>,
     stop: Option<oneshot::Sender<Stop>>,
     task: JoinHandle<()>,
 }
@@ -71,7 +107,26 @@ pub struct RunningWorker {
 impl Worker {
     /// A worker named `name` (shown in errors, `/catalog`, `/metrics`) for the node at `url`.
     pub fn new(url: &str, name: &str) -> Self {
-        Worker { url: url.to_owned(), name: name.to_owned(), token: None, max_concurrency: None, functions: Vec::new() }
+        Worker {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            token: None,
+            max_concurrency: None,
+            functions: Vec::new(),
+            reconnect: Some(Backoff::default()),
+        }
+    }
+
+    /// Reconnection delays (the default is [`Backoff::default`]).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.reconnect = Some(backoff);
+        self
+    }
+
+    /// Stops when the connection is lost, instead of reconnecting.
+    pub fn no_reconnect(mut self) -> Self {
+        self.reconnect = None;
+        self
     }
 
     /// The node's worker token (needed when the node has credentials).
@@ -92,8 +147,18 @@ impl Worker {
         self
     }
 
-    /// Connects, registers, and serves calls in a task until stopped.
+    /// Connects, registers, and serves calls in a task until stopped (reconnecting after a
+    /// lost connection). Fails when the first registration does.
     pub async fn start(self) -> Result<RunningWorker, WorkerError> {
+        let first = self.register().await?;
+        let (ids, worker_id) = watch::channel(first.worker_id.clone());
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(self.run(first, ids, stopped));
+        Ok(RunningWorker { worker_id, stop: Some(stop), task })
+    }
+
+    /// Connects and registers.
+    async fn register(&self) -> Result<Registered, WorkerError> {
         let (mut ws, _) =
             tokio_tungstenite::connect_async(&self.url).await.map_err(|e| WorkerError::Connection(e.to_string()))?;
         let functions: Vec<Value> = self
@@ -130,21 +195,49 @@ impl Worker {
         }
         let worker_id = registered["worker_id"].as_str().unwrap_or_default().to_owned();
         let heartbeat = Duration::from_secs_f64(registered["heartbeat_s"].as_f64().unwrap_or(5.0).max(0.05));
+        Ok(Registered { ws, worker_id, heartbeat })
+    }
+
+    /// Serves on `registered`, then on each new registration after a lost connection.
+    async fn run(self, mut registered: Registered, ids: watch::Sender<String>, mut stopped: oneshot::Receiver<Stop>) {
         let functions: HashMap<(String, String), FunctionSpec> = self
             .functions
-            .into_iter()
-            .map(|f| ((f.identity().name.clone(), f.identity().version.to_string()), f))
+            .iter()
+            .map(|f| ((f.identity().name.clone(), f.identity().version.to_string()), f.clone()))
             .collect();
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(serve(ws, functions, heartbeat, stopped));
-        Ok(RunningWorker { worker_id, stop: Some(stop), task })
+        loop {
+            if let Ended::Stopped = serve(registered.ws, &functions, registered.heartbeat, &mut stopped).await {
+                return;
+            }
+            let Some(backoff) = self.reconnect else { return };
+            tracing::warn!(worker = %self.name, url = %self.url, "worker connection lost; reconnecting");
+            let mut delay = backoff.initial;
+            registered = loop {
+                tokio::select! {
+                    () = tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>())) => {}
+                    _ = &mut stopped => return,
+                }
+                match self.register().await {
+                    Ok(registered) => break registered,
+                    Err(WorkerError::Refused(error)) if error["code"] != 1006 => {
+                        tracing::error!(worker = %self.name, %error, "the node refused the worker; it stops");
+                        return;
+                    }
+                    Err(e) => tracing::info!(worker = %self.name, "reconnecting: {e}"),
+                }
+                delay = (delay * 2).min(backoff.max);
+            };
+            tracing::info!(worker = %self.name, worker_id = %registered.worker_id, "worker registered again");
+            ids.send_replace(registered.worker_id.clone());
+        }
     }
 }
 
 impl RunningWorker {
-    /// The id the node gave this worker.
-    pub fn worker_id(&self) -> &str {
-        &self.worker_id
+    /// The id the node gave this worker's current registration (a new one after each
+    /// reconnection).
+    pub fn worker_id(&self) -> String {
+        self.worker_id.borrow().clone()
     }
 
     /// Says `worker-goodbye`, lets the calls in flight answer, then closes.
@@ -184,46 +277,63 @@ async fn close(
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
 }
 
-/// The worker's loop: calls in, results out, heartbeats, until stopped or disconnected.
+/// The worker's loop: calls in, results out, heartbeats, until stopped or disconnected
+/// (then the calls in flight are dropped: nobody can take their answers).
 async fn serve(
     ws: Ws,
-    functions: HashMap<(String, String), FunctionSpec>,
+    functions: &HashMap<(String, String), FunctionSpec>,
     heartbeat: Duration,
-    mut stopped: oneshot::Receiver<Stop>,
-) {
+    stopped: &mut oneshot::Receiver<Stop>,
+) -> Ended {
+    let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let ended = serve_calls(ws, functions, heartbeat, stopped, &mut running).await;
+    for task in running.values() {
+        task.abort();
+    }
+    ended
+}
+
+async fn serve_calls(
+    ws: Ws,
+    functions: &HashMap<(String, String), FunctionSpec>,
+    heartbeat: Duration,
+    stopped: &mut oneshot::Receiver<Stop>,
+    running: &mut HashMap<String, JoinHandle<()>>,
+) -> Ended {
     let (mut sink, mut stream) = ws.split();
     let (results, mut outgoing) = mpsc::unbounded_channel::<(String, Option<Value>)>();
-    let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut beat = tokio::time::interval(heartbeat);
     let mut leaving = false;
     loop {
         tokio::select! {
-            stop = &mut stopped, if !leaving => match stop {
+            stop = &mut *stopped, if !leaving => match stop {
                 Ok(Stop::Goodbye) | Err(_) => {
                     leaving = true;
                     if sink.send(Message::text(json!({"role": "worker-goodbye"}).to_string())).await.is_err() {
-                        return;
+                        return Ended::Stopped;
                     }
                     if running.is_empty() {
-                        return close(sink, stream).await;
+                        close(sink, stream).await;
+                        return Ended::Stopped;
                     }
                 }
-                Ok(Stop::Abort) => return,
+                Ok(Stop::Abort) => return Ended::Stopped,
             },
             _ = beat.tick() => {
                 if sink.send(Message::text(json!({"role": "worker-heartbeat"}).to_string())).await.is_err() {
-                    return;
+                    return lost(leaving);
                 }
             }
             Some((id, frame)) = outgoing.recv() => {
                 running.remove(&id);
                 if let Some(frame) = frame {
                     if sink.send(Message::text(frame.to_string())).await.is_err() {
-                        return;
+                        return lost(leaving);
                     }
                 }
                 if leaving && running.is_empty() {
-                    return close(sink, stream).await;
+                    close(sink, stream).await;
+                    return Ended::Stopped;
                 }
             }
             message = stream.next() => {
@@ -231,7 +341,7 @@ async fn serve(
                     Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap_or(Value::Null),
                     Some(Ok(Message::Binary(bytes))) => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
                     Some(Ok(_)) => continue,
-                    Some(Err(_)) | None => return,
+                    Some(Err(_)) | None => return lost(leaving),
                 };
                 let id = frame["id"].as_str().unwrap_or_default().to_owned();
                 match frame["role"].as_str() {
@@ -245,7 +355,7 @@ async fn serve(
                                 .invoke_inline(call)
                                 .unwrap_or_else(|| Err(crate::FunctionError::new("Internal", "not inline")));
                             if sink.send(Message::text(result_frame(&id, outcome).to_string())).await.is_err() {
-                                return;
+                                return lost(leaving);
                             }
                             continue;
                         }
@@ -257,13 +367,23 @@ async fn serve(
                             task.abort();
                         }
                         if leaving && running.is_empty() {
-                            return close(sink, stream).await;
+                            close(sink, stream).await;
+                            return Ended::Stopped;
                         }
                     }
                     _ => {}
                 }
             }
         }
+    }
+}
+
+/// A broken connection: lost, unless the worker was leaving anyway.
+fn lost(leaving: bool) -> Ended {
+    if leaving {
+        Ended::Stopped
+    } else {
+        Ended::Lost
     }
 }
 

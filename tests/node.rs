@@ -656,3 +656,26 @@ async fn crashed_actors_are_restarted_and_keep_serving() {
     assert!(ok >= 4.0, "{}", metrics.body);
     assert!(metrics.body.contains("# TYPE mpreg_requests_total counter"), "{}", metrics.body);
 }
+
+/// The dashboard: one page, nothing fetched from elsewhere, every endpoint it polls served,
+/// and still served by the monitor's next incarnation after a crash.
+#[actix_rt::test]
+async fn dashboard_is_one_self_contained_page_over_served_endpoints() {
+    quiet_expected_panics();
+    let node = TestNode::start(settings(), test_functions()).await;
+    let page = http_async("GET", &node.monitoring("/")).await.unwrap();
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("<title>MPREG node</title>"), "{}", page.body);
+    for external in ["src=", "href=", "https://", "@import", "url("] {
+        assert!(!page.body.contains(external), "the page loads something ({external})");
+    }
+    // The only absolute URL is the SVG namespace, an identifier that is never fetched.
+    assert_eq!(page.body.matches("http://").count(), 1);
+    for path in ["/health", "/topology", "/actors", "/metrics", "/queues"] {
+        assert!(page.body.contains(&format!("\"{path}\"")), "the page no longer polls {path}");
+        assert_eq!(http_async("GET", &node.monitoring(path)).await.unwrap().status, 200, "{path}");
+    }
+    assert!(node.crash_actor("monitor").await);
+    wait_restarted(&node, "monitor", 1).await;
+    assert_eq!(http_async("GET", &node.monitoring("/")).await.unwrap().body, page.body);
+}

@@ -19,7 +19,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,10 +27,9 @@ use mpreg_actors::fabric::trust::{self, Authority};
 use mpreg_actors::persistence::{Batch, KvStore, SledStore};
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use common::node::cluster_settings;
+use common::proxy::{socket_of, Proxy};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine; a dial
@@ -75,53 +73,6 @@ async fn metric(node: &Node, name: &str) -> f64 {
 async fn state_of(node: &Node, member: &str) -> Option<String> {
     let topology = monitor_json(node, "/topology").await;
     topology["nodes"].as_array()?.iter().find(|n| n["node"] == member).map(|n| n["state"].as_str().unwrap().into())
-}
-
-/// A TCP forwarder to `target` that the test can pause: while closed it accepts nothing
-/// (dials reach the backlog and time out), so no link through it can form.
-struct Proxy {
-    url: String,
-    open: watch::Sender<bool>,
-}
-
-impl Proxy {
-    /// The proxy's listener and URL, bound before the node behind it exists.
-    async fn bind() -> (TcpListener, String) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
-        let url = format!("ws://{}", listener.local_addr().expect("proxy address"));
-        (listener, url)
-    }
-
-    /// Forwards what `listener` accepts to `target`.
-    fn start(listener: TcpListener, url: String, target: SocketAddr) -> Proxy {
-        let (open, mut state) = watch::channel(true);
-        actix_rt::spawn(async move {
-            loop {
-                if state.wait_for(|open| *open).await.is_err() {
-                    return;
-                }
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    _ = state.changed() => continue,
-                };
-                let Ok((mut inbound, _)) = accepted else { return };
-                actix_rt::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Proxy { url, open }
-    }
-
-    fn set_open(&self, open: bool) {
-        self.open.send_replace(open);
-    }
-}
-
-fn socket_of(url: &str) -> SocketAddr {
-    url.trim_start_matches("ws://").parse().expect("ws://ip:port")
 }
 
 #[actix_rt::test]

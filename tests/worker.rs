@@ -7,7 +7,8 @@
 //! timeout); its functions leave the catalog; garbage disconnects the worker and the node
 //! stays healthy; the deadline travels with the call and a late call is cancelled;
 //! a silent worker is disconnected; with credentials a worker needs the token; a call
-//! on node A is served by a worker on node B.
+//! on node A is served by a worker on node B; a worker whose connection breaks
+//! reconnects and registers again.
 
 mod common;
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use mpreg::client::CallOptions;
-use mpreg::worker::{RunningWorker, Worker, WorkerError};
+use mpreg::worker::{Backoff, RunningWorker, Worker, WorkerError};
 use mpreg::{Client, FunctionError, FunctionSpec, RpcCommand, Settings};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -25,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use common::keys::Keys;
 use common::metrics::metric_value;
 use common::node::{cluster_settings, TestNode};
+use common::proxy::Proxy;
 use common::ws::{raw_connect, raw_next, Ws};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error, TempFile};
 
@@ -372,6 +374,14 @@ async fn a_call_on_node_a_is_served_by_a_worker_on_node_b() {
     let b = node(Settings { peers: vec![a.url().to_owned()], ..cluster_settings("B", &cluster) }).await;
     let worker = doubler(&b, "on-b").await;
     wait_for_function(&a, "double", true).await;
+    // A's /catalog marks B's entry as served by a worker (and B's own echo as not).
+    let catalog: Value = serde_json::from_str(&monitor(&a, "/catalog").await).unwrap();
+    let b_entry = catalog["nodes"].as_array().unwrap().iter().find(|n| n["node"] == "B").unwrap();
+    let by_worker: Vec<&str> = b_entry["about"]
+        .as_array()
+        .map(|about| about.iter().filter(|f| f["worker"] == true).filter_map(|f| f["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(by_worker, ["double", "fail"], "{b_entry}");
     let c = client(&a).await;
     let r = c
         .request(vec![
@@ -402,4 +412,39 @@ async fn a_call_on_node_a_is_served_by_a_worker_on_node_b() {
     next_role(&mut dying, "worker-call").await;
     drop(dying);
     assert_eq!(call.await.unwrap().expect("retried on B"), json!(101));
+}
+
+#[actix_rt::test]
+async fn a_worker_whose_connection_breaks_reconnects_and_registers_again() {
+    let n = node(settings("worker-reconnect")).await;
+    let proxy = Proxy::to(n.url()).await;
+    let worker = Worker::new(&proxy.url, "phoenix")
+        .backoff(Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) })
+        .function(FunctionSpec::sync("triple", |x: i64| x * 3))
+        .start()
+        .await
+        .expect("worker registers");
+    let first = worker.worker_id();
+    let c = client(&n).await;
+    assert_eq!(c.call("triple", vec![json!(2)]).await.unwrap(), json!(6));
+    for round in 0..2 {
+        let before = worker.worker_id();
+        proxy.cut();
+        poll_until_async(&format!("registration {round} replaced"), SOON, || async {
+            (worker.worker_id() != before).then_some(())
+        })
+        .await;
+        poll_until_async("triple served again", SOON, || async {
+            c.call("triple", vec![json!(5)]).await.ok().filter(|v| *v == json!(15))
+        })
+        .await;
+    }
+    assert_ne!(worker.worker_id(), first);
+    // The node dropped each broken registration: one worker is left.
+    poll_until_async("one worker left", SOON, || async {
+        (metric_value(&monitor(&n, "/metrics").await, "mpreg_workers", "") == Some(1.0)).then_some(())
+    })
+    .await;
+    worker.goodbye().await;
+    wait_for_function(&n, "triple", false).await;
 }

@@ -7,6 +7,7 @@
 //! - [`registry`] — the function table, published as a lock-free snapshot.
 //! - [`planner`] — request -> DAG -> dispatch -> response.
 //! - [`fabric`] — peer links, gossip membership and catalog, multi-hop messages.
+//! - [`federation`] — clusters bridged by signed path-vector routes: keys, policies, route table.
 //! - [`routing`] — which function on which node a command runs on.
 //! - [`pubsub`] — AMQP-style topics with backlog replay, flooded across nodes.
 //! - [`outbox`] — a connection's outgoing queue, bounded in bytes; backpressure on reads.
@@ -22,6 +23,7 @@ pub mod cache;
 pub mod connection;
 pub mod discovery;
 pub mod fabric;
+pub mod federation;
 pub mod function;
 pub mod metrics;
 pub mod monitor;

@@ -151,12 +151,13 @@ impl FunctionTable {
 
 impl FunctionTable {
     /// What the catalog tells about the advertised functions: declared parameters and
-    /// documentation, each cut to what a catalog entry may carry.
+    /// documentation, each cut to what a catalog entry may carry, and which ones a worker
+    /// serves.
     pub fn about(&self) -> Vec<FunctionAbout> {
         let mut out: Vec<FunctionAbout> = self
             .specs()
             .filter(|s| !s.is_local_only())
-            .filter(|s| s.declared_signature().is_some() || s.documentation().is_some())
+            .filter(|s| s.declared_signature().is_some() || s.documentation().is_some() || s.is_external())
             .map(|s| {
                 let id = s.identity();
                 FunctionAbout {
@@ -165,6 +166,7 @@ impl FunctionTable {
                     version: id.version,
                     params: s.declared_signature().map(ToString::to_string).filter(|p| p.len() <= MAX_ABOUT_BYTES),
                     doc: s.documentation().map(|d| cut(d, MAX_ABOUT_BYTES).to_owned()),
+                    worker: s.is_external(),
                 }
             })
             .collect();

@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::bench_plot::{latency_curve, write_latency_svg};
 use crate::client::Client;
 use crate::config::Settings;
 use crate::node::{Node, NodeBuilder};
@@ -60,6 +61,20 @@ pub struct ScenarioBenchArgs {
     /// another, via `taskset`).
     #[arg(long)]
     pub no_pin: bool,
+    /// Also draw each scenario's latency distribution into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+}
+
+impl ScenarioBenchArgs {
+    /// Draws the latency distributions of `results` into the `--plot` file, if one was given.
+    pub(super) fn draw_plot(&self, bench: &str, results: &[ScenarioResult]) -> anyhow::Result<()> {
+        if let Some(path) = &self.plot {
+            write_latency_svg(path, &format!("mpreg bench {bench}: latency distributions"), results)?;
+            eprintln!("plot: {}", path.display());
+        }
+        Ok(())
+    }
 }
 
 /// Runs the whole benchmark and prints the report; exit code 0 when every reply was a success.
@@ -69,9 +84,10 @@ pub fn rpc(args: ScenarioBenchArgs) -> anyhow::Result<i32> {
     }
     let duration = Duration::from_secs_f64(args.duration);
     let (results, pinned) = run_scenarios(duration, !args.no_pin)?;
-    eprint!("idle_rss: spawning `mpreg server start` ...");
+    progress!("idle_rss: spawning `mpreg server start` ...");
     let idle_rss_mb = idle_rss_mb().context("measuring the idle node's resident memory")?;
-    eprintln!(" {idle_rss_mb:.1} MiB");
+    progress!(" {idle_rss_mb:.1} MiB\n");
+    args.draw_plot("rpc", &results)?;
     let report = Report { duration, results, idle_rss_mb, pinned };
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -230,6 +246,24 @@ pub(super) struct ScenarioResult {
     ratio_to_floor: Option<f64>,
     /// p50 divided by the baseline's p50, with the target (cluster scenarios only).
     p50_ratio: Option<P50Ratio>,
+    /// (fraction, latency µs) points of the distribution, for `--plot`.
+    pub(super) latency_curve: Vec<(f64, u32)>,
+}
+
+impl ScenarioResult {
+    /// The figures of `sorted` latencies (µs), with no rate or comparison yet.
+    pub(super) fn for_plot(name: &'static str, sorted: &[u32]) -> ScenarioResult {
+        ScenarioResult {
+            name,
+            calls_per_s: 0.0,
+            p50_us: percentile(sorted, 0.50),
+            p99_us: percentile(sorted, 0.99),
+            calls: sorted.len(),
+            ratio_to_floor: None,
+            p50_ratio: None,
+            latency_curve: latency_curve(sorted),
+        }
+    }
 }
 
 /// A p50 compared to another scenario's.
@@ -370,15 +404,15 @@ fn run_scenarios(duration: Duration, pin: bool) -> anyhow::Result<(Vec<ScenarioR
             }
         };
         let urls = Urls { floor: floor.url.clone(), node: node.url().to_owned(), node2: node2.url().to_owned() };
-        eprint!("waiting for the 2-node cluster to route the chain and echo_remote ...");
+        progress!("waiting for the 2-node cluster to route the chain and echo_remote ...");
         let started = Instant::now();
         if let Err(e) = wait_routable(&urls).await {
-            eprintln!();
+            progress!("\n");
             node2.shutdown().await;
             stop(&node, &floor).await;
             return Err(e);
         }
-        eprintln!(" {:.2} s", started.elapsed().as_secs_f64());
+        progress!(" {:.2} s\n", started.elapsed().as_secs_f64());
         // The servers' worker threads start when their futures are first polled: let them
         // run before the client thread pins every other thread of the process.
         actix_rt::time::sleep(Duration::from_millis(50)).await;
@@ -504,7 +538,7 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
     let pinned = if pin {
         match Placement::apply() {
             Ok(placement) => {
-                eprintln!("pinned: servers on CPU {}, client on CPU {}", placement.server_cpu, placement.client_cpu);
+                progress!("pinned: servers on CPU {}, client on CPU {}\n", placement.server_cpu, placement.client_cpu);
                 Some(placement)
             }
             Err(e) => {
@@ -527,7 +561,7 @@ fn run_client(urls: &Urls, duration: Duration, pin: bool) -> anyhow::Result<(Vec
 fn run_all(runtime: &tokio::runtime::Runtime, urls: &Urls, duration: Duration) -> anyhow::Result<Vec<ScenarioResult>> {
     let mut results: Vec<ScenarioResult> = Vec::with_capacity(SCENARIOS.len());
     for (i, scenario) in SCENARIOS.iter().enumerate() {
-        eprint!("[{}/{}] {} ", i + 1, SCENARIOS.len(), scenario.name);
+        progress!("[{}/{}] {} ", i + 1, SCENARIOS.len(), scenario.name);
         let url = match scenario.target {
             Target::Floor => &urls.floor,
             Target::Node => &urls.node,
@@ -559,7 +593,7 @@ fn run_all(runtime: &tokio::runtime::Runtime, urls: &Urls, duration: Duration) -
                 target,
             })
         });
-        eprintln!(" {:.0} calls/s", result.calls_per_s);
+        progress!(" {:.0} calls/s\n", result.calls_per_s);
         results.push(result);
     }
     Ok(results)
@@ -688,16 +722,9 @@ pub(super) struct Measurement {
 impl Measurement {
     pub(super) fn into_result(mut self, name: &'static str, window: Duration) -> ScenarioResult {
         self.latencies_us.sort_unstable();
-        let calls = self.latencies_us.len();
-        ScenarioResult {
-            name,
-            calls_per_s: calls as f64 / window.as_secs_f64(),
-            p50_us: percentile(&self.latencies_us, 0.50),
-            p99_us: percentile(&self.latencies_us, 0.99),
-            calls,
-            ratio_to_floor: None,
-            p50_ratio: None,
-        }
+        let mut result = ScenarioResult::for_plot(name, &self.latencies_us);
+        result.calls_per_s = result.calls as f64 / window.as_secs_f64();
+        result
     }
 }
 
@@ -718,38 +745,47 @@ async fn drive(url: &str, scenario: &Scenario, duration: Duration) -> anyhow::Re
         (_, Request::Chain) => ReplyCheck::RpcSuccessWith(CHAIN_SCORE),
         (_, _) => ReplyCheck::RpcSuccess,
     };
-    drive_template(url, RequestTemplate::new(scenario.request), check, scenario.depth, duration).await
+    let mut measurements =
+        drive_templates(url, vec![(RequestTemplate::new(scenario.request), check)], scenario.depth, duration).await?;
+    Ok(measurements.remove(0))
 }
 
-/// [`drive`] for any request frame: `frame` is its JSON text with `"u":"0000000000000000"`
-/// (16 digits), patched per request (other benchmarks drive their own roles this way).
-pub(super) async fn drive_frame(
+/// [`drive`] for request frames of any role, taking turns on one connection (request `i`
+/// is `frames[i % frames.len()]`), one [`Measurement`] per frame. Each frame is its JSON
+/// text with `"u":"0000000000000000"` (16 digits), patched per request. Taking turns puts
+/// two requests under the same conditions, so their ratio does not drift with the machine.
+pub(super) async fn drive_frames(
     url: &str,
-    frame: String,
-    check: ReplyCheck,
+    frames: Vec<(String, ReplyCheck)>,
     depth: usize,
     duration: Duration,
-) -> anyhow::Result<Measurement> {
-    drive_template(url, RequestTemplate::from_text(frame)?, check, depth, duration).await
+) -> anyhow::Result<Vec<Measurement>> {
+    let templates = frames
+        .into_iter()
+        .map(|(frame, check)| Ok((RequestTemplate::from_text(frame)?, check)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    drive_templates(url, templates, depth, duration).await
 }
 
-async fn drive_template(
+async fn drive_templates(
     url: &str,
-    template: RequestTemplate,
-    check: ReplyCheck,
+    templates: Vec<(RequestTemplate, ReplyCheck)>,
     depth: usize,
     duration: Duration,
-) -> anyhow::Result<Measurement> {
+) -> anyhow::Result<Vec<Measurement>> {
+    if templates.is_empty() {
+        bail!("no request to send");
+    }
     // Nagle off on the client: a small frame written while earlier ones are unacknowledged
     // must not wait for an ACK (the server side is left as the node configures it).
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let mut driver = Driver::new(ws, template, check, depth, duration);
+    let mut driver = Driver::new(ws, templates, depth, duration);
     let outcome = driver.run(depth).await;
     // Best effort: the measurement is complete whether or not the close handshake is.
     drop(driver.ws.close(None).await);
-    outcome.map(|()| driver.measurement)
+    outcome.map(|()| driver.measurements)
 }
 
 /// How a reply is judged.
@@ -772,30 +808,34 @@ struct Window {
 /// The state of one scenario's connection.
 struct Driver {
     ws: Ws,
-    template: RequestTemplate,
-    check: ReplyCheck,
+    /// The requests and the checks of their replies, taking turns by sequence number.
+    templates: Vec<(RequestTemplate, ReplyCheck)>,
     /// Send time by request sequence number (the `u`).
     outstanding: HashMap<u64, Instant>,
     next_seq: u64,
     window: Window,
     next_dot: Instant,
-    measurement: Measurement,
+    /// One per template.
+    measurements: Vec<Measurement>,
 }
 
 impl Driver {
-    fn new(ws: Ws, template: RequestTemplate, check: ReplyCheck, depth: usize, duration: Duration) -> Self {
+    fn new(ws: Ws, templates: Vec<(RequestTemplate, ReplyCheck)>, depth: usize, duration: Duration) -> Self {
         let now = Instant::now();
         let start = now + WARMUP;
-        let expected = (duration.as_secs_f64() * 200_000.0).min(50_000_000.0) as usize;
+        let expected = (duration.as_secs_f64() * 200_000.0).min(50_000_000.0) as usize / templates.len().max(1);
+        let measurements = templates
+            .iter()
+            .map(|_| Measurement { latencies_us: Vec::with_capacity(expected), ..Measurement::default() })
+            .collect();
         Driver {
             ws,
-            template,
-            check,
+            templates,
             outstanding: HashMap::with_capacity(depth * 2),
             next_seq: 0,
             window: Window { start, end: start + duration },
             next_dot: now + Duration::from_secs(1),
-            measurement: Measurement { latencies_us: Vec::with_capacity(expected), ..Measurement::default() },
+            measurements,
         }
     }
 
@@ -832,7 +872,7 @@ impl Driver {
     async fn feed_request(&mut self) -> anyhow::Result<()> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let frame = self.template.frame(seq);
+        let frame = self.template_of(seq).0.frame(seq);
         self.outstanding.insert(seq, Instant::now());
         self.ws.feed(Message::Binary(frame)).await.context("sending a request")
     }
@@ -851,28 +891,39 @@ impl Driver {
         let seq = reply_seq(bytes).with_context(|| format!("a reply without a readable u: {}", preview(bytes)))?;
         let sent =
             self.outstanding.remove(&seq).with_context(|| format!("a reply for an unknown u: {}", preview(bytes)))?;
-        let ok = match self.check {
-            ReplyCheck::Echo => bytes.len() == self.template.len(),
+        let (template, check) = self.template_of(seq);
+        let ok = match *check {
+            ReplyCheck::Echo => bytes.len() == template.len(),
             ReplyCheck::RpcSuccess => find(bytes, br#""error":null"#).is_some(),
             ReplyCheck::RpcSuccessWith(needle) => {
                 find(bytes, br#""error":null"#).is_some() && find(bytes, needle).is_some()
             }
         };
+        let measurement = &mut self.measurements[Self::turn(seq, self.templates.len())];
         if !ok {
-            self.measurement.errors += 1;
-            self.measurement.first_error.get_or_insert_with(|| preview(bytes));
+            measurement.errors += 1;
+            measurement.first_error.get_or_insert_with(|| preview(bytes));
         }
         if now >= self.window.start && now <= self.window.end {
             let micros = u32::try_from(now.duration_since(sent).as_micros()).unwrap_or(u32::MAX);
-            self.measurement.latencies_us.push(micros);
+            measurement.latencies_us.push(micros);
         }
         Ok(1)
+    }
+
+    /// Which template request `seq` uses.
+    fn turn(seq: u64, templates: usize) -> usize {
+        (seq % templates as u64) as usize
+    }
+
+    fn template_of(&self, seq: u64) -> &(RequestTemplate, ReplyCheck) {
+        &self.templates[Self::turn(seq, self.templates.len())]
     }
 
     /// One dot on stderr per second of scenario time.
     fn tick(&mut self, now: Instant) {
         if now >= self.next_dot {
-            eprint!(".");
+            progress!(".");
             self.next_dot += Duration::from_secs(1);
         }
     }

@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 use tokio::runtime::Handle;
 
 use super::bench::{round1, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
+use super::bench_plot::{convergence_curve, write_cdf_svg};
 use crate::client::Client;
 use crate::config::Settings;
 use crate::node::NodeBuilder;
@@ -49,6 +50,10 @@ pub struct ClusterBenchArgs {
     /// One JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw convergence over time (new function routable, failure suspected and
+    /// removed, per node) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Pause between `cluster-status` polls of one node.
@@ -91,6 +96,10 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
     let report = actix_rt::System::new().block_on(run(args.nodes, handle));
     drop(pollers);
     let report = report?;
+    if let Some(path) = &args.plot {
+        report.plot(path)?;
+        eprintln!("plot: {}", path.display());
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", report.to_json())?;
@@ -99,6 +108,22 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
     }
     out.flush()?;
     Ok(0)
+}
+
+impl Report {
+    /// Convergence over time into the SVG file `path`: per node, when the new function
+    /// became routable, and when the killed node was suspected and removed.
+    fn plot(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let suspected: Vec<Duration> = self.failure.iter().map(|f| f.0).collect();
+        let removed: Vec<Duration> = self.failure.iter().map(|f| f.1).collect();
+        let curves = [
+            ("function routable, after register".to_owned(), convergence_curve(&self.propagation)),
+            (format!("{} suspected, after kill -9", self.victim), convergence_curve(&suspected)),
+            (format!("{} removed, after kill -9", self.victim), convergence_curve(&removed)),
+        ];
+        let title = format!("mpreg bench cluster --nodes {}: convergence", self.nodes);
+        write_cdf_svg(path, &title, "time (ms, log scale)", "fraction of nodes", &curves)
+    }
 }
 
 /// One spawned `mpreg server start`.
@@ -125,6 +150,8 @@ struct Report {
     silent_refuted_everywhere: Duration,
     suspected_everywhere: Duration,
     removed_everywhere: Duration,
+    /// Per surviving process, from the kill to its suspecting and to its removing the victim.
+    failure: Vec<(Duration, Duration)>,
     /// VmRSS of each process after the mesh formed, MiB.
     rss_mib: Vec<f64>,
     settings: Settings,
@@ -266,7 +293,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     let settings = Settings::default();
     let exe = std::env::current_exe().context("locating the mpreg binary")?;
 
-    eprint!("spawning {n} node processes ...");
+    progress!("spawning {n} node processes ...");
     let spawned = Instant::now();
     let (tx, rx) = std_mpsc::channel();
     let mut processes = vec![spawn(&exe, 0, None, tx.clone())?];
@@ -279,10 +306,10 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     for (i, url) in wait_url(&rx, n - 1)? {
         processes[i].url = url;
     }
-    eprintln!(" listening after {:.0} ms", ms(spawned.elapsed()));
+    progress!(" listening after {:.0} ms\n", ms(spawned.elapsed()));
 
     // Mesh formation: every process lists all N names, each alive (or itself).
-    eprint!("waiting for the mesh ...");
+    progress!("waiting for the mesh ...");
     let names: Arc<HashSet<String>> = Arc::new(processes.iter().map(|p| p.name.clone()).collect());
     let urls: Vec<String> = processes.iter().map(|p| p.url.clone()).collect();
     let clients = pollers.spawn(connect_all(urls.clone())).await.context("poller runtime")??;
@@ -294,7 +321,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     })
     .await?;
     let mesh_formed = max(&mesh);
-    eprintln!(" {:.0} ms", ms(mesh_formed));
+    progress!(" {:.0} ms\n", ms(mesh_formed));
 
     let mut rss_mib = Vec::with_capacity(n);
     for p in &processes {
@@ -303,12 +330,12 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         rss_mib.push(vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))? as f64 / 1024.0);
     }
 
-    eprint!("idle for {} s ...", IDLE_WINDOW.as_secs());
+    progress!("idle for {} s ...", IDLE_WINDOW.as_secs());
     let idle = measure_idle(&pollers, &clients, &processes).await?;
-    eprintln!(" {:.1}% of one core, {:.0} B/s per node", idle.cpu_percent, idle.bytes_per_node_per_s);
+    progress!(" {:.1}% of one core, {:.0} B/s per node\n", idle.cpu_percent, idle.bytes_per_node_per_s);
 
     // The registrar: an in-process node joining through n0.
-    eprint!("starting the in-process registrar node and waiting for it to join ...");
+    progress!("starting the in-process registrar node and waiting for it to join ...");
     let registrar_settings = Settings {
         name: REGISTRAR.to_owned(),
         port: 0,
@@ -324,9 +351,9 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         })
         .await?;
         let registrar_joined = max(&joined);
-        eprintln!(" {:.0} ms", ms(registrar_joined));
+        progress!(" {:.0} ms\n", ms(registrar_joined));
 
-        eprint!("registering {PROBE_FUNCTION} on the registrar, polling all {n} processes ...");
+        progress!("registering {PROBE_FUNCTION} on the registrar, polling all {n} processes ...");
         let t0 = Instant::now();
         let probes: Vec<_> =
             clients.iter().map(|c| pollers.spawn(probe_until_routable(c.clone(), t0, PROBE_TIMEOUT))).collect();
@@ -340,7 +367,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
             propagation
                 .push(probe.await.context("poller runtime")?.with_context(|| format!("{} ({})", p.name, p.url))?);
         }
-        eprintln!(" {:.1} ms", ms(max(&propagation)));
+        progress!(" {:.1} ms\n", ms(max(&propagation)));
         Ok::<_, anyhow::Error>((registrar_joined, register_call, propagation))
     }
     .await;
@@ -359,7 +386,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     let others: Vec<Client> =
         clients.iter().enumerate().filter(|(i, _)| *i != victim_index).map(|(_, c)| c.clone()).collect();
     let silent = async {
-        eprint!("SIGSTOP {victim}, waiting until every other process suspects it ...");
+        progress!("SIGSTOP {victim}, waiting until every other process suspects it ...");
         let pid = processes[victim_index].child.0.id();
         let stopped = Instant::now();
         signal(pid, "STOP")?;
@@ -370,14 +397,14 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         .await;
         signal(pid, "CONT")?;
         let suspected = max(&suspected?);
-        eprint!(" {:.0} ms; SIGCONT, waiting until it is alive everywhere ...", ms(suspected));
+        progress!(" {:.0} ms; SIGCONT, waiting until it is alive everywhere ...", ms(suspected));
         let resumed = Instant::now();
         let watched = victim.clone();
         let refuted = poll_views(&pollers, &others, resumed, MESH_TIMEOUT, "the resumed node to refute", {
             move |status| members(status).iter().any(|(name, state)| *name == watched && *state == "alive")
         })
         .await?;
-        eprintln!(" {:.0} ms", ms(max(&refuted)));
+        progress!(" {:.0} ms\n", ms(max(&refuted)));
         Ok::<_, anyhow::Error>((suspected, max(&refuted)))
     }
     .await;
@@ -388,7 +415,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
             return Err(e);
         }
     };
-    eprint!("kill -9 {victim}, waiting until every other process suspects, then removes it ...");
+    progress!("kill -9 {victim}, waiting until every other process suspects, then removes it ...");
     let survivors = others;
     let killed = Instant::now();
     processes[victim_index].child.0.kill().context("killing the victim")?;
@@ -411,7 +438,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     };
     let suspected_everywhere = failure.iter().map(|f| f.0).max().unwrap_or_default();
     let removed_everywhere = failure.iter().map(|f| f.1).max().unwrap_or_default();
-    eprintln!(" suspected {:.0} ms, removed {:.0} ms", ms(suspected_everywhere), ms(removed_everywhere));
+    progress!(" suspected {:.0} ms, removed {:.0} ms\n", ms(suspected_everywhere), ms(removed_everywhere));
 
     for c in &clients {
         let c = c.clone();
@@ -431,6 +458,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         silent_refuted_everywhere,
         suspected_everywhere,
         removed_everywhere,
+        failure,
         rss_mib,
         settings,
     })

@@ -160,9 +160,9 @@ pub fn queue(args: QueueBenchArgs) -> anyhow::Result<i32> {
     }
     let duration = Duration::from_secs_f64(args.duration);
     let tmp = TempDir(std::env::temp_dir().join(format!("mpreg-bench-queue-{}", std::process::id())));
-    eprint!("sled_flush_seq ...");
+    progress!("sled_flush_seq ...");
     let floor = sled_flush_seq(&tmp.0.join("floor"), duration)?;
-    eprintln!(" {:.0}/s", floor.calls_per_s);
+    progress!(" {:.0}/s\n", floor.calls_per_s);
 
     let data_dir = tmp.0.join("node");
     let (url_tx, url_rx) = std::sync::mpsc::channel();
@@ -194,14 +194,14 @@ pub fn queue(args: QueueBenchArgs) -> anyhow::Result<i32> {
         })
     });
     let url = url_rx.recv().context("the node thread ended")?.map_err(|e| anyhow::anyhow!(e))?;
-    eprint!("queue scenarios ({} s each, {} in flight) ...", args.duration, args.depth);
+    progress!("queue scenarios ({} s each, {} in flight) ...", args.duration, args.depth);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let figures = runtime.block_on(queue_scenarios(&url, args.depth.max(1), duration));
     let _ = stop_tx.send(());
     let _ = server.join();
     let mut results = vec![floor];
     results.extend(figures?);
-    eprintln!(" done");
+    progress!(" done\n");
 
     let rate = |name: &str| results.iter().find(|r| r.name == name).map_or(0.0, |r| r.calls_per_s);
     let (durable, floor_rate, roundtrip) =

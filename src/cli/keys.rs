@@ -1,11 +1,13 @@
-//! `mpreg keys init DIR` and `mpreg keys issue DIR NAME`: a cluster authority and node
-//! credentials (the logic and the file formats live in `mpreg_actors::fabric::trust`).
+//! `mpreg keys init DIR`, `mpreg keys issue DIR NAME` and `mpreg keys rotate DIR`: a cluster
+//! authority, node credentials and federation route keys (the logic and the file formats
+//! live in `mpreg_actors::fabric::trust` and `mpreg_actors::federation::keys`).
 
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
 use mpreg_actors::fabric::trust::{self, Authority};
+use mpreg_actors::federation::keys as route_keys;
 
 /// Creates `dir/cluster.key` (0600) and `dir/cluster.pub`; prints the public key.
 pub fn init(dir: &Path) -> anyhow::Result<i32> {
@@ -31,5 +33,14 @@ pub fn issue(dir: &Path, name: &str, cluster_id: &str, valid_days: u64) -> anyho
     credentials.save(&path)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", path.display())?;
+    Ok(0)
+}
+
+/// Makes the first or the next route key in `dir/route.key`; prints generation and key id.
+pub fn rotate(dir: &Path, cluster_id: &str, overlap_s: u64) -> anyhow::Result<i32> {
+    let rotation = route_keys::rotate_in_dir(dir, cluster_id, trust::unix_seconds(), overlap_s)
+        .with_context(|| format!("cannot rotate the route key in {}", dir.display()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "generation={} key_id={} file={}", rotation.generation, rotation.key_id, rotation.path.display())?;
     Ok(0)
 }

@@ -2,11 +2,23 @@
 //!
 //! User-facing output (URLs, results, tables) goes to stdout; logs go to stderr.
 
+/// Progress of a long bench on stderr (`eprint!` arguments), only when stderr is a
+/// terminal: redirected output gets the results and the warnings, not the progress.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!($($arg)*);
+        }
+    };
+}
+
 mod bench;
 mod bench_cache;
 mod bench_cluster;
+mod bench_federation;
 mod bench_membership;
 mod bench_persistence;
+mod bench_plot;
 mod bench_queue;
 mod cache;
 mod client;
@@ -81,6 +93,10 @@ pub enum ServerCommand {
 /// Flags of `mpreg server start`.
 #[derive(Debug, Args)]
 pub struct StartArgs {
+    /// A settings file (TOML, `[mpreg]` table) read first; the flags below override it
+    /// (lists such as `--peer` add to it). How one file serves every pod of a StatefulSet.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Interface to listen on.
     #[arg(long)]
     pub host: Option<String>,
@@ -151,6 +167,20 @@ pub enum KeysCommand {
         /// Days until the certificate expires.
         #[arg(long, default_value_t = 365)]
         valid_days: u64,
+    },
+    /// Make a new route key for federation: DIR/route.key (mode 0600, copy it to every node
+    /// of the cluster). The first key is certified by the authority in DIR/cluster.key;
+    /// each later one is signed by the key before it, which keeps verifying for
+    /// --overlap-s seconds. Prints the generation and the new key id.
+    Rotate {
+        /// Directory holding cluster.pub (and cluster.key for the first key).
+        dir: PathBuf,
+        /// The cluster the route key signs for.
+        #[arg(long, default_value = "default-cluster")]
+        cluster_id: String,
+        /// Seconds the previous key still verifies after the rotation.
+        #[arg(long, default_value_t = 300)]
+        overlap_s: u64,
     },
 }
 
@@ -235,6 +265,9 @@ pub enum BenchCommand {
     Membership(bench_membership::MembershipBenchArgs),
     /// Cache get/put (local and remote) next to RPC echo of the same run.
     Cache(bench::ScenarioBenchArgs),
+    /// Signed path-vector routes between N simulated clusters in a line: rounds and time
+    /// until every cluster routes to every other.
+    Federation(bench_federation::FederationBenchArgs),
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -248,11 +281,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Persistence(args)) => bench_persistence::run(args),
         Command::Bench(BenchCommand::Queue(args)) => bench_queue::queue(args),
         Command::Bench(BenchCommand::Membership(args)) => bench_membership::run(args),
+        Command::Bench(BenchCommand::Federation(args)) => bench_federation::run(args),
         Command::Bench(BenchCommand::Cache(args)) => bench_cache::cache(args),
         Command::Demo => demo::run(),
         Command::Keys(KeysCommand::Init { dir }) => keys::init(&dir),
         Command::Keys(KeysCommand::Issue { dir, name, cluster_id, valid_days }) => {
             keys::issue(&dir, &name, &cluster_id, valid_days)
         }
+        Command::Keys(KeysCommand::Rotate { dir, cluster_id, overlap_s }) => keys::rotate(&dir, &cluster_id, overlap_s),
     }
 }

@@ -26,8 +26,8 @@ pub fn init_logging(format: LogFormat) {
 }
 
 pub fn start(args: StartArgs) -> anyhow::Result<i32> {
-    let mut settings = Settings::default();
     let StartArgs {
+        config,
         host,
         port,
         name,
@@ -44,6 +44,10 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
         credentials,
         insecure,
     } = args;
+    let mut settings = match config {
+        Some(file) => Settings::from_toml_file(&file)?,
+        None => Settings::default(),
+    };
     settings.host = host.unwrap_or(settings.host);
     settings.port = port.unwrap_or(settings.port);
     settings.name = name.unwrap_or(settings.name);
@@ -100,10 +104,12 @@ fn serve(settings: Settings) -> anyhow::Result<i32> {
         let mut interrupt = signal(SignalKind::interrupt())?;
         {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "MPREG_URL={}", node.url())?;
+            // The monitoring URL first: readers that stop at `MPREG_URL=` (the ready line)
+            // have both.
             if let Some(monitoring) = node.monitoring_url() {
                 writeln!(out, "MPREG_MONITORING_URL={monitoring}")?;
             }
+            writeln!(out, "MPREG_URL={}", node.url())?;
             out.flush()?;
         }
         info!(node = node.name(), url = node.url(), "node ready");

@@ -15,6 +15,7 @@
 //! - [`memory`]: this process's resident memory, where in-process nodes live.
 //! - [`metrics`]: samples out of the Prometheus text of `/metrics`.
 //! - [`latency`]: the bystander's p99.
+//! - [`proxy`]: a TCP forwarder a test can pause and cut.
 
 // Each test crate uses its own subset of these helpers.
 #![allow(dead_code)]
@@ -25,6 +26,7 @@ pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod process;
+pub mod proxy;
 pub mod ws;
 
 use std::future::Future;
@@ -62,42 +64,30 @@ pub fn split_http_url(url: &str) -> (String, String) {
 }
 
 fn request_bytes(method: &str, authority: &str, path: &str) -> Vec<u8> {
-    format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    request_with_body(method, authority, path, "")
+}
+
+fn request_with_body(method: &str, authority: &str, path: &str, json: &str) -> Vec<u8> {
+    let length = json.len();
+    let content_type = if json.is_empty() { "" } else { "Content-Type: application/json\r\n" };
+    format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{content_type}Content-Length: {length}\r\nConnection: close\r\n\r\n{json}")
         .into_bytes()
 }
 
 /// Parses a whole `Connection: close` response.
 pub fn parse_http(raw: &[u8]) -> Result<HttpReply, String> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("incomplete response: {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status line: {head:?}"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked { dechunk(body)? } else { body.to_owned() };
+    let (status, body) = mpreg::demo::parse_http_response(raw).map_err(|e| format!("{e:#}"))?;
     Ok(HttpReply { status, body })
-}
-
-fn dechunk(mut body: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").ok_or("bad chunk header")?;
-        let size = usize::from_str_radix(size.trim(), 16).map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        out.push_str(rest.get(..size).ok_or("short chunk")?);
-        body = rest.get(size + 2..).ok_or("short chunk")?;
-    }
 }
 
 /// One HTTP request over a blocking `std` TCP stream (bounded by a 5 s I/O timeout).
 pub fn http_blocking(method: &str, url: &str) -> Result<HttpReply, String> {
+    http_blocking_json(method, url, "", Duration::from_secs(5))
+}
+
+/// One HTTP request with a JSON body (none when `json` is empty) over a blocking `std`
+/// TCP stream, bounded by `timeout` for each read.
+pub fn http_blocking_json(method: &str, url: &str, json: &str, timeout: Duration) -> Result<HttpReply, String> {
     let (authority, path) = split_http_url(url);
     let addr = authority
         .to_socket_addrs()
@@ -105,11 +95,32 @@ pub fn http_blocking(method: &str, url: &str) -> Result<HttpReply, String> {
         .next()
         .ok_or_else(|| format!("{authority} did not resolve"))?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    stream.write_all(&request_bytes(method, &authority, &path)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.write_all(&request_with_body(method, &authority, &path, json)).map_err(|e| e.to_string())?;
+    // Until the server closes, or the whole body its Content-Length announces is in (some
+    // servers, chromedriver among them, keep the connection open despite `close`).
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        if announced_length_received(&raw) {
+            break;
+        }
+    }
     parse_http(&raw)
+}
+
+/// Whether `raw` holds a response head with a `Content-Length` and that many body bytes.
+fn announced_length_received(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let length =
+        head.lines().find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()));
+    length.is_some_and(|length| raw.len() >= end + 4 + length)
 }
 
 /// One HTTP request over a tokio TCP stream, for tests that run a node in-process: a

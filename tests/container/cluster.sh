@@ -44,67 +44,19 @@ SUITE="container cluster test"
 
 cname() { echo "mpreg-cl-$RUN_ID-$1"; }   # container name of node $1
 
-cleanup() {
-    local c
-    # -v also drops the anonymous /data volumes the containers created.
-    for c in "${CREATED[@]}"; do docker rm -f -v "$c" >/dev/null 2>&1 || true; done
-    if [ "$NET_CREATED" = 1 ]; then docker network rm "$NET" >/dev/null 2>&1 || true; fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap remove_containers EXIT
 trap 'exit 130' INT TERM   # turn signals into a normal exit so the EXIT trap runs
 
 dump_logs() {
-    local c
     if [ -n "${A_MON:-}" ]; then
         echo "----- node-a /topology (now) -----"
         curl -sS --max-time 3 "http://127.0.0.1:$A_MON/topology" 2>&1 || true
         echo
     fi
-    for c in "${CREATED[@]}"; do
-        echo "----- docker logs $c ($(docker inspect -f '{{.State.Status}}, exit code {{.State.ExitCode}}' "$c" 2>/dev/null || echo gone)) -----"
-        docker logs "$c" 2>&1 || true
-    done
-    echo "----- end of logs -----"
-}
-
-now_ms() { date +%s%3N; }
-secs() {   # 87 -> 87ms, 1234 -> 1.2s
-    if [ "$1" -lt 1000 ]; then echo "${1}ms"; else awk -v ms="$1" 'BEGIN { printf "%.1fs", ms / 1000 }'; fi
+    container_logs_all
 }
 
 # ---- observing a node ----------------------------------------------------------------
-# topology PORT: the node's /topology JSON (empty when it does not answer).
-topology() { curl -fsS --max-time 3 "http://127.0.0.1:$1/topology" 2>/dev/null || true; }
-
-# peer_state PORT PEER: how the node sees PEER: "alive+linked", "suspect", "absent", ...
-peer_state() {
-    local json
-    json="$(topology "$1")"
-    [ -n "$json" ] || { echo "no-answer"; return; }
-    jq -r --arg n "$2" '[.nodes[] | select(.node == $n)]
-        | if length == 0 then "absent"
-          else .[0] | .state + (if .linked then "+linked" else "" end) end' <<<"$json" 2>/dev/null \
-        || echo "bad-json"
-}
-
-# wait_for SECS CMD...: run CMD until it succeeds or SECS pass; WAITED_MS says how long.
-wait_for() {
-    local secs="$1" start; shift
-    start="$(now_ms)"
-    while :; do
-        if "$@"; then WAITED_MS=$(($(now_ms) - start)); return 0; fi
-        WAITED_MS=$(($(now_ms) - start))
-        [ "$WAITED_MS" -lt $((secs * 1000)) ] || return 1
-        sleep 0.2
-    done
-}
-
-# instance_of PORT PEER: PEER's instance id as the node knows it (a restart changes it).
-instance_of() {
-    topology "$1" | jq -r --arg n "$2" '.nodes[] | select(.node == $n) | .instance_id' 2>/dev/null || true
-}
-
 # gone PORT PEER: PEER is neither in /topology nor in /catalog (removed with its functions).
 gone() {
     local cat
@@ -120,39 +72,6 @@ not_alive() {           # PORT PEER: suspected, removed, anything but alive
     local s
     s="$(peer_state "$1" "$2")"
     [ "$s" != no-answer ] && [ "$s" != bad-json ] && [ "${s%%+*}" != alive ]
-}
-
-# ---- calling through a node ----------------------------------------------------------
-# client URL ARGS...: `mpreg client ARGS --url URL`, bounded; sets OUT ERR RC MS.
-client() {
-    local url="$1" start; shift
-    start="$(now_ms)"
-    RC=0
-    timeout "$CALL_SECS" "$BIN" client "$@" --url "$url" >"$WORK/out" 2>"$WORK/err" || RC=$?
-    MS=$(($(now_ms) - start))
-    OUT="$(cat "$WORK/out")"
-    ERR="$(cat "$WORK/err")"
-}
-one_line() { tr '\n' ' ' <<<"$1" | tr -s ' '; }
-
-# expect_result WHAT PATTERN URL ARGS...: the call succeeds and stdout matches PATTERN (ERE).
-expect_result() {
-    local what="$1" pattern="$2"; shift 2
-    client "$@"
-    if [ "$RC" = 0 ] && grep -Eq "$pattern" <<<"$OUT"; then ok "$what ($(secs "$MS"))"
-    else not_ok "$what (exit $RC after $(secs "$MS"); stdout: $(one_line "$OUT"); stderr: $(one_line "$ERR"))"; fi
-}
-
-# expect_fast_error WHAT URL ARGS...: the call fails within FAST_MS with error 1001 or 1005.
-expect_fast_error() {
-    local what="$1"; shift
-    client "$@"
-    if [ "$RC" != 0 ] && [ "$RC" != 124 ] && [ "$MS" -lt "$FAST_MS" ] && grep -Eq 'error: 100[15]' <<<"$ERR"; then
-        ok "$what: failed in $(secs "$MS") with $(one_line "$ERR")"
-    else
-        not_ok "$what: expected exit 1 within $(secs "$FAST_MS") with 'error: 1001|1005'" \
-            "(exit $RC after $(secs "$MS"); stdout: $(one_line "$OUT"); stderr: $(one_line "$ERR"))"
-    fi
 }
 
 # scores URL: the DAG spanning node-a and node-b answers score 1.26 (for polling).

@@ -2,7 +2,8 @@
 #
 # The sourcing script sets SUITE (the label of the final summary line, e.g.
 # "container test") and defines dump_logs (called once, before the summary, when a
-# check failed). Every check prints one `ok - ` / `not ok - ` line.
+# check failed). Every check prints one `ok - ` / `not ok - ` line. The client helpers
+# use BIN (the host's mpreg binary), WORK (a scratch directory), CALL_SECS and FAST_MS.
 
 PASSED=0
 FAILED=0
@@ -41,6 +42,24 @@ build_image() {
 # SIGPIPE once grep has matched, which pipefail would report as a failure.
 container_logs() { docker logs "$1" 2>&1 || true; }
 
+# The sourcing script lists the containers it made in CREATED (recorded before `docker run`,
+# so a run that fails after creating one still leaves it to remove), sets NET_CREATED=1
+# once its network NET exists, and keeps scratch files in WORK.
+remove_containers() {   # the EXIT trap: containers (-v: their anonymous /data volumes), network, WORK
+    local c
+    for c in "${CREATED[@]}"; do docker rm -f -v "$c" >/dev/null 2>&1 || true; done
+    if [ "$NET_CREATED" = 1 ]; then docker network rm "$NET" >/dev/null 2>&1 || true; fi
+    rm -rf "$WORK"
+}
+container_logs_all() {  # every container in CREATED: its state and its logs
+    local c
+    for c in "${CREATED[@]}"; do
+        echo "----- docker logs $c ($(docker inspect -f '{{.State.Status}}, exit code {{.State.ExitCode}}' "$c" 2>/dev/null || echo gone)) -----"
+        docker logs "$c" 2>&1 || true
+    done
+    echo "----- end of logs -----"
+}
+
 container_running() { [ "$(docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
 
 container_host_port() {   # `docker port` prints e.g. 127.0.0.1:49153; keep the part after the colon
@@ -65,3 +84,75 @@ metric() {
     text="$(curl -fsS --max-time 3 "http://127.0.0.1:$1/metrics" 2>/dev/null || true)"
     awk -v key="$2{$3}" '$1 == key { print $2; found = 1 } END { if (!found) print 0 }' <<<"$text"
 }
+
+# ---- time and polling ---------------------------------------------------------------
+now_ms() { date +%s%3N; }
+secs() {   # 87 -> 87ms, 1234 -> 1.2s
+    if [ "$1" -lt 1000 ]; then echo "${1}ms"; else awk -v ms="$1" 'BEGIN { printf "%.1fs", ms / 1000 }'; fi
+}
+
+# wait_for SECS CMD...: run CMD until it succeeds or SECS pass; WAITED_MS says how long.
+wait_for() {
+    local secs="$1" start; shift
+    start="$(now_ms)"
+    while :; do
+        if "$@"; then WAITED_MS=$(($(now_ms) - start)); return 0; fi
+        WAITED_MS=$(($(now_ms) - start))
+        [ "$WAITED_MS" -lt $((secs * 1000)) ] || return 1
+        sleep 0.2
+    done
+}
+
+# ---- observing a node ---------------------------------------------------------------
+# topology PORT: the node's /topology JSON (empty when it does not answer).
+topology() { curl -fsS --max-time 3 "http://127.0.0.1:$1/topology" 2>/dev/null || true; }
+
+# peer_state PORT PEER: how the node sees PEER: "alive+linked", "suspect", "absent", ...
+peer_state() {
+    local json
+    json="$(topology "$1")"
+    [ -n "$json" ] || { echo "no-answer"; return; }
+    jq -r --arg n "$2" '[.nodes[] | select(.node == $n)]
+        | if length == 0 then "absent"
+          else .[0] | .state + (if .linked then "+linked" else "" end) end' <<<"$json" 2>/dev/null \
+        || echo "bad-json"
+}
+
+# instance_of PORT PEER: PEER's instance id as the node knows it (a restart changes it).
+instance_of() {
+    topology "$1" | jq -r --arg n "$2" '.nodes[] | select(.node == $n) | .instance_id' 2>/dev/null || true
+}
+
+# ---- calling through a node ----------------------------------------------------------
+# client URL ARGS...: `mpreg client ARGS --url URL`, bounded; sets OUT ERR RC MS.
+client() {
+    local url="$1" start; shift
+    start="$(now_ms)"
+    RC=0
+    timeout "$CALL_SECS" "$BIN" client "$@" --url "$url" >"$WORK/out" 2>"$WORK/err" || RC=$?
+    MS=$(($(now_ms) - start))
+    OUT="$(cat "$WORK/out")"
+    ERR="$(cat "$WORK/err")"
+}
+one_line() { tr '\n' ' ' <<<"$1" | tr -s ' '; }
+
+# expect_result WHAT PATTERN URL ARGS...: the call succeeds and stdout matches PATTERN (ERE).
+expect_result() {
+    local what="$1" pattern="$2"; shift 2
+    client "$@"
+    if [ "$RC" = 0 ] && grep -Eq "$pattern" <<<"$OUT"; then ok "$what ($(secs "$MS"))"
+    else not_ok "$what (exit $RC after $(secs "$MS"); stdout: $(one_line "$OUT"); stderr: $(one_line "$ERR"))"; fi
+}
+
+# expect_fast_error WHAT URL ARGS...: the call fails within FAST_MS with error 1001 or 1005.
+expect_fast_error() {
+    local what="$1"; shift
+    client "$@"
+    if [ "$RC" != 0 ] && [ "$RC" != 124 ] && [ "$MS" -lt "$FAST_MS" ] && grep -Eq 'error: 100[15]' <<<"$ERR"; then
+        ok "$what: failed in $(secs "$MS") with $(one_line "$ERR")"
+    else
+        not_ok "$what: expected exit 1 within $(secs "$FAST_MS") with 'error: 1001|1005'" \
+            "(exit $RC after $(secs "$MS"); stdout: $(one_line "$OUT"); stderr: $(one_line "$ERR"))"
+    fi
+}
+

@@ -50,6 +50,7 @@ fn view() -> DiscoveryView {
                     version: Version::new(1, 0, 0),
                     params: Some("x".into()),
                     doc: Some("Squares.".into()),
+                    worker: false,
                 }],
                 ..node(info("b", "c1", 1002), vec![function("echo", &[]), function("tpu_square", &["tpu"])], &[])
             },

@@ -112,13 +112,19 @@ pub fn from_hex<const N: usize>(text: &str, what: &str) -> Result<[u8; N], Trust
     Ok(out)
 }
 
-fn verifying_key(hex: &str, what: &str) -> Result<VerifyingKey, TrustError> {
+/// An ed25519 public key from hex (`what` names the field in errors).
+pub fn verifying_key(hex: &str, what: &str) -> Result<VerifyingKey, TrustError> {
     VerifyingKey::from_bytes(&from_hex::<32>(hex, what)?)
         .map_err(|e| TrustError::Format(format!("{what}: not an ed25519 public key: {e}")))
 }
 
 fn signature(hex: &str) -> Result<Signature, TrustError> {
     Ok(Signature::from_bytes(&from_hex::<64>(hex, "signature")?))
+}
+
+/// Signs `message` with `key`; the signature in hex.
+pub fn sign_hex(key: &SigningKey, message: &[u8]) -> String {
+    to_hex(&key.sign(message).to_bytes())
 }
 
 /// Checks `signature` (hex) over `message` with `key`, strictly (weak keys refused).
@@ -129,7 +135,7 @@ pub fn verify_hex(key: &VerifyingKey, message: &[u8], signature_hex: &str) -> Re
 
 /// Writes `contents` to `path`, readable by the owner only (mode 0600 from creation, so
 /// the secret is never briefly world-readable).
-fn write_secret(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
+pub(crate) fn write_secret(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
     use std::io::Write;
     let fail = |source| TrustError::Io { path: path.to_owned(), source };
     let mut options = std::fs::OpenOptions::new();
@@ -152,11 +158,11 @@ fn write_secret(path: &Path, contents: &[u8]) -> Result<(), TrustError> {
     }
 }
 
-fn read(path: &Path) -> Result<String, TrustError> {
+pub(crate) fn read(path: &Path) -> Result<String, TrustError> {
     std::fs::read_to_string(path).map_err(|source| TrustError::Io { path: path.to_owned(), source })
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> Result<T, TrustError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> Result<T, TrustError> {
     serde_json::from_str(text).map_err(|e| TrustError::Format(format!("{what}: {e}")))
 }
 
@@ -181,6 +187,11 @@ impl Authority {
     /// The public key other nodes pin.
     pub fn public_key(&self) -> VerifyingKey {
         self.key.verifying_key()
+    }
+
+    /// The secret key, for signing records the authority vouches for (route keys).
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.key
     }
 
     /// The public key in hex.
@@ -239,7 +250,7 @@ impl Authority {
             expires_at: now.saturating_add(valid_s),
         };
         let text = serde_json::to_string(&body).map_err(|e| TrustError::Format(e.to_string()))?;
-        let signature = to_hex(&self.key.sign(text.as_bytes()).to_bytes());
+        let signature = sign_hex(&self.key, text.as_bytes());
         let certificate = Certificate { body: text, signature };
         Ok(Credentials { key: node_key, certificate, body, authority: self.public_key() })
     }
@@ -340,7 +351,7 @@ impl Credentials {
 
     /// Signs `message` with the node key; the signature in hex.
     pub fn sign_hex(&self, message: &[u8]) -> String {
-        to_hex(&self.key.sign(message).to_bytes())
+        sign_hex(&self.key, message)
     }
 
     /// Writes the credentials file (mode 0600).

@@ -191,6 +191,10 @@ pub struct FunctionAbout {
     /// Its documentation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doc: Option<String>,
+    /// Served by a worker process connected to the node, not by the node's own code
+    /// (absent when false, so older frames still decode and verify).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub worker: bool,
 }
 
 /// The longest parameter text or documentation a catalog entry carries.

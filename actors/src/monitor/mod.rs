@@ -1,5 +1,9 @@
-//! Monitor: the operator's HTTP window — `/health`, `/metrics`, `/actors`, `/topology`,
-//! `/catalog` (with this node's workers), `/queues`.
+//! Monitor: the operator's HTTP window — the dashboard at `/`, `/health`, `/metrics`,
+//! `/actors`, `/topology`, `/catalog` (with this node's workers), `/queues`.
+//!
+//! The dashboard (`dashboard.html`, embedded in the binary) is one static page whose
+//! script polls the JSON and text endpoints below once a second; it adds no state and no
+//! endpoint of its own, so the request path and the actors never know it is open.
 //!
 //! Queue figures (`/queues`, the `mpreg_queue_*` series of `/metrics`) come from the
 //! [`QueueBoard`] the Queue actor republishes every 0.5 s and on create/delete, so they
@@ -85,6 +89,7 @@ impl Actor for Monitor {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(state.clone()))
+                .route("/", web::get().to(dashboard))
                 .route("/health", web::get().to(health))
                 .route("/metrics", web::get().to(metrics))
                 .route("/actors", web::get().to(actors))
@@ -117,6 +122,21 @@ impl Actor for Monitor {
 }
 
 crate::supervised_child!(Monitor, "monitor");
+
+/// The dashboard page: HTML, CSS and script in one file, no external assets.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        // The page talks only to this origin; it loads nothing from elsewhere.
+        .insert_header((
+            "Content-Security-Policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
+        ))
+        .insert_header(("Cache-Control", "no-cache"))
+        .body(DASHBOARD)
+}
 
 async fn health(state: web::Data<MonitorState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({
