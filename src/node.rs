@@ -369,6 +369,7 @@ impl NodeBuilder {
                 queues: queue_board.clone(),
                 workers: workers.clone(),
                 cache: cache.clone(),
+                functions: table.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())

@@ -3,7 +3,8 @@
 //! operator would see it.
 //!
 //! Node B's name is markup (`<b id="injected">b</b>`): names come from peers, and the page
-//! must show them as text, never build elements from them. The test kills node C and waits
+//! must show them as text, never build elements from them. Three calls of `echo` on node A
+//! must show in the page's functions table. The test kills node C and waits
 //! for the page to show it suspect, injects a panic into
 //! node A's pub/sub actor and waits for the page to show the restart, and saves a
 //! screenshot of each step under `target/tmp/dashboard/`. Where `chromedriver` is not
@@ -197,6 +198,19 @@ fn dashboard_shows_nodes_suspects_and_restarts_in_a_browser() {
     let injected = browser
         .eval("return document.getElementById('injected') === null && document.querySelectorAll('b').length === 0;");
     assert_eq!(injected, json!(true), "a node's name became markup");
+
+    // Calls of echo on node a appear in the functions table.
+    for args in ["[1]", "[2]", "[3]"] {
+        let status = Command::new(env!("CARGO_BIN_EXE_mpreg"))
+            .args(["client", "call", "echo", args, "--url", &a.url])
+            .stdout(Stdio::null())
+            .status()
+            .expect("the client runs");
+        assert!(status.success(), "echo {args}");
+    }
+    let echo_calls = "const r = document.querySelector('#functions tr[data-function=\"echo 1.0.0\"]'); \
+                      return r ? Number(r.children[1].textContent) : -1;";
+    poll_until("the page shows 3 calls of echo", SOON, || (browser.eval(echo_calls) == json!(3)).then_some(()));
     browser.screenshot("1-alive");
 
     // kill -9: no GOODBYE; node a sees the link drop and suspects c.

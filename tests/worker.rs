@@ -146,6 +146,12 @@ async fn a_worker_serves_calls_like_the_nodes_own_functions() {
     assert_eq!(metric_value(&metrics, "mpreg_workers", ""), Some(1.0), "{metrics}");
     assert_eq!(metric_value(&metrics, "mpreg_worker_function_workers", "fun=\"double\""), Some(1.0));
     assert_eq!(metric_value(&metrics, "mpreg_worker_calls_total", "outcome=\"error\""), Some(1.0));
+    // Counted per function too: three calls of double ran, one of fail failed.
+    let calls = |labels: &str| metric_value(&metrics, "mpreg_function_calls_total", labels);
+    assert_eq!(calls(r#"fun="double",version="1.2.0",outcome="ok""#), Some(3.0), "{metrics}");
+    assert_eq!(calls(r#"fun="double",version="1.2.0",outcome="error""#), Some(0.0));
+    assert_eq!(calls(r#"fun="fail",version="1.0.0",outcome="error""#), Some(1.0));
+    assert!(metric_value(&metrics, "mpreg_function_seconds_total", r#"fun="double""#).is_some_and(|s| s > 0.0));
     // A clean goodbye takes its functions out at once.
     worker.goodbye().await;
     wait_for_function(&n, "double", false).await;

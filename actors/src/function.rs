@@ -23,6 +23,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -167,6 +168,47 @@ pub struct FunctionSpec {
     about: Arc<About>,
     /// Results cached for this long (seconds) by default when called on this node.
     cache_ttl: Option<f64>,
+    /// Calls this node ran (shared by every clone of the spec).
+    stats: Arc<FunctionStats>,
+}
+
+/// Calls of one registered function run by this node: successes, errors and the time
+/// they took (the function's own run, not the request around it). A few relaxed atomic
+/// adds per call; read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct FunctionStats {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    micros: AtomicU64,
+}
+
+/// A reading of [`FunctionStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FunctionCounts {
+    /// Calls that returned a value.
+    pub ok: u64,
+    /// Calls that failed (the function's error, a panic, a bad argument, a lost worker).
+    pub errors: u64,
+    /// Their summed duration, in microseconds.
+    pub micros: u64,
+}
+
+impl FunctionStats {
+    fn record(&self, outcome: &FunctionResult, started: Instant) {
+        let counter = if outcome.is_ok() { &self.ok } else { &self.errors };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub fn counts(&self) -> FunctionCounts {
+        FunctionCounts {
+            ok: self.ok.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            micros: self.micros.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// What a function says about itself: parameter names and documentation.
@@ -198,7 +240,13 @@ impl FunctionSpec {
             local_only: false,
             about: Arc::default(),
             cache_ttl: None,
+            stats: Arc::default(),
         }
+    }
+
+    /// The calls this node ran of this function.
+    pub fn stats(&self) -> FunctionCounts {
+        self.stats.counts()
     }
 
     /// A synchronous function with typed arguments, run on the blocking pool.
@@ -378,6 +426,13 @@ impl FunctionSpec {
     /// Runs the function, turning a panic into an error. Inline functions complete in the
     /// first poll.
     pub async fn invoke(&self, call: CallArgs) -> FunctionResult {
+        let started = Instant::now();
+        let outcome = self.run(call).await;
+        self.stats.record(&outcome, started);
+        outcome
+    }
+
+    async fn run(&self, call: CallArgs) -> FunctionResult {
         let call = self.bind(call)?;
         match &self.body {
             Body::Sync(f, ExecMode::Inline) => run_guarded(f, call),
@@ -393,7 +448,12 @@ impl FunctionSpec {
     /// Runs an inline function now; `None` when it is not inline.
     pub fn invoke_inline(&self, call: CallArgs) -> Option<FunctionResult> {
         match &self.body {
-            Body::Sync(f, ExecMode::Inline) => Some(self.bind(call).and_then(|call| run_guarded(f, call))),
+            Body::Sync(f, ExecMode::Inline) => {
+                let started = Instant::now();
+                let outcome = self.bind(call).and_then(|call| run_guarded(f, call));
+                self.stats.record(&outcome, started);
+                Some(outcome)
+            }
             _ => None,
         }
     }
@@ -674,6 +734,32 @@ mod tests {
         for f in [inline, pooled, asynchronous] {
             assert_eq!(f.invoke(call(vec![json!(1)])).await, Err(FunctionError::new("Panic", "kaboom")));
         }
+    }
+
+    #[tokio::test]
+    async fn every_clone_counts_into_the_same_stats_inline_or_not() {
+        let inline = FunctionSpec::sync("half", |x: i64| -> Result<i64, FunctionError> {
+            if x % 2 == 0 {
+                Ok(x / 2)
+            } else {
+                Err(FunctionError::value_error("odd"))
+            }
+        })
+        .inline();
+        let clone = inline.clone();
+        assert_eq!(inline.invoke_inline(call(vec![json!(4)])), Some(Ok(json!(2))));
+        assert!(clone.invoke(call(vec![json!(3)])).await.is_err());
+        assert!(inline.invoke(call(vec![])).await.is_err(), "a bad argument is an error too");
+        let counts = inline.stats();
+        assert_eq!((counts.ok, counts.errors), (1, 2));
+        assert_eq!(clone.stats(), counts);
+        let pooled = FunctionSpec::asynchronous("nap", |x: i64| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            x
+        });
+        assert_eq!(pooled.invoke(call(vec![json!(1)])).await, Ok(json!(1)));
+        assert!(pooled.stats().micros >= 2_000, "{:?}", pooled.stats());
+        assert_eq!(FunctionSpec::sync("idle", || 1).stats(), FunctionCounts::default());
     }
 
     #[tokio::test]

@@ -480,6 +480,12 @@ impl Metrics {
     }
 }
 
+/// A Prometheus label value: functions and workers are named by their owners, so
+/// backslashes, `"` and newlines are escaped as the text format requires.
+pub fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,8 +29,9 @@ use tracing::error;
 
 use crate::cache::LocalCache;
 use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
-use crate::metrics::Metrics;
+use crate::metrics::{label_value, Metrics};
 use crate::queue::QueueBoard;
+use crate::registry::TableHandle;
 use crate::supervisor::{ChildGuard, CrashChild, DescribeTree, NodeSupervisor, Slot};
 use crate::worker::WorkerHub;
 
@@ -57,6 +58,8 @@ pub struct MonitorState {
     pub workers: Arc<WorkerHub>,
     /// The cache (its `mpreg_cache_*` series of `/metrics`).
     pub cache: Arc<LocalCache>,
+    /// The registered functions (their `mpreg_function_*` series of `/metrics`).
+    pub functions: TableHandle,
 }
 
 /// The Monitor actor: owns the HTTP server serving `listener`.
@@ -152,7 +155,48 @@ async fn metrics(state: web::Data<MonitorState>) -> HttpResponse {
     render_queues(&mut body, &state.node, &state.queues);
     state.workers.render(&mut body, &state.node);
     state.cache.render_metrics(&mut body, &state.node);
+    render_functions(&mut body, &state.node, &state.functions);
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(body)
+}
+
+/// Appends the per-function series: calls this node ran by outcome, and the seconds they
+/// took (a function's counts start when it is registered and go with it).
+fn render_functions(out: &mut String, node: &str, functions: &TableHandle) {
+    use std::fmt::Write;
+    let table = functions.current();
+    let mut rows: Vec<_> = table
+        .specs()
+        .map(|spec| {
+            let id = spec.identity();
+            (label_value(&id.name), id.version.to_string(), spec.stats())
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let _ = writeln!(
+        out,
+        "# HELP mpreg_function_calls_total Calls of each function this node ran, by outcome.\n\
+         # TYPE mpreg_function_calls_total counter"
+    );
+    for (fun, version, counts) in &rows {
+        for (outcome, n) in [("ok", counts.ok), ("error", counts.errors)] {
+            let _ = writeln!(
+                out,
+                "mpreg_function_calls_total{{node=\"{node}\",fun=\"{fun}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP mpreg_function_seconds_total Time the calls of each function took on this node.\n\
+         # TYPE mpreg_function_seconds_total counter"
+    );
+    for (fun, version, counts) in &rows {
+        let seconds = counts.micros as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "mpreg_function_seconds_total{{node=\"{node}\",fun=\"{fun}\",version=\"{version}\"}} {seconds}"
+        );
+    }
 }
 
 /// Appends the per-queue series: gauges (depth, leased, delayed, dead letters) and

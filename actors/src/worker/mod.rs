@@ -39,7 +39,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
 use crate::function::{CallArgs, FunctionError, FunctionIdentity, FunctionResult, FunctionSpec};
-use crate::metrics::Metrics;
+use crate::metrics::{label_value, Metrics};
 use crate::outbox::{OutFrame, Outbox};
 use crate::protocol::{encode, FrameKind, RpcError};
 use crate::registry::{RegisterFunction, Registry, RegistryError, UnregisterFunction};
@@ -758,12 +758,6 @@ impl WorkerHub {
             }
         }
     }
-}
-
-/// A Prometheus label value: a worker names its functions, so backslashes, `"` and newlines are
-/// escaped as the text format requires.
-fn label_value(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Compares two secrets in time that depends only on their lengths.
