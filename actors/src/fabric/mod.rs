@@ -1285,6 +1285,7 @@ impl FabricGossip {
         let now = self.now();
         let events = self.core.tick(now);
         self.log_events(&events);
+        self.close_silent_links_to_suspects();
         if self.last_refresh.elapsed().as_secs_f64() > self.config.timing.catalog_ttl / 2.0 {
             // Piggybacked, not flooded: the refresh of every node's entries costs each
             // node a bounded number of entry sets per message.
@@ -1314,6 +1315,28 @@ impl FabricGossip {
         // few rounds, and at once on every change elsewhere.
         if !events.is_empty() || self.rounds % 4 == 0 {
             self.rebuild_view();
+        }
+    }
+
+    /// A link to a member SWIM suspects that has carried nothing for `suspect_after` is
+    /// dead even if TCP has not noticed: a partition drops packets and resets nothing, and
+    /// after it heals the old connection may wait out TCP's retransmission backoff for tens
+    /// of seconds. Closing it lets the configured peer be dialled afresh as soon as the path
+    /// is back. Idle links to alive members are left alone: with SWIM most links are quiet.
+    fn close_silent_links_to_suspects(&mut self) {
+        let silent_limit = Duration::from_secs_f64(self.config.timing.suspect_after);
+        let suspects: HashSet<&NodeId> =
+            self.core.members().filter(|m| m.state == MemberState::Suspect).map(|m| &m.info.node).collect();
+        let stale: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.last_heard.elapsed() > silent_limit)
+            .filter(|(_, l)| l.node.as_ref().is_some_and(|n| suspects.contains(n)))
+            .map(|(id, _)| *id)
+            .collect();
+        for link in stale {
+            warn!(node = %self.shared.me.node, link, "link to a suspected peer silent; closing");
+            self.close_link(link);
         }
     }
 
