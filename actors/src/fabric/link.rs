@@ -97,9 +97,11 @@ pub struct FabricView {
     /// Functions of nodes that are suspected or have no route: not called, but a command
     /// that only they could serve fails with 1005 (unreachable), not 1001 (not found).
     pub unreachable: Vec<RemoteFunction>,
-    /// Every admitted link (handshake complete), with its node and queue: the only links
-    /// routed messages are accepted from and replies are sent back on.
-    pub admitted: HashMap<LinkId, (NodeId, LinkSender)>,
+    /// Every admitted link (handshake complete), with its node, its queue and the count of
+    /// routed messages read on it: the only links routed messages are accepted from and
+    /// replies are sent back on. Routed messages never reach the actor, so the count is how
+    /// it knows that a link busy with calls is alive.
+    pub admitted: HashMap<LinkId, (NodeId, LinkSender, Arc<AtomicU64>)>,
     /// Queues of alive, reachable nodes, by name.
     pub queues: HashMap<String, RemoteQueue>,
     /// Queues of suspected or unroutable nodes: operations on them fail with 1005 at once.
@@ -493,10 +495,17 @@ impl FabricShared {
     /// to the actor (which also takes routed messages that arrive while the handshake is
     /// still in its mailbox, so they are judged after it).
     pub fn on_frame(self: &Arc<Self>, link: LinkId, frame: PeerFrame) {
+        // Counted on its link: the actor reads the count to know the link is alive.
+        let admitted = matches!(frame, PeerFrame::FabricMessage(_))
+            && self
+                .view
+                .load()
+                .admitted
+                .get(&link)
+                .map(|(_, _, routed)| routed.fetch_add(1, Ordering::Relaxed))
+                .is_some();
         match frame {
-            PeerFrame::FabricMessage(message) if self.view.load().admitted.contains_key(&link) => {
-                self.route(link, message)
-            }
+            PeerFrame::FabricMessage(message) if admitted => self.route(link, message),
             other => match self.gossip.get() {
                 Some(gossip) => gossip.do_send(PeerFrameReceived { link, frame: other }),
                 None => debug!(link, "fabric restarting; dropped a gossip frame"),
@@ -614,7 +623,7 @@ impl FabricShared {
             Some(entry) if entry.to == link => f.calls.remove(&key).map(|e| e.from),
             _ => None,
         });
-        let sender = back.and_then(|from| self.view.load().admitted.get(&from).map(|(_, s)| s.clone()));
+        let sender = back.and_then(|from| self.view.load().admitted.get(&from).map(|(_, s, _)| s.clone()));
         match sender {
             Some(sender) => {
                 if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
@@ -669,7 +678,7 @@ impl FabricShared {
             hops_left: self.hop_budget.max(u32::try_from(forwards).unwrap_or(u32::MAX)),
             body: FabricBody::Reply { outcome },
         };
-        let sender = self.view.load().admitted.get(&arrived_on).map(|(_, s)| s.clone());
+        let sender = self.view.load().admitted.get(&arrived_on).map(|(_, s, _)| s.clone());
         match sender {
             Some(sender) => {
                 if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {

@@ -45,6 +45,7 @@ pub mod trust;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -297,7 +298,13 @@ struct Link {
     outbound_url: Option<String>,
     close: Option<oneshot::Sender<()>>,
     closer: Option<Recipient<CloseLink>>,
+    /// When a frame last arrived: a gossip frame (seen here), or a routed message (counted
+    /// in `routed` by the link's reader, noticed at the next tick).
     last_heard: Instant,
+    /// Routed messages read on the link, shared with the view's `admitted`.
+    routed: Arc<AtomicU64>,
+    /// `routed` as of the last tick.
+    routed_seen: u64,
     /// The other end's address, for logs.
     peer: String,
     /// Our fresh nonce for this link's handshake.
@@ -692,7 +699,7 @@ impl FabricGossip {
             let l = &self.links[id];
             if let Some(node) = &l.node {
                 links.entry(node.clone()).or_insert_with(|| (*id, l.sender.clone()));
-                admitted.insert(*id, (node.clone(), l.sender.clone()));
+                admitted.insert(*id, (node.clone(), l.sender.clone(), l.routed.clone()));
             }
         }
         let mut next_hops = self.core.next_hops(&direct);
@@ -1318,12 +1325,20 @@ impl FabricGossip {
         }
     }
 
-    /// A link to a member SWIM suspects that has carried nothing for `suspect_after` is
-    /// dead even if TCP has not noticed: a partition drops packets and resets nothing, and
+    /// A link to a member SWIM suspects that has carried nothing (no gossip frame, no routed
+    /// message) for `suspect_after` is dead even if TCP has not noticed: a partition drops packets and resets nothing, and
     /// after it heals the old connection may wait out TCP's retransmission backoff for tens
     /// of seconds. Closing it lets the configured peer be dialled afresh as soon as the path
     /// is back. Idle links to alive members are left alone: with SWIM most links are quiet.
     fn close_silent_links_to_suspects(&mut self) {
+        let now = Instant::now();
+        for l in self.links.values_mut() {
+            let routed = l.routed.load(Ordering::Relaxed);
+            if routed != l.routed_seen {
+                l.routed_seen = routed;
+                l.last_heard = now;
+            }
+        }
         let silent_limit = Duration::from_secs_f64(self.config.timing.suspect_after);
         let suspects: HashSet<&NodeId> =
             self.core.members().filter(|m| m.state == MemberState::Suspect).map(|m| &m.info.node).collect();
@@ -1469,6 +1484,8 @@ impl Handler<LinkOpened> for FabricGossip {
                 close: msg.close,
                 closer: None,
                 last_heard: Instant::now(),
+                routed: Arc::default(),
+                routed_seen: 0,
                 peer: msg.peer,
                 nonce: trust::fresh_nonce(),
                 awaiting_proof: None,
