@@ -37,10 +37,6 @@ async fn start(name: &str, cluster: &str, peers: &[&TestNode]) -> TestNode {
     TestNode::start(settings, Vec::new()).await
 }
 
-async fn client(node: &TestNode) -> Client {
-    Client::connect(node.url()).await.expect("client connects")
-}
-
 async fn wait_until<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
@@ -56,7 +52,7 @@ async fn three_nodes(test: &str) -> [TestNode; 3] {
     let b = start("B", &cluster, &[&a]).await;
     let c = start("C", &cluster, &[&a]).await;
     for node in [&a, &b, &c] {
-        let cl = client(node).await;
+        let cl = node.client().await;
         let cl = &cl;
         wait_until(&format!("{} to see 3 cache nodes", node.name()), move || async move {
             let stats = cl.cache_stats().await.ok()?;
@@ -83,7 +79,7 @@ async fn holds(client: &Client, namespace: &str, key: &str, level: &str) -> bool
 #[actix_rt::test]
 async fn a_put_on_a_is_read_on_c_and_stored_on_its_two_owners() {
     let nodes = three_nodes("cache-put-get").await;
-    let clients = [client(&nodes[0]).await, client(&nodes[1]).await, client(&nodes[2]).await];
+    let clients = [nodes[0].client().await, nodes[1].client().await, nodes[2].client().await];
     let keys: Vec<String> = (0..24).map(|i| format!("k{i}")).collect();
     for (i, key) in keys.iter().enumerate() {
         let version = clients[0].cache_put("ns", key, json!({"i": i}), all()).await.unwrap();
@@ -107,7 +103,7 @@ async fn a_put_on_a_is_read_on_c_and_stored_on_its_two_owners() {
 #[actix_rt::test]
 async fn delete_and_invalidate_on_b_leave_no_copy_anywhere() {
     let nodes = three_nodes("cache-invalidate").await;
-    let clients = [client(&nodes[0]).await, client(&nodes[1]).await, client(&nodes[2]).await];
+    let clients = [nodes[0].client().await, nodes[1].client().await, nodes[2].client().await];
     let keys: Vec<String> = (0..12).map(|i| format!("user:{i}")).collect();
     for key in &keys {
         clients[0].cache_put("profiles", key, json!(key), all()).await.unwrap();
@@ -143,7 +139,7 @@ async fn delete_and_invalidate_on_b_leave_no_copy_anywhere() {
 #[actix_rt::test]
 async fn a_write_on_one_node_drops_the_copies_read_on_the_others() {
     let nodes = three_nodes("cache-no-stale").await;
-    let clients = [client(&nodes[0]).await, client(&nodes[1]).await, client(&nodes[2]).await];
+    let clients = [nodes[0].client().await, nodes[1].client().await, nodes[2].client().await];
     for i in 0..12 {
         let key = format!("k{i}");
         clients[0].cache_put("ns", &key, json!(1), all()).await.unwrap();
@@ -170,7 +166,7 @@ async fn a_write_on_one_node_drops_the_copies_read_on_the_others() {
 #[actix_rt::test]
 async fn incr_from_three_nodes_times_a_thousand_concurrent_calls_is_exact() {
     let nodes = three_nodes("cache-incr").await;
-    let clients = [client(&nodes[0]).await, client(&nodes[1]).await, client(&nodes[2]).await];
+    let clients = [nodes[0].client().await, nodes[1].client().await, nodes[2].client().await];
     let calls = clients.iter().flat_map(|cl| (0..1000).map(move |_| cl.cache_incr("counters", "total", 1, all())));
     let results: Vec<i64> = join_all(calls).await.into_iter().map(|r| r.expect("incr answered")).collect();
     // Every value from 1 to 3000 handed out exactly once: each incr was atomic.
@@ -190,17 +186,17 @@ async fn when_an_owner_is_killed_its_replica_serves() {
         (0..).map(|i| format!("k{i}")).find(|k| owners_of("ns", k)[0] == "A").expect("some key has A as its primary");
     let owners = owners_of("ns", &key);
     let replica = owners[1].clone();
-    client(&a).await.cache_put("ns", &key, json!("precious"), all()).await.unwrap();
+    a.client().await.cache_put("ns", &key, json!("precious"), all()).await.unwrap();
     // Read on the node that is not the replica: it holds nothing and must ask.
     let (reader, replica_node) = if replica == "B" { (&c, &b) } else { (&b, &c) };
     drop(a);
-    let cl = client(reader).await;
+    let cl = reader.client().await;
     let hit =
         wait_until("the replica to serve the key", || async { cl.cache_get("ns", &key, all()).await.ok().flatten() })
             .await;
     assert_eq!(hit.value, json!("precious"));
     assert_eq!(hit.level, "l3", "served by the replica");
-    assert!(holds(&client(replica_node).await, "ns", &key, "l2").await, "the replica's own store has it");
+    assert!(holds(&replica_node.client().await, "ns", &key, "l2").await, "the replica's own store has it");
     // Writes go on: the surviving owner becomes the primary.
     assert_eq!(cl.cache_incr("ns", "after", 1, all()).await.unwrap(), 1);
 }

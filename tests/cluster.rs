@@ -51,10 +51,6 @@ fn settings(name: &str, cluster: &str, peers: &[&TestNode]) -> Settings {
 }
 
 impl TestNode {
-    async fn client(&self) -> Client {
-        Client::connect(self.node.url()).await.expect("client connects")
-    }
-
     /// `GET {monitoring_url}{path}` as JSON.
     async fn monitor(&self, path: &str) -> Value {
         let url = format!("{}{path}", self.node.monitoring_url().expect("monitoring is enabled"));

@@ -28,10 +28,6 @@ fn demo(names: &[&str]) -> Vec<FunctionSpec> {
     demo_pack().into_iter().filter(|f| names.contains(&f.identity().name.as_str())).collect()
 }
 
-async fn client(node: &TestNode) -> Client {
-    Client::connect(node.url()).await.expect("client connects")
-}
-
 /// Calls a discovery built-in with one request object.
 async fn ask(client: &Client, command: &str, request: Value) -> Value {
     client.call(command, vec![request]).await.unwrap_or_else(|e| panic!("{command}: {e}"))
@@ -63,7 +59,7 @@ async fn every_builtin_follows_a_node_joining_and_leaving() {
     let cluster = cluster_id("discovery");
     let a = TestNode::start(settings("a", &cluster, &[]), demo(&["add", "multiply"])).await;
     let b = TestNode::start(settings("b", &cluster, &[&a]), vec![mpreg::functions::tpu_square()]).await;
-    let on_a = client(&a).await;
+    let on_a = a.client().await;
 
     // Two nodes: a's only peer is b, with its function and its resources.
     let peers = until(&on_a, "list_peers", json!(null), "a lists b", |p| strings(p, "url") == [b.url()]).await;
@@ -83,7 +79,7 @@ async fn every_builtin_follows_a_node_joining_and_leaving() {
     let all = sorted(vec![a.url().to_owned(), b.url().to_owned(), c.url().to_owned()]);
     let others = sorted(vec![b.url().to_owned(), c.url().to_owned()]);
     until(&on_a, "list_peers", json!({}), "a lists b and c", |p| strings(p, "url") == others).await;
-    let on_b = client(&b).await;
+    let on_b = b.client().await;
     let from_b = sorted(vec![a.url().to_owned(), c.url().to_owned()]);
     until(&on_b, "list_peers", json!({}), "b lists a and c", |p| strings(p, "url") == from_b).await;
 
@@ -128,7 +124,7 @@ async fn every_builtin_follows_a_node_joining_and_leaving() {
     let listed = ask(&on_a, "rpc_list", json!({"function_name": "model_score"})).await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed["items"][0]["node_id"], json!("c"));
-    let on_c = client(&c).await;
+    let on_c = c.client().await;
     let described = ask(&on_c, "rpc_describe", json!({"function_name": "model_score", "mode": "local"})).await;
     let spec = &described["items"][0]["spec"];
     assert_eq!(strings(&spec["parameters"], "name"), ["x"], "{described}");
@@ -180,7 +176,7 @@ async fn builtins_are_local_only_and_unsupported_ones_say_so() {
     let cluster = cluster_id("discovery-local");
     let a = TestNode::start(settings("a", &cluster, &[]), vec![]).await;
     let b = TestNode::start(settings("b", &cluster, &[&a]), vec![mpreg::functions::tpu_square()]).await;
-    let on_a = client(&a).await;
+    let on_a = a.client().await;
     until(&on_a, "list_peers", json!({}), "a lists b", |p| strings(p, "url") == [b.url()]).await;
 
     // Never advertised: b's catalog entry lists its own functions, not the built-ins.
@@ -222,7 +218,7 @@ async fn builtins_are_local_only_and_unsupported_ones_say_so() {
 async fn catalog_changes_are_published_to_the_delta_topic() {
     let cluster = cluster_id("discovery-topic");
     let a = TestNode::start(settings("a", &cluster, &[]), vec![]).await;
-    let on_a = client(&a).await;
+    let on_a = a.client().await;
     let mut deltas = on_a.subscribe(&["mpreg.discovery.delta"], None).await.expect("subscribed");
     let b = TestNode::start(settings("b", &cluster, &[&a]), vec![mpreg::functions::tpu_square()]).await;
     // Every change is published; the one that adds b's function comes within SOON.

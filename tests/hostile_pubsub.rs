@@ -43,10 +43,6 @@ fn settings() -> Settings {
 }
 
 impl TestNode {
-    async fn client(&self) -> Client {
-        Client::connect(self.node.url()).await.expect("client connects")
-    }
-
     async fn raw(&self) -> RawSocket {
         let (ws, _) = tokio_tungstenite::connect_async(self.node.url()).await.expect("raw websocket connects");
         RawSocket { ws }

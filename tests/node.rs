@@ -67,10 +67,6 @@ async fn panic_async(_: i64) -> i64 {
 }
 
 impl TestNode {
-    async fn client(&self) -> Client {
-        Client::connect(self.node.url()).await.expect("client connects")
-    }
-
     fn monitoring(&self, path: &str) -> String {
         format!("{}{path}", self.node.monitoring_url().expect("monitoring is enabled"))
     }

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use mpreg::client::QueueSendOptions;
-use mpreg::{Client, Settings};
+use mpreg::Settings;
 use serde_json::{json, Value};
 
 use common::node::{cluster_settings, TestNode};
@@ -26,10 +26,6 @@ fn settings(name: &str, cluster: &str, peers: &[&TestNode]) -> Settings {
 
 async fn start(name: &str, cluster: &str, peers: &[&TestNode]) -> TestNode {
     TestNode::start(settings(name, cluster, peers), Vec::new()).await
-}
-
-async fn client(node: &TestNode) -> Client {
-    Client::connect(node.url()).await.expect("client connects")
 }
 
 async fn wait_until<T, F, Fut>(what: &str, probe: F) -> T
@@ -54,9 +50,9 @@ async fn three_nodes(test: &str, queue: &str) -> (TestNode, TestNode, TestNode) 
     let a = start("A", &cluster, &[]).await;
     let b = start("B", &cluster, &[&a]).await;
     let c = start("C", &cluster, &[&a]).await;
-    client(&b).await.queue_create(queue, json!({})).await.expect("created on B");
+    b.client().await.queue_create(queue, json!({})).await.expect("created on B");
     for node in [&a, &c] {
-        let c = client(node).await;
+        let c = node.client().await;
         let c = &c;
         wait_until(&format!("{} to list {queue} owned by B", node.name()), move || async move {
             let list = c.queue_list().await.ok()?;
@@ -70,7 +66,7 @@ async fn three_nodes(test: &str, queue: &str) -> (TestNode, TestNode, TestNode) 
 #[actix_rt::test]
 async fn a_queue_on_b_is_sent_to_on_a_and_received_and_acked_on_c() {
     let (a, b, c) = three_nodes("queue-remote-ops", "jobs").await;
-    let (on_a, on_b, on_c) = (client(&a).await, client(&b).await, client(&c).await);
+    let (on_a, on_b, on_c) = (a.client().await, b.client().await, c.client().await);
 
     // `list` on A names it, owned by B.
     let list = on_a.queue_list().await.unwrap();
@@ -92,7 +88,7 @@ async fn a_queue_on_b_is_sent_to_on_a_and_received_and_acked_on_c() {
     let payloads: Vec<Value> = got.iter().map(|m| m.payload.clone()).collect();
     assert_eq!(payloads, [json!({"n": 0}), json!({"n": 1}), json!({"n": 2})]);
     // The leases are this connection's: another client (even on the same node) acks nothing.
-    let other_on_c = client(&c).await;
+    let other_on_c = c.client().await;
     assert!(other_on_c.queue_ack("jobs", &sent, None).await.unwrap().is_empty());
     assert_eq!(on_c.queue_ack("jobs", &sent, None).await.unwrap(), sent);
 
@@ -120,7 +116,7 @@ async fn a_queue_on_b_is_sent_to_on_a_and_received_and_acked_on_c() {
 #[actix_rt::test]
 async fn a_subscription_made_on_a_gets_pushes_from_the_owner_b_and_its_acks_return_credit() {
     let (a, _b, c) = three_nodes("queue-remote-subscribe", "jobs").await;
-    let (on_a, on_c) = (client(&a).await, client(&c).await);
+    let (on_a, on_c) = (a.client().await, c.client().await);
     let mut subscription = on_a.queue_subscribe("jobs", 2).await.expect("subscribed through A");
 
     let mut sent = Vec::new();
@@ -144,7 +140,7 @@ async fn a_subscription_made_on_a_gets_pushes_from_the_owner_b_and_its_acks_retu
 #[actix_rt::test]
 async fn a_remote_clients_leases_are_released_when_it_disconnects_and_when_its_node_shuts_down() {
     let (a, b, c) = three_nodes("queue-remote-release", "jobs").await;
-    let on_b = client(&b).await;
+    let on_b = b.client().await;
     for n in 0..4 {
         on_b.queue_send("jobs", json!(n), QueueSendOptions::default()).await.unwrap();
     }
@@ -158,14 +154,14 @@ async fn a_remote_clients_leases_are_released_when_it_disconnects_and_when_its_n
 
     // A client of A leases two (default visibility: 30 s) and disconnects: B makes them
     // visible again at once, not after the visibility timeout.
-    let leaser = client(&a).await;
+    let leaser = a.client().await;
     assert_eq!(leaser.queue_receive("jobs", 2, 0.0, None).await.unwrap().len(), 2);
     wait_until("two leased on B", visible(2)).await;
     leaser.close().await;
     wait_until("the disconnected client's leases released on B", visible(4)).await;
 
     // A client of C leases two and C leaves the cluster: B releases them too.
-    let on_c = client(&c).await;
+    let on_c = c.client().await;
     assert_eq!(on_c.queue_receive("jobs", 2, 0.0, None).await.unwrap().len(), 2);
     wait_until("two leased on B by C's client", visible(2)).await;
     c.shutdown().await;
@@ -175,7 +171,7 @@ async fn a_remote_clients_leases_are_released_when_it_disconnects_and_when_its_n
 #[actix_rt::test]
 async fn a_send_to_a_queue_whose_owner_left_fails_fast_with_1005() {
     let (a, b, _c) = three_nodes("queue-owner-gone", "jobs").await;
-    let on_a = client(&a).await;
+    let on_a = a.client().await;
     on_a.queue_send("jobs", json!(1), QueueSendOptions::default()).await.expect("B serves it");
 
     b.shutdown().await;
@@ -204,7 +200,7 @@ async fn a_send_to_a_queue_whose_owner_left_fails_fast_with_1005() {
 #[actix_rt::test]
 async fn a_topic_bound_to_a_queue_on_b_gets_publishes_from_a_and_c_exactly_once() {
     let (a, b, c) = three_nodes("queue-remote-binding", "orders").await;
-    let (on_a, on_b, on_c) = (client(&a).await, client(&b).await, client(&c).await);
+    let (on_a, on_b, on_c) = (a.client().await, b.client().await, c.client().await);
     // Bound through A (forwarded to B).
     on_a.queue_bind("orders", "orders.#").await.expect("bound");
 

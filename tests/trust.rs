@@ -49,10 +49,6 @@ impl TestNode {
         self.node.url()
     }
 
-    async fn client(&self) -> Client {
-        Client::connect(self.node.url()).await.expect("client connects")
-    }
-
     async fn get(&self, path: &str) -> String {
         let url = format!("{}{path}", self.node.monitoring_url().expect("monitoring is enabled"));
         get_ok(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use mpreg::client::CallOptions;
 use mpreg::worker::{Backoff, RunningWorker, Worker, WorkerError};
-use mpreg::{Client, FunctionError, FunctionSpec, RpcCommand, Settings};
+use mpreg::{FunctionError, FunctionSpec, RpcCommand, Settings};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -38,10 +38,6 @@ fn settings(name: &str) -> Settings {
 
 async fn node(settings: Settings) -> TestNode {
     TestNode::start(settings, Vec::new()).await
-}
-
-async fn client(node: &TestNode) -> Client {
-    Client::connect(node.url()).await.expect("client connects")
 }
 
 async fn monitor(node: &TestNode, path: &str) -> String {
@@ -114,7 +110,7 @@ async fn close_reason(ws: &mut Ws) -> String {
 async fn a_worker_serves_calls_like_the_nodes_own_functions() {
     let n = node(settings("worker-basic")).await;
     let worker = doubler(&n, "w1").await;
-    let c = client(&n).await;
+    let c = n.client().await;
     assert_eq!(c.call("double", vec![json!(21)]).await.unwrap(), json!(42));
     // Routed by resources and version like any function.
     let options =
@@ -184,7 +180,7 @@ async fn two_workers_share_the_load_within_their_max_concurrency() {
         let spec = who(name, Arc::new(AtomicUsize::new(0)), peaks[i].clone());
         workers.push(Worker::new(n.url(), name).max_concurrency(2).function(spec).start().await.expect("registers"));
     }
-    let c = client(&n).await;
+    let c = n.client().await;
     // Twelve calls at once against 2 + 2 slots: the rest wait for a free slot.
     let calls = (0..12).map(|_| c.call("who", vec![]));
     let answers = futures_util::future::join_all(calls).await;
@@ -207,9 +203,9 @@ async fn a_worker_gone_mid_call_is_retried_on_another_or_answered_1005() {
     let functions = json!([{"name": "slow"}]);
     // A raw worker takes the call and dies without answering; a Rust worker serves too.
     let (mut dying, _) = raw_worker(n.url(), "dying", functions.clone(), json!({"max_concurrency": 1})).await;
-    let c = client(&n).await;
+    let c = n.client().await;
     let call = {
-        let c = client(&n).await;
+        let c = n.client().await;
         tokio::spawn(async move { c.call("slow", vec![json!(7)]).await })
     };
     let frame = next_role(&mut dying, "worker-call").await;
@@ -225,7 +221,7 @@ async fn a_worker_gone_mid_call_is_retried_on_another_or_answered_1005() {
     let (mut dying, _) = raw_worker(n.url(), "dying-again", functions, json!({})).await;
     backup.abort().await;
     let call = {
-        let c = client(&n).await;
+        let c = n.client().await;
         tokio::spawn(async move { c.call("slow", vec![json!(1)]).await })
     };
     next_role(&mut dying, "worker-call").await;
@@ -243,7 +239,7 @@ async fn a_worker_gone_mid_call_is_retried_on_another_or_answered_1005() {
 #[actix_rt::test]
 async fn garbage_disconnects_the_worker_and_the_node_stays_healthy() {
     let n = node(settings("worker-garbage")).await;
-    let c = client(&n).await;
+    let c = n.client().await;
     let garbage: [&[u8]; 4] = [
         br#"{"role":"worker-result"}"#,
         b"not json at all",
@@ -285,7 +281,7 @@ async fn the_deadline_travels_with_the_call_and_a_late_call_is_cancelled() {
     let n = node(settings("worker-deadline")).await;
     let (mut ws, _) = raw_worker(n.url(), "sleepy", json!([{"name": "nap"}]), json!({})).await;
     let call = {
-        let c = client(&n).await;
+        let c = n.client().await;
         let options = CallOptions { timeout: Some(Duration::from_secs(1)), ..Default::default() };
         tokio::spawn(async move { c.call_with("nap", vec![], options).await })
     };
@@ -299,7 +295,7 @@ async fn the_deadline_travels_with_the_call_and_a_late_call_is_cancelled() {
     // A late result for it is ignored, not garbage.
     let late = json!({"role": "worker-result", "id": frame["id"], "result": 1});
     ws.send(Message::text(late.to_string())).await.unwrap();
-    let c = client(&n).await;
+    let c = n.client().await;
     let call = tokio::spawn(async move { c.call("nap", vec![json!(2)]).await });
     let frame = next_role(&mut ws, "worker-call").await;
     let answer = json!({"role": "worker-result", "id": frame["id"], "result": "rested"});
@@ -319,7 +315,7 @@ async fn a_silent_worker_is_disconnected() {
     assert_eq!(metric_value(&metrics, "mpreg_workers_left_total", "reason=\"missed_heartbeats\""), Some(1.0));
     // A worker that keeps its heartbeat stays (the Rust worker beats every heartbeat_s).
     let worker = doubler(&n, "lively").await;
-    let c = client(&n).await;
+    let c = n.client().await;
     for i in 0..5 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(c.call("double", vec![json!(i)]).await.unwrap(), json!(i * 2));
@@ -352,7 +348,7 @@ async fn with_credentials_a_worker_needs_the_token() {
     }
     let worker =
         Worker::new(n.url(), "trusted").token("s3cret-token").function(spec()).start().await.expect("accepted");
-    assert_eq!(client(&n).await.call("guarded", vec![json!(3)]).await.unwrap(), json!(3));
+    assert_eq!(n.client().await.call("guarded", vec![json!(3)]).await.unwrap(), json!(3));
     worker.goodbye().await;
     // Credentials without a token file: no worker at all.
     let keys_b = Keys::new(&cluster);
@@ -388,7 +384,7 @@ async fn a_call_on_node_a_is_served_by_a_worker_on_node_b() {
         .map(|about| about.iter().filter(|f| f["worker"] == true).filter_map(|f| f["name"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(by_worker, ["double", "fail"], "{b_entry}");
-    let c = client(&a).await;
+    let c = a.client().await;
     let r = c
         .request(vec![
             RpcCommand::new("a", "echo", vec![json!(5)]),
@@ -431,7 +427,7 @@ async fn a_worker_whose_connection_breaks_reconnects_and_registers_again() {
         .await
         .expect("worker registers");
     let first = worker.worker_id();
-    let c = client(&n).await;
+    let c = n.client().await;
     assert_eq!(c.call("triple", vec![json!(2)]).await.unwrap(), json!(6));
     for round in 0..2 {
         let before = worker.worker_id();

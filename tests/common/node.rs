@@ -5,7 +5,7 @@
 use std::ops::Deref;
 
 use futures_util::FutureExt;
-use mpreg::{FunctionSpec, Node, NodeBuilder, Settings};
+use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
 
 /// Settings of a cluster test node: ports chosen by the OS, one worker, fast gossip.
 ///
@@ -38,6 +38,11 @@ impl TestNode {
         let name = settings.name.clone();
         let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
         TestNode { node: builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}")) }
+    }
+
+    /// A client connected to this node; panics if it cannot connect.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.url()).await.expect("client connects")
     }
 }
 
