@@ -27,11 +27,16 @@ fn all() -> CacheOptions {
 /// check what holds while the membership is stable (a link closed for silence by a
 /// stalled debug build on a busy machine makes two nodes disagree on a key's primary,
 /// the limit the README states); a departure (GOODBYE) is still seen at once.
+///
+/// Link queues are tiny, so the writes' replies and copies fill them at once: a full
+/// queue must slow the writes down, never lose a reply (the caller would wait for its
+/// timeout).
 async fn start(name: &str, cluster: &str, peers: &[&TestNode]) -> TestNode {
     let settings = Settings {
         peers: peers.iter().map(|p| p.url().to_owned()).collect(),
         suspect_after_s: 5.0,
         remove_after_s: 10.0,
+        outbox_capacity: 8,
         ..cluster_settings(name, cluster)
     };
     TestNode::start(settings, Vec::new()).await

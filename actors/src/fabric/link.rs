@@ -123,6 +123,10 @@ pub struct LinkLimits {
     /// Client connections of one peer that may hold queue sessions here at once (see
     /// [`super::queue_sessions`]).
     pub max_queue_sessions_per_peer: usize,
+    /// Replies and forwarded messages waiting for room on a full link queue at once;
+    /// beyond: a forwarded call is refused as `Overloaded`, anything else is dropped and
+    /// counted (`mpreg_fabric_dropped_total{reason="link_queue_full"}`).
+    pub max_parked_frames: usize,
 }
 
 impl Default for LinkLimits {
@@ -132,6 +136,7 @@ impl Default for LinkLimits {
             max_forwarded_calls: 65_536,
             forwarded_ttl: Duration::from_secs(300),
             max_queue_sessions_per_peer: 65_536,
+            max_parked_frames: 4096,
         }
     }
 }
@@ -239,6 +244,9 @@ pub struct FabricShared {
     in_flight: Mutex<HashMap<NodeId, usize>>,
     seen: Mutex<SeenIds>,
     next_id: AtomicU64,
+    /// Frames waiting for room on a full link queue, each in a task of its own (see
+    /// [`FabricShared::send_or_park`]): at most `max_parked_frames` at once.
+    parked: Arc<tokio::sync::Semaphore>,
 }
 
 /// Decrements a node's in-flight count when the call ends, however it ends.
@@ -288,6 +296,7 @@ impl FabricShared {
             in_flight: Mutex::new(HashMap::new()),
             seen: Mutex::new(SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: 65_536 }),
             next_id: AtomicU64::new(1),
+            parked: Arc::new(tokio::sync::Semaphore::new(LinkLimits::default().max_parked_frames)),
         }
     }
 
@@ -331,6 +340,7 @@ impl FabricShared {
     /// Link-layer limits.
     pub fn with_limits(mut self, limits: LinkLimits) -> Self {
         self.limits = limits;
+        self.parked = Arc::new(tokio::sync::Semaphore::new(limits.max_parked_frames));
         self
     }
 
@@ -599,7 +609,14 @@ impl FabricShared {
                         },
                         _ => return,
                     };
-                    shared.reply(link, id, source, outcome, forwards);
+                    // Waits for room on a full link queue: the call keeps its place in the
+                    // in-flight limits until its reply is queued, so a busy link slows its
+                    // callers down instead of losing their replies.
+                    if let Some((sender, bytes)) = shared.reply_frame(link, id, source, outcome, forwards) {
+                        if sender.send(bytes).await.is_err() {
+                            debug!(link, "reply not sent: the link closed");
+                        }
+                    }
                 });
                 if let Some(calls) = serving.per_link.get_mut(&link) {
                     calls.insert(key, handle.abort_handle());
@@ -626,9 +643,7 @@ impl FabricShared {
         let sender = back.and_then(|from| self.view.load().admitted.get(&from).map(|(_, s, _)| s.clone()));
         match sender {
             Some(sender) => {
-                if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
-                    warn!("reply dropped: peer link queue full or closed");
-                }
+                let _ = self.send_or_park(&sender, frame(&PeerFrame::FabricMessage(message)));
             }
             None => {
                 debug!(link, id = %message.id, "reply for no call forwarded on this link; dropped");
@@ -670,23 +685,58 @@ impl FabricShared {
     /// (the reply retraces the call's path): the reply may need as many forwards on the
     /// way back, whatever this node's own budget.
     fn reply(&self, arrived_on: LinkId, id: String, target: NodeId, outcome: CallOutcome, forwards: usize) {
+        if let Some((sender, bytes)) = self.reply_frame(arrived_on, id, target, outcome, forwards) {
+            let _ = self.send_or_park(&sender, bytes);
+        }
+    }
+
+    /// A reply (see [`Self::reply`]) and the queue of the link it goes back on; `None`
+    /// (logged) when that link is gone.
+    fn reply_frame(
+        &self,
+        arrived_on: LinkId,
+        id: String,
+        target: NodeId,
+        outcome: CallOutcome,
+        forwards: usize,
+    ) -> Option<(LinkSender, OutFrame)> {
+        let Some(sender) = self.view.load().admitted.get(&arrived_on).map(|(_, s, _)| s.clone()) else {
+            warn!(target = %target, "reply dropped: no route back");
+            return None;
+        };
         let message = FabricMessage {
             id,
             source: self.me.node.clone(),
-            target: target.clone(),
+            target,
             path: vec![self.me.node.clone()],
             hops_left: self.hop_budget.max(u32::try_from(forwards).unwrap_or(u32::MAX)),
             body: FabricBody::Reply { outcome },
         };
-        let sender = self.view.load().admitted.get(&arrived_on).map(|(_, s, _)| s.clone());
-        match sender {
-            Some(sender) => {
-                if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
-                    warn!(target = %target, "reply dropped: peer link queue full or closed");
-                }
+        Some((sender, frame(&PeerFrame::FabricMessage(message))))
+    }
+
+    /// Queues `bytes` on a link. A full queue is not a reason to lose a reply or a
+    /// forwarded call, whose caller would wait for its timeout: the frame waits for room
+    /// in a task of its own, at most `max_parked_frames` of them on the node.
+    fn send_or_park(&self, sender: &LinkSender, bytes: OutFrame) -> Result<(), Dropped> {
+        let bytes = match sender.try_send(bytes) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Dropped::Closed),
+            Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
+        };
+        let Ok(permit) = self.parked.clone().try_acquire_owned() else {
+            warn!("frame dropped: peer link queue full and max_parked_frames waiting already");
+            self.metrics.fabric_dropped("link_queue_full");
+            return Err(Dropped::Full);
+        };
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if sender.send(bytes).await.is_err() {
+                debug!("parked frame not sent: the link closed");
             }
-            None => warn!(target = %target, "reply dropped: no route back"),
-        }
+        });
+        Ok(())
     }
 
     fn forward(&self, arrived_on: LinkId, mut message: FabricMessage) {
@@ -710,24 +760,45 @@ impl FabricShared {
             return;
         }
         let Some((next_link, sender)) = next else { return };
-        if message.body.is_request() {
-            let key = (message.source.clone(), message.id.clone());
+        let request = message.body.is_request().then(|| (message.source.clone(), message.id.clone()));
+        let forwards = message.path.len().saturating_sub(1);
+        if let Some(key) = &request {
             let entry = Forwarded { from: arrived_on, to: next_link, at: std::time::Instant::now() };
-            let remembered = self.forwarded.lock().is_ok_and(|mut f| f.insert(key, entry, &self.limits));
+            let remembered = self.forwarded.lock().is_ok_and(|mut f| f.insert(key.clone(), entry, &self.limits));
             if !remembered {
                 self.metrics.limit_exceeded("max_forwarded_calls");
                 let reason = format!("overloaded: {} is forwarding too many calls (max_forwarded_calls)", self.me.node);
-                let forwards = message.path.len().saturating_sub(1);
                 self.reply(arrived_on, message.id, message.source, CallOutcome::Overloaded { reason }, forwards);
                 return;
             }
         }
         message.hops_left -= 1;
         message.path.push(self.me.node.clone());
-        if sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_err() {
-            warn!("forward dropped: peer link queue full or closed");
+        let Err(dropped) = self.send_or_park(&sender, frame(&PeerFrame::FabricMessage(message))) else { return };
+        // Not sent: the caller hears so now rather than at its timeout.
+        if let Some((source, id)) = request {
+            if let Ok(mut forwarded) = self.forwarded.lock() {
+                forwarded.calls.remove(&(source.clone(), id.clone()));
+            }
+            let me = &self.me.node;
+            let outcome = match dropped {
+                Dropped::Closed => CallOutcome::Unreachable { reason: format!("{me}'s link to the next hop closed") },
+                Dropped::Full => CallOutcome::Overloaded {
+                    reason: format!("overloaded: {me}'s link to the next hop is full (max_parked_frames)"),
+                },
+            };
+            self.reply(arrived_on, id, source, outcome, forwards);
         }
     }
+}
+
+/// Why [`FabricShared::send_or_park`] dropped a frame.
+#[derive(Debug, Clone, Copy)]
+enum Dropped {
+    /// The link closed.
+    Closed,
+    /// The link's queue is full and `max_parked_frames` frames wait already.
+    Full,
 }
 
 /// Ends a served call's accounting however the call ends (finished, or aborted because
