@@ -573,6 +573,7 @@ impl Connection {
                     PeerFrame::Server(_) => "server",
                     PeerFrame::FabricGossip(_) => "fabric-gossip",
                     PeerFrame::FabricMessage(_) => "fabric-message",
+                    PeerFrame::Federation(_) => "federation",
                 };
                 debug!(conn = self.id, peer = %self.peer, role, "peer frame before the handshake refused");
                 self.shared.metrics.fabric_dropped("no_handshake");

@@ -3,7 +3,9 @@
 //! A command matches an endpoint when the name equals `fun`, `function_id` (if given)
 //! equals the registered id, the version satisfies `version_constraint`, `locs` is a
 //! subset of the function's resources, and `target_cluster` (if given) is the endpoint's
-//! cluster. Among matches the highest version wins; among those: this node first, then
+//! cluster. A command whose `target_cluster` is another cluster goes there over the
+//! node's federation bridges ([`crate::fabric::bridge`]), or fails with 1005 at once when
+//! there is no route. Among matches the highest version wins; among those: this node first, then
 //! the least calls in flight from here, then a random pick.
 
 use std::sync::Arc;
@@ -23,6 +25,8 @@ pub enum Endpoint {
     Local(FunctionSpec),
     /// On another node (maybe several hops away).
     Remote(RemoteFunction),
+    /// In another cluster (`target_cluster`), over federation bridges.
+    Cluster(String),
 }
 
 /// A consistent view for one request: local functions, and the fabric for the rest.
@@ -72,6 +76,19 @@ impl Routing {
         }
     }
 
+    /// A command for another cluster: routed over this node's bridges, or 1005 at once with
+    /// the reason when there is no route.
+    fn federated(&self, cluster: &str) -> Result<Endpoint, RpcError> {
+        let bridges = self.fabric.as_ref().and_then(|f| f.bridges.as_ref()).ok_or_else(|| {
+            RpcError::unreachable(format!(
+                "no route to cluster {cluster}: node of cluster {} has no federation bridges",
+                self.cluster_id
+            ))
+        })?;
+        bridges.route_to(cluster).map_err(RpcError::unreachable)?;
+        Ok(Endpoint::Cluster(cluster.to_owned()))
+    }
+
     fn pick(
         &self,
         cmd: &RpcCommand,
@@ -79,6 +96,9 @@ impl Routing {
         exclude: &[String],
         with_local: bool,
     ) -> Result<Endpoint, RpcError> {
+        if let Some(cluster) = cmd.target_cluster.as_deref().filter(|c| **c != *self.cluster_id) {
+            return self.federated(cluster);
+        }
         let best_spec = self
             .local
             .candidates(cmd, constraint, &self.cluster_id)

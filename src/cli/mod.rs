@@ -136,6 +136,10 @@ pub struct StartArgs {
     /// The URL other nodes should dial to reach this one.
     #[arg(long)]
     pub advertise_url: Option<String>,
+    /// A node of another cluster to keep a federation bridge to (repeatable; the cluster
+    /// must be allowed and pinned in `[mpreg.federation]`).
+    #[arg(long = "federation-peer")]
+    pub federation_peers: Vec<String>,
     /// This node's credentials file (`mpreg keys issue`): authenticate every peer link.
     #[arg(long)]
     pub credentials: Option<PathBuf>,

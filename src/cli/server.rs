@@ -41,6 +41,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
         fault_injection,
         peers,
         advertise_url,
+        federation_peers,
         credentials,
         insecure,
     } = args;
@@ -60,6 +61,7 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     settings.request_timeout_s = request_timeout.unwrap_or(settings.request_timeout_s);
     settings.fault_injection |= fault_injection;
     settings.peers.extend(peers);
+    settings.federation.peers.extend(federation_peers);
     settings.advertise_url = advertise_url.or(settings.advertise_url);
     settings.credentials = credentials.or(settings.credentials);
     settings.insecure |= insecure;

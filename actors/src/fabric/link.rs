@@ -229,6 +229,8 @@ pub struct FabricShared {
     pending: Mutex<HashMap<String, PendingCall>>,
     /// This node's credentials; `None` runs open (development).
     pub trust: Option<Arc<Credentials>>,
+    /// Federation bridges to other clusters; `None`: this node bridges to none.
+    pub bridges: Option<Arc<super::bridge::Bridges>>,
     /// Counters (in-flight gauge, refusals, drops).
     pub metrics: Arc<Metrics>,
     /// Catalog changes for `catalog_watch` (kept here, so a restarted FabricGossip
@@ -286,6 +288,7 @@ impl FabricShared {
             cache: None,
             pending: Mutex::new(HashMap::new()),
             trust: None,
+            bridges: None,
             metrics: Arc::new(Metrics::default()),
             discovery_log: Mutex::new(CatalogLog::new(DEFAULT_DISCOVERY_LOG_ITEMS)),
             limits: LinkLimits::default(),
@@ -303,6 +306,12 @@ impl FabricShared {
     /// With credentials: every link must authenticate (see [`super::wire`]).
     pub fn with_trust(mut self, trust: Option<Arc<Credentials>>) -> Self {
         self.trust = trust;
+        self
+    }
+
+    /// Bridges this node to other clusters (see [`super::bridge`]).
+    pub fn with_bridges(mut self, bridges: Option<Arc<super::bridge::Bridges>>) -> Self {
+        self.bridges = bridges;
         self
     }
 
@@ -514,6 +523,13 @@ impl FabricShared {
                 .get(&link)
                 .map(|(_, _, routed)| routed.fetch_add(1, Ordering::Relaxed))
                 .is_some();
+        let frame = match (frame, &self.bridges) {
+            (PeerFrame::Federation(message), Some(bridges)) if bridges.is_bridge(link) => {
+                bridges.on_frame(self, link, message);
+                return;
+            }
+            (frame, _) => frame,
+        };
         match frame {
             PeerFrame::FabricMessage(message) if admitted => self.route(link, message),
             other => match self.gossip.get() {

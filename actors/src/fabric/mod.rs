@@ -36,6 +36,7 @@
 //! rebuilt from the peers' snapshots within a gossip round or two). Calls in flight
 //! over a closed link fail over (retry on another provider) or answer 1005.
 
+pub mod bridge;
 pub mod link;
 pub mod membership;
 pub mod queue_sessions;
@@ -311,6 +312,8 @@ struct Link {
     nonce: String,
     /// Acceptor with credentials: the dialer's checked STATUS, waiting for its proof.
     awaiting_proof: Option<Box<PendingPeer>>,
+    /// An admitted federation bridge: the other cluster (never a member link).
+    bridge: Option<String>,
 }
 
 /// A dialer whose STATUS and certificate checked out, before its proof of possession.
@@ -319,6 +322,8 @@ struct PendingPeer {
     key: VerifyingKey,
     nonce: String,
     catalog: CatalogDelta,
+    /// A node of another cluster asking for a federation bridge.
+    bridge: bool,
 }
 
 /// Why a link is refused: a fixed label for `/metrics` and the words for the log and the
@@ -858,6 +863,9 @@ impl FabricGossip {
 
     fn link_gone(&mut self, link: LinkId, l: Link) {
         self.shared.link_closed(link);
+        if let (Some(bridges), Some(_)) = (&self.shared.bridges, &l.bridge) {
+            bridges.link_closed(link);
+        }
         if let Some(url) = &l.outbound_url {
             if let Some(dial) = self.dials.get_mut(url) {
                 dial.in_progress = false;
@@ -891,13 +899,18 @@ impl FabricGossip {
         auth: Option<Box<StatusAuth>>,
     ) {
         let Some(l) = self.links.get(&link) else { return };
-        if l.node.is_some() || l.awaiting_proof.is_some() {
+        if l.node.is_some() || l.awaiting_proof.is_some() || l.bridge.is_some() {
             // One handshake per link: a second STATUS cannot change who the link is.
             debug!(node = %self.shared.me.node, link, claimed = %info.node, "STATUS on a link already introduced ignored");
             return;
         }
         let outbound = l.outbound_url.is_some();
         let my_nonce = l.nonce.clone();
+        if info.cluster_id != self.shared.me.cluster_id {
+            if let Some(bridges) = self.shared.bridges.clone() {
+                return self.on_bridge_status(link, info, auth, &bridges, my_nonce);
+            }
+        }
         if let Err(refusal) = self.core.check(&info, self.now()) {
             return self.refuse(link, &info.node, refusal.into());
         }
@@ -963,7 +976,7 @@ impl FabricGossip {
             let status = self.status_frame(link, Some(proof));
             self.send(link, &status);
             if let Some(l) = self.links.get_mut(&link) {
-                l.awaiting_proof = Some(Box::new(PendingPeer { info, key, nonce: auth.nonce, catalog }));
+                l.awaiting_proof = Some(Box::new(PendingPeer { info, key, nonce: auth.nonce, catalog, bridge: false }));
             }
         }
     }
@@ -980,13 +993,79 @@ impl FabricGossip {
         let dialer =
             LinkEnd { node: &pending.info.node, instance_id: &pending.info.instance_id, nonce: &pending.nonce };
         let acceptor = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &l.nonce };
-        let transcript = link_transcript(LinkSide::Dialer, &me.cluster_id, dialer, acceptor);
+        let label =
+            if pending.bridge { trust::bridge_label(&pending.info.cluster_id, &me.cluster_id) } else { me.cluster_id.clone() };
+        let transcript = link_transcript(LinkSide::Dialer, &label, dialer, acceptor);
         if trust::verify_hex(&pending.key, &transcript, signature).is_err() {
             let refusal = LinkRefusal::new("bad_proof", "the dialer's handshake proof does not verify");
             return self.refuse(link, &pending.info.node, refusal);
         }
-        let PendingPeer { info, catalog, .. } = *pending;
-        self.admit(link, info, catalog, false);
+        let PendingPeer { info, catalog, bridge, .. } = *pending;
+        if bridge {
+            self.bridge_admit(link, &info);
+        } else {
+            self.admit(link, info, catalog, false);
+        }
+    }
+
+    /// A STATUS from a node of another cluster, on a node with federation bridges: the
+    /// same credentialed handshake, but the certificate must chain to the authority pinned
+    /// for that cluster (which must be allowed), and the transcripts name both clusters.
+    /// Admitted, the link is a bridge: federation frames only, never a member.
+    fn on_bridge_status(
+        &mut self,
+        link: LinkId,
+        info: NodeInfo,
+        auth: Option<Box<StatusAuth>>,
+        bridges: &bridge::Bridges,
+        my_nonce: String,
+    ) {
+        let outbound = self.links.get(&link).is_some_and(|l| l.outbound_url.is_some());
+        let (Some(trust), Some(auth)) = (self.shared.trust.clone(), auth) else {
+            let refusal =
+                LinkRefusal::new("federation_no_credentials", "a federation bridge needs credentials on both sides");
+            return self.refuse(link, &info.node, refusal);
+        };
+        let authority = match bridges.authority_for(&info.cluster_id) {
+            Ok(authority) => *authority,
+            Err(reason) => return self.refuse(link, &info.node, LinkRefusal::new("federation_refused", reason)),
+        };
+        let now_s = trust::unix_seconds();
+        let key = match trust::check_certificate(&authority, &auth.certificate, &info.node, &info.cluster_id, now_s) {
+            Ok(key) => key,
+            Err(e) => return self.refuse(link, &info.node, LinkRefusal::untrusted(e)),
+        };
+        let me = &self.shared.me;
+        let mine = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &my_nonce };
+        let theirs = LinkEnd { node: &info.node, instance_id: &info.instance_id, nonce: &auth.nonce };
+        if outbound {
+            let label = trust::bridge_label(&me.cluster_id, &info.cluster_id);
+            let transcript = link_transcript(LinkSide::Acceptor, &label, mine, theirs);
+            let proven = auth.proof.as_deref().is_some_and(|p| trust::verify_hex(&key, &transcript, p).is_ok());
+            if !proven {
+                let refusal = LinkRefusal::new("bad_proof", "the acceptor's handshake proof does not verify");
+                return self.refuse(link, &info.node, refusal);
+            }
+            let signature = trust.sign_hex(&link_transcript(LinkSide::Dialer, &label, mine, theirs));
+            self.send(link, &PeerFrame::Server(ServerFrame::Proof { signature }));
+            self.bridge_admit(link, &info);
+        } else {
+            let label = trust::bridge_label(&info.cluster_id, &me.cluster_id);
+            let proof = trust.sign_hex(&link_transcript(LinkSide::Acceptor, &label, theirs, mine));
+            let status = self.status_frame(link, Some(proof));
+            self.send(link, &status);
+            let pending = PendingPeer { info, key, nonce: auth.nonce, catalog: auth.catalog, bridge: true };
+            if let Some(l) = self.links.get_mut(&link) {
+                l.awaiting_proof = Some(Box::new(pending));
+            }
+        }
+    }
+
+    /// A bridge's handshake completed: the bridges take it over.
+    fn bridge_admit(&mut self, link: LinkId, info: &NodeInfo) {
+        let (Some(bridges), Some(l)) = (self.shared.bridges.clone(), self.links.get_mut(&link)) else { return };
+        l.bridge = Some(info.cluster_id.clone());
+        bridges.bridge_up(link, &info.cluster_id, &info.node, l.sender.clone());
     }
 
     /// Admits a peer whose handshake completed: learns it, sends it our view, floods its
@@ -1316,6 +1395,9 @@ impl FabricGossip {
         }
         self.swim_send(out);
         self.shared.expire_forwarded();
+        if let Some(bridges) = &self.shared.bridges {
+            bridges.tick();
+        }
         self.dial_due(ctx);
         self.rounds += 1;
         // Expired entries and restored members change nothing SWIM reports: rebuilt every
@@ -1489,6 +1571,7 @@ impl Handler<LinkOpened> for FabricGossip {
                 peer: msg.peer,
                 nonce: trust::fresh_nonce(),
                 awaiting_proof: None,
+                bridge: None,
             },
         );
         if outbound {
@@ -1514,6 +1597,7 @@ impl Handler<PeerFrameReceived> for FabricGossip {
         let Some(l) = self.links.get_mut(&msg.link) else { return };
         l.last_heard = Instant::now();
         let handshaken = l.node.is_some();
+        let is_bridge = l.bridge.is_some();
         let linked_node = l.node.clone();
         match msg.frame {
             PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, queues, about, auth }) => {
@@ -1555,6 +1639,14 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 debug!(link = msg.link, "routed message before the handshake completed dropped");
                 self.shared.metrics.fabric_dropped("no_handshake");
             }
+            // Read before the bridge's handshake completed: judged after it.
+            PeerFrame::Federation(message) => match &self.shared.bridges {
+                Some(bridges) if is_bridge => bridges.on_frame(&self.shared, msg.link, message),
+                _ => {
+                    debug!(link = msg.link, "federation frame on a link that is no bridge dropped");
+                    self.shared.metrics.fabric_dropped("not_a_bridge");
+                }
+            },
         }
     }
 }

@@ -410,6 +410,9 @@ pub enum PeerFrame {
     FabricGossip(GossipFrame),
     /// `fabric-message`
     FabricMessage(FabricMessage),
+    /// Between nodes of different clusters, on a federation bridge only (see
+    /// [`super::bridge`]).
+    Federation(super::bridge::FederationFrame),
 }
 
 impl PeerFrame {

@@ -274,6 +274,7 @@ impl Execution {
                 Endpoint::Local(function) if function.is_inline() => continue,
                 Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
                 Endpoint::Remote(target) => (&target.identity, None),
+                Endpoint::Cluster(_) => return false,
             };
             // A bad TTL is refused by the normal path, never served.
             let ttl = cmd.cache.as_ref().map(|c| c.ttl).or(default_ttl);
@@ -448,6 +449,8 @@ impl Execution {
         let (identity, default_ttl) = match &self.plan.endpoints[i] {
             Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
             Endpoint::Remote(target) => (&target.identity, None),
+            // Cached, if at all, by the cluster that runs it.
+            Endpoint::Cluster(_) => return Ok(None),
         };
         let Some(ttl) = self.plan.cmds[i].cache.as_ref().map(|c| c.ttl).or(default_ttl) else { return Ok(None) };
         let refuse = |e: CacheError| {
@@ -691,7 +694,23 @@ fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Ar
             async move { (i, run_remote(&routing, &cmd, constraint.as_ref(), target, call, &types).await) }
                 .boxed_local()
         }
+        Endpoint::Cluster(cluster) => {
+            let routing = plan.routing.clone();
+            async move { (i, run_federated(&routing, cmd, &cluster, call).await) }.boxed_local()
+        }
     }
+}
+
+/// Runs a command in another cluster over the federation bridges, its arguments
+/// substituted; the error is the one the destination gave, or 1005 when the route or a
+/// bridge went away.
+async fn run_federated(routing: &Routing, mut cmd: RpcCommand, cluster: &str, call: CallArgs) -> Result<Value, RpcError> {
+    let Some(bridges) = routing.fabric().and_then(|f| f.bridges.clone()) else {
+        return Err(RpcError::unreachable(format!("command={}: this node has no federation bridges", cmd.name)));
+    };
+    cmd.args = call.args;
+    cmd.kwargs = call.kwargs;
+    bridges.call_cluster(cluster, cmd, call.deadline).await
 }
 
 /// Runs a command on another node. A failure of the function fails the request (1003,
@@ -730,7 +749,7 @@ async fn run_remote(
             Some(Endpoint::Local(function)) => {
                 return function.invoke(call).await.map_err(|e| failure(cmd, None, &e, types));
             }
-            None => {
+            Some(Endpoint::Cluster(_)) | None => {
                 let details = format!("command={} fun={} node={}: {reason}", cmd.name, cmd.fun, target.node);
                 return Err(if overloaded {
                     RpcError::peer_overloaded(details)
