@@ -420,6 +420,7 @@ impl NodeBuilder {
                 workers: workers.clone(),
                 cache: cache.clone(),
                 functions: table.clone(),
+                bridges: fabric.bridges.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())

@@ -244,11 +244,35 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Federation routes as a node with bridges sees them.
+    #[command(subcommand)]
+    Route(RouteCommand),
     /// Exit 0 when `GET URL` answers 200 (container health checks).
     Health {
         /// e.g. `http://127.0.0.1:9100/health`.
         #[arg(long)]
         url: String,
+    },
+}
+
+/// `mpreg client route ...`
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Why calls to CLUSTER go where they go: every candidate route with its path,
+    /// metrics, score, tie-breakers and why it was filtered, and the one selected
+    /// (`GET /routes?destination=CLUSTER` on the node's monitoring port).
+    Explain {
+        /// The destination cluster.
+        cluster: String,
+        /// Clusters to route around (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        avoid: Vec<String>,
+        /// The node's monitoring URL (`http://host:port`, printed as MPREG_MONITORING_URL).
+        #[arg(long)]
+        url: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
