@@ -141,10 +141,8 @@ pub struct Bridges {
 
 /// Unix milliseconds now.
 fn now_ms() -> u64 {
-    u64::try_from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
-    )
-    .unwrap_or(u64::MAX)
+    u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+        .unwrap_or(u64::MAX)
 }
 
 impl Bridges {
@@ -201,13 +199,15 @@ impl Bridges {
         drop(state);
         let lost: Vec<Waiting> = match self.waiting.lock() {
             Ok(mut waiting) => {
-                let ids: Vec<String> = waiting.iter().filter(|(_, w)| w.via == link).map(|(id, _)| id.clone()).collect();
+                let ids: Vec<String> =
+                    waiting.iter().filter(|(_, w)| w.via == link).map(|(id, _)| id.clone()).collect();
                 ids.into_iter().filter_map(|id| waiting.remove(&id)).collect()
             }
             Err(_) => Vec::new(),
         };
         for w in lost {
-            let reason = format!("the bridge to {} ({}) closed before the call was answered", bridge.node, bridge.cluster);
+            let reason =
+                format!("the bridge to {} ({}) closed before the call was answered", bridge.node, bridge.cluster);
             let _ = w.reply.send(Err(RpcError::unreachable(reason)));
         }
     }
@@ -257,7 +257,9 @@ impl Bridges {
                 match state.core.learn_keys(&bridge.cluster, &chain) {
                     Ok(true) => info!(peer_cluster = %bridge.cluster, "federation: route keys learned"),
                     Ok(false) => {}
-                    Err(e) => warn!(peer_cluster = %bridge.cluster, peer = %bridge.node, error = %e, "federation: key chain refused"),
+                    Err(e) => {
+                        warn!(peer_cluster = %bridge.cluster, peer = %bridge.node, error = %e, "federation: key chain refused")
+                    }
                 }
             }
             FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
@@ -364,7 +366,8 @@ impl Bridges {
     ) -> Result<Value, RpcError> {
         let (link, bridge) = self.next_bridge(destination, &visited, hops).map_err(RpcError::unreachable)?;
         visited.push(self.local.clone());
-        let id = format!("{}:{}:{:016x}", self.local, self.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u64>());
+        let id =
+            format!("{}:{}:{:016x}", self.local, self.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u64>());
         let timeout_ms = deadline.map(|d| super::link::millis_left(d, Instant::now()));
         let message = FederationFrame::Call {
             id: id.clone(),

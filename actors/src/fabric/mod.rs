@@ -993,8 +993,11 @@ impl FabricGossip {
         let dialer =
             LinkEnd { node: &pending.info.node, instance_id: &pending.info.instance_id, nonce: &pending.nonce };
         let acceptor = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &l.nonce };
-        let label =
-            if pending.bridge { trust::bridge_label(&pending.info.cluster_id, &me.cluster_id) } else { me.cluster_id.clone() };
+        let label = if pending.bridge {
+            trust::bridge_label(&pending.info.cluster_id, &me.cluster_id)
+        } else {
+            me.cluster_id.clone()
+        };
         let transcript = link_transcript(LinkSide::Dialer, &label, dialer, acceptor);
         if trust::verify_hex(&pending.key, &transcript, signature).is_err() {
             let refusal = LinkRefusal::new("bad_proof", "the dialer's handshake proof does not verify");

@@ -263,14 +263,8 @@ async fn routes(state: web::Data<MonitorState>, query: web::Query<RoutesQuery>) 
     };
     match &query.destination {
         Some(destination) => {
-            let avoid: Vec<String> = query
-                .avoid
-                .as_deref()
-                .unwrap_or("")
-                .split(',')
-                .filter(|c| !c.is_empty())
-                .map(str::to_owned)
-                .collect();
+            let avoid: Vec<String> =
+                query.avoid.as_deref().unwrap_or("").split(',').filter(|c| !c.is_empty()).map(str::to_owned).collect();
             match bridges.explain(destination, &avoid) {
                 Some(explanation) => HttpResponse::Ok().json(explanation),
                 None => HttpResponse::ServiceUnavailable().body("federation state unavailable"),

@@ -704,7 +704,12 @@ fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Ar
 /// Runs a command in another cluster over the federation bridges, its arguments
 /// substituted; the error is the one the destination gave, or 1005 when the route or a
 /// bridge went away.
-async fn run_federated(routing: &Routing, mut cmd: RpcCommand, cluster: &str, call: CallArgs) -> Result<Value, RpcError> {
+async fn run_federated(
+    routing: &Routing,
+    mut cmd: RpcCommand,
+    cluster: &str,
+    call: CallArgs,
+) -> Result<Value, RpcError> {
     let Some(bridges) = routing.fabric().and_then(|f| f.bridges.clone()) else {
         return Err(RpcError::unreachable(format!("command={}: this node has no federation bridges", cmd.name)));
     };
