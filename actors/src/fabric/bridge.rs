@@ -69,7 +69,7 @@ pub enum FederationFrame {
         /// Cluster hops it may still take after this one.
         hops_left: u32,
         /// The command, its arguments already substituted.
-        command: RpcCommand,
+        command: Box<RpcCommand>,
         /// Milliseconds the caller still waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
@@ -270,9 +270,9 @@ impl Bridges {
                 tokio::task::spawn_local(async move {
                     let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
                     let result = if destination == bridges.local {
-                        run_here(&fabric, &bridges.local, command, deadline).await
+                        run_here(&fabric, &bridges.local, *command, deadline).await
                     } else {
-                        bridges.call(&destination, visited, hops_left, command, deadline).await
+                        bridges.call(&destination, visited, hops_left, *command, deadline).await
                     };
                     let (value, error) = match result {
                         Ok(value) => (Some(value), None),
@@ -374,7 +374,7 @@ impl Bridges {
             destination: destination.to_owned(),
             visited,
             hops_left: hops.saturating_sub(1),
-            command,
+            command: Box::new(command),
             timeout_ms,
         };
         let (reply, answer) = oneshot::channel();
@@ -475,7 +475,7 @@ mod tests {
             destination: "c".into(),
             visited: vec!["a".into()],
             hops_left: 3,
-            command: RpcCommand::new("x", "echo", vec![Value::from(1)]),
+            command: Box::new(RpcCommand::new("x", "echo", vec![Value::from(1)])),
             timeout_ms: Some(500),
         });
         let json = serde_json::to_value(&call).unwrap();
