@@ -4,7 +4,8 @@
 //! clusters it allows.
 //!
 //! - a command from A with `target_cluster = C` runs on C (only C serves `add`), across
-//!   both bridges;
+//!   both bridges; from a2, a node of A without bridges, through a1 (its catalog says it
+//!   reaches C);
 //! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
 //! - heal (B redials): restored;
 //! - a node of cluster D, which A neither allows nor pins, is refused (`peer refused`,
@@ -61,13 +62,24 @@ fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str]) -> Te
     TempFile::new(&format!("federation-{}", me.id), &text)
 }
 
-async fn start(name: &str, cluster: &Cluster, settings: &TempFile, functions: &[&str]) -> ServerProcess {
+/// Starts node `name` of `cluster` with its credentials: with `settings` (federation) or
+/// none, serving `functions`, joined to the nodes of its cluster at `peers`.
+async fn start(
+    name: &str,
+    cluster: &Cluster,
+    settings: Option<&TempFile>,
+    functions: &[&str],
+    peers: &[&str],
+) -> ServerProcess {
     let credentials = cluster.keys.issue(name);
     let mut args: Vec<String> =
-        ["server", "start", "--config", settings.arg(), "--port", "0", "--monitoring-port", "0"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
+        ["server", "start", "--port", "0", "--monitoring-port", "0"].iter().map(|s| (*s).to_owned()).collect();
+    if let Some(settings) = settings {
+        args.extend(["--config".into(), settings.arg().to_owned()]);
+    }
+    for peer in peers {
+        args.extend(["--peer".into(), (*peer).to_owned()]);
+    }
     args.extend(["--name".into(), name.into(), "--cluster-id".into(), cluster.id.clone()]);
     args.extend(["--credentials".into(), credentials.display().to_string()]);
     for f in functions {
@@ -111,11 +123,11 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let (a, b, c, d) = (Cluster::new("fed-a"), Cluster::new("fed-b"), Cluster::new("fed-c"), Cluster::new("fed-d"));
     let a_settings = federation_settings(&a, &[&b], &[]);
     let c_settings = federation_settings(&c, &[&b], &[]);
-    let node_a = start("a1", &a, &a_settings, &[]).await;
-    let node_c = start("c1", &c, &c_settings, &["demo"]).await;
+    let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
+    let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
     let proxy = Proxy::to(&node_c.url).await;
     let b_settings = federation_settings(&b, &[&a, &c], &[&node_a.url, &proxy.url]);
-    let node_b = start("b1", &b, &b_settings, &[]).await;
+    let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
 
     // A learns C through B.
     let path = poll_until_async("A routes to C via B", SOON, || async {
@@ -130,6 +142,15 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     // A has no add of its own, and a command without target_cluster stays in its cluster.
     let local = rpc_error(client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await);
     assert_eq!(local.code, ErrorCode::NotFound.as_u16());
+
+    // A second node of A, without bridges of its own: a1 advertises that it reaches C,
+    // so a2 sends its target_cluster commands through a1.
+    let node_a2 = start("a2", &a, None, &[], &[&node_a.url]).await;
+    let via_a1 = Client::connect(&node_a2.url).await.expect("client connects to a2");
+    poll_until_async("a2 calls C through a1", SOON, || async {
+        via_a1.request(vec![add_in("fed-c", 3, 4)]).await.ok().filter(|v| v["r"] == 7)
+    })
+    .await;
 
     // Cut B–C: B withdraws C from A; the call fails with 1005 at once (no timeout).
     proxy.cut();
@@ -158,7 +179,7 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
 
     // D (not allowed nor pinned by A) dials A: refused, counted, and routes nowhere.
     let d_settings = federation_settings(&d, &[&a], &[&node_a.url]);
-    let node_d = start("d1", &d, &d_settings, &[]).await;
+    let node_d = start("d1", &d, Some(&d_settings), &[], &[]).await;
     poll_until_async("A refuses D's bridge", SOON, || async {
         metrics(&node_a).await.contains("reason=\"federation_refused\"").then_some(())
     })
@@ -176,5 +197,5 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
             .unwrap();
     assert_eq!(explained["selected"], json!(["fed-a", "fed-b", "fed-c"]));
     assert_eq!(explained["candidates"][0]["next_hop"], "fed-b");
-    drop((client, from_d, node_b, node_d));
+    drop((client, from_d, via_a1, node_a2, node_b, node_d));
 }

@@ -169,6 +169,7 @@ fn delta() -> BoxedStrategy<CatalogDelta> {
                 functions,
                 queues: vec![],
                 about: vec![],
+                clusters: vec![],
                 proof,
             }
         })
@@ -562,6 +563,7 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, swim: &mut Swim, trust: &tr
                     functions,
                     queues: vec![],
                     about: vec![],
+                    clusters: vec![],
                     proof: None,
                 };
                 let _ = core.apply_catalog(&delta, now);

@@ -948,6 +948,7 @@ async fn forward_queue_op(
         },
         CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
         CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
+        CallOutcome::Refused { error } => Err(error),
         CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("queue not served by {node}"))),
         CallOutcome::Failed { error, node } => {
             Err(RpcError::unreachable(format!("queue operation failed on {node}: {error:?}")))

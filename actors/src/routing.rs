@@ -25,8 +25,14 @@ pub enum Endpoint {
     Local(FunctionSpec),
     /// On another node (maybe several hops away).
     Remote(RemoteFunction),
-    /// In another cluster (`target_cluster`), over federation bridges.
-    Cluster(String),
+    /// In another cluster (`target_cluster`), over federation bridges: this node's own
+    /// (`via: None`), or those of `via`, a node of this cluster that advertises a route.
+    Cluster {
+        /// The destination cluster.
+        cluster: String,
+        /// The bridge node of this cluster it goes through, when not this node.
+        via: Option<String>,
+    },
 }
 
 /// A consistent view for one request: local functions, and the fabric for the rest.
@@ -76,17 +82,27 @@ impl Routing {
         }
     }
 
-    /// A command for another cluster: routed over this node's bridges, or 1005 at once with
-    /// the reason when there is no route.
+    /// A command for another cluster: over this node's bridges when they route to it,
+    /// else through the least loaded node of this cluster whose catalog says it does, else
+    /// 1005 at once with the reason.
     fn federated(&self, cluster: &str) -> Result<Endpoint, RpcError> {
-        let bridges = self.fabric.as_ref().and_then(|f| f.bridges.as_ref()).ok_or_else(|| {
-            RpcError::unreachable(format!(
-                "no route to cluster {cluster}: node of cluster {} has no federation bridges",
-                self.cluster_id
-            ))
-        })?;
-        bridges.route_to(cluster).map_err(RpcError::unreachable)?;
-        Ok(Endpoint::Cluster(cluster.to_owned()))
+        let Some(fabric) = self.fabric.as_ref() else {
+            return Err(RpcError::unreachable(format!("no route to cluster {cluster}: this node has no fabric")));
+        };
+        let own = fabric.bridges.as_ref().map(|b| b.route_to(cluster));
+        if let Some(Ok(())) = own {
+            return Ok(Endpoint::Cluster { cluster: cluster.to_owned(), via: None });
+        }
+        let view = fabric.view.load();
+        let via = view.clusters.get(cluster).and_then(|nodes| nodes.iter().min_by_key(|n| fabric.load_of(n)));
+        if let Some(node) = via {
+            return Ok(Endpoint::Cluster { cluster: cluster.to_owned(), via: Some(node.clone()) });
+        }
+        let reason = match own {
+            Some(Err(reason)) => reason,
+            _ => format!("no route to cluster {cluster}: no node of cluster {} bridges to it", self.cluster_id),
+        };
+        Err(RpcError::unreachable(reason))
     }
 
     fn pick(

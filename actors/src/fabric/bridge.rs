@@ -340,6 +340,13 @@ impl Bridges {
             .ok_or_else(|| format!("cluster {}: no open bridge to {}", self.local, route.next_hop))
     }
 
+    /// The clusters this node routes to now (advertised in its catalog), sorted.
+    pub fn reachable(&self) -> Vec<ClusterId> {
+        let Ok(state) = self.state.lock() else { return Vec::new() };
+        let (table, now) = (state.core.table(), now_ms());
+        table.destinations().into_iter().filter(|d| table.select(d, &[], now).is_some()).cloned().collect()
+    }
+
     /// Whether a call to `destination` has a route now (planning: 1005 at once if not).
     pub fn route_to(&self, destination: &str) -> Result<(), String> {
         self.next_bridge(destination, &[], self.hop_budget).map(|_| ())

@@ -106,6 +106,9 @@ pub struct FabricView {
     pub queues: HashMap<String, RemoteQueue>,
     /// Queues of suspected or unroutable nodes: operations on them fail with 1005 at once.
     pub unreachable_queues: HashMap<String, RemoteQueue>,
+    /// Other clusters, with the reachable nodes of this cluster that bridge to them (as
+    /// their catalogs advertise).
+    pub clusters: HashMap<String, Vec<NodeId>>,
 }
 
 /// Catalog change log size unless the settings say otherwise.
@@ -384,6 +387,20 @@ impl FabricShared {
         self.request(node, body).await
     }
 
+    /// Runs `command` in cluster `cluster` through `node`, a node of this cluster that
+    /// bridges to it ([`super::bridge`]).
+    pub async fn cluster_call(
+        &self,
+        node: &str,
+        cluster: &str,
+        command: crate::protocol::RpcCommand,
+        deadline: Option<std::time::Instant>,
+    ) -> CallOutcome {
+        let timeout_ms = deadline.map(|d| millis_left(d, std::time::Instant::now()));
+        let body = FabricBody::ClusterCall { cluster: cluster.to_owned(), command: Box::new(command), timeout_ms };
+        self.request(node, body).await
+    }
+
     /// Runs a queue operation (`request`, the client's `role: "queue"` frame, from client
     /// connection `conn`) on the queue's owner `node`; the outcome's `ok` value is the
     /// owner's `queue-reply`. Same guarantees as [`Self::call`]: a lost link or owner is
@@ -579,7 +596,10 @@ impl FabricShared {
                     }
                 }
             }
-            body @ (FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. }) => {
+            body @ (FabricBody::Call { .. }
+            | FabricBody::QueueOp { .. }
+            | FabricBody::CacheOp { .. }
+            | FabricBody::ClusterCall { .. }) => {
                 let (id, source) = (message.id, message.source);
                 let forwards = message.path.len().saturating_sub(1);
                 let Ok(mut serving) = self.serving.lock() else { return };
@@ -619,6 +639,19 @@ impl FabricShared {
                             shared.serve_call(&command, &identity, CallArgs { args, kwargs, deadline }).await
                         }
                         FabricBody::QueueOp { request, conn } => shared.serve_queue_op(&source, request, conn).await,
+                        FabricBody::ClusterCall { cluster, command, timeout_ms } => {
+                            let deadline = timeout_ms
+                                .and_then(|ms| std::time::Instant::now().checked_add(Duration::from_millis(ms)));
+                            match shared.bridges.clone() {
+                                Some(bridges) => match bridges.call_cluster(&cluster, *command, deadline).await {
+                                    Ok(value) => CallOutcome::Ok { value },
+                                    Err(error) => CallOutcome::Refused { error },
+                                },
+                                None => CallOutcome::Unreachable {
+                                    reason: format!("node {} has no federation bridges", shared.me.node),
+                                },
+                            }
+                        }
                         FabricBody::CacheOp { duty, request } => match shared.cache.clone() {
                             Some(cache) => crate::cache::cluster::serve(shared, &cache, &duty, request).await,
                             None => CallOutcome::NotFound { node: shared.me.node.clone() },
@@ -843,7 +876,13 @@ impl Drop for ServingGuard {
 impl FabricBody {
     /// A call, queue or cache operation: answered, so forwarded with a way back.
     pub fn is_request(&self) -> bool {
-        matches!(self, FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. })
+        matches!(
+            self,
+            FabricBody::Call { .. }
+                | FabricBody::QueueOp { .. }
+                | FabricBody::CacheOp { .. }
+                | FabricBody::ClusterCall { .. }
+        )
     }
 }
 

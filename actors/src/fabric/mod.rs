@@ -751,6 +751,17 @@ impl FabricGossip {
         for (name, owner) in &self.departed_queues {
             unreachable_queues.insert(name.clone(), owner.clone());
         }
+        let mut clusters: HashMap<String, Vec<NodeId>> = HashMap::new();
+        for state in [MemberState::Alive, MemberState::Unconfirmed] {
+            for (cluster, node) in self.core.clusters_of(state) {
+                if next_hops.contains_key(&node) {
+                    clusters.entry(cluster).or_default().push(node);
+                }
+            }
+        }
+        for nodes in clusters.values_mut() {
+            nodes.sort();
+        }
         self.shared.view.store(Arc::new(FabricView {
             links,
             next_hops,
@@ -759,6 +770,7 @@ impl FabricGossip {
             admitted,
             queues,
             unreachable_queues,
+            clusters,
         }));
         self.observe_catalog();
     }
@@ -926,6 +938,7 @@ impl FabricGossip {
                     functions,
                     queues,
                     about,
+                    clusters: Vec::new(),
                     proof: None,
                 };
                 return self.admit(link, info, prune_about(delta), !outbound);
@@ -1398,8 +1411,9 @@ impl FabricGossip {
         }
         self.swim_send(out);
         self.shared.expire_forwarded();
-        if let Some(bridges) = &self.shared.bridges {
+        if let Some(bridges) = self.shared.bridges.clone() {
             bridges.tick();
+            self.advertise_clusters(&bridges.reachable());
         }
         self.dial_due(ctx);
         self.rounds += 1;
@@ -1408,6 +1422,18 @@ impl FabricGossip {
         if !events.is_empty() || self.rounds % 4 == 0 {
             self.rebuild_view();
         }
+    }
+
+    /// The clusters this node's bridges reach, when they changed: a new catalog version,
+    /// so the other nodes of the cluster send their `target_cluster` commands through us.
+    fn advertise_clusters(&mut self, reachable: &[String]) {
+        if self.core.local_clusters() == reachable {
+            return;
+        }
+        let delta = self.core.set_local_clusters(reachable.to_vec(), unix_now());
+        let delta = self.seal(delta);
+        let from = self.shared.me.node.clone();
+        self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
     }
 
     /// A link to a member SWIM suspects that has carried nothing (no gossip frame, no routed
