@@ -601,6 +601,40 @@ mod tests {
     }
 
     #[test]
+    fn federation_needs_credentials_a_route_key_and_a_pin_per_allowed_cluster() {
+        let text = r#"
+            [mpreg]
+            cluster_id = "a"
+            credentials = "a.cred"
+            [mpreg.federation]
+            allowed_clusters = ["b"]
+            route_key_dir = "keys"
+            [mpreg.federation.trust]
+            b = "00"
+            [mpreg.federation.import.neighbors.b]
+            allowed_destinations = ["b"]
+        "#;
+        let settings = Settings::from_toml_str(text).unwrap();
+        assert!(settings.validate().is_ok());
+        let policy = settings.federation.import.for_neighbor("b");
+        assert_eq!(policy.allowed_destinations, Some(["b".to_string()].into()));
+        let invalid = |s: Settings| s.validate().unwrap_err().to_string();
+        let mut unpinned = settings.clone();
+        unpinned.federation.allowed_clusters.push("c".into());
+        assert!(invalid(unpinned).contains("allowed cluster c has no pinned authority"));
+        let mut no_key = settings.clone();
+        no_key.federation.route_key_dir = None;
+        assert!(invalid(no_key).contains("route_key_dir"));
+        let mut own = settings.clone();
+        own.federation.allowed_clusters.push("a".into());
+        own.federation.trust.insert("a".into(), "00".into());
+        assert!(invalid(own).contains("own cluster"));
+        let mut peers_only = Settings::default();
+        peers_only.federation.peers.push("ws://127.0.0.1:1".into());
+        assert!(invalid(peers_only).contains("allowed_clusters is empty"));
+    }
+
+    #[test]
     fn open_mode_stays_on_loopback_unless_insecure() {
         for host in ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"] {
             assert!(Settings { host: host.into(), ..Settings::default() }.validate().is_ok(), "{host}");
