@@ -154,6 +154,7 @@ fn load_bridges(
         federation: config,
         announce_interval: Settings::seconds(federation.announce_interval_s),
         hop_budget: federation.hop_budget,
+        route_key: Some((path, *credentials.authority())),
     };
     Ok(Some(Arc::new(Bridges::new(config, metrics))))
 }

@@ -6,6 +6,7 @@
 //! - a command from A with `target_cluster = C` runs on C (only C serves `add`), across
 //!   both bridges; from a2, a node of A without bridges, through a1 (its catalog says it
 //!   reaches C);
+//! - C rotates its route key live: B learns the new key without a restart;
 //! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
 //! - heal (B redials): restored;
 //! - a node of cluster D, which A neither allows nor pins, is refused (`peer refused`,
@@ -151,6 +152,17 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
         via_a1.request(vec![add_in("fed-c", 3, 4)]).await.ok().filter(|v| v["r"] == 7)
     })
     .await;
+
+    // Rotate C's route key while it runs: C reads the file again, sends B the new chain
+    // and signs with the new key; B trusts it without a restart, and calls keep working.
+    let rotation = rotate_in_dir(&c.keys.dir, "fed-c", trust::unix_seconds(), 60).expect("rotation");
+    assert_eq!(rotation.generation, 2);
+    poll_until_async("B learns C's new route key", SOON, || async {
+        routes(&node_b).await["keys"].to_string().contains(&rotation.key_id).then_some(())
+    })
+    .await;
+    let value = client.request(vec![add_in("fed-c", 5, 5)]).await.expect("call after the rotation");
+    assert_eq!(value["r"], 10);
 
     // Cut B–C: B withdraws C from A; the call fails with 1005 at once (no timeout).
     proxy.cut();

@@ -22,6 +22,7 @@
 //! separate. Calls are the only way work crosses, and only with `target_cluster`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -103,6 +104,9 @@ pub struct BridgeConfig {
     pub announce_interval: Duration,
     /// Cluster hops a call may take.
     pub hop_budget: u32,
+    /// The route key file and this cluster's authority: the file is read again when it
+    /// changes (`mpreg keys rotate`), so a rotation takes effect without a restart.
+    pub route_key: Option<(PathBuf, VerifyingKey)>,
 }
 
 /// An open bridge.
@@ -117,6 +121,8 @@ struct State {
     core: FederationCore,
     bridges: BTreeMap<LinkId, Bridge>,
     last_announce: Instant,
+    /// The route key file's modification time when last read.
+    route_key_modified: Option<std::time::SystemTime>,
 }
 
 /// A call sent over a bridge, waiting for its reply.
@@ -133,10 +139,16 @@ pub struct Bridges {
     pinned: BTreeMap<ClusterId, VerifyingKey>,
     announce_interval: Duration,
     hop_budget: u32,
+    route_key: Option<(PathBuf, VerifyingKey)>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     waiting: Mutex<HashMap<String, Waiting>>,
     next_id: AtomicU64,
+}
+
+/// A file's modification time, if it can be read.
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Unix milliseconds now.
@@ -153,6 +165,7 @@ impl Bridges {
             ring.pin(cluster, *key);
         }
         let local = config.federation.table.local.clone();
+        let route_key_modified = config.route_key.as_ref().and_then(|(path, _)| modified(path));
         let core = FederationCore::new(config.federation, config.signer, ring);
         Bridges {
             local,
@@ -160,8 +173,14 @@ impl Bridges {
             pinned: config.pinned,
             announce_interval: config.announce_interval,
             hop_budget: config.hop_budget,
+            route_key: config.route_key,
             metrics,
-            state: Mutex::new(State { core, bridges: BTreeMap::new(), last_announce: Instant::now() }),
+            state: Mutex::new(State {
+                core,
+                bridges: BTreeMap::new(),
+                last_announce: Instant::now(),
+                route_key_modified,
+            }),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         }
@@ -221,10 +240,44 @@ impl Bridges {
     /// `announce_interval`.
     pub fn tick(&self) {
         let Ok(mut state) = self.state.lock() else { return };
+        let rotated = self.reload_route_key(&mut state);
         let expired = state.core.expire(now_ms());
-        if expired || state.last_announce.elapsed() >= self.announce_interval {
+        if rotated || expired || state.last_announce.elapsed() >= self.announce_interval {
             Self::announce(&mut state);
         }
+    }
+
+    /// Reads the route key file again when it changed; a new key is used from now on and
+    /// its chain sent over every bridge first (the neighbours learn it without a restart).
+    fn reload_route_key(&self, state: &mut State) -> bool {
+        let Some((path, authority)) = &self.route_key else { return false };
+        let now_modified = modified(path);
+        if now_modified == state.route_key_modified {
+            return false;
+        }
+        state.route_key_modified = now_modified;
+        let signer = match RouteSigner::load(path, authority) {
+            Ok(signer) if signer.cluster_id() == self.local => signer,
+            Ok(signer) => {
+                warn!(file = %path.display(), cluster = signer.cluster_id(), "route key file of another cluster ignored");
+                return false;
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "route key file unreadable; the current key stays");
+                return false;
+            }
+        };
+        if state.core.own_chain() == signer.chain() {
+            return false;
+        }
+        info!(cluster = %self.local, key_id = signer.key_id(), "route key rotated");
+        let chain = signer.chain().to_vec();
+        state.core.rotate_to(signer);
+        let keys = frame(&PeerFrame::Federation(FederationFrame::Keys { chain }));
+        for bridge in state.bridges.values() {
+            let _ = bridge.sender.try_send(keys.clone());
+        }
+        true
     }
 
     /// Sends every neighbour what the core says it should hear now (one bridge per
