@@ -527,6 +527,89 @@ async fn run_here(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fabric::trust::Authority;
+
+    /// Bridges of cluster `a` pinning `b` and `c`, and the cores of `b` and `c` (which pin
+    /// `a`), each with its own authority.
+    fn clusters() -> (Bridges, FederationCore, FederationCore, Arc<Metrics>) {
+        let now_s = now_ms() / 1000;
+        let authorities: BTreeMap<&str, Authority> =
+            ["a", "b", "c"].into_iter().map(|n| (n, Authority::generate())).collect();
+        let metrics = Arc::new(Metrics::default());
+        let config = BridgeConfig {
+            allowed: ["b".to_string(), "c".to_string()].into(),
+            pinned: [
+                ("b".to_string(), authorities["b"].public_key()),
+                ("c".to_string(), authorities["c"].public_key()),
+            ]
+            .into(),
+            signer: RouteSigner::first(&authorities["a"], "a", now_s),
+            federation: FederationConfig::new("a"),
+            announce_interval: Duration::from_secs(5),
+            hop_budget: 4,
+            route_key: None,
+        };
+        let bridges = Bridges::new(config, metrics.clone());
+        let neighbour = |name: &str| {
+            let mut ring = RouteKeyRing::default();
+            ring.pin("a", authorities["a"].public_key());
+            let mut core = FederationCore::new(
+                FederationConfig::new(name),
+                RouteSigner::first(&authorities[name], name, now_s),
+                ring,
+            );
+            core.link_up("a");
+            bridges.state.lock().unwrap().core.learn_keys(name, core.own_chain()).unwrap();
+            core
+        };
+        let (b, c) = (neighbour("b"), neighbour("c"));
+        (bridges, b, c, metrics)
+    }
+
+    fn updates_for_a(core: &mut FederationCore) -> Vec<SignedRouteUpdate> {
+        core.outgoing(now_ms()).into_iter().find(|(n, _)| n == "a").map(|(_, u)| u).unwrap()
+    }
+
+    #[test]
+    fn refused_updates_are_counted_by_reason_and_routes_follow_the_bridge() {
+        let (bridges, mut b, mut c, metrics) = clusters();
+        assert_eq!(bridges.authority_for("b").map(|_| ()), Ok(()));
+        assert!(bridges.authority_for("x").unwrap_err().contains("not in this node's federation allowed_clusters"));
+        let (sender, mut queue) = tokio::sync::mpsc::channel(16);
+        bridges.bridge_up(7, "b", "b1", sender.clone());
+        // The bridge got our key chain first.
+        let first = queue.try_recv().unwrap();
+        let first: Value = serde_json::from_slice(&first.bytes).unwrap();
+        assert_eq!((first["role"].as_str(), first["kind"].as_str()), (Some("federation"), Some("keys")));
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender };
+
+        let valid = updates_for_a(&mut b);
+        let mut forged = valid[0].clone();
+        assert!(forged.body.contains("\"ttl_ms\":30000"), "{}", forged.body);
+        forged.body = forged.body.replace("\"ttl_ms\":30000", "\"ttl_ms\":300000");
+        let unsigned = SignedRouteUpdate { signature: String::new(), ..valid[0].clone() };
+        let from_c = updates_for_a(&mut c);
+        bridges.receive(&bridge, &[forged, unsigned]);
+        bridges.receive(&bridge, &from_c); // c's updates delivered by b
+        assert_eq!(bridges.route_to("b").unwrap_err(), "cluster a: no route to cluster b");
+        bridges.receive(&bridge, &valid);
+        assert_eq!(bridges.route_to("b"), Ok(()));
+        assert_eq!(bridges.reachable(), ["b"]);
+        bridges.receive(&bridge, &valid); // replayed
+
+        let text = metrics.render("n");
+        for reason in ["bad_signature", "unsigned", "wrong_advertiser", "stale_epoch"] {
+            let line = format!("mpreg_federation_route_rejected_total{{node=\"n\",reason=\"{reason}\"}} 1");
+            assert!(text.contains(&line), "{line} not in\n{text}");
+        }
+        assert_eq!(bridges.describe()["rejected"]["stale_epoch"], 1);
+        assert_eq!(bridges.explain("b", &[]).unwrap().selected, Some(vec!["a".to_string(), "b".to_string()]));
+
+        // The last bridge to b closes: its routes go at once.
+        bridges.link_closed(7);
+        assert!(bridges.route_to("b").is_err());
+        assert!(bridges.reachable().is_empty());
+    }
 
     #[test]
     fn frames_carry_role_federation_and_round_trip() {
