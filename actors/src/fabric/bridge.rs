@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::link::{frame, FabricShared, LinkId, LinkSender};
 use super::wire::{NodeId, PeerFrame};
-use crate::federation::core::{FederationConfig, FederationCore};
+use crate::federation::core::{FederationConfig, FederationCore, FederationSnapshot};
 use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
 use crate::federation::table::Explanation;
 use crate::federation::update::SignedRouteUpdate;
@@ -87,6 +87,11 @@ pub enum FederationFrame {
         error: Option<RpcError>,
     },
 }
+
+/// The store tree of the federation snapshot (route table, route keys learned, epoch).
+pub const SNAPSHOT_TREE: &str = "federation";
+/// Its key.
+pub const SNAPSHOT_KEY: &[u8] = b"snapshot";
 
 /// A node's federation settings, resolved (keys loaded).
 #[derive(Debug, Clone)]
@@ -451,6 +456,20 @@ impl Bridges {
         }
     }
 
+    /// The state to save ([`FederationCore::snapshot`], JSON).
+    pub fn snapshot_bytes(&self) -> Option<Vec<u8>> {
+        let state = self.state.lock().ok()?;
+        serde_json::to_vec(&state.core.snapshot()).ok()
+    }
+
+    /// Restores a saved state at start: route records still valid, key chains that verify
+    /// under the authorities pinned now, the epoch floor. How many records came back.
+    pub fn restore(&self, bytes: &[u8]) -> Result<usize, String> {
+        let snapshot: FederationSnapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let mut state = self.state.lock().map_err(|_| "federation state unavailable".to_owned())?;
+        state.core.restore(&snapshot, now_ms())
+    }
+
     /// Why calls to `destination` go where they go (`avoid`: clusters to route around).
     pub fn explain(&self, destination: &str, avoid: &[ClusterId]) -> Option<Explanation> {
         self.state.lock().ok().map(|s| s.core.table().explain(destination, avoid, now_ms()))
@@ -531,7 +550,7 @@ mod tests {
 
     /// Bridges of cluster `a` pinning `b` and `c`, and the cores of `b` and `c` (which pin
     /// `a`), each with its own authority.
-    fn clusters() -> (Bridges, FederationCore, FederationCore, Arc<Metrics>) {
+    fn clusters() -> (Bridges, FederationCore, FederationCore, Arc<Metrics>, BridgeConfig) {
         let now_s = now_ms() / 1000;
         let authorities: BTreeMap<&str, Authority> =
             ["a", "b", "c"].into_iter().map(|n| (n, Authority::generate())).collect();
@@ -549,7 +568,7 @@ mod tests {
             hop_budget: 4,
             route_key: None,
         };
-        let bridges = Bridges::new(config, metrics.clone());
+        let bridges = Bridges::new(config.clone(), metrics.clone());
         let neighbour = |name: &str| {
             let mut ring = RouteKeyRing::default();
             ring.pin("a", authorities["a"].public_key());
@@ -563,7 +582,7 @@ mod tests {
             core
         };
         let (b, c) = (neighbour("b"), neighbour("c"));
-        (bridges, b, c, metrics)
+        (bridges, b, c, metrics, config)
     }
 
     fn updates_for_a(core: &mut FederationCore) -> Vec<SignedRouteUpdate> {
@@ -572,7 +591,7 @@ mod tests {
 
     #[test]
     fn refused_updates_are_counted_by_reason_and_routes_follow_the_bridge() {
-        let (bridges, mut b, mut c, metrics) = clusters();
+        let (bridges, mut b, mut c, metrics, config) = clusters();
         assert_eq!(bridges.authority_for("b").map(|_| ()), Ok(()));
         assert!(bridges.authority_for("x").unwrap_err().contains("not in this node's federation allowed_clusters"));
         let (sender, mut queue) = tokio::sync::mpsc::channel(16);
@@ -604,6 +623,17 @@ mod tests {
         }
         assert_eq!(bridges.describe()["rejected"]["stale_epoch"], 1);
         assert_eq!(bridges.explain("b", &[]).unwrap().selected, Some(vec!["a".to_string(), "b".to_string()]));
+
+        // A restarted node restores the route and b's keys from the snapshot: routed as
+        // soon as a bridge to b is back, before b announces anything.
+        let saved = bridges.snapshot_bytes().unwrap();
+        let restarted = Bridges::new(config, metrics.clone());
+        assert_eq!(restarted.restore(&saved), Ok(1));
+        assert_eq!(restarted.route_to("b").unwrap_err(), "cluster a: no open bridge to b");
+        let (sender, _queue) = tokio::sync::mpsc::channel(16);
+        restarted.bridge_up(8, "b", "b1", sender);
+        assert_eq!(restarted.route_to("b"), Ok(()));
+        assert!(restarted.restore(b"not json").is_err());
 
         // The last bridge to b closes: its routes go at once.
         bridges.link_closed(7);

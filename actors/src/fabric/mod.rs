@@ -584,6 +584,34 @@ impl FabricGossip {
         self.last_snapshot = Some(self.build_snapshot().fingerprint());
     }
 
+    /// Restores the federation snapshot (route table, keys learned), so a restarted bridge
+    /// node routes as soon as its bridges are back, before the first announcements.
+    fn restore_federation_snapshot(&mut self) {
+        let (Some(config), Some(bridges)) = (&self.config.snapshots, &self.shared.bridges) else { return };
+        let me = &self.shared.me.node;
+        match config.store.get(bridge::SNAPSHOT_TREE, bridge::SNAPSHOT_KEY) {
+            Ok(Some(bytes)) => match bridges.restore(&bytes) {
+                Ok(routes) => info!(node = %me, routes, "federation snapshot restored"),
+                Err(e) => warn!(node = %me, cause = %e, "federation snapshot unusable; starting without it"),
+            },
+            Ok(None) => debug!(node = %me, "no federation snapshot to restore"),
+            Err(e) => warn!(node = %me, cause = %e, "federation snapshot unreadable; starting without it"),
+        }
+    }
+
+    /// Saves the federation state (the committer thread does the I/O).
+    fn save_federation_snapshot(&mut self, ctx: &mut Context<Self>) {
+        let (Some(config), Some(bridges)) = (&self.config.snapshots, &self.shared.bridges) else { return };
+        let Some(bytes) = bridges.snapshot_bytes() else { return };
+        let batch = Batch::new().put(bridge::SNAPSHOT_TREE, bridge::SNAPSHOT_KEY, bytes);
+        let store = config.store.clone();
+        ctx.spawn(async move { store.commit(batch).await }.into_actor(self).map(|result, act, _| {
+            if let Err(e) = result {
+                warn!(node = %act.shared.me.node, cause = %e, "federation snapshot not saved; will retry");
+            }
+        }));
+    }
+
     fn build_snapshot(&self) -> CatalogSnapshot {
         let now_unix = unix_now();
         CatalogSnapshot::new(&self.shared.me, now_unix, self.core.snapshot(self.now(), now_unix))
@@ -1550,6 +1578,7 @@ impl Actor for FabricGossip {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(4096);
         self.restore_snapshot();
+        self.restore_federation_snapshot();
         self.rebuild_view();
         self.dial_due(ctx);
         ctx.run_interval(self.config.gossip_interval, |act, ctx| act.tick(ctx));
@@ -1558,7 +1587,10 @@ impl Actor for FabricGossip {
         let swim_tick = Duration::from_secs_f64((self.config.swim.probe_timeout / 4.0).max(0.01));
         ctx.run_interval(swim_tick, |act, _| act.swim_tick());
         if let Some(config) = &self.config.snapshots {
-            ctx.run_interval(config.interval, |act, ctx| act.save_snapshot_if_changed(ctx));
+            ctx.run_interval(config.interval, |act, ctx| {
+                act.save_snapshot_if_changed(ctx);
+                act.save_federation_snapshot(ctx);
+            });
         }
     }
 
@@ -1790,12 +1822,16 @@ impl FabricGossip {
         let snapshot = self.build_snapshot();
         let (node, metrics, store) = (self.shared.me.node.clone(), self.shared.metrics.clone(), config.store.clone());
         let members = snapshot.members.len();
+        let federation = self.shared.bridges.as_ref().and_then(|b| b.snapshot_bytes());
         Box::pin(async move {
             let bytes = match snapshot.encode() {
                 Ok(bytes) => bytes,
                 Err(e) => return warn!(node = %node, cause = %e, "final catalog snapshot not encoded"),
             };
-            let batch = Batch::new().put(SNAPSHOT_TREE, SNAPSHOT_KEY, bytes);
+            let mut batch = Batch::new().put(SNAPSHOT_TREE, SNAPSHOT_KEY, bytes);
+            if let Some(federation) = federation {
+                batch = batch.put(bridge::SNAPSHOT_TREE, bridge::SNAPSHOT_KEY, federation);
+            }
             match tokio::time::timeout(FINAL_SNAPSHOT_TIMEOUT, store.commit(batch)).await {
                 Ok(Ok(())) => {
                     metrics.catalog_snapshot_saved(snapshot.saved_at);
