@@ -209,5 +209,25 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
             .unwrap();
     assert_eq!(explained["selected"], json!(["fed-a", "fed-b", "fed-c"]));
     assert_eq!(explained["candidates"][0]["next_hop"], "fed-b");
+    // The same through the CLI, as text; and --avoid B leaves no route (exit 1).
+    let monitoring = node_a.monitoring_url.clone().unwrap();
+    let explain = |extra: &'static [&'static str]| {
+        let monitoring = monitoring.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"))
+                .args(["client", "route", "explain", "fed-c", "--url", &monitoring])
+                .args(extra)
+                .output()
+                .expect("mpreg client route explain runs")
+        })
+    };
+    let text = explain(&[]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success(), "{stdout}");
+    assert!(stdout.contains("selected: fed-a -> fed-b -> fed-c"), "{stdout}");
+    let avoided = explain(&["--avoid", "fed-b"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&avoided.stdout);
+    assert_eq!(avoided.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("filtered: avoided") && stdout.contains("selected: none"), "{stdout}");
     drop((client, from_d, via_a1, node_a2, node_b, node_d));
 }
