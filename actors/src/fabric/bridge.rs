@@ -39,7 +39,7 @@ use crate::federation::core::{FederationConfig, FederationCore, FederationSnapsh
 use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
 use crate::federation::table::Explanation;
 use crate::federation::update::SignedRouteUpdate;
-use crate::federation::ClusterId;
+use crate::federation::{ClusterId, RouteRejection};
 use crate::metrics::Metrics;
 use crate::planner::{execute, NoObserver, Plan, ReportOptions};
 use crate::protocol::{RpcCommand, RpcError, RpcRequest};
@@ -87,6 +87,10 @@ pub enum FederationFrame {
         error: Option<RpcError>,
     },
 }
+
+/// Route updates one frame may carry (a table holds at most 4096 destinations); a larger
+/// frame is refused whole (counted as `malformed`).
+pub const MAX_UPDATES_PER_FRAME: usize = 4096;
 
 /// The store tree of the federation snapshot (route table, route keys learned, epoch).
 pub const SNAPSHOT_TREE: &str = "federation";
@@ -322,11 +326,21 @@ impl Bridges {
             }
             FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
             FederationFrame::Call { id, destination, visited, hops_left, command, timeout_ms } => {
+                // Calls from other clusters count toward the node-wide in-flight limit.
+                let Some(permit) = fabric.metrics.admission().try_admit() else {
+                    fabric.metrics.limit_exceeded("max_in_flight");
+                    let error = RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local));
+                    let reply = FederationFrame::Reply { id, value: None, error: Some(error) };
+                    let _ = bridge.sender.try_send(frame(&PeerFrame::Federation(reply)));
+                    return;
+                };
                 let (bridges, fabric) = (self.clone(), fabric.clone());
                 // On this thread: a plan's futures are not Send (link readers run on
                 // actix arbiters, which are local task sets).
                 tokio::task::spawn_local(async move {
-                    let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+                    let _permit = permit;
+                    // A peer's number: an overflowing one means no deadline, never a panic.
+                    let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
                     let result = if destination == bridges.local {
                         run_here(&fabric, &bridges.local, *command, deadline).await
                     } else {
@@ -361,6 +375,12 @@ impl Bridges {
     }
 
     fn receive(&self, bridge: &Bridge, updates: &[SignedRouteUpdate]) {
+        if updates.len() > MAX_UPDATES_PER_FRAME {
+            self.metrics.route_rejected(RouteRejection::Malformed.as_str());
+            warn!(peer_cluster = %bridge.cluster, peer = %bridge.node, updates = updates.len(),
+                "federation: frame with more than {MAX_UPDATES_PER_FRAME} updates refused");
+            return;
+        }
         let Ok(mut state) = self.state.lock() else { return };
         let now = now_ms();
         let mut changed = false;
@@ -615,9 +635,10 @@ mod tests {
         assert_eq!(bridges.route_to("b"), Ok(()));
         assert_eq!(bridges.reachable(), ["b"]);
         bridges.receive(&bridge, &valid); // replayed
+        bridges.receive(&bridge, &vec![valid[0].clone(); MAX_UPDATES_PER_FRAME + 1]); // refused whole
 
         let text = metrics.render("n");
-        for reason in ["bad_signature", "unsigned", "wrong_advertiser", "stale_epoch"] {
+        for reason in ["bad_signature", "unsigned", "wrong_advertiser", "stale_epoch", "malformed"] {
             let line = format!("mpreg_federation_route_rejected_total{{node=\"n\",reason=\"{reason}\"}} 1");
             assert!(text.contains(&line), "{line} not in\n{text}");
         }
