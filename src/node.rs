@@ -538,6 +538,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// Applies the federation policies of `settings` (SIGHUP); `false` when this node has
+    /// no bridges.
+    pub fn reload_federation_policies(&self, settings: &Settings) -> bool {
+        let Some(bridges) = &self.fabric.bridges else { return false };
+        bridges.set_policies(settings.federation.import.clone(), settings.federation.export.clone());
+        true
+    }
+
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.name

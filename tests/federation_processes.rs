@@ -9,6 +9,7 @@
 //! - C rotates its route key live: B learns the new key without a restart;
 //! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
 //! - heal (B redials): restored;
+//! - a reloaded import policy (SIGHUP) hides C from A at once;
 //! - a node of cluster D, which A neither allows nor pins, is refused (`peer refused`,
 //!   counted) and routes nowhere.
 //!
@@ -229,5 +230,22 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let stdout = String::from_utf8_lossy(&avoided.stdout);
     assert_eq!(avoided.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("filtered: avoided") && stdout.contains("selected: none"), "{stdout}");
+
+    // Reload A's policies (SIGHUP): routes B announces for any cluster but B itself are
+    // refused now; A drops its route to C at once, the route to B stays.
+    let hidden = format!(
+        "{}[mpreg.federation.import.neighbors.fed-b]\nallowed_destinations = [\"fed-b\"]\n",
+        std::fs::read_to_string(a_settings.path()).unwrap()
+    );
+    std::fs::write(a_settings.path(), hidden).unwrap();
+    let status = std::process::Command::new("kill").args(["-HUP", &node_a.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    poll_until_async("A's policy hides C", SOON, || async {
+        let routes = routes(&node_a).await;
+        (selected(&routes, "fed-c").is_none() && selected(&routes, "fed-b").is_some()).then_some(())
+    })
+    .await;
+    let hidden = rpc_error(client.request(vec![add_in("fed-c", 1, 1)]).await);
+    assert_eq!(hidden.code, ErrorCode::Unreachable.as_u16());
     drop((client, from_d, via_a1, node_a2, node_b, node_d));
 }

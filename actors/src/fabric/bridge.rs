@@ -37,6 +37,7 @@ use super::link::{frame, FabricShared, LinkId, LinkSender};
 use super::wire::{NodeId, PeerFrame};
 use crate::federation::core::{FederationConfig, FederationCore, FederationSnapshot};
 use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
+use crate::federation::policy::{ExportPolicies, ImportPolicies};
 use crate::federation::table::Explanation;
 use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
@@ -238,6 +239,17 @@ impl Bridges {
                 format!("the bridge to {} ({}) closed before the call was answered", bridge.node, bridge.cluster);
             let _ = w.reply.send(Err(RpcError::unreachable(reason)));
         }
+    }
+
+    /// New import and export policies (a reload): export applies from the announcement
+    /// sent now, import to the updates received from now on (routes already held stay
+    /// until refreshed or withdrawn).
+    pub fn set_policies(&self, import: ImportPolicies, export: ExportPolicies) {
+        let Ok(mut state) = self.state.lock() else { return };
+        state.core.set_policies(import, export);
+        // At once: withdrawals of what the import policies now refuse, and announcements
+        // under the new export policies.
+        Self::announce(&mut state);
     }
 
     /// Whether `link` is an open bridge.
