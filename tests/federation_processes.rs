@@ -226,6 +226,16 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let stdout = String::from_utf8_lossy(&text.stdout);
     assert!(text.status.success(), "{stdout}");
     assert!(stdout.contains("selected: fed-a -> fed-b -> fed-c"), "{stdout}");
+    let url = node_a.url.clone();
+    let call = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"))
+            .args(["client", "call", "add", "[20, 1]", "--target-cluster", "fed-c", "--url", &url])
+            .output()
+            .expect("mpreg client call runs")
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&call.stdout).trim(), "21", "{call:?}");
     let avoided = explain(&["--avoid", "fed-b"]).await.unwrap();
     let stdout = String::from_utf8_lossy(&avoided.stdout);
     assert_eq!(avoided.status.code(), Some(1), "{stdout}");

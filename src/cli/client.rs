@@ -20,7 +20,18 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
         }
         ClientCommand::Queue(command) => block_on(super::queue::run(command)),
         ClientCommand::Cache(command) => block_on(super::cache::run(command)),
-        ClientCommand::Call { fun, args, kwargs, locs, function_id, version, timeout, cache_ttl, url } => {
+        ClientCommand::Call {
+            fun,
+            args,
+            kwargs,
+            locs,
+            function_id,
+            version,
+            timeout,
+            cache_ttl,
+            target_cluster,
+            url,
+        } => {
             let args = parse_args(&args)?;
             let kwargs = match kwargs {
                 Some(text) => match serde_json::from_str(&text).context("--kwargs is not JSON")? {
@@ -36,6 +47,7 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
                 version_constraint: version,
                 timeout: timeout.map(Duration::from_secs_f64),
                 cache_ttl,
+                target_cluster,
             };
             block_on(async move {
                 let client = Client::connect(&url).await?;

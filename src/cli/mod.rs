@@ -217,6 +217,9 @@ pub enum ClientCommand {
         /// Serve the result from the node's cache, and cache it for this many seconds.
         #[arg(long)]
         cache_ttl: Option<f64>,
+        /// Run it in this cluster (another one: over the federation bridges).
+        #[arg(long)]
+        target_cluster: Option<String>,
         /// Node URL.
         #[arg(long, env = "MPREG_URL")]
         url: String,
