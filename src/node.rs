@@ -305,6 +305,7 @@ impl NodeBuilder {
         let fabric_config = FabricConfig {
             // Bridges are dialled and redialled like peers; the handshake tells them apart.
             peers: settings.peers.iter().chain(&settings.federation.peers).cloned().collect(),
+            federation_peers: settings.federation.peers.clone(),
             fanout: settings.peer_fanout,
             gossip_interval: Settings::seconds(settings.gossip_interval_s),
             timing: MembershipTiming {

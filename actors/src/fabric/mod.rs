@@ -82,6 +82,9 @@ use crate::unix_now;
 pub struct FabricConfig {
     /// URLs to dial at start and keep dialling.
     pub peers: Vec<String>,
+    /// Those of `peers` that are nodes of other clusters (federation bridges): our STATUS
+    /// to them names no functions, queues or clusters.
+    pub federation_peers: Vec<String>,
     /// Nodes learned through gossip are dialled while this node holds fewer links than
     /// this in all (0: only `peers`).
     pub fanout: usize,
@@ -463,8 +466,15 @@ impl FabricGossip {
 
     /// Our STATUS for `link`; with credentials it carries our nonce, certificate, signed
     /// catalog and (acceptor) `proof`.
-    fn status_frame(&self, link: LinkId, proof: Option<String>) -> PeerFrame {
-        let local = self.core.local_catalog(unix_now());
+    fn status_frame(&self, link: LinkId, proof: Option<String>, bridge: bool) -> PeerFrame {
+        let mut local = self.core.local_catalog(unix_now());
+        if bridge {
+            // Another cluster: nothing of ours beyond who we are (signed, as always).
+            local.functions.clear();
+            local.queues.clear();
+            local.about.clear();
+            local.clusters.clear();
+        }
         let auth = match (&self.shared.trust, self.links.get(&link)) {
             (Some(trust), Some(l)) => Some(Box::new(StatusAuth {
                 nonce: l.nonce.clone(),
@@ -1014,7 +1024,7 @@ impl FabricGossip {
         } else {
             let transcript = link_transcript(LinkSide::Acceptor, &me.cluster_id, theirs, mine);
             let proof = trust.sign_hex(&transcript);
-            let status = self.status_frame(link, Some(proof));
+            let status = self.status_frame(link, Some(proof), false);
             self.send(link, &status);
             if let Some(l) = self.links.get_mut(&link) {
                 l.awaiting_proof = Some(Box::new(PendingPeer { info, key, nonce: auth.nonce, catalog, bridge: false }));
@@ -1096,7 +1106,7 @@ impl FabricGossip {
         } else {
             let label = trust::bridge_label(&info.cluster_id, &me.cluster_id);
             let proof = trust.sign_hex(&link_transcript(LinkSide::Acceptor, &label, theirs, mine));
-            let status = self.status_frame(link, Some(proof));
+            let status = self.status_frame(link, Some(proof), true);
             self.send(link, &status);
             let pending = PendingPeer { info, key, nonce: auth.nonce, catalog: auth.catalog, bridge: true };
             if let Some(l) = self.links.get_mut(&link) {
@@ -1128,7 +1138,7 @@ impl FabricGossip {
                     self.swim.learn(Rumor { member: member.clone(), incarnation: 0, liveness: Liveness::Alive }, now);
                 self.apply_transitions(changes);
                 if first && answer_status {
-                    self.send(link, &self.status_frame(link, None));
+                    self.send(link, &self.status_frame(link, None, false));
                 }
                 let news = self.within_catalog_bound(&delta) && self.core.apply_catalog(&delta, now);
                 // Publish the link as admitted before anything else goes out on it.
@@ -1613,6 +1623,7 @@ impl Handler<LinkOpened> for FabricGossip {
 
     fn handle(&mut self, msg: LinkOpened, _: &mut Context<Self>) {
         let outbound = msg.outbound_url.is_some();
+        let bridge = msg.outbound_url.as_ref().is_some_and(|url| self.config.federation_peers.contains(url));
         if let Some(url) = &msg.outbound_url {
             if let Some(dial) = self.dials.get_mut(url) {
                 dial.backoff = Duration::ZERO;
@@ -1636,7 +1647,7 @@ impl Handler<LinkOpened> for FabricGossip {
             },
         );
         if outbound {
-            self.send(msg.link, &self.status_frame(msg.link, None));
+            self.send(msg.link, &self.status_frame(msg.link, None, bridge));
         }
     }
 }
