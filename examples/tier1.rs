@@ -519,7 +519,7 @@ async fn demo_fabric() -> anyhow::Result<()> {
     println!("FED-A  a1  {}", a.url());
     println!("FED-B  b1  {}  bridges to a1 and c1", b.url());
     println!("FED-C  c1  {}  add", c.url());
-    let nodes = vec![a, b, c];
+    let nodes = [a, b, c];
     let result = async {
         let monitoring = nodes[0].monitoring_url().context("a1 serves its monitoring port")?.to_owned();
         let explain_url = format!("{monitoring}/routes?destination=FED-C");
