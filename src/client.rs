@@ -92,6 +92,8 @@ pub struct CallOptions {
     /// Serve the result from the node's cache and cache it for this many seconds
     /// (`"cache": {"ttl": S}` on the command).
     pub cache_ttl: Option<f64>,
+    /// Run in this cluster, over the federation bridges when it is another.
+    pub target_cluster: Option<String>,
 }
 
 type Waiters = Mutex<HashMap<String, oneshot::Sender<Value>>>;
@@ -287,6 +289,7 @@ impl Client {
         command.version_constraint = options.version_constraint;
         command.kwargs = options.kwargs;
         command.cache = options.cache_ttl.map(|ttl| mpreg_actors::protocol::CommandCache { ttl });
+        command.target_cluster = options.target_cluster;
         let mut r = self.request_with_timeout(vec![command], options.timeout).await?;
         r.get_mut(fun).map(Value::take).ok_or_else(|| ClientError::Protocol(format!("result has no `{fun}`")))
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mpreg_actors::fabric::swim::SwimConfig;
+use mpreg_actors::federation::policy::{ExportPolicies, ImportPolicies};
 use serde::{Deserialize, Serialize};
 
 /// The longest duration a setting may give, in seconds (about 31 years).
@@ -201,6 +202,52 @@ pub struct Settings {
     /// A file holding the token workers must present; required for workers when
     /// `credentials` is set (a node with credentials and no token accepts no worker).
     pub worker_token_file: Option<PathBuf>,
+    /// Bridges to other clusters (`[mpreg.federation]`); none unless `allowed_clusters`
+    /// names some.
+    pub federation: FederationSettings,
+}
+
+/// `[mpreg.federation]`: which clusters this node bridges to, the authority pinned for
+/// each, this cluster's route key, announcement timing and route policies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationSettings {
+    /// Nodes of other clusters to keep a bridge to (`ws://host:port`; `--federation-peer`).
+    pub peers: Vec<String>,
+    /// Clusters a bridge may be made with (either side dialling); any other is refused.
+    pub allowed_clusters: Vec<String>,
+    /// The authority public key (hex, the other cluster's `cluster.pub`) pinned for each
+    /// allowed cluster: its nodes' certificates and route keys must chain to it.
+    pub trust: std::collections::BTreeMap<String, String>,
+    /// The directory holding this cluster's route key (`route.key`, made by `mpreg keys
+    /// rotate DIR`); it must chain to this node's own authority.
+    pub route_key_dir: Option<PathBuf>,
+    /// Announcements are re-sent this often even when nothing changed (seconds).
+    pub announce_interval_s: f64,
+    /// Announcements stay valid this long without a refresh (seconds).
+    pub route_ttl_s: f64,
+    /// Clusters a `target_cluster` call may cross.
+    pub hop_budget: u32,
+    /// Import policies: `default` and per neighbour cluster (`neighbors.NAME`).
+    pub import: ImportPolicies,
+    /// Export policies: `global` and per neighbour cluster.
+    pub export: ExportPolicies,
+}
+
+impl Default for FederationSettings {
+    fn default() -> Self {
+        FederationSettings {
+            peers: Vec::new(),
+            allowed_clusters: Vec::new(),
+            trust: std::collections::BTreeMap::new(),
+            route_key_dir: None,
+            announce_interval_s: 5.0,
+            route_ttl_s: 30.0,
+            hop_budget: 8,
+            import: ImportPolicies::default(),
+            export: ExportPolicies::default(),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -283,6 +330,7 @@ impl Default for Settings {
             worker_heartbeat_s: 5.0,
             worker_timeout_s: 15.0,
             worker_token_file: None,
+            federation: FederationSettings::default(),
         }
     }
 }
@@ -466,6 +514,28 @@ impl Settings {
         if self.cluster_id.is_empty() {
             return Err(ConfigError::Invalid { key: "cluster_id", message: "must not be empty".into() });
         }
+        let federation = &self.federation;
+        positive("federation.announce_interval_s", federation.announce_interval_s)?;
+        positive("federation.route_ttl_s", federation.route_ttl_s)?;
+        if !federation.allowed_clusters.is_empty() {
+            let invalid = |message: String| ConfigError::Invalid { key: "federation", message };
+            if self.credentials.is_none() || federation.route_key_dir.is_none() {
+                return Err(invalid(
+                    "bridges need this node's credentials and a route_key_dir (see `mpreg keys rotate`)".into(),
+                ));
+            }
+            if let Some(missing) = federation.allowed_clusters.iter().find(|c| !federation.trust.contains_key(*c)) {
+                return Err(invalid(format!("allowed cluster {missing} has no pinned authority in trust")));
+            }
+            if federation.allowed_clusters.contains(&self.cluster_id) {
+                return Err(invalid(format!("allowed_clusters names this node's own cluster {}", self.cluster_id)));
+            }
+        } else if !federation.peers.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "federation",
+                message: "peers given but allowed_clusters is empty: every bridge would be refused".into(),
+            });
+        }
         if self.credentials.is_none() && !self.insecure && !is_loopback(&self.host) {
             return Err(ConfigError::Invalid {
                 key: "insecure",
@@ -528,6 +598,40 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/node.toml");
         let settings = Settings::from_toml_file(&path).unwrap();
         settings.validate().unwrap();
+    }
+
+    #[test]
+    fn federation_needs_credentials_a_route_key_and_a_pin_per_allowed_cluster() {
+        let text = r#"
+            [mpreg]
+            cluster_id = "a"
+            credentials = "a.cred"
+            [mpreg.federation]
+            allowed_clusters = ["b"]
+            route_key_dir = "keys"
+            [mpreg.federation.trust]
+            b = "00"
+            [mpreg.federation.import.neighbors.b]
+            allowed_destinations = ["b"]
+        "#;
+        let settings = Settings::from_toml_str(text).unwrap();
+        assert!(settings.validate().is_ok());
+        let policy = settings.federation.import.for_neighbor("b");
+        assert_eq!(policy.allowed_destinations, Some(["b".to_string()].into()));
+        let invalid = |s: Settings| s.validate().unwrap_err().to_string();
+        let mut unpinned = settings.clone();
+        unpinned.federation.allowed_clusters.push("c".into());
+        assert!(invalid(unpinned).contains("allowed cluster c has no pinned authority"));
+        let mut no_key = settings.clone();
+        no_key.federation.route_key_dir = None;
+        assert!(invalid(no_key).contains("route_key_dir"));
+        let mut own = settings.clone();
+        own.federation.allowed_clusters.push("a".into());
+        own.federation.trust.insert("a".into(), "00".into());
+        assert!(invalid(own).contains("own cluster"));
+        let mut peers_only = Settings::default();
+        peers_only.federation.peers.push("ws://127.0.0.1:1".into());
+        assert!(invalid(peers_only).contains("allowed_clusters is empty"));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! Both listeners are bound before anything else starts, so port 0 works and the URLs
 //! reported are the real ones.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +26,13 @@ use mpreg_actors::cache::core::{KeyLimits, L1Limits};
 use mpreg_actors::cache::{Cache, CacheLimits, LocalCache};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
 use mpreg_actors::discovery::{self, DiscoveryLimits};
+use mpreg_actors::fabric::bridge::{BridgeConfig, Bridges};
 use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
 use mpreg_actors::fabric::wire::NodeInfo;
 use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, LinkLimits, SayGoodbye, SnapshotConfig};
+use mpreg_actors::federation::core::FederationConfig;
+use mpreg_actors::federation::keys::{RouteSigner, ROUTE_KEY_FILE};
 use mpreg_actors::function::FunctionSpec;
 use mpreg_actors::metrics::Metrics;
 use mpreg_actors::monitor::{Monitor, MonitorState};
@@ -89,6 +93,9 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// `[mpreg.federation]` cannot be used (a pinned key, the route key).
+    #[error("federation: {0}")]
+    Federation(String),
     /// The worker token file cannot be read or is empty.
     #[error("worker_token_file {path}: {reason}")]
     WorkerToken {
@@ -109,6 +116,47 @@ fn load_worker_token(settings: &Settings) -> Result<Option<String>, NodeError> {
         return Err(fail("the file is empty".to_owned()));
     }
     Ok(Some(token))
+}
+
+/// The node's federation bridges, when `[mpreg.federation]` allows some cluster: the
+/// pinned authorities parsed, the route key loaded and checked against this node's own
+/// authority.
+fn load_bridges(
+    settings: &Settings,
+    credentials: Option<&Credentials>,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Arc<Bridges>>, NodeError> {
+    let federation = &settings.federation;
+    let (Some(credentials), Some(dir)) = (credentials, &federation.route_key_dir) else { return Ok(None) };
+    if federation.allowed_clusters.is_empty() {
+        return Ok(None);
+    }
+    let fail = |e: String| NodeError::Federation(e);
+    let mut pinned = BTreeMap::new();
+    for (cluster, hex) in &federation.trust {
+        let key = trust::verifying_key(hex, &format!("trust.{cluster}")).map_err(|e| fail(e.to_string()))?;
+        pinned.insert(cluster.clone(), key);
+    }
+    let path = dir.join(ROUTE_KEY_FILE);
+    let signer = RouteSigner::load(&path, credentials.authority()).map_err(|e| fail(e.to_string()))?;
+    if signer.cluster_id() != settings.cluster_id {
+        let other = signer.cluster_id();
+        return Err(fail(format!("{} is a route key of cluster {other}", path.display())));
+    }
+    let mut config = FederationConfig::new(&settings.cluster_id);
+    config.import = federation.import.clone();
+    config.export = federation.export.clone();
+    config.ttl_ms = Settings::seconds(federation.route_ttl_s).as_millis().try_into().unwrap_or(u64::MAX);
+    let config = BridgeConfig {
+        allowed: federation.allowed_clusters.iter().cloned().collect(),
+        pinned,
+        signer,
+        federation: config,
+        announce_interval: Settings::seconds(federation.announce_interval_s),
+        hop_budget: federation.hop_budget,
+        route_key: Some((path, *credentials.authority())),
+    };
+    Ok(Some(Arc::new(Bridges::new(config, metrics))))
 }
 
 /// Loads the credentials named in `settings` and checks them against the node's name
@@ -242,10 +290,12 @@ impl NodeBuilder {
                 "peer links are not authenticated: any process that can reach this port can join the cluster \
                  (run with --credentials for production)"),
         }
+        let bridges = load_bridges(&settings, credentials.as_deref(), metrics.clone())?;
         let limits = LinkLimits { max_in_flight_per_link: settings.max_in_flight_per_link, ..LinkLimits::default() };
         let fabric = Arc::new(
             FabricShared::new(me, settings.hop_budget, table.clone(), pubsub.clone(), gossip.clone())
                 .with_trust(credentials)
+                .with_bridges(bridges)
                 .with_metrics(metrics.clone())
                 .with_limits(limits)
                 .with_queue(queue.clone())
@@ -253,7 +303,9 @@ impl NodeBuilder {
                 .with_cache(cache.clone()),
         );
         let fabric_config = FabricConfig {
-            peers: settings.peers.clone(),
+            // Bridges are dialled and redialled like peers; the handshake tells them apart.
+            peers: settings.peers.iter().chain(&settings.federation.peers).cloned().collect(),
+            federation_peers: settings.federation.peers.clone(),
             fanout: settings.peer_fanout,
             gossip_interval: Settings::seconds(settings.gossip_interval_s),
             timing: MembershipTiming {
@@ -370,6 +422,7 @@ impl NodeBuilder {
                 workers: workers.clone(),
                 cache: cache.clone(),
                 functions: table.clone(),
+                bridges: fabric.bridges.clone(),
             };
             children.push(ChildSpec::new("monitor", move |guard| {
                 ChildHandles::of(&Monitor::new(listener.clone(), state.clone(), guard).start())
@@ -486,6 +539,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// Applies the federation policies of `settings` (SIGHUP); `false` when this node has
+    /// no bridges.
+    pub fn reload_federation_policies(&self, settings: &Settings) -> bool {
+        let Some(bridges) = &self.fabric.bridges else { return false };
+        bridges.set_policies(settings.federation.import.clone(), settings.federation.export.clone());
+        true
+    }
+
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -185,11 +185,13 @@ async fn builtins_are_local_only_and_unsupported_ones_say_so() {
         functions["items"].as_array().unwrap().iter().map(|i| i["identity"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["echo", "echos", "tpu_square"]);
 
-    // Never forwarded: asked for another cluster, no node serves it.
+    // Never forwarded inside the cluster: asked for another cluster, b (which has the
+    // built-ins too) does not serve it; with no federation bridge, no route (1005).
     let mut command = RpcCommand::new("p", "list_peers", vec![]);
     command.target_cluster = Some("elsewhere".into());
     let error = rpc_error(on_a.request(vec![command]).await);
-    assert_eq!(error.code, 1001, "{error:?}");
+    assert_eq!(error.code, 1005, "{error:?}");
+    assert!(format!("{:?}", error.details).contains("no route to cluster elsewhere"), "{error:?}");
 
     // The request's fields may come as keyword arguments too.
     let mut kwargs = Map::new();

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use mpreg::{Node, NodeBuilder, Settings};
+use mpreg_actors::fabric::bridge::FederationFrame;
 use mpreg_actors::fabric::membership::{MembershipCore, MembershipTiming};
 use mpreg_actors::fabric::swim::{Liveness, Rumor, Swim, SwimConfig, SwimMessage};
 use mpreg_actors::fabric::trust::{self, link_transcript, Authority, Certificate, LinkEnd, LinkSide, StatementProof};
@@ -37,6 +38,7 @@ use mpreg_actors::fabric::wire::{
     CallOutcome, CatalogDelta, FabricBody, FabricMessage, GossipFrame, MemberDigest, NodeInfo, PeerFrame, ServerFrame,
     StatusAuth,
 };
+use mpreg_actors::federation::keys::RouteKeyRing;
 use mpreg_actors::function::{FunctionError, FunctionIdentity};
 use mpreg_actors::protocol::PubSubMessage;
 use mpreg_actors::version::Version;
@@ -167,6 +169,7 @@ fn delta() -> BoxedStrategy<CatalogDelta> {
                 functions,
                 queues: vec![],
                 about: vec![],
+                clusters: vec![],
                 proof,
             }
         })
@@ -560,6 +563,7 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, swim: &mut Swim, trust: &tr
                     functions,
                     queues: vec![],
                     about: vec![],
+                    clusters: vec![],
                     proof: None,
                 };
                 let _ = core.apply_catalog(&delta, now);
@@ -611,6 +615,15 @@ fn feed(frame: PeerFrame, core: &mut MembershipCore, swim: &mut Swim, trust: &tr
                 feed(PeerFrame::FabricGossip(frame), core, swim, trust, now);
             }
         }
+        // Only on a bridge (another cluster); route updates are opened against the keys
+        // pinned for the sender, here none.
+        PeerFrame::Federation(FederationFrame::Updates { updates }) => {
+            let ring = RouteKeyRing::default();
+            for update in &updates {
+                let _ = update.open("B", &ring, now_s);
+            }
+        }
+        PeerFrame::Federation(_) => {}
     }
 }
 

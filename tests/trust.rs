@@ -495,6 +495,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         functions: vec![],
         queues: vec![],
         about: vec![],
+        clusters: vec![],
         proof: None,
     };
     let signed_catalog = CatalogDelta { proof: Some(m.seal(serde_json::to_string(&m_catalog).unwrap())), ..m_catalog };
@@ -531,6 +532,7 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         functions: vec![],
         queues: vec![],
         about: vec![],
+        clusters: vec![],
         proof: None,
     };
     let forged_signed =

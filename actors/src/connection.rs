@@ -573,6 +573,7 @@ impl Connection {
                     PeerFrame::Server(_) => "server",
                     PeerFrame::FabricGossip(_) => "fabric-gossip",
                     PeerFrame::FabricMessage(_) => "fabric-message",
+                    PeerFrame::Federation(_) => "federation",
                 };
                 debug!(conn = self.id, peer = %self.peer, role, "peer frame before the handshake refused");
                 self.shared.metrics.fabric_dropped("no_handshake");
@@ -947,6 +948,7 @@ async fn forward_queue_op(
         },
         CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
         CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
+        CallOutcome::Refused { error } => Err(error),
         CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("queue not served by {node}"))),
         CallOutcome::Failed { error, node } => {
             Err(RpcError::unreachable(format!("queue operation failed on {node}: {error:?}")))

@@ -37,6 +37,8 @@ pub struct Metrics {
     peers_refused: LabelledCounter,
     /// Fabric frames and statements dropped (unauthenticated, forged, stray), by reason.
     fabric_dropped: LabelledCounter,
+    /// Federation route updates refused, by reason.
+    route_rejected: LabelledCounter,
     /// Peers this node began to suspect (silent past `suspect_after_s`, or link lost).
     peers_suspected: AtomicU64,
     /// Peers this node removed for silence (not GOODBYEs).
@@ -218,6 +220,11 @@ impl Metrics {
         self.peers_refused.add(reason);
     }
 
+    /// A federation route update was refused for `reason` ([`crate::federation::RouteRejection`]'s label).
+    pub fn route_rejected(&self, reason: &'static str) {
+        self.route_rejected.add(reason);
+    }
+
     /// A fabric frame or relayed statement was dropped for `reason` (a short fixed label,
     /// e.g. `forged_statement`, `reply_wrong_link`).
     pub fn fabric_dropped(&self, reason: &'static str) {
@@ -367,6 +374,13 @@ impl Metrics {
             "mpreg_fabric_dropped_total",
             "reason",
             "Fabric frames and relayed statements dropped (unauthenticated, forged, stray), by reason.",
+        );
+        self.route_rejected.render(
+            &mut out,
+            node,
+            "mpreg_federation_route_rejected_total",
+            "reason",
+            "Federation route updates refused (unsigned, forged, replayed, wrong advertiser, policy...), by reason.",
         );
         let persistence = [
             ("mpreg_persistence_commits_total", "Durable batches acknowledged.", load(&self.persistence_commits)),

@@ -3,7 +3,9 @@
 //! A command matches an endpoint when the name equals `fun`, `function_id` (if given)
 //! equals the registered id, the version satisfies `version_constraint`, `locs` is a
 //! subset of the function's resources, and `target_cluster` (if given) is the endpoint's
-//! cluster. Among matches the highest version wins; among those: this node first, then
+//! cluster. A command whose `target_cluster` is another cluster goes there over the
+//! node's federation bridges ([`crate::fabric::bridge`]), or fails with 1005 at once when
+//! there is no route. Among matches the highest version wins; among those: this node first, then
 //! the least calls in flight from here, then a random pick.
 
 use std::sync::Arc;
@@ -23,6 +25,14 @@ pub enum Endpoint {
     Local(FunctionSpec),
     /// On another node (maybe several hops away).
     Remote(RemoteFunction),
+    /// In another cluster (`target_cluster`), over federation bridges: this node's own
+    /// (`via: None`), or those of `via`, a node of this cluster that advertises a route.
+    Cluster {
+        /// The destination cluster.
+        cluster: String,
+        /// The bridge node of this cluster it goes through, when not this node.
+        via: Option<String>,
+    },
 }
 
 /// A consistent view for one request: local functions, and the fabric for the rest.
@@ -72,6 +82,29 @@ impl Routing {
         }
     }
 
+    /// A command for another cluster: over this node's bridges when they route to it,
+    /// else through the least loaded node of this cluster whose catalog says it does, else
+    /// 1005 at once with the reason.
+    fn federated(&self, cluster: &str) -> Result<Endpoint, RpcError> {
+        let Some(fabric) = self.fabric.as_ref() else {
+            return Err(RpcError::unreachable(format!("no route to cluster {cluster}: this node has no fabric")));
+        };
+        let own = fabric.bridges.as_ref().map(|b| b.route_to(cluster));
+        if let Some(Ok(())) = own {
+            return Ok(Endpoint::Cluster { cluster: cluster.to_owned(), via: None });
+        }
+        let view = fabric.view.load();
+        let via = view.clusters.get(cluster).and_then(|nodes| nodes.iter().min_by_key(|n| fabric.load_of(n)));
+        if let Some(node) = via {
+            return Ok(Endpoint::Cluster { cluster: cluster.to_owned(), via: Some(node.clone()) });
+        }
+        let reason = match own {
+            Some(Err(reason)) => reason,
+            _ => format!("no route to cluster {cluster}: no node of cluster {} bridges to it", self.cluster_id),
+        };
+        Err(RpcError::unreachable(reason))
+    }
+
     fn pick(
         &self,
         cmd: &RpcCommand,
@@ -79,6 +112,9 @@ impl Routing {
         exclude: &[String],
         with_local: bool,
     ) -> Result<Endpoint, RpcError> {
+        if let Some(cluster) = cmd.target_cluster.as_deref().filter(|c| **c != *self.cluster_id) {
+            return self.federated(cluster);
+        }
         let best_spec = self
             .local
             .candidates(cmd, constraint, &self.cluster_id)

@@ -729,7 +729,7 @@ impl Measurement {
 }
 
 /// Nearest-rank percentile of sorted values (0 when empty).
-fn percentile(sorted: &[u32], q: f64) -> u32 {
+pub(super) fn percentile(sorted: &[u32], q: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }

@@ -1,12 +1,32 @@
-//! `mpreg bench federation --simulate N`: N clusters in a line exchanging signed route
-//! updates in memory (`mpreg_actors::federation::simulation`), every signature made and
-//! checked for real: rounds and wall time until every cluster routes to every other.
-//! Bridges between node processes are not built yet, so this measures the core only.
+//! `mpreg bench federation`: federation convergence and cross-cluster calls.
+//!
+//! - `--simulate N`: N clusters in a line exchanging signed route updates in memory
+//!   (`mpreg_actors::federation::simulation`), every signature made and checked for real:
+//!   rounds and wall time until every cluster routes to every other (the core alone).
+//! - `--clusters N`: N node processes, one cluster each (own authority, credentials and
+//!   route key), in a line: node i keeps a bridge to node i−1. Started one after the
+//!   other; `federation_converge` is the time from the last node's start until every node
+//!   routes to every other cluster (its `/routes`), then `rpc_local` (echo on node 0) and
+//!   `rpc_cross_2bridges` (echo with `target_cluster` = cluster 2, across two bridges)
+//!   are measured one call at a time on node 0.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
+use mpreg_actors::fabric::trust::{self, Authority};
+use mpreg_actors::federation::keys::rotate_in_dir;
 use mpreg_actors::federation::simulation::Simulation;
-use serde_json::json;
+use mpreg_actors::protocol::RpcCommand;
+use serde_json::{json, Value};
+
+use super::bench::{percentile, ChildGuard};
+use crate::client::Client;
+
+/// How long a node may take to print its URLs, and the line to converge.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Flags of `mpreg bench federation`.
 #[derive(Debug, clap::Args)]
@@ -14,13 +34,35 @@ pub struct FederationBenchArgs {
     /// Clusters in the simulated line (several sizes: repeat the flag).
     #[arg(long, default_values_t = [8])]
     pub simulate: Vec<usize>,
+    /// Instead of the simulation: this many node processes, one cluster each, in a line
+    /// bridged for real (3 to 16).
+    #[arg(long)]
+    pub clusters: Option<usize>,
+    /// Calls measured for each latency (after 20 unmeasured).
+    #[arg(long, default_value_t = 500)]
+    pub calls: usize,
     /// One JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
-/// Runs the simulations and prints them.
+/// Runs the simulations, or the process line, and prints them.
 pub fn run(args: FederationBenchArgs) -> anyhow::Result<i32> {
+    if let Some(n) = args.clusters {
+        if !(3..=16).contains(&n) {
+            bail!("--clusters must be between 3 (two bridges to cross) and 16 (the longest route path), got {n}");
+        }
+        let report = actix_rt::System::new().block_on(processes(n, args.calls.max(1)))?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            writeln!(out, "{}", json!({ "results": report }))?;
+        } else {
+            for r in &report {
+                writeln!(out, "{r}")?;
+            }
+        }
+        return Ok(0);
+    }
     // A route's path holds at most 16 clusters (the table's max_path_len), so a longer
     // line cannot converge end to end, by design.
     if let Some(bad) = args.simulate.iter().find(|&&n| !(2..=16).contains(&n)) {
@@ -53,4 +95,145 @@ pub fn run(args: FederationBenchArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if reports.iter().all(|r| r.converged) { 0 } else { 1 })
+}
+
+/// The keys and settings of the bench's clusters, removed on drop.
+struct Workdir(PathBuf);
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        drop(std::fs::remove_dir_all(&self.0));
+    }
+}
+
+/// A node process of the line, killed on drop.
+struct LineNode {
+    url: String,
+    monitoring: String,
+    _child: ChildGuard,
+}
+
+fn cluster_name(i: usize) -> String {
+    format!("bench-fed-{i}")
+}
+
+/// Cluster `i`'s authority, node credentials and route key in `dir/i`; its settings file
+/// bridging to its neighbours in the line (`peer`: the node it dials).
+fn prepare(dir: &Path, i: usize, authorities: &[Authority], peer: Option<&str>) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (name, now) = (cluster_name(i), trust::unix_seconds());
+    let own = dir.join(i.to_string());
+    authorities[i].save(&own)?;
+    rotate_in_dir(&own, &name, now, 60)?;
+    let credentials = own.join("node.cred");
+    authorities[i].issue(&format!("n{i}"), &name, now, 86_400)?.save(&credentials)?;
+    let neighbours: Vec<usize> =
+        [i.checked_sub(1), Some(i + 1).filter(|&j| j < authorities.len())].into_iter().flatten().collect();
+    let allowed: Vec<String> = neighbours.iter().map(|&j| cluster_name(j)).collect();
+    let pins: Vec<String> =
+        neighbours.iter().map(|&j| format!("{} = \"{}\"", cluster_name(j), authorities[j].public_hex())).collect();
+    let text = format!(
+        "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\n[mpreg.federation.trust]\n{}\n",
+        json!(allowed),
+        json!(peer.into_iter().collect::<Vec<_>>()),
+        json!(own.display().to_string()),
+        pins.join("\n")
+    );
+    let settings = own.join("node.toml");
+    std::fs::write(&settings, text)?;
+    Ok((credentials, settings))
+}
+
+/// Starts node `i` and waits for its URLs.
+fn start(exe: &Path, i: usize, credentials: &Path, settings: &Path) -> anyhow::Result<LineNode> {
+    let child = Command::new(exe)
+        .args(["server", "start", "--port", "0", "--monitoring-port", "0", "--name", &format!("n{i}")])
+        .args(["--cluster-id", &cluster_name(i), "--credentials"])
+        .arg(credentials)
+        .arg("--config")
+        .arg(settings)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawning {}", exe.display()))?;
+    let mut child = ChildGuard(child);
+    let stdout = child.0.stdout.take().context("the node's stdout was not captured")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading until the node exits: closing the pipe early would stop it.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            drop(tx.send(line));
+        }
+    });
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut monitoring = None;
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .with_context(|| format!("node n{i} printed no MPREG_URL= within {} s", STARTUP_TIMEOUT.as_secs()))?;
+        if let Some(url) = line.strip_prefix("MPREG_MONITORING_URL=") {
+            monitoring = Some(url.to_owned());
+        } else if let Some(url) = line.strip_prefix("MPREG_URL=") {
+            let monitoring = monitoring.context("no MPREG_MONITORING_URL= before MPREG_URL=")?;
+            return Ok(LineNode { url: url.to_owned(), monitoring, _child: child });
+        }
+    }
+}
+
+/// How many other clusters `node` routes to now.
+async fn routed(node: &LineNode) -> usize {
+    let routes = crate::demo::http_get_json(&format!("{}/routes", node.monitoring)).await.unwrap_or(Value::Null);
+    routes["routes"].as_array().map_or(0, |r| r.iter().filter(|r| !r["selected"].is_null()).count())
+}
+
+/// p50 in µs of `calls` sequential requests of `cmd` (after 20 unmeasured).
+async fn p50_us(client: &Client, cmd: &RpcCommand, calls: usize) -> anyhow::Result<u32> {
+    for _ in 0..20 {
+        client.request(vec![cmd.clone()]).await?;
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        client.request(vec![cmd.clone()]).await?;
+        samples.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+    samples.sort_unstable();
+    Ok(percentile(&samples, 0.5))
+}
+
+async fn processes(n: usize, calls: usize) -> anyhow::Result<Vec<Value>> {
+    let exe = std::env::current_exe().context("locating the mpreg binary")?;
+    let dir = Workdir(std::env::temp_dir().join(format!("mpreg-bench-federation-{}", trust::fresh_nonce())));
+    let authorities: Vec<Authority> = (0..n).map(|_| Authority::generate()).collect();
+    let mut nodes: Vec<LineNode> = Vec::with_capacity(n);
+    for i in 0..n {
+        let peer = nodes.last().map(|p| p.url.clone());
+        let (credentials, settings) = prepare(&dir.0, i, &authorities, peer.as_deref())?;
+        nodes.push(start(&exe, i, &credentials, &settings)?);
+    }
+    let started = Instant::now();
+    loop {
+        let counts = futures_util::future::join_all(nodes.iter().map(routed)).await;
+        if counts.iter().all(|&c| c == n - 1) {
+            break;
+        }
+        if started.elapsed() > STARTUP_TIMEOUT {
+            bail!("the line of {n} clusters did not converge within {} s", STARTUP_TIMEOUT.as_secs());
+        }
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    let converge = started.elapsed().as_secs_f64();
+    let client = Client::connect(&nodes[0].url).await?;
+    let echo = RpcCommand::new("r", "echo", vec![json!("x")]);
+    let local = p50_us(&client, &echo, calls).await?;
+    let cross = RpcCommand { target_cluster: Some(cluster_name(2)), ..echo };
+    let remote = p50_us(&client, &cross, calls).await?;
+    client.close().await;
+    Ok(vec![
+        json!({"name": "federation_converge", "clusters": n, "seconds": converge}),
+        json!({"name": "rpc_local", "calls": calls, "p50_us": local}),
+        json!({"name": "rpc_cross_2bridges", "calls": calls, "p50_us": remote,
+               "ratio_to_local": f64::from(remote) / f64::from(local.max(1))}),
+    ])
 }

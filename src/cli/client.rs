@@ -9,15 +9,29 @@ use anyhow::{bail, Context};
 use mpreg_actors::protocol::RpcCommand;
 use serde_json::Value;
 
-use super::ClientCommand;
+use super::{ClientCommand, RouteCommand};
 use crate::client::{CallOptions, Client};
 
 pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
     match command {
         ClientCommand::Health { url } => health(&url),
+        ClientCommand::Route(RouteCommand::Explain { cluster, avoid, url, json }) => {
+            block_on(route_explain(&cluster, &avoid, &url, json))
+        }
         ClientCommand::Queue(command) => block_on(super::queue::run(command)),
         ClientCommand::Cache(command) => block_on(super::cache::run(command)),
-        ClientCommand::Call { fun, args, kwargs, locs, function_id, version, timeout, cache_ttl, url } => {
+        ClientCommand::Call {
+            fun,
+            args,
+            kwargs,
+            locs,
+            function_id,
+            version,
+            timeout,
+            cache_ttl,
+            target_cluster,
+            url,
+        } => {
             let args = parse_args(&args)?;
             let kwargs = match kwargs {
                 Some(text) => match serde_json::from_str(&text).context("--kwargs is not JSON")? {
@@ -33,6 +47,7 @@ pub fn run(command: ClientCommand) -> anyhow::Result<i32> {
                 version_constraint: version,
                 timeout: timeout.map(Duration::from_secs_f64),
                 cache_ttl,
+                target_cluster,
             };
             block_on(async move {
                 let client = Client::connect(&url).await?;
@@ -159,6 +174,55 @@ fn table(rows: &[Vec<String>]) -> String {
 }
 
 /// A minimal HTTP/1.1 GET: the health check must not need more than the binary itself.
+/// `mpreg client route explain`: prints the node's explanation; exit 1 when no route is
+/// selected.
+async fn route_explain(cluster: &str, avoid: &[String], url: &str, json: bool) -> anyhow::Result<i32> {
+    let mut query = format!("{}/routes?destination={cluster}", url.trim_end_matches('/'));
+    if !avoid.is_empty() {
+        query.push_str(&format!("&avoid={}", avoid.join(",")));
+    }
+    let explanation = crate::demo::http_get_json(&query).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+    } else {
+        print!("{}", render_explanation(&explanation));
+    }
+    Ok(if explanation["selected"].is_null() { 1 } else { 0 })
+}
+
+/// An explanation as text: the rule, one block per candidate, the selected path.
+fn render_explanation(e: &Value) -> String {
+    use std::fmt::Write as _;
+    let path = |v: &Value| {
+        v.as_array().map(|p| p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" -> ")).unwrap_or_default()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "destination: {}", e["destination"].as_str().unwrap_or("?"));
+    if let Some(avoid) = e["avoid"].as_array().filter(|a| !a.is_empty()) {
+        let _ = writeln!(out, "avoid: {}", avoid.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "));
+    }
+    let _ = writeln!(out, "rule: {}", e["rule"].as_str().unwrap_or(""));
+    for (i, c) in e["candidates"].as_array().into_iter().flatten().enumerate() {
+        let mark = if c["selected"].as_bool() == Some(true) { " (selected)" } else { "" };
+        let _ = writeln!(out, "candidate {}{mark}: {}", i + 1, path(&c["path"]));
+        let _ = writeln!(out, "  next hop: {}  score: {}", c["next_hop"].as_str().unwrap_or("?"), c["score"]);
+        let _ = writeln!(out, "  metrics: {}", c["metrics"]);
+        let _ = writeln!(out, "  tie-breakers: {}", c["tiebreakers"]);
+        if let Some(why) = c["filtered"].as_str() {
+            let _ = writeln!(out, "  filtered: {why}");
+        }
+    }
+    match e["selected"].as_array() {
+        Some(_) => {
+            let _ = writeln!(out, "selected: {}", path(&e["selected"]));
+        }
+        None => {
+            let _ = writeln!(out, "selected: none (no route)");
+        }
+    }
+    out
+}
+
 fn health(url: &str) -> anyhow::Result<i32> {
     let Some(rest) = url.strip_prefix("http://") else { bail!("only http:// URLs are supported: {url}") };
     let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));

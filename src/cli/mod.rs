@@ -136,6 +136,10 @@ pub struct StartArgs {
     /// The URL other nodes should dial to reach this one.
     #[arg(long)]
     pub advertise_url: Option<String>,
+    /// A node of another cluster to keep a federation bridge to (repeatable; the cluster
+    /// must be allowed and pinned in `[mpreg.federation]`).
+    #[arg(long = "federation-peer")]
+    pub federation_peers: Vec<String>,
     /// This node's credentials file (`mpreg keys issue`): authenticate every peer link.
     #[arg(long)]
     pub credentials: Option<PathBuf>,
@@ -213,6 +217,9 @@ pub enum ClientCommand {
         /// Serve the result from the node's cache, and cache it for this many seconds.
         #[arg(long)]
         cache_ttl: Option<f64>,
+        /// Run it in this cluster (another one: over the federation bridges).
+        #[arg(long)]
+        target_cluster: Option<String>,
         /// Node URL.
         #[arg(long, env = "MPREG_URL")]
         url: String,
@@ -240,11 +247,35 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Federation routes as a node with bridges sees them.
+    #[command(subcommand)]
+    Route(RouteCommand),
     /// Exit 0 when `GET URL` answers 200 (container health checks).
     Health {
         /// e.g. `http://127.0.0.1:9100/health`.
         #[arg(long)]
         url: String,
+    },
+}
+
+/// `mpreg client route ...`
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Why calls to CLUSTER go where they go: every candidate route with its path,
+    /// metrics, score, tie-breakers and why it was filtered, and the one selected
+    /// (`GET /routes?destination=CLUSTER` on the node's monitoring port).
+    Explain {
+        /// The destination cluster.
+        cluster: String,
+        /// Clusters to route around (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        avoid: Vec<String>,
+        /// The node's monitoring URL (`http://host:port`, printed as MPREG_MONITORING_URL).
+        #[arg(long)]
+        url: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -5,13 +5,13 @@ use std::path::Path;
 
 use mpreg_actors::supervisor::NodeExit;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use mpreg_actors::persistence::OpenFailure;
 
 use super::{StartArgs, EXIT_DATA_CORRUPT, EXIT_DATA_IO, EXIT_DATA_LOCKED, EXIT_DATA_UNWRITABLE, EXIT_ESCALATED};
 use crate::config::{LogFormat, Settings};
-use crate::node::{NodeBuilder, NodeError};
+use crate::node::{Node, NodeBuilder, NodeError};
 
 /// Installs the log subscriber: `RUST_LOG` filters (default `info`), stderr, text or JSON.
 pub fn init_logging(format: LogFormat) {
@@ -41,11 +41,12 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
         fault_injection,
         peers,
         advertise_url,
+        federation_peers,
         credentials,
         insecure,
     } = args;
-    let mut settings = match config {
-        Some(file) => Settings::from_toml_file(&file)?,
+    let mut settings = match &config {
+        Some(file) => Settings::from_toml_file(file)?,
         None => Settings::default(),
     };
     settings.host = host.unwrap_or(settings.host);
@@ -60,16 +61,17 @@ pub fn start(args: StartArgs) -> anyhow::Result<i32> {
     settings.request_timeout_s = request_timeout.unwrap_or(settings.request_timeout_s);
     settings.fault_injection |= fault_injection;
     settings.peers.extend(peers);
+    settings.federation.peers.extend(federation_peers);
     settings.advertise_url = advertise_url.or(settings.advertise_url);
     settings.credentials = credentials.or(settings.credentials);
     settings.insecure |= insecure;
-    serve(settings)
+    serve(settings, config.as_deref())
 }
 
 pub fn start_config(file: &Path, log_format: Option<LogFormat>) -> anyhow::Result<i32> {
     let mut settings = Settings::from_toml_file(file)?;
     settings.log_format = log_format.unwrap_or(settings.log_format);
-    serve(settings)
+    serve(settings, Some(file))
 }
 
 /// The exit code of a data dir that stopped the node at start (see `config/node.toml`).
@@ -86,7 +88,20 @@ fn data_dir_exit_code(e: &NodeError) -> Option<i32> {
     }
 }
 
-fn serve(settings: Settings) -> anyhow::Result<i32> {
+/// Re-reads `file` and applies its federation policies (SIGHUP); a file that no longer
+/// parses changes nothing.
+fn reload(node: &Node, file: Option<&Path>) {
+    let Some(file) = file else { return warn!("SIGHUP: no settings file to reload") };
+    match Settings::from_toml_file(file) {
+        Ok(settings) if node.reload_federation_policies(&settings) => {
+            info!(file = %file.display(), "SIGHUP: federation policies reloaded")
+        }
+        Ok(_) => warn!("SIGHUP: this node has no federation bridges; nothing to reload"),
+        Err(e) => warn!(cause = %e, "SIGHUP: settings not reloaded"),
+    }
+}
+
+fn serve(settings: Settings, file: Option<&Path>) -> anyhow::Result<i32> {
     init_logging(settings.log_format);
     actix_rt::System::new().block_on(async move {
         let node = match NodeBuilder::new(settings).start().await {
@@ -102,6 +117,7 @@ fn serve(settings: Settings) -> anyhow::Result<i32> {
         };
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
         {
             let mut out = std::io::stdout().lock();
             // The monitoring URL first: readers that stop at `MPREG_URL=` (the ready line)
@@ -113,16 +129,19 @@ fn serve(settings: Settings) -> anyhow::Result<i32> {
             out.flush()?;
         }
         info!(node = node.name(), url = node.url(), "node ready");
-        let code = tokio::select! {
-            _ = interrupt.recv() => { info!("interrupt: shutting down"); node.shutdown().await; 0 }
-            _ = terminate.recv() => { info!("SIGTERM: shutting down"); node.shutdown().await; 0 }
-            exit = node.wait() => match exit {
-                NodeExit::Escalated { actor } => {
-                    error!(actor = %actor, "supervisor escalated: node stopping");
-                    node.stop_listener().await;
-                    EXIT_ESCALATED
+        let code = loop {
+            tokio::select! {
+                _ = hangup.recv() => reload(&node, file),
+                _ = interrupt.recv() => { info!("interrupt: shutting down"); node.shutdown().await; break 0 }
+                _ = terminate.recv() => { info!("SIGTERM: shutting down"); node.shutdown().await; break 0 }
+                exit = node.wait() => break match exit {
+                    NodeExit::Escalated { actor } => {
+                        error!(actor = %actor, "supervisor escalated: node stopping");
+                        node.stop_listener().await;
+                        EXIT_ESCALATED
+                    }
+                    _ => 0,
                 }
-                _ => 0,
             }
         };
         info!(node = node.name(), code, "node stopped");

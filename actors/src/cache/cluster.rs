@@ -315,6 +315,7 @@ async fn remote(
         },
         CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
         CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
+        CallOutcome::Refused { error } => Err(error),
         CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("no cache on {node}"))),
         CallOutcome::Failed { error, node } => {
             Err(RpcError::unreachable(format!("cache operation failed on {node}: {error:?}")))

@@ -4,8 +4,9 @@
 //! the client is connected to, from its own membership and catalog.
 //!
 //! They are functions like any other ([`builtins`]), with two differences: they are
-//! local-only (never advertised in the catalog, so never forwarded: a `target_cluster`
-//! other than this node's finds none, 1001), and each takes one optional request object
+//! local-only (never advertised in the catalog, so never forwarded to another node of the
+//! cluster; a `target_cluster` naming another cluster goes over the federation bridges,
+//! or is 1005 without a route), and each takes one optional request object
 //! (`call("catalog_query", {"entry_type": "functions"})`) or the same fields as keyword
 //! arguments. Each call asks FabricGossip for a [`DiscoveryView`] (one mailbox round trip:
 //! discovery is not on the hot path) and answers with [`answer`], a pure function of the

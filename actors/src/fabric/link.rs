@@ -106,6 +106,9 @@ pub struct FabricView {
     pub queues: HashMap<String, RemoteQueue>,
     /// Queues of suspected or unroutable nodes: operations on them fail with 1005 at once.
     pub unreachable_queues: HashMap<String, RemoteQueue>,
+    /// Other clusters, with the reachable nodes of this cluster that bridge to them (as
+    /// their catalogs advertise).
+    pub clusters: HashMap<String, Vec<NodeId>>,
 }
 
 /// Catalog change log size unless the settings say otherwise.
@@ -229,6 +232,8 @@ pub struct FabricShared {
     pending: Mutex<HashMap<String, PendingCall>>,
     /// This node's credentials; `None` runs open (development).
     pub trust: Option<Arc<Credentials>>,
+    /// Federation bridges to other clusters; `None`: this node bridges to none.
+    pub bridges: Option<Arc<super::bridge::Bridges>>,
     /// Counters (in-flight gauge, refusals, drops).
     pub metrics: Arc<Metrics>,
     /// Catalog changes for `catalog_watch` (kept here, so a restarted FabricGossip
@@ -286,6 +291,7 @@ impl FabricShared {
             cache: None,
             pending: Mutex::new(HashMap::new()),
             trust: None,
+            bridges: None,
             metrics: Arc::new(Metrics::default()),
             discovery_log: Mutex::new(CatalogLog::new(DEFAULT_DISCOVERY_LOG_ITEMS)),
             limits: LinkLimits::default(),
@@ -303,6 +309,12 @@ impl FabricShared {
     /// With credentials: every link must authenticate (see [`super::wire`]).
     pub fn with_trust(mut self, trust: Option<Arc<Credentials>>) -> Self {
         self.trust = trust;
+        self
+    }
+
+    /// Bridges this node to other clusters (see [`super::bridge`]).
+    pub fn with_bridges(mut self, bridges: Option<Arc<super::bridge::Bridges>>) -> Self {
+        self.bridges = bridges;
         self
     }
 
@@ -372,6 +384,20 @@ impl FabricShared {
             kwargs: call.kwargs,
             timeout_ms,
         };
+        self.request(node, body).await
+    }
+
+    /// Runs `command` in cluster `cluster` through `node`, a node of this cluster that
+    /// bridges to it ([`super::bridge`]).
+    pub async fn cluster_call(
+        &self,
+        node: &str,
+        cluster: &str,
+        command: crate::protocol::RpcCommand,
+        deadline: Option<std::time::Instant>,
+    ) -> CallOutcome {
+        let timeout_ms = deadline.map(|d| millis_left(d, std::time::Instant::now()));
+        let body = FabricBody::ClusterCall { cluster: cluster.to_owned(), command: Box::new(command), timeout_ms };
         self.request(node, body).await
     }
 
@@ -514,6 +540,13 @@ impl FabricShared {
                 .get(&link)
                 .map(|(_, _, routed)| routed.fetch_add(1, Ordering::Relaxed))
                 .is_some();
+        let frame = match (frame, &self.bridges) {
+            (PeerFrame::Federation(message), Some(bridges)) if bridges.is_bridge(link) => {
+                bridges.on_frame(self, link, message);
+                return;
+            }
+            (frame, _) => frame,
+        };
         match frame {
             PeerFrame::FabricMessage(message) if admitted => self.route(link, message),
             other => match self.gossip.get() {
@@ -563,7 +596,10 @@ impl FabricShared {
                     }
                 }
             }
-            body @ (FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. }) => {
+            body @ (FabricBody::Call { .. }
+            | FabricBody::QueueOp { .. }
+            | FabricBody::CacheOp { .. }
+            | FabricBody::ClusterCall { .. }) => {
                 let (id, source) = (message.id, message.source);
                 let forwards = message.path.len().saturating_sub(1);
                 let Ok(mut serving) = self.serving.lock() else { return };
@@ -603,6 +639,19 @@ impl FabricShared {
                             shared.serve_call(&command, &identity, CallArgs { args, kwargs, deadline }).await
                         }
                         FabricBody::QueueOp { request, conn } => shared.serve_queue_op(&source, request, conn).await,
+                        FabricBody::ClusterCall { cluster, command, timeout_ms } => {
+                            let deadline = timeout_ms
+                                .and_then(|ms| std::time::Instant::now().checked_add(Duration::from_millis(ms)));
+                            match shared.bridges.clone() {
+                                Some(bridges) => match bridges.call_cluster(&cluster, *command, deadline).await {
+                                    Ok(value) => CallOutcome::Ok { value },
+                                    Err(error) => CallOutcome::Refused { error },
+                                },
+                                None => CallOutcome::Unreachable {
+                                    reason: format!("node {} has no federation bridges", shared.me.node),
+                                },
+                            }
+                        }
                         FabricBody::CacheOp { duty, request } => match shared.cache.clone() {
                             Some(cache) => crate::cache::cluster::serve(shared, &cache, &duty, request).await,
                             None => CallOutcome::NotFound { node: shared.me.node.clone() },
@@ -827,7 +876,13 @@ impl Drop for ServingGuard {
 impl FabricBody {
     /// A call, queue or cache operation: answered, so forwarded with a way back.
     pub fn is_request(&self) -> bool {
-        matches!(self, FabricBody::Call { .. } | FabricBody::QueueOp { .. } | FabricBody::CacheOp { .. })
+        matches!(
+            self,
+            FabricBody::Call { .. }
+                | FabricBody::QueueOp { .. }
+                | FabricBody::CacheOp { .. }
+                | FabricBody::ClusterCall { .. }
+        )
     }
 }
 

@@ -149,6 +149,8 @@ pub struct MembershipCore {
     functions: Vec<FunctionIdentity>,
     queues: Vec<String>,
     about: Vec<FunctionAbout>,
+    /// Clusters this node bridges to (advertised in its catalog).
+    clusters: Vec<String>,
     members: HashMap<NodeId, Member>,
     catalogs: HashMap<NodeId, StoredCatalog>,
     /// (node, instance) -> (highest heartbeat seen, until).
@@ -168,6 +170,7 @@ impl MembershipCore {
             functions,
             queues: Vec::new(),
             about: Vec::new(),
+            clusters: Vec::new(),
             members: HashMap::new(),
             catalogs: HashMap::new(),
             tombstones: HashMap::new(),
@@ -193,6 +196,7 @@ impl MembershipCore {
             functions: self.functions.clone(),
             queues: self.queues.clone(),
             about: self.about.clone(),
+            clusters: self.clusters.clone(),
             proof: None,
         }
     }
@@ -215,6 +219,18 @@ impl MembershipCore {
         self.queues = queues;
         self.catalog_version += 1;
         self.local_catalog(now_unix)
+    }
+
+    /// The clusters we reach over federation bridges changed: a new version to flood.
+    pub fn set_local_clusters(&mut self, clusters: Vec<String>, now_unix: f64) -> CatalogDelta {
+        self.clusters = clusters;
+        self.catalog_version += 1;
+        self.local_catalog(now_unix)
+    }
+
+    /// The clusters we advertise as reachable through us.
+    pub fn local_clusters(&self) -> &[String] {
+        &self.clusters
     }
 
     /// Owners refresh at ttl/2: bump the version so every node renews the entries.
@@ -616,6 +632,19 @@ impl MembershipCore {
         out
     }
 
+    /// Clusters reached through members in `state` (their bridges): (cluster, node).
+    pub fn clusters_of(&self, state: MemberState) -> Vec<(String, NodeId)> {
+        let mut out = Vec::new();
+        for (node, stored) in &self.catalogs {
+            let Some(m) = self.members.get(node) else { continue };
+            if m.state != state || m.info.instance_id != stored.delta.instance_id {
+                continue;
+            }
+            out.extend(stored.delta.clusters.iter().map(|c| (c.clone(), node.clone())));
+        }
+        out
+    }
+
     /// Queues owned by members in `state`: (queue, owner, owner's url).
     pub fn queues_of(&self, state: MemberState) -> Vec<(String, NodeId, String)> {
         let mut out = Vec::new();
@@ -734,6 +763,7 @@ mod tests {
             functions: vec![],
             queues: vec![],
             about: vec![],
+            clusters: Vec::new(),
             proof: None,
         }
     }
@@ -837,6 +867,7 @@ mod tests {
                     }],
                     queues: vec![],
                     about: vec![],
+                    clusters: Vec::new(),
                     proof: None,
                 },
                 received_at,

@@ -36,6 +36,7 @@
 //! rebuilt from the peers' snapshots within a gossip round or two). Calls in flight
 //! over a closed link fail over (retry on another provider) or answer 1005.
 
+pub mod bridge;
 pub mod link;
 pub mod membership;
 pub mod queue_sessions;
@@ -81,6 +82,9 @@ use crate::unix_now;
 pub struct FabricConfig {
     /// URLs to dial at start and keep dialling.
     pub peers: Vec<String>,
+    /// Those of `peers` that are nodes of other clusters (federation bridges): our STATUS
+    /// to them names no functions, queues or clusters.
+    pub federation_peers: Vec<String>,
     /// Nodes learned through gossip are dialled while this node holds fewer links than
     /// this in all (0: only `peers`).
     pub fanout: usize,
@@ -311,6 +315,8 @@ struct Link {
     nonce: String,
     /// Acceptor with credentials: the dialer's checked STATUS, waiting for its proof.
     awaiting_proof: Option<Box<PendingPeer>>,
+    /// An admitted federation bridge: the other cluster (never a member link).
+    bridge: Option<String>,
 }
 
 /// A dialer whose STATUS and certificate checked out, before its proof of possession.
@@ -319,6 +325,8 @@ struct PendingPeer {
     key: VerifyingKey,
     nonce: String,
     catalog: CatalogDelta,
+    /// A node of another cluster asking for a federation bridge.
+    bridge: bool,
 }
 
 /// Why a link is refused: a fixed label for `/metrics` and the words for the log and the
@@ -458,8 +466,15 @@ impl FabricGossip {
 
     /// Our STATUS for `link`; with credentials it carries our nonce, certificate, signed
     /// catalog and (acceptor) `proof`.
-    fn status_frame(&self, link: LinkId, proof: Option<String>) -> PeerFrame {
-        let local = self.core.local_catalog(unix_now());
+    fn status_frame(&self, link: LinkId, proof: Option<String>, bridge: bool) -> PeerFrame {
+        let mut local = self.core.local_catalog(unix_now());
+        if bridge {
+            // Another cluster: nothing of ours beyond who we are (signed, as always).
+            local.functions.clear();
+            local.queues.clear();
+            local.about.clear();
+            local.clusters.clear();
+        }
         let auth = match (&self.shared.trust, self.links.get(&link)) {
             (Some(trust), Some(l)) => Some(Box::new(StatusAuth {
                 nonce: l.nonce.clone(),
@@ -577,6 +592,34 @@ impl FabricGossip {
             dropped = outcome.dropped + unverified, saved_at, "catalog snapshot restored (members unconfirmed)");
         self.shared.metrics.catalog_snapshot_restored(unix_now(), outcome.entries as u64, outcome.members as u64);
         self.last_snapshot = Some(self.build_snapshot().fingerprint());
+    }
+
+    /// Restores the federation snapshot (route table, keys learned), so a restarted bridge
+    /// node routes as soon as its bridges are back, before the first announcements.
+    fn restore_federation_snapshot(&mut self) {
+        let (Some(config), Some(bridges)) = (&self.config.snapshots, &self.shared.bridges) else { return };
+        let me = &self.shared.me.node;
+        match config.store.get(bridge::SNAPSHOT_TREE, bridge::SNAPSHOT_KEY) {
+            Ok(Some(bytes)) => match bridges.restore(&bytes) {
+                Ok(routes) => info!(node = %me, routes, "federation snapshot restored"),
+                Err(e) => warn!(node = %me, cause = %e, "federation snapshot unusable; starting without it"),
+            },
+            Ok(None) => debug!(node = %me, "no federation snapshot to restore"),
+            Err(e) => warn!(node = %me, cause = %e, "federation snapshot unreadable; starting without it"),
+        }
+    }
+
+    /// Saves the federation state (the committer thread does the I/O).
+    fn save_federation_snapshot(&mut self, ctx: &mut Context<Self>) {
+        let (Some(config), Some(bridges)) = (&self.config.snapshots, &self.shared.bridges) else { return };
+        let Some(bytes) = bridges.snapshot_bytes() else { return };
+        let batch = Batch::new().put(bridge::SNAPSHOT_TREE, bridge::SNAPSHOT_KEY, bytes);
+        let store = config.store.clone();
+        ctx.spawn(async move { store.commit(batch).await }.into_actor(self).map(|result, act, _| {
+            if let Err(e) = result {
+                warn!(node = %act.shared.me.node, cause = %e, "federation snapshot not saved; will retry");
+            }
+        }));
     }
 
     fn build_snapshot(&self) -> CatalogSnapshot {
@@ -746,6 +789,17 @@ impl FabricGossip {
         for (name, owner) in &self.departed_queues {
             unreachable_queues.insert(name.clone(), owner.clone());
         }
+        let mut clusters: HashMap<String, Vec<NodeId>> = HashMap::new();
+        for state in [MemberState::Alive, MemberState::Unconfirmed] {
+            for (cluster, node) in self.core.clusters_of(state) {
+                if next_hops.contains_key(&node) {
+                    clusters.entry(cluster).or_default().push(node);
+                }
+            }
+        }
+        for nodes in clusters.values_mut() {
+            nodes.sort();
+        }
         self.shared.view.store(Arc::new(FabricView {
             links,
             next_hops,
@@ -754,6 +808,7 @@ impl FabricGossip {
             admitted,
             queues,
             unreachable_queues,
+            clusters,
         }));
         self.observe_catalog();
     }
@@ -858,6 +913,9 @@ impl FabricGossip {
 
     fn link_gone(&mut self, link: LinkId, l: Link) {
         self.shared.link_closed(link);
+        if let (Some(bridges), Some(_)) = (&self.shared.bridges, &l.bridge) {
+            bridges.link_closed(link);
+        }
         if let Some(url) = &l.outbound_url {
             if let Some(dial) = self.dials.get_mut(url) {
                 dial.in_progress = false;
@@ -891,13 +949,18 @@ impl FabricGossip {
         auth: Option<Box<StatusAuth>>,
     ) {
         let Some(l) = self.links.get(&link) else { return };
-        if l.node.is_some() || l.awaiting_proof.is_some() {
+        if l.node.is_some() || l.awaiting_proof.is_some() || l.bridge.is_some() {
             // One handshake per link: a second STATUS cannot change who the link is.
             debug!(node = %self.shared.me.node, link, claimed = %info.node, "STATUS on a link already introduced ignored");
             return;
         }
         let outbound = l.outbound_url.is_some();
         let my_nonce = l.nonce.clone();
+        if info.cluster_id != self.shared.me.cluster_id {
+            if let Some(bridges) = self.shared.bridges.clone() {
+                return self.on_bridge_status(link, info, auth, &bridges, my_nonce);
+            }
+        }
         if let Err(refusal) = self.core.check(&info, self.now()) {
             return self.refuse(link, &info.node, refusal.into());
         }
@@ -913,6 +976,7 @@ impl FabricGossip {
                     functions,
                     queues,
                     about,
+                    clusters: Vec::new(),
                     proof: None,
                 };
                 return self.admit(link, info, prune_about(delta), !outbound);
@@ -960,10 +1024,10 @@ impl FabricGossip {
         } else {
             let transcript = link_transcript(LinkSide::Acceptor, &me.cluster_id, theirs, mine);
             let proof = trust.sign_hex(&transcript);
-            let status = self.status_frame(link, Some(proof));
+            let status = self.status_frame(link, Some(proof), false);
             self.send(link, &status);
             if let Some(l) = self.links.get_mut(&link) {
-                l.awaiting_proof = Some(Box::new(PendingPeer { info, key, nonce: auth.nonce, catalog }));
+                l.awaiting_proof = Some(Box::new(PendingPeer { info, key, nonce: auth.nonce, catalog, bridge: false }));
             }
         }
     }
@@ -980,13 +1044,82 @@ impl FabricGossip {
         let dialer =
             LinkEnd { node: &pending.info.node, instance_id: &pending.info.instance_id, nonce: &pending.nonce };
         let acceptor = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &l.nonce };
-        let transcript = link_transcript(LinkSide::Dialer, &me.cluster_id, dialer, acceptor);
+        let label = if pending.bridge {
+            trust::bridge_label(&pending.info.cluster_id, &me.cluster_id)
+        } else {
+            me.cluster_id.clone()
+        };
+        let transcript = link_transcript(LinkSide::Dialer, &label, dialer, acceptor);
         if trust::verify_hex(&pending.key, &transcript, signature).is_err() {
             let refusal = LinkRefusal::new("bad_proof", "the dialer's handshake proof does not verify");
             return self.refuse(link, &pending.info.node, refusal);
         }
-        let PendingPeer { info, catalog, .. } = *pending;
-        self.admit(link, info, catalog, false);
+        let PendingPeer { info, catalog, bridge, .. } = *pending;
+        if bridge {
+            self.bridge_admit(link, &info);
+        } else {
+            self.admit(link, info, catalog, false);
+        }
+    }
+
+    /// A STATUS from a node of another cluster, on a node with federation bridges: the
+    /// same credentialed handshake, but the certificate must chain to the authority pinned
+    /// for that cluster (which must be allowed), and the transcripts name both clusters.
+    /// Admitted, the link is a bridge: federation frames only, never a member.
+    fn on_bridge_status(
+        &mut self,
+        link: LinkId,
+        info: NodeInfo,
+        auth: Option<Box<StatusAuth>>,
+        bridges: &bridge::Bridges,
+        my_nonce: String,
+    ) {
+        let outbound = self.links.get(&link).is_some_and(|l| l.outbound_url.is_some());
+        let (Some(trust), Some(auth)) = (self.shared.trust.clone(), auth) else {
+            let refusal =
+                LinkRefusal::new("federation_no_credentials", "a federation bridge needs credentials on both sides");
+            return self.refuse(link, &info.node, refusal);
+        };
+        let authority = match bridges.authority_for(&info.cluster_id) {
+            Ok(authority) => *authority,
+            Err(reason) => return self.refuse(link, &info.node, LinkRefusal::new("federation_refused", reason)),
+        };
+        let now_s = trust::unix_seconds();
+        let key = match trust::check_certificate(&authority, &auth.certificate, &info.node, &info.cluster_id, now_s) {
+            Ok(key) => key,
+            Err(e) => return self.refuse(link, &info.node, LinkRefusal::untrusted(e)),
+        };
+        let me = &self.shared.me;
+        let mine = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &my_nonce };
+        let theirs = LinkEnd { node: &info.node, instance_id: &info.instance_id, nonce: &auth.nonce };
+        if outbound {
+            let label = trust::bridge_label(&me.cluster_id, &info.cluster_id);
+            let transcript = link_transcript(LinkSide::Acceptor, &label, mine, theirs);
+            let proven = auth.proof.as_deref().is_some_and(|p| trust::verify_hex(&key, &transcript, p).is_ok());
+            if !proven {
+                let refusal = LinkRefusal::new("bad_proof", "the acceptor's handshake proof does not verify");
+                return self.refuse(link, &info.node, refusal);
+            }
+            let signature = trust.sign_hex(&link_transcript(LinkSide::Dialer, &label, mine, theirs));
+            self.send(link, &PeerFrame::Server(ServerFrame::Proof { signature }));
+            self.bridge_admit(link, &info);
+        } else {
+            let label = trust::bridge_label(&info.cluster_id, &me.cluster_id);
+            let proof = trust.sign_hex(&link_transcript(LinkSide::Acceptor, &label, theirs, mine));
+            let status = self.status_frame(link, Some(proof), true);
+            self.send(link, &status);
+            let pending = PendingPeer { info, key, nonce: auth.nonce, catalog: auth.catalog, bridge: true };
+            if let Some(l) = self.links.get_mut(&link) {
+                l.awaiting_proof = Some(Box::new(pending));
+            }
+        }
+    }
+
+    /// A bridge's handshake completed: the bridges take it over.
+    fn bridge_admit(&mut self, link: LinkId, info: &NodeInfo) {
+        let (Some(bridges), Some(l)) = (self.shared.bridges.clone(), self.links.get_mut(&link)) else { return };
+        l.bridge = Some(info.cluster_id.clone());
+        bridges.bridge_up(link, &info.cluster_id, &info.node, l.sender.clone());
     }
 
     /// Admits a peer whose handshake completed: learns it, sends it our view, floods its
@@ -1005,7 +1138,7 @@ impl FabricGossip {
                     self.swim.learn(Rumor { member: member.clone(), incarnation: 0, liveness: Liveness::Alive }, now);
                 self.apply_transitions(changes);
                 if first && answer_status {
-                    self.send(link, &self.status_frame(link, None));
+                    self.send(link, &self.status_frame(link, None, false));
                 }
                 let news = self.within_catalog_bound(&delta) && self.core.apply_catalog(&delta, now);
                 // Publish the link as admitted before anything else goes out on it.
@@ -1316,6 +1449,10 @@ impl FabricGossip {
         }
         self.swim_send(out);
         self.shared.expire_forwarded();
+        if let Some(bridges) = self.shared.bridges.clone() {
+            bridges.tick();
+            self.advertise_clusters(&bridges.reachable());
+        }
         self.dial_due(ctx);
         self.rounds += 1;
         // Expired entries and restored members change nothing SWIM reports: rebuilt every
@@ -1323,6 +1460,18 @@ impl FabricGossip {
         if !events.is_empty() || self.rounds % 4 == 0 {
             self.rebuild_view();
         }
+    }
+
+    /// The clusters this node's bridges reach, when they changed: a new catalog version,
+    /// so the other nodes of the cluster send their `target_cluster` commands through us.
+    fn advertise_clusters(&mut self, reachable: &[String]) {
+        if self.core.local_clusters() == reachable {
+            return;
+        }
+        let delta = self.core.set_local_clusters(reachable.to_vec(), unix_now());
+        let delta = self.seal(delta);
+        let from = self.shared.me.node.clone();
+        self.broadcast(&PeerFrame::FabricGossip(GossipFrame::Catalog { from, deltas: vec![delta] }), None);
     }
 
     /// A link to a member SWIM suspects that has carried nothing (no gossip frame, no routed
@@ -1439,6 +1588,7 @@ impl Actor for FabricGossip {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(4096);
         self.restore_snapshot();
+        self.restore_federation_snapshot();
         self.rebuild_view();
         self.dial_due(ctx);
         ctx.run_interval(self.config.gossip_interval, |act, ctx| act.tick(ctx));
@@ -1447,7 +1597,10 @@ impl Actor for FabricGossip {
         let swim_tick = Duration::from_secs_f64((self.config.swim.probe_timeout / 4.0).max(0.01));
         ctx.run_interval(swim_tick, |act, _| act.swim_tick());
         if let Some(config) = &self.config.snapshots {
-            ctx.run_interval(config.interval, |act, ctx| act.save_snapshot_if_changed(ctx));
+            ctx.run_interval(config.interval, |act, ctx| {
+                act.save_snapshot_if_changed(ctx);
+                act.save_federation_snapshot(ctx);
+            });
         }
     }
 
@@ -1470,6 +1623,7 @@ impl Handler<LinkOpened> for FabricGossip {
 
     fn handle(&mut self, msg: LinkOpened, _: &mut Context<Self>) {
         let outbound = msg.outbound_url.is_some();
+        let bridge = msg.outbound_url.as_ref().is_some_and(|url| self.config.federation_peers.contains(url));
         if let Some(url) = &msg.outbound_url {
             if let Some(dial) = self.dials.get_mut(url) {
                 dial.backoff = Duration::ZERO;
@@ -1489,10 +1643,11 @@ impl Handler<LinkOpened> for FabricGossip {
                 peer: msg.peer,
                 nonce: trust::fresh_nonce(),
                 awaiting_proof: None,
+                bridge: None,
             },
         );
         if outbound {
-            self.send(msg.link, &self.status_frame(msg.link, None));
+            self.send(msg.link, &self.status_frame(msg.link, None, bridge));
         }
     }
 }
@@ -1514,6 +1669,7 @@ impl Handler<PeerFrameReceived> for FabricGossip {
         let Some(l) = self.links.get_mut(&msg.link) else { return };
         l.last_heard = Instant::now();
         let handshaken = l.node.is_some();
+        let is_bridge = l.bridge.is_some();
         let linked_node = l.node.clone();
         match msg.frame {
             PeerFrame::Server(ServerFrame::Status { info, functions, catalog_version, queues, about, auth }) => {
@@ -1555,6 +1711,14 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 debug!(link = msg.link, "routed message before the handshake completed dropped");
                 self.shared.metrics.fabric_dropped("no_handshake");
             }
+            // Read before the bridge's handshake completed: judged after it.
+            PeerFrame::Federation(message) => match &self.shared.bridges {
+                Some(bridges) if is_bridge => bridges.on_frame(&self.shared, msg.link, message),
+                _ => {
+                    debug!(link = msg.link, "federation frame on a link that is no bridge dropped");
+                    self.shared.metrics.fabric_dropped("not_a_bridge");
+                }
+            },
         }
     }
 }
@@ -1669,12 +1833,16 @@ impl FabricGossip {
         let snapshot = self.build_snapshot();
         let (node, metrics, store) = (self.shared.me.node.clone(), self.shared.metrics.clone(), config.store.clone());
         let members = snapshot.members.len();
+        let federation = self.shared.bridges.as_ref().and_then(|b| b.snapshot_bytes());
         Box::pin(async move {
             let bytes = match snapshot.encode() {
                 Ok(bytes) => bytes,
                 Err(e) => return warn!(node = %node, cause = %e, "final catalog snapshot not encoded"),
             };
-            let batch = Batch::new().put(SNAPSHOT_TREE, SNAPSHOT_KEY, bytes);
+            let mut batch = Batch::new().put(SNAPSHOT_TREE, SNAPSHOT_KEY, bytes);
+            if let Some(federation) = federation {
+                batch = batch.put(bridge::SNAPSHOT_TREE, bridge::SNAPSHOT_KEY, federation);
+            }
             match tokio::time::timeout(FINAL_SNAPSHOT_TIMEOUT, store.commit(batch)).await {
                 Ok(Ok(())) => {
                     metrics.catalog_snapshot_saved(snapshot.saved_at);

@@ -167,6 +167,7 @@ mod tests {
             functions: vec![],
             queues: vec![],
             about: vec![],
+            clusters: Vec::new(),
             proof: None,
         };
         SnapshotMember { info, heard_at: 100.0, catalog: Some(SnapshotCatalog { delta, received_at: 100.0 }) }

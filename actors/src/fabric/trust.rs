@@ -396,14 +396,7 @@ impl Credentials {
     /// Checks a peer's certificate: signed by our authority, not expired, naming `node`
     /// in our cluster. The peer's node key.
     pub fn check_peer(&self, certificate: &Certificate, node: &str, now: u64) -> Result<VerifyingKey, TrustError> {
-        let body = certificate.verify(&self.authority, now)?;
-        if body.node != node {
-            return Err(TrustError::Mismatch(format!("certificate is for node {}, not {node}", body.node)));
-        }
-        if body.cluster_id != self.body.cluster_id {
-            return Err(TrustError::Mismatch(format!("certificate is for cluster {}", body.cluster_id)));
-        }
-        body.node_key()
+        check_certificate(&self.authority, certificate, node, &self.body.cluster_id, now)
     }
 
     /// Signs a statement about this node (its exact text) for others to relay.
@@ -481,6 +474,32 @@ pub fn link_transcript(side: LinkSide, cluster_id: &str, dialer: LinkEnd<'_>, ac
         out.extend_from_slice(field.as_bytes());
     }
     out
+}
+
+/// Checks a certificate: signed by `authority`, not expired, naming `node` of `cluster`.
+/// The node's key.
+pub fn check_certificate(
+    authority: &VerifyingKey,
+    certificate: &Certificate,
+    node: &str,
+    cluster: &str,
+    now: u64,
+) -> Result<VerifyingKey, TrustError> {
+    let body = certificate.verify(authority, now)?;
+    if body.node != node {
+        return Err(TrustError::Mismatch(format!("certificate is for node {}, not {node}", body.node)));
+    }
+    if body.cluster_id != cluster {
+        return Err(TrustError::Mismatch(format!("certificate is for cluster {}", body.cluster_id)));
+    }
+    body.node_key()
+}
+
+/// What a federation bridge's handshake transcripts name as their cluster: both clusters,
+/// the dialer's first (a transcript signed for one bridge, or for a link inside a cluster,
+/// never verifies for another).
+pub fn bridge_label(dialer_cluster: &str, acceptor_cluster: &str) -> String {
+    format!("federation:{dialer_cluster}>{acceptor_cluster}")
 }
 
 /// A fresh random nonce for one link (32 bytes, hex).

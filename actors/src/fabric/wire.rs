@@ -166,6 +166,11 @@ pub struct CatalogDelta {
     /// rest; absent when none, so older frames still decode and verify).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub about: Vec<FunctionAbout>,
+    /// Clusters the node reaches over its federation bridges: the other nodes of its
+    /// cluster send `target_cluster` commands for them through it (signed with the rest;
+    /// absent when none, so older frames still decode and verify).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<ClusterId>,
     /// With credentials: the owner's signature over this delta's JSON (without `proof`).
     /// A receiver acts on the signed text, never on the outer fields, so a relay cannot
     /// change a node's entries; a delta without a valid proof is dropped.
@@ -316,6 +321,17 @@ pub enum FabricBody {
         /// How it went.
         outcome: CallOutcome,
     },
+    /// A command for another cluster, to a node of this cluster that bridges to it (it
+    /// answers with the cluster's result, or `refused`).
+    ClusterCall {
+        /// The destination cluster.
+        cluster: ClusterId,
+        /// The command, its arguments already substituted.
+        command: Box<crate::protocol::RpcCommand>,
+        /// Milliseconds the caller still waits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
     /// A queue operation for a queue the target owns: `request` is the client's
     /// `role: "queue"` frame (its `u` included); answered by a `reply` whose outcome is
     /// `ok` with `value` = the owner's `queue-reply` frame.
@@ -398,6 +414,12 @@ pub enum CallOutcome {
         /// Which bound, naming the node that refused.
         reason: String,
     },
+    /// A cross-cluster command's error, as the cluster that ran it (or a bridge on the
+    /// way) gave it.
+    Refused {
+        /// The error.
+        error: crate::protocol::RpcError,
+    },
 }
 
 /// Any inter-node frame.
@@ -410,6 +432,9 @@ pub enum PeerFrame {
     FabricGossip(GossipFrame),
     /// `fabric-message`
     FabricMessage(FabricMessage),
+    /// Between nodes of different clusters, on a federation bridge only (see
+    /// [`super::bridge`]).
+    Federation(super::bridge::FederationFrame),
 }
 
 impl PeerFrame {

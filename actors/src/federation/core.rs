@@ -191,10 +191,13 @@ impl FederationCore {
         self.signer = signer;
     }
 
-    /// Replaces the policies (reload); routes already held stay until refreshed.
-    pub fn set_policies(&mut self, import: ImportPolicies, export: ExportPolicies) {
+    /// Replaces the policies (reload) and drops the routes held that the new import
+    /// policies refuse; `true` when the table changed (the next `outgoing` withdraws them
+    /// from the neighbours, and applies the new export policies).
+    pub fn set_policies(&mut self, import: ImportPolicies, export: ExportPolicies) -> bool {
         self.config.import = import;
         self.config.export = export;
+        !self.table.drop_refused(&self.config.import).is_empty()
     }
 
     /// Drops expired records; `true` when the table changed.
@@ -386,6 +389,27 @@ mod tests {
         assert_eq!(c.path("a", "b", T0), p(&["a", "b"]));
         assert_eq!(c.path("a", "d", T0), None);
         assert_eq!(c.path("d", "a", T0), p(&["d", "b", "a"]), "the other direction is not filtered");
+    }
+
+    #[test]
+    fn a_reloaded_import_policy_drops_held_routes_and_withdraws_them() {
+        let mut c = clusters(&["a", "b", "d", "e"], &[]);
+        c.link("e", "a");
+        c.link("a", "b");
+        c.link("b", "d");
+        exchange(&mut c, T0);
+        assert_eq!(c.path("a", "d", T0), p(&["a", "b", "d"]));
+        assert_eq!(c.path("e", "d", T0), p(&["e", "a", "b", "d"]));
+        let hide: RoutePolicy = serde_json::from_str(r#"{"allowed_destinations": ["b"]}"#).unwrap();
+        let import = ImportPolicies { neighbors: [("b".to_string(), hide)].into(), ..ImportPolicies::default() };
+        assert!(c.core("a").set_policies(import.clone(), ExportPolicies::default()));
+        assert_eq!(c.path("a", "d", T0 + 1), None);
+        assert_eq!(c.path("a", "b", T0 + 1), p(&["a", "b"]));
+        assert!(!c.core("a").set_policies(import, ExportPolicies::default()), "nothing more to drop");
+        // The withdrawal reaches e; b's next refresh of d is refused by policy.
+        let refused = exchange(&mut c, T0 + 2);
+        assert_eq!(c.path("e", "d", T0 + 2), None);
+        assert!(refused.contains(&("b".into(), "a".into(), RouteRejection::Policy)), "{refused:?}");
     }
 
     #[test]

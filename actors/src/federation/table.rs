@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::policy::{ExportPolicies, RoutePolicy};
+use super::policy::{ExportPolicies, ImportPolicies, RoutePolicy};
 use super::update::{RouteAnnouncement, RouteMetrics, RouteUpdate, RouteWithdrawal};
 use super::{ClusterId, RouteRejection};
 
@@ -531,6 +531,21 @@ impl RouteTable {
     }
 
     /// Removes a record, with hold-down and flap accounting; `true` if there was one.
+    /// Drops the records `import` refuses now (policies reloaded); the destinations that
+    /// lost a route. Not a flap: no hold-down, the route comes back with the next
+    /// announcement a later policy allows.
+    pub fn drop_refused(&mut self, import: &ImportPolicies) -> Vec<ClusterId> {
+        let refused: Vec<(ClusterId, ClusterId)> = self
+            .routes
+            .iter()
+            .filter(|((_, neighbor), r)| {
+                import.for_neighbor(neighbor).check(&r.destination, neighbor, &r.tags, r.metrics.hop_count).is_err()
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        refused.into_iter().filter_map(|key| self.routes.remove(&key).map(|r| r.destination)).collect()
+    }
+
     fn remove(&mut self, key: &(ClusterId, ClusterId), now_ms: u64) -> bool {
         if self.routes.remove(key).is_none() {
             return false;

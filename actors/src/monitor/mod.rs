@@ -28,6 +28,7 @@ use serde_json::json;
 use tracing::error;
 
 use crate::cache::LocalCache;
+use crate::fabric::bridge::Bridges;
 use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
 use crate::metrics::{label_value, Metrics};
 use crate::queue::QueueBoard;
@@ -60,6 +61,8 @@ pub struct MonitorState {
     pub cache: Arc<LocalCache>,
     /// The registered functions (their `mpreg_function_*` series of `/metrics`).
     pub functions: TableHandle,
+    /// Federation bridges (for `/routes`); `None`: this node bridges to no cluster.
+    pub bridges: Option<Arc<Bridges>>,
 }
 
 /// The Monitor actor: owns the HTTP server serving `listener`.
@@ -100,6 +103,7 @@ impl Actor for Monitor {
                 .route("/topology", web::get().to(topology))
                 .route("/catalog", web::get().to(catalog))
                 .route("/queues", web::get().to(queues))
+                .route("/routes", web::get().to(routes))
         })
         .workers(1)
         .tcp_nodelay(true)
@@ -249,6 +253,32 @@ where
 
 async fn actors(state: web::Data<MonitorState>) -> HttpResponse {
     ask(&state.supervisor, "supervisor", || DescribeTree).await
+}
+
+/// `GET /routes`: the federation state (bridges, every destination's explanation, route
+/// keys, refusals); `?destination=C[&avoid=X,Y]`: one destination's explanation.
+async fn routes(state: web::Data<MonitorState>, query: web::Query<RoutesQuery>) -> HttpResponse {
+    let Some(bridges) = &state.bridges else {
+        return HttpResponse::NotFound().body("this node has no federation bridges ([mpreg.federation])");
+    };
+    match &query.destination {
+        Some(destination) => {
+            let avoid: Vec<String> =
+                query.avoid.as_deref().unwrap_or("").split(',').filter(|c| !c.is_empty()).map(str::to_owned).collect();
+            match bridges.explain(destination, &avoid) {
+                Some(explanation) => HttpResponse::Ok().json(explanation),
+                None => HttpResponse::ServiceUnavailable().body("federation state unavailable"),
+            }
+        }
+        None => HttpResponse::Ok().json(bridges.describe()),
+    }
+}
+
+/// The query of `GET /routes`.
+#[derive(Debug, serde::Deserialize)]
+struct RoutesQuery {
+    destination: Option<String>,
+    avoid: Option<String>,
 }
 
 async fn topology(state: web::Data<MonitorState>) -> HttpResponse {

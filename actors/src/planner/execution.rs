@@ -274,6 +274,7 @@ impl Execution {
                 Endpoint::Local(function) if function.is_inline() => continue,
                 Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
                 Endpoint::Remote(target) => (&target.identity, None),
+                Endpoint::Cluster { .. } => return false,
             };
             // A bad TTL is refused by the normal path, never served.
             let ttl = cmd.cache.as_ref().map(|c| c.ttl).or(default_ttl);
@@ -448,6 +449,8 @@ impl Execution {
         let (identity, default_ttl) = match &self.plan.endpoints[i] {
             Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
             Endpoint::Remote(target) => (&target.identity, None),
+            // Cached, if at all, by the cluster that runs it.
+            Endpoint::Cluster { .. } => return Ok(None),
         };
         let Some(ttl) = self.plan.cmds[i].cache.as_ref().map(|c| c.ttl).or(default_ttl) else { return Ok(None) };
         let refuse = |e: CacheError| {
@@ -691,6 +694,46 @@ fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Ar
             async move { (i, run_remote(&routing, &cmd, constraint.as_ref(), target, call, &types).await) }
                 .boxed_local()
         }
+        Endpoint::Cluster { cluster, via } => {
+            let routing = plan.routing.clone();
+            async move { (i, run_federated(&routing, cmd, (&cluster, via.as_deref()), call, &types).await) }
+                .boxed_local()
+        }
+    }
+}
+
+/// Runs a command in another cluster over the federation bridges (this node's, or those
+/// of `via`, a node of this cluster), its arguments substituted; the error is the one the
+/// destination gave, or 1005 when the route or a bridge went away.
+async fn run_federated(
+    routing: &Routing,
+    mut cmd: RpcCommand,
+    (cluster, via): (&str, Option<&str>),
+    call: CallArgs,
+    types: &ArgTypes,
+) -> Result<Value, RpcError> {
+    let Some(fabric) = routing.fabric() else {
+        return Err(RpcError::unreachable(format!("command={}: this node has no fabric", cmd.name)));
+    };
+    let deadline = call.deadline;
+    cmd.args = call.args;
+    cmd.kwargs = call.kwargs;
+    let Some(node) = via else {
+        return match fabric.bridges.clone() {
+            Some(bridges) => bridges.call_cluster(cluster, cmd, deadline).await,
+            None => Err(RpcError::unreachable(format!("command={}: this node has no federation bridges", cmd.name))),
+        };
+    };
+    let details = |reason: String| format!("command={} cluster={cluster} via={node}: {reason}", cmd.name);
+    match fabric.cluster_call(node, cluster, cmd.clone(), deadline).await {
+        CallOutcome::Ok { value } => Ok(value),
+        CallOutcome::Refused { error } => Err(error),
+        CallOutcome::Failed { error, node } => Err(failure(&cmd, Some(&node), &error, types)),
+        CallOutcome::NotFound { node } => {
+            Err(RpcError::unreachable(details(format!("{node} serves no cluster calls"))))
+        }
+        CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(details(reason))),
+        CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(details(reason))),
     }
 }
 
@@ -716,6 +759,7 @@ async fn run_remote(
             CallOutcome::Failed { error, node } => {
                 return Err(failure(cmd, Some(&node), &error, types));
             }
+            CallOutcome::Refused { error } => return Err(error),
             CallOutcome::NotFound { node } => (format!("function no longer on node {node}"), false),
             // Unreachable includes a node or link that went away before answering.
             CallOutcome::Unreachable { reason } => (reason, false),
@@ -730,7 +774,7 @@ async fn run_remote(
             Some(Endpoint::Local(function)) => {
                 return function.invoke(call).await.map_err(|e| failure(cmd, None, &e, types));
             }
-            None => {
+            Some(Endpoint::Cluster { .. }) | None => {
                 let details = format!("command={} fun={} node={}: {reason}", cmd.name, cmd.fun, target.node);
                 return Err(if overloaded {
                     RpcError::peer_overloaded(details)

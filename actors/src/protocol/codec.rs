@@ -120,9 +120,9 @@ fn top_level_value<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     None
 }
 
-/// The roles other nodes speak (`server`, `fabric-gossip`, `fabric-message`).
+/// The roles other nodes speak (`server`, `fabric-gossip`, `fabric-message`, `federation`).
 pub fn is_peer_role(role: &str) -> bool {
-    matches!(role, "server" | "fabric-gossip" | "fabric-message")
+    matches!(role, "server" | "fabric-gossip" | "fabric-message" | "federation")
 }
 
 /// Decodes one frame's bytes.

@@ -1,0 +1,700 @@
+//! Federation bridges: links to nodes of **other** clusters, driving this node's
+//! [`FederationCore`] over the wire (DESIGN.md §8, "Federation").
+//!
+//! ```text
+//! dial (federation peers) ──► STATUS handshake: the other cluster is allowed, its node
+//!     certificate chains to the authority pinned for it, both sides sign the transcript
+//!     ──► bridge up: send our route key chain, then our announcements
+//! role "federation" frames on a bridge:
+//!   keys {chain}      ──► learn_keys (only that cluster's, chained to its pinned authority)
+//!   updates [signed]  ──► receive each (refusals counted by reason, logged once per reason)
+//!                         ──► table changed? announce to every neighbour at once
+//!   call {id, destination, visited, hops_left, command}
+//!                     ──► destination is us: run the command like a local one
+//!                         else: forward to the best next hop (one fewer hop)
+//!                     ──► reply {id, value | error} on the link the call came on
+//! every announce interval, and on every change: signed announcements / withdrawals
+//! last bridge to a cluster drops ──► its routes go, withdrawals go out at once
+//! ```
+//!
+//! A bridge carries federation frames only: it is never admitted as a member link, so no
+//! membership, gossip, catalog or routed message crosses it, and the clusters stay
+//! separate. Calls are the only way work crosses, and only with `target_cluster`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use super::link::{frame, FabricShared, LinkId, LinkSender};
+use super::wire::{NodeId, PeerFrame};
+use crate::federation::core::{FederationConfig, FederationCore, FederationSnapshot};
+use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
+use crate::federation::policy::{ExportPolicies, ImportPolicies};
+use crate::federation::table::Explanation;
+use crate::federation::update::SignedRouteUpdate;
+use crate::federation::{ClusterId, RouteRejection};
+use crate::metrics::Metrics;
+use crate::planner::{execute, NoObserver, Plan, ReportOptions};
+use crate::protocol::{RpcCommand, RpcError, RpcRequest};
+use crate::routing::Routing;
+
+/// `role: "federation"` — what crosses a bridge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum FederationFrame {
+    /// The sender cluster's route key chain (sent when the bridge opens).
+    Keys {
+        /// Records from the first route key to the current one.
+        chain: Vec<SignedKeyRecord>,
+    },
+    /// Signed announcements and withdrawals.
+    Updates {
+        /// Each signed by the sending cluster's current route key.
+        updates: Vec<SignedRouteUpdate>,
+    },
+    /// A command to run in cluster `destination`.
+    Call {
+        /// Unique per sender; the reply names it.
+        id: String,
+        /// The cluster that runs the command.
+        destination: ClusterId,
+        /// Clusters the call has crossed, the sender's included.
+        visited: Vec<ClusterId>,
+        /// Cluster hops it may still take after this one.
+        hops_left: u32,
+        /// The command, its arguments already substituted.
+        command: Box<RpcCommand>,
+        /// Milliseconds the caller still waits.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// The answer to a call, on the bridge the call came on.
+    Reply {
+        /// The call's id.
+        id: String,
+        /// The command's result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<Value>,
+        /// Or why it failed (the error the destination cluster gave, or 1005).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<RpcError>,
+    },
+}
+
+/// Route updates one frame may carry (a table holds at most 4096 destinations); a larger
+/// frame is refused whole (counted as `malformed`).
+pub const MAX_UPDATES_PER_FRAME: usize = 4096;
+
+/// The store tree of the federation snapshot (route table, route keys learned, epoch).
+pub const SNAPSHOT_TREE: &str = "federation";
+/// Its key.
+pub const SNAPSHOT_KEY: &[u8] = b"snapshot";
+
+/// A node's federation settings, resolved (keys loaded).
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// Clusters this node bridges to; any other is refused.
+    pub allowed: BTreeSet<ClusterId>,
+    /// The authority pinned for each allowed cluster (node certificates and route keys
+    /// must chain to it).
+    pub pinned: BTreeMap<ClusterId, VerifyingKey>,
+    /// This cluster's route key.
+    pub signer: RouteSigner,
+    /// Table, policies, tags, TTL.
+    pub federation: FederationConfig,
+    /// Announcements are re-sent this often even when nothing changed.
+    pub announce_interval: Duration,
+    /// Cluster hops a call may take.
+    pub hop_budget: u32,
+    /// The route key file and this cluster's authority: the file is read again when it
+    /// changes (`mpreg keys rotate`), so a rotation takes effect without a restart.
+    pub route_key: Option<(PathBuf, VerifyingKey)>,
+}
+
+/// An open bridge.
+#[derive(Debug, Clone)]
+struct Bridge {
+    cluster: ClusterId,
+    node: NodeId,
+    sender: LinkSender,
+}
+
+struct State {
+    core: FederationCore,
+    bridges: BTreeMap<LinkId, Bridge>,
+    last_announce: Instant,
+    /// The route key file's modification time when last read.
+    route_key_modified: Option<std::time::SystemTime>,
+}
+
+/// A call sent over a bridge, waiting for its reply.
+struct Waiting {
+    via: LinkId,
+    reply: oneshot::Sender<Result<Value, RpcError>>,
+}
+
+/// This node's bridges and federation state, shared by the fabric actor (handshakes,
+/// ticks), link readers (frames) and the request path (calls).
+pub struct Bridges {
+    local: ClusterId,
+    allowed: BTreeSet<ClusterId>,
+    pinned: BTreeMap<ClusterId, VerifyingKey>,
+    announce_interval: Duration,
+    hop_budget: u32,
+    route_key: Option<(PathBuf, VerifyingKey)>,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    waiting: Mutex<HashMap<String, Waiting>>,
+    next_id: AtomicU64,
+}
+
+/// A file's modification time, if it can be read.
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> u64 {
+    u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+        .unwrap_or(u64::MAX)
+}
+
+impl Bridges {
+    /// Bridges for cluster `local` (the federation config's) under `config`.
+    pub fn new(config: BridgeConfig, metrics: Arc<Metrics>) -> Self {
+        let mut ring = RouteKeyRing::default();
+        for (cluster, key) in &config.pinned {
+            ring.pin(cluster, *key);
+        }
+        let local = config.federation.table.local.clone();
+        let route_key_modified = config.route_key.as_ref().and_then(|(path, _)| modified(path));
+        let core = FederationCore::new(config.federation, config.signer, ring);
+        Bridges {
+            local,
+            allowed: config.allowed,
+            pinned: config.pinned,
+            announce_interval: config.announce_interval,
+            hop_budget: config.hop_budget,
+            route_key: config.route_key,
+            metrics,
+            state: Mutex::new(State {
+                core,
+                bridges: BTreeMap::new(),
+                last_announce: Instant::now(),
+                route_key_modified,
+            }),
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The authority a node of `cluster` must chain to, or why a bridge to it is refused.
+    pub fn authority_for(&self, cluster: &str) -> Result<&VerifyingKey, String> {
+        if !self.allowed.contains(cluster) {
+            return Err(format!("cluster {cluster} is not in this node's federation allowed_clusters"));
+        }
+        self.pinned.get(cluster).ok_or_else(|| format!("cluster {cluster} has no pinned authority (federation trust)"))
+    }
+
+    /// A bridge to `node` of `cluster` completed its handshake on `link`: it gets our key
+    /// chain, then every neighbour our announcements.
+    pub fn bridge_up(&self, link: LinkId, cluster: &str, node: &str, sender: LinkSender) {
+        let Ok(mut state) = self.state.lock() else { return };
+        state.core.link_up(cluster);
+        let chain = state.core.own_chain().to_vec();
+        let _ = sender.try_send(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
+        state.bridges.insert(link, Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender });
+        info!(cluster = %self.local, peer_cluster = %cluster, peer = %node, link, "federation bridge up");
+        Self::announce(&mut state);
+    }
+
+    /// `link` closed: when it was a bridge, its cluster loses a link (the last one: its
+    /// routes go and withdrawals go out at once), and calls waiting on it fail (1005).
+    pub fn link_closed(&self, link: LinkId) {
+        let Ok(mut state) = self.state.lock() else { return };
+        let Some(bridge) = state.bridges.remove(&link) else { return };
+        info!(cluster = %self.local, peer_cluster = %bridge.cluster, peer = %bridge.node, link, "federation bridge down");
+        if state.core.link_down(&bridge.cluster, now_ms()) {
+            Self::announce(&mut state);
+        }
+        drop(state);
+        let lost: Vec<Waiting> = match self.waiting.lock() {
+            Ok(mut waiting) => {
+                let ids: Vec<String> =
+                    waiting.iter().filter(|(_, w)| w.via == link).map(|(id, _)| id.clone()).collect();
+                ids.into_iter().filter_map(|id| waiting.remove(&id)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for w in lost {
+            let reason =
+                format!("the bridge to {} ({}) closed before the call was answered", bridge.node, bridge.cluster);
+            let _ = w.reply.send(Err(RpcError::unreachable(reason)));
+        }
+    }
+
+    /// New import and export policies (a reload): export applies from the announcement
+    /// sent now, import to the updates received from now on (routes already held stay
+    /// until refreshed or withdrawn).
+    pub fn set_policies(&self, import: ImportPolicies, export: ExportPolicies) {
+        let Ok(mut state) = self.state.lock() else { return };
+        state.core.set_policies(import, export);
+        // At once: withdrawals of what the import policies now refuse, and announcements
+        // under the new export policies.
+        Self::announce(&mut state);
+    }
+
+    /// Whether `link` is an open bridge.
+    pub fn is_bridge(&self, link: LinkId) -> bool {
+        self.state.lock().is_ok_and(|s| s.bridges.contains_key(&link))
+    }
+
+    /// Periodic work (from the fabric's tick): expiry, and re-announcement every
+    /// `announce_interval`.
+    pub fn tick(&self) {
+        let Ok(mut state) = self.state.lock() else { return };
+        let rotated = self.reload_route_key(&mut state);
+        let expired = state.core.expire(now_ms());
+        if rotated || expired || state.last_announce.elapsed() >= self.announce_interval {
+            Self::announce(&mut state);
+        }
+    }
+
+    /// Reads the route key file again when it changed; a new key is used from now on and
+    /// its chain sent over every bridge first (the neighbours learn it without a restart).
+    fn reload_route_key(&self, state: &mut State) -> bool {
+        let Some((path, authority)) = &self.route_key else { return false };
+        let now_modified = modified(path);
+        if now_modified == state.route_key_modified {
+            return false;
+        }
+        state.route_key_modified = now_modified;
+        let signer = match RouteSigner::load(path, authority) {
+            Ok(signer) if signer.cluster_id() == self.local => signer,
+            Ok(signer) => {
+                warn!(file = %path.display(), cluster = signer.cluster_id(), "route key file of another cluster ignored");
+                return false;
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "route key file unreadable; the current key stays");
+                return false;
+            }
+        };
+        if state.core.own_chain() == signer.chain() {
+            return false;
+        }
+        info!(cluster = %self.local, key_id = signer.key_id(), "route key rotated");
+        let chain = signer.chain().to_vec();
+        state.core.rotate_to(signer);
+        let keys = frame(&PeerFrame::Federation(FederationFrame::Keys { chain }));
+        for bridge in state.bridges.values() {
+            let _ = bridge.sender.try_send(keys.clone());
+        }
+        true
+    }
+
+    /// Sends every neighbour what the core says it should hear now (one bridge per
+    /// neighbour node).
+    fn announce(state: &mut State) {
+        state.last_announce = Instant::now();
+        let outgoing = state.core.outgoing(now_ms());
+        for (neighbor, updates) in outgoing {
+            if updates.is_empty() {
+                continue;
+            }
+            let bytes = frame(&PeerFrame::Federation(FederationFrame::Updates { updates }));
+            let mut told = BTreeSet::new();
+            for bridge in state.bridges.values().filter(|b| b.cluster == neighbor) {
+                if told.insert(bridge.node.clone()) && bridge.sender.try_send(bytes.clone()).is_err() {
+                    debug!(peer = %bridge.node, "bridge queue full; announcements wait for the next round");
+                }
+            }
+        }
+    }
+
+    /// A federation frame read on the bridge `link` (ignored when `link` is not one: frames
+    /// read before the handshake completed go to the fabric actor, which judges them after
+    /// it).
+    pub fn on_frame(self: &Arc<Self>, fabric: &Arc<FabricShared>, link: LinkId, message: FederationFrame) {
+        let Some(bridge) = self.state.lock().ok().and_then(|s| s.bridges.get(&link).cloned()) else { return };
+        match message {
+            FederationFrame::Keys { chain } => {
+                let Ok(mut state) = self.state.lock() else { return };
+                match state.core.learn_keys(&bridge.cluster, &chain) {
+                    Ok(true) => info!(peer_cluster = %bridge.cluster, "federation: route keys learned"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(peer_cluster = %bridge.cluster, peer = %bridge.node, error = %e, "federation: key chain refused")
+                    }
+                }
+            }
+            FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
+            FederationFrame::Call { id, destination, visited, hops_left, command, timeout_ms } => {
+                // Calls from other clusters count toward the node-wide in-flight limit.
+                let Some(permit) = fabric.metrics.admission().try_admit() else {
+                    fabric.metrics.limit_exceeded("max_in_flight");
+                    let error = RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local));
+                    let reply = FederationFrame::Reply { id, value: None, error: Some(error) };
+                    let _ = bridge.sender.try_send(frame(&PeerFrame::Federation(reply)));
+                    return;
+                };
+                let (bridges, fabric) = (self.clone(), fabric.clone());
+                // On this thread: a plan's futures are not Send (link readers run on
+                // actix arbiters, which are local task sets).
+                tokio::task::spawn_local(async move {
+                    let _permit = permit;
+                    // A peer's number: an overflowing one means no deadline, never a panic.
+                    let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
+                    let result = if destination == bridges.local {
+                        run_here(&fabric, &bridges.local, *command, deadline).await
+                    } else {
+                        bridges.call(&destination, visited, hops_left, *command, deadline).await
+                    };
+                    let (value, error) = match result {
+                        Ok(value) => (Some(value), None),
+                        Err(error) => (None, Some(error)),
+                    };
+                    let reply = frame(&PeerFrame::Federation(FederationFrame::Reply { id, value, error }));
+                    if bridge.sender.send(reply).await.is_err() {
+                        debug!(link, "federation reply not sent: the bridge closed");
+                    }
+                });
+            }
+            FederationFrame::Reply { id, value, error } => {
+                let waiter = self.waiting.lock().ok().and_then(|mut w| match w.get(&id) {
+                    Some(call) if call.via == link => w.remove(&id),
+                    _ => None,
+                });
+                match (waiter, error) {
+                    (Some(w), Some(error)) => {
+                        let _ = w.reply.send(Err(error));
+                    }
+                    (Some(w), None) => {
+                        let _ = w.reply.send(Ok(value.unwrap_or(Value::Null)));
+                    }
+                    (None, _) => self.metrics.fabric_dropped("stray_reply"),
+                }
+            }
+        }
+    }
+
+    fn receive(&self, bridge: &Bridge, updates: &[SignedRouteUpdate]) {
+        if updates.len() > MAX_UPDATES_PER_FRAME {
+            self.metrics.route_rejected(RouteRejection::Malformed.as_str());
+            warn!(peer_cluster = %bridge.cluster, peer = %bridge.node, updates = updates.len(),
+                "federation: frame with more than {MAX_UPDATES_PER_FRAME} updates refused");
+            return;
+        }
+        let Ok(mut state) = self.state.lock() else { return };
+        let now = now_ms();
+        let mut changed = false;
+        for update in updates {
+            match state.core.receive(&bridge.cluster, update, now) {
+                Ok(c) => changed |= c,
+                Err(refused) => {
+                    self.metrics.route_rejected(refused.reason.as_str());
+                    if refused.first {
+                        warn!(peer_cluster = %bridge.cluster, peer = %bridge.node, reason = %refused.reason,
+                            "federation: route update refused (logged once per reason; counted in mpreg_federation_route_rejected_total)");
+                    }
+                }
+            }
+        }
+        if changed {
+            Self::announce(&mut state);
+        }
+    }
+
+    /// The best next hop toward `destination` and an open bridge to it, or why there is
+    /// none (1005's reason).
+    fn next_bridge(&self, destination: &str, visited: &[ClusterId], hops: u32) -> Result<(LinkId, Bridge), String> {
+        let state = self.state.lock().map_err(|_| "federation state unavailable".to_owned())?;
+        let route = state
+            .core
+            .table()
+            .next_hop(destination, visited, hops, now_ms())
+            .map_err(|e| format!("cluster {}: {e}", self.local))?;
+        state
+            .bridges
+            .iter()
+            .find(|(_, b)| b.cluster == route.next_hop)
+            .map(|(id, b)| (*id, b.clone()))
+            .ok_or_else(|| format!("cluster {}: no open bridge to {}", self.local, route.next_hop))
+    }
+
+    /// The clusters this node routes to now (advertised in its catalog), sorted.
+    pub fn reachable(&self) -> Vec<ClusterId> {
+        let Ok(state) = self.state.lock() else { return Vec::new() };
+        let (table, now) = (state.core.table(), now_ms());
+        table.destinations().into_iter().filter(|d| table.select(d, &[], now).is_some()).cloned().collect()
+    }
+
+    /// Whether a call to `destination` has a route now (planning: 1005 at once if not).
+    pub fn route_to(&self, destination: &str) -> Result<(), String> {
+        self.next_bridge(destination, &[], self.hop_budget).map(|_| ())
+    }
+
+    /// Runs `command` in cluster `destination` (from this node's own request: the full
+    /// hop budget).
+    pub async fn call_cluster(
+        &self,
+        destination: &str,
+        command: RpcCommand,
+        deadline: Option<Instant>,
+    ) -> Result<Value, RpcError> {
+        self.call(destination, Vec::new(), self.hop_budget, command, deadline).await
+    }
+
+    async fn call(
+        &self,
+        destination: &str,
+        mut visited: Vec<ClusterId>,
+        hops: u32,
+        command: RpcCommand,
+        deadline: Option<Instant>,
+    ) -> Result<Value, RpcError> {
+        let (link, bridge) = self.next_bridge(destination, &visited, hops).map_err(RpcError::unreachable)?;
+        visited.push(self.local.clone());
+        let id =
+            format!("{}:{}:{:016x}", self.local, self.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u64>());
+        let timeout_ms = deadline.map(|d| super::link::millis_left(d, Instant::now()));
+        let message = FederationFrame::Call {
+            id: id.clone(),
+            destination: destination.to_owned(),
+            visited,
+            hops_left: hops.saturating_sub(1),
+            command: Box::new(command),
+            timeout_ms,
+        };
+        let (reply, answer) = oneshot::channel();
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(id.clone(), Waiting { via: link, reply });
+        }
+        let _cleanup = Forget { bridges: self, id: &id };
+        if bridge.sender.send(frame(&PeerFrame::Federation(message))).await.is_err() {
+            return Err(RpcError::unreachable(format!("the bridge to {} ({}) closed", bridge.node, bridge.cluster)));
+        }
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(RpcError::unreachable(format!("the bridge to {} closed before answering", bridge.node))),
+        }
+    }
+
+    /// The state to save ([`FederationCore::snapshot`], JSON).
+    pub fn snapshot_bytes(&self) -> Option<Vec<u8>> {
+        let state = self.state.lock().ok()?;
+        serde_json::to_vec(&state.core.snapshot()).ok()
+    }
+
+    /// Restores a saved state at start: route records still valid, key chains that verify
+    /// under the authorities pinned now, the epoch floor. How many records came back.
+    pub fn restore(&self, bytes: &[u8]) -> Result<usize, String> {
+        let snapshot: FederationSnapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let mut state = self.state.lock().map_err(|_| "federation state unavailable".to_owned())?;
+        state.core.restore(&snapshot, now_ms())
+    }
+
+    /// Why calls to `destination` go where they go (`avoid`: clusters to route around).
+    pub fn explain(&self, destination: &str, avoid: &[ClusterId]) -> Option<Explanation> {
+        self.state.lock().ok().map(|s| s.core.table().explain(destination, avoid, now_ms()))
+    }
+
+    /// `GET /routes`: this cluster, its open bridges, every destination with its
+    /// explanation, the route keys trusted, refusals by reason.
+    pub fn describe(&self) -> Value {
+        let Ok(state) = self.state.lock() else { return Value::Null };
+        let now = now_ms();
+        let table = state.core.table();
+        let routes: Vec<Explanation> = table.destinations().into_iter().map(|d| table.explain(d, &[], now)).collect();
+        let bridges: Vec<Value> = state
+            .bridges
+            .iter()
+            .map(|(link, b)| serde_json::json!({"link": link, "cluster": b.cluster, "node": b.node}))
+            .collect();
+        let rejected: BTreeMap<&str, u64> = state.core.rejections().counts().collect();
+        serde_json::json!({
+            "cluster_id": self.local,
+            "bridges": bridges,
+            "routes": routes,
+            "keys": state.core.ring().describe(now / 1000),
+            "rejected": rejected,
+        })
+    }
+}
+
+/// Forgets a call's waiting entry however the call ends.
+struct Forget<'a> {
+    bridges: &'a Bridges,
+    id: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut waiting) = self.bridges.waiting.lock() {
+            waiting.remove(self.id);
+        }
+    }
+}
+
+/// Runs a command that crossed bridges to reach this cluster, as a one-command request of
+/// this node (its routing may send it to another node of the cluster).
+async fn run_here(
+    fabric: &Arc<FabricShared>,
+    cluster: &str,
+    command: RpcCommand,
+    deadline: Option<Instant>,
+) -> Result<Value, RpcError> {
+    let name = command.name.clone();
+    let request = RpcRequest {
+        u: format!("federation:{name}"),
+        cmds: vec![command],
+        return_intermediate_results: false,
+        intermediate_result_callback_topic: None,
+        include_execution_summary: false,
+        debug_mode: false,
+        timeout: None,
+    };
+    let routing = Routing::with_fabric(fabric.table.current(), fabric.clone(), Arc::from(cluster));
+    let plan = Plan::build(request, routing)?;
+    let mut observer = NoObserver;
+    let run = execute(plan, ReportOptions::default(), &mut observer);
+    let outcome = match deadline {
+        Some(deadline) => tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), run)
+            .await
+            .map_err(|_| RpcError::unreachable(format!("cluster {cluster}: the caller's deadline passed")))?,
+        None => run.await,
+    }?;
+    Ok(outcome.r.get(&name).cloned().unwrap_or(Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fabric::trust::Authority;
+
+    /// Bridges of cluster `a` pinning `b` and `c`, and the cores of `b` and `c` (which pin
+    /// `a`), each with its own authority.
+    fn clusters() -> (Bridges, FederationCore, FederationCore, Arc<Metrics>, BridgeConfig) {
+        let now_s = now_ms() / 1000;
+        let authorities: BTreeMap<&str, Authority> =
+            ["a", "b", "c"].into_iter().map(|n| (n, Authority::generate())).collect();
+        let metrics = Arc::new(Metrics::default());
+        let config = BridgeConfig {
+            allowed: ["b".to_string(), "c".to_string()].into(),
+            pinned: [
+                ("b".to_string(), authorities["b"].public_key()),
+                ("c".to_string(), authorities["c"].public_key()),
+            ]
+            .into(),
+            signer: RouteSigner::first(&authorities["a"], "a", now_s),
+            federation: FederationConfig::new("a"),
+            announce_interval: Duration::from_secs(5),
+            hop_budget: 4,
+            route_key: None,
+        };
+        let bridges = Bridges::new(config.clone(), metrics.clone());
+        let neighbour = |name: &str| {
+            let mut ring = RouteKeyRing::default();
+            ring.pin("a", authorities["a"].public_key());
+            let mut core = FederationCore::new(
+                FederationConfig::new(name),
+                RouteSigner::first(&authorities[name], name, now_s),
+                ring,
+            );
+            core.link_up("a");
+            bridges.state.lock().unwrap().core.learn_keys(name, core.own_chain()).unwrap();
+            core
+        };
+        let (b, c) = (neighbour("b"), neighbour("c"));
+        (bridges, b, c, metrics, config)
+    }
+
+    fn updates_for_a(core: &mut FederationCore) -> Vec<SignedRouteUpdate> {
+        core.outgoing(now_ms()).into_iter().find(|(n, _)| n == "a").map(|(_, u)| u).unwrap()
+    }
+
+    #[test]
+    fn refused_updates_are_counted_by_reason_and_routes_follow_the_bridge() {
+        let (bridges, mut b, mut c, metrics, config) = clusters();
+        assert_eq!(bridges.authority_for("b").map(|_| ()), Ok(()));
+        assert!(bridges.authority_for("x").unwrap_err().contains("not in this node's federation allowed_clusters"));
+        let (sender, mut queue) = tokio::sync::mpsc::channel(16);
+        bridges.bridge_up(7, "b", "b1", sender.clone());
+        // The bridge got our key chain first.
+        let first = queue.try_recv().unwrap();
+        let first: Value = serde_json::from_slice(&first.bytes).unwrap();
+        assert_eq!((first["role"].as_str(), first["kind"].as_str()), (Some("federation"), Some("keys")));
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender };
+
+        let valid = updates_for_a(&mut b);
+        let mut forged = valid[0].clone();
+        assert!(forged.body.contains("\"ttl_ms\":30000"), "{}", forged.body);
+        forged.body = forged.body.replace("\"ttl_ms\":30000", "\"ttl_ms\":300000");
+        let unsigned = SignedRouteUpdate { signature: String::new(), ..valid[0].clone() };
+        let from_c = updates_for_a(&mut c);
+        bridges.receive(&bridge, &[forged, unsigned]);
+        bridges.receive(&bridge, &from_c); // c's updates delivered by b
+        assert_eq!(bridges.route_to("b").unwrap_err(), "cluster a: no route to cluster b");
+        bridges.receive(&bridge, &valid);
+        assert_eq!(bridges.route_to("b"), Ok(()));
+        assert_eq!(bridges.reachable(), ["b"]);
+        bridges.receive(&bridge, &valid); // replayed
+        bridges.receive(&bridge, &vec![valid[0].clone(); MAX_UPDATES_PER_FRAME + 1]); // refused whole
+
+        let text = metrics.render("n");
+        for reason in ["bad_signature", "unsigned", "wrong_advertiser", "stale_epoch", "malformed"] {
+            let line = format!("mpreg_federation_route_rejected_total{{node=\"n\",reason=\"{reason}\"}} 1");
+            assert!(text.contains(&line), "{line} not in\n{text}");
+        }
+        assert_eq!(bridges.describe()["rejected"]["stale_epoch"], 1);
+        assert_eq!(bridges.explain("b", &[]).unwrap().selected, Some(vec!["a".to_string(), "b".to_string()]));
+
+        // A restarted node restores the route and b's keys from the snapshot: routed as
+        // soon as a bridge to b is back, before b announces anything.
+        let saved = bridges.snapshot_bytes().unwrap();
+        let restarted = Bridges::new(config, metrics.clone());
+        assert_eq!(restarted.restore(&saved), Ok(1));
+        assert_eq!(restarted.route_to("b").unwrap_err(), "cluster a: no open bridge to b");
+        let (sender, _queue) = tokio::sync::mpsc::channel(16);
+        restarted.bridge_up(8, "b", "b1", sender);
+        assert_eq!(restarted.route_to("b"), Ok(()));
+        assert!(restarted.restore(b"not json").is_err());
+
+        // The last bridge to b closes: its routes go at once.
+        bridges.link_closed(7);
+        assert!(bridges.route_to("b").is_err());
+        assert!(bridges.reachable().is_empty());
+    }
+
+    #[test]
+    fn frames_carry_role_federation_and_round_trip() {
+        let call = PeerFrame::Federation(FederationFrame::Call {
+            id: "a:1".into(),
+            destination: "c".into(),
+            visited: vec!["a".into()],
+            hops_left: 3,
+            command: Box::new(RpcCommand::new("x", "echo", vec![Value::from(1)])),
+            timeout_ms: Some(500),
+        });
+        let json = serde_json::to_value(&call).unwrap();
+        assert_eq!(json["role"], "federation");
+        assert_eq!(json["kind"], "call");
+        assert_eq!(serde_json::from_value::<PeerFrame>(json).unwrap(), call);
+        let reply = PeerFrame::Federation(FederationFrame::Reply {
+            id: "a:1".into(),
+            value: None,
+            error: Some(RpcError::unreachable("no route")),
+        });
+        let json = serde_json::to_value(&reply).unwrap();
+        assert!(json.get("value").is_none());
+        assert_eq!(serde_json::from_value::<PeerFrame>(json).unwrap(), reply);
+    }
+}

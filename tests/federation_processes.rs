@@ -1,0 +1,261 @@
+//! Federation between node processes: clusters A–B–C in a line, one node each, B bridging
+//! (it dials A directly and C through a [`Proxy`] the test can cut). Each cluster has its
+//! own authority, node credentials and route key; each node pins the authorities of the
+//! clusters it allows.
+//!
+//! - a command from A with `target_cluster = C` runs on C (only C serves `add`), across
+//!   both bridges; from a2, a node of A without bridges, through a1 (its catalog says it
+//!   reaches C);
+//! - C rotates its route key live: B learns the new key without a restart;
+//! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
+//! - heal (B redials): restored;
+//! - a reloaded import policy (SIGHUP) hides C from A at once;
+//! - a node of cluster D, which A neither allows nor pins, is refused (`peer refused`,
+//!   counted) and routes nowhere.
+//!
+//! Run: `cargo test --test federation_processes`.
+
+mod common;
+#[path = "common/conformance_replay.rs"]
+mod replay;
+
+use std::time::{Duration, Instant};
+
+use common::keys::Keys;
+use common::proxy::Proxy;
+use common::{poll_until_async, rpc_error, TempFile};
+use mpreg::{Client, RpcCommand};
+use mpreg_actors::fabric::trust;
+use mpreg_actors::federation::keys::rotate_in_dir;
+use mpreg_actors::protocol::ErrorCode;
+use replay::ServerProcess;
+use serde_json::{json, Value};
+
+const READY: Duration = Duration::from_secs(30);
+const SOON: Duration = Duration::from_secs(20);
+
+/// One cluster: its authority (and route key, in the same directory).
+struct Cluster {
+    id: String,
+    keys: Keys,
+}
+
+impl Cluster {
+    fn new(id: &str) -> Cluster {
+        let keys = Keys::new(id);
+        rotate_in_dir(&keys.dir, id, trust::unix_seconds(), 60).expect("first route key");
+        Cluster { id: id.to_owned(), keys }
+    }
+}
+
+/// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`.
+fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str]) -> TempFile {
+    let allowed_ids: Vec<&str> = allowed.iter().map(|c| c.id.as_str()).collect();
+    let trust: Vec<String> =
+        allowed.iter().map(|c| format!("{} = \"{}\"", c.id, c.keys.authority.public_hex())).collect();
+    let text = format!(
+        "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\nannounce_interval_s = 1.0\n\
+         [mpreg.federation.trust]\n{}\n",
+        json!(allowed_ids),
+        json!(peers),
+        json!(me.keys.dir.display().to_string()),
+        trust.join("\n"),
+    );
+    TempFile::new(&format!("federation-{}", me.id), &text)
+}
+
+/// Starts node `name` of `cluster` with its credentials: with `settings` (federation) or
+/// none, serving `functions`, joined to the nodes of its cluster at `peers`.
+async fn start(
+    name: &str,
+    cluster: &Cluster,
+    settings: Option<&TempFile>,
+    functions: &[&str],
+    peers: &[&str],
+) -> ServerProcess {
+    let credentials = cluster.keys.issue(name);
+    let mut args: Vec<String> =
+        ["server", "start", "--port", "0", "--monitoring-port", "0"].iter().map(|s| (*s).to_owned()).collect();
+    if let Some(settings) = settings {
+        args.extend(["--config".into(), settings.arg().to_owned()]);
+    }
+    for peer in peers {
+        args.extend(["--peer".into(), (*peer).to_owned()]);
+    }
+    args.extend(["--name".into(), name.into(), "--cluster-id".into(), cluster.id.clone()]);
+    args.extend(["--credentials".into(), credentials.display().to_string()]);
+    for f in functions {
+        args.extend(["--functions".into(), (*f).to_owned()]);
+    }
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ServerProcess::start(env!("CARGO_BIN_EXE_mpreg"), &args, READY)
+    })
+    .await
+    .expect("start task")
+    .unwrap_or_else(|e| panic!("node {name} does not start: {e}"))
+}
+
+/// `add(a, b)` in `cluster` (only C serves `add`: the demo pack).
+fn add_in(cluster: &str, a: i64, b: i64) -> RpcCommand {
+    RpcCommand { target_cluster: Some(cluster.to_owned()), ..RpcCommand::new("r", "add", vec![json!(a), json!(b)]) }
+}
+
+async fn routes(node: &ServerProcess) -> Value {
+    let url = format!("{}/routes", node.monitoring_url.as_deref().expect("monitoring URL printed"));
+    mpreg::demo::http_get_json(&url).await.unwrap_or(Value::Null)
+}
+
+async fn metrics(node: &ServerProcess) -> String {
+    let url = format!("{}/metrics", node.monitoring_url.as_deref().expect("monitoring URL printed"));
+    mpreg::demo::http_request("GET", &url).await.map(|(_, body)| body).unwrap_or_default()
+}
+
+/// The selected path to `destination` in `/routes`, if any.
+fn selected(routes: &Value, destination: &str) -> Option<Vec<String>> {
+    routes["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["destination"] == destination)
+        .and_then(|r| r["selected"].as_array().map(|p| p.iter().filter_map(Value::as_str).map(str::to_owned).collect()))
+}
+
+#[actix_rt::test]
+async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
+    let (a, b, c, d) = (Cluster::new("fed-a"), Cluster::new("fed-b"), Cluster::new("fed-c"), Cluster::new("fed-d"));
+    let a_settings = federation_settings(&a, &[&b], &[]);
+    let c_settings = federation_settings(&c, &[&b], &[]);
+    let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
+    let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
+    let proxy = Proxy::to(&node_c.url).await;
+    let b_settings = federation_settings(&b, &[&a, &c], &[&node_a.url, &proxy.url]);
+    let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
+
+    // A learns C through B.
+    let path = poll_until_async("A routes to C via B", SOON, || async {
+        selected(&routes(&node_a).await, "fed-c").filter(|p| p.len() == 3)
+    })
+    .await;
+    assert_eq!(path, ["fed-a", "fed-b", "fed-c"]);
+    let client = Client::connect(&node_a.url).await.expect("client connects to A");
+    // Only C serves add: the answer proves the command crossed both bridges and ran there.
+    let value = client.request(vec![add_in("fed-c", 2, 3)]).await.expect("cross-cluster call");
+    assert_eq!(value["r"], 5);
+    // A has no add of its own, and a command without target_cluster stays in its cluster.
+    let local = rpc_error(client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await);
+    assert_eq!(local.code, ErrorCode::NotFound.as_u16());
+
+    // A second node of A, without bridges of its own: a1 advertises that it reaches C,
+    // so a2 sends its target_cluster commands through a1.
+    let node_a2 = start("a2", &a, None, &[], &[&node_a.url]).await;
+    let via_a1 = Client::connect(&node_a2.url).await.expect("client connects to a2");
+    poll_until_async("a2 calls C through a1", SOON, || async {
+        via_a1.request(vec![add_in("fed-c", 3, 4)]).await.ok().filter(|v| v["r"] == 7)
+    })
+    .await;
+
+    // Rotate C's route key while it runs: C reads the file again, sends B the new chain
+    // and signs with the new key; B trusts it without a restart, and calls keep working.
+    let rotation = rotate_in_dir(&c.keys.dir, "fed-c", trust::unix_seconds(), 60).expect("rotation");
+    assert_eq!(rotation.generation, 2);
+    poll_until_async("B learns C's new route key", SOON, || async {
+        routes(&node_b).await["keys"].to_string().contains(&rotation.key_id).then_some(())
+    })
+    .await;
+    let value = client.request(vec![add_in("fed-c", 5, 5)]).await.expect("call after the rotation");
+    assert_eq!(value["r"], 10);
+
+    // Cut B–C: B withdraws C from A; the call fails with 1005 at once (no timeout).
+    proxy.cut();
+    proxy.set_open(false);
+    let error = poll_until_async("A's call to C fails with 1005", SOON, || async {
+        let started = Instant::now();
+        let result = client.request(vec![add_in("fed-c", 1, 1)]).await;
+        match result {
+            Err(mpreg::ClientError::Rpc(e)) if e.code == ErrorCode::Unreachable.as_u16() => {
+                Some((e, started.elapsed()))
+            }
+            _ => None,
+        }
+    })
+    .await;
+    assert!(error.1 < Duration::from_secs(2), "1005 took {:?}", error.1);
+    assert!(format!("{:?}", error.0.details).contains("fed-c"), "{:?}", error.0);
+    assert_eq!(selected(&routes(&node_a).await, "fed-c"), None, "withdrawn at A");
+
+    // Heal: B redials C, the route and the call come back.
+    proxy.set_open(true);
+    poll_until_async("A's call to C works again", SOON, || async {
+        client.request(vec![add_in("fed-c", 20, 22)]).await.ok().filter(|v| v["r"] == 42)
+    })
+    .await;
+
+    // D (not allowed nor pinned by A) dials A: refused, counted, and routes nowhere.
+    let d_settings = federation_settings(&d, &[&a], &[&node_a.url]);
+    let node_d = start("d1", &d, Some(&d_settings), &[], &[]).await;
+    poll_until_async("A refuses D's bridge", SOON, || async {
+        metrics(&node_a).await.contains("reason=\"federation_refused\"").then_some(())
+    })
+    .await;
+    let from_d = Client::connect(&node_d.url).await.expect("client connects to D");
+    let refused = rpc_error(from_d.request(vec![add_in("fed-a", 1, 1)]).await);
+    assert_eq!(refused.code, ErrorCode::Unreachable.as_u16());
+    let bridges_of_a = routes(&node_a).await["bridges"].as_array().cloned().unwrap_or_default();
+    assert!(bridges_of_a.iter().all(|b| b["cluster"] != "fed-d"), "{bridges_of_a:?}");
+
+    // The explanation names the selected path and every candidate.
+    let explained =
+        mpreg::demo::http_get_json(&format!("{}/routes?destination=fed-c", node_a.monitoring_url.as_deref().unwrap()))
+            .await
+            .unwrap();
+    assert_eq!(explained["selected"], json!(["fed-a", "fed-b", "fed-c"]));
+    assert_eq!(explained["candidates"][0]["next_hop"], "fed-b");
+    // The same through the CLI, as text; and --avoid B leaves no route (exit 1).
+    let monitoring = node_a.monitoring_url.clone().unwrap();
+    let explain = |extra: &'static [&'static str]| {
+        let monitoring = monitoring.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"))
+                .args(["client", "route", "explain", "fed-c", "--url", &monitoring])
+                .args(extra)
+                .output()
+                .expect("mpreg client route explain runs")
+        })
+    };
+    let text = explain(&[]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success(), "{stdout}");
+    assert!(stdout.contains("selected: fed-a -> fed-b -> fed-c"), "{stdout}");
+    let url = node_a.url.clone();
+    let call = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"))
+            .args(["client", "call", "add", "[20, 1]", "--target-cluster", "fed-c", "--url", &url])
+            .output()
+            .expect("mpreg client call runs")
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&call.stdout).trim(), "21", "{call:?}");
+    let avoided = explain(&["--avoid", "fed-b"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&avoided.stdout);
+    assert_eq!(avoided.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("filtered: avoided") && stdout.contains("selected: none"), "{stdout}");
+
+    // Reload A's policies (SIGHUP): routes B announces for any cluster but B itself are
+    // refused now; A drops its route to C at once, the route to B stays.
+    let hidden = format!(
+        "{}[mpreg.federation.import.neighbors.fed-b]\nallowed_destinations = [\"fed-b\"]\n",
+        std::fs::read_to_string(a_settings.path()).unwrap()
+    );
+    std::fs::write(a_settings.path(), hidden).unwrap();
+    let status = std::process::Command::new("kill").args(["-HUP", &node_a.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    poll_until_async("A's policy hides C", SOON, || async {
+        let routes = routes(&node_a).await;
+        (selected(&routes, "fed-c").is_none() && selected(&routes, "fed-b").is_some()).then_some(())
+    })
+    .await;
+    let hidden = rpc_error(client.request(vec![add_in("fed-c", 1, 1)]).await);
+    assert_eq!(hidden.code, ErrorCode::Unreachable.as_u16());
+    drop((client, from_d, via_a1, node_a2, node_b, node_d));
+}
