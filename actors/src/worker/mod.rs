@@ -42,7 +42,7 @@ use crate::function::{CallArgs, FunctionError, FunctionIdentity, FunctionResult,
 use crate::metrics::{label_value, Metrics};
 use crate::outbox::{OutFrame, Outbox};
 use crate::protocol::{encode, FrameKind, RpcError};
-use crate::registry::{RegisterFunction, Registry, RegistryError, UnregisterFunction};
+use crate::registry::{RegisterFunctions, Registry, RegistryError, UnregisterFunctions};
 use crate::supervisor::Slot;
 use crate::version::Version;
 use wire::{cancel_frame, CallFrame, RegisterFrame, RegisteredFrame, ResultFrame};
@@ -366,23 +366,21 @@ impl WorkerHub {
         // node's own functions); the others gain a worker.
         let fresh: Vec<FunctionIdentity> =
             identities.iter().filter(|identity| !self.lock().pool.serves(identity)).cloned().collect();
-        let mut entered = Vec::new();
-        let mut failure = None;
-        for identity in &fresh {
-            let spec = self.external_spec(identity.clone());
+        // One registry change: the worker's functions reach other nodes in one catalog update.
+        let specs: Vec<FunctionSpec> = fresh.iter().map(|identity| self.external_spec(identity.clone())).collect();
+        let failure = if specs.is_empty() {
+            None
+        } else {
             let outcome = self
                 .registry
-                .send(|| RegisterFunction { spec: spec.clone() })
+                .send(|| RegisterFunctions { specs: specs.clone() })
                 .await
-                .unwrap_or(Err(RegistryError::Unavailable));
-            match outcome {
-                Ok(()) => entered.push(identity.clone()),
-                Err(e) => {
-                    failure = Some(RpcError::invalid(format!("function {}: {e}", identity.name)));
-                    break;
-                }
-            }
-        }
+                .unwrap_or(Err((0, RegistryError::Unavailable)));
+            outcome.err().map(|(i, e)| {
+                let name = fresh.get(i).map_or("?", |identity| identity.name.as_str());
+                RpcError::invalid(format!("function {name}: {e}"))
+            })
+        };
         let reply = RegisteredFrame {
             role: "worker-registered",
             u: u.clone(),
@@ -407,8 +405,8 @@ impl WorkerHub {
             }
         };
         if !accepted {
-            for identity in entered {
-                let _ = self.registry.send(|| UnregisterFunction { identity: identity.clone() }).await;
+            if failure.is_none() {
+                let _ = self.registry.send(|| UnregisterFunctions { identities: fresh.clone() }).await;
             }
             return Err(refuse(failure.unwrap_or_else(|| RpcError::unreachable("the worker's connection closed"))));
         }
@@ -665,8 +663,8 @@ impl WorkerHub {
         self.unregister(orphaned);
     }
 
-    /// Takes functions nobody serves any more out of the registry (one registry change at
-    /// a time; skipped if a new worker took one over meanwhile).
+    /// Takes functions nobody serves any more out of the registry, in one change (after
+    /// any registration under way; those a new worker took over meanwhile stay).
     fn unregister(self: &Arc<Self>, identities: Vec<FunctionIdentity>) {
         if identities.is_empty() {
             return;
@@ -674,13 +672,16 @@ impl WorkerHub {
         let hub = self.clone();
         tokio::spawn(async move {
             let _serial = hub.registering.lock().await;
-            for identity in identities {
-                if hub.lock().pool.serves(&identity) {
-                    continue;
-                }
-                if hub.registry.send(|| UnregisterFunction { identity: identity.clone() }).await.is_err() {
-                    warn!(fun = %identity.name, "registry unavailable: worker function not unregistered");
-                }
+            let orphaned: Vec<FunctionIdentity> = {
+                let state = hub.lock();
+                identities.into_iter().filter(|identity| !state.pool.serves(identity)).collect()
+            };
+            if orphaned.is_empty() {
+                return;
+            }
+            // One registry change: they leave other nodes' catalogs in one update.
+            if hub.registry.send(|| UnregisterFunctions { identities: orphaned.clone() }).await.is_err() {
+                warn!(functions = orphaned.len(), "registry unavailable: worker functions not unregistered");
             }
         });
     }
