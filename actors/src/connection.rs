@@ -695,17 +695,23 @@ impl Connection {
         let Some(permit) = self.admit(&u, kind, ctx) else { return };
         self.in_flight += 1;
         let shared = self.shared.clone();
-        let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %u, conn = self.id);
         let task = async move {
             let run = AssertUnwindSafe((*prepared).run(&shared)).catch_unwind().await;
             let answer = run.unwrap_or_else(|payload| failed(u, panicked(payload.as_ref())));
             drop(permit);
             shared.metrics.request_finished(started.elapsed(), answer.error);
-            let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
+            answer.bytes
         }
         .instrument(span);
-        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+        ctx.spawn(task.into_actor(self).map(move |bytes, act, ctx| act.answered(bytes, kind, ctx)));
+    }
+
+    /// Sends the answer of a request that ran as a task of this actor: it ends on the
+    /// connection's thread, so [`Self::reply`] can put it straight into the websocket.
+    fn answered(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
+        self.in_flight -= 1;
+        self.reply(bytes, kind, ctx);
     }
 
     /// Hands `job` (the request `u`) to the Planner and sends its answer when it comes;
@@ -714,16 +720,15 @@ impl Connection {
         let Some(permit) = self.admit(&u, kind, ctx) else { return };
         self.in_flight += 1;
         let shared = self.shared.clone();
-        let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %u, conn = self.id, planner = true);
         let task = async move {
             let answer = on_planner(&shared, u, job).await;
             drop(permit);
             shared.metrics.request_finished(started.elapsed(), answer.error);
-            let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
+            answer.bytes
         }
         .instrument(span);
-        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+        ctx.spawn(task.into_actor(self).map(move |bytes, act, ctx| act.answered(bytes, kind, ctx)));
     }
 
     fn on_subscribe(&mut self, request: SubscribeRequest, kind: FrameKind, ctx: &mut Context<Self>) {

@@ -589,7 +589,7 @@ impl WorkerHub {
             return Attempt::Lost(format!("#{worker}"));
         };
         let timeout_ms = crate::fabric::link::millis_left(deadline, Instant::now());
-        let frame = CallFrame::new(id, identity, call.args.clone(), call.kwargs.clone(), timeout_ms);
+        let frame = CallFrame::new(&id, identity, &call.args, &call.kwargs, timeout_ms);
         let bytes = Bytes::from(encode(&frame));
         if outbox.send(OutFrame { bytes, kind }).await.is_err() {
             return Attempt::Lost(name);
