@@ -297,19 +297,7 @@ impl Connection {
     /// hands the payload back otherwise. (Polled with a no-op waker: nobody waits here,
     /// the caller falls back to a queue.)
     fn write_now(&mut self, payload: Bytes, wrap: fn(Bytes) -> Message) -> Result<(), Bytes> {
-        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
-        let mut session = Pin::new(&mut self.session);
-        match session.as_mut().poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => {
-                // A closed session drops the frame: there is nobody left to read it.
-                if session.as_mut().start_send(wrap(payload)).is_ok() {
-                    let _ = session.poll_flush(&mut cx);
-                }
-                Ok(())
-            }
-            Poll::Ready(Err(_)) => Ok(()),
-            Poll::Pending => Err(payload),
-        }
+        write_now(&mut self.session, payload, wrap)
     }
 
     /// Answers a ping, keeping at most one pong waiting per connection: a client that
@@ -393,7 +381,7 @@ impl Connection {
         let hub = self.shared.workers.clone();
         match (frame, self.worker) {
             (WorkerInbound::Register(frame), None) => {
-                let Some(id) = hub.reserve(self.outbox.clone(), kind) else {
+                let Some(id) = hub.reserve(self.outbox.clone(), self.session.clone(), kind) else {
                     return self.reply(encode(&hub.too_many(frame.u)), kind, ctx);
                 };
                 self.worker = Some(id);
@@ -1109,6 +1097,25 @@ async fn on_planner(shared: &NodeShared, u: String, job: Job) -> Answer {
     }
 }
 
+/// Puts a message (`wrap` of `payload`) into `session` if it has room right now; hands the
+/// payload back otherwise. Never blocks (polled with a no-op waker: nobody waits here, the
+/// caller falls back to a queue).
+pub(crate) fn write_now<T>(session: &mut Session, payload: T, wrap: fn(T) -> Message) -> Result<(), T> {
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    let mut session = Pin::new(session);
+    match session.as_mut().poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {
+            // A closed session drops the frame: there is nobody left to read it.
+            if session.as_mut().start_send(wrap(payload)).is_ok() {
+                let _ = session.poll_flush(&mut cx);
+            }
+            Ok(())
+        }
+        Poll::Ready(Err(_)) => Ok(()),
+        Poll::Pending => Err(payload),
+    }
+}
+
 /// Drains the outbox into the websocket, in order, until the connection closes. A frame's
 /// bytes are released once the websocket took it, which is what lets the connection read
 /// again (see [`crate::outbox`]).
@@ -1126,7 +1133,14 @@ async fn write_frames(
                 // close must still get through, so the two race.
                 let outcome = tokio::select! {
                     biased;
-                    sent = write_frame(&mut session, &frame) => Ok(sent),
+                    sent = async {
+                        // A long message goes out in fragments that no direct write may split.
+                        let _fragments = match frame.bytes.len() > FRAGMENT_BYTES {
+                            true => Some(frames.fragments().await),
+                            false => None,
+                        };
+                        write_frame(&mut session, &frame).await
+                    } => Ok(sent),
                     reason = &mut closed => Err(reason.unwrap_or(None)),
                 };
                 frames.written(&frame);
@@ -1206,11 +1220,12 @@ impl StreamFault {
 /// actix-http one encoded batch of them in its write buffer, none of it counted in the
 /// outbox; fragments keep that near 4 MiB per connection whatever the message size, while
 /// the whole message stays counted in the outbox until its last fragment is handed over.
-const FRAGMENT_BYTES: usize = 64 * 1024;
+pub(crate) const FRAGMENT_BYTES: usize = 64 * 1024;
 
 /// Writes one queued frame in the type the client used, in fragments when it is long.
 /// Only this writer sends fragments, and nothing else writes a data frame while it does:
-/// the fast path needs an idle outbox, and the frame counts in it until written.
+/// the fast paths need an idle outbox (the frame counts in it until written), and a
+/// direct write from another thread also waits for the [`crate::outbox::Fragments`] guard.
 async fn write_frame(session: &mut Session, frame: &OutFrame) -> Result<(), actix_ws::Closed> {
     let bytes = &frame.bytes;
     if bytes.len() <= FRAGMENT_BYTES {

@@ -22,8 +22,10 @@
 //! (`worker_token_file`); a node with credentials and no token accepts no worker.
 //!
 //! The bookkeeping (who serves what, who is busy, whom to pick) is [`WorkerPool`]: no
-//! I/O, no clock, unit-tested. [`WorkerHub`] wraps it with the connections' outboxes and
-//! the calls waiting for answers; connections and the Registry share it.
+//! I/O, no clock, unit-tested. [`WorkerHub`] wraps it with the connections' outboxes (a
+//! call is written straight into the worker's websocket from the caller's thread when
+//! nothing is queued there) and the calls waiting for answers; connections and the
+//! Registry share it.
 
 pub mod wire;
 
@@ -33,11 +35,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use actix_ws::{Message, Session};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
+use crate::connection::{write_now, FRAGMENT_BYTES};
 use crate::function::{CallArgs, FunctionError, FunctionIdentity, FunctionResult, FunctionSpec};
 use crate::metrics::{label_value, Metrics};
 use crate::outbox::{OutFrame, Outbox};
@@ -222,6 +226,9 @@ impl WorkerPool {
 struct WorkerLink {
     name: String,
     outbox: Outbox,
+    /// The worker's websocket: a call goes straight into it when its outbox is idle,
+    /// sparing the connection's writer task a wake-up on the worker's thread.
+    session: Session,
     kind: FrameKind,
     pending: HashMap<String, oneshot::Sender<FunctionResult>>,
 }
@@ -326,7 +333,7 @@ impl WorkerHub {
     /// Reserves a worker id for a connection about to register, so that the connection's
     /// end removes it whatever point the registration reached; `None` (counted) when the
     /// node has `max_workers` already.
-    pub fn reserve(&self, outbox: Outbox, kind: FrameKind) -> Option<WorkerId> {
+    pub fn reserve(&self, outbox: Outbox, session: Session, kind: FrameKind) -> Option<WorkerId> {
         let mut state = self.lock();
         if state.links.len() >= self.config.max_workers {
             drop(state);
@@ -334,7 +341,7 @@ impl WorkerHub {
             return None;
         }
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        state.links.insert(id, WorkerLink { name: String::new(), outbox, kind, pending: HashMap::new() });
+        state.links.insert(id, WorkerLink { name: String::new(), outbox, session, kind, pending: HashMap::new() });
         Some(id)
     }
 
@@ -579,20 +586,25 @@ impl WorkerHub {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed).to_string();
         let (reply, answer) = oneshot::channel();
         let mut slot = CallSlot { hub: self, worker, id: id.clone(), answered: false };
-        let Some((name, outbox, kind)) = ({
+        let timeout_ms = crate::fabric::link::millis_left(deadline, Instant::now());
+        let encoded = encode(&CallFrame::new(&id, identity, &call.args, &call.kwargs, timeout_ms));
+        let Some((name, queue)) = ({
             let mut state = self.lock();
             state.links.get_mut(&worker).map(|link| {
                 link.pending.insert(id.clone(), reply);
-                (link.name.clone(), link.outbox.clone(), link.kind)
+                let queue = match direct_write(link, encoded) {
+                    Ok(()) => None,
+                    Err(bytes) => Some((link.outbox.clone(), OutFrame { bytes, kind: link.kind })),
+                };
+                (link.name.clone(), queue)
             })
         }) else {
             return Attempt::Lost(format!("#{worker}"));
         };
-        let timeout_ms = crate::fabric::link::millis_left(deadline, Instant::now());
-        let frame = CallFrame::new(&id, identity, &call.args, &call.kwargs, timeout_ms);
-        let bytes = Bytes::from(encode(&frame));
-        if outbox.send(OutFrame { bytes, kind }).await.is_err() {
-            return Attempt::Lost(name);
+        if let Some((outbox, frame)) = queue {
+            if outbox.send(frame).await.is_err() {
+                return Attempt::Lost(name);
+            }
         }
         let outcome = match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(result)) => result,
@@ -764,6 +776,27 @@ impl WorkerHub {
 /// Compares two secrets in time that depends only on their lengths.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Writes an encoded call straight into the worker's websocket when its outbox is idle
+/// and the message needs no fragments; otherwise its bytes come back, to be queued.
+fn direct_write(link: &mut WorkerLink, encoded: Vec<u8>) -> Result<(), Bytes> {
+    if encoded.len() > FRAGMENT_BYTES {
+        return Err(Bytes::from(encoded));
+    }
+    let WorkerLink { outbox, session, kind, .. } = link;
+    match kind {
+        FrameKind::Binary => {
+            outbox.write_if_idle(Bytes::from(encoded), |bytes| write_now(session, bytes, Message::Binary))
+        }
+        // The node's JSON is UTF-8: the check does not copy, and cannot fail.
+        FrameKind::Text => match String::from_utf8(encoded) {
+            Ok(text) => outbox
+                .write_if_idle(text, |text| write_now(session, text, |text| Message::Text(text.into())))
+                .map_err(|text| Bytes::from(text.into_bytes())),
+            Err(e) => Err(Bytes::from(e.into_bytes())),
+        },
+    }
 }
 
 /// How one attempt on one worker ended.
