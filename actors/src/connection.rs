@@ -5,7 +5,8 @@
 //! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
 //! publish), the Queue actor (`role: "queue"`, answered `queue-reply`; its pushes,
 //! `queue-message`, come through the same outbox), the [`WorkerHub`] (`role: "worker-*"`:
-//! a connection that registers as a worker gets its calls through the same outbox, is
+//! a connection that registers as a worker gets its calls through the same outbox, or
+//! written straight into its websocket by the caller's thread when that outbox is idle, is
 //! disconnected over a frame that breaks the worker protocol or past `worker_timeout_s`
 //! of silence, and leaves the hub when it closes), the cache (`role: "cache"`, answered
 //! `cache-reply`, read and written in place without a mailbox). Replies and

@@ -17,7 +17,9 @@
 //!   so a single message larger than the bound still reaches a subscriber that reads.
 //!
 //! What is not counted: replies written straight into the websocket on the fast path (the
-//! connection does that only when the queue is empty, and only up to 64 KiB) and frames
+//! connection does that only when the queue is empty, and only up to 64 KiB), calls the
+//! WorkerHub writes straight into a worker's websocket under the same conditions
+//! ([`Outbox::write_if_idle`]), and frames
 //! already handed to actix-ws: at most 32 in its channel plus one encoded batch of them in
 //! actix-http's write buffer. The writer hands longer messages over in 64 KiB fragments,
 //! so that is about 4 MiB per connection whatever the message size.
