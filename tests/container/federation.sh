@@ -192,8 +192,15 @@ if wait_for "$DETECT_SECS" route_is "$BRIDGE_MON" cluster-b none; then
 else
     not_ok "a-bridge /routes: the route to cluster-b withdrawn within ${DETECT_SECS}s (got: $(routes_to "$BRIDGE_MON" cluster-b))"
 fi
+# Nothing was reset: a-bridge closes the bridge because it went silent (then redials it).
+bridge_closed() { grep -q 'federation bridge silent; closing' <<<"$(container_logs "$(cname a-bridge)")"; }
+if wait_for "$DETECT_SECS" bridge_closed; then
+    ok "a-bridge closed the silent bridge to b1 ($(secs "$WAITED_MS") after the withdrawal)"
+else
+    not_ok "a-bridge logs 'federation bridge silent; closing' within ${DETECT_SECS}s of the partition"
+fi
 if wait_for "$DETECT_SECS" unreachable "$A1_URL"; then
-    ok "a1: --target-cluster cluster-b fails with 1005 $(secs "$WAITED_MS") after the withdrawal"
+    ok "a1: --target-cluster cluster-b fails with 1005 ($(secs "$WAITED_MS") after the bridge closed)"
 else
     not_ok "a1: --target-cluster cluster-b fails with 1005 within ${DETECT_SECS}s" \
         "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"
