@@ -148,6 +148,7 @@ pub struct Bridges {
     allowed: BTreeSet<ClusterId>,
     pinned: BTreeMap<ClusterId, VerifyingKey>,
     announce_interval: Duration,
+    silent_limit: Duration,
     hop_budget: u32,
     route_key: Option<(PathBuf, VerifyingKey)>,
     metrics: Arc<Metrics>,
@@ -176,12 +177,14 @@ impl Bridges {
         }
         let local = config.federation.table.local.clone();
         let route_key_modified = config.route_key.as_ref().and_then(|(path, _)| modified(path));
+        let silent_limit = (config.announce_interval * 3).max(Duration::from_millis(config.federation.ttl_ms));
         let core = FederationCore::new(config.federation, config.signer, ring);
         Bridges {
             local,
             allowed: config.allowed,
             pinned: config.pinned,
             announce_interval: config.announce_interval,
+            silent_limit,
             hop_budget: config.hop_budget,
             route_key: config.route_key,
             metrics,
@@ -250,6 +253,13 @@ impl Bridges {
         // At once: withdrawals of what the import policies now refuse, and announcements
         // under the new export policies.
         Self::announce(&mut state);
+    }
+
+    /// A bridge that carried nothing for this long (three announce intervals, at least a
+    /// route TTL: its routes have expired) is dead even if TCP has not noticed, as after
+    /// a partition; the fabric closes it so that it is dialled afresh.
+    pub fn silent_limit(&self) -> Duration {
+        self.silent_limit
     }
 
     /// Whether `link` is an open bridge.
