@@ -255,6 +255,7 @@ impl NodeBuilder {
         let fabric_config = FabricConfig {
             peers: settings.peers.clone(),
             fanout: settings.peer_fanout,
+            max_inbound_links: settings.max_inbound_links,
             gossip_interval: Settings::seconds(settings.gossip_interval_s),
             timing: MembershipTiming {
                 suspect_after: settings.suspect_after_s,

@@ -84,6 +84,9 @@ pub struct FabricConfig {
     /// Nodes learned through gossip are dialled while this node holds fewer links than
     /// this in all (0: only `peers`).
     pub fanout: usize,
+    /// Links other nodes dialled to this one (admitted or mid-handshake); a further dialer
+    /// is refused with the URLs of a few other members to dial instead.
+    pub max_inbound_links: usize,
     /// Gossip round length.
     pub gossip_interval: Duration,
     /// Catalog timing and grace periods.
@@ -358,6 +361,16 @@ struct DialState {
     in_progress: bool,
     next_at: Instant,
     backoff: Duration,
+    /// Named by a node at its inbound cap: dialled once even before it is a member.
+    hinted: bool,
+    /// Refused by a node at its inbound cap: not dialled again while other links exist.
+    full: bool,
+}
+
+impl DialState {
+    fn due_now(hinted: bool) -> Self {
+        DialState { in_progress: false, next_at: Instant::now(), backoff: Duration::ZERO, hinted, full: false }
+    }
 }
 
 /// The FabricGossip actor.
@@ -407,9 +420,7 @@ impl FabricGossip {
             .peers
             .iter()
             .filter(|url| **url != shared.me.url)
-            .map(|url| {
-                (url.clone(), DialState { in_progress: false, next_at: Instant::now(), backoff: Duration::ZERO })
-            })
+            .map(|url| (url.clone(), DialState::due_now(false)))
             .collect();
         let now = Instant::now();
         let swim = Swim::new(member_id(&shared.me), config.swim.clone(), 0.0, rand::random());
@@ -648,8 +659,46 @@ impl FabricGossip {
         warn!(node = %self.shared.me.node, peer = %claimed, addr = %addr, reason = %refusal.reason,
             label = refusal.label, "peer refused");
         self.shared.metrics.peer_refused(refusal.label);
-        self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason: refusal.reason }));
+        self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason: refusal.reason, try_instead: Vec::new() }));
         self.close_link(link);
+    }
+
+    /// Links other nodes dialled to this one, admitted or mid-handshake, besides `link`.
+    fn inbound_links(&self, link: LinkId) -> usize {
+        self.links
+            .iter()
+            .filter(|(id, l)| **id != link && l.outbound_url.is_none())
+            .filter(|(_, l)| l.node.is_some() || l.awaiting_proof.is_some())
+            .count()
+    }
+
+    /// Refuses a dialer because this node holds `max_inbound_links` inbound links, naming
+    /// up to `fanout` other alive members to dial instead (those with the fewest links
+    /// first, so the joiners spread), counted as `mpreg_peer_refused_total{reason="full"}`.
+    fn refuse_full(&mut self, link: LinkId, dialer: &NodeInfo) {
+        let mut others: Vec<(usize, u64, String)> = self
+            .core
+            .members()
+            .filter(|m| m.state == MemberState::Alive && m.info.node != dialer.node && m.info.url != dialer.url)
+            .map(|m| (m.neighbours.len(), rand::random::<u64>(), m.info.url.clone()))
+            .collect();
+        others.sort_unstable();
+        let try_instead: Vec<String> =
+            others.into_iter().take(self.config.fanout.max(1)).map(|(_, _, url)| url).collect();
+        debug!(node = %self.shared.me.node, peer = %dialer.node, others = try_instead.len(),
+            "inbound links at max_inbound_links; dialer refused");
+        self.shared.metrics.peer_refused("full");
+        let reason = format!("this node holds its most inbound links ({})", self.config.max_inbound_links);
+        self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason, try_instead }));
+        self.close_link(link);
+    }
+
+    /// Dials, once each, URLs a node at its inbound cap named (a few at most; never our own).
+    fn dial_instead(&mut self, urls: Vec<String>) {
+        let limit = self.config.fanout.max(1);
+        for url in urls.into_iter().filter(|u| *u != self.shared.me.url).take(limit) {
+            self.dials.entry(url).or_insert_with(|| DialState::due_now(true));
+        }
     }
 
     fn members_frame(&self) -> PeerFrame {
@@ -900,6 +949,9 @@ impl FabricGossip {
         let my_nonce = l.nonce.clone();
         if let Err(refusal) = self.core.check(&info, self.now()) {
             return self.refuse(link, &info.node, refusal.into());
+        }
+        if !outbound && self.inbound_links(link) >= self.config.max_inbound_links {
+            return self.refuse_full(link, &info);
         }
         let (trust, auth) = match (self.shared.trust.clone(), auth) {
             (None, None) => {
@@ -1373,24 +1425,25 @@ impl FabricGossip {
         let room = self.config.fanout.saturating_sub(direct.len());
         let pending = self.dials.keys().filter(|u| !peers.contains(*u) && !linked_urls.contains(*u)).count();
         for url in discovered.into_iter().take(room.saturating_sub(pending)) {
-            self.dials.entry(url).or_insert(DialState {
-                in_progress: false,
-                next_at: Instant::now(),
-                backoff: Duration::ZERO,
-            });
+            self.dials.entry(url).or_insert(DialState::due_now(false));
         }
         // Forget discovered URLs that are linked or gone, or once there is no room; keep
-        // configured peers forever.
+        // configured peers forever, and URLs a full node named until they are tried.
         let member_urls: HashSet<String> = self.core.members().map(|m| m.info.url.clone()).collect();
         self.dials.retain(|url, d| {
             peers.contains(url)
                 || d.in_progress
+                || (d.hinted && room > 0 && !linked_urls.contains(url))
                 || (room > 0 && member_urls.contains(url) && !linked_urls.contains(url))
         });
+        // A peer that refused us for holding its most inbound links waits while we have
+        // other links (it is dialled again when we have none).
+        let linked = !direct.is_empty();
         let due: Vec<String> = self
             .dials
             .iter()
             .filter(|(url, d)| !d.in_progress && d.next_at <= Instant::now() && !linked_urls.contains(*url))
+            .filter(|(_, d)| !(d.full && linked))
             .map(|(url, _)| url.clone())
             .collect();
         let mut started = 0;
@@ -1409,6 +1462,7 @@ impl FabricGossip {
             let Some(dial) = self.dials.get_mut(&url) else { continue };
             started += 1;
             dial.in_progress = true;
+            dial.hinted = false;
             dial.backoff = (dial.backoff * 2).clamp(Duration::from_millis(200), self.config.max_backoff);
             // Up to 25% jitter so nodes restarted together do not dial in lock step.
             let jitter = dial.backoff.mul_f64(rand::random::<f64>() * 0.25);
@@ -1473,6 +1527,7 @@ impl Handler<LinkOpened> for FabricGossip {
         if let Some(url) = &msg.outbound_url {
             if let Some(dial) = self.dials.get_mut(url) {
                 dial.backoff = Duration::ZERO;
+                dial.full = false;
             }
         }
         self.links.insert(
@@ -1520,14 +1575,22 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 self.on_status(msg.link, info, (functions, queues, about), catalog_version, auth)
             }
             PeerFrame::Server(ServerFrame::Proof { signature }) => self.on_proof(msg.link, &signature),
-            PeerFrame::Server(ServerFrame::Refused { reason }) => {
-                warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
+            PeerFrame::Server(ServerFrame::Refused { reason, try_instead }) => {
+                let full = !try_instead.is_empty();
+                if full {
+                    info!(node = %self.shared.me.node, link = msg.link, reason = %reason, "peer full; dialling others");
+                } else {
+                    warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
+                }
                 if let Some(url) = self.links.get(&msg.link).and_then(|l| l.outbound_url.clone()) {
                     if let Some(dial) = self.dials.get_mut(&url) {
                         // The next dial was scheduled before the refusal; push it back too.
                         dial.backoff = self.config.max_backoff;
                         dial.next_at = Instant::now() + self.config.max_backoff;
+                        dial.full = full;
                     }
+                    // Only the node we dialled may point us elsewhere.
+                    self.dial_instead(try_instead);
                 }
                 self.close_link(msg.link);
             }
