@@ -950,4 +950,136 @@ mod tests {
         let hops = m.next_hops(&direct);
         assert_eq!((hops.get("c").map(String::as_str), hops.get("d")), (Some("b"), None));
     }
+
+    /// The links of an `n`-node cluster as the fabric forms them: node `k` dials the seed
+    /// `n0`; a node holding `max_inbound` inbound links refuses and names members with the
+    /// fewest links, dialled next; then `k` dials the members it learnt, in random order,
+    /// while it holds fewer than `fanout` links (a node at its inbound cap refuses).
+    fn joined_links(n: usize, fanout: usize, max_inbound: usize, rng: &mut impl rand::Rng) -> Vec<HashSet<usize>> {
+        use rand::seq::SliceRandom;
+        let mut links: Vec<HashSet<usize>> = vec![HashSet::new(); n];
+        let mut inbound = vec![0usize; n];
+        for k in 1..n {
+            let mut order = vec![0];
+            if inbound[0] >= max_inbound {
+                let mut fewest: Vec<usize> = (1..k).collect();
+                fewest.sort_by_key(|&t| links[t].len());
+                order.extend(fewest.into_iter().take(fanout));
+            }
+            let mut rest: Vec<usize> = (0..k).collect();
+            rest.shuffle(rng);
+            order.extend(rest);
+            for t in order {
+                if links[k].len() >= fanout {
+                    break;
+                }
+                if inbound[t] < max_inbound && links[k].insert(t) {
+                    links[t].insert(k);
+                    inbound[t] += 1;
+                }
+            }
+            assert!(!links[k].is_empty(), "n{k} found no node to link to");
+        }
+        links
+    }
+
+    /// Hops from `from` over `links` (breadth-first), skipping `gone`; `None`: no path.
+    fn distances(links: &[HashSet<usize>], from: usize, gone: Option<usize>) -> Vec<Option<usize>> {
+        let mut dist = vec![None; links.len()];
+        dist[from] = Some(0);
+        let mut queue = VecDeque::from([from]);
+        while let Some(at) = queue.pop_front() {
+            for &next in &links[at] {
+                if dist[next].is_none() && Some(next) != gone {
+                    dist[next] = dist[at].map(|d| d + 1);
+                    queue.push_back(next);
+                }
+            }
+        }
+        dist
+    }
+
+    /// Every node's membership, each knowing every other node's record (its links).
+    fn cores_of(links: &[HashSet<usize>]) -> Vec<MembershipCore> {
+        let name = |i: usize| format!("n{i}");
+        let records: Vec<MemberDigest> = (0..links.len())
+            .map(|i| MemberDigest {
+                info: info(&name(i), "1"),
+                heartbeat: 1,
+                catalog_version: 1,
+                neighbours: links[i].iter().map(|&t| name(t)).collect(),
+            })
+            .collect();
+        (0..links.len())
+            .map(|i| {
+                let mut m = MembershipCore::new(info(&name(i), "1"), MembershipTiming::default(), Vec::new());
+                m.apply_digest(&records, 0.0);
+                m
+            })
+            .collect()
+    }
+
+    /// Follows each node's own next hop from `from` towards `to`; asserts every hop is a
+    /// link that exists and is not `avoid`, and returns the path's length (`None`: no route).
+    fn follow(
+        links: &[HashSet<usize>],
+        hops: &[HashMap<NodeId, NodeId>],
+        (from, to): (usize, usize),
+        avoid: Option<usize>,
+    ) -> Option<usize> {
+        let index = |n: &str| n[1..].parse::<usize>().expect("a node name");
+        let target = format!("n{to}");
+        let (mut at, mut length) = (from, 0);
+        while at != to {
+            let next = index(hops[at].get(&target)?);
+            assert!(links[at].contains(&next), "n{at} routes to n{to} over n{next}, which is not its link");
+            assert_ne!(Some(next), avoid, "n{at} routes to n{to} through the suspected n{next}");
+            (at, length) = (next, length + 1);
+            assert!(length <= links.len(), "the route from n{from} to n{to} loops");
+        }
+        Some(length)
+    }
+
+    /// The 48-node failure of issue 10 (a route through a node that was not a link, or
+    /// that had gone) cannot happen: in clusters of many nodes joined through one seed with
+    /// links far fewer than nodes, every node routes to every other along links that
+    /// exist, over a shortest path (so within the hop budget); with the busiest relay
+    /// suspected everywhere, every node still reachable without it is routed around it.
+    #[test]
+    fn many_nodes_with_few_links_route_to_every_node_over_existing_links() {
+        use rand::SeedableRng;
+        for (n, fanout, max_inbound, seed) in [(64, 8, 16, 1), (64, 3, 6, 2), (200, 4, 8, 3)] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let links = joined_links(n, fanout, max_inbound, &mut rng);
+            assert!(links.iter().all(|l| l.len() <= fanout + max_inbound), "{n} nodes: links past the caps");
+            let mut cores = cores_of(&links);
+            let direct =
+                |i: usize| -> HashSet<NodeId> { links[i].iter().map(|t| format!("n{t}")).collect::<HashSet<_>>() };
+            let hops: Vec<_> = (0..n).map(|i| cores[i].next_hops(&direct(i))).collect();
+            for from in 0..n {
+                let dist = distances(&links, from, None);
+                for to in (0..n).filter(|&to| to != from) {
+                    let length = follow(&links, &hops, (from, to), None);
+                    assert_eq!(length, dist[to], "{n} nodes, fan-out {fanout}: n{from} to n{to}");
+                }
+            }
+            if n == 64 && fanout == 8 {
+                let longest = (0..n).filter_map(|f| distances(&links, f, None).into_iter().flatten().max()).max();
+                assert!(longest <= Some(5), "64 nodes at fan-out 8 fit the default hop budget: {longest:?}");
+            }
+
+            let relay = (0..n).max_by_key(|&i| links[i].len()).expect("nodes");
+            for core in &mut cores {
+                core.mark_suspect(&format!("n{relay}"), "1");
+            }
+            let hops: Vec<_> = (0..n).map(|i| cores[i].next_hops(&direct(i))).collect();
+            for from in (0..n).filter(|&f| f != relay) {
+                let dist = distances(&links, from, Some(relay));
+                for to in (0..n).filter(|&to| to != from && to != relay) {
+                    let length = follow(&links, &hops, (from, to), Some(relay));
+                    assert_eq!(length, dist[to], "{n} nodes without n{relay}: n{from} to n{to}");
+                }
+            }
+        }
+    }
 }
