@@ -160,7 +160,8 @@ pub struct Settings {
     pub remove_after_s: f64,
     /// A node that said GOODBYE is not redialled for this long (seconds).
     pub departed_grace_s: f64,
-    /// Catalog entries expire this long after their last refresh; owners refresh at half.
+    /// Entries and members restored from a snapshot that nobody confirms expire after this
+    /// long; a member's entries otherwise stay while SWIM holds it a member.
     pub catalog_ttl_s: f64,
     /// The catalog and known peers are saved to the store this often when they changed,
     /// and at clean shutdown, and restored at start (seconds; 0: never saved nor restored).

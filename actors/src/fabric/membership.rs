@@ -35,7 +35,8 @@ pub struct MembershipTiming {
     pub remove_after: f64,
     /// A departed instance is not redialled (nor accepted) for this long.
     pub departed_grace: f64,
-    /// Catalog entries expire this long after their last refresh.
+    /// Restored entries and members nobody confirms expire this long after they were last
+    /// received or heard of; a member's entries otherwise stay while it is a member.
     pub catalog_ttl: f64,
 }
 
@@ -213,12 +214,6 @@ impl MembershipCore {
     /// Our queues changed: a new version to flood.
     pub fn set_local_queues(&mut self, queues: Vec<String>, now_unix: f64) -> CatalogDelta {
         self.queues = queues;
-        self.catalog_version += 1;
-        self.local_catalog(now_unix)
-    }
-
-    /// Owners refresh at ttl/2: bump the version so every node renews the entries.
-    pub fn refresh_local(&mut self, now_unix: f64) -> CatalogDelta {
         self.catalog_version += 1;
         self.local_catalog(now_unix)
     }
@@ -479,7 +474,10 @@ impl MembershipCore {
     }
 
     /// Housekeeping: restored members nobody confirmed are removed when their entries
-    /// would expire; expired catalogs, tombstones and departures are dropped.
+    /// would expire; their expired entries, tombstones and departures are dropped. The
+    /// entries of a confirmed member are not refreshed and do not expire: they go when SWIM
+    /// declares it dead or it leaves (a refresh of every node's entries would cost each
+    /// node O(N log N) messages per TTL).
     pub fn tick(&mut self, now: f64) -> Vec<MembershipEvent> {
         let mut events = Vec::new();
         let unconfirmed_limit = self.timing.remove_after.max(self.timing.catalog_ttl);
@@ -495,7 +493,10 @@ impl MembershipCore {
             events.push(MembershipEvent::Removed(node));
         }
         let ttl = self.timing.catalog_ttl;
-        self.catalogs.retain(|_, c| now - c.received_at <= ttl.max(c.delta.ttl_s.min(ttl)));
+        let members = &self.members;
+        self.catalogs.retain(|node, c| {
+            members.get(node).is_some_and(|m| m.state != MemberState::Unconfirmed) || now - c.received_at <= ttl
+        });
         self.tombstones.retain(|_, (_, until)| *until > now);
         self.departed.retain(|_, until| *until > now);
         events
@@ -527,20 +528,24 @@ impl MembershipCore {
     }
 
     /// Every member and the entries held, for a snapshot: times converted from the local
-    /// clock (`now`) to Unix seconds (`now_unix`).
+    /// clock (`now`) to Unix seconds (`now_unix`). A member SWIM holds alive, and its
+    /// entries, are current: saved as heard of and received now.
     pub fn snapshot(&self, now: f64, now_unix: f64) -> Vec<SnapshotMember> {
         let to_unix = |t: f64| now_unix - (now - t).max(0.0);
         let mut out: Vec<SnapshotMember> = self
             .members
             .values()
-            .map(|m| SnapshotMember {
-                info: m.info.clone(),
-                heard_at: to_unix(m.heard_at),
-                catalog: self
-                    .catalogs
-                    .get(&m.info.node)
-                    .filter(|c| c.delta.instance_id == m.info.instance_id)
-                    .map(|c| SnapshotCatalog { delta: c.delta.clone(), received_at: to_unix(c.received_at) }),
+            .map(|m| {
+                let current = |t: f64| if m.state == MemberState::Alive { now_unix } else { to_unix(t) };
+                SnapshotMember {
+                    info: m.info.clone(),
+                    heard_at: current(m.heard_at),
+                    catalog: self
+                        .catalogs
+                        .get(&m.info.node)
+                        .filter(|c| c.delta.instance_id == m.info.instance_id)
+                        .map(|c| SnapshotCatalog { delta: c.delta.clone(), received_at: current(c.received_at) }),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.info.node.cmp(&b.info.node));
@@ -883,8 +888,13 @@ mod tests {
         m.apply_digest(&[digest("b", "b1", 3, &[])], 10.0);
         let delta = saved("b", "b1", 0.0, Some(0.0)).catalog.unwrap().delta;
         assert!(m.apply_catalog(&delta, 12.0));
+        // Alive: the member and its entries are current (not refreshed, they do not expire).
         let snapshot = m.snapshot(20.0, 1020.0);
         assert_eq!(snapshot.len(), 1);
+        assert_eq!((snapshot[0].heard_at, snapshot[0].catalog.as_ref().unwrap().received_at), (1020.0, 1020.0));
+        // Suspected: as last heard of and received.
+        m.mark_suspect("b", "b1");
+        let snapshot = m.snapshot(20.0, 1020.0);
         assert_eq!((snapshot[0].heard_at, snapshot[0].catalog.as_ref().unwrap().received_at), (1010.0, 1012.0));
         let mut restarted = MembershipCore::new(info("a", "a2"), MembershipTiming::default(), Vec::new());
         let outcome = restarted.restore(snapshot, 0.0, 1030.0);
@@ -922,6 +932,20 @@ mod tests {
         delta.version += 1;
         assert!(m.apply_catalog(&delta, 0.2));
         assert_eq!(state(&m, "b"), Some(MemberState::Alive));
+    }
+
+    #[test]
+    fn a_members_entries_stay_while_it_is_a_member_and_go_with_it() {
+        let mut m = core();
+        m.apply_digest(&[digest("b", "b1", 1, &[])], 0.0);
+        assert!(m.apply_catalog(&catalog("b", "b1"), 0.0));
+        m.tick(1000.0);
+        assert_eq!(m.catalog_entries().len(), 1, "not refreshed for far longer than the TTL, still current");
+        m.mark_suspect("b", "b1");
+        m.tick(2000.0);
+        assert_eq!(m.catalog_entries().len(), 1, "a suspect keeps its entries until SWIM declares it dead");
+        m.remove_dead("b", "b1", 2001.0);
+        assert!(m.catalog_entries().is_empty());
     }
 
     #[test]

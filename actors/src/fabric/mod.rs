@@ -381,11 +381,14 @@ pub struct FabricGossip {
     links: HashMap<LinkId, Link>,
     dials: HashMap<String, DialState>,
     epoch: Instant,
-    last_refresh: Instant,
     /// Set by GOODBYE: links closing now are expected, not failures.
     leaving: bool,
     /// Fingerprint of the last snapshot saved (or restored): unchanged views are not saved.
     last_snapshot: Option<u64>,
+    /// When a snapshot was last saved (or restored): an unchanged view is saved again after
+    /// half the catalog TTL, so the times it records (live members heard of now) stay
+    /// within the TTL that restoring checks.
+    last_snapshot_at: Instant,
     /// Queues whose owner left the cluster, by name (reported unreachable, not unknown).
     departed_queues: HashMap<String, RemoteQueue>,
     /// The catalog fingerprint the discovery change log last saw.
@@ -431,9 +434,9 @@ impl FabricGossip {
             links: HashMap::new(),
             dials,
             epoch: now,
-            last_refresh: now,
             leaving: false,
             last_snapshot: None,
+            last_snapshot_at: now,
             departed_queues: HashMap::new(),
             discovery_seen: None,
             swim,
@@ -601,7 +604,8 @@ impl FabricGossip {
         let Some(config) = &self.config.snapshots else { return };
         let snapshot = self.build_snapshot();
         let fingerprint = snapshot.fingerprint();
-        if self.last_snapshot == Some(fingerprint) {
+        let recent = self.last_snapshot_at.elapsed().as_secs_f64() < self.config.timing.catalog_ttl / 2.0;
+        if self.last_snapshot == Some(fingerprint) && recent {
             return;
         }
         let batch = match snapshot.encode() {
@@ -609,6 +613,7 @@ impl FabricGossip {
             Err(e) => return warn!(node = %self.shared.me.node, cause = %e, "catalog snapshot not encoded"),
         };
         self.last_snapshot = Some(fingerprint);
+        self.last_snapshot_at = Instant::now();
         let store = config.store.clone();
         let saved_at = snapshot.saved_at;
         ctx.spawn(async move { store.commit(batch).await }.into_actor(self).map(move |result, act, _| match result {
@@ -1345,15 +1350,6 @@ impl FabricGossip {
         let events = self.core.tick(now);
         self.log_events(&events);
         self.close_silent_links_to_suspects();
-        if self.last_refresh.elapsed().as_secs_f64() > self.config.timing.catalog_ttl / 2.0 {
-            // Piggybacked, not flooded: the refresh of every node's entries costs each
-            // node a bounded number of entry sets per message.
-            self.last_refresh = Instant::now();
-            let delta = self.core.refresh_local(unix_now());
-            let delta = self.seal(delta);
-            let me = self.shared.me.node.clone();
-            self.deltas.push(&me, delta, self.config.swim.max_pending_rumors);
-        }
         // News waiting (SWIM's rumors, records, entry sets) goes to a few random members
         // at once rather than one probe a period.
         let news = !self.records.is_empty() || !self.deltas.is_empty();
