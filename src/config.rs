@@ -265,7 +265,7 @@ impl Default for Settings {
             peers: Vec::new(),
             advertise_url: None,
             peer_fanout: 8,
-            max_inbound_links: 16,
+            max_inbound_links: 64,
             gossip_interval_s: 0.25,
             suspect_after_s: 2.0,
             remove_after_s: 6.0,
