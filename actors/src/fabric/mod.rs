@@ -1181,6 +1181,16 @@ impl FabricGossip {
         }
         let (out, transitions) = self.swim.receive(&from, self.sanitized(message), now);
         changed |= !transitions.is_empty();
+        // A member back alive (it refuted a death) whose record we dropped with it: its
+        // record is pulled from the sender next round, instead of waiting for a push-pull.
+        let lacking = transitions.iter().any(|t| {
+            t.liveness == Liveness::Alive
+                && split_member(&t.member)
+                    .is_some_and(|(node, instance)| self.core.record_of(node).is_none_or(|(i, _)| i != instance))
+        });
+        if lacking {
+            self.pull_more_from = Some(sender.clone());
+        }
         self.apply_transitions(transitions);
         self.swim_send(out);
         if changed {
