@@ -955,10 +955,12 @@ impl FabricGossip {
         if let Err(refusal) = self.core.check(&info, self.now()) {
             return self.refuse(link, &info.node, refusal.into());
         }
-        if !outbound && self.inbound_links(link) >= self.config.max_inbound_links {
-            return self.refuse_full(link, &info);
-        }
+        // A dialer is refused for our inbound cap only once its certificate chains to our
+        // authority (with credentials), so the members named to it are not told to a
+        // process without one; in open mode anyone may join anyway.
+        let full = !outbound && self.inbound_links(link) >= self.config.max_inbound_links;
         let (trust, auth) = match (self.shared.trust.clone(), auth) {
+            (None, None) if full => return self.refuse_full(link, &info),
             (None, None) => {
                 let delta = CatalogDelta {
                     node: info.node.clone(),
@@ -1000,6 +1002,9 @@ impl FabricGossip {
                 return self.refuse(link, &info.node, refusal);
             }
         };
+        if full {
+            return self.refuse_full(link, &info);
+        }
         let me = &self.shared.me;
         let mine = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &my_nonce };
         let theirs = LinkEnd { node: &info.node, instance_id: &info.instance_id, nonce: &auth.nonce };
