@@ -214,7 +214,8 @@ async fn sigkill_of_one_of_two_providers_mid_call_is_retried_on_the_other() {
 
 /// A settings file for node `name`: slow failure detection (a minute), fast gossip, at
 /// most `fanout` links dialled to nodes learned through gossip and `fanout` dialled to it
-/// by others (`max_inbound_links`).
+/// by others (`max_inbound_links`), and a hop budget for the long paths of a cluster with
+/// so few links a node.
 fn slow_detection_config(
     name: &str,
     cluster: &str,
@@ -226,7 +227,7 @@ fn slow_detection_config(
     let toml = format!(
         "[mpreg]\nname = {name:?}\nhost = \"127.0.0.1\"\nport = 0\nmonitoring_port = 0\ncluster_id = {cluster:?}\n\
          functions = [{functions:?}]\npeers = [{}]\ngossip_interval_s = 0.1\nsuspect_after_s = 1.0\n\
-         remove_after_s = 60.0\ndeparted_grace_s = 60.0\npeer_fanout = {fanout}\nmax_inbound_links = {fanout}\n",
+         remove_after_s = 60.0\ndeparted_grace_s = 60.0\npeer_fanout = {fanout}\nmax_inbound_links = {fanout}\nhop_budget = 16\n",
         peers.join(", ")
     );
     TempFile::new(&format!("{cluster}-{name}.toml"), &toml)
@@ -358,5 +359,10 @@ async fn a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes() {
     }
     let status = clients[1].cluster_status().await.expect("the resumed node answers");
     assert!(status["topology"]["incarnation"].as_u64() >= Some(1), "it refuted: {:#}", status["topology"]);
-    assert_eq!(clients[0].call("tpu_square", vec![json!(4)]).await.unwrap(), json!(16));
+    // With 2 links a node, the stopped relay may have cut s0 off from s15 (its silent links
+    // were closed); the links form again once it is back.
+    poll_until_async("tpu_square routable from s0 again", slow, || async {
+        (clients[0].call("tpu_square", vec![json!(4)]).await.ok() == Some(json!(16))).then_some(())
+    })
+    .await;
 }

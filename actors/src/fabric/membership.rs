@@ -976,9 +976,10 @@ mod tests {
     }
 
     /// The links of an `n`-node cluster as the fabric forms them: node `k` dials the seed
-    /// `n0`; a node holding `max_inbound` inbound links refuses and names members with the
-    /// fewest links, dialled next; then `k` dials the members it learnt, in random order,
-    /// while it holds fewer than `fanout` links (a node at its inbound cap refuses).
+    /// `n0`; a node holding `max_inbound` inbound links refuses and names members, those
+    /// with fewer links than the cap first, each group in random order, dialled next; then
+    /// `k` dials the members it learnt, in random order, while it holds fewer than `fanout`
+    /// links (a node at its inbound cap refuses).
     fn joined_links(n: usize, fanout: usize, max_inbound: usize, rng: &mut impl rand::Rng) -> Vec<HashSet<usize>> {
         use rand::seq::SliceRandom;
         let mut links: Vec<HashSet<usize>> = vec![HashSet::new(); n];
@@ -986,9 +987,10 @@ mod tests {
         for k in 1..n {
             let mut order = vec![0];
             if inbound[0] >= max_inbound {
-                let mut fewest: Vec<usize> = (1..k).collect();
-                fewest.sort_by_key(|&t| links[t].len());
-                order.extend(fewest.into_iter().take(fanout));
+                let mut named: Vec<usize> = (1..k).collect();
+                named.shuffle(rng);
+                named.sort_by_key(|&t| links[t].len() >= max_inbound);
+                order.extend(named.into_iter().take(fanout));
             }
             let mut rest: Vec<usize> = (0..k).collect();
             rest.shuffle(rng);

@@ -678,14 +678,18 @@ impl FabricGossip {
     }
 
     /// Refuses a dialer because this node holds `max_inbound_links` inbound links, naming
-    /// up to `fanout` other alive members to dial instead (those with the fewest links
-    /// first, so the joiners spread), counted as `mpreg_peer_refused_total{reason="full"}`.
+    /// up to `fanout` other alive members to dial instead, counted as
+    /// `mpreg_peer_refused_total{reason="full"}`. Members whose records list fewer links
+    /// than the cap (sure to have room) come first, each group in random order: preferring
+    /// the members with the fewest links would send every joiner to the newest ones and
+    /// grow the cluster into a chain, whose paths outrun the hop budget.
     fn refuse_full(&mut self, link: LinkId, dialer: &NodeInfo) {
-        let mut others: Vec<(usize, u64, String)> = self
+        let cap = self.config.max_inbound_links;
+        let mut others: Vec<(bool, u64, String)> = self
             .core
             .members()
             .filter(|m| m.state == MemberState::Alive && m.info.node != dialer.node && m.info.url != dialer.url)
-            .map(|m| (m.neighbours.len(), rand::random::<u64>(), m.info.url.clone()))
+            .map(|m| (m.neighbours.len() >= cap, rand::random::<u64>(), m.info.url.clone()))
             .collect();
         others.sort_unstable();
         let try_instead: Vec<String> =
