@@ -147,6 +147,9 @@ pub struct Settings {
     /// this in all, configured, dialled and accepted ones together (0: only `peers`);
     /// other nodes are reached over next hops.
     pub peer_fanout: usize,
+    /// Links other nodes dialled to this one; a further dialer is refused with the URLs of
+    /// a few other members to dial instead (so a seed every node names is not linked to all).
+    pub max_inbound_links: usize,
     /// Housekeeping round: dial attempts, catalog expiry (seconds).
     pub gossip_interval_s: f64,
     /// A silent peer is suspected (and not routed to) after about this long: SWIM's
@@ -158,7 +161,8 @@ pub struct Settings {
     pub remove_after_s: f64,
     /// A node that said GOODBYE is not redialled for this long (seconds).
     pub departed_grace_s: f64,
-    /// Catalog entries expire this long after their last refresh; owners refresh at half.
+    /// Entries and members restored from a snapshot that nobody confirms expire after this
+    /// long; a member's entries otherwise stay while SWIM holds it a member.
     pub catalog_ttl_s: f64,
     /// The catalog and known peers are saved to the store this often when they changed,
     /// and at clean shutdown, and restored at start (seconds; 0: never saved nor restored).
@@ -308,6 +312,7 @@ impl Default for Settings {
             peers: Vec::new(),
             advertise_url: None,
             peer_fanout: 8,
+            max_inbound_links: 64,
             gossip_interval_s: 0.25,
             suspect_after_s: 2.0,
             remove_after_s: 6.0,
@@ -488,6 +493,7 @@ impl Settings {
             ("max_catalog_entries_per_node", self.max_catalog_entries_per_node),
             ("max_new_members_per_frame", self.max_new_members_per_frame),
             ("max_dials_per_round", self.max_dials_per_round),
+            ("max_inbound_links", self.max_inbound_links),
             ("discovery_page_size", self.discovery_page_size),
             ("discovery_max_page_size", self.discovery_max_page_size),
             ("discovery_change_log_items", self.discovery_change_log_items),

@@ -307,6 +307,7 @@ impl NodeBuilder {
             peers: settings.peers.iter().chain(&settings.federation.peers).cloned().collect(),
             federation_peers: settings.federation.peers.clone(),
             fanout: settings.peer_fanout,
+            max_inbound_links: settings.max_inbound_links,
             gossip_interval: Settings::seconds(settings.gossip_interval_s),
             timing: MembershipTiming {
                 suspect_after: settings.suspect_after_s,

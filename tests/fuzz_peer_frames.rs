@@ -202,7 +202,8 @@ fn server_frame() -> BoxedStrategy<ServerFrame> {
             }
         ),
         hex_text().prop_map(|signature| ServerFrame::Proof { signature }),
-        ".{0,30}".prop_map(|reason| ServerFrame::Refused { reason }),
+        (".{0,30}", prop::collection::vec(".{0,30}", 0..3))
+            .prop_map(|(reason, try_instead)| ServerFrame::Refused { reason, try_instead }),
         (name(), name(), prop::option::of(proof())).prop_map(|(node, instance_id, proof)| ServerFrame::Goodbye {
             node,
             instance_id,

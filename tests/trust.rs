@@ -155,6 +155,28 @@ async fn nodes_of_one_authority_form_a_cluster_relay_signed_entries_and_route() 
     assert_eq!(c.counter("mpreg_fabric_dropped_total", "reason", "forged_statement").await, 0);
 }
 
+/// A node holding `max_inbound_links` links dialled to it refuses a further dialer politely,
+/// with credentials too: A accepts B only; C, which names only A, is sent to B, joins the
+/// cluster through it, and is reached from A.
+#[actix_rt::test]
+async fn a_full_node_sends_a_dialer_to_another_member() {
+    let cluster = cluster_id("inbound-cap");
+    let keys = Keys::new(&cluster);
+    let a_settings = Settings { max_inbound_links: 1, ..settings("A", &cluster, &[], Some(&keys.issue("A"))) };
+    let a = TestNode::start(a_settings, vec![]).await;
+    let b = TestNode::start(settings("B", &cluster, &[a.url()], Some(&keys.issue("B"))), vec![]).await;
+    wait_linked(&a, "B").await;
+    let c_fun = FunctionSpec::sync("c_fun", plus(2)).inline();
+    let c = TestNode::start(settings("C", &cluster, &[a.url()], Some(&keys.issue("C"))), vec![c_fun]).await;
+    wait_until("A to refuse C for its inbound cap", || async { (a.refused("full").await >= 1).then_some(()) }).await;
+    wait_linked(&c, "B").await;
+    assert_eq!(wait_callable(&a.client().await, "c_fun", vec![json!(1)]).await, json!(3));
+    let topology = a.topology().await;
+    let inbound = topology["links"].as_array().expect("links").iter().filter(|l| l[2] == "inbound").count();
+    assert_eq!(inbound, 1, "{topology:#}");
+    drop((b, c));
+}
+
 #[actix_rt::test]
 async fn a_node_of_another_authority_is_refused_both_ways() {
     let cluster = cluster_id("foreign-authority");

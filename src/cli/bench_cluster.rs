@@ -1,7 +1,9 @@
 //! `mpreg bench cluster`: how an N-process cluster forms, spreads a registration, notices
 //! a dead node, and what each node costs in memory.
 //!
-//! Everything runs at default settings except ports (0) and names (`n0` .. `nN-1`):
+//! Everything runs at default settings (or those of `--node-config`) except ports (0) and
+//! names (`n0` .. `nN-1`); each node is polled every 20 ms (status) and 2 ms (probe) up to
+//! 8 nodes, less often beyond in proportion to N:
 //! - N `mpreg server start` processes of this binary are spawned, `n0` first, the others
 //!   with `--peer <n0>`; mesh formation is the time from the first spawn until every
 //!   node's `cluster-status` lists all N nodes alive;
@@ -54,12 +56,35 @@ pub struct ClusterBenchArgs {
     /// removed, per node) into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<std::path::PathBuf>,
+    /// A settings file every node process starts with (`server start --config`); ports,
+    /// names and the peer still come from the bench. Default: default settings.
+    #[arg(long, value_name = "FILE.toml")]
+    pub node_config: Option<std::path::PathBuf>,
 }
 
-/// Pause between `cluster-status` polls of one node.
+/// Pause between `cluster-status` polls of one node, up to 8 nodes (see [`Pacing`]).
 const STATUS_POLL: Duration = Duration::from_millis(20);
-/// Pause between failed `probe_fn` calls on one node.
+/// Pause between failed `probe_fn` calls on one node, up to 8 nodes (see [`Pacing`]).
 const PROBE_POLL: Duration = Duration::from_millis(2);
+/// Nodes polled at the base pauses; beyond, the pauses grow with N.
+const POLLED_AT_BASE_PACE: usize = 8;
+
+/// Pauses between polls of one node, stretched in proportion to N beyond 8 nodes, so all
+/// pollers together send about the same requests a second whatever N: every
+/// `cluster-status` answer lists every node and every function, so polling 64 nodes every
+/// 20 ms (3,200 answers of ~40 KB a second) would load the machine the bench measures.
+#[derive(Debug, Clone, Copy)]
+struct Pacing {
+    status: Duration,
+    probe: Duration,
+}
+
+impl Pacing {
+    fn for_nodes(n: usize) -> Self {
+        let factor = u32::try_from(n.div_ceil(POLLED_AT_BASE_PACE).max(1)).unwrap_or(u32::MAX);
+        Pacing { status: STATUS_POLL * factor, probe: PROBE_POLL * factor }
+    }
+}
 /// Bound on mesh formation and on the registrar joining.
 const MESH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on registration propagation.
@@ -93,7 +118,11 @@ pub fn cluster(args: ClusterBenchArgs) -> anyhow::Result<i32> {
         .build()
         .context("building the poller runtime")?;
     let handle = pollers.handle().clone();
-    let report = actix_rt::System::new().block_on(run(args.nodes, handle));
+    let settings = match &args.node_config {
+        Some(path) => Settings::from_toml_file(path)?,
+        None => Settings::default(),
+    };
+    let report = actix_rt::System::new().block_on(run(args.nodes, settings, args.node_config.as_deref(), handle));
     drop(pollers);
     let report = report?;
     if let Some(path) = &args.plot {
@@ -155,6 +184,8 @@ struct Report {
     /// VmRSS of each process after the mesh formed, MiB.
     rss_mib: Vec<f64>,
     settings: Settings,
+    /// Pauses between polls of one node.
+    pace: Pacing,
 }
 
 /// What the N processes cost over the idle window.
@@ -195,7 +226,7 @@ impl Report {
                 "register_call_ms": ms(self.register_call),
                 "target_ms": ms(PROPAGATION_TARGET),
                 "target_met": all <= PROPAGATION_TARGET,
-                "probe_poll_ms": ms(PROBE_POLL),
+                "probe_poll_ms": ms(self.pace.probe),
             },
             "idle_window_s": IDLE_WINDOW.as_secs(),
             "idle_cpu_percent": round1(self.idle.cpu_percent),
@@ -213,7 +244,7 @@ impl Report {
                 "removed_everywhere_ms": ms(self.removed_everywhere),
                 "suspect_after_s": self.settings.suspect_after_s,
                 "remove_after_s": self.settings.remove_after_s,
-                "status_poll_ms": ms(STATUS_POLL),
+                "status_poll_ms": ms(self.pace.status),
             },
             "memory": {
                 "rss_mean_mib": round1(self.rss_mean()),
@@ -223,6 +254,7 @@ impl Report {
             "settings": {
                 "gossip_interval_s": self.settings.gossip_interval_s,
                 "peer_fanout": self.settings.peer_fanout,
+                "max_inbound_links": self.settings.max_inbound_links,
             },
         })
     }
@@ -232,8 +264,14 @@ impl Report {
         let verdict = if all <= PROPAGATION_TARGET { "ok" } else { "MISSED" };
         writeln!(
             out,
-            "mpreg bench cluster: {} node processes, default settings (gossip {} s, suspect after {} s, remove after {} s)",
-            self.nodes, self.settings.gossip_interval_s, self.settings.suspect_after_s, self.settings.remove_after_s
+            "mpreg bench cluster: {} node processes (gossip {} s, suspect after {} s, remove after {} s, fan-out {}, \
+             inbound links <= {})",
+            self.nodes,
+            self.settings.gossip_interval_s,
+            self.settings.suspect_after_s,
+            self.settings.remove_after_s,
+            self.settings.peer_fanout,
+            self.settings.max_inbound_links
         )?;
         let rows = [
             ("mesh formed (all N see N alive)", format!("{:.0} ms", ms(self.mesh_formed))),
@@ -274,7 +312,7 @@ impl Report {
             "registrar: an in-process node of this bench (NodeBuilder, peers = [n0]), polled from all {} processes \
              every {} ms",
             self.nodes,
-            PROBE_POLL.as_millis()
+            self.pace.probe.as_millis()
         )
     }
 }
@@ -289,18 +327,23 @@ fn median(values: &[Duration]) -> Duration {
     sorted.get(sorted.len().saturating_sub(1) / 2).copied().unwrap_or_default()
 }
 
-async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
-    let settings = Settings::default();
+async fn run(
+    n: usize,
+    settings: Settings,
+    node_config: Option<&std::path::Path>,
+    pollers: Handle,
+) -> anyhow::Result<Report> {
+    let pace = Pacing::for_nodes(n);
     let exe = std::env::current_exe().context("locating the mpreg binary")?;
 
     progress!("spawning {n} node processes ...");
     let spawned = Instant::now();
     let (tx, rx) = std_mpsc::channel();
-    let mut processes = vec![spawn(&exe, 0, None, tx.clone())?];
+    let mut processes = vec![spawn(&exe, node_config, 0, None, tx.clone())?];
     let url0 = wait_url(&rx, 1)?.remove(&0).context("n0 printed no URL")?;
     processes[0].url = url0.clone();
     for i in 1..n {
-        processes.push(spawn(&exe, i, Some(&url0), tx.clone())?);
+        processes.push(spawn(&exe, node_config, i, Some(&url0), tx.clone())?);
     }
     drop(tx);
     for (i, url) in wait_url(&rx, n - 1)? {
@@ -314,7 +357,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     let urls: Vec<String> = processes.iter().map(|p| p.url.clone()).collect();
     let clients = pollers.spawn(connect_all(urls.clone())).await.context("poller runtime")??;
     let view_names = names.clone();
-    let mesh = poll_views(&pollers, &clients, spawned, MESH_TIMEOUT, "the mesh to form", move |status| {
+    let mesh = poll_views(&pollers, &clients, pace.status, spawned, MESH_TIMEOUT, "the mesh to form", move |status| {
         let members = members(status);
         members.len() == view_names.len()
             && members.iter().all(|(name, state)| view_names.contains(*name) && (*state == "alive" || *state == "self"))
@@ -346,17 +389,20 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     let joining = Instant::now();
     let registrar = NodeBuilder::new(registrar_settings).start().await.context("starting the registrar node")?;
     let outcome = async {
-        let joined = poll_views(&pollers, &clients, joining, MESH_TIMEOUT, "the registrar to join", |status| {
-            members(status).iter().any(|(name, state)| *name == REGISTRAR && *state == "alive")
-        })
-        .await?;
+        let joined =
+            poll_views(&pollers, &clients, pace.status, joining, MESH_TIMEOUT, "the registrar to join", |status| {
+                members(status).iter().any(|(name, state)| *name == REGISTRAR && *state == "alive")
+            })
+            .await?;
         let registrar_joined = max(&joined);
         progress!(" {:.0} ms\n", ms(registrar_joined));
 
         progress!("registering {PROBE_FUNCTION} on the registrar, polling all {n} processes ...");
         let t0 = Instant::now();
-        let probes: Vec<_> =
-            clients.iter().map(|c| pollers.spawn(probe_until_routable(c.clone(), t0, PROBE_TIMEOUT))).collect();
+        let probes: Vec<_> = clients
+            .iter()
+            .map(|c| pollers.spawn(probe_until_routable(c.clone(), t0, PROBE_TIMEOUT, pace.probe)))
+            .collect();
         registrar
             .register(FunctionSpec::sync(PROBE_FUNCTION, |v: Value| v).inline())
             .await
@@ -391,19 +437,21 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         let stopped = Instant::now();
         signal(pid, "STOP")?;
         let watched = victim.clone();
-        let suspected = poll_views(&pollers, &others, stopped, MESH_TIMEOUT, "the stopped node to be suspected", {
-            move |status| members(status).iter().all(|(name, state)| *name != watched || *state != "alive")
-        })
-        .await;
+        let suspected =
+            poll_views(&pollers, &others, pace.status, stopped, MESH_TIMEOUT, "the stopped node to be suspected", {
+                move |status| members(status).iter().all(|(name, state)| *name != watched || *state != "alive")
+            })
+            .await;
         signal(pid, "CONT")?;
         let suspected = max(&suspected?);
         progress!(" {:.0} ms; SIGCONT, waiting until it is alive everywhere ...", ms(suspected));
         let resumed = Instant::now();
         let watched = victim.clone();
-        let refuted = poll_views(&pollers, &others, resumed, MESH_TIMEOUT, "the resumed node to refute", {
-            move |status| members(status).iter().any(|(name, state)| *name == watched && *state == "alive")
-        })
-        .await?;
+        let refuted =
+            poll_views(&pollers, &others, pace.status, resumed, MESH_TIMEOUT, "the resumed node to refute", {
+                move |status| members(status).iter().any(|(name, state)| *name == watched && *state == "alive")
+            })
+            .await?;
         progress!(" {:.0} ms\n", ms(max(&refuted)));
         Ok::<_, anyhow::Error>((suspected, max(&refuted)))
     }
@@ -422,8 +470,10 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
     let bound = Settings::seconds(settings.remove_after_s) + FAILURE_SLACK;
     let failure = {
         let victim = victim.clone();
-        let tasks: Vec<_> =
-            survivors.iter().map(|c| pollers.spawn(watch_failure(c.clone(), victim.clone(), killed, bound))).collect();
+        let tasks: Vec<_> = survivors
+            .iter()
+            .map(|c| pollers.spawn(watch_failure(c.clone(), victim.clone(), killed, bound, pace.status)))
+            .collect();
         let mut per_node = Vec::with_capacity(tasks.len());
         for task in tasks {
             match task.await.context("poller runtime").and_then(|r| r) {
@@ -461,6 +511,7 @@ async fn run(n: usize, pollers: Handle) -> anyhow::Result<Report> {
         failure,
         rss_mib,
         settings,
+        pace,
     })
 }
 
@@ -542,6 +593,7 @@ async fn measure_idle(pollers: &Handle, clients: &[Client], processes: &[Process
 /// Spawns node `i`; its stdout lines are read on a thread that reports `(i, url)`.
 fn spawn(
     exe: &std::path::Path,
+    config: Option<&std::path::Path>,
     i: usize,
     peer: Option<&str>,
     urls: std_mpsc::Sender<(usize, String)>,
@@ -549,6 +601,9 @@ fn spawn(
     let name = format!("n{i}");
     let mut command = Command::new(exe);
     command.args(["server", "start", "--port", "0", "--monitoring-port", "0", "--name", &name]);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
     if let Some(peer) = peer {
         command.args(["--peer", peer]);
     }
@@ -628,6 +683,7 @@ fn max(values: &[Duration]) -> Duration {
 async fn poll_views(
     pollers: &Handle,
     clients: &[Client],
+    pause: Duration,
     since: Instant,
     bound: Duration,
     what: &'static str,
@@ -651,7 +707,7 @@ async fn poll_views(
                             members(&status)
                         );
                     }
-                    tokio::time::sleep(STATUS_POLL).await;
+                    tokio::time::sleep(pause).await;
                 }
             })
         })
@@ -664,7 +720,12 @@ async fn poll_views(
 }
 
 /// Calls `probe_fn` until it answers; returns the time since `t0`.
-async fn probe_until_routable(client: Client, t0: Instant, bound: Duration) -> anyhow::Result<Duration> {
+async fn probe_until_routable(
+    client: Client,
+    t0: Instant,
+    bound: Duration,
+    pause: Duration,
+) -> anyhow::Result<Duration> {
     loop {
         let answer = client.call(PROBE_FUNCTION, vec![json!(1)]).await;
         if matches!(&answer, Ok(v) if *v == json!(1)) {
@@ -673,7 +734,7 @@ async fn probe_until_routable(client: Client, t0: Instant, bound: Duration) -> a
         if t0.elapsed() > bound {
             bail!("{PROBE_FUNCTION} not routable after {} s: {answer:?}", bound.as_secs());
         }
-        tokio::time::sleep(PROBE_POLL).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -684,6 +745,7 @@ async fn watch_failure(
     victim: String,
     killed: Instant,
     bound: Duration,
+    pause: Duration,
 ) -> anyhow::Result<(Duration, Duration)> {
     let mut suspected = None;
     loop {
@@ -699,7 +761,7 @@ async fn watch_failure(
         if now > bound {
             bail!("{victim} still in the view ({state:?}) {} s after kill -9", bound.as_secs());
         }
-        tokio::time::sleep(STATUS_POLL).await;
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -35,7 +35,8 @@ pub struct MembershipTiming {
     pub remove_after: f64,
     /// A departed instance is not redialled (nor accepted) for this long.
     pub departed_grace: f64,
-    /// Catalog entries expire this long after their last refresh.
+    /// Restored entries and members nobody confirms expire this long after they were last
+    /// received or heard of; a member's entries otherwise stay while it is a member.
     pub catalog_ttl: f64,
 }
 
@@ -231,12 +232,6 @@ impl MembershipCore {
     /// The clusters we advertise as reachable through us.
     pub fn local_clusters(&self) -> &[String] {
         &self.clusters
-    }
-
-    /// Owners refresh at ttl/2: bump the version so every node renews the entries.
-    pub fn refresh_local(&mut self, now_unix: f64) -> CatalogDelta {
-        self.catalog_version += 1;
-        self.local_catalog(now_unix)
     }
 
     /// Records which nodes we have live links to (reported in our digest).
@@ -495,7 +490,10 @@ impl MembershipCore {
     }
 
     /// Housekeeping: restored members nobody confirmed are removed when their entries
-    /// would expire; expired catalogs, tombstones and departures are dropped.
+    /// would expire; their expired entries, tombstones and departures are dropped. The
+    /// entries of a confirmed member are not refreshed and do not expire: they go when SWIM
+    /// declares it dead or it leaves (a refresh of every node's entries would cost each
+    /// node O(N log N) messages per TTL).
     pub fn tick(&mut self, now: f64) -> Vec<MembershipEvent> {
         let mut events = Vec::new();
         let unconfirmed_limit = self.timing.remove_after.max(self.timing.catalog_ttl);
@@ -511,7 +509,10 @@ impl MembershipCore {
             events.push(MembershipEvent::Removed(node));
         }
         let ttl = self.timing.catalog_ttl;
-        self.catalogs.retain(|_, c| now - c.received_at <= ttl.max(c.delta.ttl_s.min(ttl)));
+        let members = &self.members;
+        self.catalogs.retain(|node, c| {
+            members.get(node).is_some_and(|m| m.state != MemberState::Unconfirmed) || now - c.received_at <= ttl
+        });
         self.tombstones.retain(|_, (_, until)| *until > now);
         self.departed.retain(|_, until| *until > now);
         events
@@ -543,20 +544,24 @@ impl MembershipCore {
     }
 
     /// Every member and the entries held, for a snapshot: times converted from the local
-    /// clock (`now`) to Unix seconds (`now_unix`).
+    /// clock (`now`) to Unix seconds (`now_unix`). A member SWIM holds alive, and its
+    /// entries, are current: saved as heard of and received now.
     pub fn snapshot(&self, now: f64, now_unix: f64) -> Vec<SnapshotMember> {
         let to_unix = |t: f64| now_unix - (now - t).max(0.0);
         let mut out: Vec<SnapshotMember> = self
             .members
             .values()
-            .map(|m| SnapshotMember {
-                info: m.info.clone(),
-                heard_at: to_unix(m.heard_at),
-                catalog: self
-                    .catalogs
-                    .get(&m.info.node)
-                    .filter(|c| c.delta.instance_id == m.info.instance_id)
-                    .map(|c| SnapshotCatalog { delta: c.delta.clone(), received_at: to_unix(c.received_at) }),
+            .map(|m| {
+                let current = |t: f64| if m.state == MemberState::Alive { now_unix } else { to_unix(t) };
+                SnapshotMember {
+                    info: m.info.clone(),
+                    heard_at: current(m.heard_at),
+                    catalog: self
+                        .catalogs
+                        .get(&m.info.node)
+                        .filter(|c| c.delta.instance_id == m.info.instance_id)
+                        .map(|c| SnapshotCatalog { delta: c.delta.clone(), received_at: current(c.received_at) }),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.info.node.cmp(&b.info.node));
@@ -914,8 +919,13 @@ mod tests {
         m.apply_digest(&[digest("b", "b1", 3, &[])], 10.0);
         let delta = saved("b", "b1", 0.0, Some(0.0)).catalog.unwrap().delta;
         assert!(m.apply_catalog(&delta, 12.0));
+        // Alive: the member and its entries are current (not refreshed, they do not expire).
         let snapshot = m.snapshot(20.0, 1020.0);
         assert_eq!(snapshot.len(), 1);
+        assert_eq!((snapshot[0].heard_at, snapshot[0].catalog.as_ref().unwrap().received_at), (1020.0, 1020.0));
+        // Suspected: as last heard of and received.
+        m.mark_suspect("b", "b1");
+        let snapshot = m.snapshot(20.0, 1020.0);
         assert_eq!((snapshot[0].heard_at, snapshot[0].catalog.as_ref().unwrap().received_at), (1010.0, 1012.0));
         let mut restarted = MembershipCore::new(info("a", "a2"), MembershipTiming::default(), Vec::new());
         let outcome = restarted.restore(snapshot, 0.0, 1030.0);
@@ -956,6 +966,20 @@ mod tests {
     }
 
     #[test]
+    fn a_members_entries_stay_while_it_is_a_member_and_go_with_it() {
+        let mut m = core();
+        m.apply_digest(&[digest("b", "b1", 1, &[])], 0.0);
+        assert!(m.apply_catalog(&catalog("b", "b1"), 0.0));
+        m.tick(1000.0);
+        assert_eq!(m.catalog_entries().len(), 1, "not refreshed for far longer than the TTL, still current");
+        m.mark_suspect("b", "b1");
+        m.tick(2000.0);
+        assert_eq!(m.catalog_entries().len(), 1, "a suspect keeps its entries until SWIM declares it dead");
+        m.remove_dead("b", "b1", 2001.0);
+        assert!(m.catalog_entries().is_empty());
+    }
+
+    #[test]
     fn unconfirmed_members_nobody_confirms_are_removed_after_the_ttl() {
         let mut m = core();
         m.restore(vec![saved("b", "b1", 1000.0, Some(1000.0))], 0.0, 1000.0);
@@ -980,5 +1004,139 @@ mod tests {
         m.mark_suspect("c", "c1");
         let hops = m.next_hops(&direct);
         assert_eq!((hops.get("c").map(String::as_str), hops.get("d")), (Some("b"), None));
+    }
+
+    /// The links of an `n`-node cluster as the fabric forms them: node `k` dials the seed
+    /// `n0`; a node holding `max_inbound` inbound links refuses and names members, those
+    /// with fewer links than the cap first, each group in random order, dialled next; then
+    /// `k` dials the members it learnt, in random order, while it holds fewer than `fanout`
+    /// links (a node at its inbound cap refuses).
+    fn joined_links(n: usize, fanout: usize, max_inbound: usize, rng: &mut impl rand::Rng) -> Vec<HashSet<usize>> {
+        use rand::seq::SliceRandom;
+        let mut links: Vec<HashSet<usize>> = vec![HashSet::new(); n];
+        let mut inbound = vec![0usize; n];
+        for k in 1..n {
+            let mut order = vec![0];
+            if inbound[0] >= max_inbound {
+                let mut named: Vec<usize> = (1..k).collect();
+                named.shuffle(rng);
+                named.sort_by_key(|&t| links[t].len() >= max_inbound);
+                order.extend(named.into_iter().take(fanout));
+            }
+            let mut rest: Vec<usize> = (0..k).collect();
+            rest.shuffle(rng);
+            order.extend(rest);
+            for t in order {
+                if links[k].len() >= fanout {
+                    break;
+                }
+                if inbound[t] < max_inbound && links[k].insert(t) {
+                    links[t].insert(k);
+                    inbound[t] += 1;
+                }
+            }
+            assert!(!links[k].is_empty(), "n{k} found no node to link to");
+        }
+        links
+    }
+
+    /// Hops from `from` over `links` (breadth-first), skipping `gone`; `None`: no path.
+    fn distances(links: &[HashSet<usize>], from: usize, gone: Option<usize>) -> Vec<Option<usize>> {
+        let mut dist = vec![None; links.len()];
+        dist[from] = Some(0);
+        let mut queue = VecDeque::from([from]);
+        while let Some(at) = queue.pop_front() {
+            for &next in &links[at] {
+                if dist[next].is_none() && Some(next) != gone {
+                    dist[next] = dist[at].map(|d| d + 1);
+                    queue.push_back(next);
+                }
+            }
+        }
+        dist
+    }
+
+    /// Every node's membership, each knowing every other node's record (its links).
+    fn cores_of(links: &[HashSet<usize>]) -> Vec<MembershipCore> {
+        let name = |i: usize| format!("n{i}");
+        let records: Vec<MemberDigest> = (0..links.len())
+            .map(|i| MemberDigest {
+                info: info(&name(i), "1"),
+                heartbeat: 1,
+                catalog_version: 1,
+                neighbours: links[i].iter().map(|&t| name(t)).collect(),
+            })
+            .collect();
+        (0..links.len())
+            .map(|i| {
+                let mut m = MembershipCore::new(info(&name(i), "1"), MembershipTiming::default(), Vec::new());
+                m.apply_digest(&records, 0.0);
+                m
+            })
+            .collect()
+    }
+
+    /// Follows each node's own next hop from `from` towards `to`; asserts every hop is a
+    /// link that exists and is not `avoid`, and returns the path's length (`None`: no route).
+    fn follow(
+        links: &[HashSet<usize>],
+        hops: &[HashMap<NodeId, NodeId>],
+        (from, to): (usize, usize),
+        avoid: Option<usize>,
+    ) -> Option<usize> {
+        let index = |n: &str| n[1..].parse::<usize>().expect("a node name");
+        let target = format!("n{to}");
+        let (mut at, mut length) = (from, 0);
+        while at != to {
+            let next = index(hops[at].get(&target)?);
+            assert!(links[at].contains(&next), "n{at} routes to n{to} over n{next}, which is not its link");
+            assert_ne!(Some(next), avoid, "n{at} routes to n{to} through the suspected n{next}");
+            (at, length) = (next, length + 1);
+            assert!(length <= links.len(), "the route from n{from} to n{to} loops");
+        }
+        Some(length)
+    }
+
+    /// The 48-node failure of issue 10 (a route through a node that was not a link, or
+    /// that had gone) cannot happen: in clusters of many nodes joined through one seed with
+    /// links far fewer than nodes, every node routes to every other along links that
+    /// exist, over a shortest path (so within the hop budget); with the busiest relay
+    /// suspected everywhere, every node still reachable without it is routed around it.
+    #[test]
+    fn many_nodes_with_few_links_route_to_every_node_over_existing_links() {
+        use rand::SeedableRng;
+        for (n, fanout, max_inbound, seed) in [(64, 8, 16, 1), (64, 3, 6, 2), (200, 4, 8, 3)] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let links = joined_links(n, fanout, max_inbound, &mut rng);
+            assert!(links.iter().all(|l| l.len() <= fanout + max_inbound), "{n} nodes: links past the caps");
+            let mut cores = cores_of(&links);
+            let direct =
+                |i: usize| -> HashSet<NodeId> { links[i].iter().map(|t| format!("n{t}")).collect::<HashSet<_>>() };
+            let hops: Vec<_> = (0..n).map(|i| cores[i].next_hops(&direct(i))).collect();
+            for from in 0..n {
+                let dist = distances(&links, from, None);
+                for to in (0..n).filter(|&to| to != from) {
+                    let length = follow(&links, &hops, (from, to), None);
+                    assert_eq!(length, dist[to], "{n} nodes, fan-out {fanout}: n{from} to n{to}");
+                }
+            }
+            if n == 64 && fanout == 8 {
+                let longest = (0..n).filter_map(|f| distances(&links, f, None).into_iter().flatten().max()).max();
+                assert!(longest <= Some(5), "64 nodes at fan-out 8 fit the default hop budget: {longest:?}");
+            }
+
+            let relay = (0..n).max_by_key(|&i| links[i].len()).expect("nodes");
+            for core in &mut cores {
+                core.mark_suspect(&format!("n{relay}"), "1");
+            }
+            let hops: Vec<_> = (0..n).map(|i| cores[i].next_hops(&direct(i))).collect();
+            for from in (0..n).filter(|&f| f != relay) {
+                let dist = distances(&links, from, Some(relay));
+                for to in (0..n).filter(|&to| to != from && to != relay) {
+                    let length = follow(&links, &hops, (from, to), Some(relay));
+                    assert_eq!(length, dist[to], "{n} nodes without n{relay}: n{from} to n{to}");
+                }
+            }
+        }
     }
 }

@@ -88,6 +88,9 @@ pub struct FabricConfig {
     /// Nodes learned through gossip are dialled while this node holds fewer links than
     /// this in all (0: only `peers`).
     pub fanout: usize,
+    /// Links other nodes dialled to this one (admitted or mid-handshake); a further dialer
+    /// is refused with the URLs of a few other members to dial instead.
+    pub max_inbound_links: usize,
     /// Gossip round length.
     pub gossip_interval: Duration,
     /// Catalog timing and grace periods.
@@ -366,6 +369,16 @@ struct DialState {
     in_progress: bool,
     next_at: Instant,
     backoff: Duration,
+    /// Named by a node at its inbound cap: dialled once even before it is a member.
+    hinted: bool,
+    /// Refused by a node at its inbound cap: not dialled again while other links exist.
+    full: bool,
+}
+
+impl DialState {
+    fn due_now(hinted: bool) -> Self {
+        DialState { in_progress: false, next_at: Instant::now(), backoff: Duration::ZERO, hinted, full: false }
+    }
 }
 
 /// The FabricGossip actor.
@@ -376,11 +389,14 @@ pub struct FabricGossip {
     links: HashMap<LinkId, Link>,
     dials: HashMap<String, DialState>,
     epoch: Instant,
-    last_refresh: Instant,
     /// Set by GOODBYE: links closing now are expected, not failures.
     leaving: bool,
     /// Fingerprint of the last snapshot saved (or restored): unchanged views are not saved.
     last_snapshot: Option<u64>,
+    /// When a snapshot was last saved (or restored): an unchanged view is saved again after
+    /// half the catalog TTL, so the times it records (live members heard of now) stay
+    /// within the TTL that restoring checks.
+    last_snapshot_at: Instant,
     /// Queues whose owner left the cluster, by name (reported unreachable, not unknown).
     departed_queues: HashMap<String, RemoteQueue>,
     /// The catalog fingerprint the discovery change log last saw.
@@ -415,9 +431,7 @@ impl FabricGossip {
             .peers
             .iter()
             .filter(|url| **url != shared.me.url)
-            .map(|url| {
-                (url.clone(), DialState { in_progress: false, next_at: Instant::now(), backoff: Duration::ZERO })
-            })
+            .map(|url| (url.clone(), DialState::due_now(false)))
             .collect();
         let now = Instant::now();
         let swim = Swim::new(member_id(&shared.me), config.swim.clone(), 0.0, rand::random());
@@ -428,9 +442,9 @@ impl FabricGossip {
             links: HashMap::new(),
             dials,
             epoch: now,
-            last_refresh: now,
             leaving: false,
             last_snapshot: None,
+            last_snapshot_at: now,
             departed_queues: HashMap::new(),
             discovery_seen: None,
             swim,
@@ -633,7 +647,8 @@ impl FabricGossip {
         let Some(config) = &self.config.snapshots else { return };
         let snapshot = self.build_snapshot();
         let fingerprint = snapshot.fingerprint();
-        if self.last_snapshot == Some(fingerprint) {
+        let recent = self.last_snapshot_at.elapsed().as_secs_f64() < self.config.timing.catalog_ttl / 2.0;
+        if self.last_snapshot == Some(fingerprint) && recent {
             return;
         }
         let batch = match snapshot.encode() {
@@ -641,6 +656,7 @@ impl FabricGossip {
             Err(e) => return warn!(node = %self.shared.me.node, cause = %e, "catalog snapshot not encoded"),
         };
         self.last_snapshot = Some(fingerprint);
+        self.last_snapshot_at = Instant::now();
         let store = config.store.clone();
         let saved_at = snapshot.saved_at;
         ctx.spawn(async move { store.commit(batch).await }.into_actor(self).map(move |result, act, _| match result {
@@ -691,8 +707,50 @@ impl FabricGossip {
         warn!(node = %self.shared.me.node, peer = %claimed, addr = %addr, reason = %refusal.reason,
             label = refusal.label, "peer refused");
         self.shared.metrics.peer_refused(refusal.label);
-        self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason: refusal.reason }));
+        self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason: refusal.reason, try_instead: Vec::new() }));
         self.close_link(link);
+    }
+
+    /// Links other nodes dialled to this one, admitted or mid-handshake, besides `link`.
+    fn inbound_links(&self, link: LinkId) -> usize {
+        self.links
+            .iter()
+            .filter(|(id, l)| **id != link && l.outbound_url.is_none())
+            .filter(|(_, l)| l.node.is_some() || l.awaiting_proof.is_some())
+            .count()
+    }
+
+    /// Refuses a dialer because this node holds `max_inbound_links` inbound links, naming
+    /// up to `fanout` other alive members to dial instead, counted as
+    /// `mpreg_peer_refused_total{reason="full"}`. Members whose records list fewer links
+    /// than the cap (sure to have room) come first, each group in random order: preferring
+    /// the members with the fewest links would send every joiner to the newest ones and
+    /// grow the cluster into a chain, whose paths outrun the hop budget.
+    fn refuse_full(&mut self, link: LinkId, dialer: &NodeInfo) {
+        let cap = self.config.max_inbound_links;
+        let mut others: Vec<(bool, u64, String)> = self
+            .core
+            .members()
+            .filter(|m| m.state == MemberState::Alive && m.info.node != dialer.node && m.info.url != dialer.url)
+            .map(|m| (m.neighbours.len() >= cap, rand::random::<u64>(), m.info.url.clone()))
+            .collect();
+        others.sort_unstable();
+        let try_instead: Vec<String> =
+            others.into_iter().take(self.config.fanout.max(1)).map(|(_, _, url)| url).collect();
+        debug!(node = %self.shared.me.node, peer = %dialer.node, others = try_instead.len(),
+            "inbound links at max_inbound_links; dialer refused");
+        self.shared.metrics.peer_refused("full");
+        let reason = format!("this node holds its most inbound links ({})", self.config.max_inbound_links);
+        self.send(link, &PeerFrame::Server(ServerFrame::Refused { reason, try_instead }));
+        self.close_link(link);
+    }
+
+    /// Dials, once each, URLs a node at its inbound cap named (a few at most; never our own).
+    fn dial_instead(&mut self, urls: Vec<String>) {
+        let limit = self.config.fanout.max(1);
+        for url in urls.into_iter().filter(|u| *u != self.shared.me.url).take(limit) {
+            self.dials.entry(url).or_insert_with(|| DialState::due_now(true));
+        }
     }
 
     fn members_frame(&self) -> PeerFrame {
@@ -964,7 +1022,12 @@ impl FabricGossip {
         if let Err(refusal) = self.core.check(&info, self.now()) {
             return self.refuse(link, &info.node, refusal.into());
         }
+        // A dialer is refused for our inbound cap only once its certificate chains to our
+        // authority (with credentials), so the members named to it are not told to a
+        // process without one; in open mode anyone may join anyway.
+        let full = !outbound && self.inbound_links(link) >= self.config.max_inbound_links;
         let (trust, auth) = match (self.shared.trust.clone(), auth) {
+            (None, None) if full => return self.refuse_full(link, &info),
             (None, None) => {
                 let delta = CatalogDelta {
                     node: info.node.clone(),
@@ -1007,6 +1070,9 @@ impl FabricGossip {
                 return self.refuse(link, &info.node, refusal);
             }
         };
+        if full {
+            return self.refuse_full(link, &info);
+        }
         let me = &self.shared.me;
         let mine = LinkEnd { node: &me.node, instance_id: &me.instance_id, nonce: &my_nonce };
         let theirs = LinkEnd { node: &info.node, instance_id: &info.instance_id, nonce: &auth.nonce };
@@ -1257,6 +1323,16 @@ impl FabricGossip {
         }
         let (out, transitions) = self.swim.receive(&from, self.sanitized(message), now);
         changed |= !transitions.is_empty();
+        // A member back alive (it refuted a death) whose record we dropped with it: its
+        // record is pulled from the sender next round, instead of waiting for a push-pull.
+        let lacking = transitions.iter().any(|t| {
+            t.liveness == Liveness::Alive
+                && split_member(&t.member)
+                    .is_some_and(|(node, instance)| self.core.record_of(node).is_none_or(|(i, _)| i != instance))
+        });
+        if lacking {
+            self.pull_more_from = Some(sender.clone());
+        }
         self.apply_transitions(transitions);
         self.swim_send(out);
         if changed {
@@ -1426,15 +1502,6 @@ impl FabricGossip {
         let events = self.core.tick(now);
         self.log_events(&events);
         self.close_silent_links_to_suspects();
-        if self.last_refresh.elapsed().as_secs_f64() > self.config.timing.catalog_ttl / 2.0 {
-            // Piggybacked, not flooded: the refresh of every node's entries costs each
-            // node a bounded number of entry sets per message.
-            self.last_refresh = Instant::now();
-            let delta = self.core.refresh_local(unix_now());
-            let delta = self.seal(delta);
-            let me = self.shared.me.node.clone();
-            self.deltas.push(&me, delta, self.config.swim.max_pending_rumors);
-        }
         // News waiting (SWIM's rumors, records, entry sets) goes to a few random members
         // at once rather than one probe a period.
         let news = !self.records.is_empty() || !self.deltas.is_empty();
@@ -1536,24 +1603,25 @@ impl FabricGossip {
         let room = self.config.fanout.saturating_sub(direct.len());
         let pending = self.dials.keys().filter(|u| !peers.contains(*u) && !linked_urls.contains(*u)).count();
         for url in discovered.into_iter().take(room.saturating_sub(pending)) {
-            self.dials.entry(url).or_insert(DialState {
-                in_progress: false,
-                next_at: Instant::now(),
-                backoff: Duration::ZERO,
-            });
+            self.dials.entry(url).or_insert(DialState::due_now(false));
         }
         // Forget discovered URLs that are linked or gone, or once there is no room; keep
-        // configured peers forever.
+        // configured peers forever, and URLs a full node named until they are tried.
         let member_urls: HashSet<String> = self.core.members().map(|m| m.info.url.clone()).collect();
         self.dials.retain(|url, d| {
             peers.contains(url)
                 || d.in_progress
+                || (d.hinted && room > 0 && !linked_urls.contains(url))
                 || (room > 0 && member_urls.contains(url) && !linked_urls.contains(url))
         });
+        // A peer that refused us for holding its most inbound links waits while we have
+        // other links (it is dialled again when we have none).
+        let linked = !direct.is_empty();
         let due: Vec<String> = self
             .dials
             .iter()
             .filter(|(url, d)| !d.in_progress && d.next_at <= Instant::now() && !linked_urls.contains(*url))
+            .filter(|(_, d)| !(d.full && linked))
             .map(|(url, _)| url.clone())
             .collect();
         let mut started = 0;
@@ -1572,6 +1640,7 @@ impl FabricGossip {
             let Some(dial) = self.dials.get_mut(&url) else { continue };
             started += 1;
             dial.in_progress = true;
+            dial.hinted = false;
             dial.backoff = (dial.backoff * 2).clamp(Duration::from_millis(200), self.config.max_backoff);
             // Up to 25% jitter so nodes restarted together do not dial in lock step.
             let jitter = dial.backoff.mul_f64(rand::random::<f64>() * 0.25);
@@ -1641,6 +1710,7 @@ impl Handler<LinkOpened> for FabricGossip {
         if let Some(url) = &msg.outbound_url {
             if let Some(dial) = self.dials.get_mut(url) {
                 dial.backoff = Duration::ZERO;
+                dial.full = false;
             }
         }
         self.links.insert(
@@ -1690,14 +1760,22 @@ impl Handler<PeerFrameReceived> for FabricGossip {
                 self.on_status(msg.link, info, (functions, queues, about), catalog_version, auth)
             }
             PeerFrame::Server(ServerFrame::Proof { signature }) => self.on_proof(msg.link, &signature),
-            PeerFrame::Server(ServerFrame::Refused { reason }) => {
-                warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
+            PeerFrame::Server(ServerFrame::Refused { reason, try_instead }) => {
+                let full = !try_instead.is_empty();
+                if full {
+                    info!(node = %self.shared.me.node, link = msg.link, reason = %reason, "peer full; dialling others");
+                } else {
+                    warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
+                }
                 if let Some(url) = self.links.get(&msg.link).and_then(|l| l.outbound_url.clone()) {
                     if let Some(dial) = self.dials.get_mut(&url) {
                         // The next dial was scheduled before the refusal; push it back too.
                         dial.backoff = self.config.max_backoff;
                         dial.next_at = Instant::now() + self.config.max_backoff;
+                        dial.full = full;
                     }
+                    // Only the node we dialled may point us elsewhere.
+                    self.dial_instead(try_instead);
                 }
                 self.close_link(msg.link);
             }

@@ -483,7 +483,7 @@ impl Swim {
             }
         }
         if now - self.period_start >= self.config.period * health {
-            self.end_period(now, &mut changes);
+            out.extend(self.end_period(now, &mut changes));
             self.period_start = now;
             self.periods += 1;
             out.extend(self.start_probe(now));
@@ -690,18 +690,25 @@ impl Swim {
         self.spread(alive);
     }
 
-    fn end_period(&mut self, now: f64, changes: &mut Vec<Transition>) {
-        let Some(probe) = self.probe.take() else { return };
+    /// Ends the probe of the period: an unanswered target is suspected, and told so at
+    /// once in a message of its own (Lifeguard's buddy system), so that a live member refutes
+    /// without waiting for the rumor to reach it through others, which takes longer the
+    /// more hops the members are apart.
+    fn end_period(&mut self, now: f64, changes: &mut Vec<Transition>) -> Option<Outgoing> {
+        let probe = self.probe.take()?;
         if probe.acked {
-            return;
+            return None;
         }
         self.local_health = (self.local_health + 1).min(self.config.max_local_health);
-        let Some(known) = self.members.get(&probe.target) else { return };
+        let known = self.members.get(&probe.target)?;
         if known.liveness != Liveness::Alive {
-            return;
+            return None;
         }
-        let rumor = Rumor { member: probe.target, incarnation: known.incarnation, liveness: Liveness::Suspect };
+        let target = probe.target;
+        let rumor = Rumor { member: target.clone(), incarnation: known.incarnation, liveness: Liveness::Suspect };
         self.apply(rumor, now, changes);
+        // `send` puts the suspicion first.
+        Some(self.send(&target, SwimMessage::Gossip { rumors: Vec::new() }))
     }
 
     fn start_probe(&mut self, now: f64) -> Vec<Outgoing> {

@@ -87,10 +87,15 @@ pub enum ServerFrame {
         /// ([`super::trust::link_transcript`] with side `dialer`).
         signature: String,
     },
-    /// A refusal (other cluster, departed instance); the sender closes the link after it.
+    /// A refusal (other cluster, departed instance, a node holding its most inbound
+    /// links); the sender closes the link after it.
     Refused {
         /// Why.
         reason: String,
+        /// A node at `max_inbound_links`: URLs of other members the dialer may dial instead
+        /// (absent otherwise).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        try_instead: Vec<String>,
     },
     /// Clean shutdown: remove me now, do not redial this instance for a grace period.
     Goodbye {

@@ -78,10 +78,14 @@ fn an_unanswered_probe_goes_indirect_then_suspects_then_declares_dead() {
         assert!(matches!(&o.message, SwimMessage::PingReq { seq: s, target: t, .. } if *s == seq && *t == target));
         assert_ne!(o.to, target);
     }
-    // No ack by the period's end: suspected, and local health rises.
-    let (_, changes) = a.tick(2.0);
+    // No ack by the period's end: suspected, and local health rises; the target is told
+    // at once, so that it refutes if it is alive.
+    let (out, changes) = a.tick(2.0);
     assert_eq!(changes, [Transition { member: target.clone(), liveness: Liveness::Suspect, incarnation: 0 }]);
     assert_eq!(a.local_health(), 1);
+    let told = out.iter().find(|o| o.to == target).expect("the suspect is told");
+    let SwimMessage::Gossip { rumors } = &told.message else { panic!("{told:?}") };
+    assert_eq!(rumors.first(), Some(&rumor(&target, 0, Liveness::Suspect)));
     // Not refuted within the suspicion timeout: dead. (The other members answer their
     // probes, so local health, which stretches the timeout, goes back down.)
     let timeout = a.suspicion_timeout();
