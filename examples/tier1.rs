@@ -42,6 +42,7 @@ use mpreg::demo::{
 use mpreg::{CacheOptions, Client, FunctionSpec, NodeBuilder, RpcCommand};
 use mpreg_actors::fabric::trust::{self, Authority};
 use mpreg_actors::federation::keys::rotate_in_dir;
+use mpreg_actors::federation::policy::ExportList;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -495,6 +496,8 @@ fn fabric_node(
         trust: neighbours.iter().map(|n| ((*n).to_owned(), authorities[n].public_hex())).collect(),
         route_key_dir: Some(own),
         announce_interval_s: 1.0,
+        // Other clusters may call add (the only function they use here).
+        exports: ExportList { functions: vec!["add".into()], ..ExportList::default() },
         ..FederationSettings::default()
     };
     Ok(settings)

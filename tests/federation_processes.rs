@@ -4,7 +4,7 @@
 //! clusters it allows.
 //!
 //! - a command from A with `target_cluster = C` runs on C (only C serves `add`), across
-//!   both bridges; from a2, a node of A without bridges, through a1 (its catalog says it
+//!   both bridges; one of a function C serves but does not export is refused (1001); from a2, a node of A without bridges, through a1 (its catalog says it
 //!   reaches C);
 //! - C rotates its route key live: B learns the new key without a restart;
 //! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
@@ -48,17 +48,19 @@ impl Cluster {
     }
 }
 
-/// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`.
-fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str]) -> TempFile {
+/// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`,
+/// letting other clusters call the functions `exports`.
+fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str], exports: &[&str]) -> TempFile {
     let allowed_ids: Vec<&str> = allowed.iter().map(|c| c.id.as_str()).collect();
     let trust: Vec<String> =
         allowed.iter().map(|c| format!("{} = \"{}\"", c.id, c.keys.authority.public_hex())).collect();
     let text = format!(
         "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\nannounce_interval_s = 1.0\n\
-         [mpreg.federation.trust]\n{}\n",
+         [mpreg.federation.exports]\nfunctions = {}\n[mpreg.federation.trust]\n{}\n",
         json!(allowed_ids),
         json!(peers),
         json!(me.keys.dir.display().to_string()),
+        json!(exports),
         trust.join("\n"),
     );
     TempFile::new(&format!("federation-{}", me.id), &text)
@@ -123,12 +125,13 @@ fn selected(routes: &Value, destination: &str) -> Option<Vec<String>> {
 #[actix_rt::test]
 async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let (a, b, c, d) = (Cluster::new("fed-a"), Cluster::new("fed-b"), Cluster::new("fed-c"), Cluster::new("fed-d"));
-    let a_settings = federation_settings(&a, &[&b], &[]);
-    let c_settings = federation_settings(&c, &[&b], &[]);
+    let a_settings = federation_settings(&a, &[&b], &[], &[]);
+    // C lets other clusters call add, not multiply (both in its demo pack).
+    let c_settings = federation_settings(&c, &[&b], &[], &["add"]);
     let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
     let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
     let proxy = Proxy::to(&node_c.url).await;
-    let b_settings = federation_settings(&b, &[&a, &c], &[&node_a.url, &proxy.url]);
+    let b_settings = federation_settings(&b, &[&a, &c], &[&node_a.url, &proxy.url], &[]);
     let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
 
     // A learns C through B.
@@ -144,6 +147,15 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     // A has no add of its own, and a command without target_cluster stays in its cluster.
     let local = rpc_error(client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await);
     assert_eq!(local.code, ErrorCode::NotFound.as_u16());
+    // C does not export multiply: refused on C's bridge node with 1001 naming the export
+    // list, though C serves it.
+    let multiply = RpcCommand {
+        target_cluster: Some("fed-c".into()),
+        ..RpcCommand::new("r", "multiply", vec![json!(2), json!(3)])
+    };
+    let not_exported = rpc_error(client.request(vec![multiply]).await);
+    assert_eq!(not_exported.code, ErrorCode::NotFound.as_u16(), "{not_exported:?}");
+    assert!(not_exported.details_text().contains("does not export multiply"), "{not_exported:?}");
 
     // A second node of A, without bridges of its own: a1 advertises that it reaches C,
     // so a2 sends its target_cluster commands through a1.
@@ -191,7 +203,7 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     .await;
 
     // D (not allowed nor pinned by A) dials A: refused, counted, and routes nowhere.
-    let d_settings = federation_settings(&d, &[&a], &[&node_a.url]);
+    let d_settings = federation_settings(&d, &[&a], &[&node_a.url], &[]);
     let node_d = start("d1", &d, Some(&d_settings), &[], &[]).await;
     poll_until_async("A refuses D's bridge", SOON, || async {
         metrics(&node_a).await.contains("reason=\"federation_refused\"").then_some(())

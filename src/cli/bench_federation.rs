@@ -132,7 +132,8 @@ fn prepare(dir: &Path, i: usize, authorities: &[Authority], peer: Option<&str>) 
     let pins: Vec<String> =
         neighbours.iter().map(|&j| format!("{} = \"{}\"", cluster_name(j), authorities[j].public_hex())).collect();
     let text = format!(
-        "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\n[mpreg.federation.trust]\n{}\n",
+        "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\n\
+         [mpreg.federation.exports]\nfunctions = [\"echo\"]\n[mpreg.federation.trust]\n{}\n",
         json!(allowed),
         json!(peer.into_iter().collect::<Vec<_>>()),
         json!(own.display().to_string()),

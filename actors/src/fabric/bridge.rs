@@ -37,7 +37,7 @@ use super::link::{frame, FabricShared, LinkId, LinkSender};
 use super::wire::{NodeId, PeerFrame};
 use crate::federation::core::{FederationConfig, FederationCore, FederationSnapshot};
 use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
-use crate::federation::policy::{ExportPolicies, ImportPolicies};
+use crate::federation::policy::{ExportPolicies, Exports, ImportPolicies};
 use crate::federation::table::Explanation;
 use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
@@ -117,6 +117,9 @@ pub struct BridgeConfig {
     /// The route key file and this cluster's authority: the file is read again when it
     /// changes (`mpreg keys rotate`), so a rotation takes effect without a restart.
     pub route_key: Option<(PathBuf, VerifyingKey)>,
+    /// What of this cluster other clusters may use (functions a call arriving over a
+    /// bridge may run).
+    pub exports: Exports,
 }
 
 /// An open bridge.
@@ -133,6 +136,8 @@ struct State {
     last_announce: Instant,
     /// The route key file's modification time when last read.
     route_key_modified: Option<std::time::SystemTime>,
+    /// The export list (reloaded with the policies).
+    exports: Exports,
 }
 
 /// A call sent over a bridge, waiting for its reply.
@@ -190,6 +195,7 @@ impl Bridges {
                 bridges: BTreeMap::new(),
                 last_announce: Instant::now(),
                 route_key_modified,
+                exports: config.exports,
             }),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -241,15 +247,21 @@ impl Bridges {
         }
     }
 
-    /// New import and export policies (a reload): export applies from the announcement
-    /// sent now, import to the updates received from now on (routes already held stay
-    /// until refreshed or withdrawn).
-    pub fn set_policies(&self, import: ImportPolicies, export: ExportPolicies) {
+    /// New import and export policies and export list (a reload): export applies from the
+    /// announcement sent now, import to the updates received from now on (routes already
+    /// held stay until refreshed or withdrawn), the export list to the next call.
+    pub fn set_policies(&self, import: ImportPolicies, export: ExportPolicies, exports: Exports) {
         let Ok(mut state) = self.state.lock() else { return };
         state.core.set_policies(import, export);
+        state.exports = exports;
         // At once: withdrawals of what the import policies now refuse, and announcements
         // under the new export policies.
         Self::announce(&mut state);
+    }
+
+    /// May another cluster call the function `fun` of this cluster (the export list)?
+    pub fn exports_function(&self, fun: &str) -> bool {
+        self.state.lock().is_ok_and(|s| s.exports.shares_function(fun))
     }
 
     /// Whether `link` is an open bridge.
@@ -338,13 +350,19 @@ impl Bridges {
             }
             FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
             FederationFrame::Call { id, destination, visited, hops_left, command, timeout_ms } => {
+                let refuse = |error: RpcError| {
+                    let reply = FederationFrame::Reply { id: id.clone(), value: None, error: Some(error) };
+                    let _ = bridge.sender.try_send(frame(&PeerFrame::Federation(reply)));
+                };
+                // Only what this cluster exports runs for another cluster.
+                if destination == self.local && !self.exports_function(&command.fun) {
+                    debug!(peer_cluster = %bridge.cluster, fun = %command.fun, "federation: call of a function not exported refused");
+                    return refuse(RpcError::not_exported(&self.local, &command.fun));
+                }
                 // Calls from other clusters count toward the node-wide in-flight limit.
                 let Some(permit) = fabric.metrics.admission().try_admit() else {
                     fabric.metrics.limit_exceeded("max_in_flight");
-                    let error = RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local));
-                    let reply = FederationFrame::Reply { id, value: None, error: Some(error) };
-                    let _ = bridge.sender.try_send(frame(&PeerFrame::Federation(reply)));
-                    return;
+                    return refuse(RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local)));
                 };
                 let (bridges, fabric) = (self.clone(), fabric.clone());
                 // On this thread: a plan's futures are not Send (link readers run on
@@ -599,6 +617,7 @@ mod tests {
             announce_interval: Duration::from_secs(5),
             hop_budget: 4,
             route_key: None,
+            exports: Exports::default(),
         };
         let bridges = Bridges::new(config.clone(), metrics.clone());
         let neighbour = |name: &str| {
