@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use mpreg::demo::{
     example_settings, fabric_settings, http_get_json, http_request, in_cluster, init_logging, metric_value,
-    shutdown_all, wait_route, wait_routable, wait_until, CONVERGE_TIMEOUT,
+    shutdown_all, wait_routable, wait_route, wait_until, CONVERGE_TIMEOUT,
 };
 use mpreg::{CacheOptions, Client, FunctionSpec, NodeBuilder, RpcCommand};
 use mpreg_actors::fabric::trust::Authority;
@@ -483,7 +483,8 @@ async fn demo_fabric() -> anyhow::Result<()> {
         .start()
         .await
         .context("starting c1")?;
-    let b_settings = fabric_settings(dir.path(), ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
+    let b_settings =
+        fabric_settings(dir.path(), ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
     let b = NodeBuilder::new(b_settings).start().await.context("starting b1")?;
     println!("FED-A  a1  {}", a.url());
     println!("FED-B  b1  {}  bridges to a1 and c1", b.url());
