@@ -13,6 +13,9 @@
 //! - a node of cluster D, which A neither allows nor pins, is refused (`peer refused`,
 //!   counted) and routes nowhere.
 //!
+//! A ring of four clusters A–B–C–D converges with every selected path loop-free, a call
+//! from A reaches the far cluster C, and cutting A–B reroutes A the other way round.
+//!
 //! Run: `cargo test --test federation_processes`.
 
 mod common;
@@ -270,4 +273,69 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let hidden = rpc_error(client.request(vec![add_in("fed-c", 1, 1)]).await);
     assert_eq!(hidden.code, ErrorCode::Unreachable.as_u16());
     drop((client, from_d, via_a1, node_a2, node_b, node_d));
+}
+
+/// Every path selected in `routes` (by destination), each checked loop-free: it starts at
+/// `me`, ends at its destination, and names no cluster twice.
+fn loop_free_paths(routes: &Value, me: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut paths = std::collections::BTreeMap::new();
+    for route in routes["routes"].as_array().into_iter().flatten() {
+        let destination = route["destination"].as_str().unwrap_or_default().to_owned();
+        let Some(path) = selected(routes, &destination) else { continue };
+        let distinct: std::collections::BTreeSet<&String> = path.iter().collect();
+        assert_eq!(distinct.len(), path.len(), "{me}: a loop in {path:?}");
+        assert_eq!((path.first().map(String::as_str), path.last()), (Some(me), Some(&destination)), "{path:?}");
+        paths.insert(destination, path);
+    }
+    paths
+}
+
+#[actix_rt::test]
+async fn a_ring_of_four_clusters_converges_without_loops_and_reroutes_around_a_cut() {
+    // A–B–C–D–A, one node each; A dials B through a proxy the test cuts, and D; B dials C;
+    // C dials D. Only C serves (and exports) add.
+    let [a, b, c, d] = ["ring-a", "ring-b", "ring-c", "ring-d"].map(Cluster::new);
+    let d_settings = federation_settings(&d, &[&c, &a], &[], &[]);
+    let node_d = start("d1", &d, Some(&d_settings), &[], &[]).await;
+    let c_settings = federation_settings(&c, &[&b, &d], &[&node_d.url], &["add"]);
+    let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
+    let b_settings = federation_settings(&b, &[&a, &c], &[&node_c.url], &[]);
+    let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
+    let proxy = Proxy::to(&node_b.url).await;
+    let a_settings = federation_settings(&a, &[&b, &d], &[&proxy.url, &node_d.url], &[]);
+    let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
+    let ring = [(&node_a, "ring-a"), (&node_b, "ring-b"), (&node_c, "ring-c"), (&node_d, "ring-d")];
+
+    // Converged: every node routes to the three others on shortest paths (at most two
+    // hops; longer ones may be selected on the way), every path loop-free at every look;
+    // the far cluster C is two hops from A, through B (equal paths: the smaller next hop).
+    for (node, me) in ring {
+        poll_until_async(&format!("{me} routes to every other cluster on a shortest path"), SOON, || async {
+            let paths = loop_free_paths(&routes(node).await, me);
+            (paths.len() == 3 && paths.values().all(|p| p.len() <= 3)).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(selected(&routes(&node_a).await, "ring-c").unwrap(), ["ring-a", "ring-b", "ring-c"]);
+    let client = Client::connect(&node_a.url).await.expect("client connects to A");
+    let value = client.request(vec![add_in("ring-c", 2, 40)]).await.expect("A calls the far cluster");
+    assert_eq!(value["r"], 42);
+
+    // Cut A–B: A reroutes the other way round, to C through D and to B through D and C.
+    proxy.cut();
+    proxy.set_open(false);
+    poll_until_async("A reroutes around the cut", SOON, || async {
+        let routes = routes(&node_a).await;
+        let via_d = selected(&routes, "ring-c") == Some(vec!["ring-a".into(), "ring-d".into(), "ring-c".into()])
+            && selected(&routes, "ring-b")
+                == Some(vec!["ring-a".into(), "ring-d".into(), "ring-c".into(), "ring-b".into()]);
+        via_d.then(|| loop_free_paths(&routes, "ring-a"))
+    })
+    .await;
+    let value = client.request(vec![add_in("ring-c", 3, 4)]).await.expect("A calls C the other way round");
+    assert_eq!(value["r"], 7);
+    for (node, me) in ring {
+        loop_free_paths(&routes(node).await, me);
+    }
+    drop((client, node_a, node_b, node_c, node_d));
 }
