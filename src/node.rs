@@ -40,7 +40,7 @@ use mpreg_actors::persistence::{self, OpenError, Persistence, PersistenceHandle}
 use mpreg_actors::planner::{Limits, Planner};
 use mpreg_actors::pubsub::{BacklogLimits, PubSub, PubSubLimits};
 use mpreg_actors::queue::{Queue, QueueBoard, QueueLimits};
-use mpreg_actors::registry::{FunctionTable, RegisterFunction, Registry, RegistryError, TableHandle};
+use mpreg_actors::registry::{FunctionTable, RegisterFunctions, Registry, RegistryError, TableHandle};
 use mpreg_actors::supervisor::{
     ChildHandles, ChildSpec, CrashChild, NodeExit, NodeSupervisor, RestartPolicy, Shutdown, Slot,
 };
@@ -582,7 +582,8 @@ impl Node {
 
     /// Registers a function on the running node.
     pub async fn register(&self, spec: FunctionSpec) -> Result<(), RegistryError> {
-        self.registry.send(|| RegisterFunction { spec: spec.clone() }).await.unwrap_or(Err(RegistryError::Unavailable))
+        let outcome = self.registry.send(|| RegisterFunctions { specs: vec![spec.clone()] }).await;
+        outcome.unwrap_or(Err((0, RegistryError::Unavailable))).map_err(|(_, e)| e)
     }
 
     /// Injects a panic into a supervised actor (`registry`, `pubsub`, `queue`, `cache`, `monitor`); whether

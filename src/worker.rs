@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use mpreg_actors::function::FunctionResult;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -159,8 +159,10 @@ impl Worker {
 
     /// Connects and registers.
     async fn register(&self) -> Result<Registered, WorkerError> {
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async(&self.url).await.map_err(|e| WorkerError::Connection(e.to_string()))?;
+        // Nagle off: an answer written while earlier ones are unacknowledged must not wait.
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&self.url, None, true)
+            .await
+            .map_err(|e| WorkerError::Connection(e.to_string()))?;
         let functions: Vec<Value> = self
             .functions
             .iter()
@@ -301,7 +303,7 @@ async fn serve_calls(
     running: &mut HashMap<String, JoinHandle<()>>,
 ) -> Ended {
     let (mut sink, mut stream) = ws.split();
-    let (results, mut outgoing) = mpsc::unbounded_channel::<(String, Option<Value>)>();
+    let (results, mut outgoing) = mpsc::unbounded_channel::<(String, Option<String>)>();
     let mut beat = tokio::time::interval(heartbeat);
     let mut leaving = false;
     loop {
@@ -327,7 +329,7 @@ async fn serve_calls(
             Some((id, frame)) = outgoing.recv() => {
                 running.remove(&id);
                 if let Some(frame) = frame {
-                    if sink.send(Message::text(frame.to_string())).await.is_err() {
+                    if sink.send(Message::text(frame)).await.is_err() {
                         return lost(leaving);
                     }
                 }
@@ -337,45 +339,91 @@ async fn serve_calls(
                 }
             }
             message = stream.next() => {
-                let frame: Value = match message {
-                    Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap_or(Value::Null),
-                    Some(Ok(Message::Binary(bytes))) => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-                    Some(Ok(_)) => continue,
-                    Some(Err(_)) | None => return lost(leaving),
-                };
-                let id = frame["id"].as_str().unwrap_or_default().to_owned();
-                match frame["role"].as_str() {
-                    Some("worker-call") => {
-                        let (args, kwargs) = (frame["args"].as_array().cloned(), frame["kwargs"].as_object().cloned());
-                        let call = CallArgs::new(args.unwrap_or_default(), kwargs.unwrap_or_else(Map::new));
-                        let spec = functions.get(&(text(&frame["fun"]), text(&frame["version"]))).cloned();
-                        // Cheap functions answer in place: no task, no hop through the channel.
-                        if let Some(spec) = spec.as_ref().filter(|spec| spec.is_inline()) {
-                            let outcome = spec
-                                .invoke_inline(call)
-                                .unwrap_or_else(|| Err(crate::FunctionError::new("Internal", "not inline")));
-                            if sink.send(Message::text(result_frame(&id, outcome).to_string())).await.is_err() {
-                                return lost(leaving);
-                            }
-                            continue;
-                        }
-                        let timeout = Duration::from_millis(frame["timeout_ms"].as_u64().unwrap_or(30_000));
-                        running.insert(id.clone(), tokio::spawn(call_task(spec, call, id, timeout, results.clone())));
-                    }
-                    Some("worker-cancel") => {
-                        if let Some(task) = running.remove(&id) {
-                            task.abort();
-                        }
-                        if leaving && running.is_empty() {
-                            close(sink, stream).await;
-                            return Ended::Stopped;
+                let mut message = message;
+                // The frames already received are all handled before the answers are
+                // flushed: one write for a burst of calls.
+                loop {
+                    let frame = match message {
+                        Some(Ok(Message::Text(text))) => NodeFrame::parse(text.as_bytes()),
+                        Some(Ok(Message::Binary(bytes))) => NodeFrame::parse(&bytes),
+                        Some(Ok(_)) => None,
+                        Some(Err(_)) | None => return lost(leaving),
+                    };
+                    if let Some(frame) = frame {
+                        if on_frame(frame, functions, &mut sink, running, &results).await.is_err() {
+                            return lost(leaving);
                         }
                     }
-                    _ => {}
+                    match stream.next().now_or_never() {
+                        Some(next) => message = next,
+                        None => break,
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return lost(leaving);
+                }
+                if leaving && running.is_empty() {
+                    close(sink, stream).await;
+                    return Ended::Stopped;
                 }
             }
         }
     }
+}
+
+/// The fields of the node's frames the worker reads (`worker-call`, `worker-cancel`);
+/// absent ones are empty, unknown ones ignored.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct NodeFrame {
+    role: String,
+    id: String,
+    fun: String,
+    version: String,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    timeout_ms: Option<u64>,
+}
+
+impl NodeFrame {
+    /// `None` for a frame that is not a JSON object of that shape (ignored).
+    fn parse(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// Handles one frame from the node. An inline function's answer is queued on `sink`
+/// (the caller flushes); any other call runs as a task. `Err` when the websocket broke.
+async fn on_frame(
+    frame: NodeFrame,
+    functions: &HashMap<(String, String), FunctionSpec>,
+    sink: &mut futures_util::stream::SplitSink<Ws, Message>,
+    running: &mut HashMap<String, JoinHandle<()>>,
+    results: &mpsc::UnboundedSender<(String, Option<String>)>,
+) -> Result<(), ()> {
+    let NodeFrame { role, id, fun, version, args, kwargs, timeout_ms } = frame;
+    match role.as_str() {
+        "worker-call" => {
+            let call = CallArgs::new(args, kwargs);
+            let spec = functions.get(&(fun, version)).cloned();
+            // Cheap functions answer in place: no task, no hop through the channel.
+            if let Some(spec) = spec.as_ref().filter(|spec| spec.is_inline()) {
+                let outcome = spec
+                    .invoke_inline(call)
+                    .unwrap_or_else(|| Err(crate::FunctionError::new("Internal", "not inline")));
+                return sink.feed(Message::text(result_frame(&id, &outcome))).await.map_err(drop);
+            }
+            let timeout = Duration::from_millis(timeout_ms.unwrap_or(30_000));
+            running.insert(id.clone(), tokio::spawn(call_task(spec, call, id, timeout, results.clone())));
+        }
+        "worker-cancel" => {
+            if let Some(task) = running.remove(&id) {
+                task.abort();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// A broken connection: lost, unless the worker was leaving anyway.
@@ -387,16 +435,25 @@ fn lost(leaving: bool) -> Ended {
     }
 }
 
-fn text(value: &Value) -> String {
-    value.as_str().unwrap_or_default().to_owned()
-}
-
-/// The `worker-result` frame of call `id`.
-fn result_frame(id: &str, outcome: FunctionResult) -> Value {
-    match outcome {
-        Ok(value) => json!({"role": "worker-result", "id": id, "result": value}),
-        Err(e) => json!({"role": "worker-result", "id": id, "error": {"kind": e.kind, "message": e.message}}),
+/// The `worker-result` frame of call `id`, encoded.
+fn result_frame(id: &str, outcome: &FunctionResult) -> String {
+    /// Exactly one of `result` and `error` (`{kind, message}`).
+    #[derive(serde::Serialize)]
+    struct ResultFrame<'a> {
+        role: &'static str,
+        id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a crate::FunctionError>,
     }
+    let (result, error) = match outcome {
+        Ok(value) => (Some(value), None),
+        Err(e) => (None, Some(e)),
+    };
+    let frame = ResultFrame { role: "worker-result", id, result, error };
+    // A tree of JSON values and strings always encodes.
+    serde_json::to_string(&frame).unwrap_or_default()
 }
 
 /// Runs one call as a task; its frame (none past the deadline: nobody waits for it) goes
@@ -406,12 +463,12 @@ async fn call_task(
     call: CallArgs,
     id: String,
     timeout: Duration,
-    results: mpsc::UnboundedSender<(String, Option<Value>)>,
+    results: mpsc::UnboundedSender<(String, Option<String>)>,
 ) {
     let outcome = match spec {
         Some(spec) => tokio::time::timeout(timeout, spec.invoke(call)).await.ok(),
         None => Some(Err(crate::FunctionError::new("NotFound", "no such function (name, version) on this worker"))),
     };
-    let frame = outcome.map(|outcome| result_frame(&id, outcome));
+    let frame = outcome.map(|outcome| result_frame(&id, &outcome));
     let _ = results.send((id, frame));
 }

@@ -376,7 +376,8 @@ async fn a_call_on_node_a_is_served_by_a_worker_on_node_b() {
     let b = node(Settings { peers: vec![a.url().to_owned()], ..cluster_settings("B", &cluster) }).await;
     let worker = doubler(&b, "on-b").await;
     wait_for_function(&a, "double", true).await;
-    // A's /catalog marks B's entry as served by a worker (and B's own echo as not).
+    // A's /catalog marks B's entry as served by a worker (and B's own echo as not). Both of
+    // the worker's functions are there as soon as one is: they arrive in one catalog update.
     let catalog: Value = serde_json::from_str(&monitor(&a, "/catalog").await).unwrap();
     let b_entry = catalog["nodes"].as_array().unwrap().iter().find(|n| n["node"] == "B").unwrap();
     let by_worker: Vec<&str> = b_entry["about"]

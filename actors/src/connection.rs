@@ -5,7 +5,8 @@
 //! runs that outgrow this thread, on the supervised Planner actor), PubSub (subscribe,
 //! publish), the Queue actor (`role: "queue"`, answered `queue-reply`; its pushes,
 //! `queue-message`, come through the same outbox), the [`WorkerHub`] (`role: "worker-*"`:
-//! a connection that registers as a worker gets its calls through the same outbox, is
+//! a connection that registers as a worker gets its calls through the same outbox, or
+//! written straight into its websocket by the caller's thread when that outbox is idle, is
 //! disconnected over a frame that breaks the worker protocol or past `worker_timeout_s`
 //! of silence, and leaves the hub when it closes), the cache (`role: "cache"`, answered
 //! `cache-reply`, read and written in place without a mailbox). Replies and
@@ -297,19 +298,7 @@ impl Connection {
     /// hands the payload back otherwise. (Polled with a no-op waker: nobody waits here,
     /// the caller falls back to a queue.)
     fn write_now(&mut self, payload: Bytes, wrap: fn(Bytes) -> Message) -> Result<(), Bytes> {
-        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
-        let mut session = Pin::new(&mut self.session);
-        match session.as_mut().poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => {
-                // A closed session drops the frame: there is nobody left to read it.
-                if session.as_mut().start_send(wrap(payload)).is_ok() {
-                    let _ = session.poll_flush(&mut cx);
-                }
-                Ok(())
-            }
-            Poll::Ready(Err(_)) => Ok(()),
-            Poll::Pending => Err(payload),
-        }
+        write_now(&mut self.session, payload, wrap)
     }
 
     /// Answers a ping, keeping at most one pong waiting per connection: a client that
@@ -393,7 +382,7 @@ impl Connection {
         let hub = self.shared.workers.clone();
         match (frame, self.worker) {
             (WorkerInbound::Register(frame), None) => {
-                let Some(id) = hub.reserve(self.outbox.clone(), kind) else {
+                let Some(id) = hub.reserve(self.outbox.clone(), self.session.clone(), kind) else {
                     return self.reply(encode(&hub.too_many(frame.u)), kind, ctx);
                 };
                 self.worker = Some(id);
@@ -696,17 +685,23 @@ impl Connection {
         let Some(permit) = self.admit(&u, kind, ctx) else { return };
         self.in_flight += 1;
         let shared = self.shared.clone();
-        let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %u, conn = self.id);
         let task = async move {
             let run = AssertUnwindSafe((*prepared).run(&shared)).catch_unwind().await;
             let answer = run.unwrap_or_else(|payload| failed(u, panicked(payload.as_ref())));
             drop(permit);
             shared.metrics.request_finished(started.elapsed(), answer.error);
-            let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
+            answer.bytes
         }
         .instrument(span);
-        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+        ctx.spawn(task.into_actor(self).map(move |bytes, act, ctx| act.answered(bytes, kind, ctx)));
+    }
+
+    /// Sends the answer of a request that ran as a task of this actor: it ends on the
+    /// connection's thread, so [`Self::reply`] can put it straight into the websocket.
+    fn answered(&mut self, bytes: Vec<u8>, kind: FrameKind, ctx: &mut Context<Self>) {
+        self.in_flight -= 1;
+        self.reply(bytes, kind, ctx);
     }
 
     /// Hands `job` (the request `u`) to the Planner and sends its answer when it comes;
@@ -715,16 +710,15 @@ impl Connection {
         let Some(permit) = self.admit(&u, kind, ctx) else { return };
         self.in_flight += 1;
         let shared = self.shared.clone();
-        let outbox = self.outbox.clone();
         let span = tracing::debug_span!("rpc", u = %u, conn = self.id, planner = true);
         let task = async move {
             let answer = on_planner(&shared, u, job).await;
             drop(permit);
             shared.metrics.request_finished(started.elapsed(), answer.error);
-            let _ = outbox.send(OutFrame { bytes: Bytes::from(answer.bytes), kind }).await;
+            answer.bytes
         }
         .instrument(span);
-        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+        ctx.spawn(task.into_actor(self).map(move |bytes, act, ctx| act.answered(bytes, kind, ctx)));
     }
 
     fn on_subscribe(&mut self, request: SubscribeRequest, kind: FrameKind, ctx: &mut Context<Self>) {
@@ -1106,6 +1100,25 @@ async fn on_planner(shared: &NodeShared, u: String, job: Job) -> Answer {
     }
 }
 
+/// Puts a message (`wrap` of `payload`) into `session` if it has room right now; hands the
+/// payload back otherwise. Never blocks (polled with a no-op waker: nobody waits here, the
+/// caller falls back to a queue).
+pub(crate) fn write_now<T>(session: &mut Session, payload: T, wrap: fn(T) -> Message) -> Result<(), T> {
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    let mut session = Pin::new(session);
+    match session.as_mut().poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {
+            // A closed session drops the frame: there is nobody left to read it.
+            if session.as_mut().start_send(wrap(payload)).is_ok() {
+                let _ = session.poll_flush(&mut cx);
+            }
+            Ok(())
+        }
+        Poll::Ready(Err(_)) => Ok(()),
+        Poll::Pending => Err(payload),
+    }
+}
+
 /// Drains the outbox into the websocket, in order, until the connection closes. A frame's
 /// bytes are released once the websocket took it, which is what lets the connection read
 /// again (see [`crate::outbox`]).
@@ -1123,7 +1136,14 @@ async fn write_frames(
                 // close must still get through, so the two race.
                 let outcome = tokio::select! {
                     biased;
-                    sent = write_frame(&mut session, &frame) => Ok(sent),
+                    sent = async {
+                        // A long message goes out in fragments that no direct write may split.
+                        let _fragments = match frame.bytes.len() > FRAGMENT_BYTES {
+                            true => Some(frames.fragments().await),
+                            false => None,
+                        };
+                        write_frame(&mut session, &frame).await
+                    } => Ok(sent),
                     reason = &mut closed => Err(reason.unwrap_or(None)),
                 };
                 frames.written(&frame);
@@ -1203,11 +1223,12 @@ impl StreamFault {
 /// actix-http one encoded batch of them in its write buffer, none of it counted in the
 /// outbox; fragments keep that near 4 MiB per connection whatever the message size, while
 /// the whole message stays counted in the outbox until its last fragment is handed over.
-const FRAGMENT_BYTES: usize = 64 * 1024;
+pub(crate) const FRAGMENT_BYTES: usize = 64 * 1024;
 
 /// Writes one queued frame in the type the client used, in fragments when it is long.
 /// Only this writer sends fragments, and nothing else writes a data frame while it does:
-/// the fast path needs an idle outbox, and the frame counts in it until written.
+/// the fast paths need an idle outbox (the frame counts in it until written), and a
+/// direct write from another thread also waits for the [`crate::outbox::Fragments`] guard.
 async fn write_frame(session: &mut Session, frame: &OutFrame) -> Result<(), actix_ws::Closed> {
     let bytes = &frame.bytes;
     if bytes.len() <= FRAGMENT_BYTES {

@@ -17,13 +17,15 @@
 //!   so a single message larger than the bound still reaches a subscriber that reads.
 //!
 //! What is not counted: replies written straight into the websocket on the fast path (the
-//! connection does that only when the queue is empty, and only up to 64 KiB) and frames
+//! connection does that only when the queue is empty, and only up to 64 KiB), calls the
+//! WorkerHub writes straight into a worker's websocket under the same conditions
+//! ([`Outbox::write_if_idle`]), and frames
 //! already handed to actix-ws: at most 32 in its channel plus one encoded batch of them in
 //! actix-http's write buffer. The writer hands longer messages over in 64 KiB fragments,
 //! so that is about 4 MiB per connection whatever the message size.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -69,7 +71,15 @@ struct ByteBudget {
     limit: usize,
     /// The connection's read side, parked by its [`ReadGate`] while over the bound.
     reader: AtomicWaker,
+    /// Who writes into the websocket outside the queue's order: [`OPEN`], a direct write
+    /// from another thread ([`DIRECT`], see [`Outbox::write_if_idle`]) or the writer
+    /// sending one message in fragments ([`FRAGMENTS`]), which nothing may split.
+    gate: AtomicU8,
 }
+
+const OPEN: u8 = 0;
+const DIRECT: u8 = 1;
+const FRAGMENTS: u8 = 2;
 
 impl ByteBudget {
     fn over(&self) -> bool {
@@ -96,7 +106,12 @@ impl Outbox {
     /// An outbox of at most `capacity` frames and (for notifications) `max_bytes` bytes.
     pub fn channel(capacity: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
         let (frames, receiver) = mpsc::channel(capacity.max(1));
-        let budget = Arc::new(ByteBudget { queued: AtomicUsize::new(0), limit: max_bytes, reader: AtomicWaker::new() });
+        let budget = Arc::new(ByteBudget {
+            queued: AtomicUsize::new(0),
+            limit: max_bytes,
+            reader: AtomicWaker::new(),
+            gate: AtomicU8::new(OPEN),
+        });
         (Outbox { frames, budget: budget.clone() }, OutboxReceiver { frames: receiver, budget })
     }
 
@@ -134,6 +149,21 @@ impl Outbox {
         self.budget.queued.load(Ordering::Acquire) == 0
     }
 
+    /// Writes `payload` straight into the websocket, from any thread, when nothing is
+    /// queued or being written (so it overtakes no queued frame) and the writer is not
+    /// sending a message in fragments (which it would split). `write` must not block: it
+    /// hands the payload back when the websocket has no room. The payload comes back
+    /// unwritten otherwise, for the caller to queue.
+    pub fn write_if_idle<T>(&self, payload: T, write: impl FnOnce(T) -> Result<(), T>) -> Result<(), T> {
+        let gate = &self.budget.gate;
+        if gate.compare_exchange(OPEN, DIRECT, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Err(payload);
+        }
+        let written = if self.is_idle() { write(payload) } else { Err(payload) };
+        gate.store(OPEN, Ordering::Release);
+        written
+    }
+
     /// Whether the queue is at or over its byte bound.
     pub fn is_over_bound(&self) -> bool {
         self.budget.over()
@@ -167,6 +197,26 @@ impl OutboxReceiver {
     /// The websocket took `frame` (or the connection gave up on it): its bytes are free.
     pub fn written(&self, frame: &OutFrame) {
         self.budget.release(frame.cost());
+    }
+
+    /// Keeps direct writes ([`Outbox::write_if_idle`]) out while the writer sends one
+    /// message in fragments; they are refused until the guard drops. A direct write in
+    /// progress is waited for (it never blocks).
+    pub async fn fragments(&self) -> Fragments<'_> {
+        let gate = &self.budget.gate;
+        while gate.compare_exchange(OPEN, FRAGMENTS, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            tokio::task::yield_now().await;
+        }
+        Fragments(gate)
+    }
+}
+
+/// The writer is sending a message in fragments (see [`OutboxReceiver::fragments`]).
+pub struct Fragments<'a>(&'a AtomicU8);
+
+impl Drop for Fragments<'_> {
+    fn drop(&mut self) {
+        self.0.store(OPEN, Ordering::Release);
     }
 }
 
@@ -230,6 +280,23 @@ mod tests {
         let first = receiver.recv().now_or_never().flatten().expect("queued");
         receiver.written(&first);
         assert_eq!(outbox.queued_bytes(), 2000 + FRAME_OVERHEAD);
+    }
+
+    #[test]
+    fn a_direct_write_needs_an_idle_queue_and_no_fragments_in_progress() {
+        let (outbox, mut receiver) = Outbox::channel(100, 1000);
+        let write = |_: u32| Ok::<(), u32>(());
+        assert_eq!(outbox.write_if_idle(1, write), Ok(()), "idle: written");
+        assert_eq!(outbox.write_if_idle(2, Err), Err(2), "no room: handed back");
+        outbox.queue(frame(10)).expect("queued");
+        assert_eq!(outbox.write_if_idle(3, write), Err(3), "would overtake a queued frame");
+        let queued = receiver.recv().now_or_never().flatten().expect("queued");
+        let fragments = receiver.fragments().now_or_never().expect("the gate is open");
+        receiver.written(&queued);
+        assert!(outbox.is_idle());
+        assert_eq!(outbox.write_if_idle(4, write), Err(4), "would split a fragmented message");
+        drop(fragments);
+        assert_eq!(outbox.write_if_idle(5, write), Ok(()));
     }
 
     #[test]

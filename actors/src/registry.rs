@@ -1,8 +1,10 @@
 //! Registry: the functions this node serves, and the snapshot the request path reads.
 //!
-//! Who sends to it: the node handle (`RegisterFunction` after start), the supervisor
-//! (fault injection). Whom it calls: FabricGossip (`LocalFunctionsChanged`, fire and
-//! forget: the catalog also refreshes periodically). Invariants: one function_id per name and one
+//! Who sends to it: the node handle and the WorkerHub (`RegisterFunctions` after start,
+//! `UnregisterFunctions` for workers), the supervisor (fault injection). Whom it calls:
+//! FabricGossip (`LocalFunctionsChanged`, fire and forget: the catalog also refreshes
+//! periodically). Each message is one change: its functions enter (or leave) the table
+//! together, all or none, and reach other nodes in one catalog update. Invariants: one function_id per name and one
 //! name per function_id; an identity (name, id, version) is registered once.
 //!
 //! The request path never sends it a message: the actor owns MUTATION and publishes an
@@ -99,6 +101,17 @@ impl FunctionTable {
             });
         }
         versions.push(spec);
+        Ok(())
+    }
+
+    /// Adds every function of `specs`, or none: the index of the first one refused, and
+    /// why (the table is then unchanged).
+    pub fn register_all(&mut self, specs: Vec<FunctionSpec>) -> Result<(), (usize, RegistryError)> {
+        let mut next = self.clone();
+        for (i, spec) in specs.into_iter().enumerate() {
+            next.register(spec).map_err(|e| (i, e))?;
+        }
+        *self = next;
         Ok(())
     }
 
@@ -216,20 +229,22 @@ impl TableHandle {
     }
 }
 
-/// Register a function on the running node.
+/// Register functions on the running node, all or none, as one change (one catalog
+/// update): the index of the first one refused, and why.
 #[derive(Message)]
-#[rtype(result = "Result<(), RegistryError>")]
-pub struct RegisterFunction {
-    /// The function.
-    pub spec: FunctionSpec,
+#[rtype(result = "Result<(), (usize, RegistryError)>")]
+pub struct RegisterFunctions {
+    /// The functions.
+    pub specs: Vec<FunctionSpec>,
 }
 
-/// Remove a worker-served function (its last worker left); the node's own functions stay.
+/// Remove worker-served functions (their last worker left), as one change; the node's own
+/// functions stay. How many were removed.
 #[derive(Message)]
-#[rtype(result = "bool")]
-pub struct UnregisterFunction {
-    /// Exactly which function.
-    pub identity: FunctionIdentity,
+#[rtype(result = "usize")]
+pub struct UnregisterFunctions {
+    /// Exactly which functions.
+    pub identities: Vec<FunctionIdentity>,
 }
 
 /// The Registry actor.
@@ -259,27 +274,27 @@ impl Actor for Registry {
     type Context = Context<Self>;
 }
 
-impl Handler<RegisterFunction> for Registry {
-    type Result = Result<(), RegistryError>;
+impl Handler<RegisterFunctions> for Registry {
+    type Result = Result<(), (usize, RegistryError)>;
 
-    fn handle(&mut self, msg: RegisterFunction, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: RegisterFunctions, _: &mut Context<Self>) -> Self::Result {
         let mut next = FunctionTable::clone(&self.table.current());
-        next.register(msg.spec)?;
+        next.register_all(msg.specs)?;
         self.publish(next);
         Ok(())
     }
 }
 
-impl Handler<UnregisterFunction> for Registry {
-    type Result = bool;
+impl Handler<UnregisterFunctions> for Registry {
+    type Result = usize;
 
-    fn handle(&mut self, msg: UnregisterFunction, _: &mut Context<Self>) -> bool {
+    fn handle(&mut self, msg: UnregisterFunctions, _: &mut Context<Self>) -> usize {
         let mut next = FunctionTable::clone(&self.table.current());
-        if !next.unregister_external(&msg.identity) {
-            return false;
+        let removed = msg.identities.iter().filter(|identity| next.unregister_external(identity)).count();
+        if removed > 0 {
+            self.publish(next);
         }
-        self.publish(next);
-        true
+        removed
     }
 }
 
@@ -350,6 +365,19 @@ mod tests {
         assert!(table.unregister_external(&served));
         assert!(!table.unregister_external(&served));
         assert_eq!(table.identities(), vec![own]);
+    }
+
+    #[test]
+    fn a_batch_registers_all_or_nothing() {
+        let mut table = FunctionTable::default();
+        table.register(ver("1.0.0")).unwrap();
+        let fresh = FunctionSpec::sync("fresh", || 1);
+        let (index, error) = table.register_all(vec![fresh.clone(), ver("2.0.0"), ver("1.0.0")]).unwrap_err();
+        assert_eq!(index, 2);
+        assert!(matches!(error, RegistryError::Duplicate { .. }), "{error}");
+        assert_eq!(table.identities(), vec![ver("1.0.0").identity().clone()], "nothing of the batch entered");
+        table.register_all(vec![fresh, ver("2.0.0")]).unwrap();
+        assert_eq!(table.identities().len(), 3);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-# Shared helpers for the container tests (run.sh, cluster.sh); source it, don't run it.
+# Shared helpers for the container tests (run.sh, cluster.sh, federation.sh); source it, don't run it.
 #
 # The sourcing script sets SUITE (the label of the final summary line, e.g.
 # "container test") and defines dump_logs (called once, before the summary, when a
@@ -147,12 +147,18 @@ expect_result() {
 # expect_fast_error WHAT URL ARGS...: the call fails within FAST_MS with error 1001 or 1005.
 expect_fast_error() {
     local what="$1"; shift
+    expect_fast_error_code "$what" '100[15]' "$@"
+}
+
+# expect_fast_error_code WHAT CODE URL ARGS...: the call fails within FAST_MS with an
+# error whose code matches CODE (ERE, e.g. 1005).
+expect_fast_error_code() {
+    local what="$1" code="$2"; shift 2
     client "$@"
-    if [ "$RC" != 0 ] && [ "$RC" != 124 ] && [ "$MS" -lt "$FAST_MS" ] && grep -Eq 'error: 100[15]' <<<"$ERR"; then
+    if [ "$RC" != 0 ] && [ "$RC" != 124 ] && [ "$MS" -lt "$FAST_MS" ] && grep -Eq "error: $code" <<<"$ERR"; then
         ok "$what: failed in $(secs "$MS") with $(one_line "$ERR")"
     else
-        not_ok "$what: expected exit 1 within $(secs "$FAST_MS") with 'error: 1001|1005'" \
+        not_ok "$what: expected exit 1 within $(secs "$FAST_MS") with 'error: $code'" \
             "(exit $RC after $(secs "$MS"); stdout: $(one_line "$OUT"); stderr: $(one_line "$ERR"))"
     fi
 }
-

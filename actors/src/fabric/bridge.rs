@@ -184,6 +184,7 @@ pub struct Bridges {
     allowed: BTreeSet<ClusterId>,
     pinned: BTreeMap<ClusterId, VerifyingKey>,
     announce_interval: Duration,
+    silent_limit: Duration,
     hop_budget: u32,
     route_key: Option<(PathBuf, VerifyingKey)>,
     metrics: Arc<Metrics>,
@@ -212,12 +213,14 @@ impl Bridges {
         }
         let local = config.federation.table.local.clone();
         let route_key_modified = config.route_key.as_ref().and_then(|(path, _)| modified(path));
+        let silent_limit = (config.announce_interval * 3).max(Duration::from_millis(config.federation.ttl_ms));
         let core = FederationCore::new(config.federation, config.signer, ring);
         Bridges {
             local,
             allowed: config.allowed,
             pinned: config.pinned,
             announce_interval: config.announce_interval,
+            silent_limit,
             hop_budget: config.hop_budget,
             route_key: config.route_key,
             metrics,
@@ -293,6 +296,13 @@ impl Bridges {
     /// May another cluster call the function `fun` of this cluster (the export list)?
     pub fn exports_function(&self, fun: &str) -> bool {
         self.state.lock().is_ok_and(|s| s.exports.shares_function(fun))
+    }
+
+    /// A bridge that carried nothing for this long (three announce intervals, at least a
+    /// route TTL: its routes have expired) is dead even if TCP has not noticed, as after
+    /// a partition; the fabric closes it so that it is dialled afresh.
+    pub fn silent_limit(&self) -> Duration {
+        self.silent_limit
     }
 
     /// Whether `link` is an open bridge.

@@ -1479,6 +1479,7 @@ impl FabricGossip {
     /// after it heals the old connection may wait out TCP's retransmission backoff for tens
     /// of seconds. Closing it lets the configured peer be dialled afresh as soon as the path
     /// is back. Idle links to alive members are left alone: with SWIM most links are quiet.
+    /// A bridge silent for longer than [`bridge::Bridges::silent_limit`] is closed too.
     fn close_silent_links_to_suspects(&mut self) {
         let now = Instant::now();
         for l in self.links.values_mut() {
@@ -1500,6 +1501,19 @@ impl FabricGossip {
             .collect();
         for link in stale {
             warn!(node = %self.shared.me.node, link, "link to a suspected peer silent; closing");
+            self.close_link(link);
+        }
+        // A bridge is never a member, so SWIM never suspects it: announcements cross it
+        // every interval, and one silent for longer is dead.
+        let Some(bridge_limit) = self.shared.bridges.as_ref().map(|b| b.silent_limit()) else { return };
+        let silent_bridges: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.bridge.is_some() && l.last_heard.elapsed() > bridge_limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for link in silent_bridges {
+            warn!(node = %self.shared.me.node, link, "federation bridge silent; closing");
             self.close_link(link);
         }
     }

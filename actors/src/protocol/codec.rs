@@ -63,7 +63,7 @@ struct Envelope {
 /// The value of the top-level `"role"` key, found without parsing the frame: a byte scan
 /// that tracks nesting and strings. `None` when absent, escaped or not a plain string —
 /// the caller then takes the general path.
-fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
+pub(crate) fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
     let value = top_level_value(bytes, b"role")?;
     let value = value.strip_prefix(b"\"")?;
     let end = value.iter().position(|&b| b == b'"' || b == b'\\')?;
@@ -129,10 +129,15 @@ pub fn is_peer_role(role: &str) -> bool {
 pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
     // Hot path: an rpc frame is parsed once, straight into its type. Anything that does
     // not parse takes the general path below, which also builds the error reply.
-    if sniff_role(bytes) == Some(b"rpc") {
-        if let Ok(request) = serde_json::from_slice::<RpcRequest>(bytes) {
-            return exact_integers(bytes, request).map(Inbound::Rpc);
+    match sniff_role(bytes) {
+        Some(b"rpc") => {
+            if let Ok(request) = serde_json::from_slice::<RpcRequest>(bytes) {
+                return exact_integers(bytes, request).map(Inbound::Rpc);
+            }
         }
+        // A worker's frames are parsed once, by the worker protocol (which judges them).
+        Some(role) if role.starts_with(b"worker-") => return Ok(Inbound::Worker),
+        _ => {}
     }
     let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| InboundError {
         u: None,

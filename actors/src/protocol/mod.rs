@@ -12,6 +12,7 @@
 mod codec;
 mod error;
 
+pub(crate) use codec::sniff_role;
 pub use codec::{decode_inbound, encode, is_peer_role, sniff_u, ClusterStatusRequest, Inbound, InboundError};
 pub use error::{ErrorCode, RpcError};
 

@@ -22,8 +22,10 @@
 //! (`worker_token_file`); a node with credentials and no token accepts no worker.
 //!
 //! The bookkeeping (who serves what, who is busy, whom to pick) is [`WorkerPool`]: no
-//! I/O, no clock, unit-tested. [`WorkerHub`] wraps it with the connections' outboxes and
-//! the calls waiting for answers; connections and the Registry share it.
+//! I/O, no clock, unit-tested. [`WorkerHub`] wraps it with the connections' outboxes (a
+//! call is written straight into the worker's websocket from the caller's thread when
+//! nothing is queued there) and the calls waiting for answers; connections and the
+//! Registry share it.
 
 pub mod wire;
 
@@ -33,16 +35,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use actix_ws::{Message, Session};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
+use crate::connection::{write_now, FRAGMENT_BYTES};
 use crate::function::{CallArgs, FunctionError, FunctionIdentity, FunctionResult, FunctionSpec};
 use crate::metrics::{label_value, Metrics};
 use crate::outbox::{OutFrame, Outbox};
 use crate::protocol::{encode, FrameKind, RpcError};
-use crate::registry::{RegisterFunction, Registry, RegistryError, UnregisterFunction};
+use crate::registry::{RegisterFunctions, Registry, RegistryError, UnregisterFunctions};
 use crate::supervisor::Slot;
 use crate::version::Version;
 use wire::{cancel_frame, CallFrame, RegisterFrame, RegisteredFrame, ResultFrame};
@@ -222,6 +226,9 @@ impl WorkerPool {
 struct WorkerLink {
     name: String,
     outbox: Outbox,
+    /// The worker's websocket: a call goes straight into it when its outbox is idle,
+    /// sparing the connection's writer task a wake-up on the worker's thread.
+    session: Session,
     kind: FrameKind,
     pending: HashMap<String, oneshot::Sender<FunctionResult>>,
 }
@@ -326,7 +333,7 @@ impl WorkerHub {
     /// Reserves a worker id for a connection about to register, so that the connection's
     /// end removes it whatever point the registration reached; `None` (counted) when the
     /// node has `max_workers` already.
-    pub fn reserve(&self, outbox: Outbox, kind: FrameKind) -> Option<WorkerId> {
+    pub fn reserve(&self, outbox: Outbox, session: Session, kind: FrameKind) -> Option<WorkerId> {
         let mut state = self.lock();
         if state.links.len() >= self.config.max_workers {
             drop(state);
@@ -334,7 +341,7 @@ impl WorkerHub {
             return None;
         }
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        state.links.insert(id, WorkerLink { name: String::new(), outbox, kind, pending: HashMap::new() });
+        state.links.insert(id, WorkerLink { name: String::new(), outbox, session, kind, pending: HashMap::new() });
         Some(id)
     }
 
@@ -366,23 +373,21 @@ impl WorkerHub {
         // node's own functions); the others gain a worker.
         let fresh: Vec<FunctionIdentity> =
             identities.iter().filter(|identity| !self.lock().pool.serves(identity)).cloned().collect();
-        let mut entered = Vec::new();
-        let mut failure = None;
-        for identity in &fresh {
-            let spec = self.external_spec(identity.clone());
+        // One registry change: the worker's functions reach other nodes in one catalog update.
+        let specs: Vec<FunctionSpec> = fresh.iter().map(|identity| self.external_spec(identity.clone())).collect();
+        let failure = if specs.is_empty() {
+            None
+        } else {
             let outcome = self
                 .registry
-                .send(|| RegisterFunction { spec: spec.clone() })
+                .send(|| RegisterFunctions { specs: specs.clone() })
                 .await
-                .unwrap_or(Err(RegistryError::Unavailable));
-            match outcome {
-                Ok(()) => entered.push(identity.clone()),
-                Err(e) => {
-                    failure = Some(RpcError::invalid(format!("function {}: {e}", identity.name)));
-                    break;
-                }
-            }
-        }
+                .unwrap_or(Err((0, RegistryError::Unavailable)));
+            outcome.err().map(|(i, e)| {
+                let name = fresh.get(i).map_or("?", |identity| identity.name.as_str());
+                RpcError::invalid(format!("function {name}: {e}"))
+            })
+        };
         let reply = RegisteredFrame {
             role: "worker-registered",
             u: u.clone(),
@@ -407,8 +412,8 @@ impl WorkerHub {
             }
         };
         if !accepted {
-            for identity in entered {
-                let _ = self.registry.send(|| UnregisterFunction { identity: identity.clone() }).await;
+            if failure.is_none() {
+                let _ = self.registry.send(|| UnregisterFunctions { identities: fresh.clone() }).await;
             }
             return Err(refuse(failure.unwrap_or_else(|| RpcError::unreachable("the worker's connection closed"))));
         }
@@ -581,20 +586,25 @@ impl WorkerHub {
         let id = self.next_call.fetch_add(1, Ordering::Relaxed).to_string();
         let (reply, answer) = oneshot::channel();
         let mut slot = CallSlot { hub: self, worker, id: id.clone(), answered: false };
-        let Some((name, outbox, kind)) = ({
+        let timeout_ms = crate::fabric::link::millis_left(deadline, Instant::now());
+        let encoded = encode(&CallFrame::new(&id, identity, &call.args, &call.kwargs, timeout_ms));
+        let Some((name, queue)) = ({
             let mut state = self.lock();
             state.links.get_mut(&worker).map(|link| {
                 link.pending.insert(id.clone(), reply);
-                (link.name.clone(), link.outbox.clone(), link.kind)
+                let queue = match direct_write(link, encoded) {
+                    Ok(()) => None,
+                    Err(bytes) => Some((link.outbox.clone(), OutFrame { bytes, kind: link.kind })),
+                };
+                (link.name.clone(), queue)
             })
         }) else {
             return Attempt::Lost(format!("#{worker}"));
         };
-        let timeout_ms = crate::fabric::link::millis_left(deadline, Instant::now());
-        let frame = CallFrame::new(id, identity, call.args.clone(), call.kwargs.clone(), timeout_ms);
-        let bytes = Bytes::from(encode(&frame));
-        if outbox.send(OutFrame { bytes, kind }).await.is_err() {
-            return Attempt::Lost(name);
+        if let Some((outbox, frame)) = queue {
+            if outbox.send(frame).await.is_err() {
+                return Attempt::Lost(name);
+            }
         }
         let outcome = match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(result)) => result,
@@ -665,8 +675,8 @@ impl WorkerHub {
         self.unregister(orphaned);
     }
 
-    /// Takes functions nobody serves any more out of the registry (one registry change at
-    /// a time; skipped if a new worker took one over meanwhile).
+    /// Takes functions nobody serves any more out of the registry, in one change (after
+    /// any registration under way; those a new worker took over meanwhile stay).
     fn unregister(self: &Arc<Self>, identities: Vec<FunctionIdentity>) {
         if identities.is_empty() {
             return;
@@ -674,13 +684,16 @@ impl WorkerHub {
         let hub = self.clone();
         tokio::spawn(async move {
             let _serial = hub.registering.lock().await;
-            for identity in identities {
-                if hub.lock().pool.serves(&identity) {
-                    continue;
-                }
-                if hub.registry.send(|| UnregisterFunction { identity: identity.clone() }).await.is_err() {
-                    warn!(fun = %identity.name, "registry unavailable: worker function not unregistered");
-                }
+            let orphaned: Vec<FunctionIdentity> = {
+                let state = hub.lock();
+                identities.into_iter().filter(|identity| !state.pool.serves(identity)).collect()
+            };
+            if orphaned.is_empty() {
+                return;
+            }
+            // One registry change: they leave other nodes' catalogs in one update.
+            if hub.registry.send(|| UnregisterFunctions { identities: orphaned.clone() }).await.is_err() {
+                warn!(functions = orphaned.len(), "registry unavailable: worker functions not unregistered");
             }
         });
     }
@@ -763,6 +776,27 @@ impl WorkerHub {
 /// Compares two secrets in time that depends only on their lengths.
 fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Writes an encoded call straight into the worker's websocket when its outbox is idle
+/// and the message needs no fragments; otherwise its bytes come back, to be queued.
+fn direct_write(link: &mut WorkerLink, encoded: Vec<u8>) -> Result<(), Bytes> {
+    if encoded.len() > FRAGMENT_BYTES {
+        return Err(Bytes::from(encoded));
+    }
+    let WorkerLink { outbox, session, kind, .. } = link;
+    match kind {
+        FrameKind::Binary => {
+            outbox.write_if_idle(Bytes::from(encoded), |bytes| write_now(session, bytes, Message::Binary))
+        }
+        // The node's JSON is UTF-8: the check does not copy, and cannot fail.
+        FrameKind::Text => match String::from_utf8(encoded) {
+            Ok(text) => outbox
+                .write_if_idle(text, |text| write_now(session, text, |text| Message::Text(text.into())))
+                .map_err(|text| Bytes::from(text.into_bytes())),
+            Err(e) => Err(Bytes::from(e.into_bytes())),
+        },
+    }
 }
 
 /// How one attempt on one worker ended.

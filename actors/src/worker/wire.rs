@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::function::{FunctionError, FunctionIdentity};
 use crate::protocol::RpcError;
+use crate::version::Version;
 
 /// A frame a worker sends.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -42,8 +43,12 @@ pub enum WorkerInbound {
 }
 
 impl WorkerInbound {
-    /// Decodes a worker frame's bytes.
+    /// Decodes a worker frame's bytes. A `worker-result` (the hot path) is parsed straight
+    /// into its type; other frames go through the tagged enum, which buffers the frame.
     pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        if crate::protocol::sniff_role(bytes) == Some(b"worker-result") {
+            return serde_json::from_slice(bytes).map(WorkerInbound::Result);
+        }
         serde_json::from_slice(bytes)
     }
 }
@@ -132,42 +137,43 @@ impl RegisteredFrame {
     }
 }
 
-/// `worker-call`: run `fun` (exactly this identity) with these arguments.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CallFrame {
+/// `worker-call`: run `fun` (exactly this identity) with these arguments. Encoded from
+/// borrowed parts: the call's arguments are not copied.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallFrame<'a> {
     /// Always `worker-call`.
-    pub role: String,
+    pub role: &'static str,
     /// Unique on this connection; the `worker-result` carries it back.
-    pub id: String,
+    pub id: &'a str,
     /// Function name.
-    pub fun: String,
+    pub fun: &'a str,
     /// Function id.
-    pub function_id: String,
+    pub function_id: &'a str,
     /// Version.
-    pub version: String,
+    pub version: Version,
     /// Positional arguments.
-    pub args: Vec<Value>,
+    pub args: &'a [Value],
     /// Keyword arguments.
-    pub kwargs: Map<String, Value>,
+    pub kwargs: &'a Map<String, Value>,
     /// Milliseconds until the caller stops waiting: the worker may stop then.
     pub timeout_ms: u64,
 }
 
-impl CallFrame {
+impl<'a> CallFrame<'a> {
     /// The call frame for `identity`.
     pub fn new(
-        id: String,
-        identity: &FunctionIdentity,
-        args: Vec<Value>,
-        kwargs: Map<String, Value>,
+        id: &'a str,
+        identity: &'a FunctionIdentity,
+        args: &'a [Value],
+        kwargs: &'a Map<String, Value>,
         timeout_ms: u64,
     ) -> Self {
         CallFrame {
-            role: "worker-call".to_owned(),
+            role: "worker-call",
             id,
-            fun: identity.name.clone(),
-            function_id: identity.function_id.clone(),
-            version: identity.version.to_string(),
+            fun: &identity.name,
+            function_id: &identity.function_id,
+            version: identity.version,
             args,
             kwargs,
             timeout_ms,

@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Container federation test (run by CI after cluster.sh): two clusters from the runtime
+# image, each on its own docker network, bridged by one node attached to both:
+#
+#   network A:  a1        cluster-a, no functions, no bridge; the client calls through it
+#               a-bridge  cluster-a, no functions; bridges to b1 (also on network B)
+#   network B:  b1        cluster-b, the demo functions (add, ...), exports add; accepts a-bridge's bridge
+#
+# Each cluster has its own authority, node credentials (docker/make-credentials.sh) and
+# route key (`mpreg keys rotate`), made here, now; each side pins the other's authority
+# in `[mpreg.federation.trust]`. From the host, through a1: `add` with --target-cluster
+# cluster-b runs on b1 (only b1 serves add; without --target-cluster it is 1001: a
+# command never leaves its cluster); a partition of the bridge (`docker network
+# disconnect` of a-bridge from network B) makes the call fail fast with 1005 and
+# a-bridge's /routes withdraw the route to cluster-b; heal (`docker network connect`) and
+# the route and the call are back. Needs docker, cargo, curl, jq and root (for the base
+# image's debootstrap, only the first time). Prints one `ok - ` / `not ok - ` line per
+# check; on failure dumps every container's logs and exits non-zero. Containers and
+# networks are always removed.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+
+IMAGE="mpreg-node:test"
+RUN_ID="$$-${RANDOM}"             # unique, so parallel runs and leftovers never collide
+NET_A="mpreg-fed-a-$RUN_ID"       # cluster-a's network
+NET_B="mpreg-fed-b-$RUN_ID"       # cluster-b's network
+BIN="$ROOT/target/release/mpreg"  # the host copy of the binary that went into the image
+START_SECS=60                     # bound for start-up polls (node listening, route learned)
+DETECT_SECS=15                    # bound for noticing the partitioned bridge
+HEAL_SECS=40                      # bound for the bridge to be redialled after the heal
+FAST_MS=5000                      # a call that cannot be served must fail within this
+CALL_SECS=30                      # hard bound on every client call (a hang fails, not blocks)
+CREATED=()                        # containers to remove (and whose logs to dump)
+NETS_CREATED=()                   # networks to remove (two: lib.sh's NET is one)
+NET_CREATED=0                     # so remove_containers leaves the networks to cleanup
+WORK="$(mktemp -d /tmp/mpreg-federation.XXXXXX)"
+
+SUITE="container federation test"
+# shellcheck source=tests/container/lib.sh
+. "$ROOT/tests/container/lib.sh"
+
+cname() { echo "mpreg-fed-$RUN_ID-$1"; }   # container name of node $1
+
+cleanup() {   # the EXIT trap: containers and WORK (lib.sh), then both networks
+    local net
+    remove_containers
+    for net in "${NETS_CREATED[@]}"; do docker network rm "$net" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+dump_logs() { container_logs_all; }
+
+# routes_to PORT CLUSTER: the path a node's /routes selects to CLUSTER ("a>b"), "none"
+# when it has no route, "no-answer" when /routes does not answer.
+routes_to() {
+    local json
+    json="$(curl -fsS --max-time 3 "http://127.0.0.1:$1/routes" 2>/dev/null)" || { echo no-answer; return; }
+    jq -r --arg c "$2" '[.routes[]? | select(.destination == $c and .selected != null)]
+        | if length == 0 then "none" else .[0].selected | join(">") end' <<<"$json" 2>/dev/null || echo bad-json
+}
+route_is() { [ "$(routes_to "$1" "$2")" = "$3" ]; }   # PORT CLUSTER PATH
+
+# adds_in_b URL: add [20,22] with --target-cluster cluster-b answers 42 (for polling).
+adds_in_b() { client "$1" call add '[20,22]' --target-cluster cluster-b && [ "$OUT" = 42 ]; }
+# unreachable URL: the same call fails with 1005 (for polling).
+unreachable() { client "$1" call add '[1,1]' --target-cluster cluster-b; [ "$RC" != 0 ] && grep -q 'error: 1005' <<<"$ERR"; }
+
+# ---- build and credentials -------------------------------------------------------------
+command -v curl >/dev/null && command -v jq >/dev/null || fatal "curl and jq present on the host"
+build_image "$IMAGE"
+make_credentials "$WORK/a" cluster-a a1 a-bridge
+make_credentials "$WORK/b" cluster-b b1
+# A cluster's route key: made in its authority's directory, copied beside the node
+# credentials (the nodes never see the authority's secret).
+for cl in a b; do
+    step "route key of cluster-$cl" "$BIN" keys rotate "$WORK/$cl/authority" --cluster-id "cluster-$cl"
+    cp "$WORK/$cl/authority/route.key" "$WORK/$cl/nodes/route.key"
+    [ "$(id -u)" != 0 ] || chown 10001:10001 "$WORK/$cl/nodes/route.key"
+done
+A_PUB="$(cat "$WORK/a/authority/cluster.pub")"
+B_PUB="$(cat "$WORK/b/authority/cluster.pub")"
+
+# settings NODE CLUSTER PEERS FUNCTIONS [FEDERATION...]: $WORK/conf/NODE.toml, mounted
+# read-only at /run/mpreg-conf. Timing as config/cluster-node-*.toml; announcements every
+# 0.5 s valid 3 s, so a silent bridge is closed within about 3 s.
+mkdir -p "$WORK/conf"
+settings() {
+    local node="$1" cluster="$2" peers="$3" functions="$4"; shift 4
+    {
+        cat <<TOML
+[mpreg]
+name = "$node"
+cluster_id = "$cluster"
+host = "0.0.0.0"
+port = 9000
+monitoring_port = 9100
+data_dir = "/data"
+functions = $functions
+peers = $peers
+advertise_url = "ws://$node:9000"
+gossip_interval_s = 0.25
+suspect_after_s = 2.0
+remove_after_s = 6.0
+credentials = "/run/mpreg-keys/$node.cred"
+TOML
+        printf '%s\n' "$@"
+    } >"$WORK/conf/$node.toml"
+    chmod 0644 "$WORK/conf/$node.toml"
+}
+settings a1 cluster-a '[]' '[]'
+settings a-bridge cluster-a '["ws://a1:9000"]' '[]' \
+    '[mpreg.federation]' 'peers = ["ws://b1:9000"]' 'allowed_clusters = ["cluster-b"]' \
+    'route_key_dir = "/run/mpreg-keys"' 'announce_interval_s = 0.5' 'route_ttl_s = 3.0' \
+    '[mpreg.federation.trust]' "cluster-b = \"$B_PUB\""
+settings b1 cluster-b '[]' '["demo"]' \
+    '[mpreg.federation]' 'allowed_clusters = ["cluster-a"]' \
+    'route_key_dir = "/run/mpreg-keys"' 'announce_interval_s = 0.5' 'route_ttl_s = 3.0' \
+    '[mpreg.federation.exports]' 'functions = ["add"]' \
+    '[mpreg.federation.trust]' "cluster-a = \"$A_PUB\""
+
+# ---- start -----------------------------------------------------------------------------
+for net in "$NET_A" "$NET_B"; do
+    if docker network create "$net" >/dev/null; then NETS_CREATED+=("$net"); ok "network $net created"
+    else fatal "network $net created"; fi
+done
+
+# start_node NODE CLUSTER_DIR NETWORK: NODE's settings, its cluster's keys, ports published.
+start_node() {
+    local node="$1" keys="$2" net="$3" c
+    c="$(cname "$node")"
+    CREATED+=("$c")   # before `docker run`: a run that fails after creating it still leaves one
+    if docker run -d --name "$c" --hostname "$node" --network "$net" --network-alias "$node" \
+        -p 127.0.0.1::9000 -p 127.0.0.1::9100 \
+        -v "$WORK/$keys/nodes:/run/mpreg-keys:ro" -v "$WORK/conf:/run/mpreg-conf:ro" \
+        "$IMAGE" server start-config "/run/mpreg-conf/$node.toml" >/dev/null; then
+        ok "container $c started ($node on $net)"
+    else
+        fatal "container $c started ($node)"
+    fi
+}
+start_node b1 b "$NET_B"
+start_node a1 a "$NET_A"
+start_node a-bridge a "$NET_A"
+# The bridge node is on both networks; it dials b1 by its alias on network B.
+if docker network connect "$NET_B" "$(cname a-bridge)"; then ok "a-bridge attached to $NET_B too"
+else fatal "a-bridge attached to $NET_B too"; fi
+
+A1_URL="ws://127.0.0.1:$(container_host_port "$(cname a1)" 9000)"
+BRIDGE_MON="$(container_host_port "$(cname a-bridge)" 9100)"
+B1_MON="$(container_host_port "$(cname b1)" 9100)"
+
+for node in b1 a1 a-bridge; do
+    c="$(cname "$node")"
+    deadline=$((SECONDS + START_SECS))
+    until grep -q 'MPREG_URL=' <<<"$(container_logs "$c")"; do
+        container_running "$c" || fatal "$node printed MPREG_URL= (container exited early)"
+        [ "$SECONDS" -lt "$deadline" ] || fatal "$node printed MPREG_URL= within ${START_SECS}s"
+        sleep 0.5
+    done
+    ok "$node listening"
+done
+
+# ---- the bridge and the route ----------------------------------------------------------
+if wait_for "$START_SECS" route_is "$BRIDGE_MON" cluster-b "cluster-a>cluster-b"; then
+    ok "a-bridge /routes: cluster-b selected via cluster-a>cluster-b ($(secs "$WAITED_MS"))"
+else
+    fatal "a-bridge /routes: cluster-b selected within ${START_SECS}s (got: $(routes_to "$BRIDGE_MON" cluster-b))"
+fi
+if wait_for "$START_SECS" route_is "$B1_MON" cluster-a "cluster-b>cluster-a"; then
+    ok "b1 /routes: cluster-a selected via cluster-b>cluster-a"
+else
+    not_ok "b1 /routes: cluster-a selected within ${START_SECS}s (got: $(routes_to "$B1_MON" cluster-a))"
+fi
+# a1 has no bridge: it learns from a-bridge's catalog entry that a-bridge reaches cluster-b.
+if wait_for "$START_SECS" adds_in_b "$A1_URL"; then
+    ok "add [20,22] --target-cluster cluster-b via a1 answers 42: ran on b1 across the bridge ($(secs "$WAITED_MS"))"
+else
+    fatal "add [20,22] --target-cluster cluster-b via a1 answers 42 within ${START_SECS}s" \
+        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"
+fi
+expect_result "add [2,3] --target-cluster cluster-b via a1 answers 5" '^5$' \
+    "$A1_URL" call add '[2,3]' --target-cluster cluster-b
+# Cluster A serves no add: without target_cluster the command stays in cluster-a.
+expect_fast_error_code "add [2,3] via a1 without --target-cluster (never leaves cluster-a)" 1001 \
+    "$A1_URL" call add '[2,3]'
+
+# ---- partition of the bridge -----------------------------------------------------------
+if docker network disconnect "$NET_B" "$(cname a-bridge)"; then ok "a-bridge disconnected from $NET_B"
+else fatal "a-bridge disconnected from $NET_B"; fi
+if wait_for "$DETECT_SECS" route_is "$BRIDGE_MON" cluster-b none; then
+    ok "a-bridge /routes: the route to cluster-b withdrawn $(secs "$WAITED_MS") after the partition"
+else
+    not_ok "a-bridge /routes: the route to cluster-b withdrawn within ${DETECT_SECS}s (got: $(routes_to "$BRIDGE_MON" cluster-b))"
+fi
+# Nothing was reset: a-bridge closes the bridge because it went silent (then redials it).
+bridge_closed() { grep -q 'federation bridge silent; closing' <<<"$(container_logs "$(cname a-bridge)")"; }
+if wait_for "$DETECT_SECS" bridge_closed; then
+    ok "a-bridge closed the silent bridge to b1 ($(secs "$WAITED_MS") after the withdrawal)"
+else
+    not_ok "a-bridge logs 'federation bridge silent; closing' within ${DETECT_SECS}s of the partition"
+fi
+if wait_for "$DETECT_SECS" unreachable "$A1_URL"; then
+    ok "a1: --target-cluster cluster-b fails with 1005 ($(secs "$WAITED_MS") after the bridge closed)"
+else
+    not_ok "a1: --target-cluster cluster-b fails with 1005 within ${DETECT_SECS}s" \
+        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"
+fi
+expect_fast_error_code "add --target-cluster cluster-b via a1 with the bridge partitioned" 1005 \
+    "$A1_URL" call add '[2,3]' --target-cluster cluster-b
+
+# ---- heal ------------------------------------------------------------------------------
+if docker network connect "$NET_B" "$(cname a-bridge)"; then ok "a-bridge reconnected to $NET_B"
+else fatal "a-bridge reconnected to $NET_B"; fi
+if wait_for "$HEAL_SECS" adds_in_b "$A1_URL"; then
+    ok "healed: add [20,22] --target-cluster cluster-b via a1 answers 42 again $(secs "$WAITED_MS") after the reconnect"
+else
+    not_ok "healed: add [20,22] --target-cluster cluster-b via a1 answers 42 within ${HEAL_SECS}s of the reconnect" \
+        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"); route: $(routes_to "$BRIDGE_MON" cluster-b))"
+fi
+path="$(routes_to "$BRIDGE_MON" cluster-b)"
+if [ "$path" = "cluster-a>cluster-b" ]; then ok "a-bridge /routes: cluster-b selected again via $path"
+else not_ok "a-bridge /routes: cluster-b selected again (got: $path)"; fi
+
+summary_and_exit
