@@ -34,14 +34,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use mpreg::config::FederationSettings;
 use mpreg::demo::{
-    example_settings, http_get_json, http_request, init_logging, metric_value, shutdown_all, wait_routable, wait_until,
-    CONVERGE_TIMEOUT,
+    example_settings, fabric_settings, http_get_json, http_request, in_cluster, init_logging, metric_value,
+    shutdown_all, wait_routable, wait_route, wait_until, CONVERGE_TIMEOUT,
 };
 use mpreg::{CacheOptions, Client, FunctionSpec, NodeBuilder, RpcCommand};
-use mpreg_actors::fabric::trust::{self, Authority};
-use mpreg_actors::federation::keys::rotate_in_dir;
+use mpreg_actors::fabric::trust::Authority;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -471,50 +469,22 @@ async fn get_text(url: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
-/// One cluster of the fabric demo: its authority and route key in `dir`, and the settings
-/// of its node `name` bridging to the clusters `neighbours` (pinned) and dialling `peers`.
-fn fabric_node(
-    dir: &std::path::Path,
-    (cluster, name): (&str, &str),
-    authorities: &std::collections::BTreeMap<&str, Authority>,
-    neighbours: &[&str],
-    peers: &[&str],
-) -> anyhow::Result<mpreg::Settings> {
-    let own = dir.join(cluster);
-    let now = trust::unix_seconds();
-    authorities[cluster].save(&own)?;
-    rotate_in_dir(&own, cluster, now, 3600)?;
-    let credentials = own.join(format!("{name}.cred"));
-    authorities[cluster].issue(name, cluster, now, 3600)?.save(&credentials)?;
-    let mut settings = example_settings(name, &[], true);
-    settings.cluster_id = cluster.to_owned();
-    settings.credentials = Some(credentials);
-    settings.federation = FederationSettings {
-        peers: peers.iter().map(|p| (*p).to_owned()).collect(),
-        allowed_clusters: neighbours.iter().map(|n| (*n).to_owned()).collect(),
-        trust: neighbours.iter().map(|n| ((*n).to_owned(), authorities[n].public_hex())).collect(),
-        route_key_dir: Some(own),
-        announce_interval_s: 1.0,
-        ..FederationSettings::default()
-    };
-    Ok(settings)
-}
-
 async fn demo_fabric() -> anyhow::Result<()> {
     println!("Tier 1: fabric — three clusters bridged by signed path-vector routes");
     let dir = tempfile::tempdir()?;
     let authorities: std::collections::BTreeMap<&str, Authority> =
         ["FED-A", "FED-B", "FED-C"].into_iter().map(|c| (c, Authority::generate())).collect();
-    let a = NodeBuilder::new(fabric_node(dir.path(), ("FED-A", "a1"), &authorities, &["FED-B"], &[])?)
+    let a = NodeBuilder::new(fabric_settings(dir.path(), ("FED-A", "a1"), &authorities, &["FED-B"], &[])?)
         .start()
         .await
         .context("starting a1")?;
-    let c = NodeBuilder::new(fabric_node(dir.path(), ("FED-C", "c1"), &authorities, &["FED-B"], &[])?)
+    let c = NodeBuilder::new(fabric_settings(dir.path(), ("FED-C", "c1"), &authorities, &["FED-B"], &[])?)
         .function(FunctionSpec::sync("add", |x: i64, y: i64| x + y).inline())
         .start()
         .await
         .context("starting c1")?;
-    let b_settings = fabric_node(dir.path(), ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
+    let b_settings =
+        fabric_settings(dir.path(), ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
     let b = NodeBuilder::new(b_settings).start().await.context("starting b1")?;
     println!("FED-A  a1  {}", a.url());
     println!("FED-B  b1  {}  bridges to a1 and c1", b.url());
@@ -522,13 +492,8 @@ async fn demo_fabric() -> anyhow::Result<()> {
     let nodes = [a, b, c];
     let result = async {
         let monitoring = nodes[0].monitoring_url().context("a1 serves its monitoring port")?.to_owned();
-        let explain_url = format!("{monitoring}/routes?destination=FED-C");
         let t = Instant::now();
-        let explained = wait_until("a route from FED-A to FED-C", CONVERGE_TIMEOUT, || {
-            let url = explain_url.clone();
-            async move { http_get_json(&url).await.ok().filter(|e| !e["selected"].is_null()) }
-        })
-        .await?;
+        let explained = wait_route(&monitoring, "FED-C").await?;
         println!("FED-A routes to FED-C after {} ms", t.elapsed().as_millis());
         ensure!(explained["selected"] == json!(["FED-A", "FED-B", "FED-C"]), "selected path: {explained}");
         let best = &explained["candidates"][0];
@@ -537,11 +502,7 @@ async fn demo_fabric() -> anyhow::Result<()> {
             best["next_hop"], best["score"], best["metrics"]["hop_count"]
         );
         let client = Client::connect(nodes[0].url()).await.context("connecting to a1")?;
-        let add = || {
-            let mut cmd = RpcCommand::new("sum", "add", vec![json!(20), json!(22)]);
-            cmd.target_cluster = Some("FED-C".into());
-            cmd
-        };
+        let add = || in_cluster("FED-C", RpcCommand::new("sum", "add", vec![json!(20), json!(22)]));
         let r = client.request(vec![add()]).await.context("add in FED-C")?;
         ensure!(r == json!({"sum": 42}), "expected {{\"sum\": 42}}, got {r}");
         println!("add(20, 22) with target_cluster FED-C, sent to a1: {r} (ran on c1, across two bridges)");

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mpreg_actors::fabric::swim::SwimConfig;
-use mpreg_actors::federation::policy::{ExportPolicies, ImportPolicies};
+use mpreg_actors::federation::policy::{ExportList, ExportPolicies, Exports, ImportPolicies};
 use serde::{Deserialize, Serialize};
 
 /// The longest duration a setting may give, in seconds (about 31 years).
@@ -236,6 +236,16 @@ pub struct FederationSettings {
     pub import: ImportPolicies,
     /// Export policies: `global` and per neighbour cluster.
     pub export: ExportPolicies,
+    /// What this cluster lets other clusters use (`exports.functions`: the functions a
+    /// call from another cluster may run); nothing unless listed.
+    pub exports: ExportList,
+}
+
+impl FederationSettings {
+    /// The export list compiled for matching, or why it is invalid.
+    pub fn compiled_exports(&self) -> Result<Exports, String> {
+        Exports::new(&self.exports)
+    }
 }
 
 impl Default for FederationSettings {
@@ -250,6 +260,7 @@ impl Default for FederationSettings {
             hop_budget: 8,
             import: ImportPolicies::default(),
             export: ExportPolicies::default(),
+            exports: ExportList::default(),
         }
     }
 }
@@ -536,6 +547,7 @@ impl Settings {
             if federation.allowed_clusters.contains(&self.cluster_id) {
                 return Err(invalid(format!("allowed_clusters names this node's own cluster {}", self.cluster_id)));
             }
+            federation.compiled_exports().map_err(invalid)?;
         } else if !federation.peers.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "federation",
@@ -635,6 +647,9 @@ mod tests {
         own.federation.allowed_clusters.push("a".into());
         own.federation.trust.insert("a".into(), "00".into());
         assert!(invalid(own).contains("own cluster"));
+        let mut bad_exports = settings.clone();
+        bad_exports.federation.exports.functions.push(String::new());
+        assert!(invalid(bad_exports).contains("exports.functions"));
         let mut peers_only = Settings::default();
         peers_only.federation.peers.push("ws://127.0.0.1:1".into());
         assert!(invalid(peers_only).contains("allowed_clusters is empty"));

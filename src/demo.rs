@@ -14,7 +14,9 @@
 //! Readiness is always observed (a call that succeeds, a topology that lists a node),
 //! never assumed after a fixed sleep; the pause between two probes is politeness only.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +26,12 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use mpreg_actors::fabric::trust::{self, Authority};
+use mpreg_actors::federation::keys::{rotate_in_dir, ROUTE_KEY_FILE};
+use mpreg_actors::federation::policy::ExportList;
+
 use crate::client::CallOptions;
+use crate::config::FederationSettings;
 use crate::{Client, ClientError, FunctionSpec, Node, NodeBuilder, RpcCommand, Settings};
 
 /// How long a demo waits for the cluster to converge before giving up.
@@ -189,6 +196,62 @@ pub async fn known_nodes(monitoring_url: &str) -> anyhow::Result<Vec<KnownNode>>
             KnownNode { name: text("node"), state: text("state"), linked: n["linked"] == true, url: text("url") }
         })
         .collect())
+}
+
+/// One cluster of a federation demo: its authority and first route key saved in
+/// `dir/CLUSTER`, a certificate for its node `name`, and that node's settings (monitoring
+/// on) bridging to the clusters `neighbours` (their authorities pinned), dialling `peers`,
+/// announcing every second and letting other clusters call `add`.
+pub fn fabric_settings(
+    dir: &Path,
+    (cluster, name): (&str, &str),
+    authorities: &BTreeMap<&str, Authority>,
+    neighbours: &[&str],
+    peers: &[&str],
+) -> anyhow::Result<Settings> {
+    let own = dir.join(cluster);
+    let now = trust::unix_seconds();
+    let authority = authorities.get(cluster).with_context(|| format!("no authority for {cluster}"))?;
+    authority.save(&own)?;
+    if !own.join(ROUTE_KEY_FILE).exists() {
+        rotate_in_dir(&own, cluster, now, 3600)?;
+    }
+    let credentials = own.join(format!("{name}.cred"));
+    authority.issue(name, cluster, now, 3600)?.save(&credentials)?;
+    let mut trust = BTreeMap::new();
+    for n in neighbours {
+        let pinned = authorities.get(n).with_context(|| format!("no authority for {n}"))?;
+        trust.insert((*n).to_owned(), pinned.public_hex());
+    }
+    let mut settings = example_settings(name, &[], true);
+    settings.cluster_id = cluster.to_owned();
+    settings.credentials = Some(credentials);
+    settings.federation = FederationSettings {
+        peers: peers.iter().map(|p| (*p).to_owned()).collect(),
+        allowed_clusters: neighbours.iter().map(|n| (*n).to_owned()).collect(),
+        trust,
+        route_key_dir: Some(own),
+        announce_interval_s: 1.0,
+        exports: ExportList { functions: vec!["add".into()], ..ExportList::default() },
+        ..FederationSettings::default()
+    };
+    Ok(settings)
+}
+
+/// `command` sent to run in cluster `cluster` (`target_cluster`).
+pub fn in_cluster(cluster: &str, command: RpcCommand) -> RpcCommand {
+    RpcCommand { target_cluster: Some(cluster.to_owned()), ..command }
+}
+
+/// Waits (at most [`CONVERGE_TIMEOUT`]) until the node whose monitoring port is
+/// `monitoring` selects a route to `destination`; its explanation
+/// (`/routes?destination=`).
+pub async fn wait_route(monitoring: &str, destination: &str) -> anyhow::Result<Value> {
+    let url = format!("{monitoring}/routes?destination={destination}");
+    wait_until(&format!("a route from {monitoring} to {destination}"), CONVERGE_TIMEOUT, || async {
+        http_get_json(&url).await.ok().filter(|e| !e["selected"].is_null())
+    })
+    .await
 }
 
 /// Stops the nodes, the last started first (joiners before the node they joined); each

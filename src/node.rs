@@ -155,6 +155,7 @@ fn load_bridges(
         announce_interval: Settings::seconds(federation.announce_interval_s),
         hop_budget: federation.hop_budget,
         route_key: Some((path, *credentials.authority())),
+        exports: federation.compiled_exports().map_err(fail)?,
     };
     Ok(Some(Arc::new(Bridges::new(config, metrics))))
 }
@@ -540,12 +541,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// Applies the federation policies of `settings` (SIGHUP); `false` when this node has
-    /// no bridges.
-    pub fn reload_federation_policies(&self, settings: &Settings) -> bool {
-        let Some(bridges) = &self.fabric.bridges else { return false };
-        bridges.set_policies(settings.federation.import.clone(), settings.federation.export.clone());
-        true
+    /// Applies the federation policies and export list of `settings` (SIGHUP); `false`
+    /// when this node has no bridges, an error (nothing changed) when the export list is
+    /// invalid.
+    pub fn reload_federation_policies(&self, settings: &Settings) -> Result<bool, String> {
+        let Some(bridges) = &self.fabric.bridges else { return Ok(false) };
+        let federation = &settings.federation;
+        bridges.set_policies(federation.import.clone(), federation.export.clone(), federation.compiled_exports()?);
+        Ok(true)
     }
 
     /// The node's name.

@@ -4,7 +4,7 @@
 //! clusters it allows.
 //!
 //! - a command from A with `target_cluster = C` runs on C (only C serves `add`), across
-//!   both bridges; from a2, a node of A without bridges, through a1 (its catalog says it
+//!   both bridges; one of a function C serves but does not export is refused (1001); from a2, a node of A without bridges, through a1 (its catalog says it
 //!   reaches C);
 //! - C rotates its route key live: B learns the new key without a restart;
 //! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
@@ -12,6 +12,9 @@
 //! - a reloaded import policy (SIGHUP) hides C from A at once;
 //! - a node of cluster D, which A neither allows nor pins, is refused (`peer refused`,
 //!   counted) and routes nowhere.
+//!
+//! A ring of four clusters A–B–C–D converges with every selected path loop-free, a call
+//! from A reaches the far cluster C, and cutting A–B reroutes A the other way round.
 //!
 //! Run: `cargo test --test federation_processes`.
 
@@ -48,17 +51,19 @@ impl Cluster {
     }
 }
 
-/// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`.
-fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str]) -> TempFile {
+/// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`,
+/// letting other clusters call the functions `exports`.
+fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str], exports: &[&str]) -> TempFile {
     let allowed_ids: Vec<&str> = allowed.iter().map(|c| c.id.as_str()).collect();
     let trust: Vec<String> =
         allowed.iter().map(|c| format!("{} = \"{}\"", c.id, c.keys.authority.public_hex())).collect();
     let text = format!(
         "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\nannounce_interval_s = 1.0\n\
-         [mpreg.federation.trust]\n{}\n",
+         [mpreg.federation.exports]\nfunctions = {}\n[mpreg.federation.trust]\n{}\n",
         json!(allowed_ids),
         json!(peers),
         json!(me.keys.dir.display().to_string()),
+        json!(exports),
         trust.join("\n"),
     );
     TempFile::new(&format!("federation-{}", me.id), &text)
@@ -123,12 +128,13 @@ fn selected(routes: &Value, destination: &str) -> Option<Vec<String>> {
 #[actix_rt::test]
 async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let (a, b, c, d) = (Cluster::new("fed-a"), Cluster::new("fed-b"), Cluster::new("fed-c"), Cluster::new("fed-d"));
-    let a_settings = federation_settings(&a, &[&b], &[]);
-    let c_settings = federation_settings(&c, &[&b], &[]);
+    let a_settings = federation_settings(&a, &[&b], &[], &[]);
+    // C lets other clusters call add, not multiply (both in its demo pack).
+    let c_settings = federation_settings(&c, &[&b], &[], &["add"]);
     let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
     let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
     let proxy = Proxy::to(&node_c.url).await;
-    let b_settings = federation_settings(&b, &[&a, &c], &[&node_a.url, &proxy.url]);
+    let b_settings = federation_settings(&b, &[&a, &c], &[&node_a.url, &proxy.url], &[]);
     let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
 
     // A learns C through B.
@@ -144,6 +150,15 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     // A has no add of its own, and a command without target_cluster stays in its cluster.
     let local = rpc_error(client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await);
     assert_eq!(local.code, ErrorCode::NotFound.as_u16());
+    // C does not export multiply: refused on C's bridge node with 1001 naming the export
+    // list, though C serves it.
+    let multiply = RpcCommand {
+        target_cluster: Some("fed-c".into()),
+        ..RpcCommand::new("r", "multiply", vec![json!(2), json!(3)])
+    };
+    let not_exported = rpc_error(client.request(vec![multiply]).await);
+    assert_eq!(not_exported.code, ErrorCode::NotFound.as_u16(), "{not_exported:?}");
+    assert!(not_exported.details_text().contains("does not export multiply"), "{not_exported:?}");
 
     // A second node of A, without bridges of its own: a1 advertises that it reaches C,
     // so a2 sends its target_cluster commands through a1.
@@ -191,7 +206,7 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     .await;
 
     // D (not allowed nor pinned by A) dials A: refused, counted, and routes nowhere.
-    let d_settings = federation_settings(&d, &[&a], &[&node_a.url]);
+    let d_settings = federation_settings(&d, &[&a], &[&node_a.url], &[]);
     let node_d = start("d1", &d, Some(&d_settings), &[], &[]).await;
     poll_until_async("A refuses D's bridge", SOON, || async {
         metrics(&node_a).await.contains("reason=\"federation_refused\"").then_some(())
@@ -258,4 +273,69 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let hidden = rpc_error(client.request(vec![add_in("fed-c", 1, 1)]).await);
     assert_eq!(hidden.code, ErrorCode::Unreachable.as_u16());
     drop((client, from_d, via_a1, node_a2, node_b, node_d));
+}
+
+/// Every path selected in `routes` (by destination), each checked loop-free: it starts at
+/// `me`, ends at its destination, and names no cluster twice.
+fn loop_free_paths(routes: &Value, me: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut paths = std::collections::BTreeMap::new();
+    for route in routes["routes"].as_array().into_iter().flatten() {
+        let destination = route["destination"].as_str().unwrap_or_default().to_owned();
+        let Some(path) = selected(routes, &destination) else { continue };
+        let distinct: std::collections::BTreeSet<&String> = path.iter().collect();
+        assert_eq!(distinct.len(), path.len(), "{me}: a loop in {path:?}");
+        assert_eq!((path.first().map(String::as_str), path.last()), (Some(me), Some(&destination)), "{path:?}");
+        paths.insert(destination, path);
+    }
+    paths
+}
+
+#[actix_rt::test]
+async fn a_ring_of_four_clusters_converges_without_loops_and_reroutes_around_a_cut() {
+    // A–B–C–D–A, one node each; A dials B through a proxy the test cuts, and D; B dials C;
+    // C dials D. Only C serves (and exports) add.
+    let [a, b, c, d] = ["ring-a", "ring-b", "ring-c", "ring-d"].map(Cluster::new);
+    let d_settings = federation_settings(&d, &[&c, &a], &[], &[]);
+    let node_d = start("d1", &d, Some(&d_settings), &[], &[]).await;
+    let c_settings = federation_settings(&c, &[&b, &d], &[&node_d.url], &["add"]);
+    let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
+    let b_settings = federation_settings(&b, &[&a, &c], &[&node_c.url], &[]);
+    let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
+    let proxy = Proxy::to(&node_b.url).await;
+    let a_settings = federation_settings(&a, &[&b, &d], &[&proxy.url, &node_d.url], &[]);
+    let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
+    let ring = [(&node_a, "ring-a"), (&node_b, "ring-b"), (&node_c, "ring-c"), (&node_d, "ring-d")];
+
+    // Converged: every node routes to the three others on shortest paths (at most two
+    // hops; longer ones may be selected on the way), every path loop-free at every look;
+    // the far cluster C is two hops from A, through B (equal paths: the smaller next hop).
+    for (node, me) in ring {
+        poll_until_async(&format!("{me} routes to every other cluster on a shortest path"), SOON, || async {
+            let paths = loop_free_paths(&routes(node).await, me);
+            (paths.len() == 3 && paths.values().all(|p| p.len() <= 3)).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(selected(&routes(&node_a).await, "ring-c").unwrap(), ["ring-a", "ring-b", "ring-c"]);
+    let client = Client::connect(&node_a.url).await.expect("client connects to A");
+    let value = client.request(vec![add_in("ring-c", 2, 40)]).await.expect("A calls the far cluster");
+    assert_eq!(value["r"], 42);
+
+    // Cut A–B: A reroutes the other way round, to C through D and to B through D and C.
+    proxy.cut();
+    proxy.set_open(false);
+    poll_until_async("A reroutes around the cut", SOON, || async {
+        let routes = routes(&node_a).await;
+        let via_d = selected(&routes, "ring-c") == Some(vec!["ring-a".into(), "ring-d".into(), "ring-c".into()])
+            && selected(&routes, "ring-b")
+                == Some(vec!["ring-a".into(), "ring-d".into(), "ring-c".into(), "ring-b".into()]);
+        via_d.then(|| loop_free_paths(&routes, "ring-a"))
+    })
+    .await;
+    let value = client.request(vec![add_in("ring-c", 3, 4)]).await.expect("A calls C the other way round");
+    assert_eq!(value["r"], 7);
+    for (node, me) in ring {
+        loop_free_paths(&routes(node).await, me);
+    }
+    drop((client, node_a, node_b, node_c, node_d));
 }

@@ -6,7 +6,8 @@
 //! - `--clusters N`: N node processes, one cluster each (own authority, credentials and
 //!   route key), in a line: node i keeps a bridge to node i−1. Started one after the
 //!   other; `federation_converge` is the time from the last node's start until every node
-//!   routes to every other cluster (its `/routes`), then `rpc_local` (echo on node 0) and
+//!   routes to every other cluster (its `/routes`), then `rpc_local` (echo on node 0),
+//!   `rpc_cross_1bridge` (echo with `target_cluster` = cluster 1, across one bridge) and
 //!   `rpc_cross_2bridges` (echo with `target_cluster` = cluster 2, across two bridges)
 //!   are measured one call at a time on node 0.
 
@@ -132,7 +133,8 @@ fn prepare(dir: &Path, i: usize, authorities: &[Authority], peer: Option<&str>) 
     let pins: Vec<String> =
         neighbours.iter().map(|&j| format!("{} = \"{}\"", cluster_name(j), authorities[j].public_hex())).collect();
     let text = format!(
-        "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\n[mpreg.federation.trust]\n{}\n",
+        "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\n\
+         [mpreg.federation.exports]\nfunctions = [\"echo\"]\n[mpreg.federation.trust]\n{}\n",
         json!(allowed),
         json!(peer.into_iter().collect::<Vec<_>>()),
         json!(own.display().to_string()),
@@ -227,12 +229,18 @@ async fn processes(n: usize, calls: usize) -> anyhow::Result<Vec<Value>> {
     let client = Client::connect(&nodes[0].url).await?;
     let echo = RpcCommand::new("r", "echo", vec![json!("x")]);
     let local = p50_us(&client, &echo, calls).await?;
+    // One bridge as well as two: their difference is what one more cluster on the way
+    // costs (two link crossings and the forwarding), the one-bridge call's excess over
+    // the local call that plus the destination's side.
+    let one = RpcCommand { target_cluster: Some(cluster_name(1)), ..echo.clone() };
+    let one_bridge = p50_us(&client, &one, calls).await?;
     let cross = RpcCommand { target_cluster: Some(cluster_name(2)), ..echo };
     let remote = p50_us(&client, &cross, calls).await?;
     client.close().await;
     Ok(vec![
         json!({"name": "federation_converge", "clusters": n, "seconds": converge}),
         json!({"name": "rpc_local", "calls": calls, "p50_us": local}),
+        json!({"name": "rpc_cross_1bridge", "calls": calls, "p50_us": one_bridge}),
         json!({"name": "rpc_cross_2bridges", "calls": calls, "p50_us": remote,
                "ratio_to_local": f64::from(remote) / f64::from(local.max(1))}),
     ])

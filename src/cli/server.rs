@@ -92,11 +92,9 @@ fn data_dir_exit_code(e: &NodeError) -> Option<i32> {
 /// parses changes nothing.
 fn reload(node: &Node, file: Option<&Path>) {
     let Some(file) = file else { return warn!("SIGHUP: no settings file to reload") };
-    match Settings::from_toml_file(file) {
-        Ok(settings) if node.reload_federation_policies(&settings) => {
-            info!(file = %file.display(), "SIGHUP: federation policies reloaded")
-        }
-        Ok(_) => warn!("SIGHUP: this node has no federation bridges; nothing to reload"),
+    match Settings::from_toml_file(file).map_err(|e| e.to_string()).and_then(|s| node.reload_federation_policies(&s)) {
+        Ok(true) => info!(file = %file.display(), "SIGHUP: federation policies reloaded"),
+        Ok(false) => warn!("SIGHUP: this node has no federation bridges; nothing to reload"),
         Err(e) => warn!(cause = %e, "SIGHUP: settings not reloaded"),
     }
 }

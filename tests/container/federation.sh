@@ -4,7 +4,7 @@
 #
 #   network A:  a1        cluster-a, no functions, no bridge; the client calls through it
 #               a-bridge  cluster-a, no functions; bridges to b1 (also on network B)
-#   network B:  b1        cluster-b, the demo functions (add, ...); accepts a-bridge's bridge
+#   network B:  b1        cluster-b, the demo functions (add, ...), exports add; accepts a-bridge's bridge
 #
 # Each cluster has its own authority, node credentials (docker/make-credentials.sh) and
 # route key (`mpreg keys rotate`), made here, now; each side pins the other's authority
@@ -116,6 +116,7 @@ settings a-bridge cluster-a '["ws://a1:9000"]' '[]' \
 settings b1 cluster-b '[]' '["demo"]' \
     '[mpreg.federation]' 'allowed_clusters = ["cluster-a"]' \
     'route_key_dir = "/run/mpreg-keys"' 'announce_interval_s = 0.5' 'route_ttl_s = 3.0' \
+    '[mpreg.federation.exports]' 'functions = ["add"]' \
     '[mpreg.federation.trust]' "cluster-a = \"$A_PUB\""
 
 # ---- start -----------------------------------------------------------------------------

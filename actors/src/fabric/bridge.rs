@@ -37,13 +37,14 @@ use super::link::{frame, FabricShared, LinkId, LinkSender};
 use super::wire::{NodeId, PeerFrame};
 use crate::federation::core::{FederationConfig, FederationCore, FederationSnapshot};
 use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
-use crate::federation::policy::{ExportPolicies, ImportPolicies};
+use crate::federation::policy::{ExportPolicies, Exports, ImportPolicies};
 use crate::federation::table::Explanation;
 use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
-use crate::metrics::Metrics;
+use crate::metrics::{InFlight, Metrics};
 use crate::planner::{execute, NoObserver, Plan, ReportOptions};
 use crate::protocol::{RpcCommand, RpcError, RpcRequest};
+use crate::pubsub::OutFrame;
 use crate::routing::Routing;
 
 /// `role: "federation"` — what crosses a bridge.
@@ -117,6 +118,9 @@ pub struct BridgeConfig {
     /// The route key file and this cluster's authority: the file is read again when it
     /// changes (`mpreg keys rotate`), so a rotation takes effect without a restart.
     pub route_key: Option<(PathBuf, VerifyingKey)>,
+    /// What of this cluster other clusters may use (functions a call arriving over a
+    /// bridge may run).
+    pub exports: Exports,
 }
 
 /// An open bridge.
@@ -133,12 +137,44 @@ struct State {
     last_announce: Instant,
     /// The route key file's modification time when last read.
     route_key_modified: Option<std::time::SystemTime>,
+    /// The export list (reloaded with the policies).
+    exports: Exports,
 }
 
 /// A call sent over a bridge, waiting for its reply.
 struct Waiting {
     via: LinkId,
-    reply: oneshot::Sender<Result<Value, RpcError>>,
+    waiter: Waiter,
+}
+
+/// Who gets a call's reply.
+enum Waiter {
+    /// A task of this node (its own request's command).
+    Task(oneshot::Sender<Result<Value, RpcError>>),
+    /// A call relayed for another cluster: the reply goes back on `back` under the
+    /// caller's `id` as soon as it comes, with no task waiting; the permit holds the call's
+    /// place in max_in_flight until then.
+    Relay { back: LinkSender, id: String, _permit: InFlight },
+}
+
+impl Waiter {
+    fn answer(self, result: Result<Value, RpcError>) {
+        match self {
+            Waiter::Task(reply) => {
+                let _ = reply.send(result);
+            }
+            Waiter::Relay { back, id, .. } => {
+                let (value, error) = match result {
+                    Ok(value) => (Some(value), None),
+                    Err(error) => (None, Some(error)),
+                };
+                let reply = FederationFrame::Reply { id, value, error };
+                if back.try_send(frame(&PeerFrame::Federation(reply))).is_err() {
+                    debug!("federation reply not relayed: the bridge back closed or is full");
+                }
+            }
+        }
+    }
 }
 
 /// This node's bridges and federation state, shared by the fabric actor (handshakes,
@@ -193,6 +229,7 @@ impl Bridges {
                 bridges: BTreeMap::new(),
                 last_announce: Instant::now(),
                 route_key_modified,
+                exports: config.exports,
             }),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -240,19 +277,25 @@ impl Bridges {
         for w in lost {
             let reason =
                 format!("the bridge to {} ({}) closed before the call was answered", bridge.node, bridge.cluster);
-            let _ = w.reply.send(Err(RpcError::unreachable(reason)));
+            w.waiter.answer(Err(RpcError::unreachable(reason)));
         }
     }
 
-    /// New import and export policies (a reload): export applies from the announcement
-    /// sent now, import to the updates received from now on (routes already held stay
-    /// until refreshed or withdrawn).
-    pub fn set_policies(&self, import: ImportPolicies, export: ExportPolicies) {
+    /// New import and export policies and export list (a reload): export applies from the
+    /// announcement sent now, import to the updates received from now on (routes already
+    /// held stay until refreshed or withdrawn), the export list to the next call.
+    pub fn set_policies(&self, import: ImportPolicies, export: ExportPolicies, exports: Exports) {
         let Ok(mut state) = self.state.lock() else { return };
         state.core.set_policies(import, export);
+        state.exports = exports;
         // At once: withdrawals of what the import policies now refuse, and announcements
         // under the new export policies.
         Self::announce(&mut state);
+    }
+
+    /// May another cluster call the function `fun` of this cluster (the export list)?
+    pub fn exports_function(&self, fun: &str) -> bool {
+        self.state.lock().is_ok_and(|s| s.exports.shares_function(fun))
     }
 
     /// A bridge that carried nothing for this long (three announce intervals, at least a
@@ -348,14 +391,24 @@ impl Bridges {
             }
             FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
             FederationFrame::Call { id, destination, visited, hops_left, command, timeout_ms } => {
+                let refuse = |error: RpcError| {
+                    let reply = FederationFrame::Reply { id: id.clone(), value: None, error: Some(error) };
+                    let _ = bridge.sender.try_send(frame(&PeerFrame::Federation(reply)));
+                };
+                // Only what this cluster exports runs for another cluster.
+                if destination == self.local && !self.exports_function(&command.fun) {
+                    debug!(peer_cluster = %bridge.cluster, fun = %command.fun, "federation: call of a function not exported refused");
+                    return refuse(RpcError::not_exported(&self.local, &command.fun));
+                }
                 // Calls from other clusters count toward the node-wide in-flight limit.
                 let Some(permit) = fabric.metrics.admission().try_admit() else {
                     fabric.metrics.limit_exceeded("max_in_flight");
-                    let error = RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local));
-                    let reply = FederationFrame::Reply { id, value: None, error: Some(error) };
-                    let _ = bridge.sender.try_send(frame(&PeerFrame::Federation(reply)));
-                    return;
+                    return refuse(RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local)));
                 };
+                if destination != self.local {
+                    let back = Waiter::Relay { back: bridge.sender.clone(), id, _permit: permit };
+                    return self.relay(back, &destination, visited, hops_left, command, timeout_ms);
+                }
                 let (bridges, fabric) = (self.clone(), fabric.clone());
                 // On this thread: a plan's futures are not Send (link readers run on
                 // actix arbiters, which are local task sets).
@@ -363,11 +416,7 @@ impl Bridges {
                     let _permit = permit;
                     // A peer's number: an overflowing one means no deadline, never a panic.
                     let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
-                    let result = if destination == bridges.local {
-                        run_here(&fabric, &bridges.local, *command, deadline).await
-                    } else {
-                        bridges.call(&destination, visited, hops_left, *command, deadline).await
-                    };
+                    let result = run_here(&fabric, &bridges.local, *command, deadline).await;
                     let (value, error) = match result {
                         Ok(value) => (Some(value), None),
                         Err(error) => (None, Some(error)),
@@ -384,12 +433,8 @@ impl Bridges {
                     _ => None,
                 });
                 match (waiter, error) {
-                    (Some(w), Some(error)) => {
-                        let _ = w.reply.send(Err(error));
-                    }
-                    (Some(w), None) => {
-                        let _ = w.reply.send(Ok(value.unwrap_or(Value::Null)));
-                    }
+                    (Some(w), Some(error)) => w.waiter.answer(Err(error)),
+                    (Some(w), None) => w.waiter.answer(Ok(value.unwrap_or(Value::Null))),
                     (None, _) => self.metrics.fabric_dropped("stray_reply"),
                 }
             }
@@ -460,41 +505,76 @@ impl Bridges {
         command: RpcCommand,
         deadline: Option<Instant>,
     ) -> Result<Value, RpcError> {
-        self.call(destination, Vec::new(), self.hop_budget, command, deadline).await
-    }
-
-    async fn call(
-        &self,
-        destination: &str,
-        mut visited: Vec<ClusterId>,
-        hops: u32,
-        command: RpcCommand,
-        deadline: Option<Instant>,
-    ) -> Result<Value, RpcError> {
-        let (link, bridge) = self.next_bridge(destination, &visited, hops).map_err(RpcError::unreachable)?;
-        visited.push(self.local.clone());
-        let id =
-            format!("{}:{}:{:016x}", self.local, self.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u64>());
         let timeout_ms = deadline.map(|d| super::link::millis_left(d, Instant::now()));
-        let message = FederationFrame::Call {
-            id: id.clone(),
-            destination: destination.to_owned(),
-            visited,
-            hops_left: hops.saturating_sub(1),
-            command: Box::new(command),
-            timeout_ms,
-        };
+        let (link, bridge, id, message) = self
+            .call_frame(destination, Vec::new(), self.hop_budget, Box::new(command), timeout_ms)
+            .map_err(RpcError::unreachable)?;
         let (reply, answer) = oneshot::channel();
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(id.clone(), Waiting { via: link, reply });
-        }
+        self.wait(&id, link, Waiter::Task(reply));
         let _cleanup = Forget { bridges: self, id: &id };
-        if bridge.sender.send(frame(&PeerFrame::Federation(message))).await.is_err() {
+        if bridge.sender.send(message).await.is_err() {
             return Err(RpcError::unreachable(format!("the bridge to {} ({}) closed", bridge.node, bridge.cluster)));
         }
         match answer.await {
             Ok(result) => result,
             Err(_) => Err(RpcError::unreachable(format!("the bridge to {} closed before answering", bridge.node))),
+        }
+    }
+
+    /// Sends a call for another cluster on toward `destination` from the link reader that
+    /// read it, with no task: its reply is relayed back by `back` when it comes (or a 1005
+    /// when there is no next hop, or the bridge to it closes or is full).
+    fn relay(
+        &self,
+        back: Waiter,
+        destination: &str,
+        visited: Vec<ClusterId>,
+        hops: u32,
+        command: Box<RpcCommand>,
+        timeout_ms: Option<u64>,
+    ) {
+        let (link, next, id, message) = match self.call_frame(destination, visited, hops, command, timeout_ms) {
+            Ok(call) => call,
+            Err(reason) => return back.answer(Err(RpcError::unreachable(reason))),
+        };
+        self.wait(&id, link, back);
+        if next.sender.try_send(message).is_err() {
+            let reason = format!("the bridge to {} ({}) closed or is full", next.node, next.cluster);
+            if let Some(w) = self.waiting.lock().ok().and_then(|mut w| w.remove(&id)) {
+                w.waiter.answer(Err(RpcError::unreachable(reason)));
+            }
+        }
+    }
+
+    /// The next bridge toward `destination` and a `call` frame for it under a new id (this
+    /// cluster added to `visited`, one hop fewer), or why there is none.
+    fn call_frame(
+        &self,
+        destination: &str,
+        mut visited: Vec<ClusterId>,
+        hops: u32,
+        command: Box<RpcCommand>,
+        timeout_ms: Option<u64>,
+    ) -> Result<(LinkId, Bridge, String, OutFrame), String> {
+        let (link, bridge) = self.next_bridge(destination, &visited, hops)?;
+        visited.push(self.local.clone());
+        let id =
+            format!("{}:{}:{:016x}", self.local, self.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u64>());
+        let message = FederationFrame::Call {
+            id: id.clone(),
+            destination: destination.to_owned(),
+            visited,
+            hops_left: hops.saturating_sub(1),
+            command,
+            timeout_ms,
+        };
+        Ok((link, bridge, id, frame(&PeerFrame::Federation(message))))
+    }
+
+    /// `waiter` gets the reply to the call `id` sent on `via`.
+    fn wait(&self, id: &str, via: LinkId, waiter: Waiter) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(id.to_owned(), Waiting { via, waiter });
         }
     }
 
@@ -609,6 +689,7 @@ mod tests {
             announce_interval: Duration::from_secs(5),
             hop_budget: 4,
             route_key: None,
+            exports: Exports::default(),
         };
         let bridges = Bridges::new(config.clone(), metrics.clone());
         let neighbour = |name: &str| {

@@ -148,6 +148,8 @@ pub struct Candidate {
     pub path: Vec<ClusterId>,
     /// Metrics from this cluster.
     pub metrics: RouteMetrics,
+    /// The epoch of the announcement it came from (Unix ms when the neighbour emitted it).
+    pub epoch: u64,
     /// Selection score (lower wins).
     pub score: f64,
     /// Tie-breakers in the order they apply.
@@ -370,6 +372,7 @@ impl RouteTable {
                 next_hop: r.next_hop.clone(),
                 path: self.full_path(r),
                 metrics: r.metrics,
+                epoch: r.epoch,
                 score: self.config.weights.score(&r.metrics),
                 tiebreakers: vec![
                     ("hop_count".into(), r.metrics.hop_count.into()),

@@ -71,6 +71,16 @@ impl RpcError {
         Self::with(ErrorCode::NotFound, "Command not found", format!("Command not found: {fun}"))
     }
 
+    /// 1001 for a function another cluster may not call: `fun` is not in `cluster`'s
+    /// federation export list.
+    pub fn not_exported(cluster: &str, fun: &str) -> Self {
+        Self::with(
+            ErrorCode::NotFound,
+            "Function not exported",
+            format!("cluster {cluster} does not export {fun} to other clusters (federation exports.functions)"),
+        )
+    }
+
     /// 1001 for a queue that does not exist.
     pub fn queue_not_found(queue: &str) -> Self {
         Self::with(ErrorCode::NotFound, "Queue not found", format!("unknown queue: {queue}"))
