@@ -16,15 +16,14 @@
 //!
 //! Exit code 0 when every check passed, 1 when one failed.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use mpreg::demo::{
-    fabric_settings, http_get_json, in_cluster, init_logging, shutdown_all, wait_route, wait_until, CONVERGE_TIMEOUT,
+    http_get_json, in_cluster, init_logging, shutdown_all, wait_route, wait_until, FabricLine, CONVERGE_TIMEOUT,
 };
-use mpreg::{Client, FunctionSpec, NodeBuilder, RpcCommand};
-use mpreg_actors::fabric::trust::{self, Authority};
+use mpreg::{Client, RpcCommand};
+use mpreg_actors::fabric::trust;
 use mpreg_actors::federation::keys::rotate_in_dir;
 use mpreg_actors::federation::policy::RoutePolicy;
 use serde_json::{json, Value};
@@ -53,18 +52,7 @@ async fn check_add(client: &Client, x: i64, y: i64) -> anyhow::Result<()> {
 async fn demo() -> anyhow::Result<()> {
     println!("Fabric route security: live route key rotation and neighbour policy filtering");
     let dir = tempfile::tempdir()?;
-    let authorities: BTreeMap<&str, Authority> =
-        ["FED-A", "FED-B", "FED-C"].into_iter().map(|c| (c, Authority::generate())).collect();
-    let a_settings = fabric_settings(dir.path(), ("FED-A", "a1"), &authorities, &["FED-B"], &[])?;
-    let a = NodeBuilder::new(a_settings.clone()).start().await.context("starting a1")?;
-    let c = NodeBuilder::new(fabric_settings(dir.path(), ("FED-C", "c1"), &authorities, &["FED-B"], &[])?)
-        .function(FunctionSpec::sync("add", |x: i64, y: i64| x + y).inline())
-        .start()
-        .await
-        .context("starting c1")?;
-    let b_settings =
-        fabric_settings(dir.path(), ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
-    let b = NodeBuilder::new(b_settings).start().await.context("starting b1")?;
+    let FabricLine { a, b, c, a_settings, .. } = FabricLine::start(dir.path(), None).await?;
     let nodes = [a, c, b];
     let result = async {
         let a_monitoring = nodes[0].monitoring_url().context("a1 serves its monitoring port")?.to_owned();

@@ -14,13 +14,11 @@
 //!
 //! Exit code 0 when every check passed, 1 when one failed.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
-use mpreg::demo::{fabric_settings, http_get_json, in_cluster, init_logging, shutdown_all, wait_route, wait_until};
-use mpreg::{Client, FunctionSpec, NodeBuilder, RpcCommand};
-use mpreg_actors::fabric::trust::Authority;
+use mpreg::demo::{http_get_json, in_cluster, init_logging, shutdown_all, wait_route, wait_until, FabricLine};
+use mpreg::{Client, NodeBuilder, RpcCommand};
 use mpreg_actors::federation::policy::RoutePolicy;
 use serde_json::json;
 
@@ -46,19 +44,8 @@ fn add(x: i64, y: i64) -> RpcCommand {
 async fn demo() -> anyhow::Result<()> {
     println!("Fabric snapshot restart: a bridge node routes across clusters from its snapshot");
     let dir = tempfile::tempdir()?;
-    let authorities: BTreeMap<&str, Authority> =
-        ["FED-A", "FED-B", "FED-C"].into_iter().map(|c| (c, Authority::generate())).collect();
-    let mut a_settings = fabric_settings(dir.path(), ("FED-A", "a1"), &authorities, &["FED-B"], &[])?;
-    a_settings.data_dir = Some(dir.path().join("a1-data"));
-    let a = NodeBuilder::new(a_settings.clone()).start().await.context("starting a1")?;
-    let c = NodeBuilder::new(fabric_settings(dir.path(), ("FED-C", "c1"), &authorities, &["FED-B"], &[])?)
-        .function(FunctionSpec::sync("add", |x: i64, y: i64| x + y).inline())
-        .start()
-        .await
-        .context("starting c1")?;
-    let b_settings =
-        fabric_settings(dir.path(), ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
-    let b = NodeBuilder::new(b_settings.clone()).start().await.context("starting b1")?;
+    let FabricLine { a, b, c, mut a_settings, b_settings } =
+        FabricLine::start(dir.path(), Some(dir.path().join("a1-data"))).await?;
     let nodes = [c, b];
     let result = async {
         let monitoring = a.monitoring_url().context("a1 serves its monitoring port")?.to_owned();

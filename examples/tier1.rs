@@ -35,11 +35,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use mpreg::demo::{
-    example_settings, fabric_settings, http_get_json, http_request, in_cluster, init_logging, metric_value,
-    shutdown_all, wait_routable, wait_route, wait_until, CONVERGE_TIMEOUT,
+    example_settings, http_get_json, http_request, in_cluster, init_logging, metric_value, shutdown_all, wait_routable,
+    wait_route, wait_until, FabricLine, CONVERGE_TIMEOUT,
 };
 use mpreg::{CacheOptions, Client, FunctionSpec, NodeBuilder, RpcCommand};
-use mpreg_actors::fabric::trust::Authority;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -472,20 +471,7 @@ async fn get_text(url: &str) -> anyhow::Result<String> {
 async fn demo_fabric() -> anyhow::Result<()> {
     println!("Tier 1: fabric — three clusters bridged by signed path-vector routes");
     let dir = tempfile::tempdir()?;
-    let authorities: std::collections::BTreeMap<&str, Authority> =
-        ["FED-A", "FED-B", "FED-C"].into_iter().map(|c| (c, Authority::generate())).collect();
-    let a = NodeBuilder::new(fabric_settings(dir.path(), ("FED-A", "a1"), &authorities, &["FED-B"], &[])?)
-        .start()
-        .await
-        .context("starting a1")?;
-    let c = NodeBuilder::new(fabric_settings(dir.path(), ("FED-C", "c1"), &authorities, &["FED-B"], &[])?)
-        .function(FunctionSpec::sync("add", |x: i64, y: i64| x + y).inline())
-        .start()
-        .await
-        .context("starting c1")?;
-    let b_settings =
-        fabric_settings(dir.path(), ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
-    let b = NodeBuilder::new(b_settings).start().await.context("starting b1")?;
+    let FabricLine { a, b, c, .. } = FabricLine::start(dir.path(), None).await?;
     println!("FED-A  a1  {}", a.url());
     println!("FED-B  b1  {}  bridges to a1 and c1", b.url());
     println!("FED-C  c1  {}  add", c.url());

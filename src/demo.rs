@@ -202,7 +202,7 @@ pub async fn known_nodes(monitoring_url: &str) -> anyhow::Result<Vec<KnownNode>>
 /// `dir/CLUSTER`, a certificate for its node `name`, and that node's settings (monitoring
 /// on) bridging to the clusters `neighbours` (their authorities pinned), dialling `peers`,
 /// announcing every second and letting other clusters call `add`.
-pub fn fabric_settings(
+fn fabric_settings(
     dir: &Path,
     (cluster, name): (&str, &str),
     authorities: &BTreeMap<&str, Authority>,
@@ -236,6 +236,41 @@ pub fn fabric_settings(
         ..FederationSettings::default()
     };
     Ok(settings)
+}
+
+/// Three clusters in a line, as the fabric demos run them: a1 (FED-A), b1 (FED-B,
+/// bridging to both) and c1 (FED-C, the only node serving `add`), with their keys and
+/// credentials in `dir`; a1 keeps its state in `a_data_dir` when one is given.
+pub struct FabricLine {
+    /// a1, of FED-A.
+    pub a: Node,
+    /// b1, of FED-B: dials a1 and c1.
+    pub b: Node,
+    /// c1, of FED-C: serves and exports `add`.
+    pub c: Node,
+    /// a1's settings (to reload or restart it with).
+    pub a_settings: Settings,
+    /// b1's settings.
+    pub b_settings: Settings,
+}
+
+impl FabricLine {
+    /// Starts a1, then c1, then b1 (which bridges them).
+    pub async fn start(dir: &Path, a_data_dir: Option<std::path::PathBuf>) -> anyhow::Result<FabricLine> {
+        let authorities: BTreeMap<&str, Authority> =
+            ["FED-A", "FED-B", "FED-C"].into_iter().map(|c| (c, Authority::generate())).collect();
+        let mut a_settings = fabric_settings(dir, ("FED-A", "a1"), &authorities, &["FED-B"], &[])?;
+        a_settings.data_dir = a_data_dir;
+        let a = NodeBuilder::new(a_settings.clone()).start().await.context("starting a1")?;
+        let c = NodeBuilder::new(fabric_settings(dir, ("FED-C", "c1"), &authorities, &["FED-B"], &[])?)
+            .function(FunctionSpec::sync("add", |x: i64, y: i64| x + y).inline())
+            .start()
+            .await
+            .context("starting c1")?;
+        let b_settings = fabric_settings(dir, ("FED-B", "b1"), &authorities, &["FED-A", "FED-C"], &[a.url(), c.url()])?;
+        let b = NodeBuilder::new(b_settings.clone()).start().await.context("starting b1")?;
+        Ok(FabricLine { a, b, c, a_settings, b_settings })
+    }
 }
 
 /// `command` sent to run in cluster `cluster` (`target_cluster`).
