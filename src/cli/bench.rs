@@ -1029,29 +1029,40 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Spawns this binary as a node, waits for it to listen and sit idle, returns its VmRSS
-/// in MiB.
-fn idle_rss_mb() -> anyhow::Result<f64> {
-    let exe = std::env::current_exe().context("locating the mpreg binary")?;
-    let child = Command::new(&exe)
-        .args(["server", "start", "--port", "0", "--monitoring-port", "0", "--functions", "demo"])
+/// Spawns a node process from `command` (stdin and stderr closed, stdout piped). A thread
+/// reads its stdout until it exits (closing the pipe early would make the node's next line
+/// fail and stop it) and sends what `pick` makes of each line to `lines`.
+pub(super) fn spawn_node<T: Send + 'static>(
+    command: &mut Command,
+    lines: std::sync::mpsc::Sender<T>,
+    pick: impl Fn(String) -> Option<T> + Send + 'static,
+) -> anyhow::Result<ChildGuard> {
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("spawning {}", exe.display()))?;
+        .with_context(|| format!("spawning {}", command.get_program().to_string_lossy()))?;
     let mut child = ChildGuard(child);
     let stdout = child.0.stdout.take().context("the node's stdout was not captured")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep reading until the node exits: closing the pipe early would make its next
-    // stdout line fail and stop it.
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("MPREG_URL=") {
-                drop(tx.send(line));
+            if let Some(picked) = pick(line) {
+                drop(lines.send(picked));
             }
         }
     });
+    Ok(child)
+}
+
+/// Spawns this binary as a node, waits for it to listen and sit idle, returns its VmRSS
+/// in MiB.
+fn idle_rss_mb() -> anyhow::Result<f64> {
+    let exe = std::env::current_exe().context("locating the mpreg binary")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut command = Command::new(&exe);
+    command.args(["server", "start", "--port", "0", "--monitoring-port", "0", "--functions", "demo"]);
+    let mut child = spawn_node(&mut command, tx, |line| line.starts_with("MPREG_URL=").then_some(line))?;
     match rx.recv_timeout(STARTUP_TIMEOUT) {
         Ok(_) => {}
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {

@@ -26,8 +26,8 @@
 //! Progress goes to stderr so that stdout holds only the table or the JSON object.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tokio::runtime::Handle;
 
-use super::bench::{round1, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
+use super::bench::{round1, spawn_node, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
 use super::bench_plot::{convergence_curve, write_cdf_svg};
 use crate::client::Client;
 use crate::config::Settings;
@@ -607,23 +607,8 @@ fn spawn(
     if let Some(peer) = peer {
         command.args(["--peer", peer]);
     }
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("spawning {}", exe.display()))?;
-    let mut child = ChildGuard(child);
-    let stdout = child.0.stdout.take().context("the node's stdout was not captured")?;
-    // Keep reading until the node exits: closing the pipe early would make its next
-    // stdout line fail and stop it.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("MPREG_URL=") {
-                drop(urls.send((i, url.to_owned())));
-            }
-        }
-    });
+    let child =
+        spawn_node(&mut command, urls, move |line| line.strip_prefix("MPREG_URL=").map(|url| (i, url.to_owned())))?;
     Ok(Process { name, url: String::new(), child })
 }
 

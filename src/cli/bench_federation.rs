@@ -11,9 +11,9 @@
 //!   `rpc_cross_2bridges` (echo with `target_cluster` = cluster 2, across two bridges)
 //!   are measured one call at a time on node 0.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -23,7 +23,7 @@ use mpreg_actors::federation::simulation::Simulation;
 use mpreg_actors::protocol::RpcCommand;
 use serde_json::{json, Value};
 
-use super::bench::{percentile, ChildGuard};
+use super::bench::{percentile, spawn_node, ChildGuard};
 use crate::client::Client;
 
 /// How long a node may take to print its URLs, and the line to converge.
@@ -147,27 +147,16 @@ fn prepare(dir: &Path, i: usize, authorities: &[Authority], peer: Option<&str>) 
 
 /// Starts node `i` and waits for its URLs.
 fn start(exe: &Path, i: usize, credentials: &Path, settings: &Path) -> anyhow::Result<LineNode> {
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["server", "start", "--port", "0", "--monitoring-port", "0", "--name", &format!("n{i}")])
         .args(["--cluster-id", &cluster_name(i), "--credentials"])
         .arg(credentials)
         .arg("--config")
         .arg(settings)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("spawning {}", exe.display()))?;
-    let mut child = ChildGuard(child);
-    let stdout = child.0.stdout.take().context("the node's stdout was not captured")?;
+        .env("RUST_LOG", "warn");
     let (tx, rx) = std::sync::mpsc::channel();
-    // Keep reading until the node exits: closing the pipe early would stop it.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            drop(tx.send(line));
-        }
-    });
+    let child = spawn_node(&mut command, tx, Some)?;
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     let mut monitoring = None;
     loop {
