@@ -6,6 +6,9 @@
 //! - a command from A with `target_cluster = C` runs on C (only C serves `add`), across
 //!   both bridges; one of a function C serves but does not export is refused (1001); from a2, a node of A without bridges, through a1 (its catalog says it
 //!   reaches C);
+//! - without `target_cluster`, `add` (nothing in A has it) runs in C, the nearest cluster
+//!   that exports it (B, nearer, exports nothing), from a1 and from a2; `multiply`, which
+//!   no cluster exports, is 1001;
 //! - C rotates its route key live: B learns the new key without a restart;
 //! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
 //! - heal (B redials): restored;
@@ -147,9 +150,13 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     // Only C serves add: the answer proves the command crossed both bridges and ran there.
     let value = client.request(vec![add_in("fed-c", 2, 3)]).await.expect("cross-cluster call");
     assert_eq!(value["r"], 5);
-    // A has no add of its own, and a command without target_cluster stays in its cluster.
-    let local = rpc_error(client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await);
-    assert_eq!(local.code, ErrorCode::NotFound.as_u16());
+    // A has no add of its own: a command without target_cluster is asked of the clusters
+    // A reaches, nearest first: B (exports nothing: 1001), then C, which exports add.
+    let elsewhere = client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await;
+    assert_eq!(elsewhere.expect("add found in C without target_cluster")["r"], 3);
+    // C serves multiply but does not export it, and nothing else has it: 1001.
+    let nowhere = rpc_error(client.request(vec![RpcCommand::new("r", "multiply", vec![json!(2), json!(3)])]).await);
+    assert_eq!(nowhere.code, ErrorCode::NotFound.as_u16(), "{nowhere:?}");
     // C does not export multiply: refused on C's bridge node with 1001 naming the export
     // list, though C serves it.
     let multiply = RpcCommand {
@@ -168,6 +175,9 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
         via_a1.request(vec![add_in("fed-c", 3, 4)]).await.ok().filter(|v| v["r"] == 7)
     })
     .await;
+    // And without target_cluster: a2 has no match in A, so it asks the clusters a1 reaches.
+    let value = via_a1.request(vec![RpcCommand::new("r", "add", vec![json!(4), json!(4)])]).await;
+    assert_eq!(value.expect("a2 finds add in C through a1")["r"], 8);
 
     // Rotate C's route key while it runs: C reads the file again, sends B the new chain
     // and signs with the new key; B trusts it without a restart, and calls keep working.

@@ -19,7 +19,8 @@
 //!
 //! A bridge carries federation frames only: it is never admitted as a member link, so no
 //! membership, gossip, catalog or routed message crosses it, and the clusters stay
-//! separate. Calls are the only way work crosses, and only with `target_cluster`.
+//! separate. Calls are the only way work crosses: with `target_cluster`, or without it for a
+//! function nothing in the caller's cluster serves (asked of the clusters it reaches).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -535,9 +536,23 @@ impl Bridges {
 
     /// The clusters this node routes to now (advertised in its catalog), sorted.
     pub fn reachable(&self) -> Vec<ClusterId> {
+        let mut clusters = self.nearest();
+        clusters.sort();
+        clusters
+    }
+
+    /// The clusters this node routes to now, nearest first (fewest clusters on the selected
+    /// path, then by name).
+    pub fn nearest(&self) -> Vec<ClusterId> {
         let Ok(state) = self.state.lock() else { return Vec::new() };
         let (table, now) = (state.core.table(), now_ms());
-        table.destinations().into_iter().filter(|d| table.select(d, &[], now).is_some()).cloned().collect()
+        let mut routed: Vec<(usize, ClusterId)> = table
+            .destinations()
+            .into_iter()
+            .filter_map(|d| table.select(d, &[], now).map(|r| (r.path.len(), d.clone())))
+            .collect();
+        routed.sort();
+        routed.into_iter().map(|(_, d)| d).collect()
     }
 
     /// Whether a call to `destination` has a route now (planning: 1005 at once if not).
@@ -728,7 +743,7 @@ async fn run_here(
         debug_mode: false,
         timeout: None,
     };
-    let routing = Routing::with_fabric(fabric.table.current(), fabric.clone(), Arc::from(cluster));
+    let routing = Routing::with_fabric(fabric.table.current(), fabric.clone(), Arc::from(cluster)).within_cluster();
     let plan = Plan::build(request, routing)?;
     let mut observer = NoObserver;
     let run = execute(plan, ReportOptions::default(), &mut observer);
