@@ -17,7 +17,9 @@
 //!   counted) and routes nowhere.
 //!
 //! A ring of four clusters A–B–C–D converges with every selected path loop-free, a call
-//! from A reaches the far cluster C, and cutting A–B reroutes A the other way round.
+//! from A reaches the far cluster C, what A publishes on an exported topic reaches a
+//! subscriber in every cluster exactly once (and an unexported one stays in A), and
+//! cutting A–B reroutes A the other way round.
 //!
 //! Run: `cargo test --test federation_processes`.
 
@@ -55,14 +57,15 @@ impl Cluster {
 }
 
 /// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`,
-/// letting other clusters call the functions `exports`.
+/// letting other clusters call the functions `exports` and receive its publishes on
+/// `news.#`.
 fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str], exports: &[&str]) -> TempFile {
     let allowed_ids: Vec<&str> = allowed.iter().map(|c| c.id.as_str()).collect();
     let trust: Vec<String> =
         allowed.iter().map(|c| format!("{} = \"{}\"", c.id, c.keys.authority.public_hex())).collect();
     let text = format!(
         "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\nannounce_interval_s = 1.0\n\
-         [mpreg.federation.exports]\nfunctions = {}\n[mpreg.federation.trust]\n{}\n",
+         [mpreg.federation.exports]\nfunctions = {}\ntopics = [\"news.#\"]\n[mpreg.federation.trust]\n{}\n",
         json!(allowed_ids),
         json!(peers),
         json!(me.keys.dir.display().to_string()),
@@ -330,6 +333,42 @@ async fn a_ring_of_four_clusters_converges_without_loops_and_reroutes_around_a_c
     let client = Client::connect(&node_a.url).await.expect("client connects to A");
     let value = client.request(vec![add_in("ring-c", 2, 40)]).await.expect("A calls the far cluster");
     assert_eq!(value["r"], 42);
+
+    // Pub/sub across the ring: what A publishes on news.# (exported) reaches a subscriber
+    // in every cluster, A's own included, exactly once though the ring offers two ways
+    // round; secret.# (not exported) stays in A.
+    let mut subscribers = Vec::new();
+    for (node, me) in ring {
+        let subscriber = Client::connect(&node.url).await.expect("subscriber connects");
+        let stream = subscriber.subscribe(&["news.#", "secret.#"], None).await.expect("subscribed");
+        subscribers.push((me, subscriber, stream));
+    }
+    for topic in ["news.1", "secret.1", "news.2"] {
+        client.publish(topic, json!(topic)).await.expect("published");
+    }
+    for (me, _subscriber, stream) in &mut subscribers {
+        let expected: &[&str] = if *me == "ring-a" { &["news.1", "news.2", "secret.1"] } else { &["news.1", "news.2"] };
+        let mut got = Vec::new();
+        let collect = async {
+            while got.len() < expected.len() {
+                match stream.next().await {
+                    Some(message) => got.push(message.topic),
+                    None => break,
+                }
+            }
+        };
+        let timed_out = tokio::time::timeout(SOON, collect).await.is_err();
+        got.sort();
+        assert!(!timed_out, "{me}: got only {got:?}");
+        assert_eq!(got, expected, "{me}");
+    }
+    // A last publish: each subscriber's next message is it, not a late copy of the others.
+    client.publish("news.3", json!(3)).await.expect("published");
+    for (me, _subscriber, stream) in &mut subscribers {
+        let next = tokio::time::timeout(SOON, stream.next()).await.ok().flatten().map(|m| m.topic);
+        assert_eq!(next.as_deref(), Some("news.3"), "{me}");
+    }
+    drop(subscribers);
 
     // Cut A–B: A reroutes the other way round, to C through D and to B through D and C.
     proxy.cut();

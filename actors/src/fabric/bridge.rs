@@ -13,14 +13,19 @@
 //!                     ──► destination is us: run the command like a local one
 //!                         else: forward to the best next hop (one fewer hop)
 //!                     ──► reply {id, value | error} on the link the call came on
+//!   publish {message, visited}
+//!                     ──► first time its id is seen here: deliver, flood in the cluster,
+//!                         and on to every neighbour not in visited (export list topics)
 //! every announce interval, and on every change: signed announcements / withdrawals
 //! last bridge to a cluster drops ──► its routes go, withdrawals go out at once
 //! ```
 //!
 //! A bridge carries federation frames only: it is never admitted as a member link, so no
 //! membership, gossip, catalog or routed message crosses it, and the clusters stay
-//! separate. Calls are the only way work crosses: with `target_cluster`, or without it for a
-//! function nothing in the caller's cluster serves (asked of the clusters it reaches).
+//! separate. Work crosses as calls (with `target_cluster`, or without it for a function
+//! nothing in the caller's cluster serves: asked of the clusters it reaches) and as
+//! publishes on the topics a cluster's export list shares (`publish {message, visited}`:
+//! delivered once per node by message id, never sent back to a cluster it crossed).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,7 +49,7 @@ use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
 use crate::metrics::{InFlight, Metrics};
 use crate::planner::{execute, NoObserver, Plan, ReportOptions};
-use crate::protocol::{RpcCommand, RpcError, RpcRequest};
+use crate::protocol::{PubSubMessage, RpcCommand, RpcError, RpcRequest};
 use crate::pubsub::OutFrame;
 use crate::routing::Routing;
 
@@ -77,6 +82,13 @@ pub enum FederationFrame {
         /// Milliseconds the caller still waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+    },
+    /// A message published in cluster `visited[0]`, crossing to this one.
+    Publish {
+        /// The message (its id makes each node deliver it once).
+        message: PubSubMessage,
+        /// Clusters it has crossed, the sender's last; it never goes back to one.
+        visited: Vec<ClusterId>,
     },
     /// The answer to a call, on the bridge the call came on.
     Reply {
@@ -311,6 +323,35 @@ impl Bridges {
         Self::announce(&mut state);
     }
 
+    /// Sends `message` over one bridge to each neighbour cluster not in `visited` (the
+    /// clusters it crossed) when this cluster's export list shares its topic, and it has
+    /// crossed fewer than `hop_budget` clusters.
+    pub fn publish_out(&self, message: &PubSubMessage, mut visited: Vec<ClusterId>) {
+        let Ok(state) = self.state.lock() else { return };
+        if state.bridges.is_empty() || !state.exports.shares_topic(&message.topic) {
+            return;
+        }
+        if visited.len() >= self.hop_budget as usize {
+            return;
+        }
+        visited.push(self.local.clone());
+        let mut told = BTreeSet::new();
+        let mut bytes = None;
+        for bridge in state.bridges.values().filter(|b| !visited.contains(&b.cluster)) {
+            if !told.insert(bridge.cluster.clone()) {
+                continue;
+            }
+            let bytes = bytes.get_or_insert_with(|| {
+                let publish = FederationFrame::Publish { message: message.clone(), visited: visited.clone() };
+                frame(&PeerFrame::Federation(publish))
+            });
+            if bridge.sender.try_send(bytes.clone()).is_err() {
+                self.metrics.fabric_dropped("bridge_queue_full");
+                debug!(peer = %bridge.node, "bridge queue full; a publish did not cross");
+            }
+        }
+    }
+
     /// May another cluster call the function `fun` of this cluster (the export list)?
     pub fn exports_function(&self, fun: &str) -> bool {
         self.state.lock().is_ok_and(|s| s.exports.shares_function(fun))
@@ -475,6 +516,14 @@ impl Bridges {
                         debug!(link, "federation reply not sent: the bridge closed");
                     }
                 });
+            }
+            FederationFrame::Publish { message, mut visited } => {
+                if visited.last() != Some(&bridge.cluster) {
+                    visited.push(bridge.cluster.clone());
+                }
+                if fabric.publish_from_bridge(&message) {
+                    self.publish_out(&message, visited);
+                }
             }
             FederationFrame::Reply { id, value, error } => {
                 let waiter = self.waiting.lock().ok().and_then(|mut w| match w.get(&id) {
@@ -927,6 +976,52 @@ mod tests {
         let (result, ()) = tokio::join!(call, expire);
         assert_eq!(result.unwrap_err().code, 1005);
         assert!(bridges.waiting.lock().unwrap().is_empty());
+    }
+
+    /// The clusters each federation frame in `queue` names as visited, per publish.
+    fn publishes(queue: &mut tokio::sync::mpsc::Receiver<OutFrame>) -> Vec<Vec<String>> {
+        std::iter::from_fn(|| queue.try_recv().ok())
+            .map(|f| serde_json::from_slice::<Value>(&f.bytes).unwrap())
+            .filter(|f| f["kind"] == "publish")
+            .map(|f| serde_json::from_value(f["visited"].clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn publishes_cross_under_the_export_list_once_per_neighbour_and_never_back() {
+        let (bridges, ..) = clusters();
+        let list = crate::federation::policy::ExportList { topics: vec!["news.#".into()], ..Default::default() };
+        bridges.state.lock().unwrap().exports = Exports::new(&list).unwrap();
+        let channel = || tokio::sync::mpsc::channel(16);
+        let ((to_b1, mut b1), (to_b2, mut b2), (to_c1, mut c1)) = (channel(), channel(), channel());
+        bridges.bridge_up(1, "b", "b1", to_b1);
+        bridges.bridge_up(2, "b", "b2", to_b2);
+        bridges.bridge_up(3, "c", "c1", to_c1);
+        let message = |topic: &str| PubSubMessage {
+            topic: topic.into(),
+            payload: Value::from(1),
+            timestamp: 0.0,
+            message_id: format!("m-{topic}"),
+            publisher: "a1".into(),
+            headers: Default::default(),
+            routing_path: None,
+            current_hop: None,
+        };
+        // Published in a: one copy per neighbour cluster (b1 or b2, not both).
+        bridges.publish_out(&message("news.x"), Vec::new());
+        let to_b = [publishes(&mut b1), publishes(&mut b2)].concat();
+        assert_eq!(to_b, [vec!["a".to_string()]]);
+        assert_eq!(publishes(&mut c1), [vec!["a".to_string()]]);
+        // Not exported: nothing crosses.
+        bridges.publish_out(&message("secret.x"), Vec::new());
+        assert!([publishes(&mut b1), publishes(&mut b2), publishes(&mut c1)].iter().all(Vec::is_empty));
+        // Came from c: on to b only; from b and c, or past the hop budget (4): nowhere.
+        bridges.publish_out(&message("news.y"), vec!["c".into()]);
+        assert_eq!([publishes(&mut b1), publishes(&mut b2)].concat(), [vec!["c".to_string(), "a".to_string()]]);
+        assert!(publishes(&mut c1).is_empty());
+        bridges.publish_out(&message("news.z"), vec!["b".into(), "c".into()]);
+        bridges.publish_out(&message("news.w"), vec!["x".into(), "y".into(), "z".into(), "w".into()]);
+        assert!([publishes(&mut b1), publishes(&mut b2), publishes(&mut c1)].iter().all(Vec::is_empty));
     }
 
     #[test]
