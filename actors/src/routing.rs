@@ -7,8 +7,9 @@
 //! node's federation bridges ([`crate::fabric::bridge`]), or fails with 1005 at once when
 //! there is no route. A command without `target_cluster` that nothing in this cluster
 //! matches is asked of the other clusters this node reaches, nearest first; each runs it
-//! only when its export list shares the function. Among matches the highest version wins; among those: this node first, then
-//! the least calls in flight from here, then a random pick.
+//! only when its export list shares the function. Among matches the highest version
+//! wins; among those: this node first, then the least calls in flight from here, then a
+//! random pick.
 
 use std::sync::Arc;
 
