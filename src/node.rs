@@ -156,6 +156,9 @@ fn load_bridges(
         hop_budget: federation.hop_budget,
         route_key: Some((path, *credentials.authority())),
         exports: federation.compiled_exports().map_err(fail)?,
+        // Bounded like calls forwarded inside the cluster.
+        call_ttl: LinkLimits::default().forwarded_ttl,
+        max_waiting_calls: LinkLimits::default().max_forwarded_calls,
     };
     Ok(Some(Arc::new(Bridges::new(config, metrics))))
 }

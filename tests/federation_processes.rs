@@ -6,6 +6,9 @@
 //! - a command from A with `target_cluster = C` runs on C (only C serves `add`), across
 //!   both bridges; one of a function C serves but does not export is refused (1001); from a2, a node of A without bridges, through a1 (its catalog says it
 //!   reaches C);
+//! - without `target_cluster`, `add` (nothing in A has it) runs in C, the nearest cluster
+//!   that exports it (B, nearer, exports nothing), from a1 and from a2; `multiply`, which
+//!   no cluster exports, is 1001;
 //! - C rotates its route key live: B learns the new key without a restart;
 //! - cut B–C: the route is withdrawn and the call fails with 1005 at once;
 //! - heal (B redials): restored;
@@ -14,7 +17,9 @@
 //!   counted) and routes nowhere.
 //!
 //! A ring of four clusters A–B–C–D converges with every selected path loop-free, a call
-//! from A reaches the far cluster C, and cutting A–B reroutes A the other way round.
+//! from A reaches the far cluster C, what A publishes on an exported topic reaches a
+//! subscriber in every cluster exactly once (and an unexported one stays in A), and
+//! cutting A–B reroutes A the other way round.
 //!
 //! Run: `cargo test --test federation_processes`.
 
@@ -52,14 +57,15 @@ impl Cluster {
 }
 
 /// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`,
-/// letting other clusters call the functions `exports`.
+/// letting other clusters call the functions `exports` and receive its publishes on
+/// `news.#`.
 fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str], exports: &[&str]) -> TempFile {
     let allowed_ids: Vec<&str> = allowed.iter().map(|c| c.id.as_str()).collect();
     let trust: Vec<String> =
         allowed.iter().map(|c| format!("{} = \"{}\"", c.id, c.keys.authority.public_hex())).collect();
     let text = format!(
         "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\nannounce_interval_s = 1.0\n\
-         [mpreg.federation.exports]\nfunctions = {}\n[mpreg.federation.trust]\n{}\n",
+         [mpreg.federation.exports]\nfunctions = {}\ntopics = [\"news.#\"]\n[mpreg.federation.trust]\n{}\n",
         json!(allowed_ids),
         json!(peers),
         json!(me.keys.dir.display().to_string()),
@@ -147,9 +153,13 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     // Only C serves add: the answer proves the command crossed both bridges and ran there.
     let value = client.request(vec![add_in("fed-c", 2, 3)]).await.expect("cross-cluster call");
     assert_eq!(value["r"], 5);
-    // A has no add of its own, and a command without target_cluster stays in its cluster.
-    let local = rpc_error(client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await);
-    assert_eq!(local.code, ErrorCode::NotFound.as_u16());
+    // A has no add of its own: a command without target_cluster is asked of the clusters
+    // A reaches, nearest first: B (exports nothing: 1001), then C, which exports add.
+    let elsewhere = client.request(vec![RpcCommand::new("r", "add", vec![json!(1), json!(2)])]).await;
+    assert_eq!(elsewhere.expect("add found in C without target_cluster")["r"], 3);
+    // C serves multiply but does not export it, and nothing else has it: 1001.
+    let nowhere = rpc_error(client.request(vec![RpcCommand::new("r", "multiply", vec![json!(2), json!(3)])]).await);
+    assert_eq!(nowhere.code, ErrorCode::NotFound.as_u16(), "{nowhere:?}");
     // C does not export multiply: refused on C's bridge node with 1001 naming the export
     // list, though C serves it.
     let multiply = RpcCommand {
@@ -168,6 +178,9 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
         via_a1.request(vec![add_in("fed-c", 3, 4)]).await.ok().filter(|v| v["r"] == 7)
     })
     .await;
+    // And without target_cluster: a2 has no match in A, so it asks the clusters a1 reaches.
+    let value = via_a1.request(vec![RpcCommand::new("r", "add", vec![json!(4), json!(4)])]).await;
+    assert_eq!(value.expect("a2 finds add in C through a1")["r"], 8);
 
     // Rotate C's route key while it runs: C reads the file again, sends B the new chain
     // and signs with the new key; B trusts it without a restart, and calls keep working.
@@ -316,10 +329,51 @@ async fn a_ring_of_four_clusters_converges_without_loops_and_reroutes_around_a_c
         })
         .await;
     }
-    assert_eq!(selected(&routes(&node_a).await, "ring-c").unwrap(), ["ring-a", "ring-b", "ring-c"]);
+    // Polled: A may hold only the way through D until B's announcement of C arrives.
+    poll_until_async("A selects C through B once both ways are known", SOON, || async {
+        let path = selected(&routes(&node_a).await, "ring-c");
+        (path.as_deref() == Some(&["ring-a".to_string(), "ring-b".into(), "ring-c".into()][..])).then_some(())
+    })
+    .await;
     let client = Client::connect(&node_a.url).await.expect("client connects to A");
     let value = client.request(vec![add_in("ring-c", 2, 40)]).await.expect("A calls the far cluster");
     assert_eq!(value["r"], 42);
+
+    // Pub/sub across the ring: what A publishes on news.# (exported) reaches a subscriber
+    // in every cluster, A's own included, exactly once though the ring offers two ways
+    // round; secret.# (not exported) stays in A.
+    let mut subscribers = Vec::new();
+    for (node, me) in ring {
+        let subscriber = Client::connect(&node.url).await.expect("subscriber connects");
+        let stream = subscriber.subscribe(&["news.#", "secret.#"], None).await.expect("subscribed");
+        subscribers.push((me, subscriber, stream));
+    }
+    for topic in ["news.1", "secret.1", "news.2"] {
+        client.publish(topic, json!(topic)).await.expect("published");
+    }
+    for (me, _subscriber, stream) in &mut subscribers {
+        let expected: &[&str] = if *me == "ring-a" { &["news.1", "news.2", "secret.1"] } else { &["news.1", "news.2"] };
+        let mut got = Vec::new();
+        let collect = async {
+            while got.len() < expected.len() {
+                match stream.next().await {
+                    Some(message) => got.push(message.topic),
+                    None => break,
+                }
+            }
+        };
+        let timed_out = tokio::time::timeout(SOON, collect).await.is_err();
+        got.sort();
+        assert!(!timed_out, "{me}: got only {got:?}");
+        assert_eq!(got, expected, "{me}");
+    }
+    // A last publish: each subscriber's next message is it, not a late copy of the others.
+    client.publish("news.3", json!(3)).await.expect("published");
+    for (me, _subscriber, stream) in &mut subscribers {
+        let next = tokio::time::timeout(SOON, stream.next()).await.ok().flatten().map(|m| m.topic);
+        assert_eq!(next.as_deref(), Some("news.3"), "{me}");
+    }
+    drop(subscribers);
 
     // Cut A–B: A reroutes the other way round, to C through D and to B through D and C.
     proxy.cut();

@@ -5,8 +5,11 @@
 //! subset of the function's resources, and `target_cluster` (if given) is the endpoint's
 //! cluster. A command whose `target_cluster` is another cluster goes there over the
 //! node's federation bridges ([`crate::fabric::bridge`]), or fails with 1005 at once when
-//! there is no route. Among matches the highest version wins; among those: this node first, then
-//! the least calls in flight from here, then a random pick.
+//! there is no route. A command without `target_cluster` that nothing in this cluster
+//! matches is asked of the other clusters this node reaches, nearest first; each runs it
+//! only when its export list shares the function. Among matches the highest version
+//! wins; among those: this node first, then the least calls in flight from here, then a
+//! random pick.
 
 use std::sync::Arc;
 
@@ -33,6 +36,11 @@ pub enum Endpoint {
         /// The bridge node of this cluster it goes through, when not this node.
         via: Option<String>,
     },
+    /// A command without `target_cluster` that nothing in this cluster matches: asked of
+    /// these clusters in turn (nearest first, each with the bridge node it goes through, as
+    /// in `Cluster`) until one runs it; a cluster that does not export the function
+    /// answers 1001 and the next is asked.
+    Clusters(Vec<(String, Option<String>)>),
 }
 
 /// A consistent view for one request: local functions, and the fabric for the rest.
@@ -41,17 +49,26 @@ pub struct Routing {
     local: Arc<FunctionTable>,
     fabric: Option<Arc<FabricShared>>,
     cluster_id: Arc<str>,
+    /// Whether a command nothing in this cluster matches may be asked of other clusters
+    /// (not for a command that came from another cluster).
+    other_clusters: bool,
 }
 
 impl Routing {
     /// Local functions only.
     pub fn local(local: Arc<FunctionTable>, cluster_id: impl Into<Arc<str>>) -> Self {
-        Routing { local, fabric: None, cluster_id: cluster_id.into() }
+        Routing { local, fabric: None, cluster_id: cluster_id.into(), other_clusters: false }
     }
 
     /// Local functions and the cluster's.
     pub fn with_fabric(local: Arc<FunctionTable>, fabric: Arc<FabricShared>, cluster_id: Arc<str>) -> Self {
-        Routing { local, fabric: Some(fabric), cluster_id }
+        Routing { local, fabric: Some(fabric), cluster_id, other_clusters: true }
+    }
+
+    /// The same, but a command nothing in this cluster matches is 1001 rather than asked of
+    /// other clusters (for commands that came from another cluster: they never bounce on).
+    pub fn within_cluster(self) -> Self {
+        Routing { other_clusters: false, ..self }
     }
 
     /// The fabric, for remote calls.
@@ -105,6 +122,24 @@ impl Routing {
         Err(RpcError::unreachable(reason))
     }
 
+    /// The other clusters this node reaches, nearest first: over its own bridges (`via:
+    /// None`), then through the least loaded node of this cluster that advertises a route.
+    fn other_clusters(&self) -> Vec<(String, Option<String>)> {
+        let Some(fabric) = self.fabric.as_ref().filter(|_| self.other_clusters) else { return Vec::new() };
+        let mut found: Vec<(String, Option<String>)> =
+            fabric.bridges.iter().flat_map(|b| b.nearest()).map(|c| (c, None)).collect();
+        let view = fabric.view.load();
+        let mut through: Vec<(&String, &Vec<String>)> = view.clusters.iter().collect();
+        through.sort();
+        for (cluster, nodes) in through {
+            let via = nodes.iter().min_by_key(|n| fabric.load_of(n));
+            if let Some(node) = via.filter(|_| !found.iter().any(|(c, _)| c == cluster)) {
+                found.push((cluster.clone(), Some(node.clone())));
+            }
+        }
+        found
+    }
+
     fn pick(
         &self,
         cmd: &RpcCommand,
@@ -141,6 +176,14 @@ impl Routing {
             (None, None) => {
                 let down: Vec<&str> =
                     view.iter().flat_map(|v| v.unreachable.iter()).filter(matching).map(|f| f.node.as_str()).collect();
+                let elsewhere = if down.is_empty() && with_local && exclude.is_empty() && cmd.target_cluster.is_none() {
+                    self.other_clusters()
+                } else {
+                    Vec::new()
+                };
+                if !elsewhere.is_empty() {
+                    return Ok(Endpoint::Clusters(elsewhere));
+                }
                 return Err(if down.is_empty() {
                     RpcError::not_found(&cmd.fun)
                 } else {

@@ -9,8 +9,8 @@
 # Each cluster has its own authority, node credentials (docker/make-credentials.sh) and
 # route key (`mpreg keys rotate`), made here, now; each side pins the other's authority
 # in `[mpreg.federation.trust]`. From the host, through a1: `add` with --target-cluster
-# cluster-b runs on b1 (only b1 serves add; without --target-cluster it is 1001: a
-# command never leaves its cluster); a partition of the bridge (`docker network
+# cluster-b runs on b1 (only b1 serves add; without --target-cluster too, as nothing in
+# cluster-a has it and cluster-b exports it; multiply, not exported, is 1001); a partition of the bridge (`docker network
 # disconnect` of a-bridge from network B) makes the call fail fast with 1005 and
 # a-bridge's /routes withdraw the route to cluster-b; heal (`docker network connect`) and
 # the route and the call are back. Needs docker, cargo, curl, jq and root (for the base
@@ -181,9 +181,12 @@ else
 fi
 expect_result "add [2,3] --target-cluster cluster-b via a1 answers 5" '^5$' \
     "$A1_URL" call add '[2,3]' --target-cluster cluster-b
-# Cluster A serves no add: without target_cluster the command stays in cluster-a.
-expect_fast_error_code "add [2,3] via a1 without --target-cluster (never leaves cluster-a)" 1001 \
+# Cluster A serves no add: without target_cluster the command is asked of the clusters
+# cluster-a reaches, and cluster-b exports add; it serves multiply but does not export it.
+expect_result "add [2,3] via a1 without --target-cluster answers 5 (runs in cluster-b, which exports it)" '^5$' \
     "$A1_URL" call add '[2,3]'
+expect_fast_error_code "multiply [2,3] via a1 without --target-cluster (cluster-b does not export it)" 1001 \
+    "$A1_URL" call multiply '[2,3]'
 
 # ---- partition of the bridge -----------------------------------------------------------
 if docker network disconnect "$NET_B" "$(cname a-bridge)"; then ok "a-bridge disconnected from $NET_B"

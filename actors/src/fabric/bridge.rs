@@ -13,13 +13,19 @@
 //!                     ──► destination is us: run the command like a local one
 //!                         else: forward to the best next hop (one fewer hop)
 //!                     ──► reply {id, value | error} on the link the call came on
+//!   publish {message, visited}
+//!                     ──► first time its id is seen here: deliver, flood in the cluster,
+//!                         and on to every neighbour not in visited (export list topics)
 //! every announce interval, and on every change: signed announcements / withdrawals
 //! last bridge to a cluster drops ──► its routes go, withdrawals go out at once
 //! ```
 //!
 //! A bridge carries federation frames only: it is never admitted as a member link, so no
 //! membership, gossip, catalog or routed message crosses it, and the clusters stay
-//! separate. Calls are the only way work crosses, and only with `target_cluster`.
+//! separate. Work crosses as calls (with `target_cluster`, or without it for a function
+//! nothing in the caller's cluster serves: asked of the clusters it reaches) and as
+//! publishes on the topics a cluster's export list shares (`publish {message, visited}`:
+//! delivered once per node by message id, never sent back to a cluster it crossed).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -43,7 +49,7 @@ use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
 use crate::metrics::{InFlight, Metrics};
 use crate::planner::{execute, NoObserver, Plan, ReportOptions};
-use crate::protocol::{RpcCommand, RpcError, RpcRequest};
+use crate::protocol::{PubSubMessage, RpcCommand, RpcError, RpcRequest};
 use crate::pubsub::OutFrame;
 use crate::routing::Routing;
 
@@ -76,6 +82,13 @@ pub enum FederationFrame {
         /// Milliseconds the caller still waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+    },
+    /// A message published in cluster `visited[0]`, crossing to this one.
+    Publish {
+        /// The message (its id makes each node deliver it once).
+        message: PubSubMessage,
+        /// Clusters it has crossed, the sender's last; it never goes back to one.
+        visited: Vec<ClusterId>,
     },
     /// The answer to a call, on the bridge the call came on.
     Reply {
@@ -121,6 +134,12 @@ pub struct BridgeConfig {
     /// What of this cluster other clusters may use (functions a call arriving over a
     /// bridge may run).
     pub exports: Exports,
+    /// A call sent over a bridge without a deadline of its own is given up after this long
+    /// (1005), like a forwarded call inside the cluster (`LinkLimits::forwarded_ttl`).
+    pub call_ttl: Duration,
+    /// Calls that may wait on bridges at once (this node's and relayed ones); beyond, a
+    /// call is refused with 1006.
+    pub max_waiting_calls: usize,
 }
 
 /// An open bridge.
@@ -141,10 +160,16 @@ struct State {
     exports: Exports,
 }
 
-/// A call sent over a bridge, waiting for its reply.
+/// A call sent over a bridge, waiting for its reply until `expires`.
 struct Waiting {
     via: LinkId,
     waiter: Waiter,
+    expires: Instant,
+    /// Whether `expires` is the call's own deadline (1004 when it passes) or the TTL
+    /// (1005).
+    own_deadline: bool,
+    /// Who it waits on (`node (cluster)`), for the reason given when it expires.
+    on: String,
 }
 
 /// Who gets a call's reply.
@@ -187,6 +212,8 @@ pub struct Bridges {
     silent_limit: Duration,
     hop_budget: u32,
     route_key: Option<(PathBuf, VerifyingKey)>,
+    call_ttl: Duration,
+    max_waiting_calls: usize,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
     waiting: Mutex<HashMap<String, Waiting>>,
@@ -223,6 +250,9 @@ impl Bridges {
             silent_limit,
             hop_budget: config.hop_budget,
             route_key: config.route_key,
+            // At most a day: any Instant of this process's life plus it is representable.
+            call_ttl: config.call_ttl.min(Duration::from_secs(86_400)),
+            max_waiting_calls: config.max_waiting_calls,
             metrics,
             state: Mutex::new(State {
                 core,
@@ -293,6 +323,35 @@ impl Bridges {
         Self::announce(&mut state);
     }
 
+    /// Sends `message` over one bridge to each neighbour cluster not in `visited` (the
+    /// clusters it crossed) when this cluster's export list shares its topic, and it has
+    /// crossed fewer than `hop_budget` clusters.
+    pub fn publish_out(&self, message: &PubSubMessage, mut visited: Vec<ClusterId>) {
+        let Ok(state) = self.state.lock() else { return };
+        if state.bridges.is_empty() || !state.exports.shares_topic(&message.topic) {
+            return;
+        }
+        if visited.len() >= self.hop_budget as usize {
+            return;
+        }
+        visited.push(self.local.clone());
+        let mut told = BTreeSet::new();
+        let mut bytes = None;
+        for bridge in state.bridges.values().filter(|b| !visited.contains(&b.cluster)) {
+            if !told.insert(bridge.cluster.clone()) {
+                continue;
+            }
+            let bytes = bytes.get_or_insert_with(|| {
+                let publish = FederationFrame::Publish { message: message.clone(), visited: visited.clone() };
+                frame(&PeerFrame::Federation(publish))
+            });
+            if bridge.sender.try_send(bytes.clone()).is_err() {
+                self.metrics.fabric_dropped("bridge_queue_full");
+                debug!(peer = %bridge.node, "bridge queue full; a publish did not cross");
+            }
+        }
+    }
+
     /// May another cluster call the function `fun` of this cluster (the export list)?
     pub fn exports_function(&self, fun: &str) -> bool {
         self.state.lock().is_ok_and(|s| s.exports.shares_function(fun))
@@ -313,11 +372,42 @@ impl Bridges {
     /// Periodic work (from the fabric's tick): expiry, and re-announcement every
     /// `announce_interval`.
     pub fn tick(&self) {
+        self.expire_calls(Instant::now());
         let Ok(mut state) = self.state.lock() else { return };
         let rotated = self.reload_route_key(&mut state);
         let expired = state.core.expire(now_ms());
         if rotated || expired || state.last_announce.elapsed() >= self.announce_interval {
             Self::announce(&mut state);
+        }
+    }
+
+    /// Answers every call still waiting on a bridge at `now` past its bound: 1004 when its
+    /// own deadline passed, 1005 when the TTL did (the bridge is open but never answered).
+    /// A relayed call's in-flight slot is freed with it.
+    fn expire_calls(&self, now: Instant) {
+        let expired: Vec<Waiting> = match self.waiting.lock() {
+            Ok(mut waiting) => {
+                let ids: Vec<String> =
+                    waiting.iter().filter(|(_, w)| w.expires <= now).map(|(id, _)| id.clone()).collect();
+                ids.into_iter().filter_map(|id| waiting.remove(&id)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for w in expired {
+            let error = if w.own_deadline {
+                RpcError::deadline_passed(format!(
+                    "cluster {}: no reply from {} before the call's deadline",
+                    self.local, w.on
+                ))
+            } else {
+                RpcError::unreachable(format!(
+                    "cluster {}: no reply from {} within {} ms (federation call TTL)",
+                    self.local,
+                    w.on,
+                    self.call_ttl.as_millis()
+                ))
+            };
+            w.waiter.answer(Err(error));
         }
     }
 
@@ -427,6 +517,14 @@ impl Bridges {
                     }
                 });
             }
+            FederationFrame::Publish { message, mut visited } => {
+                if visited.last() != Some(&bridge.cluster) {
+                    visited.push(bridge.cluster.clone());
+                }
+                if fabric.publish_from_bridge(&message) {
+                    self.publish_out(&message, visited);
+                }
+            }
             FederationFrame::Reply { id, value, error } => {
                 let waiter = self.waiting.lock().ok().and_then(|mut w| match w.get(&id) {
                     Some(call) if call.via == link => w.remove(&id),
@@ -487,9 +585,23 @@ impl Bridges {
 
     /// The clusters this node routes to now (advertised in its catalog), sorted.
     pub fn reachable(&self) -> Vec<ClusterId> {
+        let mut clusters = self.nearest();
+        clusters.sort();
+        clusters
+    }
+
+    /// The clusters this node routes to now, nearest first (fewest clusters on the selected
+    /// path, then by name).
+    pub fn nearest(&self) -> Vec<ClusterId> {
         let Ok(state) = self.state.lock() else { return Vec::new() };
         let (table, now) = (state.core.table(), now_ms());
-        table.destinations().into_iter().filter(|d| table.select(d, &[], now).is_some()).cloned().collect()
+        let mut routed: Vec<(usize, ClusterId)> = table
+            .destinations()
+            .into_iter()
+            .filter_map(|d| table.select(d, &[], now).map(|r| (r.path.len(), d.clone())))
+            .collect();
+        routed.sort();
+        routed.into_iter().map(|(_, d)| d).collect()
     }
 
     /// Whether a call to `destination` has a route now (planning: 1005 at once if not).
@@ -510,7 +622,7 @@ impl Bridges {
             .call_frame(destination, Vec::new(), self.hop_budget, Box::new(command), timeout_ms)
             .map_err(RpcError::unreachable)?;
         let (reply, answer) = oneshot::channel();
-        self.wait(&id, link, Waiter::Task(reply));
+        self.wait(&id, link, &bridge, deadline, Waiter::Task(reply)).map_err(|(_, error)| error)?;
         let _cleanup = Forget { bridges: self, id: &id };
         if bridge.sender.send(message).await.is_err() {
             return Err(RpcError::unreachable(format!("the bridge to {} ({}) closed", bridge.node, bridge.cluster)));
@@ -537,7 +649,11 @@ impl Bridges {
             Ok(call) => call,
             Err(reason) => return back.answer(Err(RpcError::unreachable(reason))),
         };
-        self.wait(&id, link, back);
+        // A peer's number: an overflowing one means no deadline (the TTL), never a panic.
+        let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
+        if let Err((back, error)) = self.wait(&id, link, &next, deadline, back) {
+            return back.answer(Err(error));
+        }
         if next.sender.try_send(message).is_err() {
             let reason = format!("the bridge to {} ({}) closed or is full", next.node, next.cluster);
             if let Some(w) = self.waiting.lock().ok().and_then(|mut w| w.remove(&id)) {
@@ -571,11 +687,35 @@ impl Bridges {
         Ok((link, bridge, id, frame(&PeerFrame::Federation(message))))
     }
 
-    /// `waiter` gets the reply to the call `id` sent on `via`.
-    fn wait(&self, id: &str, via: LinkId, waiter: Waiter) {
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(id.to_owned(), Waiting { via, waiter });
+    /// `waiter` gets the reply to the call `id` sent on `via` to `bridge`, or an error once
+    /// `deadline` (else the call TTL) passes; refused (1006, the waiter handed back) when
+    /// `max_waiting_calls` already wait.
+    fn wait(
+        &self,
+        id: &str,
+        via: LinkId,
+        bridge: &Bridge,
+        deadline: Option<Instant>,
+        waiter: Waiter,
+    ) -> Result<(), (Waiter, RpcError)> {
+        let Ok(mut waiting) = self.waiting.lock() else {
+            return Err((waiter, RpcError::unreachable("federation state unavailable")));
+        };
+        if waiting.len() >= self.max_waiting_calls {
+            self.metrics.limit_exceeded("max_waiting_bridge_calls");
+            let reason = format!(
+                "cluster {}: {} calls already wait on bridges, the most this node allows",
+                self.local, self.max_waiting_calls
+            );
+            return Err((waiter, RpcError::peer_overloaded(reason)));
         }
+        let (expires, own_deadline) = match deadline {
+            Some(deadline) => (deadline, true),
+            None => (Instant::now().checked_add(self.call_ttl).unwrap_or_else(Instant::now), false),
+        };
+        let on = format!("{} ({})", bridge.node, bridge.cluster);
+        waiting.insert(id.to_owned(), Waiting { via, waiter, expires, own_deadline, on });
+        Ok(())
     }
 
     /// The state to save ([`FederationCore::snapshot`], JSON).
@@ -652,7 +792,7 @@ async fn run_here(
         debug_mode: false,
         timeout: None,
     };
-    let routing = Routing::with_fabric(fabric.table.current(), fabric.clone(), Arc::from(cluster));
+    let routing = Routing::with_fabric(fabric.table.current(), fabric.clone(), Arc::from(cluster)).within_cluster();
     let plan = Plan::build(request, routing)?;
     let mut observer = NoObserver;
     let run = execute(plan, ReportOptions::default(), &mut observer);
@@ -690,6 +830,8 @@ mod tests {
             hop_budget: 4,
             route_key: None,
             exports: Exports::default(),
+            call_ttl: Duration::from_secs(60),
+            max_waiting_calls: 3,
         };
         let bridges = Bridges::new(config.clone(), metrics.clone());
         let neighbour = |name: &str| {
@@ -763,6 +905,123 @@ mod tests {
         bridges.link_closed(7);
         assert!(bridges.route_to("b").is_err());
         assert!(bridges.reachable().is_empty());
+    }
+
+    /// The reply frame a relayed call's caller got on its bridge back: (code, details).
+    fn relayed_error(queue: &mut tokio::sync::mpsc::Receiver<OutFrame>) -> (u16, String) {
+        let reply: Value = serde_json::from_slice(&queue.try_recv().unwrap().bytes).unwrap();
+        assert_eq!(reply["kind"], "reply", "{reply}");
+        let error = &reply["error"];
+        (error["code"].as_u64().unwrap() as u16, error["details"].as_str().unwrap_or_default().to_owned())
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_on_a_silent_bridge_are_bounded_in_time_and_number() {
+        let (bridges, mut b, _c, metrics, _config) = clusters();
+        // b1 is up and routed to, but never answers anything sent to it.
+        let (to_b1, mut b1_reads) = tokio::sync::mpsc::channel(16);
+        bridges.bridge_up(7, "b", "b1", to_b1.clone());
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1 };
+        bridges.receive(&bridge, &updates_for_a(&mut b));
+        assert_eq!(bridges.route_to("b"), Ok(()));
+        // Calls relayed for another cluster (the caller's bridge back is `back`), each
+        // holding an in-flight slot: no deadline, 1 s, 100 s left.
+        let (back, mut caller) = tokio::sync::mpsc::channel(16);
+        let admission = metrics.admission().clone();
+        let relay = |id: &str, timeout_ms: Option<u64>| {
+            let waiter = Waiter::Relay { back: back.clone(), id: id.into(), _permit: admission.try_admit().unwrap() };
+            let command = Box::new(RpcCommand::new(id, "echo", vec![Value::from(1)]));
+            bridges.relay(waiter, "b", vec!["x".into()], 4, command, timeout_ms);
+        };
+        relay("ttl", None);
+        relay("short", Some(1_000));
+        relay("long", Some(100_000));
+        assert_eq!(admission.in_flight(), 3);
+        // A fourth is refused at once (1006) and frees its slot.
+        relay("fourth", None);
+        assert_eq!(relayed_error(&mut caller).0, 1006);
+        assert_eq!(admission.in_flight(), 3);
+        assert_eq!(metrics.limit_exceeded_count("max_waiting_bridge_calls"), 1);
+        let calls = std::iter::from_fn(|| b1_reads.try_recv().ok())
+            .filter(|f| serde_json::from_slice::<Value>(&f.bytes).unwrap()["kind"] == "call")
+            .count();
+        assert_eq!(calls, 3);
+
+        let start = Instant::now();
+        bridges.expire_calls(start);
+        assert!(caller.try_recv().is_err(), "nothing is due yet");
+        // The own deadline passes: 1004; then the TTL: 1005 with the reason; each frees
+        // its slot.
+        bridges.expire_calls(start + Duration::from_secs(2));
+        assert_eq!(relayed_error(&mut caller).0, 1004);
+        assert_eq!(admission.in_flight(), 2);
+        bridges.expire_calls(start + Duration::from_secs(61));
+        let (code, details) = relayed_error(&mut caller);
+        assert_eq!(code, 1005);
+        assert!(details.contains("no reply from b1 (b) within 60000 ms"), "{details}");
+        assert_eq!(admission.in_flight(), 1);
+        bridges.expire_calls(start + Duration::from_secs(101));
+        assert_eq!(relayed_error(&mut caller).0, 1004);
+        assert_eq!(admission.in_flight(), 0);
+        assert!(bridges.waiting.lock().unwrap().is_empty());
+
+        // This node's own call without a deadline: answered 1005 once the TTL passes.
+        let call = bridges.call_cluster("b", RpcCommand::new("own", "echo", vec![]), None);
+        let expire = async {
+            while bridges.waiting.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+            bridges.expire_calls(Instant::now() + Duration::from_secs(61));
+        };
+        let (result, ()) = tokio::join!(call, expire);
+        assert_eq!(result.unwrap_err().code, 1005);
+        assert!(bridges.waiting.lock().unwrap().is_empty());
+    }
+
+    /// The clusters each federation frame in `queue` names as visited, per publish.
+    fn publishes(queue: &mut tokio::sync::mpsc::Receiver<OutFrame>) -> Vec<Vec<String>> {
+        std::iter::from_fn(|| queue.try_recv().ok())
+            .map(|f| serde_json::from_slice::<Value>(&f.bytes).unwrap())
+            .filter(|f| f["kind"] == "publish")
+            .map(|f| serde_json::from_value(f["visited"].clone()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn publishes_cross_under_the_export_list_once_per_neighbour_and_never_back() {
+        let (bridges, ..) = clusters();
+        let list = crate::federation::policy::ExportList { topics: vec!["news.#".into()], ..Default::default() };
+        bridges.state.lock().unwrap().exports = Exports::new(&list).unwrap();
+        let channel = || tokio::sync::mpsc::channel(16);
+        let ((to_b1, mut b1), (to_b2, mut b2), (to_c1, mut c1)) = (channel(), channel(), channel());
+        bridges.bridge_up(1, "b", "b1", to_b1);
+        bridges.bridge_up(2, "b", "b2", to_b2);
+        bridges.bridge_up(3, "c", "c1", to_c1);
+        let message = |topic: &str| PubSubMessage {
+            topic: topic.into(),
+            payload: Value::from(1),
+            timestamp: 0.0,
+            message_id: format!("m-{topic}"),
+            publisher: "a1".into(),
+            headers: Default::default(),
+            routing_path: None,
+            current_hop: None,
+        };
+        // Published in a: one copy per neighbour cluster (b1 or b2, not both).
+        bridges.publish_out(&message("news.x"), Vec::new());
+        let to_b = [publishes(&mut b1), publishes(&mut b2)].concat();
+        assert_eq!(to_b, [vec!["a".to_string()]]);
+        assert_eq!(publishes(&mut c1), [vec!["a".to_string()]]);
+        // Not exported: nothing crosses.
+        bridges.publish_out(&message("secret.x"), Vec::new());
+        assert!([publishes(&mut b1), publishes(&mut b2), publishes(&mut c1)].iter().all(Vec::is_empty));
+        // Came from c: on to b only; from b and c, or past the hop budget (4): nowhere.
+        bridges.publish_out(&message("news.y"), vec!["c".into()]);
+        assert_eq!([publishes(&mut b1), publishes(&mut b2)].concat(), [vec!["c".to_string(), "a".to_string()]]);
+        assert!(publishes(&mut c1).is_empty());
+        bridges.publish_out(&message("news.z"), vec!["b".into(), "c".into()]);
+        bridges.publish_out(&message("news.w"), vec!["x".into(), "y".into(), "z".into(), "w".into()]);
+        assert!([publishes(&mut b1), publishes(&mut b2), publishes(&mut c1)].iter().all(Vec::is_empty));
     }
 
     #[test]

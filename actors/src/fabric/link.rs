@@ -464,15 +464,40 @@ impl FabricShared {
         }
     }
 
-    /// Publishes a message to every node (each delivers it to its local subscribers once).
+    /// Publishes a message to every node (each delivers it to its local subscribers once),
+    /// and over the bridges to other clusters when this cluster's export list shares its
+    /// topic.
     pub fn broadcast_publish(&self, message: &PubSubMessage) {
-        if self.view.load().links.is_empty() {
+        if self.bridges.is_none() && self.view.load().links.is_empty() {
             // Nobody to tell: skip copying and encoding the message (it may be large).
             return;
         }
+        // Marked seen even on a bridge node alone in its cluster: a copy that comes back
+        // over another bridge (a ring of clusters) is not delivered again.
         if !self.seen.lock().map(|mut s| s.first_time(&message.message_id)).unwrap_or(true) {
             return;
         }
+        if let Some(bridges) = &self.bridges {
+            bridges.publish_out(message, Vec::new());
+        }
+        self.flood_publish(message);
+    }
+
+    /// A message published in another cluster, read on a bridge: delivered here and flooded
+    /// to this cluster like one of its own, the first time its id is seen (false: seen
+    /// before, nothing done).
+    pub(super) fn publish_from_bridge(&self, message: &PubSubMessage) -> bool {
+        if !self.seen.lock().map(|mut s| s.first_time(&message.message_id)).unwrap_or(false) {
+            return false;
+        }
+        if let Some(pubsub) = self.pubsub.get() {
+            pubsub.do_send(pubsub::Publish { message: Arc::new(message.clone()), origin: pubsub::Origin::Peer });
+        }
+        self.flood_publish(message);
+        true
+    }
+
+    fn flood_publish(&self, message: &PubSubMessage) {
         let out = FabricMessage {
             id: message.message_id.clone(),
             source: self.me.node.clone(),
@@ -565,6 +590,9 @@ impl FabricShared {
             }
             if let Some(pubsub) = self.pubsub.get() {
                 pubsub.do_send(pubsub::Publish { message: Arc::new(published.clone()), origin: pubsub::Origin::Peer });
+            }
+            if let Some(bridges) = &self.bridges {
+                bridges.publish_out(published, Vec::new());
             }
             if message.hops_left > 0 && !message.path.contains(&self.me.node) {
                 message.hops_left -= 1;

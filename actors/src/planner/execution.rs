@@ -22,7 +22,7 @@ use crate::fabric::wire::CallOutcome;
 use crate::fabric::RemoteFunction;
 use crate::function::{type_name, CallArgs, FunctionError};
 use crate::metrics::Metrics;
-use crate::protocol::{RpcCommand, RpcError};
+use crate::protocol::{ErrorCode, RpcCommand, RpcError};
 use crate::routing::{Endpoint, Routing};
 use crate::unix_now;
 use crate::version::VersionConstraint;
@@ -274,7 +274,7 @@ impl Execution {
                 Endpoint::Local(function) if function.is_inline() => continue,
                 Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
                 Endpoint::Remote(target) => (&target.identity, None),
-                Endpoint::Cluster { .. } => return false,
+                Endpoint::Cluster { .. } | Endpoint::Clusters(_) => return false,
             };
             // A bad TTL is refused by the normal path, never served.
             let ttl = cmd.cache.as_ref().map(|c| c.ttl).or(default_ttl);
@@ -450,7 +450,7 @@ impl Execution {
             Endpoint::Local(function) => (function.identity(), function.cache_ttl()),
             Endpoint::Remote(target) => (&target.identity, None),
             // Cached, if at all, by the cluster that runs it.
-            Endpoint::Cluster { .. } => return Ok(None),
+            Endpoint::Cluster { .. } | Endpoint::Clusters(_) => return Ok(None),
         };
         let Some(ttl) = self.plan.cmds[i].cache.as_ref().map(|c| c.ttl).or(default_ttl) else { return Ok(None) };
         let refuse = |e: CacheError| {
@@ -699,7 +699,33 @@ fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Ar
             async move { (i, run_federated(&routing, cmd, (&cluster, via.as_deref()), call, &types).await) }
                 .boxed_local()
         }
+        Endpoint::Clusters(clusters) => {
+            let routing = plan.routing.clone();
+            async move { (i, run_elsewhere(&routing, cmd, &clusters, call, &types).await) }.boxed_local()
+        }
     }
+}
+
+/// Runs a command nothing in this cluster matches in the first of `clusters` that does:
+/// each is asked in turn; one that does not export (or serve) the function answers 1001,
+/// one out of reach 1005, and the next is asked. Any other answer is the command's. None
+/// ran it: 1005 if a cluster was out of reach (it may have it), else 1001.
+async fn run_elsewhere(
+    routing: &Routing,
+    cmd: RpcCommand,
+    clusters: &[(String, Option<String>)],
+    call: CallArgs,
+    types: &ArgTypes,
+) -> Result<Value, RpcError> {
+    let mut unreachable = None;
+    for (cluster, via) in clusters {
+        match run_federated(routing, cmd.clone(), (cluster, via.as_deref()), call.clone(), types).await {
+            Err(e) if e.kind() == Some(ErrorCode::NotFound) => {}
+            Err(e) if e.kind() == Some(ErrorCode::Unreachable) => unreachable = Some(e),
+            other => return other,
+        }
+    }
+    Err(unreachable.unwrap_or_else(|| RpcError::not_found(&cmd.fun)))
 }
 
 /// Runs a command in another cluster over the federation bridges (this node's, or those
@@ -774,7 +800,7 @@ async fn run_remote(
             Some(Endpoint::Local(function)) => {
                 return function.invoke(call).await.map_err(|e| failure(cmd, None, &e, types));
             }
-            Some(Endpoint::Cluster { .. }) | None => {
+            Some(Endpoint::Cluster { .. } | Endpoint::Clusters(_)) | None => {
                 let details = format!("command={} fun={} node={}: {reason}", cmd.name, cmd.fun, target.node);
                 return Err(if overloaded {
                     RpcError::peer_overloaded(details)
