@@ -36,7 +36,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tokio::runtime::Handle;
 
-use super::bench::{round1, spawn_node, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
+use super::bench::{round1, spawn_node, status_kib, ChildGuard, STARTUP_TIMEOUT};
 use super::bench_plot::{convergence_curve, write_cdf_svg};
 use crate::client::Client;
 use crate::config::Settings;
@@ -183,9 +183,17 @@ struct Report {
     failure: Vec<(Duration, Duration)>,
     /// VmRSS of each process after the mesh formed, MiB.
     rss_mib: Vec<f64>,
+    /// Its private part (RssAnon, MiB): the rest is mostly the binary's code, which the
+    /// processes share.
+    anon_mib: Vec<f64>,
     settings: Settings,
     /// Pauses between polls of one node.
     pace: Pacing,
+}
+
+/// The mean of `values` (0 for none).
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 /// What the N processes cost over the idle window.
@@ -201,10 +209,6 @@ struct Idle {
 impl Report {
     fn propagation_all(&self) -> Duration {
         self.propagation.iter().copied().max().unwrap_or_default()
-    }
-
-    fn rss_mean(&self) -> f64 {
-        self.rss_mib.iter().sum::<f64>() / self.rss_mib.len().max(1) as f64
     }
 
     fn rss_max(&self) -> f64 {
@@ -247,8 +251,9 @@ impl Report {
                 "status_poll_ms": ms(self.pace.status),
             },
             "memory": {
-                "rss_mean_mib": round1(self.rss_mean()),
+                "rss_mean_mib": round1(mean(&self.rss_mib)),
                 "rss_max_mib": round1(self.rss_max()),
+                "anon_mean_mib": round1(mean(&self.anon_mib)),
                 "per_node_mib": self.rss_mib.iter().map(|&m| round1(m)).collect::<Vec<_>>(),
             },
             "settings": {
@@ -287,7 +292,10 @@ impl Report {
                 format!("{:.0} ms ({} killed)", ms(self.suspected_everywhere), self.victim),
             ),
             ("removed everywhere after kill -9", format!("{:.0} ms", ms(self.removed_everywhere))),
-            ("RSS per node mean / max", format!("{:.1} / {:.1} MiB", self.rss_mean(), self.rss_max())),
+            (
+                "RSS per node mean / max (private part mean)",
+                format!("{:.1} / {:.1} MiB ({:.1} MiB)", mean(&self.rss_mib), self.rss_max(), mean(&self.anon_mib)),
+            ),
             (
                 "idle CPU, all N together",
                 format!("{:.1}% of one core (target <= {IDLE_CPU_TARGET_PERCENT:.0}%)", self.idle.cpu_percent),
@@ -366,11 +374,15 @@ async fn run(
     let mesh_formed = max(&mesh);
     progress!(" {:.0} ms\n", ms(mesh_formed));
 
-    let mut rss_mib = Vec::with_capacity(n);
+    let (mut rss_mib, mut anon_mib) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for p in &processes {
         let path = format!("/proc/{}/status", p.child.0.id());
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        rss_mib.push(vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))? as f64 / 1024.0);
+        let mib = |field| {
+            status_kib(&status, field).map(|kib| kib as f64 / 1024.0).with_context(|| format!("no {field} in {path}"))
+        };
+        rss_mib.push(mib("VmRSS")?);
+        anon_mib.push(mib("RssAnon")?);
     }
 
     progress!("idle for {} s ...", IDLE_WINDOW.as_secs());
@@ -510,6 +522,7 @@ async fn run(
         removed_everywhere,
         failure,
         rss_mib,
+        anon_mib,
         settings,
         pace,
     })
