@@ -16,8 +16,8 @@ fn main() {
 
 /// glibc gives each thread that allocates its own arena (up to 8 per core), and memory
 /// freed in one arena is not reused by another: a node's few threads (listener workers,
-/// monitor, planner, committer) each kept their own partly empty heap, about 1.7 MiB of a
-/// 64-node cluster member's 5.8 MiB of private memory. One arena shared by all of them;
+/// monitor, planner, committer) each kept their own partly empty heap: 0.4-1.7 MiB of a
+/// 64-node cluster member's 4.6-5.8 MiB of private memory (more on a busier machine). One arena shared by all of them;
 /// the per-thread caches in front of it still serve small allocations without its lock.
 /// `MALLOC_ARENA_MAX` in the environment, when set, is left to decide.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
