@@ -296,8 +296,13 @@ impl Report {
             ),
             ("removed everywhere after kill -9", format!("{:.0} ms", ms(self.removed_everywhere))),
             (
-                "RSS per node mean / max (private part mean)",
-                format!("{:.1} / {:.1} MiB ({:.1} MiB)", mean(&self.rss_mib), self.rss_max(), mean(&self.anon_mib)),
+                "RSS per node mean / max",
+                format!(
+                    "{:.1} / {:.1} MiB (private {:.1} MiB)",
+                    mean(&self.rss_mib),
+                    self.rss_max(),
+                    mean(&self.anon_mib)
+                ),
             ),
             (
                 "idle CPU, all N together",
