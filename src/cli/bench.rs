@@ -1076,13 +1076,13 @@ fn idle_rss_mb() -> anyhow::Result<f64> {
     std::thread::sleep(IDLE_SETTLE);
     let path = format!("/proc/{}/status", child.0.id());
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let kib = vm_rss_kib(&status).with_context(|| format!("no VmRSS line in {path}"))?;
+    let kib = status_kib(&status, "VmRSS").with_context(|| format!("no VmRSS line in {path}"))?;
     Ok(kib as f64 / 1024.0)
 }
 
-/// The `VmRSS:   12345 kB` figure of a /proc status file.
-pub(super) fn vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+/// A `Field:   12345 kB` figure of a /proc status file (`VmRSS`, `RssAnon`).
+pub(super) fn status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -1140,8 +1140,11 @@ mod tests {
     }
 
     #[test]
-    fn vm_rss_is_read_from_proc_status() {
-        assert_eq!(vm_rss_kib("Name:\tmpreg\nVmRSS:\t   12345 kB\nVmData: 1 kB\n"), Some(12345));
-        assert_eq!(vm_rss_kib("Name:\tmpreg\n"), None);
+    fn figures_are_read_from_proc_status() {
+        let status = "Name:\tmpreg\nVmRSS:\t   12345 kB\nRssAnon:\t  2048 kB\nVmData: 1 kB\n";
+        assert_eq!(status_kib(status, "VmRSS"), Some(12345));
+        assert_eq!(status_kib(status, "RssAnon"), Some(2048));
+        assert_eq!(status_kib(status, "Rss"), None);
+        assert_eq!(status_kib("Name:\tmpreg\n", "VmRSS"), None);
     }
 }

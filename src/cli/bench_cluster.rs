@@ -36,7 +36,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tokio::runtime::Handle;
 
-use super::bench::{round1, spawn_node, vm_rss_kib, ChildGuard, STARTUP_TIMEOUT};
+use super::bench::{round1, spawn_node, status_kib, ChildGuard, STARTUP_TIMEOUT};
 use super::bench_plot::{convergence_curve, write_cdf_svg};
 use crate::client::Client;
 use crate::config::Settings;
@@ -173,7 +173,9 @@ struct Report {
     register_call: Duration,
     victim: String,
     idle: Idle,
-    /// After SIGSTOP of `victim`: until no other process shows it alive.
+    /// After SIGSTOP of `victim`: until the first other process no longer shows it alive
+    /// (detection), and until none does (detection and dissemination).
+    silent_suspected_first: Duration,
     silent_suspected_everywhere: Duration,
     /// After SIGCONT: until every other process shows it alive again.
     silent_refuted_everywhere: Duration,
@@ -183,9 +185,17 @@ struct Report {
     failure: Vec<(Duration, Duration)>,
     /// VmRSS of each process after the mesh formed, MiB.
     rss_mib: Vec<f64>,
+    /// Its private part (RssAnon, MiB): the rest is mostly the binary's code, which the
+    /// processes share.
+    anon_mib: Vec<f64>,
     settings: Settings,
     /// Pauses between polls of one node.
     pace: Pacing,
+}
+
+/// The mean of `values` (0 for none).
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 /// What the N processes cost over the idle window.
@@ -201,10 +211,6 @@ struct Idle {
 impl Report {
     fn propagation_all(&self) -> Duration {
         self.propagation.iter().copied().max().unwrap_or_default()
-    }
-
-    fn rss_mean(&self) -> f64 {
-        self.rss_mib.iter().sum::<f64>() / self.rss_mib.len().max(1) as f64
     }
 
     fn rss_max(&self) -> f64 {
@@ -236,6 +242,7 @@ impl Report {
             "failure_detection": {
                 "victim": self.victim,
                 "silent_signal": "SIGSTOP, then SIGCONT",
+                "silent_suspected_first_ms": ms(self.silent_suspected_first),
                 "silent_suspected_everywhere_ms": ms(self.silent_suspected_everywhere),
                 "silent_suspected_target_ms": ms(SILENT_SUSPECTED_TARGET),
                 "silent_refuted_everywhere_ms": ms(self.silent_refuted_everywhere),
@@ -247,8 +254,9 @@ impl Report {
                 "status_poll_ms": ms(self.pace.status),
             },
             "memory": {
-                "rss_mean_mib": round1(self.rss_mean()),
+                "rss_mean_mib": round1(mean(&self.rss_mib)),
                 "rss_max_mib": round1(self.rss_max()),
+                "anon_mean_mib": round1(mean(&self.anon_mib)),
                 "per_node_mib": self.rss_mib.iter().map(|&m| round1(m)).collect::<Vec<_>>(),
             },
             "settings": {
@@ -287,7 +295,15 @@ impl Report {
                 format!("{:.0} ms ({} killed)", ms(self.suspected_everywhere), self.victim),
             ),
             ("removed everywhere after kill -9", format!("{:.0} ms", ms(self.removed_everywhere))),
-            ("RSS per node mean / max", format!("{:.1} / {:.1} MiB", self.rss_mean(), self.rss_max())),
+            (
+                "RSS per node mean / max",
+                format!(
+                    "{:.1} / {:.1} MiB (private {:.1} MiB)",
+                    mean(&self.rss_mib),
+                    self.rss_max(),
+                    mean(&self.anon_mib)
+                ),
+            ),
             (
                 "idle CPU, all N together",
                 format!("{:.1}% of one core (target <= {IDLE_CPU_TARGET_PERCENT:.0}%)", self.idle.cpu_percent),
@@ -297,9 +313,10 @@ impl Report {
             (
                 "suspected everywhere after SIGSTOP",
                 format!(
-                    "{:.0} ms (target <= {:.0} ms)",
+                    "{:.0} ms (target <= {:.0} ms; first process {:.0} ms)",
                     ms(self.silent_suspected_everywhere),
-                    ms(SILENT_SUSPECTED_TARGET)
+                    ms(SILENT_SUSPECTED_TARGET),
+                    ms(self.silent_suspected_first)
                 ),
             ),
             ("alive everywhere after SIGCONT", format!("{:.0} ms", ms(self.silent_refuted_everywhere))),
@@ -366,11 +383,15 @@ async fn run(
     let mesh_formed = max(&mesh);
     progress!(" {:.0} ms\n", ms(mesh_formed));
 
-    let mut rss_mib = Vec::with_capacity(n);
+    let (mut rss_mib, mut anon_mib) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for p in &processes {
         let path = format!("/proc/{}/status", p.child.0.id());
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        rss_mib.push(vm_rss_kib(&status).with_context(|| format!("no VmRSS in {path}"))? as f64 / 1024.0);
+        let mib = |field| {
+            status_kib(&status, field).map(|kib| kib as f64 / 1024.0).with_context(|| format!("no {field} in {path}"))
+        };
+        rss_mib.push(mib("VmRSS")?);
+        anon_mib.push(mib("RssAnon")?);
     }
 
     progress!("idle for {} s ...", IDLE_WINDOW.as_secs());
@@ -443,7 +464,9 @@ async fn run(
             })
             .await;
         signal(pid, "CONT")?;
-        let suspected = max(&suspected?);
+        let suspected = suspected?;
+        let first = suspected.iter().copied().min().unwrap_or_default();
+        let suspected = max(&suspected);
         progress!(" {:.0} ms; SIGCONT, waiting until it is alive everywhere ...", ms(suspected));
         let resumed = Instant::now();
         let watched = victim.clone();
@@ -453,10 +476,10 @@ async fn run(
             })
             .await?;
         progress!(" {:.0} ms\n", ms(max(&refuted)));
-        Ok::<_, anyhow::Error>((suspected, max(&refuted)))
+        Ok::<_, anyhow::Error>((first, suspected, max(&refuted)))
     }
     .await;
-    let (silent_suspected_everywhere, silent_refuted_everywhere) = match silent {
+    let (silent_suspected_first, silent_suspected_everywhere, silent_refuted_everywhere) = match silent {
         Ok(figures) => figures,
         Err(e) => {
             registrar.shutdown().await;
@@ -504,12 +527,14 @@ async fn run(
         register_call,
         victim,
         idle,
+        silent_suspected_first,
         silent_suspected_everywhere,
         silent_refuted_everywhere,
         suspected_everywhere,
         removed_everywhere,
         failure,
         rss_mib,
+        anon_mib,
         settings,
         pace,
     })
