@@ -31,12 +31,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Unix milliseconds now (route epochs are announcement times).
-fn unix_ms() -> u64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-}
-
 fn add(x: i64, y: i64) -> RpcCommand {
     in_cluster("FED-C", RpcCommand::new("sum", "add", vec![json!(x), json!(y)]))
 }
@@ -58,7 +52,7 @@ async fn demo() -> anyhow::Result<()> {
         client.close().await;
         let port = a.url().rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).context("a1's port")?;
         a.shutdown().await;
-        let stopped_at_ms = unix_ms();
+        let stopped_at_ms = mpreg_actors::unix_now_ms();
         println!("a1 stopped (its federation state saved at GOODBYE)");
 
         // b1 announces nothing to FED-A from now on.

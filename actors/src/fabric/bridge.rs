@@ -39,7 +39,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use super::link::{frame, FabricShared, LinkId, LinkSender};
+use super::link::{frame, FabricShared, LinkId, LinkSender, Parking};
 use super::wire::{NodeId, PeerFrame};
 use crate::federation::core::{FederationConfig, FederationCore, FederationSnapshot};
 use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
@@ -52,6 +52,7 @@ use crate::planner::{execute, NoObserver, Plan, ReportOptions};
 use crate::protocol::{PubSubMessage, RpcCommand, RpcError, RpcRequest};
 use crate::pubsub::OutFrame;
 use crate::routing::Routing;
+use crate::unix_now_ms;
 
 /// `role: "federation"` — what crosses a bridge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,10 +177,11 @@ struct Waiting {
 enum Waiter {
     /// A task of this node (its own request's command).
     Task(oneshot::Sender<Result<Value, RpcError>>),
-    /// A call relayed for another cluster: the reply goes back on `back` under the
-    /// caller's `id` as soon as it comes, with no task waiting; the permit holds the call's
-    /// place in max_in_flight until then.
-    Relay { back: LinkSender, id: String, _permit: InFlight },
+    /// A call relayed for another cluster: the reply goes back on `back` (through the
+    /// node's `parking`: a full queue does not lose it) under the caller's `id` as soon as
+    /// it comes, with no task waiting; the permit holds the call's place in max_in_flight
+    /// until then.
+    Relay { back: LinkSender, parking: Parking, id: String, _permit: InFlight },
 }
 
 impl Waiter {
@@ -188,14 +190,14 @@ impl Waiter {
             Waiter::Task(reply) => {
                 let _ = reply.send(result);
             }
-            Waiter::Relay { back, id, .. } => {
+            Waiter::Relay { back, parking, id, .. } => {
                 let (value, error) = match result {
                     Ok(value) => (Some(value), None),
                     Err(error) => (None, Some(error)),
                 };
                 let reply = FederationFrame::Reply { id, value, error };
-                if back.try_send(frame(&PeerFrame::Federation(reply))).is_err() {
-                    debug!("federation reply not relayed: the bridge back closed or is full");
+                if parking.send(&back, frame(&PeerFrame::Federation(reply))).is_err() {
+                    debug!("federation reply not relayed: the bridge back closed or too many frames wait");
                 }
             }
         }
@@ -223,12 +225,6 @@ pub struct Bridges {
 /// A file's modification time, if it can be read.
 fn modified(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Unix milliseconds now.
-fn now_ms() -> u64 {
-    u64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
-        .unwrap_or(u64::MAX)
 }
 
 impl Bridges {
@@ -292,7 +288,7 @@ impl Bridges {
         let Ok(mut state) = self.state.lock() else { return };
         let Some(bridge) = state.bridges.remove(&link) else { return };
         info!(cluster = %self.local, peer_cluster = %bridge.cluster, peer = %bridge.node, link, "federation bridge down");
-        if state.core.link_down(&bridge.cluster, now_ms()) {
+        if state.core.link_down(&bridge.cluster, unix_now_ms()) {
             Self::announce(&mut state);
         }
         drop(state);
@@ -375,7 +371,7 @@ impl Bridges {
         self.expire_calls(Instant::now());
         let Ok(mut state) = self.state.lock() else { return };
         let rotated = self.reload_route_key(&mut state);
-        let expired = state.core.expire(now_ms());
+        let expired = state.core.expire(unix_now_ms());
         if rotated || expired || state.last_announce.elapsed() >= self.announce_interval {
             Self::announce(&mut state);
         }
@@ -448,7 +444,7 @@ impl Bridges {
     /// neighbour node).
     fn announce(state: &mut State) {
         state.last_announce = Instant::now();
-        let outgoing = state.core.outgoing(now_ms());
+        let outgoing = state.core.outgoing(unix_now_ms());
         for (neighbor, updates) in outgoing {
             if updates.is_empty() {
                 continue;
@@ -483,7 +479,7 @@ impl Bridges {
             FederationFrame::Call { id, destination, visited, hops_left, command, timeout_ms } => {
                 let refuse = |error: RpcError| {
                     let reply = FederationFrame::Reply { id: id.clone(), value: None, error: Some(error) };
-                    let _ = bridge.sender.try_send(frame(&PeerFrame::Federation(reply)));
+                    let _ = fabric.parking.send(&bridge.sender, frame(&PeerFrame::Federation(reply)));
                 };
                 // Only what this cluster exports runs for another cluster.
                 if destination == self.local && !self.exports_function(&command.fun) {
@@ -496,7 +492,12 @@ impl Bridges {
                     return refuse(RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local)));
                 };
                 if destination != self.local {
-                    let back = Waiter::Relay { back: bridge.sender.clone(), id, _permit: permit };
+                    let back = Waiter::Relay {
+                        back: bridge.sender.clone(),
+                        parking: fabric.parking.clone(),
+                        id,
+                        _permit: permit,
+                    };
                     return self.relay(back, &destination, visited, hops_left, command, timeout_ms);
                 }
                 let (bridges, fabric) = (self.clone(), fabric.clone());
@@ -547,7 +548,7 @@ impl Bridges {
             return;
         }
         let Ok(mut state) = self.state.lock() else { return };
-        let now = now_ms();
+        let now = unix_now_ms();
         let mut changed = false;
         for update in updates {
             match state.core.receive(&bridge.cluster, update, now) {
@@ -573,7 +574,7 @@ impl Bridges {
         let route = state
             .core
             .table()
-            .next_hop(destination, visited, hops, now_ms())
+            .next_hop(destination, visited, hops, unix_now_ms())
             .map_err(|e| format!("cluster {}: {e}", self.local))?;
         state
             .bridges
@@ -594,7 +595,7 @@ impl Bridges {
     /// path, then by name).
     pub fn nearest(&self) -> Vec<ClusterId> {
         let Ok(state) = self.state.lock() else { return Vec::new() };
-        let (table, now) = (state.core.table(), now_ms());
+        let (table, now) = (state.core.table(), unix_now_ms());
         let mut routed: Vec<(usize, ClusterId)> = table
             .destinations()
             .into_iter()
@@ -729,19 +730,19 @@ impl Bridges {
     pub fn restore(&self, bytes: &[u8]) -> Result<usize, String> {
         let snapshot: FederationSnapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         let mut state = self.state.lock().map_err(|_| "federation state unavailable".to_owned())?;
-        state.core.restore(&snapshot, now_ms())
+        state.core.restore(&snapshot, unix_now_ms())
     }
 
     /// Why calls to `destination` go where they go (`avoid`: clusters to route around).
     pub fn explain(&self, destination: &str, avoid: &[ClusterId]) -> Option<Explanation> {
-        self.state.lock().ok().map(|s| s.core.table().explain(destination, avoid, now_ms()))
+        self.state.lock().ok().map(|s| s.core.table().explain(destination, avoid, unix_now_ms()))
     }
 
     /// `GET /routes`: this cluster, its open bridges, every destination with its
     /// explanation, the route keys trusted, refusals by reason.
     pub fn describe(&self) -> Value {
         let Ok(state) = self.state.lock() else { return Value::Null };
-        let now = now_ms();
+        let now = unix_now_ms();
         let table = state.core.table();
         let routes: Vec<Explanation> = table.destinations().into_iter().map(|d| table.explain(d, &[], now)).collect();
         let bridges: Vec<Value> = state
@@ -813,7 +814,7 @@ mod tests {
     /// Bridges of cluster `a` pinning `b` and `c`, and the cores of `b` and `c` (which pin
     /// `a`), each with its own authority.
     fn clusters() -> (Bridges, FederationCore, FederationCore, Arc<Metrics>, BridgeConfig) {
-        let now_s = now_ms() / 1000;
+        let now_s = unix_now_ms() / 1000;
         let authorities: BTreeMap<&str, Authority> =
             ["a", "b", "c"].into_iter().map(|n| (n, Authority::generate())).collect();
         let metrics = Arc::new(Metrics::default());
@@ -851,7 +852,7 @@ mod tests {
     }
 
     fn updates_for_a(core: &mut FederationCore) -> Vec<SignedRouteUpdate> {
-        core.outgoing(now_ms()).into_iter().find(|(n, _)| n == "a").map(|(_, u)| u).unwrap()
+        core.outgoing(unix_now_ms()).into_iter().find(|(n, _)| n == "a").map(|(_, u)| u).unwrap()
     }
 
     #[test]
@@ -929,7 +930,12 @@ mod tests {
         let (back, mut caller) = tokio::sync::mpsc::channel(16);
         let admission = metrics.admission().clone();
         let relay = |id: &str, timeout_ms: Option<u64>| {
-            let waiter = Waiter::Relay { back: back.clone(), id: id.into(), _permit: admission.try_admit().unwrap() };
+            let waiter = Waiter::Relay {
+                back: back.clone(),
+                parking: Parking::new(16, metrics.clone()),
+                id: id.into(),
+                _permit: admission.try_admit().unwrap(),
+            };
             let command = Box::new(RpcCommand::new(id, "echo", vec![Value::from(1)]));
             bridges.relay(waiter, "b", vec!["x".into()], 4, command, timeout_ms);
         };

@@ -249,9 +249,48 @@ pub struct FabricShared {
     in_flight: Mutex<HashMap<NodeId, usize>>,
     seen: Mutex<SeenIds>,
     next_id: AtomicU64,
-    /// Frames waiting for room on a full link queue, each in a task of its own (see
-    /// [`FabricShared::send_or_park`]): at most `max_parked_frames` at once.
-    parked: Arc<tokio::sync::Semaphore>,
+    /// Puts replies and forwarded calls on link queues without losing them to a full one.
+    pub(super) parking: Parking,
+}
+
+/// Queues frames on links. A full queue is not a reason to lose a reply or a forwarded
+/// call, whose caller would wait for its timeout: the frame waits for room in a task of its
+/// own, at most `max_parked_frames` of them on the node (one `Parking` per node, cloned
+/// where frames are sent: the fabric's links and the federation bridges).
+#[derive(Clone)]
+pub struct Parking {
+    slots: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Parking {
+    /// At most `max_parked_frames` frames waiting at once; drops counted in `metrics`.
+    pub fn new(max_parked_frames: usize, metrics: Arc<Metrics>) -> Self {
+        Parking { slots: Arc::new(tokio::sync::Semaphore::new(max_parked_frames)), metrics }
+    }
+
+    /// Queues `bytes` on `sender`'s link, or parks it until there is room; dropped (and
+    /// said why) when the link closed or too many frames wait already.
+    pub(super) fn send(&self, sender: &LinkSender, bytes: OutFrame) -> Result<(), Dropped> {
+        let bytes = match sender.try_send(bytes) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Dropped::Closed),
+            Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
+        };
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            warn!("frame dropped: peer link queue full and max_parked_frames waiting already");
+            self.metrics.fabric_dropped("link_queue_full");
+            return Err(Dropped::Full);
+        };
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if sender.send(bytes).await.is_err() {
+                debug!("parked frame not sent: the link closed");
+            }
+        });
+        Ok(())
+    }
 }
 
 /// Decrements a node's in-flight count when the call ends, however it ends.
@@ -302,7 +341,7 @@ impl FabricShared {
             in_flight: Mutex::new(HashMap::new()),
             seen: Mutex::new(SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: 65_536 }),
             next_id: AtomicU64::new(1),
-            parked: Arc::new(tokio::sync::Semaphore::new(LinkLimits::default().max_parked_frames)),
+            parking: Parking::new(LinkLimits::default().max_parked_frames, Arc::new(Metrics::default())),
         }
     }
 
@@ -345,6 +384,7 @@ impl FabricShared {
 
     /// Counts into the node's metrics.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.parking.metrics = metrics.clone();
         self.metrics = metrics;
         self
     }
@@ -352,7 +392,7 @@ impl FabricShared {
     /// Link-layer limits.
     pub fn with_limits(mut self, limits: LinkLimits) -> Self {
         self.limits = limits;
-        self.parked = Arc::new(tokio::sync::Semaphore::new(limits.max_parked_frames));
+        self.parking = Parking::new(limits.max_parked_frames, self.metrics.clone());
         self
     }
 
@@ -720,7 +760,7 @@ impl FabricShared {
         let sender = back.and_then(|from| self.view.load().admitted.get(&from).map(|(_, s, _)| s.clone()));
         match sender {
             Some(sender) => {
-                let _ = self.send_or_park(&sender, frame(&PeerFrame::FabricMessage(message)));
+                let _ = self.parking.send(&sender, frame(&PeerFrame::FabricMessage(message)));
             }
             None => {
                 debug!(link, id = %message.id, "reply for no call forwarded on this link; dropped");
@@ -763,7 +803,7 @@ impl FabricShared {
     /// way back, whatever this node's own budget.
     fn reply(&self, arrived_on: LinkId, id: String, target: NodeId, outcome: CallOutcome, forwards: usize) {
         if let Some((sender, bytes)) = self.reply_frame(arrived_on, id, target, outcome, forwards) {
-            let _ = self.send_or_park(&sender, bytes);
+            let _ = self.parking.send(&sender, bytes);
         }
     }
 
@@ -790,30 +830,6 @@ impl FabricShared {
             body: FabricBody::Reply { outcome },
         };
         Some((sender, frame(&PeerFrame::FabricMessage(message))))
-    }
-
-    /// Queues `bytes` on a link. A full queue is not a reason to lose a reply or a
-    /// forwarded call, whose caller would wait for its timeout: the frame waits for room
-    /// in a task of its own, at most `max_parked_frames` of them on the node.
-    fn send_or_park(&self, sender: &LinkSender, bytes: OutFrame) -> Result<(), Dropped> {
-        let bytes = match sender.try_send(bytes) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Dropped::Closed),
-            Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
-        };
-        let Ok(permit) = self.parked.clone().try_acquire_owned() else {
-            warn!("frame dropped: peer link queue full and max_parked_frames waiting already");
-            self.metrics.fabric_dropped("link_queue_full");
-            return Err(Dropped::Full);
-        };
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if sender.send(bytes).await.is_err() {
-                debug!("parked frame not sent: the link closed");
-            }
-        });
-        Ok(())
     }
 
     fn forward(&self, arrived_on: LinkId, mut message: FabricMessage) {
@@ -851,7 +867,7 @@ impl FabricShared {
         }
         message.hops_left -= 1;
         message.path.push(self.me.node.clone());
-        let Err(dropped) = self.send_or_park(&sender, frame(&PeerFrame::FabricMessage(message))) else { return };
+        let Err(dropped) = self.parking.send(&sender, frame(&PeerFrame::FabricMessage(message))) else { return };
         // Not sent: the caller hears so now rather than at its timeout.
         if let Some((source, id)) = request {
             if let Ok(mut forwarded) = self.forwarded.lock() {
@@ -869,9 +885,9 @@ impl FabricShared {
     }
 }
 
-/// Why [`FabricShared::send_or_park`] dropped a frame.
+/// Why [`Parking::send`] dropped a frame.
 #[derive(Debug, Clone, Copy)]
-enum Dropped {
+pub(super) enum Dropped {
     /// The link closed.
     Closed,
     /// The link's queue is full and `max_parked_frames` frames wait already.
