@@ -41,6 +41,7 @@ use tracing::debug;
 use super::core::{owners, CacheKey, Entry};
 use super::local::{Level, Levels, LocalCache, Written};
 use super::ops::{self, found, key_of, to_rpc, value_of};
+use crate::fabric::bridge::Work;
 use crate::fabric::wire::CallOutcome;
 use crate::fabric::FabricShared;
 use crate::protocol::{CacheReply, CacheRequest, RpcError};
@@ -79,8 +80,10 @@ pub fn route(fabric: &FabricShared, cache: &LocalCache, request: &CacheRequest, 
         Ok(levels) => levels,
         Err(e) => return Route::Answered(Err(to_rpc(e, metrics))),
     };
-    let alone = fabric.view.load().next_hops.is_empty();
-    if !levels.l3 || alone || request.op == "stats" || !ops::OPS.contains(&request.op.as_str()) {
+    let l3 = levels.l3 && !fabric.view.load().next_hops.is_empty();
+    // L4 is read-only: other ops run as without it.
+    let l4 = levels.l4 && request.op == "get";
+    if (!l3 && !l4) || request.op == "stats" || !ops::OPS.contains(&request.op.as_str()) {
         let mut outcome = ops::execute_local(cache, request, &fabric.me.node, now).map_err(|e| to_rpc(e, metrics));
         if let (Ok(stats), "stats") = (&mut outcome, request.op.as_str()) {
             stats["l3"]["nodes"] = json!(alive(fabric));
@@ -112,7 +115,17 @@ pub async fn execute(
     let metrics = &fabric.metrics;
     let now = unix_now();
     match request.op.as_str() {
-        "get" => read_from_owners(fabric, cache, &request, timeout, now).await,
+        "get" => {
+            let levels = Levels::parse(request.levels.as_deref()).map_err(|e| to_rpc(e, metrics))?;
+            let in_cluster = levels.l3 && !fabric.view.load().next_hops.is_empty();
+            if in_cluster {
+                let answer = read_from_owners(fabric, cache, &request, timeout, now).await;
+                if !levels.l4 || answer.as_ref().is_ok_and(|a| a["found"].as_bool() == Some(true)) {
+                    return answer;
+                }
+            }
+            read_from_clusters(fabric, cache, &request, timeout, now).await
+        }
         "invalidate" => {
             let mut local = request.clone();
             local.levels = None;
@@ -281,12 +294,84 @@ async fn read_from_owners(
     }
 }
 
+/// Other clusters asked by one L4 read, at most.
+pub const MAX_L4_CLUSTERS: usize = 4;
+
+/// A read this cluster missed (L4): the clusters this node reaches, nearest first, at most
+/// [`MAX_L4_CLUSTERS`] of them, all within `timeout`. Each reads its own L1–L3 (never on
+/// to a further cluster) if its export list shares the namespace (else 1001, a miss
+/// here). A hit is kept as a short copy in L1, as an owner's is.
+async fn read_from_clusters(
+    fabric: &FabricShared,
+    cache: &LocalCache,
+    request: &CacheRequest,
+    timeout: Duration,
+    now: f64,
+) -> Result<Value, RpcError> {
+    let metrics = &fabric.metrics;
+    let key = key_of(cache, request).map_err(|e| to_rpc(e, metrics))?;
+    let levels = Levels::parse(request.levels.as_deref()).map_err(|e| to_rpc(e, metrics))?;
+    let mut ask = request.clone();
+    ask.levels = Some(vec!["l1".into(), "l2".into(), "l3".into()]);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut clusters = fabric.clusters_reached();
+    clusters.truncate(MAX_L4_CLUSTERS);
+    let (mut failures, asked) = (Vec::new(), clusters.len());
+    for (cluster, via) in clusters {
+        let work = Work::Cache(Box::new(ask.clone()));
+        let read = fabric.run_in_cluster(&cluster, via.as_deref(), work, Some(deadline.into_std()));
+        let answer = match tokio::time::timeout_at(deadline, read).await {
+            Ok(answer) => answer,
+            Err(_) => Err(RpcError::timeout(timeout.as_secs_f64())),
+        };
+        match answer {
+            Ok(answer) if answer["found"].as_bool() == Some(true) => {
+                cache.hit(Level::L4);
+                if levels.l1 {
+                    keep_copy(cache, &key, &answer, now);
+                }
+                let mut answer = answer;
+                answer["level"] = json!(Level::L4.as_str());
+                answer["cluster"] = json!(cluster);
+                return Ok(answer);
+            }
+            // A miss there, or a namespace it does not share.
+            Ok(_) => {}
+            Err(e) if e.kind() == Some(crate::protocol::ErrorCode::NotFound) => {}
+            Err(e) => failures.push(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    cache.miss(Level::L4);
+    match failures.pop() {
+        // Every cluster asked failed: say so rather than report a miss.
+        Some(e) if failures.len() + 1 == asked => Err(e),
+        _ => Ok(json!({"found": false})),
+    }
+}
+
+/// A cache read that came from another cluster (see [`read_from_clusters`]): this
+/// cluster's levels, as a client of this node would read them.
+pub async fn serve_for_cluster(
+    fabric: &FabricShared,
+    cache: &LocalCache,
+    mut request: CacheRequest,
+) -> Result<Value, RpcError> {
+    request.levels = Some(vec!["l1".into(), "l2".into(), "l3".into()]);
+    match route(fabric, cache, &request, unix_now()) {
+        Route::Answered(outcome) => outcome,
+        Route::Cluster => execute(fabric, cache, request, cache.limits().remote_timeout).await,
+    }
+}
+
 /// Keeps a value read from an owner in this node's L1, for at most `cache_copy_ttl_s`.
 fn keep_copy(cache: &LocalCache, key: &CacheKey, answer: &Value, now: f64) {
     let Some(version) = answer["version"].as_u64() else { return };
     let cap = now + cache.limits().copy_ttl_s;
     let expires_at = answer["expires_in"].as_f64().map_or(cap, |left| (now + left).min(cap));
-    let copy = Levels { l1: true, l2: false, l3: false };
+    let copy = Levels { l1: true, l2: false, l3: false, l4: false };
     if let Err(e) = cache.put(key, answer["value"].clone(), Some(expires_at), Some(version), copy, now) {
         debug!(cause = %e, "cache copy not kept");
     }

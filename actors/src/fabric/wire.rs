@@ -326,13 +326,15 @@ pub enum FabricBody {
         /// How it went.
         outcome: CallOutcome,
     },
-    /// A command for another cluster, to a node of this cluster that bridges to it (it
-    /// answers with the cluster's result, or `refused`).
+    /// Work for another cluster (a command, a queue operation or a cache read), to a node
+    /// of this cluster that bridges to it (it answers with the cluster's result, or
+    /// `refused`).
     ClusterCall {
         /// The destination cluster.
         cluster: ClusterId,
-        /// The command, its arguments already substituted.
-        command: Box<crate::protocol::RpcCommand>,
+        /// What to run there: `command`, `queue` or `cache`.
+        #[serde(flatten)]
+        work: super::bridge::Work,
         /// Milliseconds the caller still waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
