@@ -192,6 +192,11 @@ async fn queues_and_cache_across_clusters(a1: &Client, a2: &Client, node_a: &Ser
     let e = refused(a1.queue_send("jobs.missing", json!(1), to_c()).await);
     assert_eq!(e.code, ErrorCode::NotFound.as_u16(), "{e:?}");
     assert!(e.details_text().contains("unknown queue: jobs.missing"), "{e:?}");
+    // Oversized for the queue on C: C's queue refuses it (1002), nothing is stored.
+    on_c.queue_create("jobs.small", json!({"durable": true, "max_message_bytes": 64})).await.expect("small queue");
+    let e = refused(a1.queue_send("jobs.small", json!("x".repeat(1000)), to_c()).await);
+    assert_eq!(e.code, ErrorCode::InvalidRequest.as_u16(), "{e:?}");
+    assert_eq!(on_c.queue_stats("jobs.small").await.unwrap()["visible"], 0);
     // Receives do not cross (1002); a cluster nobody routes to is 1005 at once.
     let receive = a1.queue_op("receive", Some("jobs"), json!({"target_cluster": "fed-c"})).await;
     assert_eq!(rpc_error(receive).code, ErrorCode::InvalidRequest.as_u16());
@@ -209,6 +214,12 @@ async fn queues_and_cache_across_clusters(a1: &Client, a2: &Client, node_a: &Ser
     let copy = a2.cache_get("shared", "k", l4()).await.unwrap().expect("kept in a2's L1");
     assert_eq!(copy.level, "l1");
     assert!(copy.expires_in.is_some_and(|s| s <= 10.0), "{copy:?}");
+    // A key over the bound is refused where the request starts (1002), never sent.
+    let long = a1.cache_get("shared", &"k".repeat(5000), l4()).await;
+    assert!(
+        matches!(long, Err(mpreg::ClientError::Rpc(ref e)) if e.code == ErrorCode::InvalidRequest.as_u16()),
+        "{long:?}"
+    );
     // Not exported by C (B exports `shared` but holds nothing): a miss, not an error.
     assert!(a1.cache_get("secret", "k", l4()).await.expect("L4 miss").is_none());
     drop(on_c);
