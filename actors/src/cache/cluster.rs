@@ -34,7 +34,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, LocalBoxFuture};
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tracing::debug;
 
@@ -119,12 +120,12 @@ pub async fn execute(
             let levels = Levels::parse(request.levels.as_deref()).map_err(|e| to_rpc(e, metrics))?;
             let in_cluster = levels.l3 && !fabric.view.load().next_hops.is_empty();
             if in_cluster {
-                let answer = read_from_owners(fabric, cache, &request, timeout, now).await;
+                let answer = read_from(Level::L3, fabric, cache, &request, timeout, now).await;
                 if !levels.l4 || answer.as_ref().is_ok_and(|a| a["found"].as_bool() == Some(true)) {
                     return answer;
                 }
             }
-            read_from_clusters(fabric, cache, &request, timeout, now).await
+            read_from(Level::L4, fabric, cache, &request, timeout, now).await
         }
         "invalidate" => {
             let mut local = request.clone();
@@ -251,57 +252,16 @@ async fn spread(
     answers.iter().any(|a| a.as_ref().is_ok_and(|v| v["deleted"].as_bool() == Some(true)))
 }
 
-/// A read this node's levels missed: each owner in turn; a hit is kept as a short copy.
-async fn read_from_owners(
-    fabric: &FabricShared,
-    cache: &LocalCache,
-    request: &CacheRequest,
-    timeout: Duration,
-    now: f64,
-) -> Result<Value, RpcError> {
-    let metrics = &fabric.metrics;
-    let key = key_of(cache, request).map_err(|e| to_rpc(e, metrics))?;
-    let levels = Levels::parse(request.levels.as_deref()).map_err(|e| to_rpc(e, metrics))?;
-    let nodes = alive(fabric);
-    let mut ask = request.clone();
-    ask.levels = None;
-    let mut failures = Vec::new();
-    let mut asked = 0;
-    for owner in owners(&key.hash_input(), &nodes, cache.limits().replication) {
-        if owner == fabric.me.node {
-            continue;
-        }
-        asked += 1;
-        match remote(fabric, cache, owner, LOCAL, &ask, timeout).await {
-            Ok(answer) if answer["found"].as_bool() == Some(true) => {
-                cache.hit(Level::L3);
-                if levels.l1 {
-                    keep_copy(cache, &key, &answer, now);
-                }
-                let mut answer = answer;
-                answer["level"] = json!(Level::L3.as_str());
-                return Ok(answer);
-            }
-            Ok(_) => {}
-            Err(e) => failures.push(e),
-        }
-    }
-    cache.miss(Level::L3);
-    match failures.pop() {
-        // Every owner asked failed: say so rather than report a miss.
-        Some(e) if failures.len() + 1 == asked => Err(e),
-        _ => Ok(json!({"found": false})),
-    }
-}
-
 /// Other clusters asked by one L4 read, at most.
 pub const MAX_L4_CLUSTERS: usize = 4;
 
-/// A read this cluster missed (L4): the clusters this node reaches, nearest first, at most
-/// [`MAX_L4_CLUSTERS`] of them, all within `timeout`. Each reads its own L1–L3 (never on
-/// to a further cluster) if its export list shares the namespace (else 1001, a miss
-/// here). A hit is kept as a short copy in L1, as an owner's is.
-async fn read_from_clusters(
+/// A read this node's levels missed, from `level`: L3, each owner in turn; L4, the
+/// clusters this node reaches, nearest first, at most [`MAX_L4_CLUSTERS`] of them, all
+/// within `timeout`, each reading its own L1–L3 (never on to a further cluster) if its
+/// export list shares the namespace (else 1001, a miss here), a hit naming the cluster.
+/// A hit is kept as a short copy in L1.
+async fn read_from(
+    level: Level,
     fabric: &FabricShared,
     cache: &LocalCache,
     request: &CacheRequest,
@@ -312,47 +272,77 @@ async fn read_from_clusters(
     let key = key_of(cache, request).map_err(|e| to_rpc(e, metrics))?;
     let levels = Levels::parse(request.levels.as_deref()).map_err(|e| to_rpc(e, metrics))?;
     let mut ask = request.clone();
-    ask.levels = Some(vec!["l1".into(), "l2".into(), "l3".into()]);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut clusters = fabric.clusters_reached();
-    clusters.truncate(MAX_L4_CLUSTERS);
-    let (mut failures, asked) = (Vec::new(), clusters.len());
-    for (cluster, via) in clusters {
-        let work = Work::Cache(Box::new(ask.clone()));
-        let read = fabric.run_in_cluster(&cluster, via.as_deref(), work, Some(deadline.into_std()));
-        let answer = match tokio::time::timeout_at(deadline, read).await {
-            Ok(answer) => answer,
-            Err(_) => Err(RpcError::timeout(timeout.as_secs_f64())),
+    let reads: Vec<LocalBoxFuture<'_, Result<Value, RpcError>>> = if level == Level::L4 {
+        ask.levels = Some(vec!["l1".into(), "l2".into(), "l3".into()]);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut clusters = fabric.clusters_reached();
+        clusters.truncate(MAX_L4_CLUSTERS);
+        let read = move |(cluster, via): (String, Option<String>), ask: CacheRequest| async move {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RpcError::timeout(timeout.as_secs_f64()));
+            }
+            let work = Work::Cache(Box::new(ask));
+            let read = fabric.run_in_cluster(&cluster, via.as_deref(), work, Some(deadline.into_std()));
+            let mut answer = match tokio::time::timeout_at(deadline, read).await {
+                Ok(answer) => answer?,
+                Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
+            };
+            answer["cluster"] = json!(cluster);
+            Ok(answer)
         };
-        match answer {
-            Ok(answer) if answer["found"].as_bool() == Some(true) => {
-                cache.hit(Level::L4);
-                if levels.l1 {
-                    keep_copy(cache, &key, &answer, now);
+        clusters.into_iter().map(|c| read(c, ask.clone()).boxed_local()).collect()
+    } else {
+        ask.levels = None;
+        let nodes = alive(fabric);
+        let owners: Vec<String> = owners(&key.hash_input(), &nodes, cache.limits().replication)
+            .into_iter()
+            .filter(|owner| *owner != fabric.me.node)
+            .map(str::to_owned)
+            .collect();
+        let read = move |owner: String, ask: CacheRequest| async move {
+            remote(fabric, cache, &owner, LOCAL, &ask, timeout).await
+        };
+        owners.into_iter().map(|owner| read(owner, ask.clone()).boxed_local()).collect()
+    };
+    first_hit(cache, &key, (level, levels.l1), reads, now).await
+}
+
+/// Asks each of `reads` (a source's answer to the `get`) in turn: the first hit answers
+/// at `level`, kept as a short copy in L1 when `copy`; a source without the key (or, with
+/// 1001, not sharing it) is a miss. None has it: a miss, or the error when every source
+/// failed.
+async fn first_hit(
+    cache: &LocalCache,
+    key: &CacheKey,
+    (level, copy): (Level, bool),
+    reads: Vec<LocalBoxFuture<'_, Result<Value, RpcError>>>,
+    now: f64,
+) -> Result<Value, RpcError> {
+    let (mut failures, asked) = (Vec::new(), reads.len());
+    for read in reads {
+        match read.await {
+            Ok(mut answer) if answer["found"].as_bool() == Some(true) => {
+                cache.hit(level);
+                if copy {
+                    keep_copy(cache, key, &answer, now);
                 }
-                let mut answer = answer;
-                answer["level"] = json!(Level::L4.as_str());
-                answer["cluster"] = json!(cluster);
+                answer["level"] = json!(level.as_str());
                 return Ok(answer);
             }
-            // A miss there, or a namespace it does not share.
             Ok(_) => {}
             Err(e) if e.kind() == Some(crate::protocol::ErrorCode::NotFound) => {}
             Err(e) => failures.push(e),
         }
-        if tokio::time::Instant::now() >= deadline {
-            break;
-        }
     }
-    cache.miss(Level::L4);
+    cache.miss(level);
     match failures.pop() {
-        // Every cluster asked failed: say so rather than report a miss.
+        // Every source asked failed: say so rather than report a miss.
         Some(e) if failures.len() + 1 == asked => Err(e),
         _ => Ok(json!({"found": false})),
     }
 }
 
-/// A cache read that came from another cluster (see [`read_from_clusters`]): this
+/// A cache read that came from another cluster (see [`read_from`]): this
 /// cluster's levels, as a client of this node would read them.
 pub async fn serve_for_cluster(
     fabric: &FabricShared,
@@ -392,20 +382,7 @@ async fn remote(
         Ok(outcome) => outcome,
         Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
     };
-    match outcome {
-        CallOutcome::Ok { value } => match serde_json::from_value::<CacheReply>(value) {
-            Ok(CacheReply { error: Some(error), .. }) => Err(error),
-            Ok(CacheReply { result, .. }) => Ok(result.unwrap_or(Value::Null)),
-            Err(e) => Err(RpcError::unreachable(format!("undecodable cache reply from {node}: {e}"))),
-        },
-        CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
-        CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
-        CallOutcome::Refused { error } => Err(error),
-        CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("no cache on {node}"))),
-        CallOutcome::Failed { error, node } => {
-            Err(RpcError::unreachable(format!("cache operation failed on {node}: {error:?}")))
-        }
-    }
+    outcome.into_op_result("cache", node)
 }
 
 /// A cache op from another node (see [`crate::fabric::wire::FabricBody::CacheOp`]).

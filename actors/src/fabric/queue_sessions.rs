@@ -293,20 +293,7 @@ impl FabricShared {
             Ok(outcome) => outcome,
             Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
         };
-        match outcome {
-            CallOutcome::Ok { value } => match serde_json::from_value::<QueueReply>(value) {
-                Ok(QueueReply { error: Some(error), .. }) => Err(error),
-                Ok(QueueReply { result, .. }) => Ok(result.unwrap_or(Value::Null)),
-                Err(e) => Err(RpcError::unreachable(format!("undecodable queue reply from {}: {e}", owner.node))),
-            },
-            CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
-            CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
-            CallOutcome::Refused { error } => Err(error),
-            CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("queue not served by {node}"))),
-            CallOutcome::Failed { error, node } => {
-                Err(RpcError::unreachable(format!("queue operation failed on {node}: {error:?}")))
-            }
-        }
+        outcome.into_op_result("queue", &owner.node)
     }
 
     /// Runs a queue operation [`Self::queue_route`] sent to other clusters, within
