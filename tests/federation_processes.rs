@@ -278,6 +278,22 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     assert_eq!(value.expect("a2 finds add in C through a1")["r"], 8);
 
     queues_and_cache_across_clusters(&client, &via_a1, &node_a, &node_c).await;
+    // C reloads its export list (SIGHUP) without queues: a send to jobs is refused on C's
+    // bridge node at once (1001).
+    let no_queues = std::fs::read_to_string(c_settings.path()).unwrap().replace("queues = [\"jobs.#\"]", "queues = []");
+    std::fs::write(c_settings.path(), no_queues).unwrap();
+    let status = std::process::Command::new("kill").args(["-HUP", &node_c.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    poll_until_async("C stops exporting its queues", SOON, || async {
+        let options = QueueSendOptions { target_cluster: Some("fed-c".into()), ..Default::default() };
+        match client.queue_send("jobs", json!({"late": true}), options).await {
+            Err(mpreg::ClientError::Rpc(e)) if e.code == ErrorCode::NotFound.as_u16() => {
+                e.details_text().contains("does not export queue jobs").then_some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
 
     // Rotate C's route key while it runs: C reads the file again, sends B the new chain
     // and signs with the new key; B trusts it without a restart, and calls keep working.
