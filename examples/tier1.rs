@@ -26,14 +26,17 @@
 //!   (each cluster its own authority, node credentials and route key, pinned by its
 //!   neighbours). A client on FED-A runs `add(20, 22)` with `target_cluster = FED-C`
 //!   (only FED-C has `add`): 42, across two bridges; FED-A's route explanation names the
-//!   path FED-A -> FED-B -> FED-C; FED-C stops, FED-B withdraws the route, and the same
-//!   call fails with 1005 at once. Every result is checked.
+//!   path FED-A -> FED-B -> FED-C; a message sent from FED-A to FED-C's queue `jobs`
+//!   (`target_cluster`) is received on c1, and a cache `get` on a1 with level `l4` reads
+//!   FED-C's value; FED-C stops, FED-B withdraws the route, and the same call fails with
+//!   1005 at once. Every result is checked.
 //!
 //! Exit code 0 when every check passed, 1 when one failed.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use mpreg::client::QueueSendOptions;
 use mpreg::demo::{
     example_settings, http_get_json, http_request, in_cluster, init_logging, metric_value, shutdown_all, wait_routable,
     wait_route, wait_until, FabricLine, CONVERGE_TIMEOUT,
@@ -224,7 +227,6 @@ async fn pushed(sub: &mut mpreg::client::QueueSubscription) -> anyhow::Result<mp
 }
 
 async fn demo_queue() -> anyhow::Result<()> {
-    use mpreg::client::QueueSendOptions;
     println!("Tier 1: queues — every delivery guarantee, dead letters and redrive, on a durable store");
     let data = std::env::temp_dir().join(format!("mpreg-tier1-queue-{}", std::process::id()));
     let mut settings = example_settings("QUEUE", &[], false);
@@ -492,6 +494,23 @@ async fn demo_fabric() -> anyhow::Result<()> {
         let r = client.request(vec![add()]).await.context("add in FED-C")?;
         ensure!(r == json!({"sum": 42}), "expected {{\"sum\": 42}}, got {r}");
         println!("add(20, 22) with target_cluster FED-C, sent to a1: {r} (ran on c1, across two bridges)");
+        // A queue and a cache value of FED-C, used from a1.
+        let on_c = Client::connect(nodes[2].url()).await.context("connecting to c1")?;
+        on_c.queue_create("jobs", json!({})).await.context("queue jobs on c1")?;
+        let to_c = QueueSendOptions { target_cluster: Some("FED-C".into()), ..Default::default() };
+        let id = client.queue_send("jobs", json!({"job": 1}), to_c).await.context("send to FED-C's jobs")?;
+        let got = on_c.queue_receive("jobs", 1, 0.0, None).await.context("receive on c1")?;
+        ensure!(got.len() == 1 && got[0].id == id, "c1 received {got:?}, expected message {id}");
+        println!(
+            "queue send to jobs with target_cluster FED-C, sent to a1: id {id}, received on c1: {}",
+            got[0].payload
+        );
+        on_c.cache_put("shared", "greeting", json!("hello from FED-C"), CacheOptions::default()).await?;
+        let l4 = CacheOptions::default().levels(&["l1", "l2", "l3", "l4"]);
+        let hit = client.cache_get("shared", "greeting", l4).await?.context("L4 get found nothing")?;
+        ensure!(hit.level == "l4" && hit.cluster.as_deref() == Some("FED-C"), "L4 get: {hit:?}");
+        println!("cache get shared/greeting with levels l1..l4 on a1: {} (level l4, from FED-C)", hit.value);
+        on_c.close().await;
         nodes[2].shutdown().await;
         println!("c1 stopped: FED-B withdraws FED-C");
         let (error, took) = wait_until("FED-A's call to FED-C to fail with 1005", CONVERGE_TIMEOUT, || async {

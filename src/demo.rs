@@ -232,7 +232,12 @@ fn fabric_settings(
         trust,
         route_key_dir: Some(own),
         announce_interval_s: 1.0,
-        exports: ExportList { functions: vec!["add".into()], ..ExportList::default() },
+        exports: ExportList {
+            functions: vec!["add".into()],
+            queues: vec!["jobs".into()],
+            cache: vec!["shared".into()],
+            ..ExportList::default()
+        },
         ..FederationSettings::default()
     };
     Ok(settings)

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use common::keys::Keys;
 use common::proxy::Proxy;
 use common::{poll_until_async, rpc_error, TempFile};
+use mpreg::client::{CacheOptions, QueueSendOptions};
 use mpreg::{Client, RpcCommand};
 use mpreg_actors::fabric::trust;
 use mpreg_actors::federation::keys::rotate_in_dir;
@@ -57,15 +58,16 @@ impl Cluster {
 }
 
 /// A settings file for a node of `me` bridging to `allowed` (pinned), dialling `peers`,
-/// letting other clusters call the functions `exports` and receive its publishes on
-/// `news.#`.
+/// letting other clusters call the functions `exports`, receive its publishes on
+/// `news.#`, use its queues `jobs.#` and read its cache namespace `shared`.
 fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str], exports: &[&str]) -> TempFile {
     let allowed_ids: Vec<&str> = allowed.iter().map(|c| c.id.as_str()).collect();
     let trust: Vec<String> =
         allowed.iter().map(|c| format!("{} = \"{}\"", c.id, c.keys.authority.public_hex())).collect();
     let text = format!(
         "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\nannounce_interval_s = 1.0\n\
-         [mpreg.federation.exports]\nfunctions = {}\ntopics = [\"news.#\"]\n[mpreg.federation.trust]\n{}\n",
+         [mpreg.federation.exports]\nfunctions = {}\ntopics = [\"news.#\"]\nqueues = [\"jobs.#\"]\ncache = [\"shared\"]\n\
+         [mpreg.federation.trust]\n{}\n",
         json!(allowed_ids),
         json!(peers),
         json!(me.keys.dir.display().to_string()),
@@ -84,9 +86,24 @@ async fn start(
     functions: &[&str],
     peers: &[&str],
 ) -> ServerProcess {
+    start_with(name, cluster, settings, functions, peers, None).await
+}
+
+/// [`start`], with `data_dir` as the node's data dir (durable queues).
+async fn start_with(
+    name: &str,
+    cluster: &Cluster,
+    settings: Option<&TempFile>,
+    functions: &[&str],
+    peers: &[&str],
+    data_dir: Option<&std::path::Path>,
+) -> ServerProcess {
     let credentials = cluster.keys.issue(name);
     let mut args: Vec<String> =
         ["server", "start", "--port", "0", "--monitoring-port", "0"].iter().map(|s| (*s).to_owned()).collect();
+    if let Some(dir) = data_dir {
+        args.extend(["--data-dir".into(), dir.display().to_string()]);
+    }
     if let Some(settings) = settings {
         args.extend(["--config".into(), settings.arg().to_owned()]);
     }
@@ -131,6 +148,83 @@ fn selected(routes: &Value, destination: &str) -> Option<Vec<String>> {
         .and_then(|r| r["selected"].as_array().map(|p| p.iter().filter_map(Value::as_str).map(str::to_owned).collect()))
 }
 
+/// Queues and the cache's L4 across the line A–B–C, from a1 (bridged to B) and a2
+/// (through a1): C owns the durable queue `jobs` (every cluster exports `jobs.#`) and
+/// `private` (not exported), and holds `shared/k` and `secret/k` in its cache (only
+/// `shared` exported).
+async fn queues_and_cache_across_clusters(a1: &Client, a2: &Client, node_a: &ServerProcess, node_c: &ServerProcess) {
+    let on_c = Client::connect(&node_c.url).await.expect("client connects to C");
+    for queue in ["jobs", "private"] {
+        on_c.queue_create(queue, json!({"durable": true})).await.expect("queue on C");
+    }
+    let to_c = || QueueSendOptions { target_cluster: Some("fed-c".into()), ..Default::default() };
+    // A send with target_cluster: answered with the id once C's owner synced it.
+    let id = a1.queue_send("jobs", json!({"n": 1}), to_c()).await.expect("send to C's queue");
+    // Without target_cluster: nothing in A has `jobs`; B (nearer) has none (1001), C has it.
+    let id2 = a2.queue_send("jobs", json!({"n": 2}), Default::default()).await.expect("send found in C");
+    // The CLI, as a user: `--cluster`.
+    let url = node_a.url.clone();
+    let cli = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mpreg"))
+            .args(["client", "queue", "send", "jobs", r#"{"n": 3}"#, "--cluster", "fed-c", "--url", &url])
+            .output()
+            .expect("mpreg client queue send runs")
+    })
+    .await
+    .unwrap();
+    assert!(cli.status.success(), "{cli:?}");
+    let stats = a1.queue_stats_in("fed-c", "jobs").await.expect("stats of C's queue");
+    assert_eq!(stats["visible"], 3, "{stats}");
+    let got = on_c.queue_receive("jobs", 10, 0.0, None).await.expect("receive on C");
+    let payloads: Vec<&Value> = got.iter().map(|m| &m.payload).collect();
+    assert_eq!(payloads, [&json!({"n": 1}), &json!({"n": 2}), &json!({"n": 3})]);
+    assert_eq!((got[0].id.as_str(), got[1].id.as_str()), (id.as_str(), id2.as_str()));
+
+    let refused = |result: Result<String, mpreg::ClientError>| match result {
+        Err(mpreg::ClientError::Rpc(e)) => e,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    // Not exported by C: 1001 naming the cluster and the queue, from C's bridge node.
+    let e = refused(a1.queue_send("private", json!(1), to_c()).await);
+    assert_eq!(e.code, ErrorCode::NotFound.as_u16(), "{e:?}");
+    assert!(e.details_text().contains("cluster fed-c does not export queue private"), "{e:?}");
+    // Exported, but no such queue in C: C's own 1001.
+    let e = refused(a1.queue_send("jobs.missing", json!(1), to_c()).await);
+    assert_eq!(e.code, ErrorCode::NotFound.as_u16(), "{e:?}");
+    assert!(e.details_text().contains("unknown queue: jobs.missing"), "{e:?}");
+    // Oversized for the queue on C: C's queue refuses it (1002), nothing is stored.
+    on_c.queue_create("jobs.small", json!({"durable": true, "max_message_bytes": 64})).await.expect("small queue");
+    let e = refused(a1.queue_send("jobs.small", json!("x".repeat(1000)), to_c()).await);
+    assert_eq!(e.code, ErrorCode::InvalidRequest.as_u16(), "{e:?}");
+    assert_eq!(on_c.queue_stats("jobs.small").await.unwrap()["visible"], 0);
+    // Receives do not cross (1002); a cluster nobody routes to is 1005 at once.
+    let receive = a1.queue_op("receive", Some("jobs"), json!({"target_cluster": "fed-c"})).await;
+    assert_eq!(rpc_error(receive).code, ErrorCode::InvalidRequest.as_u16());
+    let options = QueueSendOptions { target_cluster: Some("fed-z".into()), ..Default::default() };
+    let e = refused(a1.queue_send("jobs", json!(1), options).await);
+    assert_eq!(e.code, ErrorCode::Unreachable.as_u16(), "{e:?}");
+
+    // Cache L4: C's values, read from A when asked for (`l4`), kept in A's L1 briefly.
+    on_c.cache_put("shared", "k", json!({"from": "c"}), CacheOptions::default()).await.expect("put on C");
+    on_c.cache_put("secret", "k", json!(1), CacheOptions::default()).await.expect("put on C");
+    let l4 = || CacheOptions::default().levels(&["l1", "l2", "l3", "l4"]);
+    assert!(a1.cache_get("shared", "k", CacheOptions::default()).await.unwrap().is_none(), "not without l4");
+    let hit = a2.cache_get("shared", "k", l4()).await.expect("L4 get").expect("found in C");
+    assert_eq!((hit.value, hit.level.as_str(), hit.cluster.as_deref()), (json!({"from": "c"}), "l4", Some("fed-c")));
+    let copy = a2.cache_get("shared", "k", l4()).await.unwrap().expect("kept in a2's L1");
+    assert_eq!(copy.level, "l1");
+    assert!(copy.expires_in.is_some_and(|s| s <= 10.0), "{copy:?}");
+    // A key over the bound is refused where the request starts (1002), never sent.
+    let long = a1.cache_get("shared", &"k".repeat(5000), l4()).await;
+    assert!(
+        matches!(long, Err(mpreg::ClientError::Rpc(ref e)) if e.code == ErrorCode::InvalidRequest.as_u16()),
+        "{long:?}"
+    );
+    // Not exported by C (B exports `shared` but holds nothing): a miss, not an error.
+    assert!(a1.cache_get("secret", "k", l4()).await.expect("L4 miss").is_none());
+    drop(on_c);
+}
+
 #[actix_rt::test]
 async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let (a, b, c, d) = (Cluster::new("fed-a"), Cluster::new("fed-b"), Cluster::new("fed-c"), Cluster::new("fed-d"));
@@ -138,7 +232,8 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     // C lets other clusters call add, not multiply (both in its demo pack).
     let c_settings = federation_settings(&c, &[&b], &[], &["add"]);
     let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
-    let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
+    let c_data = tempfile::tempdir().expect("data dir for c1");
+    let node_c = start_with("c1", &c, Some(&c_settings), &["demo"], &[], Some(c_data.path())).await;
     let proxy = Proxy::to(&node_c.url).await;
     let b_settings = federation_settings(&b, &[&a, &c], &[&node_a.url, &proxy.url], &[]);
     let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
@@ -182,6 +277,24 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let value = via_a1.request(vec![RpcCommand::new("r", "add", vec![json!(4), json!(4)])]).await;
     assert_eq!(value.expect("a2 finds add in C through a1")["r"], 8);
 
+    queues_and_cache_across_clusters(&client, &via_a1, &node_a, &node_c).await;
+    // C reloads its export list (SIGHUP) without queues: a send to jobs is refused on C's
+    // bridge node at once (1001).
+    let no_queues = std::fs::read_to_string(c_settings.path()).unwrap().replace("queues = [\"jobs.#\"]", "queues = []");
+    std::fs::write(c_settings.path(), no_queues).unwrap();
+    let status = std::process::Command::new("kill").args(["-HUP", &node_c.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    poll_until_async("C stops exporting its queues", SOON, || async {
+        let options = QueueSendOptions { target_cluster: Some("fed-c".into()), ..Default::default() };
+        match client.queue_send("jobs", json!({"late": true}), options).await {
+            Err(mpreg::ClientError::Rpc(e)) if e.code == ErrorCode::NotFound.as_u16() => {
+                e.details_text().contains("does not export queue jobs").then_some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
+
     // Rotate C's route key while it runs: C reads the file again, sends B the new chain
     // and signs with the new key; B trusts it without a restart, and calls keep working.
     let rotation = rotate_in_dir(&c.keys.dir, "fed-c", trust::unix_seconds(), 60).expect("rotation");
@@ -210,6 +323,17 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     assert!(error.1 < Duration::from_secs(2), "1005 took {:?}", error.1);
     assert!(format!("{:?}", error.0.details).contains("fed-c"), "{:?}", error.0);
     assert_eq!(selected(&routes(&node_a).await, "fed-c"), None, "withdrawn at A");
+    // A queue send to C is refused at once too (no route), with the reason.
+    let started = Instant::now();
+    let options = QueueSendOptions { target_cluster: Some("fed-c".into()), ..Default::default() };
+    match client.queue_send("jobs", json!({"cut": true}), options).await {
+        Err(mpreg::ClientError::Rpc(e)) => {
+            assert_eq!(e.code, ErrorCode::Unreachable.as_u16(), "{e:?}");
+            assert!(e.details_text().contains("fed-c"), "{e:?}");
+        }
+        other => panic!("a send to a cut cluster answered {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "1005 took {:?}", started.elapsed());
 
     // Heal: B redials C, the route and the call come back.
     proxy.set_open(true);
@@ -311,7 +435,8 @@ async fn a_ring_of_four_clusters_converges_without_loops_and_reroutes_around_a_c
     let d_settings = federation_settings(&d, &[&c, &a], &[], &[]);
     let node_d = start("d1", &d, Some(&d_settings), &[], &[]).await;
     let c_settings = federation_settings(&c, &[&b, &d], &[&node_d.url], &["add"]);
-    let node_c = start("c1", &c, Some(&c_settings), &["demo"], &[]).await;
+    let c_data = tempfile::tempdir().expect("data dir for c1");
+    let node_c = start_with("c1", &c, Some(&c_settings), &["demo"], &[], Some(c_data.path())).await;
     let b_settings = federation_settings(&b, &[&a, &c], &[&node_c.url], &[]);
     let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
     let proxy = Proxy::to(&node_b.url).await;

@@ -52,7 +52,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::cache::{cluster as cache_cluster, LocalCache};
 use crate::fabric::link::next_link_id;
-use crate::fabric::wire::{CallOutcome, PeerFrame, ServerFrame};
+use crate::fabric::queue_sessions::QueueRoute;
+use crate::fabric::wire::{PeerFrame, ServerFrame};
 use crate::fabric::{
     CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
     LinkSender,
@@ -465,21 +466,24 @@ impl Connection {
         }
         let Some(permit) = self.admit(&request.u, kind, ctx) else { return };
         self.in_flight += 1;
-        let (slot, outbox, conn) = (self.shared.queue.clone(), self.outbox.clone(), self.id);
+        let (outbox, conn) = (self.outbox.clone(), self.id);
         let metrics = self.shared.metrics.clone();
         let (fabric, timeout) = (self.shared.fabric.clone(), self.shared.config.request_timeout);
         let task = async move {
             let request = Arc::new(request);
             let call = || QueueCall { conn, outbox: outbox.clone(), kind, request: request.clone() };
-            let outcome = match remote_queue(&fabric, &request) {
+            let outcome = match fabric.queue_route(&request) {
                 QueueRoute::Remote(owner) => {
-                    forward_queue_op(&fabric, &owner, &request, (conn, &outbox, kind), timeout).await
+                    fabric.queue_session_used(conn, &owner.node, &outbox, kind);
+                    fabric.forward_queue_op(&owner, &request, conn, timeout).await
                 }
                 QueueRoute::Refused(error) => Err(error),
-                QueueRoute::Local => match slot.send(call).await {
-                    Ok(outcome) if request.op == "list" => outcome.map(|list| merge_remote_queues(&fabric, list)),
-                    Ok(outcome) => outcome,
-                    Err(e) => Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry"))),
+                QueueRoute::Clusters { clusters, work, targeted } => {
+                    fabric.queue_elsewhere(&clusters, work, targeted, timeout).await
+                }
+                QueueRoute::Local => match fabric.local_queue_op(call).await {
+                    Ok(list) if request.op == "list" => Ok(merge_remote_queues(&fabric, list)),
+                    outcome => outcome,
                 },
             };
             drop(permit);
@@ -886,67 +890,6 @@ fn in_place(shared: &NodeShared, request: RpcRequest, started: Instant) -> InPla
         Some(Step::Paused(execution)) => InPlace::Paused(execution, ending),
         // Unreachable for an inline plan; answer rather than lose the request.
         None => InPlace::Answered(failed(ending.u, RpcError::invalid("inline plan did not complete"))),
-    }
-}
-
-/// Where a queue operation is served.
-enum QueueRoute {
-    /// By this node's Queue actor (a local queue, `list`, `create`, or an unknown name: 1001).
-    Local,
-    /// By the queue's owner, over the fabric.
-    Remote(crate::fabric::RemoteQueue),
-    /// Not at all: the owner is down or unreachable (1005).
-    Refused(RpcError),
-}
-
-/// A queue this node does not own, advertised in the catalog by another node, is served
-/// there (see [`FabricShared::queue_op`]).
-fn remote_queue(fabric: &FabricShared, request: &QueueRequest) -> QueueRoute {
-    let Some(name) = request.queue.as_deref().filter(|_| request.op != "list") else { return QueueRoute::Local };
-    // `NAME.dlq` lives with `NAME`.
-    let name = name.strip_suffix(crate::queue::core::DLQ_SUFFIX).unwrap_or(name);
-    if fabric.local_queues.lock().is_ok_and(|local| local.iter().any(|q| q == name)) {
-        return QueueRoute::Local;
-    }
-    let view = fabric.view.load();
-    if let Some(owner) = view.queues.get(name) {
-        return QueueRoute::Remote(owner.clone());
-    }
-    if let Some(owner) = view.unreachable_queues.get(name) {
-        let details = format!("queue {name:?} is owned by {} ({}), which is unreachable", owner.node, owner.url);
-        return QueueRoute::Refused(RpcError::unreachable(details));
-    }
-    QueueRoute::Local
-}
-
-/// Runs a queue operation on its owner, within the request timeout; a lost owner or link
-/// is 1005 at once.
-async fn forward_queue_op(
-    fabric: &FabricShared,
-    owner: &crate::fabric::RemoteQueue,
-    request: &QueueRequest,
-    (conn, pushes, kind): (ConnectionId, &Outbox, FrameKind),
-    timeout: Duration,
-) -> Result<Value, RpcError> {
-    let body = serde_json::to_value(request).map_err(|e| RpcError::invalid(e.to_string()))?;
-    fabric.queue_session_used(conn, &owner.node, pushes, kind);
-    let outcome = match tokio::time::timeout(timeout, fabric.queue_op(&owner.node, body, conn)).await {
-        Ok(outcome) => outcome,
-        Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
-    };
-    match outcome {
-        CallOutcome::Ok { value } => match serde_json::from_value::<QueueReply>(value) {
-            Ok(QueueReply { error: Some(error), .. }) => Err(error),
-            Ok(QueueReply { result, .. }) => Ok(result.unwrap_or(Value::Null)),
-            Err(e) => Err(RpcError::unreachable(format!("undecodable queue reply from {}: {e}", owner.node))),
-        },
-        CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
-        CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
-        CallOutcome::Refused { error } => Err(error),
-        CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("queue not served by {node}"))),
-        CallOutcome::Failed { error, node } => {
-            Err(RpcError::unreachable(format!("queue operation failed on {node}: {error:?}")))
-        }
     }
 }
 

@@ -54,6 +54,9 @@ pub type ConnectionId = u64;
 /// never reach them.
 #[derive(Debug, Clone, Copy)]
 pub enum PseudoConnection {
+    /// Queue operations from another cluster (one per origin cluster, on the bridge node
+    /// that runs them).
+    RemoteCluster = 1,
     /// A client connection of another node using a queue this node owns.
     RemoteQueueClient = 2,
     /// The pub/sub bindings of one queue.

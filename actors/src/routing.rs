@@ -101,43 +101,20 @@ impl Routing {
 
     /// A command for another cluster: over this node's bridges when they route to it,
     /// else through the least loaded node of this cluster whose catalog says it does, else
-    /// 1005 at once with the reason.
+    /// 1005 at once with the reason ([`FabricShared::cluster_route`]).
     fn federated(&self, cluster: &str) -> Result<Endpoint, RpcError> {
         let Some(fabric) = self.fabric.as_ref() else {
             return Err(RpcError::unreachable(format!("no route to cluster {cluster}: this node has no fabric")));
         };
-        let own = fabric.bridges.as_ref().map(|b| b.route_to(cluster));
-        if let Some(Ok(())) = own {
-            return Ok(Endpoint::Cluster { cluster: cluster.to_owned(), via: None });
-        }
-        let view = fabric.view.load();
-        let via = view.clusters.get(cluster).and_then(|nodes| nodes.iter().min_by_key(|n| fabric.load_of(n)));
-        if let Some(node) = via {
-            return Ok(Endpoint::Cluster { cluster: cluster.to_owned(), via: Some(node.clone()) });
-        }
-        let reason = match own {
-            Some(Err(reason)) => reason,
-            _ => format!("no route to cluster {cluster}: no node of cluster {} bridges to it", self.cluster_id),
-        };
-        Err(RpcError::unreachable(reason))
+        let via = fabric.cluster_route(cluster).map_err(RpcError::unreachable)?;
+        Ok(Endpoint::Cluster { cluster: cluster.to_owned(), via })
     }
 
-    /// The other clusters this node reaches, nearest first: over its own bridges (`via:
-    /// None`), then through the least loaded node of this cluster that advertises a route.
+    /// The other clusters this node reaches, nearest first
+    /// ([`FabricShared::clusters_reached`]); none for a command from another cluster.
     fn other_clusters(&self) -> Vec<(String, Option<String>)> {
         let Some(fabric) = self.fabric.as_ref().filter(|_| self.other_clusters) else { return Vec::new() };
-        let mut found: Vec<(String, Option<String>)> =
-            fabric.bridges.iter().flat_map(|b| b.nearest()).map(|c| (c, None)).collect();
-        let view = fabric.view.load();
-        let mut through: Vec<(&String, &Vec<String>)> = view.clusters.iter().collect();
-        through.sort();
-        for (cluster, nodes) in through {
-            let via = nodes.iter().min_by_key(|n| fabric.load_of(n));
-            if let Some(node) = via.filter(|_| !found.iter().any(|(c, _)| c == cluster)) {
-                found.push((cluster.clone(), Some(node.clone())));
-            }
-        }
-        found
+        fabric.clusters_reached()
     }
 
     fn pick(

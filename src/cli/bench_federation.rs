@@ -9,7 +9,9 @@
 //!   routes to every other cluster (its `/routes`), then `rpc_local` (echo on node 0),
 //!   `rpc_cross_1bridge` (echo with `target_cluster` = cluster 1, across one bridge) and
 //!   `rpc_cross_2bridges` (echo with `target_cluster` = cluster 2, across two bridges)
-//!   are measured one call at a time on node 0.
+//!   are measured one call at a time on node 0; then `queue_send_local` (a send to node
+//!   0's in-memory queue) and `queue_send_cross_2bridges` (a send with `target_cluster` =
+//!   cluster 2 to its queue of the same name), one at a time.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +26,7 @@ use mpreg_actors::protocol::RpcCommand;
 use serde_json::{json, Value};
 
 use super::bench::{percentile, spawn_node, ChildGuard};
-use crate::client::Client;
+use crate::client::{Client, QueueSendOptions};
 
 /// How long a node may take to print its URLs, and the line to converge.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -134,7 +136,7 @@ fn prepare(dir: &Path, i: usize, authorities: &[Authority], peer: Option<&str>) 
         neighbours.iter().map(|&j| format!("{} = \"{}\"", cluster_name(j), authorities[j].public_hex())).collect();
     let text = format!(
         "[mpreg]\n[mpreg.federation]\nallowed_clusters = {}\npeers = {}\nroute_key_dir = {}\n\
-         [mpreg.federation.exports]\nfunctions = [\"echo\"]\n[mpreg.federation.trust]\n{}\n",
+         [mpreg.federation.exports]\nfunctions = [\"echo\"]\nqueues = [\"bench\"]\n[mpreg.federation.trust]\n{}\n",
         json!(allowed),
         json!(peer.into_iter().collect::<Vec<_>>()),
         json!(own.display().to_string()),
@@ -180,13 +182,22 @@ async fn routed(node: &LineNode) -> usize {
 
 /// p50 in µs of `calls` sequential requests of `cmd` (after 20 unmeasured).
 async fn p50_us(client: &Client, cmd: &RpcCommand, calls: usize) -> anyhow::Result<u32> {
+    p50_of(calls, || client.request(vec![cmd.clone()])).await
+}
+
+/// p50 in µs of `calls` sequential runs of `op` (after 20 unmeasured).
+async fn p50_of<T, F, Fut>(calls: usize, mut op: F) -> anyhow::Result<u32>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::client::ClientError>>,
+{
     for _ in 0..20 {
-        client.request(vec![cmd.clone()]).await?;
+        op().await?;
     }
     let mut samples = Vec::with_capacity(calls);
     for _ in 0..calls {
         let started = Instant::now();
-        client.request(vec![cmd.clone()]).await?;
+        op().await?;
         samples.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
     }
     samples.sort_unstable();
@@ -225,6 +236,18 @@ async fn processes(n: usize, calls: usize) -> anyhow::Result<Vec<Value>> {
     let one_bridge = p50_us(&client, &one, calls).await?;
     let cross = RpcCommand { target_cluster: Some(cluster_name(2)), ..echo };
     let remote = p50_us(&client, &cross, calls).await?;
+    // In-memory queues (no sync) without dedup on node 0 and node 2.
+    let config = json!({"durable": false, "dedup_window": 0});
+    client.queue_create("bench", config.clone()).await?;
+    let far = Client::connect(&nodes[2].url).await?;
+    far.queue_create("bench", config).await?;
+    far.close().await;
+    let send = |target_cluster: Option<String>| {
+        let options = QueueSendOptions { target_cluster, ..Default::default() };
+        client.queue_send("bench", json!("x"), options)
+    };
+    let queue_local = p50_of(calls, || send(None)).await?;
+    let queue_cross = p50_of(calls, || send(Some(cluster_name(2)))).await?;
     client.close().await;
     Ok(vec![
         json!({"name": "federation_converge", "clusters": n, "seconds": converge}),
@@ -232,5 +255,8 @@ async fn processes(n: usize, calls: usize) -> anyhow::Result<Vec<Value>> {
         json!({"name": "rpc_cross_1bridge", "calls": calls, "p50_us": one_bridge}),
         json!({"name": "rpc_cross_2bridges", "calls": calls, "p50_us": remote,
                "ratio_to_local": f64::from(remote) / f64::from(local.max(1))}),
+        json!({"name": "queue_send_local", "calls": calls, "p50_us": queue_local}),
+        json!({"name": "queue_send_cross_2bridges", "calls": calls, "p50_us": queue_cross,
+               "ratio_to_local": f64::from(queue_cross) / f64::from(queue_local.max(1))}),
     ])
 }

@@ -17,7 +17,8 @@ pub struct CacheArgs {
     /// Node URL.
     #[arg(long, env = "MPREG_URL")]
     pub url: String,
-    /// Levels the operation may touch, comma-separated (`l1,l2,l3`; default all).
+    /// Levels the operation may touch, comma-separated (`l1,l2,l3`, the default; `l4`
+    /// lets a `get` that misses them read other clusters that export the namespace).
     #[arg(long, value_delimiter = ',')]
     pub levels: Vec<String>,
 }

@@ -79,6 +79,9 @@ pub enum QueueCommand {
         /// Dedup id.
         #[arg(long)]
         dedup_id: Option<String>,
+        /// The cluster whose queue it is (over federation bridges; default: this one's).
+        #[arg(long)]
+        cluster: Option<String>,
         #[command(flatten)]
         url: UrlArg,
     },
@@ -131,6 +134,9 @@ pub enum QueueCommand {
     Stats {
         /// Queue name.
         name: String,
+        /// The cluster whose queue it is (over federation bridges; default: this one's).
+        #[arg(long)]
+        cluster: Option<String>,
         /// Raw JSON.
         #[arg(long)]
         json: bool,
@@ -238,11 +244,16 @@ async fn execute(client: &Client, command: QueueCommand) -> anyhow::Result<i32> 
             set("quorum_wait", quorum_wait.map(|v| json!(v)));
             print(&client.queue_create(&name, config).await?);
         }
-        QueueCommand::Send { name, payload, guarantee: g, priority, delay, dedup_id, .. } => {
+        QueueCommand::Send { name, payload, guarantee: g, priority, delay, dedup_id, cluster, .. } => {
             let payload: Value = serde_json::from_str(&payload)
                 .map_err(|e| anyhow::anyhow!("PAYLOAD must be JSON ({e}), got {payload:?}"))?;
-            let options =
-                QueueSendOptions { guarantee: g.as_deref().map(guarantee).transpose()?, priority, delay, dedup_id };
+            let options = QueueSendOptions {
+                guarantee: g.as_deref().map(guarantee).transpose()?,
+                priority,
+                delay,
+                dedup_id,
+                target_cluster: cluster,
+            };
             println!("{}", client.queue_send(&name, payload, options).await?);
         }
         QueueCommand::Receive { name, max, wait, consumer, .. } => {
@@ -270,8 +281,11 @@ async fn execute(client: &Client, command: QueueCommand) -> anyhow::Result<i32> 
                 return Ok(1);
             }
         }
-        QueueCommand::Stats { name, json: raw, .. } => {
-            let stats = client.queue_stats(&name).await?;
+        QueueCommand::Stats { name, json: raw, cluster, .. } => {
+            let stats = match cluster {
+                Some(cluster) => client.queue_stats_in(&cluster, &name).await?,
+                None => client.queue_stats(&name).await?,
+            };
             if raw {
                 print(&stats);
             } else {

@@ -26,7 +26,8 @@ use super::{Client, ClientError};
 pub struct CacheOptions {
     /// Seconds to live (writes); `None`: the node's `cache_default_ttl_s`.
     pub ttl: Option<f64>,
-    /// Levels the operation may touch (`l1`, `l2`, `l3`); empty: all.
+    /// Levels the operation may touch (`l1`, `l2`, `l3`; `l4`: a `get` may read other
+    /// clusters); empty: l1, l2, l3.
     pub levels: Vec<String>,
 }
 
@@ -50,8 +51,10 @@ pub struct CacheHit {
     pub value: Value,
     /// Its version (what `cas` compares).
     pub version: u64,
-    /// The level that served it: `l1`, `l2` or `l3`.
+    /// The level that served it: `l1`, `l2`, `l3` or `l4`.
     pub level: String,
+    /// The cluster that served it (L4 only).
+    pub cluster: Option<String>,
     /// Seconds until it expires; `None`: never.
     pub expires_in: Option<f64>,
 }
@@ -105,6 +108,7 @@ impl Client {
             value: r["value"].clone(),
             version: r["version"].as_u64().unwrap_or(0),
             level: r["level"].as_str().unwrap_or("").to_owned(),
+            cluster: r["cluster"].as_str().map(str::to_owned),
             expires_in: r["expires_in"].as_f64(),
         }))
     }

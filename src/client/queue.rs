@@ -52,6 +52,8 @@ pub struct QueueSendOptions {
     pub delay: Option<f64>,
     /// Dedup key (default: the payload's hash).
     pub dedup_id: Option<String>,
+    /// The cluster whose queue it is, when not this node's (over federation bridges).
+    pub target_cluster: Option<String>,
 }
 
 /// A queue subscription's stream of pushed messages; ack them with
@@ -132,6 +134,9 @@ impl Client {
         if let Some(d) = options.dedup_id {
             fields["dedup_id"] = json!(d);
         }
+        if let Some(c) = options.target_cluster {
+            fields["target_cluster"] = json!(c);
+        }
         let r = self.queue_op("send", Some(queue), fields).await?;
         r["id"].as_str().map(str::to_owned).ok_or_else(|| ClientError::Protocol(format!("send answered {r}")))
     }
@@ -187,6 +192,11 @@ impl Client {
     /// The queue's stats, config and owner.
     pub async fn queue_stats(&self, queue: &str) -> Result<Value, ClientError> {
         self.queue_op("stats", Some(queue), json!({})).await
+    }
+
+    /// The stats of queue `queue` of cluster `cluster` (over federation bridges).
+    pub async fn queue_stats_in(&self, cluster: &str, queue: &str) -> Result<Value, ClientError> {
+        self.queue_op("stats", Some(queue), json!({ "target_cluster": cluster })).await
     }
 
     /// Every queue: `[{name, durable, owner, stats...}]`.

@@ -34,13 +34,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, LocalBoxFuture};
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tracing::debug;
 
 use super::core::{owners, CacheKey, Entry};
 use super::local::{Level, Levels, LocalCache, Written};
 use super::ops::{self, found, key_of, to_rpc, value_of};
+use crate::fabric::bridge::Work;
 use crate::fabric::wire::CallOutcome;
 use crate::fabric::FabricShared;
 use crate::protocol::{CacheReply, CacheRequest, RpcError};
@@ -79,8 +81,10 @@ pub fn route(fabric: &FabricShared, cache: &LocalCache, request: &CacheRequest, 
         Ok(levels) => levels,
         Err(e) => return Route::Answered(Err(to_rpc(e, metrics))),
     };
-    let alone = fabric.view.load().next_hops.is_empty();
-    if !levels.l3 || alone || request.op == "stats" || !ops::OPS.contains(&request.op.as_str()) {
+    let l3 = levels.l3 && !fabric.view.load().next_hops.is_empty();
+    // L4 is read-only: other ops run as without it.
+    let l4 = levels.l4 && request.op == "get";
+    if (!l3 && !l4) || request.op == "stats" || !ops::OPS.contains(&request.op.as_str()) {
         let mut outcome = ops::execute_local(cache, request, &fabric.me.node, now).map_err(|e| to_rpc(e, metrics));
         if let (Ok(stats), "stats") = (&mut outcome, request.op.as_str()) {
             stats["l3"]["nodes"] = json!(alive(fabric));
@@ -112,7 +116,17 @@ pub async fn execute(
     let metrics = &fabric.metrics;
     let now = unix_now();
     match request.op.as_str() {
-        "get" => read_from_owners(fabric, cache, &request, timeout, now).await,
+        "get" => {
+            let levels = Levels::parse(request.levels.as_deref()).map_err(|e| to_rpc(e, metrics))?;
+            let in_cluster = levels.l3 && !fabric.view.load().next_hops.is_empty();
+            if in_cluster {
+                let answer = read_from(Level::L3, fabric, cache, &request, timeout, now).await;
+                if !levels.l4 || answer.as_ref().is_ok_and(|a| a["found"].as_bool() == Some(true)) {
+                    return answer;
+                }
+            }
+            read_from(Level::L4, fabric, cache, &request, timeout, now).await
+        }
         "invalidate" => {
             let mut local = request.clone();
             local.levels = None;
@@ -238,8 +252,16 @@ async fn spread(
     answers.iter().any(|a| a.as_ref().is_ok_and(|v| v["deleted"].as_bool() == Some(true)))
 }
 
-/// A read this node's levels missed: each owner in turn; a hit is kept as a short copy.
-async fn read_from_owners(
+/// Other clusters asked by one L4 read, at most.
+pub const MAX_L4_CLUSTERS: usize = 4;
+
+/// A read this node's levels missed, from `level`: L3, each owner in turn; L4, the
+/// clusters this node reaches, nearest first, at most [`MAX_L4_CLUSTERS`] of them, all
+/// within `timeout`, each reading its own L1–L3 (never on to a further cluster) if its
+/// export list shares the namespace (else 1001, a miss here), a hit naming the cluster.
+/// A hit is kept as a short copy in L1.
+async fn read_from(
+    level: Level,
     fabric: &FabricShared,
     cache: &LocalCache,
     request: &CacheRequest,
@@ -249,35 +271,88 @@ async fn read_from_owners(
     let metrics = &fabric.metrics;
     let key = key_of(cache, request).map_err(|e| to_rpc(e, metrics))?;
     let levels = Levels::parse(request.levels.as_deref()).map_err(|e| to_rpc(e, metrics))?;
-    let nodes = alive(fabric);
     let mut ask = request.clone();
-    ask.levels = None;
-    let mut failures = Vec::new();
-    let mut asked = 0;
-    for owner in owners(&key.hash_input(), &nodes, cache.limits().replication) {
-        if owner == fabric.me.node {
-            continue;
-        }
-        asked += 1;
-        match remote(fabric, cache, owner, LOCAL, &ask, timeout).await {
-            Ok(answer) if answer["found"].as_bool() == Some(true) => {
-                cache.hit(Level::L3);
-                if levels.l1 {
-                    keep_copy(cache, &key, &answer, now);
+    let reads: Vec<LocalBoxFuture<'_, Result<Value, RpcError>>> = if level == Level::L4 {
+        ask.levels = Some(vec!["l1".into(), "l2".into(), "l3".into()]);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut clusters = fabric.clusters_reached();
+        clusters.truncate(MAX_L4_CLUSTERS);
+        let read = move |(cluster, via): (String, Option<String>), ask: CacheRequest| async move {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RpcError::timeout(timeout.as_secs_f64()));
+            }
+            let work = Work::Cache(Box::new(ask));
+            let read = fabric.run_in_cluster(&cluster, via.as_deref(), work, Some(deadline.into_std()));
+            let mut answer = match tokio::time::timeout_at(deadline, read).await {
+                Ok(answer) => answer?,
+                Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
+            };
+            answer["cluster"] = json!(cluster);
+            Ok(answer)
+        };
+        clusters.into_iter().map(|c| read(c, ask.clone()).boxed_local()).collect()
+    } else {
+        ask.levels = None;
+        let nodes = alive(fabric);
+        let owners: Vec<String> = owners(&key.hash_input(), &nodes, cache.limits().replication)
+            .into_iter()
+            .filter(|owner| *owner != fabric.me.node)
+            .map(str::to_owned)
+            .collect();
+        let read = move |owner: String, ask: CacheRequest| async move {
+            remote(fabric, cache, &owner, LOCAL, &ask, timeout).await
+        };
+        owners.into_iter().map(|owner| read(owner, ask.clone()).boxed_local()).collect()
+    };
+    first_hit(cache, &key, (level, levels.l1), reads, now).await
+}
+
+/// Asks each of `reads` (a source's answer to the `get`) in turn: the first hit answers
+/// at `level`, kept as a short copy in L1 when `copy`; a source without the key (or, with
+/// 1001, not sharing it) is a miss. None has it: a miss, or the error when every source
+/// failed.
+async fn first_hit(
+    cache: &LocalCache,
+    key: &CacheKey,
+    (level, copy): (Level, bool),
+    reads: Vec<LocalBoxFuture<'_, Result<Value, RpcError>>>,
+    now: f64,
+) -> Result<Value, RpcError> {
+    let (mut failures, asked) = (Vec::new(), reads.len());
+    for read in reads {
+        match read.await {
+            Ok(mut answer) if answer["found"].as_bool() == Some(true) => {
+                cache.hit(level);
+                if copy {
+                    keep_copy(cache, key, &answer, now);
                 }
-                let mut answer = answer;
-                answer["level"] = json!(Level::L3.as_str());
+                answer["level"] = json!(level.as_str());
                 return Ok(answer);
             }
             Ok(_) => {}
+            Err(e) if e.kind() == Some(crate::protocol::ErrorCode::NotFound) => {}
             Err(e) => failures.push(e),
         }
     }
-    cache.miss(Level::L3);
+    cache.miss(level);
     match failures.pop() {
-        // Every owner asked failed: say so rather than report a miss.
+        // Every source asked failed: say so rather than report a miss.
         Some(e) if failures.len() + 1 == asked => Err(e),
         _ => Ok(json!({"found": false})),
+    }
+}
+
+/// A cache read that came from another cluster (see [`read_from`]): this
+/// cluster's levels, as a client of this node would read them.
+pub async fn serve_for_cluster(
+    fabric: &FabricShared,
+    cache: &LocalCache,
+    mut request: CacheRequest,
+) -> Result<Value, RpcError> {
+    request.levels = Some(vec!["l1".into(), "l2".into(), "l3".into()]);
+    match route(fabric, cache, &request, unix_now()) {
+        Route::Answered(outcome) => outcome,
+        Route::Cluster => execute(fabric, cache, request, cache.limits().remote_timeout).await,
     }
 }
 
@@ -286,7 +361,7 @@ fn keep_copy(cache: &LocalCache, key: &CacheKey, answer: &Value, now: f64) {
     let Some(version) = answer["version"].as_u64() else { return };
     let cap = now + cache.limits().copy_ttl_s;
     let expires_at = answer["expires_in"].as_f64().map_or(cap, |left| (now + left).min(cap));
-    let copy = Levels { l1: true, l2: false, l3: false };
+    let copy = Levels { l1: true, l2: false, l3: false, l4: false };
     if let Err(e) = cache.put(key, answer["value"].clone(), Some(expires_at), Some(version), copy, now) {
         debug!(cause = %e, "cache copy not kept");
     }
@@ -307,20 +382,7 @@ async fn remote(
         Ok(outcome) => outcome,
         Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
     };
-    match outcome {
-        CallOutcome::Ok { value } => match serde_json::from_value::<CacheReply>(value) {
-            Ok(CacheReply { error: Some(error), .. }) => Err(error),
-            Ok(CacheReply { result, .. }) => Ok(result.unwrap_or(Value::Null)),
-            Err(e) => Err(RpcError::unreachable(format!("undecodable cache reply from {node}: {e}"))),
-        },
-        CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
-        CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
-        CallOutcome::Refused { error } => Err(error),
-        CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("no cache on {node}"))),
-        CallOutcome::Failed { error, node } => {
-            Err(RpcError::unreachable(format!("cache operation failed on {node}: {error:?}")))
-        }
-    }
+    outcome.into_op_result("cache", node)
 }
 
 /// A cache op from another node (see [`crate::fabric::wire::FabricBody::CacheOp`]).

@@ -46,35 +46,40 @@ pub struct Levels {
     pub l2: bool,
     /// The cluster (the key's owner nodes).
     pub l3: bool,
+    /// Other clusters (a `get` only; never by default).
+    pub l4: bool,
 }
 
 impl Levels {
-    /// Every level.
-    pub const ALL: Levels = Levels { l1: true, l2: true, l3: true };
+    /// The default: this cluster's levels.
+    pub const ALL: Levels = Levels { l1: true, l2: true, l3: true, l4: false };
     /// This node only.
-    pub const LOCAL: Levels = Levels { l1: true, l2: true, l3: false };
+    pub const LOCAL: Levels = Levels { l1: true, l2: true, l3: false, l4: false };
+    /// None.
+    const NONE: Levels = Levels { l1: false, l2: false, l3: false, l4: false };
 
-    /// Parses `["l1", "l2", "l3"]` (absent: all); an unknown level is refused.
+    /// Parses `["l1", "l2", "l3", "l4"]` (absent: l1, l2, l3); an unknown level is refused.
     pub fn parse(levels: Option<&[String]>) -> Result<Levels, CacheError> {
         let Some(names) = levels else { return Ok(Levels::ALL) };
-        let mut out = Levels { l1: false, l2: false, l3: false };
+        let mut out = Levels::NONE;
         for name in names {
             match name.as_str() {
                 "l1" => out.l1 = true,
                 "l2" => out.l2 = true,
                 "l3" => out.l3 = true,
-                other => return Err(CacheError::Invalid(format!("unknown cache level {other:?} (l1, l2, l3)"))),
+                "l4" => out.l4 = true,
+                other => return Err(CacheError::Invalid(format!("unknown cache level {other:?} (l1, l2, l3, l4)"))),
             }
         }
-        if out == (Levels { l1: false, l2: false, l3: false }) {
-            return Err(CacheError::Invalid("levels must name at least one of l1, l2, l3".into()));
+        if out == Levels::NONE {
+            return Err(CacheError::Invalid("levels must name at least one of l1, l2, l3, l4".into()));
         }
         Ok(out)
     }
 
     /// This node's part of it.
     pub fn local(self) -> Levels {
-        Levels { l3: false, ..self }
+        Levels { l3: false, l4: false, ..self }
     }
 }
 
@@ -104,10 +109,10 @@ pub struct CacheLimits {
 /// Hit, miss and eviction counters (rendered by the monitor as `mpreg_cache_*`).
 #[derive(Debug, Default)]
 pub struct CacheCounters {
-    /// Reads served by L1, L2, L3.
-    pub hits: [AtomicU64; 3],
+    /// Reads served by L1, L2, L3, L4.
+    pub hits: [AtomicU64; 4],
     /// Reads a level could not serve.
-    pub misses: [AtomicU64; 3],
+    pub misses: [AtomicU64; 4],
     /// Entries evicted from L2 for space.
     pub l2_evictions: AtomicU64,
     /// Expired entries removed from L2.
@@ -129,15 +134,18 @@ pub enum Level {
     L2 = 1,
     /// Another node.
     L3 = 2,
+    /// Another cluster.
+    L4 = 3,
 }
 
 impl Level {
-    /// `l1`, `l2`, `l3`.
+    /// `l1`, `l2`, `l3`, `l4`.
     pub fn as_str(self) -> &'static str {
         match self {
             Level::L1 => "l1",
             Level::L2 => "l2",
             Level::L3 => "l3",
+            Level::L4 => "l4",
         }
     }
 }
@@ -616,6 +624,10 @@ impl LocalCache {
                 "misses": load(&c.misses[2]),
                 "forwarded": load(&c.forwarded),
             },
+            "l4": {
+                "hits": load(&c.hits[3]),
+                "misses": load(&c.misses[3]),
+            },
         })
     }
 
@@ -624,7 +636,7 @@ impl LocalCache {
         use std::fmt::Write;
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let levels = [Level::L1, Level::L2, Level::L3];
+        let levels = [Level::L1, Level::L2, Level::L3, Level::L4];
         let mut family = |name: &str, kind: &str, help: &str, values: &[(Level, u64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (level, v) in values {
@@ -783,15 +795,18 @@ mod tests {
         assert_eq!(stats["l2"]["evictions"], 150, "{stats}");
         // The most recent writes are still in L2.
         let last = cache.key("ns", "k199").unwrap();
-        assert!(cache.get(&last, Levels { l1: false, l2: true, l3: false }, 3.0).unwrap().is_some());
+        assert!(cache.get(&last, Levels { l1: false, l2: true, l3: false, l4: false }, 3.0).unwrap().is_some());
     }
 
     #[test]
     fn levels_parse() {
         assert_eq!(Levels::parse(None), Ok(Levels::ALL));
         let l = Levels::parse(Some(&["l1".to_owned()])).unwrap();
-        assert!(l.l1 && !l.l2 && !l.l3);
-        assert!(Levels::parse(Some(&["l4".to_owned()])).is_err());
+        assert!(l.l1 && !l.l2 && !l.l3 && !l.l4);
+        assert!(!Levels::parse(None).unwrap().l4, "other clusters only when asked");
+        let l4 = Levels::parse(Some(&["l4".to_owned()])).unwrap();
+        assert!(l4.l4 && !l4.l1 && l4.local() == Levels { l1: false, l2: false, l3: false, l4: false });
+        assert!(Levels::parse(Some(&["l5".to_owned()])).is_err());
         assert!(Levels::parse(Some(&[])).is_err());
     }
 }

@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::link::{frame, FabricShared, LinkId, LinkSender, Parking};
-use super::wire::{NodeId, PeerFrame};
+use super::wire::{CallOutcome, NodeId, PeerFrame};
 use crate::federation::core::{FederationConfig, FederationCore, FederationSnapshot};
 use crate::federation::keys::{RouteKeyRing, RouteSigner, SignedKeyRecord};
 use crate::federation::policy::{ExportPolicies, Exports, ImportPolicies};
@@ -49,7 +49,7 @@ use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
 use crate::metrics::{InFlight, Metrics};
 use crate::planner::{execute, NoObserver, Plan, ReportOptions};
-use crate::protocol::{PubSubMessage, RpcCommand, RpcError, RpcRequest};
+use crate::protocol::{CacheRequest, ErrorCode, PubSubMessage, QueueRequest, RpcCommand, RpcError, RpcRequest};
 use crate::pubsub::OutFrame;
 use crate::routing::Routing;
 use crate::unix_now_ms;
@@ -68,7 +68,7 @@ pub enum FederationFrame {
         /// Each signed by the sending cluster's current route key.
         updates: Vec<SignedRouteUpdate>,
     },
-    /// A command to run in cluster `destination`.
+    /// Work to run in cluster `destination`: a command, a queue operation or a cache read.
     Call {
         /// Unique per sender; the reply names it.
         id: String,
@@ -78,8 +78,9 @@ pub enum FederationFrame {
         visited: Vec<ClusterId>,
         /// Cluster hops it may still take after this one.
         hops_left: u32,
-        /// The command, its arguments already substituted.
-        command: Box<RpcCommand>,
+        /// What to run: `command`, `queue` or `cache` (one of the three keys).
+        #[serde(flatten)]
+        work: Work,
         /// Milliseconds the caller still waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
@@ -102,6 +103,48 @@ pub enum FederationFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<RpcError>,
     },
+}
+
+/// What a cross-cluster call carries, under one of three keys of the `call` frame (and of
+/// a `cluster-call` inside the caller's cluster).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Work {
+    /// An RPC command, its arguments already substituted.
+    Command(Box<RpcCommand>),
+    /// A queue operation (`send` or `stats`): the client's `role: "queue"` frame without
+    /// its `target_cluster`.
+    Queue(Box<QueueRequest>),
+    /// A cache `get` (another cluster's L4): the client's `role: "cache"` frame.
+    Cache(Box<CacheRequest>),
+}
+
+/// Queue operations that cross clusters. `receive`, `ack`, `nack` and `subscribe` hold
+/// leases and subscriptions bound to a client connection, which a bridge does not carry;
+/// `create`, `delete`, `redrive` and `bind` change another cluster's queues.
+pub const CROSSING_QUEUE_OPS: [&str; 2] = ["send", "stats"];
+
+impl Work {
+    /// Whether this may cross clusters at all (checked where it starts and again where it
+    /// arrives): any command; a queue `send` or `stats` naming a queue; a cache `get`.
+    pub fn check(&self) -> Result<(), RpcError> {
+        match self {
+            Work::Command(_) => Ok(()),
+            Work::Queue(request) if !CROSSING_QUEUE_OPS.contains(&request.op.as_str()) => Err(RpcError::invalid(
+                format!("queue {} does not cross clusters (only {})", request.op, CROSSING_QUEUE_OPS.join(", ")),
+            )),
+            Work::Queue(request) if request.queue.is_none() => {
+                Err(RpcError::invalid(format!("queue {} needs \"queue\"", request.op)))
+            }
+            Work::Cache(request) if request.op != "get" => {
+                Err(RpcError::invalid(format!("cache {} does not cross clusters (only get, at level l4)", request.op)))
+            }
+            Work::Cache(request) if request.namespace.is_none() => {
+                Err(RpcError::invalid("cache get needs \"namespace\"".to_owned()))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Route updates one frame may carry (a table holds at most 4096 destinations); a larger
@@ -348,9 +391,27 @@ impl Bridges {
         }
     }
 
-    /// May another cluster call the function `fun` of this cluster (the export list)?
-    pub fn exports_function(&self, fun: &str) -> bool {
-        self.state.lock().is_ok_and(|s| s.exports.shares_function(fun))
+    /// Whether this cluster's export list lets another cluster run `work` here: its
+    /// function, its queue or its cache namespace (else 1001 naming the list).
+    fn exported(&self, work: &Work) -> Result<(), RpcError> {
+        let state = self.state.lock().map_err(|_| RpcError::unreachable("federation state unavailable"))?;
+        let exports = &state.exports;
+        let (list, name, shared) = match work {
+            Work::Command(command) => ("functions", command.fun.as_str(), exports.shares_function(&command.fun)),
+            Work::Queue(request) => {
+                let name = request.queue.as_deref().unwrap_or_default();
+                ("queues", name, exports.shares_queue(name))
+            }
+            Work::Cache(request) => {
+                let namespace = request.namespace.as_deref().unwrap_or_default();
+                ("cache", namespace, exports.shares_cache(namespace))
+            }
+        };
+        if shared {
+            Ok(())
+        } else {
+            Err(RpcError::not_exported(&self.local, list, name))
+        }
     }
 
     /// A bridge that carried nothing for this long (three announce intervals, at least a
@@ -476,15 +537,18 @@ impl Bridges {
                 }
             }
             FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
-            FederationFrame::Call { id, destination, visited, hops_left, command, timeout_ms } => {
+            FederationFrame::Call { id, destination, visited, hops_left, work, timeout_ms } => {
                 let refuse = |error: RpcError| {
                     let reply = FederationFrame::Reply { id: id.clone(), value: None, error: Some(error) };
                     let _ = fabric.parking.send(&bridge.sender, frame(&PeerFrame::Federation(reply)));
                 };
-                // Only what this cluster exports runs for another cluster.
-                if destination == self.local && !self.exports_function(&command.fun) {
-                    debug!(peer_cluster = %bridge.cluster, fun = %command.fun, "federation: call of a function not exported refused");
-                    return refuse(RpcError::not_exported(&self.local, &command.fun));
+                // Only what may cross, and what this cluster exports, runs for another
+                // cluster.
+                if destination == self.local {
+                    if let Err(error) = work.check().and_then(|()| self.exported(&work)) {
+                        debug!(peer_cluster = %bridge.cluster, error = ?error, "federation: call refused");
+                        return refuse(error);
+                    }
                 }
                 // Calls from other clusters count toward the node-wide in-flight limit.
                 let Some(permit) = fabric.metrics.admission().try_admit() else {
@@ -498,8 +562,11 @@ impl Bridges {
                         id,
                         _permit: permit,
                     };
-                    return self.relay(back, &destination, visited, hops_left, command, timeout_ms);
+                    return self.relay(back, &destination, visited, hops_left, work, timeout_ms);
                 }
+                // The cluster the call started in (queue operations from it share a
+                // pseudo-connection on the queue's owner).
+                let origin = visited.first().cloned().unwrap_or_else(|| bridge.cluster.clone());
                 let (bridges, fabric) = (self.clone(), fabric.clone());
                 // On this thread: a plan's futures are not Send (link readers run on
                 // actix arbiters, which are local task sets).
@@ -507,7 +574,7 @@ impl Bridges {
                     let _permit = permit;
                     // A peer's number: an overflowing one means no deadline, never a panic.
                     let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
-                    let result = run_here(&fabric, &bridges.local, *command, deadline).await;
+                    let result = run_here(&fabric, &bridges.local, &origin, work, deadline).await;
                     let (value, error) = match result {
                         Ok(value) => (Some(value), None),
                         Err(error) => (None, Some(error)),
@@ -610,17 +677,17 @@ impl Bridges {
         self.next_bridge(destination, &[], self.hop_budget).map(|_| ())
     }
 
-    /// Runs `command` in cluster `destination` (from this node's own request: the full
-    /// hop budget).
+    /// Runs `work` in cluster `destination` (from this node's own request: the full hop
+    /// budget).
     pub async fn call_cluster(
         &self,
         destination: &str,
-        command: RpcCommand,
+        work: Work,
         deadline: Option<Instant>,
     ) -> Result<Value, RpcError> {
         let timeout_ms = deadline.map(|d| super::link::millis_left(d, Instant::now()));
         let (link, bridge, id, message) = self
-            .call_frame(destination, Vec::new(), self.hop_budget, Box::new(command), timeout_ms)
+            .call_frame(destination, Vec::new(), self.hop_budget, work, timeout_ms)
             .map_err(RpcError::unreachable)?;
         let (reply, answer) = oneshot::channel();
         self.wait(&id, link, &bridge, deadline, Waiter::Task(reply)).map_err(|(_, error)| error)?;
@@ -643,10 +710,10 @@ impl Bridges {
         destination: &str,
         visited: Vec<ClusterId>,
         hops: u32,
-        command: Box<RpcCommand>,
+        work: Work,
         timeout_ms: Option<u64>,
     ) {
-        let (link, next, id, message) = match self.call_frame(destination, visited, hops, command, timeout_ms) {
+        let (link, next, id, message) = match self.call_frame(destination, visited, hops, work, timeout_ms) {
             Ok(call) => call,
             Err(reason) => return back.answer(Err(RpcError::unreachable(reason))),
         };
@@ -670,7 +737,7 @@ impl Bridges {
         destination: &str,
         mut visited: Vec<ClusterId>,
         hops: u32,
-        command: Box<RpcCommand>,
+        work: Work,
         timeout_ms: Option<u64>,
     ) -> Result<(LinkId, Bridge, String, OutFrame), String> {
         let (link, bridge) = self.next_bridge(destination, &visited, hops)?;
@@ -682,7 +749,7 @@ impl Bridges {
             destination: destination.to_owned(),
             visited,
             hops_left: hops.saturating_sub(1),
-            command,
+            work,
             timeout_ms,
         };
         Ok((link, bridge, id, frame(&PeerFrame::Federation(message))))
@@ -775,14 +842,37 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// Runs a command that crossed bridges to reach this cluster, as a one-command request of
-/// this node (its routing may send it to another node of the cluster).
+/// Runs work that crossed bridges to reach this cluster (from cluster `origin`), within
+/// the caller's deadline: a command as a one-command request of this node (its routing may
+/// send it to another node of the cluster), a queue operation on the queue's owner, a
+/// cache `get` on this cluster's levels (L1–L3, never on to another cluster).
 async fn run_here(
     fabric: &Arc<FabricShared>,
     cluster: &str,
-    command: RpcCommand,
+    origin: &str,
+    work: Work,
     deadline: Option<Instant>,
 ) -> Result<Value, RpcError> {
+    let run = async {
+        match work {
+            Work::Command(command) => run_command_here(fabric, cluster, *command).await,
+            Work::Queue(request) => fabric.queue_for_cluster(origin, *request).await,
+            Work::Cache(request) => match fabric.cache.clone() {
+                Some(cache) => crate::cache::cluster::serve_for_cluster(fabric, &cache, *request).await,
+                None => Err(RpcError::unreachable(format!("cluster {cluster}: node {} has no cache", fabric.me.node))),
+            },
+        }
+    };
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), run)
+            .await
+            .map_err(|_| RpcError::unreachable(format!("cluster {cluster}: the caller's deadline passed")))?,
+        None => run.await,
+    }
+}
+
+/// Runs a command from another cluster as a one-command request of this node.
+async fn run_command_here(fabric: &Arc<FabricShared>, cluster: &str, command: RpcCommand) -> Result<Value, RpcError> {
     let name = command.name.clone();
     let request = RpcRequest {
         u: format!("federation:{name}"),
@@ -796,14 +886,101 @@ async fn run_here(
     let routing = Routing::with_fabric(fabric.table.current(), fabric.clone(), Arc::from(cluster)).within_cluster();
     let plan = Plan::build(request, routing)?;
     let mut observer = NoObserver;
-    let run = execute(plan, ReportOptions::default(), &mut observer);
-    let outcome = match deadline {
-        Some(deadline) => tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), run)
-            .await
-            .map_err(|_| RpcError::unreachable(format!("cluster {cluster}: the caller's deadline passed")))?,
-        None => run.await,
-    }?;
+    let outcome = execute(plan, ReportOptions::default(), &mut observer).await?;
     Ok(outcome.r.get(&name).cloned().unwrap_or(Value::Null))
+}
+
+/// Reaching other clusters from any node of this one: over its own bridges, or through a
+/// node of its cluster that bridges (a `cluster-call`). Used by commands, queue
+/// operations and the cache's L4 alike.
+impl FabricShared {
+    /// How this node reaches cluster `cluster`: over its own bridges (`None`), else
+    /// through the least loaded node of its cluster whose catalog says it routes there, or
+    /// why not (1005's reason).
+    pub fn cluster_route(&self, cluster: &str) -> Result<Option<NodeId>, String> {
+        let own = self.bridges.as_ref().map(|b| b.route_to(cluster));
+        if let Some(Ok(())) = own {
+            return Ok(None);
+        }
+        let view = self.view.load();
+        if let Some(node) = view.clusters.get(cluster).and_then(|nodes| nodes.iter().min_by_key(|n| self.load_of(n))) {
+            return Ok(Some(node.clone()));
+        }
+        Err(match own {
+            Some(Err(reason)) => reason,
+            _ => format!("no route to cluster {cluster}: no node of cluster {} bridges to it", self.me.cluster_id),
+        })
+    }
+
+    /// The other clusters this node reaches, nearest first: over its own bridges (`None`),
+    /// then through the least loaded node of this cluster that advertises a route.
+    pub fn clusters_reached(&self) -> Vec<(ClusterId, Option<NodeId>)> {
+        let mut found: Vec<(ClusterId, Option<NodeId>)> =
+            self.bridges.iter().flat_map(|b| b.nearest()).map(|c| (c, None)).collect();
+        let view = self.view.load();
+        let mut through: Vec<(&String, &Vec<String>)> = view.clusters.iter().collect();
+        through.sort();
+        for (cluster, nodes) in through {
+            let via = nodes.iter().min_by_key(|n| self.load_of(n));
+            if let Some(node) = via.filter(|_| !found.iter().any(|(c, _)| c == cluster)) {
+                found.push((cluster.clone(), Some(node.clone())));
+            }
+        }
+        found
+    }
+
+    /// Runs `work` in cluster `cluster` over this node's bridges (`via: None`) or those of
+    /// `via`; the error is the one the destination gave, or 1005 when the route or a
+    /// bridge went away.
+    pub async fn run_in_cluster(
+        &self,
+        cluster: &str,
+        via: Option<&str>,
+        work: Work,
+        deadline: Option<Instant>,
+    ) -> Result<Value, RpcError> {
+        let Some(node) = via else {
+            return match self.bridges.clone() {
+                Some(bridges) => bridges.call_cluster(cluster, work, deadline).await,
+                None => Err(RpcError::unreachable(format!("cluster={cluster}: this node has no federation bridges"))),
+            };
+        };
+        let details = |reason: String| format!("cluster={cluster} via={node}: {reason}");
+        match self.cluster_call(node, cluster, work, deadline).await {
+            CallOutcome::Ok { value } => Ok(value),
+            CallOutcome::Refused { error } => Err(error),
+            CallOutcome::Failed { error, node } => {
+                Err(RpcError::execution_failed(details(format!("failed on {node}: {error}"))))
+            }
+            CallOutcome::NotFound { node } => {
+                Err(RpcError::unreachable(details(format!("{node} serves no cluster calls"))))
+            }
+            CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(details(reason))),
+            CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(details(reason))),
+        }
+    }
+
+    /// Runs `work` in the first of `clusters` that has it: each is asked in turn; one that
+    /// does not export (or have) it answers 1001, one out of reach 1005, and the next is
+    /// asked. Any other answer is the work's. None ran it: 1005 if a cluster was out of
+    /// reach (it may have it), else `none`.
+    pub async fn ask_clusters(
+        &self,
+        clusters: &[(ClusterId, Option<NodeId>)],
+        work: Work,
+        deadline: Option<Instant>,
+        none: RpcError,
+    ) -> Result<Value, RpcError> {
+        let mut unreachable = None;
+        for (cluster, via) in clusters {
+            match self.run_in_cluster(cluster, via.as_deref(), work.clone(), deadline).await {
+                Err(e) if e.kind() == Some(ErrorCode::NotFound) => {}
+                Err(e) if e.kind() == Some(ErrorCode::Unreachable) => unreachable = Some(e),
+                other => return other,
+            }
+        }
+        Err(unreachable.unwrap_or(none))
+    }
 }
 
 #[cfg(test)]
@@ -936,8 +1113,8 @@ mod tests {
                 id: id.into(),
                 _permit: admission.try_admit().unwrap(),
             };
-            let command = Box::new(RpcCommand::new(id, "echo", vec![Value::from(1)]));
-            bridges.relay(waiter, "b", vec!["x".into()], 4, command, timeout_ms);
+            let work = Work::Command(Box::new(RpcCommand::new(id, "echo", vec![Value::from(1)])));
+            bridges.relay(waiter, "b", vec!["x".into()], 4, work, timeout_ms);
         };
         relay("ttl", None);
         relay("short", Some(1_000));
@@ -972,7 +1149,7 @@ mod tests {
         assert!(bridges.waiting.lock().unwrap().is_empty());
 
         // This node's own call without a deadline: answered 1005 once the TTL passes.
-        let call = bridges.call_cluster("b", RpcCommand::new("own", "echo", vec![]), None);
+        let call = bridges.call_cluster("b", Work::Command(Box::new(RpcCommand::new("own", "echo", vec![]))), None);
         let expire = async {
             while bridges.waiting.lock().unwrap().is_empty() {
                 tokio::task::yield_now().await;
@@ -1030,6 +1207,131 @@ mod tests {
         assert!([publishes(&mut b1), publishes(&mut b2), publishes(&mut c1)].iter().all(Vec::is_empty));
     }
 
+    fn queue_work(op: &str, queue: Option<&str>) -> Work {
+        let mut frame = serde_json::json!({"role": "queue", "u": "q1", "op": op, "payload": {"n": 1}});
+        if let Some(queue) = queue {
+            frame["queue"] = Value::from(queue);
+        }
+        Work::Queue(Box::new(serde_json::from_value(frame).unwrap()))
+    }
+
+    fn cache_work(op: &str, namespace: &str) -> Work {
+        let frame = serde_json::json!({"role": "cache", "u": "c1", "op": op, "namespace": namespace, "key": "k"});
+        Work::Cache(Box::new(serde_json::from_value(frame).unwrap()))
+    }
+
+    #[test]
+    fn only_sends_stats_and_cache_gets_cross_and_only_what_is_exported_runs() {
+        let (bridges, ..) = clusters();
+        let list = crate::federation::policy::ExportList {
+            functions: vec!["echo".into()],
+            queues: vec!["jobs.#".into()],
+            cache: vec!["shared".into()],
+            ..Default::default()
+        };
+        bridges.state.lock().unwrap().exports = Exports::new(&list).unwrap();
+        let code = |r: Result<(), RpcError>| r.map_err(|e| (e.code, e.details_text()));
+        for work in [queue_work("send", Some("jobs")), queue_work("stats", Some("jobs.x")), cache_work("get", "shared")]
+        {
+            assert_eq!(code(work.check().and_then(|()| bridges.exported(&work))), Ok(()), "{work:?}");
+        }
+        // Ops that hold leases, subscriptions or change queues, and cache writes, never cross.
+        for op in ["receive", "ack", "nack", "subscribe", "create", "delete", "redrive", "bind", "list"] {
+            let (c, details) = code(queue_work(op, Some("jobs")).check()).unwrap_err();
+            assert_eq!(c, 1002, "{op}: {details}");
+            assert!(details.contains("does not cross clusters"), "{details}");
+        }
+        assert_eq!(code(queue_work("send", None).check()).unwrap_err().0, 1002, "a send names its queue");
+        for op in ["put", "delete", "incr", "cas", "invalidate", "stats"] {
+            assert_eq!(code(cache_work(op, "shared").check()).unwrap_err().0, 1002, "{op}");
+        }
+        // Not in the export list: 1001 naming the cluster, the list and the name.
+        let (c, details) = code(bridges.exported(&queue_work("send", Some("private")))).unwrap_err();
+        assert_eq!(c, 1001);
+        assert!(details.contains("cluster a does not export queue private") && details.contains("exports.queues"));
+        let (c, details) = code(bridges.exported(&cache_work("get", "users"))).unwrap_err();
+        assert_eq!(c, 1001);
+        assert!(details.contains("does not export cache namespace users"), "{details}");
+        let command = Work::Command(Box::new(RpcCommand::new("r", "add", vec![])));
+        assert!(code(bridges.exported(&command)).unwrap_err().1.contains("does not export add"));
+        // A reload that drops the queues shares none of them any more.
+        bridges.set_policies(ImportPolicies::default(), ExportPolicies::default(), Exports::default());
+        assert_eq!(code(bridges.exported(&queue_work("send", Some("jobs")))).unwrap_err().0, 1001);
+    }
+
+    #[test]
+    fn queue_and_cache_calls_are_framed_under_their_own_key_and_misshapen_ones_refused() {
+        let call = |work: Work| {
+            let frame = PeerFrame::Federation(FederationFrame::Call {
+                id: "a:1".into(),
+                destination: "c".into(),
+                visited: vec!["a".into()],
+                hops_left: 3,
+                work,
+                timeout_ms: Some(500),
+            });
+            let json = serde_json::to_value(&frame).unwrap();
+            assert_eq!(serde_json::from_value::<PeerFrame>(json.clone()).unwrap(), frame);
+            json
+        };
+        let json = call(queue_work("send", Some("jobs")));
+        assert_eq!((json["queue"]["op"].as_str(), json["queue"]["queue"].as_str()), (Some("send"), Some("jobs")));
+        assert!(json.get("command").is_none() && json.get("cache").is_none());
+        let json = call(cache_work("get", "shared"));
+        assert_eq!(json["cache"]["namespace"], "shared");
+        // Misshapen: no work, a work of the wrong shape, an unknown key: not a frame.
+        let base = serde_json::json!({"role": "federation", "kind": "call", "id": "x", "destination": "c",
+            "visited": ["a"], "hops_left": 1});
+        let with = |key: &str, value: Value| {
+            let mut frame = base.clone();
+            frame[key] = value;
+            serde_json::from_value::<PeerFrame>(frame)
+        };
+        assert!(serde_json::from_value::<PeerFrame>(base.clone()).is_err(), "a call carries work");
+        assert!(with("queue", Value::from(5)).is_err());
+        assert!(with("queue", serde_json::json!({"u": "q", "queue": "jobs"})).is_err(), "no op");
+        assert!(with("cache", serde_json::json!({"u": "c", "op": "get", "key": 7})).is_err());
+        assert!(with("mystery", serde_json::json!({})).is_err());
+        // A queue send crossing a cluster's internal hop (`cluster-call`) has the same shape.
+        let body = super::super::wire::FabricBody::ClusterCall {
+            cluster: "c".into(),
+            work: queue_work("stats", Some("jobs")),
+            timeout_ms: None,
+        };
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!((json["kind"].as_str(), json["queue"]["op"].as_str()), (Some("cluster-call"), Some("stats")));
+        assert_eq!(serde_json::from_value::<super::super::wire::FabricBody>(json).unwrap(), body);
+    }
+
+    #[tokio::test]
+    async fn a_queue_send_waiting_on_a_bridge_that_closes_fails_at_once_with_1005() {
+        let (bridges, mut b, _c, _metrics, _config) = clusters();
+        let (to_b1, mut b1_reads) = tokio::sync::mpsc::channel(16);
+        bridges.bridge_up(7, "b", "b1", to_b1.clone());
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1 };
+        bridges.receive(&bridge, &updates_for_a(&mut b));
+        // No route to an unknown cluster: 1005 at once, nothing sent.
+        let nowhere = bridges.call_cluster("z", queue_work("send", Some("jobs")), None).await.unwrap_err();
+        assert_eq!(nowhere.code, 1005);
+        assert!(nowhere.details_text().contains("no route to cluster z"), "{nowhere:?}");
+        let send = bridges.call_cluster("b", queue_work("send", Some("jobs")), None);
+        let cut = async {
+            // The send is on the bridge (its frame written), unanswered: cut it.
+            loop {
+                match b1_reads.try_recv() {
+                    Ok(f) if serde_json::from_slice::<Value>(&f.bytes).unwrap()["kind"] == "call" => break,
+                    _ => tokio::task::yield_now().await,
+                }
+            }
+            bridges.link_closed(7);
+        };
+        let (result, ()) = tokio::join!(send, cut);
+        let error = result.unwrap_err();
+        assert_eq!(error.code, 1005);
+        assert!(error.details_text().contains("closed before the call was answered"), "{error:?}");
+        assert!(bridges.waiting.lock().unwrap().is_empty());
+    }
+
     #[test]
     fn frames_carry_role_federation_and_round_trip() {
         let call = PeerFrame::Federation(FederationFrame::Call {
@@ -1037,7 +1339,7 @@ mod tests {
             destination: "c".into(),
             visited: vec!["a".into()],
             hops_left: 3,
-            command: Box::new(RpcCommand::new("x", "echo", vec![Value::from(1)])),
+            work: Work::Command(Box::new(RpcCommand::new("x", "echo", vec![Value::from(1)]))),
             timeout_ms: Some(500),
         });
         let json = serde_json::to_value(&call).unwrap();

@@ -427,17 +427,17 @@ impl FabricShared {
         self.request(node, body).await
     }
 
-    /// Runs `command` in cluster `cluster` through `node`, a node of this cluster that
+    /// Runs `work` in cluster `cluster` through `node`, a node of this cluster that
     /// bridges to it ([`super::bridge`]).
     pub async fn cluster_call(
         &self,
         node: &str,
         cluster: &str,
-        command: crate::protocol::RpcCommand,
+        work: super::bridge::Work,
         deadline: Option<std::time::Instant>,
     ) -> CallOutcome {
         let timeout_ms = deadline.map(|d| millis_left(d, std::time::Instant::now()));
-        let body = FabricBody::ClusterCall { cluster: cluster.to_owned(), command: Box::new(command), timeout_ms };
+        let body = FabricBody::ClusterCall { cluster: cluster.to_owned(), work, timeout_ms };
         self.request(node, body).await
     }
 
@@ -707,11 +707,11 @@ impl FabricShared {
                             shared.serve_call(&command, &identity, CallArgs { args, kwargs, deadline }).await
                         }
                         FabricBody::QueueOp { request, conn } => shared.serve_queue_op(&source, request, conn).await,
-                        FabricBody::ClusterCall { cluster, command, timeout_ms } => {
+                        FabricBody::ClusterCall { cluster, work, timeout_ms } => {
                             let deadline = timeout_ms
                                 .and_then(|ms| std::time::Instant::now().checked_add(Duration::from_millis(ms)));
                             match shared.bridges.clone() {
-                                Some(bridges) => match bridges.call_cluster(&cluster, *command, deadline).await {
+                                Some(bridges) => match bridges.call_cluster(&cluster, work, deadline).await {
                                     Ok(value) => CallOutcome::Ok { value },
                                     Err(error) => CallOutcome::Refused { error },
                                 },

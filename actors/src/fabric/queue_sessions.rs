@@ -27,13 +27,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use super::link::FabricShared;
-use super::wire::{CallOutcome, FabricBody, NodeId};
+use super::bridge::Work;
+use super::link::{FabricShared, RemoteQueue};
+use super::wire::{CallOutcome, ClusterId, FabricBody, NodeId};
 use crate::outbox::{OutFrame, Outbox};
 use crate::protocol::{FrameKind, QueueReply, QueueRequest, RpcError};
 use crate::pubsub::{ConnectionId, PseudoConnection};
@@ -63,6 +65,34 @@ struct ClientSession {
 /// per (source, conn), never a real connection's id.
 pub fn remote_conn(source: &str, conn: ConnectionId) -> ConnectionId {
     PseudoConnection::RemoteQueueClient.id((source, conn))
+}
+
+/// Where a queue operation is served (see [`FabricShared::queue_route`]).
+pub enum QueueRoute {
+    /// By this node's Queue actor (a local queue, `list`, `create`, or an unknown name: 1001).
+    Local,
+    /// By the queue's owner, over the fabric.
+    Remote(RemoteQueue),
+    /// Not at all: the owner or the target cluster is out of reach (1005), or the op may
+    /// not cross clusters (1002).
+    Refused(RpcError),
+    /// In other clusters ([`FabricShared::queue_elsewhere`]): the one `target_cluster`
+    /// names (`targeted`), or those this node reaches, nearest first.
+    Clusters {
+        /// Each with the node of this cluster it goes through (`None`: this node's bridges).
+        clusters: Vec<(ClusterId, Option<NodeId>)>,
+        /// The operation as it crosses (without `target_cluster`).
+        work: Work,
+        /// Whether `target_cluster` named the one cluster.
+        targeted: bool,
+    },
+}
+
+/// A queue request as it crosses to another cluster: without its `target_cluster`.
+fn crossing(request: &QueueRequest) -> Work {
+    let mut request = request.clone();
+    request.fields.remove("target_cluster");
+    Work::Queue(Box::new(request))
 }
 
 impl FabricShared {
@@ -160,9 +190,6 @@ impl FabricShared {
             Ok(request) => request,
             Err(e) => return reply(Err(RpcError::invalid(format!("bad forwarded queue request: {e}")))),
         };
-        let Some(queue) = self.queue.get() else {
-            return reply(Err(RpcError::unreachable(format!("queue service of {} restarting; retry", self.me.node))));
-        };
         let pseudo = remote_conn(source, conn);
         if !self.admit_remote_session(source, pseudo) {
             self.metrics.limit_exceeded("max_queue_sessions_per_peer");
@@ -175,10 +202,145 @@ impl FabricShared {
             // Nothing is pushed for other operations; the reply is this call's outcome.
             Outbox::channel(1, PUSH_BYTES).0
         };
-        let call = QueueCall { conn: pseudo, outbox, kind: FrameKind::Binary, request: Arc::new(request) };
-        match queue.send(call).await {
-            Ok(outcome) => reply(outcome),
-            Err(e) => reply(Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry")))),
+        let request = Arc::new(request);
+        reply(
+            self.local_queue_op(|| QueueCall {
+                conn: pseudo,
+                outbox: outbox.clone(),
+                kind: FrameKind::Binary,
+                request: request.clone(),
+            })
+            .await,
+        )
+    }
+
+    /// Runs a queue operation on this node's Queue actor (`make` makes the message again
+    /// if the actor restarts on the way).
+    pub async fn local_queue_op(&self, make: impl Fn() -> QueueCall) -> Result<Value, RpcError> {
+        match self.queue.send(make).await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(RpcError::unreachable(format!("queue service unavailable: {e}; retry"))),
+        }
+    }
+
+    /// Where a queue operation from a client of this node is served: in another cluster
+    /// when its `target_cluster` names one (a `send` or `stats` only), else in this
+    /// cluster as [`Self::queue_route_within`] says, else — a `send` or `stats` of a queue
+    /// no node of this cluster has — in the clusters this node reaches, nearest first.
+    pub fn queue_route(&self, request: &QueueRequest) -> QueueRoute {
+        match request.fields.get("target_cluster") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(cluster)) if *cluster == self.me.cluster_id => {}
+            Some(Value::String(cluster)) => {
+                let work = crossing(request);
+                if let Err(error) = work.check() {
+                    return QueueRoute::Refused(error);
+                }
+                return match self.cluster_route(cluster) {
+                    Ok(via) => QueueRoute::Clusters { clusters: vec![(cluster.clone(), via)], work, targeted: true },
+                    Err(reason) => QueueRoute::Refused(RpcError::unreachable(reason)),
+                };
+            }
+            Some(other) => {
+                return QueueRoute::Refused(RpcError::invalid(format!("target_cluster must be a string, got {other}")))
+            }
+        }
+        if let Some(route) = self.queue_route_within(request) {
+            return route;
+        }
+        let work = crossing(request);
+        let clusters = self.clusters_reached();
+        if work.check().is_err() || clusters.is_empty() {
+            return QueueRoute::Local;
+        }
+        QueueRoute::Clusters { clusters, work, targeted: false }
+    }
+
+    /// Where a queue operation is served in this cluster: by this node (a local queue,
+    /// or an op without a queue), by the queue's owner, or refused (an owner that is
+    /// unreachable); `None` when no node of this cluster has the queue.
+    fn queue_route_within(&self, request: &QueueRequest) -> Option<QueueRoute> {
+        let Some(name) = request.queue.as_deref().filter(|_| request.op != "list") else {
+            return Some(QueueRoute::Local);
+        };
+        // `NAME.dlq` lives with `NAME`.
+        let name = name.strip_suffix(crate::queue::core::DLQ_SUFFIX).unwrap_or(name);
+        if self.local_queues.lock().is_ok_and(|local| local.iter().any(|q| q == name)) {
+            return Some(QueueRoute::Local);
+        }
+        let view = self.view.load();
+        if let Some(owner) = view.queues.get(name) {
+            return Some(QueueRoute::Remote(owner.clone()));
+        }
+        if let Some(owner) = view.unreachable_queues.get(name) {
+            let details = format!("queue {name:?} is owned by {} ({}), which is unreachable", owner.node, owner.url);
+            return Some(QueueRoute::Refused(RpcError::unreachable(details)));
+        }
+        None
+    }
+
+    /// Runs a queue operation on its owner `owner`, for connection `conn` of this node,
+    /// within `timeout`; a lost owner or link is 1005 at once.
+    pub async fn forward_queue_op(
+        &self,
+        owner: &RemoteQueue,
+        request: &QueueRequest,
+        conn: ConnectionId,
+        timeout: Duration,
+    ) -> Result<Value, RpcError> {
+        let body = serde_json::to_value(request).map_err(|e| RpcError::invalid(e.to_string()))?;
+        let outcome = match tokio::time::timeout(timeout, self.queue_op(&owner.node, body, conn)).await {
+            Ok(outcome) => outcome,
+            Err(_) => return Err(RpcError::timeout(timeout.as_secs_f64())),
+        };
+        outcome.into_op_result("queue", &owner.node)
+    }
+
+    /// Runs a queue operation [`Self::queue_route`] sent to other clusters, within
+    /// `timeout`: in the one `target_cluster` named (its answer, errors included), or in
+    /// the first of `clusters` that has the queue and exports it (1001 when none does).
+    pub async fn queue_elsewhere(
+        &self,
+        clusters: &[(ClusterId, Option<NodeId>)],
+        work: Work,
+        targeted: bool,
+        timeout: Duration,
+    ) -> Result<Value, RpcError> {
+        let deadline = std::time::Instant::now().checked_add(timeout);
+        match clusters {
+            [(cluster, via)] if targeted => self.run_in_cluster(cluster, via.as_deref(), work, deadline).await,
+            _ => {
+                let none = match &work {
+                    Work::Queue(request) => RpcError::queue_not_found(request.queue.as_deref().unwrap_or_default()),
+                    _ => RpcError::invalid("not a queue operation"),
+                };
+                self.ask_clusters(clusters, work, deadline, none).await
+            }
+        }
+    }
+
+    /// Runs a queue operation that came from cluster `origin` (a `send` or `stats`): on
+    /// the queue's owner in this cluster, as a client of this node would (one
+    /// pseudo-connection per origin cluster); a queue no node has is 1001.
+    pub async fn queue_for_cluster(&self, origin: &str, request: QueueRequest) -> Result<Value, RpcError> {
+        let conn = PseudoConnection::RemoteCluster.id(origin);
+        let request = Arc::new(request);
+        match self.queue_route_within(&request) {
+            Some(QueueRoute::Remote(owner)) => {
+                self.forward_queue_op(&owner, &request, conn, self.limits.forwarded_ttl).await
+            }
+            Some(QueueRoute::Refused(error)) => Err(error),
+            _ => {
+                // Nothing is pushed for a send or stats; the reply is this call's outcome.
+                let outbox = Outbox::channel(1, PUSH_BYTES).0;
+                self.local_queue_op(|| QueueCall {
+                    conn,
+                    outbox: outbox.clone(),
+                    kind: FrameKind::Binary,
+                    request: request.clone(),
+                })
+                .await
+            }
         }
     }
 

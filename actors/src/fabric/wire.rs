@@ -326,13 +326,15 @@ pub enum FabricBody {
         /// How it went.
         outcome: CallOutcome,
     },
-    /// A command for another cluster, to a node of this cluster that bridges to it (it
-    /// answers with the cluster's result, or `refused`).
+    /// Work for another cluster (a command, a queue operation or a cache read), to a node
+    /// of this cluster that bridges to it (it answers with the cluster's result, or
+    /// `refused`).
     ClusterCall {
         /// The destination cluster.
         cluster: ClusterId,
-        /// The command, its arguments already substituted.
-        command: Box<crate::protocol::RpcCommand>,
+        /// What to run there: `command`, `queue` or `cache`.
+        #[serde(flatten)]
+        work: super::bridge::Work,
         /// Milliseconds the caller still waits.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
@@ -425,6 +427,38 @@ pub enum CallOutcome {
         /// The error.
         error: crate::protocol::RpcError,
     },
+}
+
+/// The `result`/`error` of a `queue-reply` or `cache-reply` (its other fields ignored).
+#[derive(Deserialize)]
+struct OpReply {
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    error: Option<crate::protocol::RpcError>,
+}
+
+impl CallOutcome {
+    /// The outcome of a queue or cache operation (`what`) run on `node`, whose `ok` value
+    /// is its `queue-reply` / `cache-reply`: the reply's result or error; a lost node or
+    /// link is 1005.
+    pub fn into_op_result(self, what: &str, node: &str) -> Result<Value, crate::protocol::RpcError> {
+        use crate::protocol::RpcError;
+        match self {
+            CallOutcome::Ok { value } => match serde_json::from_value::<OpReply>(value) {
+                Ok(OpReply { error: Some(error), .. }) => Err(error),
+                Ok(OpReply { result, .. }) => Ok(result.unwrap_or(Value::Null)),
+                Err(e) => Err(RpcError::unreachable(format!("undecodable {what} reply from {node}: {e}"))),
+            },
+            CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(reason)),
+            CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(reason)),
+            CallOutcome::Refused { error } => Err(error),
+            CallOutcome::NotFound { node } => Err(RpcError::unreachable(format!("no {what} service on {node}"))),
+            CallOutcome::Failed { error, node } => {
+                Err(RpcError::unreachable(format!("{what} operation failed on {node}: {error:?}")))
+            }
+        }
+    }
 }
 
 /// Any inter-node frame.

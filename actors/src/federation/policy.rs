@@ -138,7 +138,7 @@ pub const MAX_EXPORT_PATTERNS: usize = 256;
 pub const MAX_EXPORT_PATTERN_BYTES: usize = 256;
 
 /// What this cluster lets other clusters use, as configured (settings shape:
-/// `{ functions = ["echo", "models.*"], topics = ["metrics.#"], queues = ["jobs"] }`).
+/// `{ functions = ["echo", "models.*"], topics = ["metrics.#"], queues = ["jobs"], cache = ["shared.#"] }`).
 /// Each entry is an exact name or a pattern matched as pub/sub topics are: names split on
 /// `.`, `*` is one word, `#` zero or more. A list that is absent or empty shares nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,9 +150,12 @@ pub struct ExportList {
     /// Topics whose publishes cross to other clusters.
     #[serde(default)]
     pub topics: Vec<String>,
-    /// Queues other clusters may send to.
+    /// Queues other clusters may send to (and read the stats of).
     #[serde(default)]
     pub queues: Vec<String>,
+    /// Cache namespaces other clusters may read (their L4).
+    #[serde(default)]
+    pub cache: Vec<String>,
 }
 
 /// An [`ExportList`] compiled for matching (each match costs at most pattern words ×
@@ -162,6 +165,7 @@ pub struct Exports {
     functions: Vec<TopicPattern>,
     topics: Vec<TopicPattern>,
     queues: Vec<TopicPattern>,
+    cache: Vec<TopicPattern>,
 }
 
 impl Exports {
@@ -187,6 +191,7 @@ impl Exports {
             functions: compile("functions", &list.functions)?,
             topics: compile("topics", &list.topics)?,
             queues: compile("queues", &list.queues)?,
+            cache: compile("cache", &list.cache)?,
         })
     }
 
@@ -203,6 +208,11 @@ impl Exports {
     /// May other clusters send to the queue `name`?
     pub fn shares_queue(&self, name: &str) -> bool {
         self.queues.iter().any(|p| p.matches(name))
+    }
+
+    /// May other clusters read the cache namespace `namespace`?
+    pub fn shares_cache(&self, namespace: &str) -> bool {
+        self.cache.iter().any(|p| p.matches(namespace))
     }
 }
 
@@ -263,8 +273,9 @@ mod tests {
     fn exports_share_by_name_or_pattern_and_nothing_by_default() {
         let nothing = Exports::new(&ExportList::default()).unwrap();
         assert!(!nothing.shares_function("echo") && !nothing.shares_topic("a") && !nothing.shares_queue("q"));
+        assert!(!nothing.shares_cache("users"));
         let list: ExportList =
-            serde_json::from_str(r#"{"functions": ["echo", "models.*"], "topics": ["metrics.#"], "queues": ["jobs"]}"#)
+            serde_json::from_str(r#"{"functions": ["echo", "models.*"], "topics": ["metrics.#"], "queues": ["jobs"], "cache": ["shared.#"]}"#)
                 .unwrap();
         let shared = Exports::new(&list).unwrap();
         assert!(shared.shares_function("echo") && shared.shares_function("models.score"));
@@ -272,6 +283,7 @@ mod tests {
         assert!(shared.shares_topic("metrics") && shared.shares_topic("metrics.cpu.load"));
         assert!(!shared.shares_topic("logs.cpu"));
         assert!(shared.shares_queue("jobs") && !shared.shares_queue("jobs.dlq"));
+        assert!(shared.shares_cache("shared") && shared.shares_cache("shared.users") && !shared.shares_cache("users"));
     }
 
     #[test]

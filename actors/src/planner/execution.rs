@@ -18,11 +18,12 @@ use super::{Lookup, Plan};
 use crate::cache::core::{CacheError, CacheKey};
 use crate::cache::rpc::{self, Flight};
 use crate::cache::{Levels, LocalCache};
+use crate::fabric::bridge::Work;
 use crate::fabric::wire::CallOutcome;
-use crate::fabric::RemoteFunction;
+use crate::fabric::{FabricShared, RemoteFunction};
 use crate::function::{type_name, CallArgs, FunctionError};
 use crate::metrics::Metrics;
-use crate::protocol::{ErrorCode, RpcCommand, RpcError};
+use crate::protocol::{RpcCommand, RpcError};
 use crate::routing::{Endpoint, Routing};
 use crate::unix_now;
 use crate::version::VersionConstraint;
@@ -696,71 +697,53 @@ fn dispatch(plan: &Plan, i: usize, endpoint: Endpoint, call: CallArgs, types: Ar
         }
         Endpoint::Cluster { cluster, via } => {
             let routing = plan.routing.clone();
-            async move { (i, run_federated(&routing, cmd, (&cluster, via.as_deref()), call, &types).await) }
-                .boxed_local()
+            async move { (i, run_federated(&routing, cmd, (&cluster, via.as_deref()), call).await) }.boxed_local()
         }
         Endpoint::Clusters(clusters) => {
             let routing = plan.routing.clone();
-            async move { (i, run_elsewhere(&routing, cmd, &clusters, call, &types).await) }.boxed_local()
+            async move { (i, run_elsewhere(&routing, cmd, &clusters, call).await) }.boxed_local()
         }
     }
 }
 
-/// Runs a command nothing in this cluster matches in the first of `clusters` that does:
-/// each is asked in turn; one that does not export (or serve) the function answers 1001,
-/// one out of reach 1005, and the next is asked. Any other answer is the command's. None
-/// ran it: 1005 if a cluster was out of reach (it may have it), else 1001.
+/// Runs a command nothing in this cluster matches in the first of `clusters` that does
+/// ([`FabricShared::ask_clusters`]): a cluster that does not export (or serve) the
+/// function answers 1001 and the next is asked. None ran it: 1005 if a cluster was out of
+/// reach (it may have it), else 1001.
 async fn run_elsewhere(
     routing: &Routing,
     cmd: RpcCommand,
     clusters: &[(String, Option<String>)],
     call: CallArgs,
-    types: &ArgTypes,
 ) -> Result<Value, RpcError> {
-    let mut unreachable = None;
-    for (cluster, via) in clusters {
-        match run_federated(routing, cmd.clone(), (cluster, via.as_deref()), call.clone(), types).await {
-            Err(e) if e.kind() == Some(ErrorCode::NotFound) => {}
-            Err(e) if e.kind() == Some(ErrorCode::Unreachable) => unreachable = Some(e),
-            other => return other,
-        }
-    }
-    Err(unreachable.unwrap_or_else(|| RpcError::not_found(&cmd.fun)))
+    let fabric = fabric_of(routing, &cmd)?;
+    let (deadline, none) = (call.deadline, RpcError::not_found(&cmd.fun));
+    fabric.ask_clusters(clusters, substituted(cmd, call), deadline, none).await
 }
 
 /// Runs a command in another cluster over the federation bridges (this node's, or those
-/// of `via`, a node of this cluster), its arguments substituted; the error is the one the
-/// destination gave, or 1005 when the route or a bridge went away.
+/// of `via`, a node of this cluster); the error is the one the destination gave, or 1005
+/// when the route or a bridge went away.
 async fn run_federated(
     routing: &Routing,
-    mut cmd: RpcCommand,
+    cmd: RpcCommand,
     (cluster, via): (&str, Option<&str>),
     call: CallArgs,
-    types: &ArgTypes,
 ) -> Result<Value, RpcError> {
-    let Some(fabric) = routing.fabric() else {
-        return Err(RpcError::unreachable(format!("command={}: this node has no fabric", cmd.name)));
-    };
+    let fabric = fabric_of(routing, &cmd)?;
     let deadline = call.deadline;
+    fabric.run_in_cluster(cluster, via, substituted(cmd, call), deadline).await
+}
+
+fn fabric_of<'a>(routing: &'a Routing, cmd: &RpcCommand) -> Result<&'a Arc<FabricShared>, RpcError> {
+    routing.fabric().ok_or_else(|| RpcError::unreachable(format!("command={}: this node has no fabric", cmd.name)))
+}
+
+/// The command with its arguments substituted, as work for another cluster.
+fn substituted(mut cmd: RpcCommand, call: CallArgs) -> Work {
     cmd.args = call.args;
     cmd.kwargs = call.kwargs;
-    let Some(node) = via else {
-        return match fabric.bridges.clone() {
-            Some(bridges) => bridges.call_cluster(cluster, cmd, deadline).await,
-            None => Err(RpcError::unreachable(format!("command={}: this node has no federation bridges", cmd.name))),
-        };
-    };
-    let details = |reason: String| format!("command={} cluster={cluster} via={node}: {reason}", cmd.name);
-    match fabric.cluster_call(node, cluster, cmd.clone(), deadline).await {
-        CallOutcome::Ok { value } => Ok(value),
-        CallOutcome::Refused { error } => Err(error),
-        CallOutcome::Failed { error, node } => Err(failure(&cmd, Some(&node), &error, types)),
-        CallOutcome::NotFound { node } => {
-            Err(RpcError::unreachable(details(format!("{node} serves no cluster calls"))))
-        }
-        CallOutcome::Unreachable { reason } => Err(RpcError::unreachable(details(reason))),
-        CallOutcome::Overloaded { reason } => Err(RpcError::peer_overloaded(details(reason))),
-    }
+    Work::Command(Box::new(cmd))
 }
 
 /// Runs a command on another node. A failure of the function fails the request (1003,

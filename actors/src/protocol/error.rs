@@ -71,13 +71,18 @@ impl RpcError {
         Self::with(ErrorCode::NotFound, "Command not found", format!("Command not found: {fun}"))
     }
 
-    /// 1001 for a function another cluster may not call: `fun` is not in `cluster`'s
-    /// federation export list.
-    pub fn not_exported(cluster: &str, fun: &str) -> Self {
+    /// 1001 for what another cluster may not use: `name` is not in `cluster`'s federation
+    /// export list `list` (`functions`, `queues` or `cache`).
+    pub fn not_exported(cluster: &str, list: &str, name: &str) -> Self {
+        let (message, what) = match list {
+            "queues" => ("Queue not exported", "queue "),
+            "cache" => ("Cache namespace not exported", "cache namespace "),
+            _ => ("Function not exported", ""),
+        };
         Self::with(
             ErrorCode::NotFound,
-            "Function not exported",
-            format!("cluster {cluster} does not export {fun} to other clusters (federation exports.functions)"),
+            message,
+            format!("cluster {cluster} does not export {what}{name} to other clusters (federation exports.{list})"),
         )
     }
 

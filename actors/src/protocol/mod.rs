@@ -332,7 +332,7 @@ impl QueueReply {
 /// `{"role": "cache", "u", "op", "namespace", "key", "value", "ttl", "levels", "version",
 /// "by", "prefix"}`: `op` is one of `get`, `put`, `delete`, `invalidate`, `incr`, `cas`,
 /// `stats`; which fields each op reads is in the README ("Cache"). `levels` lists the levels
-/// an op may touch (`l1`, `l2`, `l3`; default all three).
+/// an op may touch (`l1`, `l2`, `l3`, the default; and `l4` for a `get`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheRequest {
     /// Correlation id.
@@ -351,7 +351,8 @@ pub struct CacheRequest {
     /// Time to live in seconds (`put`, `cas`, `incr`); default `cache_default_ttl_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<f64>,
-    /// Levels the op may touch: any of `l1`, `l2`, `l3`.
+    /// Levels the op may touch: any of `l1`, `l2`, `l3` (the default), `l4` (a `get`
+    /// only: other clusters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub levels: Option<Vec<String>>,
     /// `cas`: the version the entry must have (0: the key must be absent). Between nodes:
