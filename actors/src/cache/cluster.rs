@@ -342,7 +342,7 @@ async fn first_hit(
     }
 }
 
-/// A cache read that came from another cluster (see [`read_from`]): this
+/// A cache read that came from another cluster (see `read_from`): this
 /// cluster's levels, as a client of this node would read them.
 pub async fn serve_for_cluster(
     fabric: &FabricShared,

@@ -225,7 +225,7 @@ impl FabricShared {
 
     /// Where a queue operation from a client of this node is served: in another cluster
     /// when its `target_cluster` names one (a `send` or `stats` only), else in this
-    /// cluster as [`Self::queue_route_within`] says, else — a `send` or `stats` of a queue
+    /// cluster as `queue_route_within` says, else — a `send` or `stats` of a queue
     /// no node of this cluster has — in the clusters this node reaches, nearest first.
     pub fn queue_route(&self, request: &QueueRequest) -> QueueRoute {
         match request.fields.get("target_cluster") {
