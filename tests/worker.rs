@@ -71,6 +71,18 @@ async fn doubler(node: &TestNode, name: &str) -> RunningWorker {
         .expect("worker registers")
 }
 
+/// Says goodbye for `worker` (the node's only one so far to do so): `fun` leaves the
+/// catalog and the goodbye is counted once.
+async fn leaves_with_goodbye(worker: RunningWorker, node: &TestNode, fun: &str) {
+    worker.goodbye().await;
+    wait_for_function(node, fun, false).await;
+    poll_until_async("the goodbye counted", SOON, || async {
+        let metrics = monitor(node, "/metrics").await;
+        (metric_value(&metrics, "mpreg_workers_left_total", "reason=\"goodbye\"") == Some(1.0)).then_some(())
+    })
+    .await;
+}
+
 /// A raw worker: registered, with its `worker-registered` frame.
 async fn raw_worker(url: &str, name: &str, functions: Value, extra: Value) -> (Ws, Value) {
     let mut ws = raw_connect(url).await;
@@ -149,13 +161,7 @@ async fn a_worker_serves_calls_like_the_nodes_own_functions() {
     assert_eq!(calls(r#"fun="fail",version="1.0.0",outcome="error""#), Some(1.0));
     assert!(metric_value(&metrics, "mpreg_function_seconds_total", r#"fun="double""#).is_some_and(|s| s > 0.0));
     // A clean goodbye takes its functions out at once.
-    worker.goodbye().await;
-    wait_for_function(&n, "double", false).await;
-    poll_until_async("the goodbye counted", SOON, || async {
-        let metrics = monitor(&n, "/metrics").await;
-        (metric_value(&metrics, "mpreg_workers_left_total", "reason=\"goodbye\"") == Some(1.0)).then_some(())
-    })
-    .await;
+    leaves_with_goodbye(worker, &n, "double").await;
 }
 
 /// A function that records how many of its calls run at once, per worker.
@@ -516,11 +522,5 @@ async fn lanes_carry_calls_need_their_key_and_fall_with_the_worker() {
     for i in 0..4 {
         assert_eq!(n.client().await.call("double", vec![json!(i)]).await.unwrap(), json!(i * 2));
     }
-    worker.goodbye().await;
-    wait_for_function(&n, "double", false).await;
-    poll_until_async("the goodbye counted", SOON, || async {
-        let metrics = monitor(&n, "/metrics").await;
-        (metric_value(&metrics, "mpreg_workers_left_total", "reason=\"goodbye\"") == Some(1.0)).then_some(())
-    })
-    .await;
+    leaves_with_goodbye(worker, &n, "double").await;
 }
