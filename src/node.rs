@@ -276,6 +276,7 @@ impl NodeBuilder {
                 default_deadline: Settings::seconds(settings.request_timeout_s),
                 token: worker_token,
                 token_required: credentials.is_some(),
+                lanes: settings.workers.saturating_sub(1),
             },
             registry.clone(),
             metrics.clone(),

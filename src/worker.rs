@@ -22,6 +22,10 @@
 //! calls in flight (the node retries them elsewhere), reconnects with exponential
 //! backoff and jitter (0.1 s doubling up to 5 s by default, as the Python SDK) and
 //! registers again; a refusal other than "node full" (1006) ends it, logged.
+//!
+//! It opens the extra websockets (lanes) the node offers, so that a call made on any of
+//! the node's threads reaches it without a hand-off to another thread; a call is answered
+//! on the websocket it came on.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -75,7 +79,8 @@ impl Default for Backoff {
 
 /// A registration the node accepted.
 struct Registered {
-    ws: Ws,
+    /// The registering websocket first, then the lanes.
+    conns: Vec<Ws>,
     worker_id: String,
     heartbeat: Duration,
 }
@@ -157,12 +162,8 @@ impl Worker {
         Ok(RunningWorker { worker_id, stop: Some(stop), task })
     }
 
-    /// Connects and registers.
+    /// Connects and registers, then opens the lanes the node offers.
     async fn register(&self) -> Result<Registered, WorkerError> {
-        // Nagle off: an answer written while earlier ones are unacknowledged must not wait.
-        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&self.url, None, true)
-            .await
-            .map_err(|e| WorkerError::Connection(e.to_string()))?;
         let functions: Vec<Value> = self
             .functions
             .iter()
@@ -180,24 +181,46 @@ impl Worker {
         if let Some(n) = self.max_concurrency {
             register["max_concurrency"] = json!(n);
         }
-        ws.send(Message::text(register.to_string())).await.map_err(|e| WorkerError::Connection(e.to_string()))?;
-        let registered = loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => break serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
-                Some(Ok(Message::Binary(bytes))) => {
-                    break serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(WorkerError::Connection(e.to_string())),
-                None => return Err(WorkerError::Connection("closed before worker-registered".to_owned())),
-            }
-        };
+        let (ws, registered) = self.handshake(&register).await?;
         if let Some(error) = registered.get("error") {
             return Err(WorkerError::Refused(error.clone()));
         }
         let worker_id = registered["worker_id"].as_str().unwrap_or_default().to_owned();
         let heartbeat = Duration::from_secs_f64(registered["heartbeat_s"].as_f64().unwrap_or(5.0).max(0.05));
-        Ok(Registered { ws, worker_id, heartbeat })
+        let mut conns = vec![ws];
+        let lanes = registered["lanes"].as_u64().unwrap_or(0);
+        if let Some(key) = registered["lane_key"].as_str().filter(|_| lanes > 0) {
+            // A lane that fails to open fails the registration (dropping the others
+            // disconnects the worker); one the node refuses is done without.
+            for lane in 1..=lanes {
+                let frame = json!({"role": "worker-lane", "u": format!("lane-{lane}"), "worker_id": worker_id,
+                                   "lane_key": key});
+                match self.handshake(&frame).await? {
+                    (ws, reply) if reply.get("error").is_none() => conns.push(ws),
+                    (_, reply) => tracing::warn!(worker = %self.name, error = %reply["error"], "lane refused"),
+                }
+            }
+        }
+        Ok(Registered { conns, worker_id, heartbeat })
+    }
+
+    /// Opens a websocket, sends `frame` and reads the node's first answer.
+    async fn handshake(&self, frame: &Value) -> Result<(Ws, Value), WorkerError> {
+        // Nagle off: an answer written while earlier ones are unacknowledged must not wait.
+        let (mut ws, _) = tokio_tungstenite::connect_async_with_config(&self.url, None, true)
+            .await
+            .map_err(|e| WorkerError::Connection(e.to_string()))?;
+        ws.send(Message::text(frame.to_string())).await.map_err(|e| WorkerError::Connection(e.to_string()))?;
+        loop {
+            let reply = match ws.next().await {
+                Some(Ok(Message::Text(text))) => serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+                Some(Ok(Message::Binary(bytes))) => serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(WorkerError::Connection(e.to_string())),
+                None => return Err(WorkerError::Connection("closed before worker-registered".to_owned())),
+            };
+            return Ok((ws, reply));
+        }
     }
 
     /// Serves on `registered`, then on each new registration after a lost connection.
@@ -208,7 +231,7 @@ impl Worker {
             .map(|f| ((f.identity().name.clone(), f.identity().version.to_string()), f.clone()))
             .collect();
         loop {
-            if let Ended::Stopped = serve(registered.ws, &functions, registered.heartbeat, &mut stopped).await {
+            if let Ended::Stopped = serve(registered.conns, &functions, registered.heartbeat, &mut stopped).await {
                 return;
             }
             let Some(backoff) = self.reconnect else { return };
@@ -267,42 +290,89 @@ impl Drop for RunningWorker {
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// The websocket close handshake: the node's close frame is awaited (for at most a few
-/// seconds), so the socket is not torn down with frames unread — a TCP reset then could
-/// discard the goodbye before the node read it.
-async fn close(
-    mut sink: futures_util::stream::SplitSink<Ws, Message>,
-    mut stream: futures_util::stream::SplitStream<Ws>,
-) {
-    let _ = sink.close().await;
-    let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+type Sink = futures_util::stream::SplitSink<Ws, Message>;
+
+/// Every websocket's frames, tagged with its index; `None` once when it ends.
+type Inbound = futures_util::stream::SelectAll<
+    futures_util::stream::Chain<
+        futures_util::stream::Map<
+            futures_util::stream::SplitStream<Ws>,
+            Box<dyn FnMut(Result<Message, WsError>) -> (usize, Option<Result<Message, WsError>>) + Send>,
+        >,
+        futures_util::stream::Once<futures_util::future::Ready<(usize, Option<Result<Message, WsError>>)>>,
+    >,
+>;
+
+type WsError = tokio_tungstenite::tungstenite::Error;
+
+/// Splits the worker's websockets into their sinks (by index) and one stream of all
+/// their frames.
+fn split(conns: Vec<Ws>) -> (Vec<Sink>, Inbound) {
+    let mut sinks = Vec::with_capacity(conns.len());
+    let mut streams = Vec::with_capacity(conns.len());
+    for (i, ws) in conns.into_iter().enumerate() {
+        let (sink, stream) = ws.split();
+        sinks.push(sink);
+        let tag: Box<dyn FnMut(_) -> _ + Send> = Box::new(move |message| (i, Some(message)));
+        streams.push(stream.map(tag).chain(futures_util::stream::once(futures_util::future::ready((i, None)))));
+    }
+    (sinks, futures_util::stream::select_all(streams))
+}
+
+/// The websocket close handshake: the node's close frames are awaited (for at most a few
+/// seconds), so no socket is torn down with frames unread — a TCP reset then could
+/// discard the goodbye before the node read it. The registering websocket closes first:
+/// the node reads the goodbye before that close, so the worker leaves as one that said
+/// goodbye, whichever of the node's threads serves its lanes (which the node closes then).
+async fn close(sinks: Vec<Sink>, mut inbound: Inbound) {
+    let drain = async {
+        let mut sinks = sinks.into_iter();
+        if let Some(mut main) = sinks.next() {
+            let _ = main.close().await;
+            while let Some((lane, message)) = inbound.next().await {
+                if lane == 0 && message.is_none() {
+                    break;
+                }
+            }
+        }
+        for mut lane in sinks {
+            let _ = lane.close().await;
+        }
+        while inbound.next().await.is_some() {}
+    };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
 }
 
 /// The worker's loop: calls in, results out, heartbeats, until stopped or disconnected
 /// (then the calls in flight are dropped: nobody can take their answers).
 async fn serve(
-    ws: Ws,
+    conns: Vec<Ws>,
     functions: &HashMap<(String, String), FunctionSpec>,
     heartbeat: Duration,
     stopped: &mut oneshot::Receiver<Stop>,
 ) -> Ended {
-    let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
-    let ended = serve_calls(ws, functions, heartbeat, stopped, &mut running).await;
-    for task in running.values() {
+    let mut running: Running = HashMap::new();
+    let ended = serve_calls(conns, functions, heartbeat, stopped, &mut running).await;
+    for (task, _) in running.values() {
         task.abort();
     }
     ended
 }
 
+/// The calls running as tasks, by id, with the websocket each came on (its answer goes
+/// back there).
+type Running = HashMap<String, (JoinHandle<()>, usize)>;
+
 async fn serve_calls(
-    ws: Ws,
+    conns: Vec<Ws>,
     functions: &HashMap<(String, String), FunctionSpec>,
     heartbeat: Duration,
     stopped: &mut oneshot::Receiver<Stop>,
-    running: &mut HashMap<String, JoinHandle<()>>,
+    running: &mut Running,
 ) -> Ended {
-    let (mut sink, mut stream) = ws.split();
+    let (mut sinks, mut stream) = split(conns);
+    // Heartbeats and the goodbye go on the registering websocket.
+    let main = 0;
     let (results, mut outgoing) = mpsc::unbounded_channel::<(String, Option<String>)>();
     let mut beat = tokio::time::interval(heartbeat);
     let mut leaving = false;
@@ -311,59 +381,65 @@ async fn serve_calls(
             stop = &mut *stopped, if !leaving => match stop {
                 Ok(Stop::Goodbye) | Err(_) => {
                     leaving = true;
-                    if sink.send(Message::text(json!({"role": "worker-goodbye"}).to_string())).await.is_err() {
+                    let goodbye = Message::text(json!({"role": "worker-goodbye"}).to_string());
+                    if sinks[main].send(goodbye).await.is_err() {
                         return Ended::Stopped;
                     }
                     if running.is_empty() {
-                        close(sink, stream).await;
+                        close(sinks, stream).await;
                         return Ended::Stopped;
                     }
                 }
                 Ok(Stop::Abort) => return Ended::Stopped,
             },
             _ = beat.tick() => {
-                if sink.send(Message::text(json!({"role": "worker-heartbeat"}).to_string())).await.is_err() {
+                if sinks[main].send(Message::text(json!({"role": "worker-heartbeat"}).to_string())).await.is_err() {
                     return lost(leaving);
                 }
             }
             Some((id, frame)) = outgoing.recv() => {
-                running.remove(&id);
-                if let Some(frame) = frame {
-                    if sink.send(Message::text(frame)).await.is_err() {
+                // A call no longer running was cancelled: nobody waits for its answer.
+                if let (Some((_, lane)), Some(frame)) = (running.remove(&id), frame) {
+                    if sinks[lane].send(Message::text(frame)).await.is_err() {
                         return lost(leaving);
                     }
                 }
                 if leaving && running.is_empty() {
-                    close(sink, stream).await;
+                    close(sinks, stream).await;
                     return Ended::Stopped;
                 }
             }
             message = stream.next() => {
-                let mut message = message;
+                let mut next = message;
                 // The frames already received are all handled before the answers are
-                // flushed: one write for a burst of calls.
+                // flushed: one write per websocket for a burst of calls.
+                let mut fed = vec![false; sinks.len()];
                 loop {
+                    // Any websocket lost is the worker lost: the node drops them all.
+                    let Some((lane, Some(Ok(message)))) = next else { return lost(leaving) };
                     let frame = match message {
-                        Some(Ok(Message::Text(text))) => NodeFrame::parse(text.as_bytes()),
-                        Some(Ok(Message::Binary(bytes))) => NodeFrame::parse(&bytes),
-                        Some(Ok(_)) => None,
-                        Some(Err(_)) | None => return lost(leaving),
+                        Message::Text(text) => NodeFrame::parse(text.as_bytes()),
+                        Message::Binary(bytes) => NodeFrame::parse(&bytes),
+                        _ => None,
                     };
                     if let Some(frame) = frame {
-                        if on_frame(frame, functions, &mut sink, running, &results).await.is_err() {
+                        let call = Call { lane, functions, results: &results };
+                        if call.on_frame(frame, &mut sinks[lane], running, &mut fed[lane]).await.is_err() {
                             return lost(leaving);
                         }
                     }
                     match stream.next().now_or_never() {
-                        Some(next) => message = next,
+                        Some(message) => next = message,
                         None => break,
                     }
                 }
-                if sink.flush().await.is_err() {
-                    return lost(leaving);
+                for (sink, _) in sinks.iter_mut().zip(&fed).filter(|(_, fed)| **fed) {
+                    if sink.flush().await.is_err() {
+                        return lost(leaving);
+                    }
                 }
                 if leaving && running.is_empty() {
-                    close(sink, stream).await;
+                    close(sinks, stream).await;
                     return Ended::Stopped;
                 }
             }
@@ -392,38 +468,51 @@ impl NodeFrame {
     }
 }
 
-/// Handles one frame from the node. An inline function's answer is queued on `sink`
-/// (the caller flushes); any other call runs as a task. `Err` when the websocket broke.
-async fn on_frame(
-    frame: NodeFrame,
-    functions: &HashMap<(String, String), FunctionSpec>,
-    sink: &mut futures_util::stream::SplitSink<Ws, Message>,
-    running: &mut HashMap<String, JoinHandle<()>>,
-    results: &mpsc::UnboundedSender<(String, Option<String>)>,
-) -> Result<(), ()> {
-    let NodeFrame { role, id, fun, version, args, kwargs, timeout_ms } = frame;
-    match role.as_str() {
-        "worker-call" => {
-            let call = CallArgs::new(args, kwargs);
-            let spec = functions.get(&(fun, version)).cloned();
-            // Cheap functions answer in place: no task, no hop through the channel.
-            if let Some(spec) = spec.as_ref().filter(|spec| spec.is_inline()) {
-                let outcome = spec
-                    .invoke_inline(call)
-                    .unwrap_or_else(|| Err(crate::FunctionError::new("Internal", "not inline")));
-                return sink.feed(Message::text(result_frame(&id, &outcome))).await.map_err(drop);
+/// Where a frame from the node came from and what answers it.
+struct Call<'a> {
+    /// The websocket it came on.
+    lane: usize,
+    functions: &'a HashMap<(String, String), FunctionSpec>,
+    results: &'a mpsc::UnboundedSender<(String, Option<String>)>,
+}
+
+impl Call<'_> {
+    /// Handles one frame from the node. An inline function's answer is queued on `sink`
+    /// (`fed` set: the caller flushes); any other call runs as a task. `Err` when the
+    /// websocket broke.
+    async fn on_frame(
+        &self,
+        frame: NodeFrame,
+        sink: &mut Sink,
+        running: &mut Running,
+        fed: &mut bool,
+    ) -> Result<(), ()> {
+        let NodeFrame { role, id, fun, version, args, kwargs, timeout_ms } = frame;
+        match role.as_str() {
+            "worker-call" => {
+                let call = CallArgs::new(args, kwargs);
+                let spec = self.functions.get(&(fun, version)).cloned();
+                // Cheap functions answer in place: no task, no hop through the channel.
+                if let Some(spec) = spec.as_ref().filter(|spec| spec.is_inline()) {
+                    let outcome = spec
+                        .invoke_inline(call)
+                        .unwrap_or_else(|| Err(crate::FunctionError::new("Internal", "not inline")));
+                    *fed = true;
+                    return sink.feed(Message::text(result_frame(&id, &outcome))).await.map_err(drop);
+                }
+                let timeout = Duration::from_millis(timeout_ms.unwrap_or(30_000));
+                let task = tokio::spawn(call_task(spec, call, id.clone(), timeout, self.results.clone()));
+                running.insert(id, (task, self.lane));
             }
-            let timeout = Duration::from_millis(timeout_ms.unwrap_or(30_000));
-            running.insert(id.clone(), tokio::spawn(call_task(spec, call, id, timeout, results.clone())));
-        }
-        "worker-cancel" => {
-            if let Some(task) = running.remove(&id) {
-                task.abort();
+            "worker-cancel" => {
+                if let Some((task, _)) = running.remove(&id) {
+                    task.abort();
+                }
             }
+            _ => {}
         }
-        _ => {}
+        Ok(())
     }
-    Ok(())
 }
 
 /// A broken connection: lost, unless the worker was leaving anyway.

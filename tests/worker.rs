@@ -71,6 +71,18 @@ async fn doubler(node: &TestNode, name: &str) -> RunningWorker {
         .expect("worker registers")
 }
 
+/// Says goodbye for `worker` (the node's only one so far to do so): `fun` leaves the
+/// catalog and the goodbye is counted once.
+async fn leaves_with_goodbye(worker: RunningWorker, node: &TestNode, fun: &str) {
+    worker.goodbye().await;
+    wait_for_function(node, fun, false).await;
+    poll_until_async("the goodbye counted", SOON, || async {
+        let metrics = monitor(node, "/metrics").await;
+        (metric_value(&metrics, "mpreg_workers_left_total", "reason=\"goodbye\"") == Some(1.0)).then_some(())
+    })
+    .await;
+}
+
 /// A raw worker: registered, with its `worker-registered` frame.
 async fn raw_worker(url: &str, name: &str, functions: Value, extra: Value) -> (Ws, Value) {
     let mut ws = raw_connect(url).await;
@@ -149,13 +161,7 @@ async fn a_worker_serves_calls_like_the_nodes_own_functions() {
     assert_eq!(calls(r#"fun="fail",version="1.0.0",outcome="error""#), Some(1.0));
     assert!(metric_value(&metrics, "mpreg_function_seconds_total", r#"fun="double""#).is_some_and(|s| s > 0.0));
     // A clean goodbye takes its functions out at once.
-    worker.goodbye().await;
-    wait_for_function(&n, "double", false).await;
-    poll_until_async("the goodbye counted", SOON, || async {
-        let metrics = monitor(&n, "/metrics").await;
-        (metric_value(&metrics, "mpreg_workers_left_total", "reason=\"goodbye\"") == Some(1.0)).then_some(())
-    })
-    .await;
+    leaves_with_goodbye(worker, &n, "double").await;
 }
 
 /// A function that records how many of its calls run at once, per worker.
@@ -450,4 +456,71 @@ async fn a_worker_whose_connection_breaks_reconnects_and_registers_again() {
     .await;
     worker.goodbye().await;
     wait_for_function(&n, "triple", false).await;
+}
+
+/// The next `worker-call` on either of a worker's two websockets: which one (0 or 1) and
+/// the call.
+async fn next_call_on_either(main: &mut Ws, lane: &mut Ws) -> (usize, Value) {
+    tokio::select! {
+        call = next_role(main, "worker-call") => (0, call),
+        call = next_role(lane, "worker-call") => (1, call),
+    }
+}
+
+#[actix_rt::test]
+async fn lanes_carry_calls_need_their_key_and_fall_with_the_worker() {
+    // Two listener threads: a worker is offered one lane.
+    let n = node(Settings { workers: 2, ..settings("worker-lanes") }).await;
+    let (mut main, reply) = raw_worker(n.url(), "laned", json!([{"name": "lane_fn"}]), json!({})).await;
+    assert_eq!(reply["lanes"], 1, "{reply}");
+    let key = reply["lane_key"].as_str().expect("a lane key").to_owned();
+    let worker_id = reply["worker_id"].clone();
+    let lane_frame = |u: &str, id: &Value, key: &str| {
+        Message::text(json!({"role": "worker-lane", "u": u, "worker_id": id, "lane_key": key}).to_string())
+    };
+    // Only the key's holder adds a lane, and only to a worker this node has.
+    for (u, id, key) in [("bad-key", &worker_id, "0".repeat(32)), ("no-worker", &json!("999"), key.clone())] {
+        let mut ws = raw_connect(n.url()).await;
+        ws.send(lane_frame(u, id, &key)).await.unwrap();
+        let refused = raw_next(&mut ws, SOON).await.expect("answered");
+        assert_eq!((refused["u"].as_str(), &refused["error"]["code"]), (Some(u), &json!(1002)), "{refused}");
+    }
+    let mut lane = raw_connect(n.url()).await;
+    lane.send(lane_frame("l1", &worker_id, &key)).await.unwrap();
+    let joined = raw_next(&mut lane, SOON).await.expect("answered");
+    assert_eq!((&joined["role"], &joined["worker_id"]), (&json!("worker-registered"), &worker_id), "{joined}");
+    // One lane per extra listener thread: a second is a counted refusal.
+    let mut extra = raw_connect(n.url()).await;
+    extra.send(lane_frame("l2", &worker_id, &key)).await.unwrap();
+    assert_eq!(raw_next(&mut extra, SOON).await.expect("answered")["error"]["code"], 1002);
+    // Clients are spread over both threads: the calls of those on the lane's thread come
+    // on the lane, the others on the registering websocket; each is answered where it came.
+    let mut came_on = [0, 0];
+    for i in 0..4 {
+        let c = n.client().await;
+        let call = tokio::spawn(async move { c.call("lane_fn", vec![json!(i)]).await });
+        let (on, frame) = next_call_on_either(&mut main, &mut lane).await;
+        came_on[on] += 1;
+        let answer =
+            Message::text(json!({"role": "worker-result", "id": frame["id"], "result": frame["args"][0]}).to_string());
+        [&mut main, &mut lane][on].send(answer).await.unwrap();
+        assert_eq!(call.await.unwrap().unwrap(), json!(i));
+    }
+    assert!(came_on[0] > 0 && came_on[1] > 0, "calls per websocket: {came_on:?}");
+    let catalog: Value = serde_json::from_str(&monitor(&n, "/catalog").await).unwrap();
+    assert_eq!(catalog["workers"].as_array().map(Vec::len), Some(1), "one worker, two websockets: {catalog}");
+    // Losing the lane loses the worker: its functions leave, its other websocket is closed.
+    drop(lane);
+    assert!(close_reason(&mut main).await.starts_with("worker left (disconnected)"));
+    wait_for_function(&n, "lane_fn", false).await;
+    let metrics = monitor(&n, "/metrics").await;
+    assert_eq!(metric_value(&metrics, "mpreg_limit_exceeded_total", "limit=\"worker_lanes\""), Some(1.0));
+    assert_eq!(metric_value(&metrics, "mpreg_peer_refused_total", "reason=\"worker_lane_key\""), Some(1.0));
+    // The Rust worker opens its lane; calls from either thread are answered, and its
+    // goodbye counts once, as one worker's.
+    let worker = doubler(&n, "rusty").await;
+    for i in 0..4 {
+        assert_eq!(n.client().await.call("double", vec![json!(i)]).await.unwrap(), json!(i * 2));
+    }
+    leaves_with_goodbye(worker, &n, "double").await;
 }

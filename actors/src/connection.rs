@@ -218,8 +218,11 @@ pub struct Connection {
     next_pong: Option<Bytes>,
     /// The heartbeat's ping is still waiting for room in the websocket.
     ping_waiting: bool,
-    /// Set by `worker-register`: this connection is (becoming) a worker.
+    /// Set by `worker-register` (or `worker-lane`): this connection is (becoming) a worker
+    /// (or one more lane of one).
     worker: Option<WorkerId>,
+    /// Which of the worker's connections this is (0: the registering one).
+    worker_lane: usize,
     /// When the worker last sent a worker frame (its heartbeat).
     worker_heard: Instant,
     /// Why the worker leaves when the connection ends.
@@ -247,6 +250,7 @@ impl Connection {
             next_pong: None,
             ping_waiting: false,
             worker: None,
+            worker_lane: 0,
             worker_heard: Instant::now(),
             worker_leaving: LeaveReason::Disconnected,
         }
@@ -408,6 +412,18 @@ impl Connection {
                 }));
             }
             (WorkerInbound::Register(_), Some(_)) => self.worker_protocol_error("worker-register sent twice", ctx),
+            (WorkerInbound::Lane(frame), None) => {
+                // Heartbeats come on the registering websocket: a lane is watched by the
+                // client timeout only, and its loss is the worker's.
+                match hub.add_lane(&frame, self.outbox.clone(), self.session.clone(), kind) {
+                    Ok((id, lane)) => (self.worker, self.worker_lane) = (Some(id), lane),
+                    Err(error) => {
+                        let refusal = crate::worker::wire::RegisteredFrame::refused(frame.u, error);
+                        self.reply(encode(&refusal), kind, ctx);
+                    }
+                }
+            }
+            (WorkerInbound::Lane(_), Some(_)) => self.worker_protocol_error("worker-lane on a worker's websocket", ctx),
             (WorkerInbound::Result(result), Some(id)) => {
                 self.worker_heard = Instant::now();
                 hub.result(id, result);
@@ -1278,7 +1294,7 @@ impl Actor for Connection {
         }
         self.shared.fabric.queue_connection_closed(self.id);
         if let Some(worker) = self.worker.take() {
-            self.shared.workers.remove(worker, self.worker_leaving);
+            self.shared.workers.remove(worker, self.worker_lane, self.worker_leaving);
         }
         if let Some(close) = self.close.take() {
             let _ = close.send(None);

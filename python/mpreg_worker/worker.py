@@ -4,10 +4,15 @@ Frames (JSON objects, one per websocket message), as the node's README documents
 
 - worker -> node: ``worker-register {u, name, functions, max_concurrency?, token?}``,
   ``worker-result {id, result | error: {kind, message}}``, ``worker-heartbeat {}``,
-  ``worker-goodbye {}``;
-- node -> worker: ``worker-registered {u, worker_id, heartbeat_s, max_concurrency | error}``,
-  ``worker-call {id, fun, function_id, version, args, kwargs, timeout_ms}``,
+  ``worker-goodbye {}``, and on each extra websocket (lane)
+  ``worker-lane {u, worker_id, lane_key}``;
+- node -> worker: ``worker-registered {u, worker_id, heartbeat_s, max_concurrency, lanes?,
+  lane_key? | error}``, ``worker-call {id, fun, function_id, version, args, kwargs, timeout_ms}``,
   ``worker-cancel {id}``.
+
+The worker opens the lanes the node offers (one websocket per node thread, so a call
+needs no hand-off between the node's threads) and answers each call on the websocket it
+came on; losing any of them loses the registration (the node closes the others).
 """
 
 from __future__ import annotations
@@ -127,9 +132,14 @@ class Worker:
                 try:
                     async with connect(self.url, max_size=None) as ws:
                         self._ws = ws
-                        await self._register(ws)
+                        offer = await self._register(ws)
                         backoff = self.backoff_initial
-                        await self._serve(ws)
+                        lanes = await self._open_lanes(*offer)
+                        try:
+                            await self._serve_all(ws, lanes)
+                        finally:
+                            for lane in lanes:
+                                await lane.close()
                 except WorkerError:
                     raise
                 except (OSError, ConnectionClosed, asyncio.TimeoutError) as e:
@@ -163,22 +173,21 @@ class Worker:
             await ws.send(json.dumps({"role": "worker-goodbye"}))
             if self._running:
                 await asyncio.wait(list(self._running.values()))
+            # The registering websocket first: the node reads the goodbye before its close,
+            # and closes the lanes itself.
             await ws.close()
         except ConnectionClosed:
             pass
 
-    async def _register(self, ws: ClientConnection) -> None:
+    async def _register(self, ws: ClientConnection) -> tuple[int, str | None]:
+        """Registers on ``ws``; the lanes the node offers and their key."""
         frame: dict[str, Any] = {"role": "worker-register", "u": "register", "name": self.name,
                                  "functions": [f.describe() for f in self._functions.values()]}
         if self.token is not None:
             frame["token"] = self.token
         if self.max_concurrency is not None:
             frame["max_concurrency"] = self.max_concurrency
-        await ws.send(json.dumps(frame))
-        while True:
-            reply = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
-            if reply.get("role") == "worker-registered":
-                break
+        reply = await self._handshake(ws, frame)
         error = reply.get("error")
         if error:
             # 1006 (the node has max_workers) may clear up; anything else will not.
@@ -190,24 +199,72 @@ class Worker:
         log.info("worker %s registered as %s on %s", self.name, self.worker_id, self.url)
         assert self.registered is not None
         self.registered.set()
+        return int(reply.get("lanes") or 0), reply.get("lane_key")
+
+    @staticmethod
+    async def _handshake(ws: ClientConnection, frame: dict[str, Any]) -> dict[str, Any]:
+        """Sends ``frame`` and returns the node's ``worker-registered``."""
+        await ws.send(json.dumps(frame))
+        while True:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
+            if reply.get("role") == "worker-registered":
+                return reply
+
+    async def _open_lanes(self, lanes: int, key: str | None) -> list[ClientConnection]:
+        """Opens the lanes offered; one the node refuses is done without."""
+        opened: list[ClientConnection] = []
+        if not key:
+            return opened
+        try:
+            for n in range(1, lanes + 1):
+                lane = await connect(self.url, max_size=None)
+                frame = {"role": "worker-lane", "u": f"lane-{n}", "worker_id": self.worker_id, "lane_key": key}
+                reply = await self._handshake(lane, frame)
+                if reply.get("error"):
+                    log.warning("worker %s: lane refused: %s", self.name, reply["error"])
+                    await lane.close()
+                else:
+                    opened.append(lane)
+        except BaseException:
+            for lane in opened:
+                await lane.close()
+            raise
+        return opened
+
+    async def _serve_all(self, ws: ClientConnection, lanes: list[ClientConnection]) -> None:
+        """Serves the registering websocket (with the heartbeat) and the lanes until any of
+        them ends: the node ends the others then."""
+        tasks = [asyncio.create_task(self._serve(ws))]
+        tasks += [asyncio.create_task(self._serve_calls(lane)) for lane in lanes]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+        for task in done:
+            task.result()  # a lost websocket raises here
 
     async def _serve(self, ws: ClientConnection) -> None:
         beat = asyncio.create_task(self._heartbeat(ws))
         try:
-            async for message in ws:
-                frame = json.loads(message)
-                role = frame.get("role")
-                if role == "worker-call":
-                    call_id = str(frame.get("id"))
-                    task = asyncio.create_task(self._call(ws, frame))
-                    self._running[call_id] = task
-                    task.add_done_callback(lambda _t, i=call_id: self._running.pop(i, None))
-                elif role == "worker-cancel":
-                    task = self._running.pop(str(frame.get("id")), None)
-                    if task is not None:
-                        task.cancel()
+            await self._serve_calls(ws)
         finally:
             beat.cancel()
+
+    async def _serve_calls(self, ws: ClientConnection) -> None:
+        """Runs the calls that come on ``ws`` (each answered there) until it closes."""
+        async for message in ws:
+            frame = json.loads(message)
+            role = frame.get("role")
+            if role == "worker-call":
+                call_id = str(frame.get("id"))
+                task = asyncio.create_task(self._call(ws, frame))
+                self._running[call_id] = task
+                task.add_done_callback(lambda _t, i=call_id: self._running.pop(i, None))
+            elif role == "worker-cancel":
+                task = self._running.pop(str(frame.get("id")), None)
+                if task is not None:
+                    task.cancel()
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         while True:

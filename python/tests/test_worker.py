@@ -168,6 +168,41 @@ def test_two_workers_share_the_load(nodes, cluster_name):
     asyncio.run(scenario())
 
 
+def metric(node: NodeProcess, series: str) -> float | None:
+    """The value of one series (name and labels, as `/metrics` prints them), if present."""
+    for line in node.get("/metrics").splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_the_worker_opens_its_lanes_and_leaves_as_one_worker(nodes, cluster_name, tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text("[mpreg]\nworkers = 2\n")  # two listener threads: the node offers one lane
+    node = nodes("L", cluster_name, "--config", str(config))
+
+    async def scenario():
+        worker = Worker(node.url, "laned")
+
+        @worker.function()
+        async def square(x):
+            return x * x
+
+        task = await started(worker)
+        # The registering websocket and its lane; calls from clients on either thread.
+        await apoll("the lane", lambda: metric(node, 'mpreg_connections{node="L"}') == 2)
+        assert metric(node, 'mpreg_workers{node="L"}') == 1
+        for x in range(4):
+            async with await Client.connect(node.url) as client:
+                assert await client.call("square", x) == x * x
+        await worker.stop()
+        await asyncio.wait_for(task, 15)
+        await apoll("the goodbye counted",
+                    lambda: metric(node, 'mpreg_workers_left_total{node="L",reason="goodbye"}') == 1)
+
+    asyncio.run(scenario())
+
+
 def test_the_worker_reconnects_after_the_node_restarts(nodes, cluster_name):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

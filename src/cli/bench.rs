@@ -20,8 +20,9 @@
 //! reported as p50 multiples of `rpc_echo_seq`.
 //!
 //! Two worker scenarios drive `worker_echo`, served by a Rust worker ([`crate::worker`])
-//! connected to node 1 over its own websocket (in this process, its own thread on the
-//! client's CPU, as a worker process would run on the core the node leaves free):
+//! connected to node 1 over its own websockets, one per node thread (in this process, its
+//! own thread on the client's CPU, as a worker process would run on the core the node
+//! leaves free):
 //! `rpc_worker_seq` (p50 as a multiple of `rpc_echo_seq`, target 2x) and
 //! `rpc_worker_pipelined` (calls/s as a fraction of `rpc_echo_pipelined`, target 0.3).
 //!

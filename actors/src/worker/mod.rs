@@ -26,6 +26,14 @@
 //! call is written straight into the worker's websocket from the caller's thread when
 //! nothing is queued there) and the calls waiting for answers; connections and the
 //! Registry share it.
+//!
+//! Lanes: a worker may open more websockets (`worker-lane`, as many as the node has
+//! listener threads but one). Each websocket is served by one node thread; a call goes
+//! out on the worker's websocket served by the caller's own thread when there is one, so
+//! the call, the worker's answer and the reply to the client stay on one thread, with no
+//! wake-up of a second one. A worker is one worker whatever its lanes: one
+//! `max_concurrency`, one entry in `/catalog`; losing any of its websockets loses the
+//! worker (the others are closed), as its calls in flight there cannot be answered.
 
 pub mod wire;
 
@@ -33,9 +41,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use actix_ws::{Message, Session};
+use actix_ws::{CloseCode, CloseReason, Message, Session};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
@@ -49,7 +58,7 @@ use crate::protocol::{encode, FrameKind, RpcError};
 use crate::registry::{RegisterFunctions, Registry, RegistryError, UnregisterFunctions};
 use crate::supervisor::Slot;
 use crate::version::Version;
-use wire::{cancel_frame, CallFrame, RegisterFrame, RegisteredFrame, ResultFrame};
+use wire::{cancel_frame, CallFrame, LaneFrame, RegisterFrame, RegisteredFrame, ResultFrame};
 
 /// A worker's id on this node.
 pub type WorkerId = u64;
@@ -73,6 +82,8 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     /// Whether the node has credentials: then a worker must present `token`.
     pub token_required: bool,
+    /// Extra websockets (lanes) a worker may open: the node's listener threads but one.
+    pub lanes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -86,6 +97,7 @@ impl Default for WorkerConfig {
             default_deadline: Duration::from_secs(30),
             token: None,
             token_required: false,
+            lanes: 0,
         }
     }
 }
@@ -222,15 +234,27 @@ impl WorkerPool {
     }
 }
 
-/// A worker's connection: where its calls go, and the calls waiting for its answers.
-struct WorkerLink {
-    name: String,
+/// One websocket of a worker: the one it registered on, or a lane.
+struct WorkerConn {
+    /// The node thread serving it: calls made on that thread go out here.
+    thread: ThreadId,
     outbox: Outbox,
-    /// The worker's websocket: a call goes straight into it when its outbox is idle,
-    /// sparing the connection's writer task a wake-up on the worker's thread.
+    /// The websocket: a call goes straight into it when its outbox is idle, sparing the
+    /// connection's writer task a wake-up.
     session: Session,
     kind: FrameKind,
-    pending: HashMap<String, oneshot::Sender<FunctionResult>>,
+}
+
+/// A worker's connections: where its calls go, and the calls waiting for its answers.
+struct WorkerLink {
+    name: String,
+    /// The registering websocket first, then the lanes (never removed while it lives).
+    conns: Vec<WorkerConn>,
+    /// What a `worker-lane` must present.
+    lane_key: String,
+    /// Calls waiting for answers, with the index in `conns` each went out on (where its
+    /// cancel goes too).
+    pending: HashMap<String, (oneshot::Sender<FunctionResult>, usize)>,
 }
 
 #[derive(Default)]
@@ -341,8 +365,51 @@ impl WorkerHub {
             return None;
         }
         let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        state.links.insert(id, WorkerLink { name: String::new(), outbox, session, kind, pending: HashMap::new() });
+        let conn = WorkerConn { thread: std::thread::current().id(), outbox, session, kind };
+        let lane_key = format!("{:032x}", rand::random::<u128>());
+        state
+            .links
+            .insert(id, WorkerLink { name: String::new(), conns: vec![conn], lane_key, pending: HashMap::new() });
         Some(id)
+    }
+
+    /// Adds the websocket a `worker-lane` came on (served by the calling thread) to its
+    /// registered worker: its `worker-registered` is queued on `outbox` before any call
+    /// can be. The worker's id and the lane's index (for [`Self::remove`]); a refusal
+    /// (1002) for a worker this node does not have, a wrong key, or one lane too many.
+    pub fn add_lane(
+        &self,
+        frame: &LaneFrame,
+        outbox: Outbox,
+        session: Session,
+        kind: FrameKind,
+    ) -> Result<(WorkerId, usize), RpcError> {
+        let mut state = self.lock();
+        let id = frame.worker_id.parse::<WorkerId>().ok().filter(|id| state.pool.workers.contains_key(id));
+        let Some((id, link)) = id.and_then(|id| state.links.get_mut(&id).map(|link| (id, link))) else {
+            return Err(RpcError::invalid(format!("no worker {:?} registered on this node", frame.worker_id)));
+        };
+        if !same_secret(frame.lane_key.as_bytes(), link.lane_key.as_bytes()) {
+            self.metrics.peer_refused("worker_lane_key");
+            return Err(RpcError::invalid("wrong lane_key"));
+        }
+        if link.conns.len() > self.config.lanes {
+            self.metrics.limit_exceeded("worker_lanes");
+            return Err(RpcError::invalid(format!("a worker opens at most {} lanes on this node", self.config.lanes)));
+        }
+        let reply = RegisteredFrame {
+            role: "worker-registered",
+            u: frame.u.clone(),
+            worker_id: Some(id.to_string()),
+            heartbeat_s: Some(self.config.heartbeat.as_secs_f64()),
+            max_concurrency: None,
+            lanes: None,
+            lane_key: None,
+            error: None,
+        };
+        let _ = outbox.queue(OutFrame { bytes: Bytes::from(encode(&reply)), kind });
+        link.conns.push(WorkerConn { thread: std::thread::current().id(), outbox, session, kind });
+        Ok((id, link.conns.len() - 1))
     }
 
     /// The refusal of a `worker-register` at the `max_workers` bound.
@@ -388,12 +455,15 @@ impl WorkerHub {
                 RpcError::invalid(format!("function {name}: {e}"))
             })
         };
-        let reply = RegisteredFrame {
+        let lanes = self.config.lanes;
+        let mut reply = RegisteredFrame {
             role: "worker-registered",
             u: u.clone(),
             worker_id: Some(id.to_string()),
             heartbeat_s: Some(self.config.heartbeat.as_secs_f64()),
             max_concurrency: Some(max_concurrency),
+            lanes: (lanes > 0).then_some(lanes),
+            lane_key: None,
             error: None,
         };
         let accepted = failure.is_none() && {
@@ -403,9 +473,13 @@ impl WorkerHub {
                 None => false,
                 Some(link) => {
                     link.name.clone_from(&frame.name);
+                    if lanes > 0 {
+                        reply.lane_key = Some(link.lane_key.clone());
+                    }
                     // Queued before the worker can be picked, so it precedes every call.
                     let bytes = Bytes::from(encode(&reply));
-                    let _ = link.outbox.queue(OutFrame { bytes, kind: link.kind });
+                    let conn = &link.conns[0];
+                    let _ = conn.outbox.queue(OutFrame { bytes, kind: conn.kind });
                     state.pool.add(id, identities.clone(), max_concurrency);
                     true
                 }
@@ -588,13 +662,17 @@ impl WorkerHub {
         let mut slot = CallSlot { hub: self, worker, id: id.clone(), answered: false };
         let timeout_ms = crate::fabric::link::millis_left(deadline, Instant::now());
         let encoded = encode(&CallFrame::new(&id, identity, &call.args, &call.kwargs, timeout_ms));
+        let here = std::thread::current().id();
         let Some((name, queue)) = ({
             let mut state = self.lock();
             state.links.get_mut(&worker).map(|link| {
-                link.pending.insert(id.clone(), reply);
-                let queue = match direct_write(link, encoded) {
+                // The websocket served by this thread, if the worker has one: no hand-off.
+                let lane = link.conns.iter().position(|conn| conn.thread == here).unwrap_or(0);
+                link.pending.insert(id.clone(), (reply, lane));
+                let conn = &mut link.conns[lane];
+                let queue = match direct_write(conn, encoded) {
                     Ok(()) => None,
-                    Err(bytes) => Some((link.outbox.clone(), OutFrame { bytes, kind: link.kind })),
+                    Err(bytes) => Some((conn.outbox.clone(), OutFrame { bytes, kind: conn.kind })),
                 };
                 (link.name.clone(), queue)
             })
@@ -633,7 +711,7 @@ impl WorkerHub {
     /// out) is ignored.
     pub fn result(&self, worker: WorkerId, frame: ResultFrame) {
         let waiting = self.lock().links.get_mut(&worker).and_then(|link| link.pending.remove(&frame.id));
-        let Some(waiting) = waiting else {
+        let Some((waiting, _)) = waiting else {
             debug!(worker_id = worker, id = %frame.id, "result for no waiting call; ignored");
             return;
         };
@@ -651,14 +729,25 @@ impl WorkerHub {
         self.unregister(orphaned);
     }
 
-    /// The worker's connection ended: calls waiting on it are lost (and retried), its
-    /// functions leave the registry if nobody else serves them.
-    pub fn remove(self: &Arc<Self>, worker: WorkerId, reason: LeaveReason) {
-        let (orphaned, link) = {
+    /// One of the worker's connections (`lane`, as [`Self::add_lane`] numbered it; 0 for
+    /// the registering one) ended: calls waiting on the worker are lost (and retried),
+    /// its functions leave the registry if nobody else serves them, and its other
+    /// connections are closed. After a goodbye, the worker left by `Goodbye` whatever
+    /// connection ends first.
+    pub fn remove(self: &Arc<Self>, worker: WorkerId, lane: usize, reason: LeaveReason) {
+        let (orphaned, link, said_goodbye) = {
             let mut state = self.lock();
-            (state.pool.remove(worker), state.links.remove(&worker))
+            let said_goodbye = state.pool.workers.get(&worker).is_some_and(|load| load.draining);
+            (state.pool.remove(worker), state.links.remove(&worker), said_goodbye)
         };
         let Some(link) = link else { return };
+        let reason = if said_goodbye && reason == LeaveReason::Disconnected { LeaveReason::Goodbye } else { reason };
+        for (i, conn) in link.conns.into_iter().enumerate().filter(|(i, _)| *i != lane) {
+            let description = Some(format!("worker left ({}): its connection {lane} ended", reason.label()));
+            debug!(worker_id = worker, conn = i, "closing the worker's other connection");
+            let close = CloseReason { code: CloseCode::Away, description };
+            tokio::spawn(async move { drop(conn.session.close(Some(close)).await) });
+        }
         let lost = link.pending.len();
         // Dropping the senders wakes every waiting call with "lost".
         drop(link.pending);
@@ -780,11 +869,11 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 
 /// Writes an encoded call straight into the worker's websocket when its outbox is idle
 /// and the message needs no fragments; otherwise its bytes come back, to be queued.
-fn direct_write(link: &mut WorkerLink, encoded: Vec<u8>) -> Result<(), Bytes> {
+fn direct_write(conn: &mut WorkerConn, encoded: Vec<u8>) -> Result<(), Bytes> {
     if encoded.len() > FRAGMENT_BYTES {
         return Err(Bytes::from(encoded));
     }
-    let WorkerLink { outbox, session, kind, .. } = link;
+    let WorkerConn { outbox, session, kind, .. } = conn;
     match kind {
         FrameKind::Binary => {
             outbox.write_if_idle(Bytes::from(encoded), |bytes| write_now(session, bytes, Message::Binary))
@@ -822,10 +911,10 @@ impl Drop for CallSlot<'_> {
         state.pool.finished(self.worker);
         if !self.answered {
             if let Some(link) = state.links.get_mut(&self.worker) {
-                if link.pending.remove(&self.id).is_some() {
+                if let Some(conn) = link.pending.remove(&self.id).and_then(|(_, lane)| link.conns.get(lane)) {
                     let bytes = Bytes::from(encode(&cancel_frame(&self.id)));
                     // Best effort: a worker whose outbox is full finishes the call in vain.
-                    let _ = link.outbox.try_send(OutFrame { bytes, kind: link.kind });
+                    let _ = conn.outbox.try_send(OutFrame { bytes, kind: conn.kind });
                 }
             }
         }

@@ -9,7 +9,18 @@
 //!                                         ◄──  worker-cancel {id}   (the caller stopped waiting)
 //!   worker-heartbeat {}                   ──►  (every heartbeat_s; any frame counts)
 //!   worker-goodbye {}                     ──►  no new calls; in-flight ones may still answer
+//!
+//! lane (another websocket of the same worker, optional)
+//!   worker-lane {u, worker_id, lane_key}  ──►  joins the worker
+//!                                         ◄──  worker-registered {u, worker_id, heartbeat_s}
+//!                                         ◄──  worker-call / worker-cancel, as above
+//!   worker-result                         ──►  as above
 //! ```
+//!
+//! Lanes: `worker-registered` offers `lanes` extra connections (the node's listener
+//! threads but one) and a `lane_key`. The node serves each websocket on one of its
+//! threads; a call goes out on the worker's websocket served by the caller's thread when
+//! there is one, so the call and its answer need no hand-off between the node's threads.
 //!
 //! Every frame is one JSON object with a `role`. Unknown fields are ignored, so a worker
 //! written against a newer node keeps working. Numbers in `args` travel as JSON numbers.
@@ -40,6 +51,9 @@ pub enum WorkerInbound {
     /// results of calls in flight are still accepted until the websocket closes.
     #[serde(rename = "worker-goodbye")]
     Goodbye {},
+    /// `worker-lane`: this websocket is one more lane of a registered worker.
+    #[serde(rename = "worker-lane")]
+    Lane(LaneFrame),
 }
 
 impl WorkerInbound {
@@ -87,6 +101,17 @@ pub struct WorkerFunction {
     pub resources: BTreeSet<String>,
 }
 
+/// `worker-lane`: joins the registered worker `worker_id` as one more websocket.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct LaneFrame {
+    /// Correlation id, echoed in `worker-registered`.
+    pub u: String,
+    /// The id `worker-registered` gave the worker.
+    pub worker_id: String,
+    /// The key `worker-registered` gave the worker: only its holder adds lanes.
+    pub lane_key: String,
+}
+
 /// `worker-result`: exactly one of `result` (any JSON, `null` included) and `error`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ResultFrame {
@@ -117,6 +142,12 @@ pub struct RegisteredFrame {
     /// The concurrency the node grants (after capping).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<usize>,
+    /// Extra websockets (`worker-lane`) the worker may open; absent when none would help.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<usize>,
+    /// What a `worker-lane` must present (with `lanes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lane_key: Option<String>,
     /// Why the registration was refused (1002 invalid, 1006 too many workers); nothing
     /// was registered.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -132,6 +163,8 @@ impl RegisteredFrame {
             worker_id: None,
             heartbeat_s: None,
             max_concurrency: None,
+            lanes: None,
+            lane_key: None,
             error: Some(error),
         }
     }
@@ -214,7 +247,16 @@ mod tests {
         assert_eq!(result.error, Some(FunctionError::value_error("no")));
         assert_eq!(WorkerInbound::decode(br#"{"role":"worker-heartbeat"}"#).unwrap(), WorkerInbound::Heartbeat {});
         assert_eq!(WorkerInbound::decode(br#"{"role":"worker-goodbye"}"#).unwrap(), WorkerInbound::Goodbye {});
-        for garbage in [&br#"{"role":"worker-result"}"#[..], b"[1,2]", br#"{"role":"worker-nonsense"}"#, b"\xff"] {
+        let lane = br#"{"role":"worker-lane","u":"2","worker_id":"7","lane_key":"k"}"#;
+        let WorkerInbound::Lane(lane) = WorkerInbound::decode(lane).unwrap() else { panic!("not a lane") };
+        assert_eq!((lane.worker_id.as_str(), lane.lane_key.as_str()), ("7", "k"));
+        for garbage in [
+            &br#"{"role":"worker-result"}"#[..],
+            b"[1,2]",
+            br#"{"role":"worker-nonsense"}"#,
+            br#"{"role":"worker-lane","u":"2","worker_id":"7"}"#,
+            b"\xff",
+        ] {
             assert!(WorkerInbound::decode(garbage).is_err(), "{}", String::from_utf8_lossy(garbage));
         }
     }
