@@ -49,7 +49,7 @@ use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
 use crate::metrics::{InFlight, Metrics};
 use crate::planner::{execute, NoObserver, Plan, ReportOptions};
-use crate::protocol::{PubSubMessage, RpcCommand, RpcError, RpcRequest};
+use crate::protocol::{encode, sniff_str, top_level_raw, FrameKind, PubSubMessage, RpcCommand, RpcError, RpcRequest};
 use crate::pubsub::OutFrame;
 use crate::routing::Routing;
 use crate::unix_now_ms;
@@ -177,11 +177,28 @@ struct Waiting {
 enum Waiter {
     /// A task of this node (its own request's command).
     Task(oneshot::Sender<Result<Value, RpcError>>),
-    /// A call relayed for another cluster: the reply goes back on `back` (through the
-    /// node's `parking`: a full queue does not lose it) under the caller's `id` as soon as
-    /// it comes, with no task waiting; the permit holds the call's place in max_in_flight
-    /// until then.
-    Relay { back: LinkSender, parking: Parking, id: String, _permit: InFlight },
+    /// A call relayed for another cluster.
+    Relay(RelayBack),
+}
+
+/// Where the reply to a call relayed for another cluster goes: back on `back` (through the
+/// node's `parking`: a full queue does not lose it) under the caller's `id` as soon as it
+/// comes, with no task waiting; the permit holds the call's place in max_in_flight until
+/// then.
+struct RelayBack {
+    back: LinkSender,
+    parking: Parking,
+    id: String,
+    _permit: InFlight,
+}
+
+impl RelayBack {
+    /// Sends the reply back with its value or error as the JSON text that came.
+    fn send(self, value: Option<&[u8]>, error: Option<&[u8]>) {
+        if self.parking.send(&self.back, reply_frame(&self.id, value, error)).is_err() {
+            debug!("federation reply not relayed: the bridge back closed or too many frames wait");
+        }
+    }
 }
 
 impl Waiter {
@@ -190,18 +207,73 @@ impl Waiter {
             Waiter::Task(reply) => {
                 let _ = reply.send(result);
             }
-            Waiter::Relay { back, parking, id, .. } => {
-                let (value, error) = match result {
-                    Ok(value) => (Some(value), None),
-                    Err(error) => (None, Some(error)),
-                };
-                let reply = FederationFrame::Reply { id, value, error };
-                if parking.send(&back, frame(&PeerFrame::Federation(reply))).is_err() {
-                    debug!("federation reply not relayed: the bridge back closed or too many frames wait");
-                }
-            }
+            Waiter::Relay(relay) => match result {
+                Ok(value) => relay.send(Some(&encode(&value)), None),
+                Err(error) => relay.send(None, Some(&encode(&error))),
+            },
         }
     }
+}
+
+/// A `reply` frame to the call `id` with its `value` or `error` as JSON text.
+fn reply_frame(id: &str, value: Option<&[u8]>, error: Option<&[u8]>) -> OutFrame {
+    #[derive(Serialize)]
+    struct Head<'a> {
+        role: &'static str,
+        kind: &'static str,
+        id: &'a str,
+    }
+    with_raw_fields(&Head { role: "federation", kind: "reply", id }, &[("value", value), ("error", error)])
+}
+
+/// The routing header of a `call` frame read: what a cluster on the way reads of it (the
+/// command is passed on as text).
+#[derive(Deserialize)]
+struct CallHead {
+    id: String,
+    destination: ClusterId,
+    visited: Vec<ClusterId>,
+    hops_left: u32,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// The routing header of a `call` frame sent (its command follows as text).
+#[derive(Serialize)]
+struct CallOut<'a> {
+    role: &'static str,
+    kind: &'static str,
+    id: &'a str,
+    destination: &'a str,
+    visited: &'a [ClusterId],
+    hops_left: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+}
+
+/// The id of a `reply` frame.
+#[derive(Deserialize)]
+struct ReplyHead {
+    id: String,
+}
+
+/// A frame of `head`'s fields then each present field of `raw` as the JSON text given:
+/// what a cluster on the way passes on without decoding it.
+fn with_raw_fields(head: &impl Serialize, raw: &[(&str, Option<&[u8]>)]) -> OutFrame {
+    let mut bytes = encode(head);
+    if bytes.last() == Some(&b'}') {
+        bytes.pop();
+        for (name, text) in raw {
+            if let Some(text) = text {
+                bytes.push(b',');
+                bytes.extend_from_slice(&encode(name));
+                bytes.push(b':');
+                bytes.extend_from_slice(text);
+            }
+        }
+        bytes.push(b'}');
+    }
+    OutFrame { bytes: bytes.into(), kind: FrameKind::Binary }
 }
 
 /// This node's bridges and federation state, shared by the fabric actor (handshakes,
@@ -477,29 +549,18 @@ impl Bridges {
             }
             FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
             FederationFrame::Call { id, destination, visited, hops_left, command, timeout_ms } => {
-                let refuse = |error: RpcError| {
-                    let reply = FederationFrame::Reply { id: id.clone(), value: None, error: Some(error) };
-                    let _ = fabric.parking.send(&bridge.sender, frame(&PeerFrame::Federation(reply)));
-                };
-                // Only what this cluster exports runs for another cluster.
-                if destination == self.local && !self.exports_function(&command.fun) {
-                    debug!(peer_cluster = %bridge.cluster, fun = %command.fun, "federation: call of a function not exported refused");
-                    return refuse(RpcError::not_exported(&self.local, &command.fun));
-                }
-                // Calls from other clusters count toward the node-wide in-flight limit.
-                let Some(permit) = fabric.metrics.admission().try_admit() else {
-                    fabric.metrics.limit_exceeded("max_in_flight");
-                    return refuse(RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local)));
-                };
                 if destination != self.local {
-                    let back = Waiter::Relay {
-                        back: bridge.sender.clone(),
-                        parking: fabric.parking.clone(),
-                        id,
-                        _permit: permit,
-                    };
-                    return self.relay(back, &destination, visited, hops_left, command, timeout_ms);
+                    let head = CallHead { id, destination, visited, hops_left, timeout_ms };
+                    return self.relay_from(fabric, &bridge, head, &encode(&command));
                 }
+                // Only what this cluster exports runs for another cluster.
+                if !self.exports_function(&command.fun) {
+                    debug!(peer_cluster = %bridge.cluster, fun = %command.fun, "federation: call of a function not exported refused");
+                    return refuse(fabric, &bridge, &id, RpcError::not_exported(&self.local, &command.fun));
+                }
+                let Some(permit) = self.admit(fabric) else {
+                    return refuse(fabric, &bridge, &id, self.overloaded());
+                };
                 let (bridges, fabric) = (self.clone(), fabric.clone());
                 // On this thread: a plan's futures are not Send (link readers run on
                 // actix arbiters, which are local task sets).
@@ -527,10 +588,7 @@ impl Bridges {
                 }
             }
             FederationFrame::Reply { id, value, error } => {
-                let waiter = self.waiting.lock().ok().and_then(|mut w| match w.get(&id) {
-                    Some(call) if call.via == link => w.remove(&id),
-                    _ => None,
-                });
+                let waiter = self.take_waiting(&id, link, |_| true);
                 match (waiter, error) {
                     (Some(w), Some(error)) => w.waiter.answer(Err(error)),
                     (Some(w), None) => w.waiter.answer(Ok(value.unwrap_or(Value::Null))),
@@ -538,6 +596,71 @@ impl Bridges {
                 }
             }
         }
+    }
+
+    /// A `call` for another cluster or the reply to a call relayed for one, read on the
+    /// bridge `link`, passed on as the text that came: only its routing header is parsed,
+    /// the command, value or error are neither decoded nor encoded again. `false` when it
+    /// is none of these (the caller decodes the frame and hands it to [`Self::on_frame`]).
+    pub fn pass_through(self: &Arc<Self>, fabric: &Arc<FabricShared>, link: LinkId, bytes: &[u8]) -> bool {
+        match sniff_str(bytes, b"kind") {
+            // A call for this cluster runs here: decoded.
+            Some(b"call") if sniff_str(bytes, b"destination") != Some(self.local.as_bytes()) => {
+                let Ok(head) = serde_json::from_slice::<CallHead>(bytes) else { return false };
+                let (Some(command), Some(bridge)) = (top_level_raw(bytes, b"command"), self.bridge(link)) else {
+                    return false;
+                };
+                if head.destination == self.local {
+                    return false;
+                }
+                self.relay_from(fabric, &bridge, head, command);
+                true
+            }
+            Some(b"reply") => {
+                let Ok(head) = serde_json::from_slice::<ReplyHead>(bytes) else { return false };
+                match self.take_waiting(&head.id, link, |w| matches!(w, Waiter::Relay(_))) {
+                    Some(Waiting { waiter: Waiter::Relay(relay), .. }) => {
+                        relay.send(top_level_raw(bytes, b"value"), top_level_raw(bytes, b"error"));
+                        true
+                    }
+                    // Never: only a relayed call's entry is taken.
+                    Some(Waiting { waiter: Waiter::Task(reply), .. }) => {
+                        drop(reply);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The open bridge `link`.
+    fn bridge(&self, link: LinkId) -> Option<Bridge> {
+        self.state.lock().ok().and_then(|s| s.bridges.get(&link).cloned())
+    }
+
+    /// The call `id` waiting on `link` whose waiter passes `wanted`, taken out of the map.
+    fn take_waiting(&self, id: &str, link: LinkId, wanted: impl Fn(&Waiter) -> bool) -> Option<Waiting> {
+        let mut waiting = self.waiting.lock().ok()?;
+        match waiting.get(id) {
+            Some(call) if call.via == link && wanted(&call.waiter) => waiting.remove(id),
+            _ => None,
+        }
+    }
+
+    /// A place in the node-wide in-flight limit for a call from another cluster (counted
+    /// as `max_in_flight` when there is none).
+    fn admit(&self, fabric: &FabricShared) -> Option<InFlight> {
+        let permit = fabric.metrics.admission().try_admit();
+        if permit.is_none() {
+            fabric.metrics.limit_exceeded("max_in_flight");
+        }
+        permit
+    }
+
+    fn overloaded(&self) -> RpcError {
+        RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local))
     }
 
     fn receive(&self, bridge: &Bridge, updates: &[SignedRouteUpdate]) {
@@ -620,7 +743,7 @@ impl Bridges {
     ) -> Result<Value, RpcError> {
         let timeout_ms = deadline.map(|d| super::link::millis_left(d, Instant::now()));
         let (link, bridge, id, message) = self
-            .call_frame(destination, Vec::new(), self.hop_budget, Box::new(command), timeout_ms)
+            .call_frame(destination, Vec::new(), self.hop_budget, &encode(&command), timeout_ms)
             .map_err(RpcError::unreachable)?;
         let (reply, answer) = oneshot::channel();
         self.wait(&id, link, &bridge, deadline, Waiter::Task(reply)).map_err(|(_, error)| error)?;
@@ -634,16 +757,34 @@ impl Bridges {
         }
     }
 
-    /// Sends a call for another cluster on toward `destination` from the link reader that
-    /// read it, with no task: its reply is relayed back by `back` when it comes (or a 1005
-    /// when there is no next hop, or the bridge to it closes or is full).
+    /// Relays a call for another cluster (`head`, `command` its JSON text) that came on
+    /// `bridge`, if the node's max_in_flight admits it (else 1006).
+    fn relay_from(&self, fabric: &FabricShared, bridge: &Bridge, head: CallHead, command: &[u8]) {
+        // Calls from other clusters count toward the node-wide in-flight limit.
+        let Some(permit) = self.admit(fabric) else {
+            return refuse(fabric, bridge, &head.id, self.overloaded());
+        };
+        let CallHead { id, destination, visited, hops_left, timeout_ms } = head;
+        let back = Waiter::Relay(RelayBack {
+            back: bridge.sender.clone(),
+            parking: fabric.parking.clone(),
+            id,
+            _permit: permit,
+        });
+        self.relay(back, &destination, visited, hops_left, command, timeout_ms);
+    }
+
+    /// Sends a call for another cluster (`command` its JSON text) on toward `destination`
+    /// from the link reader that read it, with no task: its reply is relayed back by
+    /// `back` when it comes (or a 1005 when there is no next hop, or the bridge to it
+    /// closes or is full).
     fn relay(
         &self,
         back: Waiter,
         destination: &str,
         visited: Vec<ClusterId>,
         hops: u32,
-        command: Box<RpcCommand>,
+        command: &[u8],
         timeout_ms: Option<u64>,
     ) {
         let (link, next, id, message) = match self.call_frame(destination, visited, hops, command, timeout_ms) {
@@ -670,22 +811,24 @@ impl Bridges {
         destination: &str,
         mut visited: Vec<ClusterId>,
         hops: u32,
-        command: Box<RpcCommand>,
+        command: &[u8],
         timeout_ms: Option<u64>,
     ) -> Result<(LinkId, Bridge, String, OutFrame), String> {
         let (link, bridge) = self.next_bridge(destination, &visited, hops)?;
         visited.push(self.local.clone());
         let id =
             format!("{}:{}:{:016x}", self.local, self.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u64>());
-        let message = FederationFrame::Call {
-            id: id.clone(),
-            destination: destination.to_owned(),
-            visited,
+        let head = CallOut {
+            role: "federation",
+            kind: "call",
+            id: &id,
+            destination,
+            visited: &visited,
             hops_left: hops.saturating_sub(1),
-            command,
             timeout_ms,
         };
-        Ok((link, bridge, id, frame(&PeerFrame::Federation(message))))
+        let message = with_raw_fields(&head, &[("command", Some(command))]);
+        Ok((link, bridge, id, message))
     }
 
     /// `waiter` gets the reply to the call `id` sent on `via` to `bridge`, or an error once
@@ -759,6 +902,11 @@ impl Bridges {
             "rejected": rejected,
         })
     }
+}
+
+/// Answers the call `id` that came on `bridge` with `error` (a `reply` frame).
+fn refuse(fabric: &FabricShared, bridge: &Bridge, id: &str, error: RpcError) {
+    let _ = fabric.parking.send(&bridge.sender, reply_frame(id, None, Some(&encode(&error))));
 }
 
 /// Forgets a call's waiting entry however the call ends.
@@ -930,14 +1078,14 @@ mod tests {
         let (back, mut caller) = tokio::sync::mpsc::channel(16);
         let admission = metrics.admission().clone();
         let relay = |id: &str, timeout_ms: Option<u64>| {
-            let waiter = Waiter::Relay {
+            let waiter = Waiter::Relay(RelayBack {
                 back: back.clone(),
                 parking: Parking::new(16, metrics.clone()),
                 id: id.into(),
                 _permit: admission.try_admit().unwrap(),
-            };
-            let command = Box::new(RpcCommand::new(id, "echo", vec![Value::from(1)]));
-            bridges.relay(waiter, "b", vec!["x".into()], 4, command, timeout_ms);
+            });
+            let command = encode(&RpcCommand::new(id, "echo", vec![Value::from(1)]));
+            bridges.relay(waiter, "b", vec!["x".into()], 4, &command, timeout_ms);
         };
         relay("ttl", None);
         relay("short", Some(1_000));
@@ -1028,6 +1176,76 @@ mod tests {
         bridges.publish_out(&message("news.z"), vec!["b".into(), "c".into()]);
         bridges.publish_out(&message("news.w"), vec!["x".into(), "y".into(), "z".into(), "w".into()]);
         assert!([publishes(&mut b1), publishes(&mut b2), publishes(&mut c1)].iter().all(Vec::is_empty));
+    }
+
+    #[tokio::test]
+    async fn a_call_for_another_cluster_and_its_reply_pass_through_as_text() {
+        let (bridges, _b, mut c, _metrics, _config) = clusters();
+        let bridges = Arc::new(bridges);
+        let me = crate::fabric::wire::NodeInfo {
+            node: "a1".into(),
+            instance_id: "i".into(),
+            cluster_id: "a".into(),
+            url: "ws://a1".into(),
+        };
+        let fabric = Arc::new(
+            FabricShared::new(me, 4, crate::registry::TableHandle::default(), Default::default(), Default::default())
+                .with_bridges(Some(bridges.clone())),
+        );
+        let channel = || tokio::sync::mpsc::channel(16);
+        let ((to_b1, mut b1), (to_c1, mut c1)) = (channel(), channel());
+        bridges.bridge_up(1, "b", "b1", to_b1);
+        bridges.bridge_up(2, "c", "c1", to_c1.clone());
+        let from_c1 = Bridge { cluster: "c".into(), node: "c1".into(), sender: to_c1 };
+        bridges.receive(&from_c1, &updates_for_a(&mut c));
+        let drain = |queue: &mut tokio::sync::mpsc::Receiver<OutFrame>| while queue.try_recv().is_ok() {};
+        drain(&mut b1);
+        drain(&mut c1);
+
+        // b1 sends a call for c: it goes on to c1 with its command exactly as it came.
+        let command =
+            String::from_utf8(encode(&RpcCommand::new("r", "echo", vec![serde_json::json!({"d": [1, "}"]})]))).unwrap();
+        let call = format!(
+            r#"{{"role":"federation","kind":"call","id":"b:1","destination":"c","visited":["b"],"hops_left":3,"command": {command} ,"timeout_ms":5000}}"#
+        );
+        assert!(fabric.pass_through(1, call.as_bytes()));
+        let sent = c1.try_recv().unwrap();
+        assert!(std::str::from_utf8(&sent.bytes).unwrap().contains(&format!(r#""command":{command}}}"#)));
+        let Ok(PeerFrame::Federation(FederationFrame::Call {
+            id,
+            destination,
+            visited,
+            hops_left,
+            command: parsed,
+            timeout_ms,
+        })) = PeerFrame::decode(&sent.bytes)
+        else {
+            panic!("not a call: {sent:?}");
+        };
+        assert_eq!(
+            (destination.as_str(), visited, hops_left, timeout_ms),
+            ("c", vec!["b".into(), "a".into()], 2, Some(5000))
+        );
+        assert_eq!(encode(&parsed), command.as_bytes());
+
+        // c1's reply goes back to b1 under b1's id, its value as it came.
+        let reply = format!(r#"{{"role":"federation","kind":"reply","id":"{id}","value":{{"n": [1.5, "x"]}}}}"#);
+        assert!(fabric.pass_through(2, reply.as_bytes()));
+        let back = b1.try_recv().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&back.bytes).unwrap(),
+            r#"{"role":"federation","kind":"reply","id":"b:1","value":{"n": [1.5, "x"]}}"#
+        );
+        assert!(bridges.waiting.lock().unwrap().is_empty());
+
+        // Decoded instead: a second reply (no call waits), a call for this cluster, a call
+        // on a link that is no bridge, anything else.
+        assert!(!fabric.pass_through(2, reply.as_bytes()));
+        assert!(!fabric.pass_through(1, call.replace(r#""destination":"c""#, r#""destination":"a""#).as_bytes()));
+        assert!(!fabric.pass_through(9, call.as_bytes()));
+        assert!(!fabric.pass_through(1, br#"{"role":"federation","kind":"keys","chain":[]}"#));
+        assert!(!fabric.pass_through(1, br#"{"role":"federation","kind":"call","id":5}"#));
+        assert!(c1.try_recv().is_err() && b1.try_recv().is_err());
     }
 
     #[test]
