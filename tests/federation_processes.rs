@@ -325,12 +325,42 @@ async fn a_cluster_signing_with_a_retired_route_key_is_refused_until_it_signs_wi
     let (a, x) = (Cluster::new("retire-a"), Cluster::new("retire-x"));
     let old_keys = tempfile::tempdir().expect("temp dir");
     std::fs::copy(x.keys.dir.join("route.key"), old_keys.path().join("route.key")).expect("old route key kept");
-    let a_settings = federation_settings(&a, &[&x], &[], &[]);
+    // Announcements every 0.5 s valid 2 s: a bridge silent for 2 s is closed.
+    let quick = |settings: TempFile| {
+        let text = std::fs::read_to_string(settings.path()).unwrap();
+        std::fs::write(
+            settings.path(),
+            text.replace("announce_interval_s = 1.0", "announce_interval_s = 0.5\nroute_ttl_s = 2.0"),
+        )
+        .unwrap();
+        settings
+    };
+    let a_settings = quick(federation_settings(&a, &[&x], &[], &[]));
     let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
-    let x_settings = federation_settings(&x, &[&a], &[&node_a.url], &[]);
-    let x_old_settings = federation_settings_keyed(&x, old_keys.path(), &[&a], &[&node_a.url], &[]);
+    let x_settings = quick(federation_settings(&x, &[&a], &[&node_a.url], &[]));
+    let x_old_settings = quick(federation_settings_keyed(&x, old_keys.path(), &[&a], &[&node_a.url], &[]));
     let node_x = start("x1", &x, Some(&x_settings), &[], &[]).await;
     poll_until_async("A routes to X", SOON, || async { selected(&routes(&node_a).await, "retire-x") }).await;
+
+    // A bridge that carries announcements is not silent: the same bridge stays open while
+    // X's announcements keep coming for three silent limits (6 s of epochs).
+    let bridge = |routes: &Value| {
+        routes["bridges"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["cluster"] == "retire-x"))
+            .map(|b| b["link"].clone())
+    };
+    let epoch = |routes: &Value| {
+        let route = routes["routes"].as_array()?.iter().find(|r| r["destination"] == "retire-x")?;
+        route["candidates"].as_array()?.iter().filter_map(|c| c["epoch"].as_u64()).max()
+    };
+    let first = routes(&node_a).await;
+    let (link, since) = (bridge(&first).expect("bridged to X"), epoch(&first).expect("an announcement from X"));
+    poll_until_async("X announces for three silent limits", SOON, || async {
+        epoch(&routes(&node_a).await).filter(|&e| e >= since + 6_000)
+    })
+    .await;
+    assert_eq!(bridge(&routes(&node_a).await), Some(link), "a bridge carrying announcements was closed as silent");
 
     // X rotates with a one-second overlap; A learns the new key live, then the overlap
     // passes and A trusts only the new one (generation 1 no longer active).

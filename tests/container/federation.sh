@@ -49,6 +49,11 @@ SUITE="container federation test"
 . "$ROOT/tests/container/lib.sh"
 
 cname() { echo "mpreg-fed-$RUN_ID-$1"; }   # container name of node $1
+# network connect|disconnect NET NODE: NODE joins or leaves the docker network NET.
+network() {
+    if docker network "$1" "$2" "$(cname "$3")"; then ok "$3: docker network $1 $2"
+    else fatal "$3: docker network $1 $2"; fi
+}
 
 cleanup() {   # the EXIT trap: containers and WORK (lib.sh), then both networks
     local net
@@ -67,6 +72,19 @@ routes_to() {
         | if length == 0 then "none" else .[0].selected | join(">") end' <<<"$json" 2>/dev/null || echo bad-json
 }
 route_is() { [ "$(routes_to "$1" "$2")" = "$3" ]; }   # PORT CLUSTER PATH
+# route_within SECS ON_FAIL PORT CLUSTER PATH WHAT: the node's /routes selects PATH to
+# CLUSTER within SECS: ok, else ON_FAIL (not_ok; fatal when nothing after can pass).
+route_within() {
+    local secs="$1" on_fail="$2" port="$3" cluster="$4" path="$5" what="$6"
+    if wait_for "$secs" route_is "$port" "$cluster" "$path"; then ok "$what ($(secs "$WAITED_MS"))"
+    else "$on_fail" "$what: not within ${secs}s (got: $(routes_to "$port" "$cluster"))"; fi
+}
+# call_within SECS ON_FAIL WHAT CHECK URL: CHECK (a call through URL) passes within SECS.
+call_within() {
+    local secs="$1" on_fail="$2" what="$3"; shift 3
+    if wait_for "$secs" "$@"; then ok "$what ($(secs "$WAITED_MS"))"
+    else "$on_fail" "$what: not within ${secs}s (last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"; fi
+}
 
 # adds_in_b URL: add [20,22] with --target-cluster cluster-b answers 42 (for polling).
 adds_in_b() { client "$1" call add '[20,22]' --target-cluster cluster-b && [ "$OUT" = 42 ]; }
@@ -161,10 +179,8 @@ start_node a1 a "$NET_A"
 start_node a-bridge a "$NET_A"
 # Each bridge node is on both networks of its pair; it dials the other side by its alias
 # there: a-bridge dials b1 on network B, b1 dials c1 on network C.
-if docker network connect "$NET_B" "$(cname a-bridge)"; then ok "a-bridge attached to $NET_B too"
-else fatal "a-bridge attached to $NET_B too"; fi
-if docker network connect "$NET_C" "$(cname b1)"; then ok "b1 attached to $NET_C too"
-else fatal "b1 attached to $NET_C too"; fi
+network connect "$NET_B" a-bridge
+network connect "$NET_C" b1
 
 A1_URL="ws://127.0.0.1:$(container_host_port "$(cname a1)" 9000)"
 BRIDGE_MON="$(container_host_port "$(cname a-bridge)" 9100)"
@@ -182,23 +198,13 @@ for node in c1 b1 a1 a-bridge; do
 done
 
 # ---- the bridge and the route ----------------------------------------------------------
-if wait_for "$START_SECS" route_is "$BRIDGE_MON" cluster-b "cluster-a>cluster-b"; then
-    ok "a-bridge /routes: cluster-b selected via cluster-a>cluster-b ($(secs "$WAITED_MS"))"
-else
-    fatal "a-bridge /routes: cluster-b selected within ${START_SECS}s (got: $(routes_to "$BRIDGE_MON" cluster-b))"
-fi
-if wait_for "$START_SECS" route_is "$B1_MON" cluster-a "cluster-b>cluster-a"; then
-    ok "b1 /routes: cluster-a selected via cluster-b>cluster-a"
-else
-    not_ok "b1 /routes: cluster-a selected within ${START_SECS}s (got: $(routes_to "$B1_MON" cluster-a))"
-fi
+route_within "$START_SECS" fatal "$BRIDGE_MON" cluster-b "cluster-a>cluster-b" \
+    "a-bridge /routes: cluster-b selected via cluster-a>cluster-b"
+route_within "$START_SECS" not_ok "$B1_MON" cluster-a "cluster-b>cluster-a" \
+    "b1 /routes: cluster-a selected via cluster-b>cluster-a"
 # a1 has no bridge: it learns from a-bridge's catalog entry that a-bridge reaches cluster-b.
-if wait_for "$START_SECS" adds_in_b "$A1_URL"; then
-    ok "add [20,22] --target-cluster cluster-b via a1 answers 42: ran on b1 across the bridge ($(secs "$WAITED_MS"))"
-else
-    fatal "add [20,22] --target-cluster cluster-b via a1 answers 42 within ${START_SECS}s" \
-        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"
-fi
+call_within "$START_SECS" fatal "add [20,22] --target-cluster cluster-b via a1 answers 42: ran on b1 across the bridge" \
+    adds_in_b "$A1_URL"
 expect_result "add [2,3] --target-cluster cluster-b via a1 answers 5" '^5$' \
     "$A1_URL" call add '[2,3]' --target-cluster cluster-b
 # Cluster A serves no add: without target_cluster the command is asked of the clusters
@@ -209,49 +215,29 @@ expect_fast_error_code "multiply [2,3] via a1 without --target-cluster (cluster-
     "$A1_URL" call multiply '[2,3]'
 
 # ---- two bridges: A–B–C ----------------------------------------------------------------
-if wait_for "$START_SECS" route_is "$BRIDGE_MON" cluster-c "cluster-a>cluster-b>cluster-c"; then
-    ok "a-bridge /routes: cluster-c selected via cluster-a>cluster-b>cluster-c"
-else
-    fatal "a-bridge /routes: cluster-c selected within ${START_SECS}s (got: $(routes_to "$BRIDGE_MON" cluster-c))"
-fi
-if wait_for "$START_SECS" squares_in_c "$A1_URL"; then
-    ok "tpu_square [7] --target-cluster cluster-c via a1 answers 49: ran on c1 across two bridges ($(secs "$WAITED_MS"))"
-else
-    fatal "tpu_square [7] --target-cluster cluster-c via a1 answers 49 within ${START_SECS}s" \
-        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"
-fi
+route_within "$START_SECS" fatal "$BRIDGE_MON" cluster-c "cluster-a>cluster-b>cluster-c" \
+    "a-bridge /routes: cluster-c selected via cluster-a>cluster-b>cluster-c"
+call_within "$START_SECS" fatal "tpu_square [7] --target-cluster cluster-c via a1 answers 49: ran on c1 across two bridges" \
+    squares_in_c "$A1_URL"
 
 # Partition B–C: b1 leaves network C. The route to cluster-c is withdrawn all the way to
 # a-bridge, the call from A fails fast with 1005; cluster-b stays routed.
-if docker network disconnect "$NET_C" "$(cname b1)"; then ok "b1 disconnected from $NET_C"
-else fatal "b1 disconnected from $NET_C"; fi
-if wait_for "$DETECT_SECS" route_is "$BRIDGE_MON" cluster-c none; then
-    ok "a-bridge /routes: the route to cluster-c withdrawn $(secs "$WAITED_MS") after the B–C partition"
-else
-    not_ok "a-bridge /routes: the route to cluster-c withdrawn within ${DETECT_SECS}s (got: $(routes_to "$BRIDGE_MON" cluster-c))"
-fi
+network disconnect "$NET_C" b1
+route_within "$DETECT_SECS" not_ok "$BRIDGE_MON" cluster-c none \
+    "a-bridge /routes: the route to cluster-c withdrawn after the B–C partition"
 expect_fast_error_code "tpu_square --target-cluster cluster-c via a1 with B–C partitioned" 1005 \
     "$A1_URL" call tpu_square '[7]' --target-cluster cluster-c
 expect_result "add [2,3] --target-cluster cluster-b via a1 still answers 5 with B–C partitioned" '^5$' \
     "$A1_URL" call add '[2,3]' --target-cluster cluster-b
 
-if docker network connect "$NET_C" "$(cname b1)"; then ok "b1 reconnected to $NET_C"
-else fatal "b1 reconnected to $NET_C"; fi
-if wait_for "$HEAL_SECS" squares_in_c "$A1_URL"; then
-    ok "healed: tpu_square [7] --target-cluster cluster-c via a1 answers 49 again $(secs "$WAITED_MS") after the reconnect"
-else
-    not_ok "healed: tpu_square [7] --target-cluster cluster-c via a1 answers 49 within ${HEAL_SECS}s of the reconnect" \
-        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"); route: $(routes_to "$BRIDGE_MON" cluster-c))"
-fi
+network connect "$NET_C" b1
+call_within "$HEAL_SECS" not_ok "healed: tpu_square [7] --target-cluster cluster-c via a1 answers 49 again after the reconnect" \
+    squares_in_c "$A1_URL"
 
 # ---- partition of the bridge -----------------------------------------------------------
-if docker network disconnect "$NET_B" "$(cname a-bridge)"; then ok "a-bridge disconnected from $NET_B"
-else fatal "a-bridge disconnected from $NET_B"; fi
-if wait_for "$DETECT_SECS" route_is "$BRIDGE_MON" cluster-b none; then
-    ok "a-bridge /routes: the route to cluster-b withdrawn $(secs "$WAITED_MS") after the partition"
-else
-    not_ok "a-bridge /routes: the route to cluster-b withdrawn within ${DETECT_SECS}s (got: $(routes_to "$BRIDGE_MON" cluster-b))"
-fi
+network disconnect "$NET_B" a-bridge
+route_within "$DETECT_SECS" not_ok "$BRIDGE_MON" cluster-b none \
+    "a-bridge /routes: the route to cluster-b withdrawn after the partition"
 # Nothing was reset: a-bridge closes the bridge because it went silent (then redials it).
 bridge_closed() { grep -q 'federation bridge silent; closing' <<<"$(container_logs "$(cname a-bridge)")"; }
 if wait_for "$DETECT_SECS" bridge_closed; then
@@ -259,24 +245,15 @@ if wait_for "$DETECT_SECS" bridge_closed; then
 else
     not_ok "a-bridge logs 'federation bridge silent; closing' within ${DETECT_SECS}s of the partition"
 fi
-if wait_for "$DETECT_SECS" unreachable "$A1_URL"; then
-    ok "a1: --target-cluster cluster-b fails with 1005 ($(secs "$WAITED_MS") after the bridge closed)"
-else
-    not_ok "a1: --target-cluster cluster-b fails with 1005 within ${DETECT_SECS}s" \
-        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"))"
-fi
+call_within "$DETECT_SECS" not_ok "a1: --target-cluster cluster-b fails with 1005 after the bridge closed" \
+    unreachable "$A1_URL"
 expect_fast_error_code "add --target-cluster cluster-b via a1 with the bridge partitioned" 1005 \
     "$A1_URL" call add '[2,3]' --target-cluster cluster-b
 
 # ---- heal ------------------------------------------------------------------------------
-if docker network connect "$NET_B" "$(cname a-bridge)"; then ok "a-bridge reconnected to $NET_B"
-else fatal "a-bridge reconnected to $NET_B"; fi
-if wait_for "$HEAL_SECS" adds_in_b "$A1_URL"; then
-    ok "healed: add [20,22] --target-cluster cluster-b via a1 answers 42 again $(secs "$WAITED_MS") after the reconnect"
-else
-    not_ok "healed: add [20,22] --target-cluster cluster-b via a1 answers 42 within ${HEAL_SECS}s of the reconnect" \
-        "(last: exit $RC, stdout: $(one_line "$OUT"), stderr: $(one_line "$ERR"); route: $(routes_to "$BRIDGE_MON" cluster-b))"
-fi
+network connect "$NET_B" a-bridge
+call_within "$HEAL_SECS" not_ok "healed: add [20,22] --target-cluster cluster-b via a1 answers 42 again after the reconnect" \
+    adds_in_b "$A1_URL"
 path="$(routes_to "$BRIDGE_MON" cluster-b)"
 if [ "$path" = "cluster-a>cluster-b" ]; then ok "a-bridge /routes: cluster-b selected again via $path"
 else not_ok "a-bridge /routes: cluster-b selected again (got: $path)"; fi

@@ -11,8 +11,10 @@
 //!                         ──► table changed? announce to every neighbour at once
 //!   call {id, destination, visited, hops_left, command}
 //!                     ──► destination is us: run the command like a local one
-//!                         else: forward to the best next hop (one fewer hop)
+//!                         else: forward to the best next hop (one fewer hop), as the
+//!                         text that came: only the routing header is parsed
 //!                     ──► reply {id, value | error} on the link the call came on
+//!                         (a relayed call's: its value or error passed back as text)
 //!   publish {message, visited}
 //!                     ──► first time its id is seen here: deliver, flood in the cluster,
 //!                         and on to every neighbour not in visited (export list topics)
@@ -149,6 +151,9 @@ struct Bridge {
     cluster: ClusterId,
     node: NodeId,
     sender: LinkSender,
+    /// Frames read on it, counted for the fabric, which closes a bridge silent for
+    /// [`Bridges::silent_limit`] (it never sees these frames itself).
+    heard: Arc<AtomicU64>,
 }
 
 struct State {
@@ -343,13 +348,14 @@ impl Bridges {
     }
 
     /// A bridge to `node` of `cluster` completed its handshake on `link`: it gets our key
-    /// chain, then every neighbour our announcements.
-    pub fn bridge_up(&self, link: LinkId, cluster: &str, node: &str, sender: LinkSender) {
+    /// chain, then every neighbour our announcements. Every frame read on it is counted in
+    /// `heard`.
+    pub fn bridge_up(&self, link: LinkId, cluster: &str, node: &str, sender: LinkSender, heard: Arc<AtomicU64>) {
         let Ok(mut state) = self.state.lock() else { return };
         state.core.link_up(cluster);
         let chain = state.core.own_chain().to_vec();
         let _ = sender.try_send(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
-        state.bridges.insert(link, Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender });
+        state.bridges.insert(link, Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender, heard });
         info!(cluster = %self.local, peer_cluster = %cluster, peer = %node, link, "federation bridge up");
         Self::announce(&mut state);
     }
@@ -535,7 +541,7 @@ impl Bridges {
     /// read before the handshake completed go to the fabric actor, which judges them after
     /// it).
     pub fn on_frame(self: &Arc<Self>, fabric: &Arc<FabricShared>, link: LinkId, message: FederationFrame) {
-        let Some(bridge) = self.state.lock().ok().and_then(|s| s.bridges.get(&link).cloned()) else { return };
+        let Some(bridge) = self.bridge(link) else { return };
         match message {
             FederationFrame::Keys { chain } => {
                 let Ok(mut state) = self.state.lock() else { return };
@@ -603,13 +609,12 @@ impl Bridges {
     /// the command, value or error are neither decoded nor encoded again. `false` when it
     /// is none of these (the caller decodes the frame and hands it to [`Self::on_frame`]).
     pub fn pass_through(self: &Arc<Self>, fabric: &Arc<FabricShared>, link: LinkId, bytes: &[u8]) -> bool {
+        let Some(bridge) = self.bridge(link) else { return false };
         match sniff_str(bytes, b"kind") {
             // A call for this cluster runs here: decoded.
             Some(b"call") if sniff_str(bytes, b"destination") != Some(self.local.as_bytes()) => {
                 let Ok(head) = serde_json::from_slice::<CallHead>(bytes) else { return false };
-                let (Some(command), Some(bridge)) = (top_level_raw(bytes, b"command"), self.bridge(link)) else {
-                    return false;
-                };
+                let Some(command) = top_level_raw(bytes, b"command") else { return false };
                 if head.destination == self.local {
                     return false;
                 }
@@ -635,9 +640,11 @@ impl Bridges {
         }
     }
 
-    /// The open bridge `link`.
+    /// The open bridge `link`, a frame read on it counted ([`Bridge::heard`]).
     fn bridge(&self, link: LinkId) -> Option<Bridge> {
-        self.state.lock().ok().and_then(|s| s.bridges.get(&link).cloned())
+        let bridge = self.state.lock().ok().and_then(|s| s.bridges.get(&link).cloned())?;
+        bridge.heard.fetch_add(1, Ordering::Relaxed);
+        Some(bridge)
     }
 
     /// The call `id` waiting on `link` whose waiter passes `wanted`, taken out of the map.
@@ -1009,12 +1016,12 @@ mod tests {
         assert_eq!(bridges.authority_for("b").map(|_| ()), Ok(()));
         assert!(bridges.authority_for("x").unwrap_err().contains("not in this node's federation allowed_clusters"));
         let (sender, mut queue) = tokio::sync::mpsc::channel(16);
-        bridges.bridge_up(7, "b", "b1", sender.clone());
+        bridges.bridge_up(7, "b", "b1", sender.clone(), Arc::default());
         // The bridge got our key chain first.
         let first = queue.try_recv().unwrap();
         let first: Value = serde_json::from_slice(&first.bytes).unwrap();
         assert_eq!((first["role"].as_str(), first["kind"].as_str()), (Some("federation"), Some("keys")));
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender };
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender, heard: Arc::default() };
 
         let valid = updates_for_a(&mut b);
         let mut forged = valid[0].clone();
@@ -1046,7 +1053,7 @@ mod tests {
         assert_eq!(restarted.restore(&saved), Ok(1));
         assert_eq!(restarted.route_to("b").unwrap_err(), "cluster a: no open bridge to b");
         let (sender, _queue) = tokio::sync::mpsc::channel(16);
-        restarted.bridge_up(8, "b", "b1", sender);
+        restarted.bridge_up(8, "b", "b1", sender, Arc::default());
         assert_eq!(restarted.route_to("b"), Ok(()));
         assert!(restarted.restore(b"not json").is_err());
 
@@ -1069,8 +1076,8 @@ mod tests {
         let (bridges, mut b, _c, metrics, _config) = clusters();
         // b1 is up and routed to, but never answers anything sent to it.
         let (to_b1, mut b1_reads) = tokio::sync::mpsc::channel(16);
-        bridges.bridge_up(7, "b", "b1", to_b1.clone());
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1 };
+        bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1, heard: Arc::default() };
         bridges.receive(&bridge, &updates_for_a(&mut b));
         assert_eq!(bridges.route_to("b"), Ok(()));
         // Calls relayed for another cluster (the caller's bridge back is `back`), each
@@ -1148,9 +1155,9 @@ mod tests {
         bridges.state.lock().unwrap().exports = Exports::new(&list).unwrap();
         let channel = || tokio::sync::mpsc::channel(16);
         let ((to_b1, mut b1), (to_b2, mut b2), (to_c1, mut c1)) = (channel(), channel(), channel());
-        bridges.bridge_up(1, "b", "b1", to_b1);
-        bridges.bridge_up(2, "b", "b2", to_b2);
-        bridges.bridge_up(3, "c", "c1", to_c1);
+        bridges.bridge_up(1, "b", "b1", to_b1, Arc::default());
+        bridges.bridge_up(2, "b", "b2", to_b2, Arc::default());
+        bridges.bridge_up(3, "c", "c1", to_c1, Arc::default());
         let message = |topic: &str| PubSubMessage {
             topic: topic.into(),
             payload: Value::from(1),
@@ -1194,9 +1201,10 @@ mod tests {
         );
         let channel = || tokio::sync::mpsc::channel(16);
         let ((to_b1, mut b1), (to_c1, mut c1)) = (channel(), channel());
-        bridges.bridge_up(1, "b", "b1", to_b1);
-        bridges.bridge_up(2, "c", "c1", to_c1.clone());
-        let from_c1 = Bridge { cluster: "c".into(), node: "c1".into(), sender: to_c1 };
+        let heard = Arc::new(AtomicU64::new(0));
+        bridges.bridge_up(1, "b", "b1", to_b1, heard.clone());
+        bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
+        let from_c1 = Bridge { cluster: "c".into(), node: "c1".into(), sender: to_c1, heard: Arc::default() };
         bridges.receive(&from_c1, &updates_for_a(&mut c));
         let drain = |queue: &mut tokio::sync::mpsc::Receiver<OutFrame>| while queue.try_recv().is_ok() {};
         drain(&mut b1);
@@ -1209,6 +1217,10 @@ mod tests {
             r#"{{"role":"federation","kind":"call","id":"b:1","destination":"c","visited":["b"],"hops_left":3,"command": {command} ,"timeout_ms":5000}}"#
         );
         assert!(fabric.pass_through(1, call.as_bytes()));
+        // Counted as heard on b1's bridge: the fabric closes only a silent one.
+        assert_eq!(heard.load(Ordering::Relaxed), 1);
+        bridges.on_frame(&fabric, 1, FederationFrame::Keys { chain: Vec::new() });
+        assert_eq!(heard.load(Ordering::Relaxed), 2);
         let sent = c1.try_recv().unwrap();
         assert!(std::str::from_utf8(&sent.bytes).unwrap().contains(&format!(r#""command":{command}}}"#)));
         let Ok(PeerFrame::Federation(FederationFrame::Call {
