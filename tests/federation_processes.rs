@@ -16,6 +16,10 @@
 //! - a node of cluster D, which A neither allows nor pins, is refused (`peer refused`,
 //!   counted) and routes nowhere.
 //!
+//! A cluster that signs with a route key retired after its overlap (X rotated with a
+//! one-second overlap, then restarted with its old key directory) is refused by its
+//! neighbour (`retired_key`, no route), and routed again once it signs with the new key.
+//!
 //! A ring of four clusters A–B–C–D converges with every selected path loop-free, a call
 //! from A reaches the far cluster C, what A publishes on an exported topic reaches a
 //! subscriber in every cluster exactly once (and an unexported one stays in A), and
@@ -27,6 +31,7 @@ mod common;
 #[path = "common/conformance_replay.rs"]
 mod replay;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::keys::Keys;
@@ -61,6 +66,17 @@ impl Cluster {
 /// letting other clusters call the functions `exports`, receive its publishes on
 /// `news.#`, use its queues `jobs.#` and read its cache namespace `shared`.
 fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str], exports: &[&str]) -> TempFile {
+    federation_settings_keyed(me, &me.keys.dir, allowed, peers, exports)
+}
+
+/// [`federation_settings`] with the route key read from `route_key_dir` (`route.key`).
+fn federation_settings_keyed(
+    me: &Cluster,
+    route_key_dir: &Path,
+    allowed: &[&Cluster],
+    peers: &[&str],
+    exports: &[&str],
+) -> TempFile {
     let allowed_ids: Vec<&str> = allowed.iter().map(|c| c.id.as_str()).collect();
     let trust: Vec<String> =
         allowed.iter().map(|c| format!("{} = \"{}\"", c.id, c.keys.authority.public_hex())).collect();
@@ -70,7 +86,7 @@ fn federation_settings(me: &Cluster, allowed: &[&Cluster], peers: &[&str], expor
          [mpreg.federation.trust]\n{}\n",
         json!(allowed_ids),
         json!(peers),
-        json!(me.keys.dir.display().to_string()),
+        json!(route_key_dir.display().to_string()),
         json!(exports),
         trust.join("\n"),
     );
@@ -410,6 +426,106 @@ async fn a_line_of_three_clusters_routes_withdraws_and_heals() {
     let hidden = rpc_error(client.request(vec![add_in("fed-c", 1, 1)]).await);
     assert_eq!(hidden.code, ErrorCode::Unreachable.as_u16());
     drop((client, from_d, via_a1, node_a2, node_b, node_d));
+}
+
+/// The value of `mpreg_federation_route_rejected_total{reason="REASON"}` on `node` (0 when
+/// absent).
+async fn rejected(node: &ServerProcess, reason: &str) -> f64 {
+    let labels = format!("reason=\"{reason}\"");
+    common::metrics::metric_value(&metrics(node).await, "mpreg_federation_route_rejected_total", &labels).unwrap_or(0.0)
+}
+
+/// Whether `node`'s `/routes` trusts `cluster`'s route key of `generation` now (`active`).
+async fn key_active(node: &ServerProcess, cluster: &str, generation: u64) -> Option<bool> {
+    let routes = routes(node).await;
+    let keys = routes["keys"][cluster]["keys"].as_array()?.clone();
+    keys.iter().find(|k| k["generation"] == generation).and_then(|k| k["active"].as_bool())
+}
+
+#[actix_rt::test]
+async fn a_cluster_signing_with_a_retired_route_key_is_refused_until_it_signs_with_the_new_one() {
+    // A (one node, the observer) and X (one node, dialling A). X's route key before its
+    // rotation is kept aside, as an old backup of its key directory would keep it.
+    let (a, x) = (Cluster::new("retire-a"), Cluster::new("retire-x"));
+    let old_keys = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(x.keys.dir.join("route.key"), old_keys.path().join("route.key")).expect("old route key kept");
+    // Announcements every 0.5 s valid 2 s: a bridge silent for 2 s is closed.
+    let quick = |settings: TempFile| {
+        let text = std::fs::read_to_string(settings.path()).unwrap();
+        std::fs::write(
+            settings.path(),
+            text.replace("announce_interval_s = 1.0", "announce_interval_s = 0.5\nroute_ttl_s = 2.0"),
+        )
+        .unwrap();
+        settings
+    };
+    let a_settings = quick(federation_settings(&a, &[&x], &[], &[]));
+    let node_a = start("a1", &a, Some(&a_settings), &[], &[]).await;
+    let x_settings = quick(federation_settings(&x, &[&a], &[&node_a.url], &[]));
+    let x_old_settings = quick(federation_settings_keyed(&x, old_keys.path(), &[&a], &[&node_a.url], &[]));
+    let node_x = start("x1", &x, Some(&x_settings), &[], &[]).await;
+    poll_until_async("A routes to X", SOON, || async { selected(&routes(&node_a).await, "retire-x") }).await;
+
+    // A bridge that carries announcements is not silent: the same bridge stays open while
+    // X's announcements keep coming for three silent limits (6 s of epochs).
+    let bridge = |routes: &Value| {
+        routes["bridges"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["cluster"] == "retire-x"))
+            .map(|b| b["link"].clone())
+    };
+    let epoch = |routes: &Value| {
+        let route = routes["routes"].as_array()?.iter().find(|r| r["destination"] == "retire-x")?;
+        route["candidates"].as_array()?.iter().filter_map(|c| c["epoch"].as_u64()).max()
+    };
+    let first = routes(&node_a).await;
+    let (link, since) = (bridge(&first).expect("bridged to X"), epoch(&first).expect("an announcement from X"));
+    poll_until_async("X announces for three silent limits", SOON, || async {
+        epoch(&routes(&node_a).await).filter(|&e| e >= since + 6_000)
+    })
+    .await;
+    assert_eq!(bridge(&routes(&node_a).await), Some(link), "a bridge carrying announcements was closed as silent");
+
+    // X rotates with a one-second overlap; A learns the new key live, then the overlap
+    // passes and A trusts only the new one (generation 1 no longer active).
+    let rotation = rotate_in_dir(&x.keys.dir, "retire-x", trust::unix_seconds(), 1).expect("rotation");
+    assert_eq!(rotation.generation, 2);
+    poll_until_async("A learns X's new key and retires the old one", SOON, || async {
+        let (old, new) = (key_active(&node_a, "retire-x", 1).await, key_active(&node_a, "retire-x", 2).await);
+        (old == Some(false) && new == Some(true)).then_some(())
+    })
+    .await;
+    assert_eq!(rejected(&node_a, "retired_key").await, 0.0, "X signs with its new key");
+    assert!(selected(&routes(&node_a).await, "retire-x").is_some(), "routed under the new key");
+
+    // X restarts with the old key directory: it signs with the retired key. A takes the
+    // bridge (X's node certificate is valid) but refuses every announcement as
+    // `retired_key`, and does not route to X.
+    drop(node_x);
+    poll_until_async("A withdraws X once its node is gone", SOON, || async {
+        selected(&routes(&node_a).await, "retire-x").is_none().then_some(())
+    })
+    .await;
+    let node_x = start("x1", &x, Some(&x_old_settings), &[], &[]).await;
+    poll_until_async("A refuses X's announcements signed with the retired key", SOON, || async {
+        let routes = routes(&node_a).await;
+        let bridged = routes["bridges"].as_array().is_some_and(|b| b.iter().any(|b| b["cluster"] == "retire-x"));
+        (bridged && rejected(&node_a, "retired_key").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(selected(&routes(&node_a).await, "retire-x"), None, "no route from a retired key");
+    let client = Client::connect(&node_a.url).await.expect("client connects to A");
+    let refused = rpc_error(client.request(vec![add_in("retire-x", 1, 1)]).await);
+    assert_eq!(refused.code, ErrorCode::Unreachable.as_u16(), "{refused:?}");
+
+    // X restarts with its current key: accepted again.
+    drop(node_x);
+    let node_x = start("x1", &x, Some(&x_settings), &[], &[]).await;
+    poll_until_async("A routes to X again under the new key", SOON, || async {
+        selected(&routes(&node_a).await, "retire-x")
+    })
+    .await;
+    drop((client, node_x));
 }
 
 /// Every path selected in `routes` (by destination), each checked loop-free: it starts at

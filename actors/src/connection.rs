@@ -348,6 +348,10 @@ impl Connection {
             self.reject(InboundError { u: sniff_u(&bytes), role: None, error }, kind, ctx);
             return;
         }
+        // On a peer link: a federation call or reply only passing through goes on undecoded.
+        if self.link.is_some_and(|link| self.shared.fabric.pass_through(link, &bytes)) {
+            return;
+        }
         match decode_inbound(&bytes) {
             Ok(Inbound::Rpc(request)) => self.on_rpc(request, bytes.len(), kind, ctx),
             Ok(Inbound::Subscribe(request)) => self.on_subscribe(request, kind, ctx),

@@ -11,8 +11,10 @@
 //!                         ──► table changed? announce to every neighbour at once
 //!   call {id, destination, visited, hops_left, command}
 //!                     ──► destination is us: run the command like a local one
-//!                         else: forward to the best next hop (one fewer hop)
+//!                         else: forward to the best next hop (one fewer hop), as the
+//!                         text that came: only the routing header is parsed
 //!                     ──► reply {id, value | error} on the link the call came on
+//!                         (a relayed call's: its value or error passed back as text)
 //!   publish {message, visited}
 //!                     ──► first time its id is seen here: deliver, flood in the cluster,
 //!                         and on to every neighbour not in visited (export list topics)
@@ -49,7 +51,10 @@ use crate::federation::update::SignedRouteUpdate;
 use crate::federation::{ClusterId, RouteRejection};
 use crate::metrics::{InFlight, Metrics};
 use crate::planner::{execute, NoObserver, Plan, ReportOptions};
-use crate::protocol::{CacheRequest, ErrorCode, PubSubMessage, QueueRequest, RpcCommand, RpcError, RpcRequest};
+use crate::protocol::{
+    encode, sniff_str, top_level_raw, CacheRequest, ErrorCode, FrameKind, PubSubMessage, QueueRequest, RpcCommand,
+    RpcError, RpcRequest,
+};
 use crate::pubsub::OutFrame;
 use crate::routing::Routing;
 use crate::unix_now_ms;
@@ -124,7 +129,27 @@ pub enum Work {
 /// `create`, `delete`, `redrive` and `bind` change another cluster's queues.
 pub const CROSSING_QUEUE_OPS: [&str; 2] = ["send", "stats"];
 
+/// The keys a `call` frame carries its work under, one of them per frame.
+const WORK_KEYS: [&str; 3] = ["command", "queue", "cache"];
+
+/// A call's work as the JSON text it travels as, under its key in the `call` frame: what a
+/// cluster on the way passes on without decoding it.
+#[derive(Clone, Copy)]
+struct WorkText<'a> {
+    key: &'static str,
+    text: &'a [u8],
+}
+
 impl Work {
+    /// The key this work travels under in a `call` frame ([`WORK_KEYS`]) and its JSON text.
+    fn to_text(&self) -> (&'static str, Vec<u8>) {
+        match self {
+            Work::Command(command) => ("command", encode(command)),
+            Work::Queue(request) => ("queue", encode(request)),
+            Work::Cache(request) => ("cache", encode(request)),
+        }
+    }
+
     /// Whether this may cross clusters at all (checked where it starts and again where it
     /// arrives): any command; a queue `send` or `stats` naming a queue; a cache `get`.
     pub fn check(&self) -> Result<(), RpcError> {
@@ -192,6 +217,9 @@ struct Bridge {
     cluster: ClusterId,
     node: NodeId,
     sender: LinkSender,
+    /// Frames read on it, counted for the fabric, which closes a bridge silent for
+    /// [`Bridges::silent_limit`] (it never sees these frames itself).
+    heard: Arc<AtomicU64>,
 }
 
 struct State {
@@ -220,11 +248,28 @@ struct Waiting {
 enum Waiter {
     /// A task of this node (its own request's command).
     Task(oneshot::Sender<Result<Value, RpcError>>),
-    /// A call relayed for another cluster: the reply goes back on `back` (through the
-    /// node's `parking`: a full queue does not lose it) under the caller's `id` as soon as
-    /// it comes, with no task waiting; the permit holds the call's place in max_in_flight
-    /// until then.
-    Relay { back: LinkSender, parking: Parking, id: String, _permit: InFlight },
+    /// A call relayed for another cluster.
+    Relay(RelayBack),
+}
+
+/// Where the reply to a call relayed for another cluster goes: back on `back` (through the
+/// node's `parking`: a full queue does not lose it) under the caller's `id` as soon as it
+/// comes, with no task waiting; the permit holds the call's place in max_in_flight until
+/// then.
+struct RelayBack {
+    back: LinkSender,
+    parking: Parking,
+    id: String,
+    _permit: InFlight,
+}
+
+impl RelayBack {
+    /// Sends the reply back with its value or error as the JSON text that came.
+    fn send(self, value: Option<&[u8]>, error: Option<&[u8]>) {
+        if self.parking.send(&self.back, reply_frame(&self.id, value, error)).is_err() {
+            debug!("federation reply not relayed: the bridge back closed or too many frames wait");
+        }
+    }
 }
 
 impl Waiter {
@@ -233,18 +278,73 @@ impl Waiter {
             Waiter::Task(reply) => {
                 let _ = reply.send(result);
             }
-            Waiter::Relay { back, parking, id, .. } => {
-                let (value, error) = match result {
-                    Ok(value) => (Some(value), None),
-                    Err(error) => (None, Some(error)),
-                };
-                let reply = FederationFrame::Reply { id, value, error };
-                if parking.send(&back, frame(&PeerFrame::Federation(reply))).is_err() {
-                    debug!("federation reply not relayed: the bridge back closed or too many frames wait");
-                }
-            }
+            Waiter::Relay(relay) => match result {
+                Ok(value) => relay.send(Some(&encode(&value)), None),
+                Err(error) => relay.send(None, Some(&encode(&error))),
+            },
         }
     }
+}
+
+/// A `reply` frame to the call `id` with its `value` or `error` as JSON text.
+fn reply_frame(id: &str, value: Option<&[u8]>, error: Option<&[u8]>) -> OutFrame {
+    #[derive(Serialize)]
+    struct Head<'a> {
+        role: &'static str,
+        kind: &'static str,
+        id: &'a str,
+    }
+    with_raw_fields(&Head { role: "federation", kind: "reply", id }, &[("value", value), ("error", error)])
+}
+
+/// The routing header of a `call` frame read: what a cluster on the way reads of it (the
+/// command is passed on as text).
+#[derive(Deserialize)]
+struct CallHead {
+    id: String,
+    destination: ClusterId,
+    visited: Vec<ClusterId>,
+    hops_left: u32,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// The routing header of a `call` frame sent (its command follows as text).
+#[derive(Serialize)]
+struct CallOut<'a> {
+    role: &'static str,
+    kind: &'static str,
+    id: &'a str,
+    destination: &'a str,
+    visited: &'a [ClusterId],
+    hops_left: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+}
+
+/// The id of a `reply` frame.
+#[derive(Deserialize)]
+struct ReplyHead {
+    id: String,
+}
+
+/// A frame of `head`'s fields then each present field of `raw` as the JSON text given:
+/// what a cluster on the way passes on without decoding it.
+fn with_raw_fields(head: &impl Serialize, raw: &[(&str, Option<&[u8]>)]) -> OutFrame {
+    let mut bytes = encode(head);
+    if bytes.last() == Some(&b'}') {
+        bytes.pop();
+        for (name, text) in raw {
+            if let Some(text) = text {
+                bytes.push(b',');
+                bytes.extend_from_slice(&encode(name));
+                bytes.push(b':');
+                bytes.extend_from_slice(text);
+            }
+        }
+        bytes.push(b'}');
+    }
+    OutFrame { bytes: bytes.into(), kind: FrameKind::Binary }
 }
 
 /// This node's bridges and federation state, shared by the fabric actor (handshakes,
@@ -314,13 +414,14 @@ impl Bridges {
     }
 
     /// A bridge to `node` of `cluster` completed its handshake on `link`: it gets our key
-    /// chain, then every neighbour our announcements.
-    pub fn bridge_up(&self, link: LinkId, cluster: &str, node: &str, sender: LinkSender) {
+    /// chain, then every neighbour our announcements. Every frame read on it is counted in
+    /// `heard`.
+    pub fn bridge_up(&self, link: LinkId, cluster: &str, node: &str, sender: LinkSender, heard: Arc<AtomicU64>) {
         let Ok(mut state) = self.state.lock() else { return };
         state.core.link_up(cluster);
         let chain = state.core.own_chain().to_vec();
         let _ = sender.try_send(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
-        state.bridges.insert(link, Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender });
+        state.bridges.insert(link, Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender, heard });
         info!(cluster = %self.local, peer_cluster = %cluster, peer = %node, link, "federation bridge up");
         Self::announce(&mut state);
     }
@@ -524,7 +625,7 @@ impl Bridges {
     /// read before the handshake completed go to the fabric actor, which judges them after
     /// it).
     pub fn on_frame(self: &Arc<Self>, fabric: &Arc<FabricShared>, link: LinkId, message: FederationFrame) {
-        let Some(bridge) = self.state.lock().ok().and_then(|s| s.bridges.get(&link).cloned()) else { return };
+        let Some(bridge) = self.bridge(link) else { return };
         match message {
             FederationFrame::Keys { chain } => {
                 let Ok(mut state) = self.state.lock() else { return };
@@ -538,32 +639,20 @@ impl Bridges {
             }
             FederationFrame::Updates { updates } => self.receive(&bridge, &updates),
             FederationFrame::Call { id, destination, visited, hops_left, work, timeout_ms } => {
-                let refuse = |error: RpcError| {
-                    let reply = FederationFrame::Reply { id: id.clone(), value: None, error: Some(error) };
-                    let _ = fabric.parking.send(&bridge.sender, frame(&PeerFrame::Federation(reply)));
-                };
+                if destination != self.local {
+                    let head = CallHead { id, destination, visited, hops_left, timeout_ms };
+                    let (key, text) = work.to_text();
+                    return self.relay_from(fabric, &bridge, head, WorkText { key, text: &text });
+                }
                 // Only what may cross, and what this cluster exports, runs for another
                 // cluster.
-                if destination == self.local {
-                    if let Err(error) = work.check().and_then(|()| self.exported(&work)) {
-                        debug!(peer_cluster = %bridge.cluster, error = ?error, "federation: call refused");
-                        return refuse(error);
-                    }
+                if let Err(error) = work.check().and_then(|()| self.exported(&work)) {
+                    debug!(peer_cluster = %bridge.cluster, error = ?error, "federation: call refused");
+                    return refuse(fabric, &bridge, &id, error);
                 }
-                // Calls from other clusters count toward the node-wide in-flight limit.
-                let Some(permit) = fabric.metrics.admission().try_admit() else {
-                    fabric.metrics.limit_exceeded("max_in_flight");
-                    return refuse(RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local)));
+                let Some(permit) = self.admit(fabric) else {
+                    return refuse(fabric, &bridge, &id, self.overloaded());
                 };
-                if destination != self.local {
-                    let back = Waiter::Relay {
-                        back: bridge.sender.clone(),
-                        parking: fabric.parking.clone(),
-                        id,
-                        _permit: permit,
-                    };
-                    return self.relay(back, &destination, visited, hops_left, work, timeout_ms);
-                }
                 // The cluster the call started in (queue operations from it share a
                 // pseudo-connection on the queue's owner).
                 let origin = visited.first().cloned().unwrap_or_else(|| bridge.cluster.clone());
@@ -594,10 +683,7 @@ impl Bridges {
                 }
             }
             FederationFrame::Reply { id, value, error } => {
-                let waiter = self.waiting.lock().ok().and_then(|mut w| match w.get(&id) {
-                    Some(call) if call.via == link => w.remove(&id),
-                    _ => None,
-                });
+                let waiter = self.take_waiting(&id, link, |_| true);
                 match (waiter, error) {
                     (Some(w), Some(error)) => w.waiter.answer(Err(error)),
                     (Some(w), None) => w.waiter.answer(Ok(value.unwrap_or(Value::Null))),
@@ -605,6 +691,76 @@ impl Bridges {
                 }
             }
         }
+    }
+
+    /// A `call` for another cluster or the reply to a call relayed for one, read on the
+    /// bridge `link`, passed on as the text that came: only its routing header is parsed,
+    /// the command, value or error are neither decoded nor encoded again. `false` when it
+    /// is none of these (the caller decodes the frame and hands it to [`Self::on_frame`]).
+    pub fn pass_through(self: &Arc<Self>, fabric: &Arc<FabricShared>, link: LinkId, bytes: &[u8]) -> bool {
+        let Some(bridge) = self.bridge(link) else { return false };
+        match sniff_str(bytes, b"kind") {
+            // A call for this cluster runs here: decoded.
+            Some(b"call") if sniff_str(bytes, b"destination") != Some(self.local.as_bytes()) => {
+                let Ok(head) = serde_json::from_slice::<CallHead>(bytes) else { return false };
+                // Exactly one work key (else decoded, and refused as misshapen).
+                let mut works = WORK_KEYS
+                    .iter()
+                    .filter_map(|&key| top_level_raw(bytes, key.as_bytes()).map(|text| WorkText { key, text }));
+                let (Some(work), None) = (works.next(), works.next()) else { return false };
+                if head.destination == self.local {
+                    return false;
+                }
+                self.relay_from(fabric, &bridge, head, work);
+                true
+            }
+            Some(b"reply") => {
+                let Ok(head) = serde_json::from_slice::<ReplyHead>(bytes) else { return false };
+                match self.take_waiting(&head.id, link, |w| matches!(w, Waiter::Relay(_))) {
+                    Some(Waiting { waiter: Waiter::Relay(relay), .. }) => {
+                        relay.send(top_level_raw(bytes, b"value"), top_level_raw(bytes, b"error"));
+                        true
+                    }
+                    // Never: only a relayed call's entry is taken.
+                    Some(Waiting { waiter: Waiter::Task(reply), .. }) => {
+                        drop(reply);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The open bridge `link`, a frame read on it counted ([`Bridge::heard`]).
+    fn bridge(&self, link: LinkId) -> Option<Bridge> {
+        let bridge = self.state.lock().ok().and_then(|s| s.bridges.get(&link).cloned())?;
+        bridge.heard.fetch_add(1, Ordering::Relaxed);
+        Some(bridge)
+    }
+
+    /// The call `id` waiting on `link` whose waiter passes `wanted`, taken out of the map.
+    fn take_waiting(&self, id: &str, link: LinkId, wanted: impl Fn(&Waiter) -> bool) -> Option<Waiting> {
+        let mut waiting = self.waiting.lock().ok()?;
+        match waiting.get(id) {
+            Some(call) if call.via == link && wanted(&call.waiter) => waiting.remove(id),
+            _ => None,
+        }
+    }
+
+    /// A place in the node-wide in-flight limit for a call from another cluster (counted
+    /// as `max_in_flight` when there is none).
+    fn admit(&self, fabric: &FabricShared) -> Option<InFlight> {
+        let permit = fabric.metrics.admission().try_admit();
+        if permit.is_none() {
+            fabric.metrics.limit_exceeded("max_in_flight");
+        }
+        permit
+    }
+
+    fn overloaded(&self) -> RpcError {
+        RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local))
     }
 
     fn receive(&self, bridge: &Bridge, updates: &[SignedRouteUpdate]) {
@@ -686,8 +842,9 @@ impl Bridges {
         deadline: Option<Instant>,
     ) -> Result<Value, RpcError> {
         let timeout_ms = deadline.map(|d| super::link::millis_left(d, Instant::now()));
+        let (key, text) = work.to_text();
         let (link, bridge, id, message) = self
-            .call_frame(destination, Vec::new(), self.hop_budget, work, timeout_ms)
+            .call_frame(destination, Vec::new(), self.hop_budget, WorkText { key, text: &text }, timeout_ms)
             .map_err(RpcError::unreachable)?;
         let (reply, answer) = oneshot::channel();
         self.wait(&id, link, &bridge, deadline, Waiter::Task(reply)).map_err(|(_, error)| error)?;
@@ -701,16 +858,34 @@ impl Bridges {
         }
     }
 
-    /// Sends a call for another cluster on toward `destination` from the link reader that
-    /// read it, with no task: its reply is relayed back by `back` when it comes (or a 1005
-    /// when there is no next hop, or the bridge to it closes or is full).
+    /// Relays a call for another cluster (`head`, then its work as JSON text) that came on
+    /// `bridge`, if the node's max_in_flight admits it (else 1006).
+    fn relay_from(&self, fabric: &FabricShared, bridge: &Bridge, head: CallHead, work: WorkText<'_>) {
+        // Calls from other clusters count toward the node-wide in-flight limit.
+        let Some(permit) = self.admit(fabric) else {
+            return refuse(fabric, bridge, &head.id, self.overloaded());
+        };
+        let CallHead { id, destination, visited, hops_left, timeout_ms } = head;
+        let back = Waiter::Relay(RelayBack {
+            back: bridge.sender.clone(),
+            parking: fabric.parking.clone(),
+            id,
+            _permit: permit,
+        });
+        self.relay(back, &destination, visited, hops_left, work, timeout_ms);
+    }
+
+    /// Sends a call for another cluster (`work` as JSON text) on toward `destination`
+    /// from the link reader that read it, with no task: its reply is relayed back by
+    /// `back` when it comes (or a 1005 when there is no next hop, or the bridge to it
+    /// closes or is full).
     fn relay(
         &self,
         back: Waiter,
         destination: &str,
         visited: Vec<ClusterId>,
         hops: u32,
-        work: Work,
+        work: WorkText<'_>,
         timeout_ms: Option<u64>,
     ) {
         let (link, next, id, message) = match self.call_frame(destination, visited, hops, work, timeout_ms) {
@@ -737,22 +912,24 @@ impl Bridges {
         destination: &str,
         mut visited: Vec<ClusterId>,
         hops: u32,
-        work: Work,
+        work: WorkText<'_>,
         timeout_ms: Option<u64>,
     ) -> Result<(LinkId, Bridge, String, OutFrame), String> {
         let (link, bridge) = self.next_bridge(destination, &visited, hops)?;
         visited.push(self.local.clone());
         let id =
             format!("{}:{}:{:016x}", self.local, self.next_id.fetch_add(1, Ordering::Relaxed), rand::random::<u64>());
-        let message = FederationFrame::Call {
-            id: id.clone(),
-            destination: destination.to_owned(),
-            visited,
+        let head = CallOut {
+            role: "federation",
+            kind: "call",
+            id: &id,
+            destination,
+            visited: &visited,
             hops_left: hops.saturating_sub(1),
-            work,
             timeout_ms,
         };
-        Ok((link, bridge, id, frame(&PeerFrame::Federation(message))))
+        let message = with_raw_fields(&head, &[(work.key, Some(work.text))]);
+        Ok((link, bridge, id, message))
     }
 
     /// `waiter` gets the reply to the call `id` sent on `via` to `bridge`, or an error once
@@ -826,6 +1003,11 @@ impl Bridges {
             "rejected": rejected,
         })
     }
+}
+
+/// Answers the call `id` that came on `bridge` with `error` (a `reply` frame).
+fn refuse(fabric: &FabricShared, bridge: &Bridge, id: &str, error: RpcError) {
+    let _ = fabric.parking.send(&bridge.sender, reply_frame(id, None, Some(&encode(&error))));
 }
 
 /// Forgets a call's waiting entry however the call ends.
@@ -1038,12 +1220,12 @@ mod tests {
         assert_eq!(bridges.authority_for("b").map(|_| ()), Ok(()));
         assert!(bridges.authority_for("x").unwrap_err().contains("not in this node's federation allowed_clusters"));
         let (sender, mut queue) = tokio::sync::mpsc::channel(16);
-        bridges.bridge_up(7, "b", "b1", sender.clone());
+        bridges.bridge_up(7, "b", "b1", sender.clone(), Arc::default());
         // The bridge got our key chain first.
         let first = queue.try_recv().unwrap();
         let first: Value = serde_json::from_slice(&first.bytes).unwrap();
         assert_eq!((first["role"].as_str(), first["kind"].as_str()), (Some("federation"), Some("keys")));
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender };
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender, heard: Arc::default() };
 
         let valid = updates_for_a(&mut b);
         let mut forged = valid[0].clone();
@@ -1075,7 +1257,7 @@ mod tests {
         assert_eq!(restarted.restore(&saved), Ok(1));
         assert_eq!(restarted.route_to("b").unwrap_err(), "cluster a: no open bridge to b");
         let (sender, _queue) = tokio::sync::mpsc::channel(16);
-        restarted.bridge_up(8, "b", "b1", sender);
+        restarted.bridge_up(8, "b", "b1", sender, Arc::default());
         assert_eq!(restarted.route_to("b"), Ok(()));
         assert!(restarted.restore(b"not json").is_err());
 
@@ -1098,8 +1280,8 @@ mod tests {
         let (bridges, mut b, _c, metrics, _config) = clusters();
         // b1 is up and routed to, but never answers anything sent to it.
         let (to_b1, mut b1_reads) = tokio::sync::mpsc::channel(16);
-        bridges.bridge_up(7, "b", "b1", to_b1.clone());
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1 };
+        bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1, heard: Arc::default() };
         bridges.receive(&bridge, &updates_for_a(&mut b));
         assert_eq!(bridges.route_to("b"), Ok(()));
         // Calls relayed for another cluster (the caller's bridge back is `back`), each
@@ -1107,14 +1289,14 @@ mod tests {
         let (back, mut caller) = tokio::sync::mpsc::channel(16);
         let admission = metrics.admission().clone();
         let relay = |id: &str, timeout_ms: Option<u64>| {
-            let waiter = Waiter::Relay {
+            let waiter = Waiter::Relay(RelayBack {
                 back: back.clone(),
                 parking: Parking::new(16, metrics.clone()),
                 id: id.into(),
                 _permit: admission.try_admit().unwrap(),
-            };
-            let work = Work::Command(Box::new(RpcCommand::new(id, "echo", vec![Value::from(1)])));
-            bridges.relay(waiter, "b", vec!["x".into()], 4, work, timeout_ms);
+            });
+            let command = encode(&RpcCommand::new(id, "echo", vec![Value::from(1)]));
+            bridges.relay(waiter, "b", vec!["x".into()], 4, WorkText { key: "command", text: &command }, timeout_ms);
         };
         relay("ttl", None);
         relay("short", Some(1_000));
@@ -1177,9 +1359,9 @@ mod tests {
         bridges.state.lock().unwrap().exports = Exports::new(&list).unwrap();
         let channel = || tokio::sync::mpsc::channel(16);
         let ((to_b1, mut b1), (to_b2, mut b2), (to_c1, mut c1)) = (channel(), channel(), channel());
-        bridges.bridge_up(1, "b", "b1", to_b1);
-        bridges.bridge_up(2, "b", "b2", to_b2);
-        bridges.bridge_up(3, "c", "c1", to_c1);
+        bridges.bridge_up(1, "b", "b1", to_b1, Arc::default());
+        bridges.bridge_up(2, "b", "b2", to_b2, Arc::default());
+        bridges.bridge_up(3, "c", "c1", to_c1, Arc::default());
         let message = |topic: &str| PubSubMessage {
             topic: topic.into(),
             payload: Value::from(1),
@@ -1307,8 +1489,8 @@ mod tests {
     async fn a_queue_send_waiting_on_a_bridge_that_closes_fails_at_once_with_1005() {
         let (bridges, mut b, _c, _metrics, _config) = clusters();
         let (to_b1, mut b1_reads) = tokio::sync::mpsc::channel(16);
-        bridges.bridge_up(7, "b", "b1", to_b1.clone());
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1 };
+        bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
+        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1, heard: Arc::default() };
         bridges.receive(&bridge, &updates_for_a(&mut b));
         // No route to an unknown cluster: 1005 at once, nothing sent.
         let nowhere = bridges.call_cluster("z", queue_work("send", Some("jobs")), None).await.unwrap_err();
@@ -1330,6 +1512,81 @@ mod tests {
         assert_eq!(error.code, 1005);
         assert!(error.details_text().contains("closed before the call was answered"), "{error:?}");
         assert!(bridges.waiting.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_call_for_another_cluster_and_its_reply_pass_through_as_text() {
+        let (bridges, _b, mut c, _metrics, _config) = clusters();
+        let bridges = Arc::new(bridges);
+        let me = crate::fabric::wire::NodeInfo {
+            node: "a1".into(),
+            instance_id: "i".into(),
+            cluster_id: "a".into(),
+            url: "ws://a1".into(),
+        };
+        let fabric = Arc::new(
+            FabricShared::new(me, 4, crate::registry::TableHandle::default(), Default::default(), Default::default())
+                .with_bridges(Some(bridges.clone())),
+        );
+        let channel = || tokio::sync::mpsc::channel(16);
+        let ((to_b1, mut b1), (to_c1, mut c1)) = (channel(), channel());
+        let heard = Arc::new(AtomicU64::new(0));
+        bridges.bridge_up(1, "b", "b1", to_b1, heard.clone());
+        bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
+        let from_c1 = Bridge { cluster: "c".into(), node: "c1".into(), sender: to_c1, heard: Arc::default() };
+        bridges.receive(&from_c1, &updates_for_a(&mut c));
+        let drain = |queue: &mut tokio::sync::mpsc::Receiver<OutFrame>| while queue.try_recv().is_ok() {};
+        drain(&mut b1);
+        drain(&mut c1);
+
+        // b1 sends a call for c: it goes on to c1 with its command exactly as it came.
+        let command =
+            String::from_utf8(encode(&RpcCommand::new("r", "echo", vec![serde_json::json!({"d": [1, "}"]})]))).unwrap();
+        let call = format!(
+            r#"{{"role":"federation","kind":"call","id":"b:1","destination":"c","visited":["b"],"hops_left":3,"command": {command} ,"timeout_ms":5000}}"#
+        );
+        assert!(fabric.pass_through(1, call.as_bytes()));
+        // Counted as heard on b1's bridge: the fabric closes only a silent one.
+        assert_eq!(heard.load(Ordering::Relaxed), 1);
+        bridges.on_frame(&fabric, 1, FederationFrame::Keys { chain: Vec::new() });
+        assert_eq!(heard.load(Ordering::Relaxed), 2);
+        let sent = c1.try_recv().unwrap();
+        assert!(std::str::from_utf8(&sent.bytes).unwrap().contains(&format!(r#""command":{command}}}"#)));
+        let Ok(PeerFrame::Federation(FederationFrame::Call {
+            id,
+            destination,
+            visited,
+            hops_left,
+            work: Work::Command(parsed),
+            timeout_ms,
+        })) = PeerFrame::decode(&sent.bytes)
+        else {
+            panic!("not a call: {sent:?}");
+        };
+        assert_eq!(
+            (destination.as_str(), visited, hops_left, timeout_ms),
+            ("c", vec!["b".into(), "a".into()], 2, Some(5000))
+        );
+        assert_eq!(encode(&*parsed), command.as_bytes());
+
+        // c1's reply goes back to b1 under b1's id, its value as it came.
+        let reply = format!(r#"{{"role":"federation","kind":"reply","id":"{id}","value":{{"n": [1.5, "x"]}}}}"#);
+        assert!(fabric.pass_through(2, reply.as_bytes()));
+        let back = b1.try_recv().unwrap();
+        assert_eq!(
+            std::str::from_utf8(&back.bytes).unwrap(),
+            r#"{"role":"federation","kind":"reply","id":"b:1","value":{"n": [1.5, "x"]}}"#
+        );
+        assert!(bridges.waiting.lock().unwrap().is_empty());
+
+        // Decoded instead: a second reply (no call waits), a call for this cluster, a call
+        // on a link that is no bridge, anything else.
+        assert!(!fabric.pass_through(2, reply.as_bytes()));
+        assert!(!fabric.pass_through(1, call.replace(r#""destination":"c""#, r#""destination":"a""#).as_bytes()));
+        assert!(!fabric.pass_through(9, call.as_bytes()));
+        assert!(!fabric.pass_through(1, br#"{"role":"federation","kind":"keys","chain":[]}"#));
+        assert!(!fabric.pass_through(1, br#"{"role":"federation","kind":"call","id":5}"#));
+        assert!(c1.try_recv().is_err() && b1.try_recv().is_err());
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::cache::LocalCache;
 use crate::discovery::log::CatalogLog;
 use crate::function::{CallArgs, FunctionIdentity};
 use crate::metrics::{self, Metrics};
-use crate::protocol::{encode, FrameKind, PubSubMessage};
+use crate::protocol::{encode, sniff_role, FrameKind, PubSubMessage};
 use crate::pubsub::{self, OutFrame, PubSub};
 use crate::queue::Queue;
 use crate::registry::TableHandle;
@@ -592,6 +592,16 @@ impl FabricShared {
         }
     }
 
+    /// Handles a federation frame read from `link` that only passes through this node
+    /// ([`super::bridge::Bridges::pass_through`]) without decoding it: `true` when it did (the reader
+    /// decodes any other frame and hands it to [`Self::on_frame`]).
+    pub fn pass_through(self: &Arc<Self>, link: LinkId, bytes: &[u8]) -> bool {
+        match &self.bridges {
+            Some(bridges) if sniff_role(bytes) == Some(&b"federation"[..]) => bridges.pass_through(self, link, bytes),
+            _ => false,
+        }
+    }
+
     /// Handles a frame read from a link: routed messages on admitted links here, the rest
     /// to the actor (which also takes routed messages that arrive while the handshake is
     /// still in its mailbox, so they are judged after it).
@@ -1001,6 +1011,9 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
+        if shared.pass_through(link, &bytes) {
+            continue;
+        }
         match serde_json::from_slice::<PeerFrame>(&bytes) {
             Ok(frame) => shared.on_frame(link, frame),
             Err(e) => warn!(peer = %url, cause = %e, "undecodable frame from peer; ignored"),

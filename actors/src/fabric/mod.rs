@@ -308,7 +308,8 @@ struct Link {
     /// When a frame last arrived: a gossip frame (seen here), or a routed message (counted
     /// in `routed` by the link's reader, noticed at the next tick).
     last_heard: Instant,
-    /// Routed messages read on the link, shared with the view's `admitted`.
+    /// Routed messages read on the link, shared with the view's `admitted`; on a bridge,
+    /// every federation frame read on it (counted by the bridges).
     routed: Arc<AtomicU64>,
     /// `routed` as of the last tick.
     routed_seen: u64,
@@ -1185,7 +1186,7 @@ impl FabricGossip {
     fn bridge_admit(&mut self, link: LinkId, info: &NodeInfo) {
         let (Some(bridges), Some(l)) = (self.shared.bridges.clone(), self.links.get_mut(&link)) else { return };
         l.bridge = Some(info.cluster_id.clone());
-        bridges.bridge_up(link, &info.cluster_id, &info.node, l.sender.clone());
+        bridges.bridge_up(link, &info.cluster_id, &info.node, l.sender.clone(), l.routed.clone());
     }
 
     /// Admits a peer whose handshake completed: learns it, sends it our view, floods its

@@ -64,10 +64,59 @@ struct Envelope {
 /// that tracks nesting and strings. `None` when absent, escaped or not a plain string —
 /// the caller then takes the general path.
 pub(crate) fn sniff_role(bytes: &[u8]) -> Option<&[u8]> {
-    let value = top_level_value(bytes, b"role")?;
+    sniff_str(bytes, b"role")
+}
+
+/// The value of the top-level string `"key"`, found by the same byte scan: `None` when
+/// absent, escaped or not a plain string.
+pub(crate) fn sniff_str<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let value = top_level_value(bytes, key)?;
     let value = value.strip_prefix(b"\"")?;
     let end = value.iter().position(|&b| b == b'"' || b == b'\\')?;
     (value[end] == b'"').then(|| &value[..end])
+}
+
+/// The whole text of the top-level value of `"key"` (string, number, literal, object or
+/// array), found by the byte scan, for passing it on without parsing it. Meant for a frame
+/// whose syntax a parse has already checked; `None` when absent.
+pub(crate) fn top_level_raw<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let value = top_level_value(bytes, key)?;
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < value.len() {
+        match value[i] {
+            b'"' => {
+                i = string_end(value, i + 1);
+                if depth == 0 {
+                    return value.get(..=i);
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' if depth <= 1 => {
+                // The end of this value (depth 1), or of the enclosing object after a
+                // number or literal (depth 0).
+                let end = if depth == 1 { i + 1 } else { i };
+                return Some(value[..end].trim_ascii_end());
+            }
+            b'}' | b']' => depth -= 1,
+            b',' if depth == 0 => return Some(value[..i].trim_ascii_end()),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The index of the `"` closing the string whose text starts at `start` (escapes skipped),
+/// or `bytes.len()` when it is not closed.
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    let mut i = start;
+    while i < bytes.len() && bytes[i] != b'"' {
+        if bytes[i] == b'\\' {
+            i += 1;
+        }
+        i += 1;
+    }
+    i.min(bytes.len())
 }
 
 /// The top-level string `"u"` of a frame too large to parse, found by the same byte scan
@@ -85,7 +134,8 @@ pub fn sniff_u(bytes: &[u8]) -> Option<String> {
     serde_json::from_slice(value.get(..=i)?).ok()
 }
 
-/// The bytes right after `"key":` at nesting depth 1 (leading whitespace skipped).
+/// The bytes right after `"key":` at nesting depth 1 (leading whitespace skipped). A
+/// string equal to `key` that is a value, not a key (no `:` after it), is passed over.
 fn top_level_value<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let (mut depth, mut i) = (0usize, 0usize);
     while i < bytes.len() {
@@ -94,23 +144,16 @@ fn top_level_value<'a>(bytes: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
             b'}' | b']' => depth = depth.saturating_sub(1),
             b'"' => {
                 let start = i + 1;
-                i = start;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    if bytes[i] == b'\\' {
-                        i += 1;
-                    }
-                    i += 1;
-                }
+                i = string_end(bytes, start);
                 let text = bytes.get(start..i)?;
                 if depth == 1 && text == key {
                     let rest = bytes.get(i + 1..)?;
                     let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
-                    if rest[colon] != b':' {
-                        return None;
+                    if rest[colon] == b':' {
+                        let value = &rest[colon + 1..];
+                        let open = value.iter().position(|b| !b.is_ascii_whitespace())?;
+                        return Some(&value[open..]);
                     }
-                    let value = &rest[colon + 1..];
-                    let open = value.iter().position(|b| !b.is_ascii_whitespace())?;
-                    return Some(&value[open..]);
                 }
             }
             _ => {}
@@ -137,6 +180,8 @@ pub fn decode_inbound(bytes: &[u8]) -> Result<Inbound, InboundError> {
         }
         // A worker's frames are parsed once, by the worker protocol (which judges them).
         Some(role) if role.starts_with(b"worker-") => return Ok(Inbound::Worker),
+        // So are another node's, by the fabric (which answers a frame it cannot parse).
+        Some(role) if std::str::from_utf8(role).is_ok_and(is_peer_role) => return Ok(Inbound::Peer),
         _ => {}
     }
     let envelope: Envelope = serde_json::from_slice(bytes).map_err(|e| InboundError {
@@ -280,6 +325,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Any JSON value but floats, with strings full of JSON's own punctuation.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z\"\\\\{}\\[\\]:, ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z{}\"]{0,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     #[test]
     fn not_json_is_invalid_without_u() {
         let err = decode_inbound(b"this is not json").unwrap_err();
@@ -320,6 +382,22 @@ mod tests {
         assert_eq!(sniff_role(br#"{"x":"\"role\":\"rpc\""}"#), None);
         assert_eq!(sniff_role(br#"{"role":"r\u0070c"}"#), None);
         assert_eq!(sniff_role(b"not json"), None);
+        // A value equal to the key is passed over, not taken for the key.
+        assert_eq!(sniff_role(br#"{"u":"role","role":"rpc"}"#), Some(&b"rpc"[..]));
+    }
+
+    #[test]
+    fn raw_values_are_cut_whole_at_the_top_level() {
+        let frame = br#"{"id":"value","value": {"a":[1,{"b":"}]\""}],"c":null} ,"n":-1.5e3 ,"s":"x\"y","t":true}"#;
+        let raw = |key: &[u8]| top_level_raw(frame, key).map(|v| std::str::from_utf8(v).unwrap());
+        assert_eq!(raw(b"value"), Some(r#"{"a":[1,{"b":"}]\""}],"c":null}"#));
+        assert_eq!(raw(b"n"), Some("-1.5e3"));
+        assert_eq!(raw(b"s"), Some(r#""x\"y""#));
+        assert_eq!(raw(b"t"), Some("true"));
+        assert_eq!(raw(b"id"), Some(r#""value""#));
+        assert_eq!(raw(b"a"), None, "not at the top level");
+        assert_eq!(top_level_raw(br#"{"v":[1,2]}"#, b"v"), Some(&b"[1,2]"[..]));
+        assert_eq!(top_level_raw(br#"{"v":"open"#, b"v"), None);
     }
 
     fn rpc_frame(number: &str) -> String {
@@ -422,6 +500,16 @@ mod tests {
         #[test]
         fn sniffing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = sniff_role(&bytes);
+            let _ = top_level_raw(&bytes, b"role");
+        }
+
+        /// A top-level value cut out of a frame is that value, whatever it holds.
+        #[test]
+        fn raw_values_agree_with_serde(value in any_json(), other in any_json(), first in proptest::bool::ANY) {
+            let (v, o) = (serde_json::to_string(&value).unwrap(), serde_json::to_string(&other).unwrap());
+            let frame = if first { format!(r#"{{"v" : {v} , "o":{o}}}"#) } else { format!(r#"{{"o":{o},"v":{v} }}"#) };
+            let raw = top_level_raw(frame.as_bytes(), b"v").expect("found");
+            prop_assert_eq!(serde_json::from_slice::<Value>(raw).unwrap(), value);
         }
 
         /// Whatever bytes arrive, decoding answers (never panics) and a request survives a

@@ -12,8 +12,8 @@
 mod codec;
 mod error;
 
-pub(crate) use codec::sniff_role;
 pub use codec::{decode_inbound, encode, is_peer_role, sniff_u, ClusterStatusRequest, Inbound, InboundError};
+pub(crate) use codec::{sniff_role, sniff_str, top_level_raw};
 pub use error::{ErrorCode, RpcError};
 
 use serde::{Deserialize, Serialize};
