@@ -1586,7 +1586,18 @@ mod tests {
         assert!(!fabric.pass_through(9, call.as_bytes()));
         assert!(!fabric.pass_through(1, br#"{"role":"federation","kind":"keys","chain":[]}"#));
         assert!(!fabric.pass_through(1, br#"{"role":"federation","kind":"call","id":5}"#));
+        // A call carrying two works (or none) is not passed on either: decoded, and refused.
+        let two = call.replace(r#""timeout_ms""#, r#""queue":{"u":"q","op":"send","queue":"jobs"},"timeout_ms""#);
+        assert!(!fabric.pass_through(1, two.as_bytes()));
+        assert!(!fabric.pass_through(1, call.replace(r#""command""#, r#""mystery""#).as_bytes()));
         assert!(c1.try_recv().is_err() && b1.try_recv().is_err());
+
+        // A queue send for c passes through under its own key, as the text that came.
+        let queue = r#"{"u":"q","op":"send","queue":"jobs","payload":{"n": 1}}"#;
+        let send = call.replace(&format!(r#""command": {command} "#), &format!(r#""queue":{queue}"#));
+        assert!(fabric.pass_through(1, send.as_bytes()));
+        let sent = String::from_utf8(c1.try_recv().unwrap().bytes.to_vec()).unwrap();
+        assert!(sent.contains(&format!(r#""queue":{queue}}}"#)) && !sent.contains("command"), "{sent}");
     }
 
     #[test]
