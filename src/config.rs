@@ -332,7 +332,7 @@ impl Default for Settings {
             max_inbound_links: 64,
             gossip_interval_s: 0.25,
             suspect_after_s: 2.0,
-            probe_interval_s: 0.5,
+            probe_interval_s: 1.0,
             remove_after_s: 6.0,
             departed_grace_s: 5.0,
             catalog_ttl_s: 60.0,
@@ -727,7 +727,7 @@ mod tests {
             );
         }
         let swim = Settings::default().swim_config();
-        assert_eq!((swim.period, swim.probe_timeout), (0.5, 0.25));
+        assert_eq!((swim.period, swim.probe_timeout), (1.0, 0.5));
         // Suspected within `suspect_after_s` however long the interval asked for.
         let settings = Settings { suspect_after_s: 1.0, probe_interval_s: 5.0, ..Settings::default() };
         settings.validate().unwrap();
