@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// The longest duration a setting may give, in seconds (about 31 years).
 const MAX_SECONDS: f64 = 1e9;
+/// The shortest SWIM protocol period: 20 probes a second from every node.
+const MIN_PROBE_INTERVAL_S: f64 = 0.05;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -152,9 +154,13 @@ pub struct Settings {
     pub max_inbound_links: usize,
     /// Housekeeping round: dial attempts, catalog expiry (seconds).
     pub gossip_interval_s: f64,
-    /// A silent peer is suspected (and not routed to) after about this long: SWIM's
-    /// protocol period is half of it, its probe timeout a quarter (seconds).
+    /// A silent peer is suspected (and not routed to) after at most about this long: SWIM's
+    /// protocol period is `probe_interval_s`, at most half of this (seconds).
     pub suspect_after_s: f64,
+    /// SWIM's protocol period, one probe of one member (capped at half of
+    /// `suspect_after_s`); the probe goes indirect after half a period. A silent member is
+    /// suspected by a first node about two periods after it stops (seconds).
+    pub probe_interval_s: f64,
     /// ... and removed with its functions after about this long: a suspicion lasts
     /// `(remove_after_s - suspect_after_s) · log10(max(n, 10))` for n members, stretched
     /// by the node's local health (seconds).
@@ -326,6 +332,7 @@ impl Default for Settings {
             max_inbound_links: 64,
             gossip_interval_s: 0.25,
             suspect_after_s: 2.0,
+            probe_interval_s: 1.0,
             remove_after_s: 6.0,
             departed_grace_s: 5.0,
             catalog_ttl_s: 60.0,
@@ -448,6 +455,13 @@ impl Settings {
         positive("restart_window_s", self.restart_window_s)?;
         positive("gossip_interval_s", self.gossip_interval_s)?;
         positive("suspect_after_s", self.suspect_after_s)?;
+        positive("probe_interval_s", self.probe_interval_s)?;
+        if self.probe_interval_s < MIN_PROBE_INTERVAL_S {
+            return Err(ConfigError::Invalid {
+                key: "probe_interval_s",
+                message: format!("must be at least {MIN_PROBE_INTERVAL_S} (a probe a period, each node)"),
+            });
+        }
         positive("remove_after_s", self.remove_after_s)?;
         positive("catalog_ttl_s", self.catalog_ttl_s)?;
         positive("worker_heartbeat_s", self.worker_heartbeat_s)?;
@@ -579,11 +593,11 @@ impl Settings {
         Duration::from_secs_f64(value)
     }
 
-    /// SWIM's timing from `suspect_after_s` and `remove_after_s` (see their docs); the
-    /// other bounds are SWIM's defaults (3 indirect probes, 16 rumors a message, a
-    /// push-pull every 30 periods, local health up to 8).
+    /// SWIM's timing from `probe_interval_s`, `suspect_after_s` and `remove_after_s` (see
+    /// their docs); the other bounds are SWIM's defaults (3 indirect probes, 16 rumors a
+    /// message, a push-pull every 30 periods, local health up to 8).
     pub fn swim_config(&self) -> SwimConfig {
-        let period = self.suspect_after_s / 2.0;
+        let period = self.probe_interval_s.min(self.suspect_after_s / 2.0);
         SwimConfig {
             period,
             probe_timeout: period / 2.0,
@@ -701,5 +715,22 @@ mod tests {
         let settings = Settings { request_timeout_s: 600.0, ..Settings::default() };
         settings.validate().unwrap();
         assert_eq!(settings.max_request_timeout(), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_probe_interval_is_bounded_and_capped_by_suspect_after() {
+        for hostile in [0.0, 0.001, -1.0, f64::NAN, 1e300] {
+            let settings = Settings { probe_interval_s: hostile, ..Settings::default() };
+            assert!(
+                matches!(settings.validate(), Err(ConfigError::Invalid { key: "probe_interval_s", .. })),
+                "{hostile}"
+            );
+        }
+        let swim = Settings::default().swim_config();
+        assert_eq!((swim.period, swim.probe_timeout), (1.0, 0.5));
+        // Suspected within `suspect_after_s` however long the interval asked for.
+        let settings = Settings { suspect_after_s: 1.0, probe_interval_s: 5.0, ..Settings::default() };
+        settings.validate().unwrap();
+        assert_eq!(settings.swim_config().period, 0.5);
     }
 }

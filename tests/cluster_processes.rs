@@ -299,30 +299,40 @@ async fn sigterm_goodbye_reaches_the_peers_a_node_dialled() {
     .await;
 }
 
-/// Nodes in [`a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes`]:
-/// `MPREG_SWIM_NODES` (e.g. 64), else 8 (2 loaded cores run 8 debug processes easily).
-fn swim_nodes() -> usize {
-    std::env::var("MPREG_SWIM_NODES").ok().and_then(|v| v.parse().ok()).filter(|n| *n >= 3).unwrap_or(8)
-}
-
-/// SWIM end to end over real processes, with links capped at a fan-out of 2 so that many
-/// probes and answers travel routed: every node names `s0` as its peer, which accepts 2 and
-/// sends the others to members with room; a function registered on the last node is
-/// routable from all; a SIGSTOPped node (links open, nothing answered) is suspected by
-/// every other node; after SIGCONT it refutes (its incarnation rises) and is alive
-/// everywhere again.
+/// SWIM end to end over real processes, 8 of them with links capped at a fan-out of 2 so
+/// that many probes and answers travel routed: see [`silent_node_scenario`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes() {
-    let n = swim_nodes();
-    // Starting and converging n debug processes on 2 loaded cores: generous bounds.
-    let slow = Duration::from_secs(30 + 2 * n as u64);
+    silent_node_scenario(8, 2, Duration::from_secs(46)).await;
+}
+
+/// The same with 64 node processes and a fan-out of 8: issue 10's process test. Not run by
+/// CI: 64 debug processes did not form a cluster within 120 s on the shared 2-core machine
+/// (load average 9 rising to 72 while they ran). By hand, alone:
+/// `cargo test --release --test cluster_processes -- --ignored --test-threads 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "64 node processes: run by hand, alone, with --release --ignored"]
+async fn sixty_four_nodes_route_suspect_a_silent_node_and_see_it_refute() {
+    let whole = Duration::from_secs(240);
+    tokio::time::timeout(whole, silent_node_scenario(64, 8, Duration::from_secs(120)))
+        .await
+        .unwrap_or_else(|_| panic!("64 nodes took longer than {whole:?}"));
+}
+
+/// `n` node processes, at most `fanout` links each: every node names `s0` as its peer,
+/// which accepts `fanout` and sends the others to members with room; a function registered
+/// on the last node is routable from all; a SIGSTOPped node (links open, nothing answered)
+/// is suspected by every other node; after SIGCONT it refutes (its incarnation rises) and
+/// is alive everywhere again. Each step is bounded by `slow` (debug processes on 2 loaded
+/// cores: generous).
+async fn silent_node_scenario(n: usize, fanout: usize, slow: Duration) {
     let cluster = cluster_id("swim");
     let mut configs = Vec::with_capacity(n);
     let mut nodes: Vec<ServerProcess> = Vec::with_capacity(n);
     for i in 0..n {
         let functions = if i == n - 1 { "tpu_square" } else { "add" };
         let seed: Vec<&ServerProcess> = nodes.first().into_iter().collect();
-        let config = slow_detection_config(&format!("s{i}"), &cluster, functions, &seed, 2);
+        let config = slow_detection_config(&format!("s{i}"), &cluster, functions, &seed, fanout);
         nodes.push(start_config(&config).await);
         configs.push(config);
     }
@@ -338,7 +348,7 @@ async fn a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes() {
     }
     let seed = clients[0].cluster_status().await.expect("s0 answers");
     let inbound = seed["topology"]["links"].as_array().expect("links").iter().filter(|l| l[2] == "inbound").count();
-    assert!(inbound <= 2, "s0 holds {inbound} inbound links, more than max_inbound_links: {:#}", seed["topology"]);
+    assert!(inbound <= fanout, "s0 holds {inbound} inbound links, more than max_inbound_links: {:#}", seed["topology"]);
     let state_of = |status: &Value, node: &str| member(status, node).map(|m| m["state"].clone());
     let watched = "s1";
     signal(&nodes[1], "-STOP");
@@ -359,8 +369,8 @@ async fn a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes() {
     }
     let status = clients[1].cluster_status().await.expect("the resumed node answers");
     assert!(status["topology"]["incarnation"].as_u64() >= Some(1), "it refuted: {:#}", status["topology"]);
-    // With 2 links a node, the stopped relay may have cut s0 off from s15 (its silent links
-    // were closed); the links form again once it is back.
+    // With few links a node, the stopped relay may have cut s0 off from the last node (its
+    // silent links were closed); the links form again once it is back.
     poll_until_async("tpu_square routable from s0 again", slow, || async {
         (clients[0].call("tpu_square", vec![json!(4)]).await.ok() == Some(json!(16))).then_some(())
     })

@@ -188,6 +188,9 @@ struct Report {
     /// Its private part (RssAnon, MiB): the rest is mostly the binary's code, which the
     /// processes share.
     anon_mib: Vec<f64>,
+    /// Its proportional share (Pss, MiB): private pages plus each shared page divided by
+    /// the processes that map it.
+    pss_mib: Vec<f64>,
     settings: Settings,
     /// Pauses between polls of one node.
     pace: Pacing,
@@ -250,6 +253,7 @@ impl Report {
                 "suspected_everywhere_ms": ms(self.suspected_everywhere),
                 "removed_everywhere_ms": ms(self.removed_everywhere),
                 "suspect_after_s": self.settings.suspect_after_s,
+                "probe_interval_s": self.settings.swim_config().period,
                 "remove_after_s": self.settings.remove_after_s,
                 "status_poll_ms": ms(self.pace.status),
             },
@@ -257,6 +261,7 @@ impl Report {
                 "rss_mean_mib": round1(mean(&self.rss_mib)),
                 "rss_max_mib": round1(self.rss_max()),
                 "anon_mean_mib": round1(mean(&self.anon_mib)),
+                "pss_mean_mib": round1(mean(&self.pss_mib)),
                 "per_node_mib": self.rss_mib.iter().map(|&m| round1(m)).collect::<Vec<_>>(),
             },
             "settings": {
@@ -272,10 +277,11 @@ impl Report {
         let verdict = if all <= PROPAGATION_TARGET { "ok" } else { "MISSED" };
         writeln!(
             out,
-            "mpreg bench cluster: {} node processes (gossip {} s, suspect after {} s, remove after {} s, fan-out {}, \
-             inbound links <= {})",
+            "mpreg bench cluster: {} node processes (gossip {} s, probe {} s, suspect after {} s, remove after {} s, \
+             fan-out {}, inbound links <= {})",
             self.nodes,
             self.settings.gossip_interval_s,
+            self.settings.swim_config().period,
             self.settings.suspect_after_s,
             self.settings.remove_after_s,
             self.settings.peer_fanout,
@@ -298,10 +304,11 @@ impl Report {
             (
                 "RSS per node mean / max",
                 format!(
-                    "{:.1} / {:.1} MiB (private {:.1} MiB)",
+                    "{:.1} / {:.1} MiB (private {:.1} MiB, proportional {:.1} MiB)",
                     mean(&self.rss_mib),
                     self.rss_max(),
-                    mean(&self.anon_mib)
+                    mean(&self.anon_mib),
+                    mean(&self.pss_mib)
                 ),
             ),
             (
@@ -383,15 +390,18 @@ async fn run(
     let mesh_formed = max(&mesh);
     progress!(" {:.0} ms\n", ms(mesh_formed));
 
-    let (mut rss_mib, mut anon_mib) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut rss_mib, mut anon_mib, mut pss_mib) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
     for p in &processes {
-        let path = format!("/proc/{}/status", p.child.0.id());
-        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let mib = |field| {
-            status_kib(&status, field).map(|kib| kib as f64 / 1024.0).with_context(|| format!("no {field} in {path}"))
+        let pid = p.child.0.id();
+        let mib = |file: &str, field: &str| {
+            let path = format!("/proc/{pid}/{file}");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+            status_kib(&text, field).map(|kib| kib as f64 / 1024.0).with_context(|| format!("no {field} in {path}"))
         };
-        rss_mib.push(mib("VmRSS")?);
-        anon_mib.push(mib("RssAnon")?);
+        rss_mib.push(mib("status", "VmRSS")?);
+        anon_mib.push(mib("status", "RssAnon")?);
+        pss_mib.push(mib("smaps_rollup", "Pss")?);
     }
 
     progress!("idle for {} s ...", IDLE_WINDOW.as_secs());
@@ -535,6 +545,7 @@ async fn run(
         failure,
         rss_mib,
         anon_mib,
+        pss_mib,
         settings,
         pace,
     })
