@@ -1,6 +1,7 @@
 //! Node processes started from the built `mpreg` binary.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::Child;
 use std::time::Duration;
 
@@ -33,7 +34,8 @@ pub fn mpreg_command() -> std::process::Command {
     command
 }
 
-/// A node process, SIGKILLed and reaped on drop.
+/// A node process in a process group of its own, the whole group SIGKILLed and the node
+/// reaped on drop.
 pub struct NodeProcess {
     child: Child,
     /// The URL it printed.
@@ -45,6 +47,7 @@ impl NodeProcess {
     /// waits for the URL it prints.
     pub fn spawn(mut command: std::process::Command) -> NodeProcess {
         let mut child = command
+            .process_group(0)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -79,6 +82,10 @@ impl NodeProcess {
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
+        // The group: a wrapper's node too (strace's tracee keeps running when only strace
+        // is killed). The child is not reaped yet, so its pid still names this group.
+        let group = format!("-{}", self.child.id());
+        let _ = std::process::Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
