@@ -123,14 +123,7 @@ C_URL="ws://127.0.0.1:$C_RPC"
 
 # Each node prints MPREG_URL= once it listens.
 for node in "${NODES[@]}"; do
-    c="$(cname "$node")"
-    deadline=$((SECONDS + START_SECS))
-    until grep -q 'MPREG_URL=' <<<"$(container_logs "$c")"; do
-        container_running "$c" || fatal "$node printed MPREG_URL= (container exited early)"
-        [ "$SECONDS" -lt "$deadline" ] || fatal "$node printed MPREG_URL= within ${START_SECS}s"
-        sleep 0.5
-    done
-    ok "$node listening ($(grep -m1 -o 'MPREG_URL=[^[:space:]]*' <<<"$(container_logs "$c")"))"
+    wait_listening "$node" "$(cname "$node")" "$START_SECS"
 done
 
 # ---- the cluster forms ---------------------------------------------------------------

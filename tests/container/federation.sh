@@ -187,14 +187,7 @@ BRIDGE_MON="$(container_host_port "$(cname a-bridge)" 9100)"
 B1_MON="$(container_host_port "$(cname b1)" 9100)"
 
 for node in c1 b1 a1 a-bridge; do
-    c="$(cname "$node")"
-    deadline=$((SECONDS + START_SECS))
-    until grep -q 'MPREG_URL=' <<<"$(container_logs "$c")"; do
-        container_running "$c" || fatal "$node printed MPREG_URL= (container exited early)"
-        [ "$SECONDS" -lt "$deadline" ] || fatal "$node printed MPREG_URL= within ${START_SECS}s"
-        sleep 0.5
-    done
-    ok "$node listening"
+    wait_listening "$node" "$(cname "$node")" "$START_SECS"
 done
 
 # ---- the bridge and the route ----------------------------------------------------------

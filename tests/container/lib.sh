@@ -62,6 +62,16 @@ container_logs_all() {  # every container in CREATED: its state and its logs
 
 container_running() { [ "$(docker inspect -f '{{.State.Running}}' "$1" 2>/dev/null)" = true ]; }
 
+wait_listening() {   # NODE CONTAINER SECS: until the node prints MPREG_URL= (it listens), else fatal
+    local deadline=$((SECONDS + $3))
+    until grep -q 'MPREG_URL=' <<<"$(container_logs "$2")"; do
+        container_running "$2" || fatal "$1 printed MPREG_URL= (container exited early)"
+        [ "$SECONDS" -lt "$deadline" ] || fatal "$1 printed MPREG_URL= within ${3}s"
+        sleep 0.5
+    done
+    ok "$1 listening ($(grep -m1 -o 'MPREG_URL=[^[:space:]]*' <<<"$(container_logs "$2")"))"
+}
+
 container_host_port() {   # `docker port` prints e.g. 127.0.0.1:49153; keep the part after the colon
     local p
     p="$(docker port "$1" "$2/tcp" | head -n1)"
