@@ -248,9 +248,12 @@ impl FabricShared {
         if let Some(route) = self.queue_route_within(request) {
             return route;
         }
-        let work = crossing(request);
         let clusters = self.clusters_reached();
-        if work.check().is_err() || clusters.is_empty() {
+        if clusters.is_empty() {
+            return QueueRoute::Local;
+        }
+        let work = crossing(request);
+        if work.check().is_err() {
             return QueueRoute::Local;
         }
         QueueRoute::Clusters { clusters, work, targeted: false }
