@@ -402,6 +402,10 @@ pub struct FabricGossip {
     departed_queues: HashMap<String, RemoteQueue>,
     /// The catalog fingerprint the discovery change log last saw.
     discovery_seen: Option<u64>,
+    /// The view changed since the discovery change log last looked: it looks next round
+    /// (or when asked), not on every gossip message (at 64 nodes, looking on each one
+    /// was most of a node's CPU while the mesh formed).
+    discovery_dirty: bool,
     /// The failure detector and liveness dissemination (pure; driven from here).
     swim: Swim,
     /// Member records to piggyback on SWIM messages, by node.
@@ -412,6 +416,8 @@ pub struct FabricGossip {
     own_record: Option<(Vec<NodeId>, u64, u64)>,
     /// Gossip rounds so far (the view is rebuilt every few even when nothing changed).
     rounds: u64,
+    /// When SWIM's timers last ran (seconds since `epoch`), to notice a stalled loop.
+    last_swim_tick: f64,
     /// A node whose records named more new members than one frame may teach: the rest
     /// are pulled from it next round (one push-pull a round at most).
     pull_more_from: Option<NodeId>,
@@ -448,11 +454,13 @@ impl FabricGossip {
             last_snapshot_at: now,
             departed_queues: HashMap::new(),
             discovery_seen: None,
+            discovery_dirty: false,
             swim,
             records: RetransmitQueue::default(),
             deltas: RetransmitQueue::default(),
             own_record: None,
             rounds: 0,
+            last_swim_tick: 0.0,
             pull_more_from: None,
             _guard: guard,
         }
@@ -869,7 +877,7 @@ impl FabricGossip {
             unreachable_queues,
             clusters,
         }));
-        self.observe_catalog();
+        self.discovery_dirty = true;
     }
 
     /// This node and every member that is called (alive, or restored and not yet
@@ -916,6 +924,7 @@ impl FabricGossip {
     /// summaries, to this node's subscribers of the discovery topics (delivered here only:
     /// every node publishes its own view).
     fn observe_catalog(&mut self) {
+        self.discovery_dirty = false;
         let fingerprint = self.core.discovery_fingerprint();
         if self.discovery_seen.replace(fingerprint) == Some(fingerprint) {
             return;
@@ -1487,15 +1496,32 @@ impl FabricGossip {
         self.records.push(&me, self.core.own_digest(), self.config.swim.max_pending_rumors);
     }
 
-    /// SWIM's timers: the probe's indirect stage, the end of a period, suspicions.
+    /// SWIM's timers: the probe's indirect stage, the end of a period, suspicions. A
+    /// timer that fires late by more than its own interval means this node's loop
+    /// stalled (a busy machine, a burst of work): SWIM does not count that time against
+    /// the members it is probing, whose answers may be waiting unread behind the timer.
     fn swim_tick(&mut self) {
-        let (out, transitions) = self.swim.tick(self.now());
+        let now = self.now();
+        let interval = self.swim_tick_interval().as_secs_f64();
+        let late = now - self.last_swim_tick - interval;
+        self.last_swim_tick = now;
+        if late > interval {
+            debug!(node = %self.shared.me.node, late_ms = late * 1000.0, "event loop stalled; SWIM timers pushed back");
+            self.swim.stalled(late);
+        }
+        let (out, transitions) = self.swim.tick(now);
         let changed = !transitions.is_empty();
         self.apply_transitions(transitions);
         self.swim_send(out);
         if changed {
             self.rebuild_view();
         }
+    }
+
+    /// A quarter of the probe timeout: the indirect stage and the period's end are
+    /// noticed within that of their time.
+    fn swim_tick_interval(&self) -> Duration {
+        Duration::from_secs_f64((self.config.swim.probe_timeout / 4.0).max(0.01))
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
@@ -1527,6 +1553,9 @@ impl FabricGossip {
         // few rounds, and at once on every change elsewhere.
         if !events.is_empty() || self.rounds % 4 == 0 {
             self.rebuild_view();
+        }
+        if self.discovery_dirty {
+            self.observe_catalog();
         }
     }
 
@@ -1676,10 +1705,8 @@ impl Actor for FabricGossip {
         self.rebuild_view();
         self.dial_due(ctx);
         ctx.run_interval(self.config.gossip_interval, |act, ctx| act.tick(ctx));
-        // A quarter of the probe timeout: the indirect stage and the period's end are
-        // noticed within that of their time.
-        let swim_tick = Duration::from_secs_f64((self.config.swim.probe_timeout / 4.0).max(0.01));
-        ctx.run_interval(swim_tick, |act, _| act.swim_tick());
+        self.last_swim_tick = self.now();
+        ctx.run_interval(self.swim_tick_interval(), |act, _| act.swim_tick());
         if let Some(config) = &self.config.snapshots {
             ctx.run_interval(config.interval, |act, ctx| {
                 act.save_snapshot_if_changed(ctx);
@@ -1886,6 +1913,9 @@ impl Handler<DescribeDiscovery> for FabricGossip {
                 doc: s.documentation().map(str::to_owned),
             })
             .collect();
+        if self.discovery_dirty {
+            self.observe_catalog();
+        }
         let changes = msg.since.and_then(|since| self.shared.discovery_log.lock().ok().map(|log| log.since(since)));
         DiscoveryView {
             generated_at: unix_now(),

@@ -498,6 +498,26 @@ impl Swim {
         (out, changes)
     }
 
+    /// This member could not watch for `lost` seconds: its own event loop stalled (the
+    /// caller's timers fired that late), so answers may be waiting unread. Time it was not
+    /// looking is not counted against others: the probe in flight, the period and the
+    /// suspicions it times are pushed back by `lost`. (Local health is left to the probes:
+    /// a member starved all the time still fails its probes, and accuses later for it.)
+    pub fn stalled(&mut self, lost: f64) {
+        if lost.is_nan() || lost <= 0.0 {
+            return;
+        }
+        if let Some(probe) = self.probe.as_mut() {
+            probe.sent_at += lost;
+        }
+        self.period_start += lost;
+        for member in &self.suspects {
+            if let Some(known) = self.members.get_mut(member) {
+                known.since += lost;
+            }
+        }
+    }
+
     /// Handles `message` from `from` at `now`.
     pub fn receive(&mut self, from: &str, message: SwimMessage, now: f64) -> (Vec<Outgoing>, Vec<Transition>) {
         let mut out = Vec::new();

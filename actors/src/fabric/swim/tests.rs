@@ -109,6 +109,56 @@ fn an_unanswered_probe_goes_indirect_then_suspects_then_declares_dead() {
 }
 
 #[test]
+fn time_the_member_stalled_is_not_counted_against_the_probed_member() {
+    let probed = |stall: Option<f64>| {
+        let mut a = member("a", &["b"]);
+        let (out, _) = a.tick(1.0);
+        let [(_, seq)] = pings(&out)[..] else { panic!("{out:?}") };
+        // a's loop stalls: its next timer fires at 2.6, and the ack is read after that.
+        if let Some(lost) = stall {
+            a.stalled(lost);
+        }
+        let (_, changes) = a.tick(2.6);
+        a.receive("b", SwimMessage::Ack { seq, rumors: vec![] }, 2.6);
+        (changes, a)
+    };
+    let (changes, _) = probed(None);
+    assert_eq!(changes, [Transition { member: "b".into(), liveness: Liveness::Suspect, incarnation: 0 }]);
+    let (changes, mut a) = probed(Some(1.5));
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(a.local_health(), 0);
+    let (_, later) = a.tick(3.7);
+    assert!(later.is_empty(), "{later:?}");
+    assert_eq!(a.liveness_of("b"), Some(Liveness::Alive));
+}
+
+#[test]
+fn a_stall_pushes_back_the_suspicion_timeout() {
+    let mut a = member("a", &["b", "c"]);
+    a.receive("c", SwimMessage::Gossip { rumors: vec![rumor("b", 0, Liveness::Suspect)] }, 1.0);
+    let timeout = a.suspicion_timeout();
+    a.stalled(2.0);
+    a.stalled(f64::NAN);
+    a.stalled(-1.0);
+    let dead = Transition { member: "b".into(), liveness: Liveness::Dead, incarnation: 0 };
+    let mut now = 1.0;
+    let declared = loop {
+        now += 0.05;
+        assert!(now < 1.0 + 10.0 * timeout, "never declared dead");
+        let (out, changes) = a.tick(now);
+        for (to, seq) in pings(&out) {
+            if to != "b" {
+                a.receive(to, SwimMessage::Ack { seq, rumors: vec![] }, now);
+            }
+        }
+        if changes.contains(&dead) {
+            break now;
+        }
+    };
+    assert!(declared >= 1.0 + 2.0 + timeout, "the stall counted: {declared} (timeout {timeout})");
+}
+
+#[test]
 fn an_acked_probe_suspects_nobody_and_restores_local_health() {
     let mut a = member("a", &["b"]);
     a.local_health = 2;
