@@ -307,8 +307,8 @@ async fn a_silent_node_is_suspected_everywhere_and_refutes_when_it_resumes() {
 }
 
 /// The same with 64 node processes and a fan-out of 8: issue 10's process test. Not run by
-/// CI: 64 debug processes did not form a cluster within 120 s on the shared 2-core machine
-/// (load average 9 rising to 72 while they ran). By hand, alone:
+/// CI: 64 debug processes do not make a function routable within 120 s on the 2-core
+/// machine (release processes pass in about a minute). By hand, alone:
 /// `cargo test --release --test cluster_processes -- --ignored --test-threads 1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "64 node processes: run by hand, alone, with --release --ignored"]

@@ -89,11 +89,19 @@ fn an_unanswered_probe_goes_indirect_then_suspects_then_declares_dead() {
     // Not refuted within the suspicion timeout: dead. (The other members answer their
     // probes, so local health, which stretches the timeout, goes back down.)
     let timeout = a.suspicion_timeout();
-    let dead = Transition { member: target.clone(), liveness: Liveness::Dead, incarnation: 0 };
-    let mut now = 2.0;
-    let declared = loop {
+    let declared = declared_dead_at(&mut a, &target, 2.0, 2.0 + 2.0 * timeout);
+    assert!(declared >= 2.0 + a.config.suspicion_mult * a.config.period, "not before the timeout: {declared}");
+    assert_eq!(a.liveness_of(&target), Some(Liveness::Dead));
+}
+
+/// Ticks `a` every 50 ms from `from`, the other members acking its pings, until it
+/// declares `target` dead (before `limit`): when it did.
+fn declared_dead_at(a: &mut Swim, target: &str, from: f64, limit: f64) -> f64 {
+    let dead = Transition { member: target.to_owned(), liveness: Liveness::Dead, incarnation: 0 };
+    let mut now = from;
+    loop {
         now += 0.05;
-        assert!(now < 2.0 + 2.0 * timeout, "never declared dead");
+        assert!(now < limit, "never declared dead");
         let (out, changes) = a.tick(now);
         for (to, seq) in pings(&out) {
             if to != target {
@@ -101,11 +109,9 @@ fn an_unanswered_probe_goes_indirect_then_suspects_then_declares_dead() {
             }
         }
         if changes.contains(&dead) {
-            break now;
+            return now;
         }
-    };
-    assert!(declared >= 2.0 + a.config.suspicion_mult * a.config.period, "not before the timeout: {declared}");
-    assert_eq!(a.liveness_of(&target), Some(Liveness::Dead));
+    }
 }
 
 #[test]
@@ -140,21 +146,7 @@ fn a_stall_pushes_back_the_suspicion_timeout() {
     a.stalled(2.0);
     a.stalled(f64::NAN);
     a.stalled(-1.0);
-    let dead = Transition { member: "b".into(), liveness: Liveness::Dead, incarnation: 0 };
-    let mut now = 1.0;
-    let declared = loop {
-        now += 0.05;
-        assert!(now < 1.0 + 10.0 * timeout, "never declared dead");
-        let (out, changes) = a.tick(now);
-        for (to, seq) in pings(&out) {
-            if to != "b" {
-                a.receive(to, SwimMessage::Ack { seq, rumors: vec![] }, now);
-            }
-        }
-        if changes.contains(&dead) {
-            break now;
-        }
-    };
+    let declared = declared_dead_at(&mut a, "b", 1.0, 1.0 + 10.0 * timeout);
     assert!(declared >= 1.0 + 2.0 + timeout, "the stall counted: {declared} (timeout {timeout})");
 }
 
