@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 log = logging.getLogger("mpreg_worker")
 
@@ -142,7 +142,10 @@ class Worker:
                                 await lane.close()
                 except WorkerError:
                     raise
-                except (OSError, ConnectionClosed, asyncio.TimeoutError) as e:
+                # A websocket handshake that fails (a node starting or stopping closes the
+                # socket before its HTTP answer, or answers with an error status) is a lost
+                # connection too, whether on the registering websocket or on a lane.
+                except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError) as e:
                     log.warning("worker %s: connection to %s lost (%s)", self.name, self.url, e)
                 finally:
                     self._ws = None

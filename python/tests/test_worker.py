@@ -232,6 +232,40 @@ def test_the_worker_reconnects_after_the_node_restarts(nodes, cluster_name):
     asyncio.run(scenario())
 
 
+def test_a_failed_websocket_handshake_is_retried_not_fatal():
+    """A listener that closes each connection before the HTTP answer (a node starting or
+    stopping) makes the worker retry with backoff; run() does not die of it."""
+
+    async def scenario():
+        accepted = 0
+
+        async def close_at_once(reader, writer):
+            nonlocal accepted
+            accepted += 1
+            writer.close()
+
+        server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        worker = Worker(f"ws://127.0.0.1:{port}", "patient", backoff_initial=0.02, backoff_max=0.05)
+
+        @worker.function()
+        def ping():
+            return "pong"
+
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 15
+        while accepted < 3 and not task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not task.done(), task.exception() if task.done() else None
+        assert accepted >= 3, accepted
+        await worker.stop()
+        await asyncio.wait_for(task, 5)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
+
+
 def test_a_refused_registration_is_an_error(nodes, cluster_name):
     node = nodes("E", cluster_name)
 
