@@ -810,6 +810,13 @@ impl FabricGossip {
         }
     }
 
+    /// Lets the discovery change log look at a view that changed since it last did.
+    fn flush_discovery(&mut self) {
+        if self.discovery_dirty {
+            self.observe_catalog();
+        }
+    }
+
     /// Schedules the rebuild of a view gossip changed, after the messages waiting now.
     fn schedule_view_flush(&mut self, ctx: &mut Context<Self>) {
         if self.view_dirty && !self.view_flush_scheduled {
@@ -1552,7 +1559,6 @@ impl FabricGossip {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        self.flush_view();
         let now = self.now();
         let events = self.core.tick(now);
         self.log_events(&events);
@@ -1578,13 +1584,12 @@ impl FabricGossip {
         self.dial_due(ctx);
         self.rounds += 1;
         // Expired entries and restored members change nothing SWIM reports: rebuilt every
-        // few rounds, and at once on every change elsewhere.
+        // few rounds, and on every change elsewhere (once here, if gossip marked it).
         if !events.is_empty() || self.rounds % 4 == 0 {
-            self.rebuild_view();
+            self.view_dirty = true;
         }
-        if self.discovery_dirty {
-            self.observe_catalog();
-        }
+        self.flush_view();
+        self.flush_discovery();
     }
 
     /// The clusters this node's bridges reach, when they changed: a new catalog version,
@@ -1950,9 +1955,7 @@ impl Handler<DescribeDiscovery> for FabricGossip {
             })
             .collect();
         self.flush_view();
-        if self.discovery_dirty {
-            self.observe_catalog();
-        }
+        self.flush_discovery();
         let changes = msg.since.and_then(|since| self.shared.discovery_log.lock().ok().map(|log| log.since(since)));
         DiscoveryView {
             generated_at: unix_now(),
