@@ -22,9 +22,10 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mpreg::node::NodeError;
 use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
 use mpreg_actors::fabric::trust::{self, Authority};
-use mpreg_actors::persistence::{Batch, KvStore, SledStore};
+use mpreg_actors::persistence::{Batch, KvStore, OpenFailure, SledStore};
 use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
 
@@ -45,11 +46,24 @@ fn settings(name: &str, cluster: &str, peers: Vec<String>, data_dir: Option<&Pat
     }
 }
 
-/// Starts a node (a node shut down before has released the data dir).
+/// Starts a node. sled releases its directory's lock a moment after the last handle on it
+/// is dropped (its background writers finish first), so a start that finds the directory
+/// still locked by the handle just dropped (this test's own store, or a node just shut
+/// down) is tried again until the lock is released; any other failure fails the test.
 async fn start(settings: Settings, functions: Vec<FunctionSpec>) -> Node {
     let name = settings.name.clone();
-    let builder = functions.into_iter().fold(NodeBuilder::new(settings), NodeBuilder::function);
-    builder.start().await.unwrap_or_else(|e| panic!("node {name} does not start: {e}"))
+    poll_until_async(&format!("node {name} to start (the data dir released)"), SOON, || {
+        let builder = functions.iter().cloned().fold(NodeBuilder::new(settings.clone()), NodeBuilder::function);
+        let name = name.clone();
+        async move {
+            match builder.start().await {
+                Ok(node) => Some(node),
+                Err(NodeError::Storage(e)) if e.failure == OpenFailure::Locked => None,
+                Err(e) => panic!("node {name} does not start: {e}"),
+            }
+        }
+    })
+    .await
 }
 
 async fn monitor(node: &Node, path: &str) -> String {
