@@ -8,7 +8,10 @@
 //!   with `--peer <n0>`; mesh formation is the time from the first spawn until every
 //!   node's `cluster-status` lists all N nodes alive;
 //! - each process's VmRSS is read right after the mesh formed;
-//! - idle cost: over a 5 s window with no client traffic, the CPU time of all N processes
+//! - settling: the time until one round of polls finds no process with updates still to
+//!   pass on (`topology.pending_updates`: the joins' SWIM rumors, member records and
+//!   entry sets, each retransmitted a bounded number of times), and the CPU meanwhile;
+//! - idle cost: then, over a 5 s window with no client traffic, the CPU time of all N processes
 //!   together (`/proc/<pid>/stat`, percent of one core), the bytes they wrote
 //!   (`/proc/<pid>/io` `wchar`: peer links, plus logs, which are quiet at idle) per node
 //!   per second, and the suspicions they raised (`topology.suspicions`; none is right);
@@ -99,6 +102,8 @@ const PROBE_FUNCTION: &str = "probe_fn";
 const REGISTRAR: &str = "bench-registrar";
 /// The idle window.
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
+/// Bound on the joins being spread after the mesh formed.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Targets of issue 10 at 64 nodes, shown beside the figures.
 const IDLE_CPU_TARGET_PERCENT: f64 = 40.0;
 /// See [`IDLE_CPU_TARGET_PERCENT`].
@@ -172,6 +177,7 @@ struct Report {
     /// How long `Node::register` itself took.
     register_call: Duration,
     victim: String,
+    settling: Settling,
     idle: Idle,
     /// After SIGSTOP of `victim`: until the first other process no longer shows it alive
     /// (detection), and until none does (detection and dissemination).
@@ -237,6 +243,8 @@ impl Report {
                 "target_met": all <= PROPAGATION_TARGET,
                 "probe_poll_ms": ms(self.pace.probe),
             },
+            "settled_after_mesh_ms": ms(self.settling.took),
+            "settling_cpu_percent": round1(self.settling.cpu_percent),
             "idle_window_s": IDLE_WINDOW.as_secs(),
             "idle_cpu_percent": round1(self.idle.cpu_percent),
             "idle_cpu_target_percent": IDLE_CPU_TARGET_PERCENT,
@@ -310,6 +318,10 @@ impl Report {
                     mean(&self.anon_mib),
                     mean(&self.pss_mib)
                 ),
+            ),
+            (
+                "joins spread, after the mesh",
+                format!("{:.0} ms ({:.1}% of one core meanwhile)", ms(self.settling.took), self.settling.cpu_percent),
             ),
             (
                 "idle CPU, all N together",
@@ -403,6 +415,10 @@ async fn run(
         anon_mib.push(mib("status", "RssAnon")?);
         pss_mib.push(mib("smaps_rollup", "Pss")?);
     }
+
+    progress!("waiting for the joins to be spread (no node with updates to pass on) ...");
+    let settling = settle(&pollers, &clients, &processes, pace.status).await?;
+    progress!(" {:.0} ms, {:.1}% of one core\n", ms(settling.took), settling.cpu_percent);
 
     progress!("idle for {} s ...", IDLE_WINDOW.as_secs());
     let idle = measure_idle(&pollers, &clients, &processes).await?;
@@ -536,6 +552,7 @@ async fn run(
         propagation,
         register_call,
         victim,
+        settling,
         idle,
         silent_suspected_first,
         silent_suspected_everywhere,
@@ -602,20 +619,72 @@ async fn suspicions(pollers: &Handle, clients: &[Client]) -> anyhow::Result<u64>
     Ok(total)
 }
 
+/// How long after the mesh formed every node had passed on all it learned of the joins,
+/// and what the N processes cost meanwhile.
+struct Settling {
+    took: Duration,
+    /// CPU of all processes together, percent of one core.
+    cpu_percent: f64,
+}
+
+/// The CPU ticks (`/proc/<pid>/stat`) and bytes written (`/proc/<pid>/io`) of all
+/// processes together.
+fn usage(processes: &[Process]) -> anyhow::Result<(u64, u64)> {
+    processes.iter().try_fold((0, 0), |(t, w), p| {
+        let (ticks, written) = process_usage(p.child.0.id())?;
+        Ok((t + ticks, w + written))
+    })
+}
+
+/// Polls every process's `topology.pending_updates` until one round finds all of them 0
+/// (within [`SETTLE_TIMEOUT`]): the idle window then measures what an idle cluster costs,
+/// not the last retransmissions of its formation.
+async fn settle(
+    pollers: &Handle,
+    clients: &[Client],
+    processes: &[Process],
+    pause: Duration,
+) -> anyhow::Result<Settling> {
+    let started = Instant::now();
+    let (ticks_before, _) = usage(processes)?;
+    loop {
+        let rounds: Vec<_> = clients
+            .iter()
+            .map(|client| {
+                let client = client.clone();
+                pollers.spawn(async move { client.cluster_status().await })
+            })
+            .collect();
+        let mut pending = 0;
+        for round in rounds {
+            let status = round.await.context("poller runtime")?.context("cluster-status")?;
+            pending += status["topology"]["pending_updates"].as_u64().context("no topology.pending_updates")?;
+        }
+        if pending == 0 {
+            break;
+        }
+        if started.elapsed() > SETTLE_TIMEOUT {
+            bail!(
+                "{pending} updates still waiting to be passed on {} s after the mesh formed",
+                SETTLE_TIMEOUT.as_secs()
+            );
+        }
+        actix_rt::time::sleep(pause).await;
+    }
+    let (ticks_after, _) = usage(processes)?;
+    let took = started.elapsed();
+    let cpu_s = ticks_after.saturating_sub(ticks_before) as f64 / clock_ticks_per_s();
+    Ok(Settling { took, cpu_percent: cpu_s / took.as_secs_f64().max(1e-3) * 100.0 })
+}
+
 /// The processes' CPU, bytes written and suspicions over [`IDLE_WINDOW`] with no traffic
 /// from this bench (the window is a measurement, not a wait for something to happen).
 async fn measure_idle(pollers: &Handle, clients: &[Client], processes: &[Process]) -> anyhow::Result<Idle> {
-    let usage = || -> anyhow::Result<(u64, u64)> {
-        processes.iter().try_fold((0, 0), |(t, w), p| {
-            let (ticks, written) = process_usage(p.child.0.id())?;
-            Ok((t + ticks, w + written))
-        })
-    };
     let suspected_before = suspicions(pollers, clients).await?;
-    let (ticks_before, written_before) = usage()?;
+    let (ticks_before, written_before) = usage(processes)?;
     let started = Instant::now();
     actix_rt::time::sleep(IDLE_WINDOW).await;
-    let (ticks_after, written_after) = usage()?;
+    let (ticks_after, written_after) = usage(processes)?;
     let window = started.elapsed().as_secs_f64();
     let suspected_after = suspicions(pollers, clients).await?;
     let cpu_s = ticks_after.saturating_sub(ticks_before) as f64 / clock_ticks_per_s();

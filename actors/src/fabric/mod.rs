@@ -276,6 +276,9 @@ pub struct Topology {
     pub incarnation: u64,
     /// See `incarnation`.
     pub local_health: u32,
+    /// Updates this node still has to pass on (SWIM rumors, member records, catalog entry
+    /// sets, each retransmitted a bounded number of times): 0 once all it learned is spread.
+    pub pending_updates: usize,
 }
 
 /// Ask for `/topology`.
@@ -2072,6 +2075,7 @@ impl Handler<DescribeTopology> for FabricGossip {
             suspicions: self.shared.metrics.peers_suspected(),
             incarnation: self.swim.incarnation(),
             local_health: self.swim.local_health(),
+            pending_updates: self.swim.pending_rumors() + self.records.len() + self.deltas.len(),
         }
     }
 }
