@@ -522,25 +522,29 @@ impl Swim {
     pub fn receive(&mut self, from: &str, message: SwimMessage, now: f64) -> (Vec<Outgoing>, Vec<Transition>) {
         let mut out = Vec::new();
         let mut changes = Vec::new();
-        match message {
+        // What the sender is behind on; told back in the answer, or in a message of its own.
+        let behind = match message {
             SwimMessage::Ping { seq, rumors } => {
                 self.hear_from(from, now, &mut changes);
-                self.apply_all(rumors, now, &mut changes);
-                let rumors = self.piggyback();
+                let behind = self.apply_all(rumors, now, &mut changes);
+                let mut rumors = self.piggyback();
+                self.put_first(&mut rumors, behind);
                 out.push(self.send(from, SwimMessage::Ack { seq, rumors }));
+                Vec::new()
             }
             SwimMessage::PingReq { seq, target, rumors } => {
                 self.hear_from(from, now, &mut changes);
-                self.apply_all(rumors, now, &mut changes);
+                let behind = self.apply_all(rumors, now, &mut changes);
                 let relay_seq = self.fresh_seq();
                 let until = now + self.config.period * f64::from(1 + self.config.max_local_health);
                 self.relays.insert(relay_seq, Relay { requester: from.to_owned(), seq, until });
                 let rumors = self.piggyback();
                 out.push(self.send(&target, SwimMessage::Ping { seq: relay_seq, rumors }));
+                behind
             }
             SwimMessage::Ack { seq, rumors } => {
                 self.hear_from(from, now, &mut changes);
-                self.apply_all(rumors, now, &mut changes);
+                let behind = self.apply_all(rumors, now, &mut changes);
                 if let Some(relay) = self.relays.remove(&seq) {
                     let rumors = self.piggyback();
                     out.push(self.send(&relay.requester, SwimMessage::Ack { seq: relay.seq, rumors }));
@@ -548,20 +552,29 @@ impl Swim {
                     probe.acked = true;
                     self.local_health = self.local_health.saturating_sub(1);
                 }
+                behind
             }
             SwimMessage::Gossip { rumors } => {
                 self.hear_from(from, now, &mut changes);
                 let bounded = rumors.into_iter().take(self.config.max_piggyback).collect();
-                self.apply_all(bounded, now, &mut changes);
+                self.apply_all(bounded, now, &mut changes)
             }
             SwimMessage::PushPull { members, reply } => {
                 let bounded = members.into_iter().take(self.config.max_push_pull_members).collect();
-                self.apply_all(bounded, now, &mut changes);
+                let behind = self.apply_all(bounded, now, &mut changes);
                 if reply {
                     let members = self.full_list();
                     out.push(self.send(from, SwimMessage::PushPull { members, reply: false }));
+                    Vec::new()
+                } else {
+                    behind
                 }
             }
+        };
+        if !behind.is_empty() {
+            let mut rumors = Vec::new();
+            self.put_first(&mut rumors, behind);
+            out.push(self.send(from, SwimMessage::Gossip { rumors }));
         }
         (out, changes)
     }
@@ -648,24 +661,54 @@ impl Swim {
         self.apply(rumor, now, changes);
     }
 
-    fn apply_all(&mut self, rumors: Vec<Rumor>, now: f64, changes: &mut Vec<Transition>) {
+    /// Applies `rumors` from one sender; returns what it is behind on (see [`Self::apply`]),
+    /// at most `max_piggyback`.
+    fn apply_all(&mut self, rumors: Vec<Rumor>, now: f64, changes: &mut Vec<Transition>) -> Vec<Rumor> {
+        let mut behind = Vec::new();
         for rumor in rumors {
-            self.apply(rumor, now, changes);
+            if let Some(newer) = self.apply(rumor, now, changes) {
+                if behind.len() < self.config.max_piggyback {
+                    behind.push(newer);
+                }
+            }
         }
+        behind
+    }
+
+    /// `news` at the head of `rumors` (replacing rumors about the same members), within
+    /// `max_piggyback`.
+    fn put_first(&self, rumors: &mut Vec<Rumor>, news: Vec<Rumor>) {
+        rumors.retain(|r| !news.iter().any(|n| n.member == r.member));
+        rumors.splice(0..0, news);
+        rumors.truncate(self.config.max_piggyback.max(1));
     }
 
     /// Applies one rumor; spreads it if it changed something.
-    fn apply(&mut self, rumor: Rumor, now: f64, changes: &mut Vec<Transition>) {
+    ///
+    /// Returns what we know when the rumor would make a member less alive than it is: a
+    /// suspicion or death of an older incarnation than the one we know alive or suspected,
+    /// or one of ourselves that we have refuted. The sender is told at once. Otherwise it
+    /// would act on its stale view (declare the member dead when its suspicion times out)
+    /// until a push-pull repairs it, for the refutation's copies may all have been spent
+    /// before one reached it, and those who know better ignore its stale rumor.
+    fn apply(&mut self, rumor: Rumor, now: f64, changes: &mut Vec<Transition>) -> Option<Rumor> {
+        let accuses = matches!(rumor.liveness, Liveness::Suspect | Liveness::Dead);
         if rumor.member == self.me {
-            self.about_me(rumor);
-            return;
+            self.about_me(&rumor);
+            return (accuses && rumor.incarnation < self.incarnation).then(|| Rumor {
+                member: self.me.clone(),
+                incarnation: self.incarnation,
+                liveness: Liveness::Alive,
+            });
         }
         let known = self.members.get(&rumor.member).map(|k| (k.incarnation, k.liveness));
         // A stranger reported dead is remembered as dead too: a stale `Alive` arriving
         // later must not resurrect it, whatever the order the rumors came in.
         let news = known.is_none_or(|known| rumor.overrides(known));
         if !news {
-            return;
+            return known
+                .filter(|&(inc, liveness)| accuses && inc > rumor.incarnation && !liveness.is_gone())
+                .map(|(incarnation, liveness)| Rumor { member: rumor.member, incarnation, liveness });
         }
         let entry = Known { incarnation: rumor.incarnation, liveness: rumor.liveness, since: now };
         let added = self.members.insert(rumor.member.clone(), entry).is_none();
@@ -696,10 +739,11 @@ impl Swim {
             });
         }
         self.spread(rumor);
+        None
     }
 
     /// Suspected or declared dead at the current incarnation (or later): refute.
-    fn about_me(&mut self, rumor: Rumor) {
+    fn about_me(&mut self, rumor: &Rumor) {
         if rumor.liveness == Liveness::Alive || rumor.incarnation < self.incarnation {
             return;
         }

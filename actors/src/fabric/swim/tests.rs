@@ -188,6 +188,62 @@ fn a_suspected_member_refutes_with_a_higher_incarnation() {
     assert_eq!(a.liveness_of("b"), Some(Liveness::Alive));
 }
 
+/// The rumors of the message `out` sends to `to`, if it sends one.
+fn rumors_to<'a>(out: &'a [Outgoing], to: &str) -> Option<&'a [Rumor]> {
+    out.iter().find(|o| o.to == to).and_then(|o| match &o.message {
+        SwimMessage::Ping { rumors, .. }
+        | SwimMessage::PingReq { rumors, .. }
+        | SwimMessage::Ack { rumors, .. }
+        | SwimMessage::Gossip { rumors } => Some(rumors.as_slice()),
+        SwimMessage::PushPull { .. } => None,
+    })
+}
+
+#[test]
+fn a_sender_of_a_stale_suspicion_or_death_is_told_the_refutation_at_once() {
+    let mut a = member("a", &["b", "c", "m"]);
+    a.receive("m", SwimMessage::Gossip { rumors: vec![rumor("m", 1, Liveness::Alive)] }, 0.5);
+    for accusation in [Liveness::Suspect, Liveness::Dead] {
+        // In a gossip: answered by a gossip of its own.
+        let (out, changes) = a.receive("b", SwimMessage::Gossip { rumors: vec![rumor("m", 0, accusation)] }, 1.0);
+        assert!(changes.is_empty(), "nothing changes here");
+        assert_eq!(rumors_to(&out, "b"), Some(&[rumor("m", 1, Liveness::Alive)][..]), "{accusation:?}: {out:?}");
+        // In a ping: the answer rides first on the ack.
+        let (out, _) = a.receive("c", SwimMessage::Ping { seq: 3, rumors: vec![rumor("m", 0, accusation)] }, 1.0);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(rumors_to(&out, "c").and_then(|r| r.first()), Some(&rumor("m", 1, Liveness::Alive)));
+    }
+    assert_eq!(a.liveness_of("m"), Some(Liveness::Alive));
+}
+
+#[test]
+fn a_member_accused_at_an_incarnation_it_has_refuted_answers_the_accuser() {
+    let mut m = member("m", &["a", "b"]);
+    // The first accusation: refuted (incarnation 1), and the accuser told directly.
+    let (out, _) = m.receive("a", SwimMessage::Gossip { rumors: vec![rumor("m", 0, Liveness::Suspect)] }, 1.0);
+    assert_eq!(m.incarnation(), 1);
+    assert_eq!(rumors_to(&out, "a"), Some(&[rumor("m", 1, Liveness::Alive)][..]), "{out:?}");
+    // A late copy of it, from another member: told too; no second refutation.
+    let (out, _) = m.receive("b", SwimMessage::Gossip { rumors: vec![rumor("m", 0, Liveness::Dead)] }, 2.0);
+    assert_eq!(m.incarnation(), 1);
+    assert_eq!(rumors_to(&out, "b"), Some(&[rumor("m", 1, Liveness::Alive)][..]), "{out:?}");
+}
+
+#[test]
+fn news_as_old_as_what_is_known_or_a_stale_alive_gets_no_answer() {
+    let mut a = member("a", &["b", "m", "d"]);
+    a.receive("b", SwimMessage::Gossip { rumors: vec![rumor("m", 1, Liveness::Suspect)] }, 0.5);
+    a.receive("b", SwimMessage::Gossip { rumors: vec![rumor("d", 1, Liveness::Dead)] }, 0.5);
+    for stale in [
+        rumor("m", 1, Liveness::Suspect), // the same news
+        rumor("m", 0, Liveness::Alive),   // older, but accuses nobody
+        rumor("d", 0, Liveness::Suspect), // we know it dead: nothing to correct
+    ] {
+        let (out, _) = a.receive("b", SwimMessage::Gossip { rumors: vec![stale.clone()] }, 1.0);
+        assert!(out.is_empty(), "{stale:?}: {out:?}");
+    }
+}
+
 #[test]
 fn messages_carry_a_bounded_number_of_rumors_each_sent_a_bounded_number_of_times() {
     // 50 members learnt at once: 50 rumors to spread.
