@@ -9,17 +9,19 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=layout/node.order");
     println!("cargo:rerun-if-env-changed=MPREG_CODE_LAYOUT");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     if env::var("PROFILE").as_deref() != Ok("release") || env::var("MPREG_CODE_LAYOUT").as_deref() == Ok("off") {
         return;
     }
     // `--symbol-ordering-file` is an lld option: rustc links with its own lld on this
-    // target from 1.90 on, unless told to use another linker.
+    // target from 1.90 on, unless told to use another linker (RUSTFLAGS, or a `linker`
+    // in cargo's configuration, which it passes as RUSTC_LINKER).
     if env::var("TARGET").as_deref() != Ok("x86_64-unknown-linux-gnu") {
         return;
     }
     let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    if flags.contains("fuse-ld") || flags.contains("linker") {
-        println!("cargo:warning=a linker is chosen in RUSTFLAGS: the code layout of layout/node.order is not applied");
+    if flags.contains("fuse-ld") || flags.contains("linker") || env::var_os("RUSTC_LINKER").is_some() {
+        println!("cargo:warning=a linker is configured: the code layout of layout/node.order is not applied");
         return;
     }
     if rustc_minor().is_none_or(|minor| minor < 90) {
