@@ -608,15 +608,26 @@ fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Suspicions raised so far by each process (`topology.suspicions`), summed.
-async fn suspicions(pollers: &Handle, clients: &[Client]) -> anyhow::Result<u64> {
+/// `topology.<field>` of every process's `cluster-status` (asked of all at once), summed.
+async fn topology_sum(pollers: &Handle, clients: &[Client], field: &str) -> anyhow::Result<u64> {
+    let asked: Vec<_> = clients
+        .iter()
+        .map(|client| {
+            let client = client.clone();
+            pollers.spawn(async move { client.cluster_status().await })
+        })
+        .collect();
     let mut total = 0;
-    for client in clients {
-        let client = client.clone();
-        let status = pollers.spawn(async move { client.cluster_status().await }).await.context("poller runtime")?;
-        total += status.context("cluster-status")?["topology"]["suspicions"].as_u64().unwrap_or(0);
+    for answer in asked {
+        let status = answer.await.context("poller runtime")?.context("cluster-status")?;
+        total += status["topology"][field].as_u64().with_context(|| format!("no topology.{field}"))?;
     }
     Ok(total)
+}
+
+/// `ticks` of CPU time over `elapsed`, in percent of one core.
+fn cpu_percent(ticks: u64, elapsed: Duration) -> f64 {
+    ticks as f64 / clock_ticks_per_s() / elapsed.as_secs_f64().max(1e-3) * 100.0
 }
 
 /// How long after the mesh formed every node had passed on all it learned of the joins,
@@ -648,18 +659,7 @@ async fn settle(
     let started = Instant::now();
     let (ticks_before, _) = usage(processes)?;
     loop {
-        let rounds: Vec<_> = clients
-            .iter()
-            .map(|client| {
-                let client = client.clone();
-                pollers.spawn(async move { client.cluster_status().await })
-            })
-            .collect();
-        let mut pending = 0;
-        for round in rounds {
-            let status = round.await.context("poller runtime")?.context("cluster-status")?;
-            pending += status["topology"]["pending_updates"].as_u64().context("no topology.pending_updates")?;
-        }
+        let pending = topology_sum(pollers, clients, "pending_updates").await?;
         if pending == 0 {
             break;
         }
@@ -673,23 +673,22 @@ async fn settle(
     }
     let (ticks_after, _) = usage(processes)?;
     let took = started.elapsed();
-    let cpu_s = ticks_after.saturating_sub(ticks_before) as f64 / clock_ticks_per_s();
-    Ok(Settling { took, cpu_percent: cpu_s / took.as_secs_f64().max(1e-3) * 100.0 })
+    Ok(Settling { took, cpu_percent: cpu_percent(ticks_after.saturating_sub(ticks_before), took) })
 }
 
 /// The processes' CPU, bytes written and suspicions over [`IDLE_WINDOW`] with no traffic
 /// from this bench (the window is a measurement, not a wait for something to happen).
 async fn measure_idle(pollers: &Handle, clients: &[Client], processes: &[Process]) -> anyhow::Result<Idle> {
-    let suspected_before = suspicions(pollers, clients).await?;
+    let suspected_before = topology_sum(pollers, clients, "suspicions").await?;
     let (ticks_before, written_before) = usage(processes)?;
     let started = Instant::now();
     actix_rt::time::sleep(IDLE_WINDOW).await;
     let (ticks_after, written_after) = usage(processes)?;
-    let window = started.elapsed().as_secs_f64();
-    let suspected_after = suspicions(pollers, clients).await?;
-    let cpu_s = ticks_after.saturating_sub(ticks_before) as f64 / clock_ticks_per_s();
+    let elapsed = started.elapsed();
+    let window = elapsed.as_secs_f64();
+    let suspected_after = topology_sum(pollers, clients, "suspicions").await?;
     Ok(Idle {
-        cpu_percent: cpu_s / window * 100.0,
+        cpu_percent: cpu_percent(ticks_after.saturating_sub(ticks_before), elapsed),
         bytes_per_node_per_s: written_after.saturating_sub(written_before) as f64 / window / processes.len() as f64,
         false_suspicions: suspected_after.saturating_sub(suspected_before),
     })

@@ -289,6 +289,14 @@ impl<T: Clone> RetransmitQueue<T> {
     }
 }
 
+/// `news` at the head of `rumors` (replacing rumors about the same members), keeping at
+/// most `max` (at least one).
+fn put_first(rumors: &mut Vec<Rumor>, news: Vec<Rumor>, max: usize) {
+    rumors.retain(|r| !news.iter().any(|n| n.member == r.member));
+    rumors.splice(0..0, news);
+    rumors.truncate(max.max(1));
+}
+
 /// One known member.
 #[derive(Debug, Clone, PartialEq)]
 struct Known {
@@ -528,7 +536,7 @@ impl Swim {
                 self.hear_from(from, now, &mut changes);
                 let behind = self.apply_all(rumors, now, &mut changes);
                 let mut rumors = self.piggyback();
-                self.put_first(&mut rumors, behind);
+                put_first(&mut rumors, behind, self.config.max_piggyback);
                 out.push(self.send(from, SwimMessage::Ack { seq, rumors }));
                 Vec::new()
             }
@@ -572,9 +580,7 @@ impl Swim {
             }
         };
         if !behind.is_empty() {
-            let mut rumors = Vec::new();
-            self.put_first(&mut rumors, behind);
-            out.push(self.send(from, SwimMessage::Gossip { rumors }));
+            out.push(self.send(from, SwimMessage::Gossip { rumors: behind }));
         }
         (out, changes)
     }
@@ -597,9 +603,7 @@ impl Swim {
             | SwimMessage::Ack { rumors, .. }
             | SwimMessage::Gossip { rumors } = &mut message
             {
-                rumors.retain(|r| r.member != about.member);
-                rumors.insert(0, about);
-                rumors.truncate(self.config.max_piggyback.max(1));
+                put_first(rumors, vec![about], self.config.max_piggyback);
             }
         }
         let kind = match &message {
@@ -662,25 +666,15 @@ impl Swim {
     }
 
     /// Applies `rumors` from one sender; returns what it is behind on (see [`Self::apply`]),
-    /// at most `max_piggyback`.
+    /// one rumor per member, at most `max_piggyback`.
     fn apply_all(&mut self, rumors: Vec<Rumor>, now: f64, changes: &mut Vec<Transition>) -> Vec<Rumor> {
         let mut behind = Vec::new();
         for rumor in rumors {
             if let Some(newer) = self.apply(rumor, now, changes) {
-                if behind.len() < self.config.max_piggyback {
-                    behind.push(newer);
-                }
+                put_first(&mut behind, vec![newer], self.config.max_piggyback);
             }
         }
         behind
-    }
-
-    /// `news` at the head of `rumors` (replacing rumors about the same members), within
-    /// `max_piggyback`.
-    fn put_first(&self, rumors: &mut Vec<Rumor>, news: Vec<Rumor>) {
-        rumors.retain(|r| !news.iter().any(|n| n.member == r.member));
-        rumors.splice(0..0, news);
-        rumors.truncate(self.config.max_piggyback.max(1));
     }
 
     /// Applies one rumor; spreads it if it changed something.
