@@ -344,8 +344,19 @@ impl Client {
 
     /// The node's view of the cluster: `{topology: {nodes, links, ...}, catalog: {nodes}}`.
     pub async fn cluster_status(&self) -> Result<Value, ClientError> {
+        self.ask_cluster_status(false).await
+    }
+
+    /// The brief view: `{topology: {nodes: [{node, state}], suspicions, ...}}`, no links,
+    /// no catalog — a few bytes a node, for polling every node of a large cluster.
+    pub async fn cluster_status_brief(&self) -> Result<Value, ClientError> {
+        self.ask_cluster_status(true).await
+    }
+
+    async fn ask_cluster_status(&self, brief: bool) -> Result<Value, ClientError> {
         let u = self.next_u();
-        let reply = self.roundtrip(u.clone(), json!({"role": "cluster-status", "u": u}), self.inner.deadline).await?;
+        let request = json!({"role": "cluster-status", "u": u, "brief": brief});
+        let reply = self.roundtrip(u.clone(), request, self.inner.deadline).await?;
         match reply.get("error").and_then(Value::as_str) {
             Some(error) => Err(ClientError::Protocol(error.to_owned())),
             None => Ok(reply),

@@ -32,6 +32,8 @@ use mpreg_actors::protocol::ErrorCode;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Barrier, Notify};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::node::{cluster_settings, TestNode};
@@ -582,6 +584,62 @@ async fn a_node_of_another_cluster_is_refused() {
     assert!(refusal["reason"].as_str().is_some_and(|r| r.contains(&foreign)), "{refusal}");
     assert_eq!(raw_next(&mut ws, SOON).await, None, "the refused link is closed");
     assert!(member(&a.topology().await, "spy").is_none());
+}
+
+/// A peer that closes its link on purpose (close code 4000, as a running fabric does when
+/// it drops a silent link or refuses one) is not suspected for it; a peer whose link just
+/// ends (a crash) is suspected at once.
+#[actix_rt::test]
+async fn a_link_closed_on_purpose_suspects_nobody_and_a_broken_one_suspects_at_once() {
+    let cluster = cluster_id("close-code");
+    // SWIM's own probes would suspect the raw peers (they answer none) after a period; a
+    // long period keeps them out of this test.
+    let quiet = Settings {
+        probe_interval_s: 30.0,
+        suspect_after_s: 60.0,
+        remove_after_s: 120.0,
+        ..settings("A", &cluster, &[])
+    };
+    let a = TestNode::start(quiet, vec![]).await;
+    let mut peers = Vec::new();
+    for name in ["polite", "broken"] {
+        let mut ws = raw_connect(a.url()).await;
+        let status = json!({
+            "role": "server", "kind": "status",
+            "info": {"node": name, "instance_id": format!("{name}-1"), "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+            "functions": [], "catalog_version": 1
+        });
+        ws.send(Message::Text(status.to_string())).await.unwrap();
+        let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
+        assert_eq!(answer["kind"], "status", "{answer}");
+        peers.push(ws);
+    }
+    let state = |topology: &Value, node: &str| member(topology, node).map(|m| m["state"].clone());
+    poll_until_async("A to list both peers alive and linked", SOON, || async {
+        let topology = a.topology().await;
+        ["polite", "broken"]
+            .iter()
+            .all(|n| state(&topology, n) == Some(json!("alive")) && member(&topology, n).unwrap()["linked"] == true)
+            .then_some(())
+    })
+    .await;
+    let (mut polite, broken) = (peers.remove(0), peers.remove(0));
+
+    let on_purpose = CloseFrame { code: CloseCode::from(4000), reason: "link closed by fabric".into() };
+    polite.close(Some(on_purpose)).await.expect("close frame sent");
+    poll_until_async("A to drop the polite peer's link", SOON, || async {
+        (member(&a.topology().await, "polite").unwrap()["linked"] == false).then_some(())
+    })
+    .await;
+    // The TCP connection ends without a close frame.
+    drop(broken);
+    poll_until_async("A to suspect the broken peer at once", SOON, || async {
+        (state(&a.topology().await, "broken") == Some(json!("suspect"))).then_some(())
+    })
+    .await;
+    let topology = a.topology().await;
+    assert_eq!(state(&topology, "polite"), Some(json!("alive")), "{topology:#}");
+    assert_eq!(a.node.metrics().peers_suspected(), 1, "{topology:#}");
 }
 
 // ---------------------------------------------------------------------------------------

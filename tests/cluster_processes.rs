@@ -354,7 +354,7 @@ async fn silent_node_scenario(n: usize, fanout: usize, slow: Duration) {
     signal(&nodes[1], "-STOP");
     for (i, client) in clients.iter().enumerate().filter(|(i, _)| *i != 1) {
         poll_until_async(&format!("s{i} to suspect the stopped {watched}"), slow, || async {
-            let status = client.cluster_status().await.ok()?;
+            let status = client.cluster_status_brief().await.ok()?;
             (state_of(&status, watched) != Some(json!("alive"))).then_some(())
         })
         .await;
@@ -362,13 +362,21 @@ async fn silent_node_scenario(n: usize, fanout: usize, slow: Duration) {
     signal(&nodes[1], "-CONT");
     for (i, client) in clients.iter().enumerate().filter(|(i, _)| *i != 1) {
         poll_until_async(&format!("s{i} to see {watched} alive again"), slow, || async {
-            let status = client.cluster_status().await.ok()?;
+            let status = client.cluster_status_brief().await.ok()?;
             (state_of(&status, watched) == Some(json!("alive"))).then_some(())
         })
         .await;
     }
-    let status = clients[1].cluster_status().await.expect("the resumed node answers");
+    let status = clients[1].cluster_status_brief().await.expect("the resumed node answers");
     assert!(status["topology"]["incarnation"].as_u64() >= Some(1), "it refuted: {:#}", status["topology"]);
+    // The brief answer the polls above used: names and states, no links, no catalog.
+    assert!(status.get("catalog").is_none() && status["topology"].get("links").is_none(), "{status:#}");
+    let nodes = status["topology"]["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), n, "{status:#}");
+    for node in nodes {
+        let fields: Vec<&str> = node.as_object().expect("an object").keys().map(String::as_str).collect();
+        assert_eq!(fields, ["node", "state"], "{status:#}");
+    }
     // With few links a node, the stopped relay may have cut s0 off from the last node (its
     // silent links were closed); the links form again once it is back.
     poll_until_async("tpu_square routable from s0 again", slow, || async {

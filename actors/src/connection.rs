@@ -52,6 +52,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::cache::{cluster as cache_cluster, LocalCache};
 use crate::fabric::link::next_link_id;
+use crate::fabric::link::CLOSED_ON_PURPOSE;
 use crate::fabric::queue_sessions::QueueRoute;
 use crate::fabric::wire::{PeerFrame, ServerFrame};
 use crate::fabric::{
@@ -208,6 +209,8 @@ pub struct Connection {
     silent_ticks: u32,
     /// Set once the other end spoke a peer frame: this connection is a fabric link.
     link: Option<LinkId>,
+    /// The other end closed this link on purpose ([`crate::fabric::link::CLOSED_ON_PURPOSE`]).
+    closed_on_purpose: bool,
     /// Closes a peer link through its own writer, after the frames already queued on it
     /// (a `peer refused` reason must reach the peer before the close does).
     link_close: Option<oneshot::Sender<CloseReason>>,
@@ -245,6 +248,7 @@ impl Connection {
             heard: true,
             silent_ticks: 0,
             link: None,
+            closed_on_purpose: false,
             link_close: None,
             pong_waiting: false,
             next_pong: None,
@@ -267,6 +271,7 @@ impl Connection {
     /// "typically echos the status code it received") after the frames already queued,
     /// and stop. A code that may not appear in a close frame is answered 1002.
     fn on_close(&mut self, reason: Option<CloseReason>, ctx: &mut Context<Self>) {
+        self.closed_on_purpose = reason.as_ref().is_some_and(|r| u16::from(r.code) == CLOSED_ON_PURPOSE);
         let echo = reason.map(|reason| CloseReason { code: echoed_close_code(reason.code), description: None });
         if let Some(close) = self.close.take() {
             let _ = close.send(echo);
@@ -560,14 +565,24 @@ impl Connection {
     fn on_cluster_status(&mut self, request: ClusterStatusRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let (gossip, outbox) = (self.shared.fabric.gossip.clone(), self.outbox.clone());
         let task = async move {
+            let (u, brief) = (request.u, request.brief);
             let answer = match gossip.get() {
-                Some(fabric) => match (fabric.send(DescribeTopology).await, fabric.send(DescribeCatalog).await) {
-                    (Ok(topology), Ok(catalog)) => {
-                        serde_json::json!({"role": "cluster-status", "u": request.u, "topology": topology, "catalog": catalog})
+                Some(fabric) => {
+                    let topology = fabric.send(DescribeTopology { brief }).await;
+                    let catalog = if brief { Ok(None) } else { fabric.send(DescribeCatalog).await.map(Some) };
+                    match (topology, catalog) {
+                        (Ok(topology), Ok(catalog)) => {
+                            let mut answer =
+                                serde_json::json!({"role": "cluster-status", "u": u, "topology": topology});
+                            if let Some(catalog) = catalog {
+                                answer["catalog"] = serde_json::json!(catalog);
+                            }
+                            answer
+                        }
+                        _ => serde_json::json!({"role": "cluster-status", "u": u, "error": "fabric unavailable"}),
                     }
-                    _ => serde_json::json!({"role": "cluster-status", "u": request.u, "error": "fabric unavailable"}),
-                },
-                None => serde_json::json!({"role": "cluster-status", "u": request.u, "error": "fabric restarting"}),
+                }
+                None => serde_json::json!({"role": "cluster-status", "u": u, "error": "fabric restarting"}),
             };
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&answer)), kind }).await;
         };
@@ -1287,7 +1302,7 @@ impl Actor for Connection {
         if let Some(link) = self.link {
             self.shared.fabric.link_closed(link);
             if let Some(gossip) = self.shared.fabric.gossip.get() {
-                gossip.do_send(LinkClosed { link });
+                gossip.do_send(LinkClosed { link, on_purpose: self.closed_on_purpose });
             }
         }
         if let Some(pubsub) = self.shared.pubsub.get() {
@@ -1310,18 +1325,21 @@ impl Actor for Connection {
 impl Handler<CloseLink> for Connection {
     type Result = ();
 
-    fn handle(&mut self, _: CloseLink, ctx: &mut Context<Self>) {
-        let reason = CloseReason { code: CloseCode::Normal, description: Some("link closed by fabric".to_owned()) };
+    fn handle(&mut self, msg: CloseLink, ctx: &mut Context<Self>) {
+        let (code, why) = if msg.on_purpose {
+            (CloseCode::Other(CLOSED_ON_PURPOSE), "link closed by fabric")
+        } else {
+            (CloseCode::Restart, "fabric stopping")
+        };
+        let reason = CloseReason { code, description: Some(why.to_owned()) };
         match self.link_close.take().map(|close| close.send(reason)) {
             // The link's writer flushes what is queued, then closes the socket, which ends
             // the stream and stops this actor; a writer stuck on a peer that does not read
             // is cut short after a grace period.
             Some(Ok(())) => {
-                ctx.run_later(LINK_CLOSE_GRACE, |act, ctx| {
-                    act.close_with(CloseCode::Normal, "link closed by fabric", ctx);
-                });
+                ctx.run_later(LINK_CLOSE_GRACE, move |act, ctx| act.close_with(code, why, ctx));
             }
-            _ => self.close_with(CloseCode::Normal, "link closed by fabric", ctx),
+            _ => self.close_with(code, why, ctx),
         }
     }
 }

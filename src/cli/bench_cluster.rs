@@ -614,7 +614,7 @@ async fn topology_sum(pollers: &Handle, clients: &[Client], field: &str) -> anyh
         .iter()
         .map(|client| {
             let client = client.clone();
-            pollers.spawn(async move { client.cluster_status().await })
+            pollers.spawn(async move { client.cluster_status_brief().await })
         })
         .collect();
     let mut total = 0;
@@ -785,7 +785,7 @@ async fn poll_views(
             let (client, done) = (client.clone(), done.clone());
             pollers.spawn(async move {
                 loop {
-                    let status = client.cluster_status().await.context("cluster-status")?;
+                    let status = client.cluster_status_brief().await.context("cluster-status")?;
                     if done(&status) {
                         return Ok(since.elapsed());
                     }
@@ -838,7 +838,7 @@ async fn watch_failure(
 ) -> anyhow::Result<(Duration, Duration)> {
     let mut suspected = None;
     loop {
-        let status = client.cluster_status().await.context("cluster-status")?;
+        let status = client.cluster_status_brief().await.context("cluster-status")?;
         let state = members(&status).into_iter().find(|(name, _)| *name == victim).map(|(_, state)| state.to_owned());
         let now = killed.elapsed();
         if state.as_deref() != Some("alive") {

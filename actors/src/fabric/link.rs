@@ -34,6 +34,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
@@ -51,6 +52,15 @@ use crate::queue::Queue;
 use crate::registry::TableHandle;
 use crate::supervisor::Slot;
 use serde_json::Value;
+
+/// The close code of a link closed on purpose by a running fabric (a silent link to a
+/// suspect, a refused or departed peer): the peer knows the closer is alive and does not
+/// suspect it for the close. Any other end of a link — a crash, a reset, a fabric
+/// stopping — suspects the node at once. Without it, a node resumed after a pause (SIGSTOP,
+/// a stalled VM) found every link the others had closed meanwhile gone, suspected all of
+/// those peers at once, and started a storm of thousands of false suspicions at 64 nodes.
+/// (4000–4999: private use, RFC 6455 §7.4.2.)
+pub const CLOSED_ON_PURPOSE: u16 = 4000;
 
 /// Identifies one link (either direction) on this node.
 pub type LinkId = u64;
@@ -990,25 +1000,34 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
     let _done = WriterDone(shared.clone());
     let writer = tokio::spawn(async move {
         let mut closed = closed;
-        loop {
+        let on_purpose = loop {
             tokio::select! {
                 biased;
                 next = frames.recv() => {
-                    let Some(out) = next else { break };
+                    let Some(out) = next else { break false };
                     if sink.send(Message::Binary(out.bytes.to_vec())).await.is_err() {
-                        break;
+                        break false;
                     }
                 }
-                _ = &mut closed => break,
+                fired = &mut closed => break fired.is_ok(),
             }
+        };
+        if on_purpose {
+            let frame = CloseFrame { code: CLOSED_ON_PURPOSE.into(), reason: "link closed by fabric".into() };
+            let _ = sink.send(Message::Close(Some(frame))).await;
         }
         let _ = sink.close().await;
     });
+    let mut on_purpose = false;
     while let Some(message) = stream.next().await {
         let bytes = match message {
             Ok(Message::Binary(bytes)) => bytes,
             Ok(Message::Text(text)) => text.into_bytes(),
-            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(Message::Close(frame)) => {
+                on_purpose = frame.is_some_and(|f| u16::from(f.code) == CLOSED_ON_PURPOSE);
+                break;
+            }
+            Err(_) => break,
             Ok(_) => continue,
         };
         if shared.pass_through(link, &bytes) {
@@ -1022,7 +1041,7 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
     writer.abort();
     shared.link_closed(link);
     if let Some(gossip) = shared.gossip.get() {
-        gossip.do_send(LinkClosed { link });
+        gossip.do_send(LinkClosed { link, on_purpose });
     }
     Ok(())
 }

@@ -163,7 +163,8 @@ pub struct LinkOpened {
     pub sender: LinkSender,
     /// The URL we dialled, for outbound links.
     pub outbound_url: Option<String>,
-    /// Closes it (dropped or fired): outbound links.
+    /// Closes it: outbound links. Fired: closed on purpose (with [`link::CLOSED_ON_PURPOSE`]);
+    /// dropped: the fabric is stopping (a plain close).
     pub close: Option<oneshot::Sender<()>>,
     /// The other end's address (for logs): the dialled URL or the remote socket address.
     pub peer: String,
@@ -172,7 +173,11 @@ pub struct LinkOpened {
 /// Closes an inbound link's connection.
 #[derive(Message, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct CloseLink;
+pub struct CloseLink {
+    /// Closed on purpose by a running fabric (with [`link::CLOSED_ON_PURPOSE`]), or because
+    /// the fabric is stopping.
+    pub on_purpose: bool,
+}
 
 /// Registers how to close an inbound link.
 #[derive(Message)]
@@ -210,6 +215,10 @@ pub struct RoutedGossip {
 pub struct LinkClosed {
     /// The link.
     pub link: LinkId,
+    /// The peer closed it on purpose ([`link::CLOSED_ON_PURPOSE`]): its fabric is running,
+    /// so it is not suspected for it. Any other end (a crash, a reset, a fabric stopping)
+    /// suspects it at once.
+    pub on_purpose: bool,
 }
 
 /// The local function table changed.
@@ -241,13 +250,21 @@ pub struct SayGoodbye;
 pub struct NodeStatus {
     /// Name.
     pub node: String,
+    /// `self`, `alive`, `suspect` or `unconfirmed` (restored from a snapshot, not yet
+    /// confirmed by the node or a live peer).
+    pub state: String,
+    /// The rest, left out of a brief answer.
+    #[serde(flatten)]
+    pub detail: Option<NodeDetail>,
+}
+
+/// What `/topology` says of a node besides its state.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeDetail {
     /// Instance.
     pub instance_id: String,
     /// URL.
     pub url: String,
-    /// `self`, `alive`, `suspect` or `unconfirmed` (restored from a snapshot, not yet
-    /// confirmed by the node or a live peer).
-    pub state: String,
     /// Whether this node has a live link to it.
     pub linked: bool,
     /// Next hop from here, if reachable.
@@ -267,8 +284,10 @@ pub struct Topology {
     pub cluster_id: String,
     /// Every known node, this one first.
     pub nodes: Vec<NodeStatus>,
-    /// Links: (link id, peer or null before the handshake, direction).
-    pub links: Vec<(LinkId, Option<String>, &'static str)>,
+    /// Links: (link id, peer or null before the handshake, direction); left out of a brief
+    /// answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links: Option<Vec<(LinkId, Option<String>, &'static str)>>,
     /// Peers this node began to suspect since it started (`mpreg_peer_suspected_total`).
     pub suspicions: u64,
     /// SWIM: this node's incarnation (raised each time it refutes a suspicion of itself)
@@ -281,10 +300,14 @@ pub struct Topology {
     pub pending_updates: usize,
 }
 
-/// Ask for `/topology`.
+/// Ask for `/topology`; `brief`: each node's name and state only, and no links (what a
+/// poller of every node of a large cluster needs, at a fraction of the bytes).
 #[derive(Message)]
 #[rtype(result = "Topology")]
-pub struct DescribeTopology;
+pub struct DescribeTopology {
+    /// See above.
+    pub brief: bool,
+}
 
 /// `/catalog`: every node's function entries.
 #[derive(Debug, Clone, Serialize, MessageResponse)]
@@ -450,7 +473,8 @@ impl FabricGossip {
             .map(|url| (url.clone(), DialState::due_now(false)))
             .collect();
         let now = Instant::now();
-        let swim = Swim::new(member_id(&shared.me), config.swim.clone(), 0.0, rand::random());
+        // `self.now()` counts from `now`; Unix time is the clock the probe targets rotate on.
+        let swim = Swim::new(member_id(&shared.me), config.swim.clone(), 0.0, rand::random()).share_clock(unix_now());
         FabricGossip {
             shared,
             config,
@@ -1010,13 +1034,15 @@ impl FabricGossip {
                 let _ = close.send(());
             }
             if let Some(closer) = l.closer.take() {
-                closer.do_send(CloseLink);
+                closer.do_send(CloseLink { on_purpose: true });
             }
-            self.link_gone(link, l);
+            self.link_gone(link, l, true);
         }
     }
 
-    fn link_gone(&mut self, link: LinkId, l: Link) {
+    /// `link` is gone; its node, when no other link to it is left and `suspect`, is
+    /// suspected at once.
+    fn link_gone(&mut self, link: LinkId, l: Link, suspect: bool) {
         self.shared.link_closed(link);
         if let (Some(bridges), Some(_)) = (&self.shared.bridges, &l.bridge) {
             bridges.link_closed(link);
@@ -1029,10 +1055,10 @@ impl FabricGossip {
         if let Some(node) = l.node.as_ref().filter(|_| !self.leaving) {
             let still_linked = self.links.values().any(|o| o.node.as_ref() == Some(node));
             if !still_linked {
-                info!(node = %self.shared.me.node, peer = %node, link, "link lost");
+                info!(node = %self.shared.me.node, peer = %node, link, suspected = suspect, "link lost");
                 // Suspected at once (a crash closes the link); it refutes if it is alive.
                 let member = self.core.record_of(node).map(|(instance, _)| format!("{node}#{instance}"));
-                if let Some(member) = member {
+                if let Some(member) = member.filter(|_| suspect) {
                     let changes = self.swim.suspect(&member, self.now());
                     self.apply_transitions(changes);
                 }
@@ -1751,13 +1777,12 @@ impl Actor for FabricGossip {
         }
     }
 
+    /// Every link closes, as a crash would close it: its peer suspects this node until
+    /// the restarted fabric links up again (its `close` is dropped, not fired).
     fn stopped(&mut self, _: &mut Context<Self>) {
-        for (_, mut l) in self.links.drain() {
-            if let Some(close) = l.close.take() {
-                let _ = close.send(());
-            }
-            if let Some(closer) = l.closer.take() {
-                closer.do_send(CloseLink);
+        for (_, l) in self.links.drain() {
+            if let Some(closer) = l.closer {
+                closer.do_send(CloseLink { on_purpose: false });
             }
         }
     }
@@ -1900,7 +1925,7 @@ impl Handler<LinkClosed> for FabricGossip {
 
     fn handle(&mut self, msg: LinkClosed, _: &mut Context<Self>) {
         if let Some(l) = self.links.remove(&msg.link) {
-            self.link_gone(msg.link, l);
+            self.link_gone(msg.link, l, !msg.on_purpose);
         }
     }
 }
@@ -2030,43 +2055,50 @@ impl FabricGossip {
 impl Handler<DescribeTopology> for FabricGossip {
     type Result = Topology;
 
-    fn handle(&mut self, _: DescribeTopology, _: &mut Context<Self>) -> Topology {
+    fn handle(&mut self, ask: DescribeTopology, _: &mut Context<Self>) -> Topology {
         self.flush_view();
         let now = self.now();
         let view = self.shared.view.load();
         let me = &self.shared.me;
         let mut nodes = vec![NodeStatus {
             node: me.node.clone(),
-            instance_id: me.instance_id.clone(),
-            url: me.url.clone(),
             state: "self".into(),
-            linked: false,
-            next_hop: None,
-            silent_s: 0.0,
-            neighbours: self.direct_nodes().into_iter().collect(),
+            detail: (!ask.brief).then(|| NodeDetail {
+                instance_id: me.instance_id.clone(),
+                url: me.url.clone(),
+                linked: false,
+                next_hop: None,
+                silent_s: 0.0,
+                neighbours: self.direct_nodes().into_iter().collect(),
+            }),
         }];
         let mut others: Vec<NodeStatus> = self
             .core
             .members()
             .map(|m| NodeStatus {
                 node: m.info.node.clone(),
-                instance_id: m.info.instance_id.clone(),
-                url: m.info.url.clone(),
                 state: format!("{:?}", m.state).to_lowercase(),
-                linked: view.links.contains_key(&m.info.node),
-                next_hop: view.next_hops.get(&m.info.node).cloned(),
-                silent_s: (now - m.heard_at).max(0.0),
-                neighbours: m.neighbours.clone(),
+                detail: (!ask.brief).then(|| NodeDetail {
+                    instance_id: m.info.instance_id.clone(),
+                    url: m.info.url.clone(),
+                    linked: view.links.contains_key(&m.info.node),
+                    next_hop: view.next_hops.get(&m.info.node).cloned(),
+                    silent_s: (now - m.heard_at).max(0.0),
+                    neighbours: m.neighbours.clone(),
+                }),
             })
             .collect();
         others.sort_by(|a, b| a.node.cmp(&b.node));
         nodes.extend(others);
-        let mut links: Vec<_> = self
-            .links
-            .iter()
-            .map(|(id, l)| (*id, l.node.clone(), if l.outbound_url.is_some() { "outbound" } else { "inbound" }))
-            .collect();
-        links.sort();
+        let links = (!ask.brief).then(|| {
+            let mut links: Vec<_> = self
+                .links
+                .iter()
+                .map(|(id, l)| (*id, l.node.clone(), if l.outbound_url.is_some() { "outbound" } else { "inbound" }))
+                .collect();
+            links.sort();
+            links
+        });
         Topology {
             node: me.node.clone(),
             cluster_id: me.cluster_id.clone(),

@@ -6,8 +6,16 @@
 //!
 //! # The protocol (Das, Gupta, Motivala 2002; memberlist; Lifeguard)
 //!
-//! Each protocol period a member probes ONE other member, taken round-robin from a
-//! shuffled list (so every member is probed within a bounded number of periods):
+//! Each protocol period a member probes ONE other member. The targets follow a rotation
+//! on a clock the members share (as Rapid's monitoring rings do): in period `k` of that
+//! clock, the member at place `i` of the sorted list of live members probes the one at
+//! place `i + 1 + k mod (n - 1)`. Members that agree on the list thus probe a permutation
+//! of it: **every member is probed once a period**, so a silent one is found within about
+//! a period wherever its probers' periods fall, not after a random wait whose tail grows
+//! with chance (with random targets a member goes unprobed for a whole period with
+//! probability (1 - 1/(n-1))^(n-1) ≈ 0.37). Each member still probes every other one
+//! within `n - 1` periods (SWIM's round-robin bound), and where views differ (a join on
+//! its way) a member is at worst probed twice or not at all in a period.
 //!
 //! ```text
 //!  A ──ping(seq)──► B            B answers ack(seq)
@@ -46,7 +54,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 pub mod simulation;
@@ -337,10 +345,14 @@ pub struct Swim {
     gone: usize,
     /// Rumors to piggyback, least sent first and, among those, newest first.
     rumors: RetransmitQueue<Rumor>,
-    probe_order: Vec<MemberId>,
-    probe_next: usize,
     probe: Option<Probe>,
+    /// When this period started; periods follow each other without drift, so that each
+    /// starts in the next period of the shared clock.
     period_start: f64,
+    /// `now + clock_offset` is the clock all members share (see [`Swim::share_clock`]).
+    clock_offset: f64,
+    /// The rotation's place of the last probe (see [`Swim::next_target`]).
+    last_slot: Option<i64>,
     periods: u64,
     next_seq: u64,
     relays: HashMap<u64, Relay>,
@@ -361,10 +373,10 @@ impl Swim {
             suspects: BTreeSet::new(),
             gone: 0,
             rumors: RetransmitQueue::default(),
-            probe_order: Vec::new(),
-            probe_next: 0,
             probe: None,
             period_start: now,
+            clock_offset: 0.0,
+            last_slot: None,
             periods: 0,
             next_seq: 0,
             relays: HashMap::new(),
@@ -372,6 +384,14 @@ impl Swim {
             rng: StdRng::seed_from_u64(seed),
             sent: [0; 5],
         }
+    }
+
+    /// Takes `now + offset` as the clock the members share, on which the probe targets
+    /// rotate (a node passes the Unix time of its own clock's zero). Without it `now`
+    /// itself is taken as shared, as in the simulation.
+    pub fn share_clock(mut self, offset: f64) -> Swim {
+        self.clock_offset = offset;
+        self
     }
 
     /// This member's name.
@@ -490,9 +510,12 @@ impl Swim {
                 out.extend(self.indirect_probe(&target, seq));
             }
         }
-        if now - self.period_start >= self.config.period * health {
+        let period = self.config.period * health;
+        if now - self.period_start >= period {
             out.extend(self.end_period(now, &mut changes));
-            self.period_start = now;
+            // The next period starts where this one ended, not when the timer noticed
+            // (a period late by more than a period starts afresh now).
+            self.period_start = if now - self.period_start < 2.0 * period { self.period_start + period } else { now };
             self.periods += 1;
             out.extend(self.start_probe(now));
             let every = u64::from(self.config.push_pull_every);
@@ -705,7 +728,7 @@ impl Swim {
                 .map(|(incarnation, liveness)| Rumor { member: rumor.member, incarnation, liveness });
         }
         let entry = Known { incarnation: rumor.incarnation, liveness: rumor.liveness, since: now };
-        let added = self.members.insert(rumor.member.clone(), entry).is_none();
+        self.members.insert(rumor.member.clone(), entry);
         let was_gone = known.is_some_and(|(_, l)| l.is_gone());
         match (was_gone, rumor.liveness.is_gone()) {
             (false, true) => self.gone += 1,
@@ -716,14 +739,6 @@ impl Swim {
             self.suspects.insert(rumor.member.clone());
         } else {
             self.suspects.remove(&rumor.member);
-        }
-        if added && !rumor.liveness.is_gone() {
-            // At a random place of what is left of this pass (probed before it ends, and
-            // members learnt together are not probed in the order they were learnt).
-            self.probe_order.push(rumor.member.clone());
-            let at = self.rng.gen_range(self.probe_next..self.probe_order.len());
-            let last = self.probe_order.len() - 1;
-            self.probe_order.swap(at, last);
         }
         if known.map(|(_, l)| l) != Some(rumor.liveness) {
             changes.push(Transition {
@@ -777,23 +792,34 @@ impl Swim {
         vec![self.send(&target, SwimMessage::Ping { seq, rumors })]
     }
 
-    /// The next live member of the probe order; reshuffled after each pass, and cleaned of
-    /// the gone.
+    /// This period's target: in period `k` of the shared clock, the member `1 + k mod (n - 1)`
+    /// places after this one in the sorted list of the `n` live members (itself included),
+    /// wrapping around. The period is the one this period started in, so that a timer
+    /// noticing the start late does not make two periods take the same place. A member
+    /// whose local health stretches its periods is out of step anyway: it takes the next
+    /// place after its last instead (a stretch that is a multiple of `n - 1` periods would
+    /// otherwise probe the same member every time).
     fn next_target(&mut self) -> Option<MemberId> {
-        for _ in 0..2 {
-            while self.probe_next < self.probe_order.len() {
-                let candidate = &self.probe_order[self.probe_next];
-                self.probe_next += 1;
-                if self.members.get(candidate).is_some_and(|k| !k.liveness.is_gone()) {
-                    return Some(candidate.clone());
-                }
-            }
-            let members = &self.members;
-            self.probe_order.retain(|m| members.get(m).is_some_and(|k| !k.liveness.is_gone()));
-            self.probe_order.shuffle(&mut self.rng);
-            self.probe_next = 0;
+        let others: Vec<&str> =
+            self.members.iter().filter(|(_, k)| !k.liveness.is_gone()).map(|(m, _)| m.as_str()).collect();
+        if others.is_empty() {
+            return None;
         }
-        None
+        let n = others.len() + 1;
+        let slot = match self.last_slot {
+            Some(last) if self.local_health > 0 => last.saturating_add(1),
+            // Before the shared clock's zero (the simulation's first period) a slot counts
+            // back from it; `as` saturates.
+            _ => ((self.period_start + self.clock_offset) / self.config.period).floor() as i64,
+        };
+        let offset = 1 + slot.rem_euclid((n - 1) as i64) as usize;
+        // `members` is sorted and never holds this member: its place among the live is the
+        // count of those before it, and the target's place skips it.
+        let mine = others.partition_point(|m| *m < self.me.as_str());
+        let at = (mine + offset) % n;
+        let target = others[if at < mine { at } else { at - 1 }].to_owned();
+        self.last_slot = Some(slot);
+        Some(target)
     }
 
     fn indirect_probe(&mut self, target: &str, seq: u64) -> Vec<Outgoing> {

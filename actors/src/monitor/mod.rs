@@ -282,7 +282,7 @@ struct RoutesQuery {
 }
 
 async fn topology(state: web::Data<MonitorState>) -> HttpResponse {
-    ask(&state.fabric, "fabric", || DescribeTopology).await
+    ask(&state.fabric, "fabric", || DescribeTopology { brief: false }).await
 }
 
 /// The fabric's catalog plus this node's workers: an entry of this node whose identity a

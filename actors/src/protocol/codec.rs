@@ -33,11 +33,16 @@ pub enum Inbound {
     Cache(CacheRequest),
 }
 
-/// `role: "cluster-status"` — answered with `{role: "cluster-status", u, topology, catalog}`.
+/// `role: "cluster-status"` — answered with `{role: "cluster-status", u, topology, catalog}`;
+/// with `brief: true`, with `{role, u, topology}` where each of `topology.nodes` has only
+/// `node` and `state`, and `links` is left out (for polling every node of a large cluster).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatusRequest {
     /// Correlation id.
     pub u: RequestId,
+    /// See above.
+    #[serde(default)]
+    pub brief: bool,
 }
 
 /// A frame that cannot be served, with what is needed to answer it.
@@ -372,6 +377,18 @@ mod tests {
             panic!("expected rpc");
         };
         assert!(req.cmds[0].args.is_empty() && req.cmds[0].locs.is_empty());
+    }
+
+    #[test]
+    fn cluster_status_is_full_unless_brief_is_asked() {
+        let decode = |frame: &[u8]| match decode_inbound(frame) {
+            Ok(Inbound::ClusterStatus(request)) => request.brief,
+            other => panic!("expected cluster-status: {other:?}"),
+        };
+        assert!(!decode(br#"{"role":"cluster-status","u":"s"}"#));
+        assert!(decode(br#"{"role":"cluster-status","u":"s","brief":true}"#));
+        let err = decode_inbound(br#"{"role":"cluster-status","u":"s","brief":"yes"}"#).unwrap_err();
+        assert_eq!((err.u.as_deref(), err.error.code), (Some("s"), 1002));
     }
 
     #[test]

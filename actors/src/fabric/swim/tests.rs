@@ -276,6 +276,52 @@ fn a_leave_is_a_left_rumor_that_wins_over_alive() {
 }
 
 #[test]
+fn every_member_is_probed_once_a_shared_period_and_probes_every_other_within_n_minus_1() {
+    let names = ["a", "b", "c", "d", "e", "f", "g"];
+    let n = names.len();
+    // Member i's clock reads the shared clock minus `1000 - 2i`; its periods start at
+    // `0.05 + 0.13i` into the shared clock's periods.
+    let mut members: Vec<(f64, Swim)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, me)| {
+            let behind = 1_000.0 - 2.0 * i as f64;
+            let start = 0.05 + 0.13 * i as f64 - behind;
+            let others: Vec<&str> = names.iter().copied().filter(|o| o != me).collect();
+            let mut swim = member(me, &others).share_clock(behind);
+            swim.period_start = start;
+            (start, swim)
+        })
+        .collect();
+    let mut probed_by: BTreeMap<(String, u64), BTreeSet<String>> = BTreeMap::new();
+    let periods = 2 * (n - 1);
+    for k in 1..=periods {
+        for (start, swim) in &mut members {
+            // Noticed a little late: the period still starts where the last one ended.
+            let now = *start + k as f64 + 0.04;
+            let (out, _) = swim.tick(now);
+            let [(target, seq)] = pings(&out)[..] else { panic!("one ping a period: {out:?}") };
+            let target = target.to_owned();
+            swim.receive(&target, SwimMessage::Ack { seq, rumors: vec![] }, now);
+            probed_by.entry((swim.me().to_owned(), k as u64)).or_default().insert(target);
+        }
+    }
+    for k in 1..=periods as u64 {
+        let targets: BTreeSet<&str> =
+            probed_by.iter().filter(|((_, at), _)| *at == k).flat_map(|(_, t)| t.iter().map(String::as_str)).collect();
+        assert_eq!(targets.len(), n, "period {k}: every member probed once, by one member each: {probed_by:?}");
+    }
+    for me in names {
+        for window in 1..=(periods - n + 2) as u64 {
+            let seen: BTreeSet<&str> = (window..window + n as u64 - 1)
+                .flat_map(|k| probed_by[&(me.to_owned(), k)].iter().map(String::as_str))
+                .collect();
+            assert_eq!(seen.len(), n - 1, "{me} probes every other member in any n - 1 periods: {seen:?}");
+        }
+    }
+}
+
+#[test]
 fn a_formed_cluster_stays_quiet_and_nobody_is_suspected_without_loss() {
     let mut sim = Simulation::new(SimConfig { members: 50, ..SimConfig::default() });
     sim.run_until(20.0, |_| false);
