@@ -414,7 +414,7 @@ impl Swim {
         self.members.get(member).map(|k| k.liveness)
     }
 
-    /// Members it believes alive or suspect (itself excluded).
+    /// Members it believes alive or suspect (itself excluded), in name order.
     pub fn live_members(&self) -> impl Iterator<Item = (&str, Liveness)> {
         self.members.iter().filter(|(_, k)| !k.liveness.is_gone()).map(|(m, k)| (m.as_str(), k.liveness))
     }
@@ -800,8 +800,7 @@ impl Swim {
     /// place after its last instead (a stretch that is a multiple of `n - 1` periods would
     /// otherwise probe the same member every time).
     fn next_target(&mut self) -> Option<MemberId> {
-        let others: Vec<&str> =
-            self.members.iter().filter(|(_, k)| !k.liveness.is_gone()).map(|(m, _)| m.as_str()).collect();
+        let others: Vec<&str> = self.live_members().map(|(m, _)| m).collect();
         if others.is_empty() {
             return None;
         }
@@ -813,8 +812,8 @@ impl Swim {
             _ => ((self.period_start + self.clock_offset) / self.config.period).floor() as i64,
         };
         let offset = 1 + slot.rem_euclid((n - 1) as i64) as usize;
-        // `members` is sorted and never holds this member: its place among the live is the
-        // count of those before it, and the target's place skips it.
+        // `live_members` come sorted and never hold this member: its place among the live is
+        // the count of those before it, and the target's place skips it.
         let mine = others.partition_point(|m| *m < self.me.as_str());
         let at = (mine + offset) % n;
         let target = others[if at < mine { at } else { at - 1 }].to_owned();
