@@ -27,6 +27,7 @@ use mpreg_actors::cache::{Cache, CacheLimits, LocalCache};
 use mpreg_actors::connection::{self, ConnectionConfig, NodeShared};
 use mpreg_actors::discovery::{self, DiscoveryLimits};
 use mpreg_actors::fabric::bridge::{BridgeConfig, Bridges};
+use mpreg_actors::fabric::describe::Describer;
 use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
 use mpreg_actors::fabric::wire::NodeInfo;
@@ -253,11 +254,13 @@ impl NodeBuilder {
         let persistence_slot: Slot<Persistence> = Slot::default();
         // The discovery built-ins answer from the fabric's view; local-only, never advertised.
         let gossip: Slot<FabricGossip> = Slot::default();
+        // Status, discovery and the monitor ask the fabric through one gate.
+        let describer = Describer::new(gossip.clone(), metrics.clone());
         let discovery_limits = DiscoveryLimits {
             page_size: settings.discovery_page_size,
             max_page_size: settings.discovery_max_page_size,
         };
-        for spec in discovery::builtins(gossip.clone(), discovery_limits, metrics.clone()) {
+        for spec in discovery::builtins(describer.clone(), discovery_limits, metrics.clone()) {
             table.register(spec)?;
         }
         let table = TableHandle::new(table);
@@ -417,7 +420,7 @@ impl NodeBuilder {
         }));
         if let Some(listener) = monitor_listener.map(Arc::new) {
             let state = MonitorState {
-                fabric: gossip.clone(),
+                fabric: describer.clone(),
                 node: name.clone(),
                 cluster_id: settings.cluster_id.clone(),
                 url: url.clone(),
@@ -468,6 +471,7 @@ impl NodeBuilder {
             pubsub,
             metrics: metrics.clone(),
             fabric: fabric.clone(),
+            describer,
             planner,
             queue,
             workers,

@@ -569,3 +569,81 @@ async fn past_the_node_wide_max_in_flight_requests_get_1006() {
         task.abort();
     }
 }
+
+/// Status and pub/sub requests wait like calls do, so they count like calls: past the
+/// connection's `max_in_flight_per_connection` or the node's `max_in_flight` they are
+/// refused with 1006, each in its own role's reply, and served again once calls end.
+#[actix_rt::test]
+async fn status_and_pubsub_requests_count_in_flight_like_calls() {
+    let node = TestNode::start(Settings { max_in_flight_per_connection: 2, max_in_flight: 3, ..settings() }).await;
+    let (busy, other) = (Client::connect(node.0.url()).await.unwrap(), Client::connect(node.0.url()).await.unwrap());
+    let slow = |client: &Client| {
+        let client = client.clone();
+        tokio::spawn(async move { client.call("slow", vec![json!(60.0)]).await })
+    };
+    let mut waiting = vec![slow(&busy), slow(&busy)];
+    poll_until_async("2 calls in flight", SOON, || async {
+        (node.metric("mpreg_requests_in_flight", "node=").await == 2.0).then_some(())
+    })
+    .await;
+    // The busy connection is at its own bound; the node is not.
+    let refused = busy.cluster_status_brief().await.expect_err("past max_in_flight_per_connection");
+    assert!(refused.to_string().contains("1006") && refused.to_string().contains("limit 2"), "{refused}");
+    let refused = busy.publish("t.x", json!(1)).await.expect_err("past max_in_flight_per_connection");
+    assert!(refused.to_string().contains("limit 2"), "{refused}");
+    assert!(other.cluster_status_brief().await.is_ok());
+    other.publish("t.x", json!(1)).await.expect("publish on the other connection");
+    assert_eq!(node.metric("mpreg_limit_exceeded_total", r#"limit="max_in_flight_per_connection""#).await, 2.0);
+
+    // A third call fills the node: the other connection's status and publish are refused.
+    waiting.push(slow(&other));
+    poll_until_async("3 calls in flight", SOON, || async {
+        (node.metric("mpreg_requests_in_flight", "node=").await == 3.0).then_some(())
+    })
+    .await;
+    let refused = other.cluster_status().await.expect_err("past max_in_flight");
+    assert!(refused.to_string().contains("max_in_flight 3"), "{refused}");
+    let refused = other.publish("t.x", json!(1)).await.expect_err("past max_in_flight");
+    assert!(refused.to_string().contains("max_in_flight 3"), "{refused}");
+    assert_eq!(node.metric("mpreg_limit_exceeded_total", r#"limit="max_in_flight""#).await, 2.0);
+
+    // Their connections close: the calls waiting on them end, and the node has room again.
+    busy.close().await;
+    other.close().await;
+    for task in waiting {
+        assert!(task.await.expect("call task").is_err(), "a closed connection's call fails");
+    }
+    poll_until_async("the calls gone", SOON, || async {
+        (node.metric("mpreg_requests_in_flight", "node=").await == 0.0).then_some(())
+    })
+    .await;
+    let fresh = Client::connect(node.0.url()).await.unwrap();
+    assert!(fresh.cluster_status().await.is_ok());
+    fresh.publish("t.x", json!(1)).await.expect("publish once the node has room");
+}
+
+/// A client pipelines 1,000 full `cluster-status` requests (40 bytes each, each answered
+/// by the fabric's mailbox, which also answers the peers' probes): every one is answered,
+/// but at most two at a time reach the fabric; the rest wait their turn (counted).
+#[actix_rt::test]
+async fn a_status_flood_reaches_the_fabric_two_at_a_time() {
+    const REQUESTS: usize = 1000;
+    let node = TestNode::start(settings()).await;
+    let mut ws = RawWs::connect(node.addr()).await;
+    let flood: Vec<u8> = (0..REQUESTS)
+        .flat_map(|i| {
+            let request = json!({"role": "cluster-status", "u": format!("s{i}")}).to_string();
+            masked_frame(BINARY, true, request.as_bytes())
+        })
+        .collect();
+    ws.writer.write_all(&flood).await.expect("flood written");
+    let mut answered = HashSet::new();
+    while answered.len() < REQUESTS {
+        let answer = ws.reader.data().await.json();
+        assert!(answer["topology"]["nodes"].is_array() && answer["catalog"].is_object(), "{answer}");
+        answered.insert(answer["u"].as_str().expect("u").to_owned());
+    }
+    let waited = node.metric("mpreg_fabric_describes_waited_total", "node=").await;
+    println!("status flood: {REQUESTS} answered, {waited} waited for the gate");
+    assert!(waited > 0.0, "no request waited: the gate was never reached");
+}

@@ -15,7 +15,8 @@
 //!
 //! Invariants: every frame gets an answer (bad input included; a panic while handling a
 //! request answers that request with 1003); at most
-//! `max_in_flight_per_connection` requests wait at once on a connection, and
+//! `max_in_flight_per_connection` requests that wait (calls, queue and cache operations,
+//! pub/sub requests, `cluster-status`) wait at once on a connection, and
 //! `max_in_flight` on the node (beyond either: 1006; a waiting request holds an
 //! [`InFlight`] permit, given back however it ends); requests run
 //! concurrently and are answered by `u`, not in arrival order.
@@ -51,6 +52,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::cache::{cluster as cache_cluster, LocalCache};
+use crate::fabric::describe::Describer;
 use crate::fabric::link::next_link_id;
 use crate::fabric::link::CLOSED_ON_PURPOSE;
 use crate::fabric::queue_sessions::QueueRoute;
@@ -136,6 +138,8 @@ pub struct NodeShared {
     pub workers: Arc<WorkerHub>,
     /// This node's cache levels (`role: "cache"`), called without a mailbox.
     pub cache: Arc<LocalCache>,
+    /// The gate to the fabric for `cluster-status`.
+    pub describer: Describer,
 }
 
 /// How long a closing peer link's writer may take to flush before the socket is closed
@@ -482,19 +486,10 @@ impl Connection {
     /// A queue operation: answered `queue-reply` by the Queue actor (after the commit, for
     /// durable writes); pushes of its subscriptions go through this connection's outbox.
     fn on_queue(&mut self, request: QueueRequest, kind: FrameKind, ctx: &mut Context<Self>) {
-        let limit = self.shared.config.max_in_flight;
-        if self.in_flight >= limit {
-            self.shared.metrics.limit_exceeded("max_in_flight_per_connection");
-            let reply = QueueReply::new(Some(request.u), Err(RpcError::overloaded(limit)));
-            self.reply(encode(&reply), kind, ctx);
-            return;
-        }
-        let Some(permit) = self.admit(&request.u, kind, ctx) else { return };
-        self.in_flight += 1;
         let (outbox, conn) = (self.outbox.clone(), self.id);
         let metrics = self.shared.metrics.clone();
         let (fabric, timeout) = (self.shared.fabric.clone(), self.shared.config.request_timeout);
-        let task = async move {
+        self.spawn_counted("queue", &request.u.clone(), kind, ctx, move |permit| async move {
             let request = Arc::new(request);
             let call = || QueueCall { conn, outbox: outbox.clone(), kind, request: request.clone() };
             let outcome = match fabric.queue_route(&request) {
@@ -517,8 +512,7 @@ impl Connection {
             }
             let reply = QueueReply::new(Some(request.u.clone()), outcome);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&reply)), kind }).await;
-        };
-        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+        });
     }
 
     /// A cache operation, answered `cache-reply`: in place on this thread when this
@@ -538,18 +532,9 @@ impl Connection {
     }
 
     fn on_cache_task(&mut self, request: CacheRequest, kind: FrameKind, ctx: &mut Context<Self>) {
-        let limit = self.shared.config.max_in_flight;
-        if self.in_flight >= limit {
-            self.shared.metrics.limit_exceeded("max_in_flight_per_connection");
-            let reply = CacheReply::new(Some(request.u), Err(RpcError::overloaded(limit)));
-            self.reply(encode(&reply), kind, ctx);
-            return;
-        }
-        let Some(permit) = self.admit(&request.u, kind, ctx) else { return };
-        self.in_flight += 1;
         let (fabric, cache, outbox) = (self.shared.fabric.clone(), self.shared.cache.clone(), self.outbox.clone());
         let (metrics, timeout) = (self.shared.metrics.clone(), self.shared.config.request_timeout);
-        let task = async move {
+        self.spawn_counted("cache", &request.u.clone(), kind, ctx, move |permit| async move {
             let u = request.u.clone();
             let outcome = cache_cluster::execute(&fabric, &cache, request, timeout).await;
             drop(permit);
@@ -558,35 +543,68 @@ impl Connection {
             }
             let reply = CacheReply::new(Some(u), outcome);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&reply)), kind }).await;
-        };
-        ctx.spawn(task.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+        });
     }
 
+    /// `cluster-status`: counted like any waiting request, and asked of the fabric
+    /// through the node's [`Describer`] gate, so a flood of them cannot crowd out the
+    /// fabric's probes.
     fn on_cluster_status(&mut self, request: ClusterStatusRequest, kind: FrameKind, ctx: &mut Context<Self>) {
-        let (gossip, outbox) = (self.shared.fabric.gossip.clone(), self.outbox.clone());
-        let task = async move {
+        let (describer, outbox) = (self.shared.describer.clone(), self.outbox.clone());
+        self.spawn_counted("cluster-status", &request.u.clone(), kind, ctx, move |permit| async move {
             let (u, brief) = (request.u, request.brief);
-            let answer = match gossip.get() {
-                Some(fabric) => {
-                    let topology = fabric.send(DescribeTopology { brief }).await;
-                    let catalog = if brief { Ok(None) } else { fabric.send(DescribeCatalog).await.map(Some) };
-                    match (topology, catalog) {
-                        (Ok(topology), Ok(catalog)) => {
-                            let mut answer =
-                                serde_json::json!({"role": "cluster-status", "u": u, "topology": topology});
-                            if let Some(catalog) = catalog {
-                                answer["catalog"] = serde_json::json!(catalog);
-                            }
-                            answer
+            let answer = if !describer.is_running() {
+                cluster_status_failure(&u, "fabric restarting")
+            } else {
+                let topology = describer.ask(|| DescribeTopology { brief }).await;
+                let catalog = if brief { Ok(None) } else { describer.ask(|| DescribeCatalog).await.map(Some) };
+                match (topology, catalog) {
+                    (Ok(topology), Ok(catalog)) => {
+                        let mut answer = serde_json::json!({"role": "cluster-status", "u": u, "topology": topology});
+                        if let Some(catalog) = catalog {
+                            answer["catalog"] = serde_json::json!(catalog);
                         }
-                        _ => serde_json::json!({"role": "cluster-status", "u": u, "error": "fabric unavailable"}),
+                        answer
                     }
+                    _ => cluster_status_failure(&u, "fabric unavailable"),
                 }
-                None => serde_json::json!({"role": "cluster-status", "u": u, "error": "fabric restarting"}),
             };
+            drop(permit);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&answer)), kind }).await;
+        });
+    }
+
+    /// Runs `task`, a request that has to wait, as a task of this connection: counted in
+    /// the connection's `max_in_flight_per_connection` until it ends, and holding (in the
+    /// [`InFlight`] it is handed) a place in the node's `max_in_flight`. Past either bound
+    /// the request (`role`, `u`) is answered at once with 1006, in its role's reply.
+    fn spawn_counted<F>(
+        &mut self,
+        role: &str,
+        u: &str,
+        kind: FrameKind,
+        ctx: &mut Context<Self>,
+        task: impl FnOnce(InFlight) -> F,
+    ) where
+        F: std::future::Future<Output = ()> + 'static,
+    {
+        let limit = self.shared.config.max_in_flight;
+        let (error, setting) = if self.in_flight >= limit {
+            (RpcError::overloaded(limit), "max_in_flight_per_connection")
+        } else {
+            let admission = self.shared.metrics.admission().clone();
+            match admission.try_admit() {
+                Some(permit) => {
+                    self.in_flight += 1;
+                    ctx.spawn(task(permit).into_actor(self).map(|_, act, _| act.in_flight -= 1));
+                    return;
+                }
+                None => (RpcError::node_overloaded(admission.limit()), "max_in_flight"),
+            }
         };
-        ctx.spawn(task.into_actor(self));
+        self.shared.metrics.limit_exceeded(setting);
+        self.shared.metrics.record_outcome(error.kind());
+        self.reply(error_reply(Some(role), Some(u.to_owned()), error), kind, ctx);
     }
 
     /// A peer frame. Only a STATUS turns a client connection into a (not yet admitted)
@@ -635,14 +653,7 @@ impl Connection {
     fn reject(&mut self, rejected: InboundError, kind: FrameKind, ctx: &mut Context<Self>) {
         debug!(conn = self.id, error = %rejected.error, "frame rejected");
         self.shared.metrics.record_outcome(rejected.error.kind());
-        let bytes = match rejected.role.as_deref() {
-            Some("queue") => encode(&QueueReply::new(rejected.u, Err(rejected.error))),
-            Some("cache") => encode(&CacheReply::new(rejected.u, Err(rejected.error))),
-            Some(role) if role.starts_with("pubsub-") => {
-                encode(&PubSubAck::new(rejected.u.as_deref().unwrap_or(""), Some(rejected.error.to_string())))
-            }
-            _ => encode(&RpcResponse::failure(rejected.u, rejected.error)),
-        };
+        let bytes = error_reply(rejected.role.as_deref(), rejected.u, rejected.error);
         self.reply(bytes, kind, ctx);
     }
 
@@ -762,7 +773,7 @@ impl Connection {
 
     fn on_subscribe(&mut self, request: SubscribeRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let (pubsub, outbox, conn) = (self.shared.pubsub.clone(), self.outbox.clone(), self.id);
-        let task = async move {
+        self.spawn_counted("pubsub-subscribe", &request.u.clone(), kind, ctx, move |_permit| async move {
             let SubscribeRequest { u, subscription } = request;
             let subscription = Arc::new(subscription);
             let subscribe =
@@ -786,14 +797,13 @@ impl Connection {
                 let Some(token) = page.next else { break };
                 replay = send_with_retry(&pubsub, || pubsub::ContinueReplay { token: token.clone() }).await.ok();
             }
-        };
-        ctx.spawn(task.into_actor(self));
+        });
     }
 
     fn on_publish(&mut self, request: PublishRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let (pubsub, outbox) = (self.shared.pubsub.clone(), self.outbox.clone());
         let fabric = self.shared.fabric.clone();
-        let task = async move {
+        self.spawn_counted("pubsub-publish", &request.u.clone(), kind, ctx, move |permit| async move {
             let PublishRequest { u, message } = request;
             let message = Arc::new(message);
             let publish = || pubsub::Publish { message: message.clone(), origin: Origin::Local };
@@ -805,15 +815,15 @@ impl Connection {
                 Ok(Err(refused)) => Some(refused.to_string()),
                 Err(e) => Some(e),
             };
+            drop(permit);
             let ack = PubSubAck::new(&u, error);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await;
-        };
-        ctx.spawn(task.into_actor(self));
+        });
     }
 
     fn on_unsubscribe(&mut self, request: UnsubscribeRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let (pubsub, outbox, conn) = (self.shared.pubsub.clone(), self.outbox.clone(), self.id);
-        let task = async move {
+        self.spawn_counted("pubsub-unsubscribe", &request.u.clone(), kind, ctx, move |permit| async move {
             let UnsubscribeRequest { u, subscription_id } = request;
             let unsubscribe = || pubsub::Unsubscribe { conn, subscription_id: subscription_id.clone() };
             let error = match send_with_retry(&pubsub, unsubscribe).await {
@@ -821,10 +831,28 @@ impl Connection {
                 Ok(false) => Some(format!("unknown subscription_id: {subscription_id}")),
                 Err(e) => Some(e),
             };
+            drop(permit);
             let _ = outbox.send(OutFrame { bytes: Bytes::from(encode(&PubSubAck::new(&u, error))), kind }).await;
-        };
-        ctx.spawn(task.into_actor(self));
+        });
     }
+}
+
+/// The reply that refuses a request of `role` with `error`, in that role's own shape.
+fn error_reply(role: Option<&str>, u: Option<String>, error: RpcError) -> Vec<u8> {
+    match role {
+        Some("queue") => encode(&QueueReply::new(u, Err(error))),
+        Some("cache") => encode(&CacheReply::new(u, Err(error))),
+        Some("cluster-status") => encode(&cluster_status_failure(u.as_deref().unwrap_or(""), &error.to_string())),
+        Some(role) if role.starts_with("pubsub-") => {
+            encode(&PubSubAck::new(u.as_deref().unwrap_or(""), Some(error.to_string())))
+        }
+        _ => encode(&RpcResponse::failure(u, error)),
+    }
+}
+
+/// A `cluster-status` answer that failed: `error` says why.
+fn cluster_status_failure(u: &str, error: &str) -> Value {
+    serde_json::json!({"role": "cluster-status", "u": u, "error": error})
 }
 
 /// Sends to PubSub (see [`Slot::send`]); the error as the text a client is told.

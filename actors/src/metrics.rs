@@ -43,6 +43,8 @@ pub struct Metrics {
     peers_suspected: AtomicU64,
     /// Peers this node removed for silence (not GOODBYEs).
     peers_removed: AtomicU64,
+    /// Questions to the fabric (status, discovery) that waited for the describe gate.
+    describes_waited: AtomicU64,
     /// Durable batches acknowledged, syncs, failed syncs, time in syncs, store durability.
     persistence_commits: AtomicU64,
     persistence_syncs: AtomicU64,
@@ -251,6 +253,16 @@ impl Metrics {
         self.peers_removed.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A question to the fabric waited for the describe gate (see [`crate::fabric::describe`]).
+    pub fn describe_waited(&self) {
+        self.describes_waited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Questions that waited for the describe gate so far.
+    pub fn describes_waited(&self) -> u64 {
+        self.describes_waited.load(Ordering::Relaxed)
+    }
+
     /// Suspicions so far.
     pub fn peers_suspected(&self) -> u64 {
         self.peers_suspected.load(Ordering::Relaxed)
@@ -349,6 +361,11 @@ impl Metrics {
                 "mpreg_peer_removed_total",
                 "Peers this node removed after silence (GOODBYEs not counted).",
                 load(&self.peers_removed),
+            ),
+            (
+                "mpreg_fabric_describes_waited_total",
+                "Status and discovery questions that waited because the fabric was answering others.",
+                load(&self.describes_waited),
             ),
         ];
         for (name, help, value) in counters {

@@ -33,11 +33,10 @@ use std::sync::Arc;
 use actix::{Message, MessageResponse};
 use serde_json::{Map, Value};
 
+use crate::fabric::describe::Describer;
 use crate::fabric::wire::{FunctionAbout, NodeInfo};
-use crate::fabric::FabricGossip;
 use crate::function::{FunctionError, FunctionIdentity, FunctionSpec, Signature};
 use crate::metrics::Metrics;
-use crate::supervisor::Slot;
 pub use answer::{answer, catalog_entries, summaries_of, Pages};
 use log::ChangesSince;
 
@@ -143,14 +142,15 @@ pub struct DescribeDiscovery {
     pub since: Option<u64>,
 }
 
-/// The discovery calls as local-only functions, asking `gossip` for the view.
-pub fn builtins(gossip: Slot<FabricGossip>, limits: DiscoveryLimits, metrics: Arc<Metrics>) -> Vec<FunctionSpec> {
+/// The discovery calls as local-only functions, asking the fabric for the view through
+/// `describer`.
+pub fn builtins(describer: Describer, limits: DiscoveryLimits, metrics: Arc<Metrics>) -> Vec<FunctionSpec> {
     let mut specs: Vec<FunctionSpec> = COMMANDS
         .iter()
         .map(|&command| {
-            let (gossip, metrics) = (gossip.clone(), metrics.clone());
+            let (describer, metrics) = (describer.clone(), metrics.clone());
             FunctionSpec::asynchronous(command, move |request: Value, filters: Map<String, Value>| {
-                let (gossip, metrics) = (gossip.clone(), metrics.clone());
+                let (describer, metrics) = (describer.clone(), metrics.clone());
                 async move {
                     let request = merge_request(command, request, filters)?;
                     let since = match request.get("since_version") {
@@ -162,8 +162,7 @@ pub fn builtins(gossip: Slot<FabricGossip>, limits: DiscoveryLimits, metrics: Ar
                         })?),
                     };
                     let since = since.or((command == "catalog_watch").then_some(u64::MAX));
-                    let fabric = gossip.get().ok_or_else(unavailable)?;
-                    let view = fabric.send(DescribeDiscovery { since }).await.map_err(|_| unavailable())?;
+                    let view = describer.ask(|| DescribeDiscovery { since }).await.map_err(|_| unavailable())?;
                     let page = Pages::new(limits, &request, &metrics)?;
                     answer(command, &request, &view, page)
                 }

@@ -1,9 +1,10 @@
 //! FabricGossip: peer links, membership, catalog dissemination, GOODBYE (DESIGN.md §8).
 //!
 //! Who sends to it: link readers and peer connections (`LinkOpened`, `PeerFrameReceived`,
-//! `LinkClosed`), the Registry (`LocalFunctionsChanged`), the node (`SayGoodbye`), the
-//! monitor (`DescribeTopology`, `DescribeCatalog`), its own timer. Whom it calls: peers,
-//! through link queues; nobody synchronously.
+//! `LinkClosed`), the Registry (`LocalFunctionsChanged`), the node (`SayGoodbye`),
+//! `cluster-status`, the discovery built-ins and the monitor (`DescribeTopology`,
+//! `DescribeCatalog`, `DescribeDiscovery`, two at a time through the [`describe`] gate),
+//! its own timer. Whom it calls: peers, through link queues; nobody synchronously.
 //!
 //! ```text
 //!  dial (peers + discovered) ──► link ──STATUS──► admit (cluster, departed) ──► snapshot
@@ -37,6 +38,7 @@
 //! over a closed link fail over (retry on another provider) or answer 1005.
 
 pub mod bridge;
+pub mod describe;
 pub mod link;
 pub mod membership;
 pub mod queue_sessions;

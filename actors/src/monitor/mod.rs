@@ -29,7 +29,8 @@ use tracing::error;
 
 use crate::cache::LocalCache;
 use crate::fabric::bridge::Bridges;
-use crate::fabric::{DescribeCatalog, DescribeTopology, FabricGossip};
+use crate::fabric::describe::Describer;
+use crate::fabric::{DescribeCatalog, DescribeTopology};
 use crate::metrics::{label_value, Metrics};
 use crate::queue::QueueBoard;
 use crate::registry::TableHandle;
@@ -51,8 +52,8 @@ pub struct MonitorState {
     pub supervisor: Slot<NodeSupervisor>,
     /// Whether `POST /actors/{name}/panic` is served.
     pub fault_injection: bool,
-    /// The fabric (for `/topology` and `/catalog`).
-    pub fabric: Slot<FabricGossip>,
+    /// The fabric (for `/topology` and `/catalog`), behind the node's describe gate.
+    pub fabric: Describer,
     /// The queues' latest figures (for `/queues` and `/metrics`).
     pub queues: QueueBoard,
     /// The node's workers (for `/catalog` and `/metrics`).
@@ -282,13 +283,16 @@ struct RoutesQuery {
 }
 
 async fn topology(state: web::Data<MonitorState>) -> HttpResponse {
-    ask(&state.fabric, "fabric", || DescribeTopology { brief: false }).await
+    match state.fabric.ask(|| DescribeTopology { brief: false }).await {
+        Ok(answer) => HttpResponse::Ok().json(answer),
+        Err(e) => HttpResponse::ServiceUnavailable().body(format!("fabric unavailable: {e}")),
+    }
 }
 
 /// The fabric's catalog plus this node's workers: an entry of this node whose identity a
 /// worker lists is served by that worker, not by the node's own code.
 async fn catalog(state: web::Data<MonitorState>) -> HttpResponse {
-    match state.fabric.send(|| DescribeCatalog).await {
+    match state.fabric.ask(|| DescribeCatalog).await {
         Ok(listing) => {
             let mut body = serde_json::to_value(listing).unwrap_or_else(|_| json!({}));
             if let Some(fields) = body.as_object_mut() {
