@@ -130,7 +130,8 @@ pub struct Settings {
     pub pubsub_max_topic_bytes: usize,
     /// Patterns in one subscription.
     pub pubsub_max_patterns_per_subscription: usize,
-    /// Subscriptions of one connection.
+    /// Subscriptions of one connection (pub/sub ones; queue ones separately, as many), and
+    /// bindings of one queue.
     pub pubsub_max_subscriptions_per_connection: usize,
     /// Pattern words indexed on this node, all subscriptions together.
     pub pubsub_max_index_words: usize,

@@ -386,6 +386,7 @@ impl NodeBuilder {
                 max_message_bytes: settings.max_frame_bytes,
                 node: name.clone(),
                 max_bindings_per_queue: settings.pubsub_max_subscriptions_per_connection,
+                max_subscriptions_per_connection: settings.pubsub_max_subscriptions_per_connection,
             };
             move |guard| {
                 let addr = Queue::new(store.clone(), metrics.clone(), limits.clone(), board.clone(), guard)

@@ -425,6 +425,72 @@ async fn non_reading_subscriber(node: &TestNode, bystander_url: &str) {
     assert!(p99 < BYSTANDER_P99, "bystander p99 {p99:?}");
 }
 
+/// 16 messages of 1 MB are kept in the backlog; a client that never reads asks for 20
+/// replays of it (320 MB of notifications) in one write: replays wait for room in its
+/// outbox, one at a time, so memory stays bounded; once it reads, every ack and every
+/// replayed message arrives, each subscription's ack before its messages.
+async fn non_reading_backlog_replays() {
+    const KEPT: usize = 16;
+    const REPLAYS: usize = 20;
+    const RSS_BOUND: u64 = 96 * MIB;
+    let node = TestNode::start(settings()).await;
+    let publisher = Client::connect(node.0.url()).await.expect("publisher connects");
+    let payload = json!("r".repeat(1_000_000));
+    for _ in 0..KEPT {
+        tokio::time::timeout(SOON, publisher.publish("replay.big", payload.clone()))
+            .await
+            .expect("publish acknowledged in time")
+            .expect("publish");
+    }
+    drop(payload);
+    let before = rss_bytes();
+    let bystander = Bystander::start(node.0.url()).await;
+    let mut attacker = RawWs::connect(node.addr()).await;
+    let subscribes: Vec<u8> = (0..REPLAYS)
+        .flat_map(|i| {
+            let subscription = json!({"subscription_id": format!("r{i}"), "patterns": [{"pattern": "replay.#"}],
+                "get_backlog": true, "backlog_seconds": 300.0});
+            let frame = json!({"role": "pubsub-subscribe", "u": format!("sub{i}"), "subscription": subscription});
+            masked_frame(BINARY, true, frame.to_string().as_bytes())
+        })
+        .collect();
+    attacker.writer.write_all(&subscribes).await.expect("subscribes written");
+    poll_until_async("the outbox over its bound", SOON, || async {
+        let pauses = node.metric("mpreg_limit_exceeded_total", r#"limit="max_outbound_bytes_per_connection""#).await;
+        (pauses >= 1.0).then_some(())
+    })
+    .await;
+    bystander.make_calls(200).await;
+    let grown = rss_bytes().saturating_sub(before);
+    let (p99, calls) = bystander.p99(100);
+    println!(
+        "replay flood: {REPLAYS} replays of {KEPT} x 1 MB asked by a client that does not read; RSS +{} MiB \
+         (bound {}); bystander p99 {p99:?} over {calls} calls",
+        grown / MIB,
+        RSS_BOUND / MIB
+    );
+    assert!(grown < RSS_BOUND, "RSS grew {} MiB", grown / MIB);
+    assert!(p99 < BYSTANDER_P99, "bystander p99 {p99:?}");
+
+    // It reads: every ack, then that subscription's whole replay.
+    let mut replayed = vec![0usize; REPLAYS];
+    let mut current = None;
+    while replayed.iter().sum::<usize>() < REPLAYS * KEPT {
+        let frame = attacker.reader.data().await;
+        if frame.payload.len() < 4096 {
+            let ack = frame.json();
+            assert_eq!((&ack["role"], &ack["success"]), (&json!("pubsub-ack"), &json!(true)), "{ack}");
+            let u = ack["operation_id"].as_str().expect("operation_id");
+            current = Some(u.trim_start_matches("sub").parse::<usize>().expect("sub<i>"));
+        } else {
+            let head = String::from_utf8_lossy(&frame.payload[..200]);
+            assert!(head.contains("pubsub-notification") && head.contains("replay.big"), "{head}");
+            replayed[current.expect("an ack comes before its replay")] += 1;
+        }
+    }
+    assert_eq!(replayed, vec![KEPT; REPLAYS]);
+}
+
 #[actix_rt::test]
 async fn clients_that_do_not_read_cost_bounded_memory_and_nobody_else_waits() {
     // A one-message backlog: this test measures delivery, not retention.
@@ -437,6 +503,8 @@ async fn clients_that_do_not_read_cost_bounded_memory_and_nobody_else_waits() {
     non_reading_echo_flood(&node, &url, 200, 4 * 1024 * 1024, 96 * MIB).await;
     ping_flood(&node, &url).await;
     non_reading_subscriber(&node, &url).await;
+    drop(node);
+    non_reading_backlog_replays().await;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -435,3 +435,33 @@ async fn bindings_are_bounded_per_queue_not_per_node() {
         .await;
     }
 }
+
+#[actix_rt::test]
+async fn queue_subscriptions_are_bounded_per_connection_and_in_id_length() {
+    let settings =
+        Settings { port: 0, monitoring_port: 0, pubsub_max_subscriptions_per_connection: 3, ..Settings::default() };
+    let node = TestNode(NodeBuilder::new(settings).start().await.expect("node starts"));
+    let c = client(&node).await;
+    c.queue_create("q", json!({})).await.unwrap();
+    let subscribe = |id: String| c.queue_op("subscribe", Some("q"), json!({ "subscription_id": id }));
+    // An id of 16 MiB would be kept four times over until the connection closes.
+    assert_eq!(code(subscribe("i".repeat(257)).await), 1002);
+    assert_eq!(code(subscribe(String::new()).await), 1002);
+    for i in 0..3 {
+        subscribe(format!("s{i}")).await.unwrap();
+    }
+    // The fourth is refused (1006, naming the setting); renewing a held one is not.
+    match subscribe("s3".to_owned()).await {
+        Err(mpreg::ClientError::Rpc(e)) => {
+            assert_eq!(e.code, 1006);
+            assert!(format!("{e:?}").contains("pubsub_max_subscriptions_per_connection"), "{e:?}");
+        }
+        other => panic!("expected 1006, got {other:?}"),
+    }
+    subscribe("s1".to_owned()).await.expect("a held subscription is renewed");
+    // Room again after an unsubscribe, and another connection has its own bound.
+    c.queue_op("unsubscribe", Some("q"), json!({ "subscription_id": "s0" })).await.unwrap();
+    subscribe("s3".to_owned()).await.expect("room after an unsubscribe");
+    let other = client(&node).await;
+    other.queue_op("subscribe", Some("q"), json!({ "subscription_id": "s9" })).await.expect("its own bound");
+}

@@ -206,6 +206,8 @@ pub struct Connection {
     session: Session,
     close: Option<oneshot::Sender<Option<CloseReason>>>,
     in_flight: usize,
+    /// One subscription at a time: a backlog replay waits for the one before it.
+    replays: Arc<tokio::sync::Semaphore>,
     /// Whether a frame arrived since the last heartbeat tick (cheaper than a clock read
     /// per frame).
     heard: bool,
@@ -249,6 +251,7 @@ impl Connection {
             session,
             close: Some(close),
             in_flight: 0,
+            replays: Arc::new(tokio::sync::Semaphore::new(1)),
             heard: true,
             silent_ticks: 0,
             link: None,
@@ -773,7 +776,10 @@ impl Connection {
 
     fn on_subscribe(&mut self, request: SubscribeRequest, kind: FrameKind, ctx: &mut Context<Self>) {
         let (pubsub, outbox, conn) = (self.shared.pubsub.clone(), self.outbox.clone(), self.id);
+        let replays = self.replays.clone();
         self.spawn_counted("pubsub-subscribe", &request.u.clone(), kind, ctx, move |_permit| async move {
+            // One subscription (and its backlog replay) at a time per connection, in order.
+            let Ok(_turn) = replays.acquire().await else { return };
             let SubscribeRequest { u, subscription } = request;
             let subscription = Arc::new(subscription);
             let subscribe =
@@ -786,9 +792,10 @@ impl Connection {
             if outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await.is_err() {
                 return;
             }
-            // The backlog follows the ack one page at a time: the next page is read only
-            // once this one is in the outbox, which waits for the subscriber to read.
+            // The backlog follows the ack one page at a time, each once the outbox is under
+            // its byte bound: a subscriber that does not read holds at most one page more.
             while let Some(page) = replay.take() {
+                outbox.room().await;
                 for frame in page.frames {
                     if outbox.send(frame).await.is_err() {
                         return;

@@ -15,6 +15,9 @@
 //! - Notifications are best-effort: [`Outbox::try_send`] refuses a frame that would take
 //!   the queue over the bound (PubSub drops it and counts it), unless the queue is empty,
 //!   so a single message larger than the bound still reaches a subscriber that reads.
+//! - A backlog replay must not lose messages either, but it is many frames for one
+//!   request: it waits for [`Outbox::room`] before each page, so it adds at most one page
+//!   to a queue over the bound, and a connection runs one replay at a time.
 //!
 //! What is not counted: replies written straight into the websocket on the fast path (the
 //! connection does that only when the queue is empty, and only up to 64 KiB), calls the
@@ -71,6 +74,8 @@ struct ByteBudget {
     limit: usize,
     /// The connection's read side, parked by its [`ReadGate`] while over the bound.
     reader: AtomicWaker,
+    /// Writers that wait for the queue to fall under the bound ([`Outbox::room`]).
+    room: tokio::sync::Notify,
     /// Who writes into the websocket outside the queue's order: [`OPEN`], a direct write
     /// from another thread ([`DIRECT`], see [`Outbox::write_if_idle`]) or the writer
     /// sending one message in fragments ([`FRAGMENTS`]), which nothing may split.
@@ -91,6 +96,7 @@ impl ByteBudget {
         let before = self.queued.fetch_sub(cost, Ordering::AcqRel);
         if before >= self.limit && before - cost < self.limit {
             self.reader.wake();
+            self.room.notify_waiters();
         }
     }
 }
@@ -110,6 +116,7 @@ impl Outbox {
             queued: AtomicUsize::new(0),
             limit: max_bytes,
             reader: AtomicWaker::new(),
+            room: tokio::sync::Notify::new(),
             gate: AtomicU8::new(OPEN),
         });
         (Outbox { frames, budget: budget.clone() }, OutboxReceiver { frames: receiver, budget })
@@ -141,6 +148,22 @@ impl Outbox {
         let cost = frame.cost();
         self.budget.queued.fetch_add(cost, Ordering::AcqRel);
         self.frames.send(frame).await.inspect_err(|_| self.budget.release(cost))
+    }
+
+    /// Waits until the queue is under its byte bound (at once if it is): a writer of many
+    /// frames that must not be lost (a backlog replay) calls it before each batch, so that
+    /// it overshoots the bound by one batch at most instead of queueing without end.
+    pub async fn room(&self) {
+        loop {
+            let notified = self.budget.room.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a release in between is not missed.
+            notified.as_mut().enable();
+            if !self.budget.over() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether nothing is queued or being handed to the websocket (so a frame written
@@ -327,6 +350,25 @@ mod tests {
         receiver.written(&queued);
         assert!(outbox.is_idle());
         assert_eq!(gated.next().now_or_never(), Some(Some(2)), "reading again");
+    }
+
+    #[tokio::test]
+    async fn room_waits_while_over_the_bound_and_not_otherwise() {
+        let (outbox, mut receiver) = Outbox::channel(100, 1000);
+        outbox.room().now_or_never().expect("under the bound: at once");
+        outbox.queue(frame(1500)).expect("queued");
+        let waiting = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.room().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "over the bound: waits");
+        let queued = receiver.recv().await.expect("queued");
+        receiver.written(&queued);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("woken when drained")
+            .expect("task");
     }
 
     #[test]

@@ -111,7 +111,13 @@ pub struct QueueLimits {
     /// Most bindings of one queue (`pubsub_max_subscriptions_per_connection`: a queue's
     /// bindings are one pub/sub connection).
     pub max_bindings_per_queue: usize,
+    /// Most queue subscriptions of one connection (`pubsub_max_subscriptions_per_connection`
+    /// too: one bound for both kinds of subscription).
+    pub max_subscriptions_per_connection: usize,
 }
+
+/// Longest `subscription_id` of a queue subscription, in bytes.
+pub const MAX_SUBSCRIPTION_ID_BYTES: usize = 256;
 
 impl Default for QueueLimits {
     fn default() -> Self {
@@ -121,6 +127,7 @@ impl Default for QueueLimits {
             max_message_bytes: 1024 * 1024,
             node: String::new(),
             max_bindings_per_queue: 1024,
+            max_subscriptions_per_connection: 1024,
         }
     }
 }
@@ -648,6 +655,9 @@ impl Queue {
                 let Some(sid) = f.get("subscription_id").and_then(Value::as_str) else {
                     return Answer::Ready(Err(RpcError::invalid("subscribe needs \"subscription_id\" (a string)")));
                 };
+                if let Err(e) = self.may_subscribe(msg.conn, sid) {
+                    return Answer::Ready(Err(e));
+                }
                 let prefetch = match opt_u64(f, "prefetch") {
                     Ok(p) => p.unwrap_or(16).clamp(1, MAX_RECEIVE_BATCH as u64) as usize,
                     Err(e) => return Answer::Ready(Err(e)),
@@ -944,6 +954,30 @@ impl Queue {
                 Err(RpcError::invalid(format!("bad consumer {other}: a string of 1..=200 bytes")))
             }
         }
+    }
+
+    /// Whether connection `conn` may (still) subscribe as `sid`: ids are short, and a
+    /// connection holds at most `max_subscriptions_per_connection` (renewing one it holds
+    /// is always allowed).
+    fn may_subscribe(&self, conn: ConnectionId, sid: &str) -> Result<(), RpcError> {
+        if sid.is_empty() || sid.len() > MAX_SUBSCRIPTION_ID_BYTES {
+            return Err(RpcError::invalid(format!(
+                "subscription_id must be 1..={MAX_SUBSCRIPTION_ID_BYTES} bytes, got {}",
+                sid.len()
+            )));
+        }
+        let held = self.by_conn.get(&conn);
+        let consumer = ConsumerId::from(format!("sub:{conn}:{sid}"));
+        let renewing = held.is_some_and(|set| set.iter().any(|(_, c)| *c == consumer));
+        let count = held.map_or(0, |set| set.iter().filter(|(_, c)| c.as_str().starts_with("sub:")).count());
+        let max = self.limits.max_subscriptions_per_connection;
+        if !renewing && count >= max {
+            self.metrics.limit_exceeded("pubsub_max_subscriptions_per_connection");
+            return Err(RpcError::queue_full(format!(
+                "this connection holds {max} queue subscriptions already (pubsub_max_subscriptions_per_connection)"
+            )));
+        }
+        Ok(())
     }
 
     fn receive(
