@@ -580,6 +580,21 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
         (unsigned >= 2 && forged >= 2 && stray >= 1).then_some(())
     })
     .await;
+    // One frame repeating the forged entries 500 times costs one signature check: an
+    // entry set per node per frame, the first.
+    let forged_before = a.counter("mpreg_fabric_dropped_total", "reason", "forged_statement").await;
+    let repeated =
+        json!({"role": "fabric-gossip", "kind": "catalog", "from": "M", "deltas": vec![&forged_signed; 500]});
+    let once = json!({"role": "fabric-gossip", "kind": "catalog", "from": "M", "deltas": [&forged_signed]});
+    for frame in [repeated, once] {
+        ws.send(Message::Text(frame.to_string())).await.unwrap();
+    }
+    let forged_after = wait_until("A to drop both frames' forged entries", || async {
+        let forged = a.counter("mpreg_fabric_dropped_total", "reason", "forged_statement").await;
+        (forged >= forged_before + 2).then_some(forged)
+    })
+    .await;
+    assert_eq!(forged_after, forged_before + 2, "one check per frame");
     let topology = a.topology().await;
     assert!(linked(&topology, "B"), "B is still there: {topology:#}");
     assert_eq!(member(&topology, "B").unwrap()["instance_id"], json!(b_instance));
@@ -603,6 +618,21 @@ async fn fabric_inputs_from_an_admitted_peer_are_bounded() {
     ws.send(Message::Text(status.to_string())).await.unwrap();
     let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!(answer["kind"], "status", "{answer}");
+    // A catalog request naming A 4,000 times is answered with A's entries once (each
+    // repeat used to copy and sign them again, into one frame).
+    let request = json!({"role": "fabric-gossip", "kind": "catalog-request", "from": "spy", "nodes": vec!["A"; 4000]});
+    ws.send(Message::Text(request.to_string())).await.unwrap();
+    // Two catalog frames come: the snapshot every new link gets, and the answer.
+    let mut catalogs = 0;
+    while catalogs < 2 {
+        let frame = raw_next(&mut ws, SOON).await.expect("A's frames");
+        if frame["kind"] == "catalog" {
+            catalogs += 1;
+            let deltas = frame["deltas"].as_array().expect("deltas");
+            assert_eq!(deltas.len(), 1, "A's entries, once: {} deltas", deltas.len());
+            assert_eq!(deltas[0]["node"], "A");
+        }
+    }
     // 3000 invented nodes in one digest, every one with a URL to dial.
     let members: Vec<Value> = (0..3000)
         .map(|i| {

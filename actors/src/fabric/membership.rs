@@ -372,6 +372,22 @@ impl MembershipCore {
 
     /// Applies an entry set; whether it was news (and should be flooded on).
     pub fn apply_catalog(&mut self, delta: &CatalogDelta, now: f64) -> bool {
+        if !self.catalog_is_news(delta, now) {
+            return false;
+        }
+        self.catalogs.insert(delta.node.clone(), StoredCatalog { delta: delta.clone(), received_at: now });
+        // A newer version of a restored member's entries: it advertised since.
+        if let Some(m) = self.members.get_mut(&delta.node).filter(|m| m.state == MemberState::Unconfirmed) {
+            m.state = MemberState::Alive;
+            m.heard_at = now;
+        }
+        true
+    }
+
+    /// Whether [`Self::apply_catalog`] would store `delta`: a newer entry set of a member's
+    /// current instance. Cheap, so a frame's entry sets are sorted out before their
+    /// signatures are checked (a signature is never skipped for one that would be stored).
+    pub fn catalog_is_news(&self, delta: &CatalogDelta, now: f64) -> bool {
         if delta.node == self.me.node || delta.cluster_id != self.me.cluster_id {
             return false;
         }
@@ -384,20 +400,9 @@ impl MembershipCore {
             // digest that makes a node a member also asks for its entries.
             return false;
         }
-        match self.catalogs.get_mut(&delta.node) {
-            Some(stored) if stored.delta.instance_id == delta.instance_id && stored.delta.version >= delta.version => {
-                false
-            }
-            _ => {
-                self.catalogs.insert(delta.node.clone(), StoredCatalog { delta: delta.clone(), received_at: now });
-                // A newer version of a restored member's entries: it advertised since.
-                if let Some(m) = self.members.get_mut(&delta.node).filter(|m| m.state == MemberState::Unconfirmed) {
-                    m.state = MemberState::Alive;
-                    m.heard_at = now;
-                }
-                true
-            }
-        }
+        self.catalogs
+            .get(&delta.node)
+            .is_none_or(|stored| stored.delta.instance_id != delta.instance_id || stored.delta.version < delta.version)
     }
 
     /// The entry sets of `nodes` that we hold (answering a catalog request).

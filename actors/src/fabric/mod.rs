@@ -1347,7 +1347,15 @@ impl FabricGossip {
                 }
             }
             GossipFrame::Catalog { deltas, .. } => {
-                let checked: Vec<CatalogDelta> = deltas.into_iter().filter_map(|d| self.checked_delta(d)).collect();
+                // One entry set per member at most: the first for each node, and only those
+                // that would be news, have their signatures checked.
+                let mut seen = HashSet::new();
+                let candidates: Vec<CatalogDelta> = deltas
+                    .into_iter()
+                    .take(self.config.swim.max_push_pull_members)
+                    .filter(|d| seen.insert(d.node.clone()) && self.core.catalog_is_news(d, now))
+                    .collect();
+                let checked: Vec<CatalogDelta> = candidates.into_iter().filter_map(|d| self.checked_delta(d)).collect();
                 let news: Vec<CatalogDelta> = checked.into_iter().filter(|d| self.core.apply_catalog(d, now)).collect();
                 if !news.is_empty() {
                     let from = self.shared.me.node.clone();
@@ -1356,7 +1364,14 @@ impl FabricGossip {
                 }
             }
             GossipFrame::CatalogRequest { nodes, .. } => {
-                let nodes: Vec<NodeId> = nodes.into_iter().take(self.config.swim.max_push_pull_members).collect();
+                // Each node once: a request naming one node thousands of times would have its
+                // entry set copied (and ours signed) as many times.
+                let mut seen = HashSet::new();
+                let nodes: Vec<NodeId> = nodes
+                    .into_iter()
+                    .take(self.config.swim.max_push_pull_members)
+                    .filter(|n| seen.insert(n.clone()))
+                    .collect();
                 let deltas = self.seal_all(self.core.catalogs_of(&nodes, unix_now()));
                 let from = self.shared.me.node.clone();
                 self.gossip_to(link, sender, GossipFrame::Catalog { from, deltas });
@@ -1389,6 +1404,9 @@ impl FabricGossip {
         let bound = self.config.swim.max_push_pull_members;
         let mut changed = self.apply_records(link, sender, records.into_iter().take(bound).collect());
         for delta in deltas.into_iter().take(DELTAS_PER_MESSAGE) {
+            if !self.core.catalog_is_news(&delta, now) {
+                continue;
+            }
             let Some(delta) = self.checked_delta(delta) else { continue };
             if self.core.apply_catalog(&delta, now) {
                 changed = true;
