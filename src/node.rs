@@ -299,7 +299,11 @@ impl NodeBuilder {
                  (run with --credentials for production)"),
         }
         let bridges = load_bridges(&settings, credentials.as_deref(), metrics.clone())?;
-        let limits = LinkLimits { max_in_flight_per_link: settings.max_in_flight_per_link, ..LinkLimits::default() };
+        let limits = LinkLimits {
+            max_in_flight_per_link: settings.max_in_flight_per_link,
+            max_served_call: settings.max_request_timeout(),
+            ..LinkLimits::default()
+        };
         let fabric = Arc::new(
             FabricShared::new(me, settings.hop_budget, table.clone(), pubsub.clone(), gossip.clone())
                 .with_trust(credentials)

@@ -688,3 +688,51 @@ async fn queues_are_advertised_in_signed_catalog_entries_and_used_across_the_clu
         assert!(!metrics.contains("forged_statement") && !metrics.contains("unsigned_statement"), "{metrics}");
     }
 }
+
+#[actix_rt::test]
+async fn a_call_served_for_a_peer_stops_at_max_request_timeout() {
+    // A peer may send a call without `timeout_ms` (or with a huge one) to a function that
+    // never ends: it holds a place in the node's max_in_flight only until
+    // max_request_timeout_s, like a client's request.
+    let cluster = cluster_id("served-deadline");
+    // SWIM would suspect the raw peer (it answers no probe) and close its link, ending
+    // the calls: a long period keeps it out of this test.
+    let a_settings = Settings {
+        request_timeout_s: 1.0,
+        max_request_timeout_s: 1.0,
+        probe_interval_s: 30.0,
+        suspect_after_s: 60.0,
+        remove_after_s: 120.0,
+        ..settings("A", &cluster, &[], None)
+    };
+    let forever = FunctionSpec::asynchronous("forever", |_: Value| async move {
+        std::future::pending::<()>().await;
+        Value::Null
+    });
+    let a = TestNode::start(a_settings, vec![forever]).await;
+    let mut ws = raw_connect(a.url()).await;
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "peer", "instance_id": "p1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [], "catalog_version": 1
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    assert_eq!(raw_next(&mut ws, SOON).await.expect("A's STATUS")["kind"], "status");
+    let identity = json!({"name": "forever", "function_id": "forever", "version": "1.0.0", "resources": []});
+    for (i, timeout_ms) in [(1, None), (2, Some(u64::MAX))] {
+        let mut body = json!({"kind": "call", "command": "c", "identity": identity, "args": [1], "kwargs": {}});
+        if let Some(ms) = timeout_ms {
+            body["timeout_ms"] = json!(ms);
+        }
+        let call = json!({"role": "fabric-message", "id": format!("peer:p1:{i}:0000000000000000"), "source": "peer",
+            "target": "A", "path": ["peer"], "hops_left": 5, "body": body});
+        ws.send(Message::Text(call.to_string())).await.unwrap();
+    }
+    wait_until("both calls to be served", || async { (a.node.metrics().admission().in_flight() == 2).then_some(()) })
+        .await;
+    wait_until("both calls stopped at max_request_timeout_s", || async {
+        (a.node.metrics().admission().in_flight() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(a.counter("mpreg_limit_exceeded_total", "limit", "max_request_timeout_s").await, 2);
+}

@@ -140,6 +140,10 @@ pub struct LinkLimits {
     /// beyond: a forwarded call is refused as `Overloaded`, anything else is dropped and
     /// counted (`mpreg_fabric_dropped_total{reason="link_queue_full"}`).
     pub max_parked_frames: usize,
+    /// The longest a call served for a peer may run (its `timeout_ms` counts up to this;
+    /// none means this): at its deadline it is stopped, unanswered, for its caller has
+    /// stopped waiting. The node's `max_request_timeout_s`.
+    pub max_served_call: Duration,
 }
 
 impl Default for LinkLimits {
@@ -150,6 +154,7 @@ impl Default for LinkLimits {
             forwarded_ttl: Duration::from_secs(300),
             max_queue_sessions_per_peer: 65_536,
             max_parked_frames: 4096,
+            max_served_call: Duration::from_secs(300),
         }
     }
 }
@@ -716,35 +721,54 @@ impl FabricShared {
                 // The guard is created before the task can run, and removes the entry
                 // under the same lock this insertion holds, so it never outlives it.
                 let guard = ServingGuard { shared: self.clone(), link, key, _permit: permit };
+                // The caller's time (a peer's number, so capped: never unbounded, never a
+                // panic), or the longest any call may take.
+                let longest = self.limits.max_served_call;
+                let asked = match &body {
+                    FabricBody::Call { timeout_ms, .. } | FabricBody::ClusterCall { timeout_ms, .. } => *timeout_ms,
+                    _ => None,
+                };
+                let capped = asked.is_none_or(|ms| Duration::from_millis(ms) > longest);
+                let time = asked.map_or(longest, |ms| Duration::from_millis(ms).min(longest));
+                let deadline = std::time::Instant::now() + time;
                 let handle = tokio::spawn(async move {
                     let guard = guard;
                     let shared = &guard.shared;
-                    let outcome = match body {
-                        FabricBody::Call { command, identity, args, kwargs, timeout_ms } => {
-                            // A peer's number: an overflowing one means no deadline, never a panic.
-                            let now = std::time::Instant::now();
-                            let deadline = timeout_ms.and_then(|ms| now.checked_add(Duration::from_millis(ms)));
-                            shared.serve_call(&command, &identity, CallArgs { args, kwargs, deadline }).await
-                        }
-                        FabricBody::QueueOp { request, conn } => shared.serve_queue_op(&source, request, conn).await,
-                        FabricBody::ClusterCall { cluster, work, timeout_ms } => {
-                            let deadline = timeout_ms
-                                .and_then(|ms| std::time::Instant::now().checked_add(Duration::from_millis(ms)));
-                            match shared.bridges.clone() {
-                                Some(bridges) => match bridges.call_cluster(&cluster, work, deadline).await {
+                    let serve = async {
+                        match body {
+                            FabricBody::Call { command, identity, args, kwargs, .. } => {
+                                let call = CallArgs { args, kwargs, deadline: Some(deadline) };
+                                Some(shared.serve_call(&command, &identity, call).await)
+                            }
+                            FabricBody::QueueOp { request, conn } => {
+                                Some(shared.serve_queue_op(&source, request, conn).await)
+                            }
+                            FabricBody::ClusterCall { cluster, work, .. } => Some(match shared.bridges.clone() {
+                                Some(bridges) => match bridges.call_cluster(&cluster, work, Some(deadline)).await {
                                     Ok(value) => CallOutcome::Ok { value },
                                     Err(error) => CallOutcome::Refused { error },
                                 },
                                 None => CallOutcome::Unreachable {
                                     reason: format!("node {} has no federation bridges", shared.me.node),
                                 },
-                            }
+                            }),
+                            FabricBody::CacheOp { duty, request } => Some(match shared.cache.clone() {
+                                Some(cache) => crate::cache::cluster::serve(shared, &cache, &duty, request).await,
+                                None => CallOutcome::NotFound { node: shared.me.node.clone() },
+                            }),
+                            _ => None,
                         }
-                        FabricBody::CacheOp { duty, request } => match shared.cache.clone() {
-                            Some(cache) => crate::cache::cluster::serve(shared, &cache, &duty, request).await,
-                            None => CallOutcome::NotFound { node: shared.me.node.clone() },
-                        },
-                        _ => return,
+                    };
+                    let outcome = match tokio::time::timeout_at(deadline.into(), serve).await {
+                        Ok(Some(outcome)) => outcome,
+                        Ok(None) => return,
+                        Err(_) => {
+                            debug!(link, id = %id, capped, "call served for a peer stopped at its deadline");
+                            if capped {
+                                shared.metrics.limit_exceeded("max_request_timeout_s");
+                            }
+                            return;
+                        }
                     };
                     // Waits for room on a full link queue: the call keeps its place in the
                     // in-flight limits until its reply is queued, so a busy link slows its
