@@ -736,3 +736,52 @@ async fn a_call_served_for_a_peer_stops_at_max_request_timeout() {
     .await;
     assert_eq!(a.counter("mpreg_limit_exceeded_total", "limit", "max_request_timeout_s").await, 2);
 }
+
+#[actix_rt::test]
+async fn swim_learns_no_member_the_membership_has_not_admitted() {
+    // An admitted peer invents SWIM members: instances of itself as senders, and strangers
+    // in a push-pull. SWIM would track them, probe them and pass them on to everyone.
+    let cluster = cluster_id("swim-strangers");
+    let a_settings = Settings {
+        probe_interval_s: 30.0,
+        suspect_after_s: 60.0,
+        remove_after_s: 120.0,
+        ..settings("A", &cluster, &[], None)
+    };
+    let a = TestNode::start(a_settings, vec![]).await;
+    let mut ws = raw_connect(a.url()).await;
+    let status = json!({
+        "role": "server", "kind": "status",
+        "info": {"node": "peer", "instance_id": "p1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [], "catalog_version": 1
+    });
+    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
+    let a_member = format!("A#{}", answer["info"]["instance_id"].as_str().expect("A's instance"));
+    let pending = |topology: &Value| topology["pending_updates"].as_u64().expect("pending_updates");
+    wait_linked(&a, "peer").await;
+    // What A has to pass on settles once the peer's join is spread.
+    let settled = wait_until("A's news about the peer to be passed on", || async {
+        let topology = a.topology().await;
+        (pending(&topology) <= 2).then_some(pending(&topology))
+    })
+    .await;
+    let strangers: Vec<Value> =
+        (0..1000).map(|i| json!({"member": format!("ghost{i}#g"), "incarnation": 0, "liveness": "alive"})).collect();
+    let push_pull = json!({"role": "fabric-gossip", "kind": "swim", "from": "peer#p1", "to": a_member,
+        "message": {"kind": "push-pull", "members": strangers, "reply": false}});
+    ws.send(Message::Text(push_pull.to_string())).await.unwrap();
+    for i in 0..100 {
+        let gossip = json!({"role": "fabric-gossip", "kind": "swim", "from": format!("peer#fake{i}"), "to": a_member,
+            "message": {"kind": "gossip", "rumors": []}});
+        ws.send(Message::Text(gossip.to_string())).await.unwrap();
+    }
+    wait_until("A to drop the messages of invented instances", || async {
+        (a.counter("mpreg_fabric_dropped_total", "reason", "swim_unknown_member").await == 100).then_some(())
+    })
+    .await;
+    let topology = a.topology().await;
+    assert!(pending(&topology) <= settled, "A took up invented members to spread: {topology:#}");
+    let nodes: Vec<&str> = topology["nodes"].as_array().unwrap().iter().map(|n| n["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["A", "peer"], "{topology:#}");
+}

@@ -26,6 +26,19 @@ use super::snapshot::{SnapshotCatalog, SnapshotMember};
 use super::wire::{CatalogDelta, ClusterId, FunctionAbout, InstanceId, MemberDigest, NodeId, NodeInfo};
 use crate::function::FunctionIdentity;
 
+/// Members one node tracks at most (the rest are refused, counted, and learned when
+/// there is room): bounds what invented records can make a node hold.
+pub const MAX_MEMBERS: usize = 4096;
+
+/// Neighbours kept of one member's record (a node has at most `peer_fanout` plus
+/// `max_inbound_links` links; the rest of a longer list is cut).
+pub const MAX_NEIGHBOURS: usize = 1024;
+
+/// A record's neighbour list, cut at [`MAX_NEIGHBOURS`].
+fn bounded_neighbours(neighbours: &[NodeId]) -> Vec<NodeId> {
+    neighbours.iter().take(MAX_NEIGHBOURS).cloned().collect()
+}
+
 /// Timing of failure detection and catalog freshness (seconds).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MembershipTiming {
@@ -107,6 +120,8 @@ pub struct RestoreOutcome {
 /// Why a peer's STATUS was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
+    /// This node tracks [`MAX_MEMBERS`] members already.
+    Full,
     /// It belongs to another cluster (strict isolation).
     OtherCluster(ClusterId),
     /// That instance said GOODBYE moments ago.
@@ -118,6 +133,7 @@ pub enum Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Refusal::Full => write!(f, "this node tracks {MAX_MEMBERS} members already"),
             Refusal::OtherCluster(c) => write!(f, "peer belongs to cluster {c}; this cluster admits no other"),
             Refusal::Departed => write!(f, "peer instance departed (GOODBYE) and is within its grace period"),
             Refusal::SelfLink => write!(f, "peer is this node"),
@@ -256,10 +272,18 @@ impl MembershipCore {
     /// Checks a peer's STATUS and learns it; `Err` means refuse the link.
     pub fn admit(&mut self, info: &NodeInfo, now: f64) -> Result<Vec<MembershipEvent>, Refusal> {
         self.check(info, now)?;
+        if !self.has_room_for(&info.node) {
+            return Err(Refusal::Full);
+        }
         let digest = MemberDigest { info: info.clone(), heartbeat: 0, catalog_version: 0, neighbours: Vec::new() };
         let mut events = Vec::new();
         self.observe(&digest, now, true, &mut events);
         Ok(events)
+    }
+
+    /// Whether `node` is known, or a new member still fits under [`MAX_MEMBERS`].
+    fn has_room_for(&self, node: &str) -> bool {
+        self.members.len() < MAX_MEMBERS || self.members.contains_key(node)
     }
 
     fn is_departed(&self, node: &str, instance: &str, now: f64) -> bool {
@@ -305,7 +329,7 @@ impl MembershipCore {
                     }
                 }
                 if at_least_as_fresh && (!d.neighbours.is_empty() || d.heartbeat > 0) {
-                    m.neighbours = d.neighbours.clone();
+                    m.neighbours = bounded_neighbours(&d.neighbours);
                 }
                 m.catalog_version = m.catalog_version.max(d.catalog_version);
                 m.info.url = d.info.url.clone();
@@ -324,7 +348,7 @@ impl MembershipCore {
                         heartbeat: d.heartbeat,
                         heard_at: now,
                         state: MemberState::Alive,
-                        neighbours: d.neighbours.clone(),
+                        neighbours: bounded_neighbours(&d.neighbours),
                         catalog_version: d.catalog_version,
                     },
                 );
@@ -351,7 +375,7 @@ impl MembershipCore {
         for d in digests {
             let known = d.info.node == self.me.node || self.members.contains_key(&d.info.node);
             if !known {
-                if learned >= max_new {
+                if learned >= max_new || !self.has_room_for(&d.info.node) {
                     refused += 1;
                     continue;
                 }
@@ -780,6 +804,23 @@ mod tests {
 
     fn core() -> MembershipCore {
         MembershipCore::new(info("a", "a1"), MembershipTiming::default(), Vec::new())
+    }
+
+    #[test]
+    fn members_are_bounded_in_number_and_neighbour_lists_in_length() {
+        let mut m = core();
+        let long: Vec<String> = (0..MAX_NEIGHBOURS + 10).map(|i| format!("n{i}")).collect();
+        let long: Vec<&str> = long.iter().map(String::as_str).collect();
+        let digests: Vec<MemberDigest> =
+            (0..MAX_MEMBERS + 5).map(|i| digest(&format!("m{i}"), "x", 1, if i == 0 { &long } else { &[] })).collect();
+        let outcome = m.apply_digest_bounded(&digests, 0.0, usize::MAX);
+        assert_eq!(m.members().count(), MAX_MEMBERS);
+        assert_eq!(outcome.refused, 5);
+        assert_eq!(m.members().find(|x| x.info.node == "m0").unwrap().neighbours.len(), MAX_NEIGHBOURS);
+        // Full: a new node is refused a link, a known one (a new instance included) is not.
+        assert_eq!(m.admit(&info("newcomer", "n1"), 1.0), Err(Refusal::Full));
+        assert!(m.admit(&info("m7", "y"), 1.0).is_ok());
+        assert!(m.apply_digest_bounded(&[digest("m8", "x", 2, &[])], 1.0, 16).refused == 0);
     }
 
     #[test]

@@ -386,6 +386,7 @@ impl LinkRefusal {
 impl From<Refusal> for LinkRefusal {
     fn from(refusal: Refusal) -> Self {
         let label = match refusal {
+            Refusal::Full => "too_many_members",
             Refusal::OtherCluster(_) => "other_cluster",
             Refusal::Departed => "departed",
             Refusal::SelfLink => "self",
@@ -1414,6 +1415,16 @@ impl FabricGossip {
                 self.deltas.push(&owner, delta, self.config.swim.max_pending_rumors);
             }
         }
+        if !self.knows_member(&from) {
+            // An instance of the sender we hold no record of (invented, or its record has
+            // not reached us yet): SWIM would start tracking it, and pass it on.
+            debug!(node = %self.shared.me.node, sender = %sender, from = %from, "SWIM message from an unknown instance dropped");
+            self.shared.metrics.fabric_dropped("swim_unknown_member");
+            if changed {
+                self.view_dirty = true;
+            }
+            return;
+        }
         let (out, transitions) = self.swim.receive(&from, self.sanitized(message), now);
         changed |= !transitions.is_empty();
         // A member back alive (it refuted a death) whose record we dropped with it: its
@@ -1433,12 +1444,27 @@ impl FabricGossip {
         }
     }
 
-    /// A peer's SWIM message within bounds, and without `left` rumors: a departure counts
-    /// only as the node's own GOODBYE (signed, with credentials), never as hearsay.
+    /// Whether SWIM tracks `member` already, or the membership holds a record of that
+    /// instance (so SWIM may start to): SWIM learns of no member the membership has not
+    /// admitted within its bounds ([`membership::MAX_MEMBERS`], new members per frame).
+    fn knows_member(&self, member: &str) -> bool {
+        member == member_id(&self.shared.me)
+            || self.swim.liveness_of(member).is_some()
+            || split_member(member)
+                .is_some_and(|(node, instance)| self.core.record_of(node).is_some_and(|(i, _)| i == instance))
+    }
+
+    /// A peer's SWIM message within bounds, without `left` rumors (a departure counts only
+    /// as the node's own GOODBYE, signed with credentials, never as hearsay) and without
+    /// rumors about members we do not know (see [`Self::knows_member`]).
     fn sanitized(&self, message: SwimMessage) -> SwimMessage {
         let max = self.config.swim.max_piggyback;
         let keep = |rumors: Vec<Rumor>, max: usize| -> Vec<Rumor> {
-            rumors.into_iter().filter(|r| r.liveness != Liveness::Left).take(max).collect()
+            rumors
+                .into_iter()
+                .take(max)
+                .filter(|r| r.liveness != Liveness::Left && self.knows_member(&r.member))
+                .collect()
         };
         match message {
             SwimMessage::Ping { seq, rumors } => SwimMessage::Ping { seq, rumors: keep(rumors, max) },
