@@ -29,7 +29,12 @@ impl Drop for TestNode {
 }
 
 async fn node() -> TestNode {
-    let settings = Settings { port: 0, monitoring_port: 0, ..Settings::default() };
+    node_with(Settings::default()).await
+}
+
+/// A node with `settings`, on ports the OS picks.
+async fn node_with(settings: Settings) -> TestNode {
+    let settings = Settings { port: 0, monitoring_port: 0, ..settings };
     TestNode(NodeBuilder::new(settings).start().await.expect("node starts"))
 }
 
@@ -403,9 +408,7 @@ async fn a_deleted_queue_takes_its_bindings_with_it() {
 
 #[actix_rt::test]
 async fn bindings_are_bounded_per_queue_not_per_node() {
-    let settings =
-        Settings { port: 0, monitoring_port: 0, pubsub_max_subscriptions_per_connection: 2, ..Settings::default() };
-    let node = TestNode(NodeBuilder::new(settings).start().await.expect("node starts"));
+    let node = node_with(Settings { pubsub_max_subscriptions_per_connection: 2, ..Settings::default() }).await;
     let c = client(&node).await;
     for queue in ["a", "b"] {
         c.queue_create(queue, json!({})).await.unwrap();
@@ -438,9 +441,7 @@ async fn bindings_are_bounded_per_queue_not_per_node() {
 
 #[actix_rt::test]
 async fn queue_subscriptions_are_bounded_per_connection_and_in_id_length() {
-    let settings =
-        Settings { port: 0, monitoring_port: 0, pubsub_max_subscriptions_per_connection: 3, ..Settings::default() };
-    let node = TestNode(NodeBuilder::new(settings).start().await.expect("node starts"));
+    let node = node_with(Settings { pubsub_max_subscriptions_per_connection: 3, ..Settings::default() }).await;
     let c = client(&node).await;
     c.queue_create("q", json!({})).await.unwrap();
     let subscribe = |id: String| c.queue_op("subscribe", Some("q"), json!({ "subscription_id": id }));

@@ -689,27 +689,15 @@ async fn queues_are_advertised_in_signed_catalog_entries_and_used_across_the_clu
     }
 }
 
-#[actix_rt::test]
-async fn a_call_served_for_a_peer_stops_at_max_request_timeout() {
-    // A peer may send a call without `timeout_ms` (or with a huge one) to a function that
-    // never ends: it holds a place in the node's max_in_flight only until
-    // max_request_timeout_s, like a client's request.
-    let cluster = cluster_id("served-deadline");
-    // SWIM would suspect the raw peer (it answers no probe) and close its link, ending
-    // the calls: a long period keeps it out of this test.
-    let a_settings = Settings {
-        request_timeout_s: 1.0,
-        max_request_timeout_s: 1.0,
-        probe_interval_s: 30.0,
-        suspect_after_s: 60.0,
-        remove_after_s: 120.0,
-        ..settings("A", &cluster, &[], None)
-    };
-    let forever = FunctionSpec::asynchronous("forever", |_: Value| async move {
-        std::future::pending::<()>().await;
-        Value::Null
-    });
-    let a = TestNode::start(a_settings, vec![forever]).await;
+/// `settings` with SWIM periods long enough that a raw peer (it answers no probe) is not
+/// suspected, and its link closed, during a test.
+fn quiet(settings: Settings) -> Settings {
+    Settings { probe_interval_s: 30.0, suspect_after_s: 60.0, remove_after_s: 120.0, ..settings }
+}
+
+/// A raw websocket admitted by `a` (open mode) as node `peer`, instance `p1`, and `a`'s
+/// STATUS answer.
+async fn raw_peer(a: &TestNode, cluster: &str) -> (common::ws::Ws, Value) {
     let mut ws = raw_connect(a.url()).await;
     let status = json!({
         "role": "server", "kind": "status",
@@ -717,7 +705,25 @@ async fn a_call_served_for_a_peer_stops_at_max_request_timeout() {
         "functions": [], "catalog_version": 1
     });
     ws.send(Message::Text(status.to_string())).await.unwrap();
-    assert_eq!(raw_next(&mut ws, SOON).await.expect("A's STATUS")["kind"], "status");
+    let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
+    assert_eq!(answer["kind"], "status", "{answer}");
+    (ws, answer)
+}
+
+#[actix_rt::test]
+async fn a_call_served_for_a_peer_stops_at_max_request_timeout() {
+    // A peer may send a call without `timeout_ms` (or with a huge one) to a function that
+    // never ends: it holds a place in the node's max_in_flight only until
+    // max_request_timeout_s, like a client's request.
+    let cluster = cluster_id("served-deadline");
+    let a_settings =
+        Settings { request_timeout_s: 1.0, max_request_timeout_s: 1.0, ..quiet(settings("A", &cluster, &[], None)) };
+    let forever = FunctionSpec::asynchronous("forever", |_: Value| async move {
+        std::future::pending::<()>().await;
+        Value::Null
+    });
+    let a = TestNode::start(a_settings, vec![forever]).await;
+    let (mut ws, _) = raw_peer(&a, &cluster).await;
     let identity = json!({"name": "forever", "function_id": "forever", "version": "1.0.0", "resources": []});
     for (i, timeout_ms) in [(1, None), (2, Some(u64::MAX))] {
         let mut body = json!({"kind": "call", "command": "c", "identity": identity, "args": [1], "kwargs": {}});
@@ -742,21 +748,8 @@ async fn swim_learns_no_member_the_membership_has_not_admitted() {
     // An admitted peer invents SWIM members: instances of itself as senders, and strangers
     // in a push-pull. SWIM would track them, probe them and pass them on to everyone.
     let cluster = cluster_id("swim-strangers");
-    let a_settings = Settings {
-        probe_interval_s: 30.0,
-        suspect_after_s: 60.0,
-        remove_after_s: 120.0,
-        ..settings("A", &cluster, &[], None)
-    };
-    let a = TestNode::start(a_settings, vec![]).await;
-    let mut ws = raw_connect(a.url()).await;
-    let status = json!({
-        "role": "server", "kind": "status",
-        "info": {"node": "peer", "instance_id": "p1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
-        "functions": [], "catalog_version": 1
-    });
-    ws.send(Message::Text(status.to_string())).await.unwrap();
-    let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
+    let a = TestNode::start(quiet(settings("A", &cluster, &[], None)), vec![]).await;
+    let (mut ws, answer) = raw_peer(&a, &cluster).await;
     let a_member = format!("A#{}", answer["info"]["instance_id"].as_str().expect("A's instance"));
     let pending = |topology: &Value| topology["pending_updates"].as_u64().expect("pending_updates");
     wait_linked(&a, "peer").await;
