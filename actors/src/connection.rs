@@ -370,7 +370,7 @@ impl Connection {
             Ok(Inbound::Publish(request)) => self.on_publish(request, kind, ctx),
             Ok(Inbound::Unsubscribe(request)) => self.on_unsubscribe(request, kind, ctx),
             Ok(Inbound::Peer) => match PeerFrame::decode(&bytes) {
-                Ok(frame) => self.on_peer_frame(frame, kind, ctx),
+                Ok(frame) => self.on_peer_frame(frame, bytes.len(), kind, ctx),
                 Err(e) => {
                     let error = RpcError::invalid(e.to_string());
                     self.reject(InboundError { u: None, role: None, error }, kind, ctx);
@@ -613,7 +613,7 @@ impl Connection {
     /// A peer frame. Only a STATUS turns a client connection into a (not yet admitted)
     /// link; any other peer frame on a client connection is answered 1004 and changes
     /// nothing. Whether the link is admitted is the fabric's call.
-    fn on_peer_frame(&mut self, frame: PeerFrame, kind: FrameKind, ctx: &mut Context<Self>) {
+    fn on_peer_frame(&mut self, frame: PeerFrame, bytes: usize, kind: FrameKind, ctx: &mut Context<Self>) {
         let fabric = self.shared.fabric.clone();
         let link = match self.link {
             Some(link) => link,
@@ -650,7 +650,7 @@ impl Connection {
                 link
             }
         };
-        fabric.on_frame(link, frame);
+        fabric.on_frame(link, frame, bytes);
     }
 
     fn reject(&mut self, rejected: InboundError, kind: FrameKind, ctx: &mut Context<Self>) {

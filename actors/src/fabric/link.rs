@@ -266,6 +266,8 @@ pub struct FabricShared {
     next_id: AtomicU64,
     /// Puts replies and forwarded calls on link queues without losing them to a full one.
     pub(super) parking: Parking,
+    /// Each link's share of the FabricGossip actor's mailbox.
+    pub(super) mailbox: MailboxShares,
 }
 
 /// Queues frames on links. A full queue is not a reason to lose a reply or a forwarded
@@ -305,6 +307,57 @@ impl Parking {
             }
         });
         Ok(())
+    }
+}
+
+/// Frames one link may have in the FabricGossip actor's mailbox, not yet handled.
+pub const MAX_MAILBOX_FRAMES_PER_LINK: usize = 4096;
+/// Bytes (as read) of those frames; a single larger frame passes when the link has none
+/// waiting.
+pub const MAX_MAILBOX_BYTES_PER_LINK: usize = 16 << 20;
+
+/// What each link has handed to the FabricGossip actor that the actor has not handled yet
+/// (frames, bytes). Actix mailboxes fed with `do_send` have no bound: without this a peer
+/// that sends faster than the actor handles would grow it without end. Beyond a link's
+/// share its frames are dropped and counted (`link_mailbox_full`): gossip tolerates loss
+/// and the periodic push-pull repairs it.
+#[derive(Clone, Default)]
+pub struct MailboxShares(Arc<Mutex<HashMap<LinkId, (usize, usize)>>>);
+
+impl MailboxShares {
+    /// A place for a frame of `bytes` from `link`, held until the ticket drops (the actor
+    /// handled the message, or dropped it); `None` when the link's share is used up.
+    pub fn take(&self, link: LinkId, bytes: usize) -> Option<MailboxTicket> {
+        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (frames, queued) = map.entry(link).or_default();
+        let fits =
+            *frames == 0 || (*frames < MAX_MAILBOX_FRAMES_PER_LINK && *queued + bytes <= MAX_MAILBOX_BYTES_PER_LINK);
+        if !fits {
+            return None;
+        }
+        *frames += 1;
+        *queued += bytes;
+        Some(MailboxTicket { shares: self.clone(), link, bytes })
+    }
+}
+
+/// A frame's place in its link's [`MailboxShares`], given back on drop.
+pub struct MailboxTicket {
+    shares: MailboxShares,
+    link: LinkId,
+    bytes: usize,
+}
+
+impl Drop for MailboxTicket {
+    fn drop(&mut self) {
+        let mut map = self.shares.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((frames, queued)) = map.get_mut(&self.link) {
+            *frames -= 1;
+            *queued -= self.bytes;
+            if *frames == 0 {
+                map.remove(&self.link);
+            }
+        }
     }
 }
 
@@ -357,6 +410,7 @@ impl FabricShared {
             seen: Mutex::new(SeenIds { order: VecDeque::new(), set: HashSet::new(), capacity: 65_536 }),
             next_id: AtomicU64::new(1),
             parking: Parking::new(LinkLimits::default().max_parked_frames, Arc::new(Metrics::default())),
+            mailbox: MailboxShares::default(),
         }
     }
 
@@ -620,7 +674,7 @@ impl FabricShared {
     /// Handles a frame read from a link: routed messages on admitted links here, the rest
     /// to the actor (which also takes routed messages that arrive while the handshake is
     /// still in its mailbox, so they are judged after it).
-    pub fn on_frame(self: &Arc<Self>, link: LinkId, frame: PeerFrame) {
+    pub fn on_frame(self: &Arc<Self>, link: LinkId, frame: PeerFrame, bytes: usize) {
         // Counted on its link: the actor reads the count to know the link is alive.
         let admitted = matches!(frame, PeerFrame::FabricMessage(_))
             && self
@@ -638,16 +692,34 @@ impl FabricShared {
             (frame, _) => frame,
         };
         match frame {
-            PeerFrame::FabricMessage(message) if admitted => self.route(link, message),
-            other => match self.gossip.get() {
-                Some(gossip) => gossip.do_send(PeerFrameReceived { link, frame: other }),
-                None => debug!(link, "fabric restarting; dropped a gossip frame"),
-            },
+            PeerFrame::FabricMessage(message) if admitted => self.route(link, message, bytes),
+            other => self.to_actor(link, bytes, |ticket| PeerFrameReceived { link, frame: other, ticket }),
+        }
+    }
+
+    /// Hands the message `make` builds to the FabricGossip actor, within `link`'s share of
+    /// its mailbox (see [`MailboxShares`]): dropped and counted beyond it.
+    fn to_actor<M>(&self, link: LinkId, bytes: usize, make: impl FnOnce(MailboxTicket) -> M)
+    where
+        M: actix::Message<Result = ()> + Send + 'static,
+        FabricGossip: actix::Handler<M>,
+    {
+        let Some(gossip) = self.gossip.get() else {
+            debug!(link, "fabric restarting; dropped a gossip frame");
+            return;
+        };
+        match self.mailbox.take(link, bytes) {
+            Some(ticket) => gossip.do_send(make(ticket)),
+            None => {
+                debug!(link, bytes, "link's share of the fabric's mailbox used up; gossip frame dropped");
+                self.metrics.fabric_dropped("link_mailbox_full");
+            }
         }
     }
 
     /// Routes a message that arrived on the admitted link `link`.
-    pub fn route(self: &Arc<Self>, link: LinkId, mut message: FabricMessage) {
+    /// `bytes`: the frame as read (0 when the actor passes on one it holds already).
+    pub fn route(self: &Arc<Self>, link: LinkId, mut message: FabricMessage, bytes: usize) {
         if message.target == BROADCAST {
             let FabricBody::Publish { message: published } = &message.body else { return };
             if !self.seen.lock().map(|mut s| s.first_time(&published.message_id)).unwrap_or(false) {
@@ -785,10 +857,10 @@ impl FabricShared {
             }
             FabricBody::QueuePush { conn, frame } => self.deliver_queue_push(&message.source, conn, frame),
             FabricBody::QueueGone { conn } => self.remote_connection_gone(&message.source, conn),
-            FabricBody::Gossip { frame } => match self.gossip.get() {
-                Some(gossip) => gossip.do_send(super::RoutedGossip { source: message.source, frame }),
-                None => debug!(link, "fabric restarting; dropped a routed gossip frame"),
-            },
+            FabricBody::Gossip { frame } => {
+                let source = message.source;
+                self.to_actor(link, bytes, |ticket| super::RoutedGossip { source, frame, ticket });
+            }
             FabricBody::Publish { .. } => {}
         }
     }
@@ -1058,7 +1130,7 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
             continue;
         }
         match serde_json::from_slice::<PeerFrame>(&bytes) {
-            Ok(frame) => shared.on_frame(link, frame),
+            Ok(frame) => shared.on_frame(link, frame, bytes.len()),
             Err(e) => warn!(peer = %url, cause = %e, "undecodable frame from peer; ignored"),
         }
     }
@@ -1073,4 +1145,27 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
 /// Whole milliseconds from `now` until `deadline` (0 once it passed).
 pub fn millis_left(deadline: std::time::Instant, now: std::time::Instant) -> u64 {
     u64::try_from(deadline.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_links_share_of_the_mailbox_is_bounded_in_frames_and_bytes_and_given_back() {
+        let shares = MailboxShares::default();
+        // One frame larger than the byte bound passes when its link has none waiting.
+        let big = shares.take(1, MAX_MAILBOX_BYTES_PER_LINK * 2).expect("alone: passes");
+        assert!(shares.take(1, 1).is_none(), "nothing joins it");
+        assert!(shares.take(2, 1).is_some(), "another link has its own share");
+        drop(big);
+        let held: Vec<MailboxTicket> =
+            (0..MAX_MAILBOX_FRAMES_PER_LINK).map(|_| shares.take(1, 10).expect("within the share")).collect();
+        assert!(shares.take(1, 10).is_none(), "frames used up");
+        drop(held);
+        let half = shares.take(1, MAX_MAILBOX_BYTES_PER_LINK / 2).expect("given back");
+        assert!(shares.take(1, MAX_MAILBOX_BYTES_PER_LINK / 2 + 1).is_none(), "bytes used up");
+        drop(half);
+        assert!(shares.0.lock().unwrap().is_empty(), "no entry is left behind");
+    }
 }

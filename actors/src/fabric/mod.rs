@@ -199,6 +199,8 @@ pub struct PeerFrameReceived {
     pub link: LinkId,
     /// The frame.
     pub frame: PeerFrame,
+    /// Its place in the link's share of this actor's mailbox.
+    pub ticket: link::MailboxTicket,
 }
 
 /// A gossip frame routed to this node by `source`, which has no link to it.
@@ -209,6 +211,8 @@ pub struct RoutedGossip {
     pub source: NodeId,
     /// The frame.
     pub frame: GossipFrame,
+    /// Its place in the share of this actor's mailbox of the link it came in on.
+    pub ticket: link::MailboxTicket,
 }
 
 /// A link closed.
@@ -1940,7 +1944,7 @@ impl FabricGossip {
             }
             // Routed messages that reached the actor because the link was not admitted
             // when they were read: admitted now (the handshake came first), or dropped.
-            PeerFrame::FabricMessage(message) if handshaken => self.shared.route(msg.link, message),
+            PeerFrame::FabricMessage(message) if handshaken => self.shared.route(msg.link, message, 0),
             PeerFrame::FabricMessage(_) => {
                 debug!(link = msg.link, "routed message before the handshake completed dropped");
                 self.shared.metrics.fabric_dropped("no_handshake");
