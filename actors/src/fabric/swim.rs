@@ -518,6 +518,7 @@ impl Swim {
             self.period_start = if now - self.period_start < 2.0 * period { self.period_start + period } else { now };
             self.periods += 1;
             out.extend(self.start_probe(now));
+            out.extend(self.remind_suspects(now));
             let every = u64::from(self.config.push_pull_every);
             if every > 0 && self.periods % every == 0 {
                 out.extend(self.push_pull());
@@ -837,6 +838,31 @@ impl Swim {
                 self.send(&helper, SwimMessage::PingReq { seq, target: target.to_owned(), rumors })
             })
             .collect()
+    }
+
+    /// Tells each member we have suspected since an earlier period, once a period, that we
+    /// do (Lifeguard's buddy system, kept up while the suspicion lasts): a member that was
+    /// away while the suspicion spread (stopped, partitioned) refutes as soon as it is back
+    /// and tells us at once, whatever became of its refutation's copies on the way. Without
+    /// it a member that missed the refutation kept its suspicion, and then the death it
+    /// declared, until a push-pull. This period's probe target hears it in the ping; at
+    /// most `max_piggyback` members are told a period, in turn.
+    fn remind_suspects(&mut self, now: f64) -> Vec<Outgoing> {
+        let probed = self.probe.as_ref().map(|p| p.target.clone());
+        let due: Vec<MemberId> = self
+            .suspects
+            .iter()
+            .filter(|m| Some(*m) != probed.as_ref())
+            .filter(|m| self.members.get(*m).is_some_and(|k| k.since < now))
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let turn = (self.periods as usize) % due.len();
+        let told: Vec<MemberId> =
+            due.iter().cycle().skip(turn).take(due.len().min(self.config.max_piggyback)).cloned().collect();
+        told.iter().map(|m| self.send(m, SwimMessage::Gossip { rumors: Vec::new() })).collect()
     }
 
     fn push_pull(&mut self) -> Vec<Outgoing> {

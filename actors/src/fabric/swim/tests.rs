@@ -59,6 +59,49 @@ fn a_suspected_member_is_told_by_whatever_it_is_sent_and_refutes() {
 }
 
 #[test]
+fn a_suspect_is_reminded_every_period_and_its_answer_clears_the_suspicion() {
+    // a learns that b is suspect from c's rumor while b is away (a long suspicion here, so
+    // that several periods pass before a would declare it dead).
+    let config = SwimConfig { suspicion_mult: 10.0, ..config() };
+    let mut a = Swim::new("a", config, 0.0, 7);
+    let members = ["b", "c", "d"].iter().map(|o| rumor(o, 0, Liveness::Alive)).collect();
+    a.receive("c", SwimMessage::PushPull { members, reply: false }, 0.0);
+    a.receive("c", SwimMessage::Gossip { rumors: vec![rumor("b", 0, Liveness::Suspect)] }, 0.5);
+    // Every 50 ms for 5 s, c and d acking a's probes: what a sends b.
+    let mut told = Vec::new();
+    let mut now = 0.5;
+    while now < 5.5 {
+        now += 0.05;
+        let (out, _) = a.tick(now);
+        for o in out {
+            match (o.to.as_str(), &o.message) {
+                ("b", SwimMessage::Gossip { rumors } | SwimMessage::Ping { rumors, .. }) => {
+                    assert_eq!(rumors.first(), Some(&rumor("b", 0, Liveness::Suspect)), "{rumors:?}");
+                    told.push((now, o.message.clone()));
+                }
+                (to, SwimMessage::Ping { seq, .. }) => {
+                    a.receive(to, SwimMessage::Ack { seq: *seq, rumors: vec![] }, now);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(told.len() >= 4, "b is told once a period: {:?}", told.iter().map(|t| t.0).collect::<Vec<_>>());
+    assert_eq!(a.liveness_of("b"), Some(Liveness::Suspect));
+    // b is back: it refutes, and answers a at once with what a is behind on.
+    let mut b = member("b", &["a", "c", "d"]);
+    let (answer, _) = b.receive("a", told.last().expect("told").1.clone(), now);
+    assert_eq!(b.incarnation(), 1);
+    for o in answer.iter().filter(|o| o.to == "a") {
+        a.receive("b", o.message.clone(), now);
+    }
+    assert_eq!(a.liveness_of("b"), Some(Liveness::Alive), "a no longer suspects b");
+    let (out, _) = a.tick(now + 2.0);
+    let reminded = |o: &Outgoing| matches!(&o.message, SwimMessage::Gossip { rumors } if rumors.iter().any(|r| r.member == "b" && r.liveness == Liveness::Suspect));
+    assert!(!out.iter().any(reminded), "no more reminders: {out:?}");
+}
+
+#[test]
 fn a_ping_is_acked_with_its_seq() {
     let mut b = member("b", &["a"]);
     let (out, _) = b.receive("a", SwimMessage::Ping { seq: 42, rumors: vec![] }, 1.0);
