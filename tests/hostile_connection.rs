@@ -426,14 +426,15 @@ async fn non_reading_subscriber(node: &TestNode, bystander_url: &str) {
 }
 
 /// 16 messages of 1 MB are kept in the backlog; a client that never reads asks for 20
-/// replays of it (320 MB of notifications) in one write: replays wait for room in its
-/// outbox, one at a time, so memory stays bounded; once it reads, every ack and every
-/// replayed message arrives, each subscription's ack before its messages.
+/// replays of it (320 MB of notifications) in one write: the acks come at once, the
+/// replays wait for room in its outbox, one at a time, so memory stays bounded; once it
+/// reads, every ack and every replayed message arrives.
 async fn non_reading_backlog_replays() {
     const KEPT: usize = 16;
     const REPLAYS: usize = 20;
     const RSS_BOUND: u64 = 96 * MIB;
-    let node = TestNode::start(settings()).await;
+    // The attacker is silent while it does not read: a slow run must not see it closed.
+    let node = TestNode::start(Settings { client_timeout_s: 600.0, ..settings() }).await;
     let publisher = Client::connect(node.0.url()).await.expect("publisher connects");
     let payload = json!("r".repeat(1_000_000));
     for _ in 0..KEPT {
@@ -455,11 +456,18 @@ async fn non_reading_backlog_replays() {
         })
         .collect();
     attacker.writer.write_all(&subscribes).await.expect("subscribes written");
-    poll_until_async("the outbox over its bound", SOON, || async {
+    // The node counts a pause when it next looks for a frame from the client while its
+    // outbox is over the bound: the client keeps sending small pings until it does.
+    let deadline = Instant::now() + SOON;
+    loop {
+        attacker.send(PING, b"p").await;
         let pauses = node.metric("mpreg_limit_exceeded_total", r#"limit="max_outbound_bytes_per_connection""#).await;
-        (pauses >= 1.0).then_some(())
-    })
-    .await;
+        if pauses >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node never stopped reading the client");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     bystander.make_calls(200).await;
     let grown = rss_bytes().saturating_sub(before);
     let (p99, calls) = bystander.p99(100);
@@ -472,20 +480,20 @@ async fn non_reading_backlog_replays() {
     assert!(grown < RSS_BOUND, "RSS grew {} MiB", grown / MIB);
     assert!(p99 < BYSTANDER_P99, "bystander p99 {p99:?}");
 
-    // It reads: every ack, then that subscription's whole replay.
-    let mut replayed = vec![0usize; REPLAYS];
-    let mut current = None;
-    while replayed.iter().sum::<usize>() < REPLAYS * KEPT {
+    // It reads: every ack, and every subscription's whole replay.
+    let (mut acks, mut replayed) = (0, vec![0usize; REPLAYS]);
+    while acks < REPLAYS || replayed.iter().sum::<usize>() < REPLAYS * KEPT {
         let frame = attacker.reader.data().await;
         if frame.payload.len() < 4096 {
             let ack = frame.json();
             assert_eq!((&ack["role"], &ack["success"]), (&json!("pubsub-ack"), &json!(true)), "{ack}");
-            let u = ack["operation_id"].as_str().expect("operation_id");
-            current = Some(u.trim_start_matches("sub").parse::<usize>().expect("sub<i>"));
+            acks += 1;
         } else {
             let head = String::from_utf8_lossy(&frame.payload[..200]);
             assert!(head.contains("pubsub-notification") && head.contains("replay.big"), "{head}");
-            replayed[current.expect("an ack comes before its replay")] += 1;
+            let tail = String::from_utf8_lossy(&frame.payload[frame.payload.len() - 200..]);
+            let id = tail.split(r#""subscription_id":"r"#).nth(1).and_then(|t| t.split('"').next()).expect("id");
+            replayed[id.parse::<usize>().expect("r<i>")] += 1;
         }
     }
     assert_eq!(replayed, vec![KEPT; REPLAYS]);

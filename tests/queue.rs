@@ -460,7 +460,19 @@ async fn queue_subscriptions_are_bounded_per_connection_and_in_id_length() {
         other => panic!("expected 1006, got {other:?}"),
     }
     subscribe("s1".to_owned()).await.expect("a held subscription is renewed");
+    // The same id on another queue is another subscription, and counts.
+    c.queue_create("r", json!({})).await.unwrap();
+    let on_r = c.queue_op("subscribe", Some("r"), json!({ "subscription_id": "s1" })).await;
+    assert_eq!(code(on_r), 1006, "the same id on another queue is not a renewal");
+    // A deleted queue's subscriptions no longer count.
+    c.queue_create("gone", json!({})).await.unwrap();
+    c.queue_op("unsubscribe", Some("q"), json!({ "subscription_id": "s2" })).await.unwrap();
+    c.queue_op("subscribe", Some("gone"), json!({ "subscription_id": "g" })).await.unwrap();
+    assert_eq!(code(subscribe("s2".to_owned()).await), 1006, "full again");
+    c.queue_delete("gone").await.unwrap();
+    subscribe("s2".to_owned()).await.expect("room once the queue is deleted");
     // Room again after an unsubscribe, and another connection has its own bound.
+    assert_eq!(code(subscribe("s3".to_owned()).await), 1006, "full");
     c.queue_op("unsubscribe", Some("q"), json!({ "subscription_id": "s0" })).await.unwrap();
     subscribe("s3".to_owned()).await.expect("room after an unsubscribe");
     let other = client(&node).await;

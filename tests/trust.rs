@@ -716,8 +716,9 @@ async fn a_call_served_for_a_peer_stops_at_max_request_timeout() {
     // never ends: it holds a place in the node's max_in_flight only until
     // max_request_timeout_s, like a client's request.
     let cluster = cluster_id("served-deadline");
+    // 3 s: long enough that a loaded machine sees both calls running.
     let a_settings =
-        Settings { request_timeout_s: 1.0, max_request_timeout_s: 1.0, ..quiet(settings("A", &cluster, &[], None)) };
+        Settings { request_timeout_s: 3.0, max_request_timeout_s: 3.0, ..quiet(settings("A", &cluster, &[], None)) };
     let forever = FunctionSpec::asynchronous("forever", |_: Value| async move {
         std::future::pending::<()>().await;
         Value::Null

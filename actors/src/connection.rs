@@ -206,7 +206,7 @@ pub struct Connection {
     session: Session,
     close: Option<oneshot::Sender<Option<CloseReason>>>,
     in_flight: usize,
-    /// One subscription at a time: a backlog replay waits for the one before it.
+    /// One backlog replay at a time: a replay waits for the one before it.
     replays: Arc<tokio::sync::Semaphore>,
     /// Whether a frame arrived since the last heartbeat tick (cheaper than a clock read
     /// per frame).
@@ -778,31 +778,35 @@ impl Connection {
         let (pubsub, outbox, conn) = (self.shared.pubsub.clone(), self.outbox.clone(), self.id);
         let replays = self.replays.clone();
         self.spawn_counted("pubsub-subscribe", &request.u.clone(), kind, ctx, move |_permit| async move {
-            // One subscription (and its backlog replay) at a time per connection, in order.
-            let Ok(_turn) = replays.acquire().await else { return };
             let SubscribeRequest { u, subscription } = request;
             let subscription = Arc::new(subscription);
             let subscribe =
                 || pubsub::Subscribe { conn, subscription: subscription.clone(), outbox: outbox.clone(), kind };
             let (ack, mut replay) = match send_with_retry(&pubsub, subscribe).await {
-                Ok(Ok(replay)) => (PubSubAck::new(&u, None), Some(replay)),
+                Ok(Ok(start)) => (PubSubAck::new(&u, None), start),
                 Ok(Err(refused)) => (PubSubAck::new(&u, Some(refused.to_string())), None),
                 Err(e) => (PubSubAck::new(&u, Some(e)), None),
             };
-            if outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await.is_err() {
+            if outbox.send(OutFrame { bytes: Bytes::from(encode(&ack)), kind }).await.is_err() || replay.is_none() {
                 return;
             }
-            // The backlog follows the ack one page at a time, each once the outbox is under
-            // its byte bound: a subscriber that does not read holds at most one page more.
-            while let Some(page) = replay.take() {
+            // The backlog follows the ack, one replay at a time on a connection, one page
+            // at a time, each read once the outbox is under its byte bound: a subscriber
+            // that does not read holds at most one page more, and the replays waiting
+            // their turn hold only where they start.
+            let Ok(_turn) = replays.acquire().await else { return };
+            while let Some(token) = replay.take() {
                 outbox.room().await;
+                let Ok(page) = send_with_retry(&pubsub, || pubsub::ContinueReplay { token: token.clone() }).await
+                else {
+                    return;
+                };
                 for frame in page.frames {
                     if outbox.send(frame).await.is_err() {
                         return;
                     }
                 }
-                let Some(token) = page.next else { break };
-                replay = send_with_retry(&pubsub, || pubsub::ContinueReplay { token: token.clone() }).await.ok();
+                replay = page.next;
             }
         });
     }

@@ -246,8 +246,8 @@ impl PubSubCore {
     }
 
     /// Adds (or replaces) a subscription, unless it exceeds a bound (then nothing
-    /// changes, a replaced subscription included); returns the first page of the backlog
-    /// it asked for.
+    /// changes, a replaced subscription included); returns where the replay of the backlog
+    /// it asked for starts (its pages: [`Self::continue_replay`]), fixed now.
     pub fn subscribe(
         &mut self,
         conn: ConnectionId,
@@ -255,7 +255,7 @@ impl PubSubCore {
         outbox: Outbox,
         kind: FrameKind,
         now: f64,
-    ) -> Result<Replay, LimitExceeded> {
+    ) -> Result<Option<ReplayToken>, LimitExceeded> {
         let limits = &self.limits;
         if subscription.patterns.len() > limits.max_patterns_per_subscription {
             let what = format!("subscription has {} patterns", subscription.patterns.len());
@@ -311,11 +311,11 @@ impl PubSubCore {
         let generation = self.generation;
         self.subscribers.insert(key.clone(), Subscriber { patterns, words, generation, outbox, kind });
         if !subscription.get_backlog {
-            return Ok(Replay::default());
+            return Ok(None);
         }
         self.backlog.expire(now);
         let since = now - subscription.backlog_seconds.max(0.0);
-        Ok(self.continue_replay(ReplayToken { key, generation, cursor: self.backlog.cursor(since) }))
+        Ok(Some(ReplayToken { key, generation, cursor: self.backlog.cursor(since) }))
     }
 
     /// The next page of a replay; empty and final if its subscription is gone or replaced.
@@ -429,10 +429,11 @@ pub fn notification_frame(encoded: &[u8], message_id: &str, subscription_id: &st
     OutFrame { bytes: Bytes::from(bytes), kind }
 }
 
-/// Subscribe; the result is the first page of the backlog to deliver after the ack, or
-/// the bound the subscription exceeds.
+/// Subscribe; the result is where the replay of the backlog asked for starts (its pages
+/// are asked for with [`ContinueReplay`], after the ack), or the bound the subscription
+/// exceeds.
 #[derive(Message)]
-#[rtype(result = "Result<Replay, LimitExceeded>")]
+#[rtype(result = "Result<Option<ReplayToken>, LimitExceeded>")]
 pub struct Subscribe {
     /// The subscribing connection.
     pub conn: ConnectionId,
@@ -520,7 +521,7 @@ impl Actor for PubSub {
 crate::supervised_child!(PubSub, "pubsub");
 
 impl Handler<Subscribe> for PubSub {
-    type Result = Result<Replay, LimitExceeded>;
+    type Result = Result<Option<ReplayToken>, LimitExceeded>;
 
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
         let result = self.core.subscribe(msg.conn, &msg.subscription, msg.outbox, msg.kind, unix_now());
@@ -613,7 +614,8 @@ mod tests {
         let delivery = core.publish(&msg("a.b"), Origin::Local, 1.0).unwrap();
         assert_eq!((delivery.queued, delivery.dropped, delivery.retention), (1, 0, Retention::Kept));
         assert!(rx.try_recv().is_ok() && rx.try_recv().is_err());
-        let replay = core.subscribe(2, &sub("late", &["a.#"]), tx, FrameKind::Binary, 2.0).unwrap();
+        let start = core.subscribe(2, &sub("late", &["a.#"]), tx, FrameKind::Binary, 2.0).unwrap();
+        let replay = core.continue_replay(start.expect("a backlog was asked for"));
         assert_eq!((replayed(&replay), replay.next), (vec!["a.b".to_owned()], None));
         core.connection_closed(1);
         core.connection_closed(2);
@@ -700,7 +702,8 @@ mod tests {
         let hostile = format!("{}z", "#.a.".repeat(15));
         let mut patterns: Vec<&str> = vec![hostile.as_str(); 63];
         patterns.push("h.#");
-        let mut replay = core.subscribe(1, &sub("s", &patterns), tx, FrameKind::Binary, 2.0).unwrap();
+        let start = core.subscribe(1, &sub("s", &patterns), tx, FrameKind::Binary, 2.0).unwrap();
+        let mut replay = core.continue_replay(start.expect("a backlog was asked for"));
         let (mut topics, mut pages) = (Vec::new(), 1);
         loop {
             topics.extend(replayed(&replay));
@@ -711,8 +714,9 @@ mod tests {
         assert!(pages > 1, "one page did it all");
         assert_eq!(topics, (0..100).map(|i| format!("h.a.a.a.a.a.a.{i}")).collect::<Vec<_>>());
         // A replay of an unsubscribed subscription ends.
-        let replay =
+        let start =
             core.subscribe(1, &sub("s2", &patterns), Outbox::channel(1, usize::MAX).0, FrameKind::Binary, 2.0).unwrap();
+        let replay = core.continue_replay(start.expect("a backlog was asked for"));
         assert!(core.unsubscribe(1, "s2"));
         assert!(core.continue_replay(replay.next.expect("paged")).frames.is_empty());
     }

@@ -7,8 +7,9 @@
 //! that many descriptions ahead of the probe acks, the node answers its peers late, and
 //! they suspect it. With it, at most [`DESCRIBES_AT_ONCE`] descriptions are in the
 //! fabric's mailbox at any time; the others wait here, in arrival order (the semaphore is
-//! fair), holding no answer yet. Each waiting request is already counted in its
-//! connection's and the node's in-flight bounds, so the waiting line is bounded too.
+//! fair), holding no answer yet. A waiting `cluster-status` or discovery call is counted in
+//! its connection's and the node's in-flight bounds, and the monitor's HTTP server
+//! answers one request at a time per connection, so the waiting line is bounded too.
 
 use std::sync::Arc;
 

@@ -142,7 +142,8 @@ pub struct LinkLimits {
     pub max_parked_frames: usize,
     /// The longest a call served for a peer may run (its `timeout_ms` counts up to this;
     /// none means this): at its deadline it is stopped, unanswered, for its caller has
-    /// stopped waiting. The node's `max_request_timeout_s`.
+    /// stopped waiting. The node's longest request time (`max_request_timeout_s`, or
+    /// `request_timeout_s` if larger).
     pub max_served_call: Duration,
 }
 

@@ -409,8 +409,9 @@ impl MembershipCore {
     }
 
     /// Whether [`Self::apply_catalog`] would store `delta`: a newer entry set of a member's
-    /// current instance. Cheap, so a frame's entry sets are sorted out before their
-    /// signatures are checked (a signature is never skipped for one that would be stored).
+    /// current instance. Cheap, so a frame's entry sets are sorted out by their outer
+    /// fields before their signatures are checked; an honest sender's outer fields are the
+    /// signed ones, so only a set that lies about them can be skipped unchecked.
     pub fn catalog_is_news(&self, delta: &CatalogDelta, now: f64) -> bool {
         if delta.node == self.me.node || delta.cluster_id != self.me.cluster_id {
             return false;

@@ -1421,9 +1421,16 @@ impl FabricGossip {
         }
         if !self.knows_member(&from) {
             // An instance of the sender we hold no record of (invented, or its record has
-            // not reached us yet): SWIM would start tracking it, and pass it on.
+            // not reached us yet): SWIM would start tracking it, and pass it on. A ping is
+            // still acked, bare (a joiner whose record is on its way is not left to probe
+            // us indirectly), and the sender's records are pulled next round.
             debug!(node = %self.shared.me.node, sender = %sender, from = %from, "SWIM message from an unknown instance dropped");
             self.shared.metrics.fabric_dropped("swim_unknown_member");
+            if let SwimMessage::Ping { seq, .. } = message {
+                let ack = SwimMessage::Ack { seq, rumors: Vec::new() };
+                self.swim_send(vec![swim::Outgoing { to: from, message: ack }]);
+            }
+            self.pull_more_from = Some(sender.clone());
             if changed {
                 self.view_dirty = true;
             }

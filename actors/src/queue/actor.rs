@@ -645,6 +645,11 @@ impl Queue {
                 }
                 drop(hosted);
                 self.subscribers.retain(|_, s| s.queue != name);
+                // Its consumers no longer count against their connections' bounds.
+                for held in self.by_conn.values_mut() {
+                    held.retain(|(queue, _)| *queue != name);
+                }
+                self.by_conn.retain(|_, held| !held.is_empty());
                 self.publish_board();
                 Answer::after(self.submit(batch), json!({"deleted": true}))
             }
@@ -655,7 +660,7 @@ impl Queue {
                 let Some(sid) = f.get("subscription_id").and_then(Value::as_str) else {
                     return Answer::Ready(Err(RpcError::invalid("subscribe needs \"subscription_id\" (a string)")));
                 };
-                if let Err(e) = self.may_subscribe(msg.conn, sid) {
+                if let Err(e) = self.may_subscribe(msg.conn, &name, sid) {
                     return Answer::Ready(Err(e));
                 }
                 let prefetch = match opt_u64(f, "prefetch") {
@@ -956,10 +961,10 @@ impl Queue {
         }
     }
 
-    /// Whether connection `conn` may (still) subscribe as `sid`: ids are short, and a
-    /// connection holds at most `max_subscriptions_per_connection` (renewing one it holds
-    /// is always allowed).
-    fn may_subscribe(&self, conn: ConnectionId, sid: &str) -> Result<(), RpcError> {
+    /// Whether connection `conn` may (still) subscribe to `queue` as `sid`: ids are short,
+    /// and a connection holds at most `max_subscriptions_per_connection`, all queues
+    /// together (renewing one it holds on this queue is always allowed).
+    fn may_subscribe(&self, conn: ConnectionId, queue: &str, sid: &str) -> Result<(), RpcError> {
         if sid.is_empty() || sid.len() > MAX_SUBSCRIPTION_ID_BYTES {
             return Err(RpcError::invalid(format!(
                 "subscription_id must be 1..={MAX_SUBSCRIPTION_ID_BYTES} bytes, got {}",
@@ -968,7 +973,7 @@ impl Queue {
         }
         let held = self.by_conn.get(&conn);
         let consumer = ConsumerId::from(format!("sub:{conn}:{sid}"));
-        let renewing = held.is_some_and(|set| set.iter().any(|(_, c)| *c == consumer));
+        let renewing = held.is_some_and(|set| set.contains(&(queue.to_owned(), consumer)));
         let count = held.map_or(0, |set| set.iter().filter(|(_, c)| c.as_str().starts_with("sub:")).count());
         let max = self.limits.max_subscriptions_per_connection;
         if !renewing && count >= max {
