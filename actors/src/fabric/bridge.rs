@@ -29,7 +29,7 @@
 //! publishes on the topics a cluster's export list shares (`publish {message, visited}`:
 //! delivered once per node by message id, never sent back to a cluster it crossed).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -770,11 +770,20 @@ impl Bridges {
                 "federation: frame with more than {MAX_UPDATES_PER_FRAME} updates refused");
             return;
         }
-        let Ok(mut state) = self.state.lock() else { return };
+        // Signatures are checked without the state's lock (cross-cluster calls need it to
+        // pick their next bridge), against a copy of the keys, and once per distinct update.
+        let Some(ring) = self.state.lock().ok().map(|state| state.core.key_ring()) else { return };
         let now = unix_now_ms();
+        let mut seen = HashSet::new();
+        let opened: Vec<_> = updates
+            .iter()
+            .filter(|u| seen.insert((u.key_id.as_str(), u.signature.as_str(), u.body.as_str())))
+            .map(|u| u.open(&bridge.cluster, &ring, now / 1000))
+            .collect();
+        let Ok(mut state) = self.state.lock() else { return };
         let mut changed = false;
-        for update in updates {
-            match state.core.receive(&bridge.cluster, update, now) {
+        for opened in opened {
+            match state.core.accept(&bridge.cluster, opened, now) {
                 Ok(c) => changed |= c,
                 Err(refused) => {
                     self.metrics.route_rejected(refused.reason.as_str());
@@ -1249,6 +1258,12 @@ mod tests {
         }
         assert_eq!(bridges.describe()["rejected"]["stale_epoch"], 1);
         assert_eq!(bridges.explain("b", &[]).unwrap().selected, Some(vec!["a".to_string(), "b".to_string()]));
+        // 100 copies of one forged update in a frame: its signature is checked once.
+        let mut copied = valid[0].clone();
+        copied.body = copied.body.replace("\"ttl_ms\":30000", "\"ttl_ms\":200000");
+        bridges.receive(&bridge, &vec![copied; 100]);
+        let line = "mpreg_federation_route_rejected_total{node=\"n\",reason=\"bad_signature\"} 2";
+        assert!(metrics.render("n").contains(line), "{line} not in\n{}", metrics.render("n"));
 
         // A restarted node restores the route and b's keys from the snapshot: routed as
         // soon as a bridge to b is back, before b announces anything.

@@ -162,7 +162,26 @@ impl FederationCore {
 
     /// An update delivered by a node of `neighbor`. `Ok(true)` when the table changed.
     pub fn receive(&mut self, neighbor: &str, signed: &SignedRouteUpdate, now_ms: u64) -> Result<bool, Refused> {
-        let result = signed.open(neighbor, &self.ring, now_ms / 1000).and_then(|update| {
+        let opened = signed.open(neighbor, &self.ring, now_ms / 1000);
+        self.accept(neighbor, opened, now_ms)
+    }
+
+    /// The route keys trusted now: a copy, so that updates can be opened (their signatures
+    /// checked) without holding whatever guards this core.
+    pub fn key_ring(&self) -> RouteKeyRing {
+        self.ring.clone()
+    }
+
+    /// An update of `neighbor` already opened with [`SignedRouteUpdate::open`] (or why it
+    /// could not be): applied under the import policies, or its refusal recorded.
+    /// `Ok(true)` when the table changed.
+    pub fn accept(
+        &mut self,
+        neighbor: &str,
+        opened: Result<RouteUpdate, RouteRejection>,
+        now_ms: u64,
+    ) -> Result<bool, Refused> {
+        let result = opened.and_then(|update| {
             let import = self.config.import.for_neighbor(neighbor);
             self.table.apply(neighbor, &update, &RouteMetrics::default(), import, now_ms)
         });
