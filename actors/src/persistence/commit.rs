@@ -15,10 +15,21 @@ use crate::metrics::Metrics;
 /// Default most batches per sync (`persistence_max_batch`).
 pub const DEFAULT_MAX_BATCH: usize = 256;
 
+/// A commit group (apply and sync) still running after this long is taken for a store
+/// that blocks instead of failing (sled on a full disk): its waiters are answered "not
+/// durable" and durable writes are refused until restart, as after a failed sync.
+pub const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often the watchdog looks at the group in progress.
+const STALL_CHECK: Duration = Duration::from_millis(500);
+
+/// Who waits for a durable write's outcome.
+type Waiter = oneshot::Sender<Result<()>>;
+
 /// One durable write waiting for the committer.
 struct Job {
     batch: Batch,
-    done: oneshot::Sender<Result<()>>,
+    done: Waiter,
 }
 
 /// Counters of the committer, for tests and benchmarks (the node's `/metrics` has the same
@@ -66,6 +77,12 @@ struct Shared {
     metrics: Option<Arc<Metrics>>,
     /// Set by the first failed sync; see the module doc.
     poisoned: Mutex<Option<String>>,
+    /// The group the committer is applying and syncing: when it started, and its waiters
+    /// (taken by the watchdog if the group stalls past [`STALL_LIMIT`]).
+    in_progress: Mutex<Option<(Instant, Vec<Waiter>)>>,
+    /// The committer's queue. The committer holds the lock only while it waits for or
+    /// drains jobs, so the watchdog can answer the jobs queued behind a stalled group.
+    queue: Mutex<mpsc::Receiver<Job>>,
 }
 
 impl Shared {
@@ -77,6 +94,51 @@ impl Shared {
 
     fn poisoned(&self) -> Option<String> {
         self.poisoned.lock().map(|p| p.clone()).unwrap_or_else(|_| Some("poisoned lock".to_owned()))
+    }
+
+    /// Refuses every later durable commit with `cause` (the first cause is kept).
+    fn poison(&self, cause: String) {
+        if let Ok(mut poisoned) = self.poisoned.lock() {
+            poisoned.get_or_insert(cause);
+        }
+    }
+
+    /// While the group in progress has run past `limit` (see [`STALL_LIMIT`]): answers
+    /// its waiters and the jobs queued behind it "not durable", and poisons the store.
+    /// Whether it found the group stalled.
+    fn answer_stalled(&self, limit: Duration) -> bool {
+        let mut stalled = match self.in_progress.lock() {
+            Ok(mut in_progress) => match in_progress.as_mut() {
+                Some((since, waiters)) if since.elapsed() > limit => std::mem::take(waiters),
+                _ => return false,
+            },
+            Err(_) => return false,
+        };
+        let cause = format!("the store has not finished a write for {} s (a full disk?)", limit.as_secs());
+        if self.poisoned().is_none() {
+            error!(store = %self.describe, cause = %cause,
+                "commit stalled: its writes are not acknowledged, durable writes refused until restart");
+            self.poison(cause.clone());
+        }
+        // The committer is inside the store, not waiting for jobs: the queue is free.
+        if let Ok(mut queue) = self.queue.try_lock() {
+            while let Ok(job) = queue.try_recv() {
+                stalled.push(job.done);
+            }
+        }
+        for waiter in stalled {
+            let _ = waiter.send(Err(PersistenceError::Io(cause.clone())));
+        }
+        true
+    }
+}
+
+/// Watches the committer of `shared` until the handles are gone (see [`STALL_LIMIT`]).
+fn run_watchdog(shared: std::sync::Weak<Shared>) {
+    while let Some(shared) = shared.upgrade() {
+        shared.answer_stalled(STALL_LIMIT);
+        drop(shared);
+        std::thread::sleep(STALL_CHECK);
     }
 }
 
@@ -104,6 +166,8 @@ impl PersistenceHandle {
         metrics: Option<Arc<Metrics>>,
     ) -> std::io::Result<PersistenceHandle> {
         let max_batch = max_batch.max(1);
+        // Room for a few full groups: beyond that, `commit` waits (backpressure).
+        let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
         if let Some(m) = &metrics {
             m.set_persistence_durable(store.is_durable());
         }
@@ -114,13 +178,15 @@ impl PersistenceHandle {
             stats: CommitStats::default(),
             metrics,
             poisoned: Mutex::new(None),
+            in_progress: Mutex::new(None),
+            queue: Mutex::new(rx),
         });
-        // Room for a few full groups: beyond that, `commit` waits (backpressure).
-        let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
         let committer = shared.clone();
         std::thread::Builder::new()
             .name("mpreg-committer".to_owned())
-            .spawn(move || run_committer(rx, &committer, max_batch))?;
+            .spawn(move || run_committer(&committer, max_batch))?;
+        let watched = Arc::downgrade(&shared);
+        std::thread::Builder::new().name("mpreg-commit-watch".to_owned()).spawn(move || run_watchdog(watched))?;
         Ok(PersistenceHandle { shared, commits: tx })
     }
 
@@ -145,6 +211,12 @@ impl PersistenceHandle {
             }
         });
         let _ = closed.await;
+    }
+
+    /// What the watchdog does to a group stalled past `limit` (tests use a short one).
+    #[cfg(test)]
+    pub(super) fn answer_stalled(&self, limit: Duration) -> bool {
+        self.shared.answer_stalled(limit)
     }
 
     /// The committer's counters.
@@ -215,26 +287,37 @@ impl PersistenceHandle {
 }
 
 /// The committer: take one job, drain what else is queued, apply each, sync once, answer.
-fn run_committer(mut rx: mpsc::Receiver<Job>, shared: &Shared, max_batch: usize) {
+fn run_committer(shared: &Shared, max_batch: usize) {
     let mut jobs = Vec::with_capacity(max_batch);
-    while let Some(job) = rx.blocking_recv() {
-        jobs.push(job);
-        while jobs.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+    loop {
+        {
+            let Ok(mut queue) = shared.queue.lock() else { return };
+            let Some(job) = queue.blocking_recv() else { return };
+            jobs.push(job);
+            while jobs.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
             }
         }
-        let outcomes = commit_group(shared, &jobs);
-        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+        let (batches, waiters): (Vec<Batch>, Vec<_>) = jobs.drain(..).map(|job| (job.batch, job.done)).unzip();
+        if let Ok(mut in_progress) = shared.in_progress.lock() {
+            *in_progress = Some((Instant::now(), waiters));
+        }
+        let outcomes = commit_group(shared, &batches);
+        // Taken back, unless the watchdog answered them meanwhile (then the outcome is
+        // not told: the waiters were told the writes are not acknowledged).
+        let waiters = shared.in_progress.lock().ok().and_then(|mut p| p.take()).map_or_else(Vec::new, |(_, w)| w);
+        for (done, outcome) in waiters.into_iter().zip(outcomes) {
             // A waiter that gave up is fine: its batch is committed anyway.
-            let _ = job.done.send(outcome);
+            let _ = done.send(outcome);
         }
     }
 }
 
 /// Applies the group's batches and syncs once; one outcome per job.
-fn commit_group(shared: &Shared, jobs: &[Job]) -> Vec<Result<()>> {
+fn commit_group(shared: &Shared, jobs: &[Batch]) -> Vec<Result<()>> {
     if let Some(cause) = shared.poisoned() {
         // Not even applied: a reader must not see a write that cannot be acknowledged.
         return jobs.iter().map(|_| Err(PersistenceError::Poisoned(cause.clone()))).collect();
@@ -254,8 +337,8 @@ fn commit_group(shared: &Shared, jobs: &[Job]) -> Vec<Result<()>> {
     // so that only the failing batch's waiter is refused.
     let merged = (jobs.len() > 1).then(|| {
         let mut all = Batch::new();
-        for job in jobs {
-            for write in job.batch.writes() {
+        for batch in jobs {
+            for write in batch.writes() {
                 all.push(write.clone());
             }
         }
@@ -266,7 +349,7 @@ fn commit_group(shared: &Shared, jobs: &[Job]) -> Vec<Result<()>> {
         // The disk refused the group: trying each batch again would only ask it again
         // (and sled, once its log cannot be written, may block instead of failing).
         Some(Err(e @ PersistenceError::Io(_))) => jobs.iter().map(|_| Err(e.clone())).collect(),
-        _ => jobs.iter().map(|job| apply(&job.batch)).collect(),
+        _ => jobs.iter().map(apply).collect(),
     };
     let applied = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
     if applied == 0 {

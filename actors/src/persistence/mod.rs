@@ -42,7 +42,10 @@
 //! until the node restarts and sled recovers from its log. A group the disk refuses to
 //! write at all (an I/O error for every batch) poisons it too: sled, once it cannot write
 //! its log, may block later writes instead of failing them, and a blocked committer would
-//! leave every sender waiting for its timeout. Reads keep working.
+//! leave every sender waiting for its timeout. It does block at times (a full tmpfs, one
+//! run in two): a watchdog thread answers a group still unfinished after
+//! `STALL_LIMIT` (10 s, in `commit.rs`), and every commit queued behind it, with an I/O error,
+//! and poisons the committer the same way. Reads keep working.
 //!
 //! **What a restart of the actor loses:** nothing. The store and the committer belong to
 //! the handle, which the node creates before the supervision tree; the actor only hands it

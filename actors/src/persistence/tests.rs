@@ -285,6 +285,28 @@ async fn release_and_await_all(
 }
 
 #[actix_rt::test]
+async fn a_stalled_group_and_the_commits_behind_it_are_answered_not_durable() {
+    // sled on a full disk may block inside a write instead of failing it: the committer
+    // never comes back, and without the watchdog nobody would answer its waiters.
+    let store = Arc::new(FaultyStore::default());
+    let handle = PersistenceHandle::start(store.clone(), 1, None).unwrap();
+    let behind = vec![Batch::new().put("queue/q", "b1", "x"), Batch::new().put("queue/q", "b2", "x")];
+    let (first, rest) = hold_first_sync_and_queue(&handle, &store, behind).await;
+    assert!(!handle.answer_stalled(Duration::from_secs(3600)), "not stalled for an hour yet");
+    assert!(handle.answer_stalled(Duration::ZERO));
+    for task in std::iter::once(first).chain(rest) {
+        let answer = task.await.unwrap();
+        assert!(
+            matches!(&answer, Err(PersistenceError::Io(cause)) if cause.contains("has not finished")),
+            "{answer:?}"
+        );
+    }
+    let later = handle.commit(Batch::new().put("queue/q", "later", "x")).await;
+    assert!(matches!(later, Err(PersistenceError::Poisoned(_))), "{later:?}");
+    store.open_gate();
+}
+
+#[actix_rt::test]
 async fn group_commit_answers_every_waiter_after_one_sync() {
     let store = Arc::new(FaultyStore::default());
     let handle = PersistenceHandle::start(store.clone(), 64, None).unwrap();
