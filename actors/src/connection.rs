@@ -595,14 +595,13 @@ impl Connection {
         let (error, setting) = if self.in_flight >= limit {
             (RpcError::overloaded(limit), "max_in_flight_per_connection")
         } else {
-            let admission = self.shared.metrics.admission().clone();
-            match admission.try_admit() {
-                Some(permit) => {
+            match self.node_permit() {
+                Ok(permit) => {
                     self.in_flight += 1;
                     ctx.spawn(task(permit).into_actor(self).map(|_, act, _| act.in_flight -= 1));
                     return;
                 }
-                None => (RpcError::node_overloaded(admission.limit()), "max_in_flight"),
+                Err(error) => (error, "max_in_flight"),
             }
         };
         self.shared.metrics.limit_exceeded(setting);
@@ -678,13 +677,19 @@ impl Connection {
     /// request's task owns it, so it is given back however the task ends (answered, or
     /// dropped with its connection).
     fn admit(&mut self, u: &str, kind: FrameKind, ctx: &mut Context<Self>) -> Option<InFlight> {
-        let admission = self.shared.metrics.admission().clone();
-        let permit = admission.try_admit();
-        if permit.is_none() {
-            let error = RpcError::node_overloaded(admission.limit());
-            self.overloaded(u.to_owned(), error, "max_in_flight", kind, ctx);
+        match self.node_permit() {
+            Ok(permit) => Some(permit),
+            Err(error) => {
+                self.overloaded(u.to_owned(), error, "max_in_flight", kind, ctx);
+                None
+            }
         }
-        permit
+    }
+
+    /// A place in the node's `max_in_flight`, or the 1006 that refuses it.
+    fn node_permit(&self) -> Result<InFlight, RpcError> {
+        let admission = self.shared.metrics.admission();
+        admission.try_admit().ok_or_else(|| RpcError::node_overloaded(admission.limit()))
     }
 
     fn on_rpc(&mut self, request: RpcRequest, frame_bytes: usize, kind: FrameKind, ctx: &mut Context<Self>) {

@@ -798,11 +798,13 @@ impl FabricShared {
                 // panic), or the longest any call may take.
                 let longest = self.limits.max_served_call;
                 let asked = match &body {
-                    FabricBody::Call { timeout_ms, .. } | FabricBody::ClusterCall { timeout_ms, .. } => *timeout_ms,
+                    FabricBody::Call { timeout_ms, .. } | FabricBody::ClusterCall { timeout_ms, .. } => {
+                        timeout_ms.map(Duration::from_millis)
+                    }
                     _ => None,
                 };
-                let capped = asked.is_none_or(|ms| Duration::from_millis(ms) > longest);
-                let time = asked.map_or(longest, |ms| Duration::from_millis(ms).min(longest));
+                let capped = asked.is_none_or(|time| time > longest);
+                let time = asked.map_or(longest, |time| time.min(longest));
                 let deadline = std::time::Instant::now() + time;
                 let handle = tokio::spawn(async move {
                     let guard = guard;

@@ -1459,7 +1459,7 @@ impl FabricGossip {
     /// instance (so SWIM may start to): SWIM learns of no member the membership has not
     /// admitted within its bounds ([`membership::MAX_MEMBERS`], new members per frame).
     fn knows_member(&self, member: &str) -> bool {
-        member == member_id(&self.shared.me)
+        member == self.swim.me()
             || self.swim.liveness_of(member).is_some()
             || split_member(member)
                 .is_some_and(|(node, instance)| self.core.record_of(node).is_some_and(|(i, _)| i == instance))

@@ -357,9 +357,7 @@ fn commit_group(shared: &Shared, jobs: &[Batch]) -> Vec<Result<()>> {
         // commit, as after a failed sync, rather than hand sled more writes it cannot make.
         if let Some(Err(PersistenceError::Io(cause))) = outcomes.first() {
             error!(store = %shared.describe, cause = %cause, "write failed: durable writes refused until restart");
-            if let Ok(mut poisoned) = shared.poisoned.lock() {
-                *poisoned = Some(cause.clone());
-            }
+            shared.poison(cause.clone());
         }
         return outcomes;
     }
@@ -384,9 +382,7 @@ fn commit_group(shared: &Shared, jobs: &[Batch]) -> Vec<Result<()>> {
             }
             error!(store = %store.describe(), cause = %e, waiters = applied,
                 "sync failed: durable writes refused until restart");
-            if let Ok(mut poisoned) = shared.poisoned.lock() {
-                *poisoned = Some(e.to_string());
-            }
+            shared.poison(e.to_string());
             for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
                 *outcome = Err(e.clone());
             }

@@ -119,6 +119,11 @@ pub struct QueueLimits {
 /// Longest `subscription_id` of a queue subscription, in bytes.
 pub const MAX_SUBSCRIPTION_ID_BYTES: usize = 256;
 
+/// The consumer a subscription `sid` of connection `conn` receives as.
+fn subscription_consumer(conn: ConnectionId, sid: &str) -> ConsumerId {
+    ConsumerId::from(format!("sub:{conn}:{sid}"))
+}
+
 impl Default for QueueLimits {
     fn default() -> Self {
         QueueLimits {
@@ -670,7 +675,7 @@ impl Queue {
                 if let Err(e) = self.hosted(&name) {
                     return Answer::Ready(Err(e));
                 }
-                let consumer = ConsumerId::from(format!("sub:{}:{sid}", msg.conn));
+                let consumer = subscription_consumer(msg.conn, sid);
                 self.subscribers.insert(
                     consumer.clone(),
                     Subscriber {
@@ -692,7 +697,7 @@ impl Queue {
                 let Some(sid) = f.get("subscription_id").and_then(Value::as_str) else {
                     return Answer::Ready(Err(RpcError::invalid("unsubscribe needs \"subscription_id\" (a string)")));
                 };
-                let consumer = ConsumerId::from(format!("sub:{}:{sid}", msg.conn));
+                let consumer = subscription_consumer(msg.conn, sid);
                 let known = self.subscribers.remove(&consumer).is_some();
                 if let Some(set) = self.by_conn.get_mut(&msg.conn) {
                     set.remove(&(name.clone(), consumer.clone()));
@@ -972,7 +977,7 @@ impl Queue {
             )));
         }
         let held = self.by_conn.get(&conn);
-        let consumer = ConsumerId::from(format!("sub:{conn}:{sid}"));
+        let consumer = subscription_consumer(conn, sid);
         let renewing = held.is_some_and(|set| set.contains(&(queue.to_owned(), consumer)));
         let count = held.map_or(0, |set| set.iter().filter(|(_, c)| c.as_str().starts_with("sub:")).count());
         let max = self.limits.max_subscriptions_per_connection;
