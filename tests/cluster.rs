@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::SinkExt;
+use mpreg::client::CallOptions;
 use mpreg::functions::demo_pack;
 use mpreg::{Client, FunctionError, FunctionSpec, RpcCommand, Settings};
 use mpreg_actors::protocol::ErrorCode;
@@ -37,6 +38,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::node::{cluster_settings, TestNode};
+use common::proxy::Proxy;
 use common::ws::{raw_connect, raw_next};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
@@ -640,6 +642,62 @@ async fn a_link_closed_on_purpose_suspects_nobody_and_a_broken_one_suspects_at_o
     let topology = a.topology().await;
     assert_eq!(state(&topology, "polite"), Some(json!("alive")), "{topology:#}");
     assert_eq!(a.node.metrics().peers_suspected(), 1, "{topology:#}");
+}
+
+/// The ids of `observer`'s links to `node`, from `/topology`.
+async fn link_ids(observer: &TestNode, node: &str) -> Vec<u64> {
+    let topology = observer.topology().await;
+    let links = topology["links"].as_array().cloned().unwrap_or_default();
+    links.iter().filter(|l| l[1] == node).filter_map(|l| l[0].as_u64()).collect()
+}
+
+#[actix_rt::test]
+async fn a_peer_that_dials_again_replaces_the_link_a_partition_left_half_open() {
+    let cluster = cluster_id("half-open");
+    // Slow SWIM: neither node suspects the other within the test, so only the new link
+    // can tell A that its old one is gone.
+    let quiet = |name: &str, peers: Vec<String>| Settings {
+        peers,
+        probe_interval_s: 30.0,
+        suspect_after_s: 60.0,
+        remove_after_s: 120.0,
+        ..cluster_settings(name, &cluster)
+    };
+    let a = TestNode::start(quiet("A", vec![]), vec![]).await;
+    let proxy = Proxy::to(a.url()).await;
+    let only_c = FunctionSpec::sync("only_c", |x: i64| x + 1).inline();
+    let c = TestNode::start(quiet("C", vec![proxy.url.clone()]), vec![only_c]).await;
+    let client = a.client().await;
+    assert_eq!(wait_callable(&client, "only_c", vec![json!(1)]).await, json!(2));
+    let old = link_ids(&a, "C").await;
+    assert_eq!(old.len(), 1, "{:#}", a.topology().await);
+
+    // C's end of the link drops; A's end stays open and hears nothing more. C cannot dial
+    // again until the proxy opens, by when A's old link has been quiet for over a second.
+    proxy.set_open(false);
+    proxy.half_cut();
+    wait_until("C to lose its link to A", || async { (!linked(&c.topology().await, "A")).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set_open(true);
+
+    let new = wait_until("A to hold only C's new link", || async {
+        let ids = link_ids(&a, "C").await;
+        (ids.len() == 1 && ids != old).then_some(ids)
+    })
+    .await;
+    let timeout = CallOptions { timeout: Some(SOON), ..CallOptions::default() };
+    assert_eq!(client.call_with("only_c", vec![json!(2)], timeout.clone()).await.unwrap(), json!(3), "over {new:?}");
+
+    // Again, but C dials again at once: A heard from the old link a moment ago (the reply
+    // above), so it keeps it for now, and sends over the newest.
+    proxy.half_cut();
+    let newest = wait_until("A to admit C's newest link", || async {
+        let ids = link_ids(&a, "C").await;
+        ids.iter().any(|id| !new.contains(id)).then_some(ids)
+    })
+    .await;
+    assert_eq!(client.call_with("only_c", vec![json!(3)], timeout).await.unwrap(), json!(4), "over {newest:?}");
+    assert_eq!(a.node.metrics().peers_suspected(), 0, "{:#}", a.topology().await);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 //! A TCP forwarder in front of a node, which a test can pause (while closed it accepts
 //! nothing: dials reach the backlog and time out, so no link through it can form) and
 //! cut (every connection through it drops at once, as when a network path breaks, while
-//! new connections are still accepted).
+//! new connections are still accepted), or half-cut (the dialer's side drops, the target's
+//! side stays open and silent, as a partition leaves the far end of a connection).
 
 use std::net::SocketAddr;
 
@@ -13,6 +14,8 @@ pub struct Proxy {
     open: watch::Sender<bool>,
     /// Bumped by [`Proxy::cut`]; each forwarded connection ends when it changes.
     cuts: watch::Sender<u64>,
+    /// Bumped by [`Proxy::half_cut`].
+    half_cuts: watch::Sender<u64>,
 }
 
 impl Proxy {
@@ -33,6 +36,7 @@ impl Proxy {
     pub fn start(listener: TcpListener, url: String, target: SocketAddr) -> Proxy {
         let (open, mut state) = watch::channel(true);
         let (cuts, cut) = watch::channel(0u64);
+        let (half_cuts, half_cut) = watch::channel(0u64);
         actix_rt::spawn(async move {
             loop {
                 if state.wait_for(|open| *open).await.is_err() {
@@ -45,17 +49,24 @@ impl Proxy {
                 let Ok((mut inbound, _)) = accepted else { return };
                 let mut cut = cut.clone();
                 cut.mark_unchanged();
+                let mut half_cut = half_cut.clone();
+                half_cut.mark_unchanged();
                 actix_rt::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                             _ = cut.changed() => {}
+                            _ = half_cut.changed() => {
+                                drop(inbound);
+                                // The target's side is held, read by nobody, until a cut.
+                                let _ = cut.changed().await;
+                            }
                         }
                     }
                 });
             }
         });
-        Proxy { url, open, cuts }
+        Proxy { url, open, cuts, half_cuts }
     }
 
     pub fn set_open(&self, open: bool) {
@@ -65,6 +76,12 @@ impl Proxy {
     /// Drops every connection through the proxy now; new ones are accepted.
     pub fn cut(&self) {
         self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Drops the dialer's side of every connection through the proxy now, and holds the
+    /// target's side open without a byte either way: the target sees nothing happen.
+    pub fn half_cut(&self) {
+        self.half_cuts.send_modify(|n| *n += 1);
     }
 }
 

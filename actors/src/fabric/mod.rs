@@ -154,6 +154,11 @@ fn split_member(member: &str) -> Option<(&str, &str)> {
 /// The longest a clean shutdown waits for its final snapshot to be durable.
 const FINAL_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A link quiet this long when a newer link to the same node is admitted is taken for one
+/// the peer lost, and closed: longer than the handshakes of two nodes that dial each other
+/// at once, shorter than any partition that makes a peer dial again.
+const REPLACED_LINK_QUIET: Duration = Duration::from_secs(1);
+
 /// A link was established (outbound: dialled by us; inbound: a connection spoke a peer
 /// frame).
 #[derive(Message)]
@@ -871,8 +876,10 @@ impl FabricGossip {
         self.refresh_own_record(neighbours);
         let mut links = HashMap::new();
         let mut admitted = HashMap::new();
+        // The newest link to a node wins: a peer dials again only once it has lost its
+        // older link, which may still look open here (a partition resets nothing).
         let mut ids: Vec<&LinkId> = self.links.keys().collect();
-        ids.sort(); // the oldest link to a node wins, deterministically
+        ids.sort_unstable_by(|a, b| b.cmp(a));
         for id in ids {
             let l = &self.links[id];
             if let Some(node) = &l.node {
@@ -1286,6 +1293,9 @@ impl FabricGossip {
                 if first && answer_status {
                     self.send(link, &self.status_frame(link, None, false));
                 }
+                if first {
+                    self.close_replaced_links(link, &info.node);
+                }
                 let news = self.within_catalog_bound(&delta) && self.core.apply_catalog(&delta, now);
                 // Publish the link as admitted before anything else goes out on it.
                 self.rebuild_view();
@@ -1697,14 +1707,7 @@ impl FabricGossip {
     /// is back. Idle links to alive members are left alone: with SWIM most links are quiet.
     /// A bridge silent for longer than [`bridge::Bridges::silent_limit`] is closed too.
     fn close_silent_links_to_suspects(&mut self) {
-        let now = Instant::now();
-        for l in self.links.values_mut() {
-            let routed = l.routed.load(Ordering::Relaxed);
-            if routed != l.routed_seen {
-                l.routed_seen = routed;
-                l.last_heard = now;
-            }
-        }
+        self.note_routed();
         let silent_limit = Duration::from_secs_f64(self.config.timing.suspect_after);
         let suspects: HashSet<&NodeId> =
             self.core.members().filter(|m| m.state == MemberState::Suspect).map(|m| &m.info.node).collect();
@@ -1731,6 +1734,38 @@ impl FabricGossip {
         for link in silent_bridges {
             warn!(node = %self.shared.me.node, link, "federation bridge silent; closing");
             self.close_link(link);
+        }
+    }
+
+    /// Counts the routed messages the links' readers saw as hearing from the link.
+    fn note_routed(&mut self) {
+        let now = Instant::now();
+        for l in self.links.values_mut() {
+            let routed = l.routed.load(Ordering::Relaxed);
+            if routed != l.routed_seen {
+                l.routed_seen = routed;
+                l.last_heard = now;
+            }
+        }
+    }
+
+    /// `link` to `node` was just admitted: an older link to the same node that has carried
+    /// nothing for [`REPLACED_LINK_QUIET`] is one the peer has lost (it dialled again, or
+    /// answered our dial, over a path that works now) and is closed. Links heard from
+    /// recently stay: two nodes that dial each other at once keep both.
+    fn close_replaced_links(&mut self, link: LinkId, node: &NodeId) {
+        self.note_routed();
+        let replaced: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(id, l)| {
+                **id != link && l.node.as_ref() == Some(node) && l.last_heard.elapsed() > REPLACED_LINK_QUIET
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for old in replaced {
+            info!(node = %self.shared.me.node, peer = %node, link = old, "older quiet link replaced by a new one; closing");
+            self.close_link(old);
         }
     }
 
