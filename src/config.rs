@@ -105,7 +105,8 @@ pub struct Settings {
     /// Frames queued per connection writer.
     pub outbox_capacity: usize,
     /// Bytes queued per connection writer: past it the connection stops reading its
-    /// socket (replies wait) and pub/sub notifications to it are dropped (counted).
+    /// socket (replies wait) and pub/sub notifications to it are dropped (counted). Also
+    /// each peer link's bound for best-effort frames (gossip, flooded publishes).
     pub max_outbound_bytes_per_connection: usize,
     /// Requests in flight on the whole node (all connections and peers) before 1006.
     pub max_in_flight: usize,

@@ -31,7 +31,9 @@ use mpreg_actors::fabric::describe::Describer;
 use mpreg_actors::fabric::membership::MembershipTiming;
 use mpreg_actors::fabric::trust::{self, Credentials, TrustError};
 use mpreg_actors::fabric::wire::NodeInfo;
-use mpreg_actors::fabric::{FabricConfig, FabricGossip, FabricShared, LinkLimits, SayGoodbye, SnapshotConfig};
+use mpreg_actors::fabric::{
+    FabricConfig, FabricGossip, FabricShared, LinkLimits, LinkQueue, SayGoodbye, SnapshotConfig,
+};
 use mpreg_actors::federation::core::FederationConfig;
 use mpreg_actors::federation::keys::{RouteSigner, ROUTE_KEY_FILE};
 use mpreg_actors::function::FunctionSpec;
@@ -330,7 +332,10 @@ impl NodeBuilder {
             swim: settings.swim_config(),
             dial_timeout: Duration::from_secs(2),
             max_backoff: Settings::seconds((settings.gossip_interval_s * 8.0).max(2.0)),
-            link_queue: settings.outbox_capacity,
+            link_queue: LinkQueue {
+                frames: settings.outbox_capacity,
+                bytes: settings.max_outbound_bytes_per_connection,
+            },
             max_catalog_entries_per_node: settings.max_catalog_entries_per_node,
             max_new_members_per_frame: settings.max_new_members_per_frame,
             max_dials_per_round: settings.max_dials_per_round,

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use common::keys::Keys;
+use common::memory::rss_mib;
 use common::node::{cluster_settings, TestNode};
 use common::ws::{raw_connect, raw_next};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
@@ -708,6 +709,34 @@ async fn raw_peer(a: &TestNode, cluster: &str) -> (common::ws::Ws, Value) {
     let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!(answer["kind"], "status", "{answer}");
     (ws, answer)
+}
+
+#[actix_rt::test]
+async fn a_peer_that_does_not_read_holds_at_most_the_byte_bound_of_flooded_publishes() {
+    // Every publish is flooded to every peer link. A peer that never reads gets what its
+    // link queue takes in bytes (max_outbound_bytes_per_connection, 16 MiB), not 4,096
+    // frames of up to 16 MiB each; the rest is dropped and counted.
+    const PUBLISHES: usize = 200;
+    let cluster = cluster_id("non-reading-peer");
+    let a = TestNode::start(quiet(settings("A", &cluster, &[], None)), vec![]).await;
+    let (_silent, _) = raw_peer(&a, &cluster).await;
+    let client = a.client().await;
+    let before = rss_mib();
+    // Larger than pubsub_backlog_max_message_bytes: no backlog keeps them.
+    let payload = json!("f".repeat(1_100_000));
+    for _ in 0..PUBLISHES {
+        client.publish("flood.big", payload.clone()).await.expect("publish");
+    }
+    let dropped = poll_until_async("A to drop flooded publishes for the silent peer", SOON, || async {
+        let dropped = a.node.metrics().fabric_dropped_count("link_queue_full");
+        (dropped >= (PUBLISHES / 2) as u64).then_some(dropped)
+    })
+    .await;
+    let grown = rss_mib().saturating_sub(before);
+    println!("{PUBLISHES} publishes of 1 MB, a peer that does not read: {dropped} dropped, RSS +{grown} MiB");
+    assert!(grown < 96, "RSS grew {grown} MiB");
+    // A goes on serving.
+    assert_eq!(client.call("echo", vec![json!(1)]).await.unwrap(), json!(1));
 }
 
 #[actix_rt::test]

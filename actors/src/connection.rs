@@ -338,11 +338,12 @@ impl Connection {
     }
 
     /// The frame queue of a fabric link over this websocket. Peer frames have their own
-    /// queue and writer, bounded in frames as the fabric expects (it drops or waits when
-    /// full), outside the client outbox's byte budget; the two carry no order between
-    /// them (a peer sends no client requests).
+    /// queue and writer, bounded like a client's outbox (the fabric drops best-effort
+    /// frames or waits when full, see [`LinkSender`]); the two carry no order between them
+    /// (a peer sends no client requests).
     fn link_sender(&mut self) -> LinkSender {
-        let (sender, frames) = mpsc::channel(self.shared.config.outbox_capacity.max(1));
+        let (sender, frames) =
+            Outbox::channel(self.shared.config.outbox_capacity, self.shared.config.max_outbound_bytes);
         let (close, closed) = oneshot::channel();
         self.link_close = Some(close);
         actix_rt::spawn(write_link_frames(frames, closed, self.session.clone()));
@@ -1286,7 +1287,7 @@ async fn write_whole(session: &mut Session, frame: &OutFrame) -> Result<(), acti
 /// websocket closes. Whole messages only: the client writer may fragment on the same
 /// websocket, and two fragmented messages must not interleave.
 async fn write_link_frames(
-    mut frames: mpsc::Receiver<OutFrame>,
+    mut frames: OutboxReceiver,
     mut closed: oneshot::Receiver<CloseReason>,
     mut session: Session,
 ) {
@@ -1298,6 +1299,7 @@ async fn write_link_frames(
                 if write_whole(&mut session, &frame).await.is_err() {
                     return;
                 }
+                frames.written(&frame);
             }
             reason = &mut closed => {
                 // Whatever the fabric queued before it asked for the close goes out first.

@@ -856,7 +856,7 @@ impl Bridges {
             .call_frame(destination, Vec::new(), self.hop_budget, WorkText { key, text: &text }, timeout_ms)
             .map_err(RpcError::unreachable)?;
         let (reply, answer) = oneshot::channel();
-        self.wait(&id, link, &bridge, deadline, Waiter::Task(reply)).map_err(|(_, error)| error)?;
+        self.wait(&id, link, &bridge, deadline, Waiter::Task(reply)).map_err(|refused| refused.1)?;
         let _cleanup = Forget { bridges: self, id: &id };
         if bridge.sender.send(message).await.is_err() {
             return Err(RpcError::unreachable(format!("the bridge to {} ({}) closed", bridge.node, bridge.cluster)));
@@ -903,7 +903,8 @@ impl Bridges {
         };
         // A peer's number: an overflowing one means no deadline (the TTL), never a panic.
         let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
-        if let Err((back, error)) = self.wait(&id, link, &next, deadline, back) {
+        if let Err(refused) = self.wait(&id, link, &next, deadline, back) {
+            let (back, error) = *refused;
             return back.answer(Err(error));
         }
         if next.sender.try_send(message).is_err() {
@@ -951,9 +952,9 @@ impl Bridges {
         bridge: &Bridge,
         deadline: Option<Instant>,
         waiter: Waiter,
-    ) -> Result<(), (Waiter, RpcError)> {
+    ) -> Result<(), Box<(Waiter, RpcError)>> {
         let Ok(mut waiting) = self.waiting.lock() else {
-            return Err((waiter, RpcError::unreachable("federation state unavailable")));
+            return Err(Box::new((waiter, RpcError::unreachable("federation state unavailable"))));
         };
         if waiting.len() >= self.max_waiting_calls {
             self.metrics.limit_exceeded("max_waiting_bridge_calls");
@@ -961,7 +962,7 @@ impl Bridges {
                 "cluster {}: {} calls already wait on bridges, the most this node allows",
                 self.local, self.max_waiting_calls
             );
-            return Err((waiter, RpcError::peer_overloaded(reason)));
+            return Err(Box::new((waiter, RpcError::peer_overloaded(reason))));
         }
         let (expires, own_deadline) = match deadline {
             Some(deadline) => (deadline, true),
@@ -1178,6 +1179,12 @@ impl FabricShared {
 mod tests {
     use super::*;
     use crate::fabric::trust::Authority;
+    use crate::outbox::{Outbox, OutboxReceiver};
+
+    /// A link's queue of 16 frames, bounded in bytes far beyond what a test queues.
+    fn link_queue() -> (Outbox, OutboxReceiver) {
+        Outbox::channel(16, 1 << 30)
+    }
 
     /// Bridges of cluster `a` pinning `b` and `c`, and the cores of `b` and `c` (which pin
     /// `a`), each with its own authority.
@@ -1228,7 +1235,7 @@ mod tests {
         let (bridges, mut b, mut c, metrics, config) = clusters();
         assert_eq!(bridges.authority_for("b").map(|_| ()), Ok(()));
         assert!(bridges.authority_for("x").unwrap_err().contains("not in this node's federation allowed_clusters"));
-        let (sender, mut queue) = tokio::sync::mpsc::channel(16);
+        let (sender, mut queue) = link_queue();
         bridges.bridge_up(7, "b", "b1", sender.clone(), Arc::default());
         // The bridge got our key chain first.
         let first = queue.try_recv().unwrap();
@@ -1271,7 +1278,7 @@ mod tests {
         let restarted = Bridges::new(config, metrics.clone());
         assert_eq!(restarted.restore(&saved), Ok(1));
         assert_eq!(restarted.route_to("b").unwrap_err(), "cluster a: no open bridge to b");
-        let (sender, _queue) = tokio::sync::mpsc::channel(16);
+        let (sender, _queue) = link_queue();
         restarted.bridge_up(8, "b", "b1", sender, Arc::default());
         assert_eq!(restarted.route_to("b"), Ok(()));
         assert!(restarted.restore(b"not json").is_err());
@@ -1283,7 +1290,7 @@ mod tests {
     }
 
     /// The reply frame a relayed call's caller got on its bridge back: (code, details).
-    fn relayed_error(queue: &mut tokio::sync::mpsc::Receiver<OutFrame>) -> (u16, String) {
+    fn relayed_error(queue: &mut OutboxReceiver) -> (u16, String) {
         let reply: Value = serde_json::from_slice(&queue.try_recv().unwrap().bytes).unwrap();
         assert_eq!(reply["kind"], "reply", "{reply}");
         let error = &reply["error"];
@@ -1294,14 +1301,14 @@ mod tests {
     async fn calls_waiting_on_a_silent_bridge_are_bounded_in_time_and_number() {
         let (bridges, mut b, _c, metrics, _config) = clusters();
         // b1 is up and routed to, but never answers anything sent to it.
-        let (to_b1, mut b1_reads) = tokio::sync::mpsc::channel(16);
+        let (to_b1, mut b1_reads) = link_queue();
         bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
         let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1, heard: Arc::default() };
         bridges.receive(&bridge, &updates_for_a(&mut b));
         assert_eq!(bridges.route_to("b"), Ok(()));
         // Calls relayed for another cluster (the caller's bridge back is `back`), each
         // holding an in-flight slot: no deadline, 1 s, 100 s left.
-        let (back, mut caller) = tokio::sync::mpsc::channel(16);
+        let (back, mut caller) = link_queue();
         let admission = metrics.admission().clone();
         let relay = |id: &str, timeout_ms: Option<u64>| {
             let waiter = Waiter::Relay(RelayBack {
@@ -1359,7 +1366,7 @@ mod tests {
     }
 
     /// The clusters each federation frame in `queue` names as visited, per publish.
-    fn publishes(queue: &mut tokio::sync::mpsc::Receiver<OutFrame>) -> Vec<Vec<String>> {
+    fn publishes(queue: &mut OutboxReceiver) -> Vec<Vec<String>> {
         std::iter::from_fn(|| queue.try_recv().ok())
             .map(|f| serde_json::from_slice::<Value>(&f.bytes).unwrap())
             .filter(|f| f["kind"] == "publish")
@@ -1372,7 +1379,7 @@ mod tests {
         let (bridges, ..) = clusters();
         let list = crate::federation::policy::ExportList { topics: vec!["news.#".into()], ..Default::default() };
         bridges.state.lock().unwrap().exports = Exports::new(&list).unwrap();
-        let channel = || tokio::sync::mpsc::channel(16);
+        let channel = || link_queue();
         let ((to_b1, mut b1), (to_b2, mut b2), (to_c1, mut c1)) = (channel(), channel(), channel());
         bridges.bridge_up(1, "b", "b1", to_b1, Arc::default());
         bridges.bridge_up(2, "b", "b2", to_b2, Arc::default());
@@ -1503,7 +1510,7 @@ mod tests {
     #[tokio::test]
     async fn a_queue_send_waiting_on_a_bridge_that_closes_fails_at_once_with_1005() {
         let (bridges, mut b, _c, _metrics, _config) = clusters();
-        let (to_b1, mut b1_reads) = tokio::sync::mpsc::channel(16);
+        let (to_b1, mut b1_reads) = link_queue();
         bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
         let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1, heard: Arc::default() };
         bridges.receive(&bridge, &updates_for_a(&mut b));
@@ -1543,14 +1550,14 @@ mod tests {
             FabricShared::new(me, 4, crate::registry::TableHandle::default(), Default::default(), Default::default())
                 .with_bridges(Some(bridges.clone())),
         );
-        let channel = || tokio::sync::mpsc::channel(16);
+        let channel = || link_queue();
         let ((to_b1, mut b1), (to_c1, mut c1)) = (channel(), channel());
         let heard = Arc::new(AtomicU64::new(0));
         bridges.bridge_up(1, "b", "b1", to_b1, heard.clone());
         bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
         let from_c1 = Bridge { cluster: "c".into(), node: "c1".into(), sender: to_c1, heard: Arc::default() };
         bridges.receive(&from_c1, &updates_for_a(&mut c));
-        let drain = |queue: &mut tokio::sync::mpsc::Receiver<OutFrame>| while queue.try_recv().is_ok() {};
+        let drain = |queue: &mut OutboxReceiver| while queue.try_recv().is_ok() {};
         drain(&mut b1);
         drain(&mut c1);
 

@@ -46,6 +46,7 @@ use crate::cache::LocalCache;
 use crate::discovery::log::CatalogLog;
 use crate::function::{CallArgs, FunctionIdentity};
 use crate::metrics::{self, Metrics};
+use crate::outbox::Outbox;
 use crate::protocol::{encode, sniff_role, FrameKind, PubSubMessage};
 use crate::pubsub::{self, OutFrame, PubSub};
 use crate::queue::Queue;
@@ -72,8 +73,21 @@ pub fn next_link_id() -> LinkId {
     NEXT_LINK.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Where frames for a link go.
-pub type LinkSender = mpsc::Sender<OutFrame>;
+/// Where frames for a link go: bounded in frames and in bytes. Best-effort frames (gossip,
+/// flooded publishes, one-way messages) are refused past either bound (`try_send`), so a
+/// peer that reads slowly or not at all costs at most the byte bound of them; frames that
+/// must not be lost (calls, replies, forwarded calls) are held to the frame bound only
+/// ([`Parking`], `send`), and those are bounded by the in-flight limits.
+pub type LinkSender = Outbox;
+
+/// The bounds of a link's queue of outgoing frames.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkQueue {
+    /// Frames (`outbox_capacity`).
+    pub frames: usize,
+    /// Bytes of best-effort frames (`max_outbound_bytes_per_connection`).
+    pub bytes: usize,
+}
 
 /// A function on another node, as the routing snapshot knows it.
 #[derive(Debug, Clone)]
@@ -290,7 +304,7 @@ impl Parking {
     /// Queues `bytes` on `sender`'s link, or parks it until there is room; dropped (and
     /// said why) when the link closed or too many frames wait already.
     pub(super) fn send(&self, sender: &LinkSender, bytes: OutFrame) -> Result<(), Dropped> {
-        let bytes = match sender.try_send(bytes) {
+        let bytes = match sender.queue(bytes) {
             Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(Dropped::Closed),
             Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
@@ -619,11 +633,14 @@ impl FabricShared {
         self.flood(&out, None);
     }
 
+    /// Best effort: a link over its bounds (a peer that reads slowly) misses the message,
+    /// counted under `link_queue_full`.
     fn flood(&self, message: &FabricMessage, except: Option<LinkId>) {
         let bytes = frame(&PeerFrame::FabricMessage(message.clone()));
         for (link, sender) in self.view.load().links.values() {
             if Some(*link) != except && sender.try_send(bytes.clone()).is_err() {
-                warn!(link, "peer link queue full; dropped a flooded message");
+                debug!(link, "peer link queue full; dropped a flooded message");
+                self.metrics.fabric_dropped("link_queue_full");
             }
         }
     }
@@ -1080,7 +1097,7 @@ impl Drop for WriterDone {
 }
 
 /// Dials `url`, registers the link with the actor, and pumps frames until it closes.
-pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, queue: usize) -> Result<(), String> {
+pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, queue: LinkQueue) -> Result<(), String> {
     // Nagle off: a call is one small frame that must not wait for the previous ACK.
     let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true);
     let (socket, _) = tokio::time::timeout(timeout, connect)
@@ -1090,7 +1107,7 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
     let Some(gossip) = shared.gossip.get() else { return Err("fabric not running".into()) };
     let link = next_link_id();
     let (mut sink, mut stream) = socket.split();
-    let (sender, mut frames) = mpsc::channel::<OutFrame>(queue);
+    let (sender, mut frames) = Outbox::channel(queue.frames, queue.bytes);
     let (close, closed) = oneshot::channel::<()>();
     gossip.do_send(LinkOpened { link, sender, outbound_url: Some(url.clone()), close: Some(close), peer: url.clone() });
     // Counted until the peer has acknowledged our close (the reader ends): closing a socket
@@ -1107,6 +1124,7 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
                     if sink.send(Message::Binary(out.bytes.to_vec())).await.is_err() {
                         break false;
                     }
+                    frames.written(&out);
                 }
                 fired = &mut closed => break fired.is_ok(),
             }

@@ -61,7 +61,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkSender, RemoteFunction, RemoteQueue};
+pub use link::{FabricShared, FabricView, LinkId, LinkLimits, LinkQueue, LinkSender, RemoteFunction, RemoteQueue};
 use membership::{MemberState, MembershipCore, MembershipEvent, MembershipTiming, Refusal};
 use snapshot::{CatalogSnapshot, SNAPSHOT_KEY, SNAPSHOT_TREE};
 use swim::{Liveness, RetransmitQueue, Rumor, Swim, SwimConfig, SwimMessage, Transition};
@@ -103,8 +103,8 @@ pub struct FabricConfig {
     pub dial_timeout: Duration,
     /// Longest wait between dials of an unreachable peer.
     pub max_backoff: Duration,
-    /// Frames queued per link.
-    pub link_queue: usize,
+    /// The bounds of each link's queue of outgoing frames.
+    pub link_queue: LinkQueue,
     /// Function entries one node may have; a larger entry set is refused.
     pub max_catalog_entries_per_node: usize,
     /// Nodes not known before that one membership digest may teach.
