@@ -823,7 +823,7 @@ impl Connection {
         self.spawn_counted("pubsub-publish", &request.u.clone(), kind, ctx, move |permit| async move {
             let PublishRequest { u, message } = request;
             let message = Arc::new(message);
-            let publish = || pubsub::Publish { message: message.clone(), origin: Origin::Local };
+            let publish = || pubsub::Publish { message: message.clone(), origin: Origin::Local, ticket: None };
             let error = match send_with_retry(&pubsub, publish).await {
                 Ok(Ok(())) => {
                     fabric.broadcast_publish(&message);
@@ -901,7 +901,7 @@ impl LevelObserver for CallbackPublisher<'_> {
             routing_path: None,
             current_hop: None,
         });
-        let publish = || pubsub::Publish { message: message.clone(), origin: Origin::Local };
+        let publish = || pubsub::Publish { message: message.clone(), origin: Origin::Local, ticket: None };
         match send_with_retry(&self.shared.pubsub, publish).await {
             Ok(Ok(())) => self.shared.fabric.broadcast_publish(&message),
             Ok(Err(refused)) => warn!(topic = %topic, cause = %refused, "intermediate result not published"),

@@ -25,6 +25,7 @@ pub mod discovery;
 pub mod fabric;
 pub mod federation;
 pub mod function;
+pub mod mailbox;
 pub mod metrics;
 pub mod monitor;
 pub mod outbox;

@@ -41,6 +41,7 @@ use bytes::Bytes;
 use self::backlog::{Backlog, PageBudget, ReplayCursor};
 pub use self::backlog::{BacklogLimits, Retention};
 pub use self::topic::{TopicIndex, TopicPattern};
+use crate::mailbox::MailboxTicket;
 use crate::metrics::Metrics;
 use crate::protocol::{encode, FrameKind, PubSubMessage, Subscription};
 use crate::supervisor::ChildGuard;
@@ -472,6 +473,9 @@ pub struct Publish {
     pub message: Arc<PubSubMessage>,
     /// Where it entered the cluster.
     pub origin: Origin,
+    /// A message a peer link read: its place in that link's share of this mailbox, given
+    /// back once handled (see [`crate::mailbox`]).
+    pub ticket: Option<MailboxTicket>,
 }
 
 /// A connection closed: forget its subscriptions.

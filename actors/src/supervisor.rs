@@ -121,6 +121,22 @@ impl Drop for ChildGuard {
     }
 }
 
+#[cfg(test)]
+impl ChildGuard {
+    /// A guard no supervisor watches, for a test that starts one child alone.
+    pub(crate) fn unwatched() -> ChildGuard {
+        struct Nobody;
+        impl Actor for Nobody {
+            type Context = Context<Self>;
+        }
+        impl Handler<ChildDied> for Nobody {
+            type Result = ();
+            fn handle(&mut self, _: ChildDied, _: &mut Context<Self>) {}
+        }
+        ChildGuard { name: "unwatched", generation: 0, supervisor: Nobody.start().recipient() }
+    }
+}
+
 /// Sent by a [`ChildGuard`] when its actor is gone.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -624,7 +624,13 @@ impl Bridges {
     /// A federation frame read on the bridge `link` (ignored when `link` is not one: frames
     /// read before the handshake completed go to the fabric actor, which judges them after
     /// it).
-    pub fn on_frame(self: &Arc<Self>, fabric: &Arc<FabricShared>, link: LinkId, message: FederationFrame) {
+    pub fn on_frame(
+        self: &Arc<Self>,
+        fabric: &Arc<FabricShared>,
+        link: LinkId,
+        message: FederationFrame,
+        bytes: usize,
+    ) {
         let Some(bridge) = self.bridge(link) else { return };
         match message {
             FederationFrame::Keys { chain } => {
@@ -678,7 +684,7 @@ impl Bridges {
                 if visited.last() != Some(&bridge.cluster) {
                     visited.push(bridge.cluster.clone());
                 }
-                if fabric.publish_from_bridge(&message) {
+                if fabric.publish_from_bridge(link, bytes, &message) {
                     self.publish_out(&message, visited);
                 }
             }
@@ -1570,7 +1576,7 @@ mod tests {
         assert!(fabric.pass_through(1, call.as_bytes()));
         // Counted as heard on b1's bridge: the fabric closes only a silent one.
         assert_eq!(heard.load(Ordering::Relaxed), 1);
-        bridges.on_frame(&fabric, 1, FederationFrame::Keys { chain: Vec::new() });
+        bridges.on_frame(&fabric, 1, FederationFrame::Keys { chain: Vec::new() }, 0);
         assert_eq!(heard.load(Ordering::Relaxed), 2);
         let sent = c1.try_recv().unwrap();
         assert!(std::str::from_utf8(&sent.bytes).unwrap().contains(&format!(r#""command":{command}}}"#)));

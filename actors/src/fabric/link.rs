@@ -45,6 +45,7 @@ use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
 use crate::cache::LocalCache;
 use crate::discovery::log::CatalogLog;
 use crate::function::{CallArgs, FunctionIdentity};
+use crate::mailbox::{MailboxShares, MailboxTicket};
 use crate::metrics::{self, Metrics};
 use crate::outbox::Outbox;
 use crate::protocol::{encode, sniff_role, FrameKind, PubSubMessage};
@@ -283,6 +284,8 @@ pub struct FabricShared {
     pub(super) parking: Parking,
     /// Each link's share of the FabricGossip actor's mailbox.
     pub(super) mailbox: MailboxShares,
+    /// Each link's share of the PubSub actor's mailbox (messages published elsewhere).
+    pubsub_mailbox: MailboxShares,
 }
 
 /// Queues frames on links. A full queue is not a reason to lose a reply or a forwarded
@@ -322,57 +325,6 @@ impl Parking {
             }
         });
         Ok(())
-    }
-}
-
-/// Frames one link may have in the FabricGossip actor's mailbox, not yet handled.
-pub const MAX_MAILBOX_FRAMES_PER_LINK: usize = 4096;
-/// Bytes (as read) of those frames; a single larger frame passes when the link has none
-/// waiting.
-pub const MAX_MAILBOX_BYTES_PER_LINK: usize = 16 << 20;
-
-/// What each link has handed to the FabricGossip actor that the actor has not handled yet
-/// (frames, bytes). Actix mailboxes fed with `do_send` have no bound: without this a peer
-/// that sends faster than the actor handles would grow it without end. Beyond a link's
-/// share its frames are dropped and counted (`link_mailbox_full`): gossip tolerates loss
-/// and the periodic push-pull repairs it.
-#[derive(Clone, Default)]
-pub struct MailboxShares(Arc<Mutex<HashMap<LinkId, (usize, usize)>>>);
-
-impl MailboxShares {
-    /// A place for a frame of `bytes` from `link`, held until the ticket drops (the actor
-    /// handled the message, or dropped it); `None` when the link's share is used up.
-    pub fn take(&self, link: LinkId, bytes: usize) -> Option<MailboxTicket> {
-        let mut map = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (frames, queued) = map.entry(link).or_default();
-        let fits =
-            *frames == 0 || (*frames < MAX_MAILBOX_FRAMES_PER_LINK && *queued + bytes <= MAX_MAILBOX_BYTES_PER_LINK);
-        if !fits {
-            return None;
-        }
-        *frames += 1;
-        *queued += bytes;
-        Some(MailboxTicket { shares: self.clone(), link, bytes })
-    }
-}
-
-/// A frame's place in its link's [`MailboxShares`], given back on drop.
-pub struct MailboxTicket {
-    shares: MailboxShares,
-    link: LinkId,
-    bytes: usize,
-}
-
-impl Drop for MailboxTicket {
-    fn drop(&mut self) {
-        let mut map = self.shares.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((frames, queued)) = map.get_mut(&self.link) {
-            *frames -= 1;
-            *queued -= self.bytes;
-            if *frames == 0 {
-                map.remove(&self.link);
-            }
-        }
     }
 }
 
@@ -426,6 +378,7 @@ impl FabricShared {
             next_id: AtomicU64::new(1),
             parking: Parking::new(LinkLimits::default().max_parked_frames, Arc::new(Metrics::default())),
             mailbox: MailboxShares::default(),
+            pubsub_mailbox: MailboxShares::default(),
         }
     }
 
@@ -610,15 +563,27 @@ impl FabricShared {
     /// A message published in another cluster, read on a bridge: delivered here and flooded
     /// to this cluster like one of its own, the first time its id is seen (false: seen
     /// before, nothing done).
-    pub(super) fn publish_from_bridge(&self, message: &PubSubMessage) -> bool {
+    pub(super) fn publish_from_bridge(&self, link: LinkId, bytes: usize, message: &PubSubMessage) -> bool {
         if !self.seen.lock().map(|mut s| s.first_time(&message.message_id)).unwrap_or(false) {
             return false;
         }
-        if let Some(pubsub) = self.pubsub.get() {
-            pubsub.do_send(pubsub::Publish { message: Arc::new(message.clone()), origin: pubsub::Origin::Peer });
-        }
+        self.deliver_here(link, bytes, message);
         self.flood_publish(message);
         true
+    }
+
+    /// Hands a message published elsewhere, read on `link` (`bytes` as read), to the local
+    /// subscribers, within the link's share of PubSub's mailbox: dropped and counted
+    /// (`pubsub_mailbox_full`) beyond it.
+    fn deliver_here(&self, link: LinkId, bytes: usize, message: &PubSubMessage) {
+        let Some(pubsub) = self.pubsub.get() else { return };
+        let Some(ticket) = self.pubsub_mailbox.take(link, bytes) else {
+            debug!(link, bytes, "link's share of the pubsub mailbox used up; published message not delivered here");
+            self.metrics.fabric_dropped("pubsub_mailbox_full");
+            return;
+        };
+        let message = Arc::new(message.clone());
+        pubsub.do_send(pubsub::Publish { message, origin: pubsub::Origin::Peer, ticket: Some(ticket) });
     }
 
     fn flood_publish(&self, message: &PubSubMessage) {
@@ -704,7 +669,7 @@ impl FabricShared {
                 .is_some();
         let frame = match (frame, &self.bridges) {
             (PeerFrame::Federation(message), Some(bridges)) if bridges.is_bridge(link) => {
-                bridges.on_frame(self, link, message);
+                bridges.on_frame(self, link, message, bytes);
                 return;
             }
             (frame, _) => frame,
@@ -743,9 +708,7 @@ impl FabricShared {
             if !self.seen.lock().map(|mut s| s.first_time(&published.message_id)).unwrap_or(false) {
                 return;
             }
-            if let Some(pubsub) = self.pubsub.get() {
-                pubsub.do_send(pubsub::Publish { message: Arc::new(published.clone()), origin: pubsub::Origin::Peer });
-            }
+            self.deliver_here(link, bytes, published);
             if let Some(bridges) = &self.bridges {
                 bridges.publish_out(published, Vec::new());
             }
@@ -1170,23 +1133,66 @@ pub fn millis_left(deadline: std::time::Instant, now: std::time::Instant) -> u64
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use actix::Actor;
 
-    #[test]
-    fn a_links_share_of_the_mailbox_is_bounded_in_frames_and_bytes_and_given_back() {
-        let shares = MailboxShares::default();
-        // One frame larger than the byte bound passes when its link has none waiting.
-        let big = shares.take(1, MAX_MAILBOX_BYTES_PER_LINK * 2).expect("alone: passes");
-        assert!(shares.take(1, 1).is_none(), "nothing joins it");
-        assert!(shares.take(2, 1).is_some(), "another link has its own share");
-        drop(big);
-        let held: Vec<MailboxTicket> =
-            (0..MAX_MAILBOX_FRAMES_PER_LINK).map(|_| shares.take(1, 10).expect("within the share")).collect();
-        assert!(shares.take(1, 10).is_none(), "frames used up");
-        drop(held);
-        let half = shares.take(1, MAX_MAILBOX_BYTES_PER_LINK / 2).expect("given back");
-        assert!(shares.take(1, MAX_MAILBOX_BYTES_PER_LINK / 2 + 1).is_none(), "bytes used up");
-        drop(half);
-        assert!(shares.0.lock().unwrap().is_empty(), "no entry is left behind");
+    use super::*;
+    use crate::mailbox::MAX_MAILBOX_FRAMES_PER_LINK;
+    use crate::pubsub::{BacklogLimits, PubSubLimits};
+    use crate::supervisor::ChildGuard;
+
+    fn message(i: usize) -> PubSubMessage {
+        PubSubMessage {
+            topic: "t".into(),
+            payload: Value::from(i),
+            timestamp: 0.0,
+            message_id: format!("m{i}"),
+            publisher: "b1".into(),
+            headers: Default::default(),
+            routing_path: None,
+            current_hop: None,
+        }
+    }
+
+    /// `message(i)` published on node b1, as a link reads it.
+    fn published(i: usize) -> FabricMessage {
+        FabricMessage {
+            id: format!("f{i}"),
+            source: "b1".into(),
+            target: BROADCAST.into(),
+            path: vec!["b1".into()],
+            hops_left: 0,
+            body: FabricBody::Publish { message: message(i) },
+        }
+    }
+
+    #[actix_rt::test]
+    async fn messages_a_link_hands_to_pubsub_wait_within_the_links_share_of_its_mailbox() {
+        let backlog =
+            BacklogLimits { seconds: 60.0, max_messages: 100, max_bytes: 1 << 20, max_message_bytes: 1 << 16 };
+        let pubsub = PubSub::new(PubSubLimits::default(), backlog, Arc::default(), ChildGuard::unwatched()).start();
+        let slot = Slot::default();
+        slot.set(pubsub.clone());
+        let me = NodeInfo { node: "a1".into(), instance_id: "i".into(), cluster_id: "a".into(), url: "ws://a1".into() };
+        let metrics = Arc::new(Metrics::default());
+        let shared = Arc::new(
+            FabricShared::new(me, 4, TableHandle::default(), slot, Default::default()).with_metrics(metrics.clone()),
+        );
+        // The test holds the thread: PubSub handles none of them until it awaits.
+        let extra = 100;
+        for i in 0..MAX_MAILBOX_FRAMES_PER_LINK + extra {
+            shared.route(7, published(i), 10);
+        }
+        assert_eq!(metrics.fabric_dropped_count("pubsub_mailbox_full"), extra as u64);
+        shared.route(8, published(1_000_000), 10);
+        assert_eq!(metrics.fabric_dropped_count("pubsub_mailbox_full"), extra as u64, "another link has its own share");
+        // Handled in order: once a later message is answered, the share is given back.
+        let last = Arc::new(message(3_000_000));
+        pubsub
+            .send(pubsub::Publish { message: last, origin: pubsub::Origin::Local, ticket: None })
+            .await
+            .unwrap()
+            .unwrap();
+        shared.route(7, published(2_000_000), 10);
+        assert_eq!(metrics.fabric_dropped_count("pubsub_mailbox_full"), extra as u64, "the share is given back");
     }
 }

@@ -73,6 +73,7 @@ use wire::{
 
 use crate::discovery::{self, DescribeDiscovery, DiscoveryView, LocalFunction, NodeEntry};
 use crate::function::FunctionIdentity;
+use crate::mailbox::MailboxTicket;
 use crate::persistence::{Batch, PersistenceHandle};
 use crate::protocol::PubSubMessage;
 use crate::pubsub::{Origin, Publish};
@@ -205,7 +206,7 @@ pub struct PeerFrameReceived {
     /// The frame.
     pub frame: PeerFrame,
     /// Its place in the link's share of this actor's mailbox.
-    pub ticket: link::MailboxTicket,
+    pub ticket: MailboxTicket,
 }
 
 /// A gossip frame routed to this node by `source`, which has no link to it.
@@ -217,7 +218,7 @@ pub struct RoutedGossip {
     /// The frame.
     pub frame: GossipFrame,
     /// Its place in the share of this actor's mailbox of the link it came in on.
-    pub ticket: link::MailboxTicket,
+    pub ticket: MailboxTicket,
 }
 
 /// A link closed.
@@ -1026,7 +1027,7 @@ impl FabricGossip {
                 routing_path: None,
                 current_hop: None,
             };
-            pubsub.do_send(Publish { message: Arc::new(message), origin: Origin::Peer });
+            pubsub.do_send(Publish { message: Arc::new(message), origin: Origin::Peer, ticket: None });
         };
         let summaries = discovery::summaries_of(me, &nodes, now);
         publish(
@@ -1993,7 +1994,7 @@ impl FabricGossip {
             }
             // Read before the bridge's handshake completed: judged after it.
             PeerFrame::Federation(message) => match &self.shared.bridges {
-                Some(bridges) if is_bridge => bridges.on_frame(&self.shared, msg.link, message),
+                Some(bridges) if is_bridge => bridges.on_frame(&self.shared, msg.link, message, 0),
                 _ => {
                     debug!(link = msg.link, "federation frame on a link that is no bridge dropped");
                     self.shared.metrics.fabric_dropped("not_a_bridge");
