@@ -182,8 +182,8 @@ pub struct Settings {
     pub credentials: Option<PathBuf>,
     /// Allow running open (no credentials) on a non-loopback `host`.
     pub insecure: bool,
-    /// Calls served at once for one peer link; beyond it a call is refused and its client
-    /// gets 1006 (overloaded).
+    /// Calls served at once for one peer link, and served or relayed for one federation
+    /// bridge; beyond it a call is refused and its client gets 1006 (overloaded).
     pub max_in_flight_per_link: usize,
     /// Function entries one node may advertise; a larger entry set is refused.
     pub max_catalog_entries_per_node: usize,

@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -220,6 +220,30 @@ struct Bridge {
     /// Frames read on it, counted for the fabric, which closes a bridge silent for
     /// [`Bridges::silent_limit`] (it never sees these frames itself).
     heard: Arc<AtomicU64>,
+    /// Calls read on it being served or relayed now (`max_in_flight_per_link`).
+    serving: Arc<AtomicUsize>,
+}
+
+impl Bridge {
+    fn new(cluster: &str, node: &str, sender: LinkSender, heard: Arc<AtomicU64>) -> Self {
+        Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender, heard, serving: Arc::default() }
+    }
+}
+
+/// A call read on a bridge, admitted: its places in the node's `max_in_flight` and in the
+/// bridge's `max_in_flight_per_link`, given back when it drops (answered, or dropped).
+struct Admitted {
+    _node: InFlight,
+    _bridge: BridgeSlot,
+}
+
+/// One of a bridge's `serving` places.
+struct BridgeSlot(Arc<AtomicUsize>);
+
+impl Drop for BridgeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct State {
@@ -260,7 +284,7 @@ struct RelayBack {
     back: LinkSender,
     parking: Parking,
     id: String,
-    _permit: InFlight,
+    _permit: Admitted,
 }
 
 impl RelayBack {
@@ -421,7 +445,7 @@ impl Bridges {
         state.core.link_up(cluster);
         let chain = state.core.own_chain().to_vec();
         let _ = sender.try_send(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
-        state.bridges.insert(link, Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender, heard });
+        state.bridges.insert(link, Bridge::new(cluster, node, sender, heard));
         info!(cluster = %self.local, peer_cluster = %cluster, peer = %node, link, "federation bridge up");
         Self::announce(&mut state);
     }
@@ -656,8 +680,9 @@ impl Bridges {
                     debug!(peer_cluster = %bridge.cluster, error = ?error, "federation: call refused");
                     return refuse(fabric, &bridge, &id, error);
                 }
-                let Some(permit) = self.admit(fabric) else {
-                    return refuse(fabric, &bridge, &id, self.overloaded());
+                let permit = match self.admit(fabric, &bridge) {
+                    Ok(permit) => permit,
+                    Err(error) => return refuse(fabric, &bridge, &id, error),
                 };
                 // The cluster the call started in (queue operations from it share a
                 // pseudo-connection on the queue's owner).
@@ -757,16 +782,26 @@ impl Bridges {
 
     /// A place in the node-wide in-flight limit for a call from another cluster (counted
     /// as `max_in_flight` when there is none).
-    fn admit(&self, fabric: &FabricShared) -> Option<InFlight> {
-        let permit = fabric.metrics.admission().try_admit();
-        if permit.is_none() {
-            fabric.metrics.limit_exceeded("max_in_flight");
+    /// A place for a call read on `bridge` (to serve here or relay on), or the 1006 that
+    /// refuses it: one bridge may hold `max_in_flight_per_link` of the node's
+    /// `max_in_flight` at most, so another cluster cannot take all of it.
+    fn admit(&self, fabric: &FabricShared, bridge: &Bridge) -> Result<Admitted, RpcError> {
+        let limit = fabric.limits.max_in_flight_per_link;
+        if bridge.serving.fetch_add(1, Ordering::AcqRel) >= limit {
+            bridge.serving.fetch_sub(1, Ordering::AcqRel);
+            fabric.metrics.limit_exceeded("max_in_flight_per_link");
+            let reason = format!(
+                "cluster {}: serving {limit} calls for the bridge from {} ({}) already (max_in_flight_per_link)",
+                self.local, bridge.node, bridge.cluster
+            );
+            return Err(RpcError::peer_overloaded(reason));
         }
-        permit
-    }
-
-    fn overloaded(&self) -> RpcError {
-        RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local))
+        let slot = BridgeSlot(bridge.serving.clone());
+        let Some(node) = fabric.metrics.admission().try_admit() else {
+            fabric.metrics.limit_exceeded("max_in_flight");
+            return Err(RpcError::peer_overloaded(format!("cluster {}: at its max_in_flight", self.local)));
+        };
+        Ok(Admitted { _node: node, _bridge: slot })
     }
 
     fn receive(&self, bridge: &Bridge, updates: &[SignedRouteUpdate]) {
@@ -876,9 +911,10 @@ impl Bridges {
     /// Relays a call for another cluster (`head`, then its work as JSON text) that came on
     /// `bridge`, if the node's max_in_flight admits it (else 1006).
     fn relay_from(&self, fabric: &FabricShared, bridge: &Bridge, head: CallHead, work: WorkText<'_>) {
-        // Calls from other clusters count toward the node-wide in-flight limit.
-        let Some(permit) = self.admit(fabric) else {
-            return refuse(fabric, bridge, &head.id, self.overloaded());
+        // Calls from other clusters count toward the in-flight limits.
+        let permit = match self.admit(fabric, bridge) {
+            Ok(permit) => permit,
+            Err(error) => return refuse(fabric, bridge, &head.id, error),
         };
         let CallHead { id, destination, visited, hops_left, timeout_ms } = head;
         let back = Waiter::Relay(RelayBack {
@@ -1247,7 +1283,7 @@ mod tests {
         let first = queue.try_recv().unwrap();
         let first: Value = serde_json::from_slice(&first.bytes).unwrap();
         assert_eq!((first["role"].as_str(), first["kind"].as_str()), (Some("federation"), Some("keys")));
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender, heard: Arc::default() };
+        let bridge = Bridge::new("b", "b1", sender, Arc::default());
 
         let valid = updates_for_a(&mut b);
         let mut forged = valid[0].clone();
@@ -1309,7 +1345,7 @@ mod tests {
         // b1 is up and routed to, but never answers anything sent to it.
         let (to_b1, mut b1_reads) = link_queue();
         bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1, heard: Arc::default() };
+        let bridge = Bridge::new("b", "b1", to_b1, Arc::default());
         bridges.receive(&bridge, &updates_for_a(&mut b));
         assert_eq!(bridges.route_to("b"), Ok(()));
         // Calls relayed for another cluster (the caller's bridge back is `back`), each
@@ -1321,7 +1357,10 @@ mod tests {
                 back: back.clone(),
                 parking: Parking::new(16, metrics.clone()),
                 id: id.into(),
-                _permit: admission.try_admit().unwrap(),
+                _permit: Admitted {
+                    _node: admission.try_admit().unwrap(),
+                    _bridge: BridgeSlot(Arc::new(AtomicUsize::new(1))),
+                },
             });
             let command = encode(&RpcCommand::new(id, "echo", vec![Value::from(1)]));
             bridges.relay(waiter, "b", vec!["x".into()], 4, WorkText { key: "command", text: &command }, timeout_ms);
@@ -1518,7 +1557,7 @@ mod tests {
         let (bridges, mut b, _c, _metrics, _config) = clusters();
         let (to_b1, mut b1_reads) = link_queue();
         bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
-        let bridge = Bridge { cluster: "b".into(), node: "b1".into(), sender: to_b1, heard: Arc::default() };
+        let bridge = Bridge::new("b", "b1", to_b1, Arc::default());
         bridges.receive(&bridge, &updates_for_a(&mut b));
         // No route to an unknown cluster: 1005 at once, nothing sent.
         let nowhere = bridges.call_cluster("z", queue_work("send", Some("jobs")), None).await.unwrap_err();
@@ -1561,7 +1600,7 @@ mod tests {
         let heard = Arc::new(AtomicU64::new(0));
         bridges.bridge_up(1, "b", "b1", to_b1, heard.clone());
         bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
-        let from_c1 = Bridge { cluster: "c".into(), node: "c1".into(), sender: to_c1, heard: Arc::default() };
+        let from_c1 = Bridge::new("c", "c1", to_c1, Arc::default());
         bridges.receive(&from_c1, &updates_for_a(&mut c));
         let drain = |queue: &mut OutboxReceiver| while queue.try_recv().is_ok() {};
         drain(&mut b1);
@@ -1626,6 +1665,53 @@ mod tests {
         assert!(fabric.pass_through(1, send.as_bytes()));
         let sent = String::from_utf8(c1.try_recv().unwrap().bytes.to_vec()).unwrap();
         assert!(sent.contains(&format!(r#""queue":{queue}}}"#)) && !sent.contains("command"), "{sent}");
+    }
+
+    #[tokio::test]
+    async fn one_bridge_holds_at_most_max_in_flight_per_link_calls() {
+        let (bridges, _b, mut c, metrics, _config) = clusters();
+        let bridges = Arc::new(bridges);
+        let me = crate::fabric::wire::NodeInfo {
+            node: "a1".into(),
+            instance_id: "i".into(),
+            cluster_id: "a".into(),
+            url: "ws://a1".into(),
+        };
+        let limits = crate::fabric::LinkLimits { max_in_flight_per_link: 2, ..Default::default() };
+        let fabric = Arc::new(
+            FabricShared::new(me, 4, crate::registry::TableHandle::default(), Default::default(), Default::default())
+                .with_bridges(Some(bridges.clone()))
+                .with_metrics(metrics.clone())
+                .with_limits(limits),
+        );
+        let ((to_b1, mut b1), (to_c1, mut c1), (to_b2, mut b2)) = (link_queue(), link_queue(), link_queue());
+        bridges.bridge_up(1, "b", "b1", to_b1, Arc::default());
+        bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
+        bridges.bridge_up(3, "b", "b2", to_b2, Arc::default());
+        bridges.receive(&Bridge::new("c", "c1", to_c1, Arc::default()), &updates_for_a(&mut c));
+        let drain = |queue: &mut OutboxReceiver| while queue.try_recv().is_ok() {};
+        for queue in [&mut b1, &mut c1, &mut b2] {
+            drain(queue);
+        }
+        // Calls for c that c1 never answers: b1 may have two waiting, not a third.
+        let call = |id: &str| {
+            let command = String::from_utf8(encode(&RpcCommand::new("r", "echo", vec![Value::from(1)]))).unwrap();
+            format!(
+                r#"{{"role":"federation","kind":"call","id":"{id}","destination":"c","visited":["b"],"hops_left":3,"command":{command},"timeout_ms":60000}}"#
+            )
+        };
+        for (link, id) in [(1, "b:1"), (1, "b:2"), (1, "b:3"), (3, "b2:1")] {
+            assert!(fabric.pass_through(link, call(id).as_bytes()));
+        }
+        let (code, details) = relayed_error(&mut b1);
+        assert_eq!(code, 1006, "{details}");
+        assert!(details.contains("max_in_flight_per_link") && details.contains("b1 (b)"), "{details}");
+        assert!(b1.try_recv().is_err(), "only the third call was refused");
+        assert_eq!(metrics.limit_exceeded_count("max_in_flight_per_link"), 1);
+        // b2 is another bridge, with its own share: its call went on to c1.
+        assert!(b2.try_recv().is_err(), "b2's call was not refused");
+        assert_eq!(bridges.waiting.lock().unwrap().len(), 3);
+        assert_eq!(metrics.admission().in_flight(), 3);
     }
 
     #[test]
