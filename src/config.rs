@@ -53,6 +53,9 @@ pub struct Settings {
     pub persistence_max_batch: usize,
     /// Most queues one node hosts; a `create` beyond it is refused with 1006.
     pub queue_max_queues: usize,
+    /// Bytes of messages all queues of one node hold together (payloads plus 256 bytes
+    /// each); a `send` beyond it is refused with 1006 until messages are acknowledged.
+    pub queue_max_bytes: u64,
     /// Longest long-poll `wait` of a queue `receive` (seconds); a longer one is capped.
     pub queue_max_wait_s: f64,
     /// Bytes of keys and values the cache's memory level (L1) holds at most.
@@ -287,6 +290,7 @@ impl Default for Settings {
             data_dir: None,
             persistence_max_batch: 256,
             queue_max_queues: 1000,
+            queue_max_bytes: 256 * 1024 * 1024,
             queue_max_wait_s: 20.0,
             cache_l1_max_bytes: 64 * 1024 * 1024,
             cache_l1_max_entries: 100_000,
@@ -443,6 +447,7 @@ impl Settings {
             });
         }
         for (key, value) in [
+            ("queue_max_bytes", self.queue_max_bytes),
             ("cache_l1_max_bytes", self.cache_l1_max_bytes),
             ("cache_l1_max_entries", self.cache_l1_max_entries),
             ("cache_l2_max_bytes", self.cache_l2_max_bytes),

@@ -391,6 +391,7 @@ impl NodeBuilder {
             let fabric = fabric.clone();
             let limits = QueueLimits {
                 max_queues: settings.queue_max_queues,
+                max_bytes: settings.queue_max_bytes,
                 max_wait: settings.queue_max_wait_s,
                 max_message_bytes: settings.max_frame_bytes,
                 node: name.clone(),

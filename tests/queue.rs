@@ -100,6 +100,44 @@ async fn errors_unknown_queue_too_large_full_bad_op() {
 }
 
 #[actix_rt::test]
+async fn the_queues_of_a_node_hold_at_most_queue_max_bytes() {
+    // 1 MiB for all queues together: whatever each queue's max_messages, a client cannot
+    // make the node hold more.
+    let node = node_with(Settings { queue_max_bytes: 1 << 20, ..Settings::default() }).await;
+    let c = client(&node).await;
+    for q in ["big-a", "big-b"] {
+        c.queue_create(q, json!({"max_messages": 1_000_000})).await.unwrap();
+    }
+    let payload = |i: usize| json!(format!("{i:08}{}", "x".repeat(100_000)));
+    let mut sent = 0;
+    let refused = loop {
+        let queue = if sent % 2 == 0 { "big-a" } else { "big-b" };
+        match c.queue_send(queue, payload(sent), QueueSendOptions::default()).await {
+            Ok(_) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent <= 10, "sent {sent} messages of 100 KB under a 1 MiB bound");
+    };
+    assert_eq!(sent, 10, "ten messages of 100 KB fit in 1 MiB");
+    match refused {
+        mpreg::ClientError::Rpc(e) => {
+            assert_eq!(e.code, 1006, "{e:?}");
+            assert!(e.details_text().contains("queue_max_bytes"), "{e:?}");
+        }
+        other => panic!("expected 1006, got {other:?}"),
+    }
+    assert_eq!(node.0.metrics().limit_exceeded_count("queue_max_bytes"), 1);
+    // Acknowledged messages make room again; a deleted queue gives back all it held.
+    let got = c.queue_receive("big-a", 1, 0.0, None).await.unwrap();
+    c.queue_ack("big-a", &[got[0].id.clone()], None).await.unwrap();
+    c.queue_send("big-b", payload(100), QueueSendOptions::default()).await.unwrap();
+    assert!(c.queue_delete("big-a").await.unwrap());
+    for i in 0..4 {
+        c.queue_send("big-b", payload(200 + i), QueueSendOptions::default()).await.unwrap();
+    }
+}
+
+#[actix_rt::test]
 async fn priority_delay_and_dedup() {
     let node = node().await;
     let c = client(&node).await;

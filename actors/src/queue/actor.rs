@@ -74,8 +74,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::core::{
-    ConsumerId, Delivery, Guarantee, MessageId, NewMessage, QueueConfig, QueueCore, QueueError, QueueStats, QueueWrite,
-    Sent, Step, StoredMessage, DLQ_SUFFIX, MAX_RECEIVE_BATCH,
+    ConsumerId, Delivery, Guarantee, HeldBytes, MessageId, NewMessage, QueueConfig, QueueCore, QueueError, QueueStats,
+    QueueWrite, Sent, Step, StoredMessage, DLQ_SUFFIX, MAX_RECEIVE_BATCH,
 };
 use crate::metrics::Metrics;
 use crate::outbox::{OutFrame, Outbox};
@@ -106,6 +106,9 @@ pub struct QueueLimits {
     pub max_wait: f64,
     /// Largest payload any queue accepts (`max_frame_bytes`): a config above it is refused.
     pub max_message_bytes: usize,
+    /// Bytes of messages all queues of this node hold together (`queue_max_bytes`); a
+    /// send beyond it is refused with 1006.
+    pub max_bytes: u64,
     /// This node's name (the `owner` of its queues in `stats` and `list`).
     pub node: String,
     /// Most bindings of one queue (`pubsub_max_subscriptions_per_connection`: a queue's
@@ -130,6 +133,7 @@ impl Default for QueueLimits {
             max_queues: 1000,
             max_wait: 20.0,
             max_message_bytes: 1024 * 1024,
+            max_bytes: 256 * 1024 * 1024,
             node: String::new(),
             max_bindings_per_queue: 1024,
             max_subscriptions_per_connection: 1024,
@@ -226,6 +230,8 @@ pub struct Queue {
     limits: QueueLimits,
     board: QueueBoard,
     queues: BTreeMap<String, Hosted>,
+    /// What the queues' messages hold together, against `limits.max_bytes`.
+    held: HeldBytes,
     pipeline: Option<mpsc::UnboundedSender<Submission>>,
     instance: String,
     next_id: u64,
@@ -353,6 +359,7 @@ impl Queue {
         Queue {
             store,
             metrics,
+            held: HeldBytes::new(limits.max_bytes),
             limits,
             board,
             queues: BTreeMap::new(),
@@ -398,7 +405,8 @@ impl Queue {
             };
             let count = records.len();
             match QueueCore::recover(meta.config, records, now) {
-                Ok((core, writes)) => {
+                Ok((mut core, writes)) => {
+                    core.count_in(self.held.clone());
                     info!(queue = %name, messages = count, "queue recovered");
                     self.queues
                         .insert(name.clone(), Hosted { core, bindings: meta.bindings, waiters: VecDeque::new() });
@@ -875,10 +883,11 @@ impl Queue {
                 self.limits.max_queues
             ))));
         }
-        let (core, writes) = match QueueCore::new(config.clone()) {
+        let (mut core, writes) = match QueueCore::new(config.clone()) {
             Ok(made) => made,
             Err(e) => return Answer::Ready(Err(core_error(e))),
         };
+        core.count_in(self.held.clone());
         self.queues.insert(name.to_owned(), Hosted { core, bindings: Vec::new(), waiters: VecDeque::new() });
         let durable = self.persist(name, writes);
         self.publish_board();
@@ -928,8 +937,10 @@ impl Queue {
         if let Err(QueueError::TooLarge { .. }) = &step.value {
             self.metrics.limit_exceeded("max_message_bytes");
         }
-        if let Err(QueueError::Full { .. }) = &step.value {
-            self.metrics.limit_exceeded("max_messages");
+        match &step.value {
+            Err(QueueError::Full { .. }) => self.metrics.limit_exceeded("max_messages"),
+            Err(QueueError::NodeFull { .. }) => self.metrics.limit_exceeded("queue_max_bytes"),
+            _ => {}
         }
         let (sent, durable) = self.effects(name, step);
         let result = match sent {
@@ -1219,7 +1230,7 @@ fn deliveries_json(deliveries: &[Delivery]) -> Value {
 /// The wire error of a refused core call.
 pub fn core_error(e: QueueError) -> RpcError {
     match e {
-        QueueError::Full { .. } => RpcError::queue_full(e.to_string()),
+        QueueError::Full { .. } | QueueError::NodeFull { .. } => RpcError::queue_full(e.to_string()),
         other => RpcError::invalid(other.to_string()),
     }
 }

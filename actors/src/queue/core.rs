@@ -94,6 +94,8 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -104,6 +106,66 @@ pub use interface::{
     ConsumerId, DeadLetter, DeadLetterInfo, Delivery, Guarantee, MessageId, NewMessage, Payload, QueueConfig,
     QueueError, QueueStats, QueueWrite, Result, Sent, Step, StoredMessage, DLQ_SUFFIX, MAX_RECEIVE_BATCH,
 };
+
+/// What a held message costs beyond its payload (its id, dedup key and index entries).
+pub const MESSAGE_OVERHEAD: u64 = 256;
+
+/// The bytes of messages the queues of one node hold together, against the node's bound
+/// (`queue_max_bytes`); shared by the node's queue cores. A send that would take the total
+/// past the bound is refused (`NodeFull`), so no queue's `max_messages` can make a node
+/// hold more than that in memory.
+#[derive(Debug, Clone)]
+pub struct HeldBytes {
+    held: Arc<AtomicU64>,
+    max: u64,
+}
+
+impl HeldBytes {
+    /// A bound of `max` bytes.
+    pub fn new(max: u64) -> Self {
+        HeldBytes { held: Arc::default(), max }
+    }
+
+    /// Bytes held now, by every queue sharing this bound.
+    pub fn held(&self) -> u64 {
+        self.held.load(AtomicOrdering::Acquire)
+    }
+
+    /// Counts `bytes` if they fit under the bound.
+    fn try_take(&self, bytes: u64) -> bool {
+        let mut held = self.held();
+        loop {
+            if held.saturating_add(bytes) > self.max {
+                return false;
+            }
+            match self.held.compare_exchange_weak(held, held + bytes, AtomicOrdering::AcqRel, AtomicOrdering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Counts `bytes` whatever the bound (messages restored at start were accepted before).
+    fn take(&self, bytes: u64) {
+        self.held.fetch_add(bytes, AtomicOrdering::AcqRel);
+    }
+
+    fn release(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, AtomicOrdering::AcqRel);
+    }
+}
+
+impl Default for HeldBytes {
+    /// No bound (a queue on its own, in tests).
+    fn default() -> Self {
+        HeldBytes::new(u64::MAX)
+    }
+}
+
+/// What `m` counts in [`HeldBytes`].
+fn cost(m: &Message) -> u64 {
+    m.payload.as_str().len() as u64 + MESSAGE_OVERHEAD
+}
 
 /// A time as an ordered key (`now` values are finite).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -258,6 +320,15 @@ pub struct QueueCore {
     /// What each consumer holds (leases and round copies), by seq.
     held: HashMap<ConsumerId, BTreeSet<u64>>,
     stats: QueueStats,
+    /// The node-wide bound this queue's messages count in, and what they count now.
+    bytes: HeldBytes,
+    counted: u64,
+}
+
+impl Drop for QueueCore {
+    fn drop(&mut self) {
+        self.bytes.release(self.counted);
+    }
 }
 
 impl QueueCore {
@@ -290,7 +361,16 @@ impl QueueCore {
             ready: VecDeque::new(),
             held: HashMap::new(),
             stats: QueueStats::default(),
+            bytes: HeldBytes::default(),
+            counted: 0,
         }
+    }
+
+    /// Counts this queue's messages, now and from now on, in the node-wide `bytes`.
+    pub fn count_in(&mut self, bytes: HeldBytes) {
+        self.bytes.release(self.counted);
+        bytes.take(self.counted);
+        self.bytes = bytes;
     }
 
     /// Rebuilds a queue after a restart from its config and stored records: pending,
@@ -344,6 +424,9 @@ impl QueueCore {
             let expires_at = m.expires_at;
             let spent = m.receive_count >= core.config.max_receives;
             let count = m.receive_count;
+            let bytes = cost(&m);
+            core.bytes.take(bytes);
+            core.counted += bytes;
             core.messages.insert(seq, m);
             if was_dead {
                 core.dead.insert(seq);
@@ -438,6 +521,11 @@ impl QueueCore {
         if self.messages.len() >= self.config.max_messages {
             return Err(QueueError::Full { max: self.config.max_messages });
         }
+        let bytes = msg.payload.as_str().len() as u64 + MESSAGE_OVERHEAD;
+        if !self.bytes.try_take(bytes) {
+            return Err(QueueError::NodeFull { max_bytes: self.bytes.max });
+        }
+        self.counted += bytes;
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.config.dedup_window > 0.0 {
@@ -854,6 +942,9 @@ impl QueueCore {
         self.unplace(seq);
         self.dead.remove(&seq);
         let Some(m) = self.messages.remove(&seq) else { return };
+        let bytes = cost(&m);
+        self.bytes.release(bytes);
+        self.counted -= bytes;
         if let Some(t) = m.expires_at {
             self.ttl.remove(&(At(t), seq));
         }

@@ -75,6 +75,12 @@ pub enum QueueError {
         /// The queue's `max_messages`.
         max: usize,
     },
+    /// The node's queues together hold their bound (`queue_max_bytes`): retry later.
+    #[error("the node's queues hold {max_bytes} bytes of messages (queue_max_bytes): retry later")]
+    NodeFull {
+        /// The node's `queue_max_bytes`.
+        max_bytes: u64,
+    },
     /// The payload is larger than `max_message_bytes`.
     #[error("message too large: {bytes} bytes > max {max}")]
     TooLarge {

@@ -58,6 +58,7 @@ impl QueueCore {
     /// nothing else.
     fn check_invariants(&self) {
         assert_eq!(self.ids.len(), self.messages.len());
+        assert_eq!(self.counted, self.messages.values().map(cost).sum::<u64>(), "held bytes counted exactly");
         let indexed = self.delayed.len()
             + self.visible_single.len()
             + self.visible_group.len()
@@ -165,6 +166,38 @@ fn a_durable_queue_persists_its_config_and_an_in_memory_one_writes_nothing() {
     let step = q.receive(&c("x"), 1, None, T0).unwrap();
     assert!(step.writes.is_empty());
     assert!(q.ack(&c("x"), &id("a"), T0).unwrap().writes.is_empty());
+}
+
+#[test]
+fn the_queues_of_a_node_hold_at_most_its_bytes_and_give_them_back() {
+    // Room for three messages of 100 bytes, across two queues.
+    let held = HeldBytes::new(3 * (100 + MESSAGE_OVERHEAD));
+    // 100 bytes of JSON each, all different (the same content would be a duplicate).
+    let payload = |n: u8| format!("\"{}{}\"", n as char, "p".repeat(97));
+    let (mut a, mut b) = (core(cfg()), core(QueueConfig::named("other")));
+    a.count_in(held.clone());
+    b.count_in(held.clone());
+    send(&mut a, msg("a1", &payload(b'1')), T0);
+    send(&mut a, msg("a2", &payload(b'2')), T0);
+    send(&mut b, msg("b1", &payload(b'3')), T0);
+    let refused = b.send(msg("b2", &payload(b'4')), T0).value;
+    assert_eq!(refused, Err(QueueError::NodeFull { max_bytes: 3 * (100 + MESSAGE_OVERHEAD) }));
+    b.check_invariants();
+    // An acknowledged message gives its bytes back, to any queue.
+    receive(&mut a, "x", 1, T0);
+    a.ack(&c("x"), &id("a1"), T0).unwrap();
+    send(&mut b, msg("b2", &payload(b'4')), T0);
+    assert_eq!(held.held(), 3 * (100 + MESSAGE_OVERHEAD));
+    // A queue that goes (deleted) gives back what it held.
+    drop(b);
+    assert_eq!(held.held(), 100 + MESSAGE_OVERHEAD);
+    // Restored messages count, even past the bound (they were accepted before).
+    let stored: Vec<StoredMessage> = a.messages.values().map(|m| m.stored()).collect();
+    let (mut r, _) = QueueCore::recover(cfg(), stored, T0).unwrap();
+    r.count_in(held.clone());
+    assert_eq!(held.held(), 2 * (100 + MESSAGE_OVERHEAD));
+    drop((a, r));
+    assert_eq!(held.held(), 0);
 }
 
 #[test]
