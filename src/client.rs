@@ -173,6 +173,10 @@ impl Client {
                     return;
                 }
             }
+            // Every handle on the client is gone: close the websocket (the reader ends
+            // with the server's answer) rather than leave it open until the server's
+            // client_timeout.
+            let _ = sink.send(Message::Close(None)).await;
         });
         inner.writer.lock().map(|mut w| *w = Some(writer)).ok();
         let reader = Arc::downgrade(&inner);

@@ -113,6 +113,9 @@ pub struct Settings {
     pub max_outbound_bytes_per_connection: usize,
     /// Requests in flight on the whole node (all connections and peers) before 1006.
     pub max_in_flight: usize,
+    /// Websockets open at once (clients, peer links, workers); an upgrade beyond it is
+    /// answered HTTP 503.
+    pub max_connections: usize,
     /// Websocket worker threads.
     pub workers: usize,
     /// Server ping interval (seconds).
@@ -317,6 +320,7 @@ impl Default for Settings {
             outbox_capacity: 4096,
             max_outbound_bytes_per_connection: 16 * 1024 * 1024,
             max_in_flight: 65_536,
+            max_connections: 10_000,
             workers: 2,
             heartbeat_interval_s: 20.0,
             client_timeout_s: 60.0,
@@ -518,6 +522,7 @@ impl Settings {
             ("outbox_capacity", self.outbox_capacity),
             ("max_outbound_bytes_per_connection", self.max_outbound_bytes_per_connection),
             ("max_in_flight", self.max_in_flight),
+            ("max_connections", self.max_connections),
             ("workers", self.workers),
             ("pubsub_max_topic_words", self.pubsub_max_topic_words),
             ("pubsub_max_topic_bytes", self.pubsub_max_topic_bytes),

@@ -477,6 +477,7 @@ impl NodeBuilder {
                 max_outbound_bytes: settings.max_outbound_bytes_per_connection,
                 heartbeat_interval: Settings::seconds(settings.heartbeat_interval_s),
                 client_timeout: Settings::seconds(settings.client_timeout_s),
+                max_connections: settings.max_connections,
             },
             table: table.clone(),
             pubsub,
@@ -487,6 +488,7 @@ impl NodeBuilder {
             queue,
             workers,
             cache: cache.clone(),
+            connections: Default::default(),
         });
         let cache_handle = cache;
         let server = connection::serve(ws_listener, shared, settings.workers)

@@ -622,6 +622,32 @@ async fn the_in_flight_gauge_comes_back_when_a_connection_with_waiting_requests_
 }
 
 #[actix_rt::test]
+async fn past_max_connections_an_upgrade_is_answered_503_until_one_closes() {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let node = TestNode::start(Settings { max_connections: 3, ..settings() }).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(Client::connect(node.0.url()).await.expect("within max_connections"));
+    }
+    match tokio_tungstenite::connect_async(node.0.url()).await {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+            assert!(body.contains("max_connections (3)"), "{body}");
+        }
+        other => panic!("expected HTTP 503, got {:?}", other.map(|_| "a websocket")),
+    }
+    assert_eq!(node.metric("mpreg_limit_exceeded_total", r#"limit="max_connections""#).await, 1.0);
+    // The open ones are served; once one closes, a new one is welcome.
+    assert_eq!(open[0].call("echo", vec![json!(1)]).await.unwrap(), json!(1));
+    // Dropping a client closes its websocket.
+    drop(open.pop());
+    let client =
+        poll_until_async("a place to free up", SOON, || async { Client::connect(node.0.url()).await.ok() }).await;
+    assert_eq!(client.call("echo", vec![json!(2)]).await.unwrap(), json!(2));
+}
+
+#[actix_rt::test]
 async fn past_the_node_wide_max_in_flight_requests_get_1006() {
     let node = TestNode::start(Settings { max_in_flight: 8, ..settings() }).await;
     let (first, second) = (Client::connect(node.0.url()).await.unwrap(), Client::connect(node.0.url()).await.unwrap());

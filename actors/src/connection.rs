@@ -37,7 +37,7 @@
 use std::net::TcpListener;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -116,6 +116,35 @@ pub struct ConnectionConfig {
     pub heartbeat_interval: Duration,
     /// A client silent for this long is disconnected.
     pub client_timeout: Duration,
+    /// Websockets open at once (clients, peers, workers); an upgrade beyond it is answered
+    /// 503.
+    pub max_connections: usize,
+}
+
+/// The websockets open now, against `max_connections`: a place is taken before the
+/// upgrade and given back when the connection's actor is gone.
+#[derive(Debug, Default)]
+pub struct ConnectionCount(AtomicUsize);
+
+/// One open websocket's place in the [`ConnectionCount`].
+struct ConnectionPlace(Arc<NodeShared>);
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.0.connections.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnectionPlace {
+    /// A place, or `None` when `max_connections` websockets are open already.
+    fn take(shared: &Arc<NodeShared>) -> Option<ConnectionPlace> {
+        let count = &shared.connections.0;
+        if count.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionPlace(shared.clone()))
+    }
 }
 
 /// What every connection shares.
@@ -140,6 +169,8 @@ pub struct NodeShared {
     pub cache: Arc<LocalCache>,
     /// The gate to the fabric for `cluster-status`.
     pub describer: Describer,
+    /// The websockets open now (`max_connections`).
+    pub connections: ConnectionCount,
 }
 
 /// How long a closing peer link's writer may take to flush before the socket is closed
@@ -183,13 +214,21 @@ async fn websocket_entry(
     body: web::Payload,
     shared: web::Data<NodeShared>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    let shared = shared.into_inner();
+    let Some(place) = ConnectionPlace::take(&shared) else {
+        shared.metrics.limit_exceeded("max_connections");
+        let max = shared.config.max_connections;
+        debug!(max, "websocket refused: max_connections open already");
+        return Ok(HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).body(format!(
+            "too many connections: this node has max_connections ({max}) websockets open; retry later"
+        )));
+    };
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let hard_limit = shared.config.max_frame_bytes.saturating_mul(2);
     let stream = stream.max_frame_size(hard_limit).aggregate_continuations().max_continuation_size(hard_limit);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let shared = shared.into_inner();
     Connection::create(move |ctx| {
-        let connection = Connection::new(shared, session, peer);
+        let connection = Connection::new(shared, session, peer, place);
         // Backpressure: while the outbox is over its byte bound, the websocket is not read.
         ctx.add_stream(connection.outbox.gate(stream, connection.shared.metrics.clone()));
         connection
@@ -236,10 +275,12 @@ pub struct Connection {
     worker_heard: Instant,
     /// Why the worker leaves when the connection ends.
     worker_leaving: LeaveReason,
+    /// Its place in `max_connections`, given back when the actor is gone.
+    _place: ConnectionPlace,
 }
 
 impl Connection {
-    fn new(shared: Arc<NodeShared>, session: Session, peer: String) -> Self {
+    fn new(shared: Arc<NodeShared>, session: Session, peer: String, place: ConnectionPlace) -> Self {
         let (outbox, frames) = Outbox::channel(shared.config.outbox_capacity, shared.config.max_outbound_bytes);
         let (close, closed) = oneshot::channel();
         actix_rt::spawn(write_frames(frames, closed, session.clone()));
@@ -264,6 +305,7 @@ impl Connection {
             worker_lane: 0,
             worker_heard: Instant::now(),
             worker_leaving: LeaveReason::Disconnected,
+            _place: place,
         }
     }
 
