@@ -167,6 +167,17 @@ fn cost(m: &Message) -> u64 {
     m.payload.as_str().len() as u64 + MESSAGE_OVERHEAD
 }
 
+/// What a dedup record costs beyond its key and the first message's id.
+pub const DEDUP_OVERHEAD: u64 = 128;
+
+/// The longest `dedup_id`, in bytes (a dedup record outlives its message by the window).
+pub const MAX_DEDUP_ID_BYTES: usize = 256;
+
+/// What the dedup record of `key` (first sent as `id`) counts in [`HeldBytes`].
+fn dedup_cost(key: &str, id: &MessageId) -> u64 {
+    (key.len() + id.as_str().len()) as u64 + DEDUP_OVERHEAD
+}
+
 /// A time as an ordered key (`now` values are finite).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct At(f64);
@@ -366,6 +377,18 @@ impl QueueCore {
         }
     }
 
+    /// Counts `bytes` held (whatever the bound: what a restart restores was accepted).
+    fn count(&mut self, bytes: u64) {
+        self.bytes.take(bytes);
+        self.counted += bytes;
+    }
+
+    /// No longer counts `bytes`.
+    fn uncount(&mut self, bytes: u64) {
+        self.bytes.release(bytes);
+        self.counted -= bytes;
+    }
+
     /// Counts this queue's messages, now and from now on, in the node-wide `bytes`.
     pub fn count_in(&mut self, bytes: HeldBytes) {
         self.bytes.release(self.counted);
@@ -418,15 +441,14 @@ impl QueueCore {
             if let Some(key) = &m.dedup_key {
                 let until = m.enqueued_at + core.config.dedup_window;
                 if until > now {
+                    core.count(dedup_cost(key, &m.id));
                     core.record_dedup(key.clone(), until, seq, m.id.clone());
                 }
             }
             let expires_at = m.expires_at;
             let spent = m.receive_count >= core.config.max_receives;
             let count = m.receive_count;
-            let bytes = cost(&m);
-            core.bytes.take(bytes);
-            core.counted += bytes;
+            core.count(cost(&m));
             core.messages.insert(seq, m);
             if was_dead {
                 core.dead.insert(seq);
@@ -504,6 +526,9 @@ impl QueueCore {
         if msg.guarantee == Guarantee::Quorum(0) {
             return Err(QueueError::BadRequest("quorum needs at least 1 ack".into()));
         }
+        if let Some(d) = msg.dedup_id.as_ref().filter(|d| d.len() > MAX_DEDUP_ID_BYTES) {
+            return Err(QueueError::BadRequest(format!("dedup_id of {} bytes: at most {MAX_DEDUP_ID_BYTES}", d.len())));
+        }
         let key = match &msg.dedup_id {
             Some(d) => format!("id:{d}"),
             None => format!("sha256:{:x}", Sha256::digest(msg.payload.as_str().as_bytes())),
@@ -521,7 +546,9 @@ impl QueueCore {
         if self.messages.len() >= self.config.max_messages {
             return Err(QueueError::Full { max: self.config.max_messages });
         }
-        let bytes = msg.payload.as_str().len() as u64 + MESSAGE_OVERHEAD;
+        // The message and, for the dedup window, its dedup record.
+        let dedup = if self.config.dedup_window > 0.0 { dedup_cost(&key, &msg.id) } else { 0 };
+        let bytes = msg.payload.as_str().len() as u64 + MESSAGE_OVERHEAD + dedup;
         if !self.bytes.try_take(bytes) {
             return Err(QueueError::NodeFull { max_bytes: self.bytes.max });
         }
@@ -882,14 +909,18 @@ impl QueueCore {
         }
     }
 
+    /// Records `key` for the dedup window (its bytes already counted by the caller).
     fn record_dedup(&mut self, key: String, until: f64, seq: u64, id: MessageId) {
         // Bounded by max_messages: the oldest entries go first.
         while self.dedup.len() >= self.config.max_messages {
             let Some((_, old)) = self.dedup_order.pop_first() else { break };
-            self.dedup.remove(&old);
+            if let Some((_, _, first)) = self.dedup.remove(&old) {
+                self.uncount(dedup_cost(&old, &first));
+            }
         }
-        if let Some((old_until, old_seq, _)) = self.dedup.insert(key.clone(), (until, seq, id)) {
+        if let Some((old_until, old_seq, first)) = self.dedup.insert(key.clone(), (until, seq, id)) {
             self.dedup_order.remove(&(At(old_until), old_seq));
+            self.uncount(dedup_cost(&key, &first));
         }
         self.dedup_order.insert((At(until), seq), key);
     }
@@ -942,9 +973,7 @@ impl QueueCore {
         self.unplace(seq);
         self.dead.remove(&seq);
         let Some(m) = self.messages.remove(&seq) else { return };
-        let bytes = cost(&m);
-        self.bytes.release(bytes);
-        self.counted -= bytes;
+        self.uncount(cost(&m));
         if let Some(t) = m.expires_at {
             self.ttl.remove(&(At(t), seq));
         }
@@ -1219,7 +1248,9 @@ impl QueueCore {
             }
             if let Some(key) = self.dedup_order.remove(&(at, seq)) {
                 if self.dedup.get(&key).is_some_and(|e| e.1 == seq) {
-                    self.dedup.remove(&key);
+                    if let Some((_, _, first)) = self.dedup.remove(&key) {
+                        self.uncount(dedup_cost(&key, &first));
+                    }
                 }
             }
         }

@@ -58,7 +58,8 @@ impl QueueCore {
     /// nothing else.
     fn check_invariants(&self) {
         assert_eq!(self.ids.len(), self.messages.len());
-        assert_eq!(self.counted, self.messages.values().map(cost).sum::<u64>(), "held bytes counted exactly");
+        let dedup: u64 = self.dedup.iter().map(|(key, (_, _, first))| dedup_cost(key, first)).sum();
+        assert_eq!(self.counted, self.messages.values().map(cost).sum::<u64>() + dedup, "held bytes counted exactly");
         let indexed = self.delayed.len()
             + self.visible_single.len()
             + self.visible_group.len()
@@ -174,7 +175,8 @@ fn the_queues_of_a_node_hold_at_most_its_bytes_and_give_them_back() {
     let held = HeldBytes::new(3 * (100 + MESSAGE_OVERHEAD));
     // 100 bytes of JSON each, all different (the same content would be a duplicate).
     let payload = |n: u8| format!("\"{}{}\"", n as char, "p".repeat(97));
-    let (mut a, mut b) = (core(cfg()), core(QueueConfig::named("other")));
+    let no_dedup = |name: &str| QueueConfig { dedup_window: 0.0, ..QueueConfig::named(name) };
+    let (mut a, mut b) = (core(no_dedup("jobs")), core(no_dedup("other")));
     a.count_in(held.clone());
     b.count_in(held.clone());
     send(&mut a, msg("a1", &payload(b'1')), T0);
@@ -193,11 +195,30 @@ fn the_queues_of_a_node_hold_at_most_its_bytes_and_give_them_back() {
     assert_eq!(held.held(), 100 + MESSAGE_OVERHEAD);
     // Restored messages count, even past the bound (they were accepted before).
     let stored: Vec<StoredMessage> = a.messages.values().map(|m| m.stored()).collect();
-    let (mut r, _) = QueueCore::recover(cfg(), stored, T0).unwrap();
+    let (mut r, _) = QueueCore::recover(no_dedup("jobs"), stored, T0).unwrap();
     r.count_in(held.clone());
     assert_eq!(held.held(), 2 * (100 + MESSAGE_OVERHEAD));
     drop((a, r));
     assert_eq!(held.held(), 0);
+}
+
+#[test]
+fn dedup_records_count_in_the_nodes_bytes_until_their_window_ends() {
+    let held = HeldBytes::new(1 << 20);
+    let mut q = core(QueueConfig { dedup_window: 60.0, ..cfg() });
+    q.count_in(held.clone());
+    send(&mut q, msg("a", "1"), T0);
+    receive(&mut q, "x", 1, T0);
+    q.ack(&c("x"), &id("a"), T0).unwrap();
+    q.check_invariants();
+    // The message is gone, its dedup record is not: it still counts.
+    assert!(held.held() > 0 && held.held() < MESSAGE_OVERHEAD, "{}", held.held());
+    q.tick(T0 + 61.0);
+    q.check_invariants();
+    assert_eq!(held.held(), 0);
+    // A dedup id is a short key, not a payload.
+    let long = NewMessage { dedup_id: Some("k".repeat(MAX_DEDUP_ID_BYTES + 1)), ..msg("b", "2") };
+    assert!(matches!(q.send(long, T0 + 62.0).value, Err(QueueError::BadRequest(_))));
 }
 
 #[test]
