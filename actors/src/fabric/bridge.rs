@@ -1581,20 +1581,23 @@ mod tests {
         assert!(bridges.waiting.lock().unwrap().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_call_for_another_cluster_and_its_reply_pass_through_as_text() {
-        let (bridges, _b, mut c, _metrics, _config) = clusters();
-        let bridges = Arc::new(bridges);
+    /// The fabric of node a1 of cluster `a`, bridged by `bridges`.
+    fn fabric_of_a1(bridges: &Arc<Bridges>) -> FabricShared {
         let me = crate::fabric::wire::NodeInfo {
             node: "a1".into(),
             instance_id: "i".into(),
             cluster_id: "a".into(),
             url: "ws://a1".into(),
         };
-        let fabric = Arc::new(
-            FabricShared::new(me, 4, crate::registry::TableHandle::default(), Default::default(), Default::default())
-                .with_bridges(Some(bridges.clone())),
-        );
+        FabricShared::new(me, 4, crate::registry::TableHandle::default(), Default::default(), Default::default())
+            .with_bridges(Some(bridges.clone()))
+    }
+
+    #[tokio::test]
+    async fn a_call_for_another_cluster_and_its_reply_pass_through_as_text() {
+        let (bridges, _b, mut c, _metrics, _config) = clusters();
+        let bridges = Arc::new(bridges);
+        let fabric = Arc::new(fabric_of_a1(&bridges));
         let channel = || link_queue();
         let ((to_b1, mut b1), (to_c1, mut c1)) = (channel(), channel());
         let heard = Arc::new(AtomicU64::new(0));
@@ -1671,19 +1674,8 @@ mod tests {
     async fn one_bridge_holds_at_most_max_in_flight_per_link_calls() {
         let (bridges, _b, mut c, metrics, _config) = clusters();
         let bridges = Arc::new(bridges);
-        let me = crate::fabric::wire::NodeInfo {
-            node: "a1".into(),
-            instance_id: "i".into(),
-            cluster_id: "a".into(),
-            url: "ws://a1".into(),
-        };
         let limits = crate::fabric::LinkLimits { max_in_flight_per_link: 2, ..Default::default() };
-        let fabric = Arc::new(
-            FabricShared::new(me, 4, crate::registry::TableHandle::default(), Default::default(), Default::default())
-                .with_bridges(Some(bridges.clone()))
-                .with_metrics(metrics.clone())
-                .with_limits(limits),
-        );
+        let fabric = Arc::new(fabric_of_a1(&bridges).with_metrics(metrics.clone()).with_limits(limits));
         let ((to_b1, mut b1), (to_c1, mut c1), (to_b2, mut b2)) = (link_queue(), link_queue(), link_queue());
         bridges.bridge_up(1, "b", "b1", to_b1, Arc::default());
         bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
