@@ -113,8 +113,8 @@ pub struct Settings {
     pub max_outbound_bytes_per_connection: usize,
     /// Requests in flight on the whole node (all connections and peers) before 1006.
     pub max_in_flight: usize,
-    /// Websockets open at once (clients, peer links, workers); an upgrade beyond it is
-    /// answered HTTP 503.
+    /// Websockets accepted and open at once (clients, workers, links other nodes dialled);
+    /// an upgrade beyond it is answered HTTP 503.
     pub max_connections: usize,
     /// Websocket worker threads.
     pub workers: usize,

@@ -116,8 +116,8 @@ pub struct ConnectionConfig {
     pub heartbeat_interval: Duration,
     /// A client silent for this long is disconnected.
     pub client_timeout: Duration,
-    /// Websockets open at once (clients, peers, workers); an upgrade beyond it is answered
-    /// 503.
+    /// Websockets accepted and open at once (clients, workers, links other nodes dialled);
+    /// an upgrade beyond it is answered 503.
     pub max_connections: usize,
 }
 

@@ -143,11 +143,24 @@ impl Outbox {
     }
 
     /// Queues a frame that must not be lost, waiting for a frame slot if need be (never for
-    /// bytes: see the module doc). Fails only when the writer is gone.
+    /// bytes: see the module doc). Fails only when the writer is gone. Its bytes count once
+    /// it has its slot: a send dropped while it waits (a timeout, a cancelled call) leaves
+    /// nothing counted.
     pub async fn send(&self, frame: OutFrame) -> Result<(), SendError<OutFrame>> {
-        let cost = frame.cost();
-        self.budget.queued.fetch_add(cost, Ordering::AcqRel);
-        self.frames.send(frame).await.inspect_err(|_| self.budget.release(cost))
+        let Ok(slot) = self.frames.reserve().await else { return Err(SendError(frame)) };
+        self.budget.queued.fetch_add(frame.cost(), Ordering::AcqRel);
+        slot.send(frame);
+        Ok(())
+    }
+
+    /// Like [`Outbox::try_send`], for bulk best-effort frames (flooded publishes): refused
+    /// once the queue holds half its byte bound, so the other best-effort frames behind
+    /// them (gossip, SWIM probes) still find room on a link that reads slowly.
+    pub fn try_send_bulk(&self, frame: OutFrame) -> Result<(), TrySendError<OutFrame>> {
+        if self.budget.queued.load(Ordering::Acquire) >= self.budget.limit / 2 {
+            return Err(TrySendError::Full(frame));
+        }
+        self.try_send(frame)
     }
 
     /// Waits until the queue is under its byte bound (at once if it is): a writer of many
@@ -369,6 +382,26 @@ mod tests {
             .await
             .expect("woken when drained")
             .expect("task");
+    }
+
+    #[tokio::test]
+    async fn a_send_dropped_while_it_waits_for_a_slot_leaves_nothing_counted() {
+        let (outbox, mut receiver) = Outbox::channel(1, 1000);
+        outbox.queue(frame(10)).expect("the only slot");
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(10), outbox.send(frame(500))).await;
+        assert!(waiting.is_err(), "no slot: it waits, and is dropped");
+        let first = receiver.recv().await.expect("queued");
+        receiver.written(&first);
+        assert!(outbox.is_idle(), "{} bytes counted", outbox.queued_bytes());
+        outbox.try_send(frame(900)).expect("the whole bound is free");
+    }
+
+    #[test]
+    fn bulk_frames_fill_half_the_bound_and_leave_the_rest_to_others() {
+        let (outbox, _receiver) = Outbox::channel(100, 1000);
+        outbox.try_send_bulk(frame(600)).expect("an empty queue takes it");
+        assert!(outbox.try_send_bulk(frame(10)).is_err(), "past half the bound");
+        outbox.try_send(frame(200)).expect("other best-effort frames still fit");
     }
 
     #[test]

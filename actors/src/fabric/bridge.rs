@@ -444,7 +444,9 @@ impl Bridges {
         let Ok(mut state) = self.state.lock() else { return };
         state.core.link_up(cluster);
         let chain = state.core.own_chain().to_vec();
-        let _ = sender.try_send(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
+        // Keys and route updates are few and must not be lost to a byte bound that bulk
+        // frames (publishes) filled: they are bounded in frames only.
+        let _ = sender.queue(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
         state.bridges.insert(link, Bridge::new(cluster, node, sender, heard));
         info!(cluster = %self.local, peer_cluster = %cluster, peer = %node, link, "federation bridge up");
         Self::announce(&mut state);
@@ -509,7 +511,7 @@ impl Bridges {
                 let publish = FederationFrame::Publish { message: message.clone(), visited: visited.clone() };
                 frame(&PeerFrame::Federation(publish))
             });
-            if bridge.sender.try_send(bytes.clone()).is_err() {
+            if bridge.sender.try_send_bulk(bytes.clone()).is_err() {
                 self.metrics.fabric_dropped("bridge_queue_full");
                 debug!(peer = %bridge.node, "bridge queue full; a publish did not cross");
             }
@@ -621,7 +623,7 @@ impl Bridges {
         state.core.rotate_to(signer);
         let keys = frame(&PeerFrame::Federation(FederationFrame::Keys { chain }));
         for bridge in state.bridges.values() {
-            let _ = bridge.sender.try_send(keys.clone());
+            let _ = bridge.sender.queue(keys.clone());
         }
         true
     }
@@ -638,7 +640,7 @@ impl Bridges {
             let bytes = frame(&PeerFrame::Federation(FederationFrame::Updates { updates }));
             let mut told = BTreeSet::new();
             for bridge in state.bridges.values().filter(|b| b.cluster == neighbor) {
-                if told.insert(bridge.node.clone()) && bridge.sender.try_send(bytes.clone()).is_err() {
+                if told.insert(bridge.node.clone()) && bridge.sender.queue(bytes.clone()).is_err() {
                     debug!(peer = %bridge.node, "bridge queue full; announcements wait for the next round");
                 }
             }
@@ -780,8 +782,6 @@ impl Bridges {
         }
     }
 
-    /// A place in the node-wide in-flight limit for a call from another cluster (counted
-    /// as `max_in_flight` when there is none).
     /// A place for a call read on `bridge` (to serve here or relay on), or the 1006 that
     /// refuses it: one bridge may hold `max_in_flight_per_link` of the node's
     /// `max_in_flight` at most, so another cluster cannot take all of it.
@@ -949,7 +949,8 @@ impl Bridges {
             let (back, error) = *refused;
             return back.answer(Err(error));
         }
-        if next.sender.try_send(message).is_err() {
+        // Bounded by the in-flight limits, not by the bytes of bulk frames queued before it.
+        if next.sender.queue(message).is_err() {
             let reason = format!("the bridge to {} ({}) closed or is full", next.node, next.cluster);
             if let Some(w) = self.waiting.lock().ok().and_then(|mut w| w.remove(&id)) {
                 w.waiter.answer(Err(RpcError::unreachable(reason)));

@@ -487,8 +487,19 @@ impl FabricShared {
     }
 
     /// Sends a message that is not answered to `node` over the next hop, if there is room
-    /// on that link now; false when it could not be sent.
+    /// on that link now (within its byte bound: best effort); false when it could not be
+    /// sent.
     pub(super) fn send_one_way(&self, node: &str, body: FabricBody) -> bool {
+        self.one_way(node, body, |sender, frame| sender.try_send(frame).is_ok())
+    }
+
+    /// Like [`FabricShared::send_one_way`], for a small message that must not be lost to
+    /// the byte bound bulk frames filled (a session's end): bounded in frames only.
+    pub(super) fn send_control(&self, node: &str, body: FabricBody) -> bool {
+        self.one_way(node, body, |sender, frame| sender.queue(frame).is_ok())
+    }
+
+    fn one_way(&self, node: &str, body: FabricBody, send: impl FnOnce(&LinkSender, OutFrame) -> bool) -> bool {
         let view = self.view.load();
         let Some((_, sender)) = view.next_hops.get(node).and_then(|hop| view.links.get(hop)) else { return false };
         let message = FabricMessage {
@@ -499,7 +510,7 @@ impl FabricShared {
             hops_left: self.hop_budget,
             body,
         };
-        sender.try_send(frame(&PeerFrame::FabricMessage(message))).is_ok()
+        send(sender, frame(&PeerFrame::FabricMessage(message)))
     }
 
     async fn request(&self, node: &str, body: FabricBody) -> CallOutcome {
@@ -598,16 +609,23 @@ impl FabricShared {
         self.flood(&out, None);
     }
 
-    /// Best effort: a link over its bounds (a peer that reads slowly) misses the message,
-    /// counted under `link_queue_full`.
+    /// Best effort, as bulk: a link with half its byte bound queued (a peer that reads
+    /// slowly) misses the message, counted under `link_queue_full`.
     fn flood(&self, message: &FabricMessage, except: Option<LinkId>) {
         let bytes = frame(&PeerFrame::FabricMessage(message.clone()));
         for (link, sender) in self.view.load().links.values() {
-            if Some(*link) != except && sender.try_send(bytes.clone()).is_err() {
+            if Some(*link) != except && sender.try_send_bulk(bytes.clone()).is_err() {
                 debug!(link, "peer link queue full; dropped a flooded message");
                 self.metrics.fabric_dropped("link_queue_full");
             }
         }
+    }
+
+    /// Whether a call sent on `link` waits for its answer, or one read on it is being
+    /// served: a link quiet only because a function runs long.
+    pub(super) fn link_busy(&self, link: LinkId) -> bool {
+        let waiting = self.pending.lock().is_ok_and(|p| p.values().any(|call| call.via == link));
+        waiting || self.serving.lock().is_ok_and(|s| s.per_link.get(&link).is_some_and(|calls| !calls.is_empty()))
     }
 
     /// Fails every call waiting on `link`, cancels the calls served for it, and tells the

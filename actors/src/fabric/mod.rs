@@ -1753,7 +1753,8 @@ impl FabricGossip {
     /// `link` to `node` was just admitted: an older link to the same node that has carried
     /// nothing for [`REPLACED_LINK_QUIET`] is one the peer has lost (it dialled again, or
     /// answered our dial, over a path that works now) and is closed. Links heard from
-    /// recently stay: two nodes that dial each other at once keep both.
+    /// recently stay (two nodes that dial each other at once keep both), and so do links
+    /// with a call on them (quiet while a function runs long).
     fn close_replaced_links(&mut self, link: LinkId, node: &NodeId) {
         self.note_routed();
         let replaced: Vec<LinkId> = self
@@ -1762,6 +1763,7 @@ impl FabricGossip {
             .filter(|(id, l)| {
                 **id != link && l.node.as_ref() == Some(node) && l.last_heard.elapsed() > REPLACED_LINK_QUIET
             })
+            .filter(|(id, _)| !self.shared.link_busy(**id))
             .map(|(id, _)| *id)
             .collect();
         for old in replaced {

@@ -115,7 +115,7 @@ impl FabricShared {
     pub fn queue_connection_closed(&self, conn: ConnectionId) {
         let session = self.queue_sessions.clients.lock().ok().and_then(|mut c| c.remove(&conn));
         for owner in session.into_iter().flat_map(|s| s.owners) {
-            if !self.send_one_way(&owner, FabricBody::QueueGone { conn }) {
+            if !self.send_control(&owner, FabricBody::QueueGone { conn }) {
                 debug!(owner = %owner, conn, "queue-gone not sent (no route); the owner's leases expire instead");
             }
         }
@@ -143,7 +143,7 @@ impl FabricShared {
             }
             None => {
                 self.metrics.fabric_dropped("queue_push_stray");
-                self.send_one_way(source, FabricBody::QueueGone { conn });
+                self.send_control(source, FabricBody::QueueGone { conn });
             }
         }
     }

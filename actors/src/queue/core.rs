@@ -170,6 +170,9 @@ fn cost(m: &Message) -> u64 {
 /// What a dedup record costs beyond its key and the first message's id.
 pub const DEDUP_OVERHEAD: u64 = 128;
 
+/// How late an idle queue drops its dedup records whose window ended (seconds).
+const DEDUP_SWEEP_DELAY: f64 = 1.0;
+
 /// The longest `dedup_id`, in bytes (a dedup record outlives its message by the window).
 pub const MAX_DEDUP_ID_BYTES: usize = 256;
 
@@ -488,10 +491,13 @@ impl QueueCore {
 
     /// The earliest time at which [`QueueCore::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<f64> {
-        // Dedup entries need no timer: they are dropped by whichever call comes next.
+        // Dedup records count in the node's bytes, so an idle queue drops them too: at
+        // most a second late, so that a stream of them wakes the queue once a second.
+        let dedup = self.dedup_order.first_key_value().map(|((at, _), _)| at.0 + DEDUP_SWEEP_DELAY);
         [&self.delayed, &self.leases, &self.rounds, &self.ttl, &self.quorum_deadlines, &self.dead_leases]
             .into_iter()
             .filter_map(|set| set.first().map(|(at, _)| at.0))
+            .chain(dedup)
             .min_by(f64::total_cmp)
     }
 

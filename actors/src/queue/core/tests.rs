@@ -213,6 +213,8 @@ fn dedup_records_count_in_the_nodes_bytes_until_their_window_ends() {
     q.check_invariants();
     // The message is gone, its dedup record is not: it still counts.
     assert!(held.held() > 0 && held.held() < MESSAGE_OVERHEAD, "{}", held.held());
+    // An idle queue's timer comes due for it, a second after the window.
+    assert_eq!(q.next_deadline(), Some(T0 + 61.0));
     q.tick(T0 + 61.0);
     q.check_invariants();
     assert_eq!(held.held(), 0);
@@ -477,6 +479,8 @@ fn ttl_removes_unread_messages_and_counts_them() {
     q.tick(T0 + 40.0);
     let st = q.stats();
     assert_eq!((st.leased, st.visible, st.expired_total), (0, 0, 2));
+    assert_eq!(q.next_deadline(), Some(T0 + 301.0), "only the dedup records' sweep is left");
+    q.tick(T0 + 302.0);
     assert!(q.next_deadline().is_none());
 }
 
