@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use common::node::{cluster_settings, TestNode};
 use common::proxy::Proxy;
-use common::ws::{raw_connect, raw_next};
+use common::ws::{peer_status, raw_connect, raw_next, raw_send};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -574,12 +574,7 @@ async fn a_node_of_another_cluster_is_refused() {
 
     // The same STATUS from a raw socket gets the refusal in words, then the link closes.
     let mut ws = raw_connect(a.url()).await;
-    let status = json!({
-        "role": "server", "kind": "status",
-        "info": {"node": "spy", "instance_id": "spy-1", "cluster_id": foreign, "url": "ws://127.0.0.1:9"},
-        "functions": [], "catalog_version": 1
-    });
-    ws.send(Message::Text(status.to_string())).await.unwrap();
+    raw_send(&mut ws, &peer_status("spy", "spy-1", &foreign)).await;
     let refusal = raw_next(&mut ws, SOON).await.expect("a refusal before the close");
     assert_eq!(refusal["role"], "server", "{refusal}");
     assert_eq!(refusal["kind"], "refused", "{refusal}");
@@ -606,12 +601,7 @@ async fn a_link_closed_on_purpose_suspects_nobody_and_a_broken_one_suspects_at_o
     let mut peers = Vec::new();
     for name in ["polite", "broken"] {
         let mut ws = raw_connect(a.url()).await;
-        let status = json!({
-            "role": "server", "kind": "status",
-            "info": {"node": name, "instance_id": format!("{name}-1"), "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
-            "functions": [], "catalog_version": 1
-        });
-        ws.send(Message::Text(status.to_string())).await.unwrap();
+        raw_send(&mut ws, &peer_status(name, &format!("{name}-1"), &cluster)).await;
         let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
         assert_eq!(answer["kind"], "status", "{answer}");
         peers.push(ws);

@@ -61,7 +61,7 @@ use common::keys::Keys;
 use common::latency::p99;
 use common::memory::rss_mib;
 use common::node::TestNode;
-use common::ws::{masked_frame, raw_connect, raw_next, Ws, BINARY};
+use common::ws::{masked_frame, peer_status, raw_connect, raw_next, Ws, BINARY};
 use common::{cluster_id, get_ok, poll_until_async, quiet_expected_panics};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -514,8 +514,7 @@ async fn peer_frame_spray(cluster: &Cluster) {
     assert_eq!(reply_to(&mut ws, "after").await["r"], json!({"r": 42}));
 
     // STATUS claiming to be B, without credentials: refused, link closed.
-    let info = json!({"node": "B", "instance_id": b_instance, "cluster_id": cluster_name, "url": "ws://127.0.0.1:9"});
-    let status = json!({"role": "server", "kind": "status", "info": info, "functions": [], "catalog_version": 1});
+    let mut status = peer_status("B", b_instance, cluster_name.as_str().expect("a cluster id"));
     send(&mut ws, &status).await;
     let refusal = raw_next(&mut ws, SOON).await.expect("a refusal");
     assert_eq!((&refusal["role"], &refusal["kind"]), (&json!("server"), &json!("refused")), "{refusal}");
@@ -525,10 +524,8 @@ async fn peer_frame_spray(cluster: &Cluster) {
     // STATUS replaying B's certificate and signed entries (both public, in /catalog)
     // without B's key: A answers with its challenge, the proof does not verify.
     let mut ws = raw_connect(a.url()).await;
-    let auth = json!({"nonce": trust::fresh_nonce(), "certificate": b_entries["proof"]["certificate"],
-                      "catalog": b_entries});
-    let status = json!({"role": "server", "kind": "status", "info": info, "functions": [], "catalog_version": 1,
-                        "auth": auth});
+    status["auth"] = json!({"nonce": trust::fresh_nonce(), "certificate": b_entries["proof"]["certificate"],
+                            "catalog": b_entries});
     send(&mut ws, &status).await;
     let challenge = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!((&challenge["role"], &challenge["kind"]), (&json!("server"), &json!("status")), "{challenge}");

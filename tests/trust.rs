@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use common::keys::Keys;
 use common::memory::rss_mib;
 use common::node::{cluster_settings, TestNode};
-use common::ws::{raw_connect, raw_next};
+use common::ws::{peer_status, raw_connect, raw_next, raw_send};
 use common::{cluster_id, get_ok, poll_until_async, rpc_error};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -284,12 +284,7 @@ async fn peer_frames_without_the_handshake_get_1004_and_change_nothing() {
     assert_eq!((&reply["u"], &reply["r"]), (&json!("after"), &json!({"r": 42})), "{reply}");
 
     // A STATUS without credentials is refused in words, counted, and the link closed.
-    let status = json!({
-        "role": "server", "kind": "status",
-        "info": {"node": "B", "instance_id": "spy", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
-        "functions": [], "catalog_version": 1
-    });
-    ws.send(Message::Text(status.to_string())).await.unwrap();
+    raw_send(&mut ws, &peer_status("B", "spy", &cluster)).await;
     let refusal = raw_next(&mut ws, SOON).await.expect("a refusal");
     assert_eq!((&refusal["role"], &refusal["kind"]), (&json!("server"), &json!("refused")), "{refusal}");
     assert_eq!(raw_next(&mut ws, SOON).await, None, "the refused link is closed");
@@ -523,13 +518,9 @@ async fn an_authenticated_relay_cannot_forge_another_nodes_goodbye_entries_or_re
     };
     let signed_catalog = CatalogDelta { proof: Some(m.seal(serde_json::to_string(&m_catalog).unwrap())), ..m_catalog };
     let mut ws = raw_connect(a.url()).await;
-    let status = json!({
-        "role": "server", "kind": "status",
-        "info": {"node": "M", "instance_id": "m1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
-        "functions": [], "catalog_version": 1,
-        "auth": {"nonce": m_nonce, "certificate": m.certificate(), "catalog": signed_catalog},
-    });
-    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let mut status = peer_status("M", "m1", &cluster);
+    status["auth"] = json!({"nonce": m_nonce, "certificate": m.certificate(), "catalog": signed_catalog});
+    raw_send(&mut ws, &status).await;
     let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!((&answer["role"], &answer["kind"]), (&json!("server"), &json!("status")), "{answer}");
     let a_nonce = answer["auth"]["nonce"].as_str().expect("A's nonce").to_owned();
@@ -611,12 +602,9 @@ async fn fabric_inputs_from_an_admitted_peer_are_bounded() {
     let a = TestNode::start(a_settings, vec![]).await;
     let mut ws = raw_connect(a.url()).await;
     let function = |name: &str| json!({"name": name, "function_id": name, "version": "1.0.0", "resources": []});
-    let status = json!({
-        "role": "server", "kind": "status",
-        "info": {"node": "spy", "instance_id": "s1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
-        "functions": [function("f1"), function("f2"), function("f3")], "catalog_version": 1
-    });
-    ws.send(Message::Text(status.to_string())).await.unwrap();
+    let mut status = peer_status("spy", "s1", &cluster);
+    status["functions"] = json!([function("f1"), function("f2"), function("f3")]);
+    raw_send(&mut ws, &status).await;
     let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!(answer["kind"], "status", "{answer}");
     // A catalog request naming A 4,000 times is answered with A's entries once (each
@@ -700,12 +688,7 @@ fn quiet(settings: Settings) -> Settings {
 /// STATUS answer.
 async fn raw_peer(a: &TestNode, cluster: &str) -> (common::ws::Ws, Value) {
     let mut ws = raw_connect(a.url()).await;
-    let status = json!({
-        "role": "server", "kind": "status",
-        "info": {"node": "peer", "instance_id": "p1", "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
-        "functions": [], "catalog_version": 1
-    });
-    ws.send(Message::Text(status.to_string())).await.unwrap();
+    raw_send(&mut ws, &peer_status("peer", "p1", cluster)).await;
     let answer = raw_next(&mut ws, SOON).await.expect("A's STATUS");
     assert_eq!(answer["kind"], "status", "{answer}");
     (ws, answer)

@@ -1,11 +1,12 @@
 //! A websocket without the SDK, for tests that control every frame: a tungstenite
-//! connection ([`raw_connect`], [`raw_next`]) and, below tungstenite, the bytes of a
-//! client frame ([`masked_frame`]).
+//! connection ([`raw_connect`], [`raw_next`], [`raw_send`]), the STATUS a peer opens a
+//! link with ([`peer_status`]) and, below tungstenite, the bytes of a client frame
+//! ([`masked_frame`]).
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use serde_json::Value;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -29,6 +30,22 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// Opens a websocket to `url`.
 pub async fn raw_connect(url: &str) -> Ws {
     tokio_tungstenite::connect_async(url).await.expect("raw websocket connects").0
+}
+
+/// Sends `frame` as a text frame.
+pub async fn raw_send(ws: &mut Ws, frame: &Value) {
+    ws.send(Message::Text(frame.to_string())).await.expect("frame sent");
+}
+
+/// The STATUS with which a peer `node` (instance `instance`, of `cluster`) opens a link in
+/// open mode: no functions, catalog version 1, an address nobody listens on. A test adds
+/// or changes fields (`functions`, `auth`) before sending it.
+pub fn peer_status(node: &str, instance: &str, cluster: &str) -> Value {
+    json!({
+        "role": "server", "kind": "status",
+        "info": {"node": node, "instance_id": instance, "cluster_id": cluster, "url": "ws://127.0.0.1:9"},
+        "functions": [], "catalog_version": 1
+    })
 }
 
 /// The next data frame as JSON (pings and pongs skipped); `None` if the socket closed.
