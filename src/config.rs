@@ -114,7 +114,8 @@ pub struct Settings {
     /// Requests in flight on the whole node (all connections and peers) before 1006.
     pub max_in_flight: usize,
     /// Websockets accepted and open at once (clients, workers, links other nodes dialled);
-    /// an upgrade beyond it is answered HTTP 503.
+    /// `max_inbound_links` more are kept for peers (a connection opened past this must
+    /// speak as one within 2 s); an upgrade beyond both is answered HTTP 503.
     pub max_connections: usize,
     /// Websocket worker threads.
     pub workers: usize,

@@ -478,6 +478,7 @@ impl NodeBuilder {
                 heartbeat_interval: Settings::seconds(settings.heartbeat_interval_s),
                 client_timeout: Settings::seconds(settings.client_timeout_s),
                 max_connections: settings.max_connections,
+                peer_reserve: settings.max_inbound_links,
             },
             table: table.clone(),
             pubsub,

@@ -22,8 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use mpreg::{Client, FunctionSpec, Node, NodeBuilder, Settings};
+use mpreg_actors::connection::RESERVED_PLACE_GRACE;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -32,7 +33,9 @@ use tokio::net::TcpSocket;
 use common::latency::p99;
 use common::memory::rss_kib;
 use common::metrics::metric_value;
-use common::ws::{masked_frame, BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT};
+use common::ws::{
+    masked_frame, peer_status, raw_connect, raw_next, raw_send, BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT,
+};
 use common::{http_async, poll_until_async};
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine.
@@ -622,25 +625,71 @@ async fn the_in_flight_gauge_comes_back_when_a_connection_with_waiting_requests_
 }
 
 #[actix_rt::test]
-async fn past_max_connections_an_upgrade_is_answered_503_until_one_closes() {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let node = TestNode::start(Settings { max_connections: 3, ..settings() }).await;
+async fn past_max_connections_only_peers_get_the_reserved_places_and_then_503() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+    // Two places for anyone, one more kept for a peer; SWIM slow enough that the raw peer
+    // (which answers no probe) stays unsuspected.
+    let cluster = "max-connections";
+    let node = TestNode::start(Settings {
+        max_connections: 2,
+        max_inbound_links: 1,
+        cluster_id: cluster.into(),
+        probe_interval_s: 30.0,
+        suspect_after_s: 60.0,
+        remove_after_s: 120.0,
+        ..settings()
+    })
+    .await;
     let mut open = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..2 {
         open.push(Client::connect(node.0.url()).await.expect("within max_connections"));
     }
+    // A third connection gets the place kept for peers, and loses it when it does not
+    // speak as one.
+    let mut squatter = raw_connect(node.0.url()).await;
+    let close = tokio::time::timeout(SOON, async {
+        loop {
+            match squatter.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed after the grace");
+    let close = close.expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Again, "{close:?}");
+    assert!(close.reason.contains("max_connections (2)"), "{close:?}");
+    drop(squatter);
+    // A peer in that place stays past the grace.
+    let mut peer = poll_until_async("the reserved place to free up", SOON, || async {
+        tokio_tungstenite::connect_async(node.0.url()).await.ok().map(|(ws, _)| ws)
+    })
+    .await;
+    raw_send(&mut peer, &peer_status("peer", "p1", cluster)).await;
+    let answer = raw_next(&mut peer, SOON).await.expect("the node's STATUS");
+    assert_eq!(answer["kind"], "status", "{answer}");
+    // Now every place is taken: an upgrade is answered 503.
     match tokio_tungstenite::connect_async(node.0.url()).await {
         Err(WsError::Http(response)) => {
             assert_eq!(response.status().as_u16(), 503);
             let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
-            assert!(body.contains("max_connections (3)"), "{body}");
+            assert!(body.contains("max_connections (2)"), "{body}");
         }
         other => panic!("expected HTTP 503, got {:?}", other.map(|_| "a websocket")),
     }
-    assert_eq!(node.metric("mpreg_limit_exceeded_total", r#"limit="max_connections""#).await, 1.0);
-    // The open ones are served; once one closes, a new one is welcome.
+    tokio::time::sleep(RESERVED_PLACE_GRACE + Duration::from_millis(500)).await;
+    let topology = http_async("GET", &format!("{}/topology", node.0.monitoring_url().unwrap())).await.unwrap().body;
+    let topology: Value = serde_json::from_str(&topology).unwrap();
+    let linked = topology["nodes"].as_array().unwrap().iter().any(|n| n["node"] == "peer" && n["linked"] == true);
+    assert!(linked, "the peer kept its place: {topology:#}");
+    assert_eq!(node.metric("mpreg_limit_exceeded_total", r#"limit="max_connections""#).await, 2.0);
+    // The open ones are served; once the peer and a client leave (dropping a client closes
+    // its websocket), a new client is welcome within max_connections again.
     assert_eq!(open[0].call("echo", vec![json!(1)]).await.unwrap(), json!(1));
-    // Dropping a client closes its websocket.
+    drop(peer);
     drop(open.pop());
     let client =
         poll_until_async("a place to free up", SOON, || async { Client::connect(node.0.url()).await.ok() }).await;

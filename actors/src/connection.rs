@@ -119,31 +119,44 @@ pub struct ConnectionConfig {
     /// Websockets accepted and open at once (clients, workers, links other nodes dialled);
     /// an upgrade beyond it is answered 503.
     pub max_connections: usize,
+    /// Places kept beyond `max_connections` for links other nodes dial (`max_inbound_links`):
+    /// a connection taking one must speak as a peer within [`RESERVED_PLACE_GRACE`], so
+    /// clients holding every place cannot keep the cluster's own nodes out.
+    pub peer_reserve: usize,
 }
+
+/// How long a connection in a place reserved for peers has to speak as one.
+pub const RESERVED_PLACE_GRACE: Duration = Duration::from_secs(2);
 
 /// The websockets open now, against `max_connections`: a place is taken before the
 /// upgrade and given back when the connection's actor is gone.
 #[derive(Debug, Default)]
 pub struct ConnectionCount(AtomicUsize);
 
-/// One open websocket's place in the [`ConnectionCount`].
-struct ConnectionPlace(Arc<NodeShared>);
+/// One open websocket's place in the [`ConnectionCount`]; `reserved`: one of the places
+/// kept for peers beyond `max_connections`.
+struct ConnectionPlace {
+    shared: Arc<NodeShared>,
+    reserved: bool,
+}
 
 impl Drop for ConnectionPlace {
     fn drop(&mut self) {
-        self.0.connections.0.fetch_sub(1, Ordering::AcqRel);
+        self.shared.connections.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl ConnectionPlace {
-    /// A place, or `None` when `max_connections` websockets are open already.
+    /// A place, or `None` when `max_connections` websockets and the peers' reserve are
+    /// open already.
     fn take(shared: &Arc<NodeShared>) -> Option<ConnectionPlace> {
         let count = &shared.connections.0;
-        if count.fetch_add(1, Ordering::AcqRel) >= shared.config.max_connections {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        if before >= shared.config.max_connections.saturating_add(shared.config.peer_reserve) {
             count.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(ConnectionPlace(shared.clone()))
+        Some(ConnectionPlace { shared: shared.clone(), reserved: before >= shared.config.max_connections })
     }
 }
 
@@ -276,7 +289,7 @@ pub struct Connection {
     /// Why the worker leaves when the connection ends.
     worker_leaving: LeaveReason,
     /// Its place in `max_connections`, given back when the actor is gone.
-    _place: ConnectionPlace,
+    place: ConnectionPlace,
 }
 
 impl Connection {
@@ -305,7 +318,7 @@ impl Connection {
             worker_lane: 0,
             worker_heard: Instant::now(),
             worker_leaving: LeaveReason::Disconnected,
-            _place: place,
+            place,
         }
     }
 
@@ -1363,6 +1376,16 @@ impl Actor for Connection {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.shared.metrics.connections_changed(1);
         debug!(conn = self.id, peer = %self.peer, "connection opened");
+        if self.place.reserved {
+            ctx.run_later(RESERVED_PLACE_GRACE, |act, ctx| {
+                if act.link.is_none() {
+                    act.shared.metrics.limit_exceeded("max_connections");
+                    let max = act.shared.config.max_connections;
+                    let reason = format!("too many connections: max_connections ({max}) reached; retry later");
+                    act.close_with(CloseCode::Again, &reason, ctx);
+                }
+            });
+        }
         ctx.run_interval(self.shared.config.heartbeat_interval, |act, ctx| {
             if std::mem::take(&mut act.heard) {
                 act.silent_ticks = 0;
