@@ -3,7 +3,9 @@
 //!
 //! Who writes into it: the connection (replies, acks) and PubSub (notifications). Who
 //! drains it: the connection's single writer task, which releases each frame's bytes once
-//! the websocket has taken it.
+//! the websocket has taken it. A fabric link's queue is an outbox too
+//! ([`crate::fabric::LinkSender`]): calls and replies go in with `queue`/`send`, gossip
+//! with `try_send`, flooded publishes with [`Outbox::try_send_bulk`]; no read gate.
 //!
 //! Backpressure, in bytes: each queued frame costs its length plus [`FRAME_OVERHEAD`].
 //! - Replies are never dropped: [`Outbox::queue`] and [`Outbox::send`] ignore the byte

@@ -162,9 +162,9 @@ impl Default for HeldBytes {
     }
 }
 
-/// What `m` counts in [`HeldBytes`].
-fn cost(m: &Message) -> u64 {
-    m.payload.as_str().len() as u64 + MESSAGE_OVERHEAD
+/// What a message with `payload` counts in [`HeldBytes`].
+fn cost(payload: &Payload) -> u64 {
+    payload.as_str().len() as u64 + MESSAGE_OVERHEAD
 }
 
 /// What a dedup record costs beyond its key and the first message's id.
@@ -451,7 +451,7 @@ impl QueueCore {
             let expires_at = m.expires_at;
             let spent = m.receive_count >= core.config.max_receives;
             let count = m.receive_count;
-            core.count(cost(&m));
+            core.count(cost(&m.payload));
             core.messages.insert(seq, m);
             if was_dead {
                 core.dead.insert(seq);
@@ -554,7 +554,7 @@ impl QueueCore {
         }
         // The message and, for the dedup window, its dedup record.
         let dedup = if self.config.dedup_window > 0.0 { dedup_cost(&key, &msg.id) } else { 0 };
-        let bytes = msg.payload.as_str().len() as u64 + MESSAGE_OVERHEAD + dedup;
+        let bytes = cost(&msg.payload) + dedup;
         if !self.bytes.try_take(bytes) {
             return Err(QueueError::NodeFull { max_bytes: self.bytes.max });
         }
@@ -915,14 +915,19 @@ impl QueueCore {
         }
     }
 
+    /// Drops the dedup record of `key`, and its bytes.
+    fn forget_dedup(&mut self, key: &str) {
+        if let Some((_, _, first)) = self.dedup.remove(key) {
+            self.uncount(dedup_cost(key, &first));
+        }
+    }
+
     /// Records `key` for the dedup window (its bytes already counted by the caller).
     fn record_dedup(&mut self, key: String, until: f64, seq: u64, id: MessageId) {
         // Bounded by max_messages: the oldest entries go first.
         while self.dedup.len() >= self.config.max_messages {
             let Some((_, old)) = self.dedup_order.pop_first() else { break };
-            if let Some((_, _, first)) = self.dedup.remove(&old) {
-                self.uncount(dedup_cost(&old, &first));
-            }
+            self.forget_dedup(&old);
         }
         if let Some((old_until, old_seq, first)) = self.dedup.insert(key.clone(), (until, seq, id)) {
             self.dedup_order.remove(&(At(old_until), old_seq));
@@ -979,7 +984,7 @@ impl QueueCore {
         self.unplace(seq);
         self.dead.remove(&seq);
         let Some(m) = self.messages.remove(&seq) else { return };
-        self.uncount(cost(&m));
+        self.uncount(cost(&m.payload));
         if let Some(t) = m.expires_at {
             self.ttl.remove(&(At(t), seq));
         }
@@ -1254,9 +1259,7 @@ impl QueueCore {
             }
             if let Some(key) = self.dedup_order.remove(&(at, seq)) {
                 if self.dedup.get(&key).is_some_and(|e| e.1 == seq) {
-                    if let Some((_, _, first)) = self.dedup.remove(&key) {
-                        self.uncount(dedup_cost(&key, &first));
-                    }
+                    self.forget_dedup(&key);
                 }
             }
         }

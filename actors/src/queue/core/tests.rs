@@ -59,7 +59,11 @@ impl QueueCore {
     fn check_invariants(&self) {
         assert_eq!(self.ids.len(), self.messages.len());
         let dedup: u64 = self.dedup.iter().map(|(key, (_, _, first))| dedup_cost(key, first)).sum();
-        assert_eq!(self.counted, self.messages.values().map(cost).sum::<u64>() + dedup, "held bytes counted exactly");
+        assert_eq!(
+            self.counted,
+            self.messages.values().map(|m| cost(&m.payload)).sum::<u64>() + dedup,
+            "held bytes counted exactly"
+        );
         let indexed = self.delayed.len()
             + self.visible_single.len()
             + self.visible_group.len()
