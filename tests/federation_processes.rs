@@ -634,3 +634,69 @@ async fn a_ring_of_four_clusters_converges_without_loops_and_reroutes_around_a_c
     }
     drop((client, node_a, node_b, node_c, node_d));
 }
+
+/// The links of `node`'s bridges to `cluster`, as `/routes` lists them.
+async fn bridge_links(node: &ServerProcess, cluster: &str) -> Vec<u64> {
+    let routes = routes(node).await;
+    let bridges = routes["bridges"].as_array().cloned().unwrap_or_default();
+    let mut links: Vec<u64> =
+        bridges.iter().filter(|b| b["cluster"] == cluster).filter_map(|b| b["link"].as_u64()).collect();
+    links.sort_unstable();
+    links
+}
+
+#[actix_rt::test]
+async fn a_bridge_opens_a_lane_on_each_listener_thread_that_lives_and_dies_with_it() {
+    // B dials A through a proxy the test cuts. Both listen on two threads; announcements
+    // every 0.5 s and a 2 s route TTL make a bridge silent for 2 s a dead one.
+    let (a, b) = (Cluster::new("lane-a"), Cluster::new("lane-b"));
+    let quick = |settings: TempFile| {
+        let text = std::fs::read_to_string(settings.path()).unwrap().replacen("[mpreg]\n", "[mpreg]\nworkers = 2\n", 1);
+        let text = text.replace("announce_interval_s = 1.0", "announce_interval_s = 0.5\nroute_ttl_s = 2.0");
+        std::fs::write(settings.path(), text).unwrap();
+        settings
+    };
+    let a_settings = quick(federation_settings(&a, &[&b], &[], &["add"]));
+    let node_a = start("a1", &a, Some(&a_settings), &["demo"], &[]).await;
+    let proxy = Proxy::to(&node_a.url).await;
+    let b_settings = quick(federation_settings(&b, &[&a], &[&proxy.url], &[]));
+    let node_b = start("b1", &b, Some(&b_settings), &[], &[]).await;
+
+    // B's bridge and one lane (one link per listener thread of B), seen from both sides.
+    let both_linked = || async {
+        let (at_a, at_b) = (bridge_links(&node_a, "lane-b").await, bridge_links(&node_b, "lane-a").await);
+        (at_a.len() == 2 && at_b.len() == 2).then_some((at_a, at_b))
+    };
+    let linked = poll_until_async("B's bridge and its lane are up on both sides", SOON, both_linked).await;
+    let client = Client::connect(&node_b.url).await.expect("client connects to B");
+    for i in 0..20 {
+        let value = client.request(vec![add_in("lane-a", i, 1)]).await.expect("B calls A");
+        assert_eq!(value["r"], i + 1);
+    }
+
+    // Quiet for three silent limits: announcements go on one link per node, so the lane
+    // carries none, yet its keepalive keeps it (the same links throughout, none redialled).
+    let quiet_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < quiet_until {
+        let now = (bridge_links(&node_a, "lane-b").await, bridge_links(&node_b, "lane-a").await);
+        assert_eq!(now, linked, "a quiet bridge or lane was closed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Cut: the bridge and its lane go on both sides; healed, both come back (new links).
+    proxy.cut();
+    proxy.set_open(false);
+    poll_until_async("every link gone on both sides", SOON, || async {
+        let gone = bridge_links(&node_a, "lane-b").await.is_empty() && bridge_links(&node_b, "lane-a").await.is_empty();
+        gone.then_some(())
+    })
+    .await;
+    proxy.set_open(true);
+    let healed = poll_until_async("the bridge and its lane are back", SOON, both_linked).await;
+    assert!(healed.0.iter().all(|link| !linked.0.contains(link)), "{healed:?} after {linked:?}");
+    poll_until_async("B calls A again", SOON, || async {
+        client.request(vec![add_in("lane-a", 20, 22)]).await.ok().filter(|v| v["r"] == 42)
+    })
+    .await;
+    drop((client, node_a, node_b));
+}

@@ -202,6 +202,8 @@ pub fn serve(
 ) -> std::io::Result<actix_web::dev::Server> {
     let hard_limit = shared.config.max_frame_bytes.saturating_mul(2);
     Ok(HttpServer::new(move || {
+        // Called on each listener thread as it starts.
+        shared.fabric.add_listener_thread();
         App::new()
             .app_data(web::Data::from(shared.clone()))
             .app_data(web::PayloadConfig::new(hard_limit))
@@ -371,6 +373,14 @@ impl Connection {
     /// the caller falls back to a queue.)
     fn write_now(&mut self, payload: Bytes, wrap: fn(Bytes) -> Message) -> Result<(), Bytes> {
         write_now(&mut self.session, payload, wrap)
+    }
+
+    /// A ping or pong on a peer link counts as hearing from it (see
+    /// [`crate::fabric::link::FabricShared::heard_on`]).
+    fn heard_on_link(&self) {
+        if let Some(link) = self.link {
+            self.shared.fabric.heard_on(link);
+        }
     }
 
     /// Answers a ping, keeping at most one pong waiting per connection: a client that
@@ -700,6 +710,8 @@ impl Connection {
                     outbound_url: None,
                     close: None,
                     peer: self.peer.clone(),
+                    thread: std::thread::current().id(),
+                    lane: None,
                 });
                 gossip.do_send(InboundCloser { link, closer: ctx.address().recipient() });
                 link
@@ -1461,8 +1473,11 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Connection {
         match item {
             Ok(AggregatedMessage::Text(text)) => self.on_frame(text.into_bytes(), FrameKind::Text, ctx),
             Ok(AggregatedMessage::Binary(bytes)) => self.on_frame(bytes, FrameKind::Binary, ctx),
-            Ok(AggregatedMessage::Ping(payload)) => self.on_ping(payload, ctx),
-            Ok(AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Ping(payload)) => {
+                self.heard_on_link();
+                self.on_ping(payload, ctx);
+            }
+            Ok(AggregatedMessage::Pong(_)) => self.heard_on_link(),
             Ok(AggregatedMessage::Close(reason)) => self.on_close(reason, ctx),
             Err(e) => match StreamFault::of(&e) {
                 StreamFault::Dropped => {

@@ -33,6 +33,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
@@ -211,6 +212,13 @@ pub struct BridgeConfig {
     pub max_waiting_calls: usize,
 }
 
+/// Who is at the other end of a bridge, and which of this node's threads serves it.
+pub struct BridgePeer<'a> {
+    pub cluster: &'a str,
+    pub node: &'a str,
+    pub thread: ThreadId,
+}
+
 /// An open bridge.
 #[derive(Debug, Clone)]
 struct Bridge {
@@ -220,14 +228,11 @@ struct Bridge {
     /// Frames read on it, counted for the fabric, which closes a bridge silent for
     /// [`Bridges::silent_limit`] (it never sees these frames itself).
     heard: Arc<AtomicU64>,
-    /// Calls read on it being served or relayed now (`max_in_flight_per_link`).
+    /// Calls read on the bridges to this node being served or relayed now
+    /// (`max_in_flight_per_link`; a node's lanes share it).
     serving: Arc<AtomicUsize>,
-}
-
-impl Bridge {
-    fn new(cluster: &str, node: &str, sender: LinkSender, heard: Arc<AtomicU64>) -> Self {
-        Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender, heard, serving: Arc::default() }
-    }
+    /// The thread serving it.
+    thread: ThreadId,
 }
 
 /// A call read on a bridge, admitted: its places in the node's `max_in_flight` and in the
@@ -440,16 +445,36 @@ impl Bridges {
     /// A bridge to `node` of `cluster` completed its handshake on `link`: it gets our key
     /// chain, then every neighbour our announcements. Every frame read on it is counted in
     /// `heard`.
-    pub fn bridge_up(&self, link: LinkId, cluster: &str, node: &str, sender: LinkSender, heard: Arc<AtomicU64>) {
+    pub fn bridge_up(&self, link: LinkId, peer: BridgePeer<'_>, sender: LinkSender, heard: Arc<AtomicU64>) {
+        let BridgePeer { cluster, node, thread } = peer;
         let Ok(mut state) = self.state.lock() else { return };
         state.core.link_up(cluster);
         let chain = state.core.own_chain().to_vec();
         // Keys and route updates are few and must not be lost to a byte bound that bulk
         // frames (publishes) filled: they are bounded in frames only.
         let _ = sender.queue(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
-        state.bridges.insert(link, Bridge::new(cluster, node, sender, heard));
+        // A node's bridges (its lanes) hold one max_in_flight_per_link between them.
+        let serving = state
+            .bridges
+            .values()
+            .find(|b| b.cluster == cluster && b.node == node)
+            .map(|b| b.serving.clone())
+            .unwrap_or_default();
+        let bridge = Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender, heard, serving, thread };
+        state.bridges.insert(link, bridge);
         info!(cluster = %self.local, peer_cluster = %cluster, peer = %node, link, "federation bridge up");
         Self::announce(&mut state);
+    }
+
+    /// The bridges open to `node` of `cluster` (its bridge and its lanes).
+    pub fn links_to(&self, cluster: &str, node: &str) -> usize {
+        let Ok(state) = self.state.lock() else { return 0 };
+        state.bridges.values().filter(|b| b.cluster == cluster && b.node == node).count()
+    }
+
+    /// A ping or pong was read on `link`: counted as hearing from it, when it is a bridge.
+    pub fn note_heard(&self, link: LinkId) {
+        self.bridge(link);
     }
 
     /// `link` closed: when it was a bridge, its cluster loses a link (the last one: its
@@ -849,10 +874,13 @@ impl Bridges {
             .table()
             .next_hop(destination, visited, hops, unix_now_ms())
             .map_err(|e| format!("cluster {}: {e}", self.local))?;
-        state
-            .bridges
-            .iter()
-            .find(|(_, b)| b.cluster == route.next_hop)
+        // The bridge served by this thread when there is one (a lane): the call, and its
+        // reply read on the same bridge, wake no other thread of this node.
+        let here = std::thread::current().id();
+        let mut next = state.bridges.iter().filter(|(_, b)| b.cluster == route.next_hop);
+        let first = next.clone().next();
+        next.find(|(_, b)| b.thread == here)
+            .or(first)
             .map(|(id, b)| (*id, b.clone()))
             .ok_or_else(|| format!("cluster {}: no open bridge to {}", self.local, route.next_hop))
     }
@@ -1225,6 +1253,11 @@ mod tests {
     use crate::outbox::{Outbox, OutboxReceiver};
 
     /// A link's queue of 16 frames, bounded in bytes far beyond what a test queues.
+    /// A bridge peer served by the test's thread.
+    fn peer<'a>(cluster: &'a str, node: &'a str) -> BridgePeer<'a> {
+        BridgePeer { cluster, node, thread: std::thread::current().id() }
+    }
+
     fn link_queue() -> (Outbox, OutboxReceiver) {
         Outbox::channel(16, 1 << 30)
     }
@@ -1279,12 +1312,12 @@ mod tests {
         assert_eq!(bridges.authority_for("b").map(|_| ()), Ok(()));
         assert!(bridges.authority_for("x").unwrap_err().contains("not in this node's federation allowed_clusters"));
         let (sender, mut queue) = link_queue();
-        bridges.bridge_up(7, "b", "b1", sender.clone(), Arc::default());
+        bridges.bridge_up(7, peer("b", "b1"), sender.clone(), Arc::default());
         // The bridge got our key chain first.
         let first = queue.try_recv().unwrap();
         let first: Value = serde_json::from_slice(&first.bytes).unwrap();
         assert_eq!((first["role"].as_str(), first["kind"].as_str()), (Some("federation"), Some("keys")));
-        let bridge = Bridge::new("b", "b1", sender, Arc::default());
+        let bridge = bridges.bridge(7).unwrap();
 
         let valid = updates_for_a(&mut b);
         let mut forged = valid[0].clone();
@@ -1322,7 +1355,7 @@ mod tests {
         assert_eq!(restarted.restore(&saved), Ok(1));
         assert_eq!(restarted.route_to("b").unwrap_err(), "cluster a: no open bridge to b");
         let (sender, _queue) = link_queue();
-        restarted.bridge_up(8, "b", "b1", sender, Arc::default());
+        restarted.bridge_up(8, peer("b", "b1"), sender, Arc::default());
         assert_eq!(restarted.route_to("b"), Ok(()));
         assert!(restarted.restore(b"not json").is_err());
 
@@ -1340,13 +1373,43 @@ mod tests {
         (error["code"].as_u64().unwrap() as u16, error["details"].as_str().unwrap_or_default().to_owned())
     }
 
+    #[test]
+    fn a_call_leaves_on_the_bridge_its_own_thread_serves_and_a_nodes_lanes_share_one_in_flight_count() {
+        let (bridges, mut b, _c, _metrics, _config) = clusters();
+        let other = std::thread::spawn(|| std::thread::current().id()).join().unwrap();
+        let (to_b1, _b1) = link_queue();
+        let (lane, _lane) = link_queue();
+        let (to_b2, _b2) = link_queue();
+        // b1's bridge is served by another thread, its lane by this one; b2 by another.
+        bridges.bridge_up(1, BridgePeer { cluster: "b", node: "b1", thread: other }, to_b1, Arc::default());
+        bridges.bridge_up(2, peer("b", "b1"), lane, Arc::default());
+        bridges.bridge_up(3, BridgePeer { cluster: "b", node: "b2", thread: other }, to_b2, Arc::default());
+        bridges.receive(&bridges.bridge(1).unwrap(), &updates_for_a(&mut b));
+        let next = |bridges: &Bridges| bridges.next_bridge("b", &[], 4).map(|(link, _)| link);
+        assert_eq!(next(&bridges), Ok(2), "this thread's lane");
+        // A thread that serves none of them takes the first.
+        let from_elsewhere = std::thread::scope(|scope| scope.spawn(|| next(&bridges)).join().unwrap());
+        assert_eq!(from_elsewhere, Ok(1));
+        // The lane closes: this thread takes the first too.
+        bridges.link_closed(2);
+        assert_eq!(next(&bridges), Ok(1));
+        // b1's bridges share one max_in_flight_per_link count; b2 has its own.
+        let (lane, _lane) = link_queue();
+        bridges.bridge_up(4, peer("b", "b1"), lane, Arc::default());
+        let serving = |link| bridges.bridge(link).unwrap().serving;
+        assert!(Arc::ptr_eq(&serving(1), &serving(4)));
+        assert!(!Arc::ptr_eq(&serving(1), &serving(3)));
+        // What the fabric bounds (MAX_BRIDGE_LINKS_PER_NODE): the links per node.
+        assert_eq!((bridges.links_to("b", "b1"), bridges.links_to("b", "b2"), bridges.links_to("c", "b1")), (2, 1, 0));
+    }
+
     #[tokio::test]
     async fn calls_waiting_on_a_silent_bridge_are_bounded_in_time_and_number() {
         let (bridges, mut b, _c, metrics, _config) = clusters();
         // b1 is up and routed to, but never answers anything sent to it.
         let (to_b1, mut b1_reads) = link_queue();
-        bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
-        let bridge = Bridge::new("b", "b1", to_b1, Arc::default());
+        bridges.bridge_up(7, peer("b", "b1"), to_b1.clone(), Arc::default());
+        let bridge = bridges.bridge(7).unwrap();
         bridges.receive(&bridge, &updates_for_a(&mut b));
         assert_eq!(bridges.route_to("b"), Ok(()));
         // Calls relayed for another cluster (the caller's bridge back is `back`), each
@@ -1427,9 +1490,9 @@ mod tests {
         bridges.state.lock().unwrap().exports = Exports::new(&list).unwrap();
         let channel = || link_queue();
         let ((to_b1, mut b1), (to_b2, mut b2), (to_c1, mut c1)) = (channel(), channel(), channel());
-        bridges.bridge_up(1, "b", "b1", to_b1, Arc::default());
-        bridges.bridge_up(2, "b", "b2", to_b2, Arc::default());
-        bridges.bridge_up(3, "c", "c1", to_c1, Arc::default());
+        bridges.bridge_up(1, peer("b", "b1"), to_b1, Arc::default());
+        bridges.bridge_up(2, peer("b", "b2"), to_b2, Arc::default());
+        bridges.bridge_up(3, peer("c", "c1"), to_c1, Arc::default());
         let message = |topic: &str| PubSubMessage {
             topic: topic.into(),
             payload: Value::from(1),
@@ -1557,8 +1620,8 @@ mod tests {
     async fn a_queue_send_waiting_on_a_bridge_that_closes_fails_at_once_with_1005() {
         let (bridges, mut b, _c, _metrics, _config) = clusters();
         let (to_b1, mut b1_reads) = link_queue();
-        bridges.bridge_up(7, "b", "b1", to_b1.clone(), Arc::default());
-        let bridge = Bridge::new("b", "b1", to_b1, Arc::default());
+        bridges.bridge_up(7, peer("b", "b1"), to_b1.clone(), Arc::default());
+        let bridge = bridges.bridge(7).unwrap();
         bridges.receive(&bridge, &updates_for_a(&mut b));
         // No route to an unknown cluster: 1005 at once, nothing sent.
         let nowhere = bridges.call_cluster("z", queue_work("send", Some("jobs")), None).await.unwrap_err();
@@ -1602,9 +1665,9 @@ mod tests {
         let channel = || link_queue();
         let ((to_b1, mut b1), (to_c1, mut c1)) = (channel(), channel());
         let heard = Arc::new(AtomicU64::new(0));
-        bridges.bridge_up(1, "b", "b1", to_b1, heard.clone());
-        bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
-        let from_c1 = Bridge::new("c", "c1", to_c1, Arc::default());
+        bridges.bridge_up(1, peer("b", "b1"), to_b1, heard.clone());
+        bridges.bridge_up(2, peer("c", "c1"), to_c1.clone(), Arc::default());
+        let from_c1 = bridges.bridge(2).unwrap();
         bridges.receive(&from_c1, &updates_for_a(&mut c));
         let drain = |queue: &mut OutboxReceiver| while queue.try_recv().is_ok() {};
         drain(&mut b1);
@@ -1678,10 +1741,10 @@ mod tests {
         let limits = crate::fabric::LinkLimits { max_in_flight_per_link: 2, ..Default::default() };
         let fabric = Arc::new(fabric_of_a1(&bridges).with_metrics(metrics.clone()).with_limits(limits));
         let ((to_b1, mut b1), (to_c1, mut c1), (to_b2, mut b2)) = (link_queue(), link_queue(), link_queue());
-        bridges.bridge_up(1, "b", "b1", to_b1, Arc::default());
-        bridges.bridge_up(2, "c", "c1", to_c1.clone(), Arc::default());
-        bridges.bridge_up(3, "b", "b2", to_b2, Arc::default());
-        bridges.receive(&Bridge::new("c", "c1", to_c1, Arc::default()), &updates_for_a(&mut c));
+        bridges.bridge_up(1, peer("b", "b1"), to_b1, Arc::default());
+        bridges.bridge_up(2, peer("c", "c1"), to_c1.clone(), Arc::default());
+        bridges.bridge_up(3, peer("b", "b2"), to_b2, Arc::default());
+        bridges.receive(&bridges.bridge(2).unwrap(), &updates_for_a(&mut c));
         let drain = |queue: &mut OutboxReceiver| while queue.try_recv().is_ok() {};
         for queue in [&mut b1, &mut c1, &mut b2] {
             drain(queue);

@@ -64,6 +64,9 @@ use serde_json::Value;
 /// (4000–4999: private use, RFC 6455 §7.4.2.)
 pub const CLOSED_ON_PURPOSE: u16 = 4000;
 
+/// Listener threads whose lanes a bridge may open (more than any node runs).
+pub const MAX_LISTENER_THREADS: usize = 64;
+
 /// Identifies one link (either direction) on this node.
 pub type LinkId = u64;
 
@@ -286,6 +289,9 @@ pub struct FabricShared {
     pub(super) mailbox: MailboxShares,
     /// Each link's share of the PubSub actor's mailbox (messages published elsewhere).
     pubsub_mailbox: MailboxShares,
+    /// The threads of the node's websocket listener, as they start: a federation bridge
+    /// opens a lane on each ([`super::lanes`]).
+    listener_threads: Mutex<Vec<(std::thread::ThreadId, actix_rt::ArbiterHandle)>>,
 }
 
 /// Queues frames on links. A full queue is not a reason to lose a reply or a forwarded
@@ -379,6 +385,31 @@ impl FabricShared {
             parking: Parking::new(LinkLimits::default().max_parked_frames, Arc::new(Metrics::default())),
             mailbox: MailboxShares::default(),
             pubsub_mailbox: MailboxShares::default(),
+            listener_threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The calling thread serves websockets (the node's listener): bridges open a lane
+    /// here. Called by each listener thread as it starts (at most
+    /// [`MAX_LISTENER_THREADS`] are kept).
+    pub fn add_listener_thread(&self) {
+        if let Ok(mut threads) = self.listener_threads.lock() {
+            if threads.len() < MAX_LISTENER_THREADS {
+                threads.push((std::thread::current().id(), actix_rt::Arbiter::current()));
+            }
+        }
+    }
+
+    /// The listener threads known so far, in the order they started.
+    pub(super) fn listener_threads(&self) -> Vec<(std::thread::ThreadId, actix_rt::ArbiterHandle)> {
+        self.listener_threads.lock().map(|threads| threads.clone()).unwrap_or_default()
+    }
+
+    /// A websocket ping or pong was read on `link`: on a bridge, it counts as hearing from
+    /// it (a lane carries no announcements; its keepalive shows it is alive).
+    pub fn heard_on(&self, link: LinkId) {
+        if let Some(bridges) = &self.bridges {
+            bridges.note_heard(link);
         }
     }
 
@@ -1077,8 +1108,24 @@ impl Drop for WriterDone {
     }
 }
 
-/// Dials `url`, registers the link with the actor, and pumps frames until it closes.
-pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, queue: LinkQueue) -> Result<(), String> {
+/// What to dial, and how to keep the link.
+pub struct DialSpec {
+    pub url: String,
+    /// How long the connect and upgrade may take.
+    pub timeout: Duration,
+    /// The bounds of the link's queue.
+    pub queue: LinkQueue,
+    /// A bridge's lane (the listener thread's index it runs on), or `None`.
+    pub lane: Option<usize>,
+    /// Send a websocket ping this often (bridges: the other end counts it as hearing from
+    /// the link, so a lane that carries no announcements is not closed as silent).
+    pub keepalive: Option<Duration>,
+}
+
+/// Dials `spec.url`, registers the link with the actor, and pumps frames until it closes.
+/// The link is served by the calling thread.
+pub async fn dial(spec: DialSpec, shared: Arc<FabricShared>) -> Result<(), String> {
+    let DialSpec { url, timeout, queue, lane, keepalive } = spec;
     // Nagle off: a call is one small frame that must not wait for the previous ACK.
     let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true);
     let (socket, _) = tokio::time::timeout(timeout, connect)
@@ -1090,13 +1137,26 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
     let (mut sink, mut stream) = socket.split();
     let (sender, mut frames) = Outbox::channel(queue.frames, queue.bytes);
     let (close, closed) = oneshot::channel::<()>();
-    gossip.do_send(LinkOpened { link, sender, outbound_url: Some(url.clone()), close: Some(close), peer: url.clone() });
+    gossip.do_send(LinkOpened {
+        link,
+        sender,
+        outbound_url: Some(url.clone()),
+        close: Some(close),
+        peer: url.clone(),
+        thread: std::thread::current().id(),
+        lane,
+    });
     // Counted until the peer has acknowledged our close (the reader ends): closing a socket
     // with unread input makes the kernel reset it, dropping what was still unsent.
     shared.writers.send_modify(|n| *n += 1);
     let _done = WriterDone(shared.clone());
     let writer = tokio::spawn(async move {
         let mut closed = closed;
+        let mut ping = keepalive.map(|every| {
+            let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping
+        });
         let on_purpose = loop {
             tokio::select! {
                 biased;
@@ -1108,6 +1168,11 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
                     frames.written(&out);
                 }
                 fired = &mut closed => break fired.is_ok(),
+                Some(_) = async { Some(ping.as_mut()?.tick().await) }, if ping.is_some() => {
+                    if sink.send(Message::Ping(Vec::new())).await.is_err() {
+                        break false;
+                    }
+                }
             }
         };
         if on_purpose {
@@ -1126,6 +1191,10 @@ pub async fn dial(url: String, shared: Arc<FabricShared>, timeout: Duration, que
                 break;
             }
             Err(_) => break,
+            Ok(Message::Ping(_) | Message::Pong(_)) => {
+                shared.heard_on(link);
+                continue;
+            }
             Ok(_) => continue,
         };
         if shared.pass_through(link, &bytes) {

@@ -39,6 +39,7 @@
 
 pub mod bridge;
 pub mod describe;
+mod lanes;
 pub mod link;
 pub mod membership;
 pub mod queue_sessions;
@@ -176,6 +177,11 @@ pub struct LinkOpened {
     pub close: Option<oneshot::Sender<()>>,
     /// The other end's address (for logs): the dialled URL or the remote socket address.
     pub peer: String,
+    /// The thread serving it (a call goes out on a bridge served by its own thread when
+    /// there is one).
+    pub thread: std::thread::ThreadId,
+    /// A lane of a bridge we dialled: the index of the listener thread it runs on.
+    pub lane: Option<usize>,
 }
 
 /// Closes an inbound link's connection.
@@ -359,6 +365,10 @@ struct Link {
     awaiting_proof: Option<Box<PendingPeer>>,
     /// An admitted federation bridge: the other cluster (never a member link).
     bridge: Option<String>,
+    /// The thread serving it.
+    thread: std::thread::ThreadId,
+    /// A lane of a bridge we dialled (`outbound_url`'s): the listener thread's index.
+    lane: Option<usize>,
 }
 
 /// A dialer whose STATUS and certificate checked out, before its proof of possession.
@@ -428,6 +438,8 @@ pub struct FabricGossip {
     core: MembershipCore,
     links: HashMap<LinkId, Link>,
     dials: HashMap<String, DialState>,
+    /// Lanes of the bridges we dial, by URL and listener thread ([`lanes`]).
+    lanes: HashMap<(String, usize), DialState>,
     epoch: Instant,
     /// Set by GOODBYE: links closing now are expected, not failures.
     leaving: bool,
@@ -494,6 +506,7 @@ impl FabricGossip {
             core,
             links: HashMap::new(),
             dials,
+            lanes: HashMap::new(),
             epoch: now,
             leaving: false,
             last_snapshot: None,
@@ -1063,8 +1076,11 @@ impl FabricGossip {
             bridges.link_closed(link);
         }
         if let Some(url) = &l.outbound_url {
-            if let Some(dial) = self.dials.get_mut(url) {
+            if let Some(dial) = self.dial_state(url, l.lane) {
                 dial.in_progress = false;
+            }
+            if l.lane.is_none() && l.bridge.is_some() {
+                self.close_lanes(url);
             }
         }
         if let Some(node) = l.node.as_ref().filter(|_| !self.leaving) {
@@ -1271,9 +1287,23 @@ impl FabricGossip {
 
     /// A bridge's handshake completed: the bridges take it over.
     fn bridge_admit(&mut self, link: LinkId, info: &NodeInfo) {
-        let (Some(bridges), Some(l)) = (self.shared.bridges.clone(), self.links.get_mut(&link)) else { return };
+        let Some(bridges) = self.shared.bridges.clone() else { return };
+        if bridges.links_to(&info.cluster_id, &info.node) >= lanes::MAX_BRIDGE_LINKS_PER_NODE {
+            let reason = format!(
+                "{} bridge links to node {} are open already, the most a node may hold (its bridge and a lane per listener thread)",
+                lanes::MAX_BRIDGE_LINKS_PER_NODE,
+                info.node
+            );
+            return self.refuse(link, &info.node, LinkRefusal::new("bridge_links", reason));
+        }
+        let Some(l) = self.links.get_mut(&link) else { return };
         l.bridge = Some(info.cluster_id.clone());
-        bridges.bridge_up(link, &info.cluster_id, &info.node, l.sender.clone(), l.routed.clone());
+        let peer = bridge::BridgePeer { cluster: &info.cluster_id, node: &info.node, thread: l.thread };
+        bridges.bridge_up(link, peer, l.sender.clone(), l.routed.clone());
+        if l.lane.is_none() && l.outbound_url.is_some() {
+            // A bridge we dialled: its lanes at once (calls may follow right away).
+            self.dial_lanes();
+        }
     }
 
     /// Admits a peer whose handshake completed: learns it, sends it our view, floods its
@@ -1655,7 +1685,7 @@ impl FabricGossip {
         Duration::from_secs_f64((self.config.swim.probe_timeout / 4.0).max(0.01))
     }
 
-    fn tick(&mut self, ctx: &mut Context<Self>) {
+    fn tick(&mut self) {
         let now = self.now();
         let events = self.core.tick(now);
         self.log_events(&events);
@@ -1678,7 +1708,8 @@ impl FabricGossip {
             bridges.tick();
             self.advertise_clusters(&bridges.reachable());
         }
-        self.dial_due(ctx);
+        self.dial_due();
+        self.dial_lanes();
         self.rounds += 1;
         // Expired entries and restored members change nothing SWIM reports: rebuilt every
         // few rounds, and on every change elsewhere (once here, if gossip marked it).
@@ -1772,7 +1803,7 @@ impl FabricGossip {
         }
     }
 
-    fn dial_due(&mut self, ctx: &mut Context<Self>) {
+    fn dial_due(&mut self) {
         let now = self.now();
         // Discovered nodes: dial those we have no link to, up to the fan-out.
         let direct = self.direct_nodes();
@@ -1785,7 +1816,8 @@ impl FabricGossip {
             .collect();
         // The fan-out bounds the links a node holds in all (configured, dialled, accepted):
         // nodes beyond it are reached over the next hops, not over a link of their own.
-        let linked_urls: HashSet<String> = self.links.values().filter_map(|l| l.outbound_url.clone()).collect();
+        let linked_urls: HashSet<String> =
+            self.links.values().filter(|l| l.lane.is_none()).filter_map(|l| l.outbound_url.clone()).collect();
         let peers = &self.config.peers;
         let room = self.config.fanout.saturating_sub(direct.len());
         let pending = self.dials.keys().filter(|u| !peers.contains(*u) && !linked_urls.contains(*u)).count();
@@ -1832,14 +1864,14 @@ impl FabricGossip {
             // Up to 25% jitter so nodes restarted together do not dial in lock step.
             let jitter = dial.backoff.mul_f64(rand::random::<f64>() * 0.25);
             dial.next_at = Instant::now() + dial.backoff + jitter;
-            let shared = self.shared.clone();
-            let (timeout, queue) = (self.config.dial_timeout, self.config.link_queue);
-            let addr = ctx.address();
-            let target = url.clone();
-            actix_rt::spawn(async move {
-                let result = link::dial(target.clone(), shared, timeout, queue).await;
-                addr.do_send(DialEnded { url: target, error: result.err() });
-            });
+            // A bridge is served by a listener thread when one has started (see `lanes`).
+            let bridge = self.config.federation_peers.contains(&url);
+            let thread = self.shared.listener_threads().into_iter().next().filter(|_| bridge);
+            // A listener thread that stopped takes no task: the fabric's thread serves it.
+            let on_listener = thread.is_some_and(|(_, thread)| thread.spawn(self.dial_task(url.clone(), None)));
+            if !on_listener {
+                actix_rt::spawn(self.dial_task(url, None));
+            }
         }
     }
 }
@@ -1849,6 +1881,8 @@ impl FabricGossip {
 #[rtype(result = "()")]
 struct DialEnded {
     url: String,
+    /// A lane's listener thread index.
+    lane: Option<usize>,
     error: Option<String>,
 }
 
@@ -1860,8 +1894,8 @@ impl Actor for FabricGossip {
         self.restore_snapshot();
         self.restore_federation_snapshot();
         self.rebuild_view();
-        self.dial_due(ctx);
-        ctx.run_interval(self.config.gossip_interval, |act, ctx| act.tick(ctx));
+        self.dial_due();
+        ctx.run_interval(self.config.gossip_interval, |act, _| act.tick());
         self.last_swim_tick = self.now();
         ctx.run_interval(self.swim_tick_interval(), |act, _| act.swim_tick());
         if let Some(config) = &self.config.snapshots {
@@ -1891,11 +1925,9 @@ impl Handler<LinkOpened> for FabricGossip {
     fn handle(&mut self, msg: LinkOpened, _: &mut Context<Self>) {
         let outbound = msg.outbound_url.is_some();
         let bridge = msg.outbound_url.as_ref().is_some_and(|url| self.config.federation_peers.contains(url));
-        if let Some(url) = &msg.outbound_url {
-            if let Some(dial) = self.dials.get_mut(url) {
-                dial.backoff = Duration::ZERO;
-                dial.full = false;
-            }
+        if let Some(dial) = msg.outbound_url.as_ref().and_then(|url| self.dial_state(url, msg.lane)) {
+            dial.backoff = Duration::ZERO;
+            dial.full = false;
         }
         self.links.insert(
             msg.link,
@@ -1912,6 +1944,8 @@ impl Handler<LinkOpened> for FabricGossip {
                 nonce: trust::fresh_nonce(),
                 awaiting_proof: None,
                 bridge: None,
+                thread: msg.thread,
+                lane: msg.lane,
             },
         );
         if outbound {
@@ -1958,11 +1992,14 @@ impl FabricGossip {
                 } else {
                     warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
                 }
-                if let Some(url) = self.links.get(&msg.link).and_then(|l| l.outbound_url.clone()) {
-                    if let Some(dial) = self.dials.get_mut(&url) {
+                if let Some((url, lane)) =
+                    self.links.get(&msg.link).and_then(|l| Some((l.outbound_url.clone()?, l.lane)))
+                {
+                    let max_backoff = self.config.max_backoff;
+                    if let Some(dial) = self.dial_state(&url, lane) {
                         // The next dial was scheduled before the refusal; push it back too.
-                        dial.backoff = self.config.max_backoff;
-                        dial.next_at = Instant::now() + self.config.max_backoff;
+                        dial.backoff = max_backoff;
+                        dial.next_at = Instant::now() + max_backoff;
                         dial.full = full;
                     }
                     // Only the node we dialled may point us elsewhere.
@@ -2029,7 +2066,7 @@ impl Handler<DialEnded> for FabricGossip {
     type Result = ();
 
     fn handle(&mut self, msg: DialEnded, _: &mut Context<Self>) {
-        if let Some(dial) = self.dials.get_mut(&msg.url) {
+        if let Some(dial) = self.dial_state(&msg.url, msg.lane) {
             dial.in_progress = false;
         }
         if let Some(error) = msg.error {
@@ -2106,6 +2143,7 @@ impl Handler<SayGoodbye> for FabricGossip {
         // Stop dialling; the links close when the supervisor stops this actor.
         self.leaving = true;
         self.dials.clear();
+        self.lanes.clear();
         self.config.peers.clear();
         self.config.fanout = 0;
         self.final_snapshot()
