@@ -648,11 +648,16 @@ async fn bridge_links(node: &ServerProcess, cluster: &str) -> Vec<u64> {
 #[actix_rt::test]
 async fn a_bridge_opens_a_lane_on_each_listener_thread_that_lives_and_dies_with_it() {
     // B dials A through a proxy the test cuts. Both listen on two threads; announcements
-    // every 0.5 s and a 2 s route TTL make a bridge silent for 2 s a dead one.
+    // every 0.5 s and a 4 s route TTL make a bridge silent for 4 s a dead one (pinged every
+    // second). Fault injection lets the test crash a fabric.
     let (a, b) = (Cluster::new("lane-a"), Cluster::new("lane-b"));
     let quick = |settings: TempFile| {
-        let text = std::fs::read_to_string(settings.path()).unwrap().replacen("[mpreg]\n", "[mpreg]\nworkers = 2\n", 1);
-        let text = text.replace("announce_interval_s = 1.0", "announce_interval_s = 0.5\nroute_ttl_s = 2.0");
+        let text = std::fs::read_to_string(settings.path()).unwrap().replacen(
+            "[mpreg]\n",
+            "[mpreg]\nworkers = 2\nfault_injection = true\n",
+            1,
+        );
+        let text = text.replace("announce_interval_s = 1.0", "announce_interval_s = 0.5\nroute_ttl_s = 4.0");
         std::fs::write(settings.path(), text).unwrap();
         settings
     };
@@ -676,7 +681,7 @@ async fn a_bridge_opens_a_lane_on_each_listener_thread_that_lives_and_dies_with_
 
     // Quiet for three silent limits: announcements go on one link per node, so the lane
     // carries none, yet its keepalive keeps it (the same links throughout, none redialled).
-    let quiet_until = Instant::now() + Duration::from_secs(6);
+    let quiet_until = Instant::now() + Duration::from_secs(12);
     while Instant::now() < quiet_until {
         let now = (bridge_links(&node_a, "lane-b").await, bridge_links(&node_b, "lane-a").await);
         assert_eq!(now, linked, "a quiet bridge or lane was closed");
@@ -698,5 +703,26 @@ async fn a_bridge_opens_a_lane_on_each_listener_thread_that_lives_and_dies_with_
         client.request(vec![add_in("lane-a", 20, 22)]).await.ok().filter(|v| v["r"] == 42)
     })
     .await;
+
+    // A fabric that panics is restarted: the links the one before held, accepted (A) or
+    // dialled (B), are closed and forgotten on both sides, and new ones take their place.
+    let mut before = healed;
+    for node in [&node_a, &node_b] {
+        let url = format!("{}/actors/fabric/panic", node.monitoring_url.as_deref().unwrap());
+        let (status, body) = mpreg::demo::http_request("POST", &url).await.expect("fault injected");
+        assert_eq!(status, 202, "{body}");
+        let renewed = poll_until_async("only new links, two a side, after the restart", SOON, || async {
+            let now = both_linked().await?;
+            let fresh =
+                now.0.iter().all(|link| !before.0.contains(link)) && now.1.iter().all(|link| !before.1.contains(link));
+            fresh.then_some(now)
+        })
+        .await;
+        poll_until_async("B calls A after the restart", SOON, || async {
+            client.request(vec![add_in("lane-a", 1, 1)]).await.ok().filter(|v| v["r"] == 2)
+        })
+        .await;
+        before = renewed;
+    }
     drop((client, node_a, node_b));
 }

@@ -58,8 +58,7 @@ use crate::fabric::link::CLOSED_ON_PURPOSE;
 use crate::fabric::queue_sessions::QueueRoute;
 use crate::fabric::wire::{PeerFrame, ServerFrame};
 use crate::fabric::{
-    CloseLink, DescribeCatalog, DescribeTopology, FabricShared, InboundCloser, LinkClosed, LinkId, LinkOpened,
-    LinkSender,
+    CloseLink, DescribeCatalog, DescribeTopology, FabricShared, LinkClosed, LinkId, LinkOpened, LinkSender,
 };
 use crate::function::panic_message;
 use crate::metrics::{InFlight, Metrics};
@@ -712,8 +711,9 @@ impl Connection {
                     peer: self.peer.clone(),
                     thread: std::thread::current().id(),
                     lane: None,
+                    incarnation: None,
                 });
-                gossip.do_send(InboundCloser { link, closer: ctx.address().recipient() });
+                fabric.inbound_opened(link, ctx.address().recipient());
                 link
             }
         };

@@ -10,18 +10,24 @@
 //! replies stay on one thread in each node.
 //!
 //! How:
-//! - The bridge to a configured federation peer is dialled as before (served by the
-//!   fabric's thread); once it is admitted, a lane is dialled from each listener thread,
-//!   to the same URL, through the same handshake: to the other side it is one more bridge
-//!   to the same node.
+//! - The bridge to a configured federation peer is dialled from the first listener thread
+//!   (from the fabric's thread when none has started); once it is admitted, a lane is
+//!   dialled from each listener thread that serves no link to that URL, through the same
+//!   handshake: to the other side it is one more bridge to the same node. On the side that
+//!   accepts, actix spreads the incoming links over its threads (usually one each, with
+//!   no guarantee).
 //! - A lane lives and dies with that bridge: when it closes, its lanes are closed; a lane
-//!   that opens after it closed is closed at the next round. A failed lane is dialled
-//!   again with the same backoff as any dial.
-//! - The links a node dials to another cluster send a websocket ping four times per
-//!   silent limit ([`super::bridge::Bridges::silent_limit`]; between 100 ms and 5 s).
-//!   Both ends count pings and pongs as hearing from a bridge, so a lane, which carries
-//!   no announcements, is not closed as silent, and one whose other end is gone is.
-//! - A node's lanes share one `max_in_flight_per_link`.
+//!   that completes its handshake after the bridge closed is closed at once. A failed lane
+//!   is dialled again with the same backoff as any dial.
+//! - The links a node dials to another cluster are pinged every [`BRIDGE_KEEPALIVE`], or
+//!   four times per silent limit ([`super::bridge::Bridges::silent_limit`]) when that is
+//!   more often. Both ends count pings and pongs as hearing from a bridge, so a lane,
+//!   which carries no announcements, is not closed as silent, and one whose other end is
+//!   gone is.
+//! - A node's lanes share one `max_in_flight_per_link`; one node may hold at most
+//!   [`MAX_BRIDGE_LINKS_PER_NODE`] bridge links to this one.
+//! - A lane to a node that has a bridge already gets no key chain or announcements of its
+//!   own: they go on one link per node.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -30,6 +36,11 @@ use std::time::{Duration, Instant};
 
 use super::link::{self, LinkId};
 use super::{DialEnded, DialState, FabricGossip};
+
+/// How often, at most, a link this node dialled to another cluster is pinged (more often
+/// when a quarter of the silent limit is shorter): often enough for an acceptor whose
+/// silent limit is a few seconds, as the other cluster's settings may make it.
+pub const BRIDGE_KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// Bridge links one node of another cluster may hold to this one: its bridge, and a lane
 /// per listener thread (beyond: refused, `bridge_links`).
@@ -49,22 +60,24 @@ impl FabricGossip {
     pub(super) fn dial_task(&self, url: String, lane: Option<usize>) -> impl Future<Output = ()> + Send + 'static {
         let keepalive = match &self.shared.bridges {
             Some(bridges) if self.config.federation_peers.contains(&url) => {
-                Some((bridges.silent_limit() / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)))
+                Some((bridges.silent_limit() / 4).clamp(Duration::from_millis(100), BRIDGE_KEEPALIVE))
             }
             _ => None,
         };
+        let incarnation = self.incarnation;
         let spec = link::DialSpec {
             url: url.clone(),
             timeout: self.config.dial_timeout,
             queue: self.config.link_queue,
             lane,
             keepalive,
+            incarnation,
         };
         let shared = self.shared.clone();
         async move {
             let result = link::dial(spec, shared.clone()).await;
             if let Some(gossip) = shared.gossip.get() {
-                gossip.do_send(DialEnded { url, lane, error: result.err() });
+                gossip.do_send(DialEnded { incarnation, url, lane, error: result.err() });
             }
         }
     }
@@ -82,12 +95,7 @@ impl FabricGossip {
             .filter(|l| l.lane.is_none() && l.bridge.is_some())
             .filter_map(|l| l.outbound_url.clone())
             .collect();
-        let orphans: Vec<LinkId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.lane.is_some() && l.outbound_url.as_ref().is_some_and(|url| !bridges.contains(url)))
-            .map(|(id, _)| *id)
-            .collect();
+        let orphans: Vec<LinkId> = self.links.keys().copied().filter(|link| self.orphan_lane(*link)).collect();
         for link in orphans {
             self.close_link(link);
         }
@@ -115,6 +123,26 @@ impl FabricGossip {
             dial.in_progress = thread.spawn(task);
         }
         self.lanes.retain(|(url, _), d| d.in_progress || bridges.contains(url));
+    }
+
+    /// Whether `link` is a lane whose bridge is not open (admitted) now.
+    pub(super) fn orphan_lane(&self, link: LinkId) -> bool {
+        let Some(url) = self.links.get(&link).filter(|l| l.lane.is_some()).and_then(|l| l.outbound_url.as_ref()) else {
+            return false;
+        };
+        !self.links.values().any(|l| l.lane.is_none() && l.bridge.is_some() && l.outbound_url.as_ref() == Some(url))
+    }
+
+    /// The link we dialled `link` is refused: its next dial waits the longest backoff.
+    pub(super) fn back_off(&mut self, link: LinkId) {
+        let Some((url, lane)) = self.links.get(&link).and_then(|l| Some((l.outbound_url.clone()?, l.lane))) else {
+            return;
+        };
+        let max_backoff = self.config.max_backoff;
+        if let Some(dial) = self.dial_state(&url, lane) {
+            dial.backoff = max_backoff;
+            dial.next_at = Instant::now() + max_backoff;
+        }
     }
 
     /// The bridge we dialled to `url` closed: so do its lanes.

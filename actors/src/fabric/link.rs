@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix::Recipient;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -41,7 +42,7 @@ use tracing::{debug, warn};
 use super::queue_sessions::QueueSessions;
 use super::trust::Credentials;
 use super::wire::{CallOutcome, FabricBody, FabricMessage, NodeId, NodeInfo, PeerFrame};
-use super::{FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
+use super::{CloseLink, FabricGossip, LinkClosed, LinkOpened, PeerFrameReceived};
 use crate::cache::LocalCache;
 use crate::discovery::log::CatalogLog;
 use crate::function::{CallArgs, FunctionIdentity};
@@ -64,7 +65,7 @@ use serde_json::Value;
 /// (4000–4999: private use, RFC 6455 §7.4.2.)
 pub const CLOSED_ON_PURPOSE: u16 = 4000;
 
-/// Listener threads whose lanes a bridge may open (more than any node runs).
+/// Listener threads a bridge opens lanes on, at most (the first that start).
 pub const MAX_LISTENER_THREADS: usize = 64;
 
 /// Identifies one link (either direction) on this node.
@@ -292,6 +293,8 @@ pub struct FabricShared {
     /// The threads of the node's websocket listener, as they start: a federation bridge
     /// opens a lane on each ([`super::lanes`]).
     listener_threads: Mutex<Vec<(std::thread::ThreadId, actix_rt::ArbiterHandle)>>,
+    /// How to close each open link other nodes dialled (its connection).
+    inbound: Mutex<HashMap<LinkId, Recipient<CloseLink>>>,
 }
 
 /// Queues frames on links. A full queue is not a reason to lose a reply or a forwarded
@@ -386,6 +389,7 @@ impl FabricShared {
             mailbox: MailboxShares::default(),
             pubsub_mailbox: MailboxShares::default(),
             listener_threads: Mutex::new(Vec::new()),
+            inbound: Mutex::new(HashMap::new()),
         }
     }
 
@@ -393,16 +397,36 @@ impl FabricShared {
     /// here. Called by each listener thread as it starts (at most
     /// [`MAX_LISTENER_THREADS`] are kept).
     pub fn add_listener_thread(&self) {
-        if let Ok(mut threads) = self.listener_threads.lock() {
-            if threads.len() < MAX_LISTENER_THREADS {
-                threads.push((std::thread::current().id(), actix_rt::Arbiter::current()));
-            }
+        let (Some(arbiter), Ok(mut threads)) = (actix_rt::Arbiter::try_current(), self.listener_threads.lock()) else {
+            return;
+        };
+        let id = std::thread::current().id();
+        // A thread that builds its service again (actix does, after a failed start) is
+        // one thread; a listener restarted on a new thread is another.
+        threads.retain(|(known, _)| *known != id);
+        if threads.len() < MAX_LISTENER_THREADS {
+            threads.push((id, arbiter));
         }
     }
 
     /// The listener threads known so far, in the order they started.
     pub(super) fn listener_threads(&self) -> Vec<(std::thread::ThreadId, actix_rt::ArbiterHandle)> {
         self.listener_threads.lock().map(|threads| threads.clone()).unwrap_or_default()
+    }
+
+    /// `link`, which another node dialled, is open; `closer` closes its connection.
+    pub fn inbound_opened(&self, link: LinkId, closer: Recipient<CloseLink>) {
+        if let Ok(mut inbound) = self.inbound.lock() {
+            inbound.insert(link, closer);
+        }
+    }
+
+    /// Closes the inbound `link` (on purpose: see [`CLOSED_ON_PURPOSE`]), if it is one.
+    pub(super) fn close_inbound(&self, link: LinkId, on_purpose: bool) {
+        let closer = self.inbound.lock().ok().and_then(|mut inbound| inbound.remove(&link));
+        if let Some(closer) = closer {
+            closer.do_send(CloseLink { on_purpose });
+        }
     }
 
     /// A websocket ping or pong was read on `link`: on a bridge, it counts as hearing from
@@ -662,6 +686,12 @@ impl FabricShared {
     /// Fails every call waiting on `link`, cancels the calls served for it, and tells the
     /// sources of calls forwarded over it (it closed).
     pub fn link_closed(&self, link: LinkId) {
+        if let Ok(mut inbound) = self.inbound.lock() {
+            inbound.remove(&link);
+        }
+        if let Some(bridges) = &self.bridges {
+            bridges.link_closed(link);
+        }
         if let Ok(mut pending) = self.pending.lock() {
             // Dropping the sender wakes the caller with `Gone`.
             pending.retain(|_, p| p.via != link);
@@ -1120,12 +1150,14 @@ pub struct DialSpec {
     /// Send a websocket ping this often (bridges: the other end counts it as hearing from
     /// the link, so a lane that carries no announcements is not closed as silent).
     pub keepalive: Option<Duration>,
+    /// The fabric dialling ([`LinkOpened::incarnation`]).
+    pub incarnation: u64,
 }
 
 /// Dials `spec.url`, registers the link with the actor, and pumps frames until it closes.
 /// The link is served by the calling thread.
 pub async fn dial(spec: DialSpec, shared: Arc<FabricShared>) -> Result<(), String> {
-    let DialSpec { url, timeout, queue, lane, keepalive } = spec;
+    let DialSpec { url, timeout, queue, lane, keepalive, incarnation } = spec;
     // Nagle off: a call is one small frame that must not wait for the previous ACK.
     let connect = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true);
     let (socket, _) = tokio::time::timeout(timeout, connect)
@@ -1145,6 +1177,7 @@ pub async fn dial(spec: DialSpec, shared: Arc<FabricShared>) -> Result<(), Strin
         peer: url.clone(),
         thread: std::thread::current().id(),
         lane,
+        incarnation: Some(incarnation),
     });
     // Counted until the peer has acknowledged our close (the reader ends): closing a socket
     // with unread input makes the kernel reset it, dropping what was still unsent.

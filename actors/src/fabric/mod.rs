@@ -54,8 +54,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{
-    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, MessageResponse, Recipient, ResponseFuture,
-    WrapFuture,
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, MessageResponse, ResponseFuture, WrapFuture,
 };
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
@@ -182,6 +181,9 @@ pub struct LinkOpened {
     pub thread: std::thread::ThreadId,
     /// A lane of a bridge we dialled: the index of the listener thread it runs on.
     pub lane: Option<usize>,
+    /// The fabric that dialled it (each fabric, restarted or not, draws its own number);
+    /// `None`: accepted.
+    pub incarnation: Option<u64>,
 }
 
 /// Closes an inbound link's connection.
@@ -191,16 +193,6 @@ pub struct CloseLink {
     /// Closed on purpose by a running fabric (with [`link::CLOSED_ON_PURPOSE`]), or because
     /// the fabric is stopping.
     pub on_purpose: bool,
-}
-
-/// Registers how to close an inbound link.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct InboundCloser {
-    /// The link.
-    pub link: LinkId,
-    /// Its connection.
-    pub closer: Recipient<CloseLink>,
 }
 
 /// A gossip or lifecycle frame arrived on a link.
@@ -348,7 +340,6 @@ struct Link {
     node: Option<NodeId>,
     outbound_url: Option<String>,
     close: Option<oneshot::Sender<()>>,
-    closer: Option<Recipient<CloseLink>>,
     /// When a frame last arrived: a gossip frame (seen here), or a routed message (counted
     /// in `routed` by the link's reader, noticed at the next tick).
     last_heard: Instant,
@@ -440,6 +431,8 @@ pub struct FabricGossip {
     dials: HashMap<String, DialState>,
     /// Lanes of the bridges we dial, by URL and listener thread ([`lanes`]).
     lanes: HashMap<(String, usize), DialState>,
+    /// Tells this fabric's dial tasks from those of an earlier one (restarted).
+    incarnation: u64,
     epoch: Instant,
     /// Set by GOODBYE: links closing now are expected, not failures.
     leaving: bool,
@@ -507,6 +500,7 @@ impl FabricGossip {
             links: HashMap::new(),
             dials,
             lanes: HashMap::new(),
+            incarnation: rand::random(),
             epoch: now,
             leaving: false,
             last_snapshot: None,
@@ -1061,9 +1055,7 @@ impl FabricGossip {
             if let Some(close) = l.close.take() {
                 let _ = close.send(());
             }
-            if let Some(closer) = l.closer.take() {
-                closer.do_send(CloseLink { on_purpose: true });
-            }
+            self.shared.close_inbound(link, true);
             self.link_gone(link, l, true);
         }
     }
@@ -1072,9 +1064,6 @@ impl FabricGossip {
     /// suspected at once.
     fn link_gone(&mut self, link: LinkId, l: Link, suspect: bool) {
         self.shared.link_closed(link);
-        if let (Some(bridges), Some(_)) = (&self.shared.bridges, &l.bridge) {
-            bridges.link_closed(link);
-        }
         if let Some(url) = &l.outbound_url {
             if let Some(dial) = self.dial_state(url, l.lane) {
                 dial.in_progress = false;
@@ -1288,12 +1277,17 @@ impl FabricGossip {
     /// A bridge's handshake completed: the bridges take it over.
     fn bridge_admit(&mut self, link: LinkId, info: &NodeInfo) {
         let Some(bridges) = self.shared.bridges.clone() else { return };
+        if self.orphan_lane(link) {
+            // Its bridge closed while it was dialled: it goes too, never used.
+            return self.close_link(link);
+        }
         if bridges.links_to(&info.cluster_id, &info.node) >= lanes::MAX_BRIDGE_LINKS_PER_NODE {
             let reason = format!(
                 "{} bridge links to node {} are open already, the most a node may hold (its bridge and a lane per listener thread)",
                 lanes::MAX_BRIDGE_LINKS_PER_NODE,
                 info.node
             );
+            self.back_off(link);
             return self.refuse(link, &info.node, LinkRefusal::new("bridge_links", reason));
         }
         let Some(l) = self.links.get_mut(&link) else { return };
@@ -1880,6 +1874,8 @@ impl FabricGossip {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct DialEnded {
+    /// The fabric that started the dial ([`FabricGossip::incarnation`]).
+    incarnation: u64,
     url: String,
     /// A lane's listener thread index.
     lane: Option<usize>,
@@ -1907,12 +1903,12 @@ impl Actor for FabricGossip {
     }
 
     /// Every link closes, as a crash would close it: its peer suspects this node until
-    /// the restarted fabric links up again (its `close` is dropped, not fired).
+    /// the restarted fabric links up again (its `close` is dropped, not fired). Runs after
+    /// a panic too (actix stops an actor whose context is dropped); each link's end
+    /// ([`FabricShared::link_closed`]) clears what the bridges held of it.
     fn stopped(&mut self, _: &mut Context<Self>) {
-        for (_, l) in self.links.drain() {
-            if let Some(closer) = l.closer {
-                closer.do_send(CloseLink { on_purpose: false });
-            }
+        for (link, _) in self.links.drain() {
+            self.shared.close_inbound(link, false);
         }
     }
 }
@@ -1923,6 +1919,13 @@ impl Handler<LinkOpened> for FabricGossip {
     type Result = ();
 
     fn handle(&mut self, msg: LinkOpened, _: &mut Context<Self>) {
+        if msg.incarnation.is_some_and(|i| i != self.incarnation) {
+            // Dialled by the fabric before a restart: this one dials its own.
+            if let Some(close) = msg.close {
+                let _ = close.send(());
+            }
+            return;
+        }
         let outbound = msg.outbound_url.is_some();
         let bridge = msg.outbound_url.as_ref().is_some_and(|url| self.config.federation_peers.contains(url));
         if let Some(dial) = msg.outbound_url.as_ref().and_then(|url| self.dial_state(url, msg.lane)) {
@@ -1936,7 +1939,6 @@ impl Handler<LinkOpened> for FabricGossip {
                 node: None,
                 outbound_url: msg.outbound_url,
                 close: msg.close,
-                closer: None,
                 last_heard: Instant::now(),
                 routed: Arc::default(),
                 routed_seen: 0,
@@ -1950,16 +1952,6 @@ impl Handler<LinkOpened> for FabricGossip {
         );
         if outbound {
             self.send(msg.link, &self.status_frame(msg.link, None, bridge));
-        }
-    }
-}
-
-impl Handler<InboundCloser> for FabricGossip {
-    type Result = ();
-
-    fn handle(&mut self, msg: InboundCloser, _: &mut Context<Self>) {
-        if let Some(l) = self.links.get_mut(&msg.link) {
-            l.closer = Some(msg.closer);
         }
     }
 }
@@ -2066,6 +2058,9 @@ impl Handler<DialEnded> for FabricGossip {
     type Result = ();
 
     fn handle(&mut self, msg: DialEnded, _: &mut Context<Self>) {
+        if msg.incarnation != self.incarnation {
+            return; // a dial of the fabric before a restart
+        }
         if let Some(dial) = self.dial_state(&msg.url, msg.lane) {
             dial.in_progress = false;
         }
