@@ -62,7 +62,7 @@ gone() {
     local cat
     [ "$(peer_state "$1" "$2")" = absent ] || return 1
     cat="$(curl -fsS --max-time 3 "http://127.0.0.1:$1/catalog" 2>/dev/null)" || return 1
-    jq -e --arg n "$2" 'any(.nodes[]; .node == $n) | not' <<<"$cat" >/dev/null 2>&1
+    jq_true --arg n "$2" 'any(.nodes[]; .node == $n) | not' <<<"$cat"
 }
 
 both_alive_linked() {   # PORT PEER1 PEER2

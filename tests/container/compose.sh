@@ -58,8 +58,8 @@ ok "published: node-a at $A_URL, monitoring on $A_MON"
 
 # ---- the worker's function, from node-a ----------------------------------------------------
 stats_ok() {
-    client "$A_URL" call text_stats '["a good day, a good good night"]' \
-        && jq -e '.words == 7 and .most_common == "good" and .sentiment == "positive"' <<<"$OUT" >/dev/null 2>&1
+    client "$A_URL" call text_stats '["a good day, a good good night"]'
+    [ "$RC" = 0 ] && jq_true '.words == 7 and .most_common == "good" and .sentiment == "positive"' <<<"$OUT"
 }
 if wait_for "$START_SECS" stats_ok; then
     ok "text_stats (Python worker on node-b) answers through node-a $(secs "$WAITED_MS") after up"
@@ -77,8 +77,8 @@ expect_result "a DAG mixing node-c's tpu_square and the worker's text_stats" \
     '"sentiment": "negative"' "$A_URL" request "$WORK/dag.json"
 
 catalog="$(curl -fsS --max-time 3 "http://127.0.0.1:$A_MON/catalog" || true)"
-if jq -e '.nodes[] | select(.node == "node-b") | .about[] | select(.name == "text_stats" and .worker == true)' \
-    <<<"$catalog" >/dev/null 2>&1; then
+if jq_true '.nodes[] | select(.node == "node-b") | .about[] | select(.name == "text_stats" and .worker == true)' \
+    <<<"$catalog"; then
     ok "node-a /catalog marks node-b's text_stats as served by a worker"
 else
     not_ok "node-a /catalog marks node-b's text_stats as served by a worker (got: $(one_line "$catalog"))"

@@ -102,7 +102,7 @@ start_pod mpreg-2
 declare -A MON
 for pod in "${PODS[@]}"; do MON[$pod]="$(container_host_port "$(cname "$pod")" 9100)"; done
 
-healthy() { curl -fsS --max-time 3 "http://127.0.0.1:$1/health" 2>/dev/null | jq -e --arg n "$2" '.status == "ok" and .node == $n' >/dev/null; }
+healthy() { curl -fsS --max-time 3 "http://127.0.0.1:$1/health" 2>/dev/null | jq_true --arg n "$2" '.status == "ok" and .node == $n'; }
 sees_others() {   # POD: it sees every other pod alive and linked
     local pod="$1" other
     for other in "${PODS[@]}"; do
@@ -152,8 +152,8 @@ else
 fi
 A_URL="ws://127.0.0.1:$(container_host_port "$(cname mpreg-0)" 9000)"
 stats_ok() {
-    client "$A_URL" call text_stats '["a good day, a good good night"]' \
-        && jq -e '.words == 7 and .most_common == "good"' <<<"$OUT" >/dev/null 2>&1
+    client "$A_URL" call text_stats '["a good day, a good good night"]'
+    [ "$RC" = 0 ] && jq_true '.words == 7 and .most_common == "good"' <<<"$OUT"
 }
 if wait_for "$START_SECS" stats_ok; then
     ok "text_stats (the worker, connected through the client Service's name) answers through mpreg-0"

@@ -145,6 +145,13 @@ client() {
     ERR="$(cat "$WORK/err")"
 }
 one_line() { tr '\n' ' ' <<<"$1" | tr -s ' '; }
+# jq_true ARGS...: jq -e ARGS on standard input, and that input is not empty (jq 1.6, in
+# Debian bookworm, exits 0 on empty input, which would pass a check whose call failed).
+jq_true() {
+    local input
+    input="$(cat)"
+    [ -n "$input" ] && jq -e "$@" <<<"$input" >/dev/null 2>&1
+}
 
 # expect_result WHAT PATTERN URL ARGS...: the call succeeds and stdout matches PATTERN (ERE).
 expect_result() {

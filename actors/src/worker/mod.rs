@@ -746,7 +746,11 @@ impl WorkerHub {
             let description = Some(format!("worker left ({}): its connection {lane} ended", reason.label()));
             debug!(worker_id = worker, conn = i, "closing the worker's other connection");
             let close = CloseReason { code: CloseCode::Away, description };
-            tokio::spawn(async move { drop(conn.session.close(Some(close)).await) });
+            // At shutdown the listener's runtime may be gone already: the connection goes
+            // with it, closed or not (spawning there would panic).
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { drop(conn.session.close(Some(close)).await) });
+            }
         }
         let lost = link.pending.len();
         // Dropping the senders wakes every waiting call with "lost".
