@@ -703,6 +703,8 @@ impl Connection {
                 };
                 let link = next_link_id();
                 self.link = Some(link);
+                // Closable before the fabric hears of it.
+                fabric.inbound_opened(link, ctx.address().recipient());
                 gossip.do_send(LinkOpened {
                     link,
                     sender: self.link_sender(),
@@ -713,7 +715,6 @@ impl Connection {
                     lane: None,
                     incarnation: None,
                 });
-                fabric.inbound_opened(link, ctx.address().recipient());
                 link
             }
         };

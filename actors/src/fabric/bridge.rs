@@ -449,22 +449,24 @@ impl Bridges {
         let BridgePeer { cluster, node, thread } = peer;
         let Ok(mut state) = self.state.lock() else { return };
         state.core.link_up(cluster);
-        // A node's bridges (its lanes) hold one max_in_flight_per_link between them; one
-        // more to a node that has one already (a lane) needs no keys or announcements.
-        let known = state.bridges.values().find(|b| b.cluster == cluster && b.node == node).map(|b| b.serving.clone());
-        if known.is_none() {
-            let chain = state.core.own_chain().to_vec();
-            // Keys and route updates are few and must not be lost to a byte bound that
-            // bulk frames (publishes) filled: they are bounded in frames only.
-            let _ = sender.queue(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
-        }
-        let serving = known.clone().unwrap_or_default();
+        // Every link gets the keys and an announcement round, a lane too: a link to a node
+        // bridged already may come from a new process of it (restarted, its old links not
+        // yet found dead), which knows neither.
+        let chain = state.core.own_chain().to_vec();
+        // Keys and route updates are few and must not be lost to a byte bound that bulk
+        // frames (publishes) filled: they are bounded in frames only.
+        let _ = sender.queue(frame(&PeerFrame::Federation(FederationFrame::Keys { chain })));
+        // A node's bridges (its lanes) hold one max_in_flight_per_link between them.
+        let serving = state
+            .bridges
+            .values()
+            .find(|b| b.cluster == cluster && b.node == node)
+            .map(|b| b.serving.clone())
+            .unwrap_or_default();
         let bridge = Bridge { cluster: cluster.to_owned(), node: node.to_owned(), sender, heard, serving, thread };
         state.bridges.insert(link, bridge);
         info!(cluster = %self.local, peer_cluster = %cluster, peer = %node, link, "federation bridge up");
-        if known.is_none() {
-            Self::announce(&mut state);
-        }
+        Self::announce(&mut state);
     }
 
     /// The bridges open to `node` of `cluster` (its bridge and its lanes).

@@ -26,8 +26,9 @@
 //!   gone is.
 //! - A node's lanes share one `max_in_flight_per_link`; one node may hold at most
 //!   [`MAX_BRIDGE_LINKS_PER_NODE`] bridge links to this one.
-//! - A lane to a node that has a bridge already gets no key chain or announcements of its
-//!   own: they go on one link per node.
+//! - Like any bridge, a lane gets the key chain and an announcement round when it opens
+//!   (its other end may be a new process of a node bridged already); later announcements
+//!   go on one link per node.
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -401,10 +401,12 @@ impl FabricShared {
             return;
         };
         let id = std::thread::current().id();
-        // A thread that builds its service again (actix does, after a failed start) is
-        // one thread; a listener restarted on a new thread is another.
-        threads.retain(|(known, _)| *known != id);
-        if threads.len() < MAX_LISTENER_THREADS {
+        // A thread that builds its service again (actix does, after a failed start) keeps
+        // its place (lanes are numbered by it); a listener restarted on a new thread is
+        // another.
+        if let Some(place) = threads.iter().position(|(known, _)| *known == id) {
+            threads[place].1 = arbiter;
+        } else if threads.len() < MAX_LISTENER_THREADS {
             threads.push((id, arbiter));
         }
     }

@@ -1907,8 +1907,13 @@ impl Actor for FabricGossip {
     /// a panic too (actix stops an actor whose context is dropped); each link's end
     /// ([`FabricShared::link_closed`]) clears what the bridges held of it.
     fn stopped(&mut self, _: &mut Context<Self>) {
-        for (link, _) in self.links.drain() {
+        for (link, l) in self.links.drain() {
             self.shared.close_inbound(link, false);
+            // Its end clears it too; this also covers a link that ended while its
+            // handshake's last frame waited here (its end found no bridge to clear).
+            if let (Some(bridges), Some(_)) = (&self.shared.bridges, &l.bridge) {
+                bridges.link_closed(link);
+            }
         }
     }
 }
@@ -1967,7 +1972,12 @@ impl Handler<PeerFrameReceived> for FabricGossip {
 
 impl FabricGossip {
     fn on_peer_frame(&mut self, msg: PeerFrameReceived) {
-        let Some(l) = self.links.get_mut(&msg.link) else { return };
+        let Some(l) = self.links.get_mut(&msg.link) else {
+            // A link this fabric does not know: one the fabric before a restart opened
+            // (its LinkOpened went there), or one closed already. Closed, so its peer
+            // dials again rather than wait on a link nobody reads.
+            return self.shared.close_inbound(msg.link, false);
+        };
         l.last_heard = Instant::now();
         let handshaken = l.node.is_some();
         let is_bridge = l.bridge.is_some();
