@@ -118,8 +118,7 @@ impl FabricGossip {
             let task = self.dial_task(key.0.clone(), Some(key.1));
             let max_backoff = self.config.max_backoff;
             let dial = self.lanes.entry(key).or_insert_with(|| DialState::due_now(false));
-            dial.backoff = (dial.backoff * 2).clamp(Duration::from_millis(200), max_backoff);
-            dial.next_at = now + dial.backoff;
+            dial.next_at = now + dial.double_backoff(max_backoff);
             // A listener thread that stopped takes no task: tried again next round.
             dial.in_progress = thread.spawn(task);
         }
@@ -134,16 +133,15 @@ impl FabricGossip {
         !self.links.values().any(|l| l.lane.is_none() && l.bridge.is_some() && l.outbound_url.as_ref() == Some(url))
     }
 
-    /// The link we dialled `link` is refused: its next dial waits the longest backoff.
-    pub(super) fn back_off(&mut self, link: LinkId) {
-        let Some((url, lane)) = self.links.get(&link).and_then(|l| Some((l.outbound_url.clone()?, l.lane))) else {
-            return;
-        };
+    /// The link we dialled `link` is refused: its next dial waits the longest backoff. Its
+    /// dial state, if it has one.
+    pub(super) fn back_off(&mut self, link: LinkId) -> Option<&mut DialState> {
+        let (url, lane) = self.links.get(&link).and_then(|l| Some((l.outbound_url.clone()?, l.lane)))?;
         let max_backoff = self.config.max_backoff;
-        if let Some(dial) = self.dial_state(&url, lane) {
-            dial.backoff = max_backoff;
-            dial.next_at = Instant::now() + max_backoff;
-        }
+        let dial = self.dial_state(&url, lane)?;
+        dial.backoff = max_backoff;
+        dial.next_at = Instant::now() + max_backoff;
+        Some(dial)
     }
 
     /// The bridge we dialled to `url` closed: so do its lanes.

@@ -420,6 +420,13 @@ impl DialState {
     fn due_now(hinted: bool) -> Self {
         DialState { in_progress: false, next_at: Instant::now(), backoff: Duration::ZERO, hinted, full: false }
     }
+
+    /// A dial starts: the wait before the next one doubles (200 ms at least, `max` at
+    /// most), and is returned.
+    fn double_backoff(&mut self, max: Duration) -> Duration {
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(200), max);
+        self.backoff
+    }
 }
 
 /// The FabricGossip actor.
@@ -1854,10 +1861,10 @@ impl FabricGossip {
             started += 1;
             dial.in_progress = true;
             dial.hinted = false;
-            dial.backoff = (dial.backoff * 2).clamp(Duration::from_millis(200), self.config.max_backoff);
+            let backoff = dial.double_backoff(self.config.max_backoff);
             // Up to 25% jitter so nodes restarted together do not dial in lock step.
-            let jitter = dial.backoff.mul_f64(rand::random::<f64>() * 0.25);
-            dial.next_at = Instant::now() + dial.backoff + jitter;
+            let jitter = backoff.mul_f64(rand::random::<f64>() * 0.25);
+            dial.next_at = Instant::now() + backoff + jitter;
             // A bridge is served by a listener thread when one has started (see `lanes`).
             let bridge = self.config.federation_peers.contains(&url);
             let thread = self.shared.listener_threads().into_iter().next().filter(|_| bridge);
@@ -1994,14 +2001,9 @@ impl FabricGossip {
                 } else {
                     warn!(node = %self.shared.me.node, link = msg.link, reason = %reason, "refused by peer");
                 }
-                if let Some((url, lane)) =
-                    self.links.get(&msg.link).and_then(|l| Some((l.outbound_url.clone()?, l.lane)))
-                {
-                    let max_backoff = self.config.max_backoff;
-                    if let Some(dial) = self.dial_state(&url, lane) {
-                        // The next dial was scheduled before the refusal; push it back too.
-                        dial.backoff = max_backoff;
-                        dial.next_at = Instant::now() + max_backoff;
+                if self.links.get(&msg.link).is_some_and(|l| l.outbound_url.is_some()) {
+                    // The next dial was scheduled before the refusal; push it back too.
+                    if let Some(dial) = self.back_off(msg.link) {
                         dial.full = full;
                     }
                     // Only the node we dialled may point us elsewhere.
